@@ -1,0 +1,20 @@
+//! The Kubernetes API model wasmkube serves, with no IO: which resource types
+//! exist ([`registry`]), how bodies decode into `k8s-openapi` types
+//! ([`typed`]), defaulting, validation, selectors, quantities and server-side
+//! tables.
+//!
+//! **Architecture invariant:** this crate knows nothing about HTTP, storage or
+//! async; the API server and the controllers both build on it.
+
+pub mod defaults;
+pub mod field;
+pub mod names;
+pub mod quantity;
+pub mod registry;
+pub mod selectors;
+pub mod table;
+pub mod typed;
+pub mod validation;
+
+pub use k8s_openapi;
+pub use registry::{ResourceType, Subresource};

@@ -1,0 +1,352 @@
+//! The resource registry: every kind the API server serves, with its group,
+//! version, plural, scope, short names and subresources.
+//!
+//! This table drives routing, discovery, storage keys and OpenAPI, so adding a
+//! kind starts here.
+
+/// A subresource such as `pods/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subresource {
+    Status,
+    Scale,
+    Binding,
+    Finalize,
+}
+
+impl Subresource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Subresource::Status => "status",
+            Subresource::Scale => "scale",
+            Subresource::Binding => "binding",
+            Subresource::Finalize => "finalize",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Status, Self::Scale, Self::Binding, Self::Finalize]
+            .into_iter()
+            .find(|sub| sub.name() == s)
+    }
+}
+
+/// One served resource type.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ResourceType {
+    /// API group; empty for the core (legacy) group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    pub categories: &'static [&'static str],
+    pub subresources: &'static [Subresource],
+}
+
+impl ResourceType {
+    /// `v1` or `apps/v1`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `Deployment.apps` or `Pod`, as Kubernetes names kinds in messages.
+    pub fn qualified_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.to_owned()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
+    /// `deployments.apps` or `pods`, as Kubernetes names resources in messages.
+    pub fn qualified_resource(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_owned()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    pub fn has(&self, sub: Subresource) -> bool {
+        self.subresources.contains(&sub)
+    }
+
+    /// The store key prefix holding every object of this type.
+    pub fn key_prefix(&self) -> String {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        format!("/registry/{group}/{}/", self.plural)
+    }
+
+    /// The store key of one object (namespace ignored for cluster-scoped types).
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        match (self.namespaced, namespace) {
+            (true, Some(ns)) => format!("{}{ns}/{name}", self.key_prefix()),
+            _ => format!("{}{name}", self.key_prefix()),
+        }
+    }
+
+    /// The key prefix listing one namespace (or everything).
+    pub fn list_prefix(&self, namespace: Option<&str>) -> String {
+        match (self.namespaced, namespace) {
+            (true, Some(ns)) => format!("{}{ns}/", self.key_prefix()),
+            _ => self.key_prefix(),
+        }
+    }
+}
+
+use Subresource::*;
+
+const ALL: &[&str] = &["all"];
+
+macro_rules! resource {
+    ($group:literal, $version:literal, $kind:literal, $plural:literal, $singular:literal, $namespaced:literal, [$($short:literal),*], $cats:expr, [$($sub:ident),*]) => {
+        ResourceType {
+            group: $group,
+            version: $version,
+            kind: $kind,
+            plural: $plural,
+            singular: $singular,
+            namespaced: $namespaced,
+            short_names: &[$($short),*],
+            categories: $cats,
+            subresources: &[$($sub),*],
+        }
+    };
+}
+
+/// Every served resource type.
+pub static RESOURCES: &[ResourceType] = &[
+    resource!(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        "namespace",
+        false,
+        ["ns"],
+        &[],
+        [Status, Finalize]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        ["po"],
+        ALL,
+        [Status, Binding]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Node",
+        "nodes",
+        "node",
+        false,
+        ["no"],
+        &[],
+        [Status]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Service",
+        "services",
+        "service",
+        true,
+        ["svc"],
+        ALL,
+        [Status]
+    ),
+    resource!(
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        "endpoints",
+        true,
+        ["ep"],
+        &[],
+        []
+    ),
+    resource!(
+        "",
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        "configmap",
+        true,
+        ["cm"],
+        &[],
+        []
+    ),
+    resource!("", "v1", "Secret", "secrets", "secret", true, [], &[], []),
+    resource!("", "v1", "Event", "events", "event", true, ["ev"], &[], []),
+    resource!(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        "serviceaccount",
+        true,
+        ["sa"],
+        &[],
+        []
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        "deployment",
+        true,
+        ["deploy"],
+        ALL,
+        [Status, Scale]
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        "replicaset",
+        true,
+        ["rs"],
+        ALL,
+        [Status, Scale]
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "DaemonSet",
+        "daemonsets",
+        "daemonset",
+        true,
+        ["ds"],
+        ALL,
+        [Status]
+    ),
+    resource!("batch", "v1", "Job", "jobs", "job", true, [], ALL, [Status]),
+    resource!(
+        "batch",
+        "v1",
+        "CronJob",
+        "cronjobs",
+        "cronjob",
+        true,
+        ["cj"],
+        ALL,
+        [Status]
+    ),
+    resource!(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        "lease",
+        true,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        "endpointslice",
+        true,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "node.k8s.io",
+        "v1",
+        "RuntimeClass",
+        "runtimeclasses",
+        "runtimeclass",
+        false,
+        [],
+        &[],
+        []
+    ),
+];
+
+/// The type served at `group`/`version`/`plural`.
+pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The type with this apiVersion and kind.
+pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.api_version() == api_version)
+}
+
+/// The API groups other than core, in a stable order, each with its versions.
+pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+        match out.iter_mut().find(|(g, _)| *g == r.group) {
+            Some((_, versions)) if !versions.contains(&r.version) => versions.push(r.version),
+            Some(_) => {}
+            None => out.push((r.group, vec![r.version])),
+        }
+    }
+    out
+}
+
+/// The types served in one group version.
+pub fn in_group_version<'a>(
+    group: &'a str,
+    version: &'a str,
+) -> impl Iterator<Item = &'static ResourceType> + 'a {
+    RESOURCES
+        .iter()
+        .filter(move |r| r.group == group && r.version == version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_nest_by_namespace() {
+        let pods = lookup("", "v1", "pods").unwrap();
+        assert_eq!(pods.key(Some("ns"), "p"), "/registry/core/pods/ns/p");
+        assert_eq!(pods.list_prefix(Some("ns")), "/registry/core/pods/ns/");
+        let nodes = lookup("", "v1", "nodes").unwrap();
+        assert_eq!(nodes.key(Some("ignored"), "n1"), "/registry/core/nodes/n1");
+        let deploy = by_kind("apps/v1", "Deployment").unwrap();
+        assert_eq!(deploy.qualified_resource(), "deployments.apps");
+    }
+
+    #[test]
+    fn plurals_are_unique_per_group() {
+        for (i, a) in RESOURCES.iter().enumerate() {
+            for b in &RESOURCES[i + 1..] {
+                assert!(
+                    !(a.group == b.group && a.plural == b.plural),
+                    "{}",
+                    a.plural
+                );
+            }
+        }
+    }
+}

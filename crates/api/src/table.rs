@@ -1,0 +1,964 @@
+//! Server-side printing (`as=Table`): the same columns and cell text that
+//! Kubernetes' printers give kubectl for each served kind.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use crate::registry::ResourceType;
+
+/// One column: name, type and whether it shows only with `-o wide`.
+#[derive(Clone, Copy, Debug)]
+pub struct Column {
+    pub name: &'static str,
+    pub ty: &'static str,
+    pub wide: bool,
+    pub description: &'static str,
+}
+
+const fn col(name: &'static str, ty: &'static str, description: &'static str) -> Column {
+    Column {
+        name,
+        ty,
+        wide: false,
+        description,
+    }
+}
+
+const fn wide(name: &'static str, ty: &'static str, description: &'static str) -> Column {
+    Column {
+        name,
+        ty,
+        wide: true,
+        description,
+    }
+}
+
+const NAME: Column = Column {
+    name: "Name",
+    ty: "string",
+    wide: false,
+    description: "Name must be unique within a namespace.",
+};
+const AGE: Column = col("Age", "string", "Time since the object was created.");
+const CONTAINERS: Column = wide(
+    "Containers",
+    "string",
+    "Names of each container in the template.",
+);
+const IMAGES: Column = wide(
+    "Images",
+    "string",
+    "Images referenced by each container in the template.",
+);
+const SELECTOR: Column = wide("Selector", "string", "Label selector for pods.");
+
+/// The columns for a kind, in order.
+pub fn columns(rt: &ResourceType) -> Vec<Column> {
+    match rt.kind {
+        "Pod" => vec![
+            NAME,
+            col(
+                "Ready",
+                "string",
+                "The aggregate readiness state of this pod for accepting traffic.",
+            ),
+            col(
+                "Status",
+                "string",
+                "The aggregate status of the containers in this pod.",
+            ),
+            col(
+                "Restarts",
+                "string",
+                "The number of times the containers in this pod have been restarted and when the last container in this pod has restarted.",
+            ),
+            AGE,
+            wide("IP", "string", "IP address allocated to the pod."),
+            wide(
+                "Node",
+                "string",
+                "Name of the node where the pod is running.",
+            ),
+            wide(
+                "Nominated Node",
+                "string",
+                "Name of the node that the scheduler nominated for preemption.",
+            ),
+            wide("Readiness Gates", "string", "Pod readiness gates."),
+        ],
+        "Namespace" => vec![
+            NAME,
+            col("Status", "string", "The status of the namespace"),
+            AGE,
+        ],
+        "Node" => vec![
+            NAME,
+            col("Status", "string", "The status of the node"),
+            col("Roles", "string", "The roles of the node"),
+            AGE,
+            col("Version", "string", "Kubelet Version reported by the node."),
+            wide(
+                "Internal-IP",
+                "string",
+                "List of internal IPs for the node.",
+            ),
+            wide(
+                "External-IP",
+                "string",
+                "List of external IPs for the node.",
+            ),
+            wide("OS-Image", "string", "OS image reported by the node."),
+            wide(
+                "Kernel-Version",
+                "string",
+                "Kernel version reported by the node.",
+            ),
+            wide(
+                "Container-Runtime",
+                "string",
+                "Container runtime version reported by the node.",
+            ),
+        ],
+        "Service" => vec![
+            NAME,
+            col("Type", "string", "The type of the service."),
+            col("Cluster-IP", "string", "The cluster IP of the service."),
+            col("External-IP", "string", "The external IP of the service."),
+            col("Port(s)", "string", "The ports of the service."),
+            AGE,
+            SELECTOR,
+        ],
+        "Endpoints" => vec![
+            NAME,
+            col("Endpoints", "string", "Endpoints of the service."),
+            AGE,
+        ],
+        "ConfigMap" => vec![NAME, col("Data", "string", "Number of data keys."), AGE],
+        "Secret" => vec![
+            NAME,
+            col("Type", "string", "The type of the secret."),
+            col("Data", "string", "Number of data keys."),
+            AGE,
+        ],
+        "ServiceAccount" => vec![NAME, col("Secrets", "string", "Number of secrets."), AGE],
+        "Event" => vec![
+            col("Last Seen", "string", "Time since the event was last seen."),
+            col("Type", "string", "Type of this event (Normal, Warning)."),
+            col("Reason", "string", "Why the event was emitted."),
+            col("Object", "string", "The object this event is about."),
+            wide(
+                "Subobject",
+                "string",
+                "The field of the object this event is about.",
+            ),
+            wide("Source", "string", "The component reporting this event."),
+            col(
+                "Message",
+                "string",
+                "A human-readable description of the event.",
+            ),
+            wide(
+                "First Seen",
+                "string",
+                "Time since the event was first seen.",
+            ),
+            wide("Count", "string", "Number of times this event occurred."),
+            wide("Name", "string", "Name of the event object."),
+        ],
+        "Deployment" => vec![
+            NAME,
+            col("Ready", "string", "Number of the pod with ready state."),
+            col(
+                "Up-to-date",
+                "string",
+                "Total number of non-terminated pods targeted by this deployment that have the desired template spec.",
+            ),
+            col(
+                "Available",
+                "string",
+                "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment.",
+            ),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        "ReplicaSet" => vec![
+            NAME,
+            col("Desired", "integer", "Number of desired pods."),
+            col("Current", "integer", "Number of actually running pods."),
+            col("Ready", "integer", "Number of ready pods."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        "DaemonSet" => vec![
+            NAME,
+            col(
+                "Desired",
+                "integer",
+                "The desired number of nodes that should be running the daemon pod.",
+            ),
+            col(
+                "Current",
+                "integer",
+                "The number of nodes that are running at least one daemon pod.",
+            ),
+            col(
+                "Ready",
+                "integer",
+                "The number of nodes that should be running the daemon pod and have one or more running and ready.",
+            ),
+            col(
+                "Up-to-date",
+                "integer",
+                "The total number of nodes that are running updated daemon pod.",
+            ),
+            col(
+                "Available",
+                "integer",
+                "The number of nodes that should be running the daemon pod and have one or more available.",
+            ),
+            col(
+                "Node Selector",
+                "string",
+                "The node selector of the pod template.",
+            ),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        "Job" => vec![
+            NAME,
+            col("Status", "string", "Status of the job."),
+            col("Completions", "string", "The completion status of the job."),
+            col("Duration", "string", "Time required to complete the job."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        "CronJob" => vec![
+            NAME,
+            col("Schedule", "string", "The schedule in Cron format."),
+            col("Timezone", "string", "The timezone for the schedule."),
+            col("Suspend", "boolean", "Whether the cron job is suspended."),
+            col("Active", "integer", "Number of active jobs."),
+            col(
+                "Last Schedule",
+                "string",
+                "When the last job was scheduled.",
+            ),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+            SELECTOR,
+        ],
+        "Lease" => vec![
+            NAME,
+            col("Holder", "string", "The holder of the lease."),
+            AGE,
+        ],
+        "EndpointSlice" => vec![
+            NAME,
+            col(
+                "AddressType",
+                "string",
+                "The address type of the endpoints.",
+            ),
+            col("Ports", "string", "Ports of the endpoint slice."),
+            col("Endpoints", "string", "Addresses of the endpoints."),
+            AGE,
+        ],
+        "RuntimeClass" => vec![NAME, col("Handler", "string", "The runtime handler."), AGE],
+        _ => vec![NAME, AGE],
+    }
+}
+
+/// Kubernetes' `duration.HumanDuration`: `45s`, `3m12s`, `5h`, `12d`.
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    if seconds < 0 {
+        return "0s".into();
+    }
+    if seconds < 120 {
+        return format!("{seconds}s");
+    }
+    let minutes = seconds / 60;
+    if minutes < 10 {
+        let s = seconds % 60;
+        return if s == 0 {
+            format!("{minutes}m")
+        } else {
+            format!("{minutes}m{s}s")
+        };
+    }
+    if minutes < 180 {
+        return format!("{minutes}m");
+    }
+    let hours = seconds / 3600;
+    if hours < 8 {
+        let m = minutes % 60;
+        return if m == 0 {
+            format!("{hours}h")
+        } else {
+            format!("{hours}h{m}m")
+        };
+    }
+    if hours < 48 {
+        return format!("{hours}h");
+    }
+    if hours < 24 * 8 {
+        let h = hours % 24;
+        return if h == 0 {
+            format!("{}d", hours / 24)
+        } else {
+            format!("{}d{h}h", hours / 24)
+        };
+    }
+    if hours < 24 * 365 * 2 {
+        return format!("{}d", hours / 24);
+    }
+    if hours < 24 * 365 * 8 {
+        let d = (hours / 24) % 365;
+        return if d == 0 {
+            format!("{}y", hours / 24 / 365)
+        } else {
+            format!("{}y{d}d", hours / 24 / 365)
+        };
+    }
+    format!("{}y", hours / 24 / 365)
+}
+
+fn since(ts: &Value, now: DateTime<Utc>) -> String {
+    match ts
+        .as_str()
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+    {
+        Some(t) => human_duration((now - t.with_timezone(&Utc)).num_seconds()),
+        None => "<unknown>".into(),
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+fn or_none(v: String) -> String {
+    if v.is_empty() { "<none>".into() } else { v }
+}
+
+fn join_names(list: &Value, field: &str) -> String {
+    list.as_array()
+        .map(|a| a.iter().map(|c| s(&c[field])).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
+}
+
+fn selector_string(sel: &Value) -> String {
+    let mut parts: Vec<String> = sel["matchLabels"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+        .unwrap_or_default();
+    for e in sel["matchExpressions"].as_array().into_iter().flatten() {
+        let values: Vec<String> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        parts.push(match e["operator"].as_str() {
+            Some("In") => format!("{} in ({})", s(&e["key"]), values.join(",")),
+            Some("NotIn") => format!("{} notin ({})", s(&e["key"]), values.join(",")),
+            Some("Exists") => s(&e["key"]),
+            Some("DoesNotExist") => format!("!{}", s(&e["key"])),
+            _ => continue,
+        });
+    }
+    or_none(parts.join(","))
+}
+
+fn map_selector(sel: &Value) -> String {
+    or_none(
+        sel.as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", s(v)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    )
+}
+
+fn template_cells(template_spec: &Value, selector: String) -> [Value; 3] {
+    [
+        json!(join_names(&template_spec["containers"], "name")),
+        json!(join_names(&template_spec["containers"], "image")),
+        json!(selector),
+    ]
+}
+
+/// Kubernetes' pod STATUS column logic (simplified from `printPod`).
+fn pod_status(pod: &Value) -> (String, usize, usize, i64) {
+    let status = &pod["status"];
+    let mut reason = s(&status["phase"]);
+    if let Some(r) = status["reason"].as_str() {
+        reason = r.to_owned();
+    }
+    let containers = status["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let total = pod["spec"]["containers"].as_array().map_or(0, Vec::len);
+    let mut ready = 0;
+    let mut restarts = 0;
+    let mut initializing = false;
+    for (i, c) in status["initContainerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        restarts += int(&c["restartCount"]);
+        let state = &c["state"];
+        if state["terminated"]["exitCode"] == 0 && state["terminated"].is_object() {
+            continue;
+        }
+        initializing = true;
+        reason = if let Some(r) = state["terminated"]["reason"].as_str() {
+            format!("Init:{r}")
+        } else if state["terminated"].is_object() {
+            format!("Init:ExitCode:{}", int(&state["terminated"]["exitCode"]))
+        } else if let Some(r) = state["waiting"]["reason"]
+            .as_str()
+            .filter(|r| *r != "PodInitializing")
+        {
+            format!("Init:{r}")
+        } else {
+            format!(
+                "Init:{i}/{}",
+                pod["spec"]["initContainers"].as_array().map_or(0, Vec::len)
+            )
+        };
+        break;
+    }
+    if !initializing {
+        let mut has_running = false;
+        for c in containers.iter().rev() {
+            restarts += int(&c["restartCount"]);
+            let state = &c["state"];
+            if let Some(r) = state["waiting"]["reason"].as_str() {
+                reason = r.to_owned();
+            } else if let Some(r) = state["terminated"]["reason"].as_str() {
+                reason = r.to_owned();
+            } else if state["terminated"].is_object() {
+                reason = match state["terminated"]["signal"].as_i64() {
+                    Some(sig) if sig != 0 => format!("Signal:{sig}"),
+                    _ => format!("ExitCode:{}", int(&state["terminated"]["exitCode"])),
+                };
+            } else if state["running"].is_object() && c["ready"] == true {
+                has_running = true;
+                ready += 1;
+            } else if state["running"].is_object() {
+                has_running = true;
+            }
+        }
+        if reason == "Completed" && has_running {
+            reason = if pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            {
+                "Running".into()
+            } else {
+                "NotReady".into()
+            };
+        }
+    } else {
+        for c in &containers {
+            restarts += int(&c["restartCount"]);
+        }
+    }
+    if !pod["metadata"]["deletionTimestamp"].is_null() {
+        reason = if status["reason"] == "NodeLost" {
+            "Unknown".into()
+        } else {
+            "Terminating".into()
+        };
+    }
+    if reason.is_empty() {
+        reason = "Pending".into();
+    }
+    (reason, ready, total, restarts)
+}
+
+fn service_ports(spec: &Value) -> String {
+    let ports: Vec<String> = spec["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| match p["nodePort"].as_i64() {
+            Some(np) => format!("{}:{np}/{}", int(&p["port"]), s(&p["protocol"])),
+            None => format!("{}/{}", int(&p["port"]), s(&p["protocol"])),
+        })
+        .collect();
+    or_none(ports.join(","))
+}
+
+fn endpoints_summary(addrs: impl Iterator<Item = String>) -> String {
+    let all: Vec<String> = addrs.collect();
+    if all.is_empty() {
+        return "<none>".into();
+    }
+    let shown = all.iter().take(3).cloned().collect::<Vec<_>>().join(",");
+    if all.len() > 3 {
+        format!("{shown} + {} more...", all.len() - 3)
+    } else {
+        shown
+    }
+}
+
+fn job_status(job: &Value) -> String {
+    let conditions = job["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let has = |t: &str| {
+        conditions
+            .iter()
+            .any(|c| c["type"] == t && c["status"] == "True")
+    };
+    if has("Complete") {
+        "Complete".into()
+    } else if has("Failed") {
+        "Failed".into()
+    } else if has("FailureTarget") {
+        "FailureTarget".into()
+    } else if has("SuccessCriteriaMet") {
+        "SuccessCriteriaMet".into()
+    } else if job["spec"]["suspend"] == true {
+        "Suspended".into()
+    } else {
+        "Running".into()
+    }
+}
+
+/// The cells of one row, one per column of [`columns`].
+pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
+    let name = json!(s(&obj["metadata"]["name"]));
+    let age = json!(since(&obj["metadata"]["creationTimestamp"], now));
+    let spec = &obj["spec"];
+    let status = &obj["status"];
+    match rt.kind {
+        "Pod" => {
+            let (reason, ready, total, restarts) = pod_status(obj);
+            let gates = spec["readinessGates"].as_array().map_or(0, Vec::len);
+            vec![
+                name,
+                json!(format!("{ready}/{total}")),
+                json!(reason),
+                json!(restarts.to_string()),
+                age,
+                json!(or_none(s(&status["podIP"]))),
+                json!(or_none(s(&spec["nodeName"]))),
+                json!(or_none(s(&status["nominatedNodeName"]))),
+                json!(if gates == 0 {
+                    "<none>".to_owned()
+                } else {
+                    format!("0/{gates}")
+                }),
+            ]
+        }
+        "Namespace" => vec![name, json!(s(&status["phase"])), age],
+        "Node" => {
+            let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+            let mut st = match conditions.iter().find(|c| c["type"] == "Ready") {
+                Some(c) if c["status"] == "True" => "Ready".to_owned(),
+                Some(_) => "NotReady".to_owned(),
+                None => "Unknown".to_owned(),
+            };
+            if spec["unschedulable"] == true {
+                st.push_str(",SchedulingDisabled");
+            }
+            let roles: Vec<String> = obj["metadata"]["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| {
+                    k.strip_prefix("node-role.kubernetes.io/")
+                        .map(str::to_owned)
+                })
+                .collect();
+            let addr = |t: &str| {
+                or_none(
+                    status["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a["type"] == t)
+                        .map(|a| s(&a["address"]))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            };
+            let info = &status["nodeInfo"];
+            vec![
+                name,
+                json!(st),
+                json!(or_none(roles.join(","))),
+                age,
+                json!(s(&info["kubeletVersion"])),
+                json!(addr("InternalIP")),
+                json!(addr("ExternalIP")),
+                json!(or_none(s(&info["osImage"]))),
+                json!(or_none(s(&info["kernelVersion"]))),
+                json!(or_none(s(&info["containerRuntimeVersion"]))),
+            ]
+        }
+        "Service" => {
+            let ty = s(&spec["type"]);
+            let external = match ty.as_str() {
+                "ExternalName" => s(&spec["externalName"]),
+                "LoadBalancer" => {
+                    let ips: Vec<String> = status["loadBalancer"]["ingress"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|i| s(&i["ip"]))
+                        .collect();
+                    if ips.is_empty() {
+                        "<pending>".into()
+                    } else {
+                        ips.join(",")
+                    }
+                }
+                _ => or_none(
+                    spec["externalIPs"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default(),
+                ),
+            };
+            vec![
+                name,
+                json!(ty),
+                json!(or_none(s(&spec["clusterIP"]))),
+                json!(external),
+                json!(service_ports(spec)),
+                age,
+                json!(map_selector(&spec["selector"])),
+            ]
+        }
+        "Endpoints" => {
+            let addrs = obj["subsets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|subset| {
+                    let ports: Vec<i64> = subset["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| int(&p["port"]))
+                        .collect();
+                    subset["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(move |a| {
+                            let ip = s(&a["ip"]);
+                            if ports.is_empty() {
+                                vec![ip]
+                            } else {
+                                ports.iter().map(|p| format!("{ip}:{p}")).collect()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                });
+            vec![name, json!(endpoints_summary(addrs)), age]
+        }
+        "ConfigMap" => {
+            let n = obj["data"].as_object().map_or(0, |m| m.len())
+                + obj["binaryData"].as_object().map_or(0, |m| m.len());
+            vec![name, json!(n), age]
+        }
+        "Secret" => vec![
+            name,
+            json!(s(&obj["type"])),
+            json!(obj["data"].as_object().map_or(0, |m| m.len())),
+            age,
+        ],
+        "ServiceAccount" => vec![
+            name,
+            json!(obj["secrets"].as_array().map_or(0, Vec::len)),
+            age,
+        ],
+        "Event" => {
+            let last = if !obj["lastTimestamp"].is_null() {
+                &obj["lastTimestamp"]
+            } else if !obj["eventTime"].is_null() {
+                &obj["eventTime"]
+            } else {
+                &obj["metadata"]["creationTimestamp"]
+            };
+            let first = if obj["firstTimestamp"].is_null() {
+                last
+            } else {
+                &obj["firstTimestamp"]
+            };
+            let io = &obj["involvedObject"];
+            let source = if obj["source"]["component"].is_null() {
+                s(&obj["reportingComponent"])
+            } else {
+                s(&obj["source"]["component"])
+            };
+            vec![
+                json!(since(last, now)),
+                json!(s(&obj["type"])),
+                json!(s(&obj["reason"])),
+                json!(format!(
+                    "{}/{}",
+                    s(&io["kind"]).to_lowercase(),
+                    s(&io["name"])
+                )),
+                json!(s(&io["fieldPath"])),
+                json!(source),
+                json!(s(&obj["message"]).trim().to_owned()),
+                json!(since(first, now)),
+                json!(int(&obj["count"]).max(1)),
+                json!(s(&obj["metadata"]["name"])),
+            ]
+        }
+        "Deployment" => {
+            let mut row = vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    int(&status["readyReplicas"]),
+                    int(&spec["replicas"])
+                )),
+                json!(int(&status["updatedReplicas"])),
+                json!(int(&status["availableReplicas"])),
+                age,
+            ];
+            row.extend(template_cells(
+                &spec["template"]["spec"],
+                selector_string(&spec["selector"]),
+            ));
+            row
+        }
+        "ReplicaSet" => {
+            let mut row = vec![
+                name,
+                json!(int(&spec["replicas"])),
+                json!(int(&status["replicas"])),
+                json!(int(&status["readyReplicas"])),
+                age,
+            ];
+            row.extend(template_cells(
+                &spec["template"]["spec"],
+                selector_string(&spec["selector"]),
+            ));
+            row
+        }
+        "DaemonSet" => {
+            let mut row = vec![
+                name,
+                json!(int(&status["desiredNumberScheduled"])),
+                json!(int(&status["currentNumberScheduled"])),
+                json!(int(&status["numberReady"])),
+                json!(int(&status["updatedNumberScheduled"])),
+                json!(int(&status["numberAvailable"])),
+                json!(map_selector(&spec["template"]["spec"]["nodeSelector"])),
+                age,
+            ];
+            row.extend(template_cells(
+                &spec["template"]["spec"],
+                selector_string(&spec["selector"]),
+            ));
+            row
+        }
+        "Job" => {
+            let completions = match spec["completions"].as_i64() {
+                Some(c) => format!("{}/{c}", int(&status["succeeded"])),
+                None => format!(
+                    "{}/1 of {}",
+                    int(&status["succeeded"]),
+                    int(&spec["parallelism"])
+                ),
+            };
+            let duration = match (
+                status["startTime"].as_str(),
+                status["completionTime"].as_str(),
+            ) {
+                (Some(start), end) => {
+                    let start = DateTime::parse_from_rfc3339(start)
+                        .map(|t| t.with_timezone(&Utc))
+                        .unwrap_or(now);
+                    let end = end
+                        .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
+                        .map_or(now, |t| t.with_timezone(&Utc));
+                    human_duration((end - start).num_seconds())
+                }
+                _ => String::new(),
+            };
+            let mut row = vec![
+                name,
+                json!(job_status(obj)),
+                json!(completions),
+                json!(duration),
+                age,
+            ];
+            row.extend(template_cells(
+                &spec["template"]["spec"],
+                selector_string(&spec["selector"]),
+            ));
+            row
+        }
+        "CronJob" => {
+            let last = if status["lastScheduleTime"].is_null() {
+                "<none>".into()
+            } else {
+                since(&status["lastScheduleTime"], now)
+            };
+            let mut row = vec![
+                name,
+                json!(s(&spec["schedule"])),
+                json!(or_none(s(&spec["timeZone"]))),
+                json!(spec["suspend"] == true),
+                json!(status["active"].as_array().map_or(0, Vec::len)),
+                json!(last),
+                age,
+            ];
+            let job_spec = &spec["jobTemplate"]["spec"];
+            row.extend(template_cells(
+                &job_spec["template"]["spec"],
+                selector_string(&job_spec["selector"]),
+            ));
+            row
+        }
+        "Lease" => vec![name, json!(or_none(s(&spec["holderIdentity"]))), age],
+        "EndpointSlice" => {
+            let ports: Vec<String> = obj["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| int(&p["port"]).to_string())
+                .collect();
+            let addrs = obj["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+                .map(|a| s(&a));
+            vec![
+                name,
+                json!(s(&obj["addressType"])),
+                json!(if ports.is_empty() {
+                    "<unset>".to_owned()
+                } else {
+                    ports.join(",")
+                }),
+                json!(endpoints_summary(addrs)),
+                age,
+            ]
+        }
+        "RuntimeClass" => vec![name, json!(s(&obj["handler"])), age],
+        _ => vec![name, age],
+    }
+}
+
+/// The `columnDefinitions` member of a `meta.k8s.io/v1` Table.
+pub fn column_definitions(rt: &ResourceType) -> Value {
+    Value::Array(
+        columns(rt)
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "type": c.ty,
+                    "format": if c.name == "Name" { "name" } else { "" },
+                    "description": c.description,
+                    "priority": if c.wide { 1 } else { 0 },
+                })
+            })
+            .collect(),
+    )
+}
+
+/// One Table row for `obj`, carrying its metadata as kubectl expects.
+pub fn row(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Value {
+    json!({
+        "cells": cells(rt, obj, now),
+        "object": {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": obj["metadata"],
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::lookup;
+
+    #[test]
+    fn human_durations_match_kubernetes() {
+        let cases = [
+            (5, "5s"),
+            (119, "119s"),
+            (125, "2m5s"),
+            (600, "10m"),
+            (3 * 3600, "3h"),
+            (3 * 3600 + 120, "3h2m"),
+            (30 * 3600, "30h"),
+            (3 * 86400 + 3600, "3d1h"),
+            (30 * 86400, "30d"),
+            (800 * 86400, "2y70d"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(human_duration(secs), want, "{secs}");
+        }
+    }
+
+    #[test]
+    fn every_row_has_one_cell_per_column() {
+        let now = Utc::now();
+        for rt in crate::registry::RESOURCES {
+            let obj =
+                json!({"metadata": {"name": "x", "creationTimestamp": "2020-01-01T00:00:00Z"}});
+            assert_eq!(cells(rt, &obj, now).len(), columns(rt).len(), "{}", rt.kind);
+        }
+    }
+
+    #[test]
+    fn pod_status_column() {
+        let rt = lookup("", "v1", "pods").unwrap();
+        let now = Utc::now();
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}, {"name": "b"}]},
+            "status": {"phase": "Running", "containerStatuses": [
+                {"name": "a", "ready": true, "restartCount": 2, "state": {"running": {}}},
+                {"name": "b", "ready": false, "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
+        let c = cells(rt, &pod, now);
+        assert_eq!(
+            (c[1].as_str(), c[2].as_str(), c[3].as_str()),
+            (Some("1/2"), Some("CrashLoopBackOff"), Some("3"))
+        );
+        let pending = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}, "status": {"phase": "Pending"}});
+        assert_eq!(cells(rt, &pending, now)[2], "Pending");
+    }
+}

@@ -1,0 +1,164 @@
+//! Decoding request bodies into the `k8s-openapi` types: type errors with the
+//! field path, unknown-field detection for `fieldValidation`, and the canonical
+//! JSON form that is stored.
+
+use k8s_openapi::api::{
+    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, node::v1 as node,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::registry::ResourceType;
+
+/// A body that does not decode into its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct DecodeError {
+    /// Dotted field path such as `spec.replicas` (empty for the top level).
+    pub path: String,
+    pub message: String,
+}
+
+/// The decoded object in canonical form plus the unknown fields it had.
+#[derive(Debug)]
+pub struct Decoded {
+    pub object: Value,
+    /// Dotted paths of fields the kind does not have, e.g. `spec.replica`.
+    pub unknown_fields: Vec<String>,
+}
+
+fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, DecodeError> {
+    let typed: T = serde_path_to_error::deserialize(value).map_err(|e| DecodeError {
+        path: e
+            .path()
+            .to_string()
+            .trim_start_matches('.')
+            .replace("?", ""),
+        message: e.inner().to_string(),
+    })?;
+    serde_json::to_value(typed).map_err(|e| DecodeError {
+        path: String::new(),
+        message: e.to_string(),
+    })
+}
+
+macro_rules! decode_kind {
+    ($rt:expr, $value:expr, { $($kind:literal => $ty:ty),* $(,)? }) => {
+        match $rt.kind {
+            $($kind => round_trip::<$ty>($value),)*
+            other => Err(DecodeError { path: "kind".into(), message: format!("no codec for kind {other}") }),
+        }
+    };
+}
+
+/// Decodes `value` as an object of `rt`'s kind.
+pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> {
+    let canonical = decode_kind!(rt, value, {
+        "Namespace" => core::Namespace,
+        "Pod" => core::Pod,
+        "Node" => core::Node,
+        "Service" => core::Service,
+        "Endpoints" => core::Endpoints,
+        "ConfigMap" => core::ConfigMap,
+        "Secret" => core::Secret,
+        "Event" => core::Event,
+        "ServiceAccount" => core::ServiceAccount,
+        "Deployment" => apps::Deployment,
+        "ReplicaSet" => apps::ReplicaSet,
+        "DaemonSet" => apps::DaemonSet,
+        "Job" => batch::Job,
+        "CronJob" => batch::CronJob,
+        "Lease" => coordination::Lease,
+        "EndpointSlice" => discovery::EndpointSlice,
+        "RuntimeClass" => node::RuntimeClass,
+    })?;
+    let mut unknown_fields = Vec::new();
+    collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);
+    Ok(Decoded {
+        object: canonical,
+        unknown_fields,
+    })
+}
+
+/// Decodes any `k8s-openapi` type with the field path in errors.
+pub fn decode_as<T: DeserializeOwned>(value: &Value) -> Result<T, DecodeError> {
+    serde_path_to_error::deserialize(value).map_err(|e| DecodeError {
+        path: e
+            .path()
+            .to_string()
+            .trim_start_matches('.')
+            .replace("?", ""),
+        message: e.inner().to_string(),
+    })
+}
+
+/// Fields present (and not null) in `input` that decoding dropped.
+fn collect_unknown(input: &Value, canonical: &Value, path: &mut String, out: &mut Vec<String>) {
+    match (input, canonical) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                if v.is_null() {
+                    continue;
+                }
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                match b.get(k) {
+                    Some(cv) => collect_unknown(v, cv, path, out),
+                    // Maps of free-form data (labels, data) keep every key, so a
+                    // missing key is a field the schema does not have.
+                    None => out.push(path.clone()),
+                }
+                path.truncate(len);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, cv)) in a.iter().zip(b).enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                collect_unknown(v, cv, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::lookup;
+    use serde_json::json;
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let deploy = lookup("apps", "v1", "deployments").unwrap();
+        let err = decode(
+            deploy,
+            &json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"replicas": "three"}}),
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "spec.replicas");
+    }
+
+    #[test]
+    fn unknown_fields_are_listed_with_paths() {
+        let pods = lookup("", "v1", "pods").unwrap();
+        let d = decode(
+            pods,
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "labels": {"x": "y"}},
+                "spec": {"containers": [{"name": "c", "image": "i", "imagePolicy": "x"}], "bogus": 1}}),
+        )
+        .unwrap();
+        assert_eq!(
+            d.unknown_fields,
+            vec!["spec.bogus", "spec.containers[0].imagePolicy"]
+        );
+        assert_eq!(d.object["metadata"]["labels"]["x"], "y");
+        assert!(d.object["spec"].get("bogus").is_none());
+    }
+}
