@@ -1,0 +1,174 @@
+//! The Kubernetes-compatible API server: REST semantics over the store, watch
+//! from a shared cache, patches and server-side apply, discovery and OpenAPI.
+//!
+//! **Architecture invariant:** this is the only crate that talks to the
+//! store. Everything else (scheduler, controllers, node agents, kubectl) goes
+//! through the HTTP API it serves.
+
+mod discovery;
+mod error;
+mod fields;
+mod merge_keys;
+mod openapi;
+mod params;
+mod patch;
+mod request;
+mod rest;
+mod services;
+mod storage;
+mod watch;
+mod watch_cache;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use wasmkube_api::registry;
+use wasmkube_store::SharedStore;
+
+pub use error::ApiError;
+use watch_cache::WatchCache;
+
+/// API server settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Largest accepted request body (Kubernetes allows 3 MiB).
+    pub max_body_bytes: usize,
+    /// Events kept for watchers resuming from a recent resourceVersion.
+    pub watch_cache_size: usize,
+    /// How often idle watches that asked for bookmarks get one.
+    pub bookmark_interval: Duration,
+    /// The range Service cluster IPs are allocated from.
+    pub service_cidr: (Ipv4Addr, u8),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 3 * 1024 * 1024,
+            watch_cache_size: 10_000,
+            bookmark_interval: Duration::from_secs(60),
+            service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 12),
+        }
+    }
+}
+
+/// A running API server's state; serve it with [`ApiServer::router`].
+pub struct ApiServer {
+    store: SharedStore,
+    cache: Arc<WatchCache>,
+    config: Config,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Namespaces every cluster has.
+const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+impl ApiServer {
+    /// Starts the watch cache and creates the system namespaces if missing.
+    /// Must be called inside a Tokio runtime.
+    pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
+        let cache = WatchCache::start(store.clone(), config.watch_cache_size);
+        let server = Arc::new(Self {
+            store,
+            cache,
+            config,
+        });
+        let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
+        for name in SYSTEM_NAMESPACES {
+            let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            match rest::create_internal(&server, ns, None, body).await {
+                Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(server)
+    }
+
+    /// Compacts store history up to `revision`; watches and continue tokens
+    /// from before it get `410 Gone` afterwards.
+    pub async fn compact(&self, revision: u64) -> Result<(), ApiError> {
+        self.store
+            .compact(revision)
+            .await
+            .map_err(ApiError::internal)?;
+        self.cache.truncate(revision);
+        Ok(())
+    }
+
+    /// The store revision of the last acknowledged write.
+    pub fn current_revision(&self) -> u64 {
+        self.store.current_revision()
+    }
+
+    /// The HTTP routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let ok = || async { "ok" };
+        Router::new()
+            .route(
+                "/version",
+                get(|| async { axum::Json(discovery::version()) }),
+            )
+            .route(
+                "/version/",
+                get(|| async { axum::Json(discovery::version()) }),
+            )
+            .route("/healthz", get(ok))
+            .route("/livez", get(ok))
+            .route("/readyz", get(ok))
+            .route(
+                "/api",
+                get(|| async { axum::Json(discovery::api_versions()) }),
+            )
+            .route(
+                "/api/",
+                get(|| async { axum::Json(discovery::api_versions()) }),
+            )
+            .route(
+                "/apis",
+                get(|| async { axum::Json(discovery::api_groups()) }),
+            )
+            .route(
+                "/apis/",
+                get(|| async { axum::Json(discovery::api_groups()) }),
+            )
+            .route("/openapi/v2", get(openapi::v2))
+            .route("/openapi/v3", get(openapi::v3_index))
+            .route("/openapi/v3/{*path}", get(openapi::v3_group_version))
+            .fallback(resources)
+            .with_state(self.clone())
+    }
+}
+
+async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().trim_end_matches('/');
+    if parts.method == Method::GET {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let discovered = match segments.as_slice() {
+            ["api", version] => discovery::resource_list("", version),
+            ["apis", group] => discovery::api_group(group),
+            ["apis", group, version] => discovery::resource_list(group, version),
+            _ => None,
+        };
+        if let Some(body) = discovered {
+            return (StatusCode::OK, axum::Json(body)).into_response();
+        }
+    }
+    rest::handle(server, parts.method, parts.uri, parts.headers, body).await
+}

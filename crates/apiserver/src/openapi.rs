@@ -1,0 +1,249 @@
+//! OpenAPI v3 documents, one per group version, generated from the
+//! `k8s-openapi` schemas. kubectl reads them for `kubectl explain` and to
+//! learn that the server does field validation itself (the `fieldValidation`
+//! parameter on each kind's PATCH operation), so `kubectl apply` leaves
+//! validation to us.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use k8s_openapi::api::{
+    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, node::v1 as node,
+};
+use schemars::JsonSchema;
+use schemars::generate::SchemaSettings;
+use serde_json::{Map, Value, json};
+use wasmkube_api::registry::{self, ResourceType};
+
+use crate::error::ApiError;
+
+/// Generated documents by group-version path (`api/v1`, `apis/apps/v1`).
+fn documents() -> &'static BTreeMap<String, Value> {
+    static DOCS: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
+    DOCS.get_or_init(build_all)
+}
+
+fn gv_path(rt: &ResourceType) -> String {
+    if rt.group.is_empty() {
+        format!("api/{}", rt.version)
+    } else {
+        format!("apis/{}/{}", rt.group, rt.version)
+    }
+}
+
+/// The root schema name of each kind (`io.k8s.api.apps.v1.Deployment`).
+fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
+    fn add<T: JsonSchema>(g: &mut schemars::SchemaGenerator) -> String {
+        g.subschema_for::<T>();
+        T::schema_name().into_owned()
+    }
+    match rt.kind {
+        "Namespace" => add::<core::Namespace>(g),
+        "Pod" => add::<core::Pod>(g),
+        "Node" => add::<core::Node>(g),
+        "Service" => add::<core::Service>(g),
+        "Endpoints" => add::<core::Endpoints>(g),
+        "ConfigMap" => add::<core::ConfigMap>(g),
+        "Secret" => add::<core::Secret>(g),
+        "Event" => add::<core::Event>(g),
+        "ServiceAccount" => add::<core::ServiceAccount>(g),
+        "Deployment" => add::<apps::Deployment>(g),
+        "ReplicaSet" => add::<apps::ReplicaSet>(g),
+        "DaemonSet" => add::<apps::DaemonSet>(g),
+        "Job" => add::<batch::Job>(g),
+        "CronJob" => add::<batch::CronJob>(g),
+        "Lease" => add::<coordination::Lease>(g),
+        "EndpointSlice" => add::<discovery::EndpointSlice>(g),
+        "RuntimeClass" => add::<node::RuntimeClass>(g),
+        other => unreachable!("no schema for served kind {other}"),
+    }
+}
+
+/// Rewrites `{"$ref": r, ...siblings}` into Kubernetes' `{"allOf": [{"$ref": r}], ...}`.
+fn normalize_refs(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.len() > 1 {
+                if let Some(r) = m.remove("$ref") {
+                    m.insert("allOf".into(), json!([{"$ref": r}]));
+                }
+            }
+            for child in m.values_mut() {
+                normalize_refs(child);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_refs),
+        _ => {}
+    }
+}
+
+fn param(name: &str, location: &str, required: bool) -> Value {
+    json!({"name": name, "in": location, "required": required, "schema": {"type": "string", "uniqueItems": true}})
+}
+
+fn paths_for(rt: &ResourceType, schema: &str) -> Vec<(String, Value)> {
+    let gvk = json!({"group": rt.group, "version": rt.version, "kind": rt.kind});
+    let reference = json!({"$ref": format!("#/components/schemas/{schema}")});
+    let body = json!({"content": {"application/json": {"schema": reference}}});
+    let ok = json!({"200": {"description": "OK", "content": {"application/json": {"schema": reference}}}});
+    let base = format!("/{}", gv_path(rt));
+    let (collection, mut scope) = if rt.namespaced {
+        (
+            format!("{base}/namespaces/{{namespace}}/{}", rt.plural),
+            vec![param("namespace", "path", true)],
+        )
+    } else {
+        (format!("{base}/{}", rt.plural), Vec::new())
+    };
+    let op = |verb: &str, action: &str, extra: Vec<Value>, request: bool| {
+        let mut o = json!({
+            "operationId": format!("{verb}{}", rt.kind),
+            "description": format!("{action} {}", rt.kind),
+            "responses": ok,
+            "x-kubernetes-action": action,
+            "x-kubernetes-group-version-kind": gvk,
+            "parameters": extra,
+        });
+        if request {
+            o["requestBody"] = body.clone();
+        }
+        o
+    };
+    let write_params = || {
+        vec![
+            param("dryRun", "query", false),
+            param("fieldManager", "query", false),
+            param("fieldValidation", "query", false),
+        ]
+    };
+    let mut patch_params = write_params();
+    patch_params.push(param("force", "query", false));
+    let item = format!("{collection}/{{name}}");
+    scope.push(param("name", "path", true));
+    vec![
+        (
+            collection,
+            json!({
+                "get": op("list", "list", vec![param("labelSelector", "query", false), param("fieldSelector", "query", false), param("limit", "query", false), param("continue", "query", false), param("watch", "query", false), param("resourceVersion", "query", false)], false),
+                "post": op("create", "post", write_params(), true),
+                "delete": op("deletecollection", "deletecollection", Vec::new(), false),
+                "parameters": if rt.namespaced { json!([param("namespace", "path", true)]) } else { json!([]) },
+            }),
+        ),
+        (
+            item,
+            json!({
+                "get": op("read", "get", Vec::new(), false),
+                "put": op("replace", "put", write_params(), true),
+                "patch": op("patch", "patch", patch_params, true),
+                "delete": op("delete", "delete", vec![param("gracePeriodSeconds", "query", false), param("propagationPolicy", "query", false)], false),
+                "parameters": scope,
+            }),
+        ),
+    ]
+}
+
+fn build_all() -> BTreeMap<String, Value> {
+    let mut by_gv: BTreeMap<String, Vec<&'static ResourceType>> = BTreeMap::new();
+    for rt in registry::RESOURCES {
+        by_gv.entry(gv_path(rt)).or_default().push(rt);
+    }
+    by_gv
+        .into_iter()
+        .map(|(gv, kinds)| {
+            let mut generator = SchemaSettings::openapi3().into_generator();
+            let mut paths = Map::new();
+            let mut roots = Vec::new();
+            for rt in &kinds {
+                let name = add_schema(rt, &mut generator);
+                for (p, item) in paths_for(rt, &name) {
+                    paths.insert(p, item);
+                }
+                roots.push((name, *rt));
+            }
+            let mut schemas = Value::Object(generator.take_definitions(true).into_iter().collect());
+            for (name, rt) in roots {
+                if let Some(s) = schemas.get_mut(&name) {
+                    s["x-kubernetes-group-version-kind"] =
+                        json!([{"group": rt.group, "version": rt.version, "kind": rt.kind}]);
+                }
+            }
+            normalize_refs(&mut schemas);
+            let doc = json!({
+                "openapi": "3.0.0",
+                "info": {"title": "Kubernetes", "version": crate::discovery::KUBERNETES_VERSION},
+                "paths": paths,
+                "components": {"schemas": schemas},
+            });
+            (gv, doc)
+        })
+        .collect()
+}
+
+/// A stable hash of a document, so clients can cache it by URL.
+fn hash(doc: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    doc.to_string().hash(&mut h);
+    format!("{:016X}", h.finish())
+}
+
+pub async fn v3_index() -> Response {
+    let paths: Map<String, Value> = documents()
+        .iter()
+        .map(|(gv, doc)| {
+            (
+                gv.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={}", hash(doc))}),
+            )
+        })
+        .collect();
+    (StatusCode::OK, axum::Json(json!({"paths": paths}))).into_response()
+}
+
+pub async fn v3_group_version(Path(path): Path<String>) -> Response {
+    match documents().get(path.trim_matches('/')) {
+        Some(doc) => (StatusCode::OK, axum::Json(doc.clone())).into_response(),
+        None => ApiError::NoRoute.into_response(),
+    }
+}
+
+/// OpenAPI v2 is not served: clients (kubectl included) use v3.
+pub async fn v2() -> Response {
+    ApiError::NoRoute.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_schema_with_its_gvk_and_a_validating_patch() {
+        let docs = documents();
+        for rt in registry::RESOURCES {
+            let doc = &docs[&gv_path(rt)];
+            let schemas = doc["components"]["schemas"].as_object().unwrap();
+            let root = schemas
+                .values()
+                .find(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == rt.kind)
+                .unwrap_or_else(|| panic!("no schema for {}", rt.kind));
+            assert!(root["properties"]["metadata"].is_object(), "{}", rt.kind);
+            let has_validation = doc["paths"].as_object().unwrap().values().any(|p| {
+                p["patch"]["x-kubernetes-group-version-kind"]["kind"] == rt.kind
+                    && p["patch"]["parameters"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|q| q["name"] == "fieldValidation")
+            });
+            assert!(has_validation, "{}", rt.kind);
+        }
+        // References resolve inside each document.
+        let apps = docs["apis/apps/v1"].to_string();
+        assert!(apps.contains("#/components/schemas/io.k8s.api.core.v1.PodSpec"));
+    }
+}

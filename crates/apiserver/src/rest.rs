@@ -1,0 +1,1483 @@
+//! The REST verbs on resources: get, list, watch, create, update, patch
+//! (including server-side apply), delete and deletecollection, plus the
+//! `status`, `scale`, `binding` and `finalize` subresources.
+//!
+//! Every write follows one pipeline: decode and check the body, default,
+//! carry over what the client may not change, validate, record field
+//! ownership, then persist guarded by the revision that was read. Handlers
+//! never retry on behalf of a client that sent a `resourceVersion`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{SecondsFormat, Utc};
+use serde_json::{Value, json};
+use wasmkube_api::defaults::apply_defaults;
+use wasmkube_api::registry::{self, ResourceType};
+use wasmkube_api::{Subresource, table, typed, validation};
+use wasmkube_store::{ListOptions, StoreError};
+
+use crate::error::{ApiError, ApiResult, Subject};
+use crate::fields;
+use crate::params::{FieldValidation, Output, Params};
+use crate::patch::{self, PatchError, PatchType};
+use crate::request::{self, Target};
+use crate::storage::{decode_stored, encode_for_store, resource_version};
+use crate::{ApiServer, watch};
+
+/// Attempts for writes without a client precondition when they race another writer.
+const UNCONDITIONAL_RETRIES: usize = 16;
+
+pub(crate) fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Serves every resource path.
+pub async fn handle(
+    server: Arc<ApiServer>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match dispatch(&server, &method, &uri, &headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(
+    server: &Arc<ApiServer>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let target = request::parse(uri.path())?.ok_or(ApiError::NoRoute)?;
+    let params = Params::parse(uri.query())?;
+    let output = Output::from_headers(headers);
+    let ctx = Ctx {
+        server,
+        target,
+        params,
+        headers,
+        output,
+    };
+    use Subresource::*;
+    match (method.clone(), target.name, target.subresource) {
+        (Method::GET, None, None) if ctx.params.watch => watch::serve(&ctx).await,
+        (Method::GET, None, None) => ctx.list().await,
+        (Method::GET, Some(name), None | Some(Status)) => ctx.get(name).await,
+        (Method::GET, Some(name), Some(Scale)) => ctx.get_scale(name).await,
+        (Method::POST, None, None) => ctx.create(read_body(server, headers, body).await?).await,
+        (Method::POST, Some(name), Some(Binding)) => {
+            ctx.bind(name, read_body(server, headers, body).await?)
+                .await
+        }
+        (Method::PUT, Some(name), Some(Scale)) => {
+            ctx.put_scale(name, read_body(server, headers, body).await?)
+                .await
+        }
+        (Method::PUT, Some(name), sub) => {
+            ctx.update(name, sub, read_body(server, headers, body).await?)
+                .await
+        }
+        (Method::PATCH, Some(name), sub) => ctx.patch(name, sub, body).await,
+        (Method::DELETE, Some(name), None) => {
+            let opts = read_delete_options(server, headers, body).await?;
+            ctx.delete(name, &opts).await
+        }
+        (Method::DELETE, None, None) => {
+            let opts = read_delete_options(server, headers, body).await?;
+            ctx.delete_collection(&opts).await
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// Reads a request body up to the configured limit (413 beyond it).
+pub(crate) async fn read_bytes(server: &ApiServer, body: Body) -> ApiResult<bytes::Bytes> {
+    let limit = server.config.max_body_bytes;
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit })
+}
+
+/// Parses a JSON or YAML body into a JSON value.
+pub(crate) fn parse_value(content_type: &str, raw: &[u8]) -> ApiResult<Value> {
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    if mime.contains("protobuf") || mime.contains("cbor") {
+        return Err(ApiError::UnsupportedMediaType {
+            message: format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {mime})"
+            ),
+        });
+    }
+    let looks_yaml = mime.contains("yaml")
+        || (!mime.contains("json") && !raw.trim_ascii_start().starts_with(b"{"));
+    let value: Value = if looks_yaml {
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| ApiError::bad_request("the body is not valid UTF-8"))?;
+        serde_yaml::from_str(text)
+            .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))?
+    } else {
+        serde_json::from_slice(raw)
+            .map_err(|e| ApiError::bad_request(format!("json: cannot parse the body: {e}")))?
+    };
+    Ok(value)
+}
+
+async fn read_body(server: &ApiServer, headers: &HeaderMap, body: Body) -> ApiResult<Value> {
+    let raw = read_bytes(server, body).await?;
+    let value = parse_value(content_type(headers), &raw)?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the body must be a single object"));
+    }
+    Ok(value)
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+}
+
+/// `DeleteOptions` from the body and the query.
+#[derive(Debug, Default)]
+struct DeleteOptions {
+    grace_period_seconds: Option<i64>,
+    propagation_policy: Option<String>,
+    precondition_uid: Option<String>,
+    precondition_rv: Option<String>,
+}
+
+async fn read_delete_options(
+    server: &ApiServer,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<DeleteOptions> {
+    let raw = read_bytes(server, body).await?;
+    let mut opts = DeleteOptions::default();
+    if raw.iter().any(|b| !b.is_ascii_whitespace()) {
+        let v = parse_value(content_type(headers), &raw)?;
+        opts.grace_period_seconds = v["gracePeriodSeconds"].as_i64();
+        opts.propagation_policy = v["propagationPolicy"].as_str().map(str::to_owned);
+        if v["orphanDependents"] == true && opts.propagation_policy.is_none() {
+            opts.propagation_policy = Some("Orphan".into());
+        }
+        opts.precondition_uid = v["preconditions"]["uid"].as_str().map(str::to_owned);
+        opts.precondition_rv = v["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(str::to_owned);
+    }
+    Ok(opts)
+}
+
+/// One resource request.
+pub(crate) struct Ctx<'a> {
+    pub server: &'a Arc<ApiServer>,
+    pub target: Target<'a>,
+    pub params: Params,
+    pub headers: &'a HeaderMap,
+    pub output: Output,
+}
+
+/// A JSON response with a status code and optional warnings.
+pub(crate) fn json_response(code: StatusCode, body: &Value, warnings: &[String]) -> Response {
+    let mut resp = (code, serde_json::to_vec(body).unwrap_or_default()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for w in warnings {
+        let text = format!("299 - \"{}\"", w.replace('"', "\\\""));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            h.append("Warning", v);
+        }
+    }
+    resp
+}
+
+/// Wraps objects in the representation the client asked for.
+pub(crate) fn render_one(rt: &ResourceType, output: Output, obj: Value) -> Value {
+    match output {
+        Output::Object => obj,
+        Output::PartialMetadata => partial_metadata(&obj),
+        Output::Table => json!({
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+            "columnDefinitions": table::column_definitions(rt),
+            "rows": [table::row(rt, &obj, Utc::now())],
+        }),
+    }
+}
+
+pub(crate) fn partial_metadata(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+}
+
+fn status_success(rt: &ResourceType, name: &str, uid: &Value) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {"name": name, "group": rt.group, "kind": rt.plural, "uid": uid},
+    })
+}
+
+/// What a continue token encodes: the list revision and the last key returned.
+fn encode_continue(rev: u64, last_key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"rv": rev, "start": last_key}).to_string())
+}
+
+fn decode_continue(token: &str) -> ApiResult<(u64, String)> {
+    use base64::Engine as _;
+    let bad = || {
+        ApiError::bad_request("continue key is not valid: the token was not issued by this server")
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    Ok((
+        v["rv"].as_u64().ok_or_else(bad)?,
+        v["start"].as_str().ok_or_else(bad)?.to_owned(),
+    ))
+}
+
+/// Pod QoS class from its containers' requests and limits.
+fn qos_class(pod: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|k| pod["spec"][*k].as_array().into_iter().flatten())
+        .collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in containers {
+        let (req, lim) = (&c["resources"]["requests"], &c["resources"]["limits"]);
+        for res in ["cpu", "memory"] {
+            if !req[res].is_null() || !lim[res].is_null() {
+                any = true;
+            }
+            if lim[res].is_null() || (!req[res].is_null() && req[res] != lim[res]) {
+                guaranteed = false;
+            }
+        }
+    }
+    match (any, guaranteed) {
+        (false, _) => "BestEffort",
+        (true, true) => "Guaranteed",
+        (true, false) => "Burstable",
+    }
+}
+
+/// Whether `a` and `b` differ outside metadata and status (a spec change).
+fn spec_changed(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            m.remove("status");
+        }
+        v
+    };
+    strip(a) != strip(b)
+}
+
+fn has_spec_generation(rt: &ResourceType) -> bool {
+    rt.has(Subresource::Status) && !matches!(rt.kind, "Namespace" | "Node")
+}
+
+fn same_ignoring_version(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+            m.remove("managedFields");
+        }
+        v
+    };
+    strip(a) == strip(b)
+}
+
+impl Ctx<'_> {
+    fn rt(&self) -> &'static ResourceType {
+        self.target.rt
+    }
+
+    fn key(&self, name: &str) -> String {
+        self.rt().key(self.target.namespace, name)
+    }
+
+    fn store_err(&self, e: StoreError, name: &str) -> ApiError {
+        ApiError::from_store(e, self.rt(), name)
+    }
+
+    async fn read(&self, name: &str) -> ApiResult<(Value, u64)> {
+        let kv = self
+            .server
+            .store
+            .get(&self.key(name))
+            .await
+            .map_err(|e| self.store_err(e, name))?
+            .ok_or_else(|| ApiError::not_found(self.rt(), name))?;
+        let obj = decode_stored(&kv).map_err(ApiError::internal)?;
+        Ok((obj, kv.mod_revision))
+    }
+
+    async fn get(&self, name: &str) -> ApiResult<Response> {
+        let (obj, _) = self.read(name).await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &render_one(self.rt(), self.output, obj),
+            &[],
+        ))
+    }
+
+    /// Lists matching objects: at a revision (continue token or exact match)
+    /// or the latest, with selectors applied before `limit`.
+    pub(crate) async fn list_objects(&self) -> ApiResult<(Vec<Value>, u64, Option<String>)> {
+        let rt = self.rt();
+        let labels = self.params.labels()?;
+        let fields = self.params.fields(rt)?;
+        let prefix = rt.list_prefix(self.target.namespace);
+        let (mut revision, mut start_after) = (None, None);
+        if let Some(token) = &self.params.continue_token {
+            let (rev, start) = decode_continue(token)?;
+            revision = Some(rev);
+            start_after = Some(format!("{prefix}{start}"));
+        } else if let (Some(rv), Some("Exact")) = (
+            &self.params.resource_version,
+            self.params.resource_version_match.as_deref(),
+        ) {
+            revision =
+                Some(rv.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                })?);
+        }
+        let limit = self.params.limit;
+        let filtered = !labels.is_empty() || !fields.is_empty();
+        let mut items = Vec::new();
+        loop {
+            let want = if limit == 0 {
+                0
+            } else if filtered {
+                (limit - items.len()).max(64)
+            } else {
+                limit - items.len()
+            };
+            let page = self
+                .server
+                .store
+                .list(&prefix, ListOptions { revision, start_after: start_after.clone(), limit: want })
+                .await
+                .map_err(|e| match e {
+                    StoreError::Gone { .. } if self.params.continue_token.is_some() => ApiError::Gone {
+                        message: "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.".into(),
+                        reason: "Expired",
+                    },
+                    other => self.store_err(other, ""),
+                })?;
+            revision = Some(page.revision);
+            let mut last_key = None;
+            for kv in &page.items {
+                last_key = Some(kv.key.clone());
+                let obj = decode_stored(kv).map_err(ApiError::internal)?;
+                if labels.matches_object(&obj) && fields.matches(rt, &obj) {
+                    items.push((kv.key.clone(), obj));
+                    if limit != 0 && items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            let full = limit != 0 && items.len() == limit;
+            let exhausted = !page.more && last_key.as_ref() == page.items.last().map(|kv| &kv.key);
+            if full {
+                // More remain if this page had unread items or the store has more.
+                let last_returned = &items.last().expect("full page").0;
+                let more =
+                    page.more || page.items.last().is_some_and(|kv| &kv.key != last_returned);
+                let token =
+                    more.then(|| encode_continue(page.revision, &last_returned[prefix.len()..]));
+                return Ok((
+                    items.into_iter().map(|(_, o)| o).collect(),
+                    page.revision,
+                    token,
+                ));
+            }
+            if exhausted || !page.more {
+                return Ok((
+                    items.into_iter().map(|(_, o)| o).collect(),
+                    page.revision,
+                    None,
+                ));
+            }
+            start_after = last_key;
+        }
+    }
+
+    async fn list(&self) -> ApiResult<Response> {
+        let rt = self.rt();
+        let (items, rev, token) = self.list_objects().await?;
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(t) = token {
+            meta["continue"] = json!(t);
+        }
+        let body = match self.output {
+            Output::Table => {
+                let now = Utc::now();
+                json!({
+                    "kind": "Table",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": meta,
+                    "columnDefinitions": table::column_definitions(rt),
+                    "rows": items.iter().map(|o| table::row(rt, o, now)).collect::<Vec<_>>(),
+                })
+            }
+            Output::PartialMetadata => json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": meta,
+                "items": items.iter().map(partial_metadata).collect::<Vec<_>>(),
+            }),
+            Output::Object => json!({
+                "kind": format!("{}List", rt.kind),
+                "apiVersion": rt.api_version(),
+                "metadata": meta,
+                "items": items,
+            }),
+        };
+        Ok(json_response(StatusCode::OK, &body, &[]))
+    }
+
+    /// Decodes a body as this kind, applying `fieldValidation`; returns the
+    /// canonical object and warnings.
+    fn decode(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
+        let rt = self.rt();
+        let api_version = rt.api_version();
+        match input["apiVersion"].as_str() {
+            None => input["apiVersion"] = json!(api_version),
+            Some(v) if v == api_version => {}
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the API version in the data ({v}) does not match the expected API version ({api_version})"
+                )));
+            }
+        }
+        match input["kind"].as_str() {
+            None => input["kind"] = json!(rt.kind),
+            Some(k) if k == rt.kind => {}
+            Some(k) => {
+                return Err(ApiError::bad_request(format!(
+                    "the kind in the data ({k}) does not match the expected kind ({})",
+                    rt.kind
+                )));
+            }
+        }
+        let decoded = typed::decode(rt, &input).map_err(|e| {
+            ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: {}",
+                rt.kind, rt.version, rt.kind, e
+            ))
+        })?;
+        let mut warnings = Vec::new();
+        if !decoded.unknown_fields.is_empty() {
+            match self
+                .params
+                .field_validation
+                .unwrap_or(FieldValidation::Warn)
+            {
+                FieldValidation::Strict => {
+                    let list: Vec<String> = decoded
+                        .unknown_fields
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect();
+                    return Err(ApiError::bad_request(
+                        format!(".{}: strict decoding error: {}", "", list.join(", "))
+                            .replacen(".: ", "", 1),
+                    ));
+                }
+                FieldValidation::Warn => {
+                    warnings.extend(
+                        decoded
+                            .unknown_fields
+                            .iter()
+                            .map(|f| format!("unknown field \"{f}\"")),
+                    );
+                }
+                FieldValidation::Ignore => {}
+            }
+        }
+        Ok((decoded.object, warnings))
+    }
+
+    async fn ensure_namespace_open(&self, ns: &str) -> ApiResult<()> {
+        let ns_rt = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
+        let kv = self
+            .server
+            .store
+            .get(&ns_rt.key(None, ns))
+            .await
+            .map_err(|e| ApiError::from_store(e, ns_rt, ns))?
+            .ok_or_else(|| ApiError::not_found(ns_rt, ns))?;
+        let obj = decode_stored(&kv).map_err(ApiError::internal)?;
+        if !obj["metadata"]["deletionTimestamp"].is_null() {
+            return Err(ApiError::Forbidden {
+                subject: Subject::of(self.rt(), ""),
+                message: format!(
+                    "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    self.rt().plural
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Prepares a new object: identity, defaults, validation.
+    async fn admit_create(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
+        let rt = self.rt();
+        let (mut obj, warnings) = self.decode(input)?;
+        if !obj["metadata"].is_object() {
+            obj["metadata"] = json!({});
+        }
+        if rt.namespaced {
+            let ns = self.target.namespace.ok_or(ApiError::NoRoute)?;
+            match obj["metadata"]["namespace"].as_str() {
+                None | Some("") => obj["metadata"]["namespace"] = json!(ns),
+                Some(n) if n == ns => {}
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+            }
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        if obj["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+            if let Some(prefix) = obj["metadata"]["generateName"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+            {
+                obj["metadata"]["name"] = json!(generate_name(prefix));
+            }
+        }
+        if resource_version(&obj).is_some() {
+            return Err(ApiError::bad_request(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        let meta = obj["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        meta.insert("creationTimestamp".into(), json!(now()));
+        for k in [
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+            "managedFields",
+        ] {
+            meta.remove(k);
+        }
+        if has_spec_generation(rt) || obj.get("spec").is_some() {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        self.reset_status_on_create(&mut obj);
+        apply_defaults(rt, &mut obj);
+        self.admit_kind_create(&mut obj);
+        let errors = validation::validate(rt, &obj, None);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(
+                rt,
+                obj["metadata"]["name"].as_str().unwrap_or_default(),
+                errors,
+            ));
+        }
+        Ok((obj, warnings))
+    }
+
+    fn reset_status_on_create(&self, obj: &mut Value) {
+        match self.rt().kind {
+            "Pod" => obj["status"] = json!({"phase": "Pending", "qosClass": qos_class(obj)}),
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob" => {
+                obj["status"] = json!({})
+            }
+            "Service" => obj["status"] = json!({"loadBalancer": {}}),
+            "Namespace" => obj["status"] = json!({"phase": "Active"}),
+            _ => {}
+        }
+    }
+
+    /// Kind-specific create-time behaviour that needs the whole object.
+    fn admit_kind_create(&self, obj: &mut Value) {
+        if self.rt().kind == "Job"
+            && obj["spec"]["selector"].is_null()
+            && obj["spec"]["manualSelector"] != true
+        {
+            // Jobs select their pods by their own uid, as the job controller expects.
+            let uid = obj["metadata"]["uid"].clone();
+            let name = obj["metadata"]["name"].clone();
+            obj["spec"]["selector"] =
+                json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+            let labels = &mut obj["spec"]["template"]["metadata"]["labels"];
+            if !labels.is_object() {
+                *labels = json!({});
+            }
+            for (k, v) in [
+                ("batch.kubernetes.io/controller-uid", &uid),
+                ("batch.kubernetes.io/job-name", &name),
+                ("controller-uid", &uid),
+                ("job-name", &name),
+            ] {
+                labels[k] = v.clone();
+            }
+        }
+    }
+
+    async fn create(&self, input: Value) -> ApiResult<Response> {
+        let (created, warnings) = self.create_object(input).await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &render_one(self.rt(), self.output, created),
+            &warnings,
+        ))
+    }
+
+    async fn create_object(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
+        let (mut obj, warnings) = self.admit_create(input).await?;
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(ns) = self.target.namespace {
+            self.ensure_namespace_open(ns).await?;
+        }
+        if self.rt().kind == "Service" {
+            crate::services::allocate(self.server, &mut obj).await?;
+        }
+        fields::record_update(
+            self.rt(),
+            &self.params.manager(self.headers)?,
+            None,
+            None,
+            &mut obj,
+            &now(),
+        );
+        let created = self.persist_create(&name, obj.clone()).await;
+        if (created.is_err() || self.params.dry_run) && self.rt().kind == "Service" {
+            // Nothing was stored: give the addresses back.
+            crate::services::release(self.server, &obj).await;
+        }
+        Ok((created?, warnings))
+    }
+
+    async fn persist_create(&self, name: &str, obj: Value) -> ApiResult<Value> {
+        if self.params.dry_run {
+            return Ok(obj);
+        }
+        let kv = self
+            .server
+            .store
+            .create(&self.key(name), encode_for_store(&obj))
+            .await
+            .map_err(|e| self.store_err(e, name))?;
+        decode_stored(&kv).map_err(ApiError::internal)
+    }
+
+    /// Turns `old` plus a client's `new` into what is stored, for a write to
+    /// the main resource or a subresource.
+    fn admit_update(
+        &self,
+        name: &str,
+        sub: Option<Subresource>,
+        old: &Value,
+        new: Value,
+    ) -> ApiResult<(Value, Vec<String>)> {
+        let rt = self.rt();
+        let (mut new, warnings) = self.decode(new)?;
+        match new["metadata"]["name"].as_str() {
+            None | Some("") => new["metadata"]["name"] = json!(name),
+            Some(n) if n == name => {}
+            Some(n) => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                )));
+            }
+        }
+        if rt.namespaced {
+            match new["metadata"]["namespace"].as_str() {
+                None | Some("") => {
+                    new["metadata"]["namespace"] = old["metadata"]["namespace"].clone()
+                }
+                Some(n) if Some(n) == self.target.namespace => {}
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+            }
+        }
+        let mut merged = match sub {
+            Some(Subresource::Status) => {
+                let mut o = old.clone();
+                o["status"] = new["status"].clone();
+                o
+            }
+            Some(Subresource::Finalize) => {
+                let mut o = old.clone();
+                o["spec"]["finalizers"] = new["spec"]["finalizers"].clone();
+                o
+            }
+            _ => {
+                if rt.has(Subresource::Status) {
+                    new["status"] = old["status"].clone();
+                }
+                new
+            }
+        };
+        if merged["status"].is_null() {
+            if let Some(m) = merged.as_object_mut() {
+                m.remove("status");
+            }
+        }
+        // What the server owns carries over from the stored object.
+        let meta = merged["metadata"]
+            .as_object_mut()
+            .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+        for k in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "managedFields",
+        ] {
+            match old["metadata"].get(k) {
+                Some(v) => meta.insert(k.into(), v.clone()),
+                None => meta.remove(k),
+            };
+        }
+        meta.remove("generateName").map(|_| ());
+        if let Some(g) = old["metadata"].get("generateName") {
+            merged["metadata"]["generateName"] = g.clone();
+        }
+        apply_defaults(rt, &mut merged);
+        if (has_spec_generation(rt) || merged.get("spec").is_some()) && spec_changed(old, &merged) {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            merged["metadata"]["generation"] = json!(g);
+        }
+        let errors = validation::validate(rt, &merged, Some(old));
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(rt, name, errors));
+        }
+        Ok((merged, warnings))
+    }
+
+    /// Stores `new` over `old` (read at `rev`); a no-op write is skipped, and an
+    /// object whose deletion is pending and has no finalizers left is deleted.
+    async fn persist_update(
+        &self,
+        name: &str,
+        old: &Value,
+        rev: u64,
+        new: Value,
+    ) -> ApiResult<Value> {
+        if same_ignoring_version(old, &new) {
+            return Ok(old.clone());
+        }
+        if self.params.dry_run {
+            return Ok(new);
+        }
+        let store = &self.server.store;
+        let key = self.key(name);
+        let finished = !new["metadata"]["deletionTimestamp"].is_null()
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+            && (self.rt().kind != "Namespace"
+                || new["spec"]["finalizers"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty))
+            && (self.rt().kind != "Pod"
+                || new["metadata"]["deletionGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    == 0);
+        if finished {
+            let kv = store
+                .delete(&key, Some(rev))
+                .await
+                .map_err(|e| self.store_err(e, name))?;
+            let gone = decode_stored(&kv).map_err(ApiError::internal)?;
+            if self.rt().kind == "Service" {
+                crate::services::release(self.server, &gone).await;
+            }
+            return Ok(gone);
+        }
+        let kv = store
+            .update(&key, encode_for_store(&new), Some(rev))
+            .await
+            .map_err(|e| self.store_err(e, name))?;
+        decode_stored(&kv).map_err(ApiError::internal)
+    }
+
+    /// Read-modify-write with retries when the client set no precondition.
+    async fn guaranteed_update<F>(
+        &self,
+        name: &str,
+        sub: Option<Subresource>,
+        mut change: F,
+    ) -> ApiResult<(Value, Vec<String>, bool)>
+    where
+        F: FnMut(&Value) -> ApiResult<Option<Value>>,
+    {
+        let manager = self.params.manager(self.headers)?;
+        let sub_name = sub.map(Subresource::name).filter(|s| *s == "status");
+        for _ in 0..UNCONDITIONAL_RETRIES {
+            let (old, rev) = self.read(name).await?;
+            let Some(proposed) = change(&old)? else {
+                return Ok((old, Vec::new(), false));
+            };
+            let precondition = match resource_version(&proposed) {
+                Some(Ok(v)) => Some(v),
+                Some(Err(())) => {
+                    return Err(ApiError::bad_request(
+                        "metadata.resourceVersion: Invalid value: must be an integer",
+                    ));
+                }
+                None => None,
+            };
+            if let Some(p) = precondition {
+                if p != rev {
+                    return Err(self.store_err(
+                        StoreError::Conflict {
+                            key: String::new(),
+                            expected: p,
+                            actual: rev,
+                        },
+                        name,
+                    ));
+                }
+            }
+            let (mut new, warnings) = self.admit_update(name, sub, &old, proposed)?;
+            fields::record_update(self.rt(), &manager, sub_name, Some(&old), &mut new, &now());
+            match self.persist_update(name, &old, rev, new).await {
+                Err(ApiError::Conflict(..)) if precondition.is_none() => continue,
+                Err(e) => return Err(e),
+                Ok(stored) => return Ok((stored, warnings, true)),
+            }
+        }
+        Err(ApiError::Conflict(
+            Subject::of(self.rt(), name),
+            "the object is being modified too often; try again".into(),
+        ))
+    }
+
+    async fn update(
+        &self,
+        name: &str,
+        sub: Option<Subresource>,
+        input: Value,
+    ) -> ApiResult<Response> {
+        let rt = self.rt();
+        let may_create =
+            matches!(rt.kind, "Endpoints" | "Lease" | "Event" | "EndpointSlice") && sub.is_none();
+        if may_create {
+            if let Err(ApiError::NotFound(..)) = self.read(name).await {
+                let mut input = input;
+                input["metadata"]["name"] = json!(name);
+                if let Some(m) = input["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                return self.create(input).await;
+            }
+        }
+        let (stored, warnings, _) = self
+            .guaranteed_update(name, sub, |_| Ok(Some(input.clone())))
+            .await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &render_one(rt, self.output, stored),
+            &warnings,
+        ))
+    }
+
+    async fn patch(&self, name: &str, sub: Option<Subresource>, body: Body) -> ApiResult<Response> {
+        let rt = self.rt();
+        let ct = content_type(self.headers).to_owned();
+        let patch_type = PatchType::from_content_type(&ct).ok_or_else(|| ApiError::UnsupportedMediaType {
+            message: format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct})"),
+        })?;
+        let raw = read_bytes(self.server, body).await?;
+        let patch_doc = parse_value(
+            if patch_type == PatchType::Apply {
+                "application/yaml"
+            } else {
+                "application/json"
+            },
+            &raw,
+        )?;
+        if sub == Some(Subresource::Scale) {
+            return self.patch_scale(name, patch_type, &patch_doc).await;
+        }
+        if patch_type == PatchType::Apply {
+            return self.apply(name, patch_doc).await;
+        }
+        let apply_patch = |old: &Value| -> ApiResult<Option<Value>> {
+            let result = match patch_type {
+                PatchType::Json => patch::json_patch(old, &patch_doc),
+                PatchType::Merge => patch::merge_patch(old, &patch_doc),
+                PatchType::Strategic => patch::strategic_merge_patch(rt.kind, old, &patch_doc),
+                PatchType::Apply => unreachable!("handled above"),
+            };
+            let mut patched = result.map_err(|e| match e {
+                PatchError::Malformed(m) => ApiError::bad_request(m),
+                PatchError::Failed(m) => ApiError::Invalid {
+                    subject: Subject::of(rt, name),
+                    kind: rt.qualified_kind(),
+                    causes: vec![wasmkube_api::field::FieldError::invalid("", "", m)],
+                },
+            })?;
+            // A patch that does not mention resourceVersion is unconditional.
+            if patched["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"] {
+                if let Some(m) = patched["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+            }
+            Ok(Some(patched))
+        };
+        let (stored, warnings, _) = self.guaranteed_update(name, sub, apply_patch).await?;
+        Ok(json_response(
+            StatusCode::OK,
+            &render_one(rt, self.output, stored),
+            &warnings,
+        ))
+    }
+
+    /// Server-side apply (`application/apply-patch+yaml`).
+    async fn apply(&self, name: &str, applied: Value) -> ApiResult<Response> {
+        let rt = self.rt();
+        let manager = self.params.field_manager.clone().ok_or_else(|| {
+            ApiError::bad_request(
+                "PATCH, application/apply-patch+yaml requires the fieldManager query parameter",
+            )
+        })?;
+        let (applied, warnings) = self.decode(applied)?;
+        if applied["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n != name)
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                applied["metadata"]["name"].as_str().unwrap_or_default()
+            )));
+        }
+        for _ in 0..UNCONDITIONAL_RETRIES {
+            let live = match self.read(name).await {
+                Ok(found) => Some(found),
+                Err(ApiError::NotFound(..)) => None,
+                Err(e) => return Err(e),
+            };
+            let merged = fields::apply(
+                rt,
+                &manager,
+                self.params.force,
+                live.as_ref().map(|(o, _)| o),
+                &applied,
+                &now(),
+            )
+            .map_err(|conflicts| self.apply_conflict(name, conflicts))?;
+            let Some((old, rev)) = live else {
+                let mut input = merged;
+                input["metadata"]["name"] = json!(name);
+                let managed = input["metadata"]["managedFields"].clone();
+                let (mut obj, mut more) = self.admit_create(input).await?;
+                obj["metadata"]["managedFields"] = managed;
+                if let Some(ns) = self.target.namespace {
+                    self.ensure_namespace_open(ns).await?;
+                }
+                if rt.kind == "Service" {
+                    crate::services::allocate(self.server, &mut obj).await?;
+                }
+                more.extend(warnings.iter().cloned());
+                match self.persist_create(name, obj).await {
+                    Err(ApiError::AlreadyExists(_)) => continue,
+                    Err(e) => return Err(e),
+                    Ok(created) => {
+                        return Ok(json_response(
+                            StatusCode::CREATED,
+                            &render_one(rt, self.output, created),
+                            &more,
+                        ));
+                    }
+                }
+            };
+            let managed = merged["metadata"]["managedFields"].clone();
+            let mut proposed = merged;
+            if let Some(m) = proposed["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            let (mut new, _) = self.admit_update(name, None, &old, proposed)?;
+            new["metadata"]["managedFields"] = managed;
+            match self.persist_update(name, &old, rev, new).await {
+                Err(ApiError::Conflict(..)) => continue,
+                Err(e) => return Err(e),
+                Ok(stored) => {
+                    return Ok(json_response(
+                        StatusCode::OK,
+                        &render_one(rt, self.output, stored),
+                        &warnings,
+                    ));
+                }
+            }
+        }
+        Err(ApiError::Conflict(
+            Subject::of(rt, name),
+            "the object is being modified too often; try again".into(),
+        ))
+    }
+
+    fn apply_conflict(&self, name: &str, conflicts: Vec<fields::Conflict>) -> ApiError {
+        ApiError::ApplyConflict {
+            subject: Subject::of(self.rt(), name),
+            causes: conflicts
+                .into_iter()
+                .map(|c| wasmkube_api::field::FieldError {
+                    kind: wasmkube_api::field::FieldErrorType::Invalid,
+                    detail: format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+                    field: c.field,
+                    value: None,
+                })
+                .collect(),
+        }
+    }
+
+    async fn delete(&self, name: &str, opts: &DeleteOptions) -> ApiResult<Response> {
+        let (resp_obj, deleted) = self.delete_one(name, opts).await?;
+        if deleted && self.rt().kind != "Pod" {
+            return Ok(json_response(
+                StatusCode::OK,
+                &status_success(self.rt(), name, &resp_obj["metadata"]["uid"]),
+                &[],
+            ));
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &render_one(self.rt(), self.output, resp_obj),
+            &[],
+        ))
+    }
+
+    /// Deletes or marks for deletion; returns the object and whether it is gone.
+    async fn delete_one(&self, name: &str, opts: &DeleteOptions) -> ApiResult<(Value, bool)> {
+        let rt = self.rt();
+        let grace_param = self
+            .params
+            .grace_period_seconds
+            .or(opts.grace_period_seconds);
+        let policy = self
+            .params
+            .propagation_policy
+            .clone()
+            .or_else(|| opts.propagation_policy.clone());
+        let finalizer = match policy.as_deref() {
+            None | Some("Background") => None,
+            Some("Orphan") => Some("orphan"),
+            Some("Foreground") => Some("foregroundDeletion"),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    rt,
+                    name,
+                    vec![wasmkube_api::field::FieldError::not_supported(
+                        "propagationPolicy",
+                        other,
+                        &["Foreground", "Background", "Orphan"],
+                    )],
+                ));
+            }
+        };
+        for _ in 0..UNCONDITIONAL_RETRIES {
+            let (old, rev) = self.read(name).await?;
+            if let Some(uid) = &opts.precondition_uid {
+                if old["metadata"]["uid"].as_str() != Some(uid) {
+                    return Err(ApiError::Conflict(
+                        Subject::of(rt, name),
+                        format!(
+                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                            old["metadata"]["uid"].as_str().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            if let Some(want) = &opts.precondition_rv {
+                if *want != rev.to_string() {
+                    return Err(ApiError::Conflict(
+                        Subject::of(rt, name),
+                        format!(
+                            "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"
+                        ),
+                    ));
+                }
+            }
+            let mut new = old.clone();
+            let meta = new["metadata"]
+                .as_object_mut()
+                .expect("stored objects have metadata");
+            let mut finalizers: Vec<Value> = meta
+                .get("finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(f) = finalizer {
+                finalizers.retain(|v| !matches!(v.as_str(), Some("orphan" | "foregroundDeletion")));
+                finalizers.push(json!(f));
+            }
+            let pod_grace = (rt.kind == "Pod"
+                && !old["spec"]["nodeName"].is_null()
+                && old["status"]["phase"] != "Succeeded"
+                && old["status"]["phase"] != "Failed")
+                .then(|| {
+                    grace_param.unwrap_or_else(|| {
+                        old["spec"]["terminationGracePeriodSeconds"]
+                            .as_i64()
+                            .unwrap_or(30)
+                    })
+                })
+                .filter(|g| *g > 0);
+            let namespace_pending = rt.kind == "Namespace"
+                && old["spec"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty());
+            if finalizers.is_empty() && pod_grace.is_none() && !namespace_pending {
+                if self.params.dry_run {
+                    return Ok((old, true));
+                }
+                match self.server.store.delete(&self.key(name), Some(rev)).await {
+                    Ok(kv) => {
+                        let gone = decode_stored(&kv).map_err(ApiError::internal)?;
+                        if rt.kind == "Service" {
+                            crate::services::release(self.server, &gone).await;
+                        }
+                        return Ok((gone, true));
+                    }
+                    Err(StoreError::Conflict { .. }) if opts.precondition_rv.is_none() => continue,
+                    Err(e) => return Err(self.store_err(e, name)),
+                }
+            }
+            // Graceful: mark, and let finalizers, the node or the namespace controller finish.
+            let grace = pod_grace.unwrap_or(0);
+            let already = meta.get("deletionTimestamp").is_some_and(|v| !v.is_null());
+            let current_grace = meta
+                .get("deletionGracePeriodSeconds")
+                .and_then(Value::as_i64);
+            if !already || current_grace.is_some_and(|g| grace < g) {
+                let when = Utc::now() + chrono::Duration::seconds(grace);
+                meta.insert(
+                    "deletionTimestamp".into(),
+                    json!(when.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                );
+                meta.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            }
+            if !finalizers.is_empty() {
+                meta.insert("finalizers".into(), Value::Array(finalizers));
+            }
+            if rt.kind == "Namespace" {
+                new["status"]["phase"] = json!("Terminating");
+            }
+            if same_ignoring_version(&old, &new) || self.params.dry_run {
+                return Ok((new, false));
+            }
+            match self
+                .server
+                .store
+                .update(&self.key(name), encode_for_store(&new), Some(rev))
+                .await
+            {
+                Ok(kv) => return Ok((decode_stored(&kv).map_err(ApiError::internal)?, false)),
+                Err(StoreError::Conflict { .. }) if opts.precondition_rv.is_none() => continue,
+                Err(e) => return Err(self.store_err(e, name)),
+            }
+        }
+        Err(ApiError::Conflict(
+            Subject::of(rt, name),
+            "the object is being modified too often; try again".into(),
+        ))
+    }
+
+    async fn delete_collection(&self, opts: &DeleteOptions) -> ApiResult<Response> {
+        let rt = self.rt();
+        let (items, rev, _) = self.list_objects().await?;
+        let mut out = Vec::new();
+        for obj in items {
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let ctx = Ctx {
+                server: self.server,
+                target: Target {
+                    namespace: obj["metadata"]["namespace"]
+                        .as_str()
+                        .or(self.target.namespace),
+                    ..self.target
+                },
+                params: Params {
+                    dry_run: self.params.dry_run,
+                    grace_period_seconds: self.params.grace_period_seconds,
+                    propagation_policy: self.params.propagation_policy.clone(),
+                    ..Params::default()
+                },
+                headers: self.headers,
+                output: Output::Object,
+            };
+            let owned_ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
+            let ctx = Ctx {
+                target: Target {
+                    namespace: owned_ns.as_deref(),
+                    ..ctx.target
+                },
+                ..ctx
+            };
+            match ctx.delete_one(&name, opts).await {
+                Ok((o, _)) => out.push(o),
+                Err(ApiError::NotFound(..)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let body = json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rev.to_string()}, "items": out});
+        Ok(json_response(StatusCode::OK, &body, &[]))
+    }
+
+    async fn bind(&self, name: &str, binding: Value) -> ApiResult<Response> {
+        let rt = self.rt();
+        let node = binding["target"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    rt,
+                    name,
+                    vec![wasmkube_api::field::FieldError::required("target.name", "")],
+                )
+            })?;
+        let uid = binding["metadata"]["uid"].as_str().map(str::to_owned);
+        let when = now();
+        let (pod, _, _) = self
+            .guaranteed_update(name, None, |old| {
+                if uid.as_deref().is_some_and(|u| old["metadata"]["uid"].as_str() != Some(u)) {
+                    return Err(ApiError::Conflict(Subject::of(rt, name), "the UID in the binding does not match the pod".into()));
+                }
+                if !old["metadata"]["deletionTimestamp"].is_null() {
+                    return Err(ApiError::Conflict(Subject::of(rt, name), format!("pod {name} is being deleted, cannot be assigned to a host")));
+                }
+                if let Some(existing) = old["spec"]["nodeName"].as_str() {
+                    return Err(ApiError::Conflict(Subject::of(rt, name), format!("pod {name} is already assigned to node \"{existing}\"")));
+                }
+                let mut new = old.clone();
+                new["spec"]["nodeName"] = json!(node);
+                set_condition(&mut new, json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": when}));
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                Ok(Some(new))
+            })
+            .await
+            .map(|(o, w, c)| (o, w, c))?;
+        let _ = pod;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            &[],
+        ))
+    }
+
+    fn scale_of(&self, obj: &Value) -> Value {
+        let selector = obj["spec"]["selector"].clone();
+        let rendered = wasmkube_api::selectors::LabelSelector::from_api(
+            &serde_json::from_value(selector.clone()).unwrap_or_default(),
+        )
+        .ok()
+        .map(|_| label_selector_string(&selector))
+        .unwrap_or_default();
+        json!({
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                "name": obj["metadata"]["name"],
+                "namespace": obj["metadata"]["namespace"],
+                "uid": obj["metadata"]["uid"],
+                "resourceVersion": obj["metadata"]["resourceVersion"],
+                "creationTimestamp": obj["metadata"]["creationTimestamp"],
+            },
+            "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
+            "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": rendered},
+        })
+    }
+
+    async fn get_scale(&self, name: &str) -> ApiResult<Response> {
+        let (obj, _) = self.read(name).await?;
+        Ok(json_response(StatusCode::OK, &self.scale_of(&obj), &[]))
+    }
+
+    async fn set_replicas(
+        &self,
+        name: &str,
+        replicas: Value,
+        precondition: Option<String>,
+    ) -> ApiResult<Response> {
+        let rt = self.rt();
+        let replicas = replicas
+            .as_i64()
+            .filter(|r| (0..=i32::MAX as i64).contains(r))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    rt,
+                    name,
+                    vec![wasmkube_api::field::FieldError::invalid(
+                        "spec.replicas",
+                        replicas.to_string(),
+                        "must be greater than or equal to 0",
+                    )],
+                )
+            })?;
+        let (stored, _, _) = self
+            .guaranteed_update(name, None, |old| {
+                let mut new = old.clone();
+                new["spec"]["replicas"] = json!(replicas);
+                match &precondition {
+                    Some(rv) => new["metadata"]["resourceVersion"] = json!(rv),
+                    None => {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove("resourceVersion");
+                        }
+                    }
+                }
+                Ok(Some(new))
+            })
+            .await?;
+        Ok(json_response(StatusCode::OK, &self.scale_of(&stored), &[]))
+    }
+
+    async fn put_scale(&self, name: &str, scale: Value) -> ApiResult<Response> {
+        let rv = scale["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        self.set_replicas(name, scale["spec"]["replicas"].clone(), rv)
+            .await
+    }
+
+    async fn patch_scale(
+        &self,
+        name: &str,
+        patch_type: PatchType,
+        doc: &Value,
+    ) -> ApiResult<Response> {
+        let (obj, _) = self.read(name).await?;
+        let current = self.scale_of(&obj);
+        let patched = match patch_type {
+            PatchType::Json => patch::json_patch(&current, doc),
+            PatchType::Merge | PatchType::Strategic | PatchType::Apply => {
+                patch::merge_patch(&current, doc)
+            }
+        }
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let rv = (patched["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"])
+            .then(|| {
+                patched["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .flatten();
+        self.set_replicas(name, patched["spec"]["replicas"].clone(), rv)
+            .await
+    }
+}
+
+/// Creates an object on the server's own behalf (bootstrap objects).
+pub(crate) async fn create_internal(
+    server: &Arc<ApiServer>,
+    rt: &'static ResourceType,
+    namespace: Option<&str>,
+    body: Value,
+) -> ApiResult<Value> {
+    let headers = HeaderMap::new();
+    let ctx = Ctx {
+        server,
+        target: Target {
+            rt,
+            namespace,
+            name: None,
+            subresource: None,
+        },
+        params: Params {
+            field_manager: Some("wasmkube".into()),
+            ..Params::default()
+        },
+        headers: &headers,
+        output: Output::Object,
+    };
+    ctx.create_object(body).await.map(|(obj, _)| obj)
+}
+
+fn set_condition(obj: &mut Value, cond: Value) {
+    let list = &mut obj["status"]["conditions"];
+    if !list.is_array() {
+        *list = json!([]);
+    }
+    let list = list.as_array_mut().expect("just made an array");
+    match list.iter_mut().find(|c| c["type"] == cond["type"]) {
+        Some(c) => *c = cond,
+        None => list.push(cond),
+    }
+}
+
+fn label_selector_string(sel: &Value) -> String {
+    let mut parts: Vec<String> = sel["matchLabels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for e in sel["matchExpressions"].as_array().into_iter().flatten() {
+        let values: Vec<&str> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let key = e["key"].as_str().unwrap_or_default();
+        parts.push(match e["operator"].as_str() {
+            Some("In") => format!("{key} in ({})", values.join(",")),
+            Some("NotIn") => format!("{key} notin ({})", values.join(",")),
+            Some("DoesNotExist") => format!("!{key}"),
+            _ => key.to_owned(),
+        });
+    }
+    parts.join(",")
+}
+
+/// `generateName` plus five random characters from Kubernetes' alphabet.
+fn generate_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    let base: String = prefix.chars().take(58).collect();
+    let suffix: String = (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{base}{suffix}")
+}

@@ -1,0 +1,40 @@
+//! The `wasmkube` command: parse the command line, set up logging, run.
+
+mod kubeconfig;
+mod server;
+
+use clap::{Parser, Subcommand};
+
+/// wasmkube: a Kubernetes-architecture orchestrator whose first-class
+/// workload is WebAssembly. kubectl and Kubernetes client libraries work
+/// against it unchanged.
+#[derive(Parser, Debug)]
+#[command(name = "wasmkube", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a whole cluster in this process: the API server on the embedded
+    /// store, with a kubeconfig written so kubectl works immediately.
+    Server(server::ServerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Server(args) => runtime.block_on(server::run(args)),
+    }
+}
