@@ -105,7 +105,7 @@ fn render_causes(causes: &[FieldError]) -> String {
 fn render_conflicts(causes: &[FieldError]) -> String {
     causes
         .iter()
-        .map(|c| c.detail.clone())
+        .map(|c| format!("{}: {}", c.detail, c.field))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -738,6 +738,8 @@ impl Ctx<'_> {
                 o["spec"]["finalizers"] = new["spec"]["finalizers"].clone();
                 o
             }
+            // A binding sets the node and the PodScheduled condition together.
+            Some(Subresource::Binding) => new,
             _ => {
                 if rt.has(Subresource::Status) {
                     new["status"] = old["status"].clone();
@@ -1273,8 +1275,7 @@ impl Ctx<'_> {
             })?;
         let uid = binding["metadata"]["uid"].as_str().map(str::to_owned);
         let when = now();
-        let (pod, _, _) = self
-            .guaranteed_update(name, None, |old| {
+        self.guaranteed_update(name, Some(Subresource::Binding), |old| {
                 if uid.as_deref().is_some_and(|u| old["metadata"]["uid"].as_str() != Some(u)) {
                     return Err(ApiError::Conflict(Subject::of(rt, name), "the UID in the binding does not match the pod".into()));
                 }
@@ -1292,9 +1293,7 @@ impl Ctx<'_> {
                 }
                 Ok(Some(new))
             })
-            .await
-            .map(|(o, w, c)| (o, w, c))?;
-        let _ = pod;
+            .await?;
         Ok(json_response(
             StatusCode::CREATED,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),

@@ -72,6 +72,8 @@ pub struct WatchCache {
     ring: Mutex<Ring>,
     tx: broadcast::Sender<Arc<CachedEvent>>,
     capacity: usize,
+    /// Dropped with the cache, which stops the feeder and releases the store.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl std::fmt::Debug for WatchCache {
@@ -103,6 +105,7 @@ impl WatchCache {
     pub fn start(store: SharedStore, capacity: usize) -> Arc<Self> {
         let start = store.current_revision();
         let (tx, _) = broadcast::channel(capacity.max(16));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
         let cache = Arc::new(Self {
             ring: Mutex::new(Ring {
                 events: VecDeque::new(),
@@ -111,8 +114,15 @@ impl WatchCache {
             }),
             tx,
             capacity: capacity.max(1),
+            _stop: stop,
         });
-        tokio::spawn(feed(Arc::downgrade(&cache), store, start));
+        let weak = Arc::downgrade(&cache);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = feed(weak, store, start) => {}
+                _ = stopped => {}
+            }
+        });
         cache
     }
 

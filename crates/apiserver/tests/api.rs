@@ -1,0 +1,860 @@
+//! The API server over real HTTP on a loopback port: CRUD semantics, errors,
+//! selectors, paging, watch and bad input. Each test starts its own server.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use wasmkube_apiserver::{ApiServer, Config};
+
+struct Cluster {
+    base: String,
+    http: Client,
+    api: std::sync::Arc<ApiServer>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn start() -> Cluster {
+    start_with(wasmkube_store::memory(), Config::default()).await
+}
+
+async fn start_with(store: wasmkube_store::SharedStore, config: Config) -> Cluster {
+    let api = ApiServer::start(store, config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = api.router();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Cluster {
+        base: format!("http://{addr}"),
+        http: Client::new(),
+        api,
+        server: Some(server),
+    }
+}
+
+impl Cluster {
+    /// Stops serving and drops the API server, releasing its store.
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.abort();
+            let _ = s.await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        content_type: &str,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.header("content-type", content_type).body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None, "").await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body), "application/json")
+            .await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, Some(body), "application/json")
+            .await
+    }
+
+    async fn patch(&self, path: &str, ct: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(body), ct).await
+    }
+
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, None, "").await
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        ct: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A count of stored objects, to show a failed request changed nothing.
+    async fn count(&self, path: &str) -> usize {
+        self.get(path).await.1["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    }
+}
+
+fn cm(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"app": name}}, "data": {"k": "v"}})
+}
+
+fn deployment(name: &str, replicas: i64) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": "img:1"}]}}}})
+}
+
+const CMS: &str = "/api/v1/namespaces/default/configmaps";
+const DEPLOYS: &str = "/apis/apps/v1/namespaces/default/deployments";
+
+#[tokio::test]
+async fn create_get_update_delete_with_optimistic_concurrency() {
+    let c = start().await;
+    let (code, created) = c.post(CMS, cm("a")).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        created["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36)
+    );
+    assert!(created["metadata"]["creationTimestamp"].is_string());
+
+    let (code, dup) = c.post(CMS, cm("a")).await;
+    assert_eq!(
+        (code, dup["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("AlreadyExists"))
+    );
+    assert_eq!(dup["message"], "configmaps \"a\" already exists");
+
+    let mut changed = created.clone();
+    changed["data"]["k"] = json!("v2");
+    let (code, updated) = c.put(&format!("{CMS}/a"), changed.clone()).await;
+    assert_eq!(code, StatusCode::OK, "{updated}");
+    assert_ne!(
+        updated["metadata"]["resourceVersion"].as_str(),
+        Some(rv.as_str())
+    );
+    // The same write with the stale version is a 409 Conflict.
+    let (code, stale) = c.put(&format!("{CMS}/a"), changed).await;
+    assert_eq!(
+        (code, stale["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("Conflict")),
+        "{stale}"
+    );
+
+    let (code, got) = c.get(&format!("{CMS}/a")).await;
+    assert_eq!(
+        (code, got["data"]["k"].as_str()),
+        (StatusCode::OK, Some("v2"))
+    );
+    let (code, _) = c.delete(&format!("{CMS}/a")).await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, missing) = c.get(&format!("{CMS}/a")).await;
+    assert_eq!(
+        (code, missing["reason"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NotFound"))
+    );
+    assert_eq!(missing["details"]["kind"], "configmaps");
+}
+
+#[tokio::test]
+async fn generation_moves_on_spec_changes_only() {
+    let c = start().await;
+    let (_, d) = c.post(DEPLOYS, deployment("web", 1)).await;
+    assert_eq!(d["metadata"]["generation"], 1);
+    let (_, d) = c
+        .patch(
+            &format!("{DEPLOYS}/web"),
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": {"x": "y"}}}),
+        )
+        .await;
+    assert_eq!(
+        d["metadata"]["generation"], 1,
+        "metadata changes keep the generation"
+    );
+    let (_, d) = c
+        .patch(
+            &format!("{DEPLOYS}/web"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 3}}),
+        )
+        .await;
+    assert_eq!(d["metadata"]["generation"], 2);
+    // Status writes go through the status subresource and never bump generation.
+    let (code, d) = c
+        .patch(
+            &format!("{DEPLOYS}/web/status"),
+            "application/merge-patch+json",
+            json!({"status": {"replicas": 3}, "spec": {"replicas": 9}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{d}");
+    assert_eq!(
+        (
+            d["metadata"]["generation"].as_i64(),
+            d["status"]["replicas"].as_i64(),
+            d["spec"]["replicas"].as_i64()
+        ),
+        (Some(2), Some(3), Some(3))
+    );
+    // Status sent to the main resource is ignored.
+    let (_, d) = c
+        .patch(
+            &format!("{DEPLOYS}/web"),
+            "application/merge-patch+json",
+            json!({"status": {"replicas": 0}}),
+        )
+        .await;
+    assert_eq!(d["status"]["replicas"], 3);
+    // A write that changes nothing does not create a new revision.
+    let before = c.api.current_revision();
+    let (_, same) = c
+        .patch(
+            &format!("{DEPLOYS}/web"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 3}}),
+        )
+        .await;
+    assert_eq!(c.api.current_revision(), before);
+    assert_eq!(
+        same["metadata"]["resourceVersion"],
+        d["metadata"]["resourceVersion"]
+    );
+}
+
+#[tokio::test]
+async fn scale_and_binding_subresources() {
+    let c = start().await;
+    c.post(DEPLOYS, deployment("web", 1)).await;
+    let (code, scale) = c.get(&format!("{DEPLOYS}/web/scale")).await;
+    assert_eq!(
+        (
+            code,
+            scale["spec"]["replicas"].as_i64(),
+            scale["status"]["selector"].as_str()
+        ),
+        (StatusCode::OK, Some(1), Some("app=web"))
+    );
+    let (code, scale) = c
+        .patch(
+            &format!("{DEPLOYS}/web/scale"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 4}}),
+        )
+        .await;
+    assert_eq!(
+        (code, scale["spec"]["replicas"].as_i64()),
+        (StatusCode::OK, Some(4)),
+        "{scale}"
+    );
+
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod =
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+    let (code, created) = c.post(pods, pod).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(created["status"]["phase"], "Pending");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"}, "target": {"kind": "Node", "name": "n1"}});
+    let (code, _) = c.post(&format!("{pods}/p/binding"), binding.clone()).await;
+    assert_eq!(code, StatusCode::CREATED);
+    let (_, bound) = c.get(&format!("{pods}/p")).await;
+    assert_eq!(bound["spec"]["nodeName"], "n1");
+    assert_eq!(bound["status"]["conditions"][0]["type"], "PodScheduled");
+    let (code, again) = c.post(&format!("{pods}/p/binding"), binding).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{again}");
+    // Pod specs are immutable apart from images and a few fields.
+    let (code, err) = c
+        .patch(
+            &format!("{pods}/p"),
+            "application/strategic-merge-patch+json",
+            json!({"spec": {"containers": [{"name": "c", "env": [{"name": "X", "value": "1"}]}]}}),
+        )
+        .await;
+    assert_eq!(
+        (code, err["details"]["causes"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("spec")),
+        "{err}"
+    );
+    // A bound pod is deleted gracefully: marked, and gone once deleted with grace 0.
+    let (code, marked) = c.delete(&format!("{pods}/p")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(
+        marked["metadata"]["deletionTimestamp"].is_string(),
+        "{marked}"
+    );
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    let (code, _) = c.delete(&format!("{pods}/p?gracePeriodSeconds=0")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(c.get(&format!("{pods}/p")).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion_until_removed() {
+    let c = start().await;
+    let mut obj = cm("held");
+    obj["metadata"]["finalizers"] = json!(["example.com/keep"]);
+    c.post(CMS, obj).await;
+    let (code, marked) = c.delete(&format!("{CMS}/held")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(c.get(&format!("{CMS}/held")).await.0, StatusCode::OK);
+    let (code, _) = c
+        .patch(
+            &format!("{CMS}/held"),
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": null}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(c.get(&format!("{CMS}/held")).await.0, StatusCode::NOT_FOUND);
+    // Foreground and orphan propagation are recorded as finalizers for the collector.
+    c.post(DEPLOYS, deployment("fg", 1)).await;
+    let (_, fg) = c
+        .call(
+            Method::DELETE,
+            &format!("{DEPLOYS}/fg"),
+            Some(json!({"propagationPolicy": "Foreground"})),
+            "application/json",
+        )
+        .await;
+    assert_eq!(fg["metadata"]["finalizers"], json!(["foregroundDeletion"]));
+    c.post(DEPLOYS, deployment("or", 1)).await;
+    let (_, or) = c
+        .delete(&format!("{DEPLOYS}/or?propagationPolicy=Orphan"))
+        .await;
+    assert_eq!(or["metadata"]["finalizers"], json!(["orphan"]));
+}
+
+#[tokio::test]
+async fn namespaces_gate_creation() {
+    let c = start().await;
+    let (code, err) = c.post("/api/v1/namespaces/nope/configmaps", cm("x")).await;
+    assert_eq!(
+        (code, err["message"].as_str()),
+        (StatusCode::NOT_FOUND, Some("namespaces \"nope\" not found"))
+    );
+    c.post("/api/v1/namespaces", json!({"metadata": {"name": "t"}}))
+        .await;
+    let (_, ns) = c.delete("/api/v1/namespaces/t").await;
+    assert_eq!(ns["status"]["phase"], "Terminating");
+    let (code, err) = c.post("/api/v1/namespaces/t/configmaps", cm("x")).await;
+    assert_eq!(
+        (code, err["reason"].as_str()),
+        (StatusCode::FORBIDDEN, Some("Forbidden")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn selectors_and_paging() {
+    let c = start().await;
+    for i in 0..25 {
+        let mut obj = cm(&format!("cm-{i:02}"));
+        obj["metadata"]["labels"] =
+            json!({"parity": if i % 2 == 0 { "even" } else { "odd" }, "n": i.to_string()});
+        c.post(CMS, obj).await;
+    }
+    let (_, even) = c.get(&format!("{CMS}?labelSelector=parity%3Deven")).await;
+    assert_eq!(even["items"].as_array().unwrap().len(), 13);
+    let (_, set) = c
+        .get(&format!(
+            "{CMS}?labelSelector=n%20in%20(1,2,3),parity!%3Dodd"
+        ))
+        .await;
+    assert_eq!(set["items"].as_array().unwrap().len(), 1);
+    let (_, by_name) = c
+        .get(&format!("{CMS}?fieldSelector=metadata.name%3Dcm-07"))
+        .await;
+    assert_eq!(by_name["items"][0]["metadata"]["name"], "cm-07");
+    let (code, bad) = c.get(&format!("{CMS}?fieldSelector=data.k%3Dv")).await;
+    assert_eq!(
+        (code, bad["message"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("field label not supported: data.k")
+        )
+    );
+
+    // Paging with a selector returns full pages at one revision.
+    let mut names = Vec::new();
+    let mut token: Option<String> = None;
+    let mut first_rv = None;
+    loop {
+        let mut path = format!("{CMS}?limit=4&labelSelector=parity%3Dodd");
+        if let Some(t) = &token {
+            path.push_str(&format!("&continue={t}"));
+        }
+        let (code, page) = c.get(&path).await;
+        assert_eq!(code, StatusCode::OK, "{page}");
+        first_rv.get_or_insert_with(|| page["metadata"]["resourceVersion"].clone());
+        assert_eq!(
+            Some(&page["metadata"]["resourceVersion"]),
+            first_rv.as_ref()
+        );
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["metadata"]["name"].as_str().unwrap().to_owned()),
+        );
+        if token.is_none() {
+            // Writes after the first page do not leak into later pages.
+            let mut late = cm("cm-99");
+            late["metadata"]["labels"] = json!({"parity": "odd"});
+            c.post(CMS, late).await;
+        }
+        token = page["metadata"]["continue"].as_str().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    let want: Vec<String> = (0..25)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("cm-{i:02}"))
+        .collect();
+    assert_eq!(names, want);
+    // Expired continue tokens are 410 Gone.
+    let (_, page) = c.get(&format!("{CMS}?limit=2")).await;
+    let t = page["metadata"]["continue"].as_str().unwrap().to_owned();
+    c.post(CMS, cm("after-token")).await;
+    c.api.compact(c.api.current_revision()).await.unwrap();
+    let (code, gone) = c.get(&format!("{CMS}?limit=2&continue={t}")).await;
+    assert_eq!(
+        (code, gone["reason"].as_str()),
+        (StatusCode::GONE, Some("Expired"))
+    );
+}
+
+/// Reads watch events until `n` arrive.
+async fn watch_events(c: &Cluster, path: &str, n: usize) -> Vec<Value> {
+    let resp = c
+        .http
+        .get(format!("{}{path}", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("watch event in time")
+            .unwrap()
+            .unwrap();
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            out.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn watch_from_a_version_with_selector_transitions() {
+    let c = start().await;
+    let (_, a) = c.post(CMS, cm("a")).await;
+    let rv = a["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("{CMS}?watch=1&resourceVersion={rv}&labelSelector=app%3Da");
+    let watcher = {
+        let c2 = Cluster {
+            base: c.base.clone(),
+            http: c.http.clone(),
+            api: c.api.clone(),
+            server: None,
+        };
+        tokio::spawn(async move { watch_events(&c2, &path, 3).await })
+    };
+    c.patch(
+        &format!("{CMS}/a"),
+        "application/merge-patch+json",
+        json!({"data": {"k": "2"}}),
+    )
+    .await;
+    c.post(CMS, cm("b")).await; // filtered out
+    c.patch(
+        &format!("{CMS}/a"),
+        "application/merge-patch+json",
+        json!({"metadata": {"labels": {"app": "moved"}}}),
+    )
+    .await;
+    c.patch(
+        &format!("{CMS}/a"),
+        "application/merge-patch+json",
+        json!({"metadata": {"labels": {"app": "a"}}}),
+    )
+    .await;
+    let events = watcher.await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["MODIFIED", "DELETED", "ADDED"]);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["object"]["metadata"]["name"] == "a")
+    );
+
+    // Without a version, a watch starts with the current state as ADDED.
+    let events = watch_events(&c, &format!("{CMS}?watch=1"), 2).await;
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["object"]["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+
+    // Table watches carry rows, as `kubectl get -w` expects.
+    let resp = c
+        .http
+        .get(format!("{}{CMS}?watch=1", c.base))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .send()
+        .await
+        .unwrap();
+    let first = resp.bytes_stream().next().await.unwrap().unwrap();
+    let e: Value = serde_json::from_slice(first.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(e["object"]["kind"], "Table");
+    assert_eq!(e["object"]["rows"][0]["cells"][0], "a");
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_version_is_gone() {
+    let c = start().await;
+    c.post(CMS, cm("a")).await;
+    c.post(CMS, cm("b")).await;
+    let rev = c.api.current_revision();
+    c.api.compact(rev).await.unwrap();
+    let (code, status) = c
+        .get(&format!("{CMS}?watch=1&resourceVersion={}", rev - 1))
+        .await;
+    assert_eq!(
+        (code, status["reason"].as_str(), status["code"].as_i64()),
+        (StatusCode::GONE, Some("Expired"), Some(410))
+    );
+}
+
+#[tokio::test]
+async fn watch_bookmarks_and_initial_events_end() {
+    let config = Config {
+        bookmark_interval: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let c = start_with(wasmkube_store::memory(), config).await;
+    c.post(CMS, cm("a")).await;
+    let events = watch_events(&c, &format!("{CMS}?watch=1&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"), 3).await;
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(events[1]["type"], "BOOKMARK");
+    assert_eq!(
+        events[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    assert_eq!(events[2]["type"], "BOOKMARK", "periodic bookmark");
+}
+
+#[tokio::test]
+async fn bad_input_is_a_4xx_status_and_changes_nothing() {
+    let c = start().await;
+    c.post(CMS, cm("keep")).await;
+    let before = c.api.current_revision();
+    let deep = format!("{}1{}", "{\"a\":".repeat(500), "}".repeat(500));
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("malformed json", "application/json", b"{\"metadata\": ".to_vec()),
+        ("malformed yaml", "application/yaml", b"metadata: [unclosed".to_vec()),
+        ("not an object", "application/json", b"[1,2,3]".to_vec()),
+        ("deeply nested", "application/json", deep.into_bytes()),
+        ("wrong kind", "application/json", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}).to_string().into_bytes()),
+        ("absurd number", "application/json", json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": 1e300}}).to_string().into_bytes()),
+        ("invalid name", "application/json", cm("Not_Valid").to_string().into_bytes()),
+        ("unknown field strict", "application/json", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "u"}, "bogus": 1}).to_string().into_bytes()),
+        ("protobuf", "application/vnd.kubernetes.protobuf", vec![0x6b, 0x38, 0x73, 0]),
+        ("oversized", "application/json", vec![b' '; 4 * 1024 * 1024]),
+    ];
+    for (what, ct, body) in cases {
+        let path = if what == "absurd number" {
+            format!("{DEPLOYS}?fieldValidation=Strict")
+        } else {
+            format!("{CMS}?fieldValidation=Strict")
+        };
+        let (code, status) = c.raw(Method::POST, &path, ct, body).await;
+        assert!(code.is_client_error(), "{what}: {code} {status}");
+        if code != StatusCode::PAYLOAD_TOO_LARGE {
+            assert_eq!(status["kind"], "Status", "{what}");
+            assert_eq!(
+                status["code"].as_u64(),
+                Some(code.as_u16() as u64),
+                "{what}"
+            );
+        }
+    }
+    let (code, status) = c
+        .raw(
+            Method::POST,
+            "/api/v1/namespaces/default/widgets",
+            "application/json",
+            b"{}".to_vec(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{status}");
+    let (code, _) = c
+        .raw(
+            Method::PATCH,
+            &format!("{CMS}/keep"),
+            "application/json-patch+json",
+            b"{\"op\": 1}".to_vec(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, _) = c
+        .raw(
+            Method::PATCH,
+            &format!("{CMS}/keep"),
+            "text/plain",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        c.api.current_revision(),
+        before,
+        "failed requests wrote nothing"
+    );
+    assert_eq!(c.count(CMS).await, 1);
+    // Invalid objects name each field in the causes.
+    let (code, status) = c.post(DEPLOYS, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "c"}}, "spec": {"containers": [{"name": "c"}]}}}})).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = status["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.template.metadata.labels",
+            "spec.template.spec.containers[0].image"
+        ]
+    );
+    assert_eq!(status["details"]["kind"], "Deployment");
+}
+
+#[tokio::test]
+async fn field_validation_warn_reports_unknown_fields_in_a_header() {
+    let c = start().await;
+    let body =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "w"}, "bogus": 1});
+    let resp = c
+        .http
+        .post(format!("{}{CMS}?fieldValidation=Warn", c.base))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let warning = resp
+        .headers()
+        .get("warning")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(warning, "299 - \"unknown field \\\"bogus\\\"\"");
+    let (code, _) = c
+        .post(
+            &format!("{CMS}?fieldValidation=Ignore"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "i"}, "bogus": 1}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn server_side_apply_creates_updates_and_conflicts() {
+    let c = start().await;
+    let apply = |body: Value, manager: &str, force: bool| {
+        let path = format!(
+            "{DEPLOYS}/web?fieldManager={manager}{}",
+            if force { "&force=true" } else { "" }
+        );
+        let c = &c;
+        async move { c.patch(&path, "application/apply-patch+yaml", body).await }
+    };
+    let (code, created) = apply(deployment("web", 2), "alice", false).await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    let (code, _) = c
+        .patch(
+            &format!("{DEPLOYS}/web?fieldManager=bob"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 5}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, conflict) = apply(deployment("web", 2), "alice", false).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{conflict}");
+    assert_eq!(conflict["details"]["causes"][0]["field"], ".spec.replicas");
+    assert_eq!(
+        conflict["details"]["causes"][0]["reason"],
+        "FieldManagerConflict"
+    );
+    assert!(
+        conflict["message"]
+            .as_str()
+            .unwrap()
+            .contains("conflict with \"bob\"")
+    );
+    let (code, forced) = apply(deployment("web", 2), "alice", true).await;
+    assert_eq!(
+        (code, forced["spec"]["replicas"].as_i64()),
+        (StatusCode::OK, Some(2))
+    );
+    let managers: Vec<&str> = forced["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert_eq!(managers, ["alice"], "bob lost his only field");
+}
+
+#[tokio::test]
+async fn discovery_version_and_tables() {
+    let c = start().await;
+    let (_, v) = c.get("/version/").await;
+    assert!(v["gitVersion"].as_str().unwrap().starts_with("v1.33."));
+    let (_, core) = c.get("/api/v1").await;
+    let pods = core["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "pods")
+        .unwrap()
+        .clone();
+    assert_eq!(pods["shortNames"], json!(["po"]));
+    let (_, groups) = c.get("/apis").await;
+    assert!(
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == "apps")
+    );
+    let (_, apps) = c.get("/apis/apps/v1").await;
+    assert!(
+        apps["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "deployments/scale")
+    );
+    for health in ["/healthz", "/livez", "/readyz"] {
+        assert_eq!(c.get(health).await.0, StatusCode::OK);
+    }
+    c.post(DEPLOYS, deployment("web", 3)).await;
+    let resp = c
+        .http
+        .get(format!("{}{DEPLOYS}", c.base))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .send()
+        .await
+        .unwrap();
+    let t: Value = resp.json().await.unwrap();
+    let cols: Vec<&str> = t["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["priority"] == 0)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(cols, ["Name", "Ready", "Up-to-date", "Available", "Age"]);
+    assert_eq!(t["rows"][0]["cells"][1], "0/3");
+    let (_, index) = c.get("/openapi/v3").await;
+    let url = index["paths"]["apis/apps/v1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, doc) = c.get(&url).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(doc["components"]["schemas"]["io.k8s.api.apps.v1.Deployment"].is_object());
+}
+
+#[tokio::test]
+async fn services_get_unique_cluster_ips_returned_on_delete() {
+    let c = start().await;
+    let svcs = "/api/v1/namespaces/default/services";
+    let svc = |name: &str, ip: Option<&str>| {
+        let mut s = json!({"metadata": {"name": name}, "spec": {"selector": {"app": "x"}, "ports": [{"port": 80}]}});
+        if let Some(ip) = ip {
+            s["spec"]["clusterIP"] = json!(ip);
+        }
+        s
+    };
+    let (code, a) = c.post(svcs, svc("a", Some("10.96.0.10"))).await;
+    assert_eq!(
+        (code, a["spec"]["clusterIPs"].clone()),
+        (StatusCode::CREATED, json!(["10.96.0.10"])),
+        "{a}"
+    );
+    assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
+    let (code, dup) = c.post(svcs, svc("b", Some("10.96.0.10"))).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{dup}");
+    c.delete(&format!("{svcs}/a")).await;
+    let (code, _) = c.post(svcs, svc("b", Some("10.96.0.10"))).await;
+    assert_eq!(code, StatusCode::CREATED, "the address was released");
+    let (_, auto) = c.post(svcs, svc("c", None)).await;
+    assert!(
+        auto["spec"]["clusterIP"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.")
+    );
+}
+
+#[tokio::test]
+async fn sled_backed_server_keeps_objects_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = wasmkube_store::open_sled(dir.path()).unwrap();
+        let c = start_with(store, Config::default()).await;
+        c.post(CMS, cm("durable")).await;
+        c.stop().await;
+    }
+    let store = loop {
+        match wasmkube_store::open_sled(dir.path()) {
+            Ok(s) => break s,
+            Err(wasmkube_store::StoreError::Locked { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let c = start_with(store, Config::default()).await;
+    assert_eq!(c.get(&format!("{CMS}/durable")).await.0, StatusCode::OK);
+}
