@@ -249,9 +249,15 @@ pub(crate) async fn serve(ctx: &Ctx<'_>) -> ApiResult<Response> {
         (Vec::new(), requested.unwrap_or(0))
     };
     let cache = ctx.server.cache.clone();
-    let Subscription { backlog, live } = cache
-        .subscribe(start)
-        .map_err(|t| gone(t.requested, t.oldest))?;
+    let Subscription { backlog, live } = match cache.subscribe(start) {
+        Ok(sub) => sub,
+        // As Kubernetes does: the watch opens and its only event is the 410,
+        // which is what makes clients relist.
+        Err(t) => {
+            let line = WatchState::error_line(&gone(t.requested, t.oldest));
+            return Ok(stream_response(Body::from(line)));
+        }
+    };
     let timeout = ctx
         .params
         .timeout_seconds
@@ -277,12 +283,16 @@ pub(crate) async fn serve(ctx: &Ctx<'_>) -> ApiResult<Response> {
         done: false,
     };
     let stream = futures::stream::unfold(state, WatchState::next);
-    let mut resp = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    Ok(stream_response(Body::from_stream(stream)))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Ok(resp)
+    resp
 }
 
 /// The full current list (selectors applied), ignoring `limit`.
