@@ -1,0 +1,568 @@
+//! End to end: the real `wasmkube` binary with the real kubectl and the
+//! official Python client, on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Server {
+    child: Child,
+    url: String,
+    kubeconfig: PathBuf,
+    /// Lines the server logged after it became ready.
+    _log: mpsc::Receiver<String>,
+}
+
+fn wasmkube() -> &'static str {
+    env!("CARGO_BIN_EXE_wasmkube")
+}
+
+fn start_server(data_dir: &Path) -> Server {
+    let kubeconfig = data_dir.join("kubeconfig");
+    let mut child = Command::new(wasmkube())
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .arg("--write-kubeconfig")
+        .arg(&kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wasmkube");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let url = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server became ready");
+        if let Some(url) = line.strip_prefix("wasmkube is ready at ") {
+            break url.trim().to_owned();
+        }
+    };
+    Server {
+        child,
+        url,
+        kubeconfig,
+        _log: rx,
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn kubectl(s: &Server, args: &[&str], stdin: Option<&str>) -> Out {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed (scripts/test.sh installs it)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[track_caller]
+fn ok(s: &Server, args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(s, args, stdin);
+    assert!(
+        out.ok,
+        "kubectl {args:?} failed: {}{}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
+
+const MANIFEST: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: e2e
+  labels: {app: web, tier: frontend}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: registry.local/http-hello:1.0
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: e2e
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: e2e
+data:
+  greeting: hello
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+  namespace: e2e
+stringData:
+  password: hunter2
+"#;
+
+fn header(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reads lines from `kubectl get -w` until one satisfies `pred`.
+fn watch_until(s: &Server, args: &[&str], trigger: impl FnOnce(), pred: impl Fn(&str) -> bool) {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The first row printed means the watch is established.
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("kubectl get -w printed");
+    assert!(first.starts_with("NAME"), "{first}");
+    let _initial = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("initial row");
+    trigger();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if pred(&line) => break,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("kubectl get -w never showed the change; saw {seen:?}"),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn kubectl_journey() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let version = ok(&s, &["version", "-o", "json"], None);
+    let v: Value = serde_json::from_str(&version).unwrap();
+    assert!(
+        v["serverVersion"]["gitVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with("v1.33.")
+    );
+
+    ok(
+        &s,
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n"),
+    );
+    let applied = ok(&s, &["apply", "-f", "-"], Some(MANIFEST));
+    for line in [
+        "deployment.apps/web created",
+        "service/web created",
+        "configmap/settings created",
+        "secret/creds created",
+    ] {
+        assert!(applied.contains(line), "{applied}");
+    }
+    // Real columns from server-side tables.
+    assert_eq!(
+        header(&ok(&s, &["-n", "e2e", "get", "deploy"], None)),
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    );
+    let deploy_row = ok(
+        &s,
+        &["-n", "e2e", "get", "deploy", "web", "--no-headers"],
+        None,
+    );
+    assert!(
+        deploy_row.split_whitespace().nth(1) == Some("0/2"),
+        "{deploy_row}"
+    );
+    assert_eq!(
+        header(&ok(&s, &["-n", "e2e", "get", "svc"], None)),
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ]
+    );
+    assert_eq!(
+        header(&ok(&s, &["-n", "e2e", "get", "cm", "settings"], None)),
+        ["NAME", "DATA", "AGE"]
+    );
+    assert_eq!(
+        header(&ok(&s, &["-n", "e2e", "get", "secret"], None)),
+        ["NAME", "TYPE", "DATA", "AGE"]
+    );
+    let wide = ok(&s, &["-n", "e2e", "get", "deploy", "-o", "wide"], None);
+    assert_eq!(header(&wide)[5..], ["CONTAINERS", "IMAGES", "SELECTOR"]);
+    let password = ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "secret",
+            "creds",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+        None,
+    );
+    assert_eq!(password, "aHVudGVyMg==", "stringData was folded into data");
+    assert!(ok(&s, &["get", "ns"], None).contains("e2e"));
+
+    // `kubectl get -w` sees a later change.
+    watch_until(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "deploy",
+            "web",
+            "-w",
+            "--no-headers=false",
+        ],
+        || {
+            ok(
+                &s,
+                &["-n", "e2e", "scale", "deploy", "web", "--replicas=5"],
+                None,
+            );
+        },
+        |line| line.split_whitespace().nth(1) == Some("0/5"),
+    );
+
+    // Apply again after editing: the three-way merge removes a dropped label.
+    let edited = MANIFEST.replace("labels: {app: web, tier: frontend}", "labels: {app: web}");
+    let reapplied = ok(&s, &["apply", "-f", "-"], Some(&edited));
+    assert!(
+        reapplied.contains("deployment.apps/web configured"),
+        "{reapplied}"
+    );
+    let labels = ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.metadata.labels}",
+        ],
+        None,
+    );
+    assert_eq!(labels, r#"{"app":"web"}"#);
+
+    // Each patch type.
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "patch",
+            "deploy",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"replicas":3}}"#,
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "patch",
+            "deploy",
+            "web",
+            "--type=json",
+            "-p",
+            r#"[{"op":"add","path":"/metadata/labels/patched","value":"json"}]"#,
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "patch",
+            "deploy",
+            "web",
+            "--type=strategic",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"registry.local/http-hello:2.0"}]}}}}"#,
+        ],
+        None,
+    );
+    let state = ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas} {.metadata.labels.patched} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort} {.metadata.generation}",
+        ],
+        None,
+    );
+    assert_eq!(state, "3 json registry.local/http-hello:2.0 8080 5");
+
+    // Server-side apply with a conflict, then forced.
+    let ssa = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: e2e\nspec:\n  replicas: 7\n";
+    let conflict = kubectl(&s, &["apply", "--server-side", "-f", "-"], Some(ssa));
+    assert!(!conflict.ok);
+    assert!(
+        conflict.stderr.contains("conflict with \"kubectl-patch\"")
+            && conflict.stderr.contains(".spec.replicas"),
+        "{}",
+        conflict.stderr
+    );
+    ok(
+        &s,
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(ssa),
+    );
+    assert_eq!(
+        ok(
+            &s,
+            &[
+                "-n",
+                "e2e",
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.spec.replicas}"
+            ],
+            None
+        ),
+        "7"
+    );
+
+    // Explain reads our OpenAPI v3.
+    let explain = ok(&s, &["explain", "deployment.spec"], None);
+    assert!(
+        explain.contains("KIND:       Deployment") && explain.contains("replicas\t<integer>"),
+        "{explain}"
+    );
+
+    // A bad manifest gets kubectl's usual readable error naming the field.
+    let bad = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\n  namespace: e2e\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: bad}\n  template:\n    metadata:\n      labels: {app: other}\n    spec:\n      containers:\n      - name: c\n        image: x\n";
+    let rejected = kubectl(&s, &["apply", "-f", "-"], Some(bad));
+    assert!(!rejected.ok);
+    assert!(
+        rejected.stderr.contains(
+            "The Deployment \"bad\" is invalid: spec.template.metadata.labels: Invalid value"
+        ),
+        "{}",
+        rejected.stderr
+    );
+    let unknown = kubectl(
+        &s,
+        &["apply", "-f", "-"],
+        Some(
+            &bad.replace("image: x", "image: x\n        imagePolicy: Always")
+                .replace("{app: other}", "{app: bad}"),
+        ),
+    );
+    assert!(
+        unknown
+            .stderr
+            .contains("unknown field \"spec.template.spec.containers[0].imagePolicy\""),
+        "{}",
+        unknown.stderr
+    );
+
+    // Delete.
+    let deleted = ok(&s, &["-n", "e2e", "delete", "deploy", "web"], None);
+    assert!(
+        deleted.contains("deployment.apps \"web\" deleted"),
+        "{deleted}"
+    );
+    let gone = kubectl(&s, &["-n", "e2e", "get", "deploy", "web"], None);
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+    ok(
+        &s,
+        &["-n", "e2e", "delete", "-f", "-"],
+        Some(&edited.split("---").skip(1).collect::<Vec<_>>().join("---")),
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = start_server(dir.path());
+    let out = Command::new(wasmkube())
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another wasmkube server is already using the data directory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_data_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start_server(dir.path());
+    ok(
+        &s,
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kept\ndata:\n  a: b\n"),
+    );
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let s = start_server(dir.path());
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "configmap", "kept", "-o", "jsonpath={.data.a}"],
+            None
+        ),
+        "b"
+    );
+}
+
+fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let venv = std::env::var_os("WASMKUBE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "no Python venv with the kubernetes client at {}: run scripts/test.sh, which creates it",
+        venv.display()
+    );
+    python
+}
+
+#[test]
+fn official_python_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/python_client.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "python client checks failed against {}:\n{out}\n{err}",
+        s.url
+    );
+    assert!(out.contains("all python client checks passed"), "{out}");
+}
