@@ -240,10 +240,10 @@ fn default_job_spec(spec: Option<&mut Value>) {
         &["podReplacementPolicy"],
         json!("TerminatingOrFailed"),
     );
-    if let Some(template) = spec.get_mut("template") {
-        if let Some(pod_spec) = template.get_mut("spec") {
-            default_pod_spec(pod_spec);
-        }
+    if let Some(template) = spec.get_mut("template")
+        && let Some(pod_spec) = template.get_mut("spec")
+    {
+        default_pod_spec(pod_spec);
     }
 }
 

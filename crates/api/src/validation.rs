@@ -83,7 +83,7 @@ fn validate_meta(rt: &ResourceType, obj: &Value, old: Option<&Value>, errs: &mut
             }
             let v = v.as_str().unwrap_or_default();
             if let Err(d) = names::label_value(v) {
-                errs.push(FieldError::invalid(format!("metadata.labels"), v, d));
+                errs.push(FieldError::invalid("metadata.labels".to_string(), v, d));
             }
         }
     }
@@ -185,16 +185,15 @@ fn validate_resources(r: Option<&core::ResourceRequirements>, path: &str, errs: 
         }
     }
     for ((which, name), req) in &parsed {
-        if *which == "requests" {
-            if let Some(limit) = parsed.get(&("limits", name.clone())) {
-                if req > limit {
-                    errs.push(FieldError::invalid(
-                        format!("{path}.resources.requests"),
-                        format!("{name}"),
-                        format!("must be less than or equal to {name} limit"),
-                    ));
-                }
-            }
+        if *which == "requests"
+            && let Some(limit) = parsed.get(&("limits", name.clone()))
+            && req > limit
+        {
+            errs.push(FieldError::invalid(
+                format!("{path}.resources.requests"),
+                name.to_string(),
+                format!("must be less than or equal to {name} limit"),
+            ));
         }
     }
 }
@@ -215,14 +214,14 @@ fn validate_container(
     if c.image.as_deref().is_none_or(str::is_empty) {
         errs.push(FieldError::required(format!("{path}.image"), ""));
     }
-    if let Some(p) = &c.image_pull_policy {
-        if !["Always", "IfNotPresent", "Never"].contains(&p.as_str()) {
-            errs.push(FieldError::not_supported(
-                format!("{path}.imagePullPolicy"),
-                p,
-                &["Always", "IfNotPresent", "Never"],
-            ));
-        }
+    if let Some(p) = &c.image_pull_policy
+        && !["Always", "IfNotPresent", "Never"].contains(&p.as_str())
+    {
+        errs.push(FieldError::not_supported(
+            format!("{path}.imagePullPolicy"),
+            p,
+            &["Always", "IfNotPresent", "Never"],
+        ));
     }
     for (i, port) in c.ports.iter().flatten().enumerate() {
         if !(1..=65535).contains(&port.container_port) {
@@ -261,14 +260,14 @@ fn validate_pod_spec(
     for (i, c) in spec.containers.iter().enumerate() {
         validate_container(c, &format!("{path}.containers[{i}]"), &mut seen, errs);
     }
-    if let Some(rp) = &spec.restart_policy {
-        if !restart_policies.contains(&rp.as_str()) {
-            errs.push(FieldError::not_supported(
-                format!("{path}.restartPolicy"),
-                rp,
-                restart_policies,
-            ));
-        }
+    if let Some(rp) = &spec.restart_policy
+        && !restart_policies.contains(&rp.as_str())
+    {
+        errs.push(FieldError::not_supported(
+            format!("{path}.restartPolicy"),
+            rp,
+            restart_policies,
+        ));
     }
     let mut volumes = BTreeSet::new();
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
@@ -297,23 +296,23 @@ fn validate_pod_spec(
             }
         }
     }
-    if let Some(g) = spec.termination_grace_period_seconds {
-        if g < 0 {
-            errs.push(FieldError::invalid(
-                format!("{path}.terminationGracePeriodSeconds"),
-                g,
-                "must be greater than or equal to 0",
-            ));
-        }
+    if let Some(g) = spec.termination_grace_period_seconds
+        && g < 0
+    {
+        errs.push(FieldError::invalid(
+            format!("{path}.terminationGracePeriodSeconds"),
+            g,
+            "must be greater than or equal to 0",
+        ));
     }
-    if let Some(d) = spec.active_deadline_seconds {
-        if d <= 0 {
-            errs.push(FieldError::invalid(
-                format!("{path}.activeDeadlineSeconds"),
-                d,
-                "must be between 1 and 2147483647, inclusive",
-            ));
-        }
+    if let Some(d) = spec.active_deadline_seconds
+        && d <= 0
+    {
+        errs.push(FieldError::invalid(
+            format!("{path}.activeDeadlineSeconds"),
+            d,
+            "must be between 1 and 2147483647, inclusive",
+        ));
     }
 }
 
@@ -374,10 +373,8 @@ fn validate_service(svc: &core::Service, old: Option<&core::Service>, errs: &mut
             ));
         }
         match &p.name {
-            Some(n) if !n.is_empty() => {
-                if !seen.insert(n.clone()) {
-                    errs.push(FieldError::duplicate(format!("spec.ports[{i}].name"), n));
-                }
+            Some(n) if !n.is_empty() && !seen.insert(n.clone()) => {
+                errs.push(FieldError::duplicate(format!("spec.ports[{i}].name"), n));
             }
             _ if ports.len() > 1 => {
                 errs.push(FieldError::required(format!("spec.ports[{i}].name"), ""))
@@ -386,14 +383,13 @@ fn validate_service(svc: &core::Service, old: Option<&core::Service>, errs: &mut
         }
     }
     if let (Some(old), Some(new_ip)) = (old.and_then(|o| o.spec.as_ref()), spec.cluster_ip.as_ref())
+        && old.cluster_ip.as_ref().is_some_and(|ip| ip != new_ip)
     {
-        if old.cluster_ip.as_ref().is_some_and(|ip| ip != new_ip) {
-            errs.push(FieldError::invalid(
-                "spec.clusterIPs[0]",
-                new_ip,
-                "may not change once set",
-            ));
-        }
+        errs.push(FieldError::invalid(
+            "spec.clusterIPs[0]",
+            new_ip,
+            "may not change once set",
+        ));
     }
 }
 
@@ -445,26 +441,26 @@ fn validate_secret(s: &core::Secret, old: Option<&core::Secret>, errs: &mut Erro
 }
 
 fn non_negative(v: Option<i32>, field: &str, errs: &mut Errors) {
-    if let Some(v) = v {
-        if v < 0 {
-            errs.push(FieldError::invalid(
-                field,
-                v,
-                "must be greater than or equal to 0",
-            ));
-        }
+    if let Some(v) = v
+        && v < 0
+    {
+        errs.push(FieldError::invalid(
+            field,
+            v,
+            "must be greater than or equal to 0",
+        ));
     }
 }
 
 fn selector_immutable(old: Option<&LabelSelector>, new: Option<&LabelSelector>, errs: &mut Errors) {
-    if let Some(old) = old {
-        if Some(old) != new {
-            errs.push(FieldError::invalid(
-                "spec.selector",
-                format!("{new:?}"),
-                "field is immutable",
-            ));
-        }
+    if let Some(old) = old
+        && Some(old) != new
+    {
+        errs.push(FieldError::invalid(
+            "spec.selector",
+            format!("{new:?}"),
+            "field is immutable",
+        ));
     }
 }
 
@@ -621,14 +617,14 @@ fn validate_cron_job(cj: &batch::CronJob, _old: Option<&batch::CronJob>, errs: &
             "unparseable cron schedule",
         ));
     }
-    if let Some(p) = &spec.concurrency_policy {
-        if !["Allow", "Forbid", "Replace"].contains(&p.as_str()) {
-            errs.push(FieldError::not_supported(
-                "spec.concurrencyPolicy",
-                p,
-                &["Allow", "Forbid", "Replace"],
-            ));
-        }
+    if let Some(p) = &spec.concurrency_policy
+        && !["Allow", "Forbid", "Replace"].contains(&p.as_str())
+    {
+        errs.push(FieldError::not_supported(
+            "spec.concurrencyPolicy",
+            p,
+            &["Allow", "Forbid", "Replace"],
+        ));
     }
     if let Some(job_spec) = spec.job_template.spec.as_ref() {
         validate_job_spec(job_spec, "spec.jobTemplate.spec", errs);

@@ -67,10 +67,10 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
 fn normalize_refs(v: &mut Value) {
     match v {
         Value::Object(m) => {
-            if m.len() > 1 {
-                if let Some(r) = m.remove("$ref") {
-                    m.insert("allOf".into(), json!([{"$ref": r}]));
-                }
+            if m.len() > 1
+                && let Some(r) = m.remove("$ref")
+            {
+                m.insert("allOf".into(), json!([{"$ref": r}]));
             }
             for child in m.values_mut() {
                 normalize_refs(child);

@@ -100,7 +100,7 @@ impl Params {
 
     pub fn fields(&self, rt: &ResourceType) -> ApiResult<FieldSelector> {
         FieldSelector::parse(rt, self.field_selector.as_deref().unwrap_or_default())
-            .map_err(|e| ApiError::bad_request(e))
+            .map_err(ApiError::bad_request)
     }
 
     /// The manager for field ownership: `fieldManager`, or the user agent's

@@ -563,13 +563,12 @@ impl Ctx<'_> {
         } else if let Some(m) = obj["metadata"].as_object_mut() {
             m.remove("namespace");
         }
-        if obj["metadata"]["name"].as_str().is_none_or(str::is_empty) {
-            if let Some(prefix) = obj["metadata"]["generateName"]
+        if obj["metadata"]["name"].as_str().is_none_or(str::is_empty)
+            && let Some(prefix) = obj["metadata"]["generateName"]
                 .as_str()
                 .filter(|p| !p.is_empty())
-            {
-                obj["metadata"]["name"] = json!(generate_name(prefix));
-            }
+        {
+            obj["metadata"]["name"] = json!(generate_name(prefix));
         }
         if resource_version(&obj).is_some() {
             return Err(ApiError::bad_request(
@@ -747,10 +746,10 @@ impl Ctx<'_> {
                 new
             }
         };
-        if merged["status"].is_null() {
-            if let Some(m) = merged.as_object_mut() {
-                m.remove("status");
-            }
+        if merged["status"].is_null()
+            && let Some(m) = merged.as_object_mut()
+        {
+            m.remove("status");
         }
         // What the server owns carries over from the stored object.
         let meta = merged["metadata"]
@@ -763,15 +762,12 @@ impl Ctx<'_> {
             "deletionGracePeriodSeconds",
             "generation",
             "managedFields",
+            "generateName",
         ] {
             match old["metadata"].get(k) {
                 Some(v) => meta.insert(k.into(), v.clone()),
                 None => meta.remove(k),
             };
-        }
-        meta.remove("generateName").map(|_| ());
-        if let Some(g) = old["metadata"].get("generateName") {
-            merged["metadata"]["generateName"] = g.clone();
         }
         apply_defaults(rt, &mut merged);
         if (has_spec_generation(rt) || merged.get("spec").is_some()) && spec_changed(old, &merged) {
@@ -859,17 +855,17 @@ impl Ctx<'_> {
                 }
                 None => None,
             };
-            if let Some(p) = precondition {
-                if p != rev {
-                    return Err(self.store_err(
-                        StoreError::Conflict {
-                            key: String::new(),
-                            expected: p,
-                            actual: rev,
-                        },
-                        name,
-                    ));
-                }
+            if let Some(p) = precondition
+                && p != rev
+            {
+                return Err(self.store_err(
+                    StoreError::Conflict {
+                        key: String::new(),
+                        expected: p,
+                        actual: rev,
+                    },
+                    name,
+                ));
             }
             let (mut new, warnings) = self.admit_update(name, sub, &old, proposed)?;
             fields::record_update(self.rt(), &manager, sub_name, Some(&old), &mut new, &now());
@@ -894,15 +890,13 @@ impl Ctx<'_> {
         let rt = self.rt();
         let may_create =
             matches!(rt.kind, "Endpoints" | "Lease" | "Event" | "EndpointSlice") && sub.is_none();
-        if may_create {
-            if let Err(ApiError::NotFound(..)) = self.read(name).await {
-                let mut input = input;
-                input["metadata"]["name"] = json!(name);
-                if let Some(m) = input["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
-                return self.create(input).await;
+        if may_create && let Err(ApiError::NotFound(..)) = self.read(name).await {
+            let mut input = input;
+            input["metadata"]["name"] = json!(name);
+            if let Some(m) = input["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
             }
+            return self.create(input).await;
         }
         let (stored, warnings, _) = self
             .guaranteed_update(name, sub, |_| Ok(Some(input.clone())))
@@ -951,10 +945,10 @@ impl Ctx<'_> {
                 },
             })?;
             // A patch that does not mention resourceVersion is unconditional.
-            if patched["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"] {
-                if let Some(m) = patched["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
+            if patched["metadata"]["resourceVersion"] == old["metadata"]["resourceVersion"]
+                && let Some(m) = patched["metadata"].as_object_mut()
+            {
+                m.remove("resourceVersion");
             }
             Ok(Some(patched))
         };
@@ -1110,26 +1104,26 @@ impl Ctx<'_> {
         };
         for _ in 0..UNCONDITIONAL_RETRIES {
             let (old, rev) = self.read(name).await?;
-            if let Some(uid) = &opts.precondition_uid {
-                if old["metadata"]["uid"].as_str() != Some(uid) {
-                    return Err(ApiError::Conflict(
-                        Subject::of(rt, name),
-                        format!(
-                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                            old["metadata"]["uid"].as_str().unwrap_or_default()
-                        ),
-                    ));
-                }
+            if let Some(uid) = &opts.precondition_uid
+                && old["metadata"]["uid"].as_str() != Some(uid)
+            {
+                return Err(ApiError::Conflict(
+                    Subject::of(rt, name),
+                    format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        old["metadata"]["uid"].as_str().unwrap_or_default()
+                    ),
+                ));
             }
-            if let Some(want) = &opts.precondition_rv {
-                if *want != rev.to_string() {
-                    return Err(ApiError::Conflict(
-                        Subject::of(rt, name),
-                        format!(
-                            "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"
-                        ),
-                    ));
-                }
+            if let Some(want) = &opts.precondition_rv
+                && *want != rev.to_string()
+            {
+                return Err(ApiError::Conflict(
+                    Subject::of(rt, name),
+                    format!(
+                        "Precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {rev}"
+                    ),
+                ));
             }
             let mut new = old.clone();
             let meta = new["metadata"]
@@ -1225,12 +1219,12 @@ impl Ctx<'_> {
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
+            // Each item is deleted in its own namespace (an all-namespace
+            // collection spans many), with the same delete options.
             let ctx = Ctx {
                 server: self.server,
                 target: Target {
-                    namespace: obj["metadata"]["namespace"]
-                        .as_str()
-                        .or(self.target.namespace),
+                    namespace: obj["metadata"]["namespace"].as_str(),
                     ..self.target
                 },
                 params: Params {
@@ -1241,14 +1235,6 @@ impl Ctx<'_> {
                 },
                 headers: self.headers,
                 output: Output::Object,
-            };
-            let owned_ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
-            let ctx = Ctx {
-                target: Target {
-                    namespace: owned_ns.as_deref(),
-                    ..ctx.target
-                },
-                ..ctx
             };
             match ctx.delete_one(&name, opts).await {
                 Ok((o, _)) => out.push(o),

@@ -164,10 +164,10 @@ pub async fn release(server: &ApiServer, obj: &Value) {
         }
     }
     for key in keys {
-        if let Err(e) = server.store.delete(&key, None).await {
-            if !matches!(e, StoreError::NotFound { .. }) {
-                tracing::warn!(%key, error = %e, "could not release service address");
-            }
+        if let Err(e) = server.store.delete(&key, None).await
+            && !matches!(e, StoreError::NotFound { .. })
+        {
+            tracing::warn!(%key, error = %e, "could not release service address");
         }
     }
 }

@@ -102,10 +102,10 @@ async fn compact_periodically(api: std::sync::Arc<wasmkube_apiserver::ApiServer>
     let mut previous = api.current_revision();
     loop {
         tokio::time::sleep(every).await;
-        if previous > 0 {
-            if let Err(e) = api.compact(previous).await {
-                tracing::warn!(error = %e, revision = previous, "compaction failed");
-            }
+        if previous > 0
+            && let Err(e) = api.compact(previous).await
+        {
+            tracing::warn!(error = %e, revision = previous, "compaction failed");
         }
         previous = api.current_revision();
     }
