@@ -9,17 +9,32 @@ use serde_json::Value;
 /// Workspace crate -> the set of all crates it depends on, transitively.
 fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--filter-platform", env!("WASMKUBE_HOST_TARGET")])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--filter-platform",
+            env!("WASMKUBE_HOST_TARGET"),
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: BTreeMap<String, String> = meta["packages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["id"].as_str().unwrap().to_owned(), p["name"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_owned(),
+                p["name"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     // Normal (non-dev) dependency edges only: what ships in the binary.
     let edges: BTreeMap<String, Vec<String>> = meta["resolve"]["nodes"]
@@ -31,13 +46,24 @@ fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|d| d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null()))
+                .filter(|d| {
+                    d["dep_kinds"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|k| k["kind"].is_null())
+                })
                 .map(|d| d["pkg"].as_str().unwrap().to_owned())
                 .collect();
             (n["id"].as_str().unwrap().to_owned(), deps)
         })
         .collect();
-    let members: Vec<String> = meta["workspace_members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_owned()).collect();
+    let members: Vec<String> = meta["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
     members
         .iter()
         .map(|m| {
@@ -59,18 +85,37 @@ fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
 fn crate_boundaries_hold() {
     let deps = dependency_closure();
     let users_of = |dep: &str| -> BTreeSet<&str> {
-        deps.iter().filter(|(_, d)| d.contains(dep)).map(|(k, _)| k.as_str()).collect()
+        deps.iter()
+            .filter(|(_, d)| d.contains(dep))
+            .map(|(k, _)| k.as_str())
+            .collect()
     };
-    // Only the API server talks to the store; the binary wires them together.
+    // Only the API server talks to the store; the binary wires them together,
+    // and the benchmarks measure the store alone as a peer (never shipped).
     let store_users = users_of("wasmkube-store");
-    assert_eq!(store_users, BTreeSet::from(["wasmkube", "wasmkube-apiserver"]), "only the apiserver may use the store");
+    assert_eq!(
+        store_users,
+        BTreeSet::from(["wasmkube", "wasmkube-apiserver", "wasmkube-bench"]),
+        "only the apiserver may use the store"
+    );
     // The API model has no IO: no HTTP, no async runtime, no storage.
     for forbidden in ["tokio", "axum", "hyper", "sled", "wasmkube-store"] {
-        assert!(!deps["wasmkube-api"].contains(forbidden), "wasmkube-api must not depend on {forbidden}");
+        assert!(
+            !deps["wasmkube-api"].contains(forbidden),
+            "wasmkube-api must not depend on {forbidden}"
+        );
     }
     // Only the Wasm runtime crate may embed Wasmtime; only the Linux runtime drives runc.
     for user in users_of("wasmtime") {
-        assert!(["wasmkube-runtime-wasm", "wasmkube"].contains(&user), "{user} depends on wasmtime");
+        assert!(
+            ["wasmkube-runtime-wasm", "wasmkube"].contains(&user),
+            "{user} depends on wasmtime"
+        );
     }
-    assert!(!deps["wasmkube-store"].iter().any(|d| d.starts_with("wasmkube")), "the store knows nothing of the API");
+    assert!(
+        !deps["wasmkube-store"]
+            .iter()
+            .any(|d| d.starts_with("wasmkube")),
+        "the store knows nothing of the API"
+    );
 }

@@ -90,7 +90,21 @@ struct Shared {
 /// The engine behind [`crate::memory`] and [`crate::open_sled`].
 pub(crate) struct MvccStore {
     shared: Arc<Shared>,
-    requests: mpsc::Sender<(Op, Reply)>,
+    /// `None` only while dropping.
+    requests: Option<mpsc::Sender<(Op, Reply)>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MvccStore {
+    /// Closing a store waits for its writer to finish, so the backend (and
+    /// sled's directory lock) is released when the last handle is dropped,
+    /// unless a watch stream still reads from it.
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for MvccStore {
@@ -126,13 +140,14 @@ impl MvccStore {
             max_batch: config.max_batch.max(1),
             deferred: None,
         };
-        std::thread::Builder::new()
+        let committer = std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || committer.run())
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(Self {
             shared,
-            requests: tx,
+            requests: Some(tx),
+            committer: Some(committer),
         })
     }
 
@@ -142,6 +157,8 @@ impl MvccStore {
         }
         let (tx, rx) = oneshot::channel();
         self.requests
+            .as_ref()
+            .ok_or(StoreError::Closed)?
             .send((op, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?

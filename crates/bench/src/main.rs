@@ -1,0 +1,39 @@
+//! `wasmkube-bench`: measures the figures issues name, printing each next to a
+//! peer measured in the same run (these machines are shared and noisy).
+
+mod create;
+mod startup;
+mod support;
+mod watch;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "wasmkube benchmarks; see docs/benchmarks.md")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Durable creates through the API with concurrent clients, against the
+    /// store alone and an fsync-per-write peer.
+    Create(create::Args),
+    /// Watch fan-out: write-acknowledged to event-received latency over many watchers.
+    Watch(watch::Args),
+    /// `wasmkube server` from exec to `/readyz` OK, and idle RSS.
+    Startup(startup::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.bench {
+        Bench::Create(a) => rt.block_on(create::run(a)),
+        Bench::Watch(a) => rt.block_on(watch::run(a)),
+        Bench::Startup(a) => rt.block_on(startup::run(a)),
+    }
+}

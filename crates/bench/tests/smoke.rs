@@ -1,0 +1,37 @@
+//! Every benchmark runs end to end with tiny parameters (the CI smoke run;
+//! it checks they work, not how fast).
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmkube-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn create_bench_smoke() {
+    let out = bench(&["create", "--clients", "4", "--objects", "100"]);
+    assert!(out.contains("objects/s"), "{out}");
+}
+
+#[test]
+fn watch_bench_smoke() {
+    let out = bench(&["watch", "--watchers", "5", "--events", "5"]);
+    assert!(out.contains("p99"), "{out}");
+}
+
+#[test]
+fn startup_bench_smoke() {
+    // Measures the `wasmkube` binary that the workspace build puts next to this one.
+    let out = bench(&["startup", "--runs", "1"]);
+    assert!(out.contains("idle RSS"), "{out}");
+}
