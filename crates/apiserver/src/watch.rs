@@ -112,18 +112,10 @@ impl WatchState {
     }
 
     fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
-        if self.output == Output::Object {
-            // The shared serialization: the object is encoded once for all watchers.
-            let json = e.object_json();
-            let mut out = Vec::with_capacity(json.len() + 32);
-            out.extend_from_slice(b"{\"type\":\"");
-            out.extend_from_slice(ty.as_str().as_bytes());
-            out.extend_from_slice(b"\",\"object\":");
-            out.extend_from_slice(json);
-            out.extend_from_slice(b"}\n");
-            return Bytes::from(out);
+        match self.output {
+            Output::Object => e.line(ty),
+            _ => self.line(ty.as_str(), &e.object),
         }
-        self.line(ty.as_str(), &e.object)
     }
 
     fn bookmark(&self, initial_end: bool) -> Bytes {

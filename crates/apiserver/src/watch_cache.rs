@@ -48,14 +48,25 @@ pub struct CachedEvent {
     pub object: Arc<Value>,
     /// The object before the change, for selector transitions.
     pub prev: Option<Arc<Value>>,
-    json: OnceLock<Bytes>,
+    /// Encoded watch lines, one per event type a watcher may see, built on
+    /// first use and shared by every watcher (a refcount, not a copy).
+    lines: [OnceLock<Bytes>; 3],
 }
 
 impl CachedEvent {
-    /// The object serialized once and shared by every watcher.
-    pub fn object_json(&self) -> &Bytes {
-        self.json
-            .get_or_init(|| Bytes::from(serde_json::to_vec(&*self.object).unwrap_or_default()))
+    /// The `{"type": ..., "object": ...}` line for this event seen as `ty`
+    /// (a selector can turn a modification into an add or a delete).
+    pub fn line(&self, ty: WatchEventType) -> Bytes {
+        self.lines[ty as usize]
+            .get_or_init(|| {
+                let mut out = serde_json::to_vec(
+                    &serde_json::json!({"type": ty.as_str(), "object": &*self.object}),
+                )
+                .unwrap_or_default();
+                out.push(b'\n');
+                Bytes::from(out)
+            })
+            .clone()
     }
 }
 
@@ -215,7 +226,7 @@ async fn feed(cache: std::sync::Weak<WatchCache>, store: SharedStore, mut from: 
                         kind,
                         object: Arc::new(object),
                         prev,
-                        json: OnceLock::new(),
+                        lines: Default::default(),
                     });
                 }
                 Err(StoreError::Gone { .. }) => break,

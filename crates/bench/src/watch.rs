@@ -22,6 +22,23 @@ pub struct Args {
 
 type Received = Arc<Mutex<Vec<(String, Instant)>>>;
 
+/// Only the object's name: the measuring client decodes as little as it can,
+/// since it shares the machine with the server it measures.
+#[derive(serde::Deserialize)]
+struct Event {
+    object: Object,
+}
+
+#[derive(serde::Deserialize)]
+struct Object {
+    metadata: Meta,
+}
+
+#[derive(serde::Deserialize)]
+struct Meta {
+    name: String,
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let server = start_server().await?;
     let http = reqwest::Client::builder()
@@ -56,12 +73,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 buf.extend_from_slice(&chunk);
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&line) {
-                        let name = ev["object"]["metadata"]["name"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned();
-                        sink.lock().expect("sink").push((name, now));
+                    if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
+                        sink.lock()
+                            .expect("sink")
+                            .push((ev.object.metadata.name, now));
                         got += 1;
                     }
                 }
