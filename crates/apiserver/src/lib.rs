@@ -12,6 +12,7 @@ mod merge_keys;
 mod openapi;
 mod params;
 mod patch;
+mod protobuf;
 mod request;
 mod rest;
 mod services;

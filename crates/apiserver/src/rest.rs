@@ -108,6 +108,9 @@ pub(crate) async fn read_bytes(server: &ApiServer, body: Body) -> ApiResult<byte
 /// Parses a JSON or YAML body into a JSON value.
 pub(crate) fn parse_value(content_type: &str, raw: &[u8]) -> ApiResult<Value> {
     let mime = content_type.split(';').next().unwrap_or_default().trim();
+    if mime == "application/vnd.kubernetes.protobuf" {
+        return crate::protobuf::decode(raw).map_err(|e| ApiError::bad_request(e.to_string()));
+    }
     if mime.contains("protobuf") || mime.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType {
             message: format!(

@@ -219,11 +219,8 @@ fn kubectl_journey() {
             .starts_with("v1.33.")
     );
 
-    ok(
-        &s,
-        &["create", "-f", "-"],
-        Some("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: e2e\n"),
-    );
+    // kubectl's generators send protobuf bodies.
+    ok(&s, &["create", "namespace", "e2e"], None);
     let applied = ok(&s, &["apply", "-f", "-"], Some(MANIFEST));
     for line in [
         "deployment.apps/web created",
@@ -451,6 +448,78 @@ fn kubectl_journey() {
         "{}",
         unknown.stderr
     );
+
+    // More generators (protobuf), with an explicit zero that must survive.
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "create",
+            "deployment",
+            "gen",
+            "--image=registry.local/hello:1",
+            "--replicas=0",
+            "--port=8080",
+        ],
+        None,
+    );
+    let generated = ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "deploy",
+            "gen",
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.strategy.type}",
+        ],
+        None,
+    );
+    assert_eq!(generated, "0 8080 RollingUpdate");
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "create",
+            "secret",
+            "generic",
+            "gen",
+            "--from-literal=k=v",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "create",
+            "job",
+            "gen",
+            "--image=registry.local/hello:1",
+            "--",
+            "echo",
+            "hi",
+        ],
+        None,
+    );
+    let job = ok(
+        &s,
+        &[
+            "-n",
+            "e2e",
+            "get",
+            "job",
+            "gen",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].command} {.spec.template.spec.restartPolicy}",
+        ],
+        None,
+    );
+    assert_eq!(job, r#"["echo","hi"] Never"#);
 
     // Delete.
     let deleted = ok(&s, &["-n", "e2e", "delete", "deploy", "web"], None);
