@@ -156,6 +156,36 @@ impl LabelSelector {
     }
 }
 
+impl std::fmt::Display for LabelSelector {
+    /// The query-string form, as `kubectl` and the scale subresource show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.requirements.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match r {
+                Requirement::Equals(k, v) => write!(f, "{k}={v}")?,
+                Requirement::NotEquals(k, v) => write!(f, "{k}!={v}")?,
+                Requirement::In(k, vs) => write!(f, "{k} in ({})", vs.join(","))?,
+                Requirement::NotIn(k, vs) => write!(f, "{k} notin ({})", vs.join(","))?,
+                Requirement::Exists(k) => write!(f, "{k}")?,
+                Requirement::DoesNotExist(k) => write!(f, "!{k}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders a `metav1.LabelSelector` in JSON form as a selector string (empty
+/// if it is absent or malformed).
+pub fn render(sel: &Value) -> String {
+    serde_json::from_value::<meta::LabelSelector>(sel.clone())
+        .ok()
+        .and_then(|s| LabelSelector::from_api(&s).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
 /// A parsed field selector: only `=`, `==` and `!=` on supported fields.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FieldSelector {
@@ -298,6 +328,14 @@ mod tests {
         for bad in ["app in web", "a b", "app=bad value", "=x"] {
             assert!(LabelSelector::parse(bad).is_err(), "{bad}");
         }
+        let rendered = render(&serde_json::json!({"matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["a", "b"]}, {"key": "x", "operator": "DoesNotExist"}]}));
+        assert_eq!(rendered, "app=web,env notin (a,b),!x");
+        assert_eq!(
+            LabelSelector::parse(&rendered).unwrap().to_string(),
+            rendered,
+            "render and parse round trip"
+        );
     }
 
     #[test]

@@ -367,26 +367,7 @@ fn join_names(list: &Value, field: &str) -> String {
 }
 
 fn selector_string(sel: &Value) -> String {
-    let mut parts: Vec<String> = sel["matchLabels"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
-        .unwrap_or_default();
-    for e in sel["matchExpressions"].as_array().into_iter().flatten() {
-        let values: Vec<String> = e["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
-        parts.push(match e["operator"].as_str() {
-            Some("In") => format!("{} in ({})", s(&e["key"]), values.join(",")),
-            Some("NotIn") => format!("{} notin ({})", s(&e["key"]), values.join(",")),
-            Some("Exists") => s(&e["key"]),
-            Some("DoesNotExist") => format!("!{}", s(&e["key"])),
-            _ => continue,
-        });
-    }
-    or_none(parts.join(","))
+    or_none(crate::selectors::render(sel))
 }
 
 fn map_selector(sel: &Value) -> String {

@@ -30,15 +30,7 @@ pub struct Decoded {
 }
 
 fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, DecodeError> {
-    let typed: T = serde_path_to_error::deserialize(value).map_err(|e| DecodeError {
-        path: e
-            .path()
-            .to_string()
-            .trim_start_matches('.')
-            .replace("?", ""),
-        message: e.inner().to_string(),
-    })?;
-    serde_json::to_value(typed).map_err(|e| DecodeError {
+    serde_json::to_value(decode_as::<T>(value)?).map_err(|e| DecodeError {
         path: String::new(),
         message: e.to_string(),
     })

@@ -1291,13 +1291,7 @@ impl Ctx<'_> {
     }
 
     fn scale_of(&self, obj: &Value) -> Value {
-        let selector = obj["spec"]["selector"].clone();
-        let rendered = wasmkube_api::selectors::LabelSelector::from_api(
-            &serde_json::from_value(selector.clone()).unwrap_or_default(),
-        )
-        .ok()
-        .map(|_| label_selector_string(&selector))
-        .unwrap_or_default();
+        let rendered = wasmkube_api::selectors::render(&obj["spec"]["selector"]);
         json!({
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
@@ -1429,33 +1423,6 @@ fn set_condition(obj: &mut Value, cond: Value) {
         Some(c) => *c = cond,
         None => list.push(cond),
     }
-}
-
-fn label_selector_string(sel: &Value) -> String {
-    let mut parts: Vec<String> = sel["matchLabels"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
-    for e in sel["matchExpressions"].as_array().into_iter().flatten() {
-        let values: Vec<&str> = e["values"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        let key = e["key"].as_str().unwrap_or_default();
-        parts.push(match e["operator"].as_str() {
-            Some("In") => format!("{key} in ({})", values.join(",")),
-            Some("NotIn") => format!("{key} notin ({})", values.join(",")),
-            Some("DoesNotExist") => format!("!{key}"),
-            _ => key.to_owned(),
-        });
-    }
-    parts.join(",")
 }
 
 /// `generateName` plus five random characters from Kubernetes' alphabet.
