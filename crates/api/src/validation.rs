@@ -464,27 +464,36 @@ fn selector_immutable(old: Option<&LabelSelector>, new: Option<&LabelSelector>, 
     }
 }
 
+/// The pod template of a Deployment, ReplicaSet or DaemonSet: its labels must
+/// match the selector and its pods must restart `Always`.
+fn validate_workload_template(
+    selector: &LabelSelector,
+    template: Option<&core::PodTemplateSpec>,
+    errs: &mut Errors,
+) {
+    validate_selector_matches(
+        Some(selector),
+        template
+            .and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref()),
+        "spec.template",
+        errs,
+    );
+    validate_pod_spec(
+        template.and_then(|t| t.spec.as_ref()),
+        "spec.template.spec",
+        &["Always"],
+        errs,
+    );
+}
+
 fn validate_deployment(d: &apps::Deployment, old: Option<&apps::Deployment>, errs: &mut Errors) {
     let Some(spec) = &d.spec else {
         errs.push(FieldError::required("spec", ""));
         return;
     };
     non_negative(spec.replicas, "spec.replicas", errs);
-    validate_selector_matches(
-        Some(&spec.selector),
-        spec.template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.as_ref()),
-        "spec.template",
-        errs,
-    );
-    validate_pod_spec(
-        spec.template.spec.as_ref(),
-        "spec.template.spec",
-        &["Always"],
-        errs,
-    );
+    validate_workload_template(&spec.selector, Some(&spec.template), errs);
     if let Some(strategy) = &spec.strategy {
         let t = strategy.type_.as_deref().unwrap_or("RollingUpdate");
         if !["RollingUpdate", "Recreate"].contains(&t) {
@@ -512,21 +521,7 @@ fn validate_replica_set(rs: &apps::ReplicaSet, old: Option<&apps::ReplicaSet>, e
         return;
     };
     non_negative(spec.replicas, "spec.replicas", errs);
-    let template = spec.template.as_ref();
-    validate_selector_matches(
-        Some(&spec.selector),
-        template
-            .and_then(|t| t.metadata.as_ref())
-            .and_then(|m| m.labels.as_ref()),
-        "spec.template",
-        errs,
-    );
-    validate_pod_spec(
-        template.and_then(|t| t.spec.as_ref()),
-        "spec.template.spec",
-        &["Always"],
-        errs,
-    );
+    validate_workload_template(&spec.selector, spec.template.as_ref(), errs);
     if let Some(old) = old.and_then(|o| o.spec.as_ref()) {
         selector_immutable(Some(&old.selector), Some(&spec.selector), errs);
     }
@@ -537,21 +532,7 @@ fn validate_daemon_set(ds: &apps::DaemonSet, old: Option<&apps::DaemonSet>, errs
         errs.push(FieldError::required("spec", ""));
         return;
     };
-    validate_selector_matches(
-        Some(&spec.selector),
-        spec.template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.labels.as_ref()),
-        "spec.template",
-        errs,
-    );
-    validate_pod_spec(
-        spec.template.spec.as_ref(),
-        "spec.template.spec",
-        &["Always"],
-        errs,
-    );
+    validate_workload_template(&spec.selector, Some(&spec.template), errs);
     if let Some(old) = old.and_then(|o| o.spec.as_ref()) {
         selector_immutable(Some(&old.selector), Some(&spec.selector), errs);
     }
