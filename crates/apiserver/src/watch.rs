@@ -80,6 +80,9 @@ struct WatchState {
     deadline: Instant,
     bookmarks: Option<Duration>,
     next_bookmark: Instant,
+    /// One timer for the watch's life, moved when its deadline changes
+    /// (a fresh timer per event would cost a timer-wheel insert per watcher).
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     columns_sent: bool,
     done: bool,
 }
@@ -173,6 +176,9 @@ impl WatchState {
                 Some(_) => self.deadline.min(self.next_bookmark),
                 None => self.deadline,
             };
+            if self.timer.deadline() != wake {
+                self.timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 received = self.live.recv() => match received {
                     Ok(e) => {
@@ -193,7 +199,7 @@ impl WatchState {
                     },
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = tokio::time::sleep_until(wake) => {
+                () = &mut self.timer => {
                     if Instant::now() >= self.deadline {
                         return None;
                     }
@@ -271,6 +277,7 @@ pub(crate) async fn serve(ctx: &Ctx<'_>) -> ApiResult<Response> {
         deadline: Instant::now() + timeout,
         bookmarks,
         next_bookmark: Instant::now() + bookmarks.unwrap_or_default(),
+        timer: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
         columns_sent: false,
         done: false,
     };

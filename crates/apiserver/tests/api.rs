@@ -859,3 +859,55 @@ async fn sled_backed_server_keeps_objects_across_restart() {
     let c = start_with(store, Config::default()).await;
     assert_eq!(c.get(&format!("{CMS}/durable")).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn deletecollection_honours_selectors() {
+    let c = start().await;
+    for (name, tier) in [("a", "web"), ("b", "web"), ("c", "db")] {
+        let mut obj = cm(name);
+        obj["metadata"]["labels"] = json!({"tier": tier});
+        c.post(CMS, obj).await;
+    }
+    let (code, deleted) = c.delete(&format!("{CMS}?labelSelector=tier%3Dweb")).await;
+    assert_eq!(code, StatusCode::OK, "{deleted}");
+    assert_eq!(deleted["items"].as_array().unwrap().len(), 2);
+    let (_, left) = c.get(CMS).await;
+    let names: Vec<&str> = left["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["c"]);
+}
+
+#[tokio::test]
+async fn events_select_by_involved_object() {
+    let c = start().await;
+    let events = "/api/v1/namespaces/default/events";
+    for (name, pod) in [("e1", "web-1"), ("e2", "web-2")] {
+        let ev = json!({"metadata": {"name": name}, "involvedObject": {"kind": "Pod", "name": pod, "namespace": "default"},
+            "reason": "Scheduled", "message": "ok", "type": "Normal", "source": {"component": "scheduler"}});
+        let (code, body) = c.post(events, ev).await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+    }
+    let (_, found) = c
+        .get(&format!("{events}?fieldSelector=involvedObject.name%3Dweb-2,involvedObject.kind%3DPod,source%3Dscheduler"))
+        .await;
+    let names: Vec<&str> = found["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["e2"]);
+    let resp = c
+        .http
+        .get(format!("{}{events}", c.base))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .send()
+        .await
+        .unwrap();
+    let table: Value = resp.json().await.unwrap();
+    assert_eq!(table["rows"][0]["cells"][3], "pod/web-1");
+}
