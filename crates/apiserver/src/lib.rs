@@ -117,6 +117,19 @@ impl ApiServer {
         self.store.current_revision()
     }
 
+    /// Serves the API on `listener` until the future is dropped or fails.
+    /// Sockets get `TCP_NODELAY`: watch streams write small frames, which
+    /// Nagle's algorithm would hold back for delayed ACKs (tens of ms).
+    pub async fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|socket| {
+            if let Err(e) = socket.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, self.router()).await
+    }
+
     /// The HTTP routes.
     pub fn router(self: &Arc<Self>) -> Router {
         let ok = || async { "ok" };

@@ -23,8 +23,10 @@ async fn start_with(store: wasmkube_store::SharedStore, config: Config) -> Clust
     let api = ApiServer::start(store, config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = api.router();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let server = {
+        let api = api.clone();
+        tokio::spawn(async move { api.serve(listener).await.unwrap() })
+    };
     Cluster {
         base: format!("http://{addr}"),
         http: Client::new(),

@@ -20,8 +20,10 @@ async fn serve(store: wasmkube_store::SharedStore, addr: SocketAddr) -> (Running
     let api = ApiServer::start(store, Config::default()).await.unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router = api.router();
-    let task = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let task = {
+        let api = api.clone();
+        tokio::spawn(async move { api.serve(listener).await.unwrap() })
+    };
     (Running { api, task }, addr)
 }
 

@@ -18,8 +18,8 @@ pub async fn start_server() -> anyhow::Result<Server> {
     let api = ApiServer::start(store, Config::default()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let router = api.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let serving = api.clone();
+    tokio::spawn(async move { serving.serve(listener).await });
     Ok(Server {
         base,
         api,

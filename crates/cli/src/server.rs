@@ -86,7 +86,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         api.clone(),
         Duration::from_secs(args.compaction_interval.max(1)),
     ));
-    let server = axum::serve(listener, api.router());
+    let server = api.serve(listener);
     tokio::select! {
         result = server => result.context("the API server stopped")?,
         signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
