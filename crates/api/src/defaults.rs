@@ -208,6 +208,7 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 }
             }
         }
+        "PriorityClass" => default_at(obj, &["preemptionPolicy"], json!("PreemptLowerPriority")),
         "Secret" => {
             default_at(obj, &["type"], json!("Opaque"));
             fold_string_data(obj);

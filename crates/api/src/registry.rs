@@ -283,6 +283,17 @@ pub static RESOURCES: &[ResourceType] = &[
         &[],
         []
     ),
+    resource!(
+        "scheduling.k8s.io",
+        "v1",
+        "PriorityClass",
+        "priorityclasses",
+        "priorityclass",
+        false,
+        ["pc"],
+        &[],
+        []
+    ),
 ];
 
 /// The type served at `group`/`version`/`plural`.

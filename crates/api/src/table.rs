@@ -273,6 +273,21 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             AGE,
         ],
         "RuntimeClass" => vec![NAME, col("Handler", "string", "The runtime handler."), AGE],
+        "PriorityClass" => vec![
+            NAME,
+            col("Value", "integer", "The priority of pods in this class."),
+            col(
+                "Global-Default",
+                "boolean",
+                "Whether this class is the default for pods without one.",
+            ),
+            AGE,
+            col(
+                "PreemptionPolicy",
+                "string",
+                "Whether pods of this class may preempt lower-priority pods.",
+            ),
+        ],
         _ => vec![NAME, AGE],
     }
 }
@@ -858,6 +873,13 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "RuntimeClass" => vec![name, json!(s(&obj["handler"])), age],
+        "PriorityClass" => vec![
+            name,
+            json!(int(&obj["value"])),
+            json!(obj["globalDefault"] == true),
+            age,
+            json!(s(&obj["preemptionPolicy"])),
+        ],
         _ => vec![name, age],
     }
 }

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, node::v1 as node,
+    discovery::v1 as discovery, node::v1 as node, scheduling::v1 as scheduling,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -65,6 +65,7 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "Lease" => coordination::Lease,
         "EndpointSlice" => discovery::EndpointSlice,
         "RuntimeClass" => node::RuntimeClass,
+        "PriorityClass" => scheduling::PriorityClass,
     })?;
     let mut unknown_fields = Vec::new();
     collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);

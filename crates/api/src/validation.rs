@@ -47,6 +47,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "DaemonSet" => typed!(apps::DaemonSet, validate_daemon_set),
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
+        "PriorityClass" => validate_priority_class(obj, old, &mut errs),
         _ => {}
     }
     errs.0
@@ -609,6 +610,43 @@ fn validate_cron_job(cj: &batch::CronJob, _old: Option<&batch::CronJob>, errs: &
     }
     if let Some(job_spec) = spec.job_template.spec.as_ref() {
         validate_job_spec(job_spec, "spec.jobTemplate.spec", errs);
+    }
+}
+
+/// User-defined classes stay at or below one billion; the system classes
+/// above that belong to the cluster. Value and preemption policy are immutable.
+fn validate_priority_class(obj: &Value, old: Option<&Value>, errs: &mut Errors) {
+    const HIGHEST_USER_DEFINABLE_PRIORITY: i64 = 1_000_000_000;
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match obj["value"].as_i64() {
+        None => errs.push(FieldError::required("value", "")),
+        Some(v) if v > HIGHEST_USER_DEFINABLE_PRIORITY && !name.starts_with("system-") => errs
+            .push(FieldError::invalid(
+                "value",
+                v,
+                format!("must be no greater than {HIGHEST_USER_DEFINABLE_PRIORITY}"),
+            )),
+        _ => {}
+    }
+    let policy = obj["preemptionPolicy"]
+        .as_str()
+        .unwrap_or("PreemptLowerPriority");
+    if !["PreemptLowerPriority", "Never"].contains(&policy) {
+        errs.push(FieldError::not_supported(
+            "preemptionPolicy",
+            policy,
+            &["PreemptLowerPriority", "Never"],
+        ));
+    }
+    if let Some(old) = old {
+        for field in ["value", "preemptionPolicy"] {
+            if obj[field] != old[field] {
+                errs.push(FieldError::forbidden(
+                    field,
+                    "may not be changed in an update.",
+                ));
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, node::v1 as node,
+    discovery::v1 as discovery, node::v1 as node, scheduling::v1 as scheduling,
 };
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
@@ -59,6 +59,7 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "Lease" => add::<coordination::Lease>(g),
         "EndpointSlice" => add::<discovery::EndpointSlice>(g),
         "RuntimeClass" => add::<node::RuntimeClass>(g),
+        "PriorityClass" => add::<scheduling::PriorityClass>(g),
         other => unreachable!("no schema for served kind {other}"),
     }
 }

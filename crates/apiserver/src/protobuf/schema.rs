@@ -8457,6 +8457,51 @@ pub(super) static MESSAGES: &[(&str, &[Field])] = &[
         ],
     ),
     (
+        "k8s.io.api.scheduling.v1.PriorityClass",
+        &[
+            Field {
+                tag: 1,
+                json: "metadata",
+                kind: Kind::Message,
+                message: "k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+                repeated: false,
+                inline: false,
+            },
+            Field {
+                tag: 2,
+                json: "value",
+                kind: Kind::Int32,
+                message: "",
+                repeated: false,
+                inline: false,
+            },
+            Field {
+                tag: 3,
+                json: "globalDefault",
+                kind: Kind::Bool,
+                message: "",
+                repeated: false,
+                inline: false,
+            },
+            Field {
+                tag: 4,
+                json: "description",
+                kind: Kind::String,
+                message: "",
+                repeated: false,
+                inline: false,
+            },
+            Field {
+                tag: 5,
+                json: "preemptionPolicy",
+                kind: Kind::String,
+                message: "",
+                repeated: false,
+                inline: false,
+            },
+        ],
+    ),
+    (
         "k8s.io.apimachinery.pkg.api.resource.Quantity",
         &[Field {
             tag: 1,
