@@ -1,0 +1,15 @@
+//! The scheduler: watches pods that have no node, picks one with filter and
+//! score plugins, and binds through `pods/binding`, as kube-scheduler does.
+//!
+//! **Architecture invariant:** the scheduler talks only to the API server
+//! (through kube-rs); it never sees the store. Its view of the cluster is two
+//! reflectors (nodes, pods) plus the pods it has assumed bound but not yet
+//! seen bound, so back-to-back decisions account for each other.
+
+pub mod node_info;
+pub mod plugins;
+pub mod queue;
+mod scheduler;
+
+pub use queue::QueueConfig;
+pub use scheduler::{Config, Error, run};

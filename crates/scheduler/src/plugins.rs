@@ -1,0 +1,559 @@
+//! Filter and score plugins, as pure functions of a pod and a node, in
+//! kube-scheduler's order and with its messages and default weights.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Taint, Toleration,
+};
+
+use crate::node_info::{NodeInfo, host_ports, pod_requests, pod_requests_for_scoring};
+
+/// Why a node does not fit, in kube-scheduler's words.
+pub type Reasons = Vec<String>;
+
+fn spec(pod: &Pod) -> Option<&PodSpec> {
+    pod.spec.as_ref()
+}
+
+/// Whether `t` tolerates `taint` (Kubernetes' `ToleratesTaint`).
+pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty()) {
+        if effect != taint.effect {
+            return false;
+        }
+    }
+    match t.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => t
+            .key
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || k == taint.key),
+        _ => {
+            t.key.as_deref() == Some(taint.key.as_str())
+                && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
+        }
+    }
+}
+
+fn tolerated(pod: &Pod, taint: &Taint) -> bool {
+    spec(pod)
+        .and_then(|s| s.tolerations.as_ref())
+        .is_some_and(|ts| ts.iter().any(|t| tolerates(t, taint)))
+}
+
+fn taint_text(t: &Taint) -> String {
+    format!("{{{}: {}}}", t.key, t.value.as_deref().unwrap_or(""))
+}
+
+fn synthetic_taint(key: &str) -> Taint {
+    Taint {
+        key: key.into(),
+        effect: "NoSchedule".into(),
+        ..Default::default()
+    }
+}
+
+fn node_unschedulable(pod: &Pod, node: &NodeInfo) -> Reasons {
+    if node.unschedulable && !tolerated(pod, &synthetic_taint("node.kubernetes.io/unschedulable")) {
+        return vec!["node(s) were unschedulable".into()];
+    }
+    Vec::new()
+}
+
+fn node_ready(pod: &Pod, node: &NodeInfo) -> Reasons {
+    let taint = synthetic_taint("node.kubernetes.io/not-ready");
+    if !node.ready && !tolerated(pod, &taint) {
+        return vec![format!(
+            "node(s) had untolerated taint {}",
+            taint_text(&taint)
+        )];
+    }
+    Vec::new()
+}
+
+fn node_name(pod: &Pod, node: &NodeInfo) -> Reasons {
+    match spec(pod).and_then(|s| s.node_name.as_deref()) {
+        Some(want) if !want.is_empty() && want != node.name => {
+            vec!["node(s) didn't match the requested node name".into()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn taint_toleration(pod: &Pod, node: &NodeInfo) -> Reasons {
+    node.taints
+        .iter()
+        .find(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerated(pod, t))
+        .map(|t| vec![format!("node(s) had untolerated taint {}", taint_text(t))])
+        .unwrap_or_default()
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    let number = |s: &str| s.parse::<i64>().ok();
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => {
+            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(v), Some(x)) if v > x)
+        }
+        "Lt" => {
+            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(v), Some(x)) if v < x)
+        }
+        _ => false,
+    }
+}
+
+/// A node selector term: all expressions on labels and fields hold. An empty
+/// term matches nothing, as in Kubernetes.
+pub fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
+    let exprs = term.match_expressions.as_deref().unwrap_or_default();
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    if exprs.is_empty() && fields.is_empty() {
+        return false;
+    }
+    exprs
+        .iter()
+        .all(|r| requirement_matches(r, node.labels.get(&r.key).map(String::as_str)))
+        && fields.iter().all(|r| {
+            requirement_matches(r, (r.key == "metadata.name").then_some(node.name.as_str()))
+        })
+}
+
+fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
+    let Some(s) = spec(pod) else {
+        return Vec::new();
+    };
+    let selector_ok = s
+        .node_selector
+        .iter()
+        .flatten()
+        .all(|(k, v)| node.labels.get(k) == Some(v));
+    let required = s
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    let affinity_ok = required.is_none_or(|sel| {
+        sel.node_selector_terms
+            .iter()
+            .any(|t| term_matches(t, node))
+    });
+    if selector_ok && affinity_ok {
+        Vec::new()
+    } else {
+        vec!["node(s) didn't match Pod's node affinity/selector".into()]
+    }
+}
+
+fn node_ports(pod: &Pod, node: &NodeInfo) -> Reasons {
+    if host_ports(pod).iter().any(|p| node.used_ports.contains(p)) {
+        return vec!["node(s) didn't have free ports for the requested pod ports".into()];
+    }
+    Vec::new()
+}
+
+fn resources_fit(pod: &Pod, node: &NodeInfo) -> Reasons {
+    let mut reasons = Vec::new();
+    if node.pod_count + 1 > node.allowed_pods {
+        reasons.push("Too many pods".into());
+    }
+    let want = pod_requests(pod);
+    let checks = [
+        (
+            "cpu",
+            want.milli_cpu,
+            node.requested.milli_cpu,
+            node.allocatable.milli_cpu,
+        ),
+        (
+            "memory",
+            want.memory,
+            node.requested.memory,
+            node.allocatable.memory,
+        ),
+        (
+            "ephemeral-storage",
+            want.ephemeral_storage,
+            node.requested.ephemeral_storage,
+            node.allocatable.ephemeral_storage,
+        ),
+    ];
+    for (name, want, used, alloc) in checks {
+        if want > 0 && want > alloc - used {
+            reasons.push(format!("Insufficient {name}"));
+        }
+    }
+    reasons
+}
+
+type Filter = fn(&Pod, &NodeInfo) -> Reasons;
+
+/// Filters in kube-scheduler's order; the first that fails names the reasons.
+const FILTERS: &[Filter] = &[
+    node_unschedulable,
+    node_ready,
+    node_name,
+    taint_toleration,
+    node_affinity,
+    node_ports,
+    resources_fit,
+];
+
+/// Why `node` cannot run `pod`; empty when it can.
+pub fn filter(pod: &Pod, node: &NodeInfo) -> Reasons {
+    FILTERS
+        .iter()
+        .map(|f| f(pod, node))
+        .find(|r| !r.is_empty())
+        .unwrap_or_default()
+}
+
+/// Scores in 0..=100 for each feasible node, combined with kube-scheduler's
+/// default weights. Plugins whose raw values are relative (affinity weights,
+/// taint counts) are normalized over the feasible nodes.
+pub fn score(pod: &Pod, nodes: &[&NodeInfo]) -> Vec<i64> {
+    const W_TAINT: i64 = 3;
+    const W_AFFINITY: i64 = 2;
+    const W_FIT: i64 = 1;
+    const W_BALANCED: i64 = 1;
+    const W_IMAGE: i64 = 1;
+    let want = pod_requests_for_scoring(pod);
+    let fraction = |used: i64, alloc: i64| {
+        if alloc <= 0 {
+            1.0
+        } else {
+            (used as f64 / alloc as f64).min(1.0)
+        }
+    };
+    let preferred = spec(pod)
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| {
+            na.preferred_during_scheduling_ignored_during_execution
+                .clone()
+        })
+        .unwrap_or_default();
+    let affinity_raw: Vec<i64> = nodes
+        .iter()
+        .map(|n| {
+            preferred
+                .iter()
+                .filter(|p| term_matches(&p.preference, n))
+                .map(|p| i64::from(p.weight))
+                .sum()
+        })
+        .collect();
+    let taint_raw: Vec<i64> = nodes
+        .iter()
+        .map(|n| {
+            n.taints
+                .iter()
+                .filter(|t| t.effect == "PreferNoSchedule" && !tolerated(pod, t))
+                .count() as i64
+        })
+        .collect();
+    let max_affinity = affinity_raw.iter().copied().max().unwrap_or(0);
+    let max_taints = taint_raw.iter().copied().max().unwrap_or(0);
+    let images: Vec<String> = spec(pod)
+        .map(|s| {
+            s.containers
+                .iter()
+                .filter_map(|c| c.image.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let cpu = fraction(
+                n.requested_for_scoring.milli_cpu + want.milli_cpu,
+                n.allocatable.milli_cpu,
+            );
+            let mem = fraction(
+                n.requested_for_scoring.memory + want.memory,
+                n.allocatable.memory,
+            );
+            let least_allocated = ((1.0 - cpu) * 50.0 + (1.0 - mem) * 50.0) as i64;
+            let balanced = ((1.0 - (cpu - mem).abs() / 2.0) * 100.0) as i64;
+            // The share of the pod's images (or Wasm modules) the node already
+            // holds: the warm start path.
+            let image = if images.is_empty() {
+                0
+            } else {
+                (images
+                    .iter()
+                    .filter(|img| n.images.contains_key(*img))
+                    .count() as i64
+                    * 100)
+                    / images.len() as i64
+            };
+            let affinity = if max_affinity > 0 {
+                affinity_raw[i] * 100 / max_affinity
+            } else {
+                0
+            };
+            let taint = if max_taints > 0 {
+                100 - taint_raw[i] * 100 / max_taints
+            } else {
+                100
+            };
+            W_FIT * least_allocated
+                + W_BALANCED * balanced
+                + W_IMAGE * image
+                + W_AFFINITY * affinity
+                + W_TAINT * taint
+        })
+        .collect()
+}
+
+/// No node fits: the per-reason counts behind `FailedScheduling`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FitError {
+    pub nodes: usize,
+    pub reasons: BTreeMap<String, usize>,
+}
+
+impl std::fmt::Display for FitError {
+    /// `0/5 nodes are available: 2 node(s) had untolerated taint {dedicated: gpu}, 3 Insufficient memory.`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|(r, n)| format!("{n} {r}"))
+            .collect();
+        parts.sort();
+        if parts.is_empty() {
+            write!(f, "0/{} nodes are available.", self.nodes)
+        } else {
+            write!(
+                f,
+                "0/{} nodes are available: {}.",
+                self.nodes,
+                parts.join(", ")
+            )
+        }
+    }
+}
+
+/// Picks the best node for `pod`, or says why none fits.
+pub fn select(pod: &Pod, nodes: &[NodeInfo]) -> Result<String, FitError> {
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut feasible = Vec::new();
+    for n in nodes {
+        let r = filter(pod, n);
+        if r.is_empty() {
+            feasible.push(n);
+        }
+        for reason in r {
+            *reasons.entry(reason).or_default() += 1;
+        }
+    }
+    if feasible.is_empty() {
+        return Err(FitError {
+            nodes: nodes.len(),
+            reasons,
+        });
+    }
+    let scores = score(pod, &feasible);
+    let best = scores.iter().copied().max().unwrap_or(0);
+    let top: Vec<&NodeInfo> = feasible
+        .iter()
+        .zip(&scores)
+        .filter(|(_, s)| **s == best)
+        .map(|(n, _)| *n)
+        .collect();
+    // Ties break at random so equal nodes share the load.
+    let pick = top[rand::random_range(0..top.len())];
+    Ok(pick.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node_info::Resources;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": v})).unwrap()
+    }
+
+    fn node(name: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            ready: true,
+            allocatable: Resources {
+                milli_cpu: 4000,
+                memory: 8 << 30,
+                ephemeral_storage: 100 << 30,
+            },
+            allowed_pods: 110,
+            ..NodeInfo::default()
+        }
+    }
+
+    fn taint(key: &str, value: &str, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            value: Some(value.into()),
+            effect: effect.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn filters_name_their_reasons() {
+        let small = pod(
+            json!({"containers": [{"name": "c", "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}}]}),
+        );
+        let big = pod(
+            json!({"containers": [{"name": "c", "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}}]}),
+        );
+        let mut tainted = node("t");
+        tainted.taints = vec![taint("dedicated", "gpu", "NoSchedule")];
+        let mut cordoned = node("c");
+        cordoned.unschedulable = true;
+        let mut not_ready = node("nr");
+        not_ready.ready = false;
+        let ok = node("ok");
+        let mut full = node("f");
+        full.pod_count = 110;
+        let cases: Vec<(&Pod, &NodeInfo, Vec<&str>)> = vec![
+            (&small, &ok, vec![]),
+            (&big, &ok, vec!["Insufficient cpu", "Insufficient memory"]),
+            (
+                &small,
+                &tainted,
+                vec!["node(s) had untolerated taint {dedicated: gpu}"],
+            ),
+            (&small, &cordoned, vec!["node(s) were unschedulable"]),
+            (
+                &small,
+                &not_ready,
+                vec!["node(s) had untolerated taint {node.kubernetes.io/not-ready: }"],
+            ),
+            (&small, &full, vec!["Too many pods"]),
+        ];
+        for (p, n, want) in cases {
+            assert_eq!(filter(p, n), want, "node {}", n.name);
+        }
+        let tolerant = pod(
+            json!({"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}], "containers": [{"name": "c"}]}),
+        );
+        assert!(filter(&tolerant, &tainted).is_empty());
+        let exists_all =
+            pod(json!({"tolerations": [{"operator": "Exists"}], "containers": [{"name": "c"}]}));
+        assert!(filter(&exists_all, &tainted).is_empty());
+    }
+
+    #[test]
+    fn node_affinity_operators() {
+        let mut n = node("n1");
+        n.labels = [("zone", "a"), ("gen", "5")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let with = |exprs: serde_json::Value| {
+            pod(
+                json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": exprs}]}}}}),
+            )
+        };
+        let cases = [
+            (
+                json!([{"key": "zone", "operator": "In", "values": ["a", "b"]}]),
+                true,
+            ),
+            (
+                json!([{"key": "zone", "operator": "NotIn", "values": ["a"]}]),
+                false,
+            ),
+            (json!([{"key": "gpu", "operator": "DoesNotExist"}]), true),
+            (json!([{"key": "gpu", "operator": "Exists"}]), false),
+            (
+                json!([{"key": "gen", "operator": "Gt", "values": ["4"]}]),
+                true,
+            ),
+            (
+                json!([{"key": "gen", "operator": "Lt", "values": ["4"]}]),
+                false,
+            ),
+        ];
+        for (exprs, fits) in cases {
+            assert_eq!(filter(&with(exprs.clone()), &n).is_empty(), fits, "{exprs}");
+        }
+        let by_field = pod(
+            json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]}}}}),
+        );
+        assert!(filter(&by_field, &n).is_empty());
+        let selector = pod(json!({"containers": [{"name": "c"}], "nodeSelector": {"zone": "b"}}));
+        assert_eq!(
+            filter(&selector, &n),
+            ["node(s) didn't match Pod's node affinity/selector"]
+        );
+    }
+
+    #[test]
+    fn host_ports_conflict() {
+        let p = pod(
+            json!({"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}),
+        );
+        let mut n = node("n");
+        assert!(filter(&p, &n).is_empty());
+        n.add_pod(&p);
+        assert_eq!(
+            filter(&p, &n),
+            ["node(s) didn't have free ports for the requested pod ports"]
+        );
+    }
+
+    #[test]
+    fn scoring_prefers_emptier_nodes_preferred_affinity_and_cached_images() {
+        let p = pod(
+            json!({"containers": [{"name": "c", "image": "reg/app:1", "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}}}]}),
+        );
+        let mut busy = node("busy");
+        busy.requested_for_scoring = Resources {
+            milli_cpu: 3000,
+            memory: 6 << 30,
+            ephemeral_storage: 0,
+        };
+        assert_eq!(select(&p, &[busy.clone(), node("idle")]).unwrap(), "idle");
+        let mut cached = node("cached");
+        cached.images.insert("reg/app:1".into(), 1 << 20);
+        assert_eq!(select(&p, &[node("cold"), cached]).unwrap(), "cached");
+        let prefers = pod(
+            json!({"containers": [{"name": "c"}], "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 50, "preference": {"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}}]}}}),
+        );
+        let mut ssd = node("ssd");
+        ssd.labels.insert("disk".into(), "ssd".into());
+        assert_eq!(select(&prefers, &[node("hdd"), ssd]).unwrap(), "ssd");
+        let mut soft = node("soft");
+        soft.taints = vec![taint("spot", "true", "PreferNoSchedule")];
+        assert_eq!(select(&p, &[soft, node("clean")]).unwrap(), "clean");
+    }
+
+    #[test]
+    fn fit_error_reads_like_kube_scheduler() {
+        let p = pod(
+            json!({"containers": [{"name": "c", "resources": {"requests": {"memory": "16Gi"}}}]}),
+        );
+        let mut nodes: Vec<NodeInfo> = (0..3).map(|i| node(&format!("m{i}"))).collect();
+        for i in 0..2 {
+            let mut n = node(&format!("g{i}"));
+            n.taints = vec![taint("dedicated", "gpu", "NoSchedule")];
+            nodes.push(n);
+        }
+        let err = select(&p, &nodes).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/5 nodes are available: 2 node(s) had untolerated taint {dedicated: gpu}, 3 Insufficient memory."
+        );
+    }
+}
