@@ -18,10 +18,10 @@ fn spec(pod: &Pod) -> Option<&PodSpec> {
 
 /// Whether `t` tolerates `taint` (Kubernetes' `ToleratesTaint`).
 pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty()) {
-        if effect != taint.effect {
-            return false;
-        }
+    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty())
+        && effect != taint.effect
+    {
+        return false;
     }
     match t.operator.as_deref().unwrap_or("Equal") {
         "Exists" => t

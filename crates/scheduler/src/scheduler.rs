@@ -107,10 +107,10 @@ impl Shared {
             if is_terminal(&pod) || assumed.contains_key(&key_of(&pod)) {
                 continue;
             }
-            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
-                if let Some(&i) = index.get(node) {
-                    infos[i].add_pod(&pod);
-                }
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref())
+                && let Some(&i) = index.get(node)
+            {
+                infos[i].add_pod(&pod);
             }
         }
         for (node, pod) in assumed.values() {

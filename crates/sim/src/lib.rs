@@ -183,10 +183,10 @@ impl Sim {
                 grace_period_seconds: Some(0),
                 ..Default::default()
             };
-            if let Err(e) = api.delete(name, &params).await {
-                if !matches!(&e, kube::Error::Api(s) if s.code == 404) {
-                    tracing::warn!(pod = name, error = %e, "could not finish deleting pod");
-                }
+            if let Err(e) = api.delete(name, &params).await
+                && !matches!(&e, kube::Error::Api(s) if s.code == 404)
+            {
+                tracing::warn!(pod = name, error = %e, "could not finish deleting pod");
             }
             return;
         }
