@@ -2,6 +2,7 @@
 
 mod kubeconfig;
 mod server;
+mod sim;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,10 @@ enum Command {
     /// Run a whole cluster in this process: the API server on the embedded
     /// store, with a kubeconfig written so kubectl works immediately.
     Server(server::ServerArgs),
+    /// Join simulated nodes (like kwok) to a cluster: they register, renew
+    /// their leases and report the pods bound to them as running, through the
+    /// API only. For trying the control plane and benchmarking it at scale.
+    SimNodes(sim::SimArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +41,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Server(args) => runtime.block_on(server::run(args)),
+        Command::SimNodes(args) => runtime.block_on(sim::run(args)),
     }
 }

@@ -1,4 +1,5 @@
-//! `wasmkube server`: the whole cluster in one process.
+//! `wasmkube server`: the whole cluster in one process (today the API server
+//! and the scheduler; controllers and a node agent are next).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +87,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         api.clone(),
         Duration::from_secs(args.compaction_interval.max(1)),
     ));
+    // The control plane's own components are API clients like any other.
+    let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
+    tokio::spawn(async move {
+        if let Err(e) = wasmkube_scheduler::run(client, Default::default()).await {
+            tracing::error!(error = %e, "the scheduler stopped");
+        }
+    });
     let server = api.serve(listener);
     tokio::select! {
         result = server => result.context("the API server stopped")?,

@@ -635,3 +635,84 @@ fn official_python_client() {
     );
     assert!(out.contains("all python client checks passed"), "{out}");
 }
+
+/// Runs `wasmkube sim-nodes` against the server until dropped.
+struct SimNodes(Child);
+
+impl Drop for SimNodes {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sim_nodes(s: &Server, args: &[&str]) -> SimNodes {
+    let child = Command::new(wasmkube())
+        .arg("sim-nodes")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn wasmkube sim-nodes");
+    SimNodes(child)
+}
+
+#[test]
+fn scheduler_binds_pods_to_simulated_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let _sim = sim_nodes(&s, &["--count", "2", "--memory", "4Gi"]);
+    // `kubectl wait` watches; no sleeps.
+    ok(
+        &s,
+        &["wait", "--for=create", "node/sim-1", "--timeout=30s"],
+        None,
+    );
+    ok(&s, &["run", "web", "--image=registry.local/hello:1"], None);
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Running",
+            "pod/web",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let node = ok(
+        &s,
+        &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"],
+        None,
+    );
+    assert!(node.starts_with("sim-"), "{node}");
+    let row = ok(&s, &["get", "pod", "web", "--no-headers"], None);
+    assert_eq!(
+        row.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["web", "1/1", "Running"]
+    );
+
+    let huge = r#"{"spec":{"containers":[{"name":"huge","image":"x","resources":{"requests":{"memory":"64Gi"}}}]}}"#;
+    ok(
+        &s,
+        &["run", "huge", "--image=x", &format!("--overrides={huge}")],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=PodScheduled=false",
+            "pod/huge",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let described = ok(&s, &["describe", "pod", "huge"], None);
+    assert!(
+        described.contains("FailedScheduling")
+            && described.contains("0/2 nodes are available: 2 Insufficient memory."),
+        "{described}"
+    );
+}
