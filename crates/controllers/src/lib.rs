@@ -1,0 +1,24 @@
+//! Level-triggered controllers on kube-runtime, as kube-controller-manager
+//! runs them: each reconciles desired against observed state, idempotently,
+//! never branching on why it was woken, and requeues instead of looping.
+//!
+//! **Architecture invariant:** controllers are API clients only (kube-rs);
+//! they read through reflector caches and write through the API server.
+
+mod pods;
+pub mod replicaset;
+
+/// A reconcile failure; the controller retries after a short delay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API request failed")]
+    Kube(#[source] kube::Error),
+    #[error("invalid selector: {0}")]
+    Selector(String),
+    #[error("object has no uid")]
+    MissingUid,
+    #[error("the {what} watch ended")]
+    WatchEnded { what: &'static str },
+    #[error("controller stopped: {0}")]
+    Controller(String),
+}

@@ -1,0 +1,282 @@
+//! The ReplicaSet controller: keeps `spec.replicas` active pods that match the
+//! selector, creating from the template and deleting surplus (unscheduled and
+//! not-ready pods first), and reports counts in the status.
+//!
+//! Creates and deletes are remembered ("expectations") until the pod cache
+//! shows them, so a reconcile that runs before the cache catches up neither
+//! creates twice nor deletes twice.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use wasmkube_api::selectors::LabelSelector;
+
+use crate::Error;
+use crate::pods;
+
+/// How long an unobserved create or delete is waited for before trusting the cache again.
+const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pods created concurrently per reconcile.
+const CREATE_CONCURRENCY: usize = 16;
+
+#[derive(Default)]
+struct Expected {
+    creates: HashMap<String, Instant>,
+    deletes: HashMap<String, Instant>,
+}
+
+pub(crate) struct Ctx {
+    client: kube::Client,
+    pods: Store<Pod>,
+    expectations: Mutex<HashMap<String, Expected>>,
+}
+
+/// Pods owned (as controller) by the object with `uid`, in `ns`.
+pub(crate) fn owned_pods(store: &Store<Pod>, ns: &str, uid: &str) -> Vec<Arc<Pod>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == uid)
+        })
+        .collect()
+}
+
+fn pod_from_template(rs: &ReplicaSet) -> Result<Pod, Error> {
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
+    let mut meta = template.metadata.unwrap_or_default();
+    meta.name = None;
+    meta.generate_name = Some(format!("{}-", rs.name_any()));
+    meta.namespace = rs.namespace();
+    meta.owner_references = Some(vec![rs.controller_owner_ref(&()).ok_or(Error::MissingUid)?]);
+    Ok(Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    })
+}
+
+impl Ctx {
+    /// Drops expectations the cache now confirms (or that timed out) and
+    /// returns the outstanding ones.
+    fn observe(&self, uid: &str, owned: &[Arc<Pod>]) -> (usize, HashSet<String>) {
+        let mut all = self.expectations.lock().expect("expectations lock");
+        let e = all.entry(uid.to_owned()).or_default();
+        let names: HashSet<&str> = owned
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .collect();
+        e.creates.retain(|name, at| {
+            !names.contains(name.as_str()) && at.elapsed() < EXPECTATION_TIMEOUT
+        });
+        let live: HashMap<&str, bool> = owned
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.metadata.uid.as_deref()?,
+                    p.metadata.deletion_timestamp.is_none(),
+                ))
+            })
+            .collect();
+        e.deletes.retain(|uid, at| {
+            live.get(uid.as_str()) == Some(&true) && at.elapsed() < EXPECTATION_TIMEOUT
+        });
+        (e.creates.len(), e.deletes.keys().cloned().collect())
+    }
+
+    fn expect_create(&self, uid: &str, name: String) {
+        let mut all = self.expectations.lock().expect("expectations lock");
+        all.entry(uid.to_owned())
+            .or_default()
+            .creates
+            .insert(name, Instant::now());
+    }
+
+    fn expect_delete(&self, uid: &str, pod_uid: String) {
+        let mut all = self.expectations.lock().expect("expectations lock");
+        all.entry(uid.to_owned())
+            .or_default()
+            .deletes
+            .insert(pod_uid, Instant::now());
+    }
+}
+
+async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let ns = rs.namespace().unwrap_or_default();
+    let uid = rs.uid().ok_or(Error::MissingUid)?;
+    if rs.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let spec = rs.spec.clone().unwrap_or_default();
+    let selector = LabelSelector::from_api(&spec.selector).map_err(Error::Selector)?;
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Adopt active orphans the selector matches, as Kubernetes does.
+    for orphan in ctx.pods.state().iter().filter(|p| {
+        p.metadata.namespace.as_deref() == Some(ns.as_str())
+            && pods::is_active(p)
+            && !p
+                .owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true))
+            && selector.matches(p.metadata.labels.as_ref().unwrap_or(&Default::default()))
+    }) {
+        let owner = rs.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
+        let patch = json!({"metadata": {"ownerReferences": [owner], "uid": orphan.metadata.uid}});
+        pods_api
+            .patch(
+                &orphan.name_any(),
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
+            .await
+            .map_err(Error::Kube)?;
+    }
+
+    let owned = owned_pods(&ctx.pods, &ns, &uid);
+    let (pending_creates, pending_deletes) = ctx.observe(&uid, &owned);
+    let mut active: Vec<Arc<Pod>> = owned
+        .iter()
+        .filter(|p| {
+            pods::is_active(p)
+                && !p
+                    .metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| pending_deletes.contains(u))
+        })
+        .cloned()
+        .collect();
+    let want = spec.replicas.unwrap_or(1).max(0) as usize;
+    let have = active.len() + pending_creates;
+    if have < want {
+        let template = pod_from_template(&rs)?;
+        let created: Vec<Result<Pod, kube::Error>> = futures::stream::iter(0..want - have)
+            .map(|_| {
+                let (api, template) = (pods_api.clone(), template.clone());
+                async move { api.create(&PostParams::default(), &template).await }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect()
+            .await;
+        for result in created {
+            let pod = result.map_err(Error::Kube)?;
+            ctx.expect_create(&uid, pod.name_any());
+        }
+    } else if active.len() > want && pending_creates == 0 {
+        active.sort_by_key(|p| pods::deletion_rank(p));
+        for pod in active.iter().take(active.len() - want) {
+            match pods_api
+                .delete(&pod.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(Error::Kube(e)),
+            }
+            if let Some(u) = pod.metadata.uid.clone() {
+                ctx.expect_delete(&uid, u);
+            }
+        }
+    }
+
+    // Status from what the cache shows.
+    let now = Utc::now();
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    let counted: Vec<&Arc<Pod>> = owned.iter().filter(|p| pods::is_active(p)).collect();
+    let ready = counted.iter().filter(|p| pods::is_ready(p)).count();
+    let available = counted
+        .iter()
+        .filter(|p| pods::is_available(p, min_ready, now))
+        .count();
+    let status = json!({
+        "replicas": counted.len(),
+        "fullyLabeledReplicas": counted.len(),
+        "readyReplicas": ready,
+        "availableReplicas": available,
+        "observedGeneration": rs.metadata.generation,
+    });
+    let current = serde_json::to_value(rs.status.clone().unwrap_or_default()).unwrap_or_default();
+    let changed = [
+        "replicas",
+        "fullyLabeledReplicas",
+        "readyReplicas",
+        "availableReplicas",
+        "observedGeneration",
+    ]
+    .iter()
+    .any(|k| current[k].as_i64().unwrap_or(0) != status[k].as_i64().unwrap_or(0));
+    if changed {
+        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &rs.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    }
+    if ready > available {
+        // Pods become available once ready for minReadySeconds; look again then.
+        return Ok(Action::requeue(Duration::from_secs(
+            u64::try_from(min_ready.max(1)).unwrap_or(1),
+        )));
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+fn error_policy(rs: Arc<ReplicaSet>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+    tracing::warn!(replicaset = %rs.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs the ReplicaSet controller until its watches end.
+pub async fn run(client: kube::Client) -> Result<(), Error> {
+    let (pods, writer) = reflector::store();
+    let pod_cache = reflector::reflector(
+        writer,
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        pods: pods.clone(),
+        expectations: Mutex::default(),
+    });
+    let controller = async move {
+        let _ = pods.wait_until_ready().await;
+        Controller::new(
+            Api::<ReplicaSet>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .owns(Api::<Pod>::all(client), watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .try_for_each(|_| async { Ok(()) })
+        .await
+        .map_err(|e| Error::Controller(e.to_string()))
+    };
+    tokio::select! {
+        () = pod_cache => Err(Error::WatchEnded { what: "pod" }),
+        r = controller => r,
+    }
+}
