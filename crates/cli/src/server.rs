@@ -1,5 +1,5 @@
-//! `wasmkube server`: the whole cluster in one process (today the API server
-//! and the scheduler; controllers and a node agent are next).
+//! `wasmkube server`: the whole cluster in one process (today the API server,
+//! the scheduler and the workload controllers; a node agent is next).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,9 +89,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     ));
     // The control plane's own components are API clients like any other.
     let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
+    let controllers_client = client.clone();
     tokio::spawn(async move {
         if let Err(e) = wasmkube_scheduler::run(client, Default::default()).await {
             tracing::error!(error = %e, "the scheduler stopped");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = wasmkube_controllers::run_all(controllers_client).await {
+            tracing::error!(error = %e, "the controllers stopped");
         }
     });
     let server = api.serve(listener);

@@ -716,3 +716,127 @@ fn scheduler_binds_pods_to_simulated_nodes() {
         "{described}"
     );
 }
+
+#[test]
+fn deployment_rollout_with_kubectl() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let _sim = sim_nodes(&s, &["--count", "3"]);
+    ok(
+        &s,
+        &["wait", "--for=create", "node/sim-2", "--timeout=30s"],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "web",
+            "--image=example/web:1",
+            "--replicas=3",
+        ],
+        None,
+    );
+    let status = ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let pods = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].spec.nodeName}",
+        ],
+        None,
+    );
+    let mut nodes: Vec<&str> = pods.split_whitespace().collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 3, "three pods spread over three nodes: {pods}");
+    assert_eq!(
+        header(&ok(&s, &["get", "rs"], None)),
+        ["NAME", "DESIRED", "CURRENT", "READY", "AGE"]
+    );
+
+    ok(&s, &["scale", "deployment", "web", "--replicas=5"], None);
+    ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    assert_eq!(
+        ok(
+            &s,
+            &[
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.status.availableReplicas}"
+            ],
+            None
+        ),
+        "5"
+    );
+
+    ok(
+        &s,
+        &["set", "image", "deployment/web", "web=example/web:2"],
+        None,
+    );
+    ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    let images = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ],
+        None,
+    );
+    assert!(
+        images.split_whitespace().all(|i| i == "example/web:2"),
+        "{images}"
+    );
+
+    ok(&s, &["rollout", "undo", "deployment/web"], None);
+    ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    assert_eq!(
+        ok(
+            &s,
+            &[
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].image} {.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
+            ],
+            None
+        ),
+        "example/web:1 3"
+    );
+    let history = ok(&s, &["rollout", "history", "deployment/web"], None);
+    assert!(
+        history.contains("REVISION") && history.contains('2') && history.contains('3'),
+        "{history}"
+    );
+}

@@ -5,8 +5,17 @@
 //! **Architecture invariant:** controllers are API clients only (kube-rs);
 //! they read through reflector caches and write through the API server.
 
+pub mod deployment;
 mod pods;
 pub mod replicaset;
+
+/// Runs every controller until one stops.
+pub async fn run_all(client: kube::Client) -> Result<(), Error> {
+    tokio::select! {
+        r = replicaset::run(client.clone()) => r,
+        r = deployment::run(client) => r,
+    }
+}
 
 /// A reconcile failure; the controller retries after a short delay.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -42,7 +42,7 @@ async fn cluster() -> Cluster {
                 .await
                 .unwrap()
         }),
-        tokio::spawn(async move { wasmkube_controllers::replicaset::run(c3).await.unwrap() }),
+        tokio::spawn(async move { wasmkube_controllers::run_all(c3).await.unwrap() }),
     ];
     Cluster {
         client,
@@ -152,4 +152,180 @@ async fn replicaset_scales_and_replaces_pods() {
             .as_ref()
             .is_some_and(|o| o[0].kind == "ReplicaSet" && o[0].controller == Some(true))
     }));
+}
+
+fn deployment(name: &str, replicas: i32, image: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "c", "image": image}]}}},
+    }))
+    .unwrap()
+}
+
+fn image_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.containers[0].image.clone())
+        .unwrap_or_default()
+}
+
+/// Watches a deployment's pods until exactly `n` run, all with `image`.
+/// Once `floor` pods run, it fails if fewer ever run again before the end.
+async fn roll_to(client: &kube::Client, image: &str, n: usize, floor: usize) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut stream = std::pin::pin!(
+        watcher(api.clone(), watcher::Config::default().labels("app=web")).default_backoff()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut live: std::collections::BTreeMap<String, Pod> = Default::default();
+    let mut armed = false;
+    loop {
+        let event = tokio::time::timeout_at(deadline, stream.try_next())
+            .await
+            .expect("rollout in time")
+            .unwrap()
+            .unwrap();
+        match event {
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                live.insert(p.metadata.name.clone().unwrap(), p);
+            }
+            watcher::Event::Delete(p) => {
+                live.remove(&p.metadata.name.clone().unwrap());
+            }
+            watcher::Event::Init => live.clear(),
+            watcher::Event::InitDone => {}
+        }
+        let running: Vec<&Pod> = live
+            .values()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .collect();
+        armed |= floor > 0 && running.len() >= floor;
+        assert!(
+            !armed || running.len() >= floor,
+            "availability dropped to {} during the rollout (floor {floor})",
+            running.len()
+        );
+        if running.len() == n && running.iter().all(|p| image_of(p) == image) {
+            return;
+        }
+    }
+}
+
+async fn wait_deployment(client: &kube::Client, done: impl Fn(&Deployment) -> bool) -> Deployment {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).applied_objects());
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("deployment state in time")
+            .unwrap()
+            .unwrap();
+        if done(&d) {
+            return d;
+        }
+    }
+}
+
+fn revisions(rss: &[ReplicaSet]) -> Vec<(String, String, i32)> {
+    let mut out: Vec<_> = rss
+        .iter()
+        .map(|rs| {
+            (
+                rs.spec
+                    .as_ref()
+                    .unwrap()
+                    .template
+                    .as_ref()
+                    .map(|t| {
+                        image_of(&Pod {
+                            spec: t.spec.clone(),
+                            ..Default::default()
+                        })
+                    })
+                    .unwrap_or_default(),
+                rs.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("deployment.kubernetes.io/revision").cloned())
+                    .unwrap_or_default(),
+                rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_rolls_out_rolls_back_and_reports_status() {
+    let c = cluster().await;
+    let deploys: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    deploys
+        .create(&PostParams::default(), &deployment("web", 3, "app:1"))
+        .await
+        .unwrap();
+    roll_to(&c.client, "app:1", 3, 0).await;
+    let d = wait_deployment(&c.client, |d| {
+        let s = d.status.clone().unwrap_or_default();
+        s.available_replicas == Some(3)
+            && s.updated_replicas == Some(3)
+            && s.observed_generation == d.metadata.generation
+    })
+    .await;
+    assert_eq!(
+        d.metadata.annotations.unwrap()["deployment.kubernetes.io/revision"],
+        "1"
+    );
+
+    // A new image rolls out with maxUnavailable 0: never fewer than 3 running.
+    let set_image = |img: &str| {
+        Patch::Strategic(
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "c", "image": img}]}}}}),
+        )
+    };
+    deploys
+        .patch("web", &PatchParams::default(), &set_image("app:2"))
+        .await
+        .unwrap();
+    roll_to(&c.client, "app:2", 3, 3).await;
+    let d = wait_deployment(&c.client, |d| {
+        let s = d.status.clone().unwrap_or_default();
+        let done = s.conditions.unwrap_or_default().iter().any(|c| {
+            c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable")
+        });
+        done && s.updated_replicas == Some(3)
+            && s.replicas == Some(3)
+            && s.observed_generation == d.metadata.generation
+    })
+    .await;
+    assert_eq!(
+        d.metadata.annotations.unwrap()["deployment.kubernetes.io/revision"],
+        "2"
+    );
+
+    // Rolling back reuses the first ReplicaSet, now at revision 3.
+    deploys
+        .patch("web", &PatchParams::default(), &set_image("app:1"))
+        .await
+        .unwrap();
+    roll_to(&c.client, "app:1", 3, 3).await;
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let want = [
+        ("app:1".to_string(), "3".to_string(), 3),
+        ("app:2".to_string(), "2".to_string(), 0),
+    ];
+    let mut changes =
+        std::pin::pin!(watcher(rss.clone(), watcher::Config::default()).applied_objects());
+    // The revision annotation lands in its own write: re-list on each change.
+    while revisions(&rss.list(&ListParams::default()).await.unwrap().items) != want {
+        tokio::time::timeout(Duration::from_secs(30), changes.try_next())
+            .await
+            .expect("replicaset change")
+            .unwrap();
+    }
 }
