@@ -20,11 +20,27 @@ pub fn decode_stored(kv: &KeyValue) -> Result<Value, serde_json::Error> {
     Ok(obj)
 }
 
-/// Encodes an object for the store, dropping `resourceVersion`.
+/// Metadata members Kubernetes omits when empty (`omitempty`).
+const OMIT_EMPTY: &[&str] = &[
+    "labels",
+    "annotations",
+    "finalizers",
+    "ownerReferences",
+    "managedFields",
+];
+
+/// Encodes an object for the store, dropping `resourceVersion` and empty
+/// metadata lists and maps, as Kubernetes' encoding does.
 pub fn encode_for_store(obj: &Value) -> Bytes {
     let mut obj = obj.clone();
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
+        meta.retain(|k, v| {
+            !OMIT_EMPTY.contains(&k.as_str())
+                || !(v.is_null()
+                    || v.as_array().is_some_and(Vec::is_empty)
+                    || v.as_object().is_some_and(|m| m.is_empty()))
+        });
     }
     Bytes::from(serde_json::to_vec(&obj).expect("JSON values always serialize"))
 }

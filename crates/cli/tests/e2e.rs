@@ -839,4 +839,106 @@ fn deployment_rollout_with_kubectl() {
         history.contains("REVISION") && history.contains('2') && history.contains('3'),
         "{history}"
     );
+
+    // Cascading deletes as on Kubernetes.
+    ok(
+        &s,
+        &["delete", "deployment", "web", "--cascade=foreground"],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=delete",
+            "pod",
+            "-l",
+            "app=web",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(&s, &["get", "rs", "-l", "app=web", "-o", "name"], None),
+        ""
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "kept",
+            "--image=example/web:1",
+            "--replicas=2",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["rollout", "status", "deployment/kept", "--timeout=60s"],
+        None,
+    );
+    ok(
+        &s,
+        &["delete", "deployment", "kept", "--cascade=orphan"],
+        None,
+    );
+    // `kubectl delete` waits until the Deployment is gone, which the collector
+    // allows only after releasing its ReplicaSet.
+    assert_eq!(
+        ok(
+            &s,
+            &[
+                "get",
+                "rs",
+                "-l",
+                "app=kept",
+                "-o",
+                "jsonpath={.items[*].metadata.ownerReferences}"
+            ],
+            None
+        ),
+        ""
+    );
+    assert_eq!(
+        ok(&s, &["get", "pods", "-l", "app=kept", "--no-headers"], None)
+            .lines()
+            .count(),
+        2,
+        "orphaned pods keep running"
+    );
+
+    // Deleting a namespace removes everything in it.
+    ok(&s, &["create", "namespace", "doomed"], None);
+    ok(
+        &s,
+        &[
+            "-n",
+            "doomed",
+            "create",
+            "deployment",
+            "web",
+            "--image=example/web:1",
+            "--replicas=2",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "-n",
+            "doomed",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["delete", "namespace", "doomed", "--timeout=60s"],
+        None,
+    );
+    assert!(!kubectl(&s, &["get", "namespace", "doomed"], None).ok);
 }

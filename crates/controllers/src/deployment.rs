@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -133,10 +133,10 @@ impl Ctx {
         let ns = d.namespace().unwrap_or_default();
         let spec = d.spec.clone().unwrap_or_default();
         let mut template =
-            serde_json::to_value(&spec.template).map_err(|e| Error::Controller(e.to_string()))?;
+            serde_json::to_value(&spec.template).map_err(|e| Error::Encode(e.to_string()))?;
         template["metadata"]["labels"][HASH_LABEL] = json!(hash);
         let mut selector =
-            serde_json::to_value(&spec.selector).map_err(|e| Error::Controller(e.to_string()))?;
+            serde_json::to_value(&spec.selector).map_err(|e| Error::Encode(e.to_string()))?;
         selector["matchLabels"][HASH_LABEL] = json!(hash);
         let rs: ReplicaSet = serde_json::from_value(json!({
             "metadata": {
@@ -151,7 +151,7 @@ impl Ctx {
             },
             "spec": {"replicas": replicas, "minReadySeconds": spec.min_ready_seconds.unwrap_or(0), "selector": selector, "template": template},
         }))
-        .map_err(|e| Error::Controller(e.to_string()))?;
+        .map_err(|e| Error::Encode(e.to_string()))?;
         let api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), &ns);
         match api.create(&PostParams::default(), &rs).await {
             Ok(created) => Ok(Some(created)),
@@ -183,7 +183,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .collect();
     owned.sort_by_key(|rs| revision(rs));
     let template =
-        serde_json::to_value(&spec.template).map_err(|e| Error::Controller(e.to_string()))?;
+        serde_json::to_value(&spec.template).map_err(|e| Error::Encode(e.to_string()))?;
     let max_revision = owned.iter().map(|rs| revision(rs)).max().unwrap_or(0);
     let existing_new = owned
         .iter()
@@ -486,22 +486,25 @@ async fn update_status(
 }
 
 fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(deployment = %d.name_any(), error = %error, "reconcile failed; retrying");
+    tracing::warn!(deployment = %d.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
 
 /// Runs the Deployment controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let (replicasets, writer) = reflector::store();
-    let rs_cache = reflector::reflector(
-        writer,
-        watcher(
-            Api::<ReplicaSet>::all(client.clone()),
-            watcher::Config::default(),
-        ),
+    // One reflector both answers reads and triggers reconciles, and it
+    // triggers only after its store is updated: a reconcile never reads an
+    // older state than the event that woke it.
+    let (replicasets, writer) = reflector::store_shared(1024);
+    let trigger = writer
+        .subscribe()
+        .expect("a shared store hands out subscribers");
+    let cache = watcher(
+        Api::<ReplicaSet>::all(client.clone()),
+        watcher::Config::default(),
     )
     .default_backoff()
-    .touched_objects()
+    .reflect_shared(writer)
     .for_each(|_| async {});
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -509,19 +512,20 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
     });
     let controller = async move {
         let _ = replicasets.wait_until_ready().await;
-        Controller::new(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(Api::<ReplicaSet>::all(client), watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .map_err(|e| Error::Controller(e.to_string()))
+        Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
+            .owns_shared_stream(trigger)
+            .run(reconcile, error_policy, ctx)
+            // Per-object failures are retried by the error policy; they never stop the controller.
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
+                }
+            })
+            .await;
     };
     tokio::select! {
-        () = rs_cache => Err(Error::WatchEnded { what: "replicaset" }),
-        r = controller => r,
+        () = cache => Err(Error::WatchEnded { what: "replicaset" }),
+        () = controller => Ok(()),
     }
 }
 

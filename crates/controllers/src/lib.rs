@@ -6,6 +6,7 @@
 //! they read through reflector caches and write through the API server.
 
 pub mod deployment;
+pub mod gc;
 mod pods;
 pub mod replicaset;
 
@@ -13,7 +14,23 @@ pub mod replicaset;
 pub async fn run_all(client: kube::Client) -> Result<(), Error> {
     tokio::select! {
         r = replicaset::run(client.clone()) => r,
-        r = deployment::run(client) => r,
+        r = deployment::run(client.clone()) => r,
+        r = gc::run(client) => r,
+    }
+}
+
+/// Displays an error with its whole source chain, for logs.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
 }
 
@@ -28,6 +45,6 @@ pub enum Error {
     MissingUid,
     #[error("the {what} watch ended")]
     WatchEnded { what: &'static str },
-    #[error("controller stopped: {0}")]
-    Controller(String),
+    #[error("could not build the object: {0}")]
+    Encode(String),
 }

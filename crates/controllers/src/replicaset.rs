@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -244,20 +244,23 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 }
 
 fn error_policy(rs: Arc<ReplicaSet>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(replicaset = %rs.name_any(), error = %error, "reconcile failed; retrying");
+    tracing::warn!(replicaset = %rs.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
 
 /// Runs the ReplicaSet controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let (pods, writer) = reflector::store();
-    let pod_cache = reflector::reflector(
-        writer,
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| async {});
+    // One reflector both answers reads and triggers reconciles, and it
+    // triggers only after its store is updated: a reconcile never reads an
+    // older state than the event that woke it.
+    let (pods, writer) = reflector::store_shared(1024);
+    let trigger = writer
+        .subscribe()
+        .expect("a shared store hands out subscribers");
+    let cache = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect_shared(writer)
+        .for_each(|_| async {});
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -265,18 +268,19 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
     });
     let controller = async move {
         let _ = pods.wait_until_ready().await;
-        Controller::new(
-            Api::<ReplicaSet>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(Api::<Pod>::all(client), watcher::Config::default())
-        .run(reconcile, error_policy, ctx)
-        .try_for_each(|_| async { Ok(()) })
-        .await
-        .map_err(|e| Error::Controller(e.to_string()))
+        Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
+            .owns_shared_stream(trigger)
+            .run(reconcile, error_policy, ctx)
+            // Per-object failures are retried by the error policy; they never stop the controller.
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
+                }
+            })
+            .await;
     };
     tokio::select! {
-        () = pod_cache => Err(Error::WatchEnded { what: "pod" }),
-        r = controller => r,
+        () = cache => Err(Error::WatchEnded { what: "pod" }),
+        () = controller => Ok(()),
     }
 }

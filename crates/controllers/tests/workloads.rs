@@ -17,6 +17,11 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    // Controller logs show up with the failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("wasmkube_controllers=debug")
+        .with_test_writer()
+        .try_init();
     let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
         .await
         .unwrap();
@@ -184,7 +189,23 @@ async fn roll_to(client: &kube::Client, image: &str, n: usize, floor: usize) {
     loop {
         let event = tokio::time::timeout_at(deadline, stream.try_next())
             .await
-            .expect("rollout in time")
+            .unwrap_or_else(|_| {
+                let state: Vec<(String, String, String, bool)> = live
+                    .values()
+                    .map(|p| {
+                        (
+                            p.metadata.name.clone().unwrap_or_default(),
+                            image_of(p),
+                            p.status
+                                .as_ref()
+                                .and_then(|s| s.phase.clone())
+                                .unwrap_or_default(),
+                            p.metadata.deletion_timestamp.is_some(),
+                        )
+                    })
+                    .collect();
+                panic!("rollout to {image} not done in time; pods: {state:?}")
+            })
             .unwrap()
             .unwrap();
         match event {
@@ -328,4 +349,151 @@ async fn deployment_rolls_out_rolls_back_and_reports_status() {
             .expect("replicaset change")
             .unwrap();
     }
+}
+
+/// Waits, through a watch on `api`, until `done` holds for its listing.
+async fn wait_list<K>(api: &Api<K>, what: &str, done: impl Fn(&[K]) -> bool) -> Vec<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut changes =
+        std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = api.list(&ListParams::default()).await.unwrap().items;
+        if done(&items) {
+            return items;
+        }
+        tokio::time::timeout_at(deadline, changes.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not reached in time"))
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_follows_propagation_policies() {
+    use kube::api::PropagationPolicy;
+    let c = cluster().await;
+    let deploys: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+
+    // Background (the default): the Deployment goes at once, then its ReplicaSet and pods.
+    deploys
+        .create(&PostParams::default(), &deployment("web", 2, "app:1"))
+        .await
+        .unwrap();
+    roll_to(&c.client, "app:1", 2, 0).await;
+    deploys
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_list(&rss, "replicasets collected", |l| l.is_empty()).await;
+    wait_list(&pods, "pods collected", |l| l.is_empty()).await;
+
+    // Foreground: the Deployment stays, marked, until its dependents are gone.
+    deploys
+        .create(&PostParams::default(), &deployment("web", 2, "app:1"))
+        .await
+        .unwrap();
+    roll_to(&c.client, "app:1", 2, 0).await;
+    let fg = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Foreground),
+        ..Default::default()
+    };
+    deploys.delete("web", &fg).await.unwrap();
+    let marked = deploys.get_opt("web").await.unwrap();
+    assert!(marked.is_none_or(|d| d.metadata.deletion_timestamp.is_some()));
+    wait_list(&deploys, "deployment deleted after its dependents", |l| {
+        l.is_empty()
+    })
+    .await;
+    assert!(
+        rss.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // Orphan: deleting a ReplicaSet leaves its pods, released.
+    rss.create(&PostParams::default(), &replicaset("keep", 2))
+        .await
+        .unwrap();
+    wait_running(&c.client, "app=keep", |n| n == 2).await;
+    let orphan = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Orphan),
+        ..Default::default()
+    };
+    rss.delete("keep", &orphan).await.unwrap();
+    wait_list(&rss, "replicaset gone", |l| l.is_empty()).await;
+    let left = wait_list(&pods, "pods released", |l| {
+        l.len() == 2
+            && l.iter().all(|p| {
+                p.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_none_or(|o| o.is_empty())
+            })
+    })
+    .await;
+    assert_eq!(left.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_namespace_removes_everything_in_it() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let c = cluster().await;
+    let namespaces: Api<Namespace> = Api::all(c.client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(c.client.clone(), "team");
+    deploys
+        .create(&PostParams::default(), &deployment("web", 2, "app:1"))
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "team");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "cfg"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "team");
+    wait_list(&pods, "pods running in the namespace", |l| l.len() == 2).await;
+    namespaces
+        .delete("team", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_list(&namespaces, "namespace finalized", |l| {
+        l.iter().all(|n| n.metadata.name.as_deref() != Some("team"))
+    })
+    .await;
+    assert!(
+        pods.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        cms.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
