@@ -6,16 +6,20 @@
 //! they read through reflector caches and write through the API server.
 
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 mod pods;
 pub mod replicaset;
+pub mod serviceaccount;
 
 /// Runs every controller until one stops.
 pub async fn run_all(client: kube::Client) -> Result<(), Error> {
     tokio::select! {
         r = replicaset::run(client.clone()) => r,
         r = deployment::run(client.clone()) => r,
-        r = gc::run(client) => r,
+        r = gc::run(client.clone()) => r,
+        r = serviceaccount::run(client.clone()) => r,
+        r = endpoints::run(client) => r,
     }
 }
 

@@ -497,3 +497,98 @@ async fn deleting_a_namespace_removes_everything_in_it() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_get_endpoints_and_slices_that_follow_their_pods() {
+    use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceAccount};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let c = cluster().await;
+    let svcs: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}))
+    .unwrap();
+    svcs.create(&PostParams::default(), &svc).await.unwrap();
+    let mut d = deployment("web", 3, "app:1");
+    d.spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .ports = Some(vec![
+        serde_json::from_value(json!({"name": "http", "containerPort": 8080})).unwrap(),
+    ]);
+    let deploys: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+
+    let endpoints: Api<Endpoints> = Api::namespaced(c.client.clone(), "default");
+    let ready_addresses = |l: &[Endpoints]| -> usize {
+        l.iter()
+            .filter(|e| e.metadata.name.as_deref() == Some("web"))
+            .flat_map(|e| e.subsets.iter().flatten())
+            .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
+            .sum()
+    };
+    let listed = wait_list(&endpoints, "three ready endpoints", |l| {
+        ready_addresses(l) == 3
+    })
+    .await;
+    let subset = &listed
+        .iter()
+        .find(|e| e.metadata.name.as_deref() == Some("web"))
+        .unwrap()
+        .subsets
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        subset.ports.as_ref().unwrap()[0].port,
+        8080,
+        "the named target port resolves to the container port"
+    );
+    let slices: Api<EndpointSlice> = Api::namespaced(c.client.clone(), "default");
+    wait_list(&slices, "a slice with three ready endpoints", |l| {
+        l.iter().any(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|m| m.get("kubernetes.io/service-name"))
+                .map(String::as_str)
+                == Some("web")
+                && s.endpoints
+                    .iter()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count()
+                    == 3
+        })
+    })
+    .await;
+
+    deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    wait_list(&endpoints, "one ready endpoint after scaling down", |l| {
+        ready_addresses(l) == 1
+    })
+    .await;
+    svcs.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_list(&endpoints, "endpoints removed with the service", |l| {
+        l.iter().all(|e| e.metadata.name.as_deref() != Some("web"))
+    })
+    .await;
+    wait_list(&slices, "slices removed with the service", |l| l.is_empty()).await;
+
+    // Every namespace has a default service account.
+    let accounts: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "default");
+    wait_list(&accounts, "default service account", |l| {
+        l.iter()
+            .any(|a| a.metadata.name.as_deref() == Some("default"))
+    })
+    .await;
+}
