@@ -25,6 +25,11 @@ use crate::{Error, pods};
 
 const MANAGER: &str = "endpoint-controller";
 
+/// A Service port resolved on one pod: (name, port, protocol).
+type ResolvedPorts = Vec<(String, i32, String)>;
+/// Ready and not-ready addresses sharing one set of resolved ports.
+type Subsets = BTreeMap<ResolvedPorts, (Vec<Value>, Vec<Value>)>;
+
 struct Ctx {
     client: kube::Client,
     pods: Store<Pod>,
@@ -108,12 +113,11 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     selected.sort_by_key(|p| p.name_any());
 
     // Endpoints: one subset per distinct set of resolved ports.
-    let mut subsets: BTreeMap<Vec<(String, i32, String)>, (Vec<Value>, Vec<Value>)> =
-        BTreeMap::new();
+    let mut subsets: Subsets = BTreeMap::new();
     let mut slice_endpoints = Vec::new();
     let mut slice_ports: Option<Vec<Value>> = None;
     for pod in &selected {
-        let resolved: Option<Vec<(String, i32, String)>> = ports
+        let resolved: Option<ResolvedPorts> = ports
             .iter()
             .map(|p| {
                 resolve_port(pod, p.target_port.as_ref(), p.port).map(|port| {
