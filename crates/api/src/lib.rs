@@ -18,3 +18,18 @@ pub mod validation;
 
 pub use k8s_openapi;
 pub use registry::{ResourceType, Subresource};
+
+/// Displays an error with its whole `source()` chain, for logs and messages.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

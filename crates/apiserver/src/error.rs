@@ -8,8 +8,8 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use wasmkube_api::ResourceType;
 use wasmkube_api::field::FieldError;
+use wasmkube_api::{ErrorChain, ResourceType};
 use wasmkube_store::StoreError;
 
 /// Who the error is about, for the `details` member.
@@ -244,21 +244,6 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         resp
-    }
-}
-
-/// Displays an error with its whole source chain.
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 

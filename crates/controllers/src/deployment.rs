@@ -12,13 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -492,39 +491,26 @@ fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the Deployment controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    // One reflector both answers reads and triggers reconciles, and it
-    // triggers only after its store is updated: a reconcile never reads an
-    // older state than the event that woke it.
-    let (replicasets, writer) = reflector::store_shared(1024);
-    let trigger = writer
-        .subscribe()
-        .expect("a shared store hands out subscribers");
-    let cache = watcher(
-        Api::<ReplicaSet>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect_shared(writer)
-    .for_each(|_| async {});
+    let crate::SharedCache {
+        store: replicasets,
+        trigger,
+        driver,
+    } = crate::shared_cache::<ReplicaSet>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         replicasets: replicasets.clone(),
     });
     let controller = async move {
         let _ = replicasets.wait_until_ready().await;
-        Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
-            .owns_shared_stream(trigger)
-            .run(reconcile, error_policy, ctx)
-            // Per-object failures are retried by the error policy; they never stop the controller.
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
-                }
-            })
-            .await;
+        crate::drain(
+            Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
+                .owns_shared_stream(trigger)
+                .run(reconcile, error_policy, ctx),
+        )
+        .await;
     };
     tokio::select! {
-        () = cache => Err(Error::WatchEnded { what: "replicaset" }),
+        () = driver => Err(Error::WatchEnded { what: "replicaset" }),
         () = controller => Ok(()),
     }
 }

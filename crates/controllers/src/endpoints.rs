@@ -11,13 +11,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -209,14 +208,11 @@ fn error_policy(svc: Arc<Service>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the Endpoints/EndpointSlice controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let (pods, writer) = reflector::store_shared(1024);
-    let trigger = writer
-        .subscribe()
-        .expect("a shared store hands out subscribers");
-    let cache = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|_| async {});
+    let crate::SharedCache {
+        store: pods,
+        trigger,
+        driver,
+    } = crate::shared_cache::<Pod>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -225,26 +221,24 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         let _ = pods.wait_until_ready().await;
         let controller = Controller::new(Api::<Service>::all(client), watcher::Config::default());
         let services = controller.store();
-        controller
-            // A pod change wakes the Services that select it.
-            .watches_shared_stream(trigger, move |pod: Arc<Pod>| {
-                services
-                    .state()
-                    .into_iter()
-                    .filter(|s| selects(s, &pod))
-                    .map(|s| ObjectRef::from_obj(&*s))
-                    .collect::<Vec<_>>()
-            })
-            .run(reconcile, error_policy, ctx)
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
-                }
-            })
-            .await;
+        // A pod change wakes the Services that select it.
+        let selecting = move |pod: Arc<Pod>| {
+            services
+                .state()
+                .into_iter()
+                .filter(|s| selects(s, &pod))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        };
+        crate::drain(controller.watches_shared_stream(trigger, selecting).run(
+            reconcile,
+            error_policy,
+            ctx,
+        ))
+        .await;
     };
     tokio::select! {
-        () = cache => Err(Error::WatchEnded { what: "pod" }),
+        () = driver => Err(Error::WatchEnded { what: "pod" }),
         () = controller => Ok(()),
     }
 }

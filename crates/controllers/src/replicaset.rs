@@ -16,8 +16,8 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use wasmkube_api::selectors::LabelSelector;
@@ -250,17 +250,11 @@ fn error_policy(rs: Arc<ReplicaSet>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the ReplicaSet controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    // One reflector both answers reads and triggers reconciles, and it
-    // triggers only after its store is updated: a reconcile never reads an
-    // older state than the event that woke it.
-    let (pods, writer) = reflector::store_shared(1024);
-    let trigger = writer
-        .subscribe()
-        .expect("a shared store hands out subscribers");
-    let cache = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|_| async {});
+    let crate::SharedCache {
+        store: pods,
+        trigger,
+        driver,
+    } = crate::shared_cache::<Pod>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -268,19 +262,15 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
     });
     let controller = async move {
         let _ = pods.wait_until_ready().await;
-        Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
-            .owns_shared_stream(trigger)
-            .run(reconcile, error_policy, ctx)
-            // Per-object failures are retried by the error policy; they never stop the controller.
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
-                }
-            })
-            .await;
+        crate::drain(
+            Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
+                .owns_shared_stream(trigger)
+                .run(reconcile, error_policy, ctx),
+        )
+        .await;
     };
     tokio::select! {
-        () = cache => Err(Error::WatchEnded { what: "pod" }),
+        () = driver => Err(Error::WatchEnded { what: "pod" }),
         () = controller => Ok(()),
     }
 }

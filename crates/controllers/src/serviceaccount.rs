@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
@@ -45,7 +44,7 @@ fn error_policy(ns: Arc<Namespace>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 /// Runs the ServiceAccount controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let accounts = Api::<ServiceAccount>::all(client.clone());
-    Controller::new(
+    let results = Controller::new(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -55,12 +54,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         watcher::Config::default().fields("metadata.name=default"),
         |sa| sa.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
-    .run(reconcile, error_policy, Arc::new(Ctx { client }))
-    .for_each(|result| async move {
-        if let Err(e) = result {
-            tracing::debug!(error = %crate::ErrorChain(&e), "reconcile did not complete");
-        }
-    })
-    .await;
+    .run(reconcile, error_policy, Arc::new(Ctx { client }));
+    crate::drain(results).await;
     Ok(())
 }
