@@ -66,6 +66,11 @@ pub enum Error {
     WatchEnded,
 }
 
+/// The InternalIP of simulated node `index`.
+fn node_ip(index: usize) -> String {
+    format!("10.0.{}.{}", index / 250, index % 250 + 2)
+}
+
 fn node_object(config: &SimConfig, index: usize, name: &str) -> Node {
     let mut labels = config.labels.clone();
     labels.insert("kubernetes.io/hostname".into(), name.into());
@@ -97,7 +102,7 @@ fn node_object(config: &SimConfig, index: usize, name: &str) -> Node {
                 condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
                 condition("PIDPressure", "False", "KubeletHasSufficientPID"),
             ],
-            "addresses": [{"type": "InternalIP", "address": format!("10.0.{}.{}", index / 250, index % 250 + 2)}, {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": node_ip(index)}, {"type": "Hostname", "address": name}],
             "nodeInfo": {
                 "kubeletVersion": "v1.33.0-wasmkube-sim",
                 "kubeProxyVersion": "",
@@ -232,7 +237,7 @@ impl Sim {
         let condition = |t: &str, s: &str| json!({"type": t, "status": s, "lastProbeTime": null, "lastTransitionTime": now});
         let status = json!({"status": {
             "phase": target,
-            "hostIP": "10.0.0.2",
+            "hostIP": node_ip(self.nodes[node]),
             "podIP": self.pod_ip(node),
             "startTime": now,
             "conditions": [condition("PodScheduled", "True"), condition("Initialized", "True"), condition("ContainersReady", ready), condition("Ready", ready)],
