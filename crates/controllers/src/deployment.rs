@@ -365,7 +365,13 @@ async fn update_status(
         };
     let now_t = Utc::now();
     let now = now_t.to_rfc3339_opts(SecondsFormat::Secs, true);
-    let previous = serde_json::to_value(d.status.clone().unwrap_or_default()).unwrap_or_default();
+    // Compare with the stored status, not the one this reconcile was handed:
+    // that may predate our own last write. (Conditions carry timestamps, so an
+    // unconditional write would wake this controller forever.)
+    let api: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+    let fresh = api.get_status(&d.name_any()).await.map_err(Error::Kube)?;
+    let previous = serde_json::to_value(fresh.status.unwrap_or_default()).unwrap_or_default();
     let prev_cond = |t: &str| {
         previous["conditions"]
             .as_array()
@@ -471,8 +477,6 @@ async fn update_status(
         m.remove("collisionCount");
     }
     if strip(&status) != prev_cmp || progressed {
-        let api: Api<Deployment> =
-            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
         api.patch_status(
             &d.name_any(),
             &PatchParams::default(),
@@ -491,11 +495,11 @@ fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the Deployment controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let crate::SharedCache {
+    let crate::Cache {
         store: replicasets,
-        trigger,
+        changes,
         driver,
-    } = crate::shared_cache::<ReplicaSet>(&client);
+    } = crate::cache::<ReplicaSet>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         replicasets: replicasets.clone(),
@@ -504,7 +508,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         let _ = replicasets.wait_until_ready().await;
         crate::drain(
             Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
-                .owns_shared_stream(trigger)
+                .owns_stream(changes)
                 .run(reconcile, error_policy, ctx),
         )
         .await;

@@ -208,11 +208,11 @@ fn error_policy(svc: Arc<Service>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the Endpoints/EndpointSlice controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let crate::SharedCache {
+    let crate::Cache {
         store: pods,
-        trigger,
+        changes,
         driver,
-    } = crate::shared_cache::<Pod>(&client);
+    } = crate::cache::<Pod>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -222,7 +222,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         let controller = Controller::new(Api::<Service>::all(client), watcher::Config::default());
         let services = controller.store();
         // A pod change wakes the Services that select it.
-        let selecting = move |pod: Arc<Pod>| {
+        let selecting = move |pod: Pod| {
             services
                 .state()
                 .into_iter()
@@ -230,7 +230,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(controller.watches_shared_stream(trigger, selecting).run(
+        crate::drain(controller.watches_stream(changes, selecting).run(
             reconcile,
             error_policy,
             ctx,

@@ -8,9 +8,10 @@
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::api::Api;
-use kube::runtime::reflector::{self, ReflectHandle, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
+use tokio_stream::wrappers::ReceiverStream;
 
 pub mod deployment;
 pub mod endpoints;
@@ -32,17 +33,21 @@ pub async fn run_all(client: kube::Client) -> Result<(), Error> {
 
 pub(crate) use wasmkube_api::ErrorChain;
 
-/// A reflector over every `K` whose store answers reads and whose trigger
-/// wakes reconciles only after the store is updated, so a reconcile never
-/// reads state older than the event that woke it.
-pub(crate) struct SharedCache<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+/// A cache of every `K` plus the stream of objects it has just applied.
+///
+/// The reflector updates the store first and only then forwards the object,
+/// Apply and Delete alike, so a reconcile woken by an event never reads a
+/// store older than that event. (kube's shared-store subscribers forward only
+/// references for applied objects and resolve them later, so a pod updated and
+/// then deleted at once would wake nobody.)
+pub(crate) struct Cache<K: kube::Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
-    pub trigger: ReflectHandle<K>,
+    pub changes: ReceiverStream<Result<K, watcher::Error>>,
     /// Drives the watch; it ends only if the watch does.
     pub driver: BoxFuture<'static, ()>,
 }
 
-pub(crate) fn shared_cache<K>(client: &kube::Client) -> SharedCache<K>
+pub(crate) fn cache<K>(client: &kube::Client) -> Cache<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -52,18 +57,26 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store_shared(1024);
-    let trigger = writer
-        .subscribe()
-        .expect("a shared store hands out subscribers");
-    let driver = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|_| async {})
-        .boxed();
-    SharedCache {
+    let (store, writer) = reflector::store();
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let driver = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(move |touched| {
+        let tx = tx.clone();
+        async move {
+            if let Ok(obj) = touched {
+                let _ = tx.send(Ok(obj)).await;
+            }
+        }
+    })
+    .boxed();
+    Cache {
         store,
-        trigger,
+        changes: ReceiverStream::new(rx),
         driver,
     }
 }

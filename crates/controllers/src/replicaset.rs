@@ -167,6 +167,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         .collect();
     let want = spec.replicas.unwrap_or(1).max(0) as usize;
     let have = active.len() + pending_creates;
+    tracing::debug!(replicaset = %rs.name_any(), want, active = active.len(), pending_creates, pending_deletes = pending_deletes.len(), "reconcile");
     if have < want {
         let template = pod_from_template(&rs)?;
         let created: Vec<Result<Pod, kube::Error>> = futures::stream::iter(0..want - have)
@@ -214,26 +215,17 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         "availableReplicas": available,
         "observedGeneration": rs.metadata.generation,
     });
-    let current = serde_json::to_value(rs.status.clone().unwrap_or_default()).unwrap_or_default();
-    let changed = [
-        "replicas",
-        "fullyLabeledReplicas",
-        "readyReplicas",
-        "availableReplicas",
-        "observedGeneration",
-    ]
-    .iter()
-    .any(|k| current[k].as_i64().unwrap_or(0) != status[k].as_i64().unwrap_or(0));
-    if changed {
-        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &rs.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await
-        .map_err(Error::Kube)?;
-    }
+    // Always written: the object this reconcile was handed may predate our
+    // own last status write, so comparing with it could skip a needed write.
+    // The API server turns an identical write into a no-op (no new revision).
+    let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &rs.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .map_err(Error::Kube)?;
     if ready > available {
         // Pods become available once ready for minReadySeconds; look again then.
         return Ok(Action::requeue(Duration::from_secs(
@@ -250,11 +242,11 @@ fn error_policy(rs: Arc<ReplicaSet>, error: &Error, _ctx: Arc<Ctx>) -> Action {
 
 /// Runs the ReplicaSet controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
-    let crate::SharedCache {
+    let crate::Cache {
         store: pods,
-        trigger,
+        changes,
         driver,
-    } = crate::shared_cache::<Pod>(&client);
+    } = crate::cache::<Pod>(&client);
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -264,7 +256,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         let _ = pods.wait_until_ready().await;
         crate::drain(
             Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
-                .owns_shared_stream(trigger)
+                .owns_stream(changes)
                 .run(reconcile, error_policy, ctx),
         )
         .await;

@@ -68,11 +68,13 @@ async fn wait_running(
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let running: Vec<String> = api
+        let all = api
             .list(&ListParams::default().labels(selector))
             .await
             .unwrap()
-            .items
+            .items;
+        let running: Vec<String> = all
+            .clone()
             .into_iter()
             .filter(|p| {
                 p.metadata.deletion_timestamp.is_none()
@@ -86,9 +88,40 @@ async fn wait_running(
         // Nothing to do until a pod changes.
         tokio::time::timeout_at(deadline, stream.try_next())
             .await
-            .unwrap_or_else(|_| panic!("timed out; running: {running:?}"))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out; running: {running:?}; all: {}",
+                    describe_pods(&all)
+                )
+            })
             .unwrap();
     }
+}
+
+/// One line per pod: name, phase, node, and whether it is being deleted.
+fn describe_pods(pods: &[Pod]) -> String {
+    pods.iter()
+        .map(|p| {
+            format!(
+                "{}:{}:{}:{}",
+                p.metadata.name.as_deref().unwrap_or_default(),
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .unwrap_or("-"),
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .unwrap_or("-"),
+                if p.metadata.deletion_timestamp.is_some() {
+                    "deleting"
+                } else {
+                    "live"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn replicaset(name: &str, replicas: i32) -> ReplicaSet {
