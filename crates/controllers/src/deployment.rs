@@ -488,11 +488,6 @@ async fn update_status(
     Ok(())
 }
 
-fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(deployment = %d.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
-}
-
 /// Runs the Deployment controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let crate::Cache {
@@ -509,7 +504,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         crate::drain(
             Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
                 .owns_stream(changes)
-                .run(reconcile, error_policy, ctx),
+                .run(reconcile, crate::retry_soon, ctx),
         )
         .await;
     };

@@ -201,11 +201,6 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-fn error_policy(svc: Arc<Service>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(service = %svc.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
-}
-
 /// Runs the Endpoints/EndpointSlice controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let crate::Cache {
@@ -232,7 +227,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         };
         crate::drain(controller.watches_stream(changes, selecting).run(
             reconcile,
-            error_policy,
+            crate::retry_soon,
             ctx,
         ))
         .await;

@@ -81,6 +81,20 @@ where
     }
 }
 
+/// Every controller's error policy: log the whole error and retry soon.
+pub(crate) fn retry_soon<K, C>(
+    obj: std::sync::Arc<K>,
+    error: &Error,
+    _ctx: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    use kube::ResourceExt;
+    tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), error = %ErrorChain(error), "reconcile failed; retrying");
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
+}
+
 /// Drives a controller's results. Failures are retried by its error policy;
 /// here they are only logged, so no object's failure stops the controller.
 pub(crate) async fn drain<T, E: std::error::Error>(results: impl Stream<Item = Result<T, E>>) {

@@ -235,11 +235,6 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-fn error_policy(rs: Arc<ReplicaSet>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(replicaset = %rs.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
-}
-
 /// Runs the ReplicaSet controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let crate::Cache {
@@ -257,7 +252,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         crate::drain(
             Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
                 .owns_stream(changes)
-                .run(reconcile, error_policy, ctx),
+                .run(reconcile, crate::retry_soon, ctx),
         )
         .await;
     };

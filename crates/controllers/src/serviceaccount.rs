@@ -2,7 +2,6 @@
 //! service account (recreated if deleted), as pods name it by default.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::ResourceExt;
@@ -36,11 +35,6 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-fn error_policy(ns: Arc<Namespace>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(namespace = %ns.name_any(), error = %crate::ErrorChain(error), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
-}
-
 /// Runs the ServiceAccount controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let accounts = Api::<ServiceAccount>::all(client.clone());
@@ -54,7 +48,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         watcher::Config::default().fields("metadata.name=default"),
         |sa| sa.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
-    .run(reconcile, error_policy, Arc::new(Ctx { client }));
+    .run(reconcile, crate::retry_soon, Arc::new(Ctx { client }));
     crate::drain(results).await;
     Ok(())
 }
