@@ -74,8 +74,6 @@ struct Ring {
     events: VecDeque<Arc<CachedEvent>>,
     /// History is complete for every revision after this one.
     oldest: u64,
-    /// The newest revision fed in.
-    latest: u64,
 }
 
 /// See the module docs.
@@ -92,7 +90,7 @@ impl std::fmt::Debug for WatchCache {
         let ring = self.ring.lock().expect("watch cache lock");
         f.debug_struct("WatchCache")
             .field("oldest", &ring.oldest)
-            .field("latest", &ring.latest)
+            .field("latest", &ring.events.back().map(|e| e.revision))
             .field("len", &ring.events.len())
             .finish()
     }
@@ -121,7 +119,6 @@ impl WatchCache {
             ring: Mutex::new(Ring {
                 events: VecDeque::new(),
                 oldest: start,
-                latest: start,
             }),
             tx,
             capacity: capacity.max(1),
@@ -165,7 +162,6 @@ impl WatchCache {
     fn push(&self, event: CachedEvent) {
         let event = Arc::new(event);
         let mut ring = self.ring.lock().expect("watch cache lock");
-        ring.latest = event.revision;
         ring.events.push_back(event.clone());
         while ring.events.len() > self.capacity {
             if let Some(old) = ring.events.pop_front() {
@@ -180,7 +176,6 @@ impl WatchCache {
         let mut ring = self.ring.lock().expect("watch cache lock");
         ring.events.clear();
         ring.oldest = revision;
-        ring.latest = revision;
     }
 }
 

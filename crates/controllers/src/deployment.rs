@@ -104,14 +104,10 @@ fn template_without_hash(rs: &ReplicaSet) -> Value {
 }
 
 impl Ctx {
-    async fn scale(&self, rs: &ReplicaSet, replicas: i32, d: &Deployment) -> Result<(), Error> {
+    /// Merge-patches one of the Deployment's ReplicaSets.
+    async fn patch_rs(&self, rs: &ReplicaSet, patch: serde_json::Value) -> Result<(), Error> {
         let api: Api<ReplicaSet> =
             Api::namespaced(self.client.clone(), &rs.namespace().unwrap_or_default());
-        let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-        let patch = json!({
-            "metadata": {"annotations": {"deployment.kubernetes.io/desired-replicas": desired.to_string()}},
-            "spec": {"replicas": replicas},
-        });
         api.patch(
             &rs.name_any(),
             &PatchParams::default(),
@@ -120,6 +116,18 @@ impl Ctx {
         .await
         .map_err(Error::Kube)?;
         Ok(())
+    }
+
+    async fn scale(&self, rs: &ReplicaSet, replicas: i32, d: &Deployment) -> Result<(), Error> {
+        let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        self.patch_rs(
+            rs,
+            json!({
+                "metadata": {"annotations": {"deployment.kubernetes.io/desired-replicas": desired.to_string()}},
+                "spec": {"replicas": replicas},
+            }),
+        )
+        .await
     }
 
     async fn create_new(
@@ -214,16 +222,11 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // again (rollback) takes the next revision.
     let (new_rs, new_revision): (Arc<ReplicaSet>, i64) = match existing_new {
         Some(rs) if revision(&rs) < max_revision || revision(&rs) == 0 => {
-            let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-            let patch =
-                json!({"metadata": {"annotations": {REVISION: (max_revision + 1).to_string()}}});
-            api.patch(
-                &rs.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
+            ctx.patch_rs(
+                &rs,
+                json!({"metadata": {"annotations": {REVISION: (max_revision + 1).to_string()}}}),
             )
-            .await
-            .map_err(Error::Kube)?;
+            .await?;
             progressed = true;
             (rs, max_revision + 1)
         }
