@@ -5,6 +5,7 @@
 //! store. Everything else (scheduler, controllers, node agents, kubectl) goes
 //! through the HTTP API it serves.
 
+mod admission;
 mod discovery;
 mod error;
 mod fields;
@@ -94,6 +95,18 @@ impl ApiServer {
         for name in SYSTEM_NAMESPACES {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
             match rest::create_internal(&server, ns, None, body).await {
+                Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let pcs = registry::lookup("scheduling.k8s.io", "v1", "priorityclasses")
+            .expect("priorityclasses are served");
+        for (name, value, description) in admission::SYSTEM_PRIORITY_CLASSES {
+            let body = json!({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": name}, "value": value, "description": description,
+            });
+            match rest::create_internal(&server, pcs, None, body).await {
                 Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -664,8 +664,10 @@ impl Ctx<'_> {
         if let Some(ns) = self.target.namespace {
             self.ensure_namespace_open(ns).await?;
         }
-        if self.rt().kind == "Service" {
-            crate::services::allocate(self.server, &mut obj).await?;
+        match self.rt().kind {
+            "Service" => crate::services::allocate(self.server, &mut obj).await?,
+            "Pod" => crate::admission::pod(self.server, &mut obj).await?,
+            _ => {}
         }
         fields::record_update(
             self.rt(),

@@ -1,7 +1,9 @@
 //! What the scheduler knows about a node: allocatable resources, what the
-//! pods bound to it request, its host ports, labels, taints and images.
+//! pods bound to it request, its host ports, labels, taints, images and
+//! runtime handlers. Kept up to date incrementally by the scheduler's cache.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use wasmkube_api::quantity;
@@ -19,6 +21,14 @@ impl std::ops::AddAssign for Resources {
         self.milli_cpu += o.milli_cpu;
         self.memory += o.memory;
         self.ephemeral_storage += o.ephemeral_storage;
+    }
+}
+
+impl std::ops::SubAssign for Resources {
+    fn sub_assign(&mut self, o: Self) {
+        self.milli_cpu -= o.milli_cpu;
+        self.memory -= o.memory;
+        self.ephemeral_storage -= o.ephemeral_storage;
     }
 }
 
@@ -85,7 +95,12 @@ pub fn host_ports(pod: &Pod) -> BTreeSet<(String, i32)> {
         .collect()
 }
 
-/// One node as the scheduler sees it in one cycle.
+/// A pod's priority (0 when admission gave it none).
+pub fn priority(pod: &Pod) -> i32 {
+    pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
+}
+
+/// One node as the scheduler sees it.
 #[derive(Clone, Debug, Default)]
 pub struct NodeInfo {
     pub name: String,
@@ -102,6 +117,10 @@ pub struct NodeInfo {
     pub used_ports: BTreeSet<(String, i32)>,
     /// Image names the node holds, with their sizes in bytes.
     pub images: BTreeMap<String, i64>,
+    /// Runtime handlers the node advertises (`status.runtimeHandlers`).
+    pub runtime_handlers: BTreeSet<String>,
+    /// Pods bound or assumed bound here, by `namespace/name`.
+    pub pods: HashMap<String, Arc<Pod>>,
 }
 
 impl NodeInfo {
@@ -127,6 +146,10 @@ impl NodeInfo {
                     .collect()
             })
             .unwrap_or_default();
+        let runtime_handlers = status
+            .and_then(|s| s.runtime_handlers.as_ref())
+            .map(|hs| hs.iter().filter_map(|h| h.name.clone()).collect())
+            .unwrap_or_default();
         Self {
             name: node.metadata.name.clone().unwrap_or_default(),
             labels: node.metadata.labels.clone().unwrap_or_default(),
@@ -144,16 +167,49 @@ impl NodeInfo {
             allocatable: parse_list(alloc),
             allowed_pods,
             images,
+            runtime_handlers,
             ..Self::default()
         }
     }
 
-    /// Accounts a pod bound (or assumed bound) to this node.
-    pub fn add_pod(&mut self, pod: &Pod) {
-        self.requested += pod_requests(pod);
-        self.requested_for_scoring += pod_requests_for_scoring(pod);
+    /// Takes the node's own fields from `newer`, keeping the pods accounted here.
+    pub fn update_node(&mut self, newer: NodeInfo) {
+        let pods = std::mem::take(&mut self.pods);
+        let (requested, scoring, count, ports) = (
+            self.requested,
+            self.requested_for_scoring,
+            self.pod_count,
+            std::mem::take(&mut self.used_ports),
+        );
+        *self = newer;
+        self.pods = pods;
+        self.requested = requested;
+        self.requested_for_scoring = scoring;
+        self.pod_count = count;
+        self.used_ports = ports;
+    }
+
+    /// Accounts a pod bound (or assumed bound) to this node under `key`,
+    /// replacing an older version of it.
+    pub fn add_pod(&mut self, key: &str, pod: Arc<Pod>) {
+        self.remove_pod(key);
+        self.requested += pod_requests(&pod);
+        self.requested_for_scoring += pod_requests_for_scoring(&pod);
         self.pod_count += 1;
-        self.used_ports.extend(host_ports(pod));
+        self.used_ports.extend(host_ports(&pod));
+        self.pods.insert(key.to_owned(), pod);
+    }
+
+    /// Stops accounting the pod `key`; returns it if it was here.
+    pub fn remove_pod(&mut self, key: &str) -> Option<Arc<Pod>> {
+        let pod = self.pods.remove(key)?;
+        self.requested -= pod_requests(&pod);
+        self.requested_for_scoring -= pod_requests_for_scoring(&pod);
+        self.pod_count -= 1;
+        if !host_ports(&pod).is_empty() {
+            self.used_ports = self.pods.values().flat_map(|p| host_ports(p)).collect();
+        }
+        Some(pod)
     }
 }
 

@@ -1,5 +1,7 @@
-//! Filter and score plugins, as pure functions of a pod and a node, in
-//! kube-scheduler's order and with its messages and default weights.
+//! Filter and score plugins in kube-scheduler's order, with its messages and
+//! default weights: node-local ones as pure functions of a pod and a node,
+//! cluster-aware ones (inter-pod affinity, topology spread) prepared once per
+//! cycle in [`crate::interpod`].
 
 use std::collections::BTreeMap;
 
@@ -7,7 +9,9 @@ use k8s_openapi::api::core::v1::{
     NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Taint, Toleration,
 };
 
-use crate::node_info::{NodeInfo, host_ports, pod_requests, pod_requests_for_scoring};
+use crate::cache::Cache;
+use crate::interpod::{InterPodAffinity, TopologySpread};
+use crate::node_info::{NodeInfo, host_ports, pod_requests, pod_requests_for_scoring, priority};
 
 /// Why a node does not fit, in kube-scheduler's words.
 pub type Reasons = Vec<String>;
@@ -123,8 +127,17 @@ pub fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
 }
 
 fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
+    if matches_node_affinity(pod, node) {
+        Vec::new()
+    } else {
+        vec!["node(s) didn't match Pod's node affinity/selector".into()]
+    }
+}
+
+/// The pod's `nodeSelector` and required node affinity both hold on `node`.
+pub fn matches_node_affinity(pod: &Pod, node: &NodeInfo) -> bool {
     let Some(s) = spec(pod) else {
-        return Vec::new();
+        return true;
     };
     let selector_ok = s
         .node_selector
@@ -144,11 +157,7 @@ fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
             .iter()
             .any(|t| term_matches(t, node))
     });
-    if selector_ok && affinity_ok {
-        Vec::new()
-    } else {
-        vec!["node(s) didn't match Pod's node affinity/selector".into()]
-    }
+    selector_ok && affinity_ok
 }
 
 fn node_ports(pod: &Pod, node: &NodeInfo) -> Reasons {
@@ -342,36 +351,211 @@ impl std::fmt::Display for FitError {
     }
 }
 
-/// Picks the best node for `pod`, or says why none fits.
-pub fn select(pod: &Pod, nodes: &[NodeInfo]) -> Result<String, FitError> {
-    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    let mut feasible = Vec::new();
-    for n in nodes {
-        let r = filter(pod, n);
+/// How many feasible nodes a cycle looks for before it stops filtering
+/// (kube-scheduler's adaptive `percentageOfNodesToScore`): all of a small
+/// cluster, 10% of 5,000 nodes, never fewer than 100.
+pub fn feasible_nodes_to_find(nodes: usize) -> usize {
+    const MIN: usize = 100;
+    if nodes < MIN {
+        return nodes;
+    }
+    let percent = (50 - nodes as i64 / 125).max(5) as usize;
+    (nodes * percent / 100).max(MIN)
+}
+
+/// Where a pod's RuntimeClass sends it: the handler it needs, if any.
+fn runtime_handler(pod: &Pod, cache: &Cache) -> Option<String> {
+    let class = spec(pod)?.runtime_class_name.as_deref()?;
+    Some(cache.runtime_handler(class).unwrap_or(class).to_owned())
+}
+
+/// One scheduling cycle's prepared state for one pod.
+pub struct Cycle {
+    handler: Option<String>,
+    pub affinity: InterPodAffinity,
+    pub spread: TopologySpread,
+    priority: i32,
+    key: String,
+}
+
+impl Cycle {
+    pub fn prepare(key: &str, pod: &Pod, cache: &Cache) -> Self {
+        Self {
+            handler: runtime_handler(pod, cache),
+            affinity: InterPodAffinity::prepare(pod, cache),
+            spread: TopologySpread::prepare(pod, cache),
+            priority: priority(pod),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Every filter, node-local then cluster-aware.
+    pub fn filter(&self, pod: &Pod, node: &NodeInfo) -> Reasons {
+        let r = self.filter_local(pod, node);
+        if !r.is_empty() {
+            return r;
+        }
+        let r = self.spread.filter(node);
+        if !r.is_empty() {
+            return r;
+        }
+        self.affinity.filter(node)
+    }
+
+    /// The node-local filters, plus the runtime handler.
+    pub fn filter_local(&self, pod: &Pod, node: &NodeInfo) -> Reasons {
+        if let Some(h) = &self.handler
+            && !node.runtime_handlers.contains(h)
+        {
+            return vec![format!("node(s) didn't have the runtime handler {h:?}")];
+        }
+        filter(pod, node)
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn priority(&self) -> i32 {
+        self.priority
+    }
+}
+
+/// `node` with the pods nominated to it that `cycle`'s pod must leave room
+/// for (preemptors of at least its priority), when there are any.
+pub fn with_nominated<'a>(
+    cache: &Cache,
+    cycle: &Cycle,
+    node: &'a NodeInfo,
+) -> std::borrow::Cow<'a, NodeInfo> {
+    let mut nominated = cache
+        .nominated_on(&node.name, cycle.priority, &cycle.key)
+        .peekable();
+    if nominated.peek().is_none() {
+        return std::borrow::Cow::Borrowed(node);
+    }
+    let mut n = node.clone();
+    for (k, p) in nominated {
+        n.add_pod(k, p.clone());
+    }
+    std::borrow::Cow::Owned(n)
+}
+
+/// The outcome of filtering: feasible nodes, or why each node failed.
+pub struct Filtered<'a> {
+    pub feasible: Vec<&'a NodeInfo>,
+    pub inspected: usize,
+    pub reasons: BTreeMap<String, usize>,
+    /// Nodes that failed, with their reasons (kept for preemption).
+    pub failed: Vec<(&'a NodeInfo, Reasons)>,
+}
+
+/// Filters nodes from the cache's rotation until enough are feasible.
+pub fn find_feasible<'a>(pod: &Pod, cycle: &Cycle, cache: &'a Cache) -> Filtered<'a> {
+    let want = feasible_nodes_to_find(cache.node_count());
+    let nominations = cache.has_nominations();
+    let mut out = Filtered {
+        feasible: Vec::new(),
+        inspected: 0,
+        reasons: BTreeMap::new(),
+        failed: Vec::new(),
+    };
+    for n in cache.nodes_from_rotation() {
+        if out.feasible.len() >= want {
+            break;
+        }
+        out.inspected += 1;
+        let r = if nominations {
+            cycle.filter(pod, &with_nominated(cache, cycle, n))
+        } else {
+            cycle.filter(pod, n)
+        };
         if r.is_empty() {
-            feasible.push(n);
-        }
-        for reason in r {
-            *reasons.entry(reason).or_default() += 1;
+            out.feasible.push(n);
+        } else {
+            for reason in &r {
+                *out.reasons.entry(reason.clone()).or_default() += 1;
+            }
+            out.failed.push((n, r));
         }
     }
-    if feasible.is_empty() {
-        return Err(FitError {
-            nodes: nodes.len(),
-            reasons,
-        });
-    }
-    let scores = score(pod, &feasible);
-    let best = scores.iter().copied().max().unwrap_or(0);
-    let top: Vec<&NodeInfo> = feasible
-        .iter()
-        .zip(&scores)
-        .filter(|(_, s)| **s == best)
-        .map(|(n, _)| *n)
-        .collect();
-    // Ties break at random so equal nodes share the load.
-    let pick = top[rand::random_range(0..top.len())];
-    Ok(pick.name.clone())
+    out
+}
+
+/// Normalizes raw values to 0..=100 over the feasible nodes, highest best
+/// (or lowest best when `reverse`).
+fn normalize(raw: &[i64], reverse: bool) -> Vec<i64> {
+    let (min, max) = (
+        raw.iter().copied().min().unwrap_or(0),
+        raw.iter().copied().max().unwrap_or(0),
+    );
+    raw.iter()
+        .map(|&v| {
+            if max == min {
+                if reverse { 100 } else { 0 }
+            } else if reverse {
+                (max - v) * 100 / (max - min)
+            } else {
+                (v - min) * 100 / (max - min)
+            }
+        })
+        .collect()
+}
+
+/// Picks the best node for `pod` in `cache`, or says why none fits. The
+/// cache's rotation moves on by the nodes inspected.
+pub fn select(key: &str, pod: &Pod, cache: &mut Cache) -> Result<String, FitError> {
+    let cycle = Cycle::prepare(key, pod, cache);
+    let (pick, inspected) = {
+        let filtered = find_feasible(pod, &cycle, cache);
+        if filtered.feasible.is_empty() {
+            return Err(FitError {
+                nodes: cache.node_count(),
+                reasons: filtered.reasons,
+            });
+        }
+        let mut scores = score(pod, &filtered.feasible);
+        const W_INTER_POD: i64 = 2;
+        const W_SPREAD: i64 = 2;
+        if cycle.affinity.scores_anything() {
+            let raw: Vec<i64> = filtered
+                .feasible
+                .iter()
+                .map(|n| cycle.affinity.score(n))
+                .collect();
+            for (s, v) in scores.iter_mut().zip(normalize(&raw, false)) {
+                *s += W_INTER_POD * v;
+            }
+        }
+        if cycle.spread.scores_anything() {
+            let raw: Vec<Option<i64>> = filtered
+                .feasible
+                .iter()
+                .map(|n| cycle.spread.score(n))
+                .collect();
+            let present: Vec<i64> = raw.iter().flatten().copied().collect();
+            let normalized = normalize(&present, true);
+            let mut it = normalized.into_iter();
+            for (s, v) in scores.iter_mut().zip(&raw) {
+                if v.is_some() {
+                    *s += W_SPREAD * it.next().unwrap_or(0);
+                }
+            }
+        }
+        let best = scores.iter().copied().max().unwrap_or(0);
+        let top: Vec<&NodeInfo> = filtered
+            .feasible
+            .iter()
+            .zip(&scores)
+            .filter(|(_, s)| **s == best)
+            .map(|(n, _)| *n)
+            .collect();
+        // Ties break at random so equal nodes share the load.
+        let pick = top[rand::random_range(0..top.len())].name.clone();
+        (pick, filtered.inspected)
+    };
+    cache.advance(inspected);
+    Ok(pick)
 }
 
 #[cfg(test)]
@@ -379,6 +563,15 @@ mod tests {
     use super::*;
     use crate::node_info::Resources;
     use serde_json::json;
+    use std::sync::Arc;
+
+    fn select(p: &Pod, nodes: &[NodeInfo]) -> Result<String, FitError> {
+        let mut cache = Cache::default();
+        for n in nodes {
+            cache.upsert_node_info(n.clone());
+        }
+        super::select("d/p", p, &mut cache)
+    }
 
     fn pod(v: serde_json::Value) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": v})).unwrap()
@@ -505,7 +698,7 @@ mod tests {
         );
         let mut n = node("n");
         assert!(filter(&p, &n).is_empty());
-        n.add_pod(&p);
+        n.add_pod("d/p", Arc::new(p.clone()));
         assert_eq!(
             filter(&p, &n),
             ["node(s) didn't have free ports for the requested pod ports"]

@@ -1,8 +1,10 @@
 //! The scheduling queue: pods ready to try (active), pods waiting out a
 //! backoff after an error, and pods that fit nowhere (unschedulable) until the
-//! cluster changes, as in kube-scheduler.
+//! cluster changes, as in kube-scheduler. Active pods pop highest priority
+//! first, then in arrival order.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -33,8 +35,10 @@ impl Default for QueueConfig {
 
 #[derive(Default)]
 struct Inner {
-    active: VecDeque<Key>,
-    queued: HashSet<Key>,
+    /// Ordered by (highest priority, arrival); `queued` maps back.
+    active: BTreeMap<(Reverse<i32>, u64), Key>,
+    queued: HashMap<Key, (Reverse<i32>, u64)>,
+    priority: HashMap<Key, i32>,
     backoff: BTreeMap<(Instant, u64), Key>,
     unschedulable: HashMap<Key, Instant>,
     attempts: HashMap<Key, u32>,
@@ -49,8 +53,14 @@ impl Inner {
 
     fn activate(&mut self, key: Key) {
         self.remove_waiting(&key);
-        if self.queued.insert(key.clone()) {
-            self.active.push_back(key);
+        if !self.queued.contains_key(&key) {
+            self.seq += 1;
+            let slot = (
+                Reverse(self.priority.get(&key).copied().unwrap_or(0)),
+                self.seq,
+            );
+            self.queued.insert(key.clone(), slot);
+            self.active.insert(slot, key);
         }
     }
 }
@@ -82,9 +92,10 @@ impl Queue {
         }
     }
 
-    /// A new or changed pod that needs scheduling.
-    pub fn add(&self, key: Key) {
+    /// A new or changed pod that needs scheduling, with its priority.
+    pub fn add(&self, key: Key, priority: i32) {
         let mut i = self.inner.lock().expect("queue lock");
+        i.priority.insert(key.clone(), priority);
         if i.unschedulable.contains_key(&key) || i.backoff.values().any(|k| *k == key) {
             // It waits for a cluster change or its backoff; a pod update alone
             // (for example our own status write) does not make it fit.
@@ -100,8 +111,9 @@ impl Queue {
         let mut i = self.inner.lock().expect("queue lock");
         i.remove_waiting(key);
         i.attempts.remove(key);
-        if i.queued.remove(key) {
-            i.active.retain(|k| k != key);
+        i.priority.remove(key);
+        if let Some(slot) = i.queued.remove(key) {
+            i.active.remove(&slot);
         }
     }
 
@@ -171,7 +183,7 @@ impl Queue {
                 for k in stale {
                     i.activate(k);
                 }
-                if let Some(k) = i.active.pop_front() {
+                if let Some((_, k)) = i.active.pop_first() {
                     i.queued.remove(&k);
                     return k;
                 }
@@ -216,23 +228,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pops_in_order_and_deduplicates() {
         let q = queue();
-        q.add("a".into());
-        q.add("b".into());
-        q.add("a".into());
+        q.add("a".into(), 0);
+        q.add("b".into(), 0);
+        q.add("a".into(), 0);
         assert_eq!(q.pop().await, "a");
         assert_eq!(q.pop().await, "b");
-        q.add("c".into());
+        q.add("c".into(), 0);
         q.forget("c");
-        q.add("d".into());
+        q.add("d".into(), 0);
         assert_eq!(q.pop().await, "d");
+        // Higher priority goes first; equal priorities keep arrival order.
+        q.add("low".into(), 0);
+        q.add("high".into(), 1000);
+        q.add("low2".into(), 0);
+        assert_eq!(q.pop().await, "high");
+        assert_eq!(q.pop().await, "low");
+        assert_eq!(q.pop().await, "low2");
     }
 
     #[tokio::test(start_paused = true)]
     async fn unschedulable_pods_wait_for_a_cluster_change() {
         let q = queue();
         q.unschedulable("p".into());
-        q.add("p".into()); // its own update does not requeue it
-        q.add("other".into());
+        q.add("p".into(), 0); // its own update does not requeue it
+        q.add("other".into(), 0);
         assert_eq!(q.pop().await, "other");
         q.cluster_changed();
         assert_eq!(q.pop().await, "p");

@@ -1,20 +1,29 @@
-//! The scheduling loop on kube-rs: reflectors feed the queue; each popped pod
-//! is filtered and scored against a fresh view of the nodes, then bound.
+//! The scheduling loop on kube-rs: watches feed the queue and the
+//! incremental [`Cache`]; each popped pod is filtered and scored against the
+//! cache, assumed on its node, and bound in the background.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
-use crate::node_info::NodeInfo;
-use crate::plugins;
+use crate::cache::Cache;
+use crate::node_info::priority;
+use crate::plugins::{self, Cycle};
+use crate::preemption;
 use crate::queue::{Key, Queue, QueueConfig};
+
+/// Bindings in flight at once; the loop waits for a slot, so a slow API
+/// server slows scheduling instead of piling up requests.
+const MAX_IN_FLIGHT_BINDINGS: usize = 64;
 
 /// Scheduler settings.
 #[derive(Clone, Debug)]
@@ -61,16 +70,16 @@ fn is_terminal(pod: &Pod) -> bool {
     )
 }
 
-/// Pods the scheduler has bound whose binding its pod reflector has not shown yet.
-type Assumed = Arc<Mutex<HashMap<Key, (String, Arc<Pod>)>>>;
-
 struct Shared {
     client: kube::Client,
     config: Config,
     queue: Queue,
     pods: Store<Pod>,
-    nodes: Store<Node>,
-    assumed: Assumed,
+    cache: Mutex<Cache>,
+    bindings: Arc<Semaphore>,
+    /// Keys seen during a pod or node relist, to drop what vanished meanwhile.
+    relist_pods: Mutex<Option<HashSet<Key>>>,
+    relist_nodes: Mutex<Option<HashSet<String>>>,
 }
 
 impl Shared {
@@ -89,36 +98,8 @@ impl Shared {
             && !is_terminal(pod)
     }
 
-    /// Every node with what is bound (or assumed bound) to it.
-    fn node_infos(&self) -> Vec<NodeInfo> {
-        let mut infos: Vec<NodeInfo> = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| NodeInfo::from_node(n))
-            .collect();
-        let index: HashMap<String, usize> = infos
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.clone(), i))
-            .collect();
-        let assumed = self.assumed.lock().expect("assumed lock");
-        for pod in self.pods.state() {
-            if is_terminal(&pod) || assumed.contains_key(&key_of(&pod)) {
-                continue;
-            }
-            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref())
-                && let Some(&i) = index.get(node)
-            {
-                infos[i].add_pod(&pod);
-            }
-        }
-        for (node, pod) in assumed.values() {
-            if let Some(&i) = index.get(node) {
-                infos[i].add_pod(pod);
-            }
-        }
-        infos
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().expect("scheduler cache lock")
     }
 
     async fn event(&self, pod: &Pod, kind: &str, reason: &str, message: &str) {
@@ -166,25 +147,96 @@ impl Shared {
             self.queue.forget(&key);
             return;
         }
-        match plugins::select(&pod, &self.node_infos()) {
+        let decision = {
+            let mut cache = self.cache();
+            let decision = plugins::select(&key, &pod, &mut cache);
+            if let Ok(node) = &decision {
+                cache.add_pod(&key, node, pod.clone(), true);
+            }
+            decision
+        };
+        match decision {
             Ok(node) => {
-                self.assumed
-                    .lock()
-                    .expect("assumed lock")
-                    .insert(key.clone(), (node.clone(), pod.clone()));
+                let permit = self
+                    .bindings
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the binding semaphore is never closed");
                 let this = self.clone();
                 // Binding is a round trip; the next pod is scheduled meanwhile,
                 // seeing this one as assumed on its node.
-                tokio::spawn(async move { this.bind(key, pod, node).await });
+                tokio::spawn(async move {
+                    this.bind(key, pod, node).await;
+                    drop(permit);
+                });
             }
             Err(fit) => {
-                let message = fit.to_string();
+                let mut message = fit.to_string();
                 tracing::debug!(pod = %key, %message, "unschedulable");
-                self.queue.unschedulable(key);
+                let plan = {
+                    let cache = self.cache();
+                    let cycle = Cycle::prepare(&key, &pod, &cache);
+                    preemption::plan(&pod, &cycle, &cache)
+                };
+                self.queue.unschedulable(key.clone());
+                if let Some(plan) = plan {
+                    message.push_str(&format!(
+                        " preemption: {} lower-priority pod(s) preempted on node {}.",
+                        plan.victims.len(),
+                        plan.node
+                    ));
+                    self.cache().nominate(&key, &plan.node, pod.clone());
+                    self.preempt(&pod, plan).await;
+                }
                 self.mark_unschedulable(&pod, &message).await;
                 self.event(&pod, "Warning", "FailedScheduling", &message)
                     .await;
             }
+        }
+    }
+
+    /// Evicts a plan's victims and records the preemptor's nominated node.
+    /// The preemptor waits as unschedulable; the victims' deletion is the
+    /// cluster change that retries it.
+    async fn preempt(&self, preemptor: &Pod, plan: preemption::Plan) {
+        let preemptor_name = preemptor.metadata.name.as_deref().unwrap_or_default();
+        let preemptor_ns = preemptor.metadata.namespace.as_deref().unwrap_or_default();
+        for (key, victim) in &plan.victims {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+            let message = format!(
+                "Preempted by pod {} on node {}",
+                preemptor.metadata.uid.as_deref().unwrap_or_default(),
+                plan.node
+            );
+            let condition = json!({"status": {"conditions": [{
+                "type": "DisruptionTarget", "status": "True",
+                "reason": "PreemptionByScheduler",
+                "message": format!("{}: preempting to accommodate a higher priority pod", self.config.scheduler_name),
+                "lastTransitionTime": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }]}});
+            if let Err(e) = api
+                .patch_status(name, &PatchParams::default(), &Patch::Strategic(condition))
+                .await
+            {
+                tracing::debug!(pod = %key, error = %e, "could not mark the victim");
+            }
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(victim = %key, preemptor = %format!("{preemptor_ns}/{preemptor_name}"), node = %plan.node, "preempted");
+                    self.event(victim, "Normal", "Preempted", &message).await;
+                }
+                Err(e) => tracing::warn!(victim = %key, error = %e, "could not preempt"),
+            }
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), preemptor_ns);
+        let patch = json!({"status": {"nominatedNodeName": plan.node}});
+        if let Err(e) = api
+            .patch_status(preemptor_name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            tracing::debug!(pod = preemptor_name, error = %e, "could not set nominatedNodeName");
         }
     }
 
@@ -218,7 +270,12 @@ impl Shared {
             }
             Err(e) => {
                 tracing::info!(pod = %key, %node, error = %e, "binding failed; retrying after backoff");
-                self.assumed.lock().expect("assumed lock").remove(&key);
+                {
+                    let mut cache = self.cache();
+                    if cache.is_assumed(&key) {
+                        cache.remove_pod(&key);
+                    }
+                }
                 self.queue.backoff(key);
             }
         }
@@ -259,57 +316,106 @@ impl Shared {
         match event {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
                 let key = key_of(pod);
+                if let Some(seen) = self.relist_pods.lock().expect("relist lock").as_mut() {
+                    seen.insert(key.clone());
+                }
                 if self.needs_scheduling(pod) {
-                    self.queue.add(key);
-                } else {
-                    self.queue.forget(&key);
-                    let was_assumed = self
-                        .assumed
-                        .lock()
-                        .expect("assumed lock")
-                        .remove(&key)
-                        .is_some();
-                    // A pod that finished frees its node's resources.
-                    if !was_assumed && is_terminal(pod) {
-                        self.queue.cluster_changed();
+                    self.queue.add(key, priority(pod));
+                    return;
+                }
+                self.queue.forget(&key);
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                let mut cache = self.cache();
+                match node {
+                    Some(node) if !node.is_empty() && !is_terminal(pod) => {
+                        let was_assumed = cache.is_assumed(&key);
+                        // Share the reflector's copy (it has applied this event).
+                        let shared_pod = self
+                            .pods
+                            .get(&ObjectRef::from(pod))
+                            .unwrap_or_else(|| Arc::new(pod.clone()));
+                        cache.add_pod(&key, &node, shared_pod, false);
+                        drop(cache);
+                        // A new pod may satisfy another's affinity.
+                        if !was_assumed {
+                            self.queue.cluster_changed();
+                        }
+                    }
+                    _ => {
+                        // Finished (or never ours): its node's resources are free.
+                        if cache.remove_pod(&key) {
+                            drop(cache);
+                            self.queue.cluster_changed();
+                        }
                     }
                 }
             }
             watcher::Event::Delete(pod) => {
                 let key = key_of(pod);
                 self.queue.forget(&key);
-                self.assumed.lock().expect("assumed lock").remove(&key);
-                if is_bound(pod) {
+                if self.cache().remove_pod(&key) {
                     self.queue.cluster_changed();
                 }
             }
-            watcher::Event::Init | watcher::Event::InitDone => {}
+            watcher::Event::Init => {
+                *self.relist_pods.lock().expect("relist lock") = Some(HashSet::new());
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relist_pods.lock().expect("relist lock").take() {
+                    self.cache().retain_pods(&seen);
+                }
+                self.queue.cluster_changed();
+            }
         }
+    }
+
+    fn on_node(&self, event: &watcher::Event<Node>) {
+        match event {
+            watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                if let Some(seen) = self.relist_nodes.lock().expect("relist lock").as_mut() {
+                    seen.insert(node.metadata.name.clone().unwrap_or_default());
+                }
+                self.cache().upsert_node(node);
+            }
+            watcher::Event::Delete(node) => {
+                self.cache()
+                    .remove_node(node.metadata.name.as_deref().unwrap_or_default());
+            }
+            watcher::Event::Init => {
+                *self.relist_nodes.lock().expect("relist lock") = Some(HashSet::new());
+                return;
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relist_nodes.lock().expect("relist lock").take() {
+                    self.cache().retain_nodes(&seen);
+                }
+            }
+        }
+        self.queue.cluster_changed();
     }
 }
 
 /// Runs the scheduler until a watch ends for good.
 pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
     let (pods, pod_writer) = reflector::store();
-    let (nodes, node_writer) = reflector::store();
     let shared = Arc::new(Shared {
         queue: Queue::new(config.queue.clone()),
         client: client.clone(),
         config,
         pods,
-        nodes,
-        assumed: Arc::default(),
+        cache: Mutex::default(),
+        bindings: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BINDINGS)),
+        relist_pods: Mutex::default(),
+        relist_nodes: Mutex::default(),
     });
     let pod_stream = reflector::reflector(
         pod_writer,
         watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff();
-    let node_stream = reflector::reflector(
-        node_writer,
-        watcher(Api::<Node>::all(client), watcher::Config::default()),
-    )
-    .default_backoff();
+    let node_stream =
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let (nodes_synced_tx, nodes_synced) = tokio::sync::watch::channel(false);
     let pods_task = {
         let shared = shared.clone();
         async move {
@@ -329,16 +435,61 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
             let mut s = std::pin::pin!(node_stream);
             while let Some(event) = s.next().await {
                 match event {
-                    Ok(
-                        watcher::Event::Apply(_)
-                        | watcher::Event::Delete(_)
-                        | watcher::Event::InitDone,
-                    ) => shared.queue.cluster_changed(),
-                    Ok(_) => {}
+                    Ok(e) => {
+                        shared.on_node(&e);
+                        if matches!(e, watcher::Event::InitDone) {
+                            nodes_synced_tx.send_replace(true);
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "node watch error; retrying"),
                 }
             }
             Error::WatchEnded { what: "node" }
+        }
+    };
+    let namespaces_task = {
+        let shared = shared.clone();
+        let stream = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .touched_objects();
+        async move {
+            let mut s = std::pin::pin!(stream);
+            while let Some(event) = s.next().await {
+                match event {
+                    Ok(ns) => {
+                        let name = ns.metadata.name.clone().unwrap_or_default();
+                        let labels = ns.metadata.labels.clone().unwrap_or_default();
+                        shared.cache().set_namespace(name, labels);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "namespace watch error; retrying"),
+                }
+            }
+            Error::WatchEnded { what: "namespace" }
+        }
+    };
+    let runtime_classes_task = {
+        let shared = shared.clone();
+        let stream = watcher(Api::<RuntimeClass>::all(client), watcher::Config::default())
+            .default_backoff();
+        async move {
+            let mut s = std::pin::pin!(stream);
+            while let Some(event) = s.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(rc) | watcher::Event::InitApply(rc)) => {
+                        let name = rc.metadata.name.clone().unwrap_or_default();
+                        shared.cache().set_runtime_class(name, rc.handler.clone());
+                        shared.queue.cluster_changed();
+                    }
+                    Ok(watcher::Event::Delete(rc)) => {
+                        shared
+                            .cache()
+                            .remove_runtime_class(rc.metadata.name.as_deref().unwrap_or_default());
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "runtime class watch error; retrying"),
+                }
+            }
+            Error::WatchEnded { what: "runtime class" }
         }
     };
     let schedule_loop = {
@@ -346,7 +497,8 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
         async move {
             // Decide nothing before both caches hold the whole cluster.
             let _ = shared.pods.wait_until_ready().await;
-            let _ = shared.nodes.wait_until_ready().await;
+            let mut synced = nodes_synced;
+            let _ = synced.wait_for(|s| *s).await;
             tracing::info!("scheduler caches synced");
             loop {
                 let key = shared.queue.pop().await;
@@ -357,6 +509,8 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
     tokio::select! {
         e = pods_task => Err(e),
         e = nodes_task => Err(e),
+        e = namespaces_task => Err(e),
+        e = runtime_classes_task => Err(e),
         () = schedule_loop => Ok(()),
     }
 }

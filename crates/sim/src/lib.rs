@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 /// way on a simulated node instead of running forever.
 pub const PHASE_ANNOTATION: &str = "sim.wasmkube.io/phase";
 const LEASE_NAMESPACE: &str = "kube-node-lease";
+/// API requests the simulated nodes keep in flight at once.
+const CONCURRENCY: usize = 32;
 
 /// What the simulated nodes look like.
 #[derive(Clone, Debug)]
@@ -34,6 +36,8 @@ pub struct SimConfig {
     pub pods: u32,
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
+    /// Runtime handlers advertised in `status.runtimeHandlers`.
+    pub runtime_handlers: Vec<String>,
     pub lease_duration_seconds: i32,
     pub renew_interval: Duration,
 }
@@ -48,6 +52,7 @@ impl Default for SimConfig {
             pods: 110,
             labels: BTreeMap::new(),
             taints: Vec::new(),
+            runtime_handlers: vec!["wasmtime".into(), "runc".into()],
             lease_duration_seconds: 40,
             renew_interval: Duration::from_secs(10),
         }
@@ -103,6 +108,7 @@ fn node_object(config: &SimConfig, index: usize, name: &str) -> Node {
                 condition("PIDPressure", "False", "KubeletHasSufficientPID"),
             ],
             "addresses": [{"type": "InternalIP", "address": node_ip(index)}, {"type": "Hostname", "address": name}],
+            "runtimeHandlers": config.runtime_handlers.iter().map(|h| json!({"name": h, "features": {"recursiveReadOnlyMounts": false, "userNamespaces": false}})).collect::<Vec<_>>(),
             "nodeInfo": {
                 "kubeletVersion": "v1.33.0-wasmkube-sim",
                 "kubeProxyVersion": "",
@@ -123,6 +129,9 @@ struct Sim {
     /// Node name -> index, for pod IPs.
     nodes: HashMap<String, usize>,
     next_ip: Vec<AtomicU32>,
+    /// Pod uids whose start was reported: events handled concurrently must
+    /// not start a pod twice.
+    started: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Sim {
@@ -182,7 +191,9 @@ impl Sim {
         let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         if pod.metadata.deletion_timestamp.is_some() {
+            self.started.lock().expect("started lock").remove(&uid);
             // The containers "stop" at once; confirm the deletion as a kubelet does.
             let params = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -200,7 +211,7 @@ impl Sim {
             .as_ref()
             .and_then(|s| s.phase.as_deref())
             .unwrap_or("Pending");
-        if phase != "Pending" {
+        if phase != "Pending" || !self.started.lock().expect("started lock").insert(uid) {
             return;
         }
         let target = pod
@@ -267,19 +278,27 @@ pub async fn run(client: kube::Client, config: SimConfig) -> Result<(), Error> {
             .map(|(i, n)| (n, i))
             .collect(),
         next_ip: (0..config.count).map(|_| AtomicU32::new(0)).collect(),
+        started: Default::default(),
     });
-    for (i, name) in names.iter().enumerate() {
-        sim.register(&config, i, name).await?;
-    }
+    // Register a few dozen at a time: thousands of nodes come up in seconds.
+    futures::stream::iter(names.iter().enumerate())
+        .map(|(i, name)| sim.register(&config, i, name))
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, Error>>()?;
     tracing::info!(count = config.count, prefix = %config.prefix, "simulated nodes registered");
     let heartbeat = {
         let (sim, names, config) = (sim.clone(), names.clone(), config.clone());
         async move {
             loop {
                 tokio::time::sleep(config.renew_interval).await;
-                for name in &names {
-                    sim.renew_lease(name, config.lease_duration_seconds).await;
-                }
+                futures::stream::iter(&names)
+                    .for_each_concurrent(CONCURRENCY, |name| {
+                        sim.renew_lease(name, config.lease_duration_seconds)
+                    })
+                    .await;
             }
         }
     };
@@ -287,10 +306,26 @@ pub async fn run(client: kube::Client, config: SimConfig) -> Result<(), Error> {
         let selector = watcher::Config::default().fields("spec.nodeName!=");
         let mut stream =
             std::pin::pin!(watcher(Api::<Pod>::all(client), selector).default_backoff());
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
-                    sim.handle(&pod).await
+                    // Pods are independent: report many at once, as many
+                    // kubelets would, with a bound on requests in flight.
+                    let permit = slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed");
+                    let sim = sim.clone();
+                    tokio::spawn(async move {
+                        sim.handle(&pod).await;
+                        drop(permit);
+                    });
+                }
+                Ok(watcher::Event::Delete(pod)) => {
+                    let uid = pod.metadata.uid.unwrap_or_default();
+                    sim.started.lock().expect("started lock").remove(&uid);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pod watch error; retrying"),

@@ -1,0 +1,172 @@
+//! Mutating admission that needs other objects: a pod's priority from its
+//! PriorityClass (or the global default), and its RuntimeClass's overhead and
+//! scheduling constraints, as Kubernetes' Priority and RuntimeClass admission
+//! plugins do.
+
+use serde_json::{Value, json};
+use wasmkube_api::registry::{self, ResourceType};
+
+use crate::ApiServer;
+use crate::error::{ApiError, ApiResult, Subject};
+use crate::storage::decode_stored;
+
+/// The classes every cluster has (created at start, known here even before).
+pub(crate) const SYSTEM_PRIORITY_CLASSES: &[(&str, i64, &str)] = &[
+    (
+        "system-node-critical",
+        2_000_001_000,
+        "Used for system critical pods that must not be moved from their current node.",
+    ),
+    (
+        "system-cluster-critical",
+        2_000_000_000,
+        "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary.",
+    ),
+];
+
+fn priority_classes() -> &'static ResourceType {
+    registry::lookup("scheduling.k8s.io", "v1", "priorityclasses").expect("priorityclasses served")
+}
+
+fn runtime_classes() -> &'static ResourceType {
+    registry::lookup("node.k8s.io", "v1", "runtimeclasses").expect("runtimeclasses served")
+}
+
+async fn get(server: &ApiServer, rt: &ResourceType, name: &str) -> ApiResult<Option<Value>> {
+    let kv = server
+        .store
+        .get(&rt.key(None, name))
+        .await
+        .map_err(|e| ApiError::from_store(e, rt, name))?;
+    kv.map(|kv| decode_stored(&kv).map_err(ApiError::internal))
+        .transpose()
+}
+
+fn forbidden(pod: &Value, message: String) -> ApiError {
+    let pods = registry::lookup("", "v1", "pods").expect("pods served");
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    ApiError::Forbidden {
+        subject: Subject::of(pods, name),
+        message: format!("pods \"{name}\" is forbidden: {message}"),
+    }
+}
+
+/// Admits a new pod: resolves its priority and runtime class.
+pub(crate) async fn pod(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
+    priority(server, pod).await?;
+    runtime_class(server, pod).await
+}
+
+async fn priority(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
+    let class = match pod["spec"]["priorityClassName"].as_str() {
+        Some(name) if !name.is_empty() => {
+            let found = match get(server, priority_classes(), name).await? {
+                Some(pc) => Some((pc["value"].as_i64().unwrap_or(0), pc["preemptionPolicy"].clone())),
+                None => SYSTEM_PRIORITY_CLASSES
+                    .iter()
+                    .find(|(n, ..)| *n == name)
+                    .map(|(_, v, _)| (*v, Value::Null)),
+            };
+            let Some(found) = found else {
+                return Err(forbidden(
+                    pod,
+                    format!("no PriorityClass with name {name} was found"),
+                ));
+            };
+            Some(found)
+        }
+        _ => global_default(server).await?.map(|pc| {
+            pod["spec"]["priorityClassName"] = pc["metadata"]["name"].clone();
+            (pc["value"].as_i64().unwrap_or(0), pc["preemptionPolicy"].clone())
+        }),
+    };
+    if let Some((value, policy)) = class {
+        pod["spec"]["priority"] = json!(value);
+        pod["spec"]["preemptionPolicy"] = if policy.is_null() {
+            json!("PreemptLowerPriority")
+        } else {
+            policy
+        };
+    }
+    Ok(())
+}
+
+async fn global_default(server: &ApiServer) -> ApiResult<Option<Value>> {
+    let rt = priority_classes();
+    let list = server
+        .store
+        .list(&rt.key_prefix(), Default::default())
+        .await
+        .map_err(ApiError::internal)?;
+    let mut best: Option<Value> = None;
+    for kv in list.items {
+        let pc = decode_stored(&kv).map_err(ApiError::internal)?;
+        // With several defaults (a race Kubernetes allows), the lowest wins.
+        if pc["globalDefault"] == true
+            && best
+                .as_ref()
+                .is_none_or(|b| pc["value"].as_i64() < b["value"].as_i64())
+        {
+            best = Some(pc);
+        }
+    }
+    Ok(best)
+}
+
+async fn runtime_class(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
+    let Some(name) = pod["spec"]["runtimeClassName"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+    else {
+        return Ok(());
+    };
+    let Some(rc) = get(server, runtime_classes(), &name).await? else {
+        return Err(forbidden(
+            pod,
+            format!("pod rejected: RuntimeClass \"{name}\" not found"),
+        ));
+    };
+    if let Some(fixed) = rc["overhead"]["podFixed"].as_object() {
+        if pod["spec"]["overhead"].is_object() && pod["spec"]["overhead"] != rc["overhead"]["podFixed"] {
+            return Err(forbidden(
+                pod,
+                "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead".into(),
+            ));
+        }
+        pod["spec"]["overhead"] = Value::Object(fixed.clone());
+    }
+    let scheduling = &rc["scheduling"];
+    if let Some(selector) = scheduling["nodeSelector"].as_object() {
+        let target = &mut pod["spec"]["nodeSelector"];
+        if !target.is_object() {
+            *target = json!({});
+        }
+        for (k, v) in selector {
+            match target.get(k) {
+                Some(existing) if existing != v => {
+                    return Err(forbidden(
+                        pod,
+                        format!(
+                            "pod rejected: conflict between RuntimeClass \"{name}\" nodeSelector and pod nodeSelector for key {k}"
+                        ),
+                    ));
+                }
+                _ => target[k] = v.clone(),
+            }
+        }
+    }
+    if let Some(tolerations) = scheduling["tolerations"].as_array() {
+        let target = &mut pod["spec"]["tolerations"];
+        if !target.is_array() {
+            *target = json!([]);
+        }
+        let list = target.as_array_mut().expect("just made an array");
+        for t in tolerations {
+            if !list.contains(t) {
+                list.push(t.clone());
+            }
+        }
+    }
+    Ok(())
+}
