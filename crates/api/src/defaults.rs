@@ -91,27 +91,12 @@ fn default_pod_spec(spec: &mut Value) {
     }
 }
 
-/// Admission defaults for a pod (service account, priority and the
-/// not-ready/unreachable tolerations with 300 s).
+/// Admission defaults for a pod: service account and priority. (The
+/// not-ready/unreachable tolerations are the API server's admission, whose
+/// toleration seconds are configurable.)
 fn default_pod_admission(spec: &mut Value) {
     default_at(spec, &["serviceAccountName"], json!("default"));
     default_at(spec, &["priority"], json!(0));
-    let tolerations = spec
-        .as_object_mut()
-        .map(|m| m.entry("tolerations").or_insert_with(|| json!([])));
-    if let Some(Value::Array(list)) = tolerations {
-        for key in [
-            "node.kubernetes.io/not-ready",
-            "node.kubernetes.io/unreachable",
-        ] {
-            let present = list
-                .iter()
-                .any(|t| t["key"] == key && (t["effect"] == "NoExecute" || t["effect"].is_null()));
-            if !present {
-                list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
-            }
-        }
-    }
 }
 
 fn default_template(obj: &mut Value, path: &[&str]) {

@@ -11,6 +11,7 @@ pub mod field;
 pub mod names;
 pub mod quantity;
 pub mod registry;
+pub mod scheduling;
 pub mod selectors;
 pub mod table;
 pub mod typed;

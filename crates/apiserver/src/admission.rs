@@ -51,17 +51,44 @@ fn forbidden(pod: &Value, message: String) -> ApiError {
     }
 }
 
-/// Admits a new pod: resolves its priority and runtime class.
+/// Admits a new pod: resolves its priority and runtime class and adds the
+/// default not-ready/unreachable tolerations.
 pub(crate) async fn pod(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
     priority(server, pod).await?;
-    runtime_class(server, pod).await
+    runtime_class(server, pod).await?;
+    default_tolerations(&mut pod["spec"], server.config.default_toleration_seconds);
+    Ok(())
+}
+
+/// Kubernetes' DefaultTolerationSeconds: a pod without its own toleration for
+/// a node going not-ready or unreachable tolerates it for `seconds`.
+fn default_tolerations(spec: &mut Value, seconds: i64) {
+    let list = &mut spec["tolerations"];
+    if !list.is_array() {
+        *list = json!([]);
+    }
+    let list = list.as_array_mut().expect("just made an array");
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let present = list
+            .iter()
+            .any(|t| t["key"] == key && (t["effect"] == "NoExecute" || t["effect"].is_null()));
+        if !present {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}));
+        }
+    }
 }
 
 async fn priority(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
     let class = match pod["spec"]["priorityClassName"].as_str() {
         Some(name) if !name.is_empty() => {
             let found = match get(server, priority_classes(), name).await? {
-                Some(pc) => Some((pc["value"].as_i64().unwrap_or(0), pc["preemptionPolicy"].clone())),
+                Some(pc) => Some((
+                    pc["value"].as_i64().unwrap_or(0),
+                    pc["preemptionPolicy"].clone(),
+                )),
                 None => SYSTEM_PRIORITY_CLASSES
                     .iter()
                     .find(|(n, ..)| *n == name)
@@ -77,7 +104,10 @@ async fn priority(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
         }
         _ => global_default(server).await?.map(|pc| {
             pod["spec"]["priorityClassName"] = pc["metadata"]["name"].clone();
-            (pc["value"].as_i64().unwrap_or(0), pc["preemptionPolicy"].clone())
+            (
+                pc["value"].as_i64().unwrap_or(0),
+                pc["preemptionPolicy"].clone(),
+            )
         }),
     };
     if let Some((value, policy)) = class {
@@ -128,7 +158,9 @@ async fn runtime_class(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
         ));
     };
     if let Some(fixed) = rc["overhead"]["podFixed"].as_object() {
-        if pod["spec"]["overhead"].is_object() && pod["spec"]["overhead"] != rc["overhead"]["podFixed"] {
+        if pod["spec"]["overhead"].is_object()
+            && pod["spec"]["overhead"] != rc["overhead"]["podFixed"]
+        {
             return Err(forbidden(
                 pod,
                 "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead".into(),

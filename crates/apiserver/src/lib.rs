@@ -49,6 +49,10 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// The range Service cluster IPs are allocated from.
     pub service_cidr: (Ipv4Addr, u8),
+    /// `tolerationSeconds` of the not-ready/unreachable NoExecute
+    /// tolerations every pod gets (Kubernetes' DefaultTolerationSeconds):
+    /// how long its pods stay on a node that stopped reporting.
+    pub default_toleration_seconds: i64,
 }
 
 impl Default for Config {
@@ -58,6 +62,7 @@ impl Default for Config {
             watch_cache_size: 10_000,
             bookmark_interval: Duration::from_secs(60),
             service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 12),
+            default_toleration_seconds: 300,
         }
     }
 }

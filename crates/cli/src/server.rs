@@ -3,10 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
+use wasmkube_controllers::leader::{ElectionConfig, LeaderElector};
 
 use crate::kubeconfig;
 
@@ -29,6 +31,16 @@ pub struct ServerArgs {
     /// watches from before it get 410 Gone and relist, as on Kubernetes.
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     compaction_interval: u64,
+
+    /// How long a node may miss heartbeats before it is marked Ready=Unknown
+    /// and tainted unreachable.
+    #[arg(long, default_value = "40", value_name = "SECONDS")]
+    node_monitor_grace_period: u64,
+
+    /// How long pods tolerate a not-ready or unreachable node before they are
+    /// evicted, unless they set their own tolerationSeconds.
+    #[arg(long, default_value = "300", value_name = "SECONDS")]
+    default_toleration_seconds: i64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -58,7 +70,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let store = wasmkube_store::open_sled(&args.data_dir.join("store"))
         .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
-    let api = wasmkube_apiserver::ApiServer::start(store, Default::default())
+    let api_config = wasmkube_apiserver::Config {
+        default_toleration_seconds: args.default_toleration_seconds,
+        ..Default::default()
+    };
+    let api = wasmkube_apiserver::ApiServer::start(store, api_config)
         .await
         .context("cannot start the API server")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -87,28 +103,73 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         api.clone(),
         Duration::from_secs(args.compaction_interval.max(1)),
     ));
-    // The control plane's own components are API clients like any other.
+    // The control plane's own components are API clients like any other,
+    // each running only while it holds its leader Lease.
     let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
-    let controllers_client = client.clone();
-    tokio::spawn(async move {
-        if let Err(e) = wasmkube_scheduler::run(client, Default::default()).await {
-            tracing::error!(error = %e, "the scheduler stopped");
-        }
-    });
-    tokio::spawn(async move {
-        if let Err(e) = wasmkube_controllers::run_all(controllers_client).await {
-            tracing::error!(error = %e, "the controllers stopped");
-        }
-    });
-    let server = api.serve(listener);
+    let identity = identity();
+    let elector = |name: &str| {
+        Arc::new(LeaderElector::new(
+            client.clone(),
+            "kube-system",
+            name,
+            &identity,
+            ElectionConfig::default(),
+        ))
+    };
+    let (scheduler_lease, controllers_lease) = (
+        elector("kube-scheduler"),
+        elector("kube-controller-manager"),
+    );
+    {
+        let (elector, client) = (scheduler_lease.clone(), client.clone());
+        tokio::spawn(async move {
+            let result = elector
+                .run(|| wasmkube_scheduler::run(client.clone(), Default::default()))
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the scheduler stopped");
+            }
+        });
+    }
+    {
+        let (elector, client) = (controllers_lease.clone(), client.clone());
+        let config = wasmkube_controllers::Config {
+            node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let result = elector
+                .run(|| wasmkube_controllers::run_all(client.clone(), config.clone()))
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the controllers stopped");
+            }
+        });
+    }
+    let mut server = tokio::spawn(async move { api.serve(listener).await });
     tokio::select! {
-        result = server => result.context("the API server stopped")?,
+        result = &mut server => result?.context("the API server stopped")?,
         signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
     }
+    // Hand the leases over at once, while the API still answers.
+    let release = async {
+        tokio::join!(scheduler_lease.release(), controllers_lease.release());
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
+    server.abort();
+    let _ = server.await;
     // Every acknowledged write is already durable; dropping the store ends its writer.
-    drop(api);
     drop(lock);
     Ok(())
+}
+
+/// This process's name in leader Leases: host name plus a random suffix, as
+/// client-go's leader election uses.
+fn identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "wasmkube".into());
+    format!("{host}_{}", uuid::Uuid::new_v4())
 }
 
 /// Compacts to the revision seen one interval ago, like kube-apiserver.

@@ -13,18 +13,53 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
+mod expectations;
 pub mod gc;
+pub mod job;
+pub mod leader;
+pub mod nodelifecycle;
 mod pods;
 pub mod replicaset;
 pub mod serviceaccount;
 
+use std::time::Duration;
+
+/// Controller manager settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The first wait before a failed Job pod is replaced; it doubles with
+    /// each failure, up to six minutes (Kubernetes: 10 s).
+    pub job_backoff: Duration,
+    /// How long a node may go without a heartbeat before it is marked
+    /// `Ready=Unknown` and tainted unreachable (Kubernetes: 40 s).
+    pub node_monitor_grace_period: Duration,
+    /// How often node heartbeats and NoExecute taints are checked.
+    pub node_monitor_period: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            job_backoff: Duration::from_secs(10),
+            node_monitor_grace_period: Duration::from_secs(40),
+            node_monitor_period: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Runs every controller until one stops.
-pub async fn run_all(client: kube::Client) -> Result<(), Error> {
+pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> {
     tokio::select! {
         r = replicaset::run(client.clone()) => r,
         r = deployment::run(client.clone()) => r,
+        r = daemonset::run(client.clone()) => r,
+        r = job::run(client.clone(), &config) => r,
+        r = cronjob::run(client.clone()) => r,
+        r = nodelifecycle::run(client.clone(), &config) => r,
         r = gc::run(client.clone()) => r,
         r = serviceaccount::run(client.clone()) => r,
         r = endpoints::run(client) => r,
@@ -105,6 +140,15 @@ pub(crate) async fn drain<T, E: std::error::Error>(results: impl Stream<Item = R
             }
         })
         .await;
+}
+
+/// A delete's outcome, with "already gone" counted as done.
+pub(crate) fn gone_ok<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// A reconcile failure; the controller retries after a short delay.

@@ -6,9 +6,8 @@
 //! shows them, so a reconcile that runs before the cache catches up neither
 //! creates twice nor deletes twice.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -23,23 +22,16 @@ use serde_json::json;
 use wasmkube_api::selectors::LabelSelector;
 
 use crate::Error;
+use crate::expectations::Expectations;
 use crate::pods;
 
-/// How long an unobserved create or delete is waited for before trusting the cache again.
-const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pods created concurrently per reconcile.
 const CREATE_CONCURRENCY: usize = 16;
-
-#[derive(Default)]
-struct Expected {
-    creates: HashMap<String, Instant>,
-    deletes: HashMap<String, Instant>,
-}
 
 pub(crate) struct Ctx {
     client: kube::Client,
     pods: Store<Pod>,
-    expectations: Mutex<HashMap<String, Expected>>,
+    expectations: Expectations,
 }
 
 /// Pods owned (as controller) by the object with `uid`, in `ns`.
@@ -72,51 +64,6 @@ fn pod_from_template(rs: &ReplicaSet) -> Result<Pod, Error> {
         spec: template.spec,
         status: None,
     })
-}
-
-impl Ctx {
-    /// Drops expectations the cache now confirms (or that timed out) and
-    /// returns the outstanding ones.
-    fn observe(&self, uid: &str, owned: &[Arc<Pod>]) -> (usize, HashSet<String>) {
-        let mut all = self.expectations.lock().expect("expectations lock");
-        let e = all.entry(uid.to_owned()).or_default();
-        let names: HashSet<&str> = owned
-            .iter()
-            .filter_map(|p| p.metadata.name.as_deref())
-            .collect();
-        e.creates.retain(|name, at| {
-            !names.contains(name.as_str()) && at.elapsed() < EXPECTATION_TIMEOUT
-        });
-        let live: HashMap<&str, bool> = owned
-            .iter()
-            .filter_map(|p| {
-                Some((
-                    p.metadata.uid.as_deref()?,
-                    p.metadata.deletion_timestamp.is_none(),
-                ))
-            })
-            .collect();
-        e.deletes.retain(|uid, at| {
-            live.get(uid.as_str()) == Some(&true) && at.elapsed() < EXPECTATION_TIMEOUT
-        });
-        (e.creates.len(), e.deletes.keys().cloned().collect())
-    }
-
-    fn expect_create(&self, uid: &str, name: String) {
-        let mut all = self.expectations.lock().expect("expectations lock");
-        all.entry(uid.to_owned())
-            .or_default()
-            .creates
-            .insert(name, Instant::now());
-    }
-
-    fn expect_delete(&self, uid: &str, pod_uid: String) {
-        let mut all = self.expectations.lock().expect("expectations lock");
-        all.entry(uid.to_owned())
-            .or_default()
-            .deletes
-            .insert(pod_uid, Instant::now());
-    }
 }
 
 async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -152,7 +99,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     }
 
     let owned = owned_pods(&ctx.pods, &ns, &uid);
-    let (pending_creates, pending_deletes) = ctx.observe(&uid, &owned);
+    let (pending_creates, pending_deletes) = ctx.expectations.observe(&uid, &owned);
     let mut active: Vec<Arc<Pod>> = owned
         .iter()
         .filter(|p| {
@@ -180,7 +127,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             .await;
         for result in created {
             let pod = result.map_err(Error::Kube)?;
-            ctx.expect_create(&uid, pod.name_any());
+            ctx.expectations.expect_create(&uid, pod.name_any());
         }
     } else if active.len() > want && pending_creates == 0 {
         active.sort_by_key(|p| pods::deletion_rank(p));
@@ -194,7 +141,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
                 Err(e) => return Err(Error::Kube(e)),
             }
             if let Some(u) = pod.metadata.uid.clone() {
-                ctx.expect_delete(&uid, u);
+                ctx.expectations.expect_delete(&uid, u);
             }
         }
     }
@@ -245,7 +192,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
-        expectations: Mutex::default(),
+        expectations: Expectations::default(),
     });
     let controller = async move {
         let _ = pods.wait_until_ready().await;

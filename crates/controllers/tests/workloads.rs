@@ -11,49 +11,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
-struct Cluster {
-    client: kube::Client,
-    _tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-async fn cluster() -> Cluster {
-    // Controller logs show up with the failing test's output.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("wasmkube_controllers=debug")
-        .with_test_writer()
-        .try_init();
-    let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let (c1, c2, c3) = (client.clone(), client.clone(), client.clone());
-    let tasks = vec![
-        tokio::spawn(async move { api.serve(listener).await.unwrap() }),
-        tokio::spawn(async move {
-            wasmkube_sim::run(
-                c1,
-                wasmkube_sim::SimConfig {
-                    count: 3,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap()
-        }),
-        tokio::spawn(async move {
-            wasmkube_scheduler::run(c2, Default::default())
-                .await
-                .unwrap()
-        }),
-        tokio::spawn(async move { wasmkube_controllers::run_all(c3).await.unwrap() }),
-    ];
-    Cluster {
-        client,
-        _tasks: tasks,
-    }
-}
+mod common;
+use common::{cluster, describe_pods, wait_list};
 
 /// Waits, through a watch on the selected pods, until `pred` holds for the
 /// running ones, and returns their names.
@@ -96,32 +55,6 @@ async fn wait_running(
             })
             .unwrap();
     }
-}
-
-/// One line per pod: name, phase, node, and whether it is being deleted.
-fn describe_pods(pods: &[Pod]) -> String {
-    pods.iter()
-        .map(|p| {
-            format!(
-                "{}:{}:{}:{}",
-                p.metadata.name.as_deref().unwrap_or_default(),
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_deref())
-                    .unwrap_or("-"),
-                p.spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_deref())
-                    .unwrap_or("-"),
-                if p.metadata.deletion_timestamp.is_some() {
-                    "deleting"
-                } else {
-                    "live"
-                }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn replicaset(name: &str, replicas: i32) -> ReplicaSet {
@@ -380,33 +313,6 @@ async fn deployment_rolls_out_rolls_back_and_reports_status() {
         tokio::time::timeout(Duration::from_secs(30), changes.try_next())
             .await
             .expect("replicaset change")
-            .unwrap();
-    }
-}
-
-/// Waits, through a watch on `api`, until `done` holds for its listing.
-async fn wait_list<K>(api: &Api<K>, what: &str, done: impl Fn(&[K]) -> bool) -> Vec<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let mut changes =
-        std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let items = api.list(&ListParams::default()).await.unwrap().items;
-        if done(&items) {
-            return items;
-        }
-        tokio::time::timeout_at(deadline, changes.try_next())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: not reached in time"))
             .unwrap();
     }
 }

@@ -241,8 +241,10 @@ mod tests {
 
     fn pod(cpu: &str) -> Arc<Pod> {
         Arc::new(
-            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {
-                "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}}))
+            serde_json::from_value(
+                json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {
+                "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}}),
+            )
             .unwrap(),
         )
     }

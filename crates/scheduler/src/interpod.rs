@@ -21,7 +21,9 @@ fn namespace(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or_default()
 }
 
-fn selector(sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>) -> Option<LabelSelector> {
+fn selector(
+    sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Option<LabelSelector> {
     // A missing or unparsable selector matches nothing.
     sel.and_then(|s| LabelSelector::from_api(s).ok())
 }
@@ -71,7 +73,10 @@ impl Term {
         self.namespaces
             .as_ref()
             .is_none_or(|ns| ns.contains(namespace(pod)))
-            && self.selector.as_ref().is_some_and(|s| s.matches(labels(pod)))
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|s| s.matches(labels(pod)))
     }
 }
 
@@ -99,20 +104,28 @@ impl Terms {
         let pa = aff.pod_affinity.as_ref();
         let anti = aff.pod_anti_affinity.as_ref();
         Self {
-            required_affinity: req(
-                pa.and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref()),
-            ),
-            required_anti: req(
-                anti.and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref()),
-            ),
+            required_affinity: req(pa.and_then(|a| {
+                a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })),
+            required_anti: req(anti.and_then(|a| {
+                a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })),
             preferred_affinity: pa
-                .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_ref())
+                .and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
                 .into_iter()
                 .flatten()
                 .map(|w| Term::new(&w.pod_affinity_term, ns, w.weight, cache))
                 .collect(),
             preferred_anti: anti
-                .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_ref())
+                .and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
                 .into_iter()
                 .flatten()
                 .map(|w| Term::new(&w.pod_affinity_term, ns, w.weight, cache))
@@ -521,7 +534,11 @@ mod tests {
     #[test]
     fn preferred_affinity_and_anti_affinity_steer_scores() {
         let mut c = cluster(2);
-        place(&mut c, "n1", pod("cache", json!({"app": "cache"}), json!({})));
+        place(
+            &mut c,
+            "n1",
+            pod("cache", json!({"app": "cache"}), json!({})),
+        );
         let near = pod(
             "near",
             json!({}),
@@ -557,7 +574,10 @@ mod tests {
         );
         let cycle = Cycle::prepare("d/s1", &spread("s1", "zone", "DoNotSchedule"), &c);
         assert_eq!(
-            cycle.filter(&spread("s1", "zone", "DoNotSchedule"), c.node("n2").unwrap()),
+            cycle.filter(
+                &spread("s1", "zone", "DoNotSchedule"),
+                c.node("n2").unwrap()
+            ),
             ["node(s) didn't match pod topology spread constraints"]
         );
         // A node without the key never qualifies for a hard constraint.
@@ -581,7 +601,12 @@ mod tests {
                 .map(|n| n.pods.len())
                 .sum()
         };
-        assert!(per_zone("a").abs_diff(per_zone("b")) <= 1, "{} vs {}", per_zone("a"), per_zone("b"));
+        assert!(
+            per_zone("a").abs_diff(per_zone("b")) <= 1,
+            "{} vs {}",
+            per_zone("a"),
+            per_zone("b")
+        );
     }
 
     #[test]
@@ -593,8 +618,12 @@ mod tests {
         c.set_runtime_class("wasm".into(), "wasmtime".into());
         let p = pod("w", json!({}), json!({"runtimeClassName": "wasm"}));
         assert_eq!(feasible(&c, &p), ["n1"]);
-        let err = select("d/x", &pod("x", json!({}), json!({"runtimeClassName": "gvisor"})), &mut c)
-            .unwrap_err();
+        let err = select(
+            "d/x",
+            &pod("x", json!({}), json!({"runtimeClassName": "gvisor"})),
+            &mut c,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "0/2 nodes are available: 2 node(s) didn't have the runtime handler \"gvisor\"."

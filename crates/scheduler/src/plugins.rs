@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Taint, Toleration,
-};
+use k8s_openapi::api::core::v1::{NodeSelectorTerm, Pod, PodSpec, Taint};
 
 use crate::cache::Cache;
 use crate::interpod::{InterPodAffinity, TopologySpread};
@@ -20,24 +18,7 @@ fn spec(pod: &Pod) -> Option<&PodSpec> {
     pod.spec.as_ref()
 }
 
-/// Whether `t` tolerates `taint` (Kubernetes' `ToleratesTaint`).
-pub fn tolerates(t: &Toleration, taint: &Taint) -> bool {
-    if let Some(effect) = t.effect.as_deref().filter(|e| !e.is_empty())
-        && effect != taint.effect
-    {
-        return false;
-    }
-    match t.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => t
-            .key
-            .as_deref()
-            .is_none_or(|k| k.is_empty() || k == taint.key),
-        _ => {
-            t.key.as_deref() == Some(taint.key.as_str())
-                && t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-    }
-}
+pub use wasmkube_api::scheduling::tolerates;
 
 fn tolerated(pod: &Pod, taint: &Taint) -> bool {
     spec(pod)
@@ -92,38 +73,9 @@ fn taint_toleration(pod: &Pod, node: &NodeInfo) -> Reasons {
         .unwrap_or_default()
 }
 
-fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = r.values.as_deref().unwrap_or_default();
-    let number = |s: &str| s.parse::<i64>().ok();
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" => {
-            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(v), Some(x)) if v > x)
-        }
-        "Lt" => {
-            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(v), Some(x)) if v < x)
-        }
-        _ => false,
-    }
-}
-
-/// A node selector term: all expressions on labels and fields hold. An empty
-/// term matches nothing, as in Kubernetes.
+/// A node selector term against a node (see [`wasmkube_api::scheduling`]).
 pub fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
-    let exprs = term.match_expressions.as_deref().unwrap_or_default();
-    let fields = term.match_fields.as_deref().unwrap_or_default();
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    exprs
-        .iter()
-        .all(|r| requirement_matches(r, node.labels.get(&r.key).map(String::as_str)))
-        && fields.iter().all(|r| {
-            requirement_matches(r, (r.key == "metadata.name").then_some(node.name.as_str()))
-        })
+    wasmkube_api::scheduling::term_matches(term, &node.labels, &node.name)
 }
 
 fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
@@ -136,28 +88,7 @@ fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
 
 /// The pod's `nodeSelector` and required node affinity both hold on `node`.
 pub fn matches_node_affinity(pod: &Pod, node: &NodeInfo) -> bool {
-    let Some(s) = spec(pod) else {
-        return true;
-    };
-    let selector_ok = s
-        .node_selector
-        .iter()
-        .flatten()
-        .all(|(k, v)| node.labels.get(k) == Some(v));
-    let required = s
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|na| {
-            na.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        });
-    let affinity_ok = required.is_none_or(|sel| {
-        sel.node_selector_terms
-            .iter()
-            .any(|t| term_matches(t, node))
-    });
-    selector_ok && affinity_ok
+    spec(pod).is_none_or(|s| wasmkube_api::scheduling::node_matches(s, &node.labels, &node.name))
 }
 
 fn node_ports(pod: &Pod, node: &NodeInfo) -> Reasons {

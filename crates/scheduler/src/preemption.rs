@@ -36,7 +36,12 @@ fn may_preempt(pod: &Pod) -> bool {
 
 /// Victims on one node, or `None` when evicting every lower-priority pod
 /// would still not make room.
-fn victims_on(pod: &Pod, cycle: &Cycle, cache: &Cache, node: &NodeInfo) -> Option<Vec<(String, Arc<Pod>)>> {
+fn victims_on(
+    pod: &Pod,
+    cycle: &Cycle,
+    cache: &Cache,
+    node: &NodeInfo,
+) -> Option<Vec<(String, Arc<Pod>)>> {
     let mut trial = with_nominated(cache, cycle, node).into_owned();
     let mut lower: Vec<(String, Arc<Pod>)> = node
         .pods
@@ -84,7 +89,11 @@ pub fn plan(pod: &Pod, cycle: &Cycle, cache: &Cache) -> Option<Plan> {
         // Fewest important victims: lowest highest priority, then lowest
         // sum of priorities, then fewest pods.
         let rank = (
-            victims.iter().map(|(_, p)| priority(p)).max().unwrap_or(i32::MIN),
+            victims
+                .iter()
+                .map(|(_, p)| priority(p))
+                .max()
+                .unwrap_or(i32::MIN),
             victims.iter().map(|(_, p)| i64::from(priority(p))).sum(),
             victims.len(),
         );
@@ -181,7 +190,10 @@ mod tests {
         c.nominate("d/pre", "a", pod("pre", "1", 1000));
         let lower = pod("lower", "1", 10);
         let err = crate::plugins::select("d/lower", &lower, &mut c).unwrap_err();
-        assert_eq!(err.to_string(), "0/1 nodes are available: 1 Insufficient cpu.");
+        assert_eq!(
+            err.to_string(),
+            "0/1 nodes are available: 1 Insufficient cpu."
+        );
         // The preemptor itself still fits there.
         assert_eq!(
             crate::plugins::select("d/pre", &pod("pre", "1", 1000), &mut c).unwrap(),

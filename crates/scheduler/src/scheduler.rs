@@ -233,7 +233,11 @@ impl Shared {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), preemptor_ns);
         let patch = json!({"status": {"nominatedNodeName": plan.node}});
         if let Err(e) = api
-            .patch_status(preemptor_name, &PatchParams::default(), &Patch::Merge(patch))
+            .patch_status(
+                preemptor_name,
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
             .await
         {
             tracing::debug!(pod = preemptor_name, error = %e, "could not set nominatedNodeName");
@@ -449,9 +453,12 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
     };
     let namespaces_task = {
         let shared = shared.clone();
-        let stream = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .touched_objects();
+        let stream = watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .touched_objects();
         async move {
             let mut s = std::pin::pin!(stream);
             while let Some(event) = s.next().await {
@@ -469,8 +476,8 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
     };
     let runtime_classes_task = {
         let shared = shared.clone();
-        let stream = watcher(Api::<RuntimeClass>::all(client), watcher::Config::default())
-            .default_backoff();
+        let stream =
+            watcher(Api::<RuntimeClass>::all(client), watcher::Config::default()).default_backoff();
         async move {
             let mut s = std::pin::pin!(stream);
             while let Some(event) = s.next().await {
@@ -489,7 +496,9 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
                     Err(e) => tracing::warn!(error = %e, "runtime class watch error; retrying"),
                 }
             }
-            Error::WatchEnded { what: "runtime class" }
+            Error::WatchEnded {
+                what: "runtime class",
+            }
         }
     };
     let schedule_loop = {

@@ -281,8 +281,11 @@ pub async fn run(client: kube::Client, config: SimConfig) -> Result<(), Error> {
         started: Default::default(),
     });
     // Register a few dozen at a time: thousands of nodes come up in seconds.
-    futures::stream::iter(names.iter().enumerate())
-        .map(|(i, name)| sim.register(&config, i, name))
+    futures::stream::iter(names.clone().into_iter().enumerate())
+        .map(|(i, name)| {
+            let (sim, config) = (sim.clone(), config.clone());
+            async move { sim.register(&config, i, &name).await }
+        })
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await
@@ -294,9 +297,10 @@ pub async fn run(client: kube::Client, config: SimConfig) -> Result<(), Error> {
         async move {
             loop {
                 tokio::time::sleep(config.renew_interval).await;
-                futures::stream::iter(&names)
+                futures::stream::iter(names.clone())
                     .for_each_concurrent(CONCURRENCY, |name| {
-                        sim.renew_lease(name, config.lease_duration_seconds)
+                        let sim = sim.clone();
+                        async move { sim.renew_lease(&name, config.lease_duration_seconds).await }
                     })
                     .await;
             }
