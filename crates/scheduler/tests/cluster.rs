@@ -216,3 +216,75 @@ async fn a_pod_that_fits_nowhere_stays_pending_with_the_reasons() {
     let big = pods.get("big").await.unwrap();
     assert_eq!(node_of(&big), "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_pod_preempts_lower_ones_and_admission_sets_priorities() {
+    let c = cluster(wasmkube_sim::SimConfig {
+        count: 1,
+        cpu: "2".into(),
+        ..Default::default()
+    })
+    .await;
+    wait_nodes(&c.client, 1).await;
+    let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(c.client.clone());
+    for (name, value, default) in [("low", 100, true), ("high", 10_000, false)] {
+        let pc = serde_json::from_value(json!({"metadata": {"name": name}, "value": value, "globalDefault": default}))
+            .unwrap();
+        classes.create(&PostParams::default(), &pc).await.unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let cpu = |n: &str| json!([{"name": "c", "image": "app:1", "resources": {"requests": {"cpu": n}}}]);
+    // Two low-priority pods (by the global default) fill the node.
+    let mut names = Vec::new();
+    for i in 0..2 {
+        let created = pods
+            .create(&PostParams::default(), &pod(&format!("low-{i}"), json!({"containers": cpu("1")})))
+            .await
+            .unwrap();
+        let spec = created.spec.unwrap();
+        assert_eq!(
+            (spec.priority, spec.priority_class_name.as_deref()),
+            (Some(100), Some("low"))
+        );
+        names.push(format!("low-{i}"));
+    }
+    wait_pods(&pods, &names, |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await;
+    // An unknown class is refused at admission.
+    let err = pods
+        .create(&PostParams::default(), &pod("nope", json!({"priorityClassName": "missing"})))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no PriorityClass with name missing was found"), "{err}");
+    // The high-priority pod evicts exactly one low pod and takes its place.
+    let high = pods
+        .create(
+            &PostParams::default(),
+            &pod("high", json!({"priorityClassName": "high", "containers": cpu("1")})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(high.spec.unwrap().priority, Some(10_000));
+    wait_pods(&pods, &["high".to_owned()], |p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })
+    .await;
+    let all = pods.list(&ListParams::default()).await.unwrap().items;
+    let low_left: Vec<&Pod> = all
+        .iter()
+        .filter(|p| p.metadata.name.as_deref().unwrap().starts_with("low-"))
+        .collect();
+    assert_eq!(low_left.len(), 1, "one victim is gone");
+    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
+    let preempted = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Preempted"))
+        .count();
+    assert_eq!(preempted, 1);
+}
