@@ -2,6 +2,8 @@
 //! peer measured in the same run (these machines are shared and noisy).
 
 mod create;
+mod rollout;
+mod schedule;
 mod startup;
 mod support;
 mod watch;
@@ -24,6 +26,11 @@ enum Bench {
     Watch(watch::Args),
     /// `wasmkube server` from exec to `/readyz` OK, and idle RSS.
     Startup(startup::Args),
+    /// Scheduler throughput: pods bound per second on thousands of simulated
+    /// nodes, against the pod creation rate, and server RSS.
+    Schedule(schedule::Args),
+    /// Time from creating a large Deployment to all replicas Ready.
+    Rollout(rollout::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +42,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Create(a) => rt.block_on(create::run(a)),
         Bench::Watch(a) => rt.block_on(watch::run(a)),
         Bench::Startup(a) => rt.block_on(startup::run(a)),
+        Bench::Schedule(a) => rt.block_on(schedule::run(a)),
+        Bench::Rollout(a) => rt.block_on(rollout::run(a)),
     }
 }

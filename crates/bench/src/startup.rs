@@ -1,10 +1,9 @@
 //! `wasmkube server` from exec to `/readyz` OK, and its idle RSS.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::support::{ms, percentile};
+use crate::support::{ChildServer, ms, percentile, rss_kib, wasmkube_binary};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,67 +15,15 @@ pub struct Args {
     runs: usize,
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
-    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let binary = match args.binary {
-        Some(b) => b,
-        None => std::env::current_exe()?.with_file_name("wasmkube"),
-    };
-    anyhow::ensure!(
-        binary.exists(),
-        "{} not found: build it first (cargo build --release -p wasmkube)",
-        binary.display()
-    );
-    let http = reqwest::Client::new();
+    let binary = wasmkube_binary(args.binary)?;
     let mut times = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..args.runs {
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let started = Instant::now();
-        let mut child = Command::new(&binary)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()?;
-        let url = format!("http://127.0.0.1:{port}/readyz");
-        loop {
-            if let Ok(r) = http.get(&url).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "server not ready in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        times.push(started.elapsed());
+        let (server, ready) = ChildServer::start(&binary).await?;
+        times.push(ready);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        rss.push(rss_kib(child.id())?);
-        child.kill()?;
-        child.wait()?;
+        rss.push(rss_kib(server.child.id())?);
     }
     times.sort();
     rss.sort_unstable();

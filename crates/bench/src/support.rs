@@ -1,7 +1,10 @@
-//! Shared benchmark plumbing: an API server on loopback, percentiles.
+//! Shared benchmark plumbing: an API server on loopback (in-process, or the
+//! real `wasmkube server` as a child), percentiles, RSS.
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmkube_apiserver::{ApiServer, Config};
 
@@ -38,4 +41,99 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+    Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The `wasmkube` binary to measure: `explicit`, or the one next to this.
+pub fn wasmkube_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let binary = match explicit {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("wasmkube"),
+    };
+    anyhow::ensure!(
+        binary.exists(),
+        "{} not found: build it first (cargo build --release -p wasmkube)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// A `wasmkube server` child process on a fresh data dir; killed on drop.
+pub struct ChildServer {
+    pub child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildServer {
+    /// Starts the server and waits for `/readyz`; returns it with the time
+    /// from exec to ready.
+    pub async fn start(binary: &std::path::Path) -> anyhow::Result<(Self, Duration)> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let started = Instant::now();
+        let child = Command::new(binary)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let server = Self {
+            child,
+            url: url.clone(),
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{url}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "server not ready in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok((server, started.elapsed()))
+    }
+
+    pub fn rss_mib(&self) -> f64 {
+        rss_kib(self.child.id()).unwrap_or(0) as f64 / 1024.0
+    }
+
+    pub fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(kube::Client::try_from(kube::Config::new(
+            self.url.parse()?,
+        ))?)
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -271,12 +271,14 @@ async fn reconcile(cj: Arc<CronJob>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Runs the CronJob controller until its watches end.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: jobs,
         changes,
-        driver,
-    } = crate::cache::<Job>(&client);
+    } = informers.cache::<Job>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         jobs: jobs.clone(),
@@ -290,9 +292,9 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         )
         .await;
     };
-    tokio::select! {
-        () = driver => Err(Error::WatchEnded { what: "job" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }
 

@@ -317,17 +317,18 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Runs the DaemonSet controller until its watches end.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: pods,
         changes: pod_changes,
-        driver: pod_driver,
-    } = crate::cache::<Pod>(&client);
+    } = informers.cache::<Pod>();
     let crate::Cache {
         store: nodes,
         changes: node_changes,
-        driver: node_driver,
-    } = crate::cache::<Node>(&client);
+    } = informers.cache::<Node>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -355,9 +356,8 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         )
         .await;
     };
-    tokio::select! {
-        () = pod_driver => Err(Error::WatchEnded { what: "pod" }),
-        () = node_driver => Err(Error::WatchEnded { what: "node" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }

@@ -492,12 +492,14 @@ async fn update_status(
 }
 
 /// Runs the Deployment controller until its watches end.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: replicasets,
         changes,
-        driver,
-    } = crate::cache::<ReplicaSet>(&client);
+    } = informers.cache::<ReplicaSet>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         replicasets: replicasets.clone(),
@@ -511,9 +513,9 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         )
         .await;
     };
-    tokio::select! {
-        () = driver => Err(Error::WatchEnded { what: "replicaset" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }
 

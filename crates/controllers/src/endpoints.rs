@@ -202,12 +202,14 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Runs the Endpoints/EndpointSlice controller until its watches end.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: pods,
         changes,
-        driver,
-    } = crate::cache::<Pod>(&client);
+    } = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -232,8 +234,8 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         ))
         .await;
     };
-    tokio::select! {
-        () = driver => Err(Error::WatchEnded { what: "pod" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }

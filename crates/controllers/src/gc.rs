@@ -1,15 +1,17 @@
 //! The object graph: metadata-only caches of every served kind, from which
-//! one sweep does the garbage collector's work (ownerReferences with
-//! background, foreground and orphan propagation) and the namespace
-//! controller's (empty a Terminating namespace, then finalize it).
+//! sweeps do the garbage collector's work (ownerReferences with background,
+//! foreground and orphan propagation) and the namespace controller's (empty a
+//! Terminating namespace, then finalize it).
 //!
-//! A sweep re-evaluates the whole graph each time anything changes (events
-//! that arrive during a sweep coalesce into one more sweep), so it is
-//! level-triggered. Before deleting an object whose owner looks gone it asks
-//! the API server for the owner, since caches of different kinds can lag one
-//! another.
+//! The graph indexes owners → dependents and namespaces → contents. A change
+//! marks the objects whose outcome it can affect (the object, its owners, its
+//! dependents, its namespace) dirty, and a sweep re-evaluates just those, from
+//! the current graph, so the work per change does not grow with the cluster
+//! and stays level-triggered. Before deleting an object whose owner looks gone
+//! it asks the API server for the owner, since caches of different kinds can
+//! lag one another.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -45,7 +47,95 @@ struct Node {
 #[derive(Default)]
 struct Graph {
     objects: HashMap<String, Node>,
+    /// Owner uid → dependent uids.
+    dependents: HashMap<String, HashSet<String>>,
+    /// Namespace name → uids of the objects in it.
+    contents: HashMap<String, HashSet<String>>,
+    /// Namespace name → its uid.
+    namespaces: HashMap<String, String>,
     synced: HashSet<usize>,
+    /// Objects to re-evaluate.
+    dirty: HashSet<String>,
+}
+
+impl Graph {
+    fn mark_related(&mut self, uid: &str, node: &Node) {
+        self.dirty.insert(uid.to_owned());
+        for o in &node.owners {
+            self.dirty.insert(o.uid.clone());
+        }
+        if let Some(deps) = self.dependents.get(uid) {
+            self.dirty.extend(deps.iter().cloned());
+        }
+        if let Some(ns) = node.namespace.as_ref().and_then(|n| self.namespaces.get(n)) {
+            self.dirty.insert(ns.clone());
+        }
+    }
+
+    fn insert(&mut self, uid: String, node: Node, namespace_kind: usize) {
+        self.remove(&uid);
+        for o in &node.owners {
+            self.dependents
+                .entry(o.uid.clone())
+                .or_default()
+                .insert(uid.clone());
+        }
+        if let Some(ns) = &node.namespace {
+            self.contents
+                .entry(ns.clone())
+                .or_default()
+                .insert(uid.clone());
+        }
+        if node.kind == namespace_kind {
+            self.namespaces.insert(node.name.clone(), uid.clone());
+        }
+        self.mark_related(&uid, &node);
+        self.objects.insert(uid, node);
+    }
+
+    fn remove(&mut self, uid: &str) -> Option<Node> {
+        let node = self.objects.remove(uid)?;
+        for o in &node.owners {
+            if let Some(deps) = self.dependents.get_mut(&o.uid) {
+                deps.remove(uid);
+                if deps.is_empty() {
+                    self.dependents.remove(&o.uid);
+                }
+            }
+        }
+        if let Some(ns) = &node.namespace
+            && let Some(c) = self.contents.get_mut(ns)
+        {
+            c.remove(uid);
+            if c.is_empty() {
+                self.contents.remove(ns);
+            }
+        }
+        if self.namespaces.get(&node.name).is_some_and(|u| u == uid) {
+            self.namespaces.remove(&node.name);
+        }
+        self.mark_related(uid, &node);
+        Some(node)
+    }
+
+    fn nodes<'a>(&'a self, uids: Option<&'a HashSet<String>>) -> Vec<Node> {
+        uids.into_iter()
+            .flatten()
+            .filter_map(|u| self.objects.get(u).cloned())
+            .collect()
+    }
+}
+
+/// What a sweep needs to decide about one dirty object, copied out of the
+/// graph so no lock is held across API calls.
+struct Work {
+    uid: String,
+    node: Node,
+    dependents: Vec<Node>,
+    /// Some owner is still in the graph.
+    owner_present: bool,
+    /// For a namespace being deleted: what is still in it.
+    contents: Vec<Node>,
 }
 
 struct Ctx {
@@ -53,6 +143,7 @@ struct Ctx {
     kinds: Vec<(ApiResource, bool)>,
     graph: Mutex<Graph>,
     changed: Notify,
+    namespace_kind: usize,
 }
 
 fn api_resources() -> Vec<(ApiResource, bool)> {
@@ -143,103 +234,117 @@ impl Ctx {
         }
     }
 
+    /// Takes the dirty set and copies out what deciding each needs.
+    fn take_work(&self) -> Vec<Work> {
+        let mut g = self.graph.lock().expect("graph lock");
+        if g.synced.len() != self.kinds.len() {
+            return Vec::new();
+        }
+        let dirty: Vec<String> = g.dirty.drain().collect();
+        dirty
+            .into_iter()
+            .filter_map(|uid| {
+                let node = g.objects.get(&uid)?.clone();
+                let contents = if node.kind == self.namespace_kind && node.deleting {
+                    g.nodes(g.contents.get(&node.name))
+                } else {
+                    Vec::new()
+                };
+                Some(Work {
+                    dependents: g.nodes(g.dependents.get(&uid)),
+                    owner_present: node.owners.iter().any(|o| g.objects.contains_key(&o.uid)),
+                    contents,
+                    uid,
+                    node,
+                })
+            })
+            .collect()
+    }
+
     async fn sweep(&self) -> Result<(), Error> {
-        let (objects, all_synced) = {
-            let g = self.graph.lock().expect("graph lock");
-            (g.objects.clone(), g.synced.len() == self.kinds.len())
-        };
-        if !all_synced {
-            return Ok(());
-        }
-        let mut dependents: HashMap<&str, Vec<&Node>> = HashMap::new();
-        for node in objects.values() {
-            for o in &node.owners {
-                dependents.entry(o.uid.as_str()).or_default().push(node);
-            }
-        }
-        let mut by_namespace: BTreeMap<&str, usize> = BTreeMap::new();
-        for node in objects.values() {
-            if let Some(ns) = node.namespace.as_deref() {
-                *by_namespace.entry(ns).or_default() += 1;
-            }
-        }
-        for (uid, node) in &objects {
-            let deps = dependents
-                .get(uid.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            if node.deleting && node.finalizers.iter().any(|f| f == ORPHAN) {
-                // Orphan: release every dependent, then let the owner go.
-                for d in deps {
-                    let owners: Vec<&OwnerReference> =
-                        d.owners.iter().filter(|o| o.uid != *uid).collect();
-                    self.patch_meta(d, json!({"ownerReferences": owners}))
-                        .await?;
-                }
-                if deps.is_empty() {
-                    self.remove_finalizer(node, ORPHAN).await?;
-                }
-            } else if node.deleting && node.finalizers.iter().any(|f| f == FOREGROUND) {
-                // Foreground: dependents go first (themselves in the foreground).
-                for d in deps.iter().filter(|d| !d.deleting) {
-                    self.delete(d, PropagationPolicy::Foreground).await?;
-                }
-                if deps.is_empty() {
-                    self.remove_finalizer(node, FOREGROUND).await?;
-                }
-            }
-            if !node.owners.is_empty()
-                && !node.deleting
-                && node.owners.iter().all(|o| !objects.contains_key(&o.uid))
-            {
-                // Every owner looks gone; confirm before deleting (background).
-                let mut gone = true;
-                for o in &node.owners {
-                    if self.owner_exists(o, node.namespace.as_deref()).await? {
-                        gone = false;
-                        break;
-                    }
-                }
-                if gone {
-                    tracing::debug!(kind = %self.kinds[node.kind].0.kind, name = %node.name, "collecting an object whose owners are gone");
-                    self.delete(node, PropagationPolicy::Background).await?;
-                }
-            }
-        }
-        // Namespaces being deleted: empty them, then finalize.
-        let ns_kind = self
-            .kind_of("v1", "Namespace")
-            .expect("namespaces are served");
-        for node in objects.values().filter(|n| n.kind == ns_kind && n.deleting) {
-            let inside: Vec<&Node> = objects
-                .values()
-                .filter(|o| o.namespace.as_deref() == Some(node.name.as_str()))
-                .collect();
-            for o in inside.iter().filter(|o| !o.deleting) {
-                self.delete(o, PropagationPolicy::Background).await?;
-            }
-            if by_namespace.get(node.name.as_str()).copied().unwrap_or(0) == 0 {
-                let api: Api<Namespace> = Api::all(self.client.clone());
-                let ns = api.get(&node.name).await.map_err(Error::Kube)?;
-                let finalizers: Vec<String> = ns
-                    .spec
-                    .and_then(|s| s.finalizers)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|f| f != NAMESPACE_FINALIZER)
-                    .collect();
-                let patch = Patch::Merge(json!({"spec": {"finalizers": finalizers}}));
-                match api
-                    .patch_subresource("finalize", &node.name, &PatchParams::default(), &patch)
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                    Err(e) => return Err(Error::Kube(e)),
-                }
+        let work = self.take_work();
+        for (i, w) in work.iter().enumerate() {
+            if let Err(e) = self.decide(w).await {
+                // Whatever was not done is looked at again.
+                let mut g = self.graph.lock().expect("graph lock");
+                g.dirty.extend(work[i..].iter().map(|w| w.uid.clone()));
+                return Err(e);
             }
         }
         Ok(())
+    }
+
+    async fn decide(&self, w: &Work) -> Result<(), Error> {
+        let (uid, node, deps) = (&w.uid, &w.node, &w.dependents);
+        if node.deleting && node.finalizers.iter().any(|f| f == ORPHAN) {
+            // Orphan: release every dependent, then let the owner go.
+            for d in deps {
+                let owners: Vec<&OwnerReference> =
+                    d.owners.iter().filter(|o| o.uid != *uid).collect();
+                self.patch_meta(d, json!({"ownerReferences": owners}))
+                    .await?;
+            }
+            if deps.is_empty() {
+                self.remove_finalizer(node, ORPHAN).await?;
+            }
+        } else if node.deleting && node.finalizers.iter().any(|f| f == FOREGROUND) {
+            // Foreground: dependents go first (themselves in the foreground).
+            for d in deps.iter().filter(|d| !d.deleting) {
+                self.delete(d, PropagationPolicy::Foreground).await?;
+            }
+            if deps.is_empty() {
+                self.remove_finalizer(node, FOREGROUND).await?;
+            }
+        }
+        if !node.owners.is_empty() && !node.deleting && !w.owner_present {
+            // Every owner looks gone; confirm before deleting (background).
+            let mut gone = true;
+            for o in &node.owners {
+                if self.owner_exists(o, node.namespace.as_deref()).await? {
+                    gone = false;
+                    break;
+                }
+            }
+            if gone {
+                tracing::debug!(kind = %self.kinds[node.kind].0.kind, name = %node.name, "collecting an object whose owners are gone");
+                self.delete(node, PropagationPolicy::Background).await?;
+            }
+        }
+        if node.kind == self.namespace_kind && node.deleting {
+            // A namespace being deleted: empty it, then finalize it.
+            for o in w.contents.iter().filter(|o| !o.deleting) {
+                self.delete(o, PropagationPolicy::Background).await?;
+            }
+            if w.contents.is_empty() {
+                self.finalize_namespace(&node.name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finalize_namespace(&self, name: &str) -> Result<(), Error> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = match api.get(name).await {
+            Ok(ns) => ns,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(Error::Kube(e)),
+        };
+        let finalizers: Vec<String> = ns
+            .spec
+            .and_then(|s| s.finalizers)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f != NAMESPACE_FINALIZER)
+            .collect();
+        let patch = Patch::Merge(json!({"spec": {"finalizers": finalizers}}));
+        match api
+            .patch_subresource("finalize", name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(Error::Kube(e)),
+        }
     }
 }
 
@@ -264,11 +369,17 @@ fn node_of(
 
 /// Runs the garbage collector and the namespace controller until a watch ends.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
+    let kinds = api_resources();
+    let namespace_kind = kinds
+        .iter()
+        .position(|(ar, _)| ar.api_version == "v1" && ar.kind == "Namespace")
+        .expect("namespaces are served");
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        kinds: api_resources(),
+        kinds,
         graph: Mutex::default(),
         changed: Notify::new(),
+        namespace_kind,
     });
     let mut watches = Vec::new();
     for kind in 0..ctx.kinds.len() {
@@ -285,12 +396,12 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
                 match event {
                     Ok(watcher::Event::Apply(o)) => {
                         if let Some((uid, n)) = node_of(kind, &o) {
-                            g.objects.insert(uid, n);
+                            g.insert(uid, n, namespace_kind);
                         }
                     }
                     Ok(watcher::Event::Delete(o)) => {
                         if let Some(uid) = &o.metadata.uid {
-                            g.objects.remove(uid);
+                            g.remove(uid);
                         }
                     }
                     // A relist replaces this kind's objects wholesale.
@@ -301,9 +412,24 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
                         }
                     }
                     Ok(watcher::Event::InitDone) => {
-                        g.objects.retain(|_, n| n.kind != kind);
-                        g.objects.extend(fresh.drain());
+                        let stale: Vec<String> = g
+                            .objects
+                            .iter()
+                            .filter(|(u, n)| n.kind == kind && !fresh.contains_key(*u))
+                            .map(|(u, _)| u.clone())
+                            .collect();
+                        for uid in stale {
+                            g.remove(&uid);
+                        }
+                        for (uid, n) in fresh.drain() {
+                            g.insert(uid, n, namespace_kind);
+                        }
                         g.synced.insert(kind);
+                        if g.synced.len() == ctx.kinds.len() {
+                            // Everything is known now: judge it all once.
+                            let all: Vec<String> = g.objects.keys().cloned().collect();
+                            g.dirty.extend(all);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "object graph watch error; retrying");

@@ -466,12 +466,15 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Runs the Job controller until its watches end.
-pub async fn run(client: kube::Client, config: &Config) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+    config: &Config,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: pods,
         changes,
-        driver,
-    } = crate::cache::<Pod>(&client);
+    } = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -488,9 +491,9 @@ pub async fn run(client: kube::Client, config: &Config) -> Result<(), Error> {
         )
         .await;
     };
-    tokio::select! {
-        () = driver => Err(Error::WatchEnded { what: "pod" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }
 

@@ -5,6 +5,10 @@
 //! **Architecture invariant:** controllers are API clients only (kube-rs);
 //! they read through reflector caches and write through the API server.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::api::Api;
@@ -51,24 +55,34 @@ impl Default for Config {
     }
 }
 
-/// Runs every controller until one stops.
+/// Runs every controller, on shared informers, until one stops.
 pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> {
+    let mut inf = Informers::new(client.clone());
+    let replicaset = replicaset::run(client.clone(), &mut inf);
+    let deployment = deployment::run(client.clone(), &mut inf);
+    let daemonset = daemonset::run(client.clone(), &mut inf);
+    let job = job::run(client.clone(), &mut inf, &config);
+    let cronjob = cronjob::run(client.clone(), &mut inf);
+    let nodelifecycle = nodelifecycle::run(client.clone(), &mut inf, &config);
+    let endpoints = endpoints::run(client.clone(), &mut inf);
     tokio::select! {
-        r = replicaset::run(client.clone()) => r,
-        r = deployment::run(client.clone()) => r,
-        r = daemonset::run(client.clone()) => r,
-        r = job::run(client.clone(), &config) => r,
-        r = cronjob::run(client.clone()) => r,
-        r = nodelifecycle::run(client.clone(), &config) => r,
+        () = inf.run() => Err(Error::WatchEnded { what: "informer" }),
+        r = replicaset => r,
+        r = deployment => r,
+        r = daemonset => r,
+        r = job => r,
+        r = cronjob => r,
+        r = nodelifecycle => r,
         r = gc::run(client.clone()) => r,
         r = serviceaccount::run(client.clone()) => r,
-        r = endpoints::run(client) => r,
+        r = endpoints => r,
     }
 }
 
 pub(crate) use wasmkube_api::ErrorChain;
 
-/// A cache of every `K` plus the stream of objects it has just applied.
+/// A controller's view of one kind: the shared cache, plus its own stream
+/// of the objects the cache has just applied.
 ///
 /// The reflector updates the store first and only then forwards the object,
 /// Apply and Delete alike, so a reconcile woken by an event never reads a
@@ -78,41 +92,115 @@ pub(crate) use wasmkube_api::ErrorChain;
 pub(crate) struct Cache<K: kube::Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
     pub changes: ReceiverStream<Result<K, watcher::Error>>,
-    /// Drives the watch; it ends only if the watch does.
-    pub driver: BoxFuture<'static, ()>,
 }
 
-pub(crate) fn cache<K>(client: &kube::Client) -> Cache<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let driver = reflector::reflector(
-        writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(move |touched| {
-        let tx = tx.clone();
-        async move {
-            if let Ok(obj) = touched {
-                let _ = tx.send(Ok(obj)).await;
+/// The controller manager's shared informers: one watch and one cache per
+/// kind, however many controllers read it (client-go's
+/// SharedInformerFactory), so each object is decoded and held once.
+/// Controllers subscribe while they are built; [`Informers::run`] then
+/// drives every watch.
+pub struct Informers {
+    client: kube::Client,
+    kinds: HashMap<TypeId, Box<dyn Any + Send>>,
+    drivers: Vec<BoxFuture<'static, ()>>,
+}
+
+type Subscribers<K> = Arc<Mutex<Vec<tokio::sync::mpsc::Sender<Result<K, watcher::Error>>>>>;
+
+impl Informers {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            kinds: HashMap::new(),
+            drivers: Vec::new(),
+        }
+    }
+
+    /// The shared cache of `K`, with a change stream of its own.
+    pub(crate) fn cache<K>(&mut self) -> Cache<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (store, subscribers) = self.shared::<K>();
+        subscribers.lock().expect("subscribers lock").push(tx);
+        Cache {
+            store,
+            changes: ReceiverStream::new(rx),
+        }
+    }
+
+    /// The shared cache of `K` alone, for a reader that polls it.
+    pub(crate) fn store<K>(&mut self) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.shared::<K>().0
+    }
+
+    fn shared<K>(&mut self) -> (Store<K>, Subscribers<K>)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        match self
+            .kinds
+            .get(&TypeId::of::<K>())
+            .and_then(|k| k.downcast_ref::<(Store<K>, Subscribers<K>)>())
+        {
+            Some((store, subs)) => (store.clone(), subs.clone()),
+            None => {
+                let (store, writer) = reflector::store();
+                let subs: Subscribers<K> = Arc::default();
+                let feed = subs.clone();
+                let driver = reflector::reflector(
+                    writer,
+                    watcher(
+                        Api::<K>::all(self.client.clone()),
+                        watcher::Config::default(),
+                    ),
+                )
+                .default_backoff()
+                .touched_objects()
+                .for_each(move |touched| {
+                    let targets = feed.lock().expect("subscribers lock").clone();
+                    async move {
+                        if let Ok(obj) = touched {
+                            for tx in targets {
+                                let _ = tx.send(Ok(obj.clone())).await;
+                            }
+                        }
+                    }
+                })
+                .boxed();
+                self.drivers.push(driver);
+                self.kinds
+                    .insert(TypeId::of::<K>(), Box::new((store.clone(), subs.clone())));
+                (store, subs)
             }
         }
-    })
-    .boxed();
-    Cache {
-        store,
-        changes: ReceiverStream::new(rx),
-        driver,
+    }
+
+    /// Drives every watch; returns only if one ends for good.
+    pub async fn run(self) {
+        futures::future::select_all(self.drivers).await;
     }
 }
 

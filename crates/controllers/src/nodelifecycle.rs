@@ -306,21 +306,22 @@ pub fn eviction_time(pod: &Pod, taints: &[Taint]) -> Option<DateTime<Utc>> {
     due
 }
 
-/// Runs the node lifecycle controller until its watches end.
-pub async fn run(client: kube::Client, config: &Config) -> Result<(), Error> {
-    let nodes = crate::cache::<Node>(&client);
-    let leases = crate::cache::<Lease>(&client);
-    let pods = crate::cache::<Pod>(&client);
+/// Runs the node lifecycle controller (it polls its caches every period).
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+    config: &Config,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let mut ctx = Ctx {
         client,
-        nodes: nodes.store.clone(),
-        leases: leases.store.clone(),
-        pods: pods.store.clone(),
+        nodes: informers.store::<Node>(),
+        leases: informers.store::<Lease>(),
+        pods: informers.store::<Pod>(),
         grace: config.node_monitor_grace_period,
         seen: HashMap::new(),
     };
     let period = config.node_monitor_period;
-    let monitor = async move {
+    async move {
         let _ = ctx.nodes.wait_until_ready().await;
         let _ = ctx.leases.wait_until_ready().await;
         let _ = ctx.pods.wait_until_ready().await;
@@ -332,15 +333,6 @@ pub async fn run(client: kube::Client, config: &Config) -> Result<(), Error> {
                 tracing::warn!(error = %crate::ErrorChain(&e), "node monitoring pass failed; retrying");
             }
         }
-    };
-    // The caches' change streams are not needed: the monitor polls its caches.
-    let (nd, ld, pd) = (nodes.driver, leases.driver, pods.driver);
-    drop((nodes.changes, leases.changes, pods.changes));
-    tokio::select! {
-        () = nd => Err(Error::WatchEnded { what: "node" }),
-        () = ld => Err(Error::WatchEnded { what: "lease" }),
-        () = pd => Err(Error::WatchEnded { what: "pod" }),
-        () = monitor => Ok(()),
     }
 }
 

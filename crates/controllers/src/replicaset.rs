@@ -183,12 +183,14 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
 }
 
 /// Runs the ReplicaSet controller until its watches end.
-pub async fn run(client: kube::Client) -> Result<(), Error> {
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
     let crate::Cache {
         store: pods,
         changes,
-        driver,
-    } = crate::cache::<Pod>(&client);
+    } = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
@@ -203,8 +205,8 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         )
         .await;
     };
-    tokio::select! {
-        () = driver => Err(Error::WatchEnded { what: "pod" }),
-        () = controller => Ok(()),
+    async move {
+        controller.await;
+        Ok(())
     }
 }

@@ -39,6 +39,7 @@ fn running_on(pods: &[Pod]) -> Vec<(String, String)> {
 async fn daemonsets_run_one_pod_per_eligible_node_and_roll() {
     let c = cluster().await;
     let nodes: Api<Node> = Api::all(c.client.clone());
+    wait_list(&nodes, "three nodes", |ns| ns.len() == 3).await;
     // sim-2 is tainted; the daemon does not tolerate it.
     nodes
         .patch(
@@ -60,10 +61,16 @@ async fn daemonsets_run_one_pod_per_eligible_node_and_roll() {
     dss.create(&PostParams::default(), &ds).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
     let want = |image: &str, nodes: &[&str]| -> Vec<(String, String)> {
-        nodes.iter().map(|n| ((*n).to_owned(), image.to_owned())).collect()
+        nodes
+            .iter()
+            .map(|n| ((*n).to_owned(), image.to_owned()))
+            .collect()
     };
     let v1 = want("agent:1", &["sim-0", "sim-1"]);
-    wait_list(&pods, "a daemon on sim-0 and sim-1", |ps| running_on(ps) == v1).await;
+    wait_list(&pods, "a daemon on sim-0 and sim-1", |ps| {
+        running_on(ps) == v1
+    })
+    .await;
 
     // Tolerating the taint brings the daemon to sim-2, through the scheduler.
     dss.patch(
@@ -94,9 +101,10 @@ async fn daemonsets_run_one_pod_per_eligible_node_and_roll() {
         let spec = p.spec.as_ref().unwrap();
         let tolerations = spec.tolerations.as_ref().unwrap();
         assert!(
-            tolerations
-                .iter()
-                .any(|t| t.key.as_deref() == Some("node.kubernetes.io/unreachable") && t.toleration_seconds.is_none()),
+            tolerations.iter().any(
+                |t| t.key.as_deref() == Some("node.kubernetes.io/unreachable")
+                    && t.toleration_seconds.is_none()
+            ),
             "{}",
             describe_pods(&all)
         );
@@ -140,7 +148,10 @@ async fn a_silent_node_is_marked_unknown_tainted_and_its_pods_replaced() {
                     "effect": "NoExecute", "tolerationSeconds": 1}]}}},
     }))
     .unwrap();
-    deployments.create(&PostParams::default(), &d).await.unwrap();
+    deployments
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
     let spread = wait_list(&pods, "six running, some on doomed-0", |ps| {
         let r = running_on(ps);
@@ -153,13 +164,23 @@ async fn a_silent_node_is_marked_unknown_tainted_and_its_pods_replaced() {
     let tainted = wait_list(&nodes, "doomed-0 unknown and tainted", |ns| {
         ns.iter().any(|n| {
             n.metadata.name.as_deref() == Some("doomed-0")
-                && n.status.as_ref().unwrap().conditions.as_ref().unwrap().iter().any(|c| {
-                    c.type_ == "Ready"
-                        && c.status == "Unknown"
-                        && c.reason.as_deref() == Some("NodeStatusUnknown")
-                })
+                && n.status
+                    .as_ref()
+                    .unwrap()
+                    .conditions
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "Unknown"
+                            && c.reason.as_deref() == Some("NodeStatusUnknown")
+                    })
                 && n.spec.as_ref().unwrap().taints.as_ref().is_some_and(|ts| {
-                    ts.iter().filter(|t| t.key == "node.kubernetes.io/unreachable").count() == 2
+                    ts.iter()
+                        .filter(|t| t.key == "node.kubernetes.io/unreachable")
+                        .count()
+                        == 2
                 })
         })
     })
@@ -177,7 +198,13 @@ async fn a_silent_node_is_marked_unknown_tainted_and_its_pods_replaced() {
         .filter(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("doomed-0"))
         .collect();
     assert!(!evicted.is_empty());
-    assert!(evicted.iter().all(|p| p.metadata.deletion_timestamp.is_some()), "{}", describe_pods(&after));
+    assert!(
+        evicted
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_some()),
+        "{}",
+        describe_pods(&after)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +225,10 @@ async fn only_one_candidate_leads_and_a_successor_takes_over() {
     let a = LeaderElector::new(c.client.clone(), "kube-system", "demo", "a", config.clone());
     let b = LeaderElector::new(c.client.clone(), "kube-system", "demo", "b", config.clone());
     assert!(a.try_acquire_or_renew().await);
-    assert!(!b.try_acquire_or_renew().await, "b must not take a held lease");
+    assert!(
+        !b.try_acquire_or_renew().await,
+        "b must not take a held lease"
+    );
     assert!(a.try_acquire_or_renew().await, "the holder renews");
     // a stops renewing; b waits out the lease duration, then takes over.
     let started = std::time::Instant::now();
@@ -223,7 +253,13 @@ async fn only_one_candidate_leads_and_a_successor_takes_over() {
     assert!(!a.try_acquire_or_renew().await);
     b_task.abort();
     // A released lease is free at once.
-    let d = LeaderElector::new(c.client.clone(), "kube-system", "demo2", "d", config.clone());
+    let d = LeaderElector::new(
+        c.client.clone(),
+        "kube-system",
+        "demo2",
+        "d",
+        config.clone(),
+    );
     let e = LeaderElector::new(c.client.clone(), "kube-system", "demo2", "e", config);
     assert!(d.try_acquire_or_renew().await);
     d.release().await;

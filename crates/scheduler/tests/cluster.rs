@@ -228,17 +228,23 @@ async fn a_high_priority_pod_preempts_lower_ones_and_admission_sets_priorities()
     wait_nodes(&c.client, 1).await;
     let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(c.client.clone());
     for (name, value, default) in [("low", 100, true), ("high", 10_000, false)] {
-        let pc = serde_json::from_value(json!({"metadata": {"name": name}, "value": value, "globalDefault": default}))
-            .unwrap();
+        let pc = serde_json::from_value(
+            json!({"metadata": {"name": name}, "value": value, "globalDefault": default}),
+        )
+        .unwrap();
         classes.create(&PostParams::default(), &pc).await.unwrap();
     }
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
-    let cpu = |n: &str| json!([{"name": "c", "image": "app:1", "resources": {"requests": {"cpu": n}}}]);
+    let cpu =
+        |n: &str| json!([{"name": "c", "image": "app:1", "resources": {"requests": {"cpu": n}}}]);
     // Two low-priority pods (by the global default) fill the node.
     let mut names = Vec::new();
     for i in 0..2 {
         let created = pods
-            .create(&PostParams::default(), &pod(&format!("low-{i}"), json!({"containers": cpu("1")})))
+            .create(
+                &PostParams::default(),
+                &pod(&format!("low-{i}"), json!({"containers": cpu("1")})),
+            )
             .await
             .unwrap();
         let spec = created.spec.unwrap();
@@ -254,15 +260,25 @@ async fn a_high_priority_pod_preempts_lower_ones_and_admission_sets_priorities()
     .await;
     // An unknown class is refused at admission.
     let err = pods
-        .create(&PostParams::default(), &pod("nope", json!({"priorityClassName": "missing"})))
+        .create(
+            &PostParams::default(),
+            &pod("nope", json!({"priorityClassName": "missing"})),
+        )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("no PriorityClass with name missing was found"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no PriorityClass with name missing was found"),
+        "{err}"
+    );
     // The high-priority pod evicts exactly one low pod and takes its place.
     let high = pods
         .create(
             &PostParams::default(),
-            &pod("high", json!({"priorityClassName": "high", "containers": cpu("1")})),
+            &pod(
+                "high",
+                json!({"priorityClassName": "high", "containers": cpu("1")}),
+            ),
         )
         .await
         .unwrap();

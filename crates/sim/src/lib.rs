@@ -40,6 +40,9 @@ pub struct SimConfig {
     pub runtime_handlers: Vec<String>,
     pub lease_duration_seconds: i32,
     pub renew_interval: Duration,
+    /// Move bound pods to Running (off only for scheduler benchmarks, which,
+    /// like kube-scheduler's, measure binding without kubelets).
+    pub run_pods: bool,
 }
 
 impl Default for SimConfig {
@@ -55,6 +58,7 @@ impl Default for SimConfig {
             runtime_handlers: vec!["wasmtime".into(), "runc".into()],
             lease_duration_seconds: 40,
             renew_interval: Duration::from_secs(10),
+            run_pods: true,
         }
     }
 }
@@ -306,7 +310,11 @@ pub async fn run(client: kube::Client, config: SimConfig) -> Result<(), Error> {
             }
         }
     };
+    let run_pods = config.run_pods;
     let pods = async move {
+        if !run_pods {
+            return std::future::pending().await;
+        }
         let selector = watcher::Config::default().fields("spec.nodeName!=");
         let mut stream =
             std::pin::pin!(watcher(Api::<Pod>::all(client), selector).default_backoff());
