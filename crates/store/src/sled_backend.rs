@@ -22,6 +22,9 @@ impl SledBackend {
             .path(dir)
             // Durability comes from our explicit flush per batch, not a timer.
             .flush_every_ms(None)
+            // sled's page cache defaults to 1 GiB; the API server keeps its
+            // own caches, so the store's stays small.
+            .cache_capacity(64 * 1024 * 1024)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io)
