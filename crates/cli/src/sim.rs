@@ -27,6 +27,12 @@ pub struct SimArgs {
     /// A taint for every node, KEY=VALUE:EFFECT (repeatable).
     #[arg(long = "taint", value_name = "KEY=VALUE:EFFECT")]
     taints: Vec<String>,
+    /// How often each node renews its Lease (its heartbeat).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    heartbeat_interval: f64,
+    /// Runtime handlers each node advertises (comma-separated).
+    #[arg(long, default_value = "wasmtime,runc", value_delimiter = ',')]
+    runtime_handlers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -78,6 +84,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         pods: args.pods,
         labels,
         taints,
+        runtime_handlers: args.runtime_handlers,
+        renew_interval: std::time::Duration::from_secs_f64(args.heartbeat_interval.max(0.05)),
         ..Default::default()
     };
     eprintln!("simulating {} node(s); Ctrl-C to stop", sim.count);

@@ -22,10 +22,15 @@ fn wasmkube() -> &'static str {
 }
 
 fn start_server(data_dir: &Path) -> Server {
+    start_server_with(data_dir, &[])
+}
+
+fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
     let kubeconfig = data_dir.join("kubeconfig");
     let mut child = Command::new(wasmkube())
         .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .arg("--write-kubeconfig")
         .arg(&kubeconfig)
         .env("RUST_LOG", "warn")
@@ -200,6 +205,36 @@ fn watch_until(s: &Server, args: &[&str], trigger: impl FnOnce(), pred: impl Fn(
             Ok(line) if pred(&line) => break,
             Ok(line) => seen.push(line),
             Err(_) => panic!("kubectl get -w never showed the change; saw {seen:?}"),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Reads rows from `kubectl get -w`, the current state included, until one
+/// satisfies `pred`.
+fn watch_rows_until(s: &Server, args: &[&str], pred: impl Fn(&str) -> bool) {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if pred(&line) => break,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("kubectl {args:?} never showed it; saw {seen:?}"),
         }
     }
     let _ = child.kill();
@@ -941,4 +976,202 @@ fn deployment_rollout_with_kubectl() {
         None,
     );
     assert!(!kubectl(&s, &["get", "namespace", "doomed"], None).ok);
+}
+
+const BATCH: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: pi}
+spec:
+  completions: 2
+  parallelism: 2
+  template:
+    metadata:
+      annotations: {sim.wasmkube.io/phase: Succeeded}
+    spec:
+      restartPolicy: Never
+      containers: [{name: pi, image: example/pi:1}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      containers: [{name: agent, image: example/agent:1}]
+"#;
+
+const TOLERANT_WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 6
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: example/web:1}]
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 1}
+"#;
+
+#[test]
+fn jobs_cronjobs_daemonsets_and_a_failed_node_with_kubectl() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server_with(dir.path(), &["--node-monitor-grace-period", "3"]);
+    let _sim = sim_nodes(&s, &["--count", "2", "--heartbeat-interval", "0.5"]);
+    let doomed = sim_nodes(
+        &s,
+        &[
+            "--count",
+            "1",
+            "--prefix",
+            "doomed",
+            "--heartbeat-interval",
+            "0.5",
+        ],
+    );
+    for node in ["node/sim-1", "node/doomed-0"] {
+        ok(&s, &["wait", "--for=create", node, "--timeout=30s"], None);
+    }
+    ok(&s, &["apply", "-f", "-"], Some(BATCH));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=complete",
+            "job/pi",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let jobs = ok(&s, &["get", "job", "pi", "--no-headers"], None);
+    assert!(jobs.contains("2/2"), "{jobs}");
+    let ds = ok(
+        &s,
+        &["rollout", "status", "ds/agent", "--timeout=60s"],
+        None,
+    );
+    assert!(ds.contains("successfully rolled out"), "{ds}");
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "ds", "agent", "-o", "jsonpath={.status.numberReady}"],
+            None
+        ),
+        "3"
+    );
+    // A CronJob as kubectl makes one, and a Job started from it by hand.
+    ok(
+        &s,
+        &[
+            "create",
+            "cronjob",
+            "tick",
+            "--image=example/tick:1",
+            "--schedule=*/5 * * * *",
+        ],
+        None,
+    );
+    let cj = ok(&s, &["get", "cronjob", "tick", "--no-headers"], None);
+    assert!(cj.contains("*/5 * * * *"), "{cj}");
+    ok(
+        &s,
+        &["create", "job", "--from=cronjob/tick", "tick-manual"],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.active}=1",
+            "job/tick-manual",
+            "--timeout=30s",
+        ],
+        None,
+    );
+
+    // A node that stops heartbeating goes Unknown, is tainted, and its pods
+    // are replaced on the others.
+    ok(&s, &["apply", "-f", "-"], Some(TOLERANT_WEB));
+    ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    let on_doomed = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector=spec.nodeName=doomed-0",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert!(!on_doomed.is_empty(), "the spread put pods on doomed-0");
+    drop(doomed);
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=Ready=Unknown",
+            "node/doomed-0",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    // The taints follow the condition.
+    watch_rows_until(
+        &s,
+        &[
+            "get",
+            "node",
+            "doomed-0",
+            "-w",
+            "-o",
+            "custom-columns=TAINTS:.spec.taints[*].key",
+        ],
+        |row| row.contains("node.kubernetes.io/unreachable"),
+    );
+    // Evicted pods stay Terminating (nobody on the node can confirm); the
+    // Deployment is whole again on the healthy nodes.
+    for pod in on_doomed.lines() {
+        ok(
+            &s,
+            &[
+                "wait",
+                "--for=jsonpath={.metadata.deletionTimestamp}",
+                pod,
+                "--timeout=60s",
+            ],
+            None,
+        );
+    }
+    ok(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=60s"],
+        None,
+    );
+    let pods: serde_json::Value = serde_json::from_str(&ok(
+        &s,
+        &["get", "pods", "-l", "app=web", "-o", "json"],
+        None,
+    ))
+    .unwrap();
+    let healthy: Vec<&str> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(healthy.len(), 6, "{healthy:?}");
+    assert!(healthy.iter().all(|n| n.starts_with("sim-")), "{healthy:?}");
 }
