@@ -38,14 +38,14 @@ fn synthetic_taint(key: &str) -> Taint {
     }
 }
 
-fn node_unschedulable(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn node_unschedulable(pod: &Pod, _: &PodFacts, node: &NodeInfo) -> Reasons {
     if node.unschedulable && !tolerated(pod, &synthetic_taint("node.kubernetes.io/unschedulable")) {
         return vec!["node(s) were unschedulable".into()];
     }
     Vec::new()
 }
 
-fn node_ready(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn node_ready(pod: &Pod, _: &PodFacts, node: &NodeInfo) -> Reasons {
     let taint = synthetic_taint("node.kubernetes.io/not-ready");
     if !node.ready && !tolerated(pod, &taint) {
         return vec![format!(
@@ -56,7 +56,7 @@ fn node_ready(pod: &Pod, node: &NodeInfo) -> Reasons {
     Vec::new()
 }
 
-fn node_name(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn node_name(pod: &Pod, _: &PodFacts, node: &NodeInfo) -> Reasons {
     match spec(pod).and_then(|s| s.node_name.as_deref()) {
         Some(want) if !want.is_empty() && want != node.name => {
             vec!["node(s) didn't match the requested node name".into()]
@@ -65,7 +65,7 @@ fn node_name(pod: &Pod, node: &NodeInfo) -> Reasons {
     }
 }
 
-fn taint_toleration(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn taint_toleration(pod: &Pod, _: &PodFacts, node: &NodeInfo) -> Reasons {
     node.taints
         .iter()
         .find(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerated(pod, t))
@@ -78,7 +78,7 @@ pub fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
     wasmkube_api::scheduling::term_matches(term, &node.labels, &node.name)
 }
 
-fn node_affinity(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn node_affinity(pod: &Pod, _: &PodFacts, node: &NodeInfo) -> Reasons {
     if matches_node_affinity(pod, node) {
         Vec::new()
     } else {
@@ -91,19 +91,19 @@ pub fn matches_node_affinity(pod: &Pod, node: &NodeInfo) -> bool {
     spec(pod).is_none_or(|s| wasmkube_api::scheduling::node_matches(s, &node.labels, &node.name))
 }
 
-fn node_ports(pod: &Pod, node: &NodeInfo) -> Reasons {
-    if host_ports(pod).iter().any(|p| node.used_ports.contains(p)) {
+fn node_ports(_: &Pod, facts: &PodFacts, node: &NodeInfo) -> Reasons {
+    if facts.ports.iter().any(|p| node.used_ports.contains(p)) {
         return vec!["node(s) didn't have free ports for the requested pod ports".into()];
     }
     Vec::new()
 }
 
-fn resources_fit(pod: &Pod, node: &NodeInfo) -> Reasons {
+fn resources_fit(_: &Pod, facts: &PodFacts, node: &NodeInfo) -> Reasons {
     let mut reasons = Vec::new();
     if node.pod_count + 1 > node.allowed_pods {
         reasons.push("Too many pods".into());
     }
-    let want = pod_requests(pod);
+    let want = facts.requests;
     let checks = [
         (
             "cpu",
@@ -132,7 +132,23 @@ fn resources_fit(pod: &Pod, node: &NodeInfo) -> Reasons {
     reasons
 }
 
-type Filter = fn(&Pod, &NodeInfo) -> Reasons;
+/// What the filters need of a pod, computed once per cycle.
+#[derive(Debug, Default)]
+pub struct PodFacts {
+    pub requests: crate::node_info::Resources,
+    pub ports: std::collections::BTreeSet<(String, i32)>,
+}
+
+impl PodFacts {
+    pub fn of(pod: &Pod) -> Self {
+        Self {
+            requests: pod_requests(pod),
+            ports: host_ports(pod),
+        }
+    }
+}
+
+type Filter = fn(&Pod, &PodFacts, &NodeInfo) -> Reasons;
 
 /// Filters in kube-scheduler's order; the first that fails names the reasons.
 const FILTERS: &[Filter] = &[
@@ -147,9 +163,13 @@ const FILTERS: &[Filter] = &[
 
 /// Why `node` cannot run `pod`; empty when it can.
 pub fn filter(pod: &Pod, node: &NodeInfo) -> Reasons {
+    filter_with(pod, &PodFacts::of(pod), node)
+}
+
+fn filter_with(pod: &Pod, facts: &PodFacts, node: &NodeInfo) -> Reasons {
     FILTERS
         .iter()
-        .map(|f| f(pod, node))
+        .map(|f| f(pod, facts, node))
         .find(|r| !r.is_empty())
         .unwrap_or_default()
 }
@@ -302,6 +322,7 @@ fn runtime_handler(pod: &Pod, cache: &Cache) -> Option<String> {
 
 /// One scheduling cycle's prepared state for one pod.
 pub struct Cycle {
+    facts: PodFacts,
     handler: Option<String>,
     pub affinity: InterPodAffinity,
     pub spread: TopologySpread,
@@ -312,6 +333,7 @@ pub struct Cycle {
 impl Cycle {
     pub fn prepare(key: &str, pod: &Pod, cache: &Cache) -> Self {
         Self {
+            facts: PodFacts::of(pod),
             handler: runtime_handler(pod, cache),
             affinity: InterPodAffinity::prepare(pod, cache),
             spread: TopologySpread::prepare(pod, cache),
@@ -340,7 +362,7 @@ impl Cycle {
         {
             return vec![format!("node(s) didn't have the runtime handler {h:?}")];
         }
-        filter(pod, node)
+        filter_with(pod, &self.facts, node)
     }
 
     pub fn key(&self) -> &str {

@@ -24,6 +24,8 @@ use crate::queue::{Key, Queue, QueueConfig};
 /// Bindings in flight at once; the loop waits for a slot, so a slow API
 /// server slows scheduling instead of piling up requests.
 const MAX_IN_FLIGHT_BINDINGS: usize = 64;
+/// `Scheduled` events in flight at once.
+const MAX_IN_FLIGHT_EVENTS: usize = 256;
 
 /// Scheduler settings.
 #[derive(Clone, Debug)]
@@ -77,6 +79,10 @@ struct Shared {
     pods: Store<Pod>,
     cache: Mutex<Cache>,
     bindings: Arc<Semaphore>,
+    /// `Scheduled` events in flight; beyond this they are dropped, as
+    /// client-go's event broadcaster drops them when its queue is full, so
+    /// events never hold binding back.
+    events: Arc<Semaphore>,
     /// Keys seen during a pod or node relist, to drop what vanished meanwhile.
     relist_pods: Mutex<Option<HashSet<Key>>>,
     relist_nodes: Mutex<Option<HashSet<String>>>,
@@ -189,9 +195,11 @@ impl Shared {
                     self.cache().nominate(&key, &plan.node, pod.clone());
                     self.preempt(&pod, plan).await;
                 }
-                self.mark_unschedulable(&pod, &message).await;
+                // The event first: whoever waits for the condition then
+                // finds the event too (`kubectl wait`, then `describe`).
                 self.event(&pod, "Warning", "FailedScheduling", &message)
                     .await;
+                self.mark_unschedulable(&pod, &message).await;
             }
         }
     }
@@ -244,7 +252,7 @@ impl Shared {
         }
     }
 
-    async fn bind(&self, key: Key, pod: Arc<Pod>, node: String) {
+    async fn bind(self: &Arc<Self>, key: Key, pod: Arc<Pod>, node: String) {
         let (ns, name) = key.split_once('/').unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let binding = json!({
@@ -264,13 +272,17 @@ impl Shared {
         {
             Ok(_) => {
                 tracing::debug!(pod = %key, %node, "bound");
-                self.event(
-                    &pod,
-                    "Normal",
-                    "Scheduled",
-                    &format!("Successfully assigned {key} to {node}"),
-                )
-                .await;
+                match self.events.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            let message = format!("Successfully assigned {key} to {node}");
+                            this.event(&pod, "Normal", "Scheduled", &message).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => tracing::debug!(pod = %key, "event queue full; Scheduled event dropped"),
+                }
             }
             Err(e) => {
                 tracing::info!(pod = %key, %node, error = %e, "binding failed; retrying after backoff");
@@ -409,6 +421,7 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
         pods,
         cache: Mutex::default(),
         bindings: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BINDINGS)),
+        events: Arc::new(Semaphore::new(MAX_IN_FLIGHT_EVENTS)),
         relist_pods: Mutex::default(),
         relist_nodes: Mutex::default(),
     });
