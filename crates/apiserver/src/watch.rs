@@ -12,6 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::Utc;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -281,8 +282,26 @@ pub(crate) async fn serve(ctx: &Ctx<'_>) -> ApiResult<Response> {
         columns_sent: false,
         done: false,
     };
-    let stream = futures::stream::unfold(state, WatchState::next);
+    // Events already waiting go out in one write: a burst costs one syscall
+    // per watcher, not one per event.
+    let stream = futures::stream::unfold(state, WatchState::next)
+        .ready_chunks(WATCH_WRITE_BATCH)
+        .map(join_lines);
     Ok(stream_response(Body::from_stream(stream)))
+}
+
+/// Most events joined into one write.
+const WATCH_WRITE_BATCH: usize = 256;
+
+fn join_lines(lines: Vec<Result<Bytes, std::io::Error>>) -> Result<Bytes, std::io::Error> {
+    if lines.len() == 1 {
+        return lines.into_iter().next().expect("one line");
+    }
+    let mut out = bytes::BytesMut::new();
+    for line in lines {
+        out.extend_from_slice(&line?);
+    }
+    Ok(out.freeze())
 }
 
 fn stream_response(body: Body) -> Response {
