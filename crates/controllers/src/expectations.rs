@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 
 /// How long an unobserved create or delete is waited for before trusting the
-/// cache again.
-const TIMEOUT: Duration = Duration::from_secs(60);
+/// cache again (Kubernetes' ExpectationsTimeout).
+const TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Default)]
 struct Expected {

@@ -25,8 +25,10 @@ use crate::Error;
 use crate::expectations::Expectations;
 use crate::pods;
 
-/// Pods created concurrently per reconcile.
+/// Pods created (or deleted) concurrently per reconcile.
 const CREATE_CONCURRENCY: usize = 16;
+/// Most pods created or deleted by one reconcile.
+const BURST: usize = 500;
 
 pub(crate) struct Ctx {
     client: kube::Client,
@@ -117,7 +119,10 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     tracing::debug!(replicaset = %rs.name_any(), want, active = active.len(), pending_creates, pending_deletes = pending_deletes.len(), "reconcile");
     if have < want {
         let template = pod_from_template(&rs)?;
-        let created: Vec<Result<Pod, kube::Error>> = futures::stream::iter(0..want - have)
+        // At most a burst per reconcile (Kubernetes' burstReplicas); the
+        // rest follow as soon as the cache shows these.
+        let count = (want - have).min(BURST);
+        let created: Vec<Result<Pod, kube::Error>> = futures::stream::iter(0..count)
             .map(|_| {
                 let (api, template) = (pods_api.clone(), template.clone());
                 async move { api.create(&PostParams::default(), &template).await }
@@ -125,24 +130,43 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             .buffer_unordered(CREATE_CONCURRENCY)
             .collect()
             .await;
+        // Every pod that was created is expected, even if another create failed.
+        let mut failure = None;
         for result in created {
-            let pod = result.map_err(Error::Kube)?;
-            ctx.expectations.expect_create(&uid, pod.name_any());
+            match result {
+                Ok(pod) => ctx.expectations.expect_create(&uid, pod.name_any()),
+                Err(e) => failure = Some(e),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(Error::Kube(e));
+        }
+        if count < want - have {
+            return Ok(Action::requeue(Duration::from_millis(100)));
         }
     } else if active.len() > want && pending_creates == 0 {
         active.sort_by_key(|p| pods::deletion_rank(p));
-        for pod in active.iter().take(active.len() - want) {
-            match pods_api
-                .delete(&pod.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(Error::Kube(e)),
-            }
+        let surplus: Vec<Arc<Pod>> = active
+            .iter()
+            .take((active.len() - want).min(BURST))
+            .cloned()
+            .collect();
+        let names: Vec<String> = surplus.iter().map(|p| p.name_any()).collect();
+        let deleted: Vec<Result<(), kube::Error>> = futures::stream::iter(names)
+            .map(|name| {
+                let api = pods_api.clone();
+                async move { crate::gone_ok(api.delete(&name, &DeleteParams::default()).await) }
+            })
+            .buffer_unordered(CREATE_CONCURRENCY)
+            .collect()
+            .await;
+        for pod in &surplus {
             if let Some(u) = pod.metadata.uid.clone() {
                 ctx.expectations.expect_delete(&uid, u);
             }
+        }
+        if let Some(e) = deleted.into_iter().find_map(Result::err) {
+            return Err(Error::Kube(e));
         }
     }
 
