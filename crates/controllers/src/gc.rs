@@ -59,21 +59,37 @@ struct Graph {
 }
 
 impl Graph {
-    fn mark_related(&mut self, uid: &str, node: &Node) {
+    /// Marks what a change to `uid` can decide: itself, owners that wait
+    /// for their dependents (being deleted), its dependents when it is gone
+    /// (their owner is), and its namespace if that is being emptied. Nothing
+    /// else is marked, so a change to one of many pods (or a status update
+    /// of their ReplicaSet) costs one evaluation, not one per sibling.
+    fn mark_related(&mut self, uid: &str, node: &Node, removed: bool) {
         self.dirty.insert(uid.to_owned());
         for o in &node.owners {
-            self.dirty.insert(o.uid.clone());
+            if self.objects.get(&o.uid).is_none_or(|n| n.deleting) {
+                self.dirty.insert(o.uid.clone());
+            }
         }
-        if let Some(deps) = self.dependents.get(uid) {
+        if removed && let Some(deps) = self.dependents.get(uid) {
             self.dirty.extend(deps.iter().cloned());
         }
-        if let Some(ns) = node.namespace.as_ref().and_then(|n| self.namespaces.get(n)) {
+        if let Some(ns) = node.namespace.as_ref().and_then(|n| self.namespaces.get(n))
+            && self.objects.get(ns).is_some_and(|n| n.deleting)
+        {
             self.dirty.insert(ns.clone());
         }
     }
 
     fn insert(&mut self, uid: String, node: Node, namespace_kind: usize) {
-        self.remove(&uid);
+        if let Some(old) = self.unindex(&uid) {
+            // An owner this object just left (orphaning) may be done waiting.
+            for o in &old.owners {
+                if self.objects.get(&o.uid).is_some_and(|n| n.deleting) {
+                    self.dirty.insert(o.uid.clone());
+                }
+            }
+        }
         for o in &node.owners {
             self.dependents
                 .entry(o.uid.clone())
@@ -89,11 +105,18 @@ impl Graph {
         if node.kind == namespace_kind {
             self.namespaces.insert(node.name.clone(), uid.clone());
         }
-        self.mark_related(&uid, &node);
+        self.mark_related(&uid, &node, false);
         self.objects.insert(uid, node);
     }
 
     fn remove(&mut self, uid: &str) -> Option<Node> {
+        let node = self.unindex(uid)?;
+        self.mark_related(uid, &node, true);
+        Some(node)
+    }
+
+    /// Takes an object out of the graph and its indexes.
+    fn unindex(&mut self, uid: &str) -> Option<Node> {
         let node = self.objects.remove(uid)?;
         for o in &node.owners {
             if let Some(deps) = self.dependents.get_mut(&o.uid) {
@@ -114,7 +137,6 @@ impl Graph {
         if self.namespaces.get(&node.name).is_some_and(|u| u == uid) {
             self.namespaces.remove(&node.name);
         }
-        self.mark_related(uid, &node);
         Some(node)
     }
 
@@ -250,8 +272,14 @@ impl Ctx {
                 } else {
                     Vec::new()
                 };
+                // Only an owner being deleted needs its dependents.
+                let dependents = if node.deleting {
+                    g.nodes(g.dependents.get(&uid))
+                } else {
+                    Vec::new()
+                };
                 Some(Work {
-                    dependents: g.nodes(g.dependents.get(&uid)),
+                    dependents,
                     owner_present: node.owners.iter().any(|o| g.objects.contains_key(&o.uid)),
                     contents,
                     uid,
