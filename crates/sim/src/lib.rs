@@ -160,11 +160,12 @@ impl Sim {
             }
             Err(e) => return Err(err(e)),
         }
-        self.renew_lease(name, config.lease_duration_seconds).await;
+        self.take_lease(name, config.lease_duration_seconds).await;
         Ok(())
     }
 
-    async fn renew_lease(&self, node: &str, duration: i32) {
+    /// Creates or takes over the node's Lease (server-side apply, once).
+    async fn take_lease(&self, node: &str, duration: i32) {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
         let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let lease = json!({
@@ -175,7 +176,20 @@ impl Sim {
         });
         let params = PatchParams::apply("wasmkube-sim").force();
         if let Err(e) = api.patch(node, &params, &Patch::Apply(lease)).await {
-            tracing::warn!(node, error = %e, "lease renewal failed");
+            tracing::warn!(node, error = %e, "could not take the lease");
+        }
+    }
+
+    /// Renews the Lease with a small merge patch, the cheap write a kubelet's
+    /// heartbeat is; a missing Lease is taken again.
+    async fn renew_lease(&self, node: &str, duration: i32) {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), LEASE_NAMESPACE);
+        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let patch = Patch::Merge(json!({"spec": {"renewTime": now}}));
+        match api.patch(node, &PatchParams::default(), &patch).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => self.take_lease(node, duration).await,
+            Err(e) => tracing::warn!(node, error = %e, "lease renewal failed"),
         }
     }
 
