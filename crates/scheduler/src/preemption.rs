@@ -127,7 +127,10 @@ mod tests {
         )
     }
 
-    fn cache(nodes: &[(&str, &[(&str, &str, i32)])]) -> Cache {
+    /// A pod on a test node: name, cpu request, priority.
+    type TestPod<'a> = (&'a str, &'a str, i32);
+
+    fn cache(nodes: &[(&str, &[TestPod])]) -> Cache {
         let mut c = Cache::default();
         for (name, pods) in nodes {
             c.upsert_node_info(NodeInfo {

@@ -281,7 +281,9 @@ impl Shared {
                             drop(permit);
                         });
                     }
-                    Err(_) => tracing::debug!(pod = %key, "event queue full; Scheduled event dropped"),
+                    Err(_) => {
+                        tracing::debug!(pod = %key, "event queue full; Scheduled event dropped")
+                    }
                 }
             }
             Err(e) => {
