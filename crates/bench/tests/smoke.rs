@@ -35,3 +35,15 @@ fn startup_bench_smoke() {
     let out = bench(&["startup", "--runs", "1"]);
     assert!(out.contains("idle RSS"), "{out}");
 }
+
+#[test]
+fn schedule_bench_smoke() {
+    let out = bench(&["schedule", "--nodes", "5", "--pods", "20", "--clients", "4"]);
+    assert!(out.contains("all bound"), "{out}");
+}
+
+#[test]
+fn rollout_bench_smoke() {
+    let out = bench(&["rollout", "--nodes", "3", "--replicas", "5"]);
+    assert!(out.contains("all Ready"), "{out}");
+}
