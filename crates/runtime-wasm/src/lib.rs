@@ -1,0 +1,391 @@
+//! The Wasm container runtime: runs WASI preview 1 command modules in-process
+//! on one Wasmtime engine (pooling allocator, async execution, epoch
+//! interruption), with limits that are enforced, not advisory:
+//!
+//! - `limits.memory` is a hard cap on each container's linear memory; a
+//!   growth beyond it fails, and a guest that traps on that failure is
+//!   reported [`Exit::OomKilled`];
+//! - `limits.cpu` is a quota per 100 ms period: every epoch tick (10 ms) the
+//!   guest yields to the executor, and once it has used its share of the
+//!   period it sleeps until the next one;
+//! - a guest only ever sees its args, env and preopened directories.
+//!
+//! Modules are compiled once per content digest and engine and cached on
+//! disk as precompiled artifacts, loaded afterwards without compiling.
+//!
+//! **Architecture invariant:** this is the only crate that depends on
+//! wasmtime (checked by `crates/cli/tests/boundaries.rs`).
+
+mod limits;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config as EngineConfig, Engine, InstanceAllocationStrategy, Linker, Module,
+    PoolingAllocationConfig, Store, UpdateDeadline,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use limits::Limiter;
+pub use limits::OutOfMemory;
+
+/// How often the engine's epoch advances: the CPU accounting granularity.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// The CPU quota period (as the CFS default).
+const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// Engine-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where precompiled modules are kept.
+    pub cache_dir: PathBuf,
+    /// Instances that can be live at once (the pooling allocator's slots).
+    pub max_instances: u32,
+    /// The largest linear memory any instance may have; container limits
+    /// are capped here.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cache_dir: std::env::temp_dir().join("wasmkube-module-cache"),
+            max_instances: 1000,
+            max_memory_bytes: 1 << 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("could not set up the Wasm engine: {0}")]
+    Engine(String),
+    #[error("invalid Wasm module: {0}")]
+    InvalidModule(String),
+    #[error("module cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not prepare the container: {0}")]
+    Setup(String),
+}
+
+/// A volume as the guest sees it.
+#[derive(Clone, Debug)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+/// Everything one container run needs.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerSpec {
+    /// `argv`, program name first.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    /// Files stdout and stderr are appended to.
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// `limits.memory` in bytes.
+    pub memory_limit: Option<u64>,
+    /// `limits.cpu` in millicores.
+    pub cpu_millis: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest exited (or returned from `_start`, code 0).
+    Code(i32),
+    /// The guest needed more memory than its limit.
+    OomKilled { message: String },
+    /// The guest trapped (unreachable, stack overflow, bad access, ...).
+    Trap { message: String },
+}
+
+impl Exit {
+    /// The exit code Kubernetes reports: 0, the guest's code, 137 for an
+    /// OOM kill, 1 for a trap.
+    pub fn code(&self) -> i32 {
+        match self {
+            Self::Code(c) => *c,
+            Self::OomKilled { .. } => 137,
+            Self::Trap { .. } => 1,
+        }
+    }
+}
+
+/// What a run used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Time the guest ran (in slices between epoch ticks).
+    pub cpu: Duration,
+    /// The largest linear memory it had, in bytes.
+    pub memory_high_water: u64,
+}
+
+/// Per-store state: WASI, the memory limiter and the CPU account.
+struct Host {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+    cpu: CpuAccount,
+}
+
+struct CpuAccount {
+    quota: Option<Duration>,
+    period_start: Instant,
+    used_in_period: Duration,
+    slice_start: Instant,
+    total: Duration,
+}
+
+impl CpuAccount {
+    fn new(cpu_millis: Option<u64>) -> Self {
+        let now = Instant::now();
+        Self {
+            quota: cpu_millis.map(|m| CPU_PERIOD.mul_f64(m as f64 / 1000.0)),
+            period_start: now,
+            used_in_period: Duration::ZERO,
+            slice_start: now,
+            total: Duration::ZERO,
+        }
+    }
+
+    /// Called at every epoch tick while the guest runs: yield, and sleep
+    /// out the rest of the period once the quota is spent.
+    fn tick(&mut self) -> UpdateDeadline {
+        let now = Instant::now();
+        let slice = now.saturating_duration_since(self.slice_start);
+        self.total += slice;
+        if now.duration_since(self.period_start) >= CPU_PERIOD {
+            self.period_start = now;
+            self.used_in_period = Duration::ZERO;
+        }
+        self.used_in_period += slice;
+        match self.quota {
+            Some(quota) if self.used_in_period >= quota => {
+                let resume = self.period_start + CPU_PERIOD;
+                self.period_start = resume;
+                self.used_in_period = Duration::ZERO;
+                self.slice_start = resume;
+                let sleep = tokio::time::sleep_until(resume.into());
+                UpdateDeadline::YieldCustom(1, Box::pin(sleep))
+            }
+            _ => {
+                self.slice_start = now;
+                UpdateDeadline::Yield(1)
+            }
+        }
+    }
+}
+
+/// The engine, the linker and the module cache; cheap to share.
+pub struct WasmRuntime {
+    engine: Engine,
+    linker: Linker<Host>,
+    config: Config,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WasmRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmRuntime")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmRuntime {
+    pub fn new(config: Config) -> Result<Self, Error> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(config.max_instances)
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances)
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.max_memory_bytes);
+        let mut ec = EngineConfig::new();
+        ec.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            // Deep recursion traps instead of touching the host's stack.
+            .max_wasm_stack(1 << 20);
+        let engine = Engine::new(&ec).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
+        std::fs::create_dir_all(&config.cache_dir).map_err(|source| Error::Cache {
+            path: config.cache_dir.clone(),
+            source,
+        })?;
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        {
+            let (engine, stop) = (engine.clone(), stop_ticker.clone());
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| Error::Engine(e.to_string()))?;
+        }
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            stop_ticker,
+        })
+    }
+
+    /// The cache file for a module: its content digest plus what makes
+    /// compiled code compatible with this engine.
+    fn cache_path(&self, bytes: &[u8]) -> PathBuf {
+        let digest = Sha256::digest(bytes);
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.config
+            .cache_dir
+            .join(format!("{hex}-{:016x}.cwasm", h.finish()))
+    }
+
+    /// Loads a module: from the precompiled cache when this engine compiled
+    /// it before, otherwise compiled now (off any request path: call this
+    /// from a blocking task) and cached.
+    pub fn load(&self, bytes: &[u8]) -> Result<Module, Error> {
+        let path = self.cache_path(bytes);
+        if path.exists() {
+            match deserialize_cached(&self.engine, &path) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring a bad cache entry")
+                }
+            }
+        }
+        let compiled = self
+            .engine
+            .precompile_module(bytes)
+            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        // Written under a temporary name and renamed: a crash never leaves a
+        // torn artifact under the real name.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &compiled)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| Error::Cache {
+                path: path.clone(),
+                source,
+            })?;
+        deserialize_cached(&self.engine, &path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
+    }
+
+    /// Runs a command module to completion. Dropping the future interrupts
+    /// the guest (the grace period of a deletion ends this way).
+    pub async fn run(&self, module: &Module, spec: &ContainerSpec) -> Result<(Exit, Usage), Error> {
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::Setup(format!("log file {}: {e}", p.display())))
+        };
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&spec.args)
+            .stdout(wasmtime_wasi::cli::OutputFile::new(open(&spec.stdout)?))
+            .stderr(wasmtime_wasi::cli::OutputFile::new(open(&spec.stderr)?));
+        for (k, v) in &spec.env {
+            wasi.env(k, v);
+        }
+        for m in &spec.mounts {
+            let perms = if m.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&m.host_path, &m.guest_path, perms)
+                .map_err(|e| Error::Setup(format!("volume {}: {e:#}", m.guest_path)))?;
+        }
+        let limit = spec.memory_limit.map(|l| {
+            usize::try_from(l)
+                .unwrap_or(usize::MAX)
+                .min(self.config.max_memory_bytes)
+        });
+        let host = Host {
+            wasi: wasi.build_p1(),
+            limiter: Limiter::new(limit),
+            cpu: CpuAccount::new(spec.cpu_millis),
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limiter);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().cpu.tick()));
+        let result = async {
+            let instance = self.linker.instantiate_async(&mut store, module).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            store.data_mut().cpu.slice_start = Instant::now();
+            start.call_async(&mut store, ()).await
+        }
+        .await;
+        let host = store.data_mut();
+        let now = Instant::now();
+        host.cpu.total += now.saturating_duration_since(host.cpu.slice_start);
+        let usage = Usage {
+            cpu: host.cpu.total,
+            memory_high_water: host.limiter.high_water() as u64,
+        };
+        let exit = match result {
+            Ok(()) => Exit::Code(0),
+            Err(e) => classify(e, &host.limiter),
+        };
+        Ok((exit, usage))
+    }
+}
+
+#[allow(unsafe_code)]
+fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
+    // SAFETY: `Module::deserialize_file` maps the file and trusts it to be
+    // code this engine produced, unchanged while mapped. Files in the cache directory are written only by
+    // `WasmRuntime::load`, from `Engine::precompile_module`, and renamed into
+    // place whole (never rewritten in place, so a mapped artifact does not
+    // change under a running module); the name carries the engine's compatibility hash, and
+    // wasmtime checks the artifact's header against the engine again.
+    unsafe { Module::deserialize_file(engine, path) }
+}
+
+fn classify(e: wasmtime::Error, limiter: &Limiter) -> Exit {
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        return Exit::Code(exit.0);
+    }
+    if let Some(denied) = limiter.denied() {
+        // The growth failed and the guest trapped on it (Rust's allocator
+        // aborts with `unreachable`).
+        return Exit::OomKilled {
+            message: format!("{denied}; then: {}", root_message(&e)),
+        };
+    }
+    Exit::Trap {
+        message: root_message(&e),
+    }
+}
+
+fn root_message(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{e:#}"),
+    }
+}

@@ -1,0 +1,218 @@
+//! The Wasm runtime against small hand-written guests (WAT): output and exit
+//! codes, the memory limit, CPU quotas and yielding, traps, hostile modules
+//! and the compile cache.
+
+use std::time::Duration;
+
+use wasmkube_runtime_wasm::{Config, ContainerSpec, Exit, WasmRuntime};
+
+fn runtime(dir: &tempfile::TempDir) -> WasmRuntime {
+    WasmRuntime::new(Config {
+        cache_dir: dir.path().join("cache"),
+        max_instances: 16,
+        max_memory_bytes: 64 << 20,
+    })
+    .unwrap()
+}
+
+fn spec(dir: &tempfile::TempDir, name: &str) -> ContainerSpec {
+    ContainerSpec {
+        args: vec![name.into()],
+        stdout: dir.path().join(format!("{name}.out")),
+        stderr: dir.path().join(format!("{name}.err")),
+        ..Default::default()
+    }
+}
+
+/// Prints `text` to stdout, then exits with `code`.
+fn printer(text: &str, code: i32) -> Vec<u8> {
+    wat(&format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 64) "{text}")
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 64))
+            (i32.store (i32.const 4) (i32.const {len}))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+            (call $proc_exit (i32.const {code}))))"#,
+        len = text.len(),
+    ))
+}
+
+fn wat(text: &str) -> Vec<u8> {
+    text.as_bytes().to_vec()
+}
+
+/// Spins forever.
+const SPIN: &str =
+    r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#;
+
+#[tokio::test]
+async fn output_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let hello = rt.load(&printer("hello from wasm", 0)).unwrap();
+    let s = spec(&dir, "hello");
+    let (exit, usage) = rt.run(&hello, &s).await.unwrap();
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(
+        std::fs::read_to_string(&s.stdout).unwrap(),
+        "hello from wasm"
+    );
+    assert_eq!(usage.memory_high_water, 64 * 1024);
+    let failing = rt.load(&printer("bye", 3)).unwrap();
+    let (exit, _) = rt.run(&failing, &spec(&dir, "failing")).await.unwrap();
+    assert_eq!((exit.clone(), exit.code()), (Exit::Code(3), 3));
+}
+
+#[tokio::test]
+async fn memory_beyond_the_limit_is_an_oom_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    // Grows one page at a time; traps as Rust's allocator does when a growth fails.
+    let hog = rt
+        .load(&wat(r#"(module (memory (export "memory") 1)
+            (func (export "_start")
+              (loop (if (i32.ne (memory.grow (i32.const 1)) (i32.const -1)) (then (br 1))))
+              unreachable))"#))
+        .unwrap();
+    let mut s = spec(&dir, "hog");
+    s.memory_limit = Some(2 << 20);
+    let (exit, usage) = rt.run(&hog, &s).await.unwrap();
+    match &exit {
+        Exit::OomKilled { message } => assert!(message.contains("limit 2097152"), "{message}"),
+        other => panic!("expected an OOM kill, got {other:?}"),
+    }
+    assert_eq!(exit.code(), 137);
+    assert_eq!(usage.memory_high_water, 2 << 20);
+    // A module whose initial memory is already over the limit never starts.
+    let big = rt
+        .load(&wat(
+            r#"(module (memory (export "memory") 64) (func (export "_start")))"#,
+        ))
+        .unwrap();
+    let (exit, _) = rt.run(&big, &s).await.unwrap();
+    assert!(matches!(exit, Exit::OomKilled { .. }), "{exit:?}");
+}
+
+#[tokio::test]
+async fn traps_and_hostile_modules_fail_only_their_own_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let recurse = rt
+        .load(&wat(r#"(module (memory (export "memory") 1)
+            (func $f (call $f)) (func (export "_start") (call $f)))"#))
+        .unwrap();
+    let (exit, _) = rt.run(&recurse, &spec(&dir, "recurse")).await.unwrap();
+    match exit {
+        Exit::Trap { message } => assert_eq!(message, "wasm trap: call stack exhausted"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    let err = rt.load(b"\0asm\x01\0\0\0garbage").unwrap_err();
+    assert!(err.to_string().starts_with("invalid Wasm module"), "{err}");
+    // An import the runtime does not provide fails the run, not the runtime.
+    let alien = rt
+        .load(&wat(
+            r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#,
+        ))
+        .unwrap();
+    let (exit, _) = rt.run(&alien, &spec(&dir, "alien")).await.unwrap();
+    assert!(matches!(exit, Exit::Trap { .. }), "{exit:?}");
+    // The runtime still runs other guests.
+    let ok = rt.load(&printer("still here", 0)).unwrap();
+    assert_eq!(
+        rt.run(&ok, &spec(&dir, "ok")).await.unwrap().0,
+        Exit::Code(0)
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_guest_yields_and_can_be_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let spin = rt.load(&wat(SPIN)).unwrap();
+    let hello = rt.load(&printer("hi", 0)).unwrap();
+    let spin_spec = spec(&dir, "spin");
+    // On a single-threaded executor the spinning guest must yield for the
+    // other one to finish at all.
+    let spinning = rt.run(&spin, &spin_spec);
+    let other = async { rt.run(&hello, &spec(&dir, "other")).await.unwrap().0 };
+    tokio::pin!(spinning);
+    tokio::select! {
+        _ = &mut spinning => panic!("the spinning guest cannot finish"),
+        exit = other => assert_eq!(exit, Exit::Code(0)),
+    }
+    // Dropping the run interrupts the guest (a deletion's grace period ends so).
+    let interrupted = tokio::time::timeout(Duration::from_millis(100), spinning).await;
+    assert!(interrupted.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_limit_throttles_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let mut s = spec(&dir, "limited");
+    s.cpu_millis = Some(100);
+    // The same work with and without a tenth of a core.
+    let counter = rt
+        .load(&wat(r#"(module
+            (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+            (memory (export "memory") 1)
+            (func (export "_start") (local $i i64)
+              (loop (local.set $i (i64.add (local.get $i) (i64.const 1)))
+                (br_if 0 (i64.lt_u (local.get $i) (i64.const 300000000))))
+              (call $exit (i32.const 0))))"#))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (exit, free) = rt.run(&counter, &spec(&dir, "free")).await.unwrap();
+    let free_wall = started.elapsed();
+    assert_eq!(exit, Exit::Code(0));
+    let started = std::time::Instant::now();
+    let (exit, limited) = rt.run(&counter, &s).await.unwrap();
+    let limited_wall = started.elapsed();
+    assert_eq!(exit, Exit::Code(0));
+    // A tenth of a core: the guest runs about 10 ms of every 100 ms. Noise
+    // (other load) can only lower this share, never raise it.
+    let share = limited.cpu.as_secs_f64() / limited_wall.as_secs_f64();
+    assert!(
+        share < 0.3,
+        "share {share:.2}: limited {limited_wall:?} (cpu {:?}) vs free {free_wall:?} (cpu {:?})",
+        limited.cpu,
+        free.cpu
+    );
+}
+
+#[tokio::test]
+async fn compiled_modules_are_cached_by_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir);
+    let bytes = printer("cached", 0);
+    rt.load(&bytes).unwrap();
+    let entries: Vec<_> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].ends_with(".cwasm"));
+    // A second runtime (a restarted agent) loads the artifact instead of compiling.
+    let again = runtime(&dir);
+    let m = again.load(&bytes).unwrap();
+    assert_eq!(
+        again.run(&m, &spec(&dir, "again")).await.unwrap().0,
+        Exit::Code(0)
+    );
+    // A corrupt artifact is replaced, not trusted. (Artifacts are mapped into
+    // memory, so they are only ever replaced by a rename, never rewritten in
+    // place; the corruption arrives the same way here.)
+    let path = dir.path().join("cache").join(&entries[0]);
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, b"not an artifact").unwrap();
+    std::fs::rename(&bad, &path).unwrap();
+    let m = again.load(&bytes).unwrap();
+    assert_eq!(
+        again.run(&m, &spec(&dir, "fixed")).await.unwrap().0,
+        Exit::Code(0)
+    );
+}
