@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
 # (kubectl if missing, a Python venv with the official Kubernetes client,
-# cargo-nextest), then checks formatting and lints, then runs every test:
+# cargo-nextest, the wasm32-wasip1 Rust target for the example workloads),
+# builds the workloads, then checks formatting and lints, then runs every test:
 # unit, in-process API server, kube-rs, and end to end with the real binary,
 # kubectl and the Python client.
 set -euo pipefail
@@ -40,6 +41,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+scripts/build-workloads.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

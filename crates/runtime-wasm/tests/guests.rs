@@ -1,0 +1,108 @@
+//! The example workloads (`workloads/`, Rust built for wasm32-wasip1 by
+//! `scripts/build-workloads.sh`, which `scripts/test.sh` runs first) on the
+//! Wasm runtime: what real guests do with args, env, exit codes, aborts,
+//! allocation failures and sleeps.
+
+use std::path::PathBuf;
+
+use wasmkube_runtime_wasm::{Config, ContainerSpec, Exit, WasmRuntime};
+
+fn guest(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../workloads/target/wasm32-wasip1/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the workloads with scripts/build-workloads.sh",
+            path.display()
+        )
+    })
+}
+
+fn setup() -> (tempfile::TempDir, WasmRuntime) {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = WasmRuntime::new(Config {
+        cache_dir: dir.path().join("cache"),
+        max_instances: 8,
+        max_memory_bytes: 256 << 20,
+    })
+    .unwrap();
+    (dir, rt)
+}
+
+fn spec(dir: &tempfile::TempDir, args: &[&str]) -> ContainerSpec {
+    ContainerSpec {
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        stdout: dir.path().join(format!("{}.out", args.join("-"))),
+        stderr: dir.path().join(format!("{}.err", args.join("-"))),
+        ..Default::default()
+    }
+}
+
+fn read(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}
+
+#[tokio::test]
+async fn hello_sees_only_its_args_and_env() {
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("hello")).unwrap();
+    let mut s = spec(&dir, &["hello", "a", "b"]);
+    s.env = vec![("GREETING".into(), "hi".into())];
+    let (exit, _) = rt.run(&m, &s).await.unwrap();
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(read(&s.stdout), "hi from wasmkube\nargs: a b\n");
+}
+
+#[tokio::test]
+async fn crashers_exit_with_their_code_or_trap() {
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("crasher")).unwrap();
+    let s = spec(&dir, &["crasher", "exit", "7"]);
+    assert_eq!(rt.run(&m, &s).await.unwrap().0, Exit::Code(7));
+    assert_eq!(read(&s.stderr), "crasher: exiting with 7\n");
+    let s = spec(&dir, &["crasher", "trap"]);
+    match rt.run(&m, &s).await.unwrap().0 {
+        Exit::Trap { message } => assert!(message.contains("unreachable"), "{message}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_rust_memory_hog_is_oom_killed_at_its_limit() {
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("memory-hog")).unwrap();
+    let mut s = spec(&dir, &["memory-hog"]);
+    s.memory_limit = Some(32 << 20);
+    let (exit, usage) = rt.run(&m, &s).await.unwrap();
+    assert!(matches!(exit, Exit::OomKilled { .. }), "{exit:?}");
+    assert!(usage.memory_high_water <= 32 << 20, "{usage:?}");
+    assert!(
+        read(&s.stdout).contains("holding 24 MiB"),
+        "{}",
+        read(&s.stdout)
+    );
+    // Under its limit the same guest finishes.
+    let mut s = spec(&dir, &["memory-hog", "8"]);
+    s.memory_limit = Some(32 << 20);
+    assert_eq!(rt.run(&m, &s).await.unwrap().0, Exit::Code(0));
+}
+
+#[tokio::test]
+async fn a_sleeper_sleeps_without_holding_a_thread() {
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("sleeper")).unwrap();
+    let s = spec(&dir, &["sleeper", "1"]);
+    let hello = rt.load(&guest("hello")).unwrap();
+    // While it sleeps, another guest on the same executor runs to the end.
+    let sleeping = rt.run(&m, &s);
+    tokio::pin!(sleeping);
+    let other_spec = spec(&dir, &["hello"]);
+    let other = rt.run(&hello, &other_spec);
+    tokio::select! {
+        _ = &mut sleeping => panic!("the sleeper finished before the other guest ran"),
+        other = other => assert_eq!(other.unwrap().0, Exit::Code(0)),
+    }
+    assert_eq!(sleeping.await.unwrap().0, Exit::Code(0));
+    assert_eq!(read(&s.stdout), "sleeping\ndone\n");
+}
