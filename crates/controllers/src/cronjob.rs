@@ -15,9 +15,8 @@ use chrono_tz::Tz;
 use croner::Cron;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -275,27 +274,12 @@ pub(crate) fn run(
     client: kube::Client,
     informers: &mut crate::Informers,
 ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-    let crate::Cache {
-        store: jobs,
-        changes,
-    } = informers.cache::<Job>();
+    let children = informers.cache::<Job>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        jobs: jobs.clone(),
+        jobs: children.store.clone(),
     });
-    let controller = async move {
-        let _ = jobs.wait_until_ready().await;
-        crate::drain(
-            Controller::new(Api::<CronJob>::all(client), watcher::Config::default())
-                .owns_stream(changes)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
-    };
-    async move {
-        controller.await;
-        Ok(())
-    }
+    crate::run_owning::<CronJob, _, _, _, _>(client, children, reconcile, ctx)
 }
 
 #[cfg(test)]

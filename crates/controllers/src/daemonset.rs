@@ -335,7 +335,7 @@ pub(crate) fn run(
         nodes: nodes.clone(),
         expectations: Expectations::default(),
     });
-    let controller = async move {
+    async move {
         let _ = pods.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
         let controller = Controller::new(Api::<DaemonSet>::all(client), watcher::Config::default());
@@ -355,9 +355,6 @@ pub(crate) fn run(
                 .run(reconcile, crate::retry_soon, ctx),
         )
         .await;
-    };
-    async move {
-        controller.await;
         Ok(())
     }
 }

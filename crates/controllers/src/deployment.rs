@@ -15,9 +15,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -496,27 +495,12 @@ pub(crate) fn run(
     client: kube::Client,
     informers: &mut crate::Informers,
 ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-    let crate::Cache {
-        store: replicasets,
-        changes,
-    } = informers.cache::<ReplicaSet>();
+    let children = informers.cache::<ReplicaSet>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        replicasets: replicasets.clone(),
+        replicasets: children.store.clone(),
     });
-    let controller = async move {
-        let _ = replicasets.wait_until_ready().await;
-        crate::drain(
-            Controller::new(Api::<Deployment>::all(client), watcher::Config::default())
-                .owns_stream(changes)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
-    };
-    async move {
-        controller.await;
-        Ok(())
-    }
+    crate::run_owning::<Deployment, _, _, _, _>(client, children, reconcile, ctx)
 }
 
 #[cfg(test)]

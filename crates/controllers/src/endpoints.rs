@@ -214,7 +214,7 @@ pub(crate) fn run(
         client: client.clone(),
         pods: pods.clone(),
     });
-    let controller = async move {
+    async move {
         let _ = pods.wait_until_ready().await;
         let controller = Controller::new(Api::<Service>::all(client), watcher::Config::default());
         let services = controller.store();
@@ -233,9 +233,6 @@ pub(crate) fn run(
             ctx,
         ))
         .await;
-    };
-    async move {
-        controller.await;
         Ok(())
     }
 }

@@ -15,9 +15,8 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::{Job, JobCondition};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -471,30 +470,15 @@ pub(crate) fn run(
     informers: &mut crate::Informers,
     config: &Config,
 ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-    let crate::Cache {
-        store: pods,
-        changes,
-    } = informers.cache::<Pod>();
+    let children = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        pods: pods.clone(),
+        pods: children.store.clone(),
         expectations: Expectations::default(),
         backoff: config.job_backoff,
         failures: Default::default(),
     });
-    let controller = async move {
-        let _ = pods.wait_until_ready().await;
-        crate::drain(
-            Controller::new(Api::<Job>::all(client), watcher::Config::default())
-                .owns_stream(changes)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
-    };
-    async move {
-        controller.await;
-        Ok(())
-    }
+    crate::run_owning::<Job, _, _, _, _>(client, children, reconcile, ctx)
 }
 
 #[cfg(test)]

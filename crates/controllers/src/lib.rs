@@ -204,6 +204,40 @@ impl Informers {
     }
 }
 
+/// Runs the controller for `K` that owns objects of `C`: waits for the
+/// shared cache of `C` to sync, then reconciles every `K` whenever it or one
+/// of its children changes.
+pub(crate) async fn run_owning<K, C, X, F, Fut>(
+    client: kube::Client,
+    children: Cache<C>,
+    reconcile: F,
+    ctx: Arc<X>,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    C: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    X: Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<X>) -> Fut,
+    Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>
+        + Send
+        + 'static,
+{
+    let _ = children.store.wait_until_ready().await;
+    drain(
+        kube::runtime::Controller::new(Api::<K>::all(client), watcher::Config::default())
+            .owns_stream(children.changes)
+            .run(reconcile, retry_soon, ctx),
+    )
+    .await;
+    Ok(())
+}
+
 /// Every controller's error policy: log the whole error and retry soon.
 pub(crate) fn retry_soon<K, C>(
     obj: std::sync::Arc<K>,

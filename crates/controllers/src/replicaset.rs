@@ -14,9 +14,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use wasmkube_api::selectors::LabelSelector;
@@ -211,26 +210,11 @@ pub(crate) fn run(
     client: kube::Client,
     informers: &mut crate::Informers,
 ) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
-    let crate::Cache {
-        store: pods,
-        changes,
-    } = informers.cache::<Pod>();
+    let children = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        pods: pods.clone(),
+        pods: children.store.clone(),
         expectations: Expectations::default(),
     });
-    let controller = async move {
-        let _ = pods.wait_until_ready().await;
-        crate::drain(
-            Controller::new(Api::<ReplicaSet>::all(client), watcher::Config::default())
-                .owns_stream(changes)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
-    };
-    async move {
-        controller.await;
-        Ok(())
-    }
+    crate::run_owning::<ReplicaSet, _, _, _, _>(client, children, reconcile, ctx)
 }
