@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
 # (kubectl if missing, a Python venv with the official Kubernetes client,
-# cargo-nextest, the wasm32-wasip1 Rust target for the example workloads),
+# Debian's docker-registry, cargo-nextest, the wasm32-wasip1 Rust target for the example workloads),
 # builds the workloads, then checks formatting and lints, then runs every test:
 # unit, in-process API server, kube-rs, and end to end with the real binary,
 # kubectl and the Python client.
@@ -36,6 +36,16 @@ if ! "$venv/bin/python" -c 'import kubernetes' >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes
 fi
 export WASMKUBE_TEST_VENV=$venv
+
+# A real OCI registry for the image tests (Debian's docker-registry; the
+# tests start their own instances on loopback and stop them).
+if ! command -v docker-registry >/dev/null 2>&1; then
+  step "installing docker-registry"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >/dev/null \
+    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >/dev/null; }
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

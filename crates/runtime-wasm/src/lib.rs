@@ -16,6 +16,7 @@
 //! **Architecture invariant:** this is the only crate that depends on
 //! wasmtime (checked by `crates/cli/tests/boundaries.rs`).
 
+mod container;
 mod limits;
 
 use std::hash::{Hash, Hasher};
@@ -25,13 +26,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+pub use wasmkube_runtime::Usage as LiveUsage;
 use wasmtime::{
-    Config as EngineConfig, Engine, InstanceAllocationStrategy, Linker, Module,
+    Config as EngineConfig, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+pub use container::{HANDLER, WasmContainers};
 use limits::Limiter;
 pub use limits::OutOfMemory;
 
@@ -86,6 +89,52 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// Where a guest's stdout or stderr goes.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Appended to this file.
+    Append(PathBuf),
+    /// Written to this open file (the write end of a pipe, say).
+    File(Arc<std::fs::File>),
+}
+
+impl Default for Output {
+    fn default() -> Self {
+        Self::Append(PathBuf::from("/dev/null"))
+    }
+}
+
+impl Output {
+    fn open(&self) -> Result<std::fs::File, Error> {
+        match self {
+            Self::Append(p) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::Setup(format!("log file {}: {e}", p.display()))),
+            Self::File(f) => f
+                .try_clone()
+                .map_err(|e| Error::Setup(format!("output: {e}"))),
+        }
+    }
+}
+
+impl Output {
+    /// The file appended to, for [`Output::Append`].
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Append(p) => Some(p),
+            Self::File(_) => None,
+        }
+    }
+}
+
+impl From<PathBuf> for Output {
+    fn from(p: PathBuf) -> Self {
+        Self::Append(p)
+    }
+}
+
 /// Everything one container run needs.
 #[derive(Clone, Debug, Default)]
 pub struct ContainerSpec {
@@ -93,13 +142,14 @@ pub struct ContainerSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Mount>,
-    /// Files stdout and stderr are appended to.
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
+    pub stdout: Output,
+    pub stderr: Output,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
     pub cpu_millis: Option<u64>,
+    /// Counters kept current while the guest runs.
+    pub live: Arc<LiveUsage>,
 }
 
 /// How a run ended.
@@ -135,7 +185,7 @@ pub struct Usage {
 }
 
 /// Per-store state: WASI, the memory limiter and the CPU account.
-struct Host {
+pub(crate) struct Host {
     wasi: WasiP1Ctx,
     limiter: Limiter,
     cpu: CpuAccount,
@@ -147,10 +197,11 @@ struct CpuAccount {
     used_in_period: Duration,
     slice_start: Instant,
     total: Duration,
+    live: Arc<LiveUsage>,
 }
 
 impl CpuAccount {
-    fn new(cpu_millis: Option<u64>) -> Self {
+    fn new(cpu_millis: Option<u64>, live: Arc<LiveUsage>) -> Self {
         let now = Instant::now();
         Self {
             quota: cpu_millis.map(|m| CPU_PERIOD.mul_f64(m as f64 / 1000.0)),
@@ -158,6 +209,7 @@ impl CpuAccount {
             used_in_period: Duration::ZERO,
             slice_start: now,
             total: Duration::ZERO,
+            live,
         }
     }
 
@@ -167,6 +219,7 @@ impl CpuAccount {
         let now = Instant::now();
         let slice = now.saturating_duration_since(self.slice_start);
         self.total += slice;
+        self.live.add_cpu(slice);
         if now.duration_since(self.period_start) >= CPU_PERIOD {
             self.period_start = now;
             self.used_in_period = Duration::ZERO;
@@ -294,20 +347,32 @@ impl WasmRuntime {
         deserialize_cached(&self.engine, &path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
     }
 
+    /// Links a module against WASI once, so every later instance of it
+    /// skips import resolution (`InstancePre`).
+    pub fn prepare(&self, module: &Module) -> Result<Prepared, Error> {
+        let pre = self
+            .linker
+            .instantiate_pre(module)
+            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        Ok(Prepared { pre })
+    }
+
     /// Runs a command module to completion. Dropping the future interrupts
     /// the guest (the grace period of a deletion ends this way).
     pub async fn run(&self, module: &Module, spec: &ContainerSpec) -> Result<(Exit, Usage), Error> {
-        let open = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::Setup(format!("log file {}: {e}", p.display())))
-        };
+        self.run_prepared(&self.prepare(module)?, spec).await
+    }
+
+    /// Runs a prepared command module to completion, as [`WasmRuntime::run`].
+    pub async fn run_prepared(
+        &self,
+        prepared: &Prepared,
+        spec: &ContainerSpec,
+    ) -> Result<(Exit, Usage), Error> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&spec.args)
-            .stdout(wasmtime_wasi::cli::OutputFile::new(open(&spec.stdout)?))
-            .stderr(wasmtime_wasi::cli::OutputFile::new(open(&spec.stderr)?));
+            .stdout(wasmtime_wasi::cli::OutputFile::new(spec.stdout.open()?))
+            .stderr(wasmtime_wasi::cli::OutputFile::new(spec.stderr.open()?));
         for (k, v) in &spec.env {
             wasi.env(k, v);
         }
@@ -327,15 +392,15 @@ impl WasmRuntime {
         });
         let host = Host {
             wasi: wasi.build_p1(),
-            limiter: Limiter::new(limit),
-            cpu: CpuAccount::new(spec.cpu_millis),
+            limiter: Limiter::new(limit, spec.live.clone()),
+            cpu: CpuAccount::new(spec.cpu_millis, spec.live.clone()),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().cpu.tick()));
         let result = async {
-            let instance = self.linker.instantiate_async(&mut store, module).await?;
+            let instance = prepared.pre.instantiate_async(&mut store).await?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             store.data_mut().cpu.slice_start = Instant::now();
             start.call_async(&mut store, ()).await
@@ -353,6 +418,18 @@ impl WasmRuntime {
             Err(e) => classify(e, &host.limiter),
         };
         Ok((exit, usage))
+    }
+}
+
+/// A module linked against WASI, ready to instantiate many times.
+#[derive(Clone)]
+pub struct Prepared {
+    pre: InstancePre<Host>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
     }
 }
 

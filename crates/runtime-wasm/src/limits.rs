@@ -1,6 +1,10 @@
 //! The per-container memory limiter: a hard cap on linear memory (and a
 //! bound on tables), recording the high-water mark and any denied growth.
 
+use std::sync::Arc;
+
+use crate::LiveUsage;
+
 /// A growth the limit refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -21,14 +25,16 @@ pub(crate) struct Limiter {
     limit: Option<usize>,
     high_water: usize,
     denied: Option<OutOfMemory>,
+    live: Arc<LiveUsage>,
 }
 
 impl Limiter {
-    pub fn new(limit: Option<usize>) -> Self {
+    pub fn new(limit: Option<usize>, live: Arc<LiveUsage>) -> Self {
         Self {
             limit,
             high_water: 0,
             denied: None,
+            live,
         }
     }
 
@@ -60,6 +66,7 @@ impl wasmtime::ResourceLimiter for Limiter {
             return Ok(false);
         }
         self.high_water = self.high_water.max(desired);
+        self.live.set_memory(desired as u64);
         Ok(true)
     }
 

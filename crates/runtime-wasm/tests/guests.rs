@@ -33,8 +33,8 @@ fn setup() -> (tempfile::TempDir, WasmRuntime) {
 fn spec(dir: &tempfile::TempDir, args: &[&str]) -> ContainerSpec {
     ContainerSpec {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
-        stdout: dir.path().join(format!("{}.out", args.join("-"))),
-        stderr: dir.path().join(format!("{}.err", args.join("-"))),
+        stdout: dir.path().join(format!("{}.out", args.join("-"))).into(),
+        stderr: dir.path().join(format!("{}.err", args.join("-"))).into(),
         ..Default::default()
     }
 }
@@ -51,7 +51,10 @@ async fn hello_sees_only_its_args_and_env() {
     s.env = vec![("GREETING".into(), "hi".into())];
     let (exit, _) = rt.run(&m, &s).await.unwrap();
     assert_eq!(exit, Exit::Code(0));
-    assert_eq!(read(&s.stdout), "hi from wasmkube\nargs: a b\n");
+    assert_eq!(
+        read(s.stdout.path().unwrap()),
+        "hi from wasmkube\nargs: a b\n"
+    );
 }
 
 #[tokio::test]
@@ -60,7 +63,7 @@ async fn crashers_exit_with_their_code_or_trap() {
     let m = rt.load(&guest("crasher")).unwrap();
     let s = spec(&dir, &["crasher", "exit", "7"]);
     assert_eq!(rt.run(&m, &s).await.unwrap().0, Exit::Code(7));
-    assert_eq!(read(&s.stderr), "crasher: exiting with 7\n");
+    assert_eq!(read(s.stderr.path().unwrap()), "crasher: exiting with 7\n");
     let s = spec(&dir, &["crasher", "trap"]);
     match rt.run(&m, &s).await.unwrap().0 {
         Exit::Trap { message } => assert!(message.contains("unreachable"), "{message}"),
@@ -78,9 +81,9 @@ async fn a_rust_memory_hog_is_oom_killed_at_its_limit() {
     assert!(matches!(exit, Exit::OomKilled { .. }), "{exit:?}");
     assert!(usage.memory_high_water <= 32 << 20, "{usage:?}");
     assert!(
-        read(&s.stdout).contains("holding 24 MiB"),
+        read(s.stdout.path().unwrap()).contains("holding 24 MiB"),
         "{}",
-        read(&s.stdout)
+        read(s.stdout.path().unwrap())
     );
     // Under its limit the same guest finishes.
     let mut s = spec(&dir, &["memory-hog", "8"]);
@@ -104,5 +107,5 @@ async fn a_sleeper_sleeps_without_holding_a_thread() {
         other = other => assert_eq!(other.unwrap().0, Exit::Code(0)),
     }
     assert_eq!(sleeping.await.unwrap().0, Exit::Code(0));
-    assert_eq!(read(&s.stdout), "sleeping\ndone\n");
+    assert_eq!(read(s.stdout.path().unwrap()), "sleeping\ndone\n");
 }

@@ -18,8 +18,8 @@ fn runtime(dir: &tempfile::TempDir) -> WasmRuntime {
 fn spec(dir: &tempfile::TempDir, name: &str) -> ContainerSpec {
     ContainerSpec {
         args: vec![name.into()],
-        stdout: dir.path().join(format!("{name}.out")),
-        stderr: dir.path().join(format!("{name}.err")),
+        stdout: dir.path().join(format!("{name}.out")).into(),
+        stderr: dir.path().join(format!("{name}.err")).into(),
         ..Default::default()
     }
 }
@@ -58,7 +58,7 @@ async fn output_and_exit_codes() {
     let (exit, usage) = rt.run(&hello, &s).await.unwrap();
     assert_eq!(exit, Exit::Code(0));
     assert_eq!(
-        std::fs::read_to_string(&s.stdout).unwrap(),
+        std::fs::read_to_string(s.stdout.path().unwrap()).unwrap(),
         "hello from wasm"
     );
     assert_eq!(usage.memory_high_water, 64 * 1024);

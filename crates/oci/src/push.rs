@@ -1,0 +1,51 @@
+//! `wasmkube push`: a module or component as a CNCF Wasm artifact.
+
+use oci_client::secrets::RegistryAuth;
+
+use crate::{Credentials, Error, client_for, is_component, parse_reference};
+
+/// How to push.
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// Registries (host:port) to speak plain HTTP to besides loopback ones.
+    pub insecure: Vec<String>,
+    pub credentials: Option<Credentials>,
+}
+
+/// Pushes Wasm bytes to `reference` as the CNCF Wasm OCI artifact (config
+/// `application/vnd.wasm.config.v0+json`, one `application/wasm` layer) and
+/// returns the manifest digest.
+pub async fn push_wasm(
+    bytes: Vec<u8>,
+    reference: &str,
+    options: &PushOptions,
+) -> Result<String, Error> {
+    let parsed = parse_reference(reference)?;
+    let err = |reason: String| Error::Push {
+        reference: reference.to_owned(),
+        reason,
+    };
+    if !crate::media::is_wasm(&bytes) {
+        return Err(err("the file is not a Wasm module or component".into()));
+    }
+    let (config, layer) = if is_component(&bytes) {
+        oci_wasm::WasmConfig::from_raw_component(bytes, None)
+    } else {
+        oci_wasm::WasmConfig::from_raw_module(bytes, None)
+    }
+    .map_err(|e| err(format!("{e:#}")))?;
+    let client =
+        oci_wasm::WasmClient::new(client_for(parsed.resolve_registry(), &options.insecure));
+    let auth = match &options.credentials {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    client
+        .push(&parsed, &auth, layer, config, None)
+        .await
+        .map_err(|e| err(format!("{e:#}")))?;
+    client
+        .fetch_manifest_digest(&parsed, &auth)
+        .await
+        .map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,195 @@
+//! [`WasmContainers`]: the node agent's [`Runtime`] for Wasm, on one shared
+//! [`WasmRuntime`]. Images are compiled (or loaded precompiled) and linked
+//! once per image; containers are tasks on the agent's executor, ended by
+//! dropping their future.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wasmkube_runtime::{
+    Container, ContainerConfig, Error as RuntimeError, Exit as ContainerExit, Image, ImageKind,
+    Runtime,
+};
+
+use crate::{ContainerSpec, Exit, Mount, Output, Prepared, WasmRuntime};
+
+/// The RuntimeClass handler name of the Wasm runtime.
+pub const HANDLER: &str = "wasmtime";
+
+/// The Wasm runtime as a node agent drives it.
+#[derive(Debug, Clone)]
+pub struct WasmContainers {
+    rt: Arc<WasmRuntime>,
+    /// Image id -> the module linked against WASI.
+    prepared: Arc<Mutex<HashMap<String, Prepared>>>,
+}
+
+impl WasmContainers {
+    pub fn new(rt: WasmRuntime) -> Self {
+        Self {
+            rt: Arc::new(rt),
+            prepared: Arc::default(),
+        }
+    }
+
+    async fn prepared(&self, image: &Image) -> Result<Prepared, RuntimeError> {
+        if let Some(p) = self.prepared.lock().expect("prepared lock").get(&image.id) {
+            return Ok(p.clone());
+        }
+        let path = match &image.kind {
+            ImageKind::Wasm {
+                component: false,
+                module,
+            } => module.clone(),
+            ImageKind::Wasm {
+                component: true, ..
+            } => {
+                return Err(RuntimeError::Unsupported(format!(
+                    "image {} is a Wasm component; this node runs WASI preview 1 command modules only",
+                    image.reference
+                )));
+            }
+            ImageKind::Linux { .. } => {
+                return Err(RuntimeError::Unsupported(format!(
+                    "image {} is a Linux container image; the {HANDLER} runtime runs only Wasm modules and components",
+                    image.reference
+                )));
+            }
+        };
+        // Compiling is CPU-bound and can take 100 ms: never on the executor.
+        let rt = self.rt.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|e| {
+                RuntimeError::InvalidImage(format!("reading module {}: {e}", path.display()))
+            })?;
+            let module = rt
+                .load(&bytes)
+                .map_err(|e| RuntimeError::InvalidImage(e.to_string()))?;
+            rt.prepare(&module)
+                .map_err(|e| RuntimeError::InvalidImage(e.to_string()))
+        })
+        .await
+        .map_err(|e| RuntimeError::Setup(format!("compiling the module: {e}")))??;
+        self.prepared
+            .lock()
+            .expect("prepared lock")
+            .insert(image.id.clone(), prepared.clone());
+        Ok(prepared)
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for WasmContainers {
+    fn handler(&self) -> &str {
+        HANDLER
+    }
+
+    async fn prepare(&self, image: &Image) -> Result<(), RuntimeError> {
+        self.prepared(image).await.map(drop)
+    }
+
+    async fn start(&self, config: ContainerConfig) -> Result<Box<dyn Container>, RuntimeError> {
+        let prepared = self.prepared(&config.image).await?;
+        let mut env = config.env;
+        if let Some(dir) = &config.working_dir {
+            // WASI has no working directory; wasi-libc guests read PWD.
+            env.push(("PWD".into(), dir.clone()));
+        }
+        let spec = ContainerSpec {
+            args: config.args,
+            env,
+            mounts: config
+                .mounts
+                .into_iter()
+                .map(|m| Mount {
+                    host_path: m.host_path,
+                    guest_path: m.container_path,
+                    read_only: m.read_only,
+                })
+                .collect(),
+            stdout: Output::File(Arc::new(config.stdout)),
+            stderr: Output::File(Arc::new(config.stderr)),
+            memory_limit: config.memory_limit,
+            cpu_millis: config.cpu_millis,
+            live: config.usage,
+        };
+        let rt = self.rt.clone();
+        let task = tokio::spawn(async move { rt.run_prepared(&prepared, &spec).await });
+        Ok(Box::new(WasmContainer {
+            task: Some(task),
+            exit: None,
+        }))
+    }
+}
+
+type RunResult = Result<(Exit, crate::Usage), crate::Error>;
+
+struct WasmContainer {
+    task: Option<tokio::task::JoinHandle<RunResult>>,
+    exit: Option<ContainerExit>,
+}
+
+fn to_container_exit(exit: Exit) -> ContainerExit {
+    match exit {
+        Exit::Code(c) => ContainerExit::code(c),
+        Exit::OomKilled { message } => ContainerExit {
+            code: 137,
+            reason: "OOMKilled".into(),
+            message: Some(message),
+        },
+        Exit::Trap { message } => ContainerExit {
+            code: 1,
+            reason: "Error".into(),
+            message: Some(message),
+        },
+    }
+}
+
+#[async_trait::async_trait]
+impl Container for WasmContainer {
+    async fn wait(&mut self) -> ContainerExit {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let exit = match self.task.as_mut() {
+            None => ContainerExit {
+                code: 137,
+                reason: "Error".into(),
+                message: Some("the guest was interrupted".into()),
+            },
+            Some(task) => match task.await {
+                Ok(Ok((exit, _))) => to_container_exit(exit),
+                Ok(Err(e)) => ContainerExit {
+                    code: 128,
+                    reason: "StartError".into(),
+                    message: Some(e.to_string()),
+                },
+                Err(e) if e.is_cancelled() => ContainerExit {
+                    code: 137,
+                    reason: "Error".into(),
+                    message: Some("the guest was interrupted".into()),
+                },
+                Err(e) => ContainerExit {
+                    code: 1,
+                    reason: "Error".into(),
+                    message: Some(format!("the guest's task failed: {e}")),
+                },
+            },
+        };
+        self.task = None;
+        self.exit = Some(exit.clone());
+        exit
+    }
+
+    fn terminate(&mut self) -> bool {
+        // A Wasm guest has no signal handlers: only the end of the grace
+        // period stops it.
+        false
+    }
+
+    fn kill(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}

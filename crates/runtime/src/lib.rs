@@ -1,0 +1,169 @@
+//! The contract between the node agent and a container runtime: a small
+//! [`Runtime`] trait (prepare an image, start a container) and a
+//! [`Container`] handle (wait, terminate, kill, usage). The Wasm runtime
+//! implements it in-process; the Linux shim implements the same trait.
+//!
+//! The agent owns everything around a run: pulling, volumes, env, log files,
+//! restarts and status. A runtime only turns a prepared image plus a
+//! [`ContainerConfig`] into a running container.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What an image turned out to be, from its manifest's media types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A Wasm module or component: the bytes are in `module`.
+    Wasm { module: PathBuf, component: bool },
+    /// A Linux container image: its layers (compressed tars, in order) and
+    /// its config blob.
+    Linux {
+        layers: Vec<PathBuf>,
+        config: PathBuf,
+    },
+}
+
+/// An image present on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// The reference it was pulled by, as the pod spec names it.
+    pub reference: String,
+    /// `repository@sha256:...` of the manifest: the container's `imageID`.
+    pub id: String,
+    pub kind: ImageKind,
+    /// Total bytes of its blobs.
+    pub size: u64,
+}
+
+impl Image {
+    pub fn is_wasm(&self) -> bool {
+        matches!(self.kind, ImageKind::Wasm { .. })
+    }
+}
+
+/// A directory the container sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// Everything a runtime needs to start one container.
+#[derive(Debug)]
+pub struct ContainerConfig {
+    pub image: Image,
+    /// `argv`, program name first.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub mounts: Vec<Mount>,
+    /// Where the container's stdout and stderr go (the agent reads the other
+    /// ends and writes the log files).
+    pub stdout: File,
+    pub stderr: File,
+    /// `limits.memory` in bytes.
+    pub memory_limit: Option<u64>,
+    /// `limits.cpu` in millicores.
+    pub cpu_millis: Option<u64>,
+    /// Counters the runtime keeps current while the container runs.
+    pub usage: Arc<Usage>,
+}
+
+/// Live resource usage of one container, updated by the runtime as it runs
+/// and read by the agent for `kubectl top` and Prometheus.
+#[derive(Debug, Default)]
+pub struct Usage {
+    cpu_nanos: AtomicU64,
+    memory_bytes: AtomicU64,
+    memory_high_water: AtomicU64,
+}
+
+impl Usage {
+    pub fn add_cpu(&self, d: Duration) {
+        self.cpu_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+    pub fn set_memory(&self, bytes: u64) {
+        self.memory_bytes.store(bytes, Ordering::Relaxed);
+        self.memory_high_water.fetch_max(bytes, Ordering::Relaxed);
+    }
+    /// CPU time used so far.
+    pub fn cpu(&self) -> Duration {
+        Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed))
+    }
+    /// Memory in use now (the working set), in bytes.
+    pub fn memory(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
+    }
+    /// The most memory it has had, in bytes.
+    pub fn memory_high_water(&self) -> u64 {
+        self.memory_high_water.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a container ended, in Kubernetes' vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    /// `Completed`, `Error`, `OOMKilled`, ...
+    pub reason: String,
+    pub message: Option<String>,
+}
+
+impl Exit {
+    /// A process-style exit: `Completed` for 0, `Error` otherwise.
+    pub fn code(code: i32) -> Self {
+        Self {
+            code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            message: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image is not something this runtime runs (a Linux image on the
+    /// Wasm runtime, say).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The image is broken (a malformed module, say).
+    #[error("{0}")]
+    InvalidImage(String),
+    /// The container could not be set up (a volume, a log file).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A container runtime.
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    /// The RuntimeClass handler this runtime serves (`wasmtime`, `runc`).
+    fn handler(&self) -> &str;
+
+    /// Makes an image ready for fast starts (compiles a module, unpacks
+    /// layers). Idempotent; the expensive part runs once per image per node.
+    async fn prepare(&self, image: &Image) -> Result<(), Error>;
+
+    /// Starts a container from a prepared image.
+    async fn start(&self, config: ContainerConfig) -> Result<Box<dyn Container>, Error>;
+}
+
+/// A started container.
+#[async_trait::async_trait]
+pub trait Container: Send {
+    /// Resolves once the container has ended; may be called again after.
+    async fn wait(&mut self) -> Exit;
+
+    /// Asks the container to stop (SIGTERM for a process). Returns false
+    /// when the runtime has no such request (a Wasm guest has no signals)
+    /// and only [`Container::kill`] ends it.
+    fn terminate(&mut self) -> bool;
+
+    /// Ends the container now.
+    fn kill(&mut self);
+}

@@ -1,0 +1,140 @@
+//! Test support shared by the crates' tests: a real OCI distribution
+//! registry (Debian's `docker-registry`, which `scripts/test.sh` installs)
+//! started on a free loopback port and stopped on drop, and the paths of the
+//! example workloads built by `scripts/build-workloads.sh`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `docker-registry` process serving on loopback.
+#[derive(Debug)]
+pub struct Registry {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// An anonymous registry.
+    pub fn start() -> Self {
+        Self::spawn(None)
+    }
+
+    /// A registry that needs a user name and password (htpasswd, bcrypt).
+    pub fn with_login(user: &str, password: &str) -> Self {
+        Self::spawn(Some((user, password)))
+    }
+
+    fn spawn(login: Option<(&str, &str)>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Find a free port; the registry binds it right after.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let auth = match login {
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt");
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: wasmkube-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let child = Command::new(registry_binary())
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start docker-registry ({e}); scripts/test.sh installs it")
+            });
+        let registry = Self {
+            child,
+            addr,
+            _dir: dir,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    /// `127.0.0.1:PORT`, the registry part of image references.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Polls `/v2/` until the registry answers (it takes ~0.1 s).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(self.addr) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: r\r\n\r\n");
+                let mut head = [0u8; 12];
+                if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "docker-registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry_binary() -> PathBuf {
+    for p in ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "docker-registry".into()
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A built example workload, `target` being `wasm32-wasip1` or
+/// `wasm32-wasip2`.
+pub fn workload_path(name: &str, target: &str) -> PathBuf {
+    let path = repo_root()
+        .join("workloads/target")
+        .join(target)
+        .join("release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing; build the workloads with scripts/build-workloads.sh",
+        path.display()
+    );
+    path
+}
+
+/// The bytes of a built wasm32-wasip1 workload.
+pub fn workload(name: &str) -> Vec<u8> {
+    std::fs::read(workload_path(name, "wasm32-wasip1")).expect("reading the workload")
+}
