@@ -11,6 +11,8 @@ pub enum Subresource {
     Scale,
     Binding,
     Finalize,
+    /// `pods/log`: proxied to the pod's node agent.
+    Log,
 }
 
 impl Subresource {
@@ -20,11 +22,18 @@ impl Subresource {
             Subresource::Scale => "scale",
             Subresource::Binding => "binding",
             Subresource::Finalize => "finalize",
+            Subresource::Log => "log",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Status, Self::Scale, Self::Binding, Self::Finalize]
+        [
+            Self::Status,
+            Self::Scale,
+            Self::Binding,
+            Self::Finalize,
+            Self::Log,
+        ]
             .into_iter()
             .find(|sub| sub.name() == s)
     }
@@ -146,7 +155,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["po"],
         ALL,
-        [Status, Binding]
+        [Status, Binding, Log]
     ),
     resource!(
         "",

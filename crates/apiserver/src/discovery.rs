@@ -102,6 +102,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Finalize => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["update"]})
         }
+        Subresource::Log => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get"]})
+        }
     }
 }
 

@@ -8,8 +8,10 @@
 mod admission;
 mod discovery;
 mod error;
+pub use node_proxy::{TOKEN_NAMESPACE as NODE_PROXY_TOKEN_NAMESPACE, TOKEN_SECRET as NODE_PROXY_TOKEN_SECRET};
 mod fields;
 mod merge_keys;
+mod node_proxy;
 mod openapi;
 mod params;
 mod patch;
@@ -116,6 +118,7 @@ impl ApiServer {
                 Err(e) => return Err(e),
             }
         }
+        node_proxy::ensure_token(&server).await?;
         Ok(server)
     }
 

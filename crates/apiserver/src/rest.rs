@@ -71,6 +71,9 @@ async fn dispatch(
         (Method::GET, None, None) => ctx.list().await,
         (Method::GET, Some(name), None | Some(Status)) => ctx.get(name).await,
         (Method::GET, Some(name), Some(Scale)) => ctx.get_scale(name).await,
+        (Method::GET, Some(name), Some(Log)) => {
+            crate::node_proxy::pod_log(server, ctx.target.namespace, name, uri.query()).await
+        }
         (Method::POST, None, None) => ctx.create(read_body(server, headers, body).await?).await,
         (Method::POST, Some(name), Some(Binding)) => {
             ctx.bind(name, read_body(server, headers, body).await?)

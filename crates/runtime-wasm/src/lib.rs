@@ -38,6 +38,10 @@ pub use container::{HANDLER, WasmContainers};
 use limits::Limiter;
 pub use limits::OutOfMemory;
 
+/// The Wasmtime release this runtime is built on (reported as the node's
+/// container runtime version).
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
 /// How often the engine's epoch advances: the CPU accounting granularity.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// The CPU quota period (as the CFS default).

@@ -1,0 +1,174 @@
+//! Requests the API server forwards to node agents: `pods/log` today.
+//!
+//! The agent listens on the node's InternalIP at
+//! `status.daemonEndpoints.kubeletEndpoint.Port` and accepts only requests
+//! carrying the cluster's node-proxy token, a random secret the API server
+//! creates at first start in `kube-system/wasmkube-node-proxy` (see
+//! [`ensure_token`]) and agents read through the API.
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use wasmkube_api::registry::{self, ResourceType};
+
+use crate::error::{ApiError, ApiResult};
+use crate::rest;
+use crate::storage::decode_stored;
+use crate::ApiServer;
+
+/// Where the node-proxy token lives.
+pub const TOKEN_NAMESPACE: &str = "kube-system";
+pub const TOKEN_SECRET: &str = "wasmkube-node-proxy";
+
+fn secrets() -> &'static ResourceType {
+    registry::lookup("", "v1", "secrets").expect("secrets are served")
+}
+
+/// Creates the node-proxy token secret unless it exists.
+pub(crate) async fn ensure_token(server: &std::sync::Arc<ApiServer>) -> ApiResult<()> {
+    use base64::Engine;
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let body = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": TOKEN_SECRET, "namespace": TOKEN_NAMESPACE},
+        "data": {"token": base64::engine::general_purpose::STANDARD.encode(token)},
+    });
+    match rest::create_internal(server, secrets(), Some(TOKEN_NAMESPACE), body).await {
+        Ok(_) | Err(ApiError::AlreadyExists(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn get(server: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str) -> ApiResult<Value> {
+    let kv = server
+        .store
+        .get(&rt.key(ns, name))
+        .await
+        .map_err(|e| ApiError::from_store(e, rt, name))?
+        .ok_or_else(|| ApiError::not_found(rt, name))?;
+    decode_stored(&kv).map_err(ApiError::internal)
+}
+
+async fn token(server: &ApiServer) -> ApiResult<String> {
+    use base64::Engine;
+    let secret = get(server, secrets(), Some(TOKEN_NAMESPACE), TOKEN_SECRET).await?;
+    let raw = secret["data"]["token"].as_str().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw)
+        .map_err(ApiError::internal)?;
+    String::from_utf8(bytes).map_err(ApiError::internal)
+}
+
+/// `GET pods/{name}/log`: finds the pod's node and container and streams
+/// the agent's answer back.
+pub(crate) async fn pod_log(
+    server: &std::sync::Arc<ApiServer>,
+    namespace: Option<&str>,
+    name: &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let pods = registry::lookup("", "v1", "pods").expect("pods are served");
+    let pod = get(server, pods, namespace, name).await?;
+    let ns = namespace.unwrap_or("default");
+    let mut params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    let names: Vec<&str> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod["spec"][k].as_array().into_iter().flatten())
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let container = match params.iter().find(|(k, _)| k == "container") {
+        Some((_, c)) => {
+            if !names.contains(&c.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "container {c} is not valid for pod {name}"
+                )));
+            }
+            c.clone()
+        }
+        None => {
+            let main: Vec<&str> = pod["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            match main[..] {
+                [only] => only.to_owned(),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "a container name must be specified for pod {name}, choose one of: [{}]",
+                        main.join(" ")
+                    )));
+                }
+            }
+        }
+    };
+    params.retain(|(k, _)| k != "container");
+    let Some(node_name) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!(
+            "container \"{container}\" in pod \"{name}\" is waiting to start: the pod is not scheduled yet"
+        )));
+    };
+    let nodes = registry::lookup("", "v1", "nodes").expect("nodes are served");
+    let node = get(server, nodes, None, node_name).await?;
+    let address = node["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str());
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64();
+    let (Some(address), Some(port)) = (address, port.filter(|p| *p > 0)) else {
+        return Err(ApiError::bad_request(format!(
+            "node {node_name} has no agent endpoint to read logs from"
+        )));
+    };
+    let host = if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    };
+    let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+    let url = format!("http://{host}/containerLogs/{ns}/{name}/{container}?{query}");
+    let request = Request::get(&url)
+        .header(header::AUTHORIZATION, format!("Bearer {}", token(server).await?))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(request).await.map_err(|e| {
+        ApiError::Internal {
+            message: format!("error dialing the node agent of {node_name}: {e}"),
+        }
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = String::from_utf8_lossy(&body).trim().to_owned();
+        // The agent's reasons (a container still waiting, say) reach the
+        // client as kube-apiserver relays the kubelet's: 400 with the text.
+        return Err(if status.is_client_error() {
+            ApiError::bad_request(message)
+        } else {
+            ApiError::Internal { message }
+        });
+    }
+    let mut out = Response::new(Body::new(response.into_body()));
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(out.into_response())
+}

@@ -1,0 +1,255 @@
+//! The node agent: the kubelet's job for wasmkube. It registers its Node
+//! (capacity, addresses, runtime handlers, images, conditions), renews its
+//! Lease, watches only the pods bound to it and runs each through one
+//! lifecycle state machine ([`pod`]) on a [`Runtime`] (Wasm, in-process),
+//! reporting their status and events through the API, and serves their logs
+//! and usage on an authenticated HTTP endpoint ([`server`]) that the API
+//! server proxies `pods/log` to.
+//!
+//! `wasmkube agent` runs it against a remote API server; `wasmkube server`
+//! embeds one as the cluster's local node.
+
+mod events;
+mod logs;
+mod node;
+mod pod;
+mod server;
+mod spec;
+mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use wasmkube_runtime::Runtime;
+
+pub use logs::LogOptions;
+
+/// Restart back-off for crashing containers (CrashLoopBackOff).
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// The first delay (Kubernetes: 10 s), doubled after every crash.
+    pub initial: Duration,
+    /// The longest delay (Kubernetes: 5 min).
+    pub max: Duration,
+    /// A container that ran this long starts from `initial` again
+    /// (Kubernetes: 10 min).
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+            reset_after: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How the agent and its node are set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The Node's name.
+    pub name: String,
+    /// Where images, compiled modules, pod volumes and logs are kept.
+    pub data_dir: PathBuf,
+    /// The node's InternalIP: pods report it as hostIP and, until pods get
+    /// their own network namespaces, as podIP.
+    pub address: IpAddr,
+    /// Where the agent endpoint (logs, metrics) listens; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Pod capacity. Wasm pods are cheap: thousands fit on one node.
+    pub max_pods: u32,
+    /// CPU and memory capacity to advertise [default: the machine's].
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Registries (host:port) reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    pub backoff: Backoff,
+    /// How often the Lease is renewed.
+    pub heartbeat_interval: Duration,
+    pub lease_duration_seconds: i32,
+    /// Log files are rotated beyond this size.
+    pub log_max_bytes: u64,
+    /// Wasm engine limits.
+    pub max_instances: u32,
+    pub max_module_memory_bytes: usize,
+}
+
+impl Config {
+    /// Defaults for a node called `name` keeping its state in `data_dir`.
+    pub fn new(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            data_dir: data_dir.into(),
+            address: IpAddr::from([127, 0, 0, 1]),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_pods: 2000,
+            cpu: None,
+            memory: None,
+            labels: BTreeMap::new(),
+            insecure_registries: Vec::new(),
+            backoff: Backoff::default(),
+            heartbeat_interval: Duration::from_secs(10),
+            lease_duration_seconds: 40,
+            log_max_bytes: 10 << 20,
+            max_instances: 2000,
+            max_module_memory_bytes: 4 << 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("could not set up the Wasm runtime: {0}")]
+    Runtime(#[from] wasmkube_runtime_wasm::Error),
+    #[error("could not open the image store: {0}")]
+    Images(#[from] wasmkube_oci::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Api {
+        context: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the pod watch ended")]
+    WatchEnded,
+}
+
+/// What every part of the agent shares.
+pub(crate) struct Ctx {
+    pub client: kube::Client,
+    pub config: Config,
+    pub images: wasmkube_oci::ImageStore,
+    pub runtime: Arc<dyn Runtime>,
+    /// Pods this agent runs, by uid.
+    pub pods: Mutex<HashMap<String, pod::Handle>>,
+    /// The token the API server presents to the agent endpoint.
+    pub token: String,
+    /// The agent endpoint's port, reported in `daemonEndpoints`.
+    pub port: u16,
+    /// Pokes the node status loop (a new image arrived, say).
+    pub node_changed: tokio::sync::Notify,
+}
+
+impl Ctx {
+    pub fn pods_dir(&self) -> PathBuf {
+        self.config.data_dir.join("pods")
+    }
+}
+
+/// A started agent: its node is registered and its endpoint listens.
+pub struct Agent {
+    ctx: Arc<Ctx>,
+    listener: tokio::net::TcpListener,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.ctx.config.name)
+            .field("port", &self.ctx.port)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Sets up the runtime and image store, binds the endpoint, makes sure
+    /// the `wasmtime` RuntimeClass exists and registers the Node.
+    pub async fn start(client: kube::Client, config: Config) -> Result<Self, Error> {
+        let io = |context: String| move |source| Error::Io { context, source };
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io(format!("creating {}", config.data_dir.display())))?;
+        let images = wasmkube_oci::ImageStore::open(
+            &config.data_dir.join("images"),
+            config.insecure_registries.clone(),
+        )?;
+        let wasm = wasmkube_runtime_wasm::WasmRuntime::new(wasmkube_runtime_wasm::Config {
+            cache_dir: config.data_dir.join("modules"),
+            max_instances: config.max_instances,
+            max_memory_bytes: config.max_module_memory_bytes,
+        })?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(io(format!("listening on {}", config.listen)))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("reading the endpoint address".into()))?
+            .port();
+        let token = node::read_proxy_token(&client).await?;
+        let ctx = Arc::new(Ctx {
+            client,
+            config,
+            images,
+            runtime: Arc::new(wasmkube_runtime_wasm::WasmContainers::new(wasm)),
+            pods: Mutex::default(),
+            token,
+            port,
+            node_changed: tokio::sync::Notify::new(),
+        });
+        node::ensure_runtime_class(&ctx).await?;
+        node::register(&ctx).await?;
+        tracing::info!(node = %ctx.config.name, port, "node agent registered");
+        Ok(Self { ctx, listener })
+    }
+
+    /// The agent endpoint's address.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((self.ctx.config.address, self.ctx.port)))
+    }
+
+    /// Runs the node: heartbeats, node status, the endpoint and the pods,
+    /// until the pod watch ends for good or the future is dropped.
+    pub async fn run(self) -> Result<(), Error> {
+        let ctx = self.ctx;
+        pod::reap_orphans(&ctx);
+        let server = tokio::spawn(server::serve(ctx.clone(), self.listener));
+        let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
+        let status = tokio::spawn(node::status_loop(ctx.clone()));
+        let result = watch_pods(ctx.clone()).await;
+        server.abort();
+        heartbeat.abort();
+        status.abort();
+        result
+    }
+}
+
+/// Watches the pods bound to this node and hands every change to the pod's
+/// worker, starting one for a pod seen for the first time.
+async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
+    let api: Api<Pod> = Api::all(ctx.client.clone());
+    let selector =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.name));
+    let mut stream = std::pin::pin!(watcher(api, selector).default_backoff());
+    // Uids seen in a relist: pods missing from it were deleted meanwhile.
+    let mut relisted = std::collections::HashSet::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relisted.clear(),
+            Ok(watcher::Event::InitApply(p)) => {
+                relisted.insert(p.metadata.uid.clone().unwrap_or_default());
+                pod::update(&ctx, p);
+            }
+            Ok(watcher::Event::InitDone) => pod::gone_unless(&ctx, &relisted),
+            Ok(watcher::Event::Apply(p)) => pod::update(&ctx, p),
+            Ok(watcher::Event::Delete(p)) => pod::gone(&ctx, &p),
+            Err(e) => tracing::warn!(error = %e, "pod watch error; retrying"),
+        }
+    }
+    Err(Error::WatchEnded)
+}

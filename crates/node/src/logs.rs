@@ -1,0 +1,390 @@
+//! Container logs in the CRI format the kubelet writes
+//! (`<RFC 3339 nano time> <stream> <F|P> <text>` per line): one file per
+//! container run under the pod's directory, fed from pipes the runtime
+//! writes the guest's stdout and stderr to, rotated at a size limit, and
+//! read back with `kubectl logs`' options.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::sync::watch;
+
+/// Lines longer than this are split into partial (`P`) records.
+const MAX_LINE: usize = 16 * 1024;
+
+/// The file a container run logs to: `<pod>/logs/<container>/<restart>.log`.
+pub(crate) fn path(pod_dir: &Path, container: &str, restart: i32) -> PathBuf {
+    pod_dir
+        .join("logs")
+        .join(container)
+        .join(format!("{restart}.log"))
+}
+
+fn rotated(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    PathBuf::from(p)
+}
+
+/// A log being written: readers following it wait on `written`.
+#[derive(Debug)]
+pub(crate) struct Live {
+    /// Bytes written so far; set to `u64::MAX` once the run's output ended.
+    pub written: watch::Receiver<u64>,
+}
+
+struct Writer {
+    file: Mutex<File>,
+    path: PathBuf,
+    max_bytes: u64,
+    size: Mutex<u64>,
+    written: watch::Sender<u64>,
+}
+
+impl Writer {
+    fn write_line(&self, stream: &str, partial: bool, text: &[u8]) {
+        let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true);
+        let mut record = Vec::with_capacity(text.len() + 48);
+        record.extend_from_slice(ts.as_bytes());
+        record.push(b' ');
+        record.extend_from_slice(stream.as_bytes());
+        record.extend_from_slice(if partial { b" P " } else { b" F " });
+        record.extend_from_slice(text);
+        record.push(b'\n');
+        let mut file = self.file.lock().expect("log file lock");
+        let mut size = self.size.lock().expect("log size lock");
+        if *size + record.len() as u64 > self.max_bytes && *size > 0 {
+            // Rotate: the current file becomes `.1`, replacing the older one.
+            if std::fs::rename(&self.path, rotated(&self.path)).is_ok()
+                && let Ok(f) = File::options().create(true).append(true).open(&self.path)
+            {
+                *file = f;
+                *size = 0;
+            }
+        }
+        if let Err(e) = file.write_all(&record) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not write a log line");
+            return;
+        }
+        *size += record.len() as u64;
+        self.written.send_modify(|w| *w = w.saturating_add(record.len() as u64));
+    }
+}
+
+/// Creates the log file of one container run and the pipes its stdout and
+/// stderr go to; returns the write ends (for the runtime) and a handle
+/// readers can follow. The copying ends when both write ends are closed.
+pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<(File, File, Live)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = File::options().create(true).append(true).open(path)?;
+    let size = file.metadata()?.len();
+    let (tx, rx) = watch::channel(0);
+    let writer = Arc::new(Writer {
+        file: Mutex::new(file),
+        path: path.to_owned(),
+        max_bytes,
+        size: Mutex::new(size),
+        written: tx,
+    });
+    let mut ends = Vec::new();
+    let mut copies = Vec::new();
+    for stream in ["stdout", "stderr"] {
+        let (reader, write_end) = std::io::pipe()?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+        ends.push(File::from(OwnedFd::from(write_end)));
+        let writer = writer.clone();
+        copies.push(tokio::spawn(copy(receiver, writer, stream)));
+    }
+    tokio::spawn(async move {
+        for c in copies {
+            let _ = c.await;
+        }
+        writer.written.send_replace(u64::MAX);
+    });
+    let stderr = ends.pop().expect("two pipes");
+    let stdout = ends.pop().expect("two pipes");
+    Ok((stdout, stderr, Live { written: rx }))
+}
+
+async fn copy(receiver: tokio::net::unix::pipe::Receiver, writer: Arc<Writer>, stream: &'static str) {
+    let mut reader = tokio::io::BufReader::new(receiver);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "log pipe read failed");
+                0
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let complete = line.last() == Some(&b'\n');
+        if complete {
+            line.pop();
+        }
+        let writer = writer.clone();
+        let text = std::mem::take(&mut line);
+        // File writes are blocking; they are small and sequential per run.
+        let _ = tokio::task::spawn_blocking(move || writer.write_line(stream, !complete, &text)).await;
+    }
+}
+
+/// `kubectl logs` options, as the API server forwards them.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogOptions {
+    #[serde(default, deserialize_with = "flag")]
+    pub follow: bool,
+    #[serde(default, deserialize_with = "flag")]
+    pub previous: bool,
+    #[serde(default, deserialize_with = "flag")]
+    pub timestamps: bool,
+    #[serde(default, deserialize_with = "number")]
+    pub tail_lines: Option<i64>,
+    #[serde(default, deserialize_with = "number")]
+    pub since_seconds: Option<i64>,
+    pub since_time: Option<String>,
+    #[serde(default, deserialize_with = "number")]
+    pub limit_bytes: Option<i64>,
+}
+
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(matches!(s.as_str(), "true" | "1" | ""))
+}
+
+fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// One CRI record.
+struct Record<'a> {
+    time: &'a str,
+    partial: bool,
+    text: &'a [u8],
+}
+
+fn parse(line: &[u8]) -> Option<Record<'_>> {
+    let mut parts = line.splitn(4, |b| *b == b' ');
+    let time = std::str::from_utf8(parts.next()?).ok()?;
+    let _stream = parts.next()?;
+    let tag = parts.next()?;
+    let text = parts.next().unwrap_or_default();
+    Some(Record {
+        time,
+        partial: tag == b"P",
+        text,
+    })
+}
+
+struct Renderer {
+    since: Option<DateTime<Utc>>,
+    timestamps: bool,
+    remaining: Option<u64>,
+}
+
+impl Renderer {
+    fn new(options: &LogOptions) -> Self {
+        let since = options
+            .since_time
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|| {
+                options
+                    .since_seconds
+                    .map(|s| Utc::now() - chrono::Duration::seconds(s))
+            });
+        Self {
+            since,
+            timestamps: options.timestamps,
+            remaining: options.limit_bytes.map(|l| l.max(0) as u64),
+        }
+    }
+
+    /// The output for one record; `None` when it is filtered out.
+    fn render(&self, r: &Record<'_>) -> Option<Vec<u8>> {
+        if let Some(since) = self.since {
+            let t = DateTime::parse_from_rfc3339(r.time).ok()?;
+            if t < since {
+                return None;
+            }
+        }
+        let mut out = Vec::with_capacity(r.text.len() + 40);
+        if self.timestamps {
+            out.extend_from_slice(r.time.as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(r.text);
+        if !r.partial {
+            out.push(b'\n');
+        }
+        Some(out)
+    }
+
+    /// Applies `limitBytes`; false once the limit is reached.
+    fn limit(&mut self, chunk: &mut Vec<u8>) -> bool {
+        match &mut self.remaining {
+            None => true,
+            Some(left) => {
+                if chunk.len() as u64 >= *left {
+                    chunk.truncate(*left as usize);
+                    *left = 0;
+                    false
+                } else {
+                    *left -= chunk.len() as u64;
+                    true
+                }
+            }
+        }
+    }
+}
+
+/// Reads a container's log as `kubectl logs` asks, sending chunks to `tx`
+/// until the end (or, when following a live log, until its run ends or the
+/// reader goes away).
+pub(crate) async fn stream(
+    path: PathBuf,
+    options: LogOptions,
+    mut live: Option<watch::Receiver<u64>>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) {
+    let mut renderer = Renderer::new(&options);
+    let mut content = Vec::new();
+    for p in [rotated(&path), path.clone()] {
+        if let Ok(mut f) = File::open(&p) {
+            let _ = f.read_to_end(&mut content);
+        }
+    }
+    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let lines: Vec<&[u8]> = content
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let skip = match options.tail_lines {
+        Some(n) if n >= 0 => lines.len().saturating_sub(n as usize),
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    for line in &lines[skip..] {
+        if let Some(r) = parse(line).and_then(|r| renderer.render(&r)) {
+            out.extend_from_slice(&r);
+        }
+    }
+    let more = renderer.limit(&mut out);
+    if !out.is_empty() && tx.send(out).await.is_err() {
+        return;
+    }
+    if !more || !options.follow {
+        return;
+    }
+    let Some(live) = live.as_mut() else { return };
+    let mut pending = Vec::new();
+    loop {
+        let ended = *live.borrow_and_update() == u64::MAX;
+        // Read what was appended since `offset`.
+        let mut chunk = Vec::new();
+        if let Ok(mut f) = File::open(&path) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < offset {
+                offset = 0; // rotated under us
+            }
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = f.read_to_end(&mut chunk);
+                offset += chunk.len() as u64;
+            }
+        }
+        pending.extend_from_slice(&chunk);
+        let mut out = Vec::new();
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Some(r) = parse(&line[..line.len() - 1]).and_then(|r| renderer.render(&r)) {
+                out.extend_from_slice(&r);
+            }
+        }
+        let more = renderer.limit(&mut out);
+        if !out.is_empty() && tx.send(out).await.is_err() {
+            return;
+        }
+        if ended || !more {
+            return;
+        }
+        tokio::select! {
+            changed = live.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(path: PathBuf, options: LogOptions) -> String {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        stream(path, options, None, tx).await;
+        let mut all = Vec::new();
+        while let Some(c) = rx.recv().await {
+            all.extend(c);
+        }
+        String::from_utf8(all).unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_cri_records_and_reads_them_back_with_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path(), "app", 0);
+        let (mut stdout, mut stderr, mut live) = open(&p, 1 << 20).unwrap();
+        stdout.write_all(b"one\ntwo\n").unwrap();
+        stderr.write_all(b"oops\n").unwrap();
+        stdout.write_all(b"three").unwrap();
+        drop((stdout, stderr));
+        while *live.written.borrow_and_update() != u64::MAX {
+            live.written.changed().await.unwrap();
+        }
+        let raw = std::fs::read_to_string(&p).unwrap();
+        assert!(raw.lines().any(|l| l.ends_with(" stderr F oops")), "{raw}");
+        assert!(raw.lines().any(|l| l.ends_with(" stdout P three")), "{raw}");
+
+        let all = collect(p.clone(), LogOptions::default()).await;
+        for want in ["one\n", "two\n", "oops\n", "three"] {
+            assert!(all.contains(want), "{all:?}");
+        }
+        let tail = collect(
+            p.clone(),
+            LogOptions {
+                tail_lines: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(tail.lines().count(), 1, "{tail:?}");
+        let stamped = collect(
+            p.clone(),
+            LogOptions {
+                timestamps: true,
+                limit_bytes: Some(10),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(stamped.len(), 10);
+        assert!(stamped.starts_with("20"), "{stamped}");
+    }
+}

@@ -1,0 +1,793 @@
+//! One worker per pod: the lifecycle state machine.
+//!
+//! ```text
+//!  new ─▶ volumes ─▶ init containers, in order ─▶ containers, together ─▶ done
+//!                         │  each: pull ─▶ configure ─▶ start ─▶ run ─▶ exit
+//!                         │        └── restartPolicy: restart after back-off
+//!  deletionTimestamp / activeDeadlineSeconds ─▶ stop (grace, then kill)
+//!  deletion ─▶ final status ─▶ confirm the delete ─▶ remove the pod's files
+//! ```
+//!
+//! Every state change updates the pod's [`PodState`]; a status writer turns
+//! the latest state into the pod's `status` and patches it when it changed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use wasmkube_oci::{Credentials, Progress, PullPolicy};
+use wasmkube_runtime::{ContainerConfig, Image, Usage};
+
+use crate::events::{self, Kind};
+use crate::spec::{self, Volume};
+use crate::status::{self, ContainerStatus, Forced, State, Terminated};
+use crate::{Ctx, logs};
+
+/// How long an image pull failure shows as `ErrImagePull` before the
+/// back-off (`ImagePullBackOff`).
+const ERR_IMAGE_PULL_HOLD: Duration = Duration::from_secs(2);
+
+/// What the agent keeps per pod for the endpoint (logs, usage).
+#[derive(Debug)]
+pub(crate) struct Handle {
+    pub namespace: String,
+    pub name: String,
+    tx: watch::Sender<Option<Pod>>,
+    pub state: Arc<Mutex<PodState>>,
+}
+
+/// A container's run-time facts the endpoint reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Run {
+    pub restart_count: i32,
+    /// The log of the current run, while it is written.
+    pub live_log: Option<watch::Receiver<u64>>,
+    pub usage: Arc<Usage>,
+    pub running: bool,
+}
+
+/// Everything the worker knows about its pod.
+#[derive(Debug)]
+pub(crate) struct PodState {
+    pub dir: PathBuf,
+    pub containers: Vec<ContainerStatus>,
+    pub runs: HashMap<String, Run>,
+    forced: Option<Forced>,
+    sandbox_ready: bool,
+}
+
+impl PodState {
+    fn container(&mut self, name: &str) -> &mut ContainerStatus {
+        self.containers
+            .iter_mut()
+            .find(|c| c.name == name)
+            .expect("a container of this pod")
+    }
+}
+
+/// A pod change from the watch.
+pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let mut pods = ctx.pods.lock().expect("pods lock");
+    if let Some(h) = pods.get(&uid) {
+        h.tx.send_replace(Some(pod));
+        return;
+    }
+    let containers = spec::all_containers(&pod)
+        .map(|c| {
+            let init = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.init_containers.as_ref())
+                .is_some_and(|ics| ics.iter().any(|i| i.name == c.name));
+            let mut s = ContainerStatus::new(&c.name, c.image.as_deref().unwrap_or_default(), init);
+            // Restart counts survive an agent restart.
+            if let Some(prev) = previous_status(&pod, &c.name) {
+                s.restart_count = prev.restart_count;
+            }
+            s
+        })
+        .collect();
+    let state = Arc::new(Mutex::new(PodState {
+        dir: ctx.pods_dir().join(&uid),
+        containers,
+        runs: HashMap::new(),
+        forced: None,
+        sandbox_ready: false,
+    }));
+    let (tx, rx) = watch::channel(Some(pod.clone()));
+    pods.insert(
+        uid.clone(),
+        Handle {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            tx,
+            state: state.clone(),
+        },
+    );
+    drop(pods);
+    let worker = Worker {
+        ctx: ctx.clone(),
+        uid,
+        pod: rx,
+        state,
+        changed: Arc::new(Notify::new()),
+    };
+    tokio::spawn(worker.run());
+}
+
+/// The pod is gone from the API (force-deleted, or deleted while the watch
+/// was down): stop at once.
+pub(crate) fn gone(ctx: &Ctx, pod: &Pod) {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    if let Some(h) = ctx.pods.lock().expect("pods lock").get(&uid) {
+        h.tx.send_replace(None);
+    }
+}
+
+/// Pods whose uid is not in `seen` are gone (a relist after the watch was
+/// down does not report deletions).
+pub(crate) fn gone_unless(ctx: &Ctx, seen: &std::collections::HashSet<String>) {
+    for (uid, h) in ctx.pods.lock().expect("pods lock").iter() {
+        if !seen.contains(uid) {
+            h.tx.send_replace(None);
+        }
+    }
+}
+
+/// Removes the directories of pods this agent no longer has (left by a
+/// crash): called at start, before any pod is seen.
+pub(crate) fn reap_orphans(ctx: &Ctx) {
+    let Ok(entries) = std::fs::read_dir(ctx.pods_dir()) else {
+        return;
+    };
+    let known: Vec<String> = ctx.pods.lock().expect("pods lock").keys().cloned().collect();
+    for e in entries.flatten() {
+        let uid = e.file_name().to_string_lossy().into_owned();
+        if !known.contains(&uid) {
+            // Logs of a pod that still exists are kept: its worker reuses
+            // the directory. Only its volumes are rebuilt.
+            let _ = std::fs::remove_dir_all(e.path().join("volumes"));
+        }
+    }
+}
+
+fn previous_status<'a>(
+    pod: &'a Pod,
+    name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
+    let s = pod.status.as_ref()?;
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}_{}({})",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    )
+}
+
+/// When containers must stop: `None` while the pod runs; the instant their
+/// grace period ends once it is being deleted or past its deadline.
+type Stop = Option<Instant>;
+
+struct Worker {
+    ctx: Arc<Ctx>,
+    uid: String,
+    pod: watch::Receiver<Option<Pod>>,
+    state: Arc<Mutex<PodState>>,
+    changed: Arc<Notify>,
+}
+
+/// What a container's runs came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl Worker {
+    fn latest(&self) -> Option<Pod> {
+        self.pod.borrow().clone()
+    }
+
+    async fn run(mut self) {
+        let Some(pod) = self.latest() else { return };
+        let terminal = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        let start_time = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(status::from_k8s)
+            .unwrap_or_else(Utc::now);
+        let (stop_tx, stop_rx) = watch::channel::<Stop>(None);
+        let writer = tokio::spawn(status_writer(
+            self.ctx.clone(),
+            self.pod.clone(),
+            self.state.clone(),
+            self.changed.clone(),
+            start_time,
+            terminal,
+        ));
+        let run = Arc::new(PodRun {
+            ctx: self.ctx.clone(),
+            pod: self.pod.clone(),
+            state: self.state.clone(),
+            changed: self.changed.clone(),
+            stop: stop_rx,
+        });
+        let mut lifecycle = tokio::spawn({
+            let run = run.clone();
+            async move {
+                if terminal {
+                    // Finished before an agent restart: nothing runs again.
+                    return;
+                }
+                run.lifecycle().await;
+            }
+        });
+        let deadline = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.active_deadline_seconds)
+            .map(|s| {
+                let elapsed = (Utc::now() - start_time).to_std().unwrap_or_default();
+                Instant::now() + Duration::from_secs(s.max(0) as u64).saturating_sub(elapsed)
+            });
+        let mut finished = false;
+        let mut deleting = false;
+        loop {
+            let deadline_sleep = async {
+                match deadline {
+                    Some(d) if !deleting && !finished => tokio::time::sleep_until(d.into()).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut lifecycle, if !finished => {
+                    if let Err(e) = r {
+                        tracing::error!(uid = %self.uid, error = %e, "pod lifecycle task failed");
+                    }
+                    finished = true;
+                    self.changed.notify_one();
+                    if deleting { break; }
+                }
+                () = deadline_sleep => {
+                    let pod = self.latest();
+                    if let Some(pod) = &pod {
+                        let message = "Pod was active on the node longer than the specified deadline".to_owned();
+                        events::record(&self.ctx.client, &self.ctx.config.name, pod, None, Kind::Warning, "DeadlineExceeded", message.clone());
+                        self.state.lock().expect("pod state").forced = Some(Forced { phase: "Failed", reason: "DeadlineExceeded".into(), message });
+                        stop_tx.send_replace(Some(Instant::now() + grace(pod)));
+                    }
+                    self.changed.notify_one();
+                    // Stop only; the pod stays until it is deleted.
+                    if finished { continue; }
+                    let _ = (&mut lifecycle).await;
+                    finished = true;
+                    self.changed.notify_one();
+                }
+                changed = self.pod.changed() => {
+                    let current = self.pod.borrow_and_update().clone();
+                    match current {
+                        None => {
+                            // Gone from the API: stop now.
+                            stop_tx.send_replace(Some(Instant::now()));
+                            if !finished { let _ = (&mut lifecycle).await; }
+                            writer.abort();
+                            self.cleanup().await;
+                            return;
+                        }
+                        Some(pod) if pod.metadata.deletion_timestamp.is_some() && !deleting => {
+                            deleting = true;
+                            let grace = pod
+                                .metadata
+                                .deletion_grace_period_seconds
+                                .map(|s| Duration::from_secs(s.max(0) as u64))
+                                .unwrap_or_else(|| grace(&pod));
+                            if stop_tx.borrow().is_none_or(|t| Instant::now() + grace < t) {
+                                stop_tx.send_replace(Some(Instant::now() + grace));
+                            }
+                            if finished { break; }
+                        }
+                        Some(_) => self.changed.notify_one(),
+                    }
+                    if changed.is_err() { break; }
+                }
+            }
+        }
+        // Deleting: every container has stopped; report it, then confirm.
+        self.changed.notify_one();
+        let final_status = if terminal { None } else { self.final_status(start_time) };
+        writer.abort();
+        if let (Some(pod), Some(status)) = (self.latest(), final_status) {
+            let api: Api<Pod> = Api::namespaced(
+                self.ctx.client.clone(),
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+            );
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let _ = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+                .await;
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(self.uid.clone()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            if let Err(e) = api.delete(&name, &params).await
+                && !matches!(&e, kube::Error::Api(s) if s.code == 404 || s.code == 409)
+            {
+                tracing::warn!(pod = %name, error = %e, "could not confirm the pod's deletion");
+            }
+        }
+        self.cleanup().await;
+    }
+
+    fn final_status(&self, start_time: DateTime<Utc>) -> Option<Value> {
+        let pod = self.latest()?;
+        let st = self.state.lock().expect("pod state");
+        Some(status::build(
+            &pod,
+            &st.containers,
+            st.forced.as_ref(),
+            &start_time,
+            &self.ctx.config.address.to_string(),
+            false,
+        ))
+    }
+
+    async fn cleanup(&self) {
+        let dir = self.state.lock().expect("pod state").dir.clone();
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the pod's files");
+        }
+        self.ctx.pods.lock().expect("pods lock").remove(&self.uid);
+    }
+}
+
+/// The pod's grace period: `terminationGracePeriodSeconds`, default 30 s.
+fn grace(pod: &Pod) -> Duration {
+    let s = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
+    Duration::from_secs(s.max(0) as u64)
+}
+
+/// Writes the pod's status whenever its state changed, one write at a time,
+/// skipping writes that would change nothing.
+async fn status_writer(
+    ctx: Arc<Ctx>,
+    pod_rx: watch::Receiver<Option<Pod>>,
+    state: Arc<Mutex<PodState>>,
+    changed: Arc<Notify>,
+    start_time: DateTime<Utc>,
+    terminal: bool,
+) {
+    let mut last: Option<Value> = None;
+    loop {
+        let Some(pod) = pod_rx.borrow().clone() else { return };
+        let status = if terminal {
+            None
+        } else {
+            let st = state.lock().expect("pod state");
+            Some(status::build(
+                &pod,
+                &st.containers,
+                st.forced.as_ref(),
+                &start_time,
+                &ctx.config.address.to_string(),
+                st.sandbox_ready,
+            ))
+        };
+        if let Some(status) = status
+            && last.as_ref() != Some(&status)
+        {
+            let api: Api<Pod> = Api::namespaced(
+                ctx.client.clone(),
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+            );
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+                .await
+            {
+                Ok(_) => last = Some(status),
+                Err(kube::Error::Api(e)) if e.code == 404 => return,
+                Err(e) => {
+                    tracing::warn!(pod = %name, error = %e, "could not report pod status; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        changed.notified().await;
+    }
+}
+
+/// A pod while its containers run.
+struct PodRun {
+    ctx: Arc<Ctx>,
+    pod: watch::Receiver<Option<Pod>>,
+    state: Arc<Mutex<PodState>>,
+    changed: Arc<Notify>,
+    stop: watch::Receiver<Stop>,
+}
+
+impl PodRun {
+    fn pod(&self) -> Pod {
+        self.pod
+            .borrow()
+            .clone()
+            .expect("the worker stops the pod before it goes")
+    }
+
+    fn set(&self, f: impl FnOnce(&mut PodState)) {
+        f(&mut self.state.lock().expect("pod state"));
+        self.changed.notify_one();
+    }
+
+    fn event(&self, container: Option<&str>, kind: Kind, reason: &str, message: String) {
+        events::record(
+            &self.ctx.client,
+            &self.ctx.config.name,
+            &self.pod(),
+            container,
+            kind,
+            reason,
+            message,
+        );
+    }
+
+    /// When the containers must have stopped (now if no stop was asked).
+    fn stop_at(&self) -> Instant {
+        let at = *self.stop.borrow();
+        at.unwrap_or_else(Instant::now)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.borrow().is_some()
+    }
+
+    /// Waits `d`, or less when the pod is told to stop; true if it was.
+    async fn wait_or_stop(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => self.stopping(),
+            () = stop_requested(self.stop.clone()) => true,
+        }
+    }
+
+    async fn lifecycle(self: Arc<Self>) {
+        let pod = self.pod();
+        let dir = self.state.lock().expect("pod state").dir.clone();
+        let mut delay = self.ctx.config.backoff.initial;
+        let volumes = loop {
+            match spec::volumes(&self.ctx, &pod, &dir).await {
+                Ok(v) => break Arc::new(v),
+                Err(e) => {
+                    self.event(None, Kind::Warning, "FailedMount", format!("MountVolume.SetUp failed: {}", e.0));
+                    if self.wait_or_stop(delay).await {
+                        return;
+                    }
+                    delay = (delay * 2).min(self.ctx.config.backoff.max);
+                }
+            }
+        };
+        self.set(|s| s.sandbox_ready = true);
+        let spec = pod.spec.clone().unwrap_or_default();
+        for c in spec.init_containers.iter().flatten() {
+            match self.clone().container(c.clone(), true, volumes.clone()).await {
+                Outcome::Succeeded => {}
+                Outcome::Failed | Outcome::Stopped => return,
+            }
+        }
+        let runs = spec
+            .containers
+            .iter()
+            .map(|c| tokio::spawn(self.clone().container(c.clone(), false, volumes.clone())));
+        for r in futures::future::join_all(runs).await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a container task failed");
+            }
+        }
+    }
+
+    /// Pulls the container's image as its pull policy says, reporting
+    /// progress in events.
+    async fn pull(&self, c: &Container) -> Result<(Image, Duration, bool), wasmkube_oci::Error> {
+        let pod = self.pod();
+        let reference = c.image.clone().unwrap_or_default();
+        let policy = PullPolicy::for_container(c.image_pull_policy.as_deref(), &reference);
+        let credentials = self.pull_credentials(&pod, &reference).await;
+        let started = Instant::now();
+        let name = c.name.clone();
+        let announced = std::sync::atomic::AtomicBool::new(false);
+        let progress = |p: Progress| {
+            let Progress::Blob { digest, size, index, count } = p;
+            if !announced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                self.event(Some(&name), Kind::Normal, "Pulling", format!("Pulling image {reference:?}"));
+            }
+            if count > 1 {
+                self.event(
+                    Some(&name),
+                    Kind::Normal,
+                    "Pulling",
+                    format!("Pulling layer {index}/{count} {} ({})", &digest[..digest.len().min(19)], human_bytes(size)),
+                );
+            }
+        };
+        let (image, pulled) = self
+            .ctx
+            .images
+            .ensure(&reference, policy, credentials, &progress)
+            .await?;
+        if pulled {
+            self.ctx.node_changed.notify_one();
+        }
+        Ok((image, started.elapsed(), pulled))
+    }
+
+    /// Credentials from the pod's `imagePullSecrets` for the image's registry.
+    async fn pull_credentials(&self, pod: &Pod, reference: &str) -> Option<Credentials> {
+        let registry = reference.split('/').next().filter(|r| r.contains(['.', ':']) || *r == "localhost")?;
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), ns);
+        for s in pod.spec.iter().flat_map(|s| s.image_pull_secrets.iter().flatten()) {
+            let Ok(Some(secret)) = api.get_opt(&s.name).await else { continue };
+            let Some(doc) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) else { continue };
+            if let Some(c) = wasmkube_oci::credentials_for(&doc.0, registry) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Runs one container through its restarts until it is done for good or
+    /// the pod stops.
+    async fn container(self: Arc<Self>, c: Container, init: bool, volumes: Arc<HashMap<String, Volume>>) -> Outcome {
+        let pod = self.pod();
+        let policy = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        let name = c.name.clone();
+        let reference = c.image.clone().unwrap_or_default();
+        let backoff = self.ctx.config.backoff;
+        let mut crash_delay: Option<Duration> = None;
+        let mut pull_delay = backoff.initial;
+        let mut config_delay = backoff.initial;
+        loop {
+            if self.stopping() {
+                return Outcome::Stopped;
+            }
+            // 1. The image.
+            let image = match self.pull(&c).await {
+                Ok((image, took, pulled)) => {
+                    pull_delay = backoff.initial;
+                    let message = if pulled {
+                        format!("Successfully pulled image {reference:?} in {took:.1?}. Image size: {} bytes.", image.size)
+                    } else {
+                        format!("Container image {reference:?} already present on machine")
+                    };
+                    self.event(Some(&name), Kind::Normal, "Pulled", message);
+                    image
+                }
+                Err(e) => {
+                    let (reason, message) = match &e {
+                        wasmkube_oci::Error::NeverPull(_) => ("ErrImageNeverPull", e.to_string()),
+                        _ => ("ErrImagePull", e.to_string()),
+                    };
+                    self.event(Some(&name), Kind::Warning, "Failed", format!("Failed to pull image {reference:?}: {message}"));
+                    self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {reason}"));
+                    self.set(|s| {
+                        s.container(&name).state = State::Waiting { reason: reason.into(), message: Some(message.clone()) }
+                    });
+                    if self.wait_or_stop(ERR_IMAGE_PULL_HOLD).await {
+                        return Outcome::Stopped;
+                    }
+                    if reason == "ErrImagePull" {
+                        self.event(Some(&name), Kind::Normal, "BackOff", format!("Back-off pulling image {reference:?}"));
+                        self.set(|s| {
+                            s.container(&name).state = State::Waiting {
+                                reason: "ImagePullBackOff".into(),
+                                message: Some(format!("Back-off pulling image {reference:?}: ErrImagePull: {message}")),
+                            }
+                        });
+                    }
+                    if self.wait_or_stop(pull_delay).await {
+                        return Outcome::Stopped;
+                    }
+                    pull_delay = (pull_delay * 2).min(backoff.max);
+                    continue;
+                }
+            };
+            // 2. Its configuration, and the image made ready to start.
+            let prepared = match spec::container(&self.ctx, &pod, &c, &volumes).await {
+                Err(e) => Err(("CreateContainerConfigError", e.0)),
+                Ok(resolved) => match self.ctx.runtime.prepare(&image).await {
+                    Ok(()) => Ok(resolved),
+                    Err(e) => Err(("CreateContainerError", e.to_string())),
+                },
+            };
+            let resolved = match prepared {
+                Ok(r) => {
+                    config_delay = backoff.initial;
+                    r
+                }
+                Err((reason, message)) => {
+                    self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {message}"));
+                    self.set(|s| {
+                        s.container(&name).state = State::Waiting { reason: reason.into(), message: Some(message.clone()) }
+                    });
+                    if self.wait_or_stop(config_delay).await {
+                        return Outcome::Stopped;
+                    }
+                    config_delay = (config_delay * 2).min(backoff.max);
+                    continue;
+                }
+            };
+            // 3. Start.
+            let (restart, dir) = {
+                let st = self.state.lock().expect("pod state");
+                let restart = st.containers.iter().find(|s| s.name == name).map_or(0, |s| s.restart_count);
+                (restart, st.dir.clone())
+            };
+            let log_path = logs::path(&dir, &name, restart);
+            let (stdout, stderr, live) = match logs::open(&log_path, self.ctx.config.log_max_bytes) {
+                Ok(x) => x,
+                Err(e) => {
+                    let message = format!("cannot open the log file: {e}");
+                    self.set(|s| s.container(&name).state = State::Waiting { reason: "CreateContainerError".into(), message: Some(message) });
+                    if self.wait_or_stop(config_delay).await {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+            };
+            let usage = Arc::new(Usage::default());
+            let container_id = format!("{}://{}-{name}-{restart}", self.ctx.runtime.handler(), pod.metadata.uid.as_deref().unwrap_or_default());
+            self.event(Some(&name), Kind::Normal, "Created", format!("Created container: {name}"));
+            let started_at = Utc::now();
+            let ran_from = Instant::now();
+            let config = ContainerConfig {
+                image: image.clone(),
+                args: resolved.args,
+                env: resolved.env,
+                working_dir: resolved.working_dir,
+                mounts: resolved.mounts,
+                stdout,
+                stderr,
+                memory_limit: resolved.memory_limit,
+                cpu_millis: resolved.cpu_millis,
+                usage: usage.clone(),
+            };
+            let exit = match self.ctx.runtime.start(config).await {
+                Err(e) => wasmkube_runtime::Exit { code: 128, reason: "StartError".into(), message: Some(e.to_string()) },
+                Ok(mut running) => {
+                    self.set(|s| {
+                        let cs = s.container(&name);
+                        cs.state = State::Running { started_at };
+                        cs.image_id = image.id.clone();
+                        cs.container_id = Some(container_id.clone());
+                        cs.ready = !init;
+                        s.runs.insert(name.clone(), Run { restart_count: restart, live_log: Some(live.written.clone()), usage: usage.clone(), running: true });
+                    });
+                    self.event(Some(&name), Kind::Normal, "Started", format!("Started container {name}"));
+                    tokio::select! {
+                        exit = running.wait() => exit,
+                        () = stop_requested(self.stop.clone()) => {
+                            let deadline = self.stop_at();
+                            self.event(Some(&name), Kind::Normal, "Killing", format!("Stopping container {name}"));
+                            running.terminate();
+                            match tokio::time::timeout_at(deadline.into(), running.wait()).await {
+                                Ok(exit) => exit,
+                                Err(_) => {
+                                    running.kill();
+                                    let mut exit = running.wait().await;
+                                    exit.message = Some(format!("the container did not stop within its grace period; interrupted ({})", exit.message.unwrap_or_default()));
+                                    exit
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            // 4. It ended.
+            let terminated = Terminated {
+                exit_code: exit.code,
+                reason: exit.reason.clone(),
+                message: exit.message.clone(),
+                started_at: Some(started_at),
+                finished_at: Utc::now(),
+                container_id: Some(container_id.clone()),
+            };
+            if exit.reason == "OOMKilled" {
+                self.event(Some(&name), Kind::Warning, "OOMKilling", format!("Container {name} was OOM-killed: {}", exit.message.clone().unwrap_or_default()));
+            }
+            if exit.reason == "StartError" {
+                self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {}", exit.message.clone().unwrap_or_default()));
+            }
+            self.set(|s| {
+                let cs = s.container(&name);
+                cs.state = State::Terminated(terminated.clone());
+                cs.ready = false;
+                if let Some(r) = s.runs.get_mut(&name) {
+                    r.running = false;
+                }
+            });
+            if self.stopping() {
+                return Outcome::Stopped;
+            }
+            let again = match (init, policy.as_str()) {
+                (_, "Never") => false,
+                (true, _) | (false, "OnFailure") => exit.code != 0,
+                _ => true,
+            };
+            if !again {
+                return if exit.code == 0 { Outcome::Succeeded } else { Outcome::Failed };
+            }
+            // 5. Restart, after a back-off that grows with every crash.
+            if ran_from.elapsed() >= backoff.reset_after {
+                crash_delay = None;
+            }
+            let delay = crash_delay.unwrap_or(Duration::ZERO);
+            crash_delay = Some(crash_delay.map_or(backoff.initial, |d| (d * 2).min(backoff.max)));
+            self.set(|s| {
+                let cs = s.container(&name);
+                cs.last = Some(terminated.clone());
+                cs.restart_count += 1;
+                if !delay.is_zero() {
+                    cs.state = State::Waiting {
+                        reason: "CrashLoopBackOff".into(),
+                        message: Some(format!("back-off {delay:?} restarting failed container={name} pod={}", pod_key(&pod))),
+                    };
+                }
+            });
+            if !delay.is_zero() {
+                self.event(Some(&name), Kind::Warning, "BackOff", format!("Back-off restarting failed container {name} in pod {}", pod_key(&pod)));
+                if self.wait_or_stop(delay).await {
+                    return Outcome::Stopped;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the pod's containers are told to stop.
+async fn stop_requested(mut stop: watch::Receiver<Stop>) {
+    if stop.wait_for(Option::is_some).await.is_err() {
+        // The worker is gone: nothing will ever ask again.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}

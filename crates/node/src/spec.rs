@@ -1,0 +1,503 @@
+//! From a pod spec to what a runtime is given: volumes materialised under
+//! the pod's directory, env (plain, `valueFrom`, `envFrom`, `$(VAR)`
+//! expansion), `argv` and limits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, DownwardAPIVolumeFile, ObjectFieldSelector, Pod, ResourceFieldSelector,
+    Secret,
+};
+use kube::api::Api;
+use wasmkube_runtime::Mount;
+
+use crate::Ctx;
+
+/// A container's configuration could not be resolved (a missing ConfigMap
+/// key, say): the container waits with `CreateContainerConfigError`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConfigError(pub String);
+
+/// A volume as materialised on the node.
+#[derive(Debug, Clone)]
+pub(crate) struct Volume {
+    pub path: PathBuf,
+    /// Volumes that are read-only whatever the mount says (configMap,
+    /// secret, downwardAPI).
+    pub read_only: bool,
+}
+
+/// What a container run gets.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    pub working_dir: Option<String>,
+    pub memory_limit: Option<u64>,
+    pub cpu_millis: Option<u64>,
+}
+
+fn pod_ns(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+async fn config_map(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<ConfigMap>, ConfigError> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name)
+        .await
+        .map_err(|e| ConfigError(format!("reading configmap {name:?}: {e}")))
+}
+
+async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<Secret>, ConfigError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name)
+        .await
+        .map_err(|e| ConfigError(format!("reading secret {name:?}: {e}")))
+}
+
+fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = cm
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    for (k, v) in cm.binary_data.iter().flatten() {
+        out.insert(k.clone(), v.0.clone());
+    }
+    out
+}
+
+fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in s.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
+}
+
+/// The value of a downward-API field path.
+fn field_value(ctx: &Ctx, pod: &Pod, selector: &ObjectFieldSelector) -> Result<String, ConfigError> {
+    let path = selector.field_path.as_str();
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let ip = ctx.config.address.to_string();
+    let keyed = |prefix: &str, map: Option<&BTreeMap<String, String>>| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix("']"))
+            .map(|key| map.and_then(|m| m.get(key)).cloned().unwrap_or_default())
+    };
+    if let Some(v) = keyed("metadata.labels['", meta.labels.as_ref()) {
+        return Ok(v);
+    }
+    if let Some(v) = keyed("metadata.annotations['", meta.annotations.as_ref()) {
+        return Ok(v);
+    }
+    let render = |map: Option<&BTreeMap<String, String>>| {
+        map.into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v:?}\n"))
+            .collect::<String>()
+    };
+    Ok(match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => pod_ns(pod).to_owned(),
+        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
+        "metadata.labels" => render(meta.labels.as_ref()),
+        "metadata.annotations" => render(meta.annotations.as_ref()),
+        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
+        "status.hostIP" | "status.podIP" | "status.hostIPs" | "status.podIPs" => ip,
+        other => return Err(ConfigError(format!("unsupported fieldRef fieldPath {other:?}"))),
+    })
+}
+
+/// The value of a `resourceFieldRef`: the container's limit (the node's
+/// allocatable when unset) or request, divided by the divisor, rounded up.
+fn resource_value(
+    pod: &Pod,
+    default_container: &str,
+    selector: &ResourceFieldSelector,
+) -> Result<String, ConfigError> {
+    let name = selector
+        .container_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or(default_container);
+    let container = all_containers(pod)
+        .find(|c| c.name == name)
+        .ok_or_else(|| ConfigError(format!("resourceFieldRef: no container {name:?}")))?;
+    let (kind, resource) = selector
+        .resource
+        .split_once('.')
+        .ok_or_else(|| ConfigError(format!("unsupported resource {:?}", selector.resource)))?;
+    let resources = container.resources.as_ref();
+    let set = match kind {
+        "limits" => resources.and_then(|r| r.limits.as_ref()),
+        "requests" => resources.and_then(|r| r.requests.as_ref()),
+        _ => None,
+    };
+    let value = match set.and_then(|m| m.get(resource)) {
+        Some(q) => wasmkube_api::quantity::parse(&q.0).map_err(ConfigError)?.millis(),
+        None if kind == "limits" => match resource {
+            "cpu" => crate::node::allocatable_cpu() as i128 * 1000,
+            "memory" => crate::node::allocatable_memory() as i128 * 1000,
+            _ => 0,
+        },
+        None => 0,
+    };
+    let divisor = selector
+        .divisor
+        .as_ref()
+        .map(|d| wasmkube_api::quantity::parse(&d.0).map_err(ConfigError))
+        .transpose()?
+        .map(|q| q.millis())
+        .filter(|d| *d > 0)
+        .unwrap_or(1000);
+    Ok(((value + divisor - 1) / divisor).to_string())
+}
+
+pub(crate) fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
+    pod.spec.iter().flat_map(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(s.containers.iter())
+    })
+}
+
+/// Kubernetes' `$(VAR)` expansion: defined names are replaced, `$$` escapes,
+/// anything else is left as written.
+pub(crate) fn expand(input: &str, vars: &HashMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('(')
+            && let Some(end) = body.find(')')
+        {
+            let name = &body[..end];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)>, ConfigError> {
+    let ns = pod_ns(pod);
+    let mut out: Vec<(String, String)> = Vec::new();
+    let set = |out: &mut Vec<(String, String)>, k: String, v: String| {
+        match out.iter_mut().find(|(name, _)| *name == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
+    };
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        if let Some(r) = &from.config_map_ref {
+            match config_map(ctx, ns, &r.name).await? {
+                Some(cm) => {
+                    for (k, v) in config_map_data(&cm) {
+                        set(&mut out, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                    }
+                }
+                None if r.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("configmap {:?} not found", r.name))),
+            }
+        }
+        if let Some(r) = &from.secret_ref {
+            match secret(ctx, ns, &r.name).await? {
+                Some(s) => {
+                    for (k, v) in secret_data(&s) {
+                        set(&mut out, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                    }
+                }
+                None if r.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("secret {:?} not found", r.name))),
+            }
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = if let Some(source) = &e.value_from {
+            if let Some(r) = &source.config_map_key_ref {
+                let cm = config_map(ctx, ns, &r.name).await?;
+                match cm.as_ref().map(config_map_data).and_then(|d| d.get(&r.key).cloned()) {
+                    Some(v) => String::from_utf8_lossy(&v).into_owned(),
+                    None if r.optional == Some(true) => continue,
+                    None if cm.is_none() => {
+                        return Err(ConfigError(format!("configmap {:?} not found", r.name)));
+                    }
+                    None => {
+                        return Err(ConfigError(format!(
+                            "couldn't find key {} in ConfigMap {ns}/{}",
+                            r.key, r.name
+                        )));
+                    }
+                }
+            } else if let Some(r) = &source.secret_key_ref {
+                let s = secret(ctx, ns, &r.name).await?;
+                match s.as_ref().map(secret_data).and_then(|d| d.get(&r.key).cloned()) {
+                    Some(v) => String::from_utf8_lossy(&v).into_owned(),
+                    None if r.optional == Some(true) => continue,
+                    None if s.is_none() => {
+                        return Err(ConfigError(format!("secret {:?} not found", r.name)));
+                    }
+                    None => {
+                        return Err(ConfigError(format!(
+                            "couldn't find key {} in Secret {ns}/{}",
+                            r.key, r.name
+                        )));
+                    }
+                }
+            } else if let Some(f) = &source.field_ref {
+                field_value(ctx, pod, f)?
+            } else if let Some(r) = &source.resource_field_ref {
+                resource_value(pod, &c.name, r)?
+            } else {
+                String::new()
+            }
+        } else {
+            let vars: HashMap<String, String> = out.iter().cloned().collect();
+            expand(e.value.as_deref().unwrap_or_default(), &vars)
+        };
+        set(&mut out, e.name.clone(), value);
+    }
+    Ok(out)
+}
+
+fn quantity(c: &Container, resource: &str) -> Option<i128> {
+    let q = c.resources.as_ref()?.limits.as_ref()?.get(resource)?;
+    wasmkube_api::quantity::parse(&q.0).ok().map(|q| q.millis())
+}
+
+/// Resolves one container against its pod's volumes.
+pub(crate) async fn container(
+    ctx: &Ctx,
+    pod: &Pod,
+    c: &Container,
+    volumes: &HashMap<String, Volume>,
+) -> Result<Resolved, ConfigError> {
+    let env = env(ctx, pod, c).await?;
+    let vars: HashMap<String, String> = env.iter().cloned().collect();
+    let mut args: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .map(|a| expand(a, &vars))
+        .collect();
+    if args.is_empty() {
+        // A Wasm module has no entrypoint to name: argv[0] is the container.
+        args.push(c.name.clone());
+    }
+    args.extend(c.args.iter().flatten().map(|a| expand(a, &vars)));
+    let mut mounts = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let v = volumes.get(&m.name).ok_or_else(|| {
+            ConfigError(format!("volume mount {:?}: no volume of that name", m.name))
+        })?;
+        let mut host_path = v.path.clone();
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
+                return Err(ConfigError(format!("subPath {sub:?} must be a relative path without '..'")));
+            }
+            host_path = host_path.join(sub);
+            std::fs::create_dir_all(&host_path)
+                .map_err(|e| ConfigError(format!("subPath {sub:?}: {e}")))?;
+        }
+        mounts.push(Mount {
+            host_path,
+            container_path: m.mount_path.clone(),
+            read_only: v.read_only || m.read_only == Some(true),
+        });
+    }
+    Ok(Resolved {
+        args,
+        env,
+        mounts,
+        working_dir: c.working_dir.clone(),
+        memory_limit: quantity(c, "memory").map(|m| (m / 1000).max(0) as u64),
+        cpu_millis: quantity(c, "cpu").map(|m| m.max(1) as u64),
+    })
+}
+
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigError> {
+    for (rel, data) in files {
+        if rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
+            return Err(ConfigError(format!("file path {rel:?} must be relative without '..'")));
+        }
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| ConfigError(format!("{}: {e}", parent.display())))?;
+        }
+        std::fs::write(&path, data).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn keyed_files(
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+    what: &str,
+) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
+    match items {
+        None => Ok(data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        Some(items) => items
+            .iter()
+            .map(|i| {
+                data.get(&i.key)
+                    .map(|v| (i.path.clone(), v.clone()))
+                    .ok_or_else(|| ConfigError(format!("{what} references non-existent key: {}", i.key)))
+            })
+            .collect(),
+    }
+}
+
+fn downward_files(
+    ctx: &Ctx,
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
+    items
+        .iter()
+        .map(|i| {
+            let value = if let Some(f) = &i.field_ref {
+                field_value(ctx, pod, f)?
+            } else if let Some(r) = &i.resource_field_ref {
+                let first = pod.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone());
+                resource_value(pod, &first.unwrap_or_default(), r)?
+            } else {
+                String::new()
+            };
+            Ok((i.path.clone(), value.into_bytes()))
+        })
+        .collect()
+}
+
+/// Materialises the pod's volumes under `pod_dir/volumes/`.
+pub(crate) async fn volumes(
+    ctx: &Ctx,
+    pod: &Pod,
+    pod_dir: &Path,
+) -> Result<HashMap<String, Volume>, ConfigError> {
+    let ns = pod_ns(pod);
+    let mut out = HashMap::new();
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        let dir = pod_dir.join("volumes").join(&v.name);
+        let make = |d: &Path| {
+            std::fs::create_dir_all(d).map_err(|e| ConfigError(format!("volume {:?}: {e}", v.name)))
+        };
+        let volume = if v.empty_dir.is_some() {
+            make(&dir)?;
+            Volume { path: dir, read_only: false }
+        } else if let Some(h) = &v.host_path {
+            let path = PathBuf::from(&h.path);
+            match h.type_.as_deref().unwrap_or("") {
+                "DirectoryOrCreate" => make(&path)?,
+                "Directory" if !path.is_dir() => {
+                    return Err(ConfigError(format!("hostPath type check failed: {} is not a directory", h.path)));
+                }
+                _ => {}
+            }
+            Volume { path, read_only: false }
+        } else if let Some(src) = &v.config_map {
+            make(&dir)?;
+            match config_map(ctx, ns, &src.name).await? {
+                Some(cm) => {
+                    let files = keyed_files(&config_map_data(&cm), src.items.as_ref(), &format!("configmap {:?}", src.name))?;
+                    write_files(&dir, &files)?;
+                }
+                None if src.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("configmap {:?} not found", src.name))),
+            }
+            Volume { path: dir, read_only: true }
+        } else if let Some(src) = &v.secret {
+            make(&dir)?;
+            let name = src.secret_name.clone().unwrap_or_default();
+            match secret(ctx, ns, &name).await? {
+                Some(s) => {
+                    let files = keyed_files(&secret_data(&s), src.items.as_ref(), &format!("secret {name:?}"))?;
+                    write_files(&dir, &files)?;
+                }
+                None if src.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("secret {name:?} not found"))),
+            }
+            Volume { path: dir, read_only: true }
+        } else if let Some(src) = &v.downward_api {
+            make(&dir)?;
+            let files = downward_files(ctx, pod, src.items.as_deref().unwrap_or_default())?;
+            write_files(&dir, &files)?;
+            Volume { path: dir, read_only: true }
+        } else if let Some(src) = &v.projected {
+            make(&dir)?;
+            for s in src.sources.iter().flatten() {
+                if let Some(cm) = &s.config_map {
+                    match config_map(ctx, ns, &cm.name).await? {
+                        Some(obj) => write_files(&dir, &keyed_files(&config_map_data(&obj), cm.items.as_ref(), &format!("configmap {:?}", cm.name))?)?,
+                        None if cm.optional == Some(true) => {}
+                        None => return Err(ConfigError(format!("configmap {:?} not found", cm.name))),
+                    }
+                }
+                if let Some(sec) = &s.secret {
+                    match secret(ctx, ns, &sec.name).await? {
+                        Some(obj) => write_files(&dir, &keyed_files(&secret_data(&obj), sec.items.as_ref(), &format!("secret {:?}", sec.name))?)?,
+                        None if sec.optional == Some(true) => {}
+                        None => return Err(ConfigError(format!("secret {:?} not found", sec.name))),
+                    }
+                }
+                if let Some(d) = &s.downward_api {
+                    write_files(&dir, &downward_files(ctx, pod, d.items.as_deref().unwrap_or_default())?)?;
+                }
+            }
+            Volume { path: dir, read_only: true }
+        } else {
+            return Err(ConfigError(format!(
+                "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported",
+                v.name
+            )));
+        };
+        out.insert(v.name.clone(), volume);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_like_kubernetes() {
+        let vars: HashMap<String, String> =
+            [("A".to_owned(), "1".to_owned()), ("B".to_owned(), "two".to_owned())].into();
+        assert_eq!(expand("$(A)-$(B)", &vars), "1-two");
+        assert_eq!(expand("$(C) stays", &vars), "$(C) stays");
+        assert_eq!(expand("$$(A) escaped", &vars), "$(A) escaped");
+        assert_eq!(expand("cost $5", &vars), "cost $5");
+        assert_eq!(expand("open $(A", &vars), "open $(A");
+    }
+}
