@@ -34,8 +34,8 @@ impl Subresource {
             Self::Finalize,
             Self::Log,
         ]
-            .into_iter()
-            .find(|sub| sub.name() == s)
+        .into_iter()
+        .find(|sub| sub.name() == s)
     }
 }
 

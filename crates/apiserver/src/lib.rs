@@ -8,7 +8,9 @@
 mod admission;
 mod discovery;
 mod error;
-pub use node_proxy::{TOKEN_NAMESPACE as NODE_PROXY_TOKEN_NAMESPACE, TOKEN_SECRET as NODE_PROXY_TOKEN_SECRET};
+pub use node_proxy::{
+    TOKEN_NAMESPACE as NODE_PROXY_TOKEN_NAMESPACE, TOKEN_SECRET as NODE_PROXY_TOKEN_SECRET,
+};
 mod fields;
 mod merge_keys;
 mod node_proxy;

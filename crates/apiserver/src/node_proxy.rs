@@ -15,10 +15,10 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use wasmkube_api::registry::{self, ResourceType};
 
+use crate::ApiServer;
 use crate::error::{ApiError, ApiResult};
 use crate::rest;
 use crate::storage::decode_stored;
-use crate::ApiServer;
 
 /// Where the node-proxy token lives.
 pub const TOKEN_NAMESPACE: &str = "kube-system";
@@ -45,7 +45,12 @@ pub(crate) async fn ensure_token(server: &std::sync::Arc<ApiServer>) -> ApiResul
     }
 }
 
-async fn get(server: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str) -> ApiResult<Value> {
+async fn get(
+    server: &ApiServer,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: &str,
+) -> ApiResult<Value> {
     let kv = server
         .store
         .get(&rt.key(ns, name))
@@ -139,15 +144,19 @@ pub(crate) async fn pod_log(
     let query = serde_urlencoded::to_string(&params).unwrap_or_default();
     let url = format!("http://{host}/containerLogs/{ns}/{name}/{container}?{query}");
     let request = Request::get(&url)
-        .header(header::AUTHORIZATION, format!("Bearer {}", token(server).await?))
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token(server).await?),
+        )
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
     let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = client.request(request).await.map_err(|e| {
-        ApiError::Internal {
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| ApiError::Internal {
             message: format!("error dialing the node agent of {node_name}: {e}"),
-        }
-    })?;
+        })?;
     let status = response.status();
     if !status.is_success() {
         let body = response

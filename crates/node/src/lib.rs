@@ -233,8 +233,7 @@ impl Agent {
 /// worker, starting one for a pod seen for the first time.
 async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
     let api: Api<Pod> = Api::all(ctx.client.clone());
-    let selector =
-        watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.name));
+    let selector = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.name));
     let mut stream = std::pin::pin!(watcher(api, selector).default_backoff());
     // Uids seen in a relist: pods missing from it were deleted meanwhile.
     let mut relisted = std::collections::HashSet::new();

@@ -73,7 +73,8 @@ impl Writer {
             return;
         }
         *size += record.len() as u64;
-        self.written.send_modify(|w| *w = w.saturating_add(record.len() as u64));
+        self.written
+            .send_modify(|w| *w = w.saturating_add(record.len() as u64));
     }
 }
 
@@ -114,7 +115,11 @@ pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<(File, File, 
     Ok((stdout, stderr, Live { written: rx }))
 }
 
-async fn copy(receiver: tokio::net::unix::pipe::Receiver, writer: Arc<Writer>, stream: &'static str) {
+async fn copy(
+    receiver: tokio::net::unix::pipe::Receiver,
+    writer: Arc<Writer>,
+    stream: &'static str,
+) {
     let mut reader = tokio::io::BufReader::new(receiver);
     let mut line = Vec::new();
     loop {
@@ -140,7 +145,8 @@ async fn copy(receiver: tokio::net::unix::pipe::Receiver, writer: Arc<Writer>, s
         let writer = writer.clone();
         let text = std::mem::take(&mut line);
         // File writes are blocking; they are small and sequential per run.
-        let _ = tokio::task::spawn_blocking(move || writer.write_line(stream, !complete, &text)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || writer.write_line(stream, !complete, &text)).await;
     }
 }
 

@@ -46,9 +46,7 @@ pub(crate) async fn read_proxy_token(client: &kube::Client) -> Result<String, Er
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => {
-                return Err(api_err(format!(
-                    "reading {TOKEN_NAMESPACE}/{TOKEN_SECRET}"
-                ))(e));
+                return Err(api_err(format!("reading {TOKEN_NAMESPACE}/{TOKEN_SECRET}"))(e));
             }
         }
     }
@@ -146,15 +144,39 @@ fn conditions(ctx: &Ctx) -> Value {
                "message": message, "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
     json!([
-        cond("MemoryPressure", memory_pressure,
-            ("KubeletHasInsufficientMemory", "agent has insufficient memory available"),
-            ("KubeletHasSufficientMemory", "agent has sufficient memory available")),
-        cond("DiskPressure", disk_pressure,
+        cond(
+            "MemoryPressure",
+            memory_pressure,
+            (
+                "KubeletHasInsufficientMemory",
+                "agent has insufficient memory available"
+            ),
+            (
+                "KubeletHasSufficientMemory",
+                "agent has sufficient memory available"
+            )
+        ),
+        cond(
+            "DiskPressure",
+            disk_pressure,
             ("KubeletHasDiskPressure", "agent has disk pressure"),
-            ("KubeletHasNoDiskPressure", "agent has no disk pressure")),
-        cond("PIDPressure", false, ("", ""),
-            ("KubeletHasSufficientPID", "agent has sufficient PID available")),
-        cond("Ready", true, ("KubeletReady", "agent is posting ready status"), ("", "")),
+            ("KubeletHasNoDiskPressure", "agent has no disk pressure")
+        ),
+        cond(
+            "PIDPressure",
+            false,
+            ("", ""),
+            (
+                "KubeletHasSufficientPID",
+                "agent has sufficient PID available"
+            )
+        ),
+        cond(
+            "Ready",
+            true,
+            ("KubeletReady", "agent is posting ready status"),
+            ("", "")
+        ),
     ])
 }
 

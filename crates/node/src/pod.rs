@@ -147,7 +147,13 @@ pub(crate) fn reap_orphans(ctx: &Ctx) {
     let Ok(entries) = std::fs::read_dir(ctx.pods_dir()) else {
         return;
     };
-    let known: Vec<String> = ctx.pods.lock().expect("pods lock").keys().cloned().collect();
+    let known: Vec<String> = ctx
+        .pods
+        .lock()
+        .expect("pods lock")
+        .keys()
+        .cloned()
+        .collect();
     for e in entries.flatten() {
         let uid = e.file_name().to_string_lossy().into_owned();
         if !known.contains(&uid) {
@@ -314,7 +320,11 @@ impl Worker {
         }
         // Deleting: every container has stopped; report it, then confirm.
         self.changed.notify_one();
-        let final_status = if terminal { None } else { self.final_status(start_time) };
+        let final_status = if terminal {
+            None
+        } else {
+            self.final_status(start_time)
+        };
         writer.abort();
         if let (Some(pod), Some(status)) = (self.latest(), final_status) {
             let api: Api<Pod> = Api::namespaced(
@@ -323,7 +333,11 @@ impl Worker {
             );
             let name = pod.metadata.name.clone().unwrap_or_default();
             let _ = api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
                 .await;
             let params = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -388,7 +402,9 @@ async fn status_writer(
 ) {
     let mut last: Option<Value> = None;
     loop {
-        let Some(pod) = pod_rx.borrow().clone() else { return };
+        let Some(pod) = pod_rx.borrow().clone() else {
+            return;
+        };
         let status = if terminal {
             None
         } else {
@@ -411,7 +427,11 @@ async fn status_writer(
             );
             let name = pod.metadata.name.clone().unwrap_or_default();
             match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
                 .await
             {
                 Ok(_) => last = Some(status),
@@ -487,7 +507,12 @@ impl PodRun {
             match spec::volumes(&self.ctx, &pod, &dir).await {
                 Ok(v) => break Arc::new(v),
                 Err(e) => {
-                    self.event(None, Kind::Warning, "FailedMount", format!("MountVolume.SetUp failed: {}", e.0));
+                    self.event(
+                        None,
+                        Kind::Warning,
+                        "FailedMount",
+                        format!("MountVolume.SetUp failed: {}", e.0),
+                    );
                     if self.wait_or_stop(delay).await {
                         return;
                     }
@@ -498,7 +523,11 @@ impl PodRun {
         self.set(|s| s.sandbox_ready = true);
         let spec = pod.spec.clone().unwrap_or_default();
         for c in spec.init_containers.iter().flatten() {
-            match self.clone().container(c.clone(), true, volumes.clone()).await {
+            match self
+                .clone()
+                .container(c.clone(), true, volumes.clone())
+                .await
+            {
                 Outcome::Succeeded => {}
                 Outcome::Failed | Outcome::Stopped => return,
             }
@@ -525,16 +554,30 @@ impl PodRun {
         let name = c.name.clone();
         let announced = std::sync::atomic::AtomicBool::new(false);
         let progress = |p: Progress| {
-            let Progress::Blob { digest, size, index, count } = p;
+            let Progress::Blob {
+                digest,
+                size,
+                index,
+                count,
+            } = p;
             if !announced.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                self.event(Some(&name), Kind::Normal, "Pulling", format!("Pulling image {reference:?}"));
+                self.event(
+                    Some(&name),
+                    Kind::Normal,
+                    "Pulling",
+                    format!("Pulling image {reference:?}"),
+                );
             }
             if count > 1 {
                 self.event(
                     Some(&name),
                     Kind::Normal,
                     "Pulling",
-                    format!("Pulling layer {index}/{count} {} ({})", &digest[..digest.len().min(19)], human_bytes(size)),
+                    format!(
+                        "Pulling layer {index}/{count} {} ({})",
+                        &digest[..digest.len().min(19)],
+                        human_bytes(size)
+                    ),
                 );
             }
         };
@@ -551,12 +594,27 @@ impl PodRun {
 
     /// Credentials from the pod's `imagePullSecrets` for the image's registry.
     async fn pull_credentials(&self, pod: &Pod, reference: &str) -> Option<Credentials> {
-        let registry = reference.split('/').next().filter(|r| r.contains(['.', ':']) || *r == "localhost")?;
+        let registry = reference
+            .split('/')
+            .next()
+            .filter(|r| r.contains(['.', ':']) || *r == "localhost")?;
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), ns);
-        for s in pod.spec.iter().flat_map(|s| s.image_pull_secrets.iter().flatten()) {
-            let Ok(Some(secret)) = api.get_opt(&s.name).await else { continue };
-            let Some(doc) = secret.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) else { continue };
+        for s in pod
+            .spec
+            .iter()
+            .flat_map(|s| s.image_pull_secrets.iter().flatten())
+        {
+            let Ok(Some(secret)) = api.get_opt(&s.name).await else {
+                continue;
+            };
+            let Some(doc) = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
+            else {
+                continue;
+            };
             if let Some(c) = wasmkube_oci::credentials_for(&doc.0, registry) {
                 return Some(c);
             }
@@ -566,7 +624,12 @@ impl PodRun {
 
     /// Runs one container through its restarts until it is done for good or
     /// the pod stops.
-    async fn container(self: Arc<Self>, c: Container, init: bool, volumes: Arc<HashMap<String, Volume>>) -> Outcome {
+    async fn container(
+        self: Arc<Self>,
+        c: Container,
+        init: bool,
+        volumes: Arc<HashMap<String, Volume>>,
+    ) -> Outcome {
         let pod = self.pod();
         let policy = pod
             .spec
@@ -588,7 +651,10 @@ impl PodRun {
                 Ok((image, took, pulled)) => {
                     pull_delay = backoff.initial;
                     let message = if pulled {
-                        format!("Successfully pulled image {reference:?} in {took:.1?}. Image size: {} bytes.", image.size)
+                        format!(
+                            "Successfully pulled image {reference:?} in {took:.1?}. Image size: {} bytes.",
+                            image.size
+                        )
                     } else {
                         format!("Container image {reference:?} already present on machine")
                     };
@@ -600,20 +666,40 @@ impl PodRun {
                         wasmkube_oci::Error::NeverPull(_) => ("ErrImageNeverPull", e.to_string()),
                         _ => ("ErrImagePull", e.to_string()),
                     };
-                    self.event(Some(&name), Kind::Warning, "Failed", format!("Failed to pull image {reference:?}: {message}"));
-                    self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {reason}"));
+                    self.event(
+                        Some(&name),
+                        Kind::Warning,
+                        "Failed",
+                        format!("Failed to pull image {reference:?}: {message}"),
+                    );
+                    self.event(
+                        Some(&name),
+                        Kind::Warning,
+                        "Failed",
+                        format!("Error: {reason}"),
+                    );
                     self.set(|s| {
-                        s.container(&name).state = State::Waiting { reason: reason.into(), message: Some(message.clone()) }
+                        s.container(&name).state = State::Waiting {
+                            reason: reason.into(),
+                            message: Some(message.clone()),
+                        }
                     });
                     if self.wait_or_stop(ERR_IMAGE_PULL_HOLD).await {
                         return Outcome::Stopped;
                     }
                     if reason == "ErrImagePull" {
-                        self.event(Some(&name), Kind::Normal, "BackOff", format!("Back-off pulling image {reference:?}"));
+                        self.event(
+                            Some(&name),
+                            Kind::Normal,
+                            "BackOff",
+                            format!("Back-off pulling image {reference:?}"),
+                        );
                         self.set(|s| {
                             s.container(&name).state = State::Waiting {
                                 reason: "ImagePullBackOff".into(),
-                                message: Some(format!("Back-off pulling image {reference:?}: ErrImagePull: {message}")),
+                                message: Some(format!(
+                                    "Back-off pulling image {reference:?}: ErrImagePull: {message}"
+                                )),
                             }
                         });
                     }
@@ -638,9 +724,17 @@ impl PodRun {
                     r
                 }
                 Err((reason, message)) => {
-                    self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {message}"));
+                    self.event(
+                        Some(&name),
+                        Kind::Warning,
+                        "Failed",
+                        format!("Error: {message}"),
+                    );
                     self.set(|s| {
-                        s.container(&name).state = State::Waiting { reason: reason.into(), message: Some(message.clone()) }
+                        s.container(&name).state = State::Waiting {
+                            reason: reason.into(),
+                            message: Some(message.clone()),
+                        }
                     });
                     if self.wait_or_stop(config_delay).await {
                         return Outcome::Stopped;
@@ -652,15 +746,25 @@ impl PodRun {
             // 3. Start.
             let (restart, dir) = {
                 let st = self.state.lock().expect("pod state");
-                let restart = st.containers.iter().find(|s| s.name == name).map_or(0, |s| s.restart_count);
+                let restart = st
+                    .containers
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(0, |s| s.restart_count);
                 (restart, st.dir.clone())
             };
             let log_path = logs::path(&dir, &name, restart);
-            let (stdout, stderr, live) = match logs::open(&log_path, self.ctx.config.log_max_bytes) {
+            let (stdout, stderr, live) = match logs::open(&log_path, self.ctx.config.log_max_bytes)
+            {
                 Ok(x) => x,
                 Err(e) => {
                     let message = format!("cannot open the log file: {e}");
-                    self.set(|s| s.container(&name).state = State::Waiting { reason: "CreateContainerError".into(), message: Some(message) });
+                    self.set(|s| {
+                        s.container(&name).state = State::Waiting {
+                            reason: "CreateContainerError".into(),
+                            message: Some(message),
+                        }
+                    });
                     if self.wait_or_stop(config_delay).await {
                         return Outcome::Stopped;
                     }
@@ -668,8 +772,17 @@ impl PodRun {
                 }
             };
             let usage = Arc::new(Usage::default());
-            let container_id = format!("{}://{}-{name}-{restart}", self.ctx.runtime.handler(), pod.metadata.uid.as_deref().unwrap_or_default());
-            self.event(Some(&name), Kind::Normal, "Created", format!("Created container: {name}"));
+            let container_id = format!(
+                "{}://{}-{name}-{restart}",
+                self.ctx.runtime.handler(),
+                pod.metadata.uid.as_deref().unwrap_or_default()
+            );
+            self.event(
+                Some(&name),
+                Kind::Normal,
+                "Created",
+                format!("Created container: {name}"),
+            );
             let started_at = Utc::now();
             let ran_from = Instant::now();
             let config = ContainerConfig {
@@ -685,7 +798,11 @@ impl PodRun {
                 usage: usage.clone(),
             };
             let exit = match self.ctx.runtime.start(config).await {
-                Err(e) => wasmkube_runtime::Exit { code: 128, reason: "StartError".into(), message: Some(e.to_string()) },
+                Err(e) => wasmkube_runtime::Exit {
+                    code: 128,
+                    reason: "StartError".into(),
+                    message: Some(e.to_string()),
+                },
                 Ok(mut running) => {
                     self.set(|s| {
                         let cs = s.container(&name);
@@ -693,9 +810,22 @@ impl PodRun {
                         cs.image_id = image.id.clone();
                         cs.container_id = Some(container_id.clone());
                         cs.ready = !init;
-                        s.runs.insert(name.clone(), Run { restart_count: restart, live_log: Some(live.written.clone()), usage: usage.clone(), running: true });
+                        s.runs.insert(
+                            name.clone(),
+                            Run {
+                                restart_count: restart,
+                                live_log: Some(live.written.clone()),
+                                usage: usage.clone(),
+                                running: true,
+                            },
+                        );
                     });
-                    self.event(Some(&name), Kind::Normal, "Started", format!("Started container {name}"));
+                    self.event(
+                        Some(&name),
+                        Kind::Normal,
+                        "Started",
+                        format!("Started container {name}"),
+                    );
                     tokio::select! {
                         exit = running.wait() => exit,
                         () = stop_requested(self.stop.clone()) => {
@@ -725,10 +855,23 @@ impl PodRun {
                 container_id: Some(container_id.clone()),
             };
             if exit.reason == "OOMKilled" {
-                self.event(Some(&name), Kind::Warning, "OOMKilling", format!("Container {name} was OOM-killed: {}", exit.message.clone().unwrap_or_default()));
+                self.event(
+                    Some(&name),
+                    Kind::Warning,
+                    "OOMKilling",
+                    format!(
+                        "Container {name} was OOM-killed: {}",
+                        exit.message.clone().unwrap_or_default()
+                    ),
+                );
             }
             if exit.reason == "StartError" {
-                self.event(Some(&name), Kind::Warning, "Failed", format!("Error: {}", exit.message.clone().unwrap_or_default()));
+                self.event(
+                    Some(&name),
+                    Kind::Warning,
+                    "Failed",
+                    format!("Error: {}", exit.message.clone().unwrap_or_default()),
+                );
             }
             self.set(|s| {
                 let cs = s.container(&name);
@@ -747,7 +890,11 @@ impl PodRun {
                 _ => true,
             };
             if !again {
-                return if exit.code == 0 { Outcome::Succeeded } else { Outcome::Failed };
+                return if exit.code == 0 {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::Failed
+                };
             }
             // 5. Restart, after a back-off that grows with every crash.
             if ran_from.elapsed() >= backoff.reset_after {
@@ -762,12 +909,23 @@ impl PodRun {
                 if !delay.is_zero() {
                     cs.state = State::Waiting {
                         reason: "CrashLoopBackOff".into(),
-                        message: Some(format!("back-off {delay:?} restarting failed container={name} pod={}", pod_key(&pod))),
+                        message: Some(format!(
+                            "back-off {delay:?} restarting failed container={name} pod={}",
+                            pod_key(&pod)
+                        )),
                     };
                 }
             });
             if !delay.is_zero() {
-                self.event(Some(&name), Kind::Warning, "BackOff", format!("Back-off restarting failed container {name} in pod {}", pod_key(&pod)));
+                self.event(
+                    Some(&name),
+                    Kind::Warning,
+                    "BackOff",
+                    format!(
+                        "Back-off restarting failed container {name} in pod {}",
+                        pod_key(&pod)
+                    ),
+                );
                 if self.wait_or_stop(delay).await {
                     return Outcome::Stopped;
                 }

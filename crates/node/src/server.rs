@@ -14,12 +14,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::logs::{self, LogOptions};
 use crate::Ctx;
+use crate::logs::{self, LogOptions};
 
 pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
     let protected = Router::new()
-        .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
+        .route(
+            "/containerLogs/{namespace}/{pod}/{container}",
+            get(container_logs),
+        )
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     let app = Router::new()
@@ -76,10 +79,14 @@ async fn container_logs(
     };
     let (dir, run, waiting) = {
         let st = state.lock().expect("pod state");
-        let waiting = st.containers.iter().find(|c| c.name == container).map(|c| match &c.state {
-            crate::status::State::Waiting { reason, .. } => reason.clone(),
-            _ => String::new(),
-        });
+        let waiting = st
+            .containers
+            .iter()
+            .find(|c| c.name == container)
+            .map(|c| match &c.state {
+                crate::status::State::Waiting { reason, .. } => reason.clone(),
+                _ => String::new(),
+            });
         (st.dir.clone(), st.runs.get(&container).cloned(), waiting)
     };
     let Some(waiting) = waiting else {
@@ -120,9 +127,15 @@ async fn container_logs(
 async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     let mut out = String::new();
     out.push_str("# HELP wasmkube_container_cpu_usage_seconds_total CPU time used by the container's guest.\n# TYPE wasmkube_container_cpu_usage_seconds_total counter\n");
-    let mut memory = String::from("# HELP wasmkube_container_memory_working_set_bytes Linear memory the container's guest holds.\n# TYPE wasmkube_container_memory_working_set_bytes gauge\n");
-    let mut high = String::from("# HELP wasmkube_container_memory_high_water_bytes Most linear memory the container's guest has held.\n# TYPE wasmkube_container_memory_high_water_bytes gauge\n");
-    let mut restarts = String::from("# HELP wasmkube_container_restarts_total Restarts of the container.\n# TYPE wasmkube_container_restarts_total counter\n");
+    let mut memory = String::from(
+        "# HELP wasmkube_container_memory_working_set_bytes Linear memory the container's guest holds.\n# TYPE wasmkube_container_memory_working_set_bytes gauge\n",
+    );
+    let mut high = String::from(
+        "# HELP wasmkube_container_memory_high_water_bytes Most linear memory the container's guest has held.\n# TYPE wasmkube_container_memory_high_water_bytes gauge\n",
+    );
+    let mut restarts = String::from(
+        "# HELP wasmkube_container_restarts_total Restarts of the container.\n# TYPE wasmkube_container_restarts_total counter\n",
+    );
     let pods = ctx.pods.lock().expect("pods lock");
     for h in pods.values() {
         let st = h.state.lock().expect("pod state");
@@ -131,11 +144,27 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
                 "namespace=\"{}\",pod=\"{}\",container=\"{}\"",
                 h.namespace, h.name, c.name
             );
-            let _ = writeln!(restarts, "wasmkube_container_restarts_total{{{labels}}} {}", c.restart_count);
+            let _ = writeln!(
+                restarts,
+                "wasmkube_container_restarts_total{{{labels}}} {}",
+                c.restart_count
+            );
             if let Some(run) = st.runs.get(&c.name) {
-                let _ = writeln!(out, "wasmkube_container_cpu_usage_seconds_total{{{labels}}} {}", run.usage.cpu().as_secs_f64());
-                let _ = writeln!(memory, "wasmkube_container_memory_working_set_bytes{{{labels}}} {}", run.usage.memory());
-                let _ = writeln!(high, "wasmkube_container_memory_high_water_bytes{{{labels}}} {}", run.usage.memory_high_water());
+                let _ = writeln!(
+                    out,
+                    "wasmkube_container_cpu_usage_seconds_total{{{labels}}} {}",
+                    run.usage.cpu().as_secs_f64()
+                );
+                let _ = writeln!(
+                    memory,
+                    "wasmkube_container_memory_working_set_bytes{{{labels}}} {}",
+                    run.usage.memory()
+                );
+                let _ = writeln!(
+                    high,
+                    "wasmkube_container_memory_high_water_bytes{{{labels}}} {}",
+                    run.usage.memory_high_water()
+                );
             }
         }
     }

@@ -84,7 +84,11 @@ fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// The value of a downward-API field path.
-fn field_value(ctx: &Ctx, pod: &Pod, selector: &ObjectFieldSelector) -> Result<String, ConfigError> {
+fn field_value(
+    ctx: &Ctx,
+    pod: &Pod,
+    selector: &ObjectFieldSelector,
+) -> Result<String, ConfigError> {
     let path = selector.field_path.as_str();
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
@@ -117,7 +121,11 @@ fn field_value(ctx: &Ctx, pod: &Pod, selector: &ObjectFieldSelector) -> Result<S
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
         "status.hostIP" | "status.podIP" | "status.hostIPs" | "status.podIPs" => ip,
-        other => return Err(ConfigError(format!("unsupported fieldRef fieldPath {other:?}"))),
+        other => {
+            return Err(ConfigError(format!(
+                "unsupported fieldRef fieldPath {other:?}"
+            )));
+        }
     })
 }
 
@@ -147,7 +155,9 @@ fn resource_value(
         _ => None,
     };
     let value = match set.and_then(|m| m.get(resource)) {
-        Some(q) => wasmkube_api::quantity::parse(&q.0).map_err(ConfigError)?.millis(),
+        Some(q) => wasmkube_api::quantity::parse(&q.0)
+            .map_err(ConfigError)?
+            .millis(),
         None if kind == "limits" => match resource {
             "cpu" => crate::node::allocatable_cpu() as i128 * 1000,
             "memory" => crate::node::allocatable_memory() as i128 * 1000,
@@ -211,11 +221,12 @@ pub(crate) fn expand(input: &str, vars: &HashMap<String, String>) -> String {
 async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)>, ConfigError> {
     let ns = pod_ns(pod);
     let mut out: Vec<(String, String)> = Vec::new();
-    let set = |out: &mut Vec<(String, String)>, k: String, v: String| {
-        match out.iter_mut().find(|(name, _)| *name == k) {
-            Some(slot) => slot.1 = v,
-            None => out.push((k, v)),
-        }
+    let set = |out: &mut Vec<(String, String)>, k: String, v: String| match out
+        .iter_mut()
+        .find(|(name, _)| *name == k)
+    {
+        Some(slot) => slot.1 = v,
+        None => out.push((k, v)),
     };
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
@@ -223,7 +234,11 @@ async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)
             match config_map(ctx, ns, &r.name).await? {
                 Some(cm) => {
                     for (k, v) in config_map_data(&cm) {
-                        set(&mut out, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                        set(
+                            &mut out,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into(),
+                        );
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -234,7 +249,11 @@ async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)
             match secret(ctx, ns, &r.name).await? {
                 Some(s) => {
                     for (k, v) in secret_data(&s) {
-                        set(&mut out, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into());
+                        set(
+                            &mut out,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into(),
+                        );
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -246,7 +265,11 @@ async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)
         let value = if let Some(source) = &e.value_from {
             if let Some(r) = &source.config_map_key_ref {
                 let cm = config_map(ctx, ns, &r.name).await?;
-                match cm.as_ref().map(config_map_data).and_then(|d| d.get(&r.key).cloned()) {
+                match cm
+                    .as_ref()
+                    .map(config_map_data)
+                    .and_then(|d| d.get(&r.key).cloned())
+                {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
                     None if cm.is_none() => {
@@ -261,7 +284,11 @@ async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)
                 }
             } else if let Some(r) = &source.secret_key_ref {
                 let s = secret(ctx, ns, &r.name).await?;
-                match s.as_ref().map(secret_data).and_then(|d| d.get(&r.key).cloned()) {
+                match s
+                    .as_ref()
+                    .map(secret_data)
+                    .and_then(|d| d.get(&r.key).cloned())
+                {
                     Some(v) => String::from_utf8_lossy(&v).into_owned(),
                     None if r.optional == Some(true) => continue,
                     None if s.is_none() => {
@@ -323,7 +350,9 @@ pub(crate) async fn container(
         let mut host_path = v.path.clone();
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
-                return Err(ConfigError(format!("subPath {sub:?} must be a relative path without '..'")));
+                return Err(ConfigError(format!(
+                    "subPath {sub:?} must be a relative path without '..'"
+                )));
             }
             host_path = host_path.join(sub);
             std::fs::create_dir_all(&host_path)
@@ -348,7 +377,9 @@ pub(crate) async fn container(
 fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigError> {
     for (rel, data) in files {
         if rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
-            return Err(ConfigError(format!("file path {rel:?} must be relative without '..'")));
+            return Err(ConfigError(format!(
+                "file path {rel:?} must be relative without '..'"
+            )));
         }
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
@@ -372,7 +403,9 @@ fn keyed_files(
             .map(|i| {
                 data.get(&i.key)
                     .map(|v| (i.path.clone(), v.clone()))
-                    .ok_or_else(|| ConfigError(format!("{what} references non-existent key: {}", i.key)))
+                    .ok_or_else(|| {
+                        ConfigError(format!("{what} references non-existent key: {}", i.key))
+                    })
             })
             .collect(),
     }
@@ -389,7 +422,11 @@ fn downward_files(
             let value = if let Some(f) = &i.field_ref {
                 field_value(ctx, pod, f)?
             } else if let Some(r) = &i.resource_field_ref {
-                let first = pod.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone());
+                let first = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .map(|c| c.name.clone());
                 resource_value(pod, &first.unwrap_or_default(), r)?
             } else {
                 String::new()
@@ -414,67 +451,117 @@ pub(crate) async fn volumes(
         };
         let volume = if v.empty_dir.is_some() {
             make(&dir)?;
-            Volume { path: dir, read_only: false }
+            Volume {
+                path: dir,
+                read_only: false,
+            }
         } else if let Some(h) = &v.host_path {
             let path = PathBuf::from(&h.path);
             match h.type_.as_deref().unwrap_or("") {
                 "DirectoryOrCreate" => make(&path)?,
                 "Directory" if !path.is_dir() => {
-                    return Err(ConfigError(format!("hostPath type check failed: {} is not a directory", h.path)));
+                    return Err(ConfigError(format!(
+                        "hostPath type check failed: {} is not a directory",
+                        h.path
+                    )));
                 }
                 _ => {}
             }
-            Volume { path, read_only: false }
+            Volume {
+                path,
+                read_only: false,
+            }
         } else if let Some(src) = &v.config_map {
             make(&dir)?;
             match config_map(ctx, ns, &src.name).await? {
                 Some(cm) => {
-                    let files = keyed_files(&config_map_data(&cm), src.items.as_ref(), &format!("configmap {:?}", src.name))?;
+                    let files = keyed_files(
+                        &config_map_data(&cm),
+                        src.items.as_ref(),
+                        &format!("configmap {:?}", src.name),
+                    )?;
                     write_files(&dir, &files)?;
                 }
                 None if src.optional == Some(true) => {}
                 None => return Err(ConfigError(format!("configmap {:?} not found", src.name))),
             }
-            Volume { path: dir, read_only: true }
+            Volume {
+                path: dir,
+                read_only: true,
+            }
         } else if let Some(src) = &v.secret {
             make(&dir)?;
             let name = src.secret_name.clone().unwrap_or_default();
             match secret(ctx, ns, &name).await? {
                 Some(s) => {
-                    let files = keyed_files(&secret_data(&s), src.items.as_ref(), &format!("secret {name:?}"))?;
+                    let files = keyed_files(
+                        &secret_data(&s),
+                        src.items.as_ref(),
+                        &format!("secret {name:?}"),
+                    )?;
                     write_files(&dir, &files)?;
                 }
                 None if src.optional == Some(true) => {}
                 None => return Err(ConfigError(format!("secret {name:?} not found"))),
             }
-            Volume { path: dir, read_only: true }
+            Volume {
+                path: dir,
+                read_only: true,
+            }
         } else if let Some(src) = &v.downward_api {
             make(&dir)?;
             let files = downward_files(ctx, pod, src.items.as_deref().unwrap_or_default())?;
             write_files(&dir, &files)?;
-            Volume { path: dir, read_only: true }
+            Volume {
+                path: dir,
+                read_only: true,
+            }
         } else if let Some(src) = &v.projected {
             make(&dir)?;
             for s in src.sources.iter().flatten() {
                 if let Some(cm) = &s.config_map {
                     match config_map(ctx, ns, &cm.name).await? {
-                        Some(obj) => write_files(&dir, &keyed_files(&config_map_data(&obj), cm.items.as_ref(), &format!("configmap {:?}", cm.name))?)?,
+                        Some(obj) => write_files(
+                            &dir,
+                            &keyed_files(
+                                &config_map_data(&obj),
+                                cm.items.as_ref(),
+                                &format!("configmap {:?}", cm.name),
+                            )?,
+                        )?,
                         None if cm.optional == Some(true) => {}
-                        None => return Err(ConfigError(format!("configmap {:?} not found", cm.name))),
+                        None => {
+                            return Err(ConfigError(format!("configmap {:?} not found", cm.name)));
+                        }
                     }
                 }
                 if let Some(sec) = &s.secret {
                     match secret(ctx, ns, &sec.name).await? {
-                        Some(obj) => write_files(&dir, &keyed_files(&secret_data(&obj), sec.items.as_ref(), &format!("secret {:?}", sec.name))?)?,
+                        Some(obj) => write_files(
+                            &dir,
+                            &keyed_files(
+                                &secret_data(&obj),
+                                sec.items.as_ref(),
+                                &format!("secret {:?}", sec.name),
+                            )?,
+                        )?,
                         None if sec.optional == Some(true) => {}
-                        None => return Err(ConfigError(format!("secret {:?} not found", sec.name))),
+                        None => {
+                            return Err(ConfigError(format!("secret {:?} not found", sec.name)));
+                        }
                     }
                 }
                 if let Some(d) = &s.downward_api {
-                    write_files(&dir, &downward_files(ctx, pod, d.items.as_deref().unwrap_or_default())?)?;
+                    write_files(
+                        &dir,
+                        &downward_files(ctx, pod, d.items.as_deref().unwrap_or_default())?,
+                    )?;
                 }
             }
-            Volume { path: dir, read_only: true }
+            Volume {
+                path: dir,
+                read_only: true,
+            }
         } else {
             return Err(ConfigError(format!(
                 "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported",
@@ -492,8 +579,11 @@ mod tests {
 
     #[test]
     fn expands_like_kubernetes() {
-        let vars: HashMap<String, String> =
-            [("A".to_owned(), "1".to_owned()), ("B".to_owned(), "two".to_owned())].into();
+        let vars: HashMap<String, String> = [
+            ("A".to_owned(), "1".to_owned()),
+            ("B".to_owned(), "two".to_owned()),
+        ]
+        .into();
         assert_eq!(expand("$(A)-$(B)", &vars), "1-two");
         assert_eq!(expand("$(C) stays", &vars), "$(C) stays");
         assert_eq!(expand("$$(A) escaped", &vars), "$(A) escaped");

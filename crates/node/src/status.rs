@@ -53,7 +53,12 @@ impl ContainerStatus {
             container_id: None,
             restart_count: 0,
             state: State::Waiting {
-                reason: if init { "PodInitializing" } else { "ContainerCreating" }.into(),
+                reason: if init {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                }
+                .into(),
                 message: None,
             },
             last: None,
@@ -202,10 +207,15 @@ pub(crate) fn build(
                "lastProbeTime": null, "lastTransitionTime": since})
     };
     let names = |cs: Vec<&ContainerStatus>| {
-        cs.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(" ")
+        cs.iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     };
-    let pending_init: Vec<&ContainerStatus> =
-        containers.iter().filter(|c| c.init && !c.succeeded()).collect();
+    let pending_init: Vec<&ContainerStatus> = containers
+        .iter()
+        .filter(|c| c.init && !c.succeeded())
+        .collect();
     let unready: Vec<&ContainerStatus> =
         containers.iter().filter(|c| !c.init && !c.ready).collect();
     let terminal = matches!(phase, "Succeeded" | "Failed");
@@ -217,15 +227,32 @@ pub(crate) fn build(
     } else {
         (
             Some("ContainersNotReady".to_owned()),
-            Some(format!("containers with unready status: [{}]", names(unready.clone()))),
+            Some(format!(
+                "containers with unready status: [{}]",
+                names(unready.clone())
+            )),
         )
     };
     let ready = unready.is_empty() && !terminal;
-    let init_message = (!initialized)
-        .then(|| format!("containers with incomplete status: [{}]", names(pending_init.clone())));
+    let init_message = (!initialized).then(|| {
+        format!(
+            "containers with incomplete status: [{}]",
+            names(pending_init.clone())
+        )
+    });
     let conditions = json!([
-        condition("PodReadyToStartContainers", sandbox_ready && !terminal, None, None),
-        condition("Initialized", initialized, (!initialized).then(|| "ContainersNotInitialized".to_owned()), init_message),
+        condition(
+            "PodReadyToStartContainers",
+            sandbox_ready && !terminal,
+            None,
+            None
+        ),
+        condition(
+            "Initialized",
+            initialized,
+            (!initialized).then(|| "ContainersNotInitialized".to_owned()),
+            init_message
+        ),
         condition("Ready", ready, ready_reason.clone(), ready_message.clone()),
         condition("ContainersReady", ready, ready_reason, ready_message),
         condition("PodScheduled", true, None, None),
@@ -301,7 +328,10 @@ mod tests {
             started_at: Utc::now(),
         };
         assert_eq!(phase("Always", &[c(false, waiting(), None)]), "Pending");
-        assert_eq!(phase("Always", &[c(false, running.clone(), None)]), "Running");
+        assert_eq!(
+            phase("Always", &[c(false, running.clone(), None)]),
+            "Running"
+        );
         // Crash-looping under Always is Running.
         assert_eq!(phase("Always", &[c(false, waiting(), Some(1))]), "Running");
         assert_eq!(phase("Never", &[c(false, done(0), None)]), "Succeeded");
@@ -313,11 +343,17 @@ mod tests {
         );
         // Init containers gate everything.
         assert_eq!(
-            phase("Always", &[c(true, waiting(), None), c(false, waiting(), None)]),
+            phase(
+                "Always",
+                &[c(true, waiting(), None), c(false, waiting(), None)]
+            ),
             "Pending"
         );
         assert_eq!(
-            phase("Never", &[c(true, done(1), None), c(false, waiting(), None)]),
+            phase(
+                "Never",
+                &[c(true, done(1), None), c(false, waiting(), None)]
+            ),
             "Failed"
         );
     }

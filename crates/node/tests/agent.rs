@@ -1,0 +1,559 @@
+//! The node agent against an in-process API server and a real registry
+//! (Debian's docker-registry on loopback): pods bound to the node pull their
+//! Wasm images, run, restart with back-off, hit their limits, stop within
+//! their grace period, and report all of it the way kubectl expects.
+
+use std::time::Duration;
+
+use futures::{AsyncBufReadExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::runtime::wait::await_condition;
+use serde_json::{Value, json};
+use wasmkube_node::{Agent, Backoff, Config};
+use wasmkube_oci::{PushOptions, push_wasm};
+use wasmkube_testkit::{Registry, workload};
+
+const NODE: &str = "agent-test";
+
+struct Harness {
+    client: kube::Client,
+    registry: Registry,
+    _dir: tempfile::TempDir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Harness {
+    fn image(&self, name: &str) -> String {
+        format!("{}/{name}:v1", self.registry.host())
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    async fn create(&self, name: &str, spec: Value) -> Pod {
+        let mut spec = spec;
+        spec["nodeName"] = json!(NODE);
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap();
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (on a watch) until the pod satisfies `cond`.
+    async fn wait(&self, name: &str, what: &str, cond: impl Fn(&Pod) -> bool) -> Pod {
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(self.pods(), name, move |p: Option<&Pod>| {
+                p.is_some_and(&cond)
+            }),
+        )
+        .await;
+        match waited {
+            Ok(Ok(Some(pod))) => pod,
+            _ => {
+                let now = self.pods().get_opt(name).await.unwrap();
+                panic!(
+                    "pod {name} never became {what}; now: {}",
+                    serde_json::to_string_pretty(&now.map(|p| p.status)).unwrap()
+                )
+            }
+        }
+    }
+
+    async fn log(&self, pod: &str, params: &LogParams) -> String {
+        self.pods().logs(pod, params).await.unwrap()
+    }
+
+    async fn events(&self, pod: &str) -> Vec<(String, String)> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        api.list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+fn container(p: &Pod) -> Value {
+    serde_json::to_value(
+        &p.status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()[0],
+    )
+    .unwrap()
+}
+
+async fn harness() -> Harness {
+    let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let mut tasks = vec![tokio::spawn(async move {
+        api.serve(listener).await.unwrap();
+    })];
+    let registry = Registry::start();
+    for name in [
+        "hello",
+        "crasher",
+        "memory-hog",
+        "sleeper",
+        "env-and-volumes",
+    ] {
+        let reference = format!("{}/{name}:v1", registry.host());
+        push_wasm(workload(name), &reference, &PushOptions::default())
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(NODE, dir.path().join("agent"));
+    config.backoff = Backoff {
+        initial: Duration::from_millis(300),
+        max: Duration::from_secs(2),
+        reset_after: Duration::from_secs(600),
+    };
+    let agent = Agent::start(client.clone(), config).await.unwrap();
+    tasks.push(tokio::spawn(async move {
+        agent.run().await.unwrap();
+    }));
+    Harness {
+        client,
+        registry,
+        _dir: dir,
+        tasks,
+    }
+}
+
+#[tokio::test]
+async fn a_command_module_runs_to_completion_and_reports_like_kubectl_expects() {
+    let h = harness().await;
+    // The node: registered with its handler, and a RuntimeClass for it.
+    let node = Api::<Node>::all(h.client.clone()).get(NODE).await.unwrap();
+    let status = serde_json::to_value(node.status.unwrap()).unwrap();
+    assert_eq!(status["runtimeHandlers"][0]["name"], "wasmtime");
+    assert!(
+        status["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(status["conditions"].as_array().unwrap().len(), 4);
+    Api::<RuntimeClass>::all(h.client.clone())
+        .get("wasmtime")
+        .await
+        .unwrap();
+
+    h.create(
+        "hello",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "hello", "image": h.image("hello"), "args": ["a", "b"],
+                            "env": [{"name": "GREETING", "value": "hi"}]}],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("hello", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let c = container(&pod);
+    assert_eq!(c["state"]["terminated"]["exitCode"], 0);
+    assert_eq!(c["state"]["terminated"]["reason"], "Completed");
+    assert!(c["imageID"].as_str().unwrap().contains("@sha256:"), "{c}");
+    let status = pod.status.unwrap();
+    assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
+    assert!(status.start_time.is_some());
+    let ready = status
+        .conditions
+        .unwrap()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("False", Some("PodCompleted"))
+    );
+
+    // Logs through the API server's pods/log, proxied to the agent.
+    let log = h.log("hello", &LogParams::default()).await;
+    assert_eq!(log, "hi from wasmkube\nargs: a b\n");
+    let stamped = h
+        .log(
+            "hello",
+            &LogParams {
+                timestamps: true,
+                tail_lines: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        stamped.starts_with("20") && stamped.ends_with(" args: a b\n"),
+        "{stamped:?}"
+    );
+
+    let reasons: Vec<String> = h.events("hello").await.into_iter().map(|e| e.0).collect();
+    for r in ["Pulling", "Pulled", "Created", "Started"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "{r} missing from {reasons:?}"
+        );
+    }
+    // The node lists the pulled image in its status (posted shortly after).
+    let wanted = h.image("hello");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            Api::<Node>::all(h.client.clone()),
+            NODE,
+            move |n: Option<&Node>| {
+                n.and_then(|n| n.status.as_ref()?.images.as_ref())
+                    .is_some_and(|imgs| {
+                        imgs.iter()
+                            .any(|i| i.names.iter().flatten().any(|n| *n == wanted))
+                    })
+            },
+        ),
+    )
+    .await
+    .expect("the node lists the pulled image")
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_crashing_container_backs_off_and_keeps_its_previous_log() {
+    let h = harness().await;
+    h.create(
+        "crasher",
+        json!({"containers": [{"name": "crasher", "image": h.image("crasher"), "args": ["exit", "7"]}]}),
+    )
+    .await;
+    let pod = h
+        .wait("crasher", "CrashLoopBackOff with 2 restarts", |p| {
+            let Some(c) = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+            else {
+                return false;
+            };
+            c[0].restart_count >= 2
+                && c[0]
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.waiting.as_ref())
+                    .is_some_and(|w| w.reason.as_deref() == Some("CrashLoopBackOff"))
+        })
+        .await;
+    assert_eq!(phase(&pod), "Running");
+    let c = container(&pod);
+    assert_eq!(c["lastState"]["terminated"]["exitCode"], 7);
+    assert_eq!(c["lastState"]["terminated"]["reason"], "Error");
+    assert!(
+        c["state"]["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("restarting failed container=crasher"),
+        "{c}"
+    );
+    let previous = h
+        .log(
+            "crasher",
+            &LogParams {
+                previous: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(previous, "crasher: exiting with 7\n");
+    let events = h.events("crasher").await;
+    assert!(events.iter().any(|(r, _)| r == "BackOff"), "{events:?}");
+}
+
+#[tokio::test]
+async fn limits_are_enforced_and_deletion_honours_the_grace_period() {
+    let h = harness().await;
+    h.create(
+        "hog",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "hog", "image": h.image("memory-hog"),
+                            "resources": {"limits": {"memory": "16Mi"}}}],
+        }),
+    )
+    .await;
+    let pod = h.wait("hog", "Failed", |p| phase(p) == "Failed").await;
+    let c = container(&pod);
+    assert_eq!(c["state"]["terminated"]["reason"], "OOMKilled", "{c}");
+    assert_eq!(c["state"]["terminated"]["exitCode"], 137);
+    assert!(
+        h.events("hog").await.iter().any(|(r, _)| r == "OOMKilling"),
+        "no OOMKilling event"
+    );
+
+    // A guest that never exits is interrupted when its grace period ends.
+    h.create(
+        "sleeper",
+        json!({
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "sleeper", "image": h.image("sleeper")}],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("sleeper", "Ready", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .await;
+    assert_eq!(phase(&pod), "Running");
+    // Follow the live log: the first line arrives, then the stream stays open.
+    let mut lines = h
+        .pods()
+        .log_stream(
+            "sleeper",
+            &LogParams {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .lines();
+    assert_eq!(lines.try_next().await.unwrap().as_deref(), Some("sleeping"));
+    let uid = pod.metadata.uid.clone().unwrap();
+    h.pods()
+        .delete("sleeper", &DeleteParams::default())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        await_condition(
+            h.pods(),
+            "sleeper",
+            kube::runtime::conditions::is_deleted(&uid),
+        ),
+    )
+    .await
+    .expect("the pod is deleted after its grace period")
+    .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // The follow stream ends when the container does.
+    let rest = tokio::time::timeout(Duration::from_secs(10), lines.try_next())
+        .await
+        .expect("the log stream ends");
+    assert!(matches!(rest, Ok(None) | Err(_)), "{rest:?}");
+}
+
+#[tokio::test]
+async fn missing_and_linux_images_fail_the_pod_with_a_clear_reason() {
+    let h = harness().await;
+    h.create(
+        "missing",
+        json!({"containers": [{"name": "app", "image": h.image("no-such-module")}]}),
+    )
+    .await;
+    let pod = h
+        .wait("missing", "ImagePullBackOff", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c[0].state.as_ref()?.waiting.as_ref()?.reason.clone())
+                .is_some_and(|r| r == "ImagePullBackOff")
+        })
+        .await;
+    let message = container(&pod)["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("no-such-module"), "{message}");
+    assert!(
+        message.to_lowercase().contains("manifest unknown"),
+        "{message}"
+    );
+
+    // A pod on a node whose runtime runs only Wasm, with a Linux image.
+    let linux = format!("{}/busybox:v1", h.registry.host());
+    push_linux_image(&linux).await;
+    h.create(
+        "linux",
+        json!({"containers": [{"name": "app", "image": linux}]}),
+    )
+    .await;
+    let pod = h
+        .wait("linux", "CreateContainerError", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c[0].state.as_ref()?.waiting.as_ref()?.reason.clone())
+                .is_some_and(|r| r == "CreateContainerError")
+        })
+        .await;
+    let message = container(&pod)["state"]["waiting"]["message"].to_string();
+    assert!(message.contains("is a Linux container image"), "{message}");
+}
+
+async fn push_linux_image(reference: &str) {
+    use oci_client::client::{Config, ImageLayer};
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(4);
+    header.set_mode(0o755);
+    header.set_cksum();
+    tar.append_data(&mut header, "bin/sh", &b"\x7fELF"[..])
+        .unwrap();
+    let layer = tar.into_inner().unwrap();
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    client
+        .push(
+            &reference.parse().unwrap(),
+            &[ImageLayer::oci_v1(layer, None)],
+            Config::oci_v1(br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), None),
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn env_volumes_and_init_containers_are_wired_as_the_spec_says() {
+    let h = harness().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"mode": "fast", "greeting.txt": "hello file"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "creds"}, "stringData": {"token": "t0ps3cret"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    h.create(
+        "wired",
+        json!({
+            "restartPolicy": "Never",
+            "initContainers": [{"name": "prepare", "image": h.image("hello")}],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "settings"}},
+                {"name": "secret", "secret": {"secretName": "creds"}},
+                {"name": "scratch", "emptyDir": {}},
+                {"name": "info", "downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+            ],
+            "containers": [{
+                "name": "app", "image": h.image("env-and-volumes"),
+                "args": ["/config", "/secret", "/scratch", "/info", "/etc"],
+                "env": [
+                    {"name": "PLAIN", "value": "x-$(MODE)"},
+                    {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                    {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                ],
+                "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CM_"}],
+                "resources": {"limits": {"memory": "64Mi"}},
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/config"},
+                    {"name": "secret", "mountPath": "/secret"},
+                    {"name": "scratch", "mountPath": "/scratch"},
+                    {"name": "info", "mountPath": "/info"},
+                ],
+            }],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("wired", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let init = &pod
+        .status
+        .as_ref()
+        .unwrap()
+        .init_container_statuses
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        init.state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("Completed")
+    );
+    let log = h
+        .log(
+            "wired",
+            &LogParams {
+                container: Some("app".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    for want in [
+        "PLAIN=x-$(MODE)",
+        "TOKEN=t0ps3cret",
+        "POD=wired",
+        "MEM=64",
+        "CM_mode=fast",
+        "/config/greeting.txt: hello file",
+        "/config: read-only",
+        "/secret/token: t0ps3cret",
+        "/scratch: writable",
+        "/info/name: wired",
+        "/etc: cannot open",
+    ] {
+        assert!(
+            log.lines().any(|l| l.starts_with(want)),
+            "{want:?} missing from:\n{log}"
+        );
+    }
+}
