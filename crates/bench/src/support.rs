@@ -90,6 +90,7 @@ impl ChildServer {
         let child = Command::new(binary)
             .args([
                 "server",
+                "--no-local-node",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--data-dir",

@@ -30,3 +30,26 @@ users:
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
+
+/// A client from `path` (or `$KUBECONFIG`, then `~/.kube/config`), with
+/// the server URL replaced by `server` when given.
+pub async fn client(path: Option<&Path>, server: Option<&str>) -> anyhow::Result<kube::Client> {
+    use anyhow::Context;
+    let mut config = match path {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => match server {
+            Some(url) => kube::Config::new(url.parse().context("invalid --server URL")?),
+            None => kube::Config::infer()
+                .await
+                .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
+        },
+    };
+    if let Some(url) = server {
+        config.cluster_url = url.parse().context("invalid --server URL")?;
+    }
+    Ok(kube::Client::try_from(config)?)
+}

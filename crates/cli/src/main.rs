@@ -1,6 +1,8 @@
 //! The `wasmkube` command: parse the command line, set up logging, run.
 
+mod agent;
 mod kubeconfig;
+mod push;
 mod server;
 mod sim;
 
@@ -31,6 +33,13 @@ enum Command {
     /// their leases and report the pods bound to them as running, through the
     /// API only. For trying the control plane and benchmarking it at scale.
     SimNodes(sim::SimArgs),
+    /// Join this machine to a cluster as a node: the agent registers it,
+    /// runs the pods bound to it (Wasm modules in-process on Wasmtime) and
+    /// serves their logs to the API server.
+    Agent(agent::AgentArgs),
+    /// Publish a Wasm module or component to an OCI registry as a CNCF Wasm
+    /// artifact and print its digest.
+    Push(push::PushArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +57,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => runtime.block_on(server::run(args)),
         Command::SimNodes(args) => runtime.block_on(sim::run(args)),
+        Command::Agent(args) => runtime.block_on(agent::run(args)),
+        Command::Push(args) => runtime.block_on(push::run(args)),
     }
 }

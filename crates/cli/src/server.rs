@@ -1,5 +1,6 @@
-//! `wasmkube server`: the whole cluster in one process (today the API server,
-//! the scheduler and the workload controllers; a node agent is next).
+//! `wasmkube server`: the whole cluster in one process: the API server on
+//! the embedded store, the scheduler and the controller manager (each under
+//! its leader Lease), and a local node agent running Wasm pods.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,9 +42,21 @@ pub struct ServerArgs {
     /// evicted, unless they set their own tolerationSeconds.
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     default_toleration_seconds: i64,
+
+    /// Run no local node: pods then need agents joined with `wasmkube
+    /// agent` (or simulated nodes).
+    #[arg(long)]
+    no_local_node: bool,
+
+    /// The local node's name [default: this machine's host name].
+    #[arg(long)]
+    node_name: Option<String>,
+
+    #[command(flatten)]
+    node: crate::agent::NodeArgs,
 }
 
-fn default_data_dir() -> PathBuf {
+pub fn default_data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
@@ -147,6 +160,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         });
     }
     let mut server = tokio::spawn(async move { api.serve(listener).await });
+    let local_node = if args.no_local_node {
+        None
+    } else {
+        let name = args
+            .node_name
+            .clone()
+            .unwrap_or_else(crate::agent::host_name);
+        let mut config = wasmkube_node::Config::new(&name, args.data_dir.join("node"));
+        args.node.apply(&mut config);
+        let agent = wasmkube_node::Agent::start(client.clone(), config)
+            .await
+            .context("cannot start the local node")?;
+        tracing::info!(node = %name, endpoint = %agent.endpoint(), "local node running");
+        Some(tokio::spawn(async move {
+            if let Err(e) = agent.run().await {
+                tracing::error!(error = %e, "the local node stopped");
+            }
+        }))
+    };
     tokio::select! {
         result = &mut server => result?.context("the API server stopped")?,
         signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
@@ -156,6 +188,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tokio::join!(scheduler_lease.release(), controllers_lease.release());
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
+    if let Some(node) = local_node {
+        node.abort();
+    }
     server.abort();
     let _ = server.await;
     // Every acknowledged write is already durable; dropping the store ends its writer.
@@ -186,7 +221,7 @@ async fn compact_periodically(api: std::sync::Arc<wasmkube_apiserver::ApiServer>
     }
 }
 
-async fn shutdown_signal() -> &'static str {
+pub async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {

@@ -51,17 +51,7 @@ fn parse_taint(s: &str) -> anyhow::Result<k8s_openapi::api::core::v1::Taint> {
 }
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
-    };
-    let client = kube::Client::try_from(config)?;
+    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), None).await?;
     let labels = args
         .labels
         .iter()

@@ -6,8 +6,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Workspace crate -> the set of all crates it depends on, transitively.
-fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
+type Deps = BTreeMap<String, BTreeSet<String>>;
+
+/// Workspace crate -> the crates it depends on, transitively and directly.
+fn dependency_closure() -> (Deps, Deps) {
     let out = Command::new(env!("CARGO"))
         .args([
             "metadata",
@@ -64,7 +66,7 @@ fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
         .iter()
         .map(|m| m.as_str().unwrap().to_owned())
         .collect();
-    members
+    let closure = members
         .iter()
         .map(|m| {
             let mut seen = BTreeSet::new();
@@ -78,12 +80,27 @@ fn dependency_closure() -> BTreeMap<String, BTreeSet<String>> {
             }
             (names[m].clone(), seen)
         })
-        .collect()
+        .collect();
+    let direct = members
+        .iter()
+        .map(|m| {
+            let deps = edges[m].iter().map(|d| names[d].clone()).collect();
+            (names[m].clone(), deps)
+        })
+        .collect();
+    (closure, direct)
 }
 
 #[test]
 fn crate_boundaries_hold() {
-    let deps = dependency_closure();
+    let (deps, direct) = dependency_closure();
+    let direct_users_of = |dep: &str| -> BTreeSet<&str> {
+        direct
+            .iter()
+            .filter(|(_, d)| d.contains(dep))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    };
     let users_of = |dep: &str| -> BTreeSet<&str> {
         deps.iter()
             .filter(|(_, d)| d.contains(dep))
@@ -105,11 +122,42 @@ fn crate_boundaries_hold() {
             "wasmkube-api must not depend on {forbidden}"
         );
     }
-    // Only the Wasm runtime crate may embed Wasmtime; only the Linux runtime drives runc.
-    for user in users_of("wasmtime") {
+    // Only the Wasm runtime crate uses Wasmtime; the rest reach it only
+    // through the Runtime trait, and only the node agent (and the binary
+    // that embeds it) drives a runtime.
+    for dep in ["wasmtime", "wasmtime-wasi"] {
+        assert_eq!(
+            direct_users_of(dep),
+            BTreeSet::from(["wasmkube-runtime-wasm"]),
+            "only runtime-wasm may use {dep}"
+        );
+    }
+    assert_eq!(
+        users_of("wasmkube-runtime-wasm"),
+        BTreeSet::from(["wasmkube", "wasmkube-node"]),
+        "only the node agent drives the Wasm runtime"
+    );
+    // Registry access lives in the oci crate.
+    for dep in ["oci-client", "oci-wasm"] {
+        assert_eq!(
+            direct_users_of(dep),
+            BTreeSet::from(["wasmkube-oci"]),
+            "only the oci crate may use {dep}"
+        );
+    }
+    // The Runtime trait crate stays tiny: no other workspace crate, no IO.
+    assert!(
+        !deps["wasmkube-runtime"]
+            .iter()
+            .any(|d| d.starts_with("wasmkube") || d == "tokio"),
+        "the runtime trait crate depends on nothing of ours and no executor: {:?}",
+        deps["wasmkube-runtime"]
+    );
+    // The node agent is an API client: it never reaches into the server.
+    for forbidden in ["wasmkube-apiserver", "wasmkube-store", "wasmkube-scheduler"] {
         assert!(
-            ["wasmkube-runtime-wasm", "wasmkube"].contains(&user),
-            "{user} depends on wasmtime"
+            !deps["wasmkube-node"].contains(forbidden),
+            "the node agent must not depend on {forbidden}"
         );
     }
     assert!(

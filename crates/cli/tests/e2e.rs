@@ -1,117 +1,15 @@
 //! End to end: the real `wasmkube` binary with the real kubectl and the
 //! official Python client, on loopback.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
 
 use serde_json::Value;
-
-struct Server {
-    child: Child,
-    url: String,
-    kubeconfig: PathBuf,
-    /// Lines the server logged after it became ready.
-    _log: mpsc::Receiver<String>,
-}
-
-fn wasmkube() -> &'static str {
-    env!("CARGO_BIN_EXE_wasmkube")
-}
-
-fn start_server(data_dir: &Path) -> Server {
-    start_server_with(data_dir, &[])
-}
-
-fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
-    let kubeconfig = data_dir.join("kubeconfig");
-    let mut child = Command::new(wasmkube())
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .arg("--write-kubeconfig")
-        .arg(&kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wasmkube");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let url = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server became ready");
-        if let Some(url) = line.strip_prefix("wasmkube is ready at ") {
-            break url.trim().to_owned();
-        }
-    };
-    Server {
-        child,
-        url,
-        kubeconfig,
-        _log: rx,
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn kubectl(s: &Server, args: &[&str], stdin: Option<&str>) -> Out {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl is installed (scripts/test.sh installs it)");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    } else {
-        drop(child.stdin.take());
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-#[track_caller]
-fn ok(s: &Server, args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(s, args, stdin);
-    assert!(
-        out.ok,
-        "kubectl {args:?} failed: {}{}",
-        out.stdout, out.stderr
-    );
-    out.stdout
-}
 
 const MANIFEST: &str = r#"
 apiVersion: apps/v1
@@ -170,75 +68,6 @@ fn header(table: &str) -> Vec<String> {
         .split_whitespace()
         .map(str::to_owned)
         .collect()
-}
-
-/// Reads lines from `kubectl get -w` until one satisfies `pred`.
-fn watch_until(s: &Server, args: &[&str], trigger: impl FnOnce(), pred: impl Fn(&str) -> bool) {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // The first row printed means the watch is established.
-    let first = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("kubectl get -w printed");
-    assert!(first.starts_with("NAME"), "{first}");
-    let _initial = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("initial row");
-    trigger();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if pred(&line) => break,
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("kubectl get -w never showed the change; saw {seen:?}"),
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Reads rows from `kubectl get -w`, the current state included, until one
-/// satisfies `pred`.
-fn watch_rows_until(s: &Server, args: &[&str], pred: impl Fn(&str) -> bool) {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) if pred(&line) => break,
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("kubectl {args:?} never showed it; saw {seen:?}"),
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -622,20 +451,6 @@ fn sigterm_shuts_down_cleanly_and_data_survives_a_restart() {
     );
 }
 
-fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let venv = std::env::var_os("WASMKUBE_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python venv with the kubernetes client at {}: run scripts/test.sh, which creates it",
-        venv.display()
-    );
-    python
-}
-
 #[test]
 fn official_python_client() {
     let dir = tempfile::tempdir().unwrap();
@@ -669,29 +484,6 @@ fn official_python_client() {
         s.url
     );
     assert!(out.contains("all python client checks passed"), "{out}");
-}
-
-/// Runs `wasmkube sim-nodes` against the server until dropped.
-struct SimNodes(Child);
-
-impl Drop for SimNodes {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sim_nodes(s: &Server, args: &[&str]) -> SimNodes {
-    let child = Command::new(wasmkube())
-        .arg("sim-nodes")
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(&s.kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn wasmkube sim-nodes");
-    SimNodes(child)
 }
 
 #[test]

@@ -112,14 +112,19 @@ async fn traps_and_hostile_modules_fail_only_their_own_run() {
     }
     let err = rt.load(b"\0asm\x01\0\0\0garbage").unwrap_err();
     assert!(err.to_string().starts_with("invalid Wasm module"), "{err}");
-    // An import the runtime does not provide fails the run, not the runtime.
+    // An import the runtime does not provide is refused when the module is
+    // linked, before anything runs; the runtime is unharmed.
     let alien = rt
         .load(&wat(
             r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#,
         ))
         .unwrap();
-    let (exit, _) = rt.run(&alien, &spec(&dir, "alien")).await.unwrap();
-    assert!(matches!(exit, Exit::Trap { .. }), "{exit:?}");
+    let err = rt.run(&alien, &spec(&dir, "alien")).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown import: `env::launch_missiles`"),
+        "{err}"
+    );
     // The runtime still runs other guests.
     let ok = rt.load(&printer("still here", 0)).unwrap();
     assert_eq!(

@@ -1,0 +1,98 @@
+//! `wasmkube agent`: a node agent joining a cluster, and the settings it
+//! shares with the local node `wasmkube server` embeds.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Settings of a node agent (also the embedded local node's).
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Pods this node accepts. Wasm pods are cheap, so thousands fit.
+    #[arg(long, default_value = "2000")]
+    pub max_pods: u32,
+    /// Registries (HOST:PORT) to pull from over plain HTTP. Registries on a
+    /// loopback address always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// First restart back-off of a crashing container; it doubles up to
+    /// --crash-loop-max-backoff (Kubernetes: 10s and 300s).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    pub crash_loop_backoff: f64,
+    #[arg(long, default_value = "300", value_name = "SECONDS")]
+    pub crash_loop_max_backoff: f64,
+}
+
+impl NodeArgs {
+    pub fn apply(&self, config: &mut wasmkube_node::Config) {
+        config.max_pods = self.max_pods;
+        config.insecure_registries = self.insecure_registries.clone();
+        config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
+        config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// The API server's URL [default: the kubeconfig's].
+    #[arg(long)]
+    server: Option<String>,
+    /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The node's name [default: this machine's host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the agent keeps images, compiled modules, volumes and logs.
+    #[arg(long, env = "WASMKUBE_AGENT_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The node's InternalIP: the API server reaches the agent there.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: IpAddr,
+    /// Port of the agent endpoint (logs, metrics) on --address; 0 picks one.
+    #[arg(long, default_value = "10250")]
+    port: u16,
+    /// A label for the node, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wasmkube-node".into())
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let client =
+        crate::kubeconfig::client(args.kubeconfig.as_deref(), args.server.as_deref()).await?;
+    let name = args.name.unwrap_or_else(host_name);
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| crate::server::default_data_dir().join("agents").join(&name));
+    let mut config = wasmkube_node::Config::new(&name, data_dir);
+    config.address = args.address;
+    config.listen = SocketAddr::new(args.address, args.port);
+    for l in &args.labels {
+        let (k, v) = l.split_once('=').context("a label is KEY=VALUE")?;
+        config.labels.insert(k.into(), v.into());
+    }
+    args.node.apply(&mut config);
+    let agent = wasmkube_node::Agent::start(client, config)
+        .await
+        .context("cannot start the node agent")?;
+    eprintln!("node {name} joined; agent endpoint on {}", agent.endpoint());
+    tokio::select! {
+        r = agent.run() => r.context("the node agent stopped"),
+        signal = crate::server::shutdown_signal() => {
+            tracing::info!(signal, "shutting down");
+            Ok(())
+        }
+    }
+}

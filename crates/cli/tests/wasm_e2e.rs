@@ -1,0 +1,291 @@
+//! End to end with Wasm workloads: the real `wasmkube` binary (its local
+//! node running pods on Wasmtime), modules published with `wasmkube push` to
+//! a real registry (Debian's docker-registry on loopback), and the real
+//! kubectl. A second node joins with `wasmkube agent`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use wasmkube_testkit::{Registry, workload_path};
+
+/// Pushes a built workload with `wasmkube push`; returns the reference.
+fn push(registry: &Registry, name: &str) -> String {
+    let reference = format!("{}/{name}:v1", registry.host());
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg(workload_path(name, "wasm32-wasip1"))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    reference
+}
+
+/// Runs `wasmkube agent` until dropped.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pod_names(s: &Server, selector: &str) -> Vec<String> {
+    ok(
+        s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+        None,
+    )
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[test]
+fn wasm_pods_with_kubectl_push_and_a_real_registry() {
+    let registry = Registry::start();
+    let hello = push(&registry, "hello");
+    let sleeper = push(&registry, "sleeper");
+    let crasher = push(&registry, "crasher");
+    let hog = push(&registry, "memory-hog");
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_cluster(
+        dir.path(),
+        &[
+            "--node-name",
+            "local",
+            "--crash-loop-backoff",
+            "1",
+            "--crash-loop-max-backoff",
+            "4",
+        ],
+    );
+
+    // The local node is Ready and says what it is.
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "node/local",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let nodes = ok(&s, &["get", "nodes", "-o", "wide"], None);
+    assert!(
+        nodes.contains("v1.33.0-wasmkube") && nodes.contains("wasmtime://48.0.8"),
+        "{nodes}"
+    );
+
+    // A Job of `hello` completes; its log comes back through pods/log.
+    ok(
+        &s,
+        &["create", "job", "hello", &format!("--image={hello}")],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=complete",
+            "job/hello",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let log = ok(&s, &["logs", "job/hello"], None);
+    assert_eq!(log, "hello from wasmkube\n");
+
+    // A Deployment runs, scales, and streams its log with -f.
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "sleepy",
+            &format!("--image={sleeper}"),
+            "--replicas=2",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["rollout", "status", "deployment/sleepy", "--timeout=60s"],
+        None,
+    );
+    ok(&s, &["scale", "deployment/sleepy", "--replicas=3"], None);
+    ok(
+        &s,
+        &["rollout", "status", "deployment/sleepy", "--timeout=60s"],
+        None,
+    );
+    let pods = pod_names(&s, "app=sleepy");
+    assert_eq!(pods.len(), 3, "{pods:?}");
+    let mut follow = Command::new("kubectl")
+        .args(["logs", "-f", &pods[0]])
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(follow.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "sleeping\n");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // A crashing container backs off with growing delays.
+    ok(
+        &s,
+        &[
+            "run",
+            "crasher",
+            &format!("--image={crasher}"),
+            "--",
+            "exit",
+            "4",
+        ],
+        None,
+    );
+    watch_rows_until(
+        &s,
+        &["get", "pod", "crasher", "-w", "--no-headers"],
+        |row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            cols.get(2) == Some(&"CrashLoopBackOff")
+                && cols
+                    .get(3)
+                    .is_some_and(|r| r.parse::<u32>().is_ok_and(|n| n >= 2))
+        },
+    );
+    let described = ok(&s, &["describe", "pod", "crasher"], None);
+    assert!(
+        described.contains("Back-off restarting failed container crasher"),
+        "{described}"
+    );
+    assert!(described.contains("Exit Code:    4"), "{described}");
+    assert_eq!(
+        ok(&s, &["logs", "crasher", "--previous"], None),
+        "crasher: exiting with 4\n"
+    );
+
+    // A guest over its memory limit is OOMKilled.
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: hog}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: hog\n    image: {hog}\n    resources: {{limits: {{memory: 16Mi}}}}\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Failed",
+            "pod/hog",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let reason = ok(
+        &s,
+        &[
+            "get",
+            "pod",
+            "hog",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.terminated.reason}",
+        ],
+        None,
+    );
+    assert_eq!(reason, "OOMKilled");
+
+    // A missing image: ImagePullBackOff with the registry's reason.
+    let missing = format!("{}/not-pushed:v1", registry.host());
+    ok(&s, &["run", "missing", &format!("--image={missing}")], None);
+    watch_rows_until(
+        &s,
+        &["get", "pod", "missing", "-w", "--no-headers"],
+        |row| row.contains("ImagePullBackOff"),
+    );
+    let described = ok(&s, &["describe", "pod", "missing"], None);
+    assert!(
+        described.to_lowercase().contains("manifest unknown"),
+        "{described}"
+    );
+
+    // A second node joins with `wasmkube agent` and runs pods sent to it.
+    let agent = AgentProcess(
+        Command::new(wasmkube())
+            .args(["agent", "--name", "second", "--port", "0", "--data-dir"])
+            .arg(dir.path().join("second"))
+            .arg("--kubeconfig")
+            .arg(&s.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    ok(
+        &s,
+        &["wait", "--for=create", "node/second", "--timeout=60s"],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "node/second",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: remote}}\nspec:\n  restartPolicy: Never\n  nodeSelector: {{kubernetes.io/hostname: second}}\n  containers:\n  - name: hello\n    image: {hello}\n    args: [from, the, second, node]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/remote",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "pod", "remote", "-o", "jsonpath={.spec.nodeName}"],
+            None
+        ),
+        "second"
+    );
+    assert_eq!(
+        ok(&s, &["logs", "remote"], None),
+        "hello from wasmkube\nargs: from the second node\n"
+    );
+    drop(agent);
+}
