@@ -2,6 +2,7 @@
 //! peer measured in the same run (these machines are shared and noisy).
 
 mod create;
+mod pods;
 mod rollout;
 mod schedule;
 mod startup;
@@ -31,6 +32,9 @@ enum Bench {
     Schedule(schedule::Args),
     /// Time from creating a large Deployment to all replicas Ready.
     Rollout(rollout::Args),
+    /// Pod startup latency, create -> Running seen on a watch, of Wasm pods
+    /// on the local node (module cached) against pods on a simulated node.
+    PodStartup(pods::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Startup(a) => rt.block_on(startup::run(a)),
         Bench::Schedule(a) => rt.block_on(schedule::run(a)),
         Bench::Rollout(a) => rt.block_on(rollout::run(a)),
+        Bench::PodStartup(a) => rt.block_on(pods::run(a)),
     }
 }

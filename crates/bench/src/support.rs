@@ -84,18 +84,27 @@ impl ChildServer {
     /// Starts the server and waits for `/readyz`; returns it with the time
     /// from exec to ready.
     pub async fn start(binary: &std::path::Path) -> anyhow::Result<(Self, Duration)> {
+        Self::start_with(binary, &["--no-local-node"]).await
+    }
+
+    /// As [`ChildServer::start`], with these `server` flags (and the local
+    /// node unless they say `--no-local-node`).
+    pub async fn start_with(
+        binary: &std::path::Path,
+        flags: &[&str],
+    ) -> anyhow::Result<(Self, Duration)> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let started = Instant::now();
         let child = Command::new(binary)
             .args([
                 "server",
-                "--no-local-node",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--data-dir",
             ])
             .arg(dir.path())
+            .args(flags)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?;

@@ -47,3 +47,9 @@ fn rollout_bench_smoke() {
     let out = bench(&["rollout", "--nodes", "3", "--replicas", "5"]);
     assert!(out.contains("all Ready"), "{out}");
 }
+
+#[test]
+fn pod_startup_bench_smoke() {
+    let out = bench(&["pod-startup", "--pods", "4", "--batch", "2"]);
+    assert!(out.contains("p99 ratio"), "{out}");
+}

@@ -1,0 +1,164 @@
+//! Pod startup latency: a `wasmkube server` child with its local node, a
+//! real registry on loopback holding the `sleeper` workload, and pods
+//! created through the API one batch at a time. Each pod's figure is the
+//! time from sending its create to seeing it Running on a watch: the whole
+//! path (admission, scheduling, binding, the agent's watch, the cached
+//! module's instantiation, the status write). The peer, in the same run, is
+//! the same pods on a simulated node, which reports Running without running
+//! anything: the difference is what running Wasm costs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+
+use crate::support::{ChildServer, ms, percentile, wasmkube_binary};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Pods per node kind.
+    #[arg(long, default_value = "1000")]
+    pods: usize,
+    /// Pods created at once (each batch waits for the previous one).
+    #[arg(long, default_value = "10")]
+    batch: usize,
+    /// The wasmkube binary to measure (default: next to this one).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+}
+
+const LOCAL: &str = "bench-local";
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let binary = wasmkube_binary(args.binary)?;
+    let registry = wasmkube_testkit::Registry::start();
+    let image = format!("{}/sleeper:v1", registry.host());
+    let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
+    wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
+    let max_pods = (args.pods + 10).to_string();
+    let (server, _) =
+        ChildServer::start_with(&binary, &["--node-name", LOCAL, "--max-pods", &max_pods]).await?;
+    let client = server.client()?;
+    crate::schedule::start_nodes(&client, 1, true).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+
+    // Running pods, by name, as the watch sees them.
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let notify = Arc::new(tokio::sync::Notify::new());
+    {
+        let (seen, notify, pods) = (seen.clone(), notify.clone(), pods.clone());
+        let mut stream = watcher(pods, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        tokio::spawn(async move {
+            while let Ok(Some(p)) = stream.try_next().await {
+                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                if running && let Some(name) = p.metadata.name {
+                    seen.lock()
+                        .unwrap()
+                        .entry(name)
+                        .or_insert_with(Instant::now);
+                    notify.notify_waiters();
+                }
+            }
+        });
+    }
+    let pod = |name: &str, node: &str| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node},
+                "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
+                                "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}}],
+            },
+        }))?)
+    };
+    // One pod per node first: the image is pulled and compiled once.
+    for (name, node) in [("warm-wasm", LOCAL), ("warm-sim", "sim-0")] {
+        let created = Instant::now();
+        pods.create(&PostParams::default(), &pod(name, node)?)
+            .await?;
+        wait_running(&seen, &notify, &[name.to_owned()]).await?;
+        eprintln!("  {name}: {}", ms(created.elapsed()));
+    }
+    let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
+    for i in 0..args.pods.div_ceil(args.batch) {
+        // Alternate the kinds batch by batch: both see the same conditions.
+        for (kind, node) in [("wasm", LOCAL), ("sim", "sim-0")] {
+            let names: Vec<String> = (0..args.batch)
+                .map(|j| format!("{kind}-{}", i * args.batch + j))
+                .collect();
+            let mut sent = HashMap::new();
+            for name in &names {
+                sent.insert(name.clone(), Instant::now());
+                pods.create(&PostParams::default(), &pod(name, node)?)
+                    .await?;
+            }
+            wait_running(&seen, &notify, &names).await?;
+            let seen = seen.lock().unwrap();
+            results
+                .entry(kind)
+                .or_default()
+                .extend(names.iter().map(|n| seen[n].duration_since(sent[n])));
+        }
+        if (i + 1) % 10 == 0 {
+            eprintln!("  {} pods of each kind running", (i + 1) * args.batch);
+        }
+    }
+    println!(
+        "pod startup, create -> Running on a watch, module cached ({} pods per kind, batches of {})",
+        args.pods, args.batch
+    );
+    let mut p99s = HashMap::new();
+    for kind in ["wasm", "sim"] {
+        let mut d = results.remove(kind).unwrap_or_default();
+        d.sort();
+        let label = if kind == "wasm" {
+            "Wasm pods, local node     "
+        } else {
+            "peer: simulated node      "
+        };
+        println!(
+            "  {label} p50 {}  p99 {}  max {}",
+            ms(percentile(&d, 50.0)),
+            ms(percentile(&d, 99.0)),
+            ms(percentile(&d, 100.0))
+        );
+        p99s.insert(kind, percentile(&d, 99.0));
+    }
+    println!(
+        "  p99 ratio wasm/sim        {:.2}x",
+        p99s["wasm"].as_secs_f64() / p99s["sim"].as_secs_f64().max(1e-9)
+    );
+    println!(
+        "  server RSS with {} Wasm pods running: {:.0} MiB",
+        args.pods + 1,
+        server.rss_mib()
+    );
+    Ok(())
+}
+
+async fn wait_running(
+    seen: &Mutex<HashMap<String, Instant>>,
+    notify: &tokio::sync::Notify,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let wait = notify.notified();
+        if names.iter().all(|n| seen.lock().unwrap().contains_key(n)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pods {names:?} not Running in 120 s"
+        );
+        let _ = tokio::time::timeout_at(deadline.into(), wait).await;
+    }
+}
