@@ -845,7 +845,12 @@ impl PodRun {
                     }
                 }
             };
-            // 4. It ended.
+            // 4. It ended. Its output is in the log file before the exit is
+            // reported, so a reader who saw the exit sees all of it.
+            let mut written = live.written.clone();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), written.wait_for(|w| *w == u64::MAX))
+                    .await;
             let terminated = Terminated {
                 exit_code: exit.code,
                 reason: exit.reason.clone(),

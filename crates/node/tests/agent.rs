@@ -13,7 +13,7 @@ use kube::runtime::wait::await_condition;
 use serde_json::{Value, json};
 use wasmkube_node::{Agent, Backoff, Config};
 use wasmkube_oci::{PushOptions, push_wasm};
-use wasmkube_testkit::{Registry, workload};
+use wasmkube_testkit::{Registry, component, workload};
 
 const NODE: &str = "agent-test";
 
@@ -129,12 +129,17 @@ async fn harness() -> Harness {
         "memory-hog",
         "sleeper",
         "env-and-volumes",
+        "cpu-burner",
     ] {
         let reference = format!("{}/{name}:v1", registry.host());
         push_wasm(workload(name), &reference, &PushOptions::default())
             .await
             .unwrap();
     }
+    let reference = format!("{}/hello-component:v1", registry.host());
+    push_wasm(component("hello"), &reference, &PushOptions::default())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(NODE, dir.path().join("agent"));
     config.backoff = Backoff {
@@ -556,4 +561,88 @@ async fn env_volumes_and_init_containers_are_wired_as_the_spec_says() {
             "{want:?} missing from:\n{log}"
         );
     }
+}
+
+/// GET on the agent endpoint over plain HTTP/1.0; returns (status, body).
+async fn agent_get(port: u64, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_cpu_limit_holds_a_guest_to_its_share_and_usage_is_reported() {
+    let h = harness().await;
+    h.create(
+        "burner",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "burner", "image": h.image("cpu-burner"), "args": ["2"],
+                            "resources": {"limits": {"cpu": "100m"}}}],
+        }),
+    )
+    .await;
+    h.wait("burner", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let node = Api::<Node>::all(h.client.clone()).get(NODE).await.unwrap();
+    let port = serde_json::to_value(node.status.unwrap()).unwrap()["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .unwrap();
+    // The endpoint needs the node-proxy token.
+    assert_eq!(agent_get(port, "/metrics", None).await.0, 401);
+    assert_eq!(agent_get(port, "/metrics", Some("wrong")).await.0, 401);
+    let secret = Api::<Secret>::namespaced(h.client.clone(), "kube-system")
+        .get("wasmkube-node-proxy")
+        .await
+        .unwrap();
+    let token = String::from_utf8(secret.data.unwrap()["token"].0.clone()).unwrap();
+    let (status, metrics) = agent_get(port, "/metrics", Some(&token)).await;
+    assert_eq!(status, 200);
+    let cpu: f64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("wasmkube_container_cpu_usage_seconds_total{")
+                && l.contains("pod=\"burner\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no cpu figure for the burner in:\n{metrics}"));
+    // 2 s of wall time at 100m is 0.2 s of CPU; one 10 ms tick of overshoot
+    // per 100 ms period at most doubles it. Unlimited, it would be ~2 s.
+    assert!(cpu > 0.02 && cpu < 0.6, "cpu seconds {cpu}");
+    assert!(metrics.contains("wasmkube_node_pods 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_preview2_component_runs_as_a_pod() {
+    let h = harness().await;
+    h.create(
+        "component",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "hello", "image": h.image("hello-component"), "args": ["p2"]}],
+        }),
+    )
+    .await;
+    h.wait("component", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    assert_eq!(
+        h.log("component", &LogParams::default()).await,
+        "hello from wasmkube\nargs: p2\n"
+    );
 }

@@ -11,7 +11,14 @@ use wasmkube_runtime::{
     Runtime,
 };
 
-use crate::{ContainerSpec, Exit, Mount, Output, Prepared, WasmRuntime};
+use crate::{ContainerSpec, Exit, Mount, Output, Prepared, PreparedComponent, WasmRuntime};
+
+/// An image linked and ready to start.
+#[derive(Debug, Clone)]
+enum Ready {
+    Module(Prepared),
+    Component(PreparedComponent),
+}
 
 /// The RuntimeClass handler name of the Wasm runtime.
 pub const HANDLER: &str = "wasmtime";
@@ -20,8 +27,8 @@ pub const HANDLER: &str = "wasmtime";
 #[derive(Debug, Clone)]
 pub struct WasmContainers {
     rt: Arc<WasmRuntime>,
-    /// Image id -> the module linked against WASI.
-    prepared: Arc<Mutex<HashMap<String, Prepared>>>,
+    /// Image id -> the module or component linked against WASI.
+    prepared: Arc<Mutex<HashMap<String, Ready>>>,
 }
 
 impl WasmContainers {
@@ -32,23 +39,12 @@ impl WasmContainers {
         }
     }
 
-    async fn prepared(&self, image: &Image) -> Result<Prepared, RuntimeError> {
+    async fn prepared(&self, image: &Image) -> Result<Ready, RuntimeError> {
         if let Some(p) = self.prepared.lock().expect("prepared lock").get(&image.id) {
             return Ok(p.clone());
         }
-        let path = match &image.kind {
-            ImageKind::Wasm {
-                component: false,
-                module,
-            } => module.clone(),
-            ImageKind::Wasm {
-                component: true, ..
-            } => {
-                return Err(RuntimeError::Unsupported(format!(
-                    "image {} is a Wasm component; this node runs WASI preview 1 command modules only",
-                    image.reference
-                )));
-            }
+        let (path, component) = match &image.kind {
+            ImageKind::Wasm { module, component } => (module.clone(), *component),
             ImageKind::Linux { .. } => {
                 return Err(RuntimeError::Unsupported(format!(
                     "image {} is a Linux container image; the {HANDLER} runtime runs only Wasm modules and components",
@@ -62,11 +58,16 @@ impl WasmContainers {
             let bytes = std::fs::read(&path).map_err(|e| {
                 RuntimeError::InvalidImage(format!("reading module {}: {e}", path.display()))
             })?;
-            let module = rt
-                .load(&bytes)
-                .map_err(|e| RuntimeError::InvalidImage(e.to_string()))?;
-            rt.prepare(&module)
-                .map_err(|e| RuntimeError::InvalidImage(e.to_string()))
+            let invalid = |e: crate::Error| RuntimeError::InvalidImage(e.to_string());
+            if component {
+                let c = rt.load_component(&bytes).map_err(invalid)?;
+                rt.prepare_component(&c)
+                    .map(Ready::Component)
+                    .map_err(invalid)
+            } else {
+                let m = rt.load(&bytes).map_err(invalid)?;
+                rt.prepare(&m).map(Ready::Module).map_err(invalid)
+            }
         })
         .await
         .map_err(|e| RuntimeError::Setup(format!("compiling the module: {e}")))??;
@@ -114,7 +115,12 @@ impl Runtime for WasmContainers {
             live: config.usage,
         };
         let rt = self.rt.clone();
-        let task = tokio::spawn(async move { rt.run_prepared(&prepared, &spec).await });
+        let task = tokio::spawn(async move {
+            match prepared {
+                Ready::Module(m) => rt.run_prepared(&m, &spec).await,
+                Ready::Component(c) => rt.run_component(&c, &spec).await,
+            }
+        });
         Ok(Box::new(WasmContainer {
             task: Some(task),
             exit: None,

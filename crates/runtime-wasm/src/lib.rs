@@ -16,6 +16,7 @@
 //! **Architecture invariant:** this is the only crate that depends on
 //! wasmtime (checked by `crates/cli/tests/boundaries.rs`).
 
+mod component;
 mod container;
 mod limits;
 
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 pub use wasmkube_runtime::Usage as LiveUsage;
+use wasmtime::component::Component;
 use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, UpdateDeadline,
@@ -34,6 +36,7 @@ use wasmtime::{
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+pub use component::PreparedComponent;
 pub use container::{HANDLER, WasmContainers};
 use limits::Limiter;
 pub use limits::OutOfMemory;
@@ -188,11 +191,74 @@ pub struct Usage {
     pub memory_high_water: u64,
 }
 
-/// Per-store state: WASI, the memory limiter and the CPU account.
+/// Per-store state of a command module: WASI preview 1 and the meter.
 pub(crate) struct Host {
     wasi: WasiP1Ctx,
+    meter: Meter,
+}
+
+/// What every store carries for metering: the memory limiter and the CPU
+/// account.
+pub(crate) struct Meter {
     limiter: Limiter,
     cpu: CpuAccount,
+}
+
+impl Meter {
+    /// Closes the accounts of a finished run: its exit and usage.
+    pub(crate) fn finish(&mut self, result: wasmtime::Result<i32>) -> (Exit, Usage) {
+        let now = Instant::now();
+        self.cpu.total += now.saturating_duration_since(self.cpu.slice_start);
+        let usage = Usage {
+            cpu: self.cpu.total,
+            memory_high_water: self.limiter.high_water() as u64,
+        };
+        let exit = match result {
+            Ok(code) => Exit::Code(code),
+            Err(e) => classify(e, &self.limiter),
+        };
+        (exit, usage)
+    }
+
+    pub(crate) fn start_slice(&mut self) {
+        self.cpu.slice_start = Instant::now();
+    }
+}
+
+/// A store whose memory growth goes through the meter's limiter and whose
+/// every epoch tick goes through its CPU account.
+pub(crate) fn metered_store<T: Send + 'static>(
+    engine: &Engine,
+    host: T,
+    meter: fn(&mut T) -> &mut Meter,
+) -> Store<T> {
+    let mut store = Store::new(engine, host);
+    store.limiter(move |h| &mut meter(h).limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |mut ctx| Ok(meter(ctx.data_mut()).cpu.tick()));
+    store
+}
+
+/// WASI for one run: only the spec's args, env, stdio and preopened
+/// directories.
+pub(crate) fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, Error> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.args(&spec.args)
+        .stdout(wasmtime_wasi::cli::OutputFile::new(spec.stdout.open()?))
+        .stderr(wasmtime_wasi::cli::OutputFile::new(spec.stderr.open()?));
+    for (k, v) in &spec.env {
+        wasi.env(k, v);
+    }
+    for m in &spec.mounts {
+        let perms = if m.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        wasi.preopened_dir(&m.host_path, &m.guest_path, perms)
+            .map_err(|e| Error::Setup(format!("volume {}: {e:#}", m.guest_path)))?;
+    }
+    Ok(wasi)
 }
 
 struct CpuAccount {
@@ -250,6 +316,7 @@ impl CpuAccount {
 pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<Host>,
+    component_linker: wasmtime::component::Linker<component::ComponentHost>,
     config: Config,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -271,8 +338,11 @@ impl Drop for WasmRuntime {
 impl WasmRuntime {
     pub fn new(config: Config) -> Result<Self, Error> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_core_instances(config.max_instances)
-            .total_memories(config.max_instances)
+        // A component holds a few core instances (the guest, WASI adapter
+        // shims) and up to two memories.
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(4))
+            .total_memories(config.max_instances.saturating_mul(2))
             .total_tables(config.max_instances)
             .total_stacks(config.max_instances)
             .max_memory_size(config.max_memory_bytes);
@@ -284,6 +354,9 @@ impl WasmRuntime {
         let engine = Engine::new(&ec).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let mut component_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
         std::fs::create_dir_all(&config.cache_dir).map_err(|source| Error::Cache {
             path: config.cache_dir.clone(),
@@ -305,6 +378,7 @@ impl WasmRuntime {
         Ok(Self {
             engine,
             linker,
+            component_linker,
             config,
             stop_ticker,
         })
@@ -326,19 +400,31 @@ impl WasmRuntime {
     /// it before, otherwise compiled now (off any request path: call this
     /// from a blocking task) and cached.
     pub fn load(&self, bytes: &[u8]) -> Result<Module, Error> {
+        self.load_cached(bytes, Engine::precompile_module, deserialize_module)
+    }
+
+    /// Loads a component as [`WasmRuntime::load`] loads a module.
+    pub fn load_component(&self, bytes: &[u8]) -> Result<Component, Error> {
+        self.load_cached(bytes, Engine::precompile_component, deserialize_component)
+    }
+
+    fn load_cached<T>(
+        &self,
+        bytes: &[u8],
+        precompile: fn(&Engine, &[u8]) -> wasmtime::Result<Vec<u8>>,
+        deserialize: fn(&Engine, &Path) -> wasmtime::Result<T>,
+    ) -> Result<T, Error> {
         let path = self.cache_path(bytes);
         if path.exists() {
-            match deserialize_cached(&self.engine, &path) {
+            match deserialize(&self.engine, &path) {
                 Ok(m) => return Ok(m),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "ignoring a bad cache entry")
                 }
             }
         }
-        let compiled = self
-            .engine
-            .precompile_module(bytes)
-            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        let compiled =
+            precompile(&self.engine, bytes).map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
         // Written under a temporary name and renamed: a crash never leaves a
         // torn artifact under the real name.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -348,7 +434,7 @@ impl WasmRuntime {
                 path: path.clone(),
                 source,
             })?;
-        deserialize_cached(&self.engine, &path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
+        deserialize(&self.engine, &path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
     }
 
     /// Links a module against WASI once, so every later instance of it
@@ -373,55 +459,31 @@ impl WasmRuntime {
         prepared: &Prepared,
         spec: &ContainerSpec,
     ) -> Result<(Exit, Usage), Error> {
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&spec.args)
-            .stdout(wasmtime_wasi::cli::OutputFile::new(spec.stdout.open()?))
-            .stderr(wasmtime_wasi::cli::OutputFile::new(spec.stderr.open()?));
-        for (k, v) in &spec.env {
-            wasi.env(k, v);
+        let host = Host {
+            wasi: wasi_builder(spec)?.build_p1(),
+            meter: self.meter(spec),
+        };
+        let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
+        let result = async {
+            let instance = prepared.pre.instantiate_async(&mut store).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            store.data_mut().meter.start_slice();
+            start.call_async(&mut store, ()).await
         }
-        for m in &spec.mounts {
-            let perms = if m.read_only {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            wasi.preopened_dir(&m.host_path, &m.guest_path, perms)
-                .map_err(|e| Error::Setup(format!("volume {}: {e:#}", m.guest_path)))?;
-        }
+        .await;
+        Ok(store.data_mut().meter.finish(result.map(|()| 0)))
+    }
+
+    pub(crate) fn meter(&self, spec: &ContainerSpec) -> Meter {
         let limit = spec.memory_limit.map(|l| {
             usize::try_from(l)
                 .unwrap_or(usize::MAX)
                 .min(self.config.max_memory_bytes)
         });
-        let host = Host {
-            wasi: wasi.build_p1(),
+        Meter {
             limiter: Limiter::new(limit, spec.live.clone()),
             cpu: CpuAccount::new(spec.cpu_millis, spec.live.clone()),
-        };
-        let mut store = Store::new(&self.engine, host);
-        store.limiter(|h| &mut h.limiter);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().cpu.tick()));
-        let result = async {
-            let instance = prepared.pre.instantiate_async(&mut store).await?;
-            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            store.data_mut().cpu.slice_start = Instant::now();
-            start.call_async(&mut store, ()).await
         }
-        .await;
-        let host = store.data_mut();
-        let now = Instant::now();
-        host.cpu.total += now.saturating_duration_since(host.cpu.slice_start);
-        let usage = Usage {
-            cpu: host.cpu.total,
-            memory_high_water: host.limiter.high_water() as u64,
-        };
-        let exit = match result {
-            Ok(()) => Exit::Code(0),
-            Err(e) => classify(e, &host.limiter),
-        };
-        Ok((exit, usage))
     }
 }
 
@@ -438,7 +500,15 @@ impl std::fmt::Debug for Prepared {
 }
 
 #[allow(unsafe_code)]
-fn deserialize_cached(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
+fn deserialize_component(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: as for `deserialize_module`: the file is an artifact this
+    // engine's `precompile_component` wrote, renamed into place whole and
+    // never modified after.
+    unsafe { Component::deserialize_file(engine, path) }
+}
+
+#[allow(unsafe_code)]
+fn deserialize_module(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // SAFETY: `Module::deserialize_file` maps the file and trusts it to be
     // code this engine produced, unchanged while mapped. Files in the cache directory are written only by
     // `WasmRuntime::load`, from `Engine::precompile_module`, and renamed into

@@ -109,3 +109,53 @@ async fn a_sleeper_sleeps_without_holding_a_thread() {
     assert_eq!(sleeping.await.unwrap().0, Exit::Code(0));
     assert_eq!(read(s.stdout.path().unwrap()), "sleeping\ndone\n");
 }
+
+fn component(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../workloads/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the workloads with scripts/build-workloads.sh",
+            path.display()
+        )
+    })
+}
+
+#[tokio::test]
+async fn preview2_components_run_with_the_same_limits() {
+    let (dir, rt) = setup();
+    let hello = rt
+        .prepare_component(&rt.load_component(&component("hello")).unwrap())
+        .unwrap();
+    let s = spec(&dir, &["hello", "x"]);
+    let (exit, _) = rt.run_component(&hello, &s).await.unwrap();
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(
+        read(s.stdout.path().unwrap()),
+        "hello from wasmkube\nargs: x\n"
+    );
+
+    let crasher = rt
+        .prepare_component(&rt.load_component(&component("crasher")).unwrap())
+        .unwrap();
+    let (exit, _) = rt
+        .run_component(&crasher, &spec(&dir, &["crasher", "exit", "7"]))
+        .await
+        .unwrap();
+    // wasi:cli/exit in preview 2 carries only success or failure.
+    assert_eq!(exit.code(), 1, "{exit:?}");
+
+    let hog = rt
+        .prepare_component(&rt.load_component(&component("memory-hog")).unwrap())
+        .unwrap();
+    let mut s = spec(&dir, &["memory-hog"]);
+    s.memory_limit = Some(32 << 20);
+    let (exit, usage) = rt.run_component(&hog, &s).await.unwrap();
+    assert!(matches!(exit, Exit::OomKilled { .. }), "{exit:?}");
+    assert!(usage.memory_high_water <= 32 << 20, "{usage:?}");
+
+    // A core module is not a component, and the other way round.
+    assert!(rt.load_component(&guest("hello")).is_err());
+    assert!(rt.load(&component("hello")).is_err());
+}

@@ -138,3 +138,8 @@ pub fn workload_path(name: &str, target: &str) -> PathBuf {
 pub fn workload(name: &str) -> Vec<u8> {
     std::fs::read(workload_path(name, "wasm32-wasip1")).expect("reading the workload")
 }
+
+/// The bytes of a built wasm32-wasip2 workload (a component).
+pub fn component(name: &str) -> Vec<u8> {
+    std::fs::read(workload_path(name, "wasm32-wasip2")).expect("reading the workload")
+}
