@@ -796,6 +796,14 @@ impl PodRun {
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
                 usage: usage.clone(),
+                pod_ip: self.ctx.config.address,
+                ports: c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                    .map(|p| p.container_port as u16)
+                    .collect(),
             };
             let exit = match self.ctx.runtime.start(config).await {
                 Err(e) => wasmkube_runtime::Exit {

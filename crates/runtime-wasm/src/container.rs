@@ -11,13 +11,19 @@ use wasmkube_runtime::{
     Runtime,
 };
 
-use crate::{ContainerSpec, Exit, Mount, Output, Prepared, PreparedComponent, WasmRuntime};
+use crate::{
+    ContainerSpec, Exit, Mount, Output, Prepared, PreparedComponent, PreparedProxy, WasmRuntime,
+};
+
+/// HTTP requests one container serves at once; more wait for a slot.
+const HTTP_CONCURRENCY: usize = 256;
 
 /// An image linked and ready to start.
 #[derive(Debug, Clone)]
 enum Ready {
     Module(Prepared),
     Component(PreparedComponent),
+    Proxy(PreparedProxy),
 }
 
 /// The RuntimeClass handler name of the Wasm runtime.
@@ -61,9 +67,17 @@ impl WasmContainers {
             let invalid = |e: crate::Error| RuntimeError::InvalidImage(e.to_string());
             if component {
                 let c = rt.load_component(&bytes).map_err(invalid)?;
-                rt.prepare_component(&c)
-                    .map(Ready::Component)
-                    .map_err(invalid)
+                // A command (wasi:cli/run) or an HTTP function
+                // (wasi:http/incoming-handler), by what it exports.
+                match rt.prepare_component(&c) {
+                    Ok(p) => Ok(Ready::Component(p)),
+                    Err(as_command) => match rt.prepare_proxy(&c) {
+                        Ok(p) => Ok(Ready::Proxy(p)),
+                        Err(as_proxy) => Err(RuntimeError::InvalidImage(format!(
+                            "the component is neither a command ({as_command}) nor an HTTP function ({as_proxy})"
+                        ))),
+                    },
+                }
             } else {
                 let m = rt.load(&bytes).map_err(invalid)?;
                 rt.prepare(&m).map(Ready::Module).map_err(invalid)
@@ -115,12 +129,44 @@ impl Runtime for WasmContainers {
             live: config.usage,
         };
         let rt = self.rt.clone();
-        let task = tokio::spawn(async move {
-            match prepared {
-                Ready::Module(m) => rt.run_prepared(&m, &spec).await,
-                Ready::Component(c) => rt.run_component(&c, &spec).await,
+        let task = match prepared {
+            Ready::Module(m) => tokio::spawn(async move { rt.run_prepared(&m, &spec).await }),
+            Ready::Component(c) => tokio::spawn(async move { rt.run_component(&c, &spec).await }),
+            Ready::Proxy(p) => {
+                if config.ports.is_empty() {
+                    return Err(RuntimeError::Setup(
+                        "an HTTP function needs a containerPort to serve on".into(),
+                    ));
+                }
+                let mut listeners = Vec::new();
+                for port in &config.ports {
+                    let addr = std::net::SocketAddr::new(config.pod_ip, *port);
+                    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                        RuntimeError::Setup(format!("cannot listen on {addr}: {e}"))
+                    })?;
+                    listeners.push(l);
+                }
+                let spec = Arc::new(spec);
+                tokio::spawn(async move {
+                    let servers = listeners.into_iter().map(|l| {
+                        Box::pin(rt.clone().serve_http(
+                            p.clone(),
+                            spec.clone(),
+                            l,
+                            HTTP_CONCURRENCY,
+                        ))
+                    });
+                    let (result, _, _) = futures::future::select_all(servers).await;
+                    let exit = match result {
+                        Ok(()) => Exit::Code(0),
+                        Err(e) => Exit::Trap {
+                            message: format!("the HTTP listener failed: {e}"),
+                        },
+                    };
+                    Ok((exit, crate::Usage::default()))
+                })
             }
-        });
+        };
         Ok(Box::new(WasmContainer {
             task: Some(task),
             exit: None,

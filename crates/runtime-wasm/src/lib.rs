@@ -18,6 +18,7 @@
 
 mod component;
 mod container;
+mod http;
 mod limits;
 
 use std::hash::{Hash, Hasher};
@@ -38,6 +39,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 pub use component::PreparedComponent;
 pub use container::{HANDLER, WasmContainers};
+pub use http::PreparedProxy;
 use limits::Limiter;
 pub use limits::OutOfMemory;
 
@@ -317,6 +319,7 @@ pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<Host>,
     component_linker: wasmtime::component::Linker<component::ComponentHost>,
+    http_linker: wasmtime::component::Linker<http::HttpHost>,
     config: Config,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -358,6 +361,12 @@ impl WasmRuntime {
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
+        // HTTP functions get wasi:cli too: Rust guests import it even when
+        // they target wasi:http/proxy (as `wasmtime serve -Scli`).
+        let mut http_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut http_linker)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker))
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
         std::fs::create_dir_all(&config.cache_dir).map_err(|source| Error::Cache {
             path: config.cache_dir.clone(),
             source,
@@ -379,6 +388,7 @@ impl WasmRuntime {
             engine,
             linker,
             component_linker,
+            http_linker,
             config,
             stop_ticker,
         })

@@ -159,3 +159,63 @@ async fn preview2_components_run_with_the_same_limits() {
     assert!(rt.load_component(&guest("hello")).is_err());
     assert!(rt.load(&component("hello")).is_err());
 }
+
+/// A GET over a fresh connection; returns (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn an_http_function_serves_each_request_in_a_fresh_instance() {
+    let (dir, rt) = setup();
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../workloads/target/wasm32-wasip2/release/http_hello.wasm"),
+    )
+    .expect("build the workloads with scripts/build-workloads.sh");
+    let component = rt.load_component(&bytes).unwrap();
+    // It is not a command, and it is an HTTP function.
+    assert!(rt.prepare_component(&component).is_err());
+    let proxy = rt.prepare_proxy(&component).unwrap();
+    let mut s = spec(&dir, &["http-hello"]);
+    s.env.push(("GREETING".into(), "hi".into()));
+    s.memory_limit = Some(64 << 20);
+    let live = s.live.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rt = std::sync::Arc::new(rt);
+    let server = tokio::spawn(rt.serve_http(proxy, std::sync::Arc::new(s), listener, 4));
+
+    let (status, body) = get(addr, "/some/path?x=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("hello from wasmkube: GET /some/path?x=1\n"),
+        "{body}"
+    );
+    assert!(body.lines().any(|l| l == "GREETING=hi"), "{body}");
+    // A request whose instance traps fails alone; the next one is served.
+    let (status, body) = get(addr, "/trap").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("the function failed"), "{body}");
+    // Many at once, beyond the concurrency bound: all are answered.
+    let all =
+        futures::future::join_all((0..16).map(|i| get(addr, if i % 2 == 0 { "/a" } else { "/b" })))
+            .await;
+    assert!(all.iter().all(|(s, _)| *s == 200), "{all:?}");
+    assert_eq!(live.requests(), 18);
+    assert_eq!(live.instances(), 0);
+    server.abort();
+}

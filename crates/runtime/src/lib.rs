@@ -71,6 +71,10 @@ pub struct ContainerConfig {
     pub cpu_millis: Option<u64>,
     /// Counters the runtime keeps current while the container runs.
     pub usage: Arc<Usage>,
+    /// The pod's IP and the container's ports: where a container that
+    /// serves (an HTTP function) listens.
+    pub pod_ip: std::net::IpAddr,
+    pub ports: Vec<u16>,
 }
 
 /// Live resource usage of one container, updated by the runtime as it runs
@@ -80,6 +84,8 @@ pub struct Usage {
     cpu_nanos: AtomicU64,
     memory_bytes: AtomicU64,
     memory_high_water: AtomicU64,
+    requests: AtomicU64,
+    instances: AtomicU64,
 }
 
 impl Usage {
@@ -102,6 +108,24 @@ impl Usage {
     /// The most memory it has had, in bytes.
     pub fn memory_high_water(&self) -> u64 {
         self.memory_high_water.load(Ordering::Relaxed)
+    }
+    /// An HTTP request arrived.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn instance_started(&self) {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn instance_ended(&self) {
+        self.instances.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// HTTP requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    /// Instances live now (one per request in flight for HTTP functions).
+    pub fn instances(&self) -> u64 {
+        self.instances.load(Ordering::Relaxed)
     }
 }
 

@@ -1,0 +1,218 @@
+//! HTTP functions: components that export `wasi:http/incoming-handler`
+//! (the `wasi:http/proxy` world) serve HTTP/1.1 on their container's ports,
+//! with a fresh instance per request, as `wasmtime serve` does, each metered
+//! like any other guest, and a bound on requests in flight per container.
+//! Outgoing HTTP is denied: a guest sees nothing it was not given.
+
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::{ContainerSpec, Error, Meter, WasmRuntime, metered_store, wasi_builder};
+
+/// Hooks that refuse every outgoing request.
+struct DenyOutbound;
+
+impl WasiHttpHooks for DenyOutbound {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// Per-request store state.
+pub(crate) struct HttpHost {
+    ctx: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    meter: Meter,
+    hooks: DenyOutbound,
+}
+
+impl WasiView for HttpHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HttpHost {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// An HTTP component linked against WASI and `wasi:http`.
+#[derive(Clone)]
+pub struct PreparedProxy {
+    pre: ProxyPre<HttpHost>,
+}
+
+impl std::fmt::Debug for PreparedProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedProxy").finish_non_exhaustive()
+    }
+}
+
+type Response = hyper::Response<HyperOutgoingBody>;
+
+impl WasmRuntime {
+    /// Links a component that exports `wasi:http/incoming-handler`.
+    pub fn prepare_proxy(&self, component: &Component) -> Result<PreparedProxy, Error> {
+        let pre = self
+            .http_linker
+            .instantiate_pre(component)
+            .and_then(ProxyPre::new)
+            .map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        Ok(PreparedProxy { pre })
+    }
+
+    /// Serves HTTP on `listener` until the future is dropped: every request
+    /// gets a fresh instance with `spec`'s env, volumes, output and limits;
+    /// at most `max_concurrency` run at once, the rest wait.
+    pub async fn serve_http(
+        self: Arc<Self>,
+        prepared: PreparedProxy,
+        spec: Arc<ContainerSpec>,
+        listener: tokio::net::TcpListener,
+        max_concurrency: usize,
+    ) -> std::io::Result<()> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1)));
+        loop {
+            let (socket, _) = listener.accept().await?;
+            let _ = socket.set_nodelay(true);
+            let (rt, prepared, spec, slots) =
+                (self.clone(), prepared.clone(), spec.clone(), slots.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (rt, prepared, spec, slots) =
+                        (rt.clone(), prepared.clone(), spec.clone(), slots.clone());
+                    async move {
+                        let _slot = slots.acquire_owned().await;
+                        Ok::<_, std::convert::Infallible>(rt.handle(&prepared, &spec, req).await)
+                    }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(
+        &self,
+        prepared: &PreparedProxy,
+        spec: &ContainerSpec,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Response {
+        spec.live.count_request();
+        match self.handle_inner(prepared, spec, req).await {
+            Ok(resp) => resp,
+            Err(message) => {
+                tracing::debug!(%message, "an HTTP function failed");
+                error_response(500, &format!("the function failed: {message}\n"))
+            }
+        }
+    }
+
+    async fn handle_inner(
+        &self,
+        prepared: &PreparedProxy,
+        spec: &ContainerSpec,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<Response, String> {
+        let host = HttpHost {
+            ctx: wasi_builder(spec).map_err(|e| e.to_string())?.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            meter: self.meter(spec),
+            hooks: DenyOutbound,
+        };
+        let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (req, out) = {
+            let mut view = store.data_mut().http();
+            let req = view
+                .new_incoming_request(Scheme::Http, req)
+                .map_err(|e| format!("{e:#}"))?;
+            let out = view
+                .new_response_outparam(sender)
+                .map_err(|e| format!("{e:#}"))?;
+            (req, out)
+        };
+        let pre = prepared.pre.clone();
+        let live = spec.live.clone();
+        // The handler runs on its own task: it may keep streaming the body
+        // after the response head is sent.
+        let task = tokio::spawn(async move {
+            live.instance_started();
+            let result = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                store.data_mut().meter.start_slice();
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            }
+            .await;
+            live.instance_ended();
+            let (exit, _) = store.data_mut().meter.finish(result.map(|()| 0));
+            exit
+        });
+        match receiver.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => Err(format!("{code:?}")),
+            Err(_) => match task.await {
+                Ok(crate::Exit::Code(0)) => Err("the function never set a response".into()),
+                Ok(crate::Exit::Code(c)) => Err(format!("the function exited with {c}")),
+                Ok(crate::Exit::OomKilled { message } | crate::Exit::Trap { message }) => {
+                    Err(message)
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+fn error_response(status: u16, message: &str) -> Response {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Full::new(bytes::Bytes::from(message.to_owned()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(body)
+        .unwrap_or_else(|_| hyper::Response::new(HyperOutgoingBody::default()))
+}
