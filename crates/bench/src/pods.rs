@@ -45,7 +45,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (server, _) =
         ChildServer::start_with(&binary, &["--node-name", LOCAL, "--max-pods", &max_pods]).await?;
     let client = server.client()?;
-    crate::schedule::start_nodes(&client, 1, true).await?;
+    crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
 
     // Running pods, by name, as the watch sees them.

@@ -32,7 +32,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let binary = wasmkube_binary(args.binary)?;
     let (server, _) = ChildServer::start(&binary).await?;
     let client = server.client()?;
-    start_nodes(&client, args.nodes, true).await?;
+    start_nodes(&client, args.nodes, 110, true).await?;
     let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "scale"},

@@ -39,6 +39,7 @@ pub struct Args {
 pub async fn start_nodes(
     client: &kube::Client,
     count: usize,
+    pods_per_node: u32,
     run_pods: bool,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -46,7 +47,7 @@ pub async fn start_nodes(
         count,
         cpu: "64".into(),
         memory: "256Gi".into(),
-        pods: 110,
+        pods: pods_per_node,
         run_pods,
         ..Default::default()
     };
@@ -78,7 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let binary = wasmkube_binary(args.binary)?;
     let (server, _) = ChildServer::start(&binary).await?;
     let client = server.client()?;
-    let registered = start_nodes(&client, args.nodes, false).await?;
+    let registered = start_nodes(&client, args.nodes, 110, false).await?;
     println!(
         "{} simulated nodes registered in {:.1} s; server RSS {:.0} MiB",
         args.nodes,

@@ -33,6 +33,39 @@ fn push(registry: &Registry, name: &str) -> String {
     reference
 }
 
+/// Pushes a built component (wasm32-wasip2) with `wasmkube push`.
+fn push_component(registry: &Registry, file: &str, name: &str) -> String {
+    let reference = format!("{}/{name}:v1", registry.host());
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg(workload_path(file, "wasm32-wasip2"))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reference
+}
+
+/// A GET over plain HTTP/1.0; returns the status line's code and the body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: e2e\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    (
+        status,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
 /// Runs `wasmkube agent` until dropped.
 struct AgentProcess(Child);
 
@@ -233,6 +266,51 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         described.to_lowercase().contains("manifest unknown"),
         "{described}"
     );
+
+    // An HTTP function: a Deployment of the http-hello component answers
+    // at its pod's address and port, a fresh instance per request.
+    let http_hello = push_component(&registry, "http_hello", "http-hello");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: http-hello}}\nspec:\n  selector: {{matchLabels: {{app: http-hello}}}}\n  template:\n    metadata: {{labels: {{app: http-hello}}}}\n    spec:\n      containers:\n      - name: http-hello\n        image: {http_hello}\n        env: [{{name: GREETING, value: e2e}}]\n        ports: [{{containerPort: {port}}}]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "rollout",
+            "status",
+            "deployment/http-hello",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let pod_ip = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=http-hello",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ],
+        None,
+    );
+    assert_eq!(pod_ip, "127.0.0.1");
+    let (status, body) = http_get(port, "/from/kubectl?x=1");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("hello from wasmkube: GET /from/kubectl?x=1\n"),
+        "{body}"
+    );
+    assert!(body.lines().any(|l| l == "GREETING=e2e"), "{body}");
+    assert_eq!(http_get(port, "/trap").0, 500);
+    assert_eq!(http_get(port, "/again").0, 200);
 
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(

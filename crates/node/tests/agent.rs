@@ -136,10 +136,12 @@ async fn harness() -> Harness {
             .await
             .unwrap();
     }
-    let reference = format!("{}/hello-component:v1", registry.host());
-    push_wasm(component("hello"), &reference, &PushOptions::default())
-        .await
-        .unwrap();
+    for (name, file) in [("hello-component", "hello"), ("config-http", "config_http")] {
+        let reference = format!("{}/{name}:v1", registry.host());
+        push_wasm(component(file), &reference, &PushOptions::default())
+            .await
+            .unwrap();
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(NODE, dir.path().join("agent"));
     config.backoff = Backoff {
@@ -645,4 +647,46 @@ async fn a_preview2_component_runs_as_a_pod() {
         h.log("component", &LogParams::default()).await,
         "hello from wasmkube\nargs: p2\n"
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn an_http_function_pod_serves_its_mounted_config() {
+    let h = harness().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "web"}, "data": {"greeting": "hello from a configmap"}}),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let port = free_port();
+    h.create(
+        "web",
+        json!({
+            "volumes": [{"name": "config", "configMap": {"name": "web"}}],
+            "containers": [{
+                "name": "web", "image": h.image("config-http"),
+                "ports": [{"containerPort": port}],
+                "resources": {"limits": {"memory": "32Mi"}},
+                "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+            }],
+        }),
+    )
+    .await;
+    h.wait("web", "Running", |p| phase(p) == "Running").await;
+    let (status, body) = agent_get(u64::from(port), "/greeting", None).await;
+    assert_eq!((status, body.as_str()), (200, "hello from a configmap"));
+    let (status, _) = agent_get(u64::from(port), "/nothing", None).await;
+    assert_eq!(status, 404);
 }
