@@ -39,17 +39,23 @@ fn group_json(name: &str, versions: &[&str]) -> Value {
     json!({"name": name, "versions": gvs, "preferredVersion": gvs[0]})
 }
 
+/// The resource metrics API, served from the node agents' usage (as
+/// metrics-server would serve it through aggregation).
+const METRICS_GROUP: &str = "metrics.k8s.io";
+
 pub fn api_groups() -> Value {
-    let groups: Vec<Value> = registry::groups()
+    let mut groups: Vec<Value> = registry::groups()
         .iter()
         .map(|(g, vs)| group_json(g, vs))
         .collect();
+    groups.push(group_json(METRICS_GROUP, &["v1beta1"]));
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 pub fn api_group(name: &str) -> Option<Value> {
     registry::groups()
         .into_iter()
+        .chain((name == METRICS_GROUP).then_some((METRICS_GROUP, vec!["v1beta1"])))
         .find(|(g, _)| *g == name)
         .map(|(g, vs)| {
             let mut v = group_json(g, &vs);
@@ -110,6 +116,15 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
 
 /// The resource list of one group version (`/api/v1`, `/apis/apps/v1`).
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == (METRICS_GROUP, "v1beta1") {
+        return Some(json!({
+            "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "metrics.k8s.io/v1beta1",
+            "resources": [
+                {"name": "nodes", "singularName": "", "namespaced": false, "kind": "NodeMetrics", "verbs": ["get", "list"]},
+                {"name": "pods", "singularName": "", "namespaced": true, "kind": "PodMetrics", "verbs": ["get", "list"]},
+            ],
+        }));
+    }
     let mut resources = Vec::new();
     for rt in registry::in_group_version(group, version) {
         resources.push(resource_json(rt));

@@ -195,6 +195,11 @@ impl ApiServer {
 async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().trim_end_matches('/');
+    if parts.method == Method::GET && path.starts_with("/apis/metrics.k8s.io/v1beta1/") {
+        return node_proxy::metrics(&server, path, parts.uri.query())
+            .await
+            .unwrap_or_else(|e| e.into_response());
+    }
     if parts.method == Method::GET {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let discovered = match segments.as_slice() {

@@ -181,3 +181,151 @@ pub(crate) async fn pod_log(
     );
     Ok(out.into_response())
 }
+
+/// The agents' `/stats/pods` answers, by node name; nodes without an agent
+/// endpoint (simulated ones) or that do not answer in time are left out.
+async fn node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>> {
+    let nodes = registry::lookup("", "v1", "nodes").expect("nodes are served");
+    let listed = server
+        .store
+        .list(&nodes.key_prefix(), Default::default())
+        .await
+        .map_err(ApiError::internal)?;
+    let token = token(server).await?;
+    let client =
+        Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let fetches = listed.items.iter().filter_map(|kv| {
+        let node = decode_stored(kv).ok()?;
+        let name = node["metadata"]["name"].as_str()?.to_owned();
+        let address = node["status"]["addresses"]
+            .as_array()?
+            .iter()
+            .find(|a| a["type"] == "InternalIP")?["address"]
+            .as_str()?
+            .to_owned();
+        let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            .as_u64()
+            .filter(|p| *p > 0)?;
+        let host = if address.contains(':') {
+            format!("[{address}]:{port}")
+        } else {
+            format!("{address}:{port}")
+        };
+        let request = Request::get(format!("http://{host}/stats/pods"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let client = client.clone();
+        Some(async move {
+            let fetch = async {
+                let response = client.request(request).await.ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                let body = response.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<Value>(&body).ok()
+            };
+            let stats = tokio::time::timeout(std::time::Duration::from_secs(5), fetch)
+                .await
+                .ok()??;
+            Some((name, stats))
+        })
+    });
+    Ok(futures::future::join_all(fetches)
+        .await
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+fn cpu_quantity(nano_cores: &Value) -> String {
+    format!("{}n", nano_cores.as_u64().unwrap_or(0))
+}
+
+fn memory_quantity(bytes: &Value) -> String {
+    format!("{}Ki", bytes.as_u64().unwrap_or(0) / 1024)
+}
+
+/// `metrics.k8s.io/v1beta1`: NodeMetrics and PodMetrics from the agents'
+/// live usage (what metrics-server serves), so `kubectl top` works.
+pub(crate) async fn metrics(
+    server: &std::sync::Arc<ApiServer>,
+    path: &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let rest: Vec<&str> = path
+        .trim_start_matches("/apis/metrics.k8s.io/v1beta1")
+        .trim_matches('/')
+        .split('/')
+        .collect();
+    let params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    let selector = params
+        .iter()
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| wasmkube_api::selectors::LabelSelector::parse(v))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let stats = node_stats(server).await?;
+    let not_found =
+        |kind: &str, name: &str| ApiError::bad_request(format!("{kind} \"{name}\" not found"));
+    let node_metrics = |name: &str, s: &Value| {
+        json!({
+            "metadata": {"name": name, "creationTimestamp": now},
+            "timestamp": now, "window": "10s",
+            "usage": {"cpu": cpu_quantity(&s["node"]["cpuNanoCores"]), "memory": memory_quantity(&s["node"]["memoryBytes"])},
+        })
+    };
+    let pod_metrics = |p: &Value| {
+        let containers: Vec<Value> = p["containers"].as_array().into_iter().flatten().map(|c| json!({
+            "name": c["name"],
+            "usage": {"cpu": cpu_quantity(&c["cpuNanoCores"]), "memory": memory_quantity(&c["memoryBytes"])},
+        })).collect();
+        json!({
+            "metadata": {"name": p["name"], "namespace": p["namespace"], "labels": p["labels"], "creationTimestamp": now},
+            "timestamp": now, "window": "10s", "containers": containers,
+        })
+    };
+    let list = |kind: &str, items: Vec<Value>| json!({"kind": format!("{kind}List"), "apiVersion": "metrics.k8s.io/v1beta1", "metadata": {}, "items": items});
+    let single = |kind: &str, mut v: Value| {
+        v["kind"] = json!(kind);
+        v["apiVersion"] = json!("metrics.k8s.io/v1beta1");
+        v
+    };
+    let pods_in = |ns: Option<&str>| -> Vec<Value> {
+        stats
+            .iter()
+            .flat_map(|(_, s)| s["pods"].as_array().cloned().unwrap_or_default())
+            .filter(|p| ns.is_none_or(|ns| p["namespace"] == ns))
+            .filter(|p| {
+                selector.as_ref().is_none_or(|sel| {
+                    let labels = serde_json::from_value(p["labels"].clone()).unwrap_or_default();
+                    sel.matches(&labels)
+                })
+            })
+            .map(|p| pod_metrics(&p))
+            .collect()
+    };
+    let body = match rest.as_slice() {
+        ["nodes"] => list(
+            "NodeMetrics",
+            stats.iter().map(|(n, s)| node_metrics(n, s)).collect(),
+        ),
+        ["nodes", name] => stats
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(n, s)| single("NodeMetrics", node_metrics(n, s)))
+            .ok_or_else(|| not_found("nodemetrics", name))?,
+        ["pods"] => list("PodMetrics", pods_in(None)),
+        ["namespaces", ns, "pods"] => list("PodMetrics", pods_in(Some(ns))),
+        ["namespaces", ns, "pods", name] => pods_in(Some(ns))
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == *name)
+            .map(|p| single("PodMetrics", p))
+            .ok_or_else(|| not_found("podmetrics", name))?,
+        _ => return Err(ApiError::NoRoute),
+    };
+    Ok(axum::Json(body).into_response())
+}

@@ -190,6 +190,20 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let _ = follow.kill();
     let _ = follow.wait();
 
+    // kubectl top reads the metrics API the agents feed.
+    let top = ok(&s, &["top", "pods", "-l", "app=sleepy"], None);
+    assert!(
+        top.starts_with("NAME") && top.contains("CPU(cores)"),
+        "{top}"
+    );
+    assert_eq!(
+        top.lines().filter(|l| l.starts_with("sleepy-")).count(),
+        3,
+        "{top}"
+    );
+    let top = ok(&s, &["top", "nodes"], None);
+    assert!(top.lines().any(|l| l.starts_with("local ")), "{top}");
+
     // A crashing container backs off with growing delays.
     ok(
         &s,

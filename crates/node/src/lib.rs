@@ -143,6 +143,9 @@ pub(crate) struct Ctx {
     pub port: u16,
     /// Pokes the node status loop (a new image arrived, say).
     pub node_changed: tokio::sync::Notify,
+    /// The previous usage sample per container and for the machine, from
+    /// which `/stats/pods` computes CPU rates.
+    pub samples: Mutex<server::Samples>,
 }
 
 impl Ctx {
@@ -199,6 +202,7 @@ impl Agent {
             token,
             port,
             node_changed: tokio::sync::Notify::new(),
+            samples: Mutex::default(),
         });
         node::ensure_runtime_class(&ctx).await?;
         node::register(&ctx).await?;

@@ -76,7 +76,7 @@ fn read_trimmed(path: &str) -> Option<String> {
 }
 
 /// `MemTotal` and `MemAvailable` from /proc/meminfo, in bytes.
-fn meminfo() -> (u64, u64) {
+pub(crate) fn meminfo() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
         text.lines()

@@ -42,6 +42,17 @@ pub(crate) struct Handle {
     pub state: Arc<Mutex<PodState>>,
 }
 
+impl Handle {
+    /// The pod's labels as last seen.
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.tx
+            .borrow()
+            .as_ref()
+            .and_then(|p| p.metadata.labels.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// A container's run-time facts the endpoint reads.
 #[derive(Debug, Clone)]
 pub(crate) struct Run {
@@ -50,6 +61,8 @@ pub(crate) struct Run {
     pub live_log: Option<watch::Receiver<u64>>,
     pub usage: Arc<Usage>,
     pub running: bool,
+    /// When this run started (for its average CPU rate).
+    pub started: Instant,
 }
 
 /// Everything the worker knows about its pod.
@@ -825,6 +838,7 @@ impl PodRun {
                                 live_log: Some(live.written.clone()),
                                 usage: usage.clone(),
                                 running: true,
+                                started: ran_from,
                             },
                         );
                     });

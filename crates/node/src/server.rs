@@ -2,9 +2,11 @@
 //! `pods/log` to), usage and Prometheus metrics. Every route but `/healthz`
 //! needs the cluster's node-proxy token.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -24,6 +26,7 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
             get(container_logs),
         )
         .route("/metrics", get(metrics))
+        .route("/stats/pods", get(stats))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -178,4 +181,102 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
         "# HELP wasmkube_node_pods Pods the agent runs.\n# TYPE wasmkube_node_pods gauge\nwasmkube_node_pods {count}\n"
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Previous samples: CPU time per container run and busy/total jiffies of
+/// the machine, with when they were taken and the rate computed then.
+#[derive(Debug, Default)]
+pub(crate) struct Samples {
+    containers: HashMap<String, Sample>,
+    machine: Option<(Instant, u64, u64, f64)>,
+}
+
+type Sample = (Instant, Duration, f64);
+
+/// Busy and total jiffies from /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// A CPU rate in cores since the previous sample (when that is at least a
+/// second old; a younger one keeps its rate), or since the run started.
+fn rate(prev: Option<Sample>, now: Instant, cpu: Duration, started: Instant) -> Sample {
+    match prev {
+        Some(p) if now.duration_since(p.0) < Duration::from_secs(1) => p,
+        Some((t, c, _)) => {
+            let r = cpu.saturating_sub(c).as_secs_f64() / now.duration_since(t).as_secs_f64();
+            (now, cpu, r)
+        }
+        None => {
+            let r = cpu.as_secs_f64() / now.duration_since(started).as_secs_f64().max(1e-3);
+            (now, cpu, r)
+        }
+    }
+}
+
+/// Usage for the metrics API: the machine's CPU (cores) and memory in use,
+/// and each running container's CPU rate and working set.
+async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
+    let now = Instant::now();
+    let body = {
+        let mut samples = ctx.samples.lock().expect("samples lock");
+        let (busy, total) = machine_jiffies();
+        let cpus = crate::node::allocatable_cpu() as f64;
+        let node_cpu = match samples.machine {
+            Some((t, _, _, r)) if now.duration_since(t) < Duration::from_secs(1) => r,
+            Some((_, b, tot, _)) if total > tot => {
+                let r = busy.saturating_sub(b) as f64 / (total - tot) as f64 * cpus;
+                samples.machine = Some((now, busy, total, r));
+                r
+            }
+            _ => {
+                let r = busy as f64 / total.max(1) as f64 * cpus;
+                samples.machine = Some((now, busy, total, r));
+                r
+            }
+        };
+        let (mem_total, mem_available) = crate::node::meminfo();
+        let mut pods = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (uid, h) in ctx.pods.lock().expect("pods lock").iter() {
+            let st = h.state.lock().expect("pod state");
+            let mut containers = Vec::new();
+            for (name, run) in st.runs.iter().filter(|(_, r)| r.running) {
+                let key = format!("{uid}/{name}/{}", run.restart_count);
+                let sample = rate(
+                    samples.containers.get(&key).copied(),
+                    now,
+                    run.usage.cpu(),
+                    run.started,
+                );
+                samples.containers.insert(key.clone(), sample);
+                seen.insert(key);
+                containers.push(serde_json::json!({
+                    "name": name,
+                    "cpuNanoCores": (sample.2 * 1e9) as u64,
+                    "memoryBytes": run.usage.memory(),
+                }));
+            }
+            if !containers.is_empty() {
+                pods.push(serde_json::json!({"namespace": h.namespace, "name": h.name, "labels": h.labels(), "containers": containers}));
+            }
+        }
+        samples.containers.retain(|k, _| seen.contains(k));
+        serde_json::json!({
+            "node": {"cpuNanoCores": (node_cpu * 1e9) as u64, "memoryBytes": mem_total.saturating_sub(mem_available)},
+            "pods": pods,
+        })
+    };
+    axum::Json(body).into_response()
 }
