@@ -24,11 +24,26 @@ pub struct Cache {
     assumed: HashSet<Key>,
     /// Preemptors waiting for their victims to go: key → (node, pod).
     nominated: HashMap<Key, (String, Arc<Pod>)>,
+    /// Victims whose delete was accepted: terminating even while the watch
+    /// still delivers their earlier versions.
+    victims: HashSet<Key>,
     /// Labels of every namespace, for namespace selectors in affinity terms.
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// RuntimeClass name → handler.
     runtime_classes: HashMap<String, String>,
     next_start: usize,
+}
+
+/// The pod with a deletion timestamp (itself when it has one).
+fn terminating(pod: Arc<Pod>) -> Arc<Pod> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return pod;
+    }
+    let mut p = (*pod).clone();
+    p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    Arc::new(p)
 }
 
 fn has_pod_affinity(pod: &Pod) -> bool {
@@ -148,6 +163,11 @@ impl Cache {
 
     /// Accounts `pod` on `node` (bound, or assumed when `assumed`).
     pub fn add_pod(&mut self, key: &str, node: &str, pod: Arc<Pod>, assumed: bool) {
+        let pod = if self.victims.contains(key) {
+            terminating(pod)
+        } else {
+            pod
+        };
         if self.pod_node.get(key).is_some_and(|n| n != node) {
             self.remove_pod(key);
         }
@@ -171,6 +191,7 @@ impl Cache {
     /// Forgets the pod; true when it was accounted on a node.
     pub fn remove_pod(&mut self, key: &str) -> bool {
         self.assumed.remove(key);
+        self.victims.remove(key);
         self.with_affinity.remove(key);
         self.nominated.remove(key);
         match self.pod_node.remove(key) {
@@ -180,6 +201,23 @@ impl Cache {
                 .and_then(|n| n.remove_pod(key))
                 .is_some(),
             None => false,
+        }
+    }
+
+    /// Marks an accounted pod as terminating at once (a preemption victim
+    /// whose delete was accepted), before the watch reports it: the next
+    /// cycle must not pick it, or a second victim, again.
+    pub fn mark_terminating(&mut self, key: &str) {
+        let Some(node) = self.pod_node.get(key).cloned() else {
+            return;
+        };
+        self.victims.insert(key.to_owned());
+        let Some(info) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        if let Some(pod) = info.pods.get(key).cloned() {
+            info.remove_pod(key);
+            info.add_pod(key, terminating(pod));
         }
     }
 
@@ -202,6 +240,21 @@ impl Cache {
         for k in gone {
             self.remove_pod(&k);
         }
+    }
+
+    /// Whether a preemptor nominated to a node is still waiting for its
+    /// victims there (lower-priority pods terminating): it must not preempt
+    /// again meanwhile (kube-scheduler's `PodEligibleToPreemptOthers`).
+    pub fn awaits_victims(&self, key: &str, priority: i32) -> bool {
+        let Some((node, _)) = self.nominated.get(key) else {
+            return false;
+        };
+        self.nodes.get(node).is_some_and(|n| {
+            n.pods.values().any(|p| {
+                p.metadata.deletion_timestamp.is_some()
+                    && p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) < priority
+            })
+        })
     }
 
     pub fn nominate(&mut self, key: &str, node: &str, pod: Arc<Pod>) {

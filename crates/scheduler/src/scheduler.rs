@@ -153,6 +153,12 @@ impl Shared {
             self.queue.forget(&key);
             return;
         }
+        if self.cache().is_accounted(&key) {
+            // Assumed on a node already: the watch delivered a version from
+            // before our binding (our own status write, say). Scheduling it
+            // again would count it twice, and could preempt for it twice.
+            return;
+        }
         let decision = {
             let mut cache = self.cache();
             let decision = plugins::select(&key, &pod, &mut cache);
@@ -183,7 +189,11 @@ impl Shared {
                 let plan = {
                     let cache = self.cache();
                     let cycle = Cycle::prepare(&key, &pod, &cache);
-                    preemption::plan(&pod, &cycle, &cache)
+                    if cache.awaits_victims(&key, cycle.priority()) {
+                        None
+                    } else {
+                        preemption::plan(&pod, &cycle, &cache)
+                    }
                 };
                 self.queue.unschedulable(key.clone());
                 if let Some(plan) = plan {
@@ -232,6 +242,7 @@ impl Shared {
             }
             match api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {
+                    self.cache().mark_terminating(key);
                     tracing::info!(victim = %key, preemptor = %format!("{preemptor_ns}/{preemptor_name}"), node = %plan.node, "preempted");
                     self.event(victim, "Normal", "Preempted", &message).await;
                 }
