@@ -13,6 +13,7 @@ mod events;
 mod logs;
 mod node;
 mod pod;
+mod probe;
 mod server;
 mod spec;
 mod status;

@@ -27,7 +27,7 @@ use wasmkube_runtime::{ContainerConfig, Image, Usage};
 use crate::events::{self, Kind};
 use crate::spec::{self, Volume};
 use crate::status::{self, ContainerStatus, Forced, State, Terminated};
-use crate::{Ctx, logs};
+use crate::{Ctx, logs, probe};
 
 /// How long an image pull failure shows as `ErrImagePull` before the
 /// back-off (`ImagePullBackOff`).
@@ -556,6 +556,139 @@ impl PodRun {
         }
     }
 
+    /// Runs the container's probes while it runs and keeps its readiness
+    /// current; resolves only when a startup or liveness probe failed
+    /// `failureThreshold` times in a row, with the reason to restart it.
+    async fn probes(&self, c: &Container, init: bool) -> String {
+        if init {
+            return std::future::pending().await;
+        }
+        let name = c.name.clone();
+        let ip = self.ctx.config.address;
+        let usable =
+            |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(p) {
+                Some(why) => {
+                    self.event(
+                        Some(&name),
+                        Kind::Warning,
+                        "ProbeWarning",
+                        format!("{kind} probe ignored: {why}"),
+                    );
+                    false
+                }
+                None => true,
+            };
+        let startup = c.startup_probe.as_ref().filter(|p| usable("Startup", p));
+        let liveness = c.liveness_probe.as_ref().filter(|p| usable("Liveness", p));
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .filter(|p| usable("Readiness", p));
+        let set_ready = |ready: bool| {
+            let changed = {
+                let mut st = self.state.lock().expect("pod state");
+                let cs = st.container(&name);
+                let changed = cs.ready != ready;
+                cs.ready = ready;
+                changed
+            };
+            if changed {
+                self.changed.notify_one();
+            }
+        };
+        if let Some(p) = startup {
+            let t = probe::Timing::of(p);
+            tokio::time::sleep(t.initial_delay).await;
+            let mut failures = 0;
+            loop {
+                match probe::check(p, c, ip).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures += 1;
+                        self.event(
+                            Some(&name),
+                            Kind::Warning,
+                            "Unhealthy",
+                            format!("Startup probe failed: {e}"),
+                        );
+                        if failures >= t.failure_threshold {
+                            return format!(
+                                "Container {name} failed startup probe, will be restarted"
+                            );
+                        }
+                    }
+                }
+                tokio::time::sleep(t.period).await;
+            }
+        }
+        if readiness.is_none() {
+            set_ready(true);
+        }
+        let readiness_loop = async {
+            let Some(p) = readiness else {
+                return std::future::pending::<String>().await;
+            };
+            let t = probe::Timing::of(p);
+            tokio::time::sleep(t.initial_delay).await;
+            let (mut successes, mut failures) = (0, 0);
+            loop {
+                match probe::check(p, c, ip).await {
+                    Ok(()) => {
+                        (successes, failures) = (successes + 1, 0);
+                        if successes >= t.success_threshold {
+                            set_ready(true);
+                        }
+                    }
+                    Err(e) => {
+                        (successes, failures) = (0, failures + 1);
+                        self.event(
+                            Some(&name),
+                            Kind::Warning,
+                            "Unhealthy",
+                            format!("Readiness probe failed: {e}"),
+                        );
+                        if failures >= t.failure_threshold {
+                            set_ready(false);
+                        }
+                    }
+                }
+                tokio::time::sleep(t.period).await;
+            }
+        };
+        let liveness_loop = async {
+            let Some(p) = liveness else {
+                return std::future::pending::<String>().await;
+            };
+            let t = probe::Timing::of(p);
+            tokio::time::sleep(t.initial_delay).await;
+            let mut failures = 0;
+            loop {
+                match probe::check(p, c, ip).await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        self.event(
+                            Some(&name),
+                            Kind::Warning,
+                            "Unhealthy",
+                            format!("Liveness probe failed: {e}"),
+                        );
+                        if failures >= t.failure_threshold {
+                            return format!(
+                                "Container {name} failed liveness probe, will be restarted"
+                            );
+                        }
+                    }
+                }
+                tokio::time::sleep(t.period).await;
+            }
+        };
+        tokio::select! {
+            reason = liveness_loop => reason,
+            reason = readiness_loop => reason,
+        }
+    }
+
     /// Pulls the container's image as its pull policy says, reporting
     /// progress in events.
     async fn pull(&self, c: &Container) -> Result<(Image, Duration, bool), wasmkube_oci::Error> {
@@ -830,7 +963,9 @@ impl PodRun {
                         cs.state = State::Running { started_at };
                         cs.image_id = image.id.clone();
                         cs.container_id = Some(container_id.clone());
-                        cs.ready = !init;
+                        // Ready at once unless a probe has to say so.
+                        cs.ready =
+                            !init && c.readiness_probe.is_none() && c.startup_probe.is_none();
                         s.runs.insert(
                             name.clone(),
                             Run {
@@ -850,6 +985,13 @@ impl PodRun {
                     );
                     tokio::select! {
                         exit = running.wait() => exit,
+                        reason = self.probes(&c, init) => {
+                            self.event(Some(&name), Kind::Normal, "Killing", reason.clone());
+                            running.kill();
+                            let mut exit = running.wait().await;
+                            exit.message = Some(reason);
+                            exit
+                        }
                         () = stop_requested(self.stop.clone()) => {
                             let deadline = self.stop_at();
                             self.event(Some(&name), Kind::Normal, "Killing", format!("Stopping container {name}"));

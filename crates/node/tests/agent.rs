@@ -690,3 +690,105 @@ async fn an_http_function_pod_serves_its_mounted_config() {
     let (status, _) = agent_get(u64::from(port), "/nothing", None).await;
     assert_eq!(status, 404);
 }
+
+fn ready(p: &Pod) -> Option<bool> {
+    let c = p.status.as_ref()?.conditions.as_ref()?;
+    c.iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status == "True")
+}
+
+#[tokio::test]
+async fn probes_decide_readiness_and_restarts() {
+    let h = harness().await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "probed"}, "data": {"healthz": "ok"}}))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // Ready once its readiness probe passes; restarted when liveness fails.
+    let port = free_port();
+    h.create(
+        "probed",
+        json!({
+            "volumes": [{"name": "config", "configMap": {"name": "probed"}}],
+            "containers": [{
+                "name": "web", "image": h.image("config-http"),
+                "ports": [{"name": "http", "containerPort": port}],
+                "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1},
+                "livenessProbe": {"httpGet": {"path": "/missing", "port": port}, "periodSeconds": 1, "failureThreshold": 2},
+            }],
+        }),
+    )
+    .await;
+    h.wait("probed", "Ready", |p| ready(p) == Some(true)).await;
+    let pod = h
+        .wait("probed", "restarted by its liveness probe", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| c[0].restart_count >= 1)
+        })
+        .await;
+    let last = container(&pod)["lastState"]["terminated"].clone();
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed liveness probe"),
+        "{last}"
+    );
+    let events = h.events("probed").await;
+    assert!(
+        events.iter().any(|(r, m)| r == "Unhealthy"
+            && m.contains("Liveness probe failed: HTTP probe failed with statuscode: 404")),
+        "{events:?}"
+    );
+
+    // A readiness probe that cannot connect keeps the pod unready but running;
+    // an exec probe cannot run in a Wasm guest and says so.
+    h.create(
+        "unready",
+        json!({
+            "containers": [{
+                "name": "sleeper", "image": h.image("sleeper"),
+                "readinessProbe": {"tcpSocket": {"port": free_port()}, "periodSeconds": 1},
+                "livenessProbe": {"exec": {"command": ["true"]}},
+            }],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("unready", "Running", |p| phase(p) == "Running")
+        .await;
+    assert_eq!(ready(&pod), Some(false));
+    // Watch the pod's events until both show up.
+    let api: Api<Event> = Api::namespaced(h.client.clone(), "default");
+    let events = kube::runtime::watcher(
+        api,
+        kube::runtime::watcher::Config::default().fields("involvedObject.name=unready"),
+    );
+    let warned = tokio::time::timeout(Duration::from_secs(30), async {
+        use kube::runtime::WatchStreamExt;
+        let mut events = std::pin::pin!(events.applied_objects());
+        let (mut exec_warning, mut readiness_failure) = (false, false);
+        while let Some(e) = events.try_next().await.unwrap() {
+            let m = e.message.unwrap_or_default();
+            exec_warning |= m.contains("exec probes are not supported for Wasm containers");
+            readiness_failure |= m.starts_with("Readiness probe failed: dial tcp");
+            if exec_warning && readiness_failure {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        warned.is_ok(),
+        "no probe warning and readiness failure events"
+    );
+    assert_eq!(ready(&h.pods().get("unready").await.unwrap()), Some(false));
+}

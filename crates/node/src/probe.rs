@@ -1,0 +1,121 @@
+//! Container probes (startup, liveness, readiness) for Wasm containers:
+//! `httpGet` and `tcpSocket` against the pod's address, with Kubernetes'
+//! timing fields. `exec` and `grpc` probes cannot run against a Wasm guest
+//! (there is no process to exec into); they are reported and ignored.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Why a probe cannot run here, when it cannot.
+pub(crate) fn unsupported(probe: &Probe) -> Option<&'static str> {
+    if probe.exec.is_some() {
+        Some("exec probes are not supported for Wasm containers")
+    } else if probe.grpc.is_some() {
+        Some("grpc probes are not supported for Wasm containers")
+    } else if probe.http_get.is_none() && probe.tcp_socket.is_none() {
+        Some("the probe has no handler")
+    } else {
+        None
+    }
+}
+
+/// Timing of a probe, with Kubernetes' defaults.
+pub(crate) struct Timing {
+    pub initial_delay: Duration,
+    pub period: Duration,
+    pub timeout: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+impl Timing {
+    pub fn of(p: &Probe) -> Self {
+        let secs =
+            |v: Option<i32>, default: i32| Duration::from_secs(v.unwrap_or(default).max(0) as u64);
+        Self {
+            initial_delay: secs(p.initial_delay_seconds, 0),
+            period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+            timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+            success_threshold: p.success_threshold.unwrap_or(1).max(1) as u32,
+            failure_threshold: p.failure_threshold.unwrap_or(3).max(1) as u32,
+        }
+    }
+}
+
+fn port(c: &Container, port: &IntOrString) -> Result<u16, String> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).map_err(|_| format!("invalid port {p}")),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port as u16)
+            .ok_or_else(|| format!("no container port named {name:?}")),
+    }
+}
+
+/// One attempt: `Ok` on success, the failure's description otherwise.
+pub(crate) async fn check(probe: &Probe, c: &Container, pod_ip: IpAddr) -> Result<(), String> {
+    let timeout = Timing::of(probe).timeout;
+    let attempt = async {
+        if let Some(h) = &probe.http_get {
+            let port = port(c, &h.port)?;
+            let host: IpAddr = h
+                .host
+                .as_deref()
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(pod_ip);
+            let path = h.path.as_deref().unwrap_or("/");
+            let mut stream = tokio::net::TcpStream::connect((host, port))
+                .await
+                .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+            let mut request = format!(
+                "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\n"
+            );
+            for header in h.http_headers.iter().flatten() {
+                request.push_str(&format!("{}: {}\r\n", header.name, header.value));
+            }
+            request.push_str("\r\n");
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut head = vec![0u8; 12];
+            stream
+                .read_exact(&mut head)
+                .await
+                .map_err(|e| format!("Get \"http://{host}:{port}{path}\": {e}"))?;
+            let status: u16 = std::str::from_utf8(&head[9..12])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or("malformed HTTP response")?;
+            if (200..400).contains(&status) {
+                Ok(())
+            } else {
+                Err(format!("HTTP probe failed with statuscode: {status}"))
+            }
+        } else if let Some(t) = &probe.tcp_socket {
+            let port = port(c, &t.port)?;
+            let host: IpAddr = t
+                .host
+                .as_deref()
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(pod_ip);
+            tokio::net::TcpStream::connect((host, port))
+                .await
+                .map(drop)
+                .map_err(|e| format!("dial tcp {host}:{port}: {e}"))
+        } else {
+            Err("the probe has no handler".to_owned())
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("probe timed out after {timeout:?}")),
+    }
+}
