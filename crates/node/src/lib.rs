@@ -198,7 +198,10 @@ impl Agent {
             client,
             config,
             images,
-            runtime: Arc::new(wasmkube_runtime_wasm::WasmContainers::new(wasm)),
+            runtime: Arc::new(wasmkube_runtime_wasm::WasmContainers::new(
+                wasm,
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )?),
             pods: Mutex::default(),
             token,
             port,

@@ -792,3 +792,47 @@ async fn probes_decide_readiness_and_restarts() {
     );
     assert_eq!(ready(&h.pods().get("unready").await.unwrap()), Some(false));
 }
+
+#[tokio::test]
+async fn a_runaway_guest_does_not_stall_its_neighbours() {
+    let h = harness().await;
+    // Two guests that never stop computing, with no CPU limit.
+    for name in ["runaway-a", "runaway-b"] {
+        h.create(
+            name,
+            json!({"containers": [{"name": "burn", "image": h.image("cpu-burner")}]}),
+        )
+        .await;
+    }
+    for name in ["runaway-a", "runaway-b"] {
+        h.wait(name, "Running", |p| phase(p) == "Running").await;
+    }
+    // An HTTP function beside them still answers every request, and a new
+    // pod still starts and finishes: the guests yield at every epoch tick,
+    // so the agent's executor keeps serving everything else.
+    let port = free_port();
+    h.create(
+        "neighbour",
+        json!({"containers": [{"name": "web", "image": h.image("config-http"),
+                               "ports": [{"containerPort": port}]}]}),
+    )
+    .await;
+    h.wait("neighbour", "Running", |p| phase(p) == "Running")
+        .await;
+    for _ in 0..20 {
+        let (status, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            agent_get(u64::from(port), "/missing", None),
+        )
+        .await
+        .expect("the neighbour answers while the runaways burn");
+        assert_eq!(status, 404);
+    }
+    h.create(
+        "after",
+        json!({"restartPolicy": "Never", "containers": [{"name": "hello", "image": h.image("hello")}]}),
+    )
+    .await;
+    h.wait("after", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+}

@@ -29,20 +29,63 @@ enum Ready {
 /// The RuntimeClass handler name of the Wasm runtime.
 pub const HANDLER: &str = "wasmtime";
 
+/// The executor guests run on: their own worker threads, apart from the
+/// agent's (and, in `wasmkube server`, the control plane's). A guest that
+/// computes without end yields at every epoch tick, but only to other
+/// guests; the operating system shares the cores between these threads and
+/// everyone else's, so no guest can queue ahead of a heartbeat or an API
+/// request.
+struct Guests(Option<tokio::runtime::Runtime>);
+
+impl Guests {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the guest executor lives as long as its owner")
+            .handle()
+    }
+}
+
+impl Drop for Guests {
+    fn drop(&mut self) {
+        // Dropped from async code (an agent stopping): do not block on it.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The Wasm runtime as a node agent drives it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WasmContainers {
     rt: Arc<WasmRuntime>,
     /// Image id -> the module or component linked against WASI.
     prepared: Arc<Mutex<HashMap<String, Ready>>>,
+    guests: Arc<Guests>,
+}
+
+impl std::fmt::Debug for WasmContainers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmContainers")
+            .field("rt", &self.rt)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WasmContainers {
-    pub fn new(rt: WasmRuntime) -> Self {
-        Self {
+    /// The runtime with its own guest executor of `threads` workers.
+    pub fn new(rt: WasmRuntime, threads: usize) -> Result<Self, crate::Error> {
+        let guests = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("wasm-guest")
+            .enable_all()
+            .build()
+            .map_err(|e| crate::Error::Engine(format!("guest executor: {e}")))?;
+        Ok(Self {
             rt: Arc::new(rt),
             prepared: Arc::default(),
-        }
+            guests: Arc::new(Guests(Some(guests))),
+        })
     }
 
     async fn prepared(&self, image: &Image) -> Result<Ready, RuntimeError> {
@@ -130,8 +173,14 @@ impl Runtime for WasmContainers {
         };
         let rt = self.rt.clone();
         let task = match prepared {
-            Ready::Module(m) => tokio::spawn(async move { rt.run_prepared(&m, &spec).await }),
-            Ready::Component(c) => tokio::spawn(async move { rt.run_component(&c, &spec).await }),
+            Ready::Module(m) => self
+                .guests
+                .handle()
+                .spawn(async move { rt.run_prepared(&m, &spec).await }),
+            Ready::Component(c) => self
+                .guests
+                .handle()
+                .spawn(async move { rt.run_component(&c, &spec).await }),
             Ready::Proxy(p) => {
                 if config.ports.is_empty() {
                     return Err(RuntimeError::Setup(
@@ -141,13 +190,28 @@ impl Runtime for WasmContainers {
                 let mut listeners = Vec::new();
                 for port in &config.ports {
                     let addr = std::net::SocketAddr::new(config.pod_ip, *port);
-                    let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                        RuntimeError::Setup(format!("cannot listen on {addr}: {e}"))
-                    })?;
+                    // Bound here, so a taken port fails the start; served
+                    // on the guest executor.
+                    let l = std::net::TcpListener::bind(addr)
+                        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                        .map_err(|e| {
+                            RuntimeError::Setup(format!("cannot listen on {addr}: {e}"))
+                        })?;
                     listeners.push(l);
                 }
                 let spec = Arc::new(spec);
-                tokio::spawn(async move {
+                self.guests.handle().spawn(async move {
+                    let listeners = listeners
+                        .into_iter()
+                        .map(tokio::net::TcpListener::from_std)
+                        .collect::<Result<Vec<_>, _>>();
+                    let listeners = match listeners {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let message = format!("the HTTP listener failed: {e}");
+                            return Ok((Exit::Trap { message }, crate::Usage::default()));
+                        }
+                    };
                     let servers = listeners.into_iter().map(|l| {
                         Box::pin(rt.clone().serve_http(
                             p.clone(),
