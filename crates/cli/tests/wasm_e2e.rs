@@ -11,12 +11,14 @@ use std::process::{Child, Command, Stdio};
 use common::*;
 use wasmkube_testkit::{Registry, workload_path};
 
-/// Pushes a built workload with `wasmkube push`; returns the reference.
-fn push(registry: &Registry, name: &str) -> String {
+/// Pushes a built workload with `wasmkube push` as `NAME:v1`; `target` is
+/// `wasm32-wasip1` (modules) or `wasm32-wasip2` (components), `file` the
+/// built file's stem. Returns the reference.
+fn push_as(registry: &Registry, file: &str, target: &str, name: &str) -> String {
     let reference = format!("{}/{name}:v1", registry.host());
     let out = Command::new(wasmkube())
         .arg("push")
-        .arg(workload_path(name, "wasm32-wasip1"))
+        .arg(workload_path(file, target))
         .arg(&reference)
         .output()
         .unwrap();
@@ -33,21 +35,8 @@ fn push(registry: &Registry, name: &str) -> String {
     reference
 }
 
-/// Pushes a built component (wasm32-wasip2) with `wasmkube push`.
-fn push_component(registry: &Registry, file: &str, name: &str) -> String {
-    let reference = format!("{}/{name}:v1", registry.host());
-    let out = Command::new(wasmkube())
-        .arg("push")
-        .arg(workload_path(file, "wasm32-wasip2"))
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    reference
+fn push(registry: &Registry, name: &str) -> String {
+    push_as(registry, name, "wasm32-wasip1", name)
 }
 
 /// A GET over plain HTTP/1.0; returns the status line's code and the body.
@@ -283,7 +272,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
 
     // An HTTP function: a Deployment of the http-hello component answers
     // at its pod's address and port, a fresh instance per request.
-    let http_hello = push_component(&registry, "http_hello", "http-hello");
+    let http_hello = push_as(&registry, "http_hello", "wasm32-wasip2", "http-hello");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

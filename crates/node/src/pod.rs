@@ -596,29 +596,29 @@ impl PodRun {
                 self.changed.notify_one();
             }
         };
+        let unhealthy = |kind: &str, e: &str| {
+            self.event(
+                Some(&name),
+                Kind::Warning,
+                "Unhealthy",
+                format!("{kind} probe failed: {e}"),
+            );
+        };
         if let Some(p) = startup {
-            let t = probe::Timing::of(p);
-            tokio::time::sleep(t.initial_delay).await;
-            let mut failures = 0;
-            loop {
-                match probe::check(p, c, ip).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        failures += 1;
-                        self.event(
-                            Some(&name),
-                            Kind::Warning,
-                            "Unhealthy",
-                            format!("Startup probe failed: {e}"),
-                        );
-                        if failures >= t.failure_threshold {
-                            return format!(
-                                "Container {name} failed startup probe, will be restarted"
-                            );
-                        }
-                    }
+            let failed = probe::run(p, c, ip, |result, _, failures, t| match result {
+                Ok(()) => Some(None),
+                Err(e) => {
+                    unhealthy("Startup", &e);
+                    (failures >= t.failure_threshold).then(|| {
+                        Some(format!(
+                            "Container {name} failed startup probe, will be restarted"
+                        ))
+                    })
                 }
-                tokio::time::sleep(t.period).await;
+            })
+            .await;
+            if let Some(reason) = failed {
+                return reason;
             }
         }
         if readiness.is_none() {
@@ -628,60 +628,32 @@ impl PodRun {
             let Some(p) = readiness else {
                 return std::future::pending::<String>().await;
             };
-            let t = probe::Timing::of(p);
-            tokio::time::sleep(t.initial_delay).await;
-            let (mut successes, mut failures) = (0, 0);
-            loop {
-                match probe::check(p, c, ip).await {
-                    Ok(()) => {
-                        (successes, failures) = (successes + 1, 0);
-                        if successes >= t.success_threshold {
-                            set_ready(true);
-                        }
-                    }
+            probe::run(p, c, ip, |result, successes, failures, t| {
+                match result {
+                    Ok(()) if successes >= t.success_threshold => set_ready(true),
+                    Ok(()) => {}
                     Err(e) => {
-                        (successes, failures) = (0, failures + 1);
-                        self.event(
-                            Some(&name),
-                            Kind::Warning,
-                            "Unhealthy",
-                            format!("Readiness probe failed: {e}"),
-                        );
+                        unhealthy("Readiness", &e);
                         if failures >= t.failure_threshold {
                             set_ready(false);
                         }
                     }
                 }
-                tokio::time::sleep(t.period).await;
-            }
+                None
+            })
+            .await
         };
         let liveness_loop = async {
             let Some(p) = liveness else {
                 return std::future::pending::<String>().await;
             };
-            let t = probe::Timing::of(p);
-            tokio::time::sleep(t.initial_delay).await;
-            let mut failures = 0;
-            loop {
-                match probe::check(p, c, ip).await {
-                    Ok(()) => failures = 0,
-                    Err(e) => {
-                        failures += 1;
-                        self.event(
-                            Some(&name),
-                            Kind::Warning,
-                            "Unhealthy",
-                            format!("Liveness probe failed: {e}"),
-                        );
-                        if failures >= t.failure_threshold {
-                            return format!(
-                                "Container {name} failed liveness probe, will be restarted"
-                            );
-                        }
-                    }
-                }
-                tokio::time::sleep(t.period).await;
-            }
+            probe::run(p, c, ip, |result, _, failures, t| {
+                let e = result.err()?;
+                unhealthy("Liveness", &e);
+                (failures >= t.failure_threshold)
+                    .then(|| format!("Container {name} failed liveness probe, will be restarted"))
+            })
+            .await
         };
         tokio::select! {
             reason = liveness_loop => reason,

@@ -119,3 +119,29 @@ pub(crate) async fn check(probe: &Probe, c: &Container, pod_ip: IpAddr) -> Resul
         Err(_) => Err(format!("probe timed out after {timeout:?}")),
     }
 }
+
+/// Runs a probe every period after its initial delay, handing each
+/// outcome, with the consecutive successes and failures so far, to
+/// `decide`; returns what `decide` first returns.
+pub(crate) async fn run<T>(
+    probe: &Probe,
+    c: &Container,
+    pod_ip: IpAddr,
+    mut decide: impl FnMut(Result<(), String>, u32, u32, &Timing) -> Option<T>,
+) -> T {
+    let t = Timing::of(probe);
+    tokio::time::sleep(t.initial_delay).await;
+    let (mut successes, mut failures) = (0, 0);
+    loop {
+        let result = check(probe, c, pod_ip).await;
+        if result.is_ok() {
+            (successes, failures) = (successes + 1, 0);
+        } else {
+            (successes, failures) = (0, failures + 1);
+        }
+        if let Some(done) = decide(result, successes, failures, &t) {
+            return done;
+        }
+        tokio::time::sleep(t.period).await;
+    }
+}
