@@ -139,6 +139,12 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     let mut restarts = String::from(
         "# HELP wasmkube_container_restarts_total Restarts of the container.\n# TYPE wasmkube_container_restarts_total counter\n",
     );
+    let mut requests = String::from(
+        "# HELP wasmkube_container_http_requests_total HTTP requests an HTTP function container received.\n# TYPE wasmkube_container_http_requests_total counter\n",
+    );
+    let mut instances = String::from(
+        "# HELP wasmkube_container_instances Live Wasm instances of the container (one per request in flight for HTTP functions).\n# TYPE wasmkube_container_instances gauge\n",
+    );
     let pods = ctx.pods.lock().expect("pods lock");
     for h in pods.values() {
         let st = h.state.lock().expect("pod state");
@@ -168,6 +174,16 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
                     "wasmkube_container_memory_high_water_bytes{{{labels}}} {}",
                     run.usage.memory_high_water()
                 );
+                let _ = writeln!(
+                    requests,
+                    "wasmkube_container_http_requests_total{{{labels}}} {}",
+                    run.usage.requests()
+                );
+                let _ = writeln!(
+                    instances,
+                    "wasmkube_container_instances{{{labels}}} {}",
+                    run.usage.instances()
+                );
             }
         }
     }
@@ -176,6 +192,8 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
     out.push_str(&memory);
     out.push_str(&high);
     out.push_str(&restarts);
+    out.push_str(&requests);
+    out.push_str(&instances);
     let _ = write!(
         out,
         "# HELP wasmkube_node_pods Pods the agent runs.\n# TYPE wasmkube_node_pods gauge\nwasmkube_node_pods {count}\n"

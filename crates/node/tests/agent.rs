@@ -327,6 +327,22 @@ async fn limits_are_enforced_and_deletion_honours_the_grace_period() {
         "no OOMKilling event"
     );
 
+    // activeDeadlineSeconds ends a pod that runs too long.
+    h.create(
+        "deadline",
+        json!({
+            "activeDeadlineSeconds": 1,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "sleeper", "image": h.image("sleeper")}],
+        }),
+    )
+    .await;
+    let pod = h.wait("deadline", "Failed", |p| phase(p) == "Failed").await;
+    assert_eq!(
+        pod.status.as_ref().unwrap().reason.as_deref(),
+        Some("DeadlineExceeded")
+    );
+
     // A guest that never exits is interrupted when its grace period ends.
     h.create(
         "sleeper",
@@ -835,4 +851,73 @@ async fn a_runaway_guest_does_not_stall_its_neighbours() {
     .await;
     h.wait("after", "Succeeded", |p| phase(p) == "Succeeded")
         .await;
+}
+
+#[tokio::test]
+async fn private_images_are_pulled_with_the_pods_pull_secret() {
+    let h = harness().await;
+    let private = Registry::with_login("puller", "s3cret");
+    let image = format!("{}/private-hello:v1", private.host());
+    let credentials = wasmkube_oci::Credentials {
+        username: "puller".into(),
+        password: "s3cret".into(),
+    };
+    let options = PushOptions {
+        credentials: Some(credentials),
+        ..Default::default()
+    };
+    push_wasm(workload("hello"), &image, &options)
+        .await
+        .unwrap();
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "puller:s3cret");
+    let config = json!({"auths": {private.host(): {"auth": auth}}}).to_string();
+    Api::<Secret>::namespaced(h.client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "pull"}, "type": "kubernetes.io/dockerconfigjson",
+                "stringData": {".dockerconfigjson": config},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    h.create(
+        "with-secret",
+        json!({"restartPolicy": "Never", "imagePullSecrets": [{"name": "pull"}],
+               "containers": [{"name": "hello", "image": image}]}),
+    )
+    .await;
+    h.wait("with-secret", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    // The image is on the node now; as on Kubernetes, only a pull (here
+    // forced by imagePullPolicy: Always) asks the registry, and without the
+    // secret it is refused.
+    h.create(
+        "without-secret",
+        json!({"restartPolicy": "Never",
+               "containers": [{"name": "hello", "image": image, "imagePullPolicy": "Always"}]}),
+    )
+    .await;
+    let pod = h
+        .wait("without-secret", "ImagePullBackOff", |p| {
+            container_reason(p).as_deref() == Some("ImagePullBackOff")
+        })
+        .await;
+    let message = container(&pod)["state"]["waiting"]["message"].to_string();
+    assert!(message.contains("Not authorized"), "{message}");
+}
+
+fn container_reason(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
 }
