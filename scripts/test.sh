@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
 # (kubectl if missing, a Python venv with the official Kubernetes client,
-# Debian's docker-registry, cargo-nextest, the wasm32-wasip1 Rust target for the example workloads),
+# Debian's docker-registry, cargo-nextest, the wasm32-wasip1 and wasm32-wasip2
+# Rust targets for the example workloads),
 # builds the workloads, then checks formatting and lints, then runs every test:
 # unit, in-process API server, kube-rs, and end to end with the real binary,
 # kubectl and the Python client.

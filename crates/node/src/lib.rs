@@ -225,7 +225,6 @@ impl Agent {
     /// until the pod watch ends for good or the future is dropped.
     pub async fn run(self) -> Result<(), Error> {
         let ctx = self.ctx;
-        pod::reap_orphans(&ctx);
         let server = tokio::spawn(server::serve(ctx.clone(), self.listener));
         let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
         let status = tokio::spawn(node::status_loop(ctx.clone()));
@@ -245,6 +244,7 @@ async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
     let mut stream = std::pin::pin!(watcher(api, selector).default_backoff());
     // Uids seen in a relist: pods missing from it were deleted meanwhile.
     let mut relisted = std::collections::HashSet::new();
+    let mut reaped = false;
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::Init) => relisted.clear(),
@@ -252,7 +252,13 @@ async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
                 relisted.insert(p.metadata.uid.clone().unwrap_or_default());
                 pod::update(&ctx, p);
             }
-            Ok(watcher::Event::InitDone) => pod::gone_unless(&ctx, &relisted),
+            Ok(watcher::Event::InitDone) => {
+                pod::gone_unless(&ctx, &relisted);
+                if !reaped {
+                    pod::reap_orphans(&ctx, &relisted);
+                    reaped = true;
+                }
+            }
             Ok(watcher::Event::Apply(p)) => pod::update(&ctx, p),
             Ok(watcher::Event::Delete(p)) => pod::gone(&ctx, &p),
             Err(e) => tracing::warn!(error = %e, "pod watch error; retrying"),

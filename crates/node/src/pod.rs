@@ -154,25 +154,22 @@ pub(crate) fn gone_unless(ctx: &Ctx, seen: &std::collections::HashSet<String>) {
     }
 }
 
-/// Removes the directories of pods this agent no longer has (left by a
-/// crash): called at start, before any pod is seen.
-pub(crate) fn reap_orphans(ctx: &Ctx) {
+/// Removes what pods this agent no longer has left on disk (after a crash
+/// or while the agent was down): called once the first list of the node's
+/// pods is in, with the uids it holds. A pod that still exists keeps its
+/// logs; its worker rebuilds its volumes.
+pub(crate) fn reap_orphans(ctx: &Ctx, existing: &std::collections::HashSet<String>) {
     let Ok(entries) = std::fs::read_dir(ctx.pods_dir()) else {
         return;
     };
-    let known: Vec<String> = ctx
-        .pods
-        .lock()
-        .expect("pods lock")
-        .keys()
-        .cloned()
-        .collect();
     for e in entries.flatten() {
         let uid = e.file_name().to_string_lossy().into_owned();
-        if !known.contains(&uid) {
-            // Logs of a pod that still exists are kept: its worker reuses
-            // the directory. Only its volumes are rebuilt.
-            let _ = std::fs::remove_dir_all(e.path().join("volumes"));
+        if existing.contains(&uid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(e.path()) {
+            Ok(()) => tracing::info!(uid, "removed the files of a pod that is gone"),
+            Err(err) => tracing::warn!(uid, error = %err, "could not remove a gone pod's files"),
         }
     }
 }

@@ -113,6 +113,11 @@ fn container(p: &Pod) -> Value {
 }
 
 async fn harness() -> Harness {
+    harness_with(|_| {}).await
+}
+
+/// A harness whose agent directory `prepare` may fill first.
+async fn harness_with(prepare: impl FnOnce(&std::path::Path)) -> Harness {
     let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
         .await
         .unwrap();
@@ -143,6 +148,7 @@ async fn harness() -> Harness {
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
+    prepare(&dir.path().join("agent"));
     let mut config = Config::new(NODE, dir.path().join("agent"));
     config.backoff = Backoff {
         initial: Duration::from_millis(300),
@@ -920,4 +926,30 @@ fn container_reason(p: &Pod) -> Option<String> {
         .as_ref()?
         .reason
         .clone()
+}
+
+#[tokio::test]
+async fn files_of_pods_gone_while_the_agent_was_down_are_removed_at_start() {
+    let stale = std::sync::Arc::new(std::sync::Mutex::new(std::path::PathBuf::new()));
+    let h = {
+        let stale = stale.clone();
+        harness_with(move |agent_dir| {
+            let dir = agent_dir.join("pods/00000000-dead-pod0-0000-000000000000");
+            std::fs::create_dir_all(dir.join("logs/app")).unwrap();
+            std::fs::write(dir.join("logs/app/0.log"), "old\n").unwrap();
+            *stale.lock().unwrap() = dir;
+        })
+        .await
+    };
+    // Once a pod created after the start has run, the first list is in and
+    // the agent has reconciled its disk against it.
+    h.create(
+        "fresh",
+        json!({"restartPolicy": "Never", "containers": [{"name": "hello", "image": h.image("hello")}]}),
+    )
+    .await;
+    h.wait("fresh", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let stale = stale.lock().unwrap().clone();
+    assert!(!stale.exists(), "{} is still there", stale.display());
 }
