@@ -2,6 +2,7 @@
 //! peer measured in the same run (these machines are shared and noisy).
 
 mod create;
+mod http;
 mod pods;
 mod rollout;
 mod schedule;
@@ -35,6 +36,9 @@ enum Bench {
     /// Pod startup latency, create -> Running seen on a watch, of Wasm pods
     /// on the local node (module cached) against pods on a simulated node.
     PodStartup(pods::Args),
+    /// HTTP function throughput and latency at a pod's port, against
+    /// `wasmtime serve` on the same component when it is installed.
+    Http(http::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Schedule(a) => rt.block_on(schedule::run(a)),
         Bench::Rollout(a) => rt.block_on(rollout::run(a)),
         Bench::PodStartup(a) => rt.block_on(pods::run(a)),
+        Bench::Http(a) => rt.block_on(http::run(a)),
     }
 }

@@ -53,3 +53,9 @@ fn pod_startup_bench_smoke() {
     let out = bench(&["pod-startup", "--pods", "4", "--batch", "2"]);
     assert!(out.contains("p99 ratio"), "{out}");
 }
+
+#[test]
+fn http_bench_smoke() {
+    let out = bench(&["http", "--clients", "2", "--seconds", "0.5"]);
+    assert!(out.contains("req/s"), "{out}");
+}
