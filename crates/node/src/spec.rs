@@ -263,41 +263,34 @@ async fn env(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Vec<(String, String)
     }
     for e in c.env.iter().flatten() {
         let value = if let Some(source) = &e.value_from {
-            if let Some(r) = &source.config_map_key_ref {
-                let cm = config_map(ctx, ns, &r.name).await?;
-                match cm
+            let keyed = if let Some(r) = &source.config_map_key_ref {
+                let data = config_map(ctx, ns, &r.name)
+                    .await?
                     .as_ref()
-                    .map(config_map_data)
-                    .and_then(|d| d.get(&r.key).cloned())
-                {
-                    Some(v) => String::from_utf8_lossy(&v).into_owned(),
-                    None if r.optional == Some(true) => continue,
-                    None if cm.is_none() => {
-                        return Err(ConfigError(format!("configmap {:?} not found", r.name)));
-                    }
-                    None => {
-                        return Err(ConfigError(format!(
-                            "couldn't find key {} in ConfigMap {ns}/{}",
-                            r.key, r.name
-                        )));
-                    }
-                }
+                    .map(config_map_data);
+                Some((
+                    data,
+                    &r.name,
+                    &r.key,
+                    r.optional,
+                    ("configmap", "ConfigMap"),
+                ))
             } else if let Some(r) = &source.secret_key_ref {
-                let s = secret(ctx, ns, &r.name).await?;
-                match s
-                    .as_ref()
-                    .map(secret_data)
-                    .and_then(|d| d.get(&r.key).cloned())
-                {
-                    Some(v) => String::from_utf8_lossy(&v).into_owned(),
-                    None if r.optional == Some(true) => continue,
-                    None if s.is_none() => {
-                        return Err(ConfigError(format!("secret {:?} not found", r.name)));
+                let data = secret(ctx, ns, &r.name).await?.as_ref().map(secret_data);
+                Some((data, &r.name, &r.key, r.optional, ("secret", "Secret")))
+            } else {
+                None
+            };
+            if let Some((data, name, key, optional, (kind, title))) = keyed {
+                match data.as_ref().and_then(|d| d.get(key)) {
+                    Some(v) => String::from_utf8_lossy(v).into_owned(),
+                    None if optional == Some(true) => continue,
+                    None if data.is_none() => {
+                        return Err(ConfigError(format!("{kind} {name:?} not found")));
                     }
                     None => {
                         return Err(ConfigError(format!(
-                            "couldn't find key {} in Secret {ns}/{}",
-                            r.key, r.name
+                            "couldn't find key {key} in {title} {ns}/{name}"
                         )));
                     }
                 }
