@@ -2,6 +2,7 @@
 //! peer measured in the same run (these machines are shared and noisy).
 
 mod create;
+mod density;
 mod http;
 mod pods;
 mod rollout;
@@ -39,6 +40,9 @@ enum Bench {
     /// HTTP function throughput and latency at a pod's port, against
     /// `wasmtime serve` on the same component when it is installed.
     Http(http::Args),
+    /// Thousands of idle Wasm pods on one `wasmkube agent`: its RSS per pod,
+    /// threads, files and mappings, and pod startup on the full node.
+    Density(density::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Rollout(a) => rt.block_on(rollout::run(a)),
         Bench::PodStartup(a) => rt.block_on(pods::run(a)),
         Bench::Http(a) => rt.block_on(http::run(a)),
+        Bench::Density(a) => rt.block_on(density::run(a)),
     }
 }

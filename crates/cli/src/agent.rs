@@ -23,11 +23,17 @@ pub struct NodeArgs {
     pub crash_loop_backoff: f64,
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     pub crash_loop_max_backoff: f64,
+    /// Wasm instances live at once (the engine's pre-reserved slots; each
+    /// reserves 4 GiB of address space, not memory) [default: --max-pods
+    /// plus 1024 for HTTP functions' per-request instances].
+    #[arg(long)]
+    pub max_instances: Option<u32>,
 }
 
 impl NodeArgs {
     pub fn apply(&self, config: &mut wasmkube_node::Config) {
         config.max_pods = self.max_pods;
+        config.max_instances = self.max_instances;
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
         config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));

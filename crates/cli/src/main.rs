@@ -51,6 +51,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if matches!(cli.command, Command::Server(_) | Command::Agent(_)) {
+        raise_open_files_limit();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -59,5 +62,32 @@ fn main() -> anyhow::Result<()> {
         Command::SimNodes(args) => runtime.block_on(sim::run(args)),
         Command::Agent(args) => runtime.block_on(agent::run(args)),
         Command::Push(args) => runtime.block_on(push::run(args)),
+    }
+}
+
+/// A node holds a few files per running container (log pipes and files):
+/// thousands of pods need more than the usual soft limit of 1,024. Raise it
+/// to the hard limit, as container runtimes do, and higher when privileged.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    const WANTED: u64 = 1 << 20;
+    let current = getrlimit(Resource::Nofile);
+    let hard = current.maximum;
+    let raised = Rlimit {
+        current: Some(WANTED),
+        maximum: Some(WANTED),
+    };
+    if hard.is_some_and(|h| h < WANTED) && setrlimit(Resource::Nofile, raised).is_ok() {
+        tracing::debug!(limit = WANTED, "raised the open files limit");
+        return;
+    }
+    let soft = Rlimit {
+        current: hard,
+        maximum: hard,
+    };
+    if current.current != hard
+        && let Err(e) = setrlimit(Resource::Nofile, soft)
+    {
+        tracing::warn!(error = %e, "cannot raise the open files limit; large nodes may run out of files");
     }
 }

@@ -80,8 +80,11 @@ pub struct Config {
     pub lease_duration_seconds: i32,
     /// Log files are rotated beyond this size.
     pub log_max_bytes: u64,
-    /// Wasm engine limits.
-    pub max_instances: u32,
+    /// Wasm instances that can be live at once (the engine's pool slots);
+    /// `None` sizes it from `max_pods`: one per pod and 1,024 more for HTTP
+    /// functions' per-request instances.
+    pub max_instances: Option<u32>,
+    /// The largest linear memory a module may have.
     pub max_module_memory_bytes: usize,
 }
 
@@ -102,7 +105,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(10),
             lease_duration_seconds: 40,
             log_max_bytes: 10 << 20,
-            max_instances: 2000,
+            max_instances: None,
             max_module_memory_bytes: 4 << 30,
         }
     }
@@ -183,7 +186,9 @@ impl Agent {
         )?;
         let wasm = wasmkube_runtime_wasm::WasmRuntime::new(wasmkube_runtime_wasm::Config {
             cache_dir: config.data_dir.join("modules"),
-            max_instances: config.max_instances,
+            max_instances: config
+                .max_instances
+                .unwrap_or(config.max_pods.saturating_add(1024)),
             max_memory_bytes: config.max_module_memory_bytes,
         })?;
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -342,10 +342,16 @@ impl WasmRuntime {
     pub fn new(config: Config) -> Result<Self, Error> {
         let mut pool = PoolingAllocationConfig::default();
         // A component holds a few core instances (the guest, WASI adapter
-        // shims) and up to two memories.
+        // shims); most instances have one memory, components adapted from
+        // preview 1 two. Each memory slot reserves 4 GiB of address space
+        // (bounds checks are elided), and 128 TiB hold about 30,000: the
+        // memory count is the ceiling to size deliberately.
+        let memories = config
+            .max_instances
+            .saturating_add(config.max_instances / 4);
         pool.total_component_instances(config.max_instances)
             .total_core_instances(config.max_instances.saturating_mul(4))
-            .total_memories(config.max_instances.saturating_mul(2))
+            .total_memories(memories)
             .total_tables(config.max_instances)
             .total_stacks(config.max_instances)
             .max_memory_size(config.max_memory_bytes);
