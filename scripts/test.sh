@@ -45,13 +45,18 @@ fi
 export WASMKUBE_TEST_VENV=$venv
 
 # A real OCI registry for the image tests (Debian's docker-registry; the
-# tests start their own instances on loopback and stop them).
-if ! command -v docker-registry >/dev/null 2>&1; then
-  step "installing docker-registry"
+# tests start their own instances on loopback and stop them), runc for Linux
+# containers and busybox-static for the Linux test image.
+missing=()
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || missing+=(busybox-static)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >/dev/null \
-    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >/dev/null; }
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

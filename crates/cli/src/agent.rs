@@ -28,12 +28,20 @@ pub struct NodeArgs {
     /// plus 1024 for HTTP functions' per-request instances].
     #[arg(long)]
     pub max_instances: Option<u32>,
+    /// Run only Wasm pods, even where runc is installed and the agent is root.
+    #[arg(long)]
+    pub no_linux: bool,
+    /// Let Linux containers run with securityContext.privileged.
+    #[arg(long)]
+    pub allow_privileged: bool,
 }
 
 impl NodeArgs {
     pub fn apply(&self, config: &mut wasmkube_node::Config) {
         config.max_pods = self.max_pods;
         config.max_instances = self.max_instances;
+        config.linux = !self.no_linux;
+        config.allow_privileged = self.allow_privileged;
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
         config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));

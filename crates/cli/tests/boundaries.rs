@@ -137,6 +137,21 @@ fn crate_boundaries_hold() {
         BTreeSet::from(["wasmkube", "wasmkube-node"]),
         "only the node agent drives the Wasm runtime"
     );
+    // runc, runtime specs, cgroups and namespaces live in the Linux runtime,
+    // which only the node agent drives; the two runtimes know nothing of
+    // each other.
+    assert_eq!(
+        direct_users_of("oci-spec"),
+        BTreeSet::from(["wasmkube-runtime-linux"]),
+        "only runtime-linux may use oci-spec"
+    );
+    assert_eq!(
+        users_of("wasmkube-runtime-linux"),
+        BTreeSet::from(["wasmkube", "wasmkube-node"]),
+        "only the node agent drives the Linux runtime"
+    );
+    assert!(!deps["wasmkube-runtime-linux"].contains("wasmtime"));
+    assert!(!deps["wasmkube-runtime-wasm"].contains("wasmkube-runtime-linux"));
     // Registry access lives in the oci crate.
     for dep in ["oci-client", "oci-wasm"] {
         assert_eq!(

@@ -84,6 +84,11 @@ pub struct Config {
     /// `None` sizes it from `max_pods`: one per pod and 1,024 more for HTTP
     /// functions' per-request instances.
     pub max_instances: Option<u32>,
+    /// Run Linux images with runc when it is installed and the agent is
+    /// root.
+    pub linux: bool,
+    /// Whether privileged Linux containers may run.
+    pub allow_privileged: bool,
     /// The largest linear memory a module may have.
     pub max_module_memory_bytes: usize,
 }
@@ -106,6 +111,8 @@ impl Config {
             lease_duration_seconds: 40,
             log_max_bytes: 10 << 20,
             max_instances: None,
+            linux: true,
+            allow_privileged: false,
             max_module_memory_bytes: 4 << 30,
         }
     }
@@ -138,7 +145,8 @@ pub(crate) struct Ctx {
     pub client: kube::Client,
     pub config: Config,
     pub images: wasmkube_oci::ImageStore,
-    pub runtime: Arc<dyn Runtime>,
+    /// The node's runtimes: Wasm first, then runc when available.
+    pub runtimes: Vec<Arc<dyn Runtime>>,
     /// Pods this agent runs, by uid.
     pub pods: Mutex<HashMap<String, pod::Handle>>,
     /// The token the API server presents to the agent endpoint.
@@ -199,21 +207,34 @@ impl Agent {
             .map_err(io("reading the endpoint address".into()))?
             .port();
         let token = node::read_proxy_token(&client).await?;
+        let mut runtimes: Vec<Arc<dyn Runtime>> =
+            vec![Arc::new(wasmkube_runtime_wasm::WasmContainers::new(
+                wasm,
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )?)];
+        if config.linux {
+            let mut linux = wasmkube_runtime_linux::Config::new(config.data_dir.join("linux"));
+            linux.allow_privileged = config.allow_privileged;
+            match wasmkube_runtime_linux::LinuxRuntime::new(linux) {
+                Ok(rt) => {
+                    tracing::info!(runc = rt.version(), "Linux containers run with runc");
+                    runtimes.push(Arc::new(rt));
+                }
+                Err(e) => tracing::warn!(error = %e, "this node runs Wasm pods only"),
+            }
+        }
         let ctx = Arc::new(Ctx {
             client,
             config,
             images,
-            runtime: Arc::new(wasmkube_runtime_wasm::WasmContainers::new(
-                wasm,
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            )?),
+            runtimes,
             pods: Mutex::default(),
             token,
             port,
             node_changed: tokio::sync::Notify::new(),
             samples: Mutex::default(),
         });
-        node::ensure_runtime_class(&ctx).await?;
+        node::ensure_runtime_classes(&ctx).await?;
         node::register(&ctx).await?;
         tracing::info!(node = %ctx.config.name, port, "node agent registered");
         Ok(Self { ctx, listener })

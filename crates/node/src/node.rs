@@ -52,20 +52,24 @@ pub(crate) async fn read_proxy_token(client: &kube::Client) -> Result<String, Er
     }
 }
 
-/// Creates the `wasmtime` RuntimeClass unless it exists.
-pub(crate) async fn ensure_runtime_class(ctx: &Ctx) -> Result<(), Error> {
+/// Creates a RuntimeClass named after each of the node's handlers
+/// (`wasmtime`, `runc`) unless it exists.
+pub(crate) async fn ensure_runtime_classes(ctx: &Ctx) -> Result<(), Error> {
     let api: Api<RuntimeClass> = Api::all(ctx.client.clone());
-    let handler = ctx.runtime.handler().to_owned();
-    let rc: RuntimeClass = serde_json::from_value(json!({
-        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-        "metadata": {"name": handler}, "handler": handler,
-    }))
-    .expect("a RuntimeClass deserializes");
-    match api.create(&PostParams::default(), &rc).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(api_err("creating the wasmtime RuntimeClass")(e)),
+    for runtime in &ctx.runtimes {
+        let handler = runtime.handler().to_owned();
+        let rc: RuntimeClass = serde_json::from_value(json!({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": {"name": handler}, "handler": handler,
+        }))
+        .expect("a RuntimeClass deserializes");
+        match api.create(&PostParams::default(), &rc).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(api_err(format!("creating the {handler} RuntimeClass"))(e)),
+        }
     }
+    Ok(())
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -200,12 +204,12 @@ fn status(ctx: &Ctx) -> Value {
             {"type": "Hostname", "address": name},
         ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": ctx.port}},
-        "runtimeHandlers": [{"name": ctx.runtime.handler(), "features": {"recursiveReadOnlyMounts": false, "userNamespaces": false}}],
+        "runtimeHandlers": ctx.runtimes.iter().map(|r| json!({"name": r.handler(), "features": {"recursiveReadOnlyMounts": false, "userNamespaces": false}})).collect::<Vec<_>>(),
         "images": images(ctx),
         "nodeInfo": {
             "kubeletVersion": AGENT_VERSION,
             "kubeProxyVersion": "",
-            "containerRuntimeVersion": format!("{}://{}", ctx.runtime.handler(), wasmkube_runtime_wasm::WASMTIME_VERSION),
+            "containerRuntimeVersion": format!("{}://{}", wasmkube_runtime_wasm::HANDLER, wasmkube_runtime_wasm::WASMTIME_VERSION),
             "osImage": os_image(),
             "kernelVersion": read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_default(),
             "operatingSystem": "linux",

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use wasmkube_oci::{Credentials, Progress, PullPolicy};
-use wasmkube_runtime::{ContainerConfig, Image, Usage};
+use wasmkube_runtime::{ContainerConfig, Image, Runtime, Usage};
 
 use crate::events::{self, Kind};
 use crate::spec::{self, Volume};
@@ -707,6 +708,37 @@ impl PodRun {
         Ok((image, started.elapsed(), pulled))
     }
 
+    /// The runtime for a container: its pod's RuntimeClass handler, else
+    /// the one for the image's kind (Wasm for Wasm images, runc for Linux
+    /// images).
+    async fn runtime_for(&self, pod: &Pod, image: &Image) -> Result<Arc<dyn Runtime>, String> {
+        let class = pod.spec.as_ref().and_then(|s| s.runtime_class_name.clone());
+        let handler = match class {
+            Some(class) => {
+                let api: Api<RuntimeClass> = Api::all(self.ctx.client.clone());
+                match api.get_opt(&class).await {
+                    Ok(Some(rc)) => rc.handler,
+                    Ok(None) => return Err(format!("RuntimeClass {class:?} not found")),
+                    Err(e) => return Err(format!("reading RuntimeClass {class:?}: {e}")),
+                }
+            }
+            None if image.is_wasm() => wasmkube_runtime_wasm::HANDLER.to_owned(),
+            None => wasmkube_runtime_linux::HANDLER.to_owned(),
+        };
+        self.ctx
+            .runtimes
+            .iter()
+            .find(|r| r.handler() == handler)
+            .cloned()
+            .ok_or_else(|| {
+                if handler == wasmkube_runtime_linux::HANDLER {
+                    format!("{} is a Linux image and this node has no runc runtime (runc missing or the agent not root)", image.reference)
+                } else {
+                    format!("this node has no runtime handler {handler:?}")
+                }
+            })
+    }
+
     /// Credentials from the pod's `imagePullSecrets` for the image's registry.
     async fn pull_credentials(&self, pod: &Pod, reference: &str) -> Option<Credentials> {
         let registry = reference
@@ -828,16 +860,16 @@ impl PodRun {
             // 2. Its configuration, and the image made ready to start.
             let prepared = match spec::container(&self.ctx, &pod, &c, &volumes).await {
                 Err(e) => Err(("CreateContainerConfigError", e.0)),
-                Ok(resolved) => match self.ctx.runtime.prepare(&image).await {
-                    Ok(()) => Ok(resolved),
-                    Err(e) => Err(("CreateContainerError", e.to_string())),
+                Ok(resolved) => match self.runtime_for(&pod, &image).await {
+                    Err(m) => Err(("CreateContainerError", m)),
+                    Ok(runtime) => match runtime.prepare(&image).await {
+                        Ok(()) => Ok((resolved, runtime)),
+                        Err(e) => Err(("CreateContainerError", e.to_string())),
+                    },
                 },
             };
-            let resolved = match prepared {
-                Ok(r) => {
-                    config_delay = backoff.initial;
-                    r
-                }
+            let (resolved, runtime) = match prepared {
+                Ok(r) => r,
                 Err((reason, message)) => {
                     self.event(
                         Some(&name),
@@ -887,21 +919,24 @@ impl PodRun {
                 }
             };
             let usage = Arc::new(Usage::default());
-            let container_id = format!(
-                "{}://{}-{name}-{restart}",
-                self.ctx.runtime.handler(),
+            let run_id = format!(
+                "{}-{name}-{restart}",
                 pod.metadata.uid.as_deref().unwrap_or_default()
             );
-            self.event(
-                Some(&name),
-                Kind::Normal,
-                "Created",
-                format!("Created container: {name}"),
-            );
+            let container_id = format!("{}://{run_id}", runtime.handler());
             let started_at = Utc::now();
             let ran_from = Instant::now();
             let config = ContainerConfig {
+                id: run_id,
+                name: name.clone(),
+                hostname: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.hostname.clone())
+                    .or_else(|| pod.metadata.name.clone())
+                    .unwrap_or_default(),
                 image: image.clone(),
+                command: resolved.command,
                 args: resolved.args,
                 env: resolved.env,
                 working_dir: resolved.working_dir,
@@ -910,6 +945,8 @@ impl PodRun {
                 stderr,
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
+                cpu_request_millis: resolved.cpu_request_millis,
+                security: resolved.security,
                 usage: usage.clone(),
                 pod_ip: self.ctx.config.address,
                 ports: c
@@ -919,8 +956,37 @@ impl PodRun {
                     .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
                     .map(|p| p.container_port as u16)
                     .collect(),
+                netns: None,
             };
-            let exit = match self.ctx.runtime.start(config).await {
+            let started = runtime.start(config).await;
+            if let Err(wasmkube_runtime::Error::Config(message)) = &started {
+                // As the kubelet: the container is never created.
+                self.event(
+                    Some(&name),
+                    Kind::Warning,
+                    "Failed",
+                    format!("Error: {message}"),
+                );
+                self.set(|s| {
+                    s.container(&name).state = State::Waiting {
+                        reason: "CreateContainerConfigError".into(),
+                        message: Some(message.clone()),
+                    }
+                });
+                if self.wait_or_stop(config_delay).await {
+                    return Outcome::Stopped;
+                }
+                config_delay = (config_delay * 2).min(backoff.max);
+                continue;
+            }
+            config_delay = backoff.initial;
+            self.event(
+                Some(&name),
+                Kind::Normal,
+                "Created",
+                format!("Created container: {name}"),
+            );
+            let exit = match started {
                 Err(e) => wasmkube_runtime::Exit {
                     code: 128,
                     reason: "StartError".into(),
@@ -970,7 +1036,8 @@ impl PodRun {
                                 Err(_) => {
                                     running.kill();
                                     let mut exit = running.wait().await;
-                                    exit.message = Some(format!("the container did not stop within its grace period; interrupted ({})", exit.message.unwrap_or_default()));
+                                    let how = exit.message.map(|m| format!(" ({m})")).unwrap_or_default();
+                                    exit.message = Some(format!("the container did not stop within its grace period and was killed{how}"));
                                     exit
                                 }
                             }

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     Secret,
 };
 use kube::api::Api;
-use wasmkube_runtime::Mount;
+use wasmkube_runtime::{Mount, Security};
 
 use crate::Ctx;
 
@@ -31,12 +31,15 @@ pub(crate) struct Volume {
 /// What a container run gets.
 #[derive(Debug)]
 pub(crate) struct Resolved {
+    pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub mounts: Vec<Mount>,
     pub working_dir: Option<String>,
     pub memory_limit: Option<u64>,
     pub cpu_millis: Option<u64>,
+    pub cpu_request_millis: Option<u64>,
+    pub security: Security,
 }
 
 fn pod_ns(pod: &Pod) -> &str {
@@ -315,6 +318,36 @@ fn quantity(c: &Container, resource: &str) -> Option<i128> {
     wasmkube_api::quantity::parse(&q.0).ok().map(|q| q.millis())
 }
 
+fn request(c: &Container, resource: &str) -> Option<i128> {
+    let q = c.resources.as_ref()?.requests.as_ref()?.get(resource)?;
+    wasmkube_api::quantity::parse(&q.0).ok().map(|q| q.millis())
+}
+
+/// The container's securityContext over the pod's, as the kubelet merges
+/// them (the container's fields win).
+fn security(pod: &Pod, c: &Container) -> Security {
+    let p = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let s = c.security_context.as_ref();
+    let caps = s.and_then(|s| s.capabilities.as_ref());
+    Security {
+        run_as_user: s
+            .and_then(|s| s.run_as_user)
+            .or_else(|| p.and_then(|p| p.run_as_user)),
+        run_as_group: s
+            .and_then(|s| s.run_as_group)
+            .or_else(|| p.and_then(|p| p.run_as_group)),
+        run_as_non_root: s
+            .and_then(|s| s.run_as_non_root)
+            .or_else(|| p.and_then(|p| p.run_as_non_root))
+            .unwrap_or(false),
+        read_only_root_filesystem: s.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        privileged: s.and_then(|s| s.privileged) == Some(true),
+        allow_privilege_escalation: s.and_then(|s| s.allow_privilege_escalation),
+        capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
+        capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+    }
+}
+
 /// Resolves one container against its pod's volumes.
 pub(crate) async fn container(
     ctx: &Ctx,
@@ -324,17 +357,10 @@ pub(crate) async fn container(
 ) -> Result<Resolved, ConfigError> {
     let env = env(ctx, pod, c).await?;
     let vars: HashMap<String, String> = env.iter().cloned().collect();
-    let mut args: Vec<String> = c
-        .command
-        .iter()
-        .flatten()
-        .map(|a| expand(a, &vars))
-        .collect();
-    if args.is_empty() {
-        // A Wasm module has no entrypoint to name: argv[0] is the container.
-        args.push(c.name.clone());
-    }
-    args.extend(c.args.iter().flatten().map(|a| expand(a, &vars)));
+    let expand_all = |words: &Option<Vec<String>>| -> Vec<String> {
+        words.iter().flatten().map(|a| expand(a, &vars)).collect()
+    };
+    let (command, args) = (expand_all(&c.command), expand_all(&c.args));
     let mut mounts = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
         let v = volumes.get(&m.name).ok_or_else(|| {
@@ -358,12 +384,15 @@ pub(crate) async fn container(
         });
     }
     Ok(Resolved {
+        command,
         args,
         env,
         mounts,
         working_dir: c.working_dir.clone(),
         memory_limit: quantity(c, "memory").map(|m| (m / 1000).max(0) as u64),
         cpu_millis: quantity(c, "cpu").map(|m| m.max(1) as u64),
+        cpu_request_millis: request(c, "cpu").map(|m| m.max(1) as u64),
+        security: security(pod, c),
     })
 }
 

@@ -437,12 +437,12 @@ async fn missing_and_linux_images_fail_the_pod_with_a_clear_reason() {
         "{message}"
     );
 
-    // A pod on a node whose runtime runs only Wasm, with a Linux image.
+    // A Linux image asked to run on the Wasm runtime.
     let linux = format!("{}/busybox:v1", h.registry.host());
-    push_linux_image(&linux).await;
+    push_busybox(&linux).await;
     h.create(
         "linux",
-        json!({"containers": [{"name": "app", "image": linux}]}),
+        json!({"runtimeClassName": "wasmtime", "containers": [{"name": "app", "image": linux}]}),
     )
     .await;
     let pod = h
@@ -458,30 +458,71 @@ async fn missing_and_linux_images_fail_the_pod_with_a_clear_reason() {
     assert!(message.contains("is a Linux container image"), "{message}");
 }
 
-async fn push_linux_image(reference: &str) {
-    use oci_client::client::{Config, ImageLayer};
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(4);
-    header.set_mode(0o755);
-    header.set_cksum();
-    tar.append_data(&mut header, "bin/sh", &b"\x7fELF"[..])
+async fn push_busybox(reference: &str) {
+    let (layer, config) = wasmkube_testkit::busybox_image(None);
+    wasmkube_oci::push_image(vec![layer], config, reference, &Default::default())
+        .await
         .unwrap();
-    let layer = tar.into_inner().unwrap();
-    let client = oci_client::Client::new(oci_client::client::ClientConfig {
-        protocol: oci_client::client::ClientProtocol::Http,
-        ..Default::default()
-    });
-    client
-        .push(
-            &reference.parse().unwrap(),
-            &[ImageLayer::oci_v1(layer, None)],
-            Config::oci_v1(br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), None),
-            &oci_client::secrets::RegistryAuth::Anonymous,
-            None,
+}
+
+#[tokio::test]
+async fn a_linux_image_runs_on_runc_beside_wasm_with_logs_and_its_exit_code() {
+    let h = harness().await;
+    let image = format!("{}/busybox:v1", h.registry.host());
+    push_busybox(&image).await;
+    h.create(
+        "linux-job",
+        json!({
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "shell", "image": image, "command": ["sh", "-c"],
+                 "args": ["echo hello from $(hostname) as $(id -u); exit 4"]},
+                {"name": "wasm", "image": h.image("hello")},
+            ],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("linux-job", "Failed", |p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+        })
+        .await;
+    let statuses = pod.status.unwrap().container_statuses.unwrap();
+    let by_name = |n: &str| statuses.iter().find(|c| c.name == n).unwrap().clone();
+    let shell = by_name("shell");
+    let terminated = shell.state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (terminated.exit_code, terminated.reason.as_deref()),
+        (4, Some("Error"))
+    );
+    assert!(shell.container_id.unwrap().starts_with("runc://"));
+    let wasm = by_name("wasm");
+    assert!(wasm.container_id.unwrap().starts_with("wasmtime://"));
+    assert_eq!(wasm.state.unwrap().terminated.unwrap().exit_code, 0);
+    let pods: Api<Pod> = Api::namespaced(h.client.clone(), "default");
+    let log = pods
+        .logs(
+            "linux-job",
+            &kube::api::LogParams {
+                container: Some("shell".into()),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
+    assert_eq!(log, "hello from linux-job as 0\n");
+    // The node advertises both handlers.
+    let nodes: Api<Node> = Api::all(h.client.clone());
+    let node = nodes.get(NODE).await.unwrap();
+    let handlers: Vec<String> = node
+        .status
+        .unwrap()
+        .runtime_handlers
+        .unwrap()
+        .into_iter()
+        .filter_map(|h| h.name)
+        .collect();
+    assert_eq!(handlers, ["wasmtime", "runc"]);
 }
 
 #[tokio::test]

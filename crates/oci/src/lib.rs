@@ -16,7 +16,7 @@ pub use auth::{Credentials, credentials_for};
 pub use media::{
     WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE, WASM_LEGACY_LAYER_MEDIA_TYPE, is_component,
 };
-pub use push::{PushOptions, push_wasm};
+pub use push::{PushOptions, push_image, push_wasm};
 pub use store::{ImageStore, Progress, PullPolicy, StoredImage};
 
 use oci_client::client::{ClientConfig, ClientProtocol};

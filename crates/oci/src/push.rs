@@ -1,4 +1,5 @@
-//! `wasmkube push`: a module or component as a CNCF Wasm artifact.
+//! `wasmkube push`: a module or component as a CNCF Wasm artifact; and
+//! Linux images from their layers and config.
 
 use oci_client::secrets::RegistryAuth;
 
@@ -42,6 +43,49 @@ pub async fn push_wasm(
     };
     client
         .push(&parsed, &auth, layer, config, None)
+        .await
+        .map_err(|e| err(format!("{e:#}")))?;
+    client
+        .fetch_manifest_digest(&parsed, &auth)
+        .await
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Pushes a Linux image: gzip-compressed tar layers in order and its config
+/// (`application/vnd.oci.image.config.v1+json`). Returns the manifest digest.
+pub async fn push_image(
+    layers: Vec<Vec<u8>>,
+    config: Vec<u8>,
+    reference: &str,
+    options: &PushOptions,
+) -> Result<String, Error> {
+    let parsed = parse_reference(reference)?;
+    let err = |reason: String| Error::Push {
+        reference: reference.to_owned(),
+        reason,
+    };
+    let client = client_for(parsed.resolve_registry(), &options.insecure);
+    let auth = match &options.credentials {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    let layers: Vec<oci_client::client::ImageLayer> = layers
+        .into_iter()
+        .map(|l| {
+            oci_client::client::ImageLayer::new(
+                l,
+                oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE.to_owned(),
+                None,
+            )
+        })
+        .collect();
+    let config = oci_client::client::Config::new(
+        config,
+        oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_owned(),
+        None,
+    );
+    client
+        .push(&parsed, &layers, config, &auth, None)
         .await
         .map_err(|e| err(format!("{e:#}")))?;
     client

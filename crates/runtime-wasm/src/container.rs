@@ -153,8 +153,15 @@ impl Runtime for WasmContainers {
             // WASI has no working directory; wasi-libc guests read PWD.
             env.push(("PWD".into(), dir.clone()));
         }
+        // A module has no entrypoint to name: argv[0] is the command's first
+        // word, or the container's name.
+        let mut args = config.command;
+        if args.is_empty() {
+            args.push(config.name);
+        }
+        args.extend(config.args);
         let spec = ContainerSpec {
-            args: config.args,
+            args,
             env,
             mounts: config
                 .mounts

@@ -52,11 +52,35 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// The parts of a container's `securityContext` a runtime enforces (merged
+/// with the pod's by the agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Security {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub run_as_non_root: bool,
+    pub read_only_root_filesystem: bool,
+    pub privileged: bool,
+    /// `None` leaves it to the runtime's default (allowed, as Kubernetes).
+    pub allow_privilege_escalation: Option<bool>,
+    pub capabilities_add: Vec<String>,
+    pub capabilities_drop: Vec<String>,
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
+    /// Unique among all runs on the node (pod UID, container name, restart).
+    pub id: String,
+    /// The container's name in its pod.
+    pub name: String,
+    /// The pod's host name (its name, or `spec.hostname`).
+    pub hostname: String,
     pub image: Image,
-    /// `argv`, program name first.
+    /// The container's `command` (replaces the image's entrypoint when not
+    /// empty) and `args` (replace the image's cmd when not empty, or when
+    /// `command` is given), with `$(VAR)` already expanded.
+    pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub working_dir: Option<String>,
@@ -69,12 +93,17 @@ pub struct ContainerConfig {
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
     pub cpu_millis: Option<u64>,
+    /// `requests.cpu` in millicores (the share under contention).
+    pub cpu_request_millis: Option<u64>,
+    pub security: Security,
     /// Counters the runtime keeps current while the container runs.
     pub usage: Arc<Usage>,
     /// The pod's IP and the container's ports: where a container that
     /// serves (an HTTP function) listens.
     pub pod_ip: std::net::IpAddr,
     pub ports: Vec<u16>,
+    /// The pod's network namespace (`None`: the node's network).
+    pub netns: Option<PathBuf>,
 }
 
 /// Live resource usage of one container, updated by the runtime as it runs
@@ -158,6 +187,10 @@ pub enum Error {
     /// The image is broken (a malformed module, say).
     #[error("{0}")]
     InvalidImage(String),
+    /// The container's configuration cannot work with its image (a root
+    /// user under runAsNonRoot, say): `CreateContainerConfigError`.
+    #[error("{0}")]
+    Config(String),
     /// The container could not be set up (a volume, a log file).
     #[error("{0}")]
     Setup(String),

@@ -143,3 +143,87 @@ pub fn workload(name: &str) -> Vec<u8> {
 pub fn component(name: &str) -> Vec<u8> {
     std::fs::read(workload_path(name, "wasm32-wasip2")).expect("reading the workload")
 }
+
+/// A small Linux image made from the machine's static busybox (Debian's
+/// `busybox-static`, which `scripts/test.sh` installs): `/bin/busybox` with
+/// its applets as symlinks, `/etc/passwd` and `/etc/group` with root and
+/// nobody, `/tmp`. `user` becomes the config's `User`. Returns the gzipped
+/// layer and the image config, as a registry would hold them.
+pub fn busybox_image(user: Option<&str>) -> (Vec<u8>, Vec<u8>) {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("busybox is installed (scripts/test.sh installs busybox-static)");
+    let binary = std::fs::read(busybox).expect("reading busybox");
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        if let Some(target) = link {
+            h.set_link_name(target).expect("link name");
+        }
+        tar.append_data(&mut h, path, data).expect("tar entry");
+    };
+    for dir in ["bin", "etc", "proc", "sys", "dev", "root", "www"] {
+        add(dir, tar::EntryType::Directory, 0o755, &[], None);
+    }
+    add("tmp", tar::EntryType::Directory, 0o1777, &[], None);
+    add("bin/busybox", tar::EntryType::Regular, 0o755, &binary, None);
+    for applet in [
+        "sh", "echo", "cat", "ls", "sleep", "id", "hostname", "env", "true", "false", "kill",
+        "head", "tail", "wget", "httpd", "nc", "ps", "mkdir", "touch", "dd", "pwd", "test", "grep",
+        "ip", "ifconfig",
+    ] {
+        add(
+            &format!("bin/{applet}"),
+            tar::EntryType::Symlink,
+            0o777,
+            &[],
+            Some("busybox"),
+        );
+    }
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        None,
+    );
+    add(
+        "etc/group",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\n",
+        None,
+    );
+    add(
+        "www/index.html",
+        tar::EntryType::Regular,
+        0o644,
+        b"hello from busybox httpd\n",
+        None,
+    );
+    let layer = tar.into_inner().expect("tar");
+    let diff_id = {
+        use sha2::Digest;
+        format!("sha256:{:x}", sha2::Sha256::digest(&layer))
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&layer).expect("gzip");
+    let layer = gz.finish().expect("gzip");
+    let mut config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    if let Some(u) = user {
+        config["config"]["User"] = u.into();
+    }
+    (layer, serde_json::to_vec(&config).expect("config"))
+}
