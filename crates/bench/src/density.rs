@@ -93,7 +93,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "--port",
             "0",
         ])
-        .args(["--max-pods", &max_pods, "--data-dir"])
+        .args(["--max-pods", &max_pods, "--no-pod-network", "--data-dir"])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())

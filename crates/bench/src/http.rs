@@ -87,7 +87,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = wasmkube_testkit::Registry::start();
     let image = format!("{}/http-hello:v1", registry.host());
     wasmkube_oci::push_wasm(std::fs::read(&component)?, &image, &Default::default()).await?;
-    let (server, _) = ChildServer::start_with(&binary, &["--node-name", "bench-http"]).await?;
+    let (server, _) =
+        ChildServer::start_with(&binary, &["--node-name", "bench-http", "--no-pod-network"])
+            .await?;
     let client = server.client()?;
     let port = free_port()?;
     let pods: Api<Pod> = Api::namespaced(client, "default");

@@ -42,8 +42,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
     let max_pods = (args.pods + 10).to_string();
-    let (server, _) =
-        ChildServer::start_with(&binary, &["--node-name", LOCAL, "--max-pods", &max_pods]).await?;
+    let (server, _) = ChildServer::start_with(
+        &binary,
+        &[
+            "--node-name",
+            LOCAL,
+            "--max-pods",
+            &max_pods,
+            "--no-pod-network",
+        ],
+    )
+    .await?;
     let client = server.client()?;
     crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

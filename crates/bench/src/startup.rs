@@ -20,7 +20,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut times = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..args.runs {
-        let (server, ready) = ChildServer::start_with(&binary, &[]).await?;
+        let (server, ready) = ChildServer::start_with(&binary, &["--no-pod-network"]).await?;
         times.push(ready);
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss.push(rss_kib(server.child.id())?);

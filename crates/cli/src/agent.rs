@@ -34,6 +34,14 @@ pub struct NodeArgs {
     /// Let Linux containers run with securityContext.privileged.
     #[arg(long)]
     pub allow_privileged: bool,
+    /// Pods share the node's network instead of each getting a network
+    /// namespace and an IP from the node's pod CIDR (which needs root and
+    /// the CNI plugins in --cni-bin).
+    #[arg(long)]
+    pub no_pod_network: bool,
+    /// Where the CNI bridge, host-local and loopback plugins are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub cni_bin: PathBuf,
 }
 
 impl NodeArgs {
@@ -42,6 +50,8 @@ impl NodeArgs {
         config.max_instances = self.max_instances;
         config.linux = !self.no_linux;
         config.allow_privileged = self.allow_privileged;
+        config.pod_network = !self.no_pod_network;
+        config.cni_bin = self.cni_bin.clone();
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
         config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));

@@ -43,6 +43,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     default_toleration_seconds: i64,
 
+    /// Nodes get their pod CIDRs (one /24 each) from this range; pods are
+    /// addressed from their node's.
+    #[arg(long, default_value = "10.244.0.0/16", value_name = "CIDR")]
+    cluster_cidr: wasmkube_controllers::nodeipam::Cidr,
+
     /// Run no local node: pods then need agents joined with `wasmkube
     /// agent` (or simulated nodes).
     #[arg(long)]
@@ -148,6 +153,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let (elector, client) = (controllers_lease.clone(), client.clone());
         let config = wasmkube_controllers::Config {
             node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
+            cluster_cidr: Some(args.cluster_cidr),
             ..Default::default()
         };
         tokio::spawn(async move {

@@ -318,7 +318,15 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(
         Command::new(wasmkube())
-            .args(["agent", "--name", "second", "--port", "0", "--data-dir"])
+            .args([
+                "agent",
+                "--name",
+                "second",
+                "--port",
+                "0",
+                "--no-pod-network",
+            ])
+            .arg("--data-dir")
             .arg(dir.path().join("second"))
             .arg("--kubeconfig")
             .arg(&s.kubeconfig)

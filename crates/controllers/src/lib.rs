@@ -25,6 +25,7 @@ mod expectations;
 pub mod gc;
 pub mod job;
 pub mod leader;
+pub mod nodeipam;
 pub mod nodelifecycle;
 mod pods;
 pub mod replicaset;
@@ -43,6 +44,10 @@ pub struct Config {
     pub node_monitor_grace_period: Duration,
     /// How often node heartbeats and NoExecute taints are checked.
     pub node_monitor_period: Duration,
+    /// Pod CIDRs for nodes are carved from this (`None`: nodes get none).
+    pub cluster_cidr: Option<nodeipam::Cidr>,
+    /// The prefix length of each node's pod CIDR.
+    pub node_cidr_mask_size: u8,
 }
 
 impl Default for Config {
@@ -51,6 +56,11 @@ impl Default for Config {
             job_backoff: Duration::from_secs(10),
             node_monitor_grace_period: Duration::from_secs(40),
             node_monitor_period: Duration::from_secs(5),
+            cluster_cidr: Some(nodeipam::Cidr {
+                base: [10, 244, 0, 0].into(),
+                prefix: 16,
+            }),
+            node_cidr_mask_size: 24,
         }
     }
 }
@@ -65,6 +75,12 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let cronjob = cronjob::run(client.clone(), &mut inf);
     let nodelifecycle = nodelifecycle::run(client.clone(), &mut inf, &config);
     let endpoints = endpoints::run(client.clone(), &mut inf);
+    let ipam = async {
+        match config.cluster_cidr {
+            Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = inf.run() => Err(Error::WatchEnded { what: "informer" }),
         r = replicaset => r,
@@ -76,6 +92,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = gc::run(client.clone()) => r,
         r = serviceaccount::run(client.clone()) => r,
         r = endpoints => r,
+        r = ipam => r,
     }
 }
 

@@ -89,6 +89,11 @@ pub struct Config {
     pub linux: bool,
     /// Whether privileged Linux containers may run.
     pub allow_privileged: bool,
+    /// Give each pod its own network namespace and IP from the node's pod
+    /// CIDR (needs root and the CNI plugins in `cni_bin`); otherwise pods
+    /// share the node's network.
+    pub pod_network: bool,
+    pub cni_bin: PathBuf,
     /// The largest linear memory a module may have.
     pub max_module_memory_bytes: usize,
 }
@@ -113,6 +118,8 @@ impl Config {
             max_instances: None,
             linux: true,
             allow_privileged: false,
+            pod_network: true,
+            cni_bin: PathBuf::from("/usr/lib/cni"),
             max_module_memory_bytes: 4 << 30,
         }
     }
@@ -147,6 +154,9 @@ pub(crate) struct Ctx {
     pub images: wasmkube_oci::ImageStore,
     /// The node's runtimes: Wasm first, then runc when available.
     pub runtimes: Vec<Arc<dyn Runtime>>,
+    /// The pod network, once the node has its pod CIDR (unset: pods share
+    /// the node's network).
+    pub network: std::sync::OnceLock<wasmkube_runtime_linux::net::PodNetwork>,
     /// Pods this agent runs, by uid.
     pub pods: Mutex<HashMap<String, pod::Handle>>,
     /// The token the API server presents to the agent endpoint.
@@ -228,6 +238,7 @@ impl Agent {
             config,
             images,
             runtimes,
+            network: std::sync::OnceLock::new(),
             pods: Mutex::default(),
             token,
             port,
@@ -237,6 +248,9 @@ impl Agent {
         node::ensure_runtime_classes(&ctx).await?;
         node::register(&ctx).await?;
         tracing::info!(node = %ctx.config.name, port, "node agent registered");
+        if ctx.config.pod_network {
+            node::set_up_pod_network(&ctx).await;
+        }
         Ok(Self { ctx, listener })
     }
 
@@ -254,10 +268,12 @@ impl Agent {
         let server = tokio::spawn(server::serve(ctx.clone(), self.listener));
         let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
         let status = tokio::spawn(node::status_loop(ctx.clone()));
+        let routes = tokio::spawn(node::route_to_other_nodes(ctx.clone()));
         let result = watch_pods(ctx.clone()).await;
         server.abort();
         heartbeat.abort();
         status.abort();
+        routes.abort();
         result
     }
 }

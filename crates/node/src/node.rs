@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use serde_json::{Value, json};
 
 use crate::{Ctx, Error};
@@ -311,6 +313,97 @@ pub(crate) async fn status_loop(ctx: Arc<Ctx>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Err(e) = patch_status(&ctx).await {
             tracing::warn!(error = %e, "could not update the node status");
+        }
+    }
+}
+
+/// Waits (briefly) for the control plane to give the node its pod CIDR,
+/// then sets up the pod network on it. Without root, the CNI plugins or a
+/// CIDR, pods share the node's network, and the log says why.
+pub(crate) async fn set_up_pod_network(ctx: &Ctx) {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let name = ctx.config.name.clone();
+    let wait = async {
+        let mut stream = kube::runtime::watcher(
+            nodes,
+            kube::runtime::watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .applied_objects()
+        .boxed();
+        while let Ok(Some(node)) = stream.try_next().await {
+            if let Some(cidr) = node.spec.and_then(|s| s.pod_cidr) {
+                return Some(cidr);
+            }
+        }
+        None
+    };
+    let Ok(Some(cidr)) = tokio::time::timeout(POD_CIDR_WAIT, wait).await else {
+        tracing::warn!(
+            "the node got no pod CIDR from the control plane; pods share the node's network"
+        );
+        return;
+    };
+    let config = wasmkube_runtime_linux::net::NetConfig {
+        pod_cidr: cidr.clone(),
+        bridge: BRIDGE.into(),
+        cni_bin: ctx.config.cni_bin.clone(),
+        state_dir: ctx.config.data_dir.join("cni"),
+        prefix: format!("wk-{name}-"),
+    };
+    match wasmkube_runtime_linux::net::PodNetwork::new(config) {
+        Ok(network) => {
+            tracing::info!(pod_cidr = %cidr, bridge = BRIDGE, "pods get their own network namespaces and IPs");
+            let _ = ctx.network.set(network);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "pods share the node's network");
+        }
+    }
+}
+
+/// How long the agent waits for its pod CIDR at start.
+const POD_CIDR_WAIT: Duration = Duration::from_secs(30);
+/// The node's pod bridge.
+const BRIDGE: &str = "wk0";
+
+/// Keeps a route to every other node's pod CIDR through that node's
+/// InternalIP, so pods reach pods on other nodes (flannel's host-gw mode).
+pub(crate) async fn route_to_other_nodes(ctx: Arc<Ctx>) {
+    let Some(network) = ctx.network.get() else {
+        return;
+    };
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let mut stream = kube::runtime::watcher(nodes, Default::default())
+        .applied_objects()
+        .default_backoff()
+        .boxed();
+    let mut routed: std::collections::HashMap<String, (String, std::net::IpAddr)> =
+        Default::default();
+    while let Some(node) = stream.next().await {
+        let Ok(node) = node else { continue };
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if name == ctx.config.name {
+            continue;
+        }
+        let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+        let ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .and_then(|a| a.address.parse().ok());
+        let (Some(cidr), Some(ip)) = (cidr, ip) else {
+            continue;
+        };
+        if routed.get(&name) == Some(&(cidr.clone(), ip)) || cidr == network.pod_cidr() {
+            continue;
+        }
+        match network.route(&cidr, ip).await {
+            Ok(()) => {
+                tracing::info!(node = %name, %cidr, via = %ip, "routing to the node's pods");
+                routed.insert(name, (cidr, ip));
+            }
+            Err(e) => tracing::debug!(node = %name, error = %e, "no route to the node's pods"),
         }
     }
 }

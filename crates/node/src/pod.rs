@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use wasmkube_oci::{Credentials, Progress, PullPolicy};
 use wasmkube_runtime::{ContainerConfig, Image, Runtime, Usage};
+use wasmkube_runtime_linux::net::Sandbox;
 
 use crate::events::{self, Kind};
 use crate::spec::{self, Volume};
@@ -74,6 +75,8 @@ pub(crate) struct PodState {
     pub runs: HashMap<String, Run>,
     forced: Option<Forced>,
     sandbox_ready: bool,
+    /// The pod's own network, when the node gives pods one.
+    sandbox: Option<Sandbox>,
 }
 
 impl PodState {
@@ -114,6 +117,7 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         runs: HashMap::new(),
         forced: None,
         sandbox_ready: false,
+        sandbox: None,
     }));
     let (tx, rx) = watch::channel(Some(pod.clone()));
     pods.insert(
@@ -376,12 +380,19 @@ impl Worker {
             st.forced.as_ref(),
             &start_time,
             &self.ctx.config.address.to_string(),
+            st.sandbox.as_ref().map(|s| s.ip),
             false,
         ))
     }
 
     async fn cleanup(&self) {
-        let dir = self.state.lock().expect("pod state").dir.clone();
+        let (dir, sandbox) = {
+            let st = self.state.lock().expect("pod state");
+            (st.dir.clone(), st.sandbox.is_some())
+        };
+        if let (Some(network), true) = (self.ctx.network.get(), sandbox) {
+            network.teardown(&self.uid).await;
+        }
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -426,6 +437,7 @@ async fn status_writer(
                 st.forced.as_ref(),
                 &start_time,
                 &ctx.config.address.to_string(),
+                st.sandbox.as_ref().map(|s| s.ip),
                 st.sandbox_ready,
             ))
         };
@@ -468,11 +480,63 @@ struct PodRun {
 }
 
 impl PodRun {
+    /// The pod as last seen, with its IP once it has one (for the
+    /// downward API).
     fn pod(&self) -> Pod {
-        self.pod
+        let mut pod = self
+            .pod
             .borrow()
             .clone()
-            .expect("the worker stops the pod before it goes")
+            .expect("the worker stops the pod before it goes");
+        if let Some(sb) = &self.state.lock().expect("pod state").sandbox {
+            pod.status.get_or_insert_with(Default::default).pod_ip = Some(sb.ip.to_string());
+        }
+        pod
+    }
+
+    /// The pod's IP: its own, or the node's when it shares the node's
+    /// network.
+    fn ip(&self) -> std::net::IpAddr {
+        self.state
+            .lock()
+            .expect("pod state")
+            .sandbox
+            .as_ref()
+            .map_or(self.ctx.config.address, |s| s.ip)
+    }
+
+    /// Gives the pod its network namespace and address, retrying with
+    /// back-off (`FailedCreatePodSandBox`) until it works or the pod stops.
+    /// Returns false when the pod stopped first.
+    async fn sandbox(&self, pod: &Pod) -> bool {
+        let Some(network) = self.ctx.network.get() else {
+            return true;
+        };
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return true;
+        }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut delay = self.ctx.config.backoff.initial;
+        loop {
+            match network.setup(&uid).await {
+                Ok(sb) => {
+                    self.set(|s| s.sandbox = Some(sb));
+                    return true;
+                }
+                Err(e) => {
+                    self.event(
+                        None,
+                        Kind::Warning,
+                        "FailedCreatePodSandBox",
+                        format!("Failed to create pod sandbox: {e}"),
+                    );
+                    if self.wait_or_stop(delay).await {
+                        return false;
+                    }
+                    delay = (delay * 2).min(self.ctx.config.backoff.max);
+                }
+            }
+        }
     }
 
     fn set(&self, f: impl FnOnce(&mut PodState)) {
@@ -511,6 +575,9 @@ impl PodRun {
     }
 
     async fn lifecycle(self: Arc<Self>) {
+        if !self.sandbox(&self.pod()).await {
+            return;
+        }
         let pod = self.pod();
         let dir = self.state.lock().expect("pod state").dir.clone();
         let mut delay = self.ctx.config.backoff.initial;
@@ -562,7 +629,7 @@ impl PodRun {
             return std::future::pending().await;
         }
         let name = c.name.clone();
-        let ip = self.ctx.config.address;
+        let ip = self.ip();
         let usable =
             |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(p) {
                 Some(why) => {
@@ -926,6 +993,47 @@ impl PodRun {
             let container_id = format!("{}://{run_id}", runtime.handler());
             let started_at = Utc::now();
             let ran_from = Instant::now();
+            let ports: Vec<u16> = c
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .map(|p| p.container_port as u16)
+                .collect();
+            let sandbox = self.state.lock().expect("pod state").sandbox.clone();
+            // A Wasm server runs in the agent's process: its sockets are made
+            // inside the pod's namespace for it.
+            let listeners = match (&sandbox, image.is_wasm()) {
+                (Some(sb), true) => {
+                    let bound: Result<Vec<_>, _> = ports
+                        .iter()
+                        .map(|p| {
+                            wasmkube_runtime_linux::net::listen_in(
+                                &sb.netns,
+                                std::net::SocketAddr::new(sb.ip, *p),
+                            )
+                        })
+                        .collect();
+                    match bound {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let message = format!("cannot listen in the pod's network: {e}");
+                            self.set(|s| {
+                                s.container(&name).state = State::Waiting {
+                                    reason: "CreateContainerError".into(),
+                                    message: Some(message),
+                                }
+                            });
+                            if self.wait_or_stop(config_delay).await {
+                                return Outcome::Stopped;
+                            }
+                            config_delay = (config_delay * 2).min(backoff.max);
+                            continue;
+                        }
+                    }
+                }
+                _ => Vec::new(),
+            };
             let config = ContainerConfig {
                 id: run_id,
                 name: name.clone(),
@@ -948,15 +1056,10 @@ impl PodRun {
                 cpu_request_millis: resolved.cpu_request_millis,
                 security: resolved.security,
                 usage: usage.clone(),
-                pod_ip: self.ctx.config.address,
-                ports: c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                    .map(|p| p.container_port as u16)
-                    .collect(),
-                netns: None,
+                pod_ip: self.ip(),
+                ports: ports.clone(),
+                netns: sandbox.as_ref().map(|s| s.netns.clone()),
+                listeners,
             };
             let started = runtime.start(config).await;
             if let Err(wasmkube_runtime::Error::Config(message)) = &started {

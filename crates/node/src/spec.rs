@@ -123,7 +123,12 @@ fn field_value(
         "spec.serviceAccountName" => spec
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
-        "status.hostIP" | "status.podIP" | "status.hostIPs" | "status.podIPs" => ip,
+        "status.hostIP" | "status.hostIPs" => ip,
+        "status.podIP" | "status.podIPs" => pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or(ip),
         other => {
             return Err(ConfigError(format!(
                 "unsupported fieldRef fieldPath {other:?}"

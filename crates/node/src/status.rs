@@ -185,8 +185,10 @@ pub(crate) fn build(
     forced: Option<&Forced>,
     start_time: &DateTime<Utc>,
     host_ip: &str,
+    pod_ip: Option<std::net::IpAddr>,
     sandbox_ready: bool,
 ) -> Value {
+    let pod_ip = pod_ip.map_or_else(|| host_ip.to_owned(), |ip| ip.to_string());
     let restart_policy = pod
         .spec
         .as_ref()
@@ -269,8 +271,8 @@ pub(crate) fn build(
         "conditions": conditions,
         "hostIP": host_ip,
         "hostIPs": [{"ip": host_ip}],
-        "podIP": host_ip,
-        "podIPs": [{"ip": host_ip}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
         "startTime": time(start_time),
         "containerStatuses": json_of(false),
         "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()),

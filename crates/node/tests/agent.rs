@@ -150,6 +150,9 @@ async fn harness_with(prepare: impl FnOnce(&std::path::Path)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     prepare(&dir.path().join("agent"));
     let mut config = Config::new(NODE, dir.path().join("agent"));
+    // Pods share the machine's network here; pod networking is tested in
+    // namespaces of its own.
+    config.pod_network = false;
     config.backoff = Backoff {
         initial: Duration::from_millis(300),
         max: Duration::from_secs(2),

@@ -12,6 +12,7 @@
 //! This is the only crate that touches runc, cgroups and namespaces.
 
 pub mod cgroup;
+pub mod net;
 pub mod rootfs;
 pub mod spec;
 

@@ -194,8 +194,10 @@ impl Runtime for WasmContainers {
                         "an HTTP function needs a containerPort to serve on".into(),
                     ));
                 }
-                let mut listeners = Vec::new();
-                for port in &config.ports {
+                // Sockets the agent made in the pod's network, or bound here
+                // on the pod's address.
+                let mut listeners = config.listeners;
+                for port in config.ports.iter().skip(listeners.len()) {
                     let addr = std::net::SocketAddr::new(config.pod_ip, *port);
                     // Bound here, so a taken port fails the start; served
                     // on the guest executor.

@@ -104,6 +104,10 @@ pub struct ContainerConfig {
     pub ports: Vec<u16>,
     /// The pod's network namespace (`None`: the node's network).
     pub netns: Option<PathBuf>,
+    /// Sockets the agent opened in the pod's network for `ports`, for a
+    /// runtime that serves in its own process (empty: it binds
+    /// `pod_ip:port` itself).
+    pub listeners: Vec<std::net::TcpListener>,
 }
 
 /// Live resource usage of one container, updated by the runtime as it runs

@@ -33,9 +33,13 @@ pub fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
     spawn_server(data_dir, &args)
 }
 
-/// The whole cluster, local node included, with extra `server` flags.
+/// The whole cluster, local node included, with extra `server` flags. Its
+/// pods share the machine's network: pod networking is tested in network
+/// namespaces of its own (`pod_network.rs`).
 pub fn start_cluster(data_dir: &Path, extra: &[&str]) -> Server {
-    spawn_server(data_dir, extra)
+    let mut args = vec!["--no-pod-network"];
+    args.extend_from_slice(extra);
+    spawn_server(data_dir, &args)
 }
 
 fn spawn_server(data_dir: &Path, extra: &[&str]) -> Server {

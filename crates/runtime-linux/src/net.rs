@@ -1,0 +1,243 @@
+//! Pod networking: one network namespace per pod, attached to the node's
+//! bridge by the CNI `bridge` and `host-local` plugins (Debian's
+//! containernetworking-plugins) with an address from the node's pod CIDR;
+//! routes to other nodes' pod CIDRs through their node addresses; and
+//! listening sockets made inside a pod's namespace for runtimes that serve
+//! in-process (a socket stays in the namespace it was created in).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::Error;
+
+/// Where `ip netns` keeps named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+const CNI_NETWORK: &str = "wasmkube";
+
+/// Settings of a node's pod network.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The node's pod CIDR (`node.spec.podCIDR`).
+    pub pod_cidr: String,
+    /// The node's bridge.
+    pub bridge: String,
+    /// Where the CNI plugins are.
+    pub cni_bin: PathBuf,
+    /// The IPAM plugin's allocations (per node, so agents sharing a
+    /// machine in tests never share it).
+    pub state_dir: PathBuf,
+    /// Namespace names start with it: this node's, and nobody else's.
+    pub prefix: String,
+}
+
+/// A pod's network: its address and namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sandbox {
+    pub ip: IpAddr,
+    pub netns: PathBuf,
+}
+
+/// The node's pod network.
+#[derive(Debug)]
+pub struct PodNetwork {
+    config: NetConfig,
+}
+
+impl PodNetwork {
+    /// Checks that the plugins and `ip` are there and the agent is root, and
+    /// lets the node forward between its bridge and other nodes.
+    pub fn new(config: NetConfig) -> Result<Self, Error> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(Error::Unavailable("the agent does not run as root".into()));
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            let p = config.cni_bin.join(plugin);
+            if !p.exists() {
+                return Err(Error::Unavailable(format!(
+                    "CNI plugin {} not found (install containernetworking-plugins)",
+                    p.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(Error::io(&config.state_dir))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| Error::Unavailable(format!("enabling IP forwarding: {e}")))?;
+        Ok(Self { config })
+    }
+
+    pub fn pod_cidr(&self) -> &str {
+        &self.config.pod_cidr
+    }
+
+    fn name(&self, id: &str) -> String {
+        format!("{}{id}", self.config.prefix)
+    }
+
+    fn netns_path(&self, id: &str) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.name(id))
+    }
+
+    /// The pod network's CNI configuration for one plugin.
+    fn plugin_config(&self, plugin: &str) -> serde_json::Value {
+        match plugin {
+            "loopback" => serde_json::json!({
+                "cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "loopback",
+            }),
+            _ => serde_json::json!({
+                "cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "bridge",
+                "bridge": self.config.bridge, "isGateway": true, "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": self.config.pod_cidr}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": self.config.state_dir,
+                },
+            }),
+        }
+    }
+
+    async fn cni(&self, command: &str, plugin: &str, id: &str) -> Result<serde_json::Value, Error> {
+        let mut child = tokio::process::Command::new(self.config.cni_bin.join(plugin))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", self.name(id))
+            .env("CNI_NETNS", self.netns_path(id))
+            .env(
+                "CNI_IFNAME",
+                if plugin == "loopback" { "lo" } else { "eth0" },
+            )
+            .env("CNI_PATH", &self.config.cni_bin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::Setup(format!("running the CNI {plugin} plugin: {e}")))?;
+        let config = serde_json::to_vec(&self.plugin_config(plugin)).expect("JSON");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&config)
+                .await
+                .map_err(|e| Error::Setup(format!("CNI {plugin}: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::Setup(format!("CNI {plugin}: {e}")))?;
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if !out.status.success() {
+            let msg = result["msg"].as_str().map_or_else(
+                || String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                |m| format!("{m} {}", result["details"].as_str().unwrap_or_default()),
+            );
+            return Err(Error::Setup(format!(
+                "CNI {plugin} {command}: {}",
+                msg.trim()
+            )));
+        }
+        Ok(result)
+    }
+
+    /// Creates the pod's namespace and plugs it into the bridge.
+    pub async fn setup(&self, id: &str) -> Result<Sandbox, Error> {
+        // A leftover of the same pod (an agent crash mid-setup) goes first.
+        self.teardown(id).await;
+        ip(&["netns", "add", &self.name(id)]).await?;
+        let result = async {
+            self.cni("ADD", "loopback", id).await?;
+            self.cni("ADD", "bridge", id).await
+        }
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.teardown(id).await;
+                return Err(e);
+            }
+        };
+        let address = result["ips"][0]["address"].as_str().unwrap_or_default();
+        let ip = address
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| Error::Setup(format!("CNI bridge gave no address: {result}")))?;
+        Ok(Sandbox {
+            ip,
+            netns: self.netns_path(id),
+        })
+    }
+
+    /// Unplugs and removes the pod's namespace (and its veth with it).
+    /// Whatever is already gone is fine.
+    pub async fn teardown(&self, id: &str) {
+        if !self.netns_path(id).exists() {
+            return;
+        }
+        if let Err(e) = self.cni("DEL", "bridge", id).await {
+            tracing::warn!(pod = id, error = %e, "releasing the pod's address");
+        }
+        if let Err(e) = ip(&["netns", "delete", &self.name(id)]).await {
+            tracing::warn!(pod = id, error = %e, "removing the pod's network namespace");
+        }
+    }
+
+    /// The ids of this node's pod namespaces that exist now.
+    pub fn sandboxes(&self) -> Vec<String> {
+        std::fs::read_dir(NETNS_DIR)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_prefix(&self.config.prefix)
+                            .map(str::to_owned)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Routes another node's pod CIDR through its address.
+    pub async fn route(&self, cidr: &str, via: IpAddr) -> Result<(), Error> {
+        ip(&["route", "replace", cidr, "via", &via.to_string()]).await
+    }
+}
+
+async fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::Setup(format!("running ip: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Setup(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// A listening TCP socket on `addr` inside the network namespace at
+/// `netns`, made on a short-lived thread that enters the namespace (the
+/// socket stays in it; the calling thread never leaves its own).
+pub fn listen_in(netns: &Path, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns)?;
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )?;
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}
