@@ -57,6 +57,11 @@ pub struct ServerArgs {
     #[arg(long)]
     node_name: Option<String>,
 
+    /// The local node's InternalIP (where the API server reaches its agent
+    /// and other nodes route to its pods).
+    #[arg(long, default_value = "127.0.0.1")]
+    node_address: std::net::IpAddr,
+
     #[command(flatten)]
     node: crate::agent::NodeArgs,
 }
@@ -174,6 +179,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(crate::agent::host_name);
         let mut config = wasmkube_node::Config::new(&name, args.data_dir.join("node"));
+        config.address = args.node_address;
+        config.listen = std::net::SocketAddr::new(args.node_address, 0);
         args.node.apply(&mut config);
         let agent = wasmkube_node::Agent::start(client.clone(), config)
             .await

@@ -313,6 +313,7 @@ impl Worker {
                             if !finished { let _ = (&mut lifecycle).await; }
                             writer.abort();
                             self.cleanup().await;
+                            self.forget();
                             return;
                         }
                         Some(pod) if pod.metadata.deletion_timestamp.is_some() && !deleting => {
@@ -341,6 +342,8 @@ impl Worker {
             self.final_status(start_time)
         };
         writer.abort();
+        // Everything the pod had goes before its deletion is confirmed.
+        self.cleanup().await;
         if let (Some(pod), Some(status)) = (self.latest(), final_status) {
             let api: Api<Pod> = Api::namespaced(
                 self.ctx.client.clone(),
@@ -368,7 +371,9 @@ impl Worker {
                 tracing::warn!(pod = %name, error = %e, "could not confirm the pod's deletion");
             }
         }
-        self.cleanup().await;
+        // Only now: an event for the pod before its deletion was confirmed
+        // (the final status) must not start it again.
+        self.forget();
     }
 
     fn final_status(&self, start_time: DateTime<Utc>) -> Option<Value> {
@@ -398,6 +403,10 @@ impl Worker {
         {
             tracing::warn!(dir = %dir.display(), error = %e, "could not remove the pod's files");
         }
+    }
+
+    /// The worker is done: a later event for its pod starts a new one.
+    fn forget(&self) {
         self.ctx.pods.lock().expect("pods lock").remove(&self.uid);
     }
 }
@@ -576,6 +585,11 @@ impl PodRun {
 
     async fn lifecycle(self: Arc<Self>) {
         if !self.sandbox(&self.pod()).await {
+            return;
+        }
+        // Gone from the API while its network was being made: the worker
+        // cleans up.
+        if self.pod.borrow().is_none() {
             return;
         }
         let pod = self.pod();

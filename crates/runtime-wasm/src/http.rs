@@ -121,6 +121,9 @@ impl WasmRuntime {
                 });
                 if let Err(e) = http1::Builder::new()
                     .keep_alive(true)
+                    // A client that closes its sending side after the
+                    // request (`nc`, say) still gets the response.
+                    .half_close(true)
                     .serve_connection(TokioIo::new(socket), service)
                     .await
                 {

@@ -20,22 +20,27 @@ pub struct Registry {
 impl Registry {
     /// An anonymous registry.
     pub fn start() -> Self {
-        Self::spawn(None)
+        Self::spawn(None, [127, 0, 0, 1].into())
+    }
+
+    /// An anonymous registry on `ip` (an address of a network the test made).
+    pub fn start_on(ip: std::net::IpAddr) -> Self {
+        Self::spawn(None, ip)
     }
 
     /// A registry that needs a user name and password (htpasswd, bcrypt).
     pub fn with_login(user: &str, password: &str) -> Self {
-        Self::spawn(Some((user, password)))
+        Self::spawn(Some((user, password)), [127, 0, 0, 1].into())
     }
 
-    fn spawn(login: Option<(&str, &str)>) -> Self {
+    fn spawn(login: Option<(&str, &str)>, ip: std::net::IpAddr) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // Find a free port; the registry binds it right after.
-        let port = TcpListener::bind("127.0.0.1:0")
+        let port = TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr = SocketAddr::new(ip, port);
         let auth = match login {
             Some((user, password)) => {
                 let hash = bcrypt::hash(password, 4).expect("bcrypt");
@@ -75,7 +80,7 @@ impl Registry {
         registry
     }
 
-    /// `127.0.0.1:PORT`, the registry part of image references.
+    /// `IP:PORT`, the registry part of image references.
     pub fn host(&self) -> String {
         self.addr.to_string()
     }

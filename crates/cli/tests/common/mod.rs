@@ -18,7 +18,7 @@ pub struct Server {
     pub url: String,
     pub kubeconfig: PathBuf,
     /// Lines the server logged after it became ready.
-    _log: mpsc::Receiver<String>,
+    pub log: mpsc::Receiver<String>,
 }
 
 /// A control plane with no local node (pods go to simulated nodes).
@@ -42,10 +42,28 @@ pub fn start_cluster(data_dir: &Path, extra: &[&str]) -> Server {
     spawn_server(data_dir, &args)
 }
 
+/// The whole cluster run inside network namespace `netns` (made by the
+/// test), its API on `ip`, with pod networking on.
+pub fn start_cluster_in(netns: &str, ip: &str, data_dir: &Path, extra: &[&str]) -> Server {
+    spawn(
+        // nsenter enters the network namespace only (`ip netns exec` would
+        // also remount /sys, hiding the cgroup hierarchies runc needs).
+        &["nsenter", &format!("--net=/run/netns/{netns}"), wasmkube()],
+        &format!("{ip}:0"),
+        data_dir,
+        extra,
+    )
+}
+
 fn spawn_server(data_dir: &Path, extra: &[&str]) -> Server {
+    spawn(&[wasmkube()], "127.0.0.1:0", data_dir, extra)
+}
+
+fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Server {
     let kubeconfig = data_dir.join("kubeconfig");
-    let mut child = Command::new(wasmkube())
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut child = Command::new(command[0])
+        .args(&command[1..])
+        .args(["server", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .arg("--write-kubeconfig")
@@ -75,7 +93,7 @@ fn spawn_server(data_dir: &Path, extra: &[&str]) -> Server {
         child,
         url,
         kubeconfig,
-        _log: rx,
+        log: rx,
     }
 }
 

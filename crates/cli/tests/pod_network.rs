@@ -1,0 +1,427 @@
+//! IP-per-pod networking end to end, on two simulated hosts: network
+//! namespaces `host1` and `host2` the test makes, joined with the test's own
+//! namespace through a bridge in a fourth (`lan`), so nothing of the
+//! machine's network changes but one veth that goes with the namespaces.
+//! `wasmkube server` runs in host1 with its local node, `wasmkube agent` in
+//! host2; images come from a real registry on the test's end of the lan.
+//! A busybox httpd Deployment (runc) and a Wasm HTTP function get their own
+//! pod IPs on host1, pods reach each other on one host and across the two,
+//! and deleting the pods leaves no namespace, veth, mount or cgroup behind.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::{Server, ok, start_cluster_in, wasmkube};
+use serde_json::json;
+use wasmkube_testkit::{Registry, busybox_image, workload_path};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("iproute2");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip_out(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("iproute2");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two hosts and the test on one /24; removed on drop with everything the
+/// agents made in them.
+struct Lan {
+    tag: String,
+    subnet: u8,
+}
+
+impl Lan {
+    fn new() -> Self {
+        let pid = std::process::id();
+        let tag = format!("{}", pid % 100_000);
+        let subnet = (pid % 200) as u8 + 20;
+        let lan = Self { tag, subnet };
+        let (l, h1, h2) = (lan.ns("lan"), lan.ns("host1"), lan.ns("host2"));
+        for ns in [&l, &h1, &h2] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", &l, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &l, "link", "set", "br0", "up"]);
+        // The test's own end: a veth whose peer is in the lan namespace.
+        let mine = format!("wkt{}", lan.tag);
+        ip(&[
+            "link", "add", &mine, "type", "veth", "peer", "name", "to-test", "netns", &l,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", lan.addr(254)),
+            "dev",
+            &mine,
+        ]);
+        ip(&["link", "set", &mine, "up"]);
+        for (ns, n, port) in [(&h1, 1, "to-h1"), (&h2, 2, "to-h2")] {
+            ip(&[
+                "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &l,
+            ]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", lan.addr(n)),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        }
+        for port in ["to-test", "to-h1", "to-h2"] {
+            ip(&["-n", &l, "link", "set", port, "master", "br0"]);
+            ip(&["-n", &l, "link", "set", port, "up"]);
+        }
+        lan
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("wkt-{name}-{}", self.tag)
+    }
+
+    fn addr(&self, host: u8) -> String {
+        format!("10.199.{}.{host}", self.subnet)
+    }
+
+    /// Runs `busybox ARGS` inside a host's namespace.
+    fn busybox_in(&self, host: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "busybox"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Pod namespaces the agents made that still exist.
+    fn pod_namespaces(&self) -> Vec<String> {
+        ip_out(&["netns", "list"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| {
+                n.starts_with(&format!("wk-{}-", self.ns("host1")))
+                    || n.starts_with(&format!("wk-{}-", self.ns("host2")))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for n in self.pod_namespaces() {
+            let _ = Command::new("ip").args(["netns", "delete", &n]).status();
+        }
+        for ns in ["host1", "host2", "lan"] {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.ns(ns)])
+                .status();
+        }
+    }
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn push(registry: &Registry) -> (String, String) {
+    let busybox = format!("{}/busybox:v1", registry.host());
+    let (layer, config) = busybox_image(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let options = wasmkube_oci::PushOptions {
+        insecure: vec![registry.host()],
+        credentials: None,
+    };
+    rt.block_on(wasmkube_oci::push_image(
+        vec![layer],
+        config,
+        &busybox,
+        &options,
+    ))
+    .unwrap();
+    let hello = format!("{}/http-hello:v1", registry.host());
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg("--insecure")
+        .arg(workload_path("http_hello", "wasm32-wasip2"))
+        .arg(&hello)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (busybox, hello)
+}
+
+fn pod_ip(s: &Server, selector: &[&str]) -> String {
+    let mut args = vec!["get", "pods"];
+    args.extend_from_slice(selector);
+    args.extend_from_slice(&["-o", "jsonpath={.items[0].status.podIP}"]);
+    ok(s, &args, None)
+}
+
+fn wait_ready(s: &Server, what: &str) {
+    checked(s, &["wait", "--for=condition=Ready", what, "--timeout=60s"]);
+}
+
+/// As `ok`, and on failure shows the pods as `kubectl describe` does.
+#[track_caller]
+fn checked(s: &Server, args: &[&str]) -> String {
+    let out = common::kubectl(s, args, None);
+    if !out.ok {
+        let pods = common::kubectl(s, &["describe", "pods"], None);
+        let logs = common::kubectl(s, &["logs", "deploy/web", "--previous"], None);
+        eprintln!("web's log: {}{}", logs.stdout, logs.stderr);
+        panic!(
+            "kubectl {args:?} failed: {}{}\n{}",
+            out.stdout, out.stderr, pods.stdout
+        );
+    }
+    out.stdout
+}
+
+/// A shell line that sends `GET path` to `ip:8080` and prints the whole
+/// response (busybox `nc`: the static busybox's `wget` crashes resolving).
+fn http_get(ip: &str, path: &str) -> String {
+    format!("printf 'GET {path} HTTP/1.0\\r\\nHost: pod\\r\\n\\r\\n' | nc -w 10 {ip} 8080")
+}
+
+/// A one-shot busybox pod on `node` fetching `path` from `ip:8080`; returns
+/// the response (its log) once it has Succeeded.
+fn fetch_from_pod(s: &Server, name: &str, node: &str, image: &str, ip: &str, path: &str) -> String {
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"nodeName": node, "restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": image,
+                                 "command": ["sh", "-c", http_get(ip, path)]}]},
+    })
+    .to_string();
+    ok(s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            &format!("pod/{name}"),
+            "--timeout=90s",
+        ],
+        None,
+    );
+    ok(s, &["logs", name], None)
+}
+
+#[test]
+fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
+    let lan = Lan::new();
+    let registry = Registry::start_on(lan.addr(254).parse().unwrap());
+    let (busybox, hello) = push(&registry);
+    let dir = tempfile::tempdir().unwrap();
+    let (host1, host2) = (lan.ns("host1"), lan.ns("host2"));
+    let s = start_cluster_in(
+        &host1,
+        &lan.addr(1),
+        &dir.path().join("server"),
+        &[
+            "--node-name",
+            &host1,
+            "--node-address",
+            &lan.addr(1),
+            "--insecure-registry",
+            &registry.host(),
+        ],
+    );
+    let agent = Agent(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{host2}"))
+            .args([wasmkube(), "agent", "--server", &s.url])
+            .args(["--name", &host2, "--address", &lan.addr(2), "--port", "0"])
+            .args(["--insecure-registry", &registry.host(), "--data-dir"])
+            .arg(dir.path().join("agent"))
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for node in [&host1, &host2] {
+        ok(
+            &s,
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{node}"),
+                "--timeout=60s",
+            ],
+            None,
+        );
+    }
+    let cidrs = ok(
+        &s,
+        &["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"],
+        None,
+    );
+    assert_eq!(cidrs.split_whitespace().count(), 2, "{cidrs}");
+
+    // A busybox httpd Deployment on runc and a Wasm HTTP function, both on host1.
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+          "template": {"metadata": {"labels": {"app": "web"}},
+            "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 2, "containers": [{"name": "httpd", "image": busybox,
+              "command": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+              "ports": [{"containerPort": 8080}],
+              "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&deployment));
+    let function = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fn", "labels": {"app": "fn"}},
+        "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 2, "containers": [{"name": "hello", "image": hello,
+          "env": [{"name": "GREETING", "value": "hi"}],
+          "ports": [{"containerPort": 8080}],
+          "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1}}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&function));
+    checked(
+        &s,
+        &["rollout", "status", "deployment/web", "--timeout=30s"],
+    );
+    wait_ready(&s, "pod/fn");
+    let web_ip = pod_ip(&s, &["-l", "app=web"]);
+    let fn_ip = pod_ip(&s, &["-l", "app=fn"]);
+    let pod_net = "10.244.";
+    assert!(
+        web_ip.starts_with(pod_net) && fn_ip.starts_with(pod_net),
+        "{web_ip} {fn_ip}"
+    );
+    assert_ne!(web_ip, fn_ip);
+    assert_ne!(web_ip, lan.addr(1));
+
+    // The host reaches both at their own IPs, on the same port.
+    let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&web_ip, "/")]);
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(
+        got.ends_with("\r\n\r\nhello from busybox httpd\n"),
+        "{got:?}"
+    );
+    let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&fn_ip, "/from-host")]);
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(
+        got.starts_with("HTTP/1.") && got.contains("/from-host"),
+        "{got:?}"
+    );
+
+    // A Linux pod reaches the Wasm pod on the same host, and pods on host2
+    // reach both across the hosts.
+    let body = fetch_from_pod(&s, "local-client", &host1, &busybox, &fn_ip, "/from-linux");
+    assert!(body.contains("/from-linux"), "{body}");
+    let body = fetch_from_pod(&s, "remote-web", &host2, &busybox, &web_ip, "/");
+    assert!(
+        body.ends_with("\r\n\r\nhello from busybox httpd\n"),
+        "{body}"
+    );
+    let body = fetch_from_pod(&s, "remote-fn", &host2, &busybox, &fn_ip, "/across");
+    assert!(body.contains("/across"), "{body}");
+    let remote_ip = ok(
+        &s,
+        &["get", "pod", "remote-fn", "-o", "jsonpath={.status.podIP}"],
+        None,
+    );
+    assert!(
+        remote_ip.starts_with(pod_net) && remote_ip != web_ip,
+        "{remote_ip}"
+    );
+
+    // Deleting everything leaves nothing behind: an agent removes a pod's
+    // containers, mounts, cgroups and network before it confirms the
+    // deletion.
+    let uids = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.metadata.uid} {end}",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "delete",
+            "deployment/web",
+            "pod/fn",
+            "pod/local-client",
+            "pod/remote-web",
+            "pod/remote-fn",
+            "--wait=true",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=delete",
+            "pods",
+            "-l",
+            "app=web",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    let left = lan.pod_namespaces();
+    if !left.is_empty() {
+        let log: Vec<String> = s.log.try_iter().collect();
+        panic!(
+            "pod namespaces left: {left:?} (pods were {uids})\nserver log:\n{}",
+            log.join("\n")
+        );
+    }
+    for h in [&host1, &host2] {
+        let veths = ip_out(&["-n", h, "-o", "link", "show", "type", "veth"]);
+        let pods: Vec<&str> = veths.lines().filter(|l| !l.contains(" eth0@")).collect();
+        assert!(pods.is_empty(), "veths left in {h}: {pods:?}");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*dir.path().to_string_lossy()),
+        "mounts left behind"
+    );
+    let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/memory/wasmkube")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for uid in uids
+        .split_whitespace()
+        .filter_map(|p| p.split_once('='))
+        .map(|p| p.1)
+    {
+        assert!(
+            !cgroups.iter().any(|c| c.starts_with(uid)),
+            "a cgroup of pod {uid} is left"
+        );
+    }
+    drop(agent);
+}
