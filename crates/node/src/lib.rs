@@ -298,6 +298,16 @@ async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
                 pod::gone_unless(&ctx, &relisted);
                 if !reaped {
                     pod::reap_orphans(&ctx, &relisted);
+                    if let Some(network) = ctx.network.get() {
+                        // Namespaces of pods that went while the agent was
+                        // down (or crashed mid-teardown).
+                        for id in network.sandboxes() {
+                            if !relisted.contains(&id) {
+                                tracing::info!(uid = %id, "removing the network of a pod that is gone");
+                                network.teardown(&id).await;
+                            }
+                        }
+                    }
                     reaped = true;
                 }
             }
