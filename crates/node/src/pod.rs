@@ -503,6 +503,18 @@ impl PodRun {
         pod
     }
 
+    /// The container waits with `reason` (its state says so) for `delay`;
+    /// true when the pod stopped meanwhile.
+    async fn hold(&self, name: &str, reason: &str, message: String, delay: Duration) -> bool {
+        self.set(|s| {
+            s.container(name).state = State::Waiting {
+                reason: reason.into(),
+                message: Some(message),
+            }
+        });
+        self.wait_or_stop(delay).await
+    }
+
     /// The pod's IP: its own, or the node's when it shares the node's
     /// network.
     fn ip(&self) -> std::net::IpAddr {
@@ -987,13 +999,10 @@ impl PodRun {
                 Ok(x) => x,
                 Err(e) => {
                     let message = format!("cannot open the log file: {e}");
-                    self.set(|s| {
-                        s.container(&name).state = State::Waiting {
-                            reason: "CreateContainerError".into(),
-                            message: Some(message),
-                        }
-                    });
-                    if self.wait_or_stop(config_delay).await {
+                    if self
+                        .hold(&name, "CreateContainerError", message, config_delay)
+                        .await
+                    {
                         return Outcome::Stopped;
                     }
                     continue;
@@ -1032,13 +1041,10 @@ impl PodRun {
                         Ok(l) => l,
                         Err(e) => {
                             let message = format!("cannot listen in the pod's network: {e}");
-                            self.set(|s| {
-                                s.container(&name).state = State::Waiting {
-                                    reason: "CreateContainerError".into(),
-                                    message: Some(message),
-                                }
-                            });
-                            if self.wait_or_stop(config_delay).await {
+                            if self
+                                .hold(&name, "CreateContainerError", message, config_delay)
+                                .await
+                            {
                                 return Outcome::Stopped;
                             }
                             config_delay = (config_delay * 2).min(backoff.max);
@@ -1084,13 +1090,15 @@ impl PodRun {
                     "Failed",
                     format!("Error: {message}"),
                 );
-                self.set(|s| {
-                    s.container(&name).state = State::Waiting {
-                        reason: "CreateContainerConfigError".into(),
-                        message: Some(message.clone()),
-                    }
-                });
-                if self.wait_or_stop(config_delay).await {
+                if self
+                    .hold(
+                        &name,
+                        "CreateContainerConfigError",
+                        message.clone(),
+                        config_delay,
+                    )
+                    .await
+                {
                     return Outcome::Stopped;
                 }
                 config_delay = (config_delay * 2).min(backoff.max);

@@ -13,6 +13,22 @@ pub struct PushOptions {
     pub credentials: Option<Credentials>,
 }
 
+impl PushOptions {
+    fn auth(&self) -> RegistryAuth {
+        match &self.credentials {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+}
+
+fn push_error(reference: &str) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::Push {
+        reference: reference.to_owned(),
+        reason,
+    }
+}
+
 /// Pushes Wasm bytes to `reference` as the CNCF Wasm OCI artifact (config
 /// `application/vnd.wasm.config.v0+json`, one `application/wasm` layer) and
 /// returns the manifest digest.
@@ -22,10 +38,7 @@ pub async fn push_wasm(
     options: &PushOptions,
 ) -> Result<String, Error> {
     let parsed = parse_reference(reference)?;
-    let err = |reason: String| Error::Push {
-        reference: reference.to_owned(),
-        reason,
-    };
+    let err = push_error(reference);
     if !crate::media::is_wasm(&bytes) {
         return Err(err("the file is not a Wasm module or component".into()));
     }
@@ -37,10 +50,7 @@ pub async fn push_wasm(
     .map_err(|e| err(format!("{e:#}")))?;
     let client =
         oci_wasm::WasmClient::new(client_for(parsed.resolve_registry(), &options.insecure));
-    let auth = match &options.credentials {
-        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-        None => RegistryAuth::Anonymous,
-    };
+    let auth = options.auth();
     client
         .push(&parsed, &auth, layer, config, None)
         .await
@@ -60,15 +70,9 @@ pub async fn push_image(
     options: &PushOptions,
 ) -> Result<String, Error> {
     let parsed = parse_reference(reference)?;
-    let err = |reason: String| Error::Push {
-        reference: reference.to_owned(),
-        reason,
-    };
+    let err = push_error(reference);
     let client = client_for(parsed.resolve_registry(), &options.insecure);
-    let auth = match &options.credentials {
-        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-        None => RegistryAuth::Anonymous,
-    };
+    let auth = options.auth();
     let layers: Vec<oci_client::client::ImageLayer> = layers
         .into_iter()
         .map(|l| {
