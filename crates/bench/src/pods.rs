@@ -31,6 +31,11 @@ pub struct Args {
     /// The wasmkube binary to measure (default: next to this one).
     #[arg(long)]
     binary: Option<PathBuf>,
+    /// Then this many busybox Linux pods (runc; the benchmark must run as
+    /// root with runc and busybox-static installed) against as many more
+    /// Wasm pods on the same node, batch by batch. 0 skips it.
+    #[arg(long, default_value = "0")]
+    linux: usize,
 }
 
 const LOCAL: &str = "bench-local";
@@ -78,16 +83,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let pod = |name: &str, node: &str| -> anyhow::Result<Pod> {
+    let busybox = format!("{}/busybox:v1", registry.host());
+    if args.linux > 0 {
+        let (layer, config) = wasmkube_testkit::busybox_image(None);
+        wasmkube_oci::push_image(vec![layer], config, &busybox, &Default::default()).await?;
+    }
+    let pod_of = |name: &str, node: &str, kind: &str| -> anyhow::Result<Pod> {
+        let container = if kind == "linux" {
+            json!({"name": "c", "image": busybox, "command": ["sleep", "3600"],
+                   "imagePullPolicy": "IfNotPresent",
+                   "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}})
+        } else {
+            json!({"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
+                   "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}})
+        };
         Ok(serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {
                 "nodeSelector": {"kubernetes.io/hostname": node},
-                "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
-                                "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}}],
+                "terminationGracePeriodSeconds": 0,
+                "containers": [container],
             },
         }))?)
     };
+    let pod = |name: &str, node: &str| pod_of(name, node, "wasm");
     // One pod per node first: the image is pulled and compiled once.
     for (name, node) in [("warm-wasm", LOCAL), ("warm-sim", "sim-0")] {
         let created = Instant::now();
@@ -150,6 +169,73 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.pods + 1,
         server.rss_mib()
     );
+    if args.linux == 0 {
+        return Ok(());
+    }
+    // Linux pods against Wasm pods on the same node, batch by batch.
+    pods.create(
+        &PostParams::default(),
+        &pod_of("warm-linux", LOCAL, "linux")?,
+    )
+    .await?;
+    wait_running(&seen, &notify, &["warm-linux".to_owned()]).await?;
+    let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
+    for i in 0..args.linux.div_ceil(args.batch) {
+        for kind in ["linux", "wasm2"] {
+            let names: Vec<String> = (0..args.batch)
+                .map(|j| format!("{kind}-{}", i * args.batch + j))
+                .collect();
+            let mut sent = HashMap::new();
+            for name in &names {
+                sent.insert(name.clone(), Instant::now());
+                let k = if kind == "linux" { "linux" } else { "wasm" };
+                pods.create(&PostParams::default(), &pod_of(name, LOCAL, k)?)
+                    .await?;
+            }
+            wait_running(&seen, &notify, &names).await?;
+            let seen = seen.lock().unwrap();
+            results
+                .entry(kind)
+                .or_default()
+                .extend(names.iter().map(|n| seen[n].duration_since(sent[n])));
+        }
+    }
+    println!(
+        "Linux (busybox, runc) against Wasm pods on the same node ({} each, image cached)",
+        args.linux
+    );
+    let mut p50s = HashMap::new();
+    for (kind, label) in [
+        ("linux", "Linux pods (runc)         "),
+        ("wasm2", "Wasm pods                 "),
+    ] {
+        let mut d = results.remove(kind).unwrap_or_default();
+        d.sort();
+        println!(
+            "  {label} p50 {}  p99 {}",
+            ms(percentile(&d, 50.0)),
+            ms(percentile(&d, 99.0))
+        );
+        p50s.insert(kind, percentile(&d, 50.0));
+    }
+    println!(
+        "  p50 ratio linux/wasm       {:.1}x",
+        p50s["linux"].as_secs_f64() / p50s["wasm2"].as_secs_f64().max(1e-9)
+    );
+    // Linux pods hold processes: remove them rather than leave them to the
+    // server's kill.
+    pods.delete_collection(&Default::default(), &Default::default())
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline
+        && !pods
+            .list_metadata(&Default::default())
+            .await?
+            .items
+            .is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
