@@ -46,7 +46,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let image = format!("{}/sleeper:v1", registry.host());
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
-    let max_pods = (args.pods + 10).to_string();
+    let max_pods = (args.pods + 2 * args.linux + 10).to_string();
     let (server, _) = ChildServer::start_with(
         &binary,
         &[
@@ -101,7 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "metadata": {"name": name},
             "spec": {
                 "nodeSelector": {"kubernetes.io/hostname": node},
-                "terminationGracePeriodSeconds": 0,
+                "terminationGracePeriodSeconds": 1,
                 "containers": [container],
             },
         }))?)

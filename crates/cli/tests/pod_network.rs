@@ -130,6 +130,42 @@ impl Drop for Lan {
     }
 }
 
+/// Removes the runc containers and overlay mounts under a test directory
+/// (the agents do it themselves on a pod's deletion; this is for a test that
+/// failed before it deleted its pods).
+struct Containers(std::path::PathBuf);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for state in ["server/node/linux/state", "agent/linux/state"] {
+            let root = self.0.join(state);
+            let listed = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "--quiet"])
+                .output();
+            for id in listed
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+                .lines()
+            {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "--force", id])
+                    .status();
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.0.to_string_lossy().into_owned();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if m.starts_with(&prefix) {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+    }
+}
+
 struct Agent(Child);
 
 impl Drop for Agent {
@@ -233,6 +269,9 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     let registry = Registry::start_on(lan.addr(254).parse().unwrap());
     let (busybox, hello) = push(&registry);
     let dir = tempfile::tempdir().unwrap();
+    // Dropped after the server and agent (declared before them): whatever
+    // containers a failed run left are removed.
+    let _containers = Containers(dir.path().to_path_buf());
     let (host1, host2) = (lan.ns("host1"), lan.ns("host2"));
     let s = start_cluster_in(
         &host1,

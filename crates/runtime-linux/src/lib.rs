@@ -33,6 +33,12 @@ use cgroup::Cgroup;
 /// The RuntimeClass handler this runtime serves.
 pub const HANDLER: &str = "runc";
 
+/// How long a start may take before the container is reported started
+/// anyway (its exit, if it fails, is reported as usual).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often runc's state is asked for while a container starts.
+const START_POLL: Duration = Duration::from_millis(2);
+
 /// How often a running container's cgroup is read into its usage counters.
 const USAGE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -355,7 +361,9 @@ impl Runtime for LinuxRuntime {
     }
 
     async fn start(&self, config: ContainerConfig) -> Result<Box<dyn Container>, RuntimeError> {
-        Ok(Box::new(self.create(config).await?))
+        let mut container = self.create(config).await?;
+        container.until_started().await;
+        Ok(Box::new(container))
     }
 }
 
@@ -379,6 +387,32 @@ impl LinuxContainer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         c
+    }
+
+    /// Resolves once runc says the container's process runs (or it has
+    /// already ended): a container is reported Running only then, not when
+    /// runc was merely spawned.
+    async fn until_started(&mut self) {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            let state = self
+                .runc()
+                .args(["state", &self.id])
+                .stdout(Stdio::piped())
+                .output()
+                .await;
+            let status = state
+                .ok()
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .and_then(|v| v["status"].as_str().map(str::to_owned));
+            if matches!(status.as_deref(), Some("running" | "stopped")) {
+                return;
+            }
+            tokio::time::sleep(START_POLL).await;
+        }
     }
 
     /// Sends a signal to every process of the container, without waiting.
