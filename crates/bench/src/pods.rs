@@ -226,14 +226,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // server's kill.
     pods.delete_collection(&Default::default(), &Default::default())
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline
-        && !pods
-            .list_metadata(&Default::default())
-            .await?
-            .items
-            .is_empty()
-    {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = pods.list_metadata(&Default::default()).await?.items.len();
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{left} pods still being deleted after 300 s; their containers may outlive the server"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
