@@ -106,7 +106,11 @@ impl ChildServer {
             .arg(dir.path())
             .args(flags)
             .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
+            // WASMKUBE_BENCH_SERVER_LOG=FILE keeps the server's log.
+            .stderr(match std::env::var_os("WASMKUBE_BENCH_SERVER_LOG") {
+                Some(path) => Stdio::from(std::fs::File::create(path)?),
+                None => Stdio::null(),
+            })
             .spawn()?;
         let url = format!("http://127.0.0.1:{port}");
         let server = Self {

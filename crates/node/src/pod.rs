@@ -249,6 +249,7 @@ impl Worker {
         let run = Arc::new(PodRun {
             ctx: self.ctx.clone(),
             pod: self.pod.clone(),
+            last: Mutex::new(pod.clone()),
             state: self.state.clone(),
             changed: self.changed.clone(),
             stop: stop_rx,
@@ -483,6 +484,9 @@ async fn status_writer(
 struct PodRun {
     ctx: Arc<Ctx>,
     pod: watch::Receiver<Option<Pod>>,
+    /// The pod as last seen: what the containers go on with while they are
+    /// stopped after it is gone from the API.
+    last: Mutex<Pod>,
     state: Arc<Mutex<PodState>>,
     changed: Arc<Notify>,
     stop: watch::Receiver<Stop>,
@@ -492,11 +496,13 @@ impl PodRun {
     /// The pod as last seen, with its IP once it has one (for the
     /// downward API).
     fn pod(&self) -> Pod {
-        let mut pod = self
-            .pod
-            .borrow()
-            .clone()
-            .expect("the worker stops the pod before it goes");
+        let current = self.pod.borrow().clone();
+        let mut last = self.last.lock().expect("last pod");
+        if let Some(p) = current {
+            *last = p;
+        }
+        let mut pod = last.clone();
+        drop(last);
         if let Some(sb) = &self.state.lock().expect("pod state").sandbox {
             pod.status.get_or_insert_with(Default::default).pod_ip = Some(sb.ip.to_string());
         }

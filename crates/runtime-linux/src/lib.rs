@@ -441,6 +441,29 @@ impl LinuxContainer {
     }
 }
 
+impl Drop for LinuxContainer {
+    /// A handle dropped before its container ended (its task failed, say)
+    /// must not leave the container running without an owner: it is
+    /// removed, synchronously and best effort.
+    fn drop(&mut self) {
+        self.usage.abort();
+        if self.exit.is_some() {
+            return;
+        }
+        let _ = std::process::Command::new(&self.runc)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = rootfs::unmount(&self.bundle.join("rootfs"));
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        tracing::warn!(container = %self.id, "removed a container whose handle was dropped while it ran");
+    }
+}
+
 #[async_trait::async_trait]
 impl Container for LinuxContainer {
     async fn wait(&mut self) -> Exit {
