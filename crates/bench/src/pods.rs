@@ -119,21 +119,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.pods.div_ceil(args.batch) {
         // Alternate the kinds batch by batch: both see the same conditions.
         for (kind, node) in [("wasm", LOCAL), ("sim", "sim-0")] {
-            let names: Vec<String> = (0..args.batch)
-                .map(|j| format!("{kind}-{}", i * args.batch + j))
-                .collect();
-            let mut sent = HashMap::new();
-            for name in &names {
-                sent.insert(name.clone(), Instant::now());
-                pods.create(&PostParams::default(), &pod(name, node)?)
-                    .await?;
-            }
-            wait_running(&seen, &notify, &names).await?;
-            let seen = seen.lock().unwrap();
-            results
-                .entry(kind)
-                .or_default()
-                .extend(names.iter().map(|n| seen[n].duration_since(sent[n])));
+            let names = batch_names(kind, i, args.batch);
+            let times = timed_batch(&pods, &seen, &notify, &names, |n| pod(n, node)).await?;
+            results.entry(kind).or_default().extend(times);
         }
         if (i + 1) % 10 == 0 {
             eprintln!("  {} pods of each kind running", (i + 1) * args.batch);
@@ -182,22 +170,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
     for i in 0..args.linux.div_ceil(args.batch) {
         for kind in ["linux", "wasm2"] {
-            let names: Vec<String> = (0..args.batch)
-                .map(|j| format!("{kind}-{}", i * args.batch + j))
-                .collect();
-            let mut sent = HashMap::new();
-            for name in &names {
-                sent.insert(name.clone(), Instant::now());
-                let k = if kind == "linux" { "linux" } else { "wasm" };
-                pods.create(&PostParams::default(), &pod_of(name, LOCAL, k)?)
-                    .await?;
-            }
-            wait_running(&seen, &notify, &names).await?;
-            let seen = seen.lock().unwrap();
-            results
-                .entry(kind)
-                .or_default()
-                .extend(names.iter().map(|n| seen[n].duration_since(sent[n])));
+            let names = batch_names(kind, i, args.batch);
+            let runtime = if kind == "linux" { "linux" } else { "wasm" };
+            let times =
+                timed_batch(&pods, &seen, &notify, &names, |n| pod_of(n, LOCAL, runtime)).await?;
+            results.entry(kind).or_default().extend(times);
         }
     }
     println!(
@@ -239,6 +216,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
+}
+
+fn batch_names(kind: &str, batch: usize, size: usize) -> Vec<String> {
+    (0..size)
+        .map(|j| format!("{kind}-{}", batch * size + j))
+        .collect()
+}
+
+/// Creates the named pods and returns each one's time from its create to
+/// Running on the watch.
+async fn timed_batch(
+    pods: &Api<Pod>,
+    seen: &Mutex<HashMap<String, Instant>>,
+    notify: &tokio::sync::Notify,
+    names: &[String],
+    make: impl Fn(&str) -> anyhow::Result<Pod>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut sent = HashMap::new();
+    for name in names {
+        sent.insert(name.clone(), Instant::now());
+        pods.create(&PostParams::default(), &make(name)?).await?;
+    }
+    wait_running(seen, notify, names).await?;
+    let seen = seen.lock().unwrap();
+    Ok(names
+        .iter()
+        .map(|n| seen[n].duration_since(sent[n]))
+        .collect())
 }
 
 async fn wait_running(

@@ -50,8 +50,16 @@ fn rollout_bench_smoke() {
 
 #[test]
 fn pod_startup_bench_smoke() {
-    let out = bench(&["pod-startup", "--pods", "4", "--batch", "2"]);
+    let out = bench(&["pod-startup", "--pods", "4", "--batch", "2", "--linux", "2"]);
     assert!(out.contains("p99 ratio"), "{out}");
+    assert!(out.contains("p50 ratio linux/wasm"), "{out}");
+}
+
+#[test]
+fn density_bench_smoke() {
+    let out = bench(&["density", "--pods", "5", "--probes", "2"]);
+    assert!(out.contains("agent RSS per pod"), "{out}");
+    assert!(out.contains("node Ready at the end      yes"), "{out}");
 }
 
 #[test]
