@@ -12,6 +12,7 @@
 //! This is the only crate that touches runc, cgroups and namespaces.
 
 pub mod cgroup;
+mod exec;
 pub mod net;
 pub mod rootfs;
 pub mod spec;
@@ -502,5 +503,13 @@ impl Container for LinuxContainer {
 
     fn kill(&mut self) {
         self.signal("KILL");
+    }
+
+    fn exec(&self) -> Option<std::sync::Arc<dyn wasmkube_runtime::Exec>> {
+        Some(std::sync::Arc::new(exec::RuncExec {
+            runc: self.runc.clone(),
+            state: self.state.clone(),
+            id: self.id.clone(),
+        }))
     }
 }

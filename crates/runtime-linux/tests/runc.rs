@@ -329,3 +329,92 @@ async fn a_wasm_image_is_refused_with_a_clear_reason() {
         "{e}"
     );
 }
+
+async fn read_all(mut r: wasmkube_runtime::ExecOutput) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = String::new();
+    r.read_to_string(&mut s).await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_commands_in_the_container_with_pipes_and_with_a_terminal() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture(Some("nobody"));
+    let id = unique("exec");
+    let mut run = start(&f, &id, "echo ready; sleep 1000", |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        run.lines.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "ready"
+    );
+    let exec = run.container.exec().expect("Linux containers can exec");
+
+    // Pipes: separate streams, the container's env and user, the exit code.
+    let p = exec
+        .exec(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "echo $GREETING $(id -u) $(hostname); echo oops >&2; exit 3".into(),
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    let (out, err) = tokio::join!(read_all(p.stdout), read_all(p.stderr.unwrap()));
+    assert_eq!(p.exit.await.unwrap(), 3);
+    assert_eq!((out.as_str(), err.as_str()), ("hi 65534 pod-a\n", "oops\n"));
+
+    // Stdin reaches the process and its end ends `cat`.
+    let mut p = exec.exec(&["cat".into()], None).await.unwrap();
+    p.stdin.write_all(b"through stdin\n").await.unwrap();
+    p.stdin.shutdown().await.unwrap();
+    drop(p.stdin);
+    assert_eq!(read_all(p.stdout).await, "through stdin\n");
+    assert_eq!(p.exit.await.unwrap(), 0);
+
+    // A terminal: the process sees one, with the size it was given, and a
+    // resize reaches it (the shell waits for its SIGWINCH).
+    let mut p = exec
+        .exec(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "tty; stty size; trap 'stty size; exit 0' WINCH; echo waiting; read x".into(),
+            ],
+            Some((100, 30)),
+        )
+        .await
+        .unwrap();
+    assert!(p.stderr.is_none());
+    let mut seen = String::new();
+    while !seen.contains("waiting") {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        let n = p.stdout.read(&mut buf).await.unwrap();
+        assert_ne!(n, 0, "the terminal closed early: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    (p.resize)(120, 40);
+    let out = seen + &read_all(p.stdout).await;
+    assert_eq!(p.exit.await.unwrap(), 0);
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{out:?}");
+    assert_eq!(lines[1..], ["30 100", "waiting", "40 120"], "{out:?}");
+
+    // A command that does not exist fails like a shell's.
+    let p = exec.exec(&["no-such-command".into()], None).await.unwrap();
+    let err = read_all(p.stderr.unwrap()).await;
+    assert_ne!(p.exit.await.unwrap(), 0);
+    assert!(err.contains("no-such-command"), "{err}");
+
+    run.container.kill();
+    let (exit, _, _) = run.finish().await;
+    assert_eq!(exit.code, 137);
+    assert_eq!(
+        leftovers(&f.dir.path().join("linux"), &id),
+        Vec::<String>::new()
+    );
+}

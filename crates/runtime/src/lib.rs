@@ -227,4 +227,44 @@ pub trait Container: Send {
 
     /// Ends the container now.
     fn kill(&mut self);
+
+    /// A way to run more processes in the container (`kubectl exec`, exec
+    /// probes), when the runtime has processes; `None` for a Wasm guest.
+    fn exec(&self) -> Option<Arc<dyn Exec>> {
+        None
+    }
+}
+
+/// Runs commands inside a running container.
+#[async_trait::async_trait]
+pub trait Exec: Send + Sync + std::fmt::Debug {
+    /// Starts `command` in the container, on a terminal of `tty`'s size
+    /// (columns, rows; zero when unknown) when given (then stdout and stderr
+    /// are one stream and [`ExecProcess::stderr`] is `None`). The process
+    /// has the container's user, env and working directory.
+    async fn exec(&self, command: &[String], tty: Option<(u16, u16)>)
+    -> Result<ExecProcess, Error>;
+}
+
+/// A reader of a process's output.
+pub type ExecOutput = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+
+/// A process started by [`Exec::exec`]: its streams, how to resize its
+/// terminal, and its exit.
+pub struct ExecProcess {
+    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    pub stdout: ExecOutput,
+    pub stderr: Option<ExecOutput>,
+    /// Sets the terminal's size (columns, rows); a no-op without a tty.
+    pub resize: Box<dyn Fn(u16, u16) + Send + Sync>,
+    /// The process's exit code (128 + signal when a signal ended it).
+    pub exit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<i32, Error>> + Send>>,
+}
+
+impl std::fmt::Debug for ExecProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecProcess")
+            .field("tty", &self.stderr.is_none())
+            .finish_non_exhaustive()
+    }
 }
