@@ -13,6 +13,8 @@ pub enum Subresource {
     Finalize,
     /// `pods/log`: proxied to the pod's node agent.
     Log,
+    /// `pods/exec`: an upgraded stream proxied to the pod's node agent.
+    Exec,
 }
 
 impl Subresource {
@@ -23,6 +25,7 @@ impl Subresource {
             Subresource::Binding => "binding",
             Subresource::Finalize => "finalize",
             Subresource::Log => "log",
+            Subresource::Exec => "exec",
         }
     }
 
@@ -33,6 +36,7 @@ impl Subresource {
             Self::Binding,
             Self::Finalize,
             Self::Log,
+            Self::Exec,
         ]
         .into_iter()
         .find(|sub| sub.name() == s)
@@ -155,7 +159,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["po"],
         ALL,
-        [Status, Binding, Log]
+        [Status, Binding, Log, Exec]
     ),
     resource!(
         "",

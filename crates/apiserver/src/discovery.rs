@@ -111,6 +111,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Log => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get"]})
         }
+        Subresource::Exec => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "PodExecOptions", "verbs": ["create", "get"]})
+        }
     }
 }
 

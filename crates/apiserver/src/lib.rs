@@ -212,5 +212,16 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             return (StatusCode::OK, axum::Json(body)).into_response();
         }
     }
+    if matches!(parts.method, Method::GET | Method::POST)
+        && let Ok(Some(target)) = request::parse(parts.uri.path())
+        && target.subresource == Some(wasmkube_api::Subresource::Exec)
+        && let Some(name) = target.name
+    {
+        let (namespace, name) = (target.namespace.map(str::to_owned), name.to_owned());
+        let request = Request::from_parts(parts, body);
+        return node_proxy::pod_exec(&server, namespace.as_deref(), &name, request)
+            .await
+            .unwrap_or_else(|e| e.into_response());
+    }
     rest::handle(server, parts.method, parts.uri, parts.headers, body).await
 }

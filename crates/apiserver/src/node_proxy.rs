@@ -1,4 +1,6 @@
-//! Requests the API server forwards to node agents: `pods/log` today.
+//! Requests the API server forwards to node agents: `pods/log`,
+//! `pods/exec` (an upgraded connection, proxied as bytes) and the
+//! `metrics.k8s.io` figures.
 //!
 //! The agent listens on the node's InternalIP at
 //! `status.daemonEndpoints.kubeletEndpoint.Port` and accepts only requests
@@ -7,6 +9,7 @@
 //! [`ensure_token`]) and agents read through the API.
 
 use axum::body::Body;
+use axum::http::Response as HttpResponse;
 use axum::http::{Request, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
@@ -70,20 +73,24 @@ async fn token(server: &ApiServer) -> ApiResult<String> {
     String::from_utf8(bytes).map_err(ApiError::internal)
 }
 
-/// `GET pods/{name}/log`: finds the pod's node and container and streams
-/// the agent's answer back.
-pub(crate) async fn pod_log(
-    server: &std::sync::Arc<ApiServer>,
+/// Where a pod's container runs: its name (from the `container` parameter,
+/// or the pod's only container), and its agent's `host:port`.
+struct Located {
+    container: String,
+    node: String,
+    host: String,
+}
+
+/// Finds the pod, the container the request means and its node's agent;
+/// takes `container` out of `params`.
+async fn locate(
+    server: &ApiServer,
     namespace: Option<&str>,
     name: &str,
-    query: Option<&str>,
-) -> ApiResult<Response> {
+    params: &mut Vec<(String, String)>,
+) -> ApiResult<Located> {
     let pods = registry::lookup("", "v1", "pods").expect("pods are served");
     let pod = get(server, pods, namespace, name).await?;
-    let ns = namespace.unwrap_or("default");
-    let mut params: Vec<(String, String)> = query
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
     let names: Vec<&str> = ["initContainers", "containers"]
         .iter()
         .flat_map(|k| pod["spec"][k].as_array().into_iter().flatten())
@@ -133,7 +140,7 @@ pub(crate) async fn pod_log(
     let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64();
     let (Some(address), Some(port)) = (address, port.filter(|p| *p > 0)) else {
         return Err(ApiError::bad_request(format!(
-            "node {node_name} has no agent endpoint to read logs from"
+            "node {node_name} has no agent endpoint to reach its containers"
         )));
     };
     let host = if address.contains(':') {
@@ -141,6 +148,48 @@ pub(crate) async fn pod_log(
     } else {
         format!("{address}:{port}")
     };
+    Ok(Located {
+        container,
+        node: node_name.to_owned(),
+        host,
+    })
+}
+
+/// An agent's refusal, relayed as kube-apiserver relays the kubelet's: its
+/// client errors as 400 with the agent's text.
+async fn agent_error(response: HttpResponse<hyper::body::Incoming>) -> ApiError {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_owned();
+    if status.is_client_error() {
+        ApiError::bad_request(message)
+    } else {
+        ApiError::Internal { message }
+    }
+}
+
+/// `GET pods/{name}/log`: finds the pod's node and container and streams
+/// the agent's answer back.
+pub(crate) async fn pod_log(
+    server: &std::sync::Arc<ApiServer>,
+    namespace: Option<&str>,
+    name: &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let ns = namespace.unwrap_or("default");
+    let mut params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    let Located {
+        container,
+        node,
+        host,
+    } = locate(server, namespace, name, &mut params).await?;
     let query = serde_urlencoded::to_string(&params).unwrap_or_default();
     let url = format!("http://{host}/containerLogs/{ns}/{name}/{container}?{query}");
     let request = Request::get(&url)
@@ -155,24 +204,10 @@ pub(crate) async fn pod_log(
         .request(request)
         .await
         .map_err(|e| ApiError::Internal {
-            message: format!("error dialing the node agent of {node_name}: {e}"),
+            message: format!("error dialing the node agent of {node}: {e}"),
         })?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let message = String::from_utf8_lossy(&body).trim().to_owned();
-        // The agent's reasons (a container still waiting, say) reach the
-        // client as kube-apiserver relays the kubelet's: 400 with the text.
-        return Err(if status.is_client_error() {
-            ApiError::bad_request(message)
-        } else {
-            ApiError::Internal { message }
-        });
+    if !response.status().is_success() {
+        return Err(agent_error(response).await);
     }
     let mut out = Response::new(Body::new(response.into_body()));
     out.headers_mut().insert(
@@ -180,6 +215,98 @@ pub(crate) async fn pod_log(
         header::HeaderValue::from_static("text/plain"),
     );
     Ok(out.into_response())
+}
+
+/// Headers of an upgrade that pass between the client and the agent.
+const UPGRADE_HEADERS: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_PROTOCOL,
+    header::SEC_WEBSOCKET_ACCEPT,
+];
+
+/// `GET|POST pods/{name}/exec`: kube-apiserver's upgrade-aware proxy. The
+/// client's upgrade request (WebSocket, `v5.channel.k8s.io`) goes to the
+/// pod's agent with the node-proxy token; once the agent switches
+/// protocols, so does the client, and bytes are copied both ways until
+/// either side closes. A refusal from the agent (a Wasm container, one not
+/// running) reaches the client as a `Status`.
+pub(crate) async fn pod_exec(
+    server: &std::sync::Arc<ApiServer>,
+    namespace: Option<&str>,
+    name: &str,
+    mut request: Request<Body>,
+) -> ApiResult<Response> {
+    let ns = namespace.unwrap_or("default");
+    let mut params: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    let Located {
+        container,
+        node,
+        host,
+    } = locate(server, namespace, name, &mut params).await?;
+    let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+    let mut upstream = Request::builder()
+        .method(request.method())
+        .uri(format!("/exec/{ns}/{name}/{container}?{query}"))
+        .header(header::HOST, &host)
+        .header(
+            header::AUTHORIZATION,
+            format!("Bearer {}", token(server).await?),
+        );
+    for h in &UPGRADE_HEADERS {
+        if let Some(v) = request.headers().get(h) {
+            upstream = upstream.header(h, v);
+        }
+    }
+    let upstream = upstream
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
+        message: format!("error dialing the node agent of {node}: {e}"),
+    };
+    let stream = tokio::net::TcpStream::connect(&host)
+        .await
+        .map_err(|e| dial_error(&e))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| dial_error(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "exec connection to the agent ended");
+        }
+    });
+    let mut response = sender
+        .send_request(upstream)
+        .await
+        .map_err(|e| dial_error(&e))?;
+    if response.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(agent_error(response).await);
+    }
+    let mut out = Response::builder().status(axum::http::StatusCode::SWITCHING_PROTOCOLS);
+    for h in &UPGRADE_HEADERS {
+        if let Some(v) = response.headers().get(h) {
+            out = out.header(h, v);
+        }
+    }
+    let agent = hyper::upgrade::on(&mut response);
+    let client = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let (Ok(agent), Ok(client)) = (agent.await, client.await) else {
+            tracing::debug!("an exec upgrade did not complete");
+            return;
+        };
+        let mut agent = hyper_util::rt::TokioIo::new(agent);
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+    });
+    out.body(Body::empty()).map_err(ApiError::internal)
 }
 
 /// The agents' `/stats/pods` answers, by node name; nodes without an agent

@@ -325,7 +325,9 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 2, "containers": [{"name": "httpd", "image": busybox,
               "command": ["httpd", "-f", "-p", "8080", "-h", "/www"],
               "ports": [{"containerPort": 8080}],
-              "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}},
+              // Ready only once an exec probe ran in the container.
+              "readinessProbe": {"exec": {"command": ["cat", "/www/index.html"]}, "periodSeconds": 1},
+              "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}},
     })
     .to_string();
     ok(&s, &["apply", "-f", "-"], Some(&deployment));
@@ -386,6 +388,90 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     assert!(
         remote_ip.starts_with(pod_net) && remote_ip != web_ip,
         "{remote_ip}"
+    );
+
+    // `kubectl exec` through the API server and the agent, over the
+    // WebSocket protocol: output, stderr and the exit code; stdin; a
+    // terminal; a Wasm container refused with the reason.
+    let out = common::kubectl(
+        &s,
+        &[
+            "exec",
+            "deploy/web",
+            "--",
+            "sh",
+            "-c",
+            "echo out $(hostname); echo err >&2; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(out.code, Some(3), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("out web-"), "{}", out.stdout);
+    assert!(out.stderr.starts_with("err\n"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("command terminated with exit code 3"),
+        "{}",
+        out.stderr
+    );
+    let out = ok(
+        &s,
+        &["exec", "-i", "deploy/web", "--", "cat"],
+        Some("through stdin\n"),
+    );
+    assert_eq!(out, "through stdin\n");
+    let kubeconfig = s.kubeconfig.to_string_lossy().into_owned();
+    let tty = Command::new("script")
+        .args([
+            "-qec",
+            "kubectl exec -it deploy/web -- sh -c 'tty; stty size'",
+            "/dev/null",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("COLUMNS", "91")
+        .env("LINES", "27")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let tty_out = String::from_utf8_lossy(&tty.stdout).into_owned();
+    assert!(
+        tty.status.success(),
+        "{tty_out}{}",
+        String::from_utf8_lossy(&tty.stderr)
+    );
+    assert!(tty_out.contains("/dev/pts/"), "{tty_out:?}");
+    let out = common::kubectl(&s, &["exec", "fn", "--", "ls"], None);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("Wasm guest run in-process by Wasmtime"),
+        "{}",
+        out.stderr
+    );
+    // The exec readiness probe runs in the container: once the file it
+    // reads is gone, the pod is no longer Ready, and says why.
+    ok(
+        &s,
+        &["exec", "deploy/web", "--", "rm", "/www/index.html"],
+        None,
+    );
+    checked(
+        &s,
+        &[
+            "wait",
+            "--for=condition=Ready=false",
+            "pod",
+            "-l",
+            "app=web",
+            "--timeout=30s",
+        ],
+    );
+    let events = ok(
+        &s,
+        &["get", "events", "--field-selector", "reason=Unhealthy"],
+        None,
+    );
+    assert!(
+        events.contains("Readiness probe failed") && events.contains("index.html"),
+        "{events}"
     );
 
     // Deleting everything leaves nothing behind: an agent removes a pod's

@@ -10,6 +10,7 @@
 //! embeds one as the cluster's local node.
 
 mod events;
+mod exec;
 mod logs;
 mod node;
 mod pod;

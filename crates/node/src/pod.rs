@@ -65,6 +65,9 @@ pub(crate) struct Run {
     pub running: bool,
     /// When this run started (for its average CPU rate).
     pub started: Instant,
+    /// Runs commands in the container (`kubectl exec`, exec probes); `None`
+    /// for Wasm guests.
+    pub exec: Option<Arc<dyn wasmkube_runtime::Exec>>,
 }
 
 /// Everything the worker knows about its pod.
@@ -656,25 +659,32 @@ impl PodRun {
     /// Runs the container's probes while it runs and keeps its readiness
     /// current; resolves only when a startup or liveness probe failed
     /// `failureThreshold` times in a row, with the reason to restart it.
-    async fn probes(&self, c: &Container, init: bool) -> String {
+    async fn probes(
+        &self,
+        c: &Container,
+        init: bool,
+        exec: Option<Arc<dyn wasmkube_runtime::Exec>>,
+    ) -> String {
         if init {
             return std::future::pending().await;
         }
         let name = c.name.clone();
         let ip = self.ip();
-        let usable =
-            |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(p) {
-                Some(why) => {
-                    self.event(
-                        Some(&name),
-                        Kind::Warning,
-                        "ProbeWarning",
-                        format!("{kind} probe ignored: {why}"),
-                    );
-                    false
-                }
-                None => true,
-            };
+        let usable = |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(
+            p,
+            exec.is_some(),
+        ) {
+            Some(why) => {
+                self.event(
+                    Some(&name),
+                    Kind::Warning,
+                    "ProbeWarning",
+                    format!("{kind} probe ignored: {why}"),
+                );
+                false
+            }
+            None => true,
+        };
         let startup = c.startup_probe.as_ref().filter(|p| usable("Startup", p));
         let liveness = c.liveness_probe.as_ref().filter(|p| usable("Liveness", p));
         let readiness = c
@@ -702,17 +712,23 @@ impl PodRun {
             );
         };
         if let Some(p) = startup {
-            let failed = probe::run(p, c, ip, |result, _, failures, t| match result {
-                Ok(()) => Some(None),
-                Err(e) => {
-                    unhealthy("Startup", &e);
-                    (failures >= t.failure_threshold).then(|| {
-                        Some(format!(
-                            "Container {name} failed startup probe, will be restarted"
-                        ))
-                    })
-                }
-            })
+            let failed = probe::run(
+                p,
+                c,
+                ip,
+                exec.as_deref(),
+                |result, _, failures, t| match result {
+                    Ok(()) => Some(None),
+                    Err(e) => {
+                        unhealthy("Startup", &e);
+                        (failures >= t.failure_threshold).then(|| {
+                            Some(format!(
+                                "Container {name} failed startup probe, will be restarted"
+                            ))
+                        })
+                    }
+                },
+            )
             .await;
             if let Some(reason) = failed {
                 return reason;
@@ -725,26 +741,32 @@ impl PodRun {
             let Some(p) = readiness else {
                 return std::future::pending::<String>().await;
             };
-            probe::run(p, c, ip, |result, successes, failures, t| {
-                match result {
-                    Ok(()) if successes >= t.success_threshold => set_ready(true),
-                    Ok(()) => {}
-                    Err(e) => {
-                        unhealthy("Readiness", &e);
-                        if failures >= t.failure_threshold {
-                            set_ready(false);
+            probe::run(
+                p,
+                c,
+                ip,
+                exec.as_deref(),
+                |result, successes, failures, t| {
+                    match result {
+                        Ok(()) if successes >= t.success_threshold => set_ready(true),
+                        Ok(()) => {}
+                        Err(e) => {
+                            unhealthy("Readiness", &e);
+                            if failures >= t.failure_threshold {
+                                set_ready(false);
+                            }
                         }
                     }
-                }
-                None
-            })
+                    None
+                },
+            )
             .await
         };
         let liveness_loop = async {
             let Some(p) = liveness else {
                 return std::future::pending::<String>().await;
             };
-            probe::run(p, c, ip, |result, _, failures, t| {
+            probe::run(p, c, ip, exec.as_deref(), |result, _, failures, t| {
                 let e = result.err()?;
                 unhealthy("Liveness", &e);
                 (failures >= t.failure_threshold)
@@ -1140,6 +1162,7 @@ impl PodRun {
                                 usage: usage.clone(),
                                 running: true,
                                 started: ran_from,
+                                exec: running.exec(),
                             },
                         );
                     });
@@ -1149,9 +1172,10 @@ impl PodRun {
                         "Started",
                         format!("Started container {name}"),
                     );
+                    let exec = running.exec();
                     tokio::select! {
                         exit = running.wait() => exit,
-                        reason = self.probes(&c, init) => {
+                        reason = self.probes(&c, init, exec) => {
                             self.event(Some(&name), Kind::Normal, "Killing", reason.clone());
                             running.kill();
                             let mut exit = running.wait().await;

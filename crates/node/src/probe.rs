@@ -1,7 +1,8 @@
-//! Container probes (startup, liveness, readiness) for Wasm containers:
-//! `httpGet` and `tcpSocket` against the pod's address, with Kubernetes'
-//! timing fields. `exec` and `grpc` probes cannot run against a Wasm guest
-//! (there is no process to exec into); they are reported and ignored.
+//! Container probes (startup, liveness, readiness): `httpGet` and
+//! `tcpSocket` against the pod's address, and `exec` in containers that
+//! have processes (Linux ones), with Kubernetes' timing fields. An `exec`
+//! probe cannot run against a Wasm guest (there is no process to exec
+//! into), nor can a `grpc` probe yet; they are reported and ignored.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -9,14 +10,15 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Container, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasmkube_runtime::Exec;
 
 /// Why a probe cannot run here, when it cannot.
-pub(crate) fn unsupported(probe: &Probe) -> Option<&'static str> {
-    if probe.exec.is_some() {
+pub(crate) fn unsupported(probe: &Probe, can_exec: bool) -> Option<&'static str> {
+    if probe.exec.is_some() && !can_exec {
         Some("exec probes are not supported for Wasm containers")
     } else if probe.grpc.is_some() {
-        Some("grpc probes are not supported for Wasm containers")
-    } else if probe.http_get.is_none() && probe.tcp_socket.is_none() {
+        Some("grpc probes are not supported")
+    } else if probe.http_get.is_none() && probe.tcp_socket.is_none() && probe.exec.is_none() {
         Some("the probe has no handler")
     } else {
         None
@@ -60,10 +62,17 @@ fn port(c: &Container, port: &IntOrString) -> Result<u16, String> {
 }
 
 /// One attempt: `Ok` on success, the failure's description otherwise.
-pub(crate) async fn check(probe: &Probe, c: &Container, pod_ip: IpAddr) -> Result<(), String> {
+pub(crate) async fn check(
+    probe: &Probe,
+    c: &Container,
+    pod_ip: IpAddr,
+    exec: Option<&dyn Exec>,
+) -> Result<(), String> {
     let timeout = Timing::of(probe).timeout;
     let attempt = async {
-        if let Some(h) = &probe.http_get {
+        if let (Some(e), Some(exec)) = (&probe.exec, exec) {
+            exec_probe(exec, e.command.as_deref().unwrap_or_default()).await
+        } else if let Some(h) = &probe.http_get {
             let port = port(c, &h.port)?;
             let host: IpAddr = h
                 .host
@@ -120,6 +129,41 @@ pub(crate) async fn check(probe: &Probe, c: &Container, pod_ip: IpAddr) -> Resul
     }
 }
 
+/// Runs the probe's command in the container: success is exit code 0;
+/// a failure says what the command printed, as the kubelet's does. The
+/// process is killed when the probe's timeout drops this future.
+async fn exec_probe(exec: &dyn Exec, command: &[String]) -> Result<(), String> {
+    let process = exec.exec(command, None).await.map_err(|e| e.to_string())?;
+    drop(process.stdin);
+    let mut output = Vec::new();
+    let mut errors = Vec::new();
+    let mut stderr = process.stderr;
+    let (read_out, read_err) = tokio::join!(
+        async {
+            let mut stdout = process.stdout;
+            stdout.read_to_end(&mut output).await
+        },
+        async {
+            match stderr.as_mut() {
+                Some(e) => e.read_to_end(&mut errors).await,
+                None => Ok(0),
+            }
+        }
+    );
+    let code = process.exit.await.map_err(|e| e.to_string())?;
+    drop((read_out, read_err));
+    if code == 0 {
+        return Ok(());
+    }
+    output.extend_from_slice(&errors);
+    let text = String::from_utf8_lossy(&output).trim().to_owned();
+    Err(if text.is_empty() {
+        format!("command {command:?} exited with {code}")
+    } else {
+        text
+    })
+}
+
 /// Runs a probe every period after its initial delay, handing each
 /// outcome, with the consecutive successes and failures so far, to
 /// `decide`; returns what `decide` first returns.
@@ -127,13 +171,14 @@ pub(crate) async fn run<T>(
     probe: &Probe,
     c: &Container,
     pod_ip: IpAddr,
+    exec: Option<&dyn Exec>,
     mut decide: impl FnMut(Result<(), String>, u32, u32, &Timing) -> Option<T>,
 ) -> T {
     let t = Timing::of(probe);
     tokio::time::sleep(t.initial_delay).await;
     let (mut successes, mut failures) = (0, 0);
     loop {
-        let result = check(probe, c, pod_ip).await;
+        let result = check(probe, c, pod_ip, exec).await;
         if result.is_ok() {
             (successes, failures) = (successes + 1, 0);
         } else {

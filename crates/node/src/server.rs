@@ -1,6 +1,6 @@
-//! The agent endpoint: container logs (which the API server proxies
-//! `pods/log` to), usage and Prometheus metrics. Every route but `/healthz`
-//! needs the cluster's node-proxy token.
+//! The agent endpoint: container logs and exec sessions (which the API
+//! server proxies `pods/log` and `pods/exec` to), usage and Prometheus
+//! metrics. Every route but `/healthz` needs the cluster's node-proxy token.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,6 +24,10 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
             get(container_logs),
+        )
+        .route(
+            "/exec/{namespace}/{pod}/{container}",
+            get(crate::exec::handle).post(crate::exec::handle),
         )
         .route("/metrics", get(metrics))
         .route("/stats/pods", get(stats))

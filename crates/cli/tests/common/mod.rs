@@ -106,6 +106,8 @@ impl Drop for Server {
 
 pub struct Out {
     pub ok: bool,
+    /// The exit code (`None` when a signal ended kubectl).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -132,6 +134,7 @@ pub fn kubectl(s: &Server, args: &[&str], stdin: Option<&str>) -> Out {
     let out = child.wait_with_output().unwrap();
     Out {
         ok: out.status.success(),
+        code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
