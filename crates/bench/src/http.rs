@@ -1,6 +1,9 @@
 //! HTTP function throughput and latency: the `http-hello` component as a
 //! pod on `wasmkube server`'s local node (a fresh instance per request),
-//! loaded by keep-alive clients; the peer, when installed, is `wasmtime
+//! loaded by keep-alive clients. The pod is measured twice in one run: on
+//! the node-port fallback (`--no-pod-network`: the node's IP, a node port)
+//! and, when the bench runs as root with the CNI plugins, at its own pod IP
+//! in its own network namespace. The peer, when installed, is `wasmtime
 //! serve -S cli` on the same component in the same run (install it outside
 //! CI: `cargo install wasmtime-cli --version 48.0.8 --locked`).
 
@@ -73,6 +76,50 @@ async fn load(url: &str, clients: usize, seconds: f64) -> anyhow::Result<(f64, V
     Ok((rate, all))
 }
 
+/// Why this run cannot give pods their own IPs, if it cannot.
+fn pod_network_unavailable() -> Option<&'static str> {
+    if !rustix::process::geteuid().is_root() {
+        Some("not root")
+    } else if !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        Some("the CNI plugins are not installed")
+    } else {
+        None
+    }
+}
+
+/// Runs http-hello as a pod serving port 8080 on `server`'s node; returns
+/// the URL it answers at: its pod IP, or the node port its status names
+/// when it shares the node's IP.
+async fn serve(server: &ChildServer, image: &str) -> anyhow::Result<String> {
+    let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "http-hello"},
+        "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]},
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let running = tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(pods, "http-hello", |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref()?.phase.as_deref()) == Some("Running")
+        }),
+    )
+    .await??
+    .ok_or_else(|| anyhow::anyhow!("the pod vanished"))?;
+    let status = running.status.unwrap_or_default();
+    let ip = status.pod_ip.unwrap_or_default();
+    let node_port = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "wasmkube.dev/NodePorts")
+        .and_then(|c| c.message)
+        .and_then(|m| {
+            let (_, rest) = m.split_once("web:8080->")?;
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u16>().ok()
+        });
+    Ok(format!("http://{ip}:{}/bench", node_port.unwrap_or(8080)))
+}
+
 fn report(label: &str, rate: f64, latencies: &[Duration]) {
     println!(
         "  {label:<34} {rate:>8.0} req/s  p50 {}  p99 {}",
@@ -87,35 +134,54 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = wasmkube_testkit::Registry::start();
     let image = format!("{}/http-hello:v1", registry.host());
     wasmkube_oci::push_wasm(std::fs::read(&component)?, &image, &Default::default()).await?;
-    let (server, _) =
-        ChildServer::start_with(&binary, &["--node-name", "bench-http", "--no-pod-network"])
-            .await?;
-    let client = server.client()?;
-    let port = free_port()?;
-    let pods: Api<Pod> = Api::namespaced(client, "default");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "http-hello"},
-        "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": port}]}]},
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        await_condition(pods, "http-hello", |p: Option<&Pod>| {
-            p.and_then(|p| p.status.as_ref()?.phase.as_deref()) == Some("Running")
-        }),
-    )
-    .await??;
     println!(
         "HTTP function (http-hello), {} keep-alive clients, {} s each",
         args.clients, args.seconds
     );
-    let (rate, lat) = load(
-        &format!("http://127.0.0.1:{port}/bench"),
-        args.clients,
-        args.seconds,
-    )
-    .await?;
-    report("wasmkube pod (fresh instance/req)", rate, &lat);
+    let (rate, lat) = {
+        let (server, _) =
+            ChildServer::start_with(&binary, &["--node-name", "bench-http", "--no-pod-network"])
+                .await?;
+        let url = serve(&server, &image).await?;
+        let (rate, lat) = load(&url, args.clients, args.seconds).await?;
+        report("wasmkube pod at a node port", rate, &lat);
+        (rate, lat)
+    };
+    if let Some(why) = pod_network_unavailable() {
+        println!("  pod IP: not measured ({why})");
+    } else {
+        let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
+        let measured = async {
+            let (server, _) =
+                ChildServer::start_with(&binary, &["--node-name", "bench-http-ip"]).await?;
+            let url = serve(&server, &image).await?;
+            let figures = load(&url, args.clients, args.seconds).await?;
+            // The pod's namespace goes with its deletion, before the server.
+            let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
+            pods.delete("http-hello", &Default::default()).await?;
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                kube::runtime::wait::await_condition(
+                    pods,
+                    "http-hello",
+                    kube::runtime::wait::conditions::is_deleted(""),
+                ),
+            )
+            .await??;
+            anyhow::Ok(figures)
+        }
+        .await;
+        if !bridge_existed {
+            let _ = Command::new("ip").args(["link", "del", "wk0"]).status();
+        }
+        let (ip_rate, ip_lat) = measured?;
+        report("wasmkube pod at its pod IP", ip_rate, &ip_lat);
+        println!(
+            "  ratio pod IP/node port            {:.2}x req/s, p99 {:.2}x",
+            ip_rate / rate,
+            percentile(&ip_lat, 99.0).as_secs_f64() / percentile(&lat, 99.0).as_secs_f64()
+        );
+    }
     let wasmtime = args.wasmtime.unwrap_or_else(|| PathBuf::from("wasmtime"));
     let peer_port = free_port()?;
     let peer = Command::new(&wasmtime)

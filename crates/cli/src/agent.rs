@@ -36,12 +36,36 @@ pub struct NodeArgs {
     pub allow_privileged: bool,
     /// Pods share the node's network instead of each getting a network
     /// namespace and an IP from the node's pod CIDR (which needs root and
-    /// the CNI plugins in --cni-bin).
+    /// the CNI plugins in --cni-bin). Wasm containers' ports are then
+    /// served at node ports from --node-ports.
     #[arg(long)]
     pub no_pod_network: bool,
     /// Where the CNI bridge, host-local and loopback plugins are.
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin: PathBuf,
+    /// Node ports (FIRST-LAST) for Wasm containers' ports when pods share
+    /// the node's network; each pod's are listed in its
+    /// `wasmkube.dev/NodePorts` condition.
+    #[arg(long, default_value = "40000-49999", value_parser = port_range)]
+    pub node_ports: std::ops::RangeInclusive<u16>,
+}
+
+fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range like 40000-49999"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u16>()
+            .map_err(|e| format!("{v:?} is not a port: {e}"))
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a == 0 || a > b {
+        return Err(format!(
+            "{s:?} is not a range of ports (1-65535, first <= last)"
+        ));
+    }
+    Ok(a..=b)
 }
 
 impl NodeArgs {
@@ -52,6 +76,7 @@ impl NodeArgs {
         config.allow_privileged = self.allow_privileged;
         config.pod_network = !self.no_pod_network;
         config.cni_bin = self.cni_bin.clone();
+        config.node_ports = self.node_ports.clone();
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
         config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));

@@ -273,13 +273,8 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     // An HTTP function: a Deployment of the http-hello component answers
     // at its pod's address and port, a fresh instance per request.
     let http_hello = push_as(&registry, "http_hello", "wasm32-wasip2", "http-hello");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let manifest = format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: http-hello}}\nspec:\n  selector: {{matchLabels: {{app: http-hello}}}}\n  template:\n    metadata: {{labels: {{app: http-hello}}}}\n    spec:\n      containers:\n      - name: http-hello\n        image: {http_hello}\n        env: [{{name: GREETING, value: e2e}}]\n        ports: [{{containerPort: {port}}}]\n"
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: http-hello}}\nspec:\n  selector: {{matchLabels: {{app: http-hello}}}}\n  template:\n    metadata: {{labels: {{app: http-hello}}}}\n    spec:\n      containers:\n      - name: http-hello\n        image: {http_hello}\n        env: [{{name: GREETING, value: e2e}}]\n        ports: [{{containerPort: 8080}}]\n"
     );
     ok(&s, &["apply", "-f", "-"], Some(&manifest));
     ok(
@@ -305,6 +300,25 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         None,
     );
     assert_eq!(pod_ip, "127.0.0.1");
+    // This cluster gives pods no network of their own: the pod shares the
+    // node's IP and says at which node port it serves its port 8080.
+    let ports = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=http-hello",
+            "-o",
+            r#"jsonpath={.items[0].status.conditions[?(@.type=="wasmkube.dev/NodePorts")].message}"#,
+        ],
+        None,
+    );
+    let port: u16 = ports
+        .split_once("http-hello:8080->")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no node port in {ports:?}"));
     let (status, body) = http_get(port, "/from/kubectl?x=1");
     assert_eq!(status, 200, "{body}");
     assert!(

@@ -14,6 +14,7 @@ mod exec;
 mod logs;
 mod node;
 mod pod;
+mod ports;
 mod probe;
 mod server;
 mod spec;
@@ -95,6 +96,9 @@ pub struct Config {
     /// share the node's network.
     pub pod_network: bool,
     pub cni_bin: PathBuf,
+    /// Node ports for Wasm containers' ports when pods share the node's
+    /// network (see `ports.rs`).
+    pub node_ports: std::ops::RangeInclusive<u16>,
     /// The largest linear memory a module may have.
     pub max_module_memory_bytes: usize,
 }
@@ -121,6 +125,7 @@ impl Config {
             allow_privileged: false,
             pod_network: true,
             cni_bin: PathBuf::from("/usr/lib/cni"),
+            node_ports: 40000..=49999,
             max_module_memory_bytes: 4 << 30,
         }
     }
@@ -169,6 +174,8 @@ pub(crate) struct Ctx {
     /// The previous usage sample per container and for the machine, from
     /// which `/stats/pods` computes CPU rates.
     pub samples: Mutex<server::Samples>,
+    /// Node ports held by pods that share the node's network.
+    pub node_ports: Mutex<ports::NodePorts>,
 }
 
 impl Ctx {
@@ -235,6 +242,7 @@ impl Agent {
             }
         }
         let ctx = Arc::new(Ctx {
+            node_ports: Mutex::new(ports::NodePorts::new(config.node_ports.clone())),
             client,
             config,
             images,
@@ -251,6 +259,15 @@ impl Agent {
         tracing::info!(node = %ctx.config.name, port, "node agent registered");
         if ctx.config.pod_network {
             node::set_up_pod_network(&ctx).await;
+        }
+        if ctx.network.get().is_none() {
+            let range = &ctx.config.node_ports;
+            tracing::warn!(
+                address = %ctx.config.address,
+                node_ports = %format!("{}-{}", range.start(), range.end()),
+                "no pod network: pods share the node's IP, and Wasm containers' ports are served at node ports, reported in each pod's {} condition",
+                ports::CONDITION
+            );
         }
         Ok(Self { ctx, listener })
     }

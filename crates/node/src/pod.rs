@@ -29,7 +29,7 @@ use wasmkube_runtime_linux::net::Sandbox;
 use crate::events::{self, Kind};
 use crate::spec::{self, Volume};
 use crate::status::{self, ContainerStatus, Forced, State, Terminated};
-use crate::{Ctx, logs, probe};
+use crate::{Ctx, logs, ports, probe};
 
 /// How long an image pull failure shows as `ErrImagePull` before the
 /// back-off (`ImagePullBackOff`).
@@ -80,6 +80,8 @@ pub(crate) struct PodState {
     sandbox_ready: bool,
     /// The pod's own network, when the node gives pods one.
     sandbox: Option<Sandbox>,
+    /// Without one: the node ports its Wasm containers' ports are served at.
+    node_ports: Vec<ports::Mapping>,
 }
 
 impl PodState {
@@ -121,6 +123,7 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         forced: None,
         sandbox_ready: false,
         sandbox: None,
+        node_ports: Vec::new(),
     }));
     let (tx, rx) = watch::channel(Some(pod.clone()));
     pods.insert(
@@ -390,15 +393,26 @@ impl Worker {
             &start_time,
             &self.ctx.config.address.to_string(),
             st.sandbox.as_ref().map(|s| s.ip),
+            &st.node_ports,
             false,
         ))
     }
 
     async fn cleanup(&self) {
-        let (dir, sandbox) = {
-            let st = self.state.lock().expect("pod state");
-            (st.dir.clone(), st.sandbox.is_some())
+        let (dir, sandbox, node_ports) = {
+            let mut st = self.state.lock().expect("pod state");
+            (
+                st.dir.clone(),
+                st.sandbox.is_some(),
+                std::mem::take(&mut st.node_ports),
+            )
         };
+        {
+            let mut held = self.ctx.node_ports.lock().expect("node ports");
+            for m in node_ports {
+                held.release(m.node_port);
+            }
+        }
         if let (Some(network), true) = (self.ctx.network.get(), sandbox) {
             network.teardown(&self.uid).await;
         }
@@ -451,6 +465,7 @@ async fn status_writer(
                 &start_time,
                 &ctx.config.address.to_string(),
                 st.sandbox.as_ref().map(|s| s.ip),
+                &st.node_ports,
                 st.sandbox_ready,
             ))
         };
@@ -533,6 +548,69 @@ impl PodRun {
             .sandbox
             .as_ref()
             .map_or(self.ctx.config.address, |s| s.ip)
+    }
+
+    /// Whether the pod shares the node's network because the node gives
+    /// pods none (not because it asked for `hostNetwork`).
+    fn shares_node_network(&self, pod: &Pod) -> bool {
+        self.ctx.network.get().is_none()
+            && pod.spec.as_ref().and_then(|s| s.host_network) != Some(true)
+    }
+
+    /// Listeners at node ports for the container's `ports`, in order: the
+    /// ports the pod already holds (a restart), else new ones (its
+    /// `hostPort` when given).
+    fn node_port_listeners(
+        &self,
+        name: &str,
+        c: &Container,
+        ports: &[u16],
+    ) -> std::io::Result<Vec<std::net::TcpListener>> {
+        let address = self.ctx.config.address;
+        let held = self.state.lock().expect("pod state").node_ports.clone();
+        let mut listeners = Vec::new();
+        let mut taken = Vec::new();
+        let mut node_ports = self.ctx.node_ports.lock().expect("node ports");
+        for &port in ports {
+            let mapping = held
+                .iter()
+                .find(|m| m.container == name && m.container_port == port);
+            let opened = match mapping {
+                Some(m) => node_ports.reopen(address, m.node_port),
+                None => {
+                    let host_port = c
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.container_port == i32::from(port))
+                        .and_then(|p| p.host_port)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p > 0);
+                    node_ports.take(address, host_port).map(|(node_port, l)| {
+                        taken.push(ports::Mapping {
+                            container: name.to_owned(),
+                            container_port: port,
+                            node_port,
+                        });
+                        l
+                    })
+                }
+            };
+            match opened {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    for m in &taken {
+                        node_ports.release(m.node_port);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        drop(node_ports);
+        if !taken.is_empty() {
+            self.set(|s| s.node_ports.extend(taken));
+        }
+        Ok(listeners)
     }
 
     /// Gives the pod its network namespace and address, retrying with
@@ -669,10 +747,22 @@ impl PodRun {
             return std::future::pending().await;
         }
         let name = c.name.clone();
-        let ip = self.ip();
+        let target = probe::Target {
+            ip: self.ip(),
+            node_ports: self
+                .state
+                .lock()
+                .expect("pod state")
+                .node_ports
+                .iter()
+                .filter(|m| m.container == name)
+                .map(|m| (m.container_port, m.node_port))
+                .collect(),
+            exec,
+        };
+        let exec = target.exec.is_some();
         let usable = |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(
-            p,
-            exec.is_some(),
+            p, exec,
         ) {
             Some(why) => {
                 self.event(
@@ -712,23 +802,17 @@ impl PodRun {
             );
         };
         if let Some(p) = startup {
-            let failed = probe::run(
-                p,
-                c,
-                ip,
-                exec.as_deref(),
-                |result, _, failures, t| match result {
-                    Ok(()) => Some(None),
-                    Err(e) => {
-                        unhealthy("Startup", &e);
-                        (failures >= t.failure_threshold).then(|| {
-                            Some(format!(
-                                "Container {name} failed startup probe, will be restarted"
-                            ))
-                        })
-                    }
-                },
-            )
+            let failed = probe::run(p, c, &target, |result, _, failures, t| match result {
+                Ok(()) => Some(None),
+                Err(e) => {
+                    unhealthy("Startup", &e);
+                    (failures >= t.failure_threshold).then(|| {
+                        Some(format!(
+                            "Container {name} failed startup probe, will be restarted"
+                        ))
+                    })
+                }
+            })
             .await;
             if let Some(reason) = failed {
                 return reason;
@@ -741,32 +825,26 @@ impl PodRun {
             let Some(p) = readiness else {
                 return std::future::pending::<String>().await;
             };
-            probe::run(
-                p,
-                c,
-                ip,
-                exec.as_deref(),
-                |result, successes, failures, t| {
-                    match result {
-                        Ok(()) if successes >= t.success_threshold => set_ready(true),
-                        Ok(()) => {}
-                        Err(e) => {
-                            unhealthy("Readiness", &e);
-                            if failures >= t.failure_threshold {
-                                set_ready(false);
-                            }
+            probe::run(p, c, &target, |result, successes, failures, t| {
+                match result {
+                    Ok(()) if successes >= t.success_threshold => set_ready(true),
+                    Ok(()) => {}
+                    Err(e) => {
+                        unhealthy("Readiness", &e);
+                        if failures >= t.failure_threshold {
+                            set_ready(false);
                         }
                     }
-                    None
-                },
-            )
+                }
+                None
+            })
             .await
         };
         let liveness_loop = async {
             let Some(p) = liveness else {
                 return std::future::pending::<String>().await;
             };
-            probe::run(p, c, ip, exec.as_deref(), |result, _, failures, t| {
+            probe::run(p, c, &target, |result, _, failures, t| {
                 let e = result.err()?;
                 unhealthy("Liveness", &e);
                 (failures >= t.failure_threshold)
@@ -1069,6 +1147,23 @@ impl PodRun {
                         Ok(l) => l,
                         Err(e) => {
                             let message = format!("cannot listen in the pod's network: {e}");
+                            if self
+                                .hold(&name, "CreateContainerError", message, config_delay)
+                                .await
+                            {
+                                return Outcome::Stopped;
+                            }
+                            config_delay = (config_delay * 2).min(backoff.max);
+                            continue;
+                        }
+                    }
+                }
+                (None, true) if self.shares_node_network(&pod) => {
+                    match self.node_port_listeners(&name, &c, &ports) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let message =
+                                format!("cannot serve the container's ports at node ports: {e}");
                             if self
                                 .hold(&name, "CreateContainerError", message, config_delay)
                                 .await

@@ -61,16 +61,26 @@ fn port(c: &Container, port: &IntOrString) -> Result<u16, String> {
     }
 }
 
+/// What a container's probes reach.
+pub(crate) struct Target {
+    /// The pod's IP.
+    pub ip: IpAddr,
+    /// Container ports served at other (node) ports, when the pod shares
+    /// the node's IP.
+    pub node_ports: std::collections::HashMap<u16, u16>,
+    /// Runs `exec` probes, for containers with processes.
+    pub exec: Option<std::sync::Arc<dyn Exec>>,
+}
+
 /// One attempt: `Ok` on success, the failure's description otherwise.
-pub(crate) async fn check(
-    probe: &Probe,
-    c: &Container,
-    pod_ip: IpAddr,
-    exec: Option<&dyn Exec>,
-) -> Result<(), String> {
+pub(crate) async fn check(probe: &Probe, c: &Container, target: &Target) -> Result<(), String> {
     let timeout = Timing::of(probe).timeout;
+    let pod_ip = target.ip;
+    let port = |c: &Container, p: &IntOrString| {
+        port(c, p).map(|p| target.node_ports.get(&p).copied().unwrap_or(p))
+    };
     let attempt = async {
-        if let (Some(e), Some(exec)) = (&probe.exec, exec) {
+        if let (Some(e), Some(exec)) = (&probe.exec, target.exec.as_deref()) {
             exec_probe(exec, e.command.as_deref().unwrap_or_default()).await
         } else if let Some(h) = &probe.http_get {
             let port = port(c, &h.port)?;
@@ -170,15 +180,14 @@ async fn exec_probe(exec: &dyn Exec, command: &[String]) -> Result<(), String> {
 pub(crate) async fn run<T>(
     probe: &Probe,
     c: &Container,
-    pod_ip: IpAddr,
-    exec: Option<&dyn Exec>,
+    target: &Target,
     mut decide: impl FnMut(Result<(), String>, u32, u32, &Timing) -> Option<T>,
 ) -> T {
     let t = Timing::of(probe);
     tokio::time::sleep(t.initial_delay).await;
     let (mut successes, mut failures) = (0, 0);
     loop {
-        let result = check(probe, c, pod_ip, exec).await;
+        let result = check(probe, c, target).await;
         if result.is_ok() {
             (successes, failures) = (successes + 1, 0);
         } else {

@@ -186,6 +186,7 @@ pub(crate) fn build(
     start_time: &DateTime<Utc>,
     host_ip: &str,
     pod_ip: Option<std::net::IpAddr>,
+    node_ports: &[crate::ports::Mapping],
     sandbox_ready: bool,
 ) -> Value {
     let pod_ip = pod_ip.map_or_else(|| host_ip.to_owned(), |ip| ip.to_string());
@@ -259,6 +260,18 @@ pub(crate) fn build(
         condition("ContainersReady", ready, ready_reason, ready_message),
         condition("PodScheduled", true, None, None),
     ]);
+    let mut conditions = conditions;
+    if !node_ports.is_empty() {
+        conditions.as_array_mut().expect("an array").push(condition(
+            crate::ports::CONDITION,
+            true,
+            Some("NoPodNetwork".to_owned()),
+            Some(format!(
+                "the node gives pods no network of their own: the pod shares the node's IP {host_ip}, and serves container ports at node ports {}",
+                crate::ports::describe(node_ports)
+            )),
+        ));
+    }
     let json_of = |init: bool| -> Vec<Value> {
         containers
             .iter()

@@ -736,25 +736,56 @@ async fn an_http_function_pod_serves_its_mounted_config() {
     )
     .await
     .unwrap();
-    let port = free_port();
-    h.create(
-        "web",
-        json!({
-            "volumes": [{"name": "config", "configMap": {"name": "web"}}],
-            "containers": [{
-                "name": "web", "image": h.image("config-http"),
-                "ports": [{"containerPort": port}],
-                "resources": {"limits": {"memory": "32Mi"}},
-                "volumeMounts": [{"name": "config", "mountPath": "/config"}],
-            }],
-        }),
-    )
-    .await;
-    h.wait("web", "Running", |p| phase(p) == "Running").await;
-    let (status, body) = agent_get(u64::from(port), "/greeting", None).await;
-    assert_eq!((status, body.as_str()), (200, "hello from a configmap"));
-    let (status, _) = agent_get(u64::from(port), "/nothing", None).await;
-    assert_eq!(status, 404);
+    // Two pods on the same container port: the node gives pods no network
+    // of their own here, so each is served at a node port of its own,
+    // which its status reports.
+    for name in ["web", "web2"] {
+        h.create(
+            name,
+            json!({
+                "volumes": [{"name": "config", "configMap": {"name": "web"}}],
+                "containers": [{
+                    "name": "web", "image": h.image("config-http"),
+                    "ports": [{"containerPort": 8080}],
+                    "resources": {"limits": {"memory": "32Mi"}},
+                    "volumeMounts": [{"name": "config", "mountPath": "/config"}],
+                }],
+            }),
+        )
+        .await;
+    }
+    let mut ports = Vec::new();
+    for name in ["web", "web2"] {
+        let pod = h.wait(name, "Running", |p| phase(p) == "Running").await;
+        let port = node_port(&pod, "web", 8080);
+        let (status, body) = agent_get(u64::from(port), "/greeting", None).await;
+        assert_eq!((status, body.as_str()), (200, "hello from a configmap"));
+        let (status, _) = agent_get(u64::from(port), "/nothing", None).await;
+        assert_eq!(status, 404);
+        ports.push(port);
+    }
+    assert_ne!(ports[0], ports[1]);
+}
+
+/// The node port that `container`'s `port` is served at, from the pod's
+/// `wasmkube.dev/NodePorts` condition (pods share the node's IP here).
+fn node_port(p: &Pod, container: &str, port: u16) -> u16 {
+    let conditions = p.status.as_ref().and_then(|s| s.conditions.clone());
+    let message = conditions
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "wasmkube.dev/NodePorts" && c.status == "True")
+        .and_then(|c| c.message)
+        .unwrap_or_else(|| panic!("no NodePorts condition: {:?}", p.status));
+    let key = format!("{container}:{port}->");
+    let at = message
+        .find(&key)
+        .unwrap_or_else(|| panic!("{key} not in {message}"));
+    message[at + key.len()..]
+        .split(|ch: char| !ch.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no port after {key} in {message}"))
 }
 
 fn ready(p: &Pod) -> Option<bool> {
@@ -876,15 +907,16 @@ async fn a_runaway_guest_does_not_stall_its_neighbours() {
     // An HTTP function beside them still answers every request, and a new
     // pod still starts and finishes: the guests yield at every epoch tick,
     // so the agent's executor keeps serving everything else.
-    let port = free_port();
     h.create(
         "neighbour",
         json!({"containers": [{"name": "web", "image": h.image("config-http"),
-                               "ports": [{"containerPort": port}]}]}),
+                               "ports": [{"containerPort": 8080}]}]}),
     )
     .await;
-    h.wait("neighbour", "Running", |p| phase(p) == "Running")
+    let pod = h
+        .wait("neighbour", "Running", |p| phase(p) == "Running")
         .await;
+    let port = node_port(&pod, "web", 8080);
     for _ in 0..20 {
         let (status, _) = tokio::time::timeout(
             Duration::from_secs(5),
