@@ -115,7 +115,10 @@ async fn serve(server: &ChildServer, image: &str) -> anyhow::Result<String> {
         .and_then(|c| c.message)
         .and_then(|m| {
             let (_, rest) = m.split_once("web:8080->")?;
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u16>().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u16>()
+                .ok()
         });
     Ok(format!("http://{ip}:{}/bench", node_port.unwrap_or(8080)))
 }
