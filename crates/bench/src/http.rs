@@ -164,11 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             pods.delete("http-hello", &Default::default()).await?;
             tokio::time::timeout(
                 Duration::from_secs(60),
-                kube::runtime::wait::await_condition(
-                    pods,
-                    "http-hello",
-                    kube::runtime::wait::conditions::is_deleted(""),
-                ),
+                await_condition(pods, "http-hello", |p: Option<&Pod>| p.is_none()),
             )
             .await??;
             anyhow::Ok(figures)
