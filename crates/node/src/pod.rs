@@ -391,10 +391,12 @@ impl Worker {
             &st.containers,
             st.forced.as_ref(),
             &start_time,
-            &self.ctx.config.address.to_string(),
-            st.sandbox.as_ref().map(|s| s.ip),
-            &st.node_ports,
-            false,
+            &status::Network {
+                host_ip: &self.ctx.config.address.to_string(),
+                pod_ip: st.sandbox.as_ref().map(|s| s.ip),
+                node_ports: &st.node_ports,
+                sandbox_ready: false,
+            },
         ))
     }
 
@@ -463,10 +465,12 @@ async fn status_writer(
                 &st.containers,
                 st.forced.as_ref(),
                 &start_time,
-                &ctx.config.address.to_string(),
-                st.sandbox.as_ref().map(|s| s.ip),
-                &st.node_ports,
-                st.sandbox_ready,
+                &status::Network {
+                    host_ip: &ctx.config.address.to_string(),
+                    pod_ip: st.sandbox.as_ref().map(|s| s.ip),
+                    node_ports: &st.node_ports,
+                    sandbox_ready: st.sandbox_ready,
+                },
             ))
         };
         if let Some(status) = status

@@ -178,17 +178,34 @@ pub(crate) fn phase(restart_policy: &str, containers: &[ContainerStatus]) -> &'s
     }
 }
 
+/// Where a pod is reachable, for its status.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Network<'a> {
+    /// The node's IP.
+    pub host_ip: &'a str,
+    /// The pod's own IP, when it has one (else it reports the node's).
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// Node ports standing in for its container ports, when it shares the
+    /// node's IP.
+    pub node_ports: &'a [crate::ports::Mapping],
+    /// Whether its sandbox (network) is set up.
+    pub sandbox_ready: bool,
+}
+
 /// The whole `status` of a pod.
 pub(crate) fn build(
     pod: &Pod,
     containers: &[ContainerStatus],
     forced: Option<&Forced>,
     start_time: &DateTime<Utc>,
-    host_ip: &str,
-    pod_ip: Option<std::net::IpAddr>,
-    node_ports: &[crate::ports::Mapping],
-    sandbox_ready: bool,
+    net: &Network<'_>,
 ) -> Value {
+    let Network {
+        host_ip,
+        pod_ip,
+        node_ports,
+        sandbox_ready,
+    } = *net;
     let pod_ip = pod_ip.map_or_else(|| host_ip.to_owned(), |ip| ip.to_string());
     let restart_policy = pod
         .spec
