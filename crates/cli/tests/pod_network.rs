@@ -474,6 +474,61 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         "{events}"
     );
 
+    // Through the whole cluster: a Linux container over its memory limit
+    // is OOMKilled, and one that ignores SIGTERM is killed once its grace
+    // period is over (so its deletion takes at least that long).
+    let linux_pod = |name: &str, script: &str, extra: serde_json::Value| {
+        let mut container = json!({"name": "c", "image": busybox, "command": ["sh", "-c", script]});
+        container
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": host1, "restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+                     "containers": [container]},
+        })
+        .to_string()
+    };
+    let hog = linux_pod(
+        "hog",
+        "head -c 300000000 /dev/zero | tail",
+        json!({"resources": {"limits": {"memory": "32Mi"}}}),
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&hog));
+    let stubborn = linux_pod(
+        "stubborn",
+        "trap '' TERM; touch /tmp/ready; sleep 1000",
+        json!({"readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1}}),
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&stubborn));
+    checked(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.containerStatuses[0].state.terminated.reason}=OOMKilled",
+            "pod/hog",
+            "--timeout=60s",
+        ],
+    );
+    wait_ready(&s, "pod/stubborn");
+    let asked = std::time::Instant::now();
+    ok(
+        &s,
+        &["delete", "pod/stubborn", "--wait=true", "--timeout=60s"],
+        None,
+    );
+    let took = asked.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(2),
+        "a container ignoring SIGTERM was gone after {took:?}, before its 2 s grace period"
+    );
+    ok(
+        &s,
+        &["delete", "pod/hog", "--wait=true", "--timeout=60s"],
+        None,
+    );
+
     // Deleting everything leaves nothing behind: an agent removes a pod's
     // containers, mounts, cgroups and network before it confirms the
     // deletion.
