@@ -14,6 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::watch;
+use wasmkube_runtime::{LogSink, Output};
 
 /// Lines longer than this are split into partial (`P`) records.
 const MAX_LINE: usize = 16 * 1024;
@@ -78,10 +79,15 @@ impl Writer {
     }
 }
 
-/// Creates the log file of one container run and the pipes its stdout and
-/// stderr go to; returns the write ends (for the runtime) and a handle
-/// readers can follow. The copying ends when both write ends are closed.
-pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<(File, File, Live)> {
+impl Drop for Writer {
+    /// The run's output ended (both streams closed): followers stop.
+    fn drop(&mut self) {
+        self.written.send_replace(u64::MAX);
+    }
+}
+
+/// The log file of one container run and its writer.
+fn writer(path: &Path, max_bytes: u64) -> std::io::Result<(Arc<Writer>, Live)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -95,24 +101,82 @@ pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<(File, File, 
         size: Mutex::new(size),
         written: tx,
     });
+    Ok((writer, Live { written: rx }))
+}
+
+/// Creates the log file of one container run and the pipes its stdout and
+/// stderr go to (for a process); returns the write ends and a handle
+/// readers can follow. The copying ends when both write ends are closed.
+pub(crate) fn open(path: &Path, max_bytes: u64) -> std::io::Result<(Output, Output, Live)> {
+    let (writer, live) = writer(path, max_bytes)?;
     let mut ends = Vec::new();
-    let mut copies = Vec::new();
     for stream in ["stdout", "stderr"] {
         let (reader, write_end) = std::io::pipe()?;
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
-        ends.push(File::from(OwnedFd::from(write_end)));
-        let writer = writer.clone();
-        copies.push(tokio::spawn(copy(receiver, writer, stream)));
+        ends.push(Output::File(File::from(OwnedFd::from(write_end))));
+        tokio::spawn(copy(receiver, writer.clone(), stream));
     }
-    tokio::spawn(async move {
-        for c in copies {
-            let _ = c.await;
-        }
-        writer.written.send_replace(u64::MAX);
-    });
     let stderr = ends.pop().expect("two pipes");
     let stdout = ends.pop().expect("two pipes");
-    Ok((stdout, stderr, Live { written: rx }))
+    Ok((stdout, stderr, live))
+}
+
+/// As [`open`], for an in-process (Wasm) guest: its output is written to
+/// the log as it comes, with no pipe or descriptor of its own beyond the
+/// log file. The run's log ends when the runtime drops both sinks.
+pub(crate) fn open_sinks(path: &Path, max_bytes: u64) -> std::io::Result<(Output, Output, Live)> {
+    let (writer, live) = writer(path, max_bytes)?;
+    let sink = |stream| {
+        Output::Sink(Arc::new(LineSink {
+            writer: writer.clone(),
+            stream,
+            partial: Mutex::new(Vec::new()),
+        }))
+    };
+    Ok((sink("stdout"), sink("stderr"), live))
+}
+
+/// Cuts a stream into CRI records: a line per `\n`, and a partial record
+/// for a line longer than [`MAX_LINE`] or left unfinished at the end.
+#[derive(Debug)]
+struct LineSink {
+    writer: Arc<Writer>,
+    stream: &'static str,
+    partial: Mutex<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("path", &self.path).finish()
+    }
+}
+
+impl LogSink for LineSink {
+    fn write(&self, bytes: &[u8]) {
+        let mut buf = self.partial.lock().expect("log line lock");
+        buf.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(end) = buf[start..].iter().position(|b| *b == b'\n') {
+            self.writer
+                .write_line(self.stream, false, &buf[start..start + end]);
+            start += end + 1;
+        }
+        while buf.len() - start >= MAX_LINE {
+            self.writer
+                .write_line(self.stream, true, &buf[start..start + MAX_LINE]);
+            start += MAX_LINE;
+        }
+        buf.drain(..start);
+    }
+}
+
+impl Drop for LineSink {
+    fn drop(&mut self) {
+        let rest = self.partial.get_mut().expect("log line lock");
+        if !rest.is_empty() {
+            self.writer.write_line(self.stream, true, rest);
+        }
+    }
 }
 
 async fn copy(
@@ -352,21 +416,74 @@ mod tests {
         String::from_utf8(all).unwrap()
     }
 
-    #[tokio::test]
-    async fn writes_cri_records_and_reads_them_back_with_options() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = path(dir.path(), "app", 0);
-        let (mut stdout, mut stderr, mut live) = open(&p, 1 << 20).unwrap();
-        stdout.write_all(b"one\ntwo\n").unwrap();
-        stderr.write_all(b"oops\n").unwrap();
-        stdout.write_all(b"three").unwrap();
+    fn put(o: &mut Output, bytes: &[u8]) {
+        match o {
+            Output::File(f) => f.write_all(bytes).unwrap(),
+            Output::Sink(s) => s.write(bytes),
+        }
+    }
+
+    /// Writes through pipes (a process) or sinks (an in-process guest);
+    /// returns the log file's text once the run's output ended.
+    async fn written(p: &Path, sinks: bool) -> String {
+        let (mut stdout, mut stderr, mut live) = if sinks {
+            open_sinks(p, 1 << 20).unwrap()
+        } else {
+            open(p, 1 << 20).unwrap()
+        };
+        put(&mut stdout, b"one\ntw");
+        put(&mut stdout, b"o\n");
+        put(&mut stderr, b"oops\n");
+        put(&mut stdout, b"three");
         drop((stdout, stderr));
         while *live.written.borrow_and_update() != u64::MAX {
             live.written.changed().await.unwrap();
         }
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    #[tokio::test]
+    async fn sinks_cut_long_lines_into_partial_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path(), "app", 0);
+        let (stdout, _stderr, _live) = open_sinks(&p, 1 << 20).unwrap();
+        let Output::Sink(sink) = stdout else {
+            unreachable!()
+        };
+        sink.write(&vec![b'x'; MAX_LINE + 10]);
+        sink.write(b"\n");
         let raw = std::fs::read_to_string(&p).unwrap();
-        assert!(raw.lines().any(|l| l.ends_with(" stderr F oops")), "{raw}");
-        assert!(raw.lines().any(|l| l.ends_with(" stdout P three")), "{raw}");
+        let records: Vec<&str> = raw
+            .lines()
+            .map(|l| &l[l.find(' ').unwrap() + 1..])
+            .collect();
+        assert_eq!(records.len(), 2, "{raw}");
+        assert_eq!(records[0].len(), "stdout P ".len() + MAX_LINE);
+        assert!(records[0].starts_with("stdout P xxx"));
+        assert_eq!(records[1], "stdout F xxxxxxxxxx");
+    }
+
+    #[tokio::test]
+    async fn writes_cri_records_and_reads_them_back_with_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path(), "app", 0);
+        for sinks in [true, false] {
+            let other = path(dir.path(), if sinks { "sinks" } else { "pipes" }, 0);
+            let raw = written(&other, sinks).await;
+            let records: Vec<&str> = raw
+                .lines()
+                .map(|l| &l[l.find(' ').unwrap() + 1..])
+                .collect();
+            for want in [
+                "stdout F one",
+                "stdout F two",
+                "stderr F oops",
+                "stdout P three",
+            ] {
+                assert!(records.contains(&want), "{want:?} missing ({sinks}): {raw}");
+            }
+        }
+        written(&p, true).await;
 
         let all = collect(p.clone(), LogOptions::default()).await;
         for want in ["one\n", "two\n", "oops\n", "three"] {

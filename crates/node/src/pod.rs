@@ -1104,8 +1104,15 @@ impl PodRun {
                 (restart, st.dir.clone())
             };
             let log_path = logs::path(&dir, &name, restart);
-            let (stdout, stderr, live) = match logs::open(&log_path, self.ctx.config.log_max_bytes)
-            {
+            // An in-process Wasm guest writes its log straight into the
+            // writer; a process gets pipes.
+            let max = self.ctx.config.log_max_bytes;
+            let opened = if image.is_wasm() {
+                logs::open_sinks(&log_path, max)
+            } else {
+                logs::open(&log_path, max)
+            };
+            let (stdout, stderr, live) = match opened {
                 Ok(x) => x,
                 Err(e) => {
                     let message = format!("cannot open the log file: {e}");

@@ -26,7 +26,8 @@ use std::time::Duration;
 use oci_spec::image::ImageConfiguration;
 use sha2::{Digest, Sha256};
 use wasmkube_runtime::{
-    Container, ContainerConfig, Error as RuntimeError, Exit, Image, ImageKind, Runtime, Usage,
+    Container, ContainerConfig, Error as RuntimeError, Exit, Image, ImageKind, Output, Runtime,
+    Usage,
 };
 
 use cgroup::Cgroup;
@@ -307,6 +308,13 @@ impl LinuxRuntime {
     }
 
     fn spawn(&self, config: ContainerConfig, bundle: &Path) -> Result<LinuxContainer, Error> {
+        let fd = |o: Output| match o {
+            Output::File(f) => Ok(f),
+            Output::Sink(_) => Err(Error::Setup(
+                "a Linux container's output needs a file descriptor, not an in-process sink".into(),
+            )),
+        };
+        let (stdout, stderr) = (fd(config.stdout)?, fd(config.stderr)?);
         let mut cmd = tokio::process::Command::from(self.runc());
         cmd.arg("run")
             .arg("--keep")
@@ -314,8 +322,8 @@ impl LinuxRuntime {
             .arg(bundle)
             .arg(&config.id)
             .stdin(Stdio::null())
-            .stdout(config.stdout)
-            .stderr(config.stderr);
+            .stdout(stdout)
+            .stderr(stderr);
         let child = cmd
             .spawn()
             .map_err(|e| Error::Setup(format!("starting runc: {e}")))?;

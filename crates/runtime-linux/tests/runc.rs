@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sha2::Digest;
 use wasmkube_runtime::{
-    Container, ContainerConfig, Error, Image, ImageKind, Mount, Runtime, Security, Usage,
+    Container, ContainerConfig, Error, Image, ImageKind, Mount, Output, Runtime, Security, Usage,
 };
 use wasmkube_runtime_linux::{Config, LinuxRuntime, cgroup::Cgroup, rootfs};
 
@@ -95,8 +95,8 @@ async fn start(
         env: vec![("GREETING".into(), "hi".into())],
         working_dir: None,
         mounts: vec![],
-        stdout,
-        stderr,
+        stdout: Output::File(stdout),
+        stderr: Output::File(stderr),
         memory_limit: None,
         cpu_millis: None,
         cpu_request_millis: None,

@@ -172,8 +172,8 @@ impl Runtime for WasmContainers {
                     read_only: m.read_only,
                 })
                 .collect(),
-            stdout: Output::File(Arc::new(config.stdout)),
-            stderr: Output::File(Arc::new(config.stderr)),
+            stdout: output(config.stdout),
+            stderr: output(config.stderr),
             memory_limit: config.memory_limit,
             cpu_millis: config.cpu_millis,
             live: config.usage,
@@ -316,5 +316,12 @@ impl Container for WasmContainer {
         if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+fn output(o: wasmkube_runtime::Output) -> Output {
+    match o {
+        wasmkube_runtime::Output::File(f) => Output::File(Arc::new(f)),
+        wasmkube_runtime::Output::Sink(s) => Output::Sink(s),
     }
 }

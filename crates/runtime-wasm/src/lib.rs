@@ -20,6 +20,7 @@ mod component;
 mod container;
 mod http;
 mod limits;
+mod sink;
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -105,6 +106,8 @@ pub enum Output {
     Append(PathBuf),
     /// Written to this open file (the write end of a pipe, say).
     File(Arc<std::fs::File>),
+    /// Handed to the agent in-process: no file descriptor per guest.
+    Sink(Arc<dyn wasmkube_runtime::LogSink>),
 }
 
 impl Default for Output {
@@ -124,7 +127,31 @@ impl Output {
             Self::File(f) => f
                 .try_clone()
                 .map_err(|e| Error::Setup(format!("output: {e}"))),
+            Self::Sink(_) => unreachable!("sinks are not opened"),
         }
+    }
+
+    /// Sets this as the WASI context's stdout (`stderr` false) or stderr.
+    fn attach(&self, wasi: &mut WasiCtxBuilder, stderr: bool) -> Result<(), Error> {
+        match self {
+            Self::Sink(sink) => {
+                let out = sink::SinkStream(sink.clone());
+                if stderr {
+                    wasi.stderr(out);
+                } else {
+                    wasi.stdout(out);
+                }
+            }
+            _ => {
+                let out = wasmtime_wasi::cli::OutputFile::new(self.open()?);
+                if stderr {
+                    wasi.stderr(out);
+                } else {
+                    wasi.stdout(out);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -133,7 +160,7 @@ impl Output {
     pub fn path(&self) -> Option<&Path> {
         match self {
             Self::Append(p) => Some(p),
-            Self::File(_) => None,
+            Self::File(_) | Self::Sink(_) => None,
         }
     }
 }
@@ -245,9 +272,9 @@ pub(crate) fn metered_store<T: Send + 'static>(
 /// directories.
 pub(crate) fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, Error> {
     let mut wasi = WasiCtxBuilder::new();
-    wasi.args(&spec.args)
-        .stdout(wasmtime_wasi::cli::OutputFile::new(spec.stdout.open()?))
-        .stderr(wasmtime_wasi::cli::OutputFile::new(spec.stderr.open()?));
+    wasi.args(&spec.args);
+    spec.stdout.attach(&mut wasi, false)?;
+    spec.stderr.attach(&mut wasi, true)?;
     for (k, v) in &spec.env {
         wasi.env(k, v);
     }

@@ -67,6 +67,24 @@ pub struct Security {
     pub capabilities_drop: Vec<String>,
 }
 
+/// Where a container's stdout or stderr goes.
+#[derive(Debug)]
+pub enum Output {
+    /// A file descriptor, the write end of a pipe the agent reads: what a
+    /// process needs.
+    File(File),
+    /// Bytes handed to the agent in-process, with no descriptor at all:
+    /// what an in-process guest can use, so ten thousand of them do not
+    /// hold tens of thousands of pipe ends.
+    Sink(Arc<dyn LogSink>),
+}
+
+/// Takes an in-process container's output.
+pub trait LogSink: Send + Sync + std::fmt::Debug {
+    /// Appends `bytes` to the stream (they need not end a line).
+    fn write(&self, bytes: &[u8]);
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
@@ -85,10 +103,10 @@ pub struct ContainerConfig {
     pub env: Vec<(String, String)>,
     pub working_dir: Option<String>,
     pub mounts: Vec<Mount>,
-    /// Where the container's stdout and stderr go (the agent reads the other
-    /// ends and writes the log files).
-    pub stdout: File,
-    pub stderr: File,
+    /// Where the container's stdout and stderr go (the agent writes the
+    /// log files from them).
+    pub stdout: Output,
+    pub stderr: Output,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
