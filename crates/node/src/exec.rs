@@ -14,9 +14,8 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures::{SinkExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use wasmkube_runtime::{Exec, ExecOutput};
 
@@ -285,7 +284,7 @@ async fn session(socket: WebSocket, exec: Arc<dyn Exec>, options: Options) {
                 }
                 Some(&CLOSE) if b.last() == Some(&STDIN) => {
                     if let Some(mut w) = stdin.take() {
-                        let _ = w.shutdown().await;
+                        let _ = w.close().await;
                     }
                 }
                 _ => {}

@@ -114,17 +114,24 @@ mod tests {
 
     #[test]
     fn ports_come_from_the_range_in_turn_and_skip_held_ones() {
-        let lo = IpAddr::from([127, 0, 0, 1]);
-        // A port something else holds is skipped.
-        let outside = TcpListener::bind((lo, 0)).unwrap();
-        let held = outside.local_addr().unwrap().port();
+        // An address of its own, and a port something else holds (skipped)
+        // followed by two free ones.
+        let lo = IpAddr::from([127, 0, 0, 2]);
+        let (outside, held) = (0..100)
+            .find_map(|_| {
+                let outside = TcpListener::bind((lo, 0)).unwrap();
+                let held = outside.local_addr().unwrap().port();
+                let free = |p: u16| TcpListener::bind((lo, p)).is_ok();
+                (held < u16::MAX - 2 && free(held + 1) && free(held + 2)).then_some((outside, held))
+            })
+            .expect("two free ports after a held one");
         let mut ports = NodePorts::new(held..=held.saturating_add(2));
         let (a, _la) = ports.take(lo, None).unwrap();
         let (b, _lb) = ports.take(lo, None).unwrap();
         assert_ne!(a, held);
         assert_ne!(b, held);
         assert_ne!(a, b);
-        // The range is used up (the last port is held outside).
+        // The range is used up (its first port is held outside).
         assert!(ports.take(lo, None).is_err());
         // A released port can be taken again; a host port is taken as asked
         // unless a pod holds it.
@@ -134,6 +141,7 @@ mod tests {
         assert_eq!(c, a);
         let err = ports.take(lo, Some(b)).unwrap_err();
         assert!(err.to_string().contains("taken by another pod"), "{err}");
+        drop(outside);
         assert_eq!(
             describe(&[Mapping {
                 container: "hello".into(),

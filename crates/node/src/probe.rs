@@ -143,6 +143,7 @@ pub(crate) async fn check(probe: &Probe, c: &Container, target: &Target) -> Resu
 /// a failure says what the command printed, as the kubelet's does. The
 /// process is killed when the probe's timeout drops this future.
 async fn exec_probe(exec: &dyn Exec, command: &[String]) -> Result<(), String> {
+    use futures::AsyncReadExt as _;
     let process = exec.exec(command, None).await.map_err(|e| e.to_string())?;
     drop(process.stdin);
     let mut output = Vec::new();

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use rustix::termios::Winsize;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use wasmkube_runtime::{Error as RuntimeError, Exec, ExecProcess};
 
 /// Starts processes in one container.
@@ -88,9 +89,9 @@ impl Exec for RuncExec {
             let stdout = child.stdout.take().expect("piped stdout");
             let stderr = child.stderr.take().expect("piped stderr");
             return Ok(ExecProcess {
-                stdin: Box::pin(stdin),
-                stdout: Box::pin(stdout),
-                stderr: Some(Box::pin(stderr)),
+                stdin: Box::pin(stdin.compat_write()),
+                stdout: Box::pin(stdout.compat()),
+                stderr: Some(Box::pin(stderr.compat())),
                 resize: Box::new(|_, _| {}),
                 exit: Box::pin(async move {
                     let status = child.wait().await.map_err(setup("waiting for runc"))?;
@@ -120,8 +121,8 @@ impl Exec for RuncExec {
         let reader = tokio::fs::File::from_std(std::fs::File::from(master));
         let writer = tokio::fs::File::from_std(std::fs::File::from(writer));
         Ok(ExecProcess {
-            stdin: Box::pin(writer),
-            stdout: Box::pin(PtyReader(reader)),
+            stdin: Box::pin(writer.compat_write()),
+            stdout: Box::pin(PtyReader(reader).compat()),
             stderr: None,
             resize: Box::new(move |cols, rows| {
                 if rustix::termios::tcsetwinsize(&resize_fd, winsize(cols, rows)).is_ok()

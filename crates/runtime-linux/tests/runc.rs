@@ -331,7 +331,7 @@ async fn a_wasm_image_is_refused_with_a_clear_reason() {
 }
 
 async fn read_all(mut r: wasmkube_runtime::ExecOutput) -> String {
-    use tokio::io::AsyncReadExt;
+    use futures::AsyncReadExt;
     let mut s = String::new();
     r.read_to_string(&mut s).await.unwrap();
     s
@@ -339,7 +339,7 @@ async fn read_all(mut r: wasmkube_runtime::ExecOutput) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_commands_in_the_container_with_pipes_and_with_a_terminal() {
-    use tokio::io::AsyncWriteExt;
+    use futures::AsyncWriteExt;
     let f = fixture(Some("nobody"));
     let id = unique("exec");
     let mut run = start(&f, &id, "echo ready; sleep 1000", |_| {})
@@ -370,7 +370,7 @@ async fn exec_runs_commands_in_the_container_with_pipes_and_with_a_terminal() {
     // Stdin reaches the process and its end ends `cat`.
     let mut p = exec.exec(&["cat".into()], None).await.unwrap();
     p.stdin.write_all(b"through stdin\n").await.unwrap();
-    p.stdin.shutdown().await.unwrap();
+    p.stdin.close().await.unwrap();
     drop(p.stdin);
     assert_eq!(read_all(p.stdout).await, "through stdin\n");
     assert_eq!(p.exit.await.unwrap(), 0);
@@ -391,7 +391,7 @@ async fn exec_runs_commands_in_the_container_with_pipes_and_with_a_terminal() {
     assert!(p.stderr.is_none());
     let mut seen = String::new();
     while !seen.contains("waiting") {
-        use tokio::io::AsyncReadExt;
+        use futures::AsyncReadExt;
         let mut buf = [0u8; 256];
         let n = p.stdout.read(&mut buf).await.unwrap();
         assert_ne!(n, 0, "the terminal closed early: {seen:?}");

@@ -264,13 +264,14 @@ pub trait Exec: Send + Sync + std::fmt::Debug {
     -> Result<ExecProcess, Error>;
 }
 
-/// A reader of a process's output.
-pub type ExecOutput = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
+/// A reader of a process's output (futures' IO traits: this crate stays
+/// free of any executor).
+pub type ExecOutput = std::pin::Pin<Box<dyn futures_io::AsyncRead + Send>>;
 
 /// A process started by [`Exec::exec`]: its streams, how to resize its
 /// terminal, and its exit.
 pub struct ExecProcess {
-    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    pub stdin: std::pin::Pin<Box<dyn futures_io::AsyncWrite + Send>>,
     pub stdout: ExecOutput,
     pub stderr: Option<ExecOutput>,
     /// Sets the terminal's size (columns, rows); a no-op without a tty.
