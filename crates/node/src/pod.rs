@@ -441,6 +441,19 @@ fn grace(pod: &Pod) -> Duration {
     Duration::from_secs(s.max(0) as u64)
 }
 
+/// Conditions keep their transition times from what the status writer
+/// last wrote, not from the pod as watched: a watch event may carry an
+/// older write of ours, and judging by it would flip the times back and
+/// forth, one patch per event, for ever (at thousands of pods, thousands of
+/// patches a second).
+fn keep_written_conditions(pod: &mut Pod, written: Option<&Value>) {
+    if let Some(conditions) =
+        written.and_then(|w| serde_json::from_value(w["conditions"].clone()).ok())
+    {
+        pod.status.get_or_insert_default().conditions = Some(conditions);
+    }
+}
+
 /// Writes the pod's status whenever its state changed, one write at a time,
 /// skipping writes that would change nothing.
 async fn status_writer(
@@ -453,9 +466,10 @@ async fn status_writer(
 ) {
     let mut last: Option<Value> = None;
     loop {
-        let Some(pod) = pod_rx.borrow().clone() else {
+        let Some(mut pod) = pod_rx.borrow().clone() else {
             return;
         };
+        keep_written_conditions(&mut pod, last.as_ref());
         let status = if terminal {
             None
         } else {
@@ -1413,5 +1427,53 @@ fn human_bytes(n: u64) -> String {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
         n => format!("{n} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_times_come_from_the_last_write_not_an_older_watched_one() {
+        let condition =
+            |t: &str| json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": t});
+        // The watch delivers our first write while we already wrote a second.
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"conditions": [condition("2026-01-01T00:00:01Z")]},
+        }))
+        .unwrap();
+        let written = json!({"conditions": [condition("2026-01-01T00:00:02Z")]});
+        keep_written_conditions(&mut pod, Some(&written));
+        let status = status::build(
+            &pod,
+            &[],
+            None,
+            &Utc::now(),
+            &status::Network {
+                host_ip: "10.0.0.1",
+                pod_ip: None,
+                node_ports: &[],
+                sandbox_ready: true,
+            },
+        );
+        let scheduled = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "PodScheduled")
+            .unwrap()
+            .clone();
+        assert_eq!(scheduled["lastTransitionTime"], "2026-01-01T00:00:02Z");
+        // Before any write of ours (an agent restart), the pod's own count.
+        let mut fresh: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "status": {"conditions": [condition("2026-01-01T00:00:01Z")]},
+        }))
+        .unwrap();
+        keep_written_conditions(&mut fresh, None);
+        let kept = serde_json::to_value(fresh.status.unwrap().conditions.unwrap()).unwrap();
+        assert_eq!(kept[0]["lastTransitionTime"], "2026-01-01T00:00:01Z");
     }
 }
