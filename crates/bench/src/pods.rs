@@ -36,28 +36,28 @@ pub struct Args {
     /// Wasm pods on the same node, batch by batch. 0 skips it.
     #[arg(long, default_value = "0")]
     linux: usize,
+    /// Give the local node's pods their own network namespaces and IPs
+    /// (root and the CNI plugins; a node bridge holds at most 1,024 pods)
+    /// instead of sharing the node's network.
+    #[arg(long)]
+    pod_network: bool,
 }
 
 const LOCAL: &str = "bench-local";
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let binary = wasmkube_binary(args.binary)?;
+    let binary = wasmkube_binary(args.binary.clone())?;
     let registry = wasmkube_testkit::Registry::start();
     let image = format!("{}/sleeper:v1", registry.host());
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
     let max_pods = (args.pods + 2 * args.linux + 10).to_string();
-    let (server, _) = ChildServer::start_with(
-        &binary,
-        &[
-            "--node-name",
-            LOCAL,
-            "--max-pods",
-            &max_pods,
-            "--no-pod-network",
-        ],
-    )
-    .await?;
+    let mut flags = vec!["--node-name", LOCAL, "--max-pods", &max_pods];
+    if !args.pod_network {
+        flags.push("--no-pod-network");
+    }
+    let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
+    let (server, _) = ChildServer::start_with(&binary, &flags).await?;
     let client = server.client()?;
     crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -157,10 +157,49 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.pods + 1,
         server.rss_mib()
     );
-    if args.linux == 0 {
-        return Ok(());
+    if args.linux > 0 {
+        linux_against_wasm(&args, &pods, &seen, &notify, &pod_of).await?;
     }
-    // Linux pods against Wasm pods on the same node, batch by batch.
+    if args.linux > 0 || args.pod_network {
+        // Linux pods hold processes and pods with a network their
+        // namespaces: remove them rather than leave them to the server's
+        // kill.
+        delete_all(&pods).await?;
+    }
+    drop(server);
+    if args.pod_network && !bridge_existed {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "wk0"])
+            .status();
+    }
+    Ok(())
+}
+
+async fn delete_all(pods: &Api<Pod>) -> anyhow::Result<()> {
+    pods.delete_collection(&Default::default(), &Default::default())
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = pods.list_metadata(&Default::default()).await?.items.len();
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{left} pods still being deleted after 300 s; their containers may outlive the server"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Linux pods against Wasm pods on the same node, batch by batch.
+async fn linux_against_wasm(
+    args: &Args,
+    pods: &Api<Pod>,
+    seen: &Mutex<HashMap<String, Instant>>,
+    notify: &tokio::sync::Notify,
+    pod_of: &impl Fn(&str, &str, &str) -> anyhow::Result<Pod>,
+) -> anyhow::Result<()> {
     pods.create(
         &PostParams::default(),
         &pod_of("warm-linux", LOCAL, "linux")?,
@@ -199,22 +238,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "  p50 ratio linux/wasm       {:.1}x",
         p50s["linux"].as_secs_f64() / p50s["wasm2"].as_secs_f64().max(1e-9)
     );
-    // Linux pods hold processes: remove them rather than leave them to the
-    // server's kill.
-    pods.delete_collection(&Default::default(), &Default::default())
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let left = pods.list_metadata(&Default::default()).await?.items.len();
-        if left == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{left} pods still being deleted after 300 s; their containers may outlive the server"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     Ok(())
 }
 
