@@ -205,14 +205,14 @@ async fn linux_against_wasm(
         &pod_of("warm-linux", LOCAL, "linux")?,
     )
     .await?;
-    wait_running(&seen, &notify, &["warm-linux".to_owned()]).await?;
+    wait_running(seen, notify, &["warm-linux".to_owned()]).await?;
     let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
     for i in 0..args.linux.div_ceil(args.batch) {
         for kind in ["linux", "wasm2"] {
             let names = batch_names(kind, i, args.batch);
             let runtime = if kind == "linux" { "linux" } else { "wasm" };
             let times =
-                timed_batch(&pods, &seen, &notify, &names, |n| pod_of(n, LOCAL, runtime)).await?;
+                timed_batch(pods, seen, notify, &names, |n| pod_of(n, LOCAL, runtime)).await?;
             results.entry(kind).or_default().extend(times);
         }
     }
