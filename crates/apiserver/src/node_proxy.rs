@@ -74,21 +74,26 @@ async fn token(server: &ApiServer) -> ApiResult<String> {
 }
 
 /// Where a pod's container runs: its name (from the `container` parameter,
-/// or the pod's only container), and its agent's `host:port`.
+/// or the pod's only container), its agent's `host:port`, and the rest of
+/// the request's query for the agent.
 struct Located {
     container: String,
     node: String,
     host: String,
+    query: String,
 }
 
-/// Finds the pod, the container the request means and its node's agent;
-/// takes `container` out of `params`.
+/// Finds the pod, the container the request's `query` means and its node's
+/// agent.
 async fn locate(
     server: &ApiServer,
     namespace: Option<&str>,
     name: &str,
-    params: &mut Vec<(String, String)>,
+    query: Option<&str>,
 ) -> ApiResult<Located> {
+    let mut params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
     let pods = registry::lookup("", "v1", "pods").expect("pods are served");
     let pod = get(server, pods, namespace, name).await?;
     let names: Vec<&str> = ["initContainers", "containers"]
@@ -152,6 +157,7 @@ async fn locate(
         container,
         node: node_name.to_owned(),
         host,
+        query: serde_urlencoded::to_string(&params).unwrap_or_default(),
     })
 }
 
@@ -182,15 +188,12 @@ pub(crate) async fn pod_log(
     query: Option<&str>,
 ) -> ApiResult<Response> {
     let ns = namespace.unwrap_or("default");
-    let mut params: Vec<(String, String)> = query
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
     let Located {
         container,
         node,
         host,
-    } = locate(server, namespace, name, &mut params).await?;
-    let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+        query,
+    } = locate(server, namespace, name, query).await?;
     let url = format!("http://{host}/containerLogs/{ns}/{name}/{container}?{query}");
     let request = Request::get(&url)
         .header(
@@ -240,17 +243,12 @@ pub(crate) async fn pod_exec(
     mut request: Request<Body>,
 ) -> ApiResult<Response> {
     let ns = namespace.unwrap_or("default");
-    let mut params: Vec<(String, String)> = request
-        .uri()
-        .query()
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
     let Located {
         container,
         node,
         host,
-    } = locate(server, namespace, name, &mut params).await?;
-    let query = serde_urlencoded::to_string(&params).unwrap_or_default();
+        query,
+    } = locate(server, namespace, name, request.uri().query()).await?;
     let mut upstream = Request::builder()
         .method(request.method())
         .uri(format!("/exec/{ns}/{name}/{container}?{query}"))

@@ -76,19 +76,12 @@ fn exec_for(
     pod: &str,
     container: &str,
 ) -> Result<Arc<dyn Exec>, (StatusCode, String)> {
-    let state = ctx
-        .pods
-        .lock()
-        .expect("pods lock")
-        .values()
-        .find(|h| h.namespace == namespace && h.name == pod)
-        .map(|h| h.state.clone())
-        .ok_or_else(|| {
-            (
-                StatusCode::NOT_FOUND,
-                format!("pod {namespace}/{pod} is not running on this node"),
-            )
-        })?;
+    let state = ctx.pod_state(namespace, pod).ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{pod} is not running on this node"),
+        )
+    })?;
     let st = state.lock().expect("pod state");
     let refused = |message: String| (StatusCode::BAD_REQUEST, message);
     if !st.containers.iter().any(|c| c.name == container) {

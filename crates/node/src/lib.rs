@@ -179,6 +179,20 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The state of the pod `namespace/name` this agent runs, if it runs it.
+    pub(crate) fn pod_state(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Arc<Mutex<pod::PodState>>> {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .find(|h| h.namespace == namespace && h.name == name)
+            .map(|h| h.state.clone())
+    }
+
     pub fn pods_dir(&self) -> PathBuf {
         self.config.data_dir.join("pods")
     }

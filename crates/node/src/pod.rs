@@ -1156,51 +1156,36 @@ impl PodRun {
                 .collect();
             let sandbox = self.state.lock().expect("pod state").sandbox.clone();
             // A Wasm server runs in the agent's process: its sockets are made
-            // inside the pod's namespace for it.
+            // for it inside the pod's namespace, or at node ports when pods
+            // share the node's network.
             let listeners = match (&sandbox, image.is_wasm()) {
-                (Some(sb), true) => {
-                    let bound: Result<Vec<_>, _> = ports
-                        .iter()
-                        .map(|p| {
-                            wasmkube_runtime_linux::net::listen_in(
-                                &sb.netns,
-                                std::net::SocketAddr::new(sb.ip, *p),
-                            )
-                        })
-                        .collect();
-                    match bound {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let message = format!("cannot listen in the pod's network: {e}");
-                            if self
-                                .hold(&name, "CreateContainerError", message, config_delay)
-                                .await
-                            {
-                                return Outcome::Stopped;
-                            }
-                            config_delay = (config_delay * 2).min(backoff.max);
-                            continue;
-                        }
+                (Some(sb), true) => ports
+                    .iter()
+                    .map(|p| {
+                        wasmkube_runtime_linux::net::listen_in(
+                            &sb.netns,
+                            std::net::SocketAddr::new(sb.ip, *p),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("cannot listen in the pod's network: {e}")),
+                (None, true) if self.shares_node_network(&pod) => self
+                    .node_port_listeners(&name, &c, &ports)
+                    .map_err(|e| format!("cannot serve the container's ports at node ports: {e}")),
+                _ => Ok(Vec::new()),
+            };
+            let listeners = match listeners {
+                Ok(l) => l,
+                Err(message) => {
+                    if self
+                        .hold(&name, "CreateContainerError", message, config_delay)
+                        .await
+                    {
+                        return Outcome::Stopped;
                     }
+                    config_delay = (config_delay * 2).min(backoff.max);
+                    continue;
                 }
-                (None, true) if self.shares_node_network(&pod) => {
-                    match self.node_port_listeners(&name, &c, &ports) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let message =
-                                format!("cannot serve the container's ports at node ports: {e}");
-                            if self
-                                .hold(&name, "CreateContainerError", message, config_delay)
-                                .await
-                            {
-                                return Outcome::Stopped;
-                            }
-                            config_delay = (config_delay * 2).min(backoff.max);
-                            continue;
-                        }
-                    }
-                }
-                _ => Vec::new(),
             };
             let config = ContainerConfig {
                 id: run_id,

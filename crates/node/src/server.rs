@@ -70,14 +70,7 @@ async fn container_logs(
     Path((namespace, pod, container)): Path<(String, String, String)>,
     Query(options): Query<LogOptions>,
 ) -> Response {
-    let found = ctx
-        .pods
-        .lock()
-        .expect("pods lock")
-        .values()
-        .find(|h| h.namespace == namespace && h.name == pod)
-        .map(|h| h.state.clone());
-    let Some(state) = found else {
+    let Some(state) = ctx.pod_state(&namespace, &pod) else {
         return (
             StatusCode::NOT_FOUND,
             format!("pod {namespace}/{pod} is not running on this node"),
