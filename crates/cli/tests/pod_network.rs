@@ -6,7 +6,9 @@
 //! host2; images come from a real registry on the test's end of the lan.
 //! A busybox httpd Deployment (runc) and a Wasm HTTP function get their own
 //! pod IPs on host1, pods reach each other on one host and across the two,
-//! and deleting the pods leaves no namespace, veth, mount or cgroup behind.
+//! Wasm guests' own connections (outgoing `wasi:http`, `wasi:sockets`)
+//! leave from their pod IPs, and deleting the pods leaves no namespace,
+//! veth, mount or cgroup behind.
 
 mod common;
 
@@ -175,7 +177,18 @@ impl Drop for Agent {
     }
 }
 
-fn push(registry: &Registry) -> (String, String) {
+/// The images the test runs, pushed to its registry.
+struct Images {
+    busybox: String,
+    /// `http-hello`, an HTTP function.
+    hello: String,
+    /// `http-fetch`, an HTTP function calling `UPSTREAM` over `wasi:http`.
+    fetch: String,
+    /// `tcp-get`, a command connecting with `wasi:sockets`.
+    tcp_get: String,
+}
+
+fn push(registry: &Registry) -> Images {
     let busybox = format!("{}/busybox:v1", registry.host());
     let (layer, config) = busybox_image(None);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -190,20 +203,35 @@ fn push(registry: &Registry) -> (String, String) {
         &options,
     ))
     .unwrap();
-    let hello = format!("{}/http-hello:v1", registry.host());
-    let out = Command::new(wasmkube())
-        .arg("push")
-        .arg("--insecure")
-        .arg(workload_path("http_hello", "wasm32-wasip2"))
-        .arg(&hello)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (busybox, hello)
+    let wasm = |file: &str, name: &str| {
+        let reference = format!("{}/{name}:v1", registry.host());
+        let out = Command::new(wasmkube())
+            .arg("push")
+            .arg("--insecure")
+            .arg(workload_path(file, "wasm32-wasip2"))
+            .arg(&reference)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reference
+    };
+    Images {
+        hello: wasm("http_hello", "http-hello"),
+        fetch: wasm("http_fetch", "http-fetch"),
+        tcp_get: wasm("tcp-get", "tcp-get"),
+        busybox,
+    }
+}
+
+/// Whether the CGI script's answer names `ip` as the client (busybox
+/// httpd listens on IPv6 and shows IPv4 clients mapped).
+fn answered_to(response: &str, ip: &str) -> bool {
+    response.ends_with(&format!("client {ip}\n"))
+        || response.ends_with(&format!("client [::ffff:{ip}]\n"))
 }
 
 fn pod_ip(s: &Server, selector: &[&str]) -> String {
@@ -267,7 +295,8 @@ fn fetch_from_pod(s: &Server, name: &str, node: &str, image: &str, ip: &str, pat
 fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     let lan = Lan::new();
     let registry = Registry::start_on(lan.addr(254).parse().unwrap());
-    let (busybox, hello) = push(&registry);
+    let images = push(&registry);
+    let (busybox, hello) = (&images.busybox, &images.hello);
     let dir = tempfile::tempdir().unwrap();
     // Dropped after the server and agent (declared before them): whatever
     // containers a failed run left are removed.
@@ -371,14 +400,14 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
 
     // A Linux pod reaches the Wasm pod on the same host, and pods on host2
     // reach both across the hosts.
-    let body = fetch_from_pod(&s, "local-client", &host1, &busybox, &fn_ip, "/from-linux");
+    let body = fetch_from_pod(&s, "local-client", &host1, busybox, &fn_ip, "/from-linux");
     assert!(body.contains("/from-linux"), "{body}");
-    let body = fetch_from_pod(&s, "remote-web", &host2, &busybox, &web_ip, "/");
+    let body = fetch_from_pod(&s, "remote-web", &host2, busybox, &web_ip, "/");
     assert!(
         body.ends_with("\r\n\r\nhello from busybox httpd\n"),
         "{body}"
     );
-    let body = fetch_from_pod(&s, "remote-fn", &host2, &busybox, &fn_ip, "/across");
+    let body = fetch_from_pod(&s, "remote-fn", &host2, busybox, &fn_ip, "/across");
     assert!(body.contains("/across"), "{body}");
     let remote_ip = ok(
         &s,
@@ -388,6 +417,63 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     assert!(
         remote_ip.starts_with(pod_net) && remote_ip != web_ip,
         "{remote_ip}"
+    );
+
+    // And the other way: Wasm guests reach the Linux pod, and their
+    // connections leave from their own pod IPs (the httpd's CGI script
+    // answers with the client's address). An HTTP function's outgoing
+    // `wasi:http` request, on host1:
+    let gateway = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gateway", "labels": {"app": "gateway"}},
+        "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 2, "containers": [{"name": "fetch", "image": images.fetch,
+          "env": [{"name": "UPSTREAM", "value": format!("http://{web_ip}:8080")}],
+          "ports": [{"containerPort": 8080}]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&gateway));
+    wait_ready(&s, "pod/gateway");
+    let gateway_ip = pod_ip(&s, &["-l", "app=gateway"]);
+    let got = lan.busybox_in(
+        "host1",
+        &["sh", "-c", &http_get(&gateway_ip, "/cgi-bin/whoami")],
+    );
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(
+        got.contains("upstream 200\nclient ") && answered_to(&got, &gateway_ip),
+        "{got:?}"
+    );
+    // A command's `wasi:sockets` connection, from host2 across the hosts:
+    let client = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "wasm-client"},
+        "spec": {"nodeName": host2, "restartPolicy": "Never", "containers": [{"name": "get", "image": images.tcp_get,
+          "args": [format!("{web_ip}:8080"), "/cgi-bin/whoami"]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&client));
+    checked(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/wasm-client",
+            "--timeout=60s",
+        ],
+    );
+    let client_ip = ok(
+        &s,
+        &[
+            "get",
+            "pod",
+            "wasm-client",
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+        None,
+    );
+    let log = ok(&s, &["logs", "wasm-client"], None);
+    assert!(
+        client_ip.starts_with(pod_net) && answered_to(&log, &client_ip),
+        "{client_ip}: {log:?}"
     );
 
     // `kubectl exec` through the API server and the agent, over the
@@ -551,6 +637,8 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "pod/local-client",
             "pod/remote-web",
             "pod/remote-fn",
+            "pod/gateway",
+            "pod/wasm-client",
             "--wait=true",
             "--timeout=90s",
         ],

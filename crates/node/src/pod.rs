@@ -23,8 +23,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 use wasmkube_oci::{Credentials, Progress, PullPolicy};
-use wasmkube_runtime::{ContainerConfig, Image, Runtime, Usage};
-use wasmkube_runtime_linux::net::Sandbox;
+use wasmkube_runtime::{ContainerConfig, Image, PodNetns, Runtime, Usage};
+use wasmkube_runtime_linux::net::{Netns, Sandbox, listen_in};
 
 use crate::events::{self, Kind};
 use crate::spec::{self, Volume};
@@ -1158,24 +1158,25 @@ impl PodRun {
             // A Wasm server runs in the agent's process: its sockets are made
             // for it inside the pod's namespace, or at node ports when pods
             // share the node's network.
-            let listeners = match (&sandbox, image.is_wasm()) {
-                (Some(sb), true) => ports
-                    .iter()
-                    .map(|p| {
-                        wasmkube_runtime_linux::net::listen_in(
-                            &sb.netns,
-                            std::net::SocketAddr::new(sb.ip, *p),
-                        )
+            // Its own connections are made there too.
+            let sockets = match (&sandbox, image.is_wasm()) {
+                (Some(sb), true) => Netns::open(&sb.netns)
+                    .and_then(|netns| {
+                        let listeners = ports
+                            .iter()
+                            .map(|p| listen_in(&netns, std::net::SocketAddr::new(sb.ip, *p)))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok((listeners, Some(Arc::new(netns) as Arc<dyn PodNetns>)))
                     })
-                    .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| format!("cannot listen in the pod's network: {e}")),
                 (None, true) if self.shares_node_network(&pod) => self
                     .node_port_listeners(&name, &c, &ports)
+                    .map(|l| (l, None))
                     .map_err(|e| format!("cannot serve the container's ports at node ports: {e}")),
-                _ => Ok(Vec::new()),
+                _ => Ok((Vec::new(), None)),
             };
-            let listeners = match listeners {
-                Ok(l) => l,
+            let (listeners, pod_netns) = match sockets {
+                Ok(s) => s,
                 Err(message) => {
                     if self
                         .hold(&name, "CreateContainerError", message, config_delay)
@@ -1212,6 +1213,7 @@ impl PodRun {
                 pod_ip: self.ip(),
                 ports: ports.clone(),
                 netns: sandbox.as_ref().map(|s| s.netns.clone()),
+                pod_netns,
                 listeners,
             };
             let started = runtime.start(config).await;

@@ -2,8 +2,9 @@
 //! bridge by the CNI `bridge` and `host-local` plugins (Debian's
 //! containernetworking-plugins) with an address from the node's pod CIDR;
 //! routes to other nodes' pod CIDRs through their node addresses; and
-//! listening sockets made inside a pod's namespace for runtimes that serve
-//! in-process (a socket stays in the namespace it was created in).
+//! [`Netns`], a pod's namespace held open, in which the agent makes the
+//! listening and outgoing sockets of guests that run in its own process (a
+//! socket stays in the namespace it was created in).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -223,21 +224,76 @@ async fn ip(args: &[&str]) -> Result<(), Error> {
     }
 }
 
-/// A listening TCP socket on `addr` inside the network namespace at
-/// `netns`, made on a short-lived thread that enters the namespace (the
-/// socket stays in it; the calling thread never leaves its own).
-pub fn listen_in(netns: &Path, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let netns = netns.to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns)?;
-        rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&file),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+/// A pod's network namespace, held open. Sockets made inside
+/// [`PodNetns::enter`] belong to it: the agent makes an in-process guest's
+/// listeners and outgoing connections there while the guest runs on the
+/// agent's own threads.
+#[derive(Debug)]
+pub struct Netns {
+    file: std::fs::File,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            file: std::fs::File::open(path)?,
+        })
+    }
+}
+
+/// The network namespace the agent's threads live in, opened the first
+/// time a thread is about to leave it.
+fn home_netns() -> std::io::Result<&'static std::fs::File> {
+    static HOME: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    let file = std::fs::File::open("/proc/thread-self/ns/net")?;
+    Ok(HOME.get_or_init(|| file))
+}
+
+fn move_to_netns(file: &std::fs::File) -> std::io::Result<()> {
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(())
+}
+
+/// Brings the thread home when dropped, also when the work inside panicked.
+struct GoHome(&'static std::fs::File);
+
+impl Drop for GoHome {
+    fn drop(&mut self) {
+        if let Err(e) = move_to_netns(self.0) {
+            // Every later socket of this thread would be made in the pod's
+            // namespace: a thread that cannot come home must not go on.
+            tracing::error!(error = %e, "cannot return a thread to the agent's network namespace");
+            std::process::abort();
+        }
+    }
+}
+
+impl wasmkube_runtime::PodNetns for Netns {
+    fn enter(&self, f: &mut dyn FnMut()) -> std::io::Result<()> {
+        let home = home_netns()?;
+        move_to_netns(&self.file)?;
+        let _home = GoHome(home);
+        f();
+        Ok(())
+    }
+}
+
+/// A listening TCP socket on `addr` inside `netns`, made by the calling thread while it is in the namespace (the
+/// socket stays in it).
+pub fn listen_in(netns: &Netns, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use wasmkube_runtime::PodNetns;
+    let mut listener = Err(std::io::Error::other("not made"));
+    netns.enter(&mut || {
+        listener = std::net::TcpListener::bind(addr).and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        });
+    })?;
+    listener
 }

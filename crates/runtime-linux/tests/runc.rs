@@ -105,6 +105,7 @@ async fn start(
         pod_ip: [127, 0, 0, 1].into(),
         ports: vec![],
         netns: None,
+        pod_netns: None,
         listeners: vec![],
     };
     tweak(&mut config);

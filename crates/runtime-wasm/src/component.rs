@@ -5,6 +5,7 @@ use wasmtime::component::{Component, ResourceTable};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::net::{GuestNetwork, GuestSockets, GuestSocketsView};
 use crate::{ContainerSpec, Error, Exit, Meter, Usage, WasmRuntime, metered_store, wasi_builder};
 
 /// Per-store state of a component: WASI preview 2, its resources, the meter.
@@ -12,6 +13,7 @@ pub(crate) struct ComponentHost {
     ctx: WasiCtx,
     table: ResourceTable,
     meter: Meter,
+    network: GuestNetwork,
 }
 
 impl WasiView for ComponentHost {
@@ -19,6 +21,18 @@ impl WasiView for ComponentHost {
         WasiCtxView {
             ctx: &mut self.ctx,
             table: &mut self.table,
+        }
+    }
+}
+
+impl GuestSockets for ComponentHost {
+    fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
+        GuestSocketsView {
+            sockets: wasmtime_wasi::sockets::WasiSocketsCtxView {
+                ctx: self.ctx.sockets(),
+                table: &mut self.table,
+            },
+            network: &self.network,
         }
     }
 }
@@ -59,6 +73,7 @@ impl WasmRuntime {
             ctx: wasi_builder(spec)?.build(),
             table: ResourceTable::new(),
             meter: self.meter(spec),
+            network: spec.network.clone(),
         };
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let result = async {

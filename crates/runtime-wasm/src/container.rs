@@ -12,7 +12,8 @@ use wasmkube_runtime::{
 };
 
 use crate::{
-    ContainerSpec, Exit, Mount, Output, Prepared, PreparedComponent, PreparedProxy, WasmRuntime,
+    ContainerSpec, Exit, GuestNetwork, Mount, Output, Prepared, PreparedComponent, PreparedProxy,
+    WasmRuntime,
 };
 
 /// HTTP requests one container serves at once; more wait for a slot.
@@ -177,6 +178,12 @@ impl Runtime for WasmContainers {
             memory_limit: config.memory_limit,
             cpu_millis: config.cpu_millis,
             live: config.usage,
+            // The guest's own connections leave from its pod's network, or
+            // from the node's when the pod shares it.
+            network: match config.pod_netns {
+                Some(netns) => GuestNetwork::Pod(netns),
+                None => GuestNetwork::Node,
+            },
         };
         let rt = self.rt.clone();
         let task = match prepared {

@@ -2,7 +2,8 @@
 //! (the `wasi:http/proxy` world) serve HTTP/1.1 on their container's ports,
 //! with a fresh instance per request, as `wasmtime serve` does, each metered
 //! like any other guest, and a bound on requests in flight per container.
-//! Outgoing HTTP is denied: a guest sees nothing it was not given.
+//! Outgoing requests (`wasi:http/outgoing-handler`) leave from the pod's
+//! network (see `net.rs`).
 
 use std::sync::Arc;
 
@@ -15,16 +16,17 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::net::{GuestNetwork, GuestSockets, GuestSocketsView};
 use crate::{ContainerSpec, Error, Meter, WasmRuntime, metered_store, wasi_builder};
 
-/// Hooks that refuse every outgoing request.
-struct DenyOutbound;
+/// Outgoing requests go out over connections made in the guest's network.
+struct Outbound(GuestNetwork);
 
-impl WasiHttpHooks for DenyOutbound {
+impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn Future<
@@ -37,7 +39,11 @@ impl WasiHttpHooks for DenyOutbound {
                 >,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        Box::new(self.0.clone().send_request(request, options))
+    }
+
+    fn default_scheme(&mut self) -> Option<http::uri::Scheme> {
+        Some(http::uri::Scheme::HTTP)
     }
 }
 
@@ -47,7 +53,7 @@ pub(crate) struct HttpHost {
     http: WasiHttpCtx,
     table: ResourceTable,
     meter: Meter,
-    hooks: DenyOutbound,
+    hooks: Outbound,
 }
 
 impl WasiView for HttpHost {
@@ -65,6 +71,18 @@ impl WasiHttpView for HttpHost {
             ctx: &mut self.http,
             table: &mut self.table,
             hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl GuestSockets for HttpHost {
+    fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
+        GuestSocketsView {
+            sockets: wasmtime_wasi::sockets::WasiSocketsCtxView {
+                ctx: self.ctx.sockets(),
+                table: &mut self.table,
+            },
+            network: &self.hooks.0,
         }
     }
 }
@@ -160,7 +178,7 @@ impl WasmRuntime {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             meter: self.meter(spec),
-            hooks: DenyOutbound,
+            hooks: Outbound(spec.network.clone()),
         };
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let (sender, receiver) = tokio::sync::oneshot::channel();

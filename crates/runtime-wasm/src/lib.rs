@@ -20,6 +20,7 @@ mod component;
 mod container;
 mod http;
 mod limits;
+mod net;
 mod sink;
 
 use std::hash::{Hash, Hasher};
@@ -43,6 +44,7 @@ pub use container::{HANDLER, WasmContainers};
 pub use http::PreparedProxy;
 use limits::Limiter;
 pub use limits::OutOfMemory;
+pub use net::GuestNetwork;
 
 /// The Wasmtime release this runtime is built on (reported as the node's
 /// container runtime version).
@@ -186,6 +188,9 @@ pub struct ContainerSpec {
     pub cpu_millis: Option<u64>,
     /// Counters kept current while the guest runs.
     pub live: Arc<LiveUsage>,
+    /// Where the guest's own sockets (`wasi:sockets`, outgoing
+    /// `wasi:http`) are made.
+    pub network: GuestNetwork,
 }
 
 /// How a run ended.
@@ -273,6 +278,7 @@ pub(crate) fn metered_store<T: Send + 'static>(
 pub(crate) fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, Error> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(&spec.args);
+    spec.network.configure(&mut wasi);
     spec.stdout.attach(&mut wasi, false)?;
     spec.stderr.attach(&mut wasi, true)?;
     for (k, v) in &spec.env {
@@ -393,12 +399,14 @@ impl WasmRuntime {
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .and_then(|()| net::add_guest_sockets(&mut component_linker))
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
         // HTTP functions get wasi:cli too: Rust guests import it even when
         // they target wasi:http/proxy (as `wasmtime serve -Scli`).
         let mut http_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut http_linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker))
+            .and_then(|()| net::add_guest_sockets(&mut http_linker))
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
         std::fs::create_dir_all(&config.cache_dir).map_err(|source| Error::Cache {
             path: config.cache_dir.clone(),

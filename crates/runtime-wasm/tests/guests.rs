@@ -219,3 +219,144 @@ async fn an_http_function_serves_each_request_in_a_fresh_instance() {
     assert_eq!(live.instances(), 0);
     server.abort();
 }
+
+/// A pod network namespace that is the test's own: it counts the sockets
+/// the runtime makes "inside" it.
+#[derive(Debug, Default)]
+struct CountingNetns(std::sync::atomic::AtomicUsize);
+
+impl wasmkube_runtime::PodNetns for CountingNetns {
+    fn enter(&self, f: &mut dyn FnMut()) -> std::io::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        f();
+        Ok(())
+    }
+}
+
+impl CountingNetns {
+    fn entered(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An HTTP/1.0 upstream on loopback that answers every request with what
+/// it was asked.
+async fn upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let line = line.lines().next().unwrap_or_default().to_owned();
+                let body = format!("upstream saw {line}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http_function_calls_out_from_its_pod_network_and_only_there() {
+    use wasmkube_runtime_wasm::GuestNetwork;
+    let (dir, rt) = setup();
+    let proxy = rt
+        .prepare_proxy(&rt.load_component(&component("http_fetch")).unwrap())
+        .unwrap();
+    let up = upstream().await;
+    let rt = std::sync::Arc::new(rt);
+    let serve = |network: GuestNetwork| {
+        let mut s = spec(&dir, &["http-fetch"]);
+        s.env.push(("UPSTREAM".into(), format!("http://{up}")));
+        s.network = network;
+        let rt = rt.clone();
+        let proxy = proxy.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(rt.serve_http(proxy, std::sync::Arc::new(s), listener, 4));
+            (addr, server)
+        }
+    };
+
+    // In its pod's network: the connection is made there and goes through.
+    let netns = std::sync::Arc::new(CountingNetns::default());
+    let (addr, server) = serve(GuestNetwork::Pod(netns.clone())).await;
+    let (status, body) = get(addr, "/some/path?x=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        "upstream 200\nupstream saw GET /some/path?x=1 HTTP/1.1"
+    );
+    assert_eq!(netns.entered(), 1);
+    server.abort();
+
+    // Sharing the node's network, the node's loopback is not the pod's.
+    let (addr, server) = serve(GuestNetwork::Node).await;
+    let (status, body) = get(addr, "/").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("DestinationIpProhibited"), "{body}");
+    server.abort();
+
+    // With no network, nothing leaves.
+    let (addr, server) = serve(GuestNetwork::Denied).await;
+    let (status, body) = get(addr, "/").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_command_connects_with_wasi_sockets_from_its_pod_network_and_only_there() {
+    use wasmkube_runtime_wasm::GuestNetwork;
+    let (dir, rt) = setup();
+    let tcp_get = rt
+        .prepare_component(&rt.load_component(&component("tcp-get")).unwrap())
+        .unwrap();
+    let up = upstream().await.to_string();
+
+    let netns = std::sync::Arc::new(CountingNetns::default());
+    // (Named output files: the args hold slashes.)
+    let mut s = spec(&dir, &["tcp-get"]);
+    s.args.extend([up.clone(), "/x".into()]);
+    s.network = GuestNetwork::Pod(netns.clone());
+    let (exit, _) = rt.run_component(&tcp_get, &s).await.unwrap();
+    let out = read(s.stdout.path().unwrap());
+    assert_eq!(
+        exit,
+        Exit::Code(0),
+        "{out}{}",
+        read(s.stderr.path().unwrap())
+    );
+    assert!(
+        out.ends_with("\r\n\r\nupstream saw GET /x HTTP/1.0"),
+        "{out:?}"
+    );
+    assert_eq!(netns.entered(), 1, "one socket, made in the pod's network");
+
+    for network in [GuestNetwork::Node, GuestNetwork::Denied] {
+        let mut s = spec(&dir, &["tcp-get"]);
+        s.args.extend([up.clone(), "/y".into()]);
+        s.network = network.clone();
+        let (exit, _) = rt.run_component(&tcp_get, &s).await.unwrap();
+        let err = read(s.stderr.path().unwrap());
+        // wasi:cli/exit in preview 2 carries only success or failure.
+        assert_eq!(exit.code(), 1, "{network:?}: {err}");
+        assert!(err.contains("cannot connect"), "{network:?}: {err}");
+    }
+}

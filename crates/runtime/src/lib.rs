@@ -85,6 +85,16 @@ pub trait LogSink: Send + Sync + std::fmt::Debug {
     fn write(&self, bytes: &[u8]);
 }
 
+/// A pod's network namespace, for a runtime that makes sockets for its
+/// guests in its own process (a socket stays in the namespace it was made
+/// in, whichever thread uses it later).
+pub trait PodNetns: Send + Sync + std::fmt::Debug {
+    /// Runs `f` on the calling thread inside the pod's network namespace,
+    /// and brings the thread back to its own before returning. `f` should
+    /// only make sockets: it must not block or await.
+    fn enter(&self, f: &mut dyn FnMut()) -> std::io::Result<()>;
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
@@ -122,6 +132,9 @@ pub struct ContainerConfig {
     pub ports: Vec<u16>,
     /// The pod's network namespace (`None`: the node's network).
     pub netns: Option<PathBuf>,
+    /// The same namespace, opened, for sockets an in-process runtime makes
+    /// for the guest's own connections (`None`: the node's network).
+    pub pod_netns: Option<Arc<dyn PodNetns>>,
     /// Sockets the agent opened in the pod's network for `ports`, for a
     /// runtime that serves in its own process (empty: it binds
     /// `pod_ip:port` itself).

@@ -213,6 +213,15 @@ pub fn busybox_image(user: Option<&str>) -> (Vec<u8>, Vec<u8>) {
         b"hello from busybox httpd\n",
         None,
     );
+    // busybox httpd runs it for `GET /cgi-bin/whoami`: who is asking.
+    add("www/cgi-bin", tar::EntryType::Directory, 0o755, &[], None);
+    add(
+        "www/cgi-bin/whoami",
+        tar::EntryType::Regular,
+        0o755,
+        b"#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nclient %s\\n' \"$REMOTE_ADDR\"\n",
+        None,
+    );
     let layer = tar.into_inner().expect("tar");
     let diff_id = {
         use sha2::Digest;

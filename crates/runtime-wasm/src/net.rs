@@ -1,0 +1,269 @@
+//! A guest's own connections. `wasi:sockets` sockets and the connections of
+//! outgoing `wasi:http` requests are made where [`GuestNetwork`] says: inside
+//! the pod's network namespace (the guest runs on the agent's threads, but a
+//! socket belongs to the namespace it was made in, so a Wasm pod's traffic
+//! leaves from its own pod IP), or in the node's network with the node's
+//! loopback out of reach, or nowhere.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use wasmkube_runtime::PodNetns;
+use wasmtime::component::{HasData, Linker, Resource};
+use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddressFamily};
+use wasmtime_wasi::p2::bindings::sockets::{tcp_create_socket, udp_create_socket};
+use wasmtime_wasi::p2::{SocketError, SocketResult, TcpSocket, UdpSocket};
+use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
+use wasmtime_wasi::{WasiCtxBuilder, WasiView};
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
+
+/// What `wasi:http` waits for when the guest sets no timeouts.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where a guest's own sockets are made.
+#[derive(Clone, Debug, Default)]
+pub enum GuestNetwork {
+    /// Nowhere: `wasi:sockets` refuses every address and outgoing HTTP is
+    /// denied (the default for a bare run).
+    #[default]
+    Denied,
+    /// In the pod's network namespace: any address, as for a Linux
+    /// container in the same pod.
+    Pod(Arc<dyn PodNetns>),
+    /// In the node's network, which the pod shares: any address but
+    /// loopback and unspecified ones, which would be the node's own
+    /// services (the API server, the agent), not the pod's.
+    Node,
+}
+
+impl GuestNetwork {
+    /// Whether the guest may connect or send to `ip`.
+    pub fn may_reach(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match self {
+            Self::Denied => false,
+            Self::Pod(_) => true,
+            Self::Node => !ip.is_loopback() && !ip.is_unspecified(),
+        }
+    }
+
+    /// Runs `make` where the guest's sockets belong.
+    fn make<R>(&self, make: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
+        match self {
+            Self::Pod(netns) => {
+                let mut make = Some(make);
+                let mut made = None;
+                netns.enter(&mut || made = make.take().map(|f| f()))?;
+                made.unwrap_or_else(|| Err(std::io::Error::other("the namespace ran nothing")))
+            }
+            Self::Node | Self::Denied => make(),
+        }
+    }
+
+    /// `wasi:sockets` for this network.
+    pub(crate) fn configure(&self, wasi: &mut WasiCtxBuilder) {
+        let allowed = !matches!(self, Self::Denied);
+        wasi.allow_tcp(allowed).allow_udp(allowed);
+        let this = self.clone();
+        wasi.socket_addr_check(move |addr, usage| {
+            let ok = match usage {
+                SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => this.may_reach(addr.ip()),
+                // Binding, listening, accepting and receiving are the
+                // guest's own business; what it reaches is not.
+                _ => allowed,
+            };
+            Box::pin(async move { ok })
+        });
+    }
+
+    /// Sends an outgoing `wasi:http` request over a connection made in
+    /// this network. Plain HTTP/1.1, one connection per request.
+    pub(crate) async fn send_request(
+        self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+    ) -> Result<(http::Response<WasiBody>, OutgoingIo), HttpError> {
+        if matches!(self, Self::Denied) {
+            return Err(HttpError::HttpRequestDenied);
+        }
+        let uri = request.uri();
+        if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            return Err(HttpError::InternalError(Some(
+                "HTTPS from Wasm guests is not supported; use http://".into(),
+            )));
+        }
+        let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let connect_timeout = options
+            .and_then(|o| o.connect_timeout)
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let first_byte_timeout = options
+            .and_then(|o| o.first_byte_timeout)
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            // Names are resolved by the node's resolver (Kubernetes'
+            // `dnsPolicy: Default`); there is no cluster DNS yet.
+            Err(_) => tokio::time::timeout(connect_timeout, tokio::net::lookup_host((host, port)))
+                .await
+                .map_err(|_| HttpError::DnsTimeout)?
+                .map_err(|_| HttpError::DnsError {
+                    rcode: None,
+                    info_code: None,
+                })?
+                .collect(),
+        };
+        let addr = addrs
+            .into_iter()
+            .find(|a| self.may_reach(a.ip()))
+            .ok_or(HttpError::DestinationIpProhibited)?;
+        let socket = self
+            .make(|| {
+                if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+            })
+            .map_err(HttpError::Connect)?;
+        let stream = tokio::time::timeout(connect_timeout, socket.connect(addr))
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => HttpError::ConnectionRefused,
+                _ => HttpError::Connect(e),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = tokio::time::timeout(
+            connect_timeout,
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)??;
+        // The connection runs beside the guest until the response body is
+        // read or dropped; its end is what the guest's request learns.
+        let connection = tokio::spawn(connection);
+        // On the wire the request names its path only (no proxy).
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *request.uri_mut() = http::Uri::builder()
+            .path_and_query(path)
+            .build()
+            .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+        let response = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
+            .await
+            .map_err(|_| HttpError::ConnectionReadTimeout)??;
+        let response = response.map(|body| body.map_err(HttpError::from).boxed_unsync());
+        let io: OutgoingIo = Box::new(async move {
+            match connection.await {
+                Ok(result) => result.map_err(HttpError::from),
+                Err(e) => Err(HttpError::InternalError(Some(e.to_string()))),
+            }
+        });
+        Ok((response, io))
+    }
+}
+
+/// What the guest's request learns when the connection ends.
+pub(crate) type OutgoingIo = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+/// Store state that can make sockets for its guest.
+pub(crate) trait GuestSockets: WasiView {
+    fn guest_sockets(&mut self) -> GuestSocketsView<'_>;
+}
+
+/// `wasi:sockets`' socket constructors, moved into the guest's network.
+pub(crate) struct GuestSocketsView<'a> {
+    pub(crate) sockets: WasiSocketsCtxView<'a>,
+    pub(crate) network: &'a GuestNetwork,
+}
+
+struct CreateInGuestNetwork;
+
+impl HasData for CreateInGuestNetwork {
+    type Data<'a> = GuestSocketsView<'a>;
+}
+
+impl tcp_create_socket::Host for GuestSocketsView<'_> {
+    fn create_tcp_socket(&mut self, family: IpAddressFamily) -> SocketResult<Resource<TcpSocket>> {
+        let Self { sockets, network } = self;
+        let mut created = None;
+        network.make(|| {
+            created = Some(tcp_create_socket::Host::create_tcp_socket(sockets, family));
+            Ok(())
+        })?;
+        created.unwrap_or_else(|| Err(std::io::Error::other("no socket was made").into()))
+    }
+}
+
+impl udp_create_socket::Host for GuestSocketsView<'_> {
+    async fn create_udp_socket(
+        &mut self,
+        family: IpAddressFamily,
+    ) -> SocketResult<Resource<UdpSocket>> {
+        let Self { sockets, network } = self;
+        let mut create = std::pin::pin!(udp_create_socket::Host::create_udp_socket(
+            &mut *sockets,
+            family
+        ));
+        // WASI (48.0.8, pinned) makes the socket in the first poll, before
+        // it awaits the socket's registration: only that poll runs in the
+        // guest's network, never a suspension point.
+        let mut first = true;
+        std::future::poll_fn(|cx| {
+            if !std::mem::take(&mut first) {
+                return create.as_mut().poll(cx);
+            }
+            let mut polled = std::task::Poll::Pending;
+            match network.make(|| {
+                polled = create.as_mut().poll(cx);
+                Ok(())
+            }) {
+                Ok(()) => polled,
+                Err(e) => std::task::Poll::Ready(Err(e.into())),
+            }
+        })
+        .await
+    }
+}
+
+impl network::HostNetwork for GuestSocketsView<'_> {
+    fn drop(&mut self, this: Resource<network::Network>) -> wasmtime::Result<()> {
+        network::HostNetwork::drop(&mut self.sockets, this)
+    }
+}
+
+impl network::Host for GuestSocketsView<'_> {
+    fn convert_error_code(&mut self, error: SocketError) -> wasmtime::Result<ErrorCode> {
+        network::Host::convert_error_code(&mut self.sockets, error)
+    }
+
+    fn network_error_code(
+        &mut self,
+        err: Resource<wasmtime::Error>,
+    ) -> wasmtime::Result<Option<ErrorCode>> {
+        network::Host::network_error_code(&mut self.sockets, err)
+    }
+}
+
+/// Replaces WASI's socket constructors in `linker` (which already has
+/// WASI) with ones that make the socket in the guest's network.
+pub(crate) fn add_guest_sockets<T: GuestSockets + 'static>(
+    linker: &mut Linker<T>,
+) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    tcp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
+    udp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
