@@ -165,6 +165,10 @@ pub(crate) struct Ctx {
     pub network: std::sync::OnceLock<wasmkube_runtime_linux::net::PodNetwork>,
     /// Pods this agent runs, by uid.
     pub pods: Mutex<HashMap<String, pod::Handle>>,
+    /// Uids of pods whose workers are done because the pod is gone, so a
+    /// late watch event (one sent before the deletion, delivered after it)
+    /// cannot start the pod again.
+    pub(crate) gone: Mutex<pod::Tombstones>,
     /// The token the API server presents to the agent endpoint.
     pub token: String,
     /// The agent endpoint's port, reported in `daemonEndpoints`.
@@ -263,6 +267,7 @@ impl Agent {
             runtimes,
             network: std::sync::OnceLock::new(),
             pods: Mutex::default(),
+            gone: Mutex::default(),
             token,
             port,
             node_changed: tokio::sync::Notify::new(),

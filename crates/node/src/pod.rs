@@ -101,6 +101,10 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         h.tx.send_replace(Some(pod));
         return;
     }
+    if ctx.gone.lock().expect("gone lock").contains(&uid) {
+        tracing::debug!(%uid, "an event for a pod that is gone; ignored");
+        return;
+    }
     let containers = spec::all_containers(&pod)
         .map(|c| {
             let init = pod
@@ -144,6 +148,30 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         changed: Arc::new(Notify::new()),
     };
     tokio::spawn(worker.run());
+}
+
+/// Uids of pods that are gone, kept for [`Tombstones::KEEP`]: long enough for
+/// any event sent before a deletion to have arrived after it.
+#[derive(Debug, Default)]
+pub(crate) struct Tombstones {
+    uids: HashMap<String, Instant>,
+}
+
+impl Tombstones {
+    const KEEP: Duration = Duration::from_secs(600);
+
+    pub(crate) fn insert(&mut self, uid: String) {
+        let now = Instant::now();
+        self.uids
+            .retain(|_, at| now.saturating_duration_since(*at) < Self::KEEP);
+        self.uids.insert(uid, now);
+    }
+
+    pub(crate) fn contains(&self, uid: &str) -> bool {
+        self.uids
+            .get(uid)
+            .is_some_and(|at| at.elapsed() < Self::KEEP)
+    }
 }
 
 /// The pod is gone from the API (force-deleted, or deleted while the watch
@@ -237,6 +265,9 @@ impl Worker {
             pod.status.as_ref().and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         );
+        // First seen while being deleted (after an agent restart, say):
+        // nothing is started for it; its deletion is confirmed at once.
+        let deleted_before_start = pod.metadata.deletion_timestamp.is_some();
         let start_time = pod
             .status
             .as_ref()
@@ -263,8 +294,9 @@ impl Worker {
         let mut lifecycle = tokio::spawn({
             let run = run.clone();
             async move {
-                if terminal {
-                    // Finished before an agent restart: nothing runs again.
+                if terminal || deleted_before_start {
+                    // Finished before an agent restart, or being deleted
+                    // already: nothing runs (again).
                     return;
                 }
                 run.lifecycle().await;
@@ -401,13 +433,9 @@ impl Worker {
     }
 
     async fn cleanup(&self) {
-        let (dir, sandbox, node_ports) = {
+        let (dir, node_ports) = {
             let mut st = self.state.lock().expect("pod state");
-            (
-                st.dir.clone(),
-                st.sandbox.is_some(),
-                std::mem::take(&mut st.node_ports),
-            )
+            (st.dir.clone(), std::mem::take(&mut st.node_ports))
         };
         {
             let mut held = self.ctx.node_ports.lock().expect("node ports");
@@ -415,7 +443,8 @@ impl Worker {
                 held.release(m.node_port);
             }
         }
-        if let (Some(network), true) = (self.ctx.network.get(), sandbox) {
+        // Also when this worker made none: an agent that crashed left it.
+        if let Some(network) = self.ctx.network.get() {
             network.teardown(&self.uid).await;
         }
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
@@ -425,9 +454,16 @@ impl Worker {
         }
     }
 
-    /// The worker is done: a later event for its pod starts a new one.
+    /// The worker is done and its pod gone: a later event for the pod
+    /// (sent before its deletion) is ignored.
     fn forget(&self) {
-        self.ctx.pods.lock().expect("pods lock").remove(&self.uid);
+        let mut pods = self.ctx.pods.lock().expect("pods lock");
+        self.ctx
+            .gone
+            .lock()
+            .expect("gone lock")
+            .insert(self.uid.clone());
+        pods.remove(&self.uid);
     }
 }
 

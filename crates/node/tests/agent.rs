@@ -118,13 +118,20 @@ async fn harness() -> Harness {
 
 /// A harness whose agent directory `prepare` may fill first.
 async fn harness_with(prepare: impl FnOnce(&std::path::Path)) -> Harness {
+    let mut h = cluster().await;
+    h.start_agent(prepare).await;
+    h
+}
+
+/// The API server and the registry with the images, but no agent yet.
+async fn cluster() -> Harness {
     let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let mut tasks = vec![tokio::spawn(async move {
+    let tasks = vec![tokio::spawn(async move {
         api.serve(listener).await.unwrap();
     })];
     let registry = Registry::start();
@@ -147,26 +154,32 @@ async fn harness_with(prepare: impl FnOnce(&std::path::Path)) -> Harness {
             .await
             .unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    prepare(&dir.path().join("agent"));
-    let mut config = Config::new(NODE, dir.path().join("agent"));
-    // Pods share the machine's network here; pod networking is tested in
-    // namespaces of its own.
-    config.pod_network = false;
-    config.backoff = Backoff {
-        initial: Duration::from_millis(300),
-        max: Duration::from_secs(2),
-        reset_after: Duration::from_secs(600),
-    };
-    let agent = Agent::start(client.clone(), config).await.unwrap();
-    tasks.push(tokio::spawn(async move {
-        agent.run().await.unwrap();
-    }));
     Harness {
         client,
         registry,
-        _dir: dir,
+        _dir: tempfile::tempdir().unwrap(),
         tasks,
+    }
+}
+
+impl Harness {
+    /// Starts the agent, once `prepare` has had its directory.
+    async fn start_agent(&mut self, prepare: impl FnOnce(&std::path::Path)) {
+        let dir = self._dir.path().join("agent");
+        prepare(&dir);
+        let mut config = Config::new(NODE, dir);
+        // Pods share the machine's network here; pod networking is tested in
+        // namespaces of its own.
+        config.pod_network = false;
+        config.backoff = Backoff {
+            initial: Duration::from_millis(300),
+            max: Duration::from_secs(2),
+            reset_after: Duration::from_secs(600),
+        };
+        let agent = Agent::start(self.client.clone(), config).await.unwrap();
+        self.tasks.push(tokio::spawn(async move {
+            agent.run().await.unwrap();
+        }));
     }
 }
 
@@ -1028,4 +1041,47 @@ async fn files_of_pods_gone_while_the_agent_was_down_are_removed_at_start() {
         .await;
     let stale = stale.lock().unwrap().clone();
     assert!(!stale.exists(), "{} is still there", stale.display());
+}
+
+#[tokio::test]
+async fn a_pod_first_seen_while_being_deleted_is_never_started() {
+    let mut h = cluster().await;
+    // Bound to the node and deleted while no agent ran; a finalizer keeps
+    // it in the API after the agent is done with it.
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "doomed", "finalizers": ["wasmkube.test/hold"]},
+        "spec": {"nodeName": NODE, "containers": [{"name": "sleeper", "image": h.image("sleeper")}]},
+    }))
+    .unwrap();
+    h.pods().create(&PostParams::default(), &pod).await.unwrap();
+    h.pods()
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.start_agent(|_| {}).await;
+    // The agent confirms the deletion (grace 0) without starting anything.
+    let p = h
+        .wait("doomed", "the deletion confirmed", |p| {
+            p.metadata.deletion_grace_period_seconds == Some(0)
+        })
+        .await;
+    let state = container(&p)["state"].clone();
+    assert!(
+        state.get("running").is_none() && state.get("terminated").is_none(),
+        "{state}"
+    );
+    let events: Api<Event> = Api::default_namespaced(h.client.clone());
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.name=doomed"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        !reasons.iter().any(|r| r == "Pulling" || r == "Started"),
+        "{reasons:?}"
+    );
 }
