@@ -115,6 +115,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         .collect();
     let want = spec.replicas.unwrap_or(1).max(0) as usize;
     let have = active.len() + pending_creates;
+    // Creates beyond this reconcile's burst: it comes back for them soon,
+    // after writing the status (so a long scale-up shows its progress).
+    let mut more = false;
     tracing::debug!(replicaset = %rs.name_any(), want, active = active.len(), pending_creates, pending_deletes = pending_deletes.len(), "reconcile");
     if have < want {
         let template = pod_from_template(&rs)?;
@@ -140,9 +143,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         if let Some(e) = failure {
             return Err(Error::Kube(e));
         }
-        if count < want - have {
-            return Ok(Action::requeue(Duration::from_millis(100)));
-        }
+        more = count < want - have;
     } else if active.len() > want && pending_creates == 0 {
         active.sort_by_key(|p| pods::deletion_rank(p));
         let surplus: Vec<Arc<Pod>> = active
@@ -196,6 +197,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     )
     .await
     .map_err(Error::Kube)?;
+    if more {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     if ready > available {
         // Pods become available once ready for minReadySeconds; look again then.
         return Ok(Action::requeue(Duration::from_secs(
