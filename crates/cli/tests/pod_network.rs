@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::{Server, ok, start_cluster_in, wasmkube};
 use serde_json::json;
-use wasmkube_testkit::{Registry, busybox_image, workload_path};
+use wasmkube_testkit::{Registry, busybox_image};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("iproute2");
@@ -203,22 +203,7 @@ fn push(registry: &Registry) -> Images {
         &options,
     ))
     .unwrap();
-    let wasm = |file: &str, name: &str| {
-        let reference = format!("{}/{name}:v1", registry.host());
-        let out = Command::new(wasmkube())
-            .arg("push")
-            .arg("--insecure")
-            .arg(workload_path(file, "wasm32-wasip2"))
-            .arg(&reference)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        reference
-    };
+    let wasm = |file: &str, name: &str| common::push_as(registry, file, "wasm32-wasip2", name);
     Images {
         hello: wasm("http_hello", "http-hello"),
         fetch: wasm("http_fetch", "http-fetch"),

@@ -9,31 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
-use wasmkube_testkit::{Registry, workload_path};
-
-/// Pushes a built workload with `wasmkube push` as `NAME:v1`; `target` is
-/// `wasm32-wasip1` (modules) or `wasm32-wasip2` (components), `file` the
-/// built file's stem. Returns the reference.
-fn push_as(registry: &Registry, file: &str, target: &str, name: &str) -> String {
-    let reference = format!("{}/{name}:v1", registry.host());
-    let out = Command::new(wasmkube())
-        .arg("push")
-        .arg(workload_path(file, target))
-        .arg(&reference)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        digest.starts_with("sha256:") && digest.len() == 71,
-        "{digest}"
-    );
-    reference
-}
+use wasmkube_testkit::Registry;
 
 fn push(registry: &Registry, name: &str) -> String {
     push_as(registry, name, "wasm32-wasip1", name)

@@ -284,8 +284,8 @@ impl wasmkube_runtime::PodNetns for Netns {
     }
 }
 
-/// A listening TCP socket on `addr` inside `netns`, made by the calling thread while it is in the namespace (the
-/// socket stays in it).
+/// A listening TCP socket on `addr` inside `netns`, made by the calling
+/// thread while it is in the namespace (the socket stays in it).
 pub fn listen_in(netns: &Netns, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use wasmkube_runtime::PodNetns;
     let mut listener = Err(std::io::Error::other("not made"));

@@ -27,13 +27,7 @@ impl WasiView for ComponentHost {
 
 impl GuestSockets for ComponentHost {
     fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
-        GuestSocketsView {
-            sockets: wasmtime_wasi::sockets::WasiSocketsCtxView {
-                ctx: self.ctx.sockets(),
-                table: &mut self.table,
-            },
-            network: &self.network,
-        }
+        GuestSocketsView::new(&mut self.ctx, &mut self.table, &self.network)
     }
 }
 

@@ -77,13 +77,7 @@ impl WasiHttpView for HttpHost {
 
 impl GuestSockets for HttpHost {
     fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
-        GuestSocketsView {
-            sockets: wasmtime_wasi::sockets::WasiSocketsCtxView {
-                ctx: self.ctx.sockets(),
-                table: &mut self.table,
-            },
-            network: &self.hooks.0,
-        }
+        GuestSocketsView::new(&mut self.ctx, &mut self.table, &self.hooks.0)
     }
 }
 

@@ -184,8 +184,24 @@ pub(crate) trait GuestSockets: WasiView {
 
 /// `wasi:sockets`' socket constructors, moved into the guest's network.
 pub(crate) struct GuestSocketsView<'a> {
-    pub(crate) sockets: WasiSocketsCtxView<'a>,
-    pub(crate) network: &'a GuestNetwork,
+    sockets: WasiSocketsCtxView<'a>,
+    network: &'a GuestNetwork,
+}
+
+impl<'a> GuestSocketsView<'a> {
+    pub(crate) fn new(
+        ctx: &'a mut wasmtime_wasi::WasiCtx,
+        table: &'a mut wasmtime::component::ResourceTable,
+        network: &'a GuestNetwork,
+    ) -> Self {
+        Self {
+            sockets: WasiSocketsCtxView {
+                ctx: ctx.sockets(),
+                table,
+            },
+            network,
+        }
+    }
 }
 
 struct CreateInGuestNetwork;

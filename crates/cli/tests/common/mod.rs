@@ -256,3 +256,34 @@ pub fn sim_nodes(s: &Server, args: &[&str]) -> SimNodes {
         .expect("spawn wasmkube sim-nodes");
     SimNodes(child)
 }
+
+/// Pushes a built workload with `wasmkube push` as `NAME:v1` (`--insecure`:
+/// test registries speak plain HTTP, also off loopback); `target` is
+/// `wasm32-wasip1` (modules) or `wasm32-wasip2` (components), `file` the
+/// built file's stem. Returns the reference.
+pub fn push_as(
+    registry: &wasmkube_testkit::Registry,
+    file: &str,
+    target: &str,
+    name: &str,
+) -> String {
+    let reference = format!("{}/{name}:v1", registry.host());
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg("--insecure")
+        .arg(wasmkube_testkit::workload_path(file, target))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    reference
+}
