@@ -24,7 +24,7 @@ use crate::fields;
 use crate::params::{FieldValidation, Output, Params};
 use crate::patch::{self, PatchError, PatchType};
 use crate::request::{self, Target};
-use crate::storage::{decode_stored, encode_for_store, resource_version};
+use crate::storage::{decode_stored, encode_for_store, resource_version, stored_at};
 use crate::{ApiServer, watch};
 
 /// Attempts for writes without a client precondition when they race another writer.
@@ -535,8 +535,18 @@ impl Ctx<'_> {
             .await
             .map_err(|e| ApiError::from_store(e, ns_rt, ns))?
             .ok_or_else(|| ApiError::not_found(ns_rt, ns))?;
-        let obj = decode_stored(&kv).map_err(ApiError::internal)?;
-        if !obj["metadata"]["deletionTimestamp"].is_null() {
+        // Every create asks this: read the one field, not the whole namespace.
+        #[derive(serde::Deserialize)]
+        struct Namespace {
+            metadata: Meta,
+        }
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            #[serde(rename = "deletionTimestamp")]
+            deletion_timestamp: Option<serde::de::IgnoredAny>,
+        }
+        let ns_obj: Namespace = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+        if ns_obj.metadata.deletion_timestamp.is_some() {
             return Err(ApiError::Forbidden {
                 subject: Subject::of(self.rt(), ""),
                 message: format!(
@@ -680,25 +690,29 @@ impl Ctx<'_> {
             &mut obj,
             &now(),
         );
-        let created = self.persist_create(&name, obj.clone()).await;
-        if (created.is_err() || self.params.dry_run) && self.rt().kind == "Service" {
+        let service = (self.rt().kind == "Service").then(|| obj.clone());
+        let created = self.persist_create(&name, obj).await;
+        if let Some(service) = service
+            && (created.is_err() || self.params.dry_run)
+        {
             // Nothing was stored: give the addresses back.
-            crate::services::release(self.server, &obj).await;
+            crate::services::release(self.server, &service).await;
         }
         Ok((created?, warnings))
     }
 
-    async fn persist_create(&self, name: &str, obj: Value) -> ApiResult<Value> {
+    async fn persist_create(&self, name: &str, mut obj: Value) -> ApiResult<Value> {
         if self.params.dry_run {
             return Ok(obj);
         }
+        let value = encode_for_store(&mut obj);
         let kv = self
             .server
             .store
-            .create(&self.key(name), encode_for_store(&obj))
+            .create(&self.key(name), value)
             .await
             .map_err(|e| self.store_err(e, name))?;
-        decode_stored(&kv).map_err(ApiError::internal)
+        Ok(stored_at(obj, kv.mod_revision))
     }
 
     /// Turns `old` plus a client's `new` into what is stored, for a write to
@@ -796,7 +810,7 @@ impl Ctx<'_> {
         name: &str,
         old: &Value,
         rev: u64,
-        new: Value,
+        mut new: Value,
     ) -> ApiResult<Value> {
         if same_ignoring_version(old, &new) {
             return Ok(old.clone());
@@ -830,11 +844,12 @@ impl Ctx<'_> {
             }
             return Ok(gone);
         }
+        let value = encode_for_store(&mut new);
         let kv = store
-            .update(&key, encode_for_store(&new), Some(rev))
+            .update(&key, value, Some(rev))
             .await
             .map_err(|e| self.store_err(e, name))?;
-        decode_stored(&kv).map_err(ApiError::internal)
+        Ok(stored_at(new, kv.mod_revision))
     }
 
     /// Read-modify-write with retries when the client set no precondition.
@@ -1201,13 +1216,14 @@ impl Ctx<'_> {
             if same_ignoring_version(&old, &new) || self.params.dry_run {
                 return Ok((new, false));
             }
+            let value = encode_for_store(&mut new);
             match self
                 .server
                 .store
-                .update(&self.key(name), encode_for_store(&new), Some(rev))
+                .update(&self.key(name), value, Some(rev))
                 .await
             {
-                Ok(kv) => return Ok((decode_stored(&kv).map_err(ApiError::internal)?, false)),
+                Ok(kv) => return Ok((stored_at(new, kv.mod_revision), false)),
                 Err(StoreError::Conflict { .. }) if opts.precondition_rv.is_none() => continue,
                 Err(e) => return Err(self.store_err(e, name)),
             }
@@ -1267,27 +1283,60 @@ impl Ctx<'_> {
                     vec![wasmkube_api::field::FieldError::required("target.name", "")],
                 )
             })?;
-        let uid = binding["metadata"]["uid"].as_str().map(str::to_owned);
+        let uid = binding["metadata"]["uid"].as_str();
         let when = now();
-        self.guaranteed_update(name, Some(Subresource::Binding), |old| {
-                if uid.as_deref().is_some_and(|u| old["metadata"]["uid"].as_str() != Some(u)) {
-                    return Err(ApiError::Conflict(Subject::of(rt, name), "the UID in the binding does not match the pod".into()));
+        // As Kubernetes' binding storage does: set the node and the
+        // condition on the stored pod under its revision, without the update
+        // path's decoding, defaulting, validation and managed fields (the
+        // scheduler owns no fields; the pod's generation stays).
+        let mut bound = false;
+        for _ in 0..UNCONDITIONAL_RETRIES {
+            let (mut pod, rev) = self.read(name).await?;
+            let conflict = |message: String| ApiError::Conflict(Subject::of(rt, name), message);
+            if uid.is_some_and(|u| pod["metadata"]["uid"].as_str() != Some(u)) {
+                return Err(conflict(
+                    "the UID in the binding does not match the pod".into(),
+                ));
+            }
+            if !pod["metadata"]["deletionTimestamp"].is_null() {
+                return Err(conflict(format!(
+                    "pod {name} is being deleted, cannot be assigned to a host"
+                )));
+            }
+            if let Some(existing) = pod["spec"]["nodeName"].as_str() {
+                return Err(conflict(format!(
+                    "pod {name} is already assigned to node \"{existing}\""
+                )));
+            }
+            pod["spec"]["nodeName"] = json!(node);
+            set_condition(
+                &mut pod,
+                json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": when}),
+            );
+            if self.params.dry_run {
+                bound = true;
+                break;
+            }
+            match self
+                .server
+                .store
+                .update(&self.key(name), encode_for_store(&mut pod), Some(rev))
+                .await
+            {
+                Ok(_) => {
+                    bound = true;
+                    break;
                 }
-                if !old["metadata"]["deletionTimestamp"].is_null() {
-                    return Err(ApiError::Conflict(Subject::of(rt, name), format!("pod {name} is being deleted, cannot be assigned to a host")));
-                }
-                if let Some(existing) = old["spec"]["nodeName"].as_str() {
-                    return Err(ApiError::Conflict(Subject::of(rt, name), format!("pod {name} is already assigned to node \"{existing}\"")));
-                }
-                let mut new = old.clone();
-                new["spec"]["nodeName"] = json!(node);
-                set_condition(&mut new, json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": when}));
-                if let Some(m) = new["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
-                Ok(Some(new))
-            })
-            .await?;
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(self.store_err(e, name)),
+            }
+        }
+        if !bound {
+            return Err(ApiError::Conflict(
+                Subject::of(rt, name),
+                "the object is being modified too often; try again".into(),
+            ));
+        }
         Ok(json_response(
             StatusCode::CREATED,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),

@@ -151,3 +151,19 @@ impl Drop for ChildServer {
         let _ = self.child.wait();
     }
 }
+
+/// Any other child process of a benchmark; killed on drop.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn rss_mib(&self) -> f64 {
+        rss_kib(self.0.id()).unwrap_or(0) as f64 / 1024.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

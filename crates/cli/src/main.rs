@@ -3,6 +3,7 @@
 mod agent;
 mod kubeconfig;
 mod push;
+mod scheduler;
 mod server;
 mod sim;
 
@@ -33,6 +34,10 @@ enum Command {
     /// their leases and report the pods bound to them as running, through the
     /// API only. For trying the control plane and benchmarking it at scale.
     SimNodes(sim::SimArgs),
+    /// Run a scheduler against a cluster's API server, as its own process
+    /// (a `wasmkube server` runs one itself unless `--no-scheduler`); of
+    /// several, one at a time schedules, elected through a Lease.
+    Scheduler(scheduler::SchedulerArgs),
     /// Join this machine to a cluster as a node: the agent registers it,
     /// runs the pods bound to it (Wasm modules in-process on Wasmtime) and
     /// serves their logs to the API server.
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => runtime.block_on(server::run(args)),
         Command::SimNodes(args) => runtime.block_on(sim::run(args)),
         Command::Agent(args) => runtime.block_on(agent::run(args)),
+        Command::Scheduler(args) => runtime.block_on(scheduler::run(args)),
         Command::Push(args) => runtime.block_on(push::run(args)),
     }
 }

@@ -62,6 +62,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1")]
     node_address: std::net::IpAddr,
 
+    /// Run no scheduler in this process: pods wait for a `wasmkube
+    /// scheduler` joined to this API server.
+    #[arg(long)]
+    no_scheduler: bool,
+
     #[command(flatten)]
     node: crate::agent::NodeArgs,
 }
@@ -143,7 +148,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         elector("kube-scheduler"),
         elector("kube-controller-manager"),
     );
-    {
+    if !args.no_scheduler {
         let (elector, client) = (scheduler_lease.clone(), client.clone());
         tokio::spawn(async move {
             let result = elector
@@ -213,7 +218,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 /// This process's name in leader Leases: host name plus a random suffix, as
 /// client-go's leader election uses.
-fn identity() -> String {
+pub fn identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "wasmkube".into());

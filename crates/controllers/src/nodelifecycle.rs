@@ -10,7 +10,7 @@
 //! timestamps in them, as Kubernetes does, so clock skew between machines
 //! cannot make a node look dead or alive.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,8 +92,8 @@ impl Ctx {
             .map(|l| (l.name_any(), l))
             .collect();
         let nodes = self.nodes.state();
-        self.seen
-            .retain(|name, _| nodes.iter().any(|n| n.name_any() == *name));
+        let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        self.seen.retain(|name, _| names.contains(name));
         for node in nodes {
             let name = node.name_any();
             let beat = heartbeat(&node, leases.get(&name).map(|l| &**l));

@@ -1,0 +1,61 @@
+//! `wasmkube scheduler`: the scheduler as its own process against any API
+//! server, as kube-scheduler runs in a multi-machine control plane.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmkube_controllers::leader::{ElectionConfig, LeaderElector};
+
+#[derive(clap::Args, Debug)]
+pub struct SchedulerArgs {
+    /// The API server's URL [default: the kubeconfig's].
+    #[arg(long)]
+    server: Option<String>,
+    /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Schedule the pods that name this `spec.schedulerName`. The default
+    /// scheduler competes for the `kube-scheduler` Lease with the scheduler
+    /// in every `wasmkube server`; a scheduler with another name uses a Lease
+    /// of its own name and runs beside them.
+    #[arg(long, default_value = "default-scheduler")]
+    scheduler_name: String,
+}
+
+pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
+    let client =
+        crate::kubeconfig::client(args.kubeconfig.as_deref(), args.server.as_deref()).await?;
+    let lease = if args.scheduler_name == "default-scheduler" {
+        "kube-scheduler".to_owned()
+    } else {
+        args.scheduler_name.clone()
+    };
+    let elector = Arc::new(LeaderElector::new(
+        client.clone(),
+        "kube-system",
+        &lease,
+        &crate::server::identity(),
+        ElectionConfig::default(),
+    ));
+    let config = wasmkube_scheduler::Config {
+        scheduler_name: args.scheduler_name,
+        ..Default::default()
+    };
+    tracing::info!(%lease, scheduler = %config.scheduler_name, "waiting for the scheduler lease");
+    let work = {
+        let elector = elector.clone();
+        async move {
+            elector
+                .run(|| wasmkube_scheduler::run(client.clone(), config.clone()))
+                .await
+        }
+    };
+    tokio::select! {
+        result = work => result?,
+        signal = crate::server::shutdown_signal() => tracing::info!(signal, "shutting down"),
+    }
+    // Hand the Lease over at once, so another scheduler need not wait it out.
+    let _ = tokio::time::timeout(Duration::from_secs(2), elector.release()).await;
+    Ok(())
+}
