@@ -286,8 +286,14 @@ async fn scale_and_binding_subresources() {
     assert_eq!(bound["status"]["conditions"][0]["type"], "PodScheduled");
     // As on Kubernetes, binding is not an update of the pod: its generation
     // and managed fields stay as they were.
-    assert_eq!(bound["metadata"]["generation"], created["metadata"]["generation"]);
-    assert_eq!(bound["metadata"]["managedFields"], created["metadata"]["managedFields"]);
+    assert_eq!(
+        bound["metadata"]["generation"],
+        created["metadata"]["generation"]
+    );
+    assert_eq!(
+        bound["metadata"]["managedFields"],
+        created["metadata"]["managedFields"]
+    );
     let (code, again) = c.post(&format!("{pods}/p/binding"), binding).await;
     assert_eq!(code, StatusCode::CONFLICT, "{again}");
     // Pod specs are immutable apart from images and a few fields.
