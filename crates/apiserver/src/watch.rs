@@ -23,7 +23,7 @@ use wasmkube_api::table;
 use crate::error::{ApiError, ApiResult};
 use crate::params::Output;
 use crate::rest::{Ctx, partial_metadata};
-use crate::watch_cache::{CachedEvent, Subscription, WatchCache, WatchEventType};
+use crate::watch_cache::{CachedEvent, Subscription, WatchCache, WatchEventType, watch_line};
 
 /// Longest watch when the client sets no `timeoutSeconds`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -109,10 +109,7 @@ impl WatchState {
                 })
             }
         };
-        let mut out =
-            serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
-        out.push(b'\n');
-        Bytes::from(out)
+        watch_line(ty, &object)
     }
 
     fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
@@ -128,20 +125,14 @@ impl WatchState {
         if initial_end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        let mut out = serde_json::to_vec(&json!({
-            "type": "BOOKMARK",
-            "object": {"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta},
-        }))
-        .unwrap_or_default();
-        out.push(b'\n');
-        Bytes::from(out)
+        watch_line(
+            "BOOKMARK",
+            &json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta}),
+        )
     }
 
     fn error_line(err: &ApiError) -> Bytes {
-        let mut out = serde_json::to_vec(&json!({"type": "ERROR", "object": err.status()}))
-            .unwrap_or_default();
-        out.push(b'\n');
-        Bytes::from(out)
+        watch_line("ERROR", &err.status())
     }
 
     fn consider(&mut self, e: &CachedEvent) -> Option<Bytes> {

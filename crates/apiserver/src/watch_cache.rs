@@ -58,16 +58,23 @@ impl CachedEvent {
     /// (a selector can turn a modification into an add or a delete).
     pub fn line(&self, ty: WatchEventType) -> Bytes {
         self.lines[ty as usize]
-            .get_or_init(|| {
-                let mut out = serde_json::to_vec(
-                    &serde_json::json!({"type": ty.as_str(), "object": &*self.object}),
-                )
-                .unwrap_or_default();
-                out.push(b'\n');
-                Bytes::from(out)
-            })
+            .get_or_init(|| watch_line(ty.as_str(), &*self.object))
             .clone()
     }
+}
+
+/// One line of a watch stream, `"type"` first as Kubernetes writes it:
+/// clients decoding the event as a tagged enum (client-go's and kube-rs'
+/// watch events) then read the object straight into its type, instead of
+/// buffering all of it until they learn which variant it is.
+pub fn watch_line(ty: &str, object: &impl serde::Serialize) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"type\":");
+    serde_json::to_writer(&mut out, ty).expect("a string serializes");
+    out.extend_from_slice(b",\"object\":");
+    serde_json::to_writer(&mut out, object).expect("JSON values always serialize");
+    out.extend_from_slice(b"}\n");
+    Bytes::from(out)
 }
 
 struct Ring {
@@ -242,5 +249,25 @@ async fn feed(cache: std::sync::Weak<WatchCache>, store: SharedStore, mut from: 
         }
         from = now;
         tokio::task::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_line_names_its_type_before_its_object() {
+        let line = watch_line(
+            "ADDED",
+            &serde_json::json!({"kind": "Pod", "apiVersion": "v1"}),
+        );
+        assert_eq!(
+            &line[..],
+            b"{\"type\":\"ADDED\",\"object\":{\"apiVersion\":\"v1\",\"kind\":\"Pod\"}}\n"
+        );
+        // And it is one JSON document a client can decode.
+        let parsed: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["object"]["kind"], "Pod");
     }
 }
