@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
@@ -74,6 +75,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "  create -> all Ready  {:.1} s  ({:.0} pods/s)",
         took.as_secs_f64(),
         f64::from(args.replicas) / took.as_secs_f64()
+    );
+    // Every write takes one store revision: writes per replica show what a
+    // pod costs the API (create, binding, event, status, and the owners' status).
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let revision: f64 = namespaces
+        .list_metadata(&ListParams::default().limit(1))
+        .await?
+        .metadata
+        .resource_version
+        .unwrap_or_default()
+        .parse()?;
+    println!(
+        "  store writes         {revision:.0} ({:.2} per replica)",
+        revision / f64::from(args.replicas)
     );
     println!("  server RSS           {:.0} MiB", server.rss_mib());
     Ok(())

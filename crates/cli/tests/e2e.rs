@@ -545,6 +545,83 @@ fn scheduler_binds_pods_to_simulated_nodes() {
 }
 
 #[test]
+fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server_with(dir.path(), &["--no-scheduler"]);
+    let _sim = sim_nodes(&s, &["--count", "1"]);
+    ok(
+        &s,
+        &["wait", "--for=create", "node/sim-0", "--timeout=30s"],
+        None,
+    );
+    // The server's electors run at start: the controller manager's Lease
+    // exists, the scheduler's does not.
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=create",
+            "-n",
+            "kube-system",
+            "lease/kube-controller-manager",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let leases = ok(
+        &s,
+        &["get", "leases", "-n", "kube-system", "-o", "name"],
+        None,
+    );
+    assert!(!leases.contains("kube-scheduler"), "{leases}");
+    ok(&s, &["run", "web", "--image=registry.local/hello:1"], None);
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"],
+            None
+        )
+        .trim(),
+        ""
+    );
+
+    let _scheduler = join(&s, "scheduler", &[]);
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Running",
+            "pod/web",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"],
+            None
+        )
+        .trim(),
+        "sim-0"
+    );
+    let holder = ok(
+        &s,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            "kube-scheduler",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        None,
+    );
+    assert!(!holder.is_empty(), "the scheduler holds its Lease");
+}
+
+#[test]
 fn deployment_rollout_with_kubectl() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_server(dir.path());

@@ -234,27 +234,33 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// Runs `wasmkube sim-nodes` against the server until dropped.
-pub struct SimNodes(pub Child);
+/// A `wasmkube` process joined to a test server; stopped on drop.
+pub struct Joined(pub Child);
 
-impl Drop for SimNodes {
+impl Drop for Joined {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-pub fn sim_nodes(s: &Server, args: &[&str]) -> SimNodes {
+/// Runs `wasmkube COMMAND ARGS --kubeconfig <the server's>` (a command that
+/// joins the cluster: `sim-nodes`, `scheduler`); stopped on drop.
+pub fn join(s: &Server, command: &str, args: &[&str]) -> Joined {
     let child = Command::new(wasmkube())
-        .arg("sim-nodes")
+        .arg(command)
         .args(args)
         .arg("--kubeconfig")
         .arg(&s.kubeconfig)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn wasmkube sim-nodes");
-    SimNodes(child)
+        .unwrap_or_else(|e| panic!("spawn wasmkube {command}: {e}"));
+    Joined(child)
+}
+
+pub fn sim_nodes(s: &Server, args: &[&str]) -> Joined {
+    join(s, "sim-nodes", args)
 }
 
 /// Pushes a built workload with `wasmkube push` as `NAME:v1` (`--insecure`:
