@@ -341,7 +341,7 @@ pub(crate) fn run(
         let controller = Controller::new(Api::<DaemonSet>::all(client), watcher::Config::default());
         let daemonsets = controller.store();
         // Any node change may change where every DaemonSet should run.
-        let all = move |_: Node| {
+        let all = move |_: Arc<Node>| {
             daemonsets
                 .state()
                 .into_iter()
@@ -350,8 +350,8 @@ pub(crate) fn run(
         };
         crate::drain(
             controller
-                .owns_stream(pod_changes)
-                .watches_stream(node_changes, all)
+                .owns_shared_stream(pod_changes)
+                .watches_shared_stream(node_changes, all)
                 .run(reconcile, crate::retry_soon, ctx),
         )
         .await;

@@ -219,7 +219,7 @@ pub(crate) fn run(
         let controller = Controller::new(Api::<Service>::all(client), watcher::Config::default());
         let services = controller.store();
         // A pod change wakes the Services that select it.
-        let selecting = move |pod: Pod| {
+        let selecting = move |pod: Arc<Pod>| {
             services
                 .state()
                 .into_iter()
@@ -227,7 +227,7 @@ pub(crate) fn run(
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(controller.watches_stream(changes, selecting).run(
+        crate::drain(controller.watches_shared_stream(changes, selecting).run(
             reconcile,
             crate::retry_soon,
             ctx,

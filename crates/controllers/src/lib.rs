@@ -108,7 +108,7 @@ pub(crate) use wasmkube_api::ErrorChain;
 /// then deleted at once would wake nobody.)
 pub(crate) struct Cache<K: kube::Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
-    pub changes: ReceiverStream<Result<K, watcher::Error>>,
+    pub changes: ReceiverStream<Arc<K>>,
 }
 
 /// The controller manager's shared informers: one watch and one cache per
@@ -122,7 +122,7 @@ pub struct Informers {
     drivers: Vec<BoxFuture<'static, ()>>,
 }
 
-type Subscribers<K> = Arc<Mutex<Vec<tokio::sync::mpsc::Sender<Result<K, watcher::Error>>>>>;
+type Subscribers<K> = Arc<Mutex<Vec<tokio::sync::mpsc::Sender<Arc<K>>>>>;
 
 impl Informers {
     pub fn new(client: kube::Client) -> Self {
@@ -200,8 +200,11 @@ impl Informers {
                     let targets = feed.lock().expect("subscribers lock").clone();
                     async move {
                         if let Ok(obj) = touched {
+                            // One allocation shared by every subscriber, not
+                            // a deep copy of the object for each.
+                            let obj = Arc::new(obj);
                             for tx in targets {
-                                let _ = tx.send(Ok(obj.clone())).await;
+                                let _ = tx.send(obj.clone()).await;
                             }
                         }
                     }
@@ -248,7 +251,7 @@ where
     let _ = children.store.wait_until_ready().await;
     drain(
         kube::runtime::Controller::new(Api::<K>::all(client), watcher::Config::default())
-            .owns_stream(children.changes)
+            .owns_shared_stream(children.changes)
             .run(reconcile, retry_soon, ctx),
     )
     .await;
