@@ -75,6 +75,49 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
     })
 }
 
+/// Decodes the `status` of an object of `rt`'s kind alone, for a write to
+/// its status subresource, which takes nothing else from the request. Paths
+/// in errors and unknown fields start with `status`. `None` for a kind
+/// without a typed status here (decode the whole object instead).
+pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded, DecodeError>> {
+    let canonical = match rt.kind {
+        "Pod" => round_trip::<core::PodStatus>(status),
+        "Node" => round_trip::<core::NodeStatus>(status),
+        "Service" => round_trip::<core::ServiceStatus>(status),
+        "Namespace" => round_trip::<core::NamespaceStatus>(status),
+        "Deployment" => round_trip::<apps::DeploymentStatus>(status),
+        "ReplicaSet" => round_trip::<apps::ReplicaSetStatus>(status),
+        "DaemonSet" => round_trip::<apps::DaemonSetStatus>(status),
+        "Job" => round_trip::<batch::JobStatus>(status),
+        "CronJob" => round_trip::<batch::CronJobStatus>(status),
+        _ => return None,
+    };
+    Some(
+        canonical
+            .map_err(|e| DecodeError {
+                path: if e.path.is_empty() {
+                    "status".into()
+                } else {
+                    format!("status.{}", e.path)
+                },
+                message: e.message,
+            })
+            .map(|object| {
+                let mut unknown_fields = Vec::new();
+                collect_unknown(
+                    status,
+                    &object,
+                    &mut "status".to_owned(),
+                    &mut unknown_fields,
+                );
+                Decoded {
+                    object,
+                    unknown_fields,
+                }
+            }),
+    )
+}
+
 /// Decodes any `k8s-openapi` type with the field path in errors.
 pub fn decode_as<T: DeserializeOwned>(value: &Value) -> Result<T, DecodeError> {
     serde_path_to_error::deserialize(value).map_err(|e| DecodeError {
@@ -126,6 +169,30 @@ mod tests {
     use super::*;
     use crate::registry::lookup;
     use serde_json::json;
+
+    #[test]
+    fn a_status_decodes_alone_as_it_does_inside_its_object() {
+        let pods = lookup("", "v1", "pods").unwrap();
+        let status = json!({"phase": "Running", "podIP": "10.0.0.1", "bogus": 1,
+            "conditions": [{"type": "Ready", "status": "True", "extra": "x"}]});
+        let alone = decode_status(pods, &status).unwrap().unwrap();
+        let whole = decode(
+            pods,
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "status": status}),
+        )
+        .unwrap();
+        assert_eq!(alone.object, whole.object["status"]);
+        assert_eq!(
+            alone.unknown_fields,
+            ["status.bogus", "status.conditions[0].extra"]
+        );
+        assert_eq!(alone.unknown_fields, whole.unknown_fields);
+        let err = decode_status(pods, &json!({"phase": 3}))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.path, "status.phase");
+        assert!(decode_status(lookup("", "v1", "configmaps").unwrap(), &json!({})).is_none());
+    }
 
     #[test]
     fn type_errors_name_the_field() {

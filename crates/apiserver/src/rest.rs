@@ -464,9 +464,8 @@ impl Ctx<'_> {
         Ok(json_response(StatusCode::OK, &body, &[]))
     }
 
-    /// Decodes a body as this kind, applying `fieldValidation`; returns the
-    /// canonical object and warnings.
-    fn decode(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
+    /// Checks (or fills in) a body's `apiVersion` and `kind`.
+    fn check_type_meta(&self, input: &mut Value) -> ApiResult<()> {
         let rt = self.rt();
         let api_version = rt.api_version();
         match input["apiVersion"].as_str() {
@@ -488,42 +487,64 @@ impl Ctx<'_> {
                 )));
             }
         }
-        let decoded = typed::decode(rt, &input).map_err(|e| {
-            ApiError::bad_request(format!(
-                "{} in version \"{}\" cannot be handled as a {}: {}",
-                rt.kind, rt.version, rt.kind, e
-            ))
-        })?;
-        let mut warnings = Vec::new();
-        if !decoded.unknown_fields.is_empty() {
-            match self
-                .params
-                .field_validation
-                .unwrap_or(FieldValidation::Warn)
-            {
-                FieldValidation::Strict => {
-                    let list: Vec<String> = decoded
-                        .unknown_fields
-                        .iter()
-                        .map(|f| format!("unknown field \"{f}\""))
-                        .collect();
-                    return Err(ApiError::bad_request(
-                        format!(".{}: strict decoding error: {}", "", list.join(", "))
-                            .replacen(".: ", "", 1),
-                    ));
-                }
-                FieldValidation::Warn => {
-                    warnings.extend(
-                        decoded
-                            .unknown_fields
-                            .iter()
-                            .map(|f| format!("unknown field \"{f}\"")),
-                    );
-                }
-                FieldValidation::Ignore => {}
+        Ok(())
+    }
+
+    fn undecodable(&self, e: wasmkube_api::typed::DecodeError) -> ApiError {
+        let rt = self.rt();
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {}",
+            rt.kind, rt.version, rt.kind, e
+        ))
+    }
+
+    /// Applies `fieldValidation` to the fields decoding dropped: an error
+    /// (Strict) or warnings (Warn, the default).
+    fn unknown_fields(&self, unknown: &[String]) -> ApiResult<Vec<String>> {
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let listed = unknown.iter().map(|f| format!("unknown field \"{f}\""));
+        match self
+            .params
+            .field_validation
+            .unwrap_or(FieldValidation::Warn)
+        {
+            FieldValidation::Strict => Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                listed.collect::<Vec<_>>().join(", ")
+            ))),
+            FieldValidation::Warn => Ok(listed.collect()),
+            FieldValidation::Ignore => Ok(Vec::new()),
+        }
+    }
+
+    /// Decodes a body as this kind, applying `fieldValidation`; returns the
+    /// canonical object and warnings.
+    fn decode(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
+        self.check_type_meta(&mut input)?;
+        let decoded = typed::decode(self.rt(), &input).map_err(|e| self.undecodable(e))?;
+        let warnings = self.unknown_fields(&decoded.unknown_fields)?;
+        Ok((decoded.object, warnings))
+    }
+
+    /// Decodes a body written to the status subresource: only its status
+    /// is taken (the rest is the stored object's), so only its status is
+    /// decoded, as the kubelet's status writes are a cluster's most common.
+    fn decode_status_write(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
+        self.check_type_meta(&mut input)?;
+        if input["status"].is_null() {
+            return self.decode(input);
+        }
+        match typed::decode_status(self.rt(), &input["status"]) {
+            None => self.decode(input),
+            Some(decoded) => {
+                let decoded = decoded.map_err(|e| self.undecodable(e))?;
+                let warnings = self.unknown_fields(&decoded.unknown_fields)?;
+                input["status"] = decoded.object;
+                Ok((input, warnings))
             }
         }
-        Ok((decoded.object, warnings))
     }
 
     async fn ensure_namespace_open(&self, ns: &str) -> ApiResult<()> {
@@ -725,7 +746,10 @@ impl Ctx<'_> {
         new: Value,
     ) -> ApiResult<(Value, Vec<String>)> {
         let rt = self.rt();
-        let (mut new, warnings) = self.decode(new)?;
+        let (mut new, warnings) = match sub {
+            Some(Subresource::Status) => self.decode_status_write(new)?,
+            _ => self.decode(new)?,
+        };
         match new["metadata"]["name"].as_str() {
             None | Some("") => new["metadata"]["name"] = json!(name),
             Some(n) if n == name => {}
