@@ -783,8 +783,6 @@ impl Ctx<'_> {
                 o["spec"]["finalizers"] = new["spec"]["finalizers"].clone();
                 o
             }
-            // A binding sets the node and the PodScheduled condition together.
-            Some(Subresource::Binding) => new,
             _ => {
                 if rt.has(Subresource::Status) {
                     new["status"] = old["status"].clone();
