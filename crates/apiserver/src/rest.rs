@@ -323,6 +323,14 @@ impl Ctx<'_> {
         self.rt().key(self.target.namespace, name)
     }
 
+    /// A write without a precondition that lost every retry to other writers.
+    fn too_contended(&self, name: &str) -> ApiError {
+        ApiError::Conflict(
+            Subject::of(self.rt(), name),
+            "the object is being modified too often; try again".into(),
+        )
+    }
+
     fn store_err(&self, e: StoreError, name: &str) -> ApiError {
         ApiError::from_store(e, self.rt(), name)
     }
@@ -920,10 +928,7 @@ impl Ctx<'_> {
                 Ok(stored) => return Ok((stored, warnings, true)),
             }
         }
-        Err(ApiError::Conflict(
-            Subject::of(self.rt(), name),
-            "the object is being modified too often; try again".into(),
-        ))
+        Err(self.too_contended(name))
     }
 
     async fn update(
@@ -1082,10 +1087,7 @@ impl Ctx<'_> {
                 }
             }
         }
-        Err(ApiError::Conflict(
-            Subject::of(rt, name),
-            "the object is being modified too often; try again".into(),
-        ))
+        Err(self.too_contended(name))
     }
 
     fn apply_conflict(&self, name: &str, conflicts: Vec<fields::Conflict>) -> ApiError {
@@ -1250,10 +1252,7 @@ impl Ctx<'_> {
                 Err(e) => return Err(self.store_err(e, name)),
             }
         }
-        Err(ApiError::Conflict(
-            Subject::of(rt, name),
-            "the object is being modified too often; try again".into(),
-        ))
+        Err(self.too_contended(name))
     }
 
     async fn delete_collection(&self, opts: &DeleteOptions) -> ApiResult<Response> {
@@ -1311,7 +1310,6 @@ impl Ctx<'_> {
         // condition on the stored pod under its revision, without the update
         // path's decoding, defaulting, validation and managed fields (the
         // scheduler owns no fields; the pod's generation stays).
-        let mut bound = false;
         for _ in 0..UNCONDITIONAL_RETRIES {
             let (mut pod, rev) = self.read(name).await?;
             let conflict = |message: String| ApiError::Conflict(Subject::of(rt, name), message);
@@ -1335,35 +1333,26 @@ impl Ctx<'_> {
                 &mut pod,
                 json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": when}),
             );
-            if self.params.dry_run {
-                bound = true;
-                break;
-            }
-            match self
-                .server
-                .store
-                .update(&self.key(name), encode_for_store(&mut pod), Some(rev))
-                .await
-            {
-                Ok(_) => {
-                    bound = true;
-                    break;
-                }
-                Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(self.store_err(e, name)),
+            let stored = self.params.dry_run
+                || match self
+                    .server
+                    .store
+                    .update(&self.key(name), encode_for_store(&mut pod), Some(rev))
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(StoreError::Conflict { .. }) => false,
+                    Err(e) => return Err(self.store_err(e, name)),
+                };
+            if stored {
+                return Ok(json_response(
+                    StatusCode::CREATED,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                    &[],
+                ));
             }
         }
-        if !bound {
-            return Err(ApiError::Conflict(
-                Subject::of(rt, name),
-                "the object is being modified too often; try again".into(),
-            ));
-        }
-        Ok(json_response(
-            StatusCode::CREATED,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-            &[],
-        ))
+        Err(self.too_contended(name))
     }
 
     fn scale_of(&self, obj: &Value) -> Value {

@@ -78,7 +78,7 @@ mod tests {
             "spec": {"n": 1.5, "m": -3, "u": 18446744073709551615u64}});
         let bytes = encode_for_store(&mut obj);
         let kv = wasmkube_store::KeyValue {
-            key: "/registry/pods/default/p".into(),
+            key: "/registry/core/pods/default/p".into(),
             value: bytes,
             create_revision: 9,
             mod_revision: 9,

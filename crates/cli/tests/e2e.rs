@@ -575,15 +575,16 @@ fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
     );
     assert!(!leases.contains("kube-scheduler"), "{leases}");
     ok(&s, &["run", "web", "--image=registry.local/hello:1"], None);
-    assert_eq!(
+    let node_of_web = || {
         ok(
             &s,
             &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"],
-            None
+            None,
         )
-        .trim(),
-        ""
-    );
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(node_of_web(), "");
 
     let _scheduler = join(&s, "scheduler", &[]);
     ok(
@@ -596,15 +597,7 @@ fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
         ],
         None,
     );
-    assert_eq!(
-        ok(
-            &s,
-            &["get", "pod", "web", "-o", "jsonpath={.spec.nodeName}"],
-            None
-        )
-        .trim(),
-        "sim-0"
-    );
+    assert_eq!(node_of_web(), "sim-0");
     let holder = ok(
         &s,
         &[
