@@ -51,8 +51,15 @@ pub struct Config {
     pub watch_cache_size: usize,
     /// How often idle watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
-    /// The range Service cluster IPs are allocated from.
+    /// The range Service cluster IPs are allocated from; its first address
+    /// is the `kubernetes` Service's.
     pub service_cidr: (Ipv4Addr, u8),
+    /// The range NodePort and LoadBalancer Services' node ports are
+    /// allocated from (Kubernetes' `--service-node-port-range`).
+    pub node_ports: std::ops::RangeInclusive<u16>,
+    /// The cluster DNS address, reserved as the `kube-system/kube-dns`
+    /// Service's cluster IP (every node serves DNS on it itself).
+    pub cluster_dns: Option<Ipv4Addr>,
     /// `tolerationSeconds` of the not-ready/unreachable NoExecute
     /// tolerations every pod gets (Kubernetes' DefaultTolerationSeconds):
     /// how long its pods stay on a node that stopped reporting.
@@ -66,6 +73,8 @@ impl Default for Config {
             watch_cache_size: 10_000,
             bookmark_interval: Duration::from_secs(60),
             service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 12),
+            node_ports: 30000..=32767,
+            cluster_dns: Some(Ipv4Addr::new(10, 96, 0, 10)),
             default_toleration_seconds: 300,
         }
     }
@@ -121,6 +130,7 @@ impl ApiServer {
             }
         }
         node_proxy::ensure_token(&server).await?;
+        services::ensure_system_services(&server).await?;
         Ok(server)
     }
 

@@ -18,7 +18,6 @@ use crate::error::{ApiError, ApiResult};
 
 const IP_PREFIX: &str = "/ranges/serviceips/";
 const PORT_PREFIX: &str = "/ranges/servicenodeports/";
-const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 fn invalid(obj: &Value, field: &str, value: &str, detail: &str) -> ApiError {
     let rt = registry::lookup("", "v1", "services").expect("services are served");
@@ -106,17 +105,22 @@ pub async fn allocate(server: &ApiServer, obj: &mut Value) -> ApiResult<()> {
     }
     obj["spec"]["clusterIPs"] = json!([obj["spec"]["clusterIP"]]);
     if ty == "NodePort" || ty == "LoadBalancer" {
+        let range = server.config.node_ports.clone();
         let ports = obj["spec"]["ports"].as_array().cloned().unwrap_or_default();
         let mut out = Vec::new();
         for (i, mut p) in ports.into_iter().enumerate() {
             match p["nodePort"].as_u64() {
                 Some(np) => {
-                    if !NODE_PORTS.contains(&(np as u16)) || np > u16::MAX as u64 {
+                    if np > u16::MAX as u64 || !range.contains(&(np as u16)) {
                         return Err(invalid(
                             obj,
                             &format!("spec.ports[{i}].nodePort"),
                             &np.to_string(),
-                            "provided port is not in the valid range. The range of valid ports is 30000-32767",
+                            &format!(
+                                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                                range.start(),
+                                range.end()
+                            ),
                         ));
                     }
                     if !claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
@@ -131,7 +135,7 @@ pub async fn allocate(server: &ApiServer, obj: &mut Value) -> ApiResult<()> {
                 None => {
                     let mut got = None;
                     for _ in 0..64 {
-                        let np = rand::rng().random_range(NODE_PORTS);
+                        let np = rand::rng().random_range(range.clone());
                         if claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
                             got = Some(np);
                             break;
@@ -170,4 +174,62 @@ pub async fn release(server: &ApiServer, obj: &Value) {
             tracing::warn!(%key, error = %e, "could not release service address");
         }
     }
+}
+
+/// The `kubernetes` Service in `default` (the first address of the service
+/// range, port 443; its endpoints are the API servers, written by whoever
+/// runs them, as Kubernetes' endpoint reconciler does) and, with a cluster
+/// DNS address, the `kube-dns` Service in `kube-system` on it (no
+/// endpoints: every node answers DNS on that address itself).
+pub(crate) async fn ensure_system_services(server: &std::sync::Arc<ApiServer>) -> ApiResult<()> {
+    let rt = registry::lookup("", "v1", "services").expect("services are served");
+    let (base, _) = server.config.service_cidr;
+    let mut wanted = vec![(
+        "default",
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": Ipv4Addr::from(u32::from(base) + 1).to_string(),
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
+                "sessionAffinity": "None",
+            },
+        }),
+    )];
+    if let Some(dns) = server.config.cluster_dns {
+        wanted.push((
+            "kube-system",
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                             "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+                "spec": {
+                    "type": "ClusterIP",
+                    "clusterIP": dns.to_string(),
+                    "ports": [
+                        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+                    ],
+                },
+            }),
+        ));
+    }
+    for (ns, body) in wanted {
+        let name = body["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match crate::rest::create_internal(server, rt, Some(ns), body).await {
+            Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+            // Its address taken by a user's Service in an older cluster:
+            // the cluster works on without it.
+            Err(e @ ApiError::Invalid { .. }) => {
+                tracing::warn!(service = %name, namespace = ns, error = %e, "cannot create a system Service")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

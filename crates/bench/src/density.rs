@@ -93,7 +93,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "--port",
             "0",
         ])
-        .args(["--max-pods", &max_pods, "--no-pod-network", "--data-dir"])
+        .args([
+            "--max-pods",
+            &max_pods,
+            "--no-pod-network",
+            "--no-service-proxy",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())

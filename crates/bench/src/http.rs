@@ -142,9 +142,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.clients, args.seconds
     );
     let (rate, lat) = {
-        let (server, _) =
-            ChildServer::start_with(&binary, &["--node-name", "bench-http", "--no-pod-network"])
-                .await?;
+        let (server, _) = ChildServer::start_with(
+            &binary,
+            &[
+                "--node-name",
+                "bench-http",
+                "--no-pod-network",
+                "--no-service-proxy",
+            ],
+        )
+        .await?;
         let url = serve(&server, &image).await?;
         let (rate, lat) = load(&url, args.clients, args.seconds).await?;
         report("wasmkube pod at a node port", rate, &lat);
@@ -155,8 +162,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
         let measured = async {
-            let (server, _) =
-                ChildServer::start_with(&binary, &["--node-name", "bench-http-ip"]).await?;
+            let (server, _) = ChildServer::start_with(
+                &binary,
+                &["--node-name", "bench-http-ip", "--no-service-proxy"],
+            )
+            .await?;
             let url = serve(&server, &image).await?;
             let figures = load(&url, args.clients, args.seconds).await?;
             // The pod's namespace goes with its deletion, before the server.

@@ -52,7 +52,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
     let max_pods = (args.pods + 2 * args.linux + 10).to_string();
-    let mut flags = vec!["--node-name", LOCAL, "--max-pods", &max_pods];
+    // The machine's own network is left alone: no service proxy rules.
+    let mut flags = vec![
+        "--node-name",
+        LOCAL,
+        "--max-pods",
+        &max_pods,
+        "--no-service-proxy",
+    ];
     if !args.pod_network {
         flags.push("--no-pod-network");
     }

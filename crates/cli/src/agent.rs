@@ -48,9 +48,37 @@ pub struct NodeArgs {
     /// `wasmkube.dev/NodePorts` condition.
     #[arg(long, default_value = "40000-49999", value_parser = port_range)]
     pub node_ports: std::ops::RangeInclusive<u16>,
+
+    /// Pod addresses of the whole cluster: nodes get their pod CIDRs (one
+    /// /24 each) from it; pods' traffic leaving it is masqueraded; what is
+    /// not routed to a pod inside it is refused on the node.
+    #[arg(long, default_value = "10.244.0.0/16", value_name = "CIDR")]
+    pub cluster_cidr: ipnet::Ipv4Net,
+
+    /// Service cluster IPs come from this range (its first address is the
+    /// `kubernetes` Service's); a cluster IP no Service has is refused on
+    /// the node.
+    #[arg(long, default_value = "10.96.0.0/12", value_name = "CIDR")]
+    pub service_cluster_ip_range: ipnet::Ipv4Net,
+
+    /// Run no service proxy on this node: Services then route nowhere from
+    /// it. (The proxy needs root and `nft`, from Debian's nftables; without
+    /// them it says so and stays off.)
+    #[arg(long)]
+    pub no_service_proxy: bool,
+
+    /// Where pods' DNS queries go (`dnsPolicy: ClusterFirst`); every node
+    /// serves the cluster DNS on it [default: the tenth address of
+    /// --service-cluster-ip-range, 10.96.0.10].
+    #[arg(long, value_name = "IP")]
+    pub cluster_dns: Option<std::net::Ipv4Addr>,
+
+    /// The cluster's DNS domain: Services are `NAME.NAMESPACE.svc.DOMAIN`.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
-fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+pub fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| format!("{s:?} is not a range like 40000-49999"))?;
@@ -68,7 +96,100 @@ fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     Ok(a..=b)
 }
 
+/// The node's Service machinery: one watch of Services and EndpointSlices,
+/// the service proxy and the cluster DNS reading it.
+pub struct NodeServices {
+    /// The cluster DNS pods are given (and the records that answer Wasm
+    /// guests' lookups in-process).
+    pub cluster_dns: wasmkube_node::ClusterDns,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    proxy: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl NodeServices {
+    /// Stops them; the proxy removes its rules and routes.
+    pub async fn stop(self) {
+        if let Some((stop, task)) = self.proxy {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
 impl NodeArgs {
+    /// The cluster DNS address: `--cluster-dns`, or the tenth address of
+    /// the service range.
+    pub fn cluster_dns(&self) -> std::net::Ipv4Addr {
+        self.cluster_dns.unwrap_or_else(|| {
+            wasmkube_dns::default_address(self.service_cluster_ip_range.network())
+        })
+    }
+
+    /// Starts the node's service proxy and cluster DNS. The proxy needs root
+    /// and `nft`; without them (or with --no-service-proxy) Services are not
+    /// routed from this node and DNS is answered in-process to Wasm guests
+    /// only.
+    pub fn start_services(&self, client: &kube::Client, node: &str) -> NodeServices {
+        let (watch, drive) = wasmkube_proxy::ServiceWatch::new(client);
+        let mut tasks = vec![tokio::spawn(drive)];
+        let dns = self.cluster_dns();
+        let routed = !self.no_service_proxy
+            && match wasmkube_proxy::check() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Services are not routed on this node and the cluster DNS serves Wasm guests only");
+                    false
+                }
+            };
+        let dns_config = wasmkube_dns::Config {
+            domain: self.cluster_domain.clone(),
+            listen: routed.then(|| SocketAddr::from((dns, 53))),
+            upstreams: wasmkube_dns::Config::upstreams_from_resolv_conf(&[dns.into()]),
+        };
+        let resolver = wasmkube_dns::Resolver::new(&dns_config);
+        {
+            let (watch, resolver) = (watch.clone(), resolver.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = wasmkube_dns::run(watch, dns_config, resolver).await {
+                    tracing::error!(error = %e, "the cluster DNS stopped");
+                }
+            }));
+        }
+        let proxy = routed.then(|| {
+            let network = wasmkube_proxy::NodeNetwork {
+                cluster_cidr: Some(self.cluster_cidr),
+                service_cidr: self.service_cluster_ip_range,
+                node_local: vec![dns],
+            };
+            let config = wasmkube_proxy::Config::new(node, network);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = wasmkube_proxy::run(watch, config, shutdown).await {
+                    tracing::error!(error = %e, "the service proxy stopped");
+                }
+            });
+            (stop, task)
+        });
+        NodeServices {
+            cluster_dns: wasmkube_node::ClusterDns {
+                address: dns,
+                domain: self.cluster_domain.clone(),
+                resolver,
+            },
+            tasks,
+            proxy,
+        }
+    }
+
     pub fn apply(&self, config: &mut wasmkube_node::Config) {
         config.max_pods = self.max_pods;
         config.max_instances = self.max_instances;
@@ -133,15 +254,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config.labels.insert(k.into(), v.into());
     }
     args.node.apply(&mut config);
-    let agent = wasmkube_node::Agent::start(client, config)
+    let services = args.node.start_services(&client, &name);
+    config.cluster_dns = Some(services.cluster_dns.clone());
+    let agent = wasmkube_node::Agent::start(client.clone(), config)
         .await
         .context("cannot start the node agent")?;
     eprintln!("node {name} joined; agent endpoint on {}", agent.endpoint());
-    tokio::select! {
+    let result = tokio::select! {
         r = agent.run() => r.context("the node agent stopped"),
         signal = crate::server::shutdown_signal() => {
             tracing::info!(signal, "shutting down");
             Ok(())
         }
-    }
+    };
+    services.stop().await;
+    result
 }

@@ -43,10 +43,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     default_toleration_seconds: i64,
 
-    /// Nodes get their pod CIDRs (one /24 each) from this range; pods are
-    /// addressed from their node's.
-    #[arg(long, default_value = "10.244.0.0/16", value_name = "CIDR")]
-    cluster_cidr: wasmkube_controllers::nodeipam::Cidr,
+    /// NodePort and LoadBalancer Services' node ports come from this range
+    /// (FIRST-LAST).
+    #[arg(long, default_value = "30000-32767", value_parser = crate::agent::port_range)]
+    service_node_port_range: std::ops::RangeInclusive<u16>,
 
     /// Run no local node: pods then need agents joined with `wasmkube
     /// agent` (or simulated nodes).
@@ -98,8 +98,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     let store = wasmkube_store::open_sled(&args.data_dir.join("store"))
         .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
+    let services = args.node.service_cluster_ip_range;
     let api_config = wasmkube_apiserver::Config {
         default_toleration_seconds: args.default_toleration_seconds,
+        service_cidr: (services.network(), services.prefix_len()),
+        node_ports: args.service_node_port_range.clone(),
+        cluster_dns: Some(args.node.cluster_dns()),
         ..Default::default()
     };
     let api = wasmkube_apiserver::ApiServer::start(store, api_config)
@@ -163,7 +167,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let (elector, client) = (controllers_lease.clone(), client.clone());
         let config = wasmkube_controllers::Config {
             node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
-            cluster_cidr: Some(args.cluster_cidr),
+            cluster_cidr: Some(wasmkube_controllers::nodeipam::Cidr {
+                base: args.node.cluster_cidr.network(),
+                prefix: args.node.cluster_cidr.prefix_len(),
+            }),
             ..Default::default()
         };
         tokio::spawn(async move {
@@ -176,6 +183,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         });
     }
     let mut server = tokio::spawn(async move { api.serve(listener).await });
+    {
+        // The `kubernetes` Service's endpoints: this API server.
+        let advertised = if addr.ip().is_unspecified() {
+            std::net::SocketAddr::new(args.node_address, addr.port())
+        } else {
+            addr
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = publish_api_endpoints(&client, advertised).await {
+                tracing::warn!(error = %e, "cannot write the kubernetes Service's endpoints");
+            }
+        });
+    }
     let local_node = if args.no_local_node {
         None
     } else {
@@ -187,15 +208,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.address = args.node_address;
         config.listen = std::net::SocketAddr::new(args.node_address, 0);
         args.node.apply(&mut config);
+        let services = args.node.start_services(&client, &name);
+        config.cluster_dns = Some(services.cluster_dns.clone());
         let agent = wasmkube_node::Agent::start(client.clone(), config)
             .await
             .context("cannot start the local node")?;
         tracing::info!(node = %name, endpoint = %agent.endpoint(), "local node running");
-        Some(tokio::spawn(async move {
+        let agent = tokio::spawn(async move {
             if let Err(e) = agent.run().await {
                 tracing::error!(error = %e, "the local node stopped");
             }
-        }))
+        });
+        Some((agent, services))
     };
     tokio::select! {
         result = &mut server => result?.context("the API server stopped")?,
@@ -206,13 +230,49 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tokio::join!(scheduler_lease.release(), controllers_lease.release());
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
-    if let Some(node) = local_node {
+    if let Some((node, services)) = local_node {
         node.abort();
+        services.stop().await;
     }
     server.abort();
     let _ = server.await;
     // Every acknowledged write is already durable; dropping the store ends its writer.
     drop(lock);
+    Ok(())
+}
+
+/// Writes the `kubernetes` Service's Endpoints and EndpointSlice: this API
+/// server's address (Kubernetes' endpoint reconciler, for one server).
+async fn publish_api_endpoints(
+    client: &kube::Client,
+    addr: std::net::SocketAddr,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Endpoints;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Api, Patch, PatchParams};
+    let params = PatchParams::apply("wasmkube-apiserver").force();
+    let ip = addr.ip().to_string();
+    let endpoints = serde_json::json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "subsets": [{"addresses": [{"ip": ip}],
+                     "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}]}],
+    });
+    Api::<Endpoints>::namespaced(client.clone(), "default")
+        .patch("kubernetes", &params, &Patch::Apply(endpoints))
+        .await?;
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslicemirroring-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}],
+    });
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .patch("kubernetes", &params, &Patch::Apply(slice))
+        .await?;
     Ok(())
 }
 

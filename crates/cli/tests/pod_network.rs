@@ -13,6 +13,7 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use common::{Server, ok, start_cluster_in, wasmkube};
 use serde_json::json;
@@ -170,6 +171,14 @@ impl Drop for Containers {
 
 struct Agent(Child);
 
+impl Agent {
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -249,17 +258,33 @@ fn checked(s: &Server, args: &[&str]) -> String {
 /// A shell line that sends `GET path` to `ip:8080` and prints the whole
 /// response (busybox `nc`: the static busybox's `wget` crashes resolving).
 fn http_get(ip: &str, path: &str) -> String {
-    format!("printf 'GET {path} HTTP/1.0\\r\\nHost: pod\\r\\n\\r\\n' | nc -w 10 {ip} 8080")
+    http_get_at(ip, 8080, path)
+}
+
+fn http_get_at(ip: &str, port: u16, path: &str) -> String {
+    format!("printf 'GET {path} HTTP/1.0\\r\\nHost: pod\\r\\n\\r\\n' | nc -w 10 {ip} {port}")
 }
 
 /// A one-shot busybox pod on `node` fetching `path` from `ip:8080`; returns
 /// the response (its log) once it has Succeeded.
 fn fetch_from_pod(s: &Server, name: &str, node: &str, image: &str, ip: &str, path: &str) -> String {
+    fetch_from_pod_at(s, name, node, image, ip, 8080, path)
+}
+
+fn fetch_from_pod_at(
+    s: &Server,
+    name: &str,
+    node: &str,
+    image: &str,
+    ip: &str,
+    port: u16,
+    path: &str,
+) -> String {
     let manifest = json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"nodeName": node, "restartPolicy": "Never",
                  "containers": [{"name": "c", "image": image,
-                                 "command": ["sh", "-c", http_get(ip, path)]}]},
+                                 "command": ["sh", "-c", http_get_at(ip, port, path)]}]},
     })
     .to_string();
     ok(s, &["apply", "-f", "-"], Some(&manifest));
@@ -274,6 +299,80 @@ fn fetch_from_pod(s: &Server, name: &str, node: &str, image: &str, ip: &str, pat
         None,
     );
     ok(s, &["logs", name], None)
+}
+
+/// The service proxy's table in a host's namespace.
+fn nft_table(lan: &Lan, host: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lan.ns(host),
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "wasmkube",
+        ])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until a host's service proxy has programmed a rule containing
+/// `needle`.
+fn wait_rules(lan: &Lan, host: &str, needle: &str) {
+    common::poll(
+        &format!("{host}'s rules with {needle:?}"),
+        Duration::from_secs(30),
+        || {
+            let table = nft_table(lan, host);
+            if table.contains(needle) {
+                Ok(())
+            } else {
+                Err(table)
+            }
+        },
+    );
+}
+
+/// Waits until no rule of a host's service proxy contains `needle`.
+fn wait_rules_gone(lan: &Lan, host: &str, needle: &str) {
+    common::poll(
+        &format!("{host}'s rules without {needle:?}"),
+        Duration::from_secs(30),
+        || {
+            let table = nft_table(lan, host);
+            if table.contains(needle) {
+                Err(table)
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+fn cluster_ip(s: &Server, service: &str) -> String {
+    ok(
+        s,
+        &["get", "svc", service, "-o", "jsonpath={.spec.clusterIP}"],
+        None,
+    )
+}
+
+/// `GET /` from the test's own namespace; the whole response.
+fn http_from_test(addr: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut got = String::new();
+    conn.read_to_string(&mut got).map_err(|e| e.to_string())?;
+    Ok(got)
 }
 
 #[test]
@@ -300,29 +399,23 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             &registry.host(),
         ],
     );
-    let agent = Agent(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{host2}"))
-            .args([wasmkube(), "agent", "--server", &s.url])
-            .args(["--name", &host2, "--address", &lan.addr(2), "--port", "0"])
-            .args(["--insecure-registry", &registry.host(), "--data-dir"])
-            .arg(dir.path().join("agent"))
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let spawn_agent = || {
+        Agent(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{host2}"))
+                .args([wasmkube(), "agent", "--server", &s.url])
+                .args(["--name", &host2, "--address", &lan.addr(2), "--port", "0"])
+                .args(["--insecure-registry", &registry.host(), "--data-dir"])
+                .arg(dir.path().join("agent"))
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut agent = spawn_agent();
     for node in [&host1, &host2] {
-        ok(
-            &s,
-            &[
-                "wait",
-                "--for=condition=Ready",
-                &format!("node/{node}"),
-                "--timeout=60s",
-            ],
-            None,
-        );
+        common::wait_for(&s, &format!("node/{node}"), "condition=Ready", "60s");
     }
     let cidrs = ok(
         &s,
@@ -461,6 +554,176 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         "{client_ip}: {log:?}"
     );
 
+    // Services. The busybox httpd and the Wasm function behind ClusterIP
+    // Services: reached by cluster IP from the node itself, from a Linux pod
+    // on the other host and from a Wasm guest's outgoing `wasi:http`.
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--port=80",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "expose",
+            "pod",
+            "fn",
+            "--name=fn-svc",
+            "--port=80",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    let web_vip = cluster_ip(&s, "web");
+    let fn_vip = cluster_ip(&s, "fn-svc");
+    assert!(web_vip.starts_with("10.9"), "{web_vip}");
+    for host in ["host1", "host2"] {
+        wait_rules(&lan, host, &format!("{web_vip} . tcp . 80 : goto service-"));
+        wait_rules(&lan, host, &format!("{fn_vip} . tcp . 80 : goto service-"));
+    }
+    let got = lan.busybox_in("host1", &["sh", "-c", &http_get_at(&web_vip, 80, "/")]);
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(
+        got.ends_with("\r\n\r\nhello from busybox httpd\n"),
+        "{got:?}"
+    );
+    let got = lan.busybox_in(
+        "host1",
+        &["sh", "-c", &http_get_at(&fn_vip, 80, "/via-service")],
+    );
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(got.contains("/via-service"), "{got:?}");
+    let body = fetch_from_pod_at(&s, "svc-client", &host2, busybox, &web_vip, 80, "/");
+    assert!(
+        body.ends_with("\r\n\r\nhello from busybox httpd\n"),
+        "{body}"
+    );
+    // A Wasm HTTP function on host2 calling the Service's cluster IP.
+    let caller = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "svc-caller", "labels": {"app": "svc-caller"}},
+        "spec": {"nodeName": host2, "terminationGracePeriodSeconds": 2, "containers": [{"name": "fetch", "image": images.fetch,
+          "env": [{"name": "UPSTREAM", "value": format!("http://{web_vip}:80")}],
+          "ports": [{"containerPort": 8080}]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&caller));
+    wait_ready(&s, "pod/svc-caller");
+    let caller_ip = pod_ip(&s, &["-l", "app=svc-caller"]);
+    let got = lan.busybox_in(
+        "host2",
+        &["sh", "-c", &http_get(&caller_ip, "/cgi-bin/whoami")],
+    );
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    // Pod to pod through a cluster IP keeps the caller's address.
+    assert!(
+        got.contains("upstream 200\nclient ") && answered_to(&got, &caller_ip),
+        "{got:?}"
+    );
+
+    // NodePort and LoadBalancer (ServiceLB: the nodes' addresses), reached
+    // from the test's own namespace at either host's address.
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web-np",
+            "--type=NodePort",
+            "--port=80",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web-lb",
+            "--type=LoadBalancer",
+            "--port=8081",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    let node_port: u16 = ok(
+        &s,
+        &[
+            "get",
+            "svc",
+            "web-np",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ],
+        None,
+    )
+    .parse()
+    .unwrap();
+    let lb = common::poll(
+        "web-lb's load-balancer addresses",
+        Duration::from_secs(60),
+        || {
+            let ips = ok(
+                &s,
+                &[
+                    "get",
+                    "svc",
+                    "web-lb",
+                    "-o",
+                    "jsonpath={.status.loadBalancer.ingress[*].ip}",
+                ],
+                None,
+            );
+            if ips.split_whitespace().count() == 2 {
+                Ok(ips)
+            } else {
+                Err(ips)
+            }
+        },
+    );
+    assert_eq!(lb, format!("{} {}", lan.addr(1), lan.addr(2)));
+    for host in [1, 2] {
+        for port in [node_port, 8081] {
+            let addr = format!("{}:{port}", lan.addr(host));
+            let got = common::poll(&format!("GET {addr}"), Duration::from_secs(30), || {
+                http_from_test(&addr)
+            });
+            assert!(
+                got.ends_with("\r\n\r\nhello from busybox httpd\n"),
+                "{addr}: {got:?}"
+            );
+        }
+    }
+
+    // An agent killed with SIGKILL leaves the rules in the kernel, so
+    // routing goes on; once restarted it rewrites the table from scratch,
+    // and a Service deleted meanwhile leaves nothing behind.
+    agent.kill();
+    ok(&s, &["delete", "svc", "web-np"], None);
+    let addr = format!("{}:8081", lan.addr(2));
+    let got = http_from_test(&addr).unwrap();
+    assert!(got.ends_with("hello from busybox httpd\n"), "{got:?}");
+    agent = spawn_agent();
+    wait_rules_gone(&lan, "host2", &format!("tcp . {node_port} :"));
+    wait_rules_gone(&lan, "host1", &format!("tcp . {node_port} :"));
+    let got = common::poll(&format!("GET {addr}"), Duration::from_secs(30), || {
+        http_from_test(&addr)
+    });
+    assert!(got.ends_with("hello from busybox httpd\n"), "{got:?}");
+    let table = nft_table(&lan, "host2");
+    assert!(
+        !table.contains(&format!(" {node_port} ")),
+        "host2 still has node port {node_port}:\n{table}"
+    );
+
     // `kubectl exec` through the API server and the agent, over the
     // WebSocket protocol: output, stderr and the exit code; stdin; a
     // terminal; a Wasm container refused with the reason.
@@ -534,6 +797,19 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "app=web",
             "--timeout=30s",
         ],
+    );
+    // A pod that is not Ready gets no traffic: with its only endpoint not
+    // ready, the cluster IP refuses.
+    wait_rules(
+        &lan,
+        "host1",
+        &format!("{web_vip} . tcp . 80 : goto reject-chain"),
+    );
+    let refused = lan.busybox_in("host1", &["sh", "-c", &http_get_at(&web_vip, 80, "/")]);
+    assert!(
+        refused.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&refused.stdout)
     );
     let events = ok(
         &s,
@@ -624,6 +900,11 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "pod/remote-fn",
             "pod/gateway",
             "pod/wasm-client",
+            "pod/svc-client",
+            "pod/svc-caller",
+            "svc/web",
+            "svc/fn-svc",
+            "svc/web-lb",
             "--wait=true",
             "--timeout=90s",
         ],
@@ -641,6 +922,11 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         ],
         None,
     );
+    for host in ["host1", "host2"] {
+        for vip in [&web_vip, &fn_vip] {
+            wait_rules_gone(&lan, host, vip);
+        }
+    }
     let left = lan.pod_namespaces();
     if !left.is_empty() {
         let log: Vec<String> = s.log.try_iter().collect();

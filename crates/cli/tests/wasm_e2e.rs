@@ -80,16 +80,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     );
 
     // The local node is Ready and says what it is.
-    ok(
-        &s,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "node/local",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    common::wait_for(&s, "node/local", "condition=Ready", "60s");
     let nodes = ok(&s, &["get", "nodes", "-o", "wide"], None);
     assert!(
         nodes.contains("v1.33.0-wasmkube") && nodes.contains("wasmtime://48.0.8"),
@@ -315,6 +306,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
                 "--port",
                 "0",
                 "--no-pod-network",
+                "--no-service-proxy",
             ])
             .arg("--data-dir")
             .arg(dir.path().join("second"))

@@ -30,6 +30,7 @@ pub mod nodelifecycle;
 mod pods;
 pub mod replicaset;
 pub mod serviceaccount;
+mod servicelb;
 
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let cronjob = cronjob::run(client.clone(), &mut inf);
     let nodelifecycle = nodelifecycle::run(client.clone(), &mut inf, &config);
     let endpoints = endpoints::run(client.clone(), &mut inf);
+    let servicelb = servicelb::run(client.clone(), &mut inf);
     let ipam = async {
         match config.cluster_cidr {
             Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
@@ -92,6 +94,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = gc::run(client.clone()) => r,
         r = serviceaccount::run(client.clone()) => r,
         r = endpoints => r,
+        r = servicelb => r,
         r = ipam => r,
     }
 }

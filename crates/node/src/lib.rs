@@ -9,6 +9,7 @@
 //! `wasmkube agent` runs it against a remote API server; `wasmkube server`
 //! embeds one as the cluster's local node.
 
+mod dns;
 mod events;
 mod exec;
 mod logs;
@@ -32,6 +33,7 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use wasmkube_runtime::Runtime;
 
+pub use dns::ClusterDns;
 pub use logs::LogOptions;
 
 /// Restart back-off for crashing containers (CrashLoopBackOff).
@@ -101,6 +103,9 @@ pub struct Config {
     pub node_ports: std::ops::RangeInclusive<u16>,
     /// The largest linear memory a module may have.
     pub max_module_memory_bytes: usize,
+    /// The cluster DNS pods are pointed at (`dnsPolicy: ClusterFirst`);
+    /// `None`: pods use the node's resolvers.
+    pub cluster_dns: Option<ClusterDns>,
 }
 
 impl Config {
@@ -127,6 +132,7 @@ impl Config {
             cni_bin: PathBuf::from("/usr/lib/cni"),
             node_ports: 40000..=49999,
             max_module_memory_bytes: 4 << 30,
+            cluster_dns: None,
         }
     }
 }
@@ -180,6 +186,9 @@ pub(crate) struct Ctx {
     pub samples: Mutex<server::Samples>,
     /// Node ports held by pods that share the node's network.
     pub node_ports: Mutex<ports::NodePorts>,
+    /// The node's own resolv.conf, read at start (pods' `dnsPolicy:
+    /// Default`, and the search domains `ClusterFirst` adds).
+    pub node_resolv: dns::ResolvConf,
 }
 
 impl Ctx {
@@ -272,6 +281,9 @@ impl Agent {
             port,
             node_changed: tokio::sync::Notify::new(),
             samples: Mutex::default(),
+            node_resolv: dns::ResolvConf::parse(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
         });
         node::ensure_runtime_classes(&ctx).await?;
         node::register(&ctx).await?;

@@ -1224,6 +1224,11 @@ impl PodRun {
                     continue;
                 }
             };
+            let resolv = crate::dns::resolv_conf(
+                &pod,
+                &self.ctx.node_resolv,
+                self.ctx.config.cluster_dns.as_ref(),
+            );
             let config = ContainerConfig {
                 id: run_id,
                 name: name.clone(),
@@ -1251,6 +1256,11 @@ impl PodRun {
                 netns: sandbox.as_ref().map(|s| s.netns.clone()),
                 pod_netns,
                 listeners,
+                resolv_conf: Some(resolv.render()),
+                names: self.ctx.config.cluster_dns.as_ref().map(|c| {
+                    crate::dns::PodNames::new(c.resolver.clone(), &resolv)
+                        as Arc<dyn wasmkube_runtime::NameLookup>
+                }),
             };
             let started = runtime.start(config).await;
             if let Err(wasmkube_runtime::Error::Config(message)) = &started {

@@ -278,7 +278,10 @@ impl LinuxRuntime {
         write(&hostname, format!("{}\n", config.hostname))?;
         write(
             &resolv,
-            std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            match &config.resolv_conf {
+                Some(conf) => conf.clone(),
+                None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            },
         )?;
         rootfs::mount_overlay(
             image_root,

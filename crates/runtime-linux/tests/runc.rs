@@ -107,6 +107,8 @@ async fn start(
         netns: None,
         pod_netns: None,
         listeners: vec![],
+        resolv_conf: None,
+        names: None,
     };
     tweak(&mut config);
     let container = f.rt.start(config).await?;

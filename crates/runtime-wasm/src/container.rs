@@ -184,6 +184,7 @@ impl Runtime for WasmContainers {
                 Some(netns) => GuestNetwork::Pod(netns),
                 None => GuestNetwork::Node,
             },
+            names: config.names,
         };
         let rt = self.rt.clone();
         let task = match prepared {

@@ -20,7 +20,7 @@ use crate::net::{GuestNetwork, GuestSockets, GuestSocketsView};
 use crate::{ContainerSpec, Error, Meter, WasmRuntime, metered_store, wasi_builder};
 
 /// Outgoing requests go out over connections made in the guest's network.
-struct Outbound(GuestNetwork);
+struct Outbound(GuestNetwork, Option<Arc<dyn wasmkube_runtime::NameLookup>>);
 
 impl WasiHttpHooks for Outbound {
     fn send_request(
@@ -39,7 +39,11 @@ impl WasiHttpHooks for Outbound {
                 >,
             > + Send,
     > {
-        Box::new(self.0.clone().send_request(request, options))
+        Box::new(
+            self.0
+                .clone()
+                .send_request(request, options, self.1.clone()),
+        )
     }
 
     fn default_scheme(&mut self) -> Option<http::uri::Scheme> {
@@ -172,7 +176,7 @@ impl WasmRuntime {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             meter: self.meter(spec),
-            hooks: Outbound(spec.network.clone()),
+            hooks: Outbound(spec.network.clone(), spec.names.clone()),
         };
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let (sender, receiver) = tokio::sync::oneshot::channel();

@@ -191,6 +191,9 @@ pub struct ContainerSpec {
     /// Where the guest's own sockets (`wasi:sockets`, outgoing
     /// `wasi:http`) are made.
     pub network: GuestNetwork,
+    /// How the guest's outgoing `wasi:http` requests resolve names (`None`:
+    /// the node's resolver).
+    pub names: Option<Arc<dyn wasmkube_runtime::NameLookup>>,
 }
 
 /// How a run ended.

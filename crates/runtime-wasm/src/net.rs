@@ -85,6 +85,7 @@ impl GuestNetwork {
         self,
         mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
+        names: Option<Arc<dyn wasmkube_runtime::NameLookup>>,
     ) -> Result<(http::Response<WasiBody>, OutgoingIo), HttpError> {
         if matches!(self, Self::Denied) {
             return Err(HttpError::HttpRequestDenied);
@@ -107,18 +108,28 @@ impl GuestNetwork {
         let first_byte_timeout = options
             .and_then(|o| o.first_byte_timeout)
             .unwrap_or(DEFAULT_TIMEOUT);
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            // Names are resolved by the node's resolver (Kubernetes'
-            // `dnsPolicy: Default`); there is no cluster DNS yet.
-            Err(_) => tokio::time::timeout(connect_timeout, tokio::net::lookup_host((host, port)))
+        let dns_error = |_| HttpError::DnsError {
+            rcode: None,
+            info_code: None,
+        };
+        let addrs: Vec<SocketAddr> = match (host.parse::<IpAddr>(), names) {
+            (Ok(ip), _) => vec![SocketAddr::new(ip, port)],
+            // As the pod's resolver would: the cluster DNS, the pod's
+            // search path.
+            (Err(_), Some(names)) => tokio::time::timeout(connect_timeout, names.lookup(host))
                 .await
                 .map_err(|_| HttpError::DnsTimeout)?
-                .map_err(|_| HttpError::DnsError {
-                    rcode: None,
-                    info_code: None,
-                })?
+                .map_err(dns_error)?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
                 .collect(),
+            (Err(_), None) => {
+                tokio::time::timeout(connect_timeout, tokio::net::lookup_host((host, port)))
+                    .await
+                    .map_err(|_| HttpError::DnsTimeout)?
+                    .map_err(dns_error)?
+                    .collect()
+            }
         };
         let addr = addrs
             .into_iter()

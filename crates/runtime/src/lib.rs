@@ -95,6 +95,19 @@ pub trait PodNetns: Send + Sync + std::fmt::Debug {
     fn enter(&self, f: &mut dyn FnMut()) -> std::io::Result<()>;
 }
 
+/// Name lookups answered as the pod's own resolver would answer them (its
+/// `dnsPolicy`: the cluster DNS and the pod's search path), for guests that
+/// run inside the agent and so have no `/etc/resolv.conf` of their own.
+pub trait NameLookup: Send + Sync + std::fmt::Debug {
+    /// The addresses of `host`.
+    fn lookup(
+        &self,
+        host: &str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'static>,
+    >;
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
@@ -139,6 +152,10 @@ pub struct ContainerConfig {
     /// runtime that serves in its own process (empty: it binds
     /// `pod_ip:port` itself).
     pub listeners: Vec<std::net::TcpListener>,
+    /// The pod's `/etc/resolv.conf` (`None`: the node's own).
+    pub resolv_conf: Option<String>,
+    /// Name lookups for an in-process guest (`None`: the node's resolver).
+    pub names: Option<Arc<dyn NameLookup>>,
 }
 
 /// Live resource usage of one container, updated by the runtime as it runs

@@ -34,10 +34,11 @@ pub fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
 }
 
 /// The whole cluster, local node included, with extra `server` flags. Its
-/// pods share the machine's network: pod networking is tested in network
-/// namespaces of its own (`pod_network.rs`).
+/// pods share the machine's network and it runs no service proxy (the
+/// machine's routes and rules stay as they are): both are tested in network
+/// namespaces of their own (`pod_network.rs`).
 pub fn start_cluster(data_dir: &Path, extra: &[&str]) -> Server {
-    let mut args = vec!["--no-pod-network"];
+    let mut args = vec!["--no-pod-network", "--no-service-proxy"];
     args.extend_from_slice(extra);
     spawn_server(data_dir, &args)
 }
@@ -149,6 +150,36 @@ pub fn ok(s: &Server, args: &[&str], stdin: Option<&str>) -> String {
         out.stdout, out.stderr
     );
     out.stdout
+}
+
+/// Waits for `what` (`node/x`) to exist and then for `condition` on it:
+/// `kubectl wait --for=condition` gives up at once on an object that does
+/// not exist yet (a node whose agent has not registered, say).
+pub fn wait_for(s: &Server, what: &str, condition: &str, timeout: &str) {
+    let timeout = format!("--timeout={timeout}");
+    ok(s, &["wait", "--for=create", what, &timeout], None);
+    ok(
+        s,
+        &["wait", &format!("--for={condition}"), what, &timeout],
+        None,
+    );
+}
+
+/// Polls `probe` until it returns `Some`, at most for `timeout`; for what
+/// has no watch to wait on (a route or rule in place, a connection that
+/// goes through). Panics with `what` and the last failure when it never
+/// does.
+pub fn poll<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not within {timeout:?}; last: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Reads lines from `kubectl get -w` until one satisfies `pred`.

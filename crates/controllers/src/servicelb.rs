@@ -1,0 +1,180 @@
+//! ServiceLB, the built-in load balancer (as k3s ships one): a Service of
+//! type LoadBalancer with no `loadBalancerClass` is given the InternalIPs
+//! of the cluster's Ready nodes as its `status.loadBalancer.ingress`, and
+//! every node's service proxy answers on those addresses at the Service's
+//! ports. A Service that stops being one of ours loses the addresses again.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use serde_json::json;
+
+use crate::Error;
+
+struct Ctx {
+    client: kube::Client,
+    nodes: Store<Node>,
+}
+
+/// Whether ServiceLB serves this Service.
+fn ours(svc: &Service) -> bool {
+    svc.spec.as_ref().is_some_and(|s| {
+        s.type_.as_deref() == Some("LoadBalancer") && s.load_balancer_class.is_none()
+    })
+}
+
+/// The InternalIPs of Ready nodes, sorted.
+fn node_addresses(nodes: &[Arc<Node>]) -> Vec<String> {
+    let mut ips: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .find(|a| a.type_ == "InternalIP")
+                .map(|a| a.address.clone())
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+fn current(svc: &Service) -> Vec<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone())
+        .collect()
+}
+
+async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let want = if ours(&svc) && svc.metadata.deletion_timestamp.is_none() {
+        node_addresses(&ctx.nodes.state())
+    } else if svc
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"))
+    {
+        // Another load balancer's Service: its status is not ours to write.
+        return Ok(Action::await_change());
+    } else {
+        Vec::new()
+    };
+    if current(&svc) == want {
+        return Ok(Action::await_change());
+    }
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let ingress: Vec<_> = want
+        .iter()
+        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+        .collect();
+    let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+    match api
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    Ok(Action::await_change())
+}
+
+/// Runs ServiceLB until its watches end.
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+    let crate::Cache {
+        store: nodes,
+        changes,
+    } = informers.cache::<Node>();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        nodes: nodes.clone(),
+    });
+    async move {
+        let _ = nodes.wait_until_ready().await;
+        let controller = Controller::new(Api::<Service>::all(client), watcher::Config::default());
+        let services = controller.store();
+        // A node change may change every load balancer's addresses.
+        let balanced = move |_: Arc<Node>| {
+            services
+                .state()
+                .into_iter()
+                .filter(|s| ours(s))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        };
+        crate::drain(controller.watches_shared_stream(changes, balanced).run(
+            reconcile,
+            crate::retry_soon,
+            ctx,
+        ))
+        .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ip: &str, ready: &str) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "status": {
+                    "addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}],
+                    "conditions": [{"type": "Ready", "status": ready}],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn ready_nodes_internal_ips_in_order() {
+        let nodes = [
+            node("b", "10.0.0.2", "True"),
+            node("a", "10.0.0.1", "True"),
+            node("c", "10.0.0.3", "Unknown"),
+        ];
+        assert_eq!(node_addresses(&nodes), ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    #[test]
+    fn only_load_balancers_without_a_class_are_ours() {
+        let svc = |spec: serde_json::Value| -> Service {
+            serde_json::from_value(json!({"metadata": {"name": "s"}, "spec": spec})).unwrap()
+        };
+        assert!(ours(&svc(json!({"type": "LoadBalancer"}))));
+        assert!(!ours(&svc(
+            json!({"type": "LoadBalancer", "loadBalancerClass": "other.io/lb"})
+        )));
+        assert!(!ours(&svc(json!({"type": "NodePort"}))));
+    }
+}

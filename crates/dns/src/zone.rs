@@ -1,0 +1,472 @@
+//! The cluster's DNS records, computed from Services and EndpointSlices
+//! alone (no IO), as the Kubernetes DNS-based service discovery
+//! specification lays them out under the cluster domain:
+//!
+//! - `svc.ns.svc.DOMAIN`: A with the cluster IP; for a headless Service,
+//!   one A per ready endpoint; for an ExternalName Service, a CNAME;
+//! - `host.svc.ns.svc.DOMAIN`: a headless Service's endpoint, by its
+//!   `hostname` or, without one, its dashed address (`10-244-0-5`);
+//! - `_port._proto.svc.ns.svc.DOMAIN`: SRV for each named port;
+//! - `a-b-c-d.ns.pod.DOMAIN`: A with the pod's address (CoreDNS's
+//!   `pods insecure`, which answers without looking the pod up);
+//! - PTR for cluster IPs and headless endpoints.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The TTL of the cluster's records (CoreDNS's kubernetes plugin default).
+pub const TTL: u32 = 5;
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One record of an answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    A(String, Ipv4Addr),
+    Cname(String, String),
+    /// name, port, weight, target
+    Srv(String, u16, u16, String),
+    Ptr(String, String),
+}
+
+/// The query types the zone tells apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    A,
+    Srv,
+    Ptr,
+    Cname,
+    Any,
+    /// AAAA, TXT, ...: the zone has none (an IPv4 cluster).
+    Other,
+}
+
+/// What the zone says of a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The records, and targets worth adding (SRV targets' addresses).
+    Records(Vec<Record>, Vec<Record>),
+    /// The name exists, without records of that type.
+    NoData,
+    NxDomain,
+    /// Not under the cluster domain (nor a reverse name the zone knows):
+    /// ask upstream.
+    NotOurs,
+}
+
+#[derive(Debug, Default)]
+pub struct Zone {
+    domain: String,
+    a: HashMap<String, Vec<Ipv4Addr>>,
+    cname: HashMap<String, String>,
+    srv: HashMap<String, Vec<(u16, u16, String)>>,
+    ptr: HashMap<Ipv4Addr, String>,
+    /// Every name that exists, records or not (for NODATA vs NXDOMAIN).
+    names: HashSet<String>,
+}
+
+/// A name as the zone keys it: lower case, no trailing dot.
+pub fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn dashed(ip: Ipv4Addr) -> String {
+    ip.to_string().replace('.', "-")
+}
+
+impl Zone {
+    /// An empty zone for `domain` (`cluster.local`).
+    pub fn new(domain: &str) -> Self {
+        Self {
+            domain: normalize(domain),
+            ..Default::default()
+        }
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The records of all these Services.
+    pub fn build<'a>(
+        domain: &str,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) -> Self {
+        let mut zone = Self::new(domain);
+        let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+        for s in slices {
+            if s.address_type != "IPv4" {
+                continue;
+            }
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            {
+                by_service
+                    .entry((
+                        s.metadata.namespace.clone().unwrap_or_default(),
+                        svc.clone(),
+                    ))
+                    .or_default()
+                    .push(s);
+            }
+        }
+        for svc in services {
+            let ns = svc.metadata.namespace.clone().unwrap_or_default();
+            let name = svc.metadata.name.clone().unwrap_or_default();
+            let slices = by_service
+                .get(&(ns.clone(), name.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            zone.add_service(svc, &ns, &name, slices);
+        }
+        zone
+    }
+
+    fn exists(&mut self, name: &str) {
+        // The name and every name between it and the domain exist.
+        let mut n = name;
+        while n.len() > self.domain.len() && self.names.insert(n.to_owned()) {
+            match n.split_once('.') {
+                Some((_, rest)) => n = rest,
+                None => break,
+            }
+        }
+    }
+
+    fn add_service(&mut self, svc: &Service, ns: &str, name: &str, slices: &[&EndpointSlice]) {
+        let Some(spec) = &svc.spec else { return };
+        let base = normalize(&format!("{name}.{ns}.svc.{}", self.domain));
+        self.exists(&base);
+        if spec.type_.as_deref() == Some("ExternalName") {
+            if let Some(target) = &spec.external_name {
+                self.cname.insert(base, normalize(target));
+            }
+            return;
+        }
+        let ports = spec.ports.iter().flatten();
+        match spec.cluster_ip.as_deref() {
+            Some("None") => {
+                let publish_all = spec.publish_not_ready_addresses == Some(true);
+                for slice in slices {
+                    for e in &slice.endpoints {
+                        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                        if !ready && !publish_all {
+                            continue;
+                        }
+                        for ip in e
+                            .addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+                        {
+                            let host = e.hostname.clone().unwrap_or_else(|| dashed(ip));
+                            let host_name = normalize(&format!("{host}.{base}"));
+                            self.a.entry(base.clone()).or_default().push(ip);
+                            self.a.entry(host_name.clone()).or_default().push(ip);
+                            self.exists(&host_name);
+                            if e.hostname.is_some() {
+                                self.ptr.insert(ip, host_name.clone());
+                            }
+                            for p in slice.ports.iter().flatten() {
+                                let (Some(pname), Some(port)) = (&p.name, p.port) else {
+                                    continue;
+                                };
+                                if pname.is_empty() {
+                                    continue;
+                                }
+                                let proto =
+                                    p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+                                let srv = normalize(&format!("_{pname}._{proto}.{base}"));
+                                self.exists(&srv);
+                                self.srv.entry(srv).or_default().push((
+                                    u16::try_from(port).unwrap_or_default(),
+                                    0,
+                                    host_name.clone(),
+                                ));
+                            }
+                        }
+                    }
+                }
+                // Weights share 100 among a name's targets, as CoreDNS's.
+                for targets in self.srv.values_mut() {
+                    let n = targets.len().max(1) as u16;
+                    for t in targets.iter_mut() {
+                        t.1 = 100 / n;
+                    }
+                }
+            }
+            Some(ip) => {
+                let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+                    return;
+                };
+                self.a.insert(base.clone(), vec![ip]);
+                self.ptr.insert(ip, base.clone());
+                for p in ports {
+                    let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
+                        continue;
+                    };
+                    let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+                    let srv = normalize(&format!("_{pname}._{proto}.{base}"));
+                    self.exists(&srv);
+                    self.srv.insert(
+                        srv,
+                        vec![(u16::try_from(p.port).unwrap_or_default(), 100, base.clone())],
+                    );
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Whether `name` is under the cluster domain.
+    pub fn is_ours(&self, name: &str) -> bool {
+        let name = normalize(name);
+        name == self.domain || name.ends_with(&format!(".{}", self.domain))
+    }
+
+    /// The addresses of `name` in the zone (following a CNAME inside it);
+    /// `None` for a name the zone does not hold.
+    pub fn addresses(&self, name: &str) -> Option<Vec<Ipv4Addr>> {
+        match self.answer(name, Kind::A) {
+            Answer::Records(records, _) => {
+                let ips: Vec<Ipv4Addr> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::A(_, ip) => Some(*ip),
+                        _ => None,
+                    })
+                    .collect();
+                (!ips.is_empty()).then_some(ips)
+            }
+            _ => None,
+        }
+    }
+
+    /// What the zone answers to a query for `name` of `kind`.
+    pub fn answer(&self, name: &str, kind: Kind) -> Answer {
+        let name = normalize(name);
+        if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
+            let mut octets: Vec<&str> = rev.split('.').collect();
+            octets.reverse();
+            let Ok(ip) = octets.join(".").parse::<Ipv4Addr>() else {
+                return Answer::NotOurs;
+            };
+            return match (self.ptr.get(&ip), kind) {
+                (Some(target), Kind::Ptr | Kind::Any) => {
+                    Answer::Records(vec![Record::Ptr(name, target.clone())], Vec::new())
+                }
+                (Some(_), _) => Answer::NoData,
+                (None, _) => Answer::NotOurs,
+            };
+        }
+        if !self.is_ours(&name) {
+            return Answer::NotOurs;
+        }
+        if let Some(target) = self.cname.get(&name) {
+            let mut records = vec![Record::Cname(name.clone(), target.clone())];
+            if matches!(kind, Kind::A | Kind::Any)
+                && let Some(ips) = self.a.get(target)
+            {
+                records.extend(ips.iter().map(|ip| Record::A(target.clone(), *ip)));
+            }
+            return Answer::Records(records, Vec::new());
+        }
+        if let Some(ip) = self.pod_address(&name) {
+            return match kind {
+                Kind::A | Kind::Any => Answer::Records(vec![Record::A(name, ip)], Vec::new()),
+                _ => Answer::NoData,
+            };
+        }
+        match kind {
+            Kind::A | Kind::Any if self.a.contains_key(&name) => Answer::Records(
+                self.a[&name]
+                    .iter()
+                    .map(|ip| Record::A(name.clone(), *ip))
+                    .collect(),
+                Vec::new(),
+            ),
+            Kind::Srv | Kind::Any if self.srv.contains_key(&name) => {
+                let targets = &self.srv[&name];
+                let records = targets
+                    .iter()
+                    .map(|(port, weight, target)| {
+                        Record::Srv(name.clone(), *port, *weight, target.clone())
+                    })
+                    .collect();
+                let extra = targets
+                    .iter()
+                    .flat_map(|(_, _, t)| {
+                        self.a
+                            .get(t)
+                            .into_iter()
+                            .flatten()
+                            .map(|ip| Record::A(t.clone(), *ip))
+                    })
+                    .collect();
+                Answer::Records(records, extra)
+            }
+            _ if self.names.contains(&name) => Answer::NoData,
+            _ => Answer::NxDomain,
+        }
+    }
+
+    /// `a-b-c-d.ns.pod.DOMAIN`.
+    fn pod_address(&self, name: &str) -> Option<Ipv4Addr> {
+        let rest = name.strip_suffix(&format!(".pod.{}", self.domain))?;
+        let (host, ns) = rest.split_once('.')?;
+        if ns.is_empty() || ns.contains('.') {
+            return None;
+        }
+        host.replace('-', ".").parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn zone() -> Zone {
+        let services: Vec<Service> = [
+            json!({"metadata": {"name": "web", "namespace": "shop"},
+                   "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}, {"port": 81}]}}),
+            json!({"metadata": {"name": "db", "namespace": "shop"},
+                   "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}}),
+            json!({"metadata": {"name": "ext", "namespace": "shop"},
+                   "spec": {"type": "ExternalName", "externalName": "db.example.org."}}),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+        let slices: Vec<EndpointSlice> = [json!({
+            "metadata": {"name": "db-x", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "db"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.0.5"], "hostname": "db-0", "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.6"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.7"], "conditions": {"ready": false}},
+            ],
+            "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}],
+        })]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+        Zone::build("cluster.local", &services, &slices)
+    }
+
+    fn a(name: &str, ip: &str) -> Record {
+        Record::A(name.into(), ip.parse().unwrap())
+    }
+
+    #[test]
+    fn answers_as_the_dns_specification_says() {
+        let z = zone();
+        let cases: Vec<(&str, Kind, Answer)> = vec![
+            (
+                "web.shop.svc.cluster.local.",
+                Kind::A,
+                Answer::Records(vec![a("web.shop.svc.cluster.local", "10.96.0.20")], vec![]),
+            ),
+            ("WEB.shop.svc.cluster.local", Kind::Other, Answer::NoData),
+            ("nope.shop.svc.cluster.local", Kind::A, Answer::NxDomain),
+            ("shop.svc.cluster.local", Kind::A, Answer::NoData),
+            (
+                "_http._tcp.web.shop.svc.cluster.local",
+                Kind::Srv,
+                Answer::Records(
+                    vec![Record::Srv(
+                        "_http._tcp.web.shop.svc.cluster.local".into(),
+                        80,
+                        100,
+                        "web.shop.svc.cluster.local".into(),
+                    )],
+                    vec![a("web.shop.svc.cluster.local", "10.96.0.20")],
+                ),
+            ),
+            (
+                "db.shop.svc.cluster.local",
+                Kind::A,
+                Answer::Records(
+                    vec![
+                        a("db.shop.svc.cluster.local", "10.244.0.5"),
+                        a("db.shop.svc.cluster.local", "10.244.1.6"),
+                    ],
+                    vec![],
+                ),
+            ),
+            (
+                "db-0.db.shop.svc.cluster.local",
+                Kind::A,
+                Answer::Records(
+                    vec![a("db-0.db.shop.svc.cluster.local", "10.244.0.5")],
+                    vec![],
+                ),
+            ),
+            (
+                "10-244-1-6.db.shop.svc.cluster.local",
+                Kind::A,
+                Answer::Records(
+                    vec![a("10-244-1-6.db.shop.svc.cluster.local", "10.244.1.6")],
+                    vec![],
+                ),
+            ),
+            (
+                "ext.shop.svc.cluster.local",
+                Kind::A,
+                Answer::Records(
+                    vec![Record::Cname(
+                        "ext.shop.svc.cluster.local".into(),
+                        "db.example.org".into(),
+                    )],
+                    vec![],
+                ),
+            ),
+            (
+                "10-244-3-4.shop.pod.cluster.local",
+                Kind::A,
+                Answer::Records(
+                    vec![a("10-244-3-4.shop.pod.cluster.local", "10.244.3.4")],
+                    vec![],
+                ),
+            ),
+            (
+                "20.0.96.10.in-addr.arpa",
+                Kind::Ptr,
+                Answer::Records(
+                    vec![Record::Ptr(
+                        "20.0.96.10.in-addr.arpa".into(),
+                        "web.shop.svc.cluster.local".into(),
+                    )],
+                    vec![],
+                ),
+            ),
+            ("1.1.168.192.in-addr.arpa", Kind::Ptr, Answer::NotOurs),
+            ("example.org", Kind::A, Answer::NotOurs),
+        ];
+        for (name, kind, want) in cases {
+            assert_eq!(z.answer(name, kind), want, "{name} {kind:?}");
+        }
+        let srv = z.answer("_pg._tcp.db.shop.svc.cluster.local", Kind::Srv);
+        let Answer::Records(records, extra) = srv else {
+            panic!("{srv:?}")
+        };
+        assert_eq!(records.len(), 2);
+        assert!(records.contains(&Record::Srv(
+            "_pg._tcp.db.shop.svc.cluster.local".into(),
+            5432,
+            50,
+            "db-0.db.shop.svc.cluster.local".into()
+        )));
+        assert_eq!(extra.len(), 2);
+        assert_eq!(
+            z.addresses("web.shop.svc.cluster.local"),
+            Some(vec!["10.96.0.20".parse().unwrap()])
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! The service proxy (kube-proxy's job), run beside every node agent: it
+//! watches Services and EndpointSlices and programs the node's nftables
+//! table so a Service's cluster IP, node ports and load-balancer addresses
+//! reach its ready endpoints, from pods (Linux and Wasm alike: both have
+//! their sockets in pod network namespaces) and from the node itself.
+//!
+//! One sync loop owns the table: it recomputes what every Service port
+//! needs ([`model`]) from the watch caches, turns it into rules
+//! ([`nft::build`]) and writes only the difference from what it wrote last
+//! ([`nft::diff`]), all in one `nft` transaction. The first sync after a
+//! start, and any sync after a failure, rewrites the whole table
+//! ([`nft::full`]), so nothing a crashed agent left survives.
+//!
+//! Beside the table, the proxy keeps the node's routes for the address
+//! ranges: an `unreachable` route for the service range and the cluster's
+//! pod range (so a packet for a cluster IP not programmed yet, or for a pod
+//! that is gone, is refused on the node and never leaves it; routes to pods
+//! and other nodes' pod ranges are more specific and win), and a `local`
+//! route per programmed cluster IP, so the node's own connections to it
+//! are routed and then translated by the table.
+
+pub mod model;
+pub mod nft;
+mod routes;
+pub mod watch;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::Store;
+
+pub use model::NodeNetwork;
+pub use watch::ServiceWatch;
+
+/// Why the proxy cannot run, or a step of it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The node cannot be programmed (not root, no `nft`).
+    #[error("the service proxy cannot run: {0}")]
+    Unavailable(String),
+    #[error("nft: {0}")]
+    Nft(String),
+    #[error("ip: {0}")]
+    Routes(String),
+    #[error("running {command}: {source}")]
+    Spawn {
+        command: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the proxy is set up on its node.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The node's name: `Local` traffic policies keep to its endpoints.
+    pub node: String,
+    pub network: NodeNetwork,
+    /// How often the whole table is rewritten even when nothing changed
+    /// (repairs what someone else changed in it).
+    pub resync: Duration,
+}
+
+impl Config {
+    pub fn new(node: impl Into<String>, network: NodeNetwork) -> Self {
+        Self {
+            node: node.into(),
+            network,
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Checks that this process can program the node: root and `nft`.
+pub fn check() -> Result<(), Error> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Error::Unavailable("the agent does not run as root".into()));
+    }
+    nft::available().map_err(Error::Unavailable)
+}
+
+/// Runs the proxy until `shutdown` completes, then removes its table and
+/// routes. Returns early only if the node cannot be programmed at all.
+pub async fn run(
+    watch: ServiceWatch,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    check()?;
+    let routes = routes::Routes::new(config.network.clone());
+    routes.start().await?;
+    // Bridged pod-to-pod replies must pass the node's conntrack to be
+    // translated back (pods on one bridge reaching each other through a
+    // cluster IP).
+    if let Err(e) = std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1") {
+        tracing::debug!(error = %e, "bridge netfilter is not available");
+    }
+    let mut changes = watch.subscribe();
+    let sync = async {
+        watch.ready().await;
+        let mut state = SyncState::default();
+        let mut next_resync = Instant::now() + config.resync;
+        loop {
+            if Instant::now() >= next_resync {
+                state.applied = None;
+                next_resync = Instant::now() + config.resync;
+            }
+            changes.mark_unchanged();
+            match state
+                .sync(&config, &watch.services, &watch.slices, &routes)
+                .await
+            {
+                Ok(()) => {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        _ = tokio::time::sleep_until(next_resync.into()) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "programming services failed; rewriting the table in 1s");
+                    state.applied = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = sync => {}
+        _ = shutdown => {}
+    }
+    if let Err(e) = nft::apply(&nft::remove()).await {
+        tracing::warn!(error = %e, "removing the service proxy's table");
+    }
+    routes.stop().await;
+    tracing::info!("service proxy stopped; its rules and routes are removed");
+    Ok(())
+}
+
+/// What the last successful sync wrote.
+#[derive(Default)]
+struct SyncState {
+    /// The table's per-Service part; `None`: rewrite the whole table.
+    applied: Option<nft::Ruleset>,
+    /// Cluster IPs with a local route.
+    routed: BTreeSet<Ipv4Addr>,
+}
+
+impl SyncState {
+    async fn sync(
+        &mut self,
+        config: &Config,
+        services: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        routes: &routes::Routes,
+    ) -> Result<(), Error> {
+        let started = Instant::now();
+        let (services, slices) = (services.state(), slices.state());
+        let node_local = &config.network.node_local;
+        let ports = model::service_ports(
+            services.iter().map(AsRef::as_ref).filter(|s| {
+                let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+                !ip.and_then(|ip| ip.parse().ok())
+                    .is_some_and(|ip| node_local.contains(&ip))
+            }),
+            slices.iter().map(AsRef::as_ref),
+            &config.node,
+        );
+        let rules = nft::build(ports.values(), &config.network);
+        let script = match &self.applied {
+            None => nft::full(&config.network, &rules),
+            Some(old) => nft::diff(old, &rules),
+        };
+        let full = self.applied.is_none();
+        if !script.is_empty() {
+            nft::apply(&script).await?;
+        }
+        let (chains, sets, elements) = rules.size();
+        self.applied = Some(rules);
+        let wanted: BTreeSet<Ipv4Addr> = ports
+            .values()
+            .filter_map(|p| p.cluster_ip)
+            .chain(node_local.iter().copied())
+            .collect();
+        routes.sync(&self.routed, &wanted).await?;
+        self.routed = wanted;
+        if full || !script.is_empty() {
+            tracing::debug!(
+                full,
+                ports = ports.len(),
+                chains,
+                sets,
+                elements,
+                lines = script.lines().count(),
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "services programmed"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! One watch of Services and EndpointSlices per node, shared by the service
+//! proxy and the cluster DNS (both read the same two kinds; one watch each
+//! would double what every node costs the API server).
+
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+
+/// The caches, and a counter bumped after every change they applied.
+#[derive(Clone)]
+pub struct ServiceWatch {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for ServiceWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceWatch").finish_non_exhaustive()
+    }
+}
+
+/// A cache of one kind kept by a reflector, and the stream that feeds it.
+fn cache<K>(
+    client: &kube::Client,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let api: Api<K> = Api::all(client.clone());
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    (reader, stream)
+}
+
+impl ServiceWatch {
+    /// The caches and the future that fills them (run it for as long as
+    /// they are read).
+    pub fn new(client: &kube::Client) -> (Self, impl Future<Output = ()> + Send + use<>) {
+        let (services, service_events) = cache::<Service>(client);
+        let (slices, slice_events) = cache::<EndpointSlice>(client);
+        let (tx, changes) = tokio::sync::watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let drive = async move {
+            let events = futures::stream::select(
+                service_events.map(|r| r.map(|_| ())),
+                slice_events.map(|r| r.map(|_| ())),
+            );
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(()) => {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Service watch error; retrying"),
+                }
+            }
+        };
+        (
+            Self {
+                services,
+                slices,
+                changes,
+            },
+            drive,
+        )
+    }
+
+    /// Waits until both caches hold a complete list.
+    pub async fn ready(&self) {
+        let _ = tokio::join!(
+            self.services.wait_until_ready(),
+            self.slices.wait_until_ready()
+        );
+    }
+
+    /// A receiver that sees a change after every applied event (several
+    /// events between two looks are one change).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut rx = self.changes.clone();
+        rx.mark_changed();
+        rx
+    }
+}
