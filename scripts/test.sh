@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
 # (kubectl if missing, a Python venv with the official Kubernetes client,
-# Debian's docker-registry, runc, busybox-static and containernetworking-plugins,
+# Debian's docker-registry, runc, busybox-static, containernetworking-plugins
+# and nftables,
 # cargo-nextest, the wasm32-wasip1 and wasm32-wasip2
 # Rust targets for the example workloads),
 # builds the workloads, then checks formatting and lints, then runs every test:
@@ -48,13 +49,15 @@ export WASMKUBE_TEST_VENV=$venv
 # A real OCI registry for the image tests (Debian's docker-registry; the
 # tests start their own instances on loopback and stop them), runc for Linux
 # containers, busybox-static for the Linux test image, the CNI plugins for pod
-# networking (tested in network namespaces the tests make).
+# networking, nftables for the service proxy (both tested in network
+# namespaces the tests make).
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"

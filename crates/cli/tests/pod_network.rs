@@ -582,16 +582,24 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     );
     let web_vip = cluster_ip(&s, "web");
     let fn_vip = cluster_ip(&s, "fn-svc");
-    assert!(web_vip.starts_with("10.9"), "{web_vip}");
+    // In the default service range, 10.96.0.0/12.
+    let second_octet: u8 = web_vip.split('.').nth(1).unwrap().parse().unwrap();
+    assert!(
+        web_vip.starts_with("10.") && (96..112).contains(&second_octet),
+        "{web_vip}"
+    );
     for host in ["host1", "host2"] {
         wait_rules(&lan, host, &format!("{web_vip} . tcp . 80 : goto service-"));
         wait_rules(&lan, host, &format!("{fn_vip} . tcp . 80 : goto service-"));
     }
-    let got = lan.busybox_in("host1", &["sh", "-c", &http_get_at(&web_vip, 80, "/")]);
-    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    let raw = lan.busybox_in("host1", &["sh", "-c", &http_get_at(&web_vip, 80, "/")]);
+    let got = String::from_utf8_lossy(&raw.stdout).into_owned();
     assert!(
         got.ends_with("\r\n\r\nhello from busybox httpd\n"),
-        "{got:?}"
+        "{got:?} {} routes: {} {}",
+        String::from_utf8_lossy(&raw.stderr),
+        ip_out(&["-n", &lan.ns("host1"), "route", "show", "table", "all"]),
+        nft_table(&lan, "host1"),
     );
     let got = lan.busybox_in(
         "host1",

@@ -259,9 +259,11 @@ fn skeleton(net: &NodeNetwork) -> String {
         "  chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading;{egress} }}"
     );
     // A cluster IP is a local address of the node (so the node's own
-    // connections route to it); whatever reaches it undelivered by a DNAT
-    // (a port the Service does not have) is refused, never handed to a
-    // process of the node listening on that port.
+    // connections route to it); a new connection that reaches it
+    // untranslated (a port the Service does not have) is refused, never
+    // handed to a process of the node listening on that port. (Replies to
+    // the node's own translated connections arrive addressed to a cluster
+    // IP too: they are not new.)
     let served_here = if net.node_local.is_empty() {
         String::new()
     } else {
@@ -270,7 +272,7 @@ fn skeleton(net: &NodeNetwork) -> String {
     };
     let _ = writeln!(
         t,
-        "  chain filter-input {{ type filter hook input priority filter - 10; policy accept; ct state new jump endpoints-check; ip daddr {svc}{served_here} reject; }}"
+        "  chain filter-input {{ type filter hook input priority filter - 10; policy accept; ct state new jump endpoints-check; ct state new ip daddr {svc}{served_here} reject; }}"
     );
     for hook in ["forward", "output"] {
         let _ = writeln!(
@@ -577,7 +579,7 @@ mod tests {
             s.starts_with("add table ip wasmkube\ndelete table ip wasmkube\ntable ip wasmkube {\n")
         );
         assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 masquerade"));
-        assert!(s.contains("ip daddr 10.96.0.0/12 ip daddr != { 10.96.0.10 } reject"));
+        assert!(s.contains("ct state new ip daddr 10.96.0.0/12 ip daddr != { 10.96.0.10 } reject"));
         assert!(s.ends_with("add element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 : goto service-H-ns/web/tcp/http }\n".replace("service-H", &format!("service-{}", hash("ns/web/tcp/http"))).as_str()));
     }
 }

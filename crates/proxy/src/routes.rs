@@ -43,7 +43,7 @@ impl Routes {
         let added: Vec<String> = wanted
             .difference(routed)
             .map(|ip| {
-                format!("route replace local {ip}/32 dev lo table local proto {PROTO} scope host")
+                format!("route replace local {ip}/32 dev lo table local proto {PROTO} scope host src {ip}")
             })
             .collect();
         if !added.is_empty() {
