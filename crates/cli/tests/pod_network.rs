@@ -634,6 +634,88 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         "{got:?}"
     );
 
+    // Cluster DNS. A busybox pod on host2 asks the DNS its resolv.conf
+    // names (its node's): a Service by its full name and by its short name
+    // through the search path, a headless Service (the pod's own address)
+    // and an ExternalName Service (a CNAME).
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "web",
+            "--name=web-headless",
+            "--cluster-ip=None",
+            "--port=8080",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "service",
+            "externalname",
+            "web-alias",
+            "--external-name=web.default.svc.cluster.local",
+        ],
+        None,
+    );
+    let script = "cat /etc/resolv.conf; \
+        nslookup web.default.svc.cluster.local; nslookup web; \
+        nslookup web-headless; nslookup web-alias; nslookup nope || echo nope: none";
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dns-client"},
+        "spec": {"nodeName": host2, "restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": busybox, "command": ["sh", "-c", script]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    checked(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/dns-client",
+            "--timeout=60s",
+        ],
+    );
+    let answers = ok(&s, &["logs", "dns-client"], None);
+    assert!(
+        answers.starts_with("search default.svc.cluster.local svc.cluster.local cluster.local")
+            && answers.contains("nameserver 10.96.0.10\noptions ndots:5\n"),
+        "{answers}"
+    );
+    assert!(
+        answers.contains(&format!("Address: {web_vip}")),
+        "{answers}"
+    );
+    assert!(answers.contains(&format!("Address: {web_ip}")), "{answers}");
+    assert!(
+        answers.contains(
+            "web-alias.default.svc.cluster.local\tcanonical name = web.default.svc.cluster.local"
+        ),
+        "{answers}"
+    );
+    // A Wasm function on host1 calls the Service by its short name: the
+    // guest's lookup is answered in-process with the pod's search path.
+    let by_name = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "by-name", "labels": {"app": "by-name"}},
+        "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 2, "containers": [{"name": "fetch", "image": images.fetch,
+          "env": [{"name": "UPSTREAM", "value": "http://web:80"}],
+          "ports": [{"containerPort": 8080}]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&by_name));
+    wait_ready(&s, "pod/by-name");
+    let by_name_ip = pod_ip(&s, &["-l", "app=by-name"]);
+    let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&by_name_ip, "/")]);
+    let got = String::from_utf8_lossy(&got.stdout).into_owned();
+    assert!(
+        got.contains("upstream 200\n") && got.contains("hello from busybox httpd"),
+        "{got:?}"
+    );
+
     // NodePort and LoadBalancer (ServiceLB: the nodes' addresses), reached
     // from the test's own namespace at either host's address.
     ok(
@@ -910,6 +992,10 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "pod/wasm-client",
             "pod/svc-client",
             "pod/svc-caller",
+            "pod/dns-client",
+            "pod/by-name",
+            "svc/web-headless",
+            "svc/web-alias",
             "svc/web",
             "svc/fn-svc",
             "svc/web-lb",

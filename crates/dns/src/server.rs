@@ -293,3 +293,51 @@ pub async fn serve_tcp(listener: TcpListener, state: Arc<State>) -> std::io::Res
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use serde_json::json;
+
+    fn query(name: &str, ty: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(7).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), ty));
+        m.to_vec().unwrap()
+    }
+
+    fn zone() -> Zone {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "type": "ClusterIP",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+        }))
+        .unwrap();
+        Zone::build("cluster.local", [&svc], [])
+    }
+
+    #[test]
+    fn answers_on_the_wire() {
+        let z = zone();
+        let answer = |name: &str, ty| {
+            Message::from_vec(&answer_locally(&z, &query(name, ty)).expect("local")).unwrap()
+        };
+        let a = answer("web.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.id(), 7);
+        assert_eq!(a.response_code(), ResponseCode::NoError);
+        assert!(a.authoritative());
+        assert_eq!(a.answers().len(), 1, "{a:?}");
+        assert_eq!(a.answers()[0].ttl(), zone::TTL);
+        let srv = answer("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(srv.answers().len(), 1);
+        assert_eq!(srv.additionals().len(), 1);
+        let aaaa = answer("web.default.svc.cluster.local.", RecordType::AAAA);
+        assert_eq!(aaaa.response_code(), ResponseCode::NoError);
+        assert!(aaaa.answers().is_empty());
+        assert_eq!(aaaa.name_servers().len(), 1, "an SOA for negative caching");
+        let nx = answer("nope.default.svc.cluster.local.", RecordType::A);
+        assert_eq!(nx.response_code(), ResponseCode::NXDomain);
+        assert!(answer_locally(&z, &query("example.org.", RecordType::A)).is_none());
+    }
+}

@@ -17,6 +17,10 @@ pub struct ServiceWatch {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     changes: tokio::sync::watch::Receiver<u64>,
+    /// Set once both caches hold a complete list. (A reflector store's own
+    /// readiness wakes only one of several tasks waiting on it at once, so
+    /// only the driver waits on it and tells everyone else here.)
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for ServiceWatch {
@@ -57,7 +61,15 @@ impl ServiceWatch {
         let (slices, slice_events) = cache::<EndpointSlice>(client);
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
-        let drive = async move {
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let (s, e) = (services.clone(), slices.clone());
+        let readiness = async move {
+            let _ = tokio::join!(s.wait_until_ready(), e.wait_until_ready());
+            let _ = ready_tx.send(true);
+            // Keeps the sender, so waiters never see it gone.
+            std::future::pending::<()>().await;
+        };
+        let events = async move {
             let events = futures::stream::select(
                 service_events.map(|r| r.map(|_| ())),
                 slice_events.map(|r| r.map(|_| ())),
@@ -72,11 +84,18 @@ impl ServiceWatch {
                 }
             }
         };
+        let drive = async move {
+            tokio::select! {
+                () = events => {}
+                () = readiness => {}
+            }
+        };
         (
             Self {
                 services,
                 slices,
                 changes,
+                ready,
             },
             drive,
         )
@@ -84,10 +103,7 @@ impl ServiceWatch {
 
     /// Waits until both caches hold a complete list.
     pub async fn ready(&self) {
-        let _ = tokio::join!(
-            self.services.wait_until_ready(),
-            self.slices.wait_until_ready()
-        );
+        let _ = self.ready.clone().wait_for(|r| *r).await;
     }
 
     /// A receiver that sees a change after every applied event (several
