@@ -50,7 +50,8 @@ export WASMKUBE_TEST_VENV=$venv
 # tests start their own instances on loopback and stop them), runc for Linux
 # containers, busybox-static for the Linux test image, the CNI plugins for pod
 # networking, nftables for the service proxy (both tested in network
-# namespaces the tests make).
+# namespaces the tests make), dnsperf and dnsmasq for the DNS benchmark's
+# smoke run.
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
@@ -58,6 +59,8 @@ command -v runc >/dev/null 2>&1 || missing+=(runc)
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v dnsperf >/dev/null 2>&1 || missing+=(dnsperf)
+command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"

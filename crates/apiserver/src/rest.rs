@@ -882,6 +882,28 @@ impl Ctx<'_> {
         Ok(stored_at(new, kv.mod_revision))
     }
 
+    /// As `persist_update`; a Service's addresses are carried over or
+    /// claimed first, and given back by whichever way the write went.
+    async fn persist_update_claiming(
+        &self,
+        name: &str,
+        sub: Option<Subresource>,
+        old: &Value,
+        rev: u64,
+        mut new: Value,
+    ) -> ApiResult<Value> {
+        if self.rt().kind != "Service" || sub.is_some() {
+            return self.persist_update(name, old, rev, new).await;
+        }
+        let change = crate::services::reallocate(self.server, old, &mut new).await?;
+        let result = self.persist_update(name, old, rev, new).await;
+        match (&result, self.params.dry_run) {
+            (Ok(_), false) => change.commit(self.server).await,
+            _ => change.undo(self.server).await,
+        }
+        result
+    }
+
     /// Read-modify-write with retries when the client set no precondition.
     async fn guaranteed_update<F>(
         &self,
@@ -922,7 +944,10 @@ impl Ctx<'_> {
             }
             let (mut new, warnings) = self.admit_update(name, sub, &old, proposed)?;
             fields::record_update(self.rt(), &manager, sub_name, Some(&old), &mut new, &now());
-            match self.persist_update(name, &old, rev, new).await {
+            match self
+                .persist_update_claiming(name, sub, &old, rev, new)
+                .await
+            {
                 Err(ApiError::Conflict(..)) if precondition.is_none() => continue,
                 Err(e) => return Err(e),
                 Ok(stored) => return Ok((stored, warnings, true)),
@@ -1075,7 +1100,10 @@ impl Ctx<'_> {
             }
             let (mut new, _) = self.admit_update(name, None, &old, proposed)?;
             new["metadata"]["managedFields"] = managed;
-            match self.persist_update(name, &old, rev, new).await {
+            match self
+                .persist_update_claiming(name, None, &old, rev, new)
+                .await
+            {
                 Err(ApiError::Conflict(..)) => continue,
                 Err(e) => return Err(e),
                 Ok(stored) => {

@@ -153,6 +153,184 @@ pub async fn allocate(server: &ApiServer, obj: &mut Value) -> ApiResult<()> {
     Ok(())
 }
 
+/// The address keys an update of a Service claimed, and those it no longer
+/// uses: the claims are given back if the update is not stored, the unused
+/// ones once it is.
+#[derive(Debug, Default)]
+pub(crate) struct Reallocation {
+    claimed: Vec<String>,
+    unused: Vec<String>,
+}
+
+impl Reallocation {
+    /// The update was stored.
+    pub async fn commit(self, server: &ApiServer) {
+        release_keys(server, self.unused).await;
+    }
+
+    /// The update was not stored (a conflict, an error, a dry run).
+    pub async fn undo(self, server: &ApiServer) {
+        release_keys(server, self.claimed).await;
+    }
+}
+
+fn node_port_of(p: &Value) -> Option<u16> {
+    p["nodePort"].as_u64().and_then(|n| u16::try_from(n).ok())
+}
+
+/// What an update of a Service keeps of its addresses, as Kubernetes does:
+/// a cluster IP left out carries over (a Service that becomes ExternalName
+/// gives it up); node ports left out carry over per port (matched by name,
+/// else by port and protocol) or are allocated when the Service becomes a
+/// NodePort or LoadBalancer; node ports it stops using are given back.
+pub(crate) async fn reallocate(
+    server: &ApiServer,
+    old: &Value,
+    new: &mut Value,
+) -> ApiResult<Reallocation> {
+    let mut change = Reallocation::default();
+    let who = owner(new);
+    let ty = new["spec"]["type"]
+        .as_str()
+        .unwrap_or("ClusterIP")
+        .to_owned();
+    let old_ip = old["spec"]["clusterIP"]
+        .as_str()
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    let new_ip = new["spec"]["clusterIP"]
+        .as_str()
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    if ty == "ExternalName" {
+        if let Some(ip) = old_ip.filter(|ip| ip != "None") {
+            change.unused.push(format!("{IP_PREFIX}{ip}"));
+        }
+        if let Some(spec) = new["spec"].as_object_mut() {
+            spec.remove("clusterIP");
+            spec.remove("clusterIPs");
+        }
+    } else {
+        match (new_ip, old_ip) {
+            (None, Some(ip)) => {
+                new["spec"]["clusterIP"] = json!(ip);
+                new["spec"]["clusterIPs"] = json!([ip]);
+            }
+            // Coming from ExternalName: a new address, as on create.
+            (_, None) => {
+                let mut fresh = new.clone();
+                if let Some(ports) = fresh["spec"]["ports"].as_array_mut() {
+                    for p in ports {
+                        if let Some(p) = p.as_object_mut() {
+                            p.remove("nodePort");
+                        }
+                    }
+                }
+                fresh["spec"]["type"] = json!("ClusterIP");
+                allocate(server, &mut fresh).await?;
+                if let Some(ip) = fresh["spec"]["clusterIP"]
+                    .as_str()
+                    .filter(|ip| *ip != "None")
+                {
+                    change.claimed.push(format!("{IP_PREFIX}{ip}"));
+                }
+                new["spec"]["clusterIP"] = fresh["spec"]["clusterIP"].clone();
+                new["spec"]["clusterIPs"] = fresh["spec"]["clusterIPs"].clone();
+            }
+            // A change of a set address is refused by validation.
+            (Some(_), Some(_)) => {}
+        }
+    }
+    let old_ports: Vec<Value> = old["spec"]["ports"].as_array().cloned().unwrap_or_default();
+    let held: Vec<u16> = old_ports.iter().filter_map(node_port_of).collect();
+    let mut kept = Vec::new();
+    if ty == "NodePort" || ty == "LoadBalancer" {
+        let range = server.config.node_ports.clone();
+        let mut ports = new["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        for (i, p) in ports.iter_mut().enumerate() {
+            let same = |o: &&Value| match (p["name"].as_str(), o["name"].as_str()) {
+                (Some(a), Some(b)) if !a.is_empty() => a == b,
+                _ => o["port"] == p["port"] && o["protocol"] == p["protocol"],
+            };
+            let np = match node_port_of(p) {
+                Some(np) => np,
+                None => match old_ports.iter().find(same).and_then(node_port_of) {
+                    Some(np) => {
+                        p["nodePort"] = json!(np);
+                        np
+                    }
+                    None => {
+                        let mut got = None;
+                        for _ in 0..64 {
+                            let np = rand::rng().random_range(range.clone());
+                            if claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
+                                got = Some(np);
+                                break;
+                            }
+                        }
+                        let np = got.ok_or_else(|| {
+                            ApiError::internal("failed to allocate a node port: range is full")
+                        })?;
+                        change.claimed.push(format!("{PORT_PREFIX}{np}"));
+                        p["nodePort"] = json!(np);
+                        np
+                    }
+                },
+            };
+            if !held.contains(&np) && !change.claimed.contains(&format!("{PORT_PREFIX}{np}")) {
+                let field = format!("spec.ports[{i}].nodePort");
+                if !range.contains(&np) {
+                    change.undo(server).await;
+                    return Err(invalid(
+                        new,
+                        &field,
+                        &np.to_string(),
+                        &format!(
+                            "provided port is not in the valid range. The range of valid ports is {}-{}",
+                            range.start(),
+                            range.end()
+                        ),
+                    ));
+                }
+                if !claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
+                    change.undo(server).await;
+                    return Err(invalid(
+                        new,
+                        &field,
+                        &np.to_string(),
+                        "provided port is already allocated",
+                    ));
+                }
+                change.claimed.push(format!("{PORT_PREFIX}{np}"));
+            }
+            kept.push(np);
+        }
+        new["spec"]["ports"] = Value::Array(ports);
+    } else if let Some(ports) = new["spec"]["ports"].as_array_mut() {
+        for p in ports {
+            if let Some(p) = p.as_object_mut() {
+                p.remove("nodePort");
+            }
+        }
+    }
+    change.unused.extend(
+        held.iter()
+            .filter(|np| !kept.contains(np))
+            .map(|np| format!("{PORT_PREFIX}{np}")),
+    );
+    Ok(change)
+}
+
+async fn release_keys(server: &ApiServer, keys: Vec<String>) {
+    for key in keys {
+        if let Err(e) = server.store.delete(&key, None).await
+            && !matches!(e, StoreError::NotFound { .. })
+        {
+            tracing::warn!(%key, error = %e, "could not release service address");
+        }
+    }
+}
+
 /// Returns a deleted Service's addresses to the pool.
 pub async fn release(server: &ApiServer, obj: &Value) {
     let mut keys = Vec::new();
@@ -167,13 +345,7 @@ pub async fn release(server: &ApiServer, obj: &Value) {
             keys.push(format!("{PORT_PREFIX}{np}"));
         }
     }
-    for key in keys {
-        if let Err(e) = server.store.delete(&key, None).await
-            && !matches!(e, StoreError::NotFound { .. })
-        {
-            tracing::warn!(%key, error = %e, "could not release service address");
-        }
-    }
+    release_keys(server, keys).await;
 }
 
 /// The `kubernetes` Service in `default` (the first address of the service

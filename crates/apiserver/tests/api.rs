@@ -829,17 +829,17 @@ async fn services_get_unique_cluster_ips_returned_on_delete() {
         }
         s
     };
-    let (code, a) = c.post(svcs, svc("a", Some("10.96.0.10"))).await;
+    let (code, a) = c.post(svcs, svc("a", Some("10.96.0.50"))).await;
     assert_eq!(
         (code, a["spec"]["clusterIPs"].clone()),
-        (StatusCode::CREATED, json!(["10.96.0.10"])),
+        (StatusCode::CREATED, json!(["10.96.0.50"])),
         "{a}"
     );
     assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
-    let (code, dup) = c.post(svcs, svc("b", Some("10.96.0.10"))).await;
+    let (code, dup) = c.post(svcs, svc("b", Some("10.96.0.50"))).await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{dup}");
     c.delete(&format!("{svcs}/a")).await;
-    let (code, _) = c.post(svcs, svc("b", Some("10.96.0.10"))).await;
+    let (code, _) = c.post(svcs, svc("b", Some("10.96.0.50"))).await;
     assert_eq!(code, StatusCode::CREATED, "the address was released");
     let (_, auto) = c.post(svcs, svc("c", None)).await;
     assert!(
@@ -848,6 +848,100 @@ async fn services_get_unique_cluster_ips_returned_on_delete() {
             .unwrap()
             .starts_with("10.")
     );
+}
+
+#[tokio::test]
+async fn service_updates_keep_their_addresses_and_allocate_node_ports() {
+    let c = start().await;
+    let svcs = "/api/v1/namespaces/default/services";
+    let merge = "application/merge-patch+json";
+    let (code, svc) = c
+        .post(
+            svcs,
+            json!({"metadata": {"name": "web"}, "spec": {"ports": [{"name": "http", "port": 80}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{svc}");
+    let ip = svc["spec"]["clusterIP"].clone();
+    // A whole-object update that leaves the address out keeps it (as
+    // `kubectl replace` of a manifest without one).
+    let (code, put) = c
+        .put(
+            &format!("{svcs}/web"),
+            json!({"metadata": {"name": "web"}, "spec": {"ports": [{"name": "http", "port": 80}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{put}");
+    assert_eq!(put["spec"]["clusterIP"], ip);
+    // Becoming a NodePort allocates a node port; an update leaving it out
+    // keeps it.
+    let (code, np) = c
+        .patch(
+            &format!("{svcs}/web"),
+            merge,
+            json!({"spec": {"type": "NodePort"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{np}");
+    let node_port = np["spec"]["ports"][0]["nodePort"].as_u64().unwrap();
+    assert!((30000..=32767).contains(&node_port), "{np}");
+    let (_, again) = c
+        .put(
+            &format!("{svcs}/web"),
+            json!({"metadata": {"name": "web"}, "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80}]}}),
+        )
+        .await;
+    assert_eq!(again["spec"]["ports"][0]["nodePort"], node_port, "{again}");
+    // Another Service cannot take it; once the first goes back to
+    // ClusterIP, the port is free again.
+    let taken = json!({"metadata": {"name": "other"}, "spec": {"type": "NodePort",
+        "ports": [{"port": 81, "nodePort": node_port}]}});
+    let (code, refused) = c.post(svcs, taken.clone()).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(
+        refused["details"]["causes"][0]["field"],
+        "spec.ports[0].nodePort"
+    );
+    let (code, back) = c
+        .patch(
+            &format!("{svcs}/web"),
+            merge,
+            json!({"spec": {"type": "ClusterIP"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{back}");
+    assert!(back["spec"]["ports"][0].get("nodePort").is_none(), "{back}");
+    let (code, other) = c.post(svcs, taken).await;
+    assert_eq!(code, StatusCode::CREATED, "{other}");
+    // Out of range on update: a 422 naming the field.
+    let (code, bad) = c
+        .patch(
+            &format!("{svcs}/web"),
+            merge,
+            json!({"spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80, "nodePort": 80}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    assert_eq!(
+        bad["details"]["causes"][0]["field"],
+        "spec.ports[0].nodePort"
+    );
+}
+
+#[tokio::test]
+async fn the_kubernetes_and_kube_dns_services_exist_from_the_start() {
+    let c = start().await;
+    let (code, k) = c
+        .get("/api/v1/namespaces/default/services/kubernetes")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(k["spec"]["clusterIP"], "10.96.0.1");
+    assert_eq!(k["spec"]["ports"][0]["port"], 443);
+    let (code, dns) = c
+        .get("/api/v1/namespaces/kube-system/services/kube-dns")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(dns["spec"]["clusterIP"], "10.96.0.10");
 }
 
 #[tokio::test]

@@ -3,8 +3,10 @@
 
 mod create;
 mod density;
+mod dns;
 mod http;
 mod pods;
+mod proxy;
 mod rollout;
 mod schedule;
 mod startup;
@@ -43,6 +45,12 @@ enum Bench {
     /// Thousands of idle Wasm pods on one `wasmkube agent`: its RSS per pod,
     /// threads, files and mappings, and pod startup on the full node.
     Density(density::Args),
+    /// Service proxy programming with thousands of Services: endpoint
+    /// change to rules in place, against rewriting the whole table.
+    Proxy(proxy::Args),
+    /// Cluster DNS queries per second and latency with `dnsperf`, against
+    /// dnsmasq serving the same records.
+    Dns(dns::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +67,7 @@ fn main() -> anyhow::Result<()> {
         Bench::PodStartup(a) => rt.block_on(pods::run(a)),
         Bench::Http(a) => rt.block_on(http::run(a)),
         Bench::Density(a) => rt.block_on(density::run(a)),
+        Bench::Proxy(a) => rt.block_on(proxy::run(a)),
+        Bench::Dns(a) => rt.block_on(dns::run(a)),
     }
 }

@@ -69,3 +69,23 @@ fn http_bench_smoke() {
     // The test script runs as root with the CNI plugins: the pod IP too.
     assert!(out.contains("ratio pod IP/node port"), "{out}");
 }
+
+#[test]
+fn proxy_bench_smoke() {
+    let out = bench(&[
+        "proxy",
+        "--services",
+        "50",
+        "--endpoints",
+        "2",
+        "--changes",
+        "5",
+    ]);
+    assert!(out.contains("rules in place"), "{out}");
+}
+
+#[test]
+fn dns_bench_smoke() {
+    let out = bench(&["dns", "--services", "20", "--seconds", "1", "--rate", "200"]);
+    assert!(out.contains("the queries per second"), "{out}");
+}
