@@ -373,14 +373,16 @@ fn validate_service(svc: &core::Service, old: Option<&core::Service>, errs: &mut
                 "must be between 1 and 65535, inclusive",
             ));
         }
-        match &p.name {
-            Some(n) if !n.is_empty() && !seen.insert(n.clone()) => {
+        match p.name.as_deref().filter(|n| !n.is_empty()) {
+            Some(n) if !seen.insert(n.to_owned()) => {
                 errs.push(FieldError::duplicate(format!("spec.ports[{i}].name"), n));
             }
-            _ if ports.len() > 1 => {
+            Some(_) => {}
+            // Several ports must each be named.
+            None if ports.len() > 1 => {
                 errs.push(FieldError::required(format!("spec.ports[{i}].name"), ""))
             }
-            _ => {}
+            None => {}
         }
     }
     if let (Some(old), Some(new_ip)) = (old.and_then(|o| o.spec.as_ref()), spec.cluster_ip.as_ref())
@@ -700,6 +702,28 @@ mod tests {
             errs[0].starts_with("spec.template.metadata.labels: Invalid value"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn service_ports_are_named_when_there_are_several() {
+        let svc = |ports: Value| {
+            errors(
+                "services",
+                "",
+                json!({"metadata": {"name": "dns"}, "spec": {"ports": ports}}),
+            )
+        };
+        assert_eq!(
+            svc(json!([{"name": "dns", "port": 53, "protocol": "UDP"},
+                       {"name": "dns-tcp", "port": 53, "protocol": "TCP"}])),
+            Vec::<String>::new()
+        );
+        assert_eq!(svc(json!([{"port": 80}])), Vec::<String>::new());
+        let unnamed = svc(json!([{"name": "a", "port": 80}, {"port": 81}]));
+        assert_eq!(unnamed.len(), 1, "{unnamed:?}");
+        assert!(unnamed[0].starts_with("spec.ports[1].name: Required value"), "{unnamed:?}");
+        let twice = svc(json!([{"name": "a", "port": 80}, {"name": "a", "port": 81}]));
+        assert!(twice[0].starts_with("spec.ports[1].name: Duplicate value"), "{twice:?}");
     }
 
     #[test]
