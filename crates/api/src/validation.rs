@@ -721,9 +721,15 @@ mod tests {
         assert_eq!(svc(json!([{"port": 80}])), Vec::<String>::new());
         let unnamed = svc(json!([{"name": "a", "port": 80}, {"port": 81}]));
         assert_eq!(unnamed.len(), 1, "{unnamed:?}");
-        assert!(unnamed[0].starts_with("spec.ports[1].name: Required value"), "{unnamed:?}");
+        assert!(
+            unnamed[0].starts_with("spec.ports[1].name: Required value"),
+            "{unnamed:?}"
+        );
         let twice = svc(json!([{"name": "a", "port": 80}, {"name": "a", "port": 81}]));
-        assert!(twice[0].starts_with("spec.ports[1].name: Duplicate value"), "{twice:?}");
+        assert!(
+            twice[0].starts_with("spec.ports[1].name: Duplicate value"),
+            "{twice:?}"
+        );
     }
 
     #[test]

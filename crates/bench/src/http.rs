@@ -3,7 +3,8 @@
 //! loaded by keep-alive clients. The pod is measured twice in one run: on
 //! the node-port fallback (`--no-pod-network`: the node's IP, a node port)
 //! and, when the bench runs as root with the CNI plugins, at its own pod IP
-//! in its own network namespace. The peer, when installed, is `wasmtime
+//! in its own network namespace and, with `nft` too, through a ClusterIP
+//! Service in front of it (the service proxy's DNAT on the node). The peer, when installed, is `wasmtime
 //! serve -S cli` on the same component in the same run (install it outside
 //! CI: `cargo install wasmtime-cli --version 48.0.8 --locked`).
 
@@ -93,7 +94,7 @@ fn pod_network_unavailable() -> Option<&'static str> {
 async fn serve(server: &ChildServer, image: &str) -> anyhow::Result<String> {
     let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "http-hello"},
+        "metadata": {"name": "http-hello", "labels": {"app": "http-hello"}},
         "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]},
     }))?;
     pods.create(&PostParams::default(), &pod).await?;
@@ -121,6 +122,42 @@ async fn serve(server: &ChildServer, image: &str) -> anyhow::Result<String> {
                 .ok()
         });
     Ok(format!("http://{ip}:{}/bench", node_port.unwrap_or(8080)))
+}
+
+/// Puts a ClusterIP Service in front of the pod, waits until the node's
+/// proxy routes it, and loads it.
+async fn load_through_service(
+    server: &ChildServer,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    use k8s_openapi::api::core::v1::Service;
+    let services: Api<Service> = Api::namespaced(server.client()?, "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "http-hello"},
+        "spec": {"selector": {"app": "http-hello"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))?;
+    let svc = services.create(&PostParams::default(), &svc).await?;
+    let ip = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or_else(|| anyhow::anyhow!("the Service got no cluster IP"))?;
+    let url = format!("http://{ip}/bench");
+    // Routed once the proxy has seen the endpoints: ask until it answers.
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(&url).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{url} did not answer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load(&url, clients, seconds).await
 }
 
 fn report(label: &str, rate: f64, latencies: &[Duration]) {
@@ -162,13 +199,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
         let measured = async {
-            let (server, _) = ChildServer::start_with(
-                &binary,
-                &["--node-name", "bench-http-ip", "--no-service-proxy"],
-            )
-            .await?;
+            let proxy = wasmkube_proxy::check().is_ok();
+            let mut flags = vec!["--node-name", "bench-http-ip"];
+            if !proxy {
+                flags.push("--no-service-proxy");
+            }
+            let (server, _) = ChildServer::start_with(&binary, &flags).await?;
             let url = serve(&server, &image).await?;
             let figures = load(&url, args.clients, args.seconds).await?;
+            let through_service = if proxy {
+                Some(load_through_service(&server, args.clients, args.seconds).await?)
+            } else {
+                None
+            };
             // The pod's namespace goes with its deletion, before the server.
             let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
             pods.delete("http-hello", &Default::default()).await?;
@@ -177,19 +220,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 await_condition(pods, "http-hello", |p: Option<&Pod>| p.is_none()),
             )
             .await??;
-            anyhow::Ok(figures)
+            anyhow::Ok((figures, through_service))
         }
         .await;
         if !bridge_existed {
             let _ = Command::new("ip").args(["link", "del", "wk0"]).status();
         }
-        let (ip_rate, ip_lat) = measured?;
+        let ((ip_rate, ip_lat), through_service) = measured?;
         report("wasmkube pod at its pod IP", ip_rate, &ip_lat);
         println!(
             "  ratio pod IP/node port            {:.2}x req/s, p99 {:.2}x",
             ip_rate / rate,
             percentile(&ip_lat, 99.0).as_secs_f64() / percentile(&lat, 99.0).as_secs_f64()
         );
+        match through_service {
+            Some((svc_rate, svc_lat)) => {
+                report("wasmkube pod through a ClusterIP", svc_rate, &svc_lat);
+                println!(
+                    "  ratio ClusterIP/pod IP            {:.2}x req/s, p99 {:.2}x",
+                    svc_rate / ip_rate,
+                    percentile(&svc_lat, 99.0).as_secs_f64()
+                        / percentile(&ip_lat, 99.0).as_secs_f64()
+                );
+            }
+            None => println!("  ClusterIP: not measured (no service proxy: `nft` missing)"),
+        }
     }
     let wasmtime = args.wasmtime.unwrap_or_else(|| PathBuf::from("wasmtime"));
     let peer_port = free_port()?;

@@ -146,7 +146,19 @@ impl ChildServer {
 }
 
 impl Drop for ChildServer {
+    /// SIGTERM first, so a server with a local node stops cleanly (its
+    /// service proxy removes its rules and routes); SIGKILL after 10 s.
     fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

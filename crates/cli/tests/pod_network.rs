@@ -793,6 +793,56 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         }
     }
 
+    // Endpoints on both hosts: a second replica of the function, on host2,
+    // behind the same Service. Requests from host1 reach both; under
+    // `sessionAffinity: ClientIP` a client sticks to one.
+    let fn2 = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fn2", "labels": {"app": "fn"}},
+        "spec": {"nodeName": host2, "terminationGracePeriodSeconds": 2, "containers": [{"name": "hello", "image": hello,
+          "env": [{"name": "GREETING", "value": "ho"}],
+          "ports": [{"containerPort": 8080}],
+          "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1}}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&fn2));
+    wait_ready(&s, "pod/fn2");
+    let greetings = |requests: usize| -> std::collections::BTreeSet<String> {
+        (0..requests)
+            .filter_map(|_| {
+                let got = lan.busybox_in("host1", &["sh", "-c", &http_get_at(&fn_vip, 80, "/")]);
+                String::from_utf8_lossy(&got.stdout)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("GREETING=").map(str::to_owned))
+            })
+            .collect()
+    };
+    common::poll(
+        "both replicas answering through fn-svc",
+        Duration::from_secs(30),
+        || {
+            let seen = greetings(20);
+            if seen.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    );
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "fn-svc",
+            "-p",
+            r#"{"spec":{"sessionAffinity":"ClientIP"}}"#,
+        ],
+        None,
+    );
+    wait_rules(&lan, "host1", "update @affinity-");
+    let seen = greetings(20);
+    assert_eq!(seen.len(), 1, "a client with affinity reached {seen:?}");
+
     // An agent killed with SIGKILL leaves the rules in the kernel, so
     // routing goes on; once restarted it rewrites the table from scratch,
     // and a Service deleted meanwhile leaves nothing behind.
@@ -992,6 +1042,7 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "pod/wasm-client",
             "pod/svc-client",
             "pod/svc-caller",
+            "pod/fn2",
             "pod/dns-client",
             "pod/by-name",
             "svc/web-headless",
