@@ -35,14 +35,16 @@ pub struct NodeArgs {
     #[arg(long)]
     pub allow_privileged: bool,
     /// Pods share the node's network instead of each getting a network
-    /// namespace and an IP from the node's pod CIDR (which needs root and
-    /// the CNI plugins in --cni-bin). Wasm containers' ports are then
-    /// served at node ports from --node-ports.
+    /// namespace and an IP from the node's pod CIDR (which needs root).
+    /// Wasm containers' ports are then served at node ports from
+    /// --node-ports.
     #[arg(long)]
     pub no_pod_network: bool,
-    /// Where the CNI bridge, host-local and loopback plugins are.
-    #[arg(long, default_value = "/usr/lib/cni")]
-    pub cni_bin: PathBuf,
+    /// Set pods' networks up with the CNI bridge, host-local and loopback
+    /// plugins in this directory (e.g. /usr/lib/cni) instead of in-process
+    /// over netlink, which needs nothing installed.
+    #[arg(long, alias = "cni-bin-dir", value_name = "DIR")]
+    pub cni_bin: Option<PathBuf>,
     /// Node ports (FIRST-LAST) for Wasm containers' ports when pods share
     /// the node's network; each pod's are listed in its
     /// `wasmkube.dev/NodePorts` condition.

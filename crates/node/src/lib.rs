@@ -94,10 +94,11 @@ pub struct Config {
     /// Whether privileged Linux containers may run.
     pub allow_privileged: bool,
     /// Give each pod its own network namespace and IP from the node's pod
-    /// CIDR (needs root and the CNI plugins in `cni_bin`); otherwise pods
-    /// share the node's network.
+    /// CIDR (needs root); otherwise pods share the node's network.
     pub pod_network: bool,
-    pub cni_bin: PathBuf,
+    /// Set pods' networks up with the CNI plugins in this directory
+    /// instead of in-process.
+    pub cni_bin: Option<PathBuf>,
     /// Node ports for Wasm containers' ports when pods share the node's
     /// network (see `ports.rs`).
     pub node_ports: std::ops::RangeInclusive<u16>,
@@ -129,7 +130,7 @@ impl Config {
             linux: true,
             allow_privileged: false,
             pod_network: true,
-            cni_bin: PathBuf::from("/usr/lib/cni"),
+            cni_bin: None,
             node_ports: 40000..=49999,
             max_module_memory_bytes: 4 << 30,
             cluster_dns: None,

@@ -350,9 +350,13 @@ pub(crate) async fn set_up_pod_network(ctx: &Ctx) {
         state_dir: ctx.config.data_dir.join("cni"),
         prefix: format!("wk-{name}-"),
     };
-    match wasmkube_runtime_linux::net::PodNetwork::new(config) {
+    let network = match wasmkube_runtime_linux::net::PodNetwork::new(config) {
+        Ok(network) => network.prepare().await.map(|()| network),
+        Err(e) => Err(e),
+    };
+    match network {
         Ok(network) => {
-            tracing::info!(pod_cidr = %cidr, bridge = BRIDGE, "pods get their own network namespaces and IPs");
+            tracing::info!(pod_cidr = %cidr, bridge = BRIDGE, setup = network.method(), "pods get their own network namespaces and IPs");
             let _ = ctx.network.set(network);
         }
         Err(e) => {

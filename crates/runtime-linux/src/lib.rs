@@ -14,6 +14,7 @@
 pub mod cgroup;
 mod exec;
 pub mod net;
+mod netlink;
 pub mod rootfs;
 pub mod spec;
 

@@ -1,6 +1,7 @@
 //! Pod networking: one network namespace per pod, attached to the node's
-//! bridge by the CNI `bridge` and `host-local` plugins (Debian's
-//! containernetworking-plugins) with an address from the node's pod CIDR;
+//! bridge with an address from the node's pod CIDR, by the agent itself over
+//! netlink (`netlink.rs`; nothing to install) or, when the node is given a
+//! CNI plugin directory, by the CNI `bridge` and `host-local` plugins;
 //! routes to other nodes' pod CIDRs through their node addresses; and
 //! [`Netns`], a pod's namespace held open, in which the agent makes the
 //! listening and outgoing sockets of guests that run in its own process (a
@@ -12,7 +13,7 @@ use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::Error;
+use crate::{Error, netlink};
 
 /// Where `ip netns` keeps named namespaces.
 const NETNS_DIR: &str = "/run/netns";
@@ -25,10 +26,11 @@ pub struct NetConfig {
     pub pod_cidr: String,
     /// The node's bridge.
     pub bridge: String,
-    /// Where the CNI plugins are.
-    pub cni_bin: PathBuf,
-    /// The IPAM plugin's allocations (per node, so agents sharing a
-    /// machine in tests never share it).
+    /// Where the CNI plugins are, to set pods up with them instead of
+    /// in-process (`None`: in-process).
+    pub cni_bin: Option<PathBuf>,
+    /// The address allocations (per node, so agents sharing a machine in
+    /// tests never share it).
     pub state_dir: PathBuf,
     /// Namespace names start with it: this node's, and nobody else's.
     pub prefix: String,
@@ -45,6 +47,8 @@ pub struct Sandbox {
 #[derive(Debug)]
 pub struct PodNetwork {
     config: NetConfig,
+    /// The in-process path's address allocator (`None`: CNI).
+    ipam: Option<netlink::Ipam>,
 }
 
 impl PodNetwork {
@@ -54,19 +58,48 @@ impl PodNetwork {
         if !rustix::process::geteuid().is_root() {
             return Err(Error::Unavailable("the agent does not run as root".into()));
         }
-        for plugin in ["bridge", "host-local", "loopback"] {
-            let p = config.cni_bin.join(plugin);
-            if !p.exists() {
-                return Err(Error::Unavailable(format!(
-                    "CNI plugin {} not found (install containernetworking-plugins)",
-                    p.display()
-                )));
+        if let Some(bin) = &config.cni_bin {
+            for plugin in ["bridge", "host-local", "loopback"] {
+                let p = bin.join(plugin);
+                if !p.exists() {
+                    return Err(Error::Unavailable(format!(
+                        "CNI plugin {} not found (install containernetworking-plugins)",
+                        p.display()
+                    )));
+                }
             }
         }
         std::fs::create_dir_all(&config.state_dir).map_err(Error::io(&config.state_dir))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| Error::Unavailable(format!("enabling IP forwarding: {e}")))?;
-        Ok(Self { config })
+        let ipam = match config.cni_bin {
+            Some(_) => None,
+            None => Some(netlink::Ipam::new(
+                config.state_dir.join("ipam"),
+                &config.pod_cidr,
+            )?),
+        };
+        Ok(Self { config, ipam })
+    }
+
+    /// Makes the node's bridge (the in-process path; the CNI bridge plugin
+    /// makes its own on the first pod).
+    pub async fn prepare(&self) -> Result<(), Error> {
+        match &self.ipam {
+            Some(ipam) => {
+                netlink::ensure_bridge(&self.config.bridge, ipam.gateway(), ipam.prefix()).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// How pods are plugged in, for the log.
+    pub fn method(&self) -> &'static str {
+        if self.ipam.is_some() {
+            "in-process (netlink)"
+        } else {
+            "CNI plugins"
+        }
     }
 
     pub fn pod_cidr(&self) -> &str {
@@ -102,7 +135,12 @@ impl PodNetwork {
     }
 
     async fn cni(&self, command: &str, plugin: &str, id: &str) -> Result<serde_json::Value, Error> {
-        let mut child = tokio::process::Command::new(self.config.cni_bin.join(plugin))
+        let bin = self
+            .config
+            .cni_bin
+            .as_deref()
+            .ok_or_else(|| Error::Setup("no CNI plugin directory".into()))?;
+        let mut child = tokio::process::Command::new(bin.join(plugin))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", self.name(id))
             .env("CNI_NETNS", self.netns_path(id))
@@ -110,7 +148,7 @@ impl PodNetwork {
                 "CNI_IFNAME",
                 if plugin == "loopback" { "lo" } else { "eth0" },
             )
-            .env("CNI_PATH", &self.config.cni_bin)
+            .env("CNI_PATH", bin)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -145,6 +183,34 @@ impl PodNetwork {
     pub async fn setup(&self, id: &str) -> Result<Sandbox, Error> {
         // A leftover of the same pod (an agent crash mid-setup) goes first.
         self.teardown(id).await;
+        if let Some(ipam) = &self.ipam {
+            let path = self.netns_path(id);
+            let plugged = async {
+                let ip = ipam.allocate(id)?;
+                netlink::create_netns(&path)?;
+                netlink::plug(
+                    &path,
+                    &self.name(id),
+                    &self.config.bridge,
+                    ip,
+                    ipam.prefix(),
+                    ipam.gateway(),
+                )
+                .await?;
+                Ok(ip)
+            }
+            .await;
+            return match plugged {
+                Ok(ip) => Ok(Sandbox {
+                    ip: IpAddr::V4(ip),
+                    netns: path,
+                }),
+                Err(e) => {
+                    self.teardown(id).await;
+                    Err(e)
+                }
+            };
+        }
         ip(&["netns", "add", &self.name(id)]).await?;
         let result = async {
             self.cni("ADD", "loopback", id).await?;
@@ -173,6 +239,14 @@ impl PodNetwork {
     /// Unplugs and removes the pod's namespace (and its veth with it).
     /// Whatever is already gone is fine.
     pub async fn teardown(&self, id: &str) {
+        if let Some(ipam) = &self.ipam {
+            // The veth goes with the namespace.
+            if let Err(e) = netlink::delete_netns(&self.netns_path(id)) {
+                tracing::warn!(pod = id, error = %e, "removing the pod's network namespace");
+            }
+            ipam.release(id);
+            return;
+        }
         if !self.netns_path(id).exists() {
             return;
         }

@@ -1,0 +1,364 @@
+//! Pod networks set up in-process over netlink, with no CNI plugin and no
+//! `ip` process: a named network namespace (a thread unshares one and
+//! bind-mounts it at `/run/netns/NAME`, as `ip netns add` does), a veth pair
+//! whose pod end goes into it as `eth0`, the node end on the node's bridge,
+//! an address from the node's pod CIDR ([`Ipam`], a file per address under
+//! the state directory, so allocations survive an agent restart and are
+//! reconciled with the namespaces that exist), and a default route through
+//! the bridge.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::Error;
+
+fn setup_err(what: &str) -> impl FnOnce(rtnetlink::Error) -> Error + '_ {
+    move |e| Error::Setup(format!("{what}: {e}"))
+}
+
+/// A netlink connection made in the namespace the calling thread is in (a
+/// socket belongs to the namespace it was made in), driven by a task.
+fn connect() -> Result<Handle, Error> {
+    let (connection, handle, _) = rtnetlink::new_connection()
+        .map_err(|e| Error::Setup(format!("opening a netlink socket: {e}")))?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+/// A netlink connection inside the namespace at `netns`.
+fn connect_in(netns: &Path) -> Result<Handle, Error> {
+    use wasmkube_runtime::PodNetns;
+    let ns = crate::net::Netns::open(netns).map_err(Error::io(netns))?;
+    let mut made = None;
+    ns.enter(&mut || made = Some(connect()))
+        .map_err(|e| Error::Setup(format!("entering {}: {e}", netns.display())))?;
+    made.unwrap_or_else(|| Err(Error::Setup("the namespace ran nothing".into())))
+}
+
+async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, Error> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(Some(link.header.index)),
+        Ok(None) => Ok(None),
+        // No such device.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+        Err(e) => Err(Error::Setup(format!("looking up {name}: {e}"))),
+    }
+}
+
+/// Makes the node's bridge with the gateway address (the pod CIDR's first
+/// host) unless it exists, and brings it up.
+pub(crate) async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), Error> {
+    let handle = connect()?;
+    let index = match index_of(&handle, name).await? {
+        Some(i) => i,
+        None => {
+            handle
+                .link()
+                .add(LinkBridge::new(name).build())
+                .execute()
+                .await
+                .map_err(setup_err("creating the bridge"))?;
+            index_of(&handle, name)
+                .await?
+                .ok_or_else(|| Error::Setup(format!("the bridge {name} vanished")))?
+        }
+    };
+    handle
+        .address()
+        .add(index, IpAddr::V4(gateway), prefix)
+        .replace()
+        .execute()
+        .await
+        .map_err(setup_err("addressing the bridge"))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(setup_err("bringing the bridge up"))?;
+    Ok(())
+}
+
+/// Creates the named network namespace at `path` (`ip netns add`): a
+/// thread of its own unshares a new one and bind-mounts it there.
+pub(crate) fn create_netns(path: &Path) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("/run/netns"));
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(Error::io(path))?;
+    let target = path.to_owned();
+    let made = std::thread::spawn(move || -> std::io::Result<()> {
+        // SAFETY: only the network namespace is unshared, on a thread that
+        // does nothing else and ends right after: no file descriptor table
+        // or other state shared with other threads changes.
+        #[allow(unsafe_code)]
+        unsafe {
+            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET)?;
+        }
+        rustix::mount::mount_bind("/proc/thread-self/ns/net", &target)?;
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::Setup(format!(
+            "creating the network namespace {}: {e}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a named namespace (`ip netns delete`); it goes once nothing holds
+/// it open, and its veth with it.
+pub(crate) fn delete_netns(path: &Path) -> Result<(), Error> {
+    match rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => {}
+        Err(e) => {
+            return Err(Error::Setup(format!("unmounting {}: {e}", path.display())));
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path)(e)),
+    }
+}
+
+/// The node end of a pod's veth: `wk` and 11 hex digits of the pod's
+/// namespace name (interface names have 15 characters at most).
+pub(crate) fn host_veth(netns_name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(netns_name.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("wk{}", &hex[..11])
+}
+
+/// Plugs the namespace at `netns` into the bridge with `ip`/`prefix` and a
+/// default route through `gateway`.
+pub(crate) async fn plug(
+    netns: &Path,
+    netns_name: &str,
+    bridge: &str,
+    ip: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+) -> Result<(), Error> {
+    let node = connect()?;
+    let host = host_veth(netns_name);
+    // The pod end gets a temporary name: names are per namespace, but both
+    // ends start in the node's.
+    let peer = format!("wp{}", &host[2..]);
+    node.link()
+        .add(LinkVeth::new(&host, &peer).build())
+        .execute()
+        .await
+        .map_err(setup_err("creating the pod's veth"))?;
+    let ns_file = std::fs::File::open(netns).map_err(Error::io(netns))?;
+    let peer_index = index_of(&node, &peer)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("the veth end {peer} vanished")))?;
+    node.link()
+        .set(
+            LinkUnspec::new_with_index(peer_index)
+                .setns_by_fd(ns_file.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(setup_err("moving the veth into the pod's namespace"))?;
+    let bridge_index = index_of(&node, bridge)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("the bridge {bridge} is gone")))?;
+    let host_index = index_of(&node, &host)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("the veth end {host} vanished")))?;
+    node.link()
+        .set(
+            LinkUnspec::new_with_index(host_index)
+                .controller(bridge_index)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(setup_err("plugging the veth into the bridge"))?;
+
+    let pod = connect_in(netns)?;
+    let lo = index_of(&pod, "lo")
+        .await?
+        .ok_or_else(|| Error::Setup("the pod's namespace has no loopback".into()))?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await
+        .map_err(setup_err("bringing the pod's loopback up"))?;
+    let eth = index_of(&pod, &peer)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("{peer} did not arrive in the pod")))?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(eth).name("eth0".into()).build())
+        .execute()
+        .await
+        .map_err(setup_err("naming the pod's eth0"))?;
+    pod.address()
+        .add(eth, IpAddr::V4(ip), prefix)
+        .execute()
+        .await
+        .map_err(setup_err("addressing the pod's eth0"))?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(eth).up().build())
+        .execute()
+        .await
+        .map_err(setup_err("bringing the pod's eth0 up"))?;
+    pod.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .gateway(gateway)
+                .output_interface(eth)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(setup_err("routing the pod through the bridge"))?;
+    Ok(())
+}
+
+/// Addresses of the node's pod CIDR, one file per address in use (named
+/// by the address, holding the pod's id), created exclusively so two pods
+/// can never get the same one.
+#[derive(Debug)]
+pub(crate) struct Ipam {
+    dir: PathBuf,
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipam {
+    pub fn new(dir: PathBuf, cidr: &str) -> Result<Self, Error> {
+        let (net, prefix) = cidr
+            .split_once('/')
+            .and_then(|(n, p)| Some((n.parse::<Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+            .filter(|(_, p)| (8..=30).contains(p))
+            .ok_or_else(|| Error::Setup(format!("{cidr:?} is not an IPv4 pod CIDR")))?;
+        std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self {
+            dir,
+            network: Ipv4Addr::from(u32::from(net) & mask),
+            prefix,
+        })
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The bridge's address: the first host.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// The address `id` holds, or a free one taken for it.
+    pub fn allocate(&self, id: &str) -> Result<Ipv4Addr, Error> {
+        if let Some(ip) = self.held_by(id) {
+            return Ok(ip);
+        }
+        let size = 1u32 << (32 - self.prefix);
+        // From the gateway's successor to the last before broadcast.
+        for offset in 2..size - 1 {
+            let ip = Ipv4Addr::from(u32::from(self.network) + offset);
+            let path = self.dir.join(ip.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(id.as_bytes()).map_err(Error::io(&path))?;
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&path)(e)),
+            }
+        }
+        Err(Error::Setup(format!(
+            "no free address left in {}/{}",
+            self.network, self.prefix
+        )))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (Ipv4Addr, String)> + '_ {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let ip = e.file_name().to_str()?.parse::<Ipv4Addr>().ok()?;
+                let id = std::fs::read_to_string(e.path()).ok()?;
+                Some((ip, id))
+            })
+    }
+
+    fn held_by(&self, id: &str) -> Option<Ipv4Addr> {
+        self.entries()
+            .find(|(_, owner)| owner == id)
+            .map(|(ip, _)| ip)
+    }
+
+    /// Gives back what `id` holds.
+    pub fn release(&self, id: &str) {
+        for (ip, owner) in self.entries() {
+            if owner == id {
+                let _ = std::fs::remove_file(self.dir.join(ip.to_string()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_unique_kept_per_pod_and_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = Ipam::new(dir.path().join("ipam"), "10.244.3.0/24").unwrap();
+        assert_eq!(ipam.gateway(), Ipv4Addr::new(10, 244, 3, 1));
+        let a = ipam.allocate("pod-a").unwrap();
+        let b = ipam.allocate("pod-b").unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 244, 3, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 244, 3, 3));
+        assert_eq!(ipam.allocate("pod-a").unwrap(), a, "asked again: the same");
+        ipam.release("pod-a");
+        assert_eq!(ipam.allocate("pod-c").unwrap(), a, "given back: reused");
+        // A new allocator over the same directory (an agent restart) knows
+        // what is held.
+        let again = Ipam::new(dir.path().join("ipam"), "10.244.3.0/24").unwrap();
+        assert_eq!(again.allocate("pod-b").unwrap(), b);
+        let small = Ipam::new(dir.path().join("small"), "10.244.4.0/30").unwrap();
+        assert_eq!(small.allocate("x").unwrap(), Ipv4Addr::new(10, 244, 4, 2));
+        assert!(small.allocate("y").is_err(), "a /30 has one pod address");
+        assert!(Ipam::new(dir.path().join("bad"), "10.244.0.0").is_err());
+    }
+
+    #[test]
+    fn host_veth_names_fit_and_differ() {
+        let a = host_veth("wk-node-1234");
+        assert_eq!(a.len(), 13);
+        assert!(a.starts_with("wk"));
+        assert_ne!(a, host_veth("wk-node-1235"));
+    }
+}
