@@ -126,13 +126,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Ours: the cluster DNS's UDP server, on this process's runtime.
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let ours = socket.local_addr()?;
     let state = Arc::new(wasmkube_dns::server::State {
         zone: RwLock::new(Arc::new(zone)),
         upstreams: Vec::new(),
     });
-    let server = tokio::spawn(wasmkube_dns::server::serve_udp(Arc::new(socket), state));
+    let rt = tokio::runtime::Handle::current();
+    std::thread::spawn(move || wasmkube_dns::server::serve_udp(socket, state, rt));
 
     // The peer: dnsmasq answering from a hosts file, TTL 5 s as ours.
     let port = crate::support::free_port()?;
@@ -198,7 +199,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await??;
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
-    server.abort();
     let (o, t, (o50, o99), (t50, t99)) = measured;
     println!(
         "  wasmkube DNS: {:>9.0} q/s (mean {:.3} ms, lost {})  at {rate} q/s: p50 {o50:.3} ms, p99 {o99:.3} ms",

@@ -167,15 +167,19 @@ pub async fn run(watch: ServiceWatch, config: Config, resolver: Resolver) -> Res
     let mut listeners = Vec::new();
     if let Some(addr) = config.listen {
         let listen = |source| Error::Listen { addr, source };
-        let udp = bind(addr, socket2::Type::DGRAM).map_err(listen)?;
-        let udp = tokio::net::UdpSocket::from_std(udp.into()).map_err(listen)?;
+        let udp: std::net::UdpSocket = bind(addr, socket2::Type::DGRAM).map_err(listen)?.into();
         let tcp = bind(addr, socket2::Type::STREAM).map_err(listen)?;
         tcp.listen(1024).map_err(listen)?;
         let tcp = tokio::net::TcpListener::from_std(tcp.into()).map_err(listen)?;
-        listeners.push(tokio::spawn(server::serve_udp(
-            Arc::new(udp),
-            state.clone(),
-        )));
+        let (udp_state, rt) = (state.clone(), tokio::runtime::Handle::current());
+        std::thread::Builder::new()
+            .name("cluster-dns".into())
+            .spawn(move || {
+                if let Err(e) = server::serve_udp(udp, udp_state, rt) {
+                    tracing::error!(error = %e, "cluster DNS (UDP) stopped");
+                }
+            })
+            .map_err(listen)?;
         listeners.push(tokio::spawn(server::serve_tcp(tcp, state.clone())));
         tracing::info!(%addr, domain = %config.domain, upstreams = ?config.upstreams, "cluster DNS serving");
     }

@@ -79,9 +79,18 @@ fn kind(t: RecordType) -> Kind {
     }
 }
 
+/// How an answer travels: over UDP it must fit the client's buffer (512
+/// bytes, or its EDNS size), else it is cut to its question with TC set so
+/// the client asks again over TCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
 /// The answer to one query message: from the zone, or `None` when it is
 /// for upstream.
-pub fn answer_locally(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
+pub fn answer_locally(zone: &Zone, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
     let request = match Message::from_vec(query) {
         Ok(m) => m,
         Err(_) => return formerr(query),
@@ -121,12 +130,30 @@ pub fn answer_locally(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
             response.add_name_server(soa(zone.domain()));
         }
     }
+    let mut limit = 512;
     if let Some(edns) = request.extensions() {
         let mut edns = edns.clone();
-        edns.set_max_payload(edns.max_payload().max(512));
+        limit = edns.max_payload().max(512) as usize;
+        edns.set_max_payload(limit as u16);
         response.set_edns(edns);
     }
-    response.to_vec().ok()
+    let bytes = response.to_vec().ok()?;
+    if transport == Transport::Tcp || bytes.len() <= limit {
+        return Some(bytes);
+    }
+    let mut cut = Message::new();
+    cut.set_id(response.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(response.op_code())
+        .set_authoritative(response.authoritative())
+        .set_recursion_desired(response.recursion_desired())
+        .set_recursion_available(true)
+        .set_truncated(true)
+        .set_response_code(response.response_code());
+    for q in response.queries() {
+        cut.add_query(q.clone());
+    }
+    cut.to_vec().ok()
 }
 
 /// A FORMERR for a message that did not parse, if it had a header at all.
@@ -193,8 +220,8 @@ pub async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> 
 }
 
 /// The answer to a query, from the zone or upstream.
-pub async fn resolve(state: &State, query: &[u8]) -> Option<Vec<u8>> {
-    let local = answer_locally(&state.zone(), query);
+pub async fn resolve(state: &State, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let local = answer_locally(&state.zone(), query, transport);
     match local {
         Some(answer) => Some(answer),
         None if Message::from_vec(query).is_ok() => forward(&state.upstreams, query).await,
@@ -202,63 +229,38 @@ pub async fn resolve(state: &State, query: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Answers UDP queries until the socket fails. Local answers are written
-/// from the loop itself (they cost microseconds); forwarded queries get a
-/// task each, so a slow upstream holds up no one.
-pub async fn serve_udp(socket: Arc<UdpSocket>, state: Arc<State>) -> std::io::Result<()> {
+/// Answers UDP queries on a thread of its own until the socket fails
+/// (dnsmasq's shape: one loop, no scheduler between a query and its
+/// answer). Local answers are written from the loop itself (they cost
+/// microseconds); forwarded queries become tasks on `rt`, so a slow
+/// upstream holds up no one.
+pub fn serve_udp(
+    socket: std::net::UdpSocket,
+    state: Arc<State>,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    socket.set_nonblocking(false)?;
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; 4096];
     loop {
-        let (n, peer) = socket.recv_from(&mut buf).await?;
+        let (n, peer) = socket.recv_from(&mut buf)?;
         let query = &buf[..n];
-        match answer_locally(&state.zone(), query) {
+        match answer_locally(&state.zone(), query, Transport::Udp) {
             Some(answer) => {
-                let answer = truncate_for_udp(answer, query);
-                let _ = socket.send_to(&answer, peer).await;
+                let _ = socket.send_to(&answer, peer);
             }
             None => {
                 let (socket, state, query) = (socket.clone(), state.clone(), query.to_vec());
-                tokio::spawn(async move {
+                rt.spawn(async move {
                     if Message::from_vec(&query).is_err() {
                         return;
                     }
                     if let Some(answer) = forward(&state.upstreams, &query).await {
-                        let _ = socket.send_to(&answer, peer).await;
+                        let _ = socket.send_to(&answer, peer);
                     }
                 });
             }
         }
-    }
-}
-
-/// A UDP answer larger than the client takes (512 bytes, or its EDNS size)
-/// is cut to its header and question with TC set, so the client retries
-/// over TCP.
-fn truncate_for_udp(answer: Vec<u8>, query: &[u8]) -> Vec<u8> {
-    let limit = Message::from_vec(query)
-        .ok()
-        .and_then(|m| m.extensions().as_ref().map(|e| e.max_payload()))
-        .unwrap_or(512)
-        .max(512) as usize;
-    if answer.len() <= limit {
-        return answer;
-    }
-    match Message::from_vec(&answer) {
-        Ok(m) => {
-            let mut cut = Message::new();
-            cut.set_id(m.id())
-                .set_message_type(MessageType::Response)
-                .set_op_code(m.op_code())
-                .set_authoritative(m.authoritative())
-                .set_recursion_desired(m.recursion_desired())
-                .set_recursion_available(true)
-                .set_truncated(true)
-                .set_response_code(m.response_code());
-            for q in m.queries() {
-                cut.add_query(q.clone());
-            }
-            cut.to_vec().unwrap_or(answer)
-        }
-        Err(_) => answer,
     }
 }
 
@@ -278,7 +280,7 @@ pub async fn serve_tcp(listener: TcpListener, state: Arc<State>) -> std::io::Res
                 if conn.read_exact(&mut query).await.is_err() {
                     return;
                 }
-                let Some(answer) = resolve(&state, &query).await else {
+                let Some(answer) = resolve(&state, &query, Transport::Tcp).await else {
                     return;
                 };
                 let Ok(n) = u16::try_from(answer.len()) else {
@@ -321,7 +323,8 @@ mod tests {
     fn answers_on_the_wire() {
         let z = zone();
         let answer = |name: &str, ty| {
-            Message::from_vec(&answer_locally(&z, &query(name, ty)).expect("local")).unwrap()
+            Message::from_vec(&answer_locally(&z, &query(name, ty), Transport::Udp).expect("local"))
+                .unwrap()
         };
         let a = answer("web.default.svc.cluster.local.", RecordType::A);
         assert_eq!(a.id(), 7);
@@ -338,6 +341,8 @@ mod tests {
         assert_eq!(aaaa.name_servers().len(), 1, "an SOA for negative caching");
         let nx = answer("nope.default.svc.cluster.local.", RecordType::A);
         assert_eq!(nx.response_code(), ResponseCode::NXDomain);
-        assert!(answer_locally(&z, &query("example.org.", RecordType::A)).is_none());
+        assert!(
+            answer_locally(&z, &query("example.org.", RecordType::A), Transport::Udp).is_none()
+        );
     }
 }

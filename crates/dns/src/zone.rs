@@ -60,6 +60,9 @@ pub enum Answer {
 #[derive(Debug, Default)]
 pub struct Zone {
     domain: String,
+    /// `.DOMAIN` and `.pod.DOMAIN`, made once (every query asks).
+    dot_domain: String,
+    pod_suffix: String,
     a: HashMap<String, Vec<Ipv4Addr>>,
     cname: HashMap<String, String>,
     srv: HashMap<String, Vec<(u16, u16, String)>>,
@@ -80,8 +83,11 @@ fn dashed(ip: Ipv4Addr) -> String {
 impl Zone {
     /// An empty zone for `domain` (`cluster.local`).
     pub fn new(domain: &str) -> Self {
+        let domain = normalize(domain);
         Self {
-            domain: normalize(domain),
+            dot_domain: format!(".{domain}"),
+            pod_suffix: format!(".pod.{domain}"),
+            domain,
             ..Default::default()
         }
     }
@@ -226,8 +232,12 @@ impl Zone {
 
     /// Whether `name` is under the cluster domain.
     pub fn is_ours(&self, name: &str) -> bool {
-        let name = normalize(name);
-        name == self.domain || name.ends_with(&format!(".{}", self.domain))
+        let name = name.trim_end_matches('.');
+        name.eq_ignore_ascii_case(&self.domain)
+            || (name.len() > self.dot_domain.len()
+                && name.is_char_boundary(name.len() - self.dot_domain.len())
+                && name[name.len() - self.dot_domain.len()..]
+                    .eq_ignore_ascii_case(&self.dot_domain))
     }
 
     /// The addresses of `name` in the zone (following a CNAME inside it);
@@ -250,6 +260,12 @@ impl Zone {
 
     /// What the zone answers to a query for `name` of `kind`.
     pub fn answer(&self, name: &str, kind: Kind) -> Answer {
+        if !name.ends_with(".in-addr.arpa")
+            && !name.ends_with(".in-addr.arpa.")
+            && !self.is_ours(name)
+        {
+            return Answer::NotOurs;
+        }
         let name = normalize(name);
         if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
             let mut octets: Vec<&str> = rev.split('.').collect();
@@ -318,7 +334,7 @@ impl Zone {
 
     /// `a-b-c-d.ns.pod.DOMAIN`.
     fn pod_address(&self, name: &str) -> Option<Ipv4Addr> {
-        let rest = name.strip_suffix(&format!(".pod.{}", self.domain))?;
+        let rest = name.strip_suffix(self.pod_suffix.as_str())?;
         let (host, ns) = rest.split_once('.')?;
         if ns.is_empty() || ns.contains('.') {
             return None;

@@ -1,0 +1,134 @@
+//! Both ways a pod network is set up, in a network namespace this test makes
+//! for the node (nothing of the machine's network changes): in-process over
+//! netlink (the default) and with the CNI plugins (`--cni-bin`). Each gives
+//! pods distinct addresses on the node's bridge that the node reaches, and
+//! teardown leaves no namespace, veth or address allocation behind.
+
+use std::path::Path;
+use std::process::Command;
+
+use wasmkube_runtime_linux::net::{NetConfig, PodNetwork};
+
+/// The node's namespace, removed on drop.
+struct NodeNs(String);
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+fn in_node<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn veths(node: &str) -> usize {
+    let out = Command::new("ip")
+        .args(["-n", node, "-o", "link", "show", "type", "veth"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn check(cni_bin: Option<&Path>, tag: &str) {
+    let node = format!("wkt-node{tag}-{}", std::process::id());
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &node])
+            .status()
+            .unwrap()
+            .success(),
+        "ip netns add (the test needs root)"
+    );
+    let _node = NodeNs(node.clone());
+    let state = tempfile::tempdir().unwrap();
+    let config = NetConfig {
+        pod_cidr: "10.251.7.0/24".into(),
+        bridge: "wk0".into(),
+        cni_bin: cni_bin.map(Path::to_owned),
+        state_dir: state.path().to_owned(),
+        prefix: format!("wkt-{tag}-{}-", std::process::id()),
+    };
+    in_node(&node, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let network = PodNetwork::new(config).unwrap();
+            network.prepare().await.unwrap();
+            let a = network.setup("pod-a").await.unwrap();
+            let b = network.setup("pod-b").await.unwrap();
+            assert_ne!(a.ip, b.ip);
+            for sb in [&a, &b] {
+                assert!(sb.ip.to_string().starts_with("10.251.7."), "{sb:?}");
+                assert!(sb.netns.exists());
+                // The node reaches the pod.
+                let out = Command::new("busybox")
+                    .args(["ping", "-c", "1", "-W", "5", &sb.ip.to_string()])
+                    .output()
+                    .expect("busybox (scripts/test.sh installs busybox-static)");
+                assert!(out.status.success(), "ping {}: {out:?}", sb.ip);
+            }
+            // Inside, the pod has eth0 with its address and a default route.
+            let out = Command::new("ip")
+                .args(["-n"])
+                .arg(a.netns.file_name().unwrap())
+                .args(["-o", "addr", "show", "dev", "eth0"])
+                .output()
+                .unwrap();
+            let addr = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(addr.contains(&format!("inet {}/24", a.ip)), "{addr}");
+            assert_eq!(veths(&node), 2);
+            let mut ids = network.sandboxes();
+            ids.sort();
+            assert_eq!(ids, ["pod-a", "pod-b"]);
+            network.teardown("pod-a").await;
+            network.teardown("pod-b").await;
+            assert!(!a.netns.exists() && !b.netns.exists());
+            assert!(network.sandboxes().is_empty());
+            // The addresses are free again (the in-process allocator takes
+            // the lowest free one; CNI's host-local goes round the range).
+            let again = network.setup("pod-c").await.unwrap();
+            if cni_bin.is_none() {
+                assert!(again.ip == a.ip || again.ip == b.ip, "{again:?}");
+            }
+            network.teardown("pod-c").await;
+        });
+    });
+    // Namespaces go asynchronously once unmounted; their veths with them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while veths(&node) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(veths(&node), 0, "veths left behind");
+}
+
+#[test]
+fn in_process_netlink() {
+    check(None, "n");
+}
+
+#[test]
+fn cni_plugins() {
+    let bin = Path::new("/usr/lib/cni");
+    assert!(
+        bin.join("bridge").exists(),
+        "the CNI plugins are missing (scripts/test.sh installs containernetworking-plugins)"
+    );
+    check(Some(bin), "c");
+}
