@@ -48,10 +48,10 @@ export WASMKUBE_TEST_VENV=$venv
 
 # A real OCI registry for the image tests (Debian's docker-registry; the
 # tests start their own instances on loopback and stop them), runc for Linux
-# containers, busybox-static for the Linux test image, the CNI plugins for pod
-# networking, nftables for the service proxy (both tested in network
-# namespaces the tests make), dnsperf and dnsmasq for the DNS benchmark's
-# smoke run.
+# containers, busybox-static for the Linux test image, the CNI plugins for
+# the optional CNI path of pod networking (the default path needs nothing),
+# nftables for the service proxy (both tested in network namespaces the
+# tests make), dnsperf and dnsmasq for the DNS benchmark's smoke run.
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v runc >/dev/null 2>&1 || missing+=(runc)

@@ -48,6 +48,50 @@ fn owner(obj: &Value) -> String {
     )
 }
 
+/// Claims node port `np` for `spec.ports[i]` of `obj`: it must be in the
+/// range and free.
+async fn claim_node_port(server: &ApiServer, obj: &Value, i: usize, np: u64) -> ApiResult<u16> {
+    let range = &server.config.node_ports;
+    let field = format!("spec.ports[{i}].nodePort");
+    let port = u16::try_from(np)
+        .ok()
+        .filter(|p| range.contains(p))
+        .ok_or_else(|| {
+            invalid(
+                obj,
+                &field,
+                &np.to_string(),
+                &format!(
+                    "provided port is not in the valid range. The range of valid ports is {}-{}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })?;
+    if !claim(server, format!("{PORT_PREFIX}{port}"), &owner(obj)).await? {
+        return Err(invalid(
+            obj,
+            &field,
+            &np.to_string(),
+            "provided port is already allocated",
+        ));
+    }
+    Ok(port)
+}
+
+/// Claims a free node port from the range.
+async fn any_node_port(server: &ApiServer, obj: &Value) -> ApiResult<u16> {
+    for _ in 0..64 {
+        let np = rand::rng().random_range(server.config.node_ports.clone());
+        if claim(server, format!("{PORT_PREFIX}{np}"), &owner(obj)).await? {
+            return Ok(np);
+        }
+    }
+    Err(ApiError::internal(
+        "failed to allocate a node port: range is full",
+    ))
+}
+
 /// Assigns `spec.clusterIP(s)` and node ports to a new Service.
 pub async fn allocate(server: &ApiServer, obj: &mut Value) -> ApiResult<()> {
     let ty = obj["spec"]["type"]
@@ -105,45 +149,23 @@ pub async fn allocate(server: &ApiServer, obj: &mut Value) -> ApiResult<()> {
     }
     obj["spec"]["clusterIPs"] = json!([obj["spec"]["clusterIP"]]);
     if ty == "NodePort" || ty == "LoadBalancer" {
-        let range = server.config.node_ports.clone();
         let ports = obj["spec"]["ports"].as_array().cloned().unwrap_or_default();
         let mut out = Vec::new();
+        let mut claimed = Vec::new();
         for (i, mut p) in ports.into_iter().enumerate() {
-            match p["nodePort"].as_u64() {
-                Some(np) => {
-                    if np > u16::MAX as u64 || !range.contains(&(np as u16)) {
-                        return Err(invalid(
-                            obj,
-                            &format!("spec.ports[{i}].nodePort"),
-                            &np.to_string(),
-                            &format!(
-                                "provided port is not in the valid range. The range of valid ports is {}-{}",
-                                range.start(),
-                                range.end()
-                            ),
-                        ));
-                    }
-                    if !claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
-                        return Err(invalid(
-                            obj,
-                            &format!("spec.ports[{i}].nodePort"),
-                            &np.to_string(),
-                            "provided port is already allocated",
-                        ));
-                    }
+            let np = match p["nodePort"].as_u64() {
+                Some(np) => claim_node_port(server, obj, i, np).await,
+                None => any_node_port(server, obj).await,
+            };
+            match np {
+                Ok(np) => {
+                    claimed.push(format!("{PORT_PREFIX}{np}"));
+                    p["nodePort"] = json!(np);
                 }
-                None => {
-                    let mut got = None;
-                    for _ in 0..64 {
-                        let np = rand::rng().random_range(range.clone());
-                        if claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
-                            got = Some(np);
-                            break;
-                        }
-                    }
-                    p["nodePort"] = json!(got.ok_or_else(|| ApiError::internal(
-                        "failed to allocate a node port: range is full"
-                    ))?);
+                Err(e) => {
+                    // The ports already taken for this Service go back.
+                    release_keys(server, claimed).await;
+                    return Err(e);
                 }
             }
             out.push(p);
@@ -189,7 +211,6 @@ pub(crate) async fn reallocate(
     new: &mut Value,
 ) -> ApiResult<Reallocation> {
     let mut change = Reallocation::default();
-    let who = owner(new);
     let ty = new["spec"]["type"]
         .as_str()
         .unwrap_or("ClusterIP")
@@ -245,7 +266,6 @@ pub(crate) async fn reallocate(
     let held: Vec<u16> = old_ports.iter().filter_map(node_port_of).collect();
     let mut kept = Vec::new();
     if ty == "NodePort" || ty == "LoadBalancer" {
-        let range = server.config.node_ports.clone();
         let mut ports = new["spec"]["ports"].as_array().cloned().unwrap_or_default();
         for (i, p) in ports.iter_mut().enumerate() {
             let same = |o: &&Value| match (p["name"].as_str(), o["name"].as_str()) {
@@ -259,49 +279,27 @@ pub(crate) async fn reallocate(
                         p["nodePort"] = json!(np);
                         np
                     }
-                    None => {
-                        let mut got = None;
-                        for _ in 0..64 {
-                            let np = rand::rng().random_range(range.clone());
-                            if claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
-                                got = Some(np);
-                                break;
-                            }
+                    None => match any_node_port(server, new).await {
+                        Ok(np) => {
+                            change.claimed.push(format!("{PORT_PREFIX}{np}"));
+                            p["nodePort"] = json!(np);
+                            np
                         }
-                        let np = got.ok_or_else(|| {
-                            ApiError::internal("failed to allocate a node port: range is full")
-                        })?;
-                        change.claimed.push(format!("{PORT_PREFIX}{np}"));
-                        p["nodePort"] = json!(np);
-                        np
-                    }
+                        Err(e) => {
+                            change.undo(server).await;
+                            return Err(e);
+                        }
+                    },
                 },
             };
             if !held.contains(&np) && !change.claimed.contains(&format!("{PORT_PREFIX}{np}")) {
-                let field = format!("spec.ports[{i}].nodePort");
-                if !range.contains(&np) {
-                    change.undo(server).await;
-                    return Err(invalid(
-                        new,
-                        &field,
-                        &np.to_string(),
-                        &format!(
-                            "provided port is not in the valid range. The range of valid ports is {}-{}",
-                            range.start(),
-                            range.end()
-                        ),
-                    ));
+                match claim_node_port(server, new, i, np.into()).await {
+                    Ok(_) => change.claimed.push(format!("{PORT_PREFIX}{np}")),
+                    Err(e) => {
+                        change.undo(server).await;
+                        return Err(e);
+                    }
                 }
-                if !claim(server, format!("{PORT_PREFIX}{np}"), &who).await? {
-                    change.undo(server).await;
-                    return Err(invalid(
-                        new,
-                        &field,
-                        &np.to_string(),
-                        "provided port is already allocated",
-                    ));
-                }
-                change.claimed.push(format!("{PORT_PREFIX}{np}"));
             }
             kept.push(np);
         }

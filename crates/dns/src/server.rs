@@ -79,6 +79,19 @@ fn kind(t: RecordType) -> Kind {
     }
 }
 
+/// An empty response to `request`: its id, opcode and RD flag, recursion
+/// available.
+fn reply(request: &Message) -> Message {
+    let mut response = Message::new();
+    response
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true);
+    response
+}
+
 /// How an answer travels: over UDP it must fit the client's buffer (512
 /// bytes, or its EDNS size), else it is cut to its question with TC set so
 /// the client asks again over TCP.
@@ -95,13 +108,7 @@ pub fn answer_locally(zone: &Zone, query: &[u8], transport: Transport) -> Option
         Ok(m) => m,
         Err(_) => return formerr(query),
     };
-    let mut response = Message::new();
-    response
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true);
+    let mut response = reply(&request);
     let Some(q) = request.queries().first() else {
         response.set_response_code(ResponseCode::FormErr);
         return response.to_vec().ok();
@@ -141,13 +148,8 @@ pub fn answer_locally(zone: &Zone, query: &[u8], transport: Transport) -> Option
     if transport == Transport::Tcp || bytes.len() <= limit {
         return Some(bytes);
     }
-    let mut cut = Message::new();
-    cut.set_id(response.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(response.op_code())
-        .set_authoritative(response.authoritative())
-        .set_recursion_desired(response.recursion_desired())
-        .set_recursion_available(true)
+    let mut cut = reply(&request);
+    cut.set_authoritative(response.authoritative())
         .set_truncated(true)
         .set_response_code(response.response_code());
     for q in response.queries() {
@@ -172,14 +174,8 @@ fn formerr(query: &[u8]) -> Option<Vec<u8>> {
 /// SERVFAIL for a query no upstream answered.
 fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
-    let mut response = Message::new();
-    response
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(ResponseCode::ServFail);
+    let mut response = reply(&request);
+    response.set_response_code(ResponseCode::ServFail);
     for q in request.queries() {
         response.add_query(q.clone());
     }

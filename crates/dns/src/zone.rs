@@ -20,8 +20,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 /// The TTL of the cluster's records (CoreDNS's kubernetes plugin default).
 pub const TTL: u32 = 5;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
 /// One record of an answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -103,34 +101,10 @@ impl Zone {
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Self {
         let mut zone = Self::new(domain);
-        let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-        for s in slices {
-            if s.address_type != "IPv4" {
-                continue;
-            }
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            {
-                by_service
-                    .entry((
-                        s.metadata.namespace.clone().unwrap_or_default(),
-                        svc.clone(),
-                    ))
-                    .or_default()
-                    .push(s);
-            }
-        }
-        for svc in services {
+        for (svc, slices) in wasmkube_proxy::model::with_slices(services, slices) {
             let ns = svc.metadata.namespace.clone().unwrap_or_default();
             let name = svc.metadata.name.clone().unwrap_or_default();
-            let slices = by_service
-                .get(&(ns.clone(), name.clone()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            zone.add_service(svc, &ns, &name, slices);
+            zone.add_service(svc, &ns, &name, &slices);
         }
         zone
     }
@@ -361,7 +335,7 @@ mod tests {
         .map(|v| serde_json::from_value(v).unwrap())
         .collect();
         let slices: Vec<EndpointSlice> = [json!({
-            "metadata": {"name": "db-x", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "db"}},
+            "metadata": {"name": "db-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "db"}},
             "addressType": "IPv4",
             "endpoints": [
                 {"addresses": ["10.244.0.5"], "hostname": "db-0", "conditions": {"ready": true}},

@@ -136,38 +136,49 @@ fn usable(candidates: &[Candidate], only_local: bool) -> Vec<Endpoint> {
     chosen
 }
 
-/// The Service ports of all Services, keyed by name. Slices are grouped by
-/// their Service label; a slice whose Service is unknown is ignored.
+/// Each Service with its IPv4 EndpointSlices (found by their
+/// `kubernetes.io/service-name` label), in the order of `services`.
+pub fn with_slices<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<(&'a Service, Vec<&'a EndpointSlice>)> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices {
+        if s.address_type != "IPv4" {
+            continue;
+        }
+        if let Some(service) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            by_service
+                .entry((ns, service.as_str()))
+                .or_default()
+                .push(s);
+        }
+    }
+    services
+        .into_iter()
+        .map(|svc| {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            (svc, by_service.remove(&(ns, name)).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The Service ports of all Services, keyed by name.
 pub fn service_ports<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &str,
 ) -> BTreeMap<PortName, ServicePort> {
-    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
-    for s in slices {
-        if s.address_type != "IPv4" {
-            continue;
-        }
-        let Some(service) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
-        by_service.entry((ns, service.clone())).or_default().push(s);
-    }
     let mut out = BTreeMap::new();
-    for svc in services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let slices = by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        for p in service(svc, slices, node) {
+    for (svc, slices) in with_slices(services, slices) {
+        for p in service(svc, &slices, node) {
             out.insert(p.name.clone(), p);
         }
     }
