@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use wasmkube_proxy::{NodeNetwork, model, nft};
@@ -64,45 +64,17 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
-/// A network namespace for the run, removed on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     wasmkube_proxy::check().context("the proxy benchmark programs nftables")?;
-    let ns = Netns(format!("wkb-proxy-{}", std::process::id()));
-    if !std::process::Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()?
-        .success()
-    {
-        bail!("ip netns add {} failed", ns.0);
-    }
-    let path = format!("/run/netns/{}", ns.0);
-    // The work runs on a thread inside the namespace, so `nft` (started
-    // from it) programs the namespace, not the machine.
-    let result = std::thread::spawn(move || -> anyhow::Result<()> {
-        let file = std::fs::File::open(&path)?;
-        rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&file),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        let rt = tokio::runtime::Builder::new_current_thread()
+    // The work runs on a thread inside a namespace of its own, so `nft`
+    // (started from it) programs the namespace, not the machine.
+    let ns = wasmkube_testkit::TestNetns::new("wkb-proxy");
+    ns.run(|| {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
-        rt.block_on(measure(&args))
+            .build()?
+            .block_on(measure(&args))
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the benchmark thread panicked"))?;
-    drop(ns);
-    result
 }
 
 async fn measure(args: &Args) -> anyhow::Result<()> {

@@ -8,47 +8,6 @@ use std::process::Command;
 use wasmkube_proxy::model::{Endpoint, PortName, Protocol, ServicePort};
 use wasmkube_proxy::{NodeNetwork, nft};
 
-/// A network namespace, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("wkp-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add (the test needs root)");
-        Self(name)
-    }
-
-    /// Runs `f` on a thread inside the namespace (processes it starts are
-    /// in it too).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
-                rustix::thread::move_into_link_name_space(
-                    std::os::fd::AsFd::as_fd(&file),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )
-                .unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
 fn port(endpoints: &[&str], node_port: Option<u16>, affinity: Option<u32>) -> ServicePort {
     let endpoints: Vec<Endpoint> = endpoints
         .iter()
@@ -95,7 +54,7 @@ fn table() -> String {
 
 #[test]
 fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
-    let ns = Netns::new();
+    let ns = wasmkube_testkit::TestNetns::new("wkp");
     let net = NodeNetwork {
         cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
         service_cidr: "10.96.0.0/12".parse().unwrap(),

@@ -9,33 +9,6 @@ use std::process::Command;
 
 use wasmkube_runtime_linux::net::{NetConfig, PodNetwork};
 
-/// The node's namespace, removed on drop.
-struct NodeNs(String);
-
-impl Drop for NodeNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-fn in_node<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&file),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn veths(node: &str) -> usize {
     let out = Command::new("ip")
         .args(["-n", node, "-o", "link", "show", "type", "veth"])
@@ -45,16 +18,8 @@ fn veths(node: &str) -> usize {
 }
 
 fn check(cni_bin: Option<&Path>, tag: &str) {
-    let node = format!("wkt-node{tag}-{}", std::process::id());
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &node])
-            .status()
-            .unwrap()
-            .success(),
-        "ip netns add (the test needs root)"
-    );
-    let _node = NodeNs(node.clone());
+    let node_ns = wasmkube_testkit::TestNetns::new(&format!("wkt-node{tag}"));
+    let node = node_ns.name().to_owned();
     let state = tempfile::tempdir().unwrap();
     let config = NetConfig {
         pod_cidr: "10.251.7.0/24".into(),
@@ -63,7 +28,7 @@ fn check(cni_bin: Option<&Path>, tag: &str) {
         state_dir: state.path().to_owned(),
         prefix: format!("wkt-{tag}-{}-", std::process::id()),
     };
-    in_node(&node, || {
+    node_ns.run(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

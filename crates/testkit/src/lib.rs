@@ -241,3 +241,52 @@ pub fn busybox_image(user: Option<&str>) -> (Vec<u8>, Vec<u8>) {
     }
     (layer, serde_json::to_vec(&config).expect("config"))
 }
+
+/// A network namespace a test makes (`ip netns add`, so the test needs
+/// root) and removes on drop: a node of its own, whose routes and rules are
+/// not the machine's.
+#[derive(Debug)]
+pub struct TestNetns(String);
+
+impl TestNetns {
+    /// A namespace named `name` and this process's id.
+    pub fn new(name: &str) -> Self {
+        let name = format!("{name}-{}", std::process::id());
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("iproute2");
+        assert!(made.success(), "ip netns add {name} (the test needs root)");
+        Self(name)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Runs `f` on a thread inside the namespace; processes it starts, and
+    /// threads and sockets it makes, are in the namespace too.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&file),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
