@@ -187,7 +187,7 @@ impl PodNetwork {
             let path = self.netns_path(id);
             let plugged = async {
                 let ip = ipam.allocate(id)?;
-                netlink::create_netns(&path)?;
+                netlink::create_netns(&path).await?;
                 netlink::plug(
                     &path,
                     &self.name(id),

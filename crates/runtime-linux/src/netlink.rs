@@ -12,7 +12,10 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::Error;
 
@@ -85,8 +88,9 @@ pub(crate) async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> 
 }
 
 /// Creates the named network namespace at `path` (`ip netns add`): a
-/// thread of its own unshares a new one and bind-mounts it there.
-pub(crate) fn create_netns(path: &Path) -> Result<(), Error> {
+/// thread of its own unshares a new one and bind-mounts it there, while the
+/// caller's task waits without holding a runtime thread.
+pub(crate) async fn create_netns(path: &Path) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("/run/netns"));
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     std::fs::OpenOptions::new()
@@ -95,19 +99,25 @@ pub(crate) fn create_netns(path: &Path) -> Result<(), Error> {
         .open(path)
         .map_err(Error::io(path))?;
     let target = path.to_owned();
-    let made = std::thread::spawn(move || -> std::io::Result<()> {
-        // SAFETY: only the network namespace is unshared, on a thread that
-        // does nothing else and ends right after: no file descriptor table
-        // or other state shared with other threads changes.
-        #[allow(unsafe_code)]
-        unsafe {
-            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET)?;
-        }
-        rustix::mount::mount_bind("/proc/thread-self/ns/net", &target)?;
-        Ok(())
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")));
+    let (done, made) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> std::io::Result<()> {
+            // SAFETY: only the network namespace is unshared, on a thread
+            // that does nothing else and ends right after: no file
+            // descriptor table or other state shared with other threads
+            // changes.
+            #[allow(unsafe_code)]
+            unsafe {
+                rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET)?;
+            }
+            rustix::mount::mount_bind("/proc/thread-self/ns/net", &target)?;
+            Ok(())
+        })();
+        let _ = done.send(result);
+    });
+    let made = made
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")));
     if let Err(e) = made {
         let _ = std::fs::remove_file(path);
         return Err(Error::Setup(format!(
@@ -156,43 +166,30 @@ pub(crate) async fn plug(
 ) -> Result<(), Error> {
     let node = connect()?;
     let host = host_veth(netns_name);
-    // The pod end gets a temporary name: names are per namespace, but both
-    // ends start in the node's.
-    let peer = format!("wp{}", &host[2..]);
-    node.link()
-        .add(LinkVeth::new(&host, &peer).build())
-        .execute()
-        .await
-        .map_err(setup_err("creating the pod's veth"))?;
-    let ns_file = std::fs::File::open(netns).map_err(Error::io(netns))?;
-    let peer_index = index_of(&node, &peer)
-        .await?
-        .ok_or_else(|| Error::Setup(format!("the veth end {peer} vanished")))?;
-    node.link()
-        .set(
-            LinkUnspec::new_with_index(peer_index)
-                .setns_by_fd(ns_file.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(setup_err("moving the veth into the pod's namespace"))?;
     let bridge_index = index_of(&node, bridge)
         .await?
         .ok_or_else(|| Error::Setup(format!("the bridge {bridge} is gone")))?;
-    let host_index = index_of(&node, &host)
-        .await?
-        .ok_or_else(|| Error::Setup(format!("the veth end {host} vanished")))?;
+    // The pod end is made inside the pod's namespace, already named eth0,
+    // and the node end on the bridge and up, in one request: moving a link
+    // between namespaces afterwards waits for an RCU grace period (~20 ms).
+    let ns_file = std::fs::File::open(netns).map_err(Error::io(netns))?;
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name("eth0".into())
+        .setns_by_fd(ns_file.as_raw_fd())
+        .build();
     node.link()
-        .set(
-            LinkUnspec::new_with_index(host_index)
+        .add(
+            LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(host.clone())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
                 .controller(bridge_index)
                 .up()
                 .build(),
         )
         .execute()
         .await
-        .map_err(setup_err("plugging the veth into the bridge"))?;
+        .map_err(setup_err("creating the pod's veth"))?;
+    drop(ns_file);
 
     let pod = connect_in(netns)?;
     let lo = index_of(&pod, "lo")
@@ -203,14 +200,9 @@ pub(crate) async fn plug(
         .execute()
         .await
         .map_err(setup_err("bringing the pod's loopback up"))?;
-    let eth = index_of(&pod, &peer)
+    let eth = index_of(&pod, "eth0")
         .await?
-        .ok_or_else(|| Error::Setup(format!("{peer} did not arrive in the pod")))?;
-    pod.link()
-        .set(LinkUnspec::new_with_index(eth).name("eth0".into()).build())
-        .execute()
-        .await
-        .map_err(setup_err("naming the pod's eth0"))?;
+        .ok_or_else(|| Error::Setup("eth0 did not arrive in the pod".into()))?;
     pod.address()
         .add(eth, IpAddr::V4(ip), prefix)
         .execute()
