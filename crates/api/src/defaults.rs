@@ -193,6 +193,60 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 }
             }
         }
+        "Gateway" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                for l in each_mut(spec, "listeners") {
+                    default_at(l, &["allowedRoutes", "namespaces", "from"], json!("Same"));
+                    if let Some(tls) = l.get_mut("tls").filter(|t| t.is_object()) {
+                        default_at(tls, &["mode"], json!("Terminate"));
+                        for r in each_mut(tls, "certificateRefs") {
+                            default_at(r, &["group"], json!(""));
+                            default_at(r, &["kind"], json!("Secret"));
+                        }
+                    }
+                }
+            }
+        }
+        "HTTPRoute" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                for p in each_mut(spec, "parentRefs") {
+                    default_at(p, &["group"], json!(crate::gateway_api::GROUP));
+                    default_at(p, &["kind"], json!("Gateway"));
+                }
+                default_at(spec, &["rules"], json!([{}]));
+                for rule in each_mut(spec, "rules") {
+                    if rule
+                        .get("matches")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty)
+                    {
+                        if let Some(r) = rule.as_object_mut() {
+                            r.insert("matches".into(), json!([{}]));
+                        }
+                    }
+                    for m in each_mut(rule, "matches") {
+                        default_at(m, &["path", "type"], json!("PathPrefix"));
+                        default_at(m, &["path", "value"], json!("/"));
+                        for h in each_mut(m, "headers") {
+                            default_at(h, &["type"], json!("Exact"));
+                        }
+                        for q in each_mut(m, "queryParams") {
+                            default_at(q, &["type"], json!("Exact"));
+                        }
+                    }
+                    for b in each_mut(rule, "backendRefs") {
+                        default_at(b, &["group"], json!(""));
+                        default_at(b, &["kind"], json!("Service"));
+                        default_at(b, &["weight"], json!(1));
+                    }
+                    for f in each_mut(rule, "filters") {
+                        if let Some(r) = f.get_mut("requestRedirect").filter(|r| r.is_object()) {
+                            default_at(r, &["statusCode"], json!(302));
+                        }
+                    }
+                }
+            }
+        }
         "PriorityClass" => default_at(obj, &["preemptionPolicy"], json!("PreemptLowerPriority")),
         "Secret" => {
             default_at(obj, &["type"], json!("Opaque"));

@@ -8,6 +8,7 @@
 
 pub mod defaults;
 pub mod field;
+pub mod gateway_api;
 pub mod names;
 pub mod quantity;
 pub mod registry;

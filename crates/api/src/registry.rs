@@ -120,6 +120,7 @@ impl ResourceType {
 use Subresource::*;
 
 const ALL: &[&str] = &["all"];
+const GATEWAY_API: &[&str] = &["gateway-api"];
 
 macro_rules! resource {
     ($group:literal, $version:literal, $kind:literal, $plural:literal, $singular:literal, $namespaced:literal, [$($short:literal),*], $cats:expr, [$($sub:ident),*]) => {
@@ -284,6 +285,61 @@ pub static RESOURCES: &[ResourceType] = &[
         [],
         &[],
         []
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+        "ingress",
+        true,
+        ["ing"],
+        &[],
+        [Status]
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
+        "IngressClass",
+        "ingressclasses",
+        "ingressclass",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "gateway.networking.k8s.io",
+        "v1",
+        "GatewayClass",
+        "gatewayclasses",
+        "gatewayclass",
+        false,
+        ["gc"],
+        GATEWAY_API,
+        [Status]
+    ),
+    resource!(
+        "gateway.networking.k8s.io",
+        "v1",
+        "Gateway",
+        "gateways",
+        "gateway",
+        true,
+        ["gtw"],
+        GATEWAY_API,
+        [Status]
+    ),
+    resource!(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
+        "httproute",
+        true,
+        [],
+        GATEWAY_API,
+        [Status]
     ),
     resource!(
         "node.k8s.io",

@@ -261,6 +261,54 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Holder", "string", "The holder of the lease."),
             AGE,
         ],
+        "Ingress" => vec![
+            NAME,
+            col("Class", "string", "The name of the IngressClass resource."),
+            col(
+                "Hosts",
+                "string",
+                "Hosts that incoming requests are matched against.",
+            ),
+            col(
+                "Address",
+                "string",
+                "Address is a list of IPs the ingress is reachable at.",
+            ),
+            col("Ports", "string", "Ports of TLS configurations that open."),
+            AGE,
+        ],
+        "IngressClass" => vec![
+            NAME,
+            col(
+                "Controller",
+                "string",
+                "Controller that implements the class.",
+            ),
+            col(
+                "Parameters",
+                "string",
+                "A reference to a resource with additional parameters.",
+            ),
+            AGE,
+        ],
+        "GatewayClass" => vec![
+            NAME,
+            col("Controller", "string", "The controller of the class."),
+            col("Accepted", "string", "The Accepted condition's status."),
+            AGE,
+        ],
+        "Gateway" => vec![
+            NAME,
+            col("Class", "string", "The GatewayClass of the Gateway."),
+            col("Address", "string", "The first address the Gateway has."),
+            col("Programmed", "string", "The Programmed condition's status."),
+            AGE,
+        ],
+        "HTTPRoute" => vec![
+            NAME,
+            col("Hostnames", "string", "The hostnames the route matches."),
+            AGE,
+        ],
         "EndpointSlice" => vec![
             NAME,
             col(
@@ -369,6 +417,17 @@ fn s(v: &Value) -> String {
 
 fn int(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
+}
+
+/// The status of the condition `ty` in `status.conditions`, or `Unknown`.
+fn condition_status(status: &Value, ty: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == ty)
+        .map(|c| s(&c["status"]))
+        .unwrap_or_else(|| "Unknown".into())
 }
 
 fn or_none(v: String) -> String {
@@ -847,6 +906,64 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             row
         }
         "Lease" => vec![name, json!(or_none(s(&spec["holderIdentity"]))), age],
+        "Ingress" => {
+            let hosts: Vec<String> = spec["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["host"].as_str().map(str::to_owned))
+                .collect();
+            let addresses: Vec<String> = status["loadBalancer"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| s(&i["ip"]) + &s(&i["hostname"]))
+                .collect();
+            let tls = spec["tls"].as_array().is_some_and(|t| !t.is_empty());
+            vec![
+                name,
+                json!(or_none(s(&spec["ingressClassName"]))),
+                json!(if hosts.is_empty() {
+                    "*".to_owned()
+                } else {
+                    hosts.join(",")
+                }),
+                json!(addresses.join(",")),
+                json!(if tls { "80, 443" } else { "80" }),
+                age,
+            ]
+        }
+        "IngressClass" => {
+            let params = &spec["parameters"];
+            let params = if params.is_object() {
+                format!("{}/{}", s(&params["kind"]), s(&params["name"]))
+            } else {
+                "<none>".into()
+            };
+            vec![name, json!(s(&spec["controller"])), json!(params), age]
+        }
+        "GatewayClass" => vec![
+            name,
+            json!(s(&spec["controllerName"])),
+            json!(condition_status(status, "Accepted")),
+            age,
+        ],
+        "Gateway" => vec![
+            name,
+            json!(s(&spec["gatewayClassName"])),
+            json!(s(&status["addresses"][0]["value"])),
+            json!(condition_status(status, "Programmed")),
+            age,
+        ],
+        "HTTPRoute" => {
+            let hosts: Vec<String> = spec["hostnames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            vec![name, json!(hosts.join(",")), age]
+        }
         "EndpointSlice" => {
             let ports: Vec<String> = obj["ports"]
                 .as_array()

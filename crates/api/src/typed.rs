@@ -4,12 +4,14 @@
 
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, node::v1 as node, scheduling::v1 as scheduling,
+    discovery::v1 as discovery, networking::v1 as networking, node::v1 as node,
+    scheduling::v1 as scheduling,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::gateway_api as gateway;
 use crate::registry::ResourceType;
 
 /// A body that does not decode into its kind.
@@ -66,6 +68,11 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "EndpointSlice" => discovery::EndpointSlice,
         "RuntimeClass" => node::RuntimeClass,
         "PriorityClass" => scheduling::PriorityClass,
+        "Ingress" => networking::Ingress,
+        "IngressClass" => networking::IngressClass,
+        "GatewayClass" => gateway::GatewayClass,
+        "Gateway" => gateway::Gateway,
+        "HTTPRoute" => gateway::HTTPRoute,
     })?;
     let mut unknown_fields = Vec::new();
     collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);
@@ -90,6 +97,10 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
         "DaemonSet" => round_trip::<apps::DaemonSetStatus>(status),
         "Job" => round_trip::<batch::JobStatus>(status),
         "CronJob" => round_trip::<batch::CronJobStatus>(status),
+        "Ingress" => round_trip::<networking::IngressStatus>(status),
+        "GatewayClass" => round_trip::<gateway::GatewayClassStatus>(status),
+        "Gateway" => round_trip::<gateway::GatewayStatus>(status),
+        "HTTPRoute" => round_trip::<gateway::HTTPRouteStatus>(status),
         _ => return None,
     };
     Some(

@@ -8,15 +8,19 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::apps::v1 as apps;
 use k8s_openapi::api::batch::v1 as batch;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::Value;
 
 use crate::field::{Errors, FieldError};
+use crate::gateway_api as gw;
 use crate::names;
 use crate::quantity;
 use crate::registry::ResourceType;
 use crate::selectors;
 use crate::typed::decode_as;
+
+mod routing;
 
 /// Largest total size of an object's annotations, as Kubernetes enforces.
 const TOTAL_ANNOTATION_SIZE_LIMIT: usize = 256 * 1024;
@@ -48,6 +52,11 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
+        "Ingress" => typed!(networking::Ingress, routing::validate_ingress),
+        "IngressClass" => typed!(networking::IngressClass, routing::validate_ingress_class),
+        "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
+        "Gateway" => typed!(gw::Gateway, routing::validate_gateway),
+        "HTTPRoute" => typed!(gw::HTTPRoute, routing::validate_http_route),
         _ => {}
     }
     errs.0

@@ -1,7 +1,8 @@
 //! Mutating admission that needs other objects: a pod's priority from its
 //! PriorityClass (or the global default), and its RuntimeClass's overhead and
 //! scheduling constraints, as Kubernetes' Priority and RuntimeClass admission
-//! plugins do.
+//! plugins do; an Ingress's class from the default IngressClass, as the
+//! DefaultIngressClass plugin does.
 
 use serde_json::{Value, json};
 use wasmkube_api::registry::{self, ResourceType};
@@ -40,6 +41,43 @@ async fn get(server: &ApiServer, rt: &ResourceType, name: &str) -> ApiResult<Opt
         .map_err(|e| ApiError::from_store(e, rt, name))?;
     kv.map(|kv| decode_stored(&kv).map_err(ApiError::internal))
         .transpose()
+}
+
+/// The annotation marking the default IngressClass.
+pub(crate) const DEFAULT_INGRESS_CLASS: &str = "ingressclass.kubernetes.io/is-default-class";
+
+/// Admits a new Ingress: one without `spec.ingressClassName` gets the
+/// default IngressClass's name (the newest, if several are marked default).
+pub(crate) async fn ingress(server: &ApiServer, ingress: &mut Value) -> ApiResult<()> {
+    if !ingress["spec"]["ingressClassName"].is_null() {
+        return Ok(());
+    }
+    let classes = registry::lookup("networking.k8s.io", "v1", "ingressclasses")
+        .expect("ingressclasses served");
+    let listed = server
+        .store
+        .list(&classes.key_prefix(), Default::default())
+        .await
+        .map_err(|e| ApiError::from_store(e, classes, ""))?;
+    let default = listed
+        .items
+        .iter()
+        .filter_map(|kv| decode_stored(kv).ok())
+        .filter(|c| c["metadata"]["annotations"][DEFAULT_INGRESS_CLASS] == "true")
+        .max_by(|a, b| {
+            let created = |c: &Value| {
+                c["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .map(str::to_owned)
+            };
+            created(a).cmp(&created(b))
+        });
+    if let Some(class) = default
+        && let Some(spec) = ingress.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.insert("ingressClassName".into(), class["metadata"]["name"].clone());
+    }
+    Ok(())
 }
 
 fn forbidden(pod: &Value, message: String) -> ApiError {

@@ -131,6 +131,7 @@ impl ApiServer {
         }
         node_proxy::ensure_token(&server).await?;
         services::ensure_system_services(&server).await?;
+        ensure_routing_classes(&server).await?;
         Ok(server)
     }
 
@@ -234,4 +235,41 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             .unwrap_or_else(|e| e.into_response());
     }
     rest::handle(server, parts.method, parts.uri, parts.headers, body).await
+}
+
+/// The controller name of the built-in gateway, in its IngressClass and
+/// GatewayClass.
+pub const GATEWAY_CONTROLLER: &str = "wasmkube.dev/gateway";
+
+/// The built-in gateway's classes, both named `wasmkube`: the IngressClass
+/// (the default class) and the GatewayClass. A user may change or delete
+/// them; they are made again only when missing at start.
+async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError> {
+    let ingress_class = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+        "metadata": {"name": "wasmkube",
+                     "annotations": {admission::DEFAULT_INGRESS_CLASS: "true"}},
+        "spec": {"controller": GATEWAY_CONTROLLER},
+    });
+    let gateway_class = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+        "metadata": {"name": "wasmkube"},
+        "spec": {"controllerName": GATEWAY_CONTROLLER,
+                 "description": "The gateway built into every wasmkube node"},
+    });
+    for (plural, group, body) in [
+        ("ingressclasses", "networking.k8s.io", ingress_class),
+        (
+            "gatewayclasses",
+            wasmkube_api::gateway_api::GROUP,
+            gateway_class,
+        ),
+    ] {
+        let rt = registry::lookup(group, "v1", plural).expect("routing classes are served");
+        match rest::create_internal(server, rt, None, body).await {
+            Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -12,11 +12,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, node::v1 as node, scheduling::v1 as scheduling,
+    discovery::v1 as discovery, networking::v1 as networking, node::v1 as node,
+    scheduling::v1 as scheduling,
 };
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
+use wasmkube_api::gateway_api as gateway;
 use wasmkube_api::registry::{self, ResourceType};
 
 use crate::error::ApiError;
@@ -60,6 +62,11 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "EndpointSlice" => add::<discovery::EndpointSlice>(g),
         "RuntimeClass" => add::<node::RuntimeClass>(g),
         "PriorityClass" => add::<scheduling::PriorityClass>(g),
+        "Ingress" => add::<networking::Ingress>(g),
+        "IngressClass" => add::<networking::IngressClass>(g),
+        "GatewayClass" => add::<gateway::GatewayClass>(g),
+        "Gateway" => add::<gateway::Gateway>(g),
+        "HTTPRoute" => add::<gateway::HTTPRoute>(g),
         other => unreachable!("no schema for served kind {other}"),
     }
 }

@@ -709,6 +709,7 @@ impl Ctx<'_> {
         match self.rt().kind {
             "Service" => crate::services::allocate(self.server, &mut obj).await?,
             "Pod" => crate::admission::pod(self.server, &mut obj).await?,
+            "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
             _ => {}
         }
         fields::record_update(

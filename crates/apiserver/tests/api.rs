@@ -1017,3 +1017,148 @@ async fn events_select_by_involved_object() {
     let table: Value = resp.json().await.unwrap();
     assert_eq!(table["rows"][0]["cells"][3], "pod/web-1");
 }
+
+#[tokio::test]
+async fn routing_kinds_are_served_defaulted_and_validated() {
+    let c = start().await;
+    let (code, class) = c
+        .get("/apis/networking.k8s.io/v1/ingressclasses/wasmkube")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(class["spec"]["controller"], "wasmkube.dev/gateway");
+    let (code, gc) = c
+        .get("/apis/gateway.networking.k8s.io/v1/gatewayclasses/wasmkube")
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(gc["spec"]["controllerName"], "wasmkube.dev/gateway");
+
+    // An Ingress without a class gets the default one; one without any
+    // backend is refused with the field.
+    let ingresses = "/apis/networking.k8s.io/v1/namespaces/default/ingresses";
+    let (code, ing) = c
+        .post(
+            ingresses,
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "web"},
+                   "spec": {"rules": [{"host": "web.example.com", "http": {"paths": [
+                       {"path": "/", "pathType": "Prefix",
+                        "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{ing}");
+    assert_eq!(ing["spec"]["ingressClassName"], "wasmkube");
+    let (code, err) = c
+        .post(
+            ingresses,
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "empty"}, "spec": {}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(err["details"]["causes"][0]["field"], "spec", "{err}");
+    let (code, err) = c
+        .post(
+            ingresses,
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                   "metadata": {"name": "nopath"},
+                   "spec": {"rules": [{"http": {"paths": [
+                       {"path": "/", "pathType": "Sideways",
+                        "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        err["details"]["causes"][0]["field"],
+        "spec.rules[0].http.paths[0].pathType"
+    );
+
+    // An HTTPRoute gets the schema's defaults; a bad regex or a Service
+    // backend without a port is a 422 naming the field.
+    let routes = "/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes";
+    let (code, route) = c
+        .post(
+            routes,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": "r"},
+                   "spec": {"parentRefs": [{"name": "gw"}],
+                            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{route}");
+    let rule = &route["spec"]["rules"][0];
+    assert_eq!(
+        rule["matches"][0]["path"],
+        json!({"type": "PathPrefix", "value": "/"})
+    );
+    assert_eq!(rule["backendRefs"][0]["weight"], 1);
+    assert_eq!(rule["backendRefs"][0]["kind"], "Service");
+    assert_eq!(route["spec"]["parentRefs"][0]["kind"], "Gateway");
+    let (code, err) = c
+        .post(
+            routes,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": "bad"},
+                   "spec": {"rules": [
+                       {"matches": [{"path": {"type": "RegularExpression", "value": "/(a"}}],
+                        "backendRefs": [{"name": "web"}]}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = err["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.rules[0].matches[0].path.value",
+            "spec.rules[0].backendRefs[0].port"
+        ],
+        "{err}"
+    );
+    let (code, _) = c.get(&format!("{routes}/bad")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    // kubectl's table for Gateways and the discovery of the group.
+    let (code, gw) = c
+        .post(
+            "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "gw"},
+                   "spec": {"gatewayClassName": "wasmkube",
+                            "listeners": [{"name": "http", "port": 8080, "protocol": "HTTP"}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{gw}");
+    assert_eq!(
+        gw["spec"]["listeners"][0]["allowedRoutes"]["namespaces"]["from"],
+        "Same"
+    );
+    let (code, err) = c
+        .post(
+            "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                   "metadata": {"name": "tls"},
+                   "spec": {"gatewayClassName": "wasmkube",
+                            "listeners": [{"name": "https", "port": 8443, "protocol": "HTTPS"}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        err["details"]["causes"][0]["field"],
+        "spec.listeners[0].tls"
+    );
+    let (code, disc) = c.get("/apis/gateway.networking.k8s.io/v1").await;
+    assert_eq!(code, StatusCode::OK);
+    let kinds: Vec<&str> = disc["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    for kind in ["GatewayClass", "Gateway", "HTTPRoute"] {
+        assert!(kinds.contains(&kind), "{disc}");
+    }
+}
