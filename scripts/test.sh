@@ -51,7 +51,8 @@ export WASMKUBE_TEST_VENV=$venv
 # containers, busybox-static for the Linux test image, the CNI plugins for
 # the optional CNI path of pod networking (the default path needs nothing),
 # nftables for the service proxy (both tested in network namespaces the
-# tests make), dnsperf and dnsmasq for the DNS benchmark's smoke run.
+# tests make), dnsperf and dnsmasq for the DNS benchmark's smoke run, curl
+# and openssl for the gateway's end-to-end test (HTTP/2, TLS).
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
@@ -62,6 +63,8 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v dnsperf >/dev/null 2>&1 || missing+=(dnsperf)
 command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   sudo_cmd=""

@@ -98,6 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &max_pods,
             "--no-pod-network",
             "--no-service-proxy",
+            "--no-gateway",
             "--data-dir",
         ])
         .arg(dir.path())

@@ -180,6 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "bench-http",
                 "--no-pod-network",
                 "--no-service-proxy",
+                "--no-gateway",
             ],
         )
         .await?;
@@ -194,7 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
         let measured = async {
             let proxy = wasmkube_proxy::check().is_ok();
-            let mut flags = vec!["--node-name", "bench-http-ip"];
+            let mut flags = vec!["--node-name", "bench-http-ip", "--no-gateway"];
             if !proxy {
                 flags.push("--no-service-proxy");
             }

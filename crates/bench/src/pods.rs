@@ -59,6 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--max-pods",
         &max_pods,
         "--no-service-proxy",
+        "--no-gateway",
     ];
     if !args.pod_network {
         flags.push("--no-pod-network");

@@ -20,8 +20,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut times = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..args.runs {
-        let (server, ready) =
-            ChildServer::start_with(&binary, &["--no-pod-network", "--no-service-proxy"]).await?;
+        let (server, ready) = ChildServer::start_with(
+            &binary,
+            &["--no-pod-network", "--no-service-proxy", "--no-gateway"],
+        )
+        .await?;
         times.push(ready);
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss.push(rss_kib(server.child.id())?);

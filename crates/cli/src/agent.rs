@@ -78,6 +78,30 @@ pub struct NodeArgs {
     /// The cluster's DNS domain: Services are `NAME.NAMESPACE.svc.DOMAIN`.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+
+    /// The port of the node's address on which the built-in gateway serves
+    /// Ingresses (`:PORT` or `PORT`; ports below 1024 need root). Gateways'
+    /// listeners open their own ports.
+    #[arg(long, default_value = ":80", value_parser = listen_port, value_name = ":PORT")]
+    pub gateway_listen: u16,
+
+    /// The port for Ingresses with `tls`.
+    #[arg(long, default_value = ":443", value_parser = listen_port, value_name = ":PORT")]
+    pub gateway_https_listen: u16,
+
+    /// Run no gateway on this node: Ingresses and Gateways are not served
+    /// from it.
+    #[arg(long)]
+    pub no_gateway: bool,
+}
+
+/// `:8080` or `8080`.
+pub fn listen_port(s: &str) -> Result<u16, String> {
+    s.trim_start_matches(':')
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?} is not a port like :8080"))
 }
 
 pub fn port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -109,12 +133,16 @@ pub struct NodeServices {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
+    gateway: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl NodeServices {
     /// Stops them; the proxy removes its rules and routes.
     pub async fn stop(self) {
-        if let Some((stop, task)) = self.proxy {
+        for (stop, task) in self.proxy.into_iter().chain(self.gateway) {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
@@ -137,7 +165,12 @@ impl NodeArgs {
     /// and `nft`; without them (or with --no-service-proxy) Services are not
     /// routed from this node and DNS is answered in-process to Wasm guests
     /// only.
-    pub fn start_services(&self, client: &kube::Client, node: &str) -> NodeServices {
+    pub fn start_services(
+        &self,
+        client: &kube::Client,
+        node: &str,
+        address: IpAddr,
+    ) -> NodeServices {
         let (watch, drive) = wasmkube_proxy::ServiceWatch::new(client);
         let mut tasks = vec![tokio::spawn(drive)];
         let dns = self.cluster_dns();
@@ -171,6 +204,7 @@ impl NodeArgs {
             };
             let config = wasmkube_proxy::Config::new(node, network);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let watch = watch.clone();
             let task = tokio::spawn(async move {
                 let shutdown = async {
                     let _ = stopped.await;
@@ -181,6 +215,19 @@ impl NodeArgs {
             });
             (stop, task)
         });
+        let gateway = (!self.no_gateway).then(|| {
+            let config = wasmkube_gateway::Config {
+                address,
+                ingress_http_port: Some(self.gateway_listen),
+                ingress_https_port: Some(self.gateway_https_listen),
+            };
+            let (client, watch) = (client.clone(), watch.clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(wasmkube_gateway::run(client, watch, config, async {
+                let _ = stopped.await;
+            }));
+            (stop, task)
+        });
         NodeServices {
             cluster_dns: wasmkube_node::ClusterDns {
                 address: dns,
@@ -189,6 +236,7 @@ impl NodeArgs {
             },
             tasks,
             proxy,
+            gateway,
         }
     }
 
@@ -256,7 +304,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         config.labels.insert(k.into(), v.into());
     }
     args.node.apply(&mut config);
-    let services = args.node.start_services(&client, &name);
+    let services = args.node.start_services(&client, &name, args.address);
     config.cluster_dns = Some(services.cluster_dns.clone());
     let agent = wasmkube_node::Agent::start(client.clone(), config)
         .await

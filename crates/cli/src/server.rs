@@ -175,7 +175,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         };
         tokio::spawn(async move {
             let result = elector
-                .run(|| wasmkube_controllers::run_all(client.clone(), config.clone()))
+                .run(|| async {
+                    // The gateway's status writer is one of the controllers.
+                    let gateway_status = async {
+                        if let Err(e) = wasmkube_gateway::status::run(client.clone()).await {
+                            tracing::error!(error = %e, "the gateway status writer stopped");
+                        }
+                    };
+                    tokio::select! {
+                        r = wasmkube_controllers::run_all(client.clone(), config.clone()) => r,
+                        () = gateway_status => Ok(()),
+                    }
+                })
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "the controllers stopped");
@@ -208,7 +219,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.address = args.node_address;
         config.listen = std::net::SocketAddr::new(args.node_address, 0);
         args.node.apply(&mut config);
-        let services = args.node.start_services(&client, &name);
+        let services = args.node.start_services(&client, &name, args.node_address);
         config.cluster_dns = Some(services.cluster_dns.clone());
         let agent = wasmkube_node::Agent::start(client.clone(), config)
             .await

@@ -843,6 +843,307 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     let seen = greetings(20);
     assert_eq!(seen.len(), 1, "a client with affinity reached {seen:?}");
 
+    // The built-in gateway (every node serves it): Ingress host and path
+    // routing and TLS with a Secret's certificate, a Gateway's listener with
+    // a 90/10 HTTPRoute split, header matches, response header filters, a
+    // redirect, and a route to a missing Service (500 and ResolvedRefs=False
+    // for that route only). The two replicas get a Service each.
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "fn-svc",
+            "-p",
+            r#"{"spec":{"sessionAffinity":"None"}}"#,
+        ],
+        None,
+    );
+    for (pod, greeting) in [("fn", "hi"), ("fn2", "ho")] {
+        ok(
+            &s,
+            &["label", "pod", pod, &format!("greeting={greeting}")],
+            None,
+        );
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": greeting},
+            "spec": {"selector": {"greeting": greeting}, "ports": [{"port": 80, "targetPort": 8080}]}});
+        ok(&s, &["apply", "-f", "-"], Some(&svc.to_string()));
+    }
+    let gateway_ip = lan.addr(1);
+    let curl = |args: &[&str]| -> String {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "20"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let greeting_of = |body: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix("GREETING="))
+            .unwrap_or("none")
+            .to_owned()
+    };
+    let ingress = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "tls": [{"hosts": ["secure.example"], "secretName": "secure-tls"}],
+            "rules": [
+                {"host": "a.example", "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "hi", "port": {"number": 80}}}},
+                    {"path": "/two", "pathType": "Prefix", "backend": {"service": {"name": "ho", "port": {"number": 80}}}}]}},
+                {"host": "secure.example", "http": {"paths": [
+                    {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "ho", "port": {"number": 80}}}}]}}]}});
+    ok(&s, &["apply", "-f", "-"], Some(&ingress.to_string()));
+    let url = format!("http://{gateway_ip}/");
+    common::poll("the Ingress routing", Duration::from_secs(30), || {
+        let (a, two, b) = (
+            greeting_of(&curl(&["-H", "Host: a.example", &url])),
+            greeting_of(&curl(&["-H", "Host: a.example", &format!("{url}two/x")])),
+            curl(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Host: other.example",
+                &url,
+            ]),
+        );
+        if (a.as_str(), two.as_str(), b.as_str()) == ("hi", "ho", "404") {
+            Ok(())
+        } else {
+            Err(format!(
+                "a.example/ -> {a}, a.example/two/x -> {two}, other.example -> {b}"
+            ))
+        }
+    });
+    // `/twox` is not under the element-wise prefix `/two`.
+    assert_eq!(
+        greeting_of(&curl(&["-H", "Host: a.example", &format!("{url}twox")])),
+        "hi"
+    );
+    common::poll("the Ingress's address", Duration::from_secs(30), || {
+        let got = ok(
+            &s,
+            &[
+                "get",
+                "ingress",
+                "shop",
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress[*].ip}",
+            ],
+            None,
+        );
+        if got.split_whitespace().any(|ip| ip == gateway_ip) {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    });
+    // TLS with a certificate from a Secret, chosen by SNI.
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (crt, key) = (certs.join("tls.crt"), certs.join("tls.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=secure.example",
+            "-addext",
+            "subjectAltName=DNS:secure.example",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "secret",
+            "tls",
+            "secure-tls",
+            "--cert",
+            crt.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    let resolve = format!("secure.example:443:{gateway_ip}");
+    common::poll("TLS on the Ingress", Duration::from_secs(30), || {
+        let got = curl(&[
+            "--cacert",
+            crt.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+            "https://secure.example/",
+        ]);
+        if greeting_of(&got) == "ho" {
+            Ok(())
+        } else {
+            Err(got)
+        }
+    });
+    let h2 = curl(&[
+        "--http2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        "--cacert",
+        crt.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "https://secure.example/",
+    ]);
+    assert_eq!(h2, "2", "HTTP/2 over TLS");
+
+    // A Gateway of the built-in class with a listener on 8080, and routes.
+    let gateway = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "gw"},
+        "spec": {"gatewayClassName": "wasmkube", "listeners": [{"name": "web", "port": 8080, "protocol": "HTTP"}]}});
+    let split = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "split"},
+        "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["split.example"], "rules": [
+            {"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+             "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "x-route", "value": "canary"}]}}],
+             "backendRefs": [{"name": "ho", "port": 80}]},
+            {"matches": [{"path": {"type": "Exact", "value": "/old"}}],
+             "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new"}, "statusCode": 301}}]},
+            {"backendRefs": [{"name": "hi", "port": 80, "weight": 90}, {"name": "ho", "port": 80, "weight": 10}]}]}});
+    let broken = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "broken"},
+        "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["broken.example"],
+                 "rules": [{"backendRefs": [{"name": "missing", "port": 80}]}]}});
+    for obj in [&gateway, &split, &broken] {
+        ok(&s, &["apply", "-f", "-"], Some(&obj.to_string()));
+    }
+    let gw_url = format!("http://{gateway_ip}:8080");
+    common::poll(
+        "the HTTPRoute on the Gateway's listener",
+        Duration::from_secs(30),
+        || {
+            let got = curl(&[
+                "-i",
+                "-H",
+                "Host: split.example",
+                "-H",
+                "x-canary: yes",
+                &format!("{gw_url}/"),
+            ]);
+            if greeting_of(&got) == "ho" && got.to_ascii_lowercase().contains("x-route: canary") {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        },
+    );
+    let redirect = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: split.example",
+        &format!("{gw_url}/old"),
+    ]);
+    assert_eq!(redirect, "301 http://split.example:8080/new");
+    // 1,000 requests over one keep-alive connection (curl's URL range).
+    let bodies = curl(&["-H", "Host: split.example", &format!("{gw_url}/[1-1000]")]);
+    let (hi, ho) = (
+        bodies.matches("GREETING=hi").count(),
+        bodies.matches("GREETING=ho").count(),
+    );
+    assert_eq!(hi + ho, 1000, "every request answered");
+    assert!((850..=950).contains(&hi), "a 90/10 split gave {hi}/{ho}");
+    // The missing backend: 500 on its route only, and the condition says why.
+    let code = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: broken.example",
+        &format!("{gw_url}/"),
+    ]);
+    assert_eq!(code, "500");
+    common::poll("the routes' status", Duration::from_secs(30), || {
+        let conditions = |route: &str| {
+            ok(
+                &s,
+                &[
+                    "get",
+                    "httproute",
+                    route,
+                    "-o",
+                    "jsonpath={range .status.parents[*].conditions[*]}{.type}={.status}/{.reason} {end}",
+                ],
+                None,
+            )
+        };
+        let (good, bad) = (conditions("split"), conditions("broken"));
+        let attached = ok(
+            &s,
+            &[
+                "get",
+                "gateway",
+                "gw",
+                "-o",
+                "jsonpath={.status.listeners[0].attachedRoutes} {.status.conditions[?(@.type==\"Programmed\")].status}",
+            ],
+            None,
+        );
+        if good.trim() == "Accepted=True/Accepted ResolvedRefs=True/ResolvedRefs"
+            && bad.trim() == "Accepted=True/Accepted ResolvedRefs=False/BackendNotFound"
+            && attached == "2 True"
+        {
+            Ok(())
+        } else {
+            Err(format!("split: {good}; broken: {bad}; gateway: {attached}"))
+        }
+    });
+    for obj in [
+        "ingress/shop",
+        "httproute/split",
+        "httproute/broken",
+        "gateway/gw",
+        "svc/hi",
+        "svc/ho",
+        "secret/secure-tls",
+    ] {
+        ok(&s, &["delete", obj], None);
+    }
+    common::poll(
+        "the Gateway's listener closed",
+        Duration::from_secs(30),
+        || match std::net::TcpStream::connect_timeout(
+            &format!("{gateway_ip}:8080").parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            Ok(_) => Err("still listening".into()),
+            Err(_) => Ok(()),
+        },
+    );
+
     // An agent killed with SIGKILL leaves the rules in the kernel, so
     // routing goes on; once restarted it rewrites the table from scratch,
     // and a Service deleted meanwhile leaves nothing behind.

@@ -307,6 +307,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
                 "0",
                 "--no-pod-network",
                 "--no-service-proxy",
+                "--no-gateway",
             ])
             .arg("--data-dir")
             .arg(dir.path().join("second"))

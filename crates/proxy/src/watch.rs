@@ -29,8 +29,10 @@ impl std::fmt::Debug for ServiceWatch {
     }
 }
 
-/// A cache of one kind kept by a reflector, and the stream that feeds it.
-fn cache<K>(
+/// A cache of one kind kept by a reflector, and the stream that feeds it
+/// (every object the watch touched; run it for as long as the cache is
+/// read).
+pub fn cache<K>(
     client: &kube::Client,
 ) -> (
     Store<K>,

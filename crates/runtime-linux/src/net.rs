@@ -240,7 +240,9 @@ impl PodNetwork {
     /// Whatever is already gone is fine.
     pub async fn teardown(&self, id: &str) {
         if let Some(ipam) = &self.ipam {
-            // The veth goes with the namespace.
+            if let Err(e) = netlink::delete_veth(&self.name(id)).await {
+                tracing::warn!(pod = id, error = %e, "removing the pod's veth");
+            }
             if let Err(e) = netlink::delete_netns(&self.netns_path(id)) {
                 tracing::warn!(pod = id, error = %e, "removing the pod's network namespace");
             }

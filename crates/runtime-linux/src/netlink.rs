@@ -145,6 +145,23 @@ pub(crate) fn delete_netns(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// Deletes the node end of a pod's veth (and with it the pod's end) if it
+/// is there. A namespace's own links go only when the kernel frees the
+/// namespace, which is asynchronous and waits for every socket made in it.
+pub(crate) async fn delete_veth(netns_name: &str) -> Result<(), Error> {
+    let node = connect()?;
+    let name = host_veth(netns_name);
+    let Some(index) = index_of(&node, &name).await? else {
+        return Ok(());
+    };
+    match node.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        // Gone meanwhile.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(()),
+        Err(e) => Err(Error::Setup(format!("deleting {name}: {e}"))),
+    }
+}
+
 /// The node end of a pod's veth: `wk` and 11 hex digits of the pod's
 /// namespace name (interface names have 15 characters at most).
 pub(crate) fn host_veth(netns_name: &str) -> String {

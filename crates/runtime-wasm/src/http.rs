@@ -112,7 +112,9 @@ impl WasmRuntime {
 
     /// Serves HTTP on `listener` until the future is dropped: every request
     /// gets a fresh instance with `spec`'s env, volumes, output and limits;
-    /// at most `max_concurrency` run at once, the rest wait.
+    /// at most `max_concurrency` run at once, the rest wait. The connections
+    /// belong to the future: dropping it closes them too (a keep-alive
+    /// connection must not outlive its pod, nor hold its network namespace).
     pub async fn serve_http(
         self: Arc<Self>,
         prepared: PreparedProxy,
@@ -121,12 +123,17 @@ impl WasmRuntime {
         max_concurrency: usize,
     ) -> std::io::Result<()> {
         let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1)));
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            let (socket, _) = listener.accept().await?;
+            let socket = tokio::select! {
+                accepted = listener.accept() => accepted?.0,
+                // Reaps finished connections so the set stays small.
+                Some(_) = connections.join_next() => continue,
+            };
             let _ = socket.set_nodelay(true);
             let (rt, prepared, spec, slots) =
                 (self.clone(), prepared.clone(), spec.clone(), slots.clone());
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let (rt, prepared, spec, slots) =
                         (rt.clone(), prepared.clone(), spec.clone(), slots.clone());

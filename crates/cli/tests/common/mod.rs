@@ -38,7 +38,7 @@ pub fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
 /// machine's routes and rules stay as they are): both are tested in network
 /// namespaces of their own (`pod_network.rs`).
 pub fn start_cluster(data_dir: &Path, extra: &[&str]) -> Server {
-    let mut args = vec!["--no-pod-network", "--no-service-proxy"];
+    let mut args = vec!["--no-pod-network", "--no-service-proxy", "--no-gateway"];
     args.extend_from_slice(extra);
     spawn_server(data_dir, &args)
 }

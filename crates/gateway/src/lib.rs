@@ -1,0 +1,242 @@
+//! The built-in gateway: Ingress (class `wasmkube`) and Gateway API
+//! HTTPRoutes on Gateways of the class `wasmkube`, served by every node.
+//!
+//! Two parts, as an ingress controller has them:
+//! - the data plane ([`run`], in every node agent): watches the routing
+//!   kinds, Services, EndpointSlices, Secrets and Namespaces; compiles them
+//!   into one routing table ([`routes`]); listens on the Ingress ports
+//!   (`--gateway-listen`, and the HTTPS one for Ingresses with `tls`) and on
+//!   every Gateway listener's port at the node's address; proxies each
+//!   request to a ready endpoint of the chosen backend ([`serve`]);
+//! - the status writer ([`status::run`], one per cluster under the
+//!   controller manager's lease): `Accepted`/`Programmed`/`ResolvedRefs`
+//!   conditions on GatewayClasses, Gateways and HTTPRoutes, and the nodes'
+//!   addresses in Gateways' and Ingresses' status.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::reflector::Store;
+use wasmkube_api::gateway_api::{Gateway, GatewayClass, HTTPRoute};
+use wasmkube_proxy::ServiceWatch;
+
+pub mod routes;
+mod serve;
+pub mod status;
+
+pub use routes::CONTROLLER;
+
+/// Where a node's gateway listens.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The node's address: Gateway listeners open their ports on it.
+    pub address: IpAddr,
+    /// The Ingresses' plain HTTP port (`None`: Ingresses are not served).
+    pub ingress_http_port: Option<u16>,
+    /// The Ingresses' HTTPS port, for Ingresses with `tls`.
+    pub ingress_https_port: Option<u16>,
+}
+
+/// The caches of everything routing reads, and a counter bumped after
+/// every change any of them applied.
+#[derive(Clone)]
+pub(crate) struct Caches {
+    pub ingresses: Store<Ingress>,
+    pub ingress_classes: Store<IngressClass>,
+    pub gateway_classes: Store<GatewayClass>,
+    pub gateways: Store<Gateway>,
+    pub routes: Store<HTTPRoute>,
+    pub namespaces: Store<Namespace>,
+    pub changes: tokio::sync::watch::Receiver<u64>,
+}
+
+fn merge<S>(
+    stream: S,
+    tx: Arc<tokio::sync::watch::Sender<u64>>,
+    what: &'static str,
+) -> impl Future<Output = ()> + Send
+where
+    S: Stream<Item = Result<(), kube::runtime::watcher::Error>> + Send,
+{
+    async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(()) => {
+                    tx.send_modify(|n| *n += 1);
+                }
+                Err(e) => tracing::warn!(kind = what, error = %e, "gateway watch error; retrying"),
+            }
+        }
+    }
+}
+
+macro_rules! caches {
+    ($client:expr, $tx:expr, $tasks:expr, $($ty:ty => $what:literal),*) => {
+        ($({
+            let (store, stream) = wasmkube_proxy::watch::cache::<$ty>($client);
+            $tasks.push(tokio::spawn(merge(stream.map(|r| r.map(|_| ())), $tx.clone(), $what)));
+            store
+        }),*)
+    };
+}
+
+impl Caches {
+    fn start(client: &kube::Client, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Self {
+        let (tx, changes) = tokio::sync::watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let (ingresses, ingress_classes, gateway_classes, gateways, routes, namespaces) = caches!(
+            client, tx, tasks,
+            Ingress => "Ingress",
+            IngressClass => "IngressClass",
+            GatewayClass => "GatewayClass",
+            Gateway => "Gateway",
+            HTTPRoute => "HTTPRoute",
+            Namespace => "Namespace"
+        );
+        Self {
+            ingresses,
+            ingress_classes,
+            gateway_classes,
+            gateways,
+            routes,
+            namespaces,
+            changes,
+        }
+    }
+
+    async fn ready(&self) {
+        let _ = tokio::join!(
+            self.ingresses.wait_until_ready(),
+            self.ingress_classes.wait_until_ready(),
+            self.gateway_classes.wait_until_ready(),
+            self.gateways.wait_until_ready(),
+            self.routes.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+        );
+    }
+
+    /// The names of the classes whose controller is the built-in gateway.
+    fn our_classes(
+        &self,
+    ) -> (
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeSet<String>,
+    ) {
+        let ingress = self
+            .ingress_classes
+            .state()
+            .iter()
+            .filter(|c| c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(CONTROLLER))
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        let gateway = self
+            .gateway_classes
+            .state()
+            .iter()
+            .filter(|c| c.spec.controller_name == CONTROLLER)
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        (ingress, gateway)
+    }
+}
+
+/// Runs a node's gateway until `shutdown` resolves: keeps the routing table
+/// and the listeners in step with the cluster.
+pub async fn run(
+    client: kube::Client,
+    services: ServiceWatch,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut tasks = Vec::new();
+    let caches = Caches::start(&client, &mut tasks);
+    let (secrets, secret_events) = wasmkube_proxy::watch::cache::<Secret>(&client);
+    let mut changes = caches.changes.clone();
+    let mut service_changes = services.subscribe();
+    let (secret_tx, mut secret_changes) = tokio::sync::watch::channel(0u64);
+    tasks.push(tokio::spawn(merge(
+        secret_events.map(|r| r.map(|_| ())),
+        Arc::new(secret_tx),
+        "Secret",
+    )));
+    let shared = serve::Shared::new();
+    let mut listeners = serve::Listeners::new(config.address);
+    let work = async {
+        let _ = tokio::join!(caches.ready(), services.ready(), secrets.wait_until_ready());
+        loop {
+            let (ingress_classes, gateway_classes) = caches.our_classes();
+            let (ing, gws, rts, nss, svcs, sls, secs) = (
+                caches.ingresses.state(),
+                caches.gateways.state(),
+                caches.routes.state(),
+                caches.namespaces.state(),
+                services.services.state(),
+                services.slices.state(),
+                secrets.state(),
+            );
+            let inputs = routes::Inputs {
+                ingresses: ing.iter().map(|a| a.as_ref()).collect(),
+                ingress_classes,
+                gateway_classes,
+                gateways: gws.iter().map(|a| a.as_ref()).collect(),
+                routes: rts.iter().map(|a| a.as_ref()).collect(),
+                services: svcs.iter().map(|a| a.as_ref()).collect(),
+                slices: sls.iter().map(|a| a.as_ref()).collect(),
+                namespaces: nss.iter().map(|a| a.as_ref()).collect(),
+                secrets: secs.iter().map(|a| a.as_ref()).collect(),
+                ingress_http_port: config.ingress_http_port,
+                ingress_https_port: config.ingress_https_port,
+            };
+            let table = routes::build(&inputs);
+            listeners.reconcile(&table, &shared);
+            tracing::debug!(ports = ?listeners.ports(), "gateway routing table updated");
+            shared.set_table(table);
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                r = service_changes.changed() => if r.is_err() { break },
+                r = secret_changes.changed() => if r.is_err() { break },
+            }
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = shutdown => {}
+    }
+    drop(listeners);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Ready nodes' InternalIPs, the addresses a class's objects are reachable
+/// at (every node serves them).
+pub(crate) fn node_addresses(nodes: &Store<Node>) -> Vec<String> {
+    let mut out: Vec<String> = nodes
+        .state()
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+        .flat_map(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.addresses.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .map(|a| a.address)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}

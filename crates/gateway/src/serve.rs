@@ -1,0 +1,552 @@
+//! The gateway's data plane: a listener per port of the routing table
+//! (plain HTTP, or TLS with the certificate chosen by SNI), HTTP/1.1 and
+//! HTTP/2 from clients, each request matched against the table, filtered,
+//! and proxied to a ready endpoint over pooled keep-alive connections.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use crate::routes::{self, Entry, RequestView, Table, Target};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(text.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The table in force and what requests share.
+pub(crate) struct Shared {
+    table: RwLock<Arc<Table>>,
+    client: Client<HttpConnector, Incoming>,
+    /// Round-robin position per endpoint list.
+    next: AtomicUsize,
+    certs: Mutex<HashMap<Vec<u8>, Arc<CertifiedKey>>>,
+}
+
+impl Shared {
+    pub fn new() -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        Arc::new(Self {
+            table: RwLock::new(Arc::new(Table::new())),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .build(connector),
+            next: AtomicUsize::new(0),
+            certs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn set_table(&self, table: Table) {
+        *self.table.write().expect("table lock") = Arc::new(table);
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table.read().expect("table lock").clone()
+    }
+
+    /// The parsed certificate for a port and SNI name.
+    fn certified_key(&self, port: u16, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let table = self.table();
+        let source = table.get(&port)?.cert_for(sni)?;
+        let mut cache = self.certs.lock().expect("cert cache lock");
+        let mut id = source.cert_pem.clone();
+        id.extend_from_slice(&source.key_pem);
+        if let Some(k) = cache.get(&id) {
+            return Some(k.clone());
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&source.cert_pem)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let key = PrivateKeyDer::from_pem_slice(&source.key_pem).ok()?;
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        match CertifiedKey::from_der(chain, key, &provider) {
+            Ok(k) => {
+                let k = Arc::new(k);
+                if cache.len() > 1024 {
+                    cache.clear();
+                }
+                cache.insert(id, k.clone());
+                Some(k)
+            }
+            Err(e) => {
+                tracing::warn!(secret = %source.secret, error = %e, "a TLS Secret does not hold a usable certificate and key");
+                None
+            }
+        }
+    }
+}
+
+/// Chooses a port's certificate by SNI from the current table.
+#[derive(Debug)]
+struct SniResolver {
+    port: u16,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.shared.certified_key(self.port, hello.server_name())
+    }
+}
+
+/// The listening sockets, one task each, kept in step with the table.
+pub(crate) struct Listeners {
+    address: IpAddr,
+    bound: BTreeMap<u16, (bool, tokio::task::JoinHandle<()>)>,
+    /// Ports that could not be bound, so each failure is logged once.
+    failed: BTreeMap<u16, String>,
+}
+
+impl Listeners {
+    pub fn new(address: IpAddr) -> Self {
+        Self {
+            address,
+            bound: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Opens the table's ports not open yet and closes those it no longer
+    /// has. A port that cannot be bound (in use, or below 1024 without
+    /// root) is reported and tried again on the next change.
+    pub fn reconcile(&mut self, table: &Table, shared: &Arc<Shared>) {
+        let stale: Vec<u16> = self
+            .bound
+            .iter()
+            .filter(|(port, (tls, _))| table.get(port).is_none_or(|t| t.tls != *tls))
+            .map(|(p, _)| *p)
+            .collect();
+        for port in stale {
+            if let Some((_, task)) = self.bound.remove(&port) {
+                task.abort();
+                tracing::info!(port, "gateway listener closed");
+            }
+        }
+        for (port, t) in table {
+            if self.bound.contains_key(port) {
+                continue;
+            }
+            let addr = SocketAddr::new(self.address, *port);
+            match bind(addr) {
+                Ok(listener) => {
+                    self.failed.remove(port);
+                    let tls = t.tls.then(|| tls_acceptor(*port, shared.clone()));
+                    let task = tokio::spawn(accept_loop(listener, tls, shared.clone(), *port));
+                    self.bound.insert(*port, (t.tls, task));
+                    tracing::info!(%addr, tls = t.tls, "gateway listening");
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if self.failed.get(port) != Some(&message) {
+                        tracing::warn!(%addr, error = %message, "the gateway cannot listen here; routes on this port are not served from this node");
+                        self.failed.insert(*port, message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ports bound now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.bound.keys().copied().collect()
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.bound) {
+            task.abort();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+fn tls_acceptor(port: u16, shared: Arc<Shared>) -> tokio_rustls::TlsAcceptor {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("the default protocol versions")
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(SniResolver { port, shared }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    port: u16,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let (shared, tls) = (shared.clone(), tls.clone());
+        let scheme = tls_scheme(tls.is_some());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(&shared, port, peer, scheme, req).await,
+                    )
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "gateway connection ended");
+            }
+        });
+    }
+}
+
+fn tls_scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// The request's host without a port, lower-cased.
+fn request_host(req: &Request<Incoming>) -> String {
+    let raw = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let host = match raw.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw.as_str(),
+    };
+    host.to_ascii_lowercase()
+}
+
+async fn handle(
+    shared: &Shared,
+    port: u16,
+    peer: SocketAddr,
+    scheme: &'static str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let table = shared.table();
+    let Some(port_table) = table.get(&port) else {
+        return full(StatusCode::NOT_FOUND, "no route\n");
+    };
+    let host = request_host(&req);
+    let query = query_pairs(req.uri().query());
+    let path = req.uri().path().to_owned();
+    let view = RequestView {
+        host: &host,
+        path: &path,
+        method: req.method().as_str(),
+        headers: req.headers(),
+        query: &query,
+    };
+    let Some(entry) = port_table.route(&view) else {
+        return full(StatusCode::NOT_FOUND, "no route\n");
+    };
+    if let Some(redirect) = &entry.filters.redirect {
+        return redirect_response(redirect, entry, scheme, &host, port, req.uri());
+    }
+    let total = entry.total_weight();
+    if total == 0 {
+        // No backends (or all weighted 0): the specification's 500.
+        return full(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n");
+    }
+    let draw = rand::random_range(0..total);
+    let Some(backend) = entry.pick(draw) else {
+        return full(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n");
+    };
+    let endpoints = match &backend.target {
+        Target::Invalid(why) => {
+            tracing::debug!(route = %entry.source, reason = %why, "request to an unresolved backend");
+            return full(StatusCode::INTERNAL_SERVER_ERROR, "backend not resolved\n");
+        }
+        Target::Endpoints(e) if e.is_empty() => {
+            return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+        }
+        Target::Endpoints(e) => e.clone(),
+    };
+    let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+    forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    entry: &Entry,
+    backend: &routes::Backend,
+    endpoint: SocketAddr,
+    peer: SocketAddr,
+    scheme: &'static str,
+    host: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let original_path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let mut path_and_query = original_path.clone();
+    let mut host_header = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    for filters in [&entry.filters, &backend.filters] {
+        if let Some(rw) = &filters.rewrite {
+            if let Some(h) = &rw.hostname
+                && let Ok(v) = HeaderValue::from_str(h)
+            {
+                host_header = Some(v);
+            }
+            if let Some(p) = &rw.path {
+                path_and_query = rewrite_path(p, &entry.matched.path, &original_path);
+            }
+        }
+        if let Some(m) = &filters.request_headers {
+            modify_headers(&mut parts.headers, m);
+        }
+    }
+    // HTTP/2 clients send no Host; backends get HTTP/1.1 with one.
+    parts.version = http::Version::HTTP_11;
+    if let Some(h) = host_header {
+        parts.headers.insert(HOST, h);
+    }
+    let forwarded_for = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    if let Ok(v) = HeaderValue::from_str(host) {
+        parts.headers.insert("x-forwarded-host", v);
+    }
+    remove_hop_headers(&mut parts.headers);
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(endpoint.to_string())
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => return full(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n")),
+    };
+    match shared
+        .client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            remove_hop_headers(&mut parts.headers);
+            for filters in [&entry.filters, &backend.filters] {
+                if let Some(m) = &filters.response_headers {
+                    modify_headers(&mut parts.headers, m);
+                }
+            }
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            tracing::debug!(%endpoint, route = %entry.source, error = %e, "upstream request failed");
+            full(StatusCode::BAD_GATEWAY, "upstream connect error\n")
+        }
+    }
+}
+
+/// Connection-level headers a proxy does not pass on (RFC 9110 7.6.1).
+fn remove_hop_headers(headers: &mut http::HeaderMap) {
+    for h in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        headers.remove(h);
+    }
+}
+
+fn modify_headers(headers: &mut http::HeaderMap, m: &wasmkube_api::gateway_api::HTTPHeaderFilter) {
+    let parse = |h: &wasmkube_api::gateway_api::HTTPHeader| {
+        Some((
+            HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            HeaderValue::from_str(&h.value).ok()?,
+        ))
+    };
+    for (name, value) in m.set.iter().filter_map(parse) {
+        headers.insert(name, value);
+    }
+    for (name, value) in m.add.iter().filter_map(parse) {
+        headers.append(name, value);
+    }
+    for name in &m.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+/// The path after a `ReplaceFullPath` or `ReplacePrefixMatch` modifier,
+/// with the query kept.
+fn rewrite_path(
+    m: &wasmkube_api::gateway_api::HTTPPathModifier,
+    matched: &routes::PathMatch,
+    original: &str,
+) -> String {
+    let (path, query) = match original.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (original, None),
+    };
+    let new = match (m.type_.as_str(), matched) {
+        ("ReplaceFullPath", _) => m.replace_full_path.clone().unwrap_or_else(|| "/".into()),
+        ("ReplacePrefixMatch", routes::PathMatch::Prefix(prefix)) => {
+            let rest = &path[prefix.len().min(path.len())..];
+            let replacement = m.replace_prefix_match.as_deref().unwrap_or("/");
+            let joined = format!(
+                "{}/{}",
+                replacement.trim_end_matches('/'),
+                rest.trim_start_matches('/')
+            );
+            if rest.is_empty() && !replacement.ends_with('/') && replacement != "/" {
+                joined.trim_end_matches('/').to_owned()
+            } else {
+                joined
+            }
+        }
+        _ => path.to_owned(),
+    };
+    match query {
+        Some(q) => format!("{new}?{q}"),
+        None => new,
+    }
+}
+
+fn redirect_response(
+    r: &wasmkube_api::gateway_api::HTTPRequestRedirectFilter,
+    entry: &Entry,
+    scheme: &str,
+    host: &str,
+    port: u16,
+    uri: &Uri,
+) -> Response<Body> {
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let host = r.hostname.as_deref().unwrap_or(host);
+    // The port: the filter's, else the listener's unless the scheme
+    // changed (then the scheme's default).
+    let port = match (r.port, r.scheme.is_some()) {
+        (Some(p), _) => Some(p as u16),
+        (None, true) => None,
+        (None, false) => Some(port),
+    };
+    let port = port
+        .filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)))
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let original = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = match &r.path {
+        Some(m) => rewrite_path(m, &entry.matched.path, original),
+        None => original.to_owned(),
+    };
+    let mut resp = full(
+        StatusCode::from_u16(r.status_code.unwrap_or(302) as u16).unwrap_or(StatusCode::FOUND),
+        "",
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{port}{path}")) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}
