@@ -219,10 +219,9 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                         .get("matches")
                         .and_then(Value::as_array)
                         .is_none_or(Vec::is_empty)
+                        && let Some(r) = rule.as_object_mut()
                     {
-                        if let Some(r) = rule.as_object_mut() {
-                            r.insert("matches".into(), json!([{}]));
-                        }
+                        r.insert("matches".into(), json!([{}]));
                     }
                     for m in each_mut(rule, "matches") {
                         default_at(m, &["path", "type"], json!("PathPrefix"));

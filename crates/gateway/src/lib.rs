@@ -53,23 +53,18 @@ pub(crate) struct Caches {
     pub changes: tokio::sync::watch::Receiver<u64>,
 }
 
-fn merge<S>(
-    stream: S,
-    tx: Arc<tokio::sync::watch::Sender<u64>>,
-    what: &'static str,
-) -> impl Future<Output = ()> + Send
+/// Drives a cache's watch, bumping the change counter after every event.
+async fn merge<S>(stream: S, tx: Arc<tokio::sync::watch::Sender<u64>>, what: &'static str)
 where
     S: Stream<Item = Result<(), kube::runtime::watcher::Error>> + Send,
 {
-    async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(()) => {
-                    tx.send_modify(|n| *n += 1);
-                }
-                Err(e) => tracing::warn!(kind = what, error = %e, "gateway watch error; retrying"),
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(()) => {
+                tx.send_modify(|n| *n += 1);
             }
+            Err(e) => tracing::warn!(kind = what, error = %e, "gateway watch error; retrying"),
         }
     }
 }

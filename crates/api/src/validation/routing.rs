@@ -309,7 +309,7 @@ pub(super) fn validate_gateway(g: &gw::Gateway, _old: Option<&gw::Gateway>, errs
         }
         if !bindings.insert((l.port, l.hostname.clone().unwrap_or_default())) {
             errs.push(FieldError::invalid(
-                format!("{at}"),
+                at,
                 &l.name,
                 "Combination of port, protocol and hostname must be unique for each listener",
             ));
