@@ -481,6 +481,25 @@ pub async fn run(client: kube::Client) -> Result<(), kube::Error> {
     result
 }
 
+/// Writes `wanted` as the object's status unless it already is.
+async fn patch_if_changed<K, S>(
+    api: Api<K>,
+    name: &str,
+    current: &Option<S>,
+    wanted: &S,
+    params: &PatchParams,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if current.as_ref() != Some(wanted) {
+        api.patch_status(name, params, &Patch::Merge(json!({"status": wanted})))
+            .await?;
+    }
+    Ok(())
+}
+
 async fn write(
     client: &kube::Client,
     params: &PatchParams,
@@ -489,44 +508,43 @@ async fn write(
     caches: &Caches,
     nodes: &kube::runtime::reflector::Store<Node>,
 ) -> Result<(), kube::Error> {
-    let differs = |current: Option<Value>, wanted: Value| current.unwrap_or(Value::Null) != wanted;
     for c in &s.gateway_classes {
         let name = c.metadata.name.clone().unwrap_or_default();
-        if let Some(w) = want.gateway_classes.get(&name)
-            && differs(
-                serde_json::to_value(&c.status).ok(),
-                serde_json::to_value(Some(w)).unwrap_or_default(),
+        if let Some(w) = want.gateway_classes.get(&name) {
+            patch_if_changed(
+                Api::<GatewayClass>::all(client.clone()),
+                &name,
+                &c.status,
+                w,
+                params,
             )
-        {
-            Api::<GatewayClass>::all(client.clone())
-                .patch_status(&name, params, &Patch::Merge(json!({"status": w})))
-                .await?;
+            .await?;
         }
     }
     for g in &s.gateways {
         let (ns, name) = key(&g.metadata);
-        if let Some(w) = want.gateways.get(&(ns.clone(), name.clone()))
-            && differs(
-                serde_json::to_value(&g.status).ok(),
-                serde_json::to_value(Some(w)).unwrap_or_default(),
+        if let Some(w) = want.gateways.get(&(ns.clone(), name.clone())) {
+            patch_if_changed(
+                Api::<Gateway>::namespaced(client.clone(), &ns),
+                &name,
+                &g.status,
+                w,
+                params,
             )
-        {
-            Api::<Gateway>::namespaced(client.clone(), &ns)
-                .patch_status(&name, params, &Patch::Merge(json!({"status": w})))
-                .await?;
+            .await?;
         }
     }
     for r in &s.routes {
         let (ns, name) = key(&r.metadata);
-        if let Some(w) = want.routes.get(&(ns.clone(), name.clone()))
-            && differs(
-                serde_json::to_value(&r.status).ok(),
-                serde_json::to_value(Some(w)).unwrap_or_default(),
+        if let Some(w) = want.routes.get(&(ns.clone(), name.clone())) {
+            patch_if_changed(
+                Api::<HTTPRoute>::namespaced(client.clone(), &ns),
+                &name,
+                &r.status,
+                w,
+                params,
             )
-        {
-            Api::<HTTPRoute>::namespaced(client.clone(), &ns)
-                .patch_status(&name, params, &Patch::Merge(json!({"status": w})))
-                .await?;
+            .await?;
         }
     }
     // Ingresses of the built-in class: every Ready node's address.
