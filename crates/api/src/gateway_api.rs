@@ -20,6 +20,10 @@ use serde_json::Value;
 /// The API group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
+/// The controller name of the gateway built into every node, in the
+/// IngressClass and GatewayClass `wasmkube` the API server creates.
+pub const CONTROLLER: &str = "wasmkube.dev/gateway";
+
 macro_rules! gateway_kind {
     ($(#[$doc:meta])* $ty:ident, $spec:ty, $status:ty, $plural:literal, $scope:ty, $schema:literal) => {
         $(#[$doc])*

@@ -10,6 +10,7 @@ pub mod defaults;
 pub mod field;
 pub mod gateway_api;
 pub mod names;
+pub mod nodes;
 pub mod quantity;
 pub mod registry;
 pub mod scheduling;

@@ -237,10 +237,6 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
     rest::handle(server, parts.method, parts.uri, parts.headers, body).await
 }
 
-/// The controller name of the built-in gateway, in its IngressClass and
-/// GatewayClass.
-pub const GATEWAY_CONTROLLER: &str = "wasmkube.dev/gateway";
-
 /// The built-in gateway's classes, both named `wasmkube`: the IngressClass
 /// (the default class) and the GatewayClass. A user may change or delete
 /// them; they are made again only when missing at start.
@@ -249,12 +245,12 @@ async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError>
         "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
         "metadata": {"name": "wasmkube",
                      "annotations": {admission::DEFAULT_INGRESS_CLASS: "true"}},
-        "spec": {"controller": GATEWAY_CONTROLLER},
+        "spec": {"controller": wasmkube_api::gateway_api::CONTROLLER},
     });
     let gateway_class = json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
         "metadata": {"name": "wasmkube"},
-        "spec": {"controllerName": GATEWAY_CONTROLLER,
+        "spec": {"controllerName": wasmkube_api::gateway_api::CONTROLLER,
                  "description": "The gateway built into every wasmkube node"},
     });
     for (plural, group, body) in [

@@ -28,32 +28,6 @@ fn ours(svc: &Service) -> bool {
     })
 }
 
-/// The InternalIPs of Ready nodes, sorted.
-fn node_addresses(nodes: &[Arc<Node>]) -> Vec<String> {
-    let mut ips: Vec<String> = nodes
-        .iter()
-        .filter(|n| n.metadata.deletion_timestamp.is_none())
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|n| {
-            n.status
-                .as_ref()?
-                .addresses
-                .as_ref()?
-                .iter()
-                .find(|a| a.type_ == "InternalIP")
-                .map(|a| a.address.clone())
-        })
-        .collect();
-    ips.sort();
-    ips.dedup();
-    ips
-}
-
 fn current(svc: &Service) -> Vec<String> {
     svc.status
         .as_ref()
@@ -67,7 +41,7 @@ fn current(svc: &Service) -> Vec<String> {
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let want = if ours(&svc) && svc.metadata.deletion_timestamp.is_none() {
-        node_addresses(&ctx.nodes.state())
+        wasmkube_api::nodes::ready_internal_ips(ctx.nodes.state().iter().map(|n| n.as_ref()))
     } else if svc
         .spec
         .as_ref()
@@ -142,29 +116,6 @@ pub(crate) fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(name: &str, ip: &str, ready: &str) -> Arc<Node> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"name": name},
-                "status": {
-                    "addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}],
-                    "conditions": [{"type": "Ready", "status": ready}],
-                },
-            }))
-            .unwrap(),
-        )
-    }
-
-    #[test]
-    fn ready_nodes_internal_ips_in_order() {
-        let nodes = [
-            node("b", "10.0.0.2", "True"),
-            node("a", "10.0.0.1", "True"),
-            node("c", "10.0.0.3", "Unknown"),
-        ];
-        assert_eq!(node_addresses(&nodes), ["10.0.0.1", "10.0.0.2"]);
-    }
 
     #[test]
     fn only_load_balancers_without_a_class_are_ours() {

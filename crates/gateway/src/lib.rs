@@ -13,11 +13,13 @@
 //!   conditions on GatewayClasses, Gateways and HTTPRoutes, and the nodes'
 //!   addresses in Gateways' and Ingresses' status.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::Store;
 use wasmkube_api::gateway_api::{Gateway, GatewayClass, HTTPRoute};
@@ -139,6 +141,62 @@ impl Caches {
     }
 }
 
+/// The caches' contents at one moment, held while a table or a status is
+/// computed from them.
+pub(crate) struct Held {
+    ingresses: Vec<Arc<Ingress>>,
+    gateways: Vec<Arc<Gateway>>,
+    routes: Vec<Arc<HTTPRoute>>,
+    namespaces: Vec<Arc<Namespace>>,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    secrets: Vec<Arc<Secret>>,
+    ingress_classes: BTreeSet<String>,
+    gateway_classes: BTreeSet<String>,
+}
+
+impl Held {
+    pub fn new(
+        caches: &Caches,
+        services: Vec<Arc<Service>>,
+        slices: Vec<Arc<EndpointSlice>>,
+        secrets: Vec<Arc<Secret>>,
+    ) -> Self {
+        let (ingress_classes, gateway_classes) = caches.our_classes();
+        Self {
+            ingresses: caches.ingresses.state(),
+            gateways: caches.gateways.state(),
+            routes: caches.routes.state(),
+            namespaces: caches.namespaces.state(),
+            services,
+            slices,
+            secrets,
+            ingress_classes,
+            gateway_classes,
+        }
+    }
+
+    /// What the routing table and the status are computed from.
+    pub fn inputs(&self, ports: (Option<u16>, Option<u16>)) -> routes::Inputs<'_> {
+        fn refs<K>(v: &[Arc<K>]) -> Vec<&K> {
+            v.iter().map(|a| a.as_ref()).collect()
+        }
+        routes::Inputs {
+            ingresses: refs(&self.ingresses),
+            ingress_classes: self.ingress_classes.clone(),
+            gateway_classes: self.gateway_classes.clone(),
+            gateways: refs(&self.gateways),
+            routes: refs(&self.routes),
+            services: refs(&self.services),
+            slices: refs(&self.slices),
+            namespaces: refs(&self.namespaces),
+            secrets: refs(&self.secrets),
+            ingress_http_port: ports.0,
+            ingress_https_port: ports.1,
+        }
+    }
+}
+
 /// Runs a node's gateway until `shutdown` resolves: keeps the routing table
 /// and the listeners in step with the cluster.
 pub async fn run(
@@ -163,30 +221,14 @@ pub async fn run(
     let work = async {
         let _ = tokio::join!(caches.ready(), services.ready(), secrets.wait_until_ready());
         loop {
-            let (ingress_classes, gateway_classes) = caches.our_classes();
-            let (ing, gws, rts, nss, svcs, sls, secs) = (
-                caches.ingresses.state(),
-                caches.gateways.state(),
-                caches.routes.state(),
-                caches.namespaces.state(),
+            let held = Held::new(
+                &caches,
                 services.services.state(),
                 services.slices.state(),
                 secrets.state(),
             );
-            let inputs = routes::Inputs {
-                ingresses: ing.iter().map(|a| a.as_ref()).collect(),
-                ingress_classes,
-                gateway_classes,
-                gateways: gws.iter().map(|a| a.as_ref()).collect(),
-                routes: rts.iter().map(|a| a.as_ref()).collect(),
-                services: svcs.iter().map(|a| a.as_ref()).collect(),
-                slices: sls.iter().map(|a| a.as_ref()).collect(),
-                namespaces: nss.iter().map(|a| a.as_ref()).collect(),
-                secrets: secs.iter().map(|a| a.as_ref()).collect(),
-                ingress_http_port: config.ingress_http_port,
-                ingress_https_port: config.ingress_https_port,
-            };
-            let table = routes::build(&inputs);
+            let table =
+                routes::build(&held.inputs((config.ingress_http_port, config.ingress_https_port)));
             listeners.reconcile(&table, &shared);
             tracing::debug!(ports = ?listeners.ports(), "gateway routing table updated");
             shared.set_table(table);
@@ -205,33 +247,4 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
-}
-
-/// Ready nodes' InternalIPs, the addresses a class's objects are reachable
-/// at (every node serves them).
-pub(crate) fn node_addresses(nodes: &Store<Node>) -> Vec<String> {
-    let mut out: Vec<String> = nodes
-        .state()
-        .iter()
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .into_iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-        .flat_map(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.addresses.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .map(|a| a.address)
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }

@@ -16,8 +16,7 @@ use wasmkube_api::gateway_api::{
     Listener, ParentReference,
 };
 
-/// The controller name of the built-in gateway's classes.
-pub const CONTROLLER: &str = "wasmkube.dev/gateway";
+pub use wasmkube_api::gateway_api::CONTROLLER;
 
 /// Everything the table is built from.
 #[derive(Default)]
@@ -50,7 +49,7 @@ pub enum HostMatch {
 }
 
 impl HostMatch {
-    fn parse(h: &str) -> Self {
+    pub(crate) fn parse(h: &str) -> Self {
         match h.strip_prefix('*') {
             Some(suffix) => HostMatch::Wildcard(suffix.to_ascii_lowercase()),
             None => HostMatch::Exact(h.to_ascii_lowercase()),
@@ -77,13 +76,11 @@ impl HostMatch {
     /// The most specific of two host constraints that both must hold, or
     /// `None` when no name satisfies both (a route's hostname against a
     /// listener's).
-    fn intersect(&self, other: &HostMatch) -> Option<HostMatch> {
+    pub(crate) fn intersect(&self, other: &HostMatch) -> Option<HostMatch> {
         use HostMatch::*;
         match (self, other) {
             (Any, x) | (x, Any) => Some(x.clone()),
-            (Exact(a), b) | (b, Exact(a)) if b.matches(a) || b == &Exact(a.clone()) => {
-                Some(Exact(a.clone()))
-            }
+            (Exact(a), b) | (b, Exact(a)) if b.matches(a) => Some(Exact(a.clone())),
             (Wildcard(a), Wildcard(b)) if a.ends_with(b.as_str()) => Some(Wildcard(a.clone())),
             (Wildcard(a), Wildcard(b)) if b.ends_with(a.as_str()) => Some(Wildcard(b.clone())),
             _ => None,

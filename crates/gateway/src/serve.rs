@@ -326,7 +326,12 @@ async fn handle(
         query: &query,
     };
     let Some(entry) = port_table.route(&view) else {
-        return full(StatusCode::NOT_FOUND, "no route\n");
+        return full(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no Ingress rule or HTTPRoute on port {port} matches host {host:?} path {path:?}\n"
+            ),
+        );
     };
     if let Some(redirect) = &entry.filters.redirect {
         return redirect_response(redirect, entry, scheme, &host, port, req.uri());
@@ -334,19 +339,37 @@ async fn handle(
     let total = entry.total_weight();
     if total == 0 {
         // No backends (or all weighted 0): the specification's 500.
-        return full(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n");
+        return full(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "{} has no backend with a weight above 0 for this request\n",
+                entry.source
+            ),
+        );
     }
     let draw = rand::random_range(0..total);
-    let Some(backend) = entry.pick(draw) else {
-        return full(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n");
-    };
+    let backend = entry
+        .pick(draw)
+        .expect("a draw below the total weight picks a backend");
     let endpoints = match &backend.target {
         Target::Invalid(why) => {
             tracing::debug!(route = %entry.source, reason = %why, "request to an unresolved backend");
-            return full(StatusCode::INTERNAL_SERVER_ERROR, "backend not resolved\n");
+            return full(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "{}: a backend does not resolve; its status conditions say why\n",
+                    entry.source
+                ),
+            );
         }
         Target::Endpoints(e) if e.is_empty() => {
-            return full(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{}: the backend Service has no ready endpoint\n",
+                    entry.source
+                ),
+            );
         }
         Target::Endpoints(e) => e.clone(),
     };

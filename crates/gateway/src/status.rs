@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -19,9 +19,10 @@ use wasmkube_api::gateway_api::{
     GROUP, Gateway, GatewayAddress, GatewayClass, GatewayClassStatus, GatewayStatus, HTTPRoute,
     HTTPRouteStatus, ListenerStatus, RouteGroupKind, RouteParentStatus,
 };
+use wasmkube_api::nodes::ready_internal_ips;
 
 use crate::routes::{self, CONTROLLER};
-use crate::{Caches, node_addresses};
+use crate::{Caches, Held};
 
 /// A condition, keeping the previous one's transition time when its status
 /// did not change.
@@ -61,14 +62,12 @@ fn key(meta: &ObjectMeta) -> (String, String) {
     )
 }
 
-/// Everything the status is computed from, at one moment.
+/// Everything the status is computed from, at one moment: what the routing
+/// table is built from, the GatewayClasses themselves and the addresses
+/// the class's objects are served at.
 pub struct Snapshot<'a> {
+    pub inputs: routes::Inputs<'a>,
     pub gateway_classes: Vec<&'a GatewayClass>,
-    pub gateways: Vec<&'a Gateway>,
-    pub routes: Vec<&'a HTTPRoute>,
-    pub services: Vec<&'a Service>,
-    pub secrets: Vec<&'a Secret>,
-    pub namespaces: Vec<&'a Namespace>,
     pub addresses: Vec<String>,
 }
 
@@ -93,12 +92,6 @@ fn has_tls_secret(secrets: &[&Secret], ns: &str, name: &str) -> bool {
 /// Computes the desired status of every object of the built-in classes.
 pub fn desired(s: &Snapshot<'_>) -> Desired {
     let mut out = Desired::default();
-    let ours: Vec<&str> = s
-        .gateway_classes
-        .iter()
-        .filter(|c| c.spec.controller_name == CONTROLLER)
-        .filter_map(|c| c.metadata.name.as_deref())
-        .collect();
     for c in s
         .gateway_classes
         .iter()
@@ -125,15 +118,20 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
         );
     }
     let gateways: Vec<&Gateway> = s
+        .inputs
         .gateways
         .iter()
         .copied()
-        .filter(|g| ours.contains(&g.spec.gateway_class_name.as_str()))
+        .filter(|g| {
+            s.inputs
+                .gateway_classes
+                .contains(&g.spec.gateway_class_name)
+        })
         .collect();
 
     // Routes first: the listeners count what attaches to them.
     let mut attached: BTreeMap<(String, String, String), i32> = BTreeMap::new();
-    for r in &s.routes {
+    for r in &s.inputs.routes {
         let route_ns = r.metadata.namespace.as_deref().unwrap_or_default();
         let mut parents: Vec<RouteParentStatus> = r
             .status
@@ -153,7 +151,7 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
             .rules
             .iter()
             .flat_map(|rule| &rule.backend_refs)
-            .find_map(|b| routes::backend_ref_problem(route_ns, b, &s.services));
+            .find_map(|b| routes::backend_ref_problem(route_ns, b, &s.inputs.services));
         let mut any = false;
         for parent in &r.spec.parent_refs {
             let Some(g) = gateways
@@ -168,11 +166,15 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
                 .find(|p| p.controller_name == CONTROLLER && p.parent_ref == *parent)
                 .map(|p| p.conditions.as_slice())
                 .unwrap_or_default();
-            let listeners = routes::attached_listeners(g, parent, route_ns, &s.namespaces);
+            let listeners = routes::attached_listeners(g, parent, route_ns, &s.inputs.namespaces);
             let host_ok = |l: &&&wasmkube_api::gateway_api::Listener| {
                 let Some(lh) = &l.hostname else { return true };
                 r.spec.hostnames.is_empty()
-                    || r.spec.hostnames.iter().any(|h| hosts_intersect(h, lh))
+                    || r.spec.hostnames.iter().any(|h| {
+                        routes::HostMatch::parse(h)
+                            .intersect(&routes::HostMatch::parse(lh))
+                            .is_some()
+                    })
             };
             let fitting: Vec<_> = listeners.iter().filter(host_ok).collect();
             let section_exists = parent
@@ -273,7 +275,9 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
                 let kind_ok = r.group.as_deref().unwrap_or_default().is_empty()
                     && r.kind.as_deref().unwrap_or("Secret") == "Secret";
                 let secret_ns = r.namespace.as_deref().unwrap_or(&ns);
-                !kind_ok || secret_ns != ns || !has_tls_secret(&s.secrets, secret_ns, &r.name)
+                !kind_ok
+                    || secret_ns != ns
+                    || !has_tls_secret(&s.inputs.secrets, secret_ns, &r.name)
             });
             let accepted = if !http {
                 condition(
@@ -413,17 +417,6 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
     out
 }
 
-/// Whether a route hostname and a listener hostname can both match a name.
-fn hosts_intersect(a: &str, b: &str) -> bool {
-    let w = |h: &str| h.strip_prefix('*').map(str::to_owned);
-    match (w(a), w(b)) {
-        (None, None) => a.eq_ignore_ascii_case(b),
-        (Some(s), None) => b.len() > s.len() && b.to_ascii_lowercase().ends_with(&s),
-        (None, Some(s)) => a.len() > s.len() && a.to_ascii_lowercase().ends_with(&s),
-        (Some(x), Some(y)) => x.ends_with(&y) || y.ends_with(&x),
-    }
-}
-
 /// Runs the status writer until the client's server goes away.
 pub async fn run(client: kube::Client) -> Result<(), kube::Error> {
     let mut tasks = Vec::new();
@@ -449,25 +442,15 @@ pub async fn run(client: kube::Client) -> Result<(), kube::Error> {
     );
     let params = PatchParams::default();
     let result = loop {
-        let (gcs, gws, rts, svcs, secs, nss) = (
-            caches.gateway_classes.state(),
-            caches.gateways.state(),
-            caches.routes.state(),
-            services.state(),
-            secrets.state(),
-            caches.namespaces.state(),
-        );
+        let held = Held::new(&caches, services.state(), Vec::new(), secrets.state());
+        let classes = caches.gateway_classes.state();
         let snapshot = Snapshot {
-            gateway_classes: gcs.iter().map(|a| a.as_ref()).collect(),
-            gateways: gws.iter().map(|a| a.as_ref()).collect(),
-            routes: rts.iter().map(|a| a.as_ref()).collect(),
-            services: svcs.iter().map(|a| a.as_ref()).collect(),
-            secrets: secs.iter().map(|a| a.as_ref()).collect(),
-            namespaces: nss.iter().map(|a| a.as_ref()).collect(),
-            addresses: node_addresses(&nodes),
+            inputs: held.inputs((None, None)),
+            gateway_classes: classes.iter().map(|c| c.as_ref()).collect(),
+            addresses: ready_internal_ips(nodes.state().iter().map(|n| n.as_ref())),
         };
         let want = desired(&snapshot);
-        if let Err(e) = write(&client, &params, &snapshot, &want, &caches, &nodes).await {
+        if let Err(e) = write(&client, &params, &snapshot, &want).await {
             tracing::warn!(error = %e, "cannot write gateway status; retrying on the next change");
         }
         tokio::select! {
@@ -505,8 +488,6 @@ async fn write(
     params: &PatchParams,
     s: &Snapshot<'_>,
     want: &Desired,
-    caches: &Caches,
-    nodes: &kube::runtime::reflector::Store<Node>,
 ) -> Result<(), kube::Error> {
     for c in &s.gateway_classes {
         let name = c.metadata.name.clone().unwrap_or_default();
@@ -521,7 +502,7 @@ async fn write(
             .await?;
         }
     }
-    for g in &s.gateways {
+    for g in &s.inputs.gateways {
         let (ns, name) = key(&g.metadata);
         if let Some(w) = want.gateways.get(&(ns.clone(), name.clone())) {
             patch_if_changed(
@@ -534,7 +515,7 @@ async fn write(
             .await?;
         }
     }
-    for r in &s.routes {
+    for r in &s.inputs.routes {
         let (ns, name) = key(&r.metadata);
         if let Some(w) = want.routes.get(&(ns.clone(), name.clone())) {
             patch_if_changed(
@@ -548,29 +529,27 @@ async fn write(
         }
     }
     // Ingresses of the built-in class: every Ready node's address.
-    let (ingress_classes, _) = caches.our_classes();
-    let ingress: Vec<Value> = node_addresses(nodes)
-        .into_iter()
-        .map(|ip| json!({"ip": ip}))
-        .collect();
-    for ing in caches.ingresses.state() {
+    for ing in &s.inputs.ingresses {
         let class = ing
             .spec
             .as_ref()
             .and_then(|s| s.ingress_class_name.as_deref())
             .unwrap_or_default();
-        if !ingress_classes.contains(class) {
+        if !s.inputs.ingress_classes.contains(class) {
             continue;
         }
-        let current = ing
+        let current: Vec<&str> = ing
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
-            .map(|i| serde_json::to_value(i).unwrap_or_default())
-            .unwrap_or_else(|| json!([]));
-        if current != Value::Array(ingress.clone()) {
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref())
+            .collect();
+        if current != s.addresses {
             let (ns, name) = key(&ing.metadata);
+            let ingress: Vec<Value> = s.addresses.iter().map(|ip| json!({"ip": ip})).collect();
             Api::<k8s_openapi::api::networking::v1::Ingress>::namespaced(client.clone(), &ns)
                 .patch_status(
                     &name,

@@ -240,7 +240,11 @@ impl PodNetwork {
     /// Whatever is already gone is fine.
     pub async fn teardown(&self, id: &str) {
         if let Some(ipam) = &self.ipam {
-            if let Err(e) = netlink::delete_veth(&self.name(id)).await {
+            // A veth lives no longer than its namespace: with no namespace
+            // (a pod's first setup) there is nothing to ask netlink about.
+            if self.netns_path(id).exists()
+                && let Err(e) = netlink::delete_veth(&self.name(id)).await
+            {
                 tracing::warn!(pod = id, error = %e, "removing the pod's veth");
             }
             if let Err(e) = netlink::delete_netns(&self.netns_path(id)) {
