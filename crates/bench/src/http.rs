@@ -1,10 +1,13 @@
 //! HTTP function throughput and latency: the `http-hello` component as a
 //! pod on `wasmkube server`'s local node (a fresh instance per request),
-//! loaded by keep-alive clients. The pod is measured twice in one run: on
-//! the node-port fallback (`--no-pod-network`: the node's IP, a node port)
-//! and, when the bench runs as root, at its own pod IP
-//! in its own network namespace and, with `nft` too, through a ClusterIP
-//! Service in front of it (the service proxy's DNAT on the node). The peer, when installed, is `wasmtime
+//! loaded by keep-alive clients. The pod is measured in one run: on the
+//! node-port fallback (`--no-pod-network`: the node's IP, a node port) and,
+//! when the bench runs as root, at its own pod IP in its own network
+//! namespace, through a ClusterIP Service in front of it (with `nft`: the
+//! service proxy's DNAT on the node), through the built-in gateway (a
+//! Gateway listener and an HTTPRoute to the Service) and, when Debian's
+//! `nginx` is installed, through nginx as a reverse proxy to the same pod
+//! (the gateway's peer). The function's peer, when installed, is `wasmtime
 //! serve -S cli` on the same component in the same run (install it outside
 //! CI: `cargo install wasmtime-cli --version 48.0.8 --locked`).
 
@@ -118,13 +121,9 @@ async fn serve(server: &ChildServer, image: &str) -> anyhow::Result<String> {
     Ok(format!("http://{ip}:{}/bench", node_port.unwrap_or(8080)))
 }
 
-/// Puts a ClusterIP Service in front of the pod, waits until the node's
-/// proxy routes it, and loads it.
-async fn load_through_service(
-    server: &ChildServer,
-    clients: usize,
-    seconds: f64,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+/// Puts a ClusterIP Service `http-hello` (port 80) in front of the pod;
+/// returns its cluster IP.
+async fn expose(server: &ChildServer) -> anyhow::Result<String> {
     use k8s_openapi::api::core::v1::Service;
     let services: Api<Service> = Api::namespaced(server.client()?, "default");
     let svc: Service = serde_json::from_value(json!({
@@ -132,26 +131,119 @@ async fn load_through_service(
         "spec": {"selector": {"app": "http-hello"}, "ports": [{"port": 80, "targetPort": 8080}]},
     }))?;
     let svc = services.create(&PostParams::default(), &svc).await?;
-    let ip = svc
-        .spec
+    svc.spec
         .and_then(|s| s.cluster_ip)
-        .ok_or_else(|| anyhow::anyhow!("the Service got no cluster IP"))?;
-    let url = format!("http://{ip}/bench");
-    // Routed once the proxy has seen the endpoints: ask until it answers.
+        .ok_or_else(|| anyhow::anyhow!("the Service got no cluster IP"))
+}
+
+/// Asks `url` until it answers 200 (a route or rule being programmed).
+async fn until_answered(url: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = http.get(&url).send().await
+        if let Ok(r) = http.get(url).send().await
             && r.status().is_success()
         {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             anyhow::bail!("{url} did not answer within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    load(&url, clients, seconds).await
+}
+
+/// A Gateway of the built-in class with an HTTP listener on a free port of
+/// the node's address (127.0.0.1) and an HTTPRoute to the Service; returns
+/// the URL once the gateway answers there.
+async fn route_through_gateway(server: &ChildServer) -> anyhow::Result<String> {
+    use wasmkube_api::gateway_api::{Gateway, HTTPRoute};
+    let client = server.client()?;
+    let port = free_port()?;
+    let gateway: Gateway = serde_json::from_value(json!({
+        "metadata": {"name": "bench"},
+        "spec": {"gatewayClassName": "wasmkube",
+                 "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}]},
+    }))?;
+    Api::<Gateway>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &gateway)
+        .await?;
+    let route: HTTPRoute = serde_json::from_value(json!({
+        "metadata": {"name": "bench"},
+        "spec": {"parentRefs": [{"name": "bench"}],
+                 "rules": [{"backendRefs": [{"name": "http-hello", "port": 80}]}]},
+    }))?;
+    Api::<HTTPRoute>::namespaced(client, "default")
+        .create(&PostParams::default(), &route)
+        .await?;
+    let url = format!("http://127.0.0.1:{port}/bench");
+    until_answered(&url).await?;
+    Ok(url)
+}
+
+/// nginx (Debian's) as a reverse proxy to `upstream` with keep-alive
+/// connections to it, on a free loopback port: the gateway's peer.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstream: &str) -> anyhow::Result<Option<Self>> {
+        let Ok(binary) = which("nginx") else {
+            return Ok(None);
+        };
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        let config = format!(
+            "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream pod {{ server {upstream}; keepalive 64; }}\n\
+               server {{ listen 127.0.0.1:{port};\n\
+                 location / {{ proxy_pass http://pod; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n"
+        );
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, config)?;
+        let child = Command::new(binary)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Some(Self {
+            child,
+            url: format!("http://127.0.0.1:{port}/bench"),
+            _dir: dir,
+        }))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM is nginx's fast shutdown; its workers go with the master.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// A program on PATH or in the sbin directories (nginx lives in /usr/sbin).
+fn which(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("{name} not found"))
 }
 
 fn report(label: &str, rate: f64, latencies: &[Duration]) {
@@ -195,17 +287,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
         let measured = async {
             let proxy = wasmkube_proxy::check().is_ok();
-            let mut flags = vec!["--node-name", "bench-http-ip", "--no-gateway"];
+            let mut flags = vec!["--node-name", "bench-http-ip"];
             if !proxy {
                 flags.push("--no-service-proxy");
             }
             let (server, _) = ChildServer::start_with(&binary, &flags).await?;
             let url = serve(&server, &image).await?;
             let figures = load(&url, args.clients, args.seconds).await?;
+            let cluster_ip = expose(&server).await?;
             let through_service = if proxy {
-                Some(load_through_service(&server, args.clients, args.seconds).await?)
+                let url = format!("http://{cluster_ip}/bench");
+                until_answered(&url).await?;
+                Some(load(&url, args.clients, args.seconds).await?)
             } else {
                 None
+            };
+            let gateway_url = route_through_gateway(&server).await?;
+            let through_gateway = load(&gateway_url, args.clients, args.seconds).await?;
+            let pod_addr = url
+                .trim_start_matches("http://")
+                .trim_end_matches("/bench")
+                .to_owned();
+            let through_nginx = match Nginx::start(&pod_addr)? {
+                Some(nginx) => {
+                    until_answered(&nginx.url).await?;
+                    Some(load(&nginx.url, args.clients, args.seconds).await?)
+                }
+                None => None,
             };
             // The pod's namespace goes with its deletion, before the server.
             let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
@@ -215,13 +323,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 await_condition(pods, "http-hello", |p: Option<&Pod>| p.is_none()),
             )
             .await??;
-            anyhow::Ok((figures, through_service))
+            anyhow::Ok((figures, through_service, through_gateway, through_nginx))
         }
         .await;
         if !bridge_existed {
             let _ = Command::new("ip").args(["link", "del", "wk0"]).status();
         }
-        let ((ip_rate, ip_lat), through_service) = measured?;
+        let ((ip_rate, ip_lat), through_service, (gw_rate, gw_lat), through_nginx) = measured?;
         report("wasmkube pod at its pod IP", ip_rate, &ip_lat);
         println!(
             "  ratio pod IP/node port            {:.2}x req/s, p99 {:.2}x",
@@ -239,6 +347,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             None => println!("  ClusterIP: not measured (no service proxy: `nft` missing)"),
+        }
+        report("wasmkube pod through the gateway", gw_rate, &gw_lat);
+        match through_nginx {
+            Some((nginx_rate, nginx_lat)) => {
+                report("peer: through nginx", nginx_rate, &nginx_lat);
+                println!(
+                    "  ratio gateway/nginx               {:.2}x req/s, p99 {:.2}x",
+                    gw_rate / nginx_rate,
+                    percentile(&gw_lat, 99.0).as_secs_f64()
+                        / percentile(&nginx_lat, 99.0).as_secs_f64()
+                );
+            }
+            None => println!("  nginx: not installed; no gateway ratio (apt-get install nginx)"),
         }
     }
     let wasmtime = args.wasmtime.unwrap_or_else(|| PathBuf::from("wasmtime"));
