@@ -284,7 +284,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(why) = pod_network_unavailable() {
         println!("  pod IP: not measured ({why})");
     } else {
-        let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
+        let leftovers = crate::support::NodeNetworkLeftovers::before();
         let measured = async {
             let proxy = wasmkube_proxy::check().is_ok();
             let mut flags = vec!["--node-name", "bench-http-ip"];
@@ -326,9 +326,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::Ok((figures, through_service, through_gateway, through_nginx))
         }
         .await;
-        if !bridge_existed {
-            let _ = Command::new("ip").args(["link", "del", "wk0"]).status();
-        }
+        leftovers.remove_new();
         let ((ip_rate, ip_lat), through_service, (gw_rate, gw_lat), through_nginx) = measured?;
         report("wasmkube pod at its pod IP", ip_rate, &ip_lat);
         println!(

@@ -37,8 +37,8 @@ pub struct Args {
     #[arg(long, default_value = "0")]
     linux: usize,
     /// Give the local node's pods their own network namespaces and IPs
-    /// (root and the CNI plugins; a node bridge holds at most 1,024 pods)
-    /// instead of sharing the node's network.
+    /// (root; routed veths, set up in-process) instead of sharing the
+    /// node's network.
     #[arg(long)]
     pod_network: bool,
 }
@@ -64,7 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.pod_network {
         flags.push("--no-pod-network");
     }
-    let bridge_existed = std::path::Path::new("/sys/class/net/wk0").exists();
+    let leftovers = crate::support::NodeNetworkLeftovers::before();
     let (server, _) = ChildServer::start_with(&binary, &flags).await?;
     let client = server.client()?;
     crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
@@ -175,10 +175,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         delete_all(&pods).await?;
     }
     drop(server);
-    if args.pod_network && !bridge_existed {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", "wk0"])
-            .status();
+    if args.pod_network {
+        leftovers.remove_new();
     }
     Ok(())
 }

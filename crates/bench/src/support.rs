@@ -179,3 +179,71 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// What a run with the pod network leaves on the machine's own network:
+/// the node's address in its pod CIDR on `lo` and the `unreachable` route
+/// for that CIDR (an agent keeps both when it stops, as the node's). Taken
+/// before the run; [`NodeNetworkLeftovers::remove_new`] removes what the run
+/// added and nothing that was there before.
+#[derive(Debug)]
+pub struct NodeNetworkLeftovers {
+    addresses: Vec<String>,
+    routes: Vec<String>,
+}
+
+fn ip_lines(args: &[&str]) -> Vec<String> {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `lo`'s IPv4 addresses with their prefix (`10.244.0.1/32`).
+fn lo_addresses() -> Vec<String> {
+    ip_lines(&["-o", "-4", "addr", "show", "dev", "lo"])
+        .iter()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The destinations of `unreachable` routes (`10.244.0.0/24`).
+fn unreachable_routes() -> Vec<String> {
+    ip_lines(&["route", "show", "type", "unreachable"])
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+impl NodeNetworkLeftovers {
+    pub fn before() -> Self {
+        Self {
+            addresses: lo_addresses(),
+            routes: unreachable_routes(),
+        }
+    }
+
+    pub fn remove_new(&self) {
+        for a in lo_addresses() {
+            if !self.addresses.contains(&a) {
+                let _ = Command::new("ip")
+                    .args(["addr", "del", &a, "dev", "lo"])
+                    .status();
+            }
+        }
+        for r in unreachable_routes() {
+            if !self.routes.contains(&r) {
+                let _ = Command::new("ip")
+                    .args(["route", "del", "unreachable", &r])
+                    .status();
+            }
+        }
+    }
+}

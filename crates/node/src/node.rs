@@ -356,7 +356,7 @@ pub(crate) async fn set_up_pod_network(ctx: &Ctx) {
     };
     match network {
         Ok(network) => {
-            tracing::info!(pod_cidr = %cidr, bridge = BRIDGE, setup = network.method(), "pods get their own network namespaces and IPs");
+            tracing::info!(pod_cidr = %cidr, setup = network.method(), "pods get their own network namespaces and IPs");
             let _ = ctx.network.set(network);
         }
         Err(e) => {
@@ -367,7 +367,7 @@ pub(crate) async fn set_up_pod_network(ctx: &Ctx) {
 
 /// How long the agent waits for its pod CIDR at start.
 const POD_CIDR_WAIT: Duration = Duration::from_secs(30);
-/// The node's pod bridge.
+/// The node's pod bridge, when the CNI plugins set pods up.
 const BRIDGE: &str = "wk0";
 
 /// Keeps a route to every other node's pod CIDR through that node's

@@ -1,7 +1,8 @@
-//! Pod networking: one network namespace per pod, attached to the node's
-//! bridge with an address from the node's pod CIDR, by the agent itself over
-//! netlink (`netlink.rs`; nothing to install) or, when the node is given a
-//! CNI plugin directory, by the CNI `bridge` and `host-local` plugins;
+//! Pod networking: one network namespace per pod with an address from the
+//! node's pod CIDR, set up by the agent itself over netlink as a routed veth
+//! (`netlink.rs`; nothing to install, no bridge) or, when the node is given
+//! a CNI plugin directory, attached to a bridge by the CNI `bridge` and
+//! `host-local` plugins;
 //! routes to other nodes' pod CIDRs through their node addresses; and
 //! [`Netns`], a pod's namespace held open, in which the agent makes the
 //! listening and outgoing sockets of guests that run in its own process (a
@@ -24,7 +25,8 @@ const CNI_NETWORK: &str = "wasmkube";
 pub struct NetConfig {
     /// The node's pod CIDR (`node.spec.podCIDR`).
     pub pod_cidr: String,
-    /// The node's bridge.
+    /// The node's bridge, on the CNI path (the in-process path routes each
+    /// pod's veth instead).
     pub bridge: String,
     /// Where the CNI plugins are, to set pods up with them instead of
     /// in-process (`None`: in-process).
@@ -82,12 +84,14 @@ impl PodNetwork {
         Ok(Self { config, ipam })
     }
 
-    /// Makes the node's bridge (the in-process path; the CNI bridge plugin
-    /// makes its own on the first pod).
+    /// The in-process path gives the node its address in the pod CIDR and
+    /// refuses the CIDR's unused addresses on the node (the CNI bridge
+    /// plugin makes its bridge on the first pod).
     pub async fn prepare(&self) -> Result<(), Error> {
         match &self.ipam {
             Some(ipam) => {
-                netlink::ensure_bridge(&self.config.bridge, ipam.gateway(), ipam.prefix()).await
+                netlink::ensure_node_address(ipam.node_address()).await?;
+                netlink::ensure_unreachable(ipam.network(), ipam.prefix()).await
             }
             None => Ok(()),
         }
@@ -96,9 +100,9 @@ impl PodNetwork {
     /// How pods are plugged in, for the log.
     pub fn method(&self) -> &'static str {
         if self.ipam.is_some() {
-            "in-process (netlink)"
+            "routed veths, in-process (netlink)"
         } else {
-            "CNI plugins"
+            "CNI plugins (bridge)"
         }
     }
 
@@ -188,15 +192,7 @@ impl PodNetwork {
             let plugged = async {
                 let ip = ipam.allocate(id)?;
                 netlink::create_netns(&path).await?;
-                netlink::plug(
-                    &path,
-                    &self.name(id),
-                    &self.config.bridge,
-                    ip,
-                    ipam.prefix(),
-                    ipam.gateway(),
-                )
-                .await?;
+                netlink::plug(&path, &self.name(id), ip, ipam.node_address()).await?;
                 Ok(ip)
             }
             .await;

@@ -1,11 +1,16 @@
 //! Pod networks set up in-process over netlink, with no CNI plugin and no
-//! `ip` process: a named network namespace (a thread unshares one and
-//! bind-mounts it at `/run/netns/NAME`, as `ip netns add` does), a veth pair
-//! whose pod end goes into it as `eth0`, the node end on the node's bridge,
-//! an address from the node's pod CIDR ([`Ipam`], a file per address under
-//! the state directory, so allocations survive an agent restart and are
-//! reconciled with the namespaces that exist), and a default route through
-//! the bridge.
+//! `ip` process, as routed veths (Calico's layout, no bridge, so no limit of
+//! 1,024 ports per node): a named network namespace (a thread unshares one
+//! and bind-mounts it at `/run/netns/NAME`, as `ip netns add` does), a veth
+//! pair whose pod end is made inside it as `eth0` with the pod's address as
+//! a /32, a `/32` route to the pod through the node end, and in the pod a
+//! default route through a link-local next hop (169.254.1.1) whose MAC is
+//! the node end's, fixed, so no ARP proxy is needed. The node holds the
+//! CIDR's first address on its loopback and reaches its pods from it. Addresses come from the
+//! node's pod CIDR ([`Ipam`], a file per address under the state directory,
+//! so allocations survive an agent restart and are reconciled with the
+//! namespaces that exist); an `unreachable` route for the whole pod CIDR
+//! refuses addresses no pod holds on the node itself.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
@@ -13,9 +18,9 @@ use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
-use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
-};
+use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::route::{RouteScope, RouteType};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::Error;
 
@@ -53,38 +58,48 @@ async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, Error> {
     }
 }
 
-/// Makes the node's bridge with the gateway address (the pod CIDR's first
-/// host) unless it exists, and brings it up.
-pub(crate) async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), Error> {
+/// The next hop pods route through: link-local, answered by the node end
+/// of every pod's veth, which carries [`NODE_END_MAC`].
+const NEXT_HOP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// The MAC of the node end of every pod's veth (locally administered,
+/// unicast; the same on each, as each veth is its own link).
+const NODE_END_MAC: [u8; 6] = [0xee; 6];
+
+/// Gives the node its address in its pod CIDR (the first host), as a /32
+/// on its loopback (no link type to load, and nothing to route); the
+/// node's own traffic to its pods leaves from it.
+pub(crate) async fn ensure_node_address(address: Ipv4Addr) -> Result<(), Error> {
     let handle = connect()?;
-    let index = match index_of(&handle, name).await? {
-        Some(i) => i,
-        None => {
-            handle
-                .link()
-                .add(LinkBridge::new(name).build())
-                .execute()
-                .await
-                .map_err(setup_err("creating the bridge"))?;
-            index_of(&handle, name)
-                .await?
-                .ok_or_else(|| Error::Setup(format!("the bridge {name} vanished")))?
-        }
-    };
+    let lo = index_of(&handle, "lo")
+        .await?
+        .ok_or_else(|| Error::Setup("the node has no loopback".into()))?;
     handle
         .address()
-        .add(index, IpAddr::V4(gateway), prefix)
+        .add(lo, IpAddr::V4(address), 32)
         .replace()
         .execute()
         .await
-        .map_err(setup_err("addressing the bridge"))?;
+        .map_err(setup_err("giving the node its address in the pod CIDR"))
+}
+
+/// Refuses, on the node, every address of its pod CIDR that no pod holds
+/// (the pods' /32 routes are more specific), so such a packet never follows
+/// the default route off the machine.
+pub(crate) async fn ensure_unreachable(network: Ipv4Addr, prefix: u8) -> Result<(), Error> {
+    let handle = connect()?;
     handle
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(network, prefix)
+                .kind(RouteType::Unreachable)
+                .build(),
+        )
+        .replace()
         .execute()
         .await
-        .map_err(setup_err("bringing the bridge up"))?;
-    Ok(())
+        .map_err(setup_err("refusing the pod CIDR's unused addresses"))
 }
 
 /// Creates the named network namespace at `path` (`ip netns add`): a
@@ -171,23 +186,19 @@ pub(crate) fn host_veth(netns_name: &str) -> String {
     format!("wk{}", &hex[..11])
 }
 
-/// Plugs the namespace at `netns` into the bridge with `ip`/`prefix` and a
-/// default route through `gateway`.
+/// Plugs the namespace at `netns` in: a veth whose pod end is `eth0` with
+/// `ip`/32 and a default route through [`NEXT_HOP`], and whose node end
+/// carries a /32 route to `ip` (from `node_address`).
 pub(crate) async fn plug(
     netns: &Path,
     netns_name: &str,
-    bridge: &str,
     ip: Ipv4Addr,
-    prefix: u8,
-    gateway: Ipv4Addr,
+    node_address: Ipv4Addr,
 ) -> Result<(), Error> {
     let node = connect()?;
     let host = host_veth(netns_name);
-    let bridge_index = index_of(&node, bridge)
-        .await?
-        .ok_or_else(|| Error::Setup(format!("the bridge {bridge} is gone")))?;
     // The pod end is made inside the pod's namespace, already named eth0,
-    // and the node end on the bridge and up, in one request: moving a link
+    // and the node end up with its fixed MAC, in one request: moving a link
     // between namespaces afterwards waits for an RCU grace period (~20 ms).
     let ns_file = std::fs::File::open(netns).map_err(Error::io(netns))?;
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -198,8 +209,8 @@ pub(crate) async fn plug(
         .add(
             LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
                 .name(host.clone())
+                .address(NODE_END_MAC.to_vec())
                 .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .controller(bridge_index)
                 .up()
                 .build(),
         )
@@ -207,6 +218,22 @@ pub(crate) async fn plug(
         .await
         .map_err(setup_err("creating the pod's veth"))?;
     drop(ns_file);
+    let host_index = index_of(&node, &host)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("the veth end {host} vanished")))?;
+    node.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(ip, 32)
+                .output_interface(host_index)
+                .pref_source(node_address)
+                .scope(RouteScope::Link)
+                .build(),
+        )
+        .replace()
+        .execute()
+        .await
+        .map_err(setup_err("routing the pod's address to its veth"))?;
 
     let pod = connect_in(netns)?;
     let lo = index_of(&pod, "lo")
@@ -221,7 +248,7 @@ pub(crate) async fn plug(
         .await?
         .ok_or_else(|| Error::Setup("eth0 did not arrive in the pod".into()))?;
     pod.address()
-        .add(eth, IpAddr::V4(ip), prefix)
+        .add(eth, IpAddr::V4(ip), 32)
         .execute()
         .await
         .map_err(setup_err("addressing the pod's eth0"))?;
@@ -230,17 +257,36 @@ pub(crate) async fn plug(
         .execute()
         .await
         .map_err(setup_err("bringing the pod's eth0 up"))?;
+    pod.neighbours()
+        .add(eth, IpAddr::V4(NEXT_HOP))
+        .link_layer_address(&NODE_END_MAC)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(setup_err("pinning the next hop's MAC"))?;
+    pod.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(NEXT_HOP, 32)
+                .output_interface(eth)
+                .scope(RouteScope::Link)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(setup_err("routing the pod's next hop"))?;
     pod.route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .gateway(gateway)
+                .gateway(NEXT_HOP)
                 .output_interface(eth)
                 .build(),
         )
         .execute()
         .await
-        .map_err(setup_err("routing the pod through the bridge"))?;
+        .map_err(setup_err("routing the pod through the node"))?;
     Ok(())
 }
 
@@ -274,8 +320,13 @@ impl Ipam {
         self.prefix
     }
 
-    /// The bridge's address: the first host.
-    pub fn gateway(&self) -> Ipv4Addr {
+    /// The pod CIDR's network address.
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The node's own address in the CIDR: the first host, never a pod's.
+    pub fn node_address(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + 1)
     }
 
@@ -285,7 +336,8 @@ impl Ipam {
             return Ok(ip);
         }
         let size = 1u32 << (32 - self.prefix);
-        // From the gateway's successor to the last before broadcast.
+        // From the second host (the first is the node's) to the last before
+        // broadcast.
         for offset in 2..size - 1 {
             let ip = Ipv4Addr::from(u32::from(self.network) + offset);
             let path = self.dir.join(ip.to_string());
@@ -345,7 +397,7 @@ mod tests {
     fn addresses_are_unique_kept_per_pod_and_given_back() {
         let dir = tempfile::tempdir().unwrap();
         let ipam = Ipam::new(dir.path().join("ipam"), "10.244.3.0/24").unwrap();
-        assert_eq!(ipam.gateway(), Ipv4Addr::new(10, 244, 3, 1));
+        assert_eq!(ipam.node_address(), Ipv4Addr::new(10, 244, 3, 1));
         let a = ipam.allocate("pod-a").unwrap();
         let b = ipam.allocate("pod-b").unwrap();
         assert_eq!(a, Ipv4Addr::new(10, 244, 3, 2));

@@ -1,8 +1,9 @@
 //! Both ways a pod network is set up, in a network namespace this test makes
 //! for the node (nothing of the machine's network changes): in-process over
-//! netlink (the default) and with the CNI plugins (`--cni-bin`). Each gives
-//! pods distinct addresses on the node's bridge that the node reaches, and
-//! teardown leaves no namespace, veth or address allocation behind.
+//! netlink (the default: routed veths) and with the CNI plugins
+//! (`--cni-bin`: a bridge). Each gives pods distinct addresses that the node
+//! and the other pods reach, and teardown leaves no namespace, veth or
+//! address allocation behind.
 
 use std::path::Path;
 use std::process::Command;
@@ -57,7 +58,29 @@ fn check(cni_bin: Option<&Path>, tag: &str) {
                 .output()
                 .unwrap();
             let addr = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(addr.contains(&format!("inet {}/24", a.ip)), "{addr}");
+            // Routed in-process (a /32 each); on the CNI bridge, the /24.
+            let prefix = if cni_bin.is_none() { 32 } else { 24 };
+            assert!(addr.contains(&format!("inet {}/{prefix}", a.ip)), "{addr}");
+            // Pods reach each other through the node.
+            let out = Command::new("ip")
+                .args(["netns", "exec"])
+                .arg(a.netns.file_name().unwrap())
+                .args(["busybox", "ping", "-c", "1", "-W", "5", &b.ip.to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "pod a -> pod b: {out:?}");
+            if cni_bin.is_none() {
+                // An address of the pod CIDR no pod holds is refused on the
+                // node, not sent anywhere.
+                let out = Command::new("busybox")
+                    .args(["ping", "-c", "1", "-W", "2", "10.251.7.200"])
+                    .output()
+                    .unwrap();
+                let said = String::from_utf8_lossy(&out.stderr).into_owned()
+                    + &String::from_utf8_lossy(&out.stdout);
+                assert!(!out.status.success(), "{said}");
+                assert!(said.contains("No route to host"), "{said}");
+            }
             assert_eq!(veths(&node), 2);
             let mut ids = network.sandboxes();
             ids.sort();
