@@ -326,7 +326,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::Ok((figures, through_service, through_gateway, through_nginx))
         }
         .await;
-        leftovers.remove_new();
+        drop(leftovers);
         let ((ip_rate, ip_lat), through_service, (gw_rate, gw_lat), through_nginx) = measured?;
         report("wasmkube pod at its pod IP", ip_rate, &ip_lat);
         println!(

@@ -61,10 +61,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--no-service-proxy",
         "--no-gateway",
     ];
-    if !args.pod_network {
+    // A node's pod CIDR holds every pod the run makes (a /24, 253, at least).
+    let pods_needed = args.pods + 2 * args.linux + 10;
+    let mask = (16..=24u8)
+        .rev()
+        .find(|p| (1usize << (32 - p)) - 3 >= pods_needed)
+        .unwrap_or(16)
+        .to_string();
+    if args.pod_network {
+        flags.extend(["--node-cidr-mask-size", &mask]);
+    } else {
         flags.push("--no-pod-network");
     }
-    let leftovers = crate::support::NodeNetworkLeftovers::before();
+    let _leftovers = args
+        .pod_network
+        .then(crate::support::NodeNetworkLeftovers::before);
     let (server, _) = ChildServer::start_with(&binary, &flags).await?;
     let client = server.client()?;
     crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
@@ -102,8 +113,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                    "imagePullPolicy": "IfNotPresent",
                    "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}})
         } else {
+            // No CPU request: at 1m each, two cores fill at 2,000 pods.
             json!({"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
-                   "resources": {"requests": {"cpu": "1m", "memory": "1Mi"}}})
+                   "resources": {"requests": {"memory": "1Mi"}}})
         };
         Ok(serde_json::from_value(json!({
             "metadata": {"name": name},
@@ -175,9 +187,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         delete_all(&pods).await?;
     }
     drop(server);
-    if args.pod_network {
-        leftovers.remove_new();
-    }
+
     Ok(())
 }
 

@@ -183,8 +183,8 @@ impl Drop for KillOnDrop {
 /// What a run with the pod network leaves on the machine's own network:
 /// the node's address in its pod CIDR on `lo` and the `unreachable` route
 /// for that CIDR (an agent keeps both when it stops, as the node's). Taken
-/// before the run; [`NodeNetworkLeftovers::remove_new`] removes what the run
-/// added and nothing that was there before.
+/// before the run; dropped, it removes what the run added and nothing that
+/// was there before (declare it before the server, so it goes after it).
 #[derive(Debug)]
 pub struct NodeNetworkLeftovers {
     addresses: Vec<String>,
@@ -229,8 +229,10 @@ impl NodeNetworkLeftovers {
             routes: unreachable_routes(),
         }
     }
+}
 
-    pub fn remove_new(&self) {
+impl Drop for NodeNetworkLeftovers {
+    fn drop(&mut self) {
         for a in lo_addresses() {
             if !self.addresses.contains(&a) {
                 let _ = Command::new("ip")

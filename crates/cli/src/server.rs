@@ -48,6 +48,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "30000-32767", value_parser = crate::agent::port_range)]
     service_node_port_range: std::ops::RangeInclusive<u16>,
 
+    /// The size of each node's pod CIDR, carved from --cluster-cidr (a /24
+    /// gives a node 253 pod addresses; a /19, 8,189).
+    #[arg(long, default_value = "24", value_parser = clap::value_parser!(u8).range(8..=30))]
+    node_cidr_mask_size: u8,
+
     /// Run no local node: pods then need agents joined with `wasmkube
     /// agent` (or simulated nodes).
     #[arg(long)]
@@ -94,6 +99,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         bail!(
             "another wasmkube server is already using the data directory {}; stop it or pass a different --data-dir",
             args.data_dir.display()
+        );
+    }
+    if args.node_cidr_mask_size <= args.node.cluster_cidr.prefix_len() {
+        bail!(
+            "--node-cidr-mask-size {} does not fit inside --cluster-cidr {}: each node's pod CIDR must be smaller than the cluster's (a larger mask size)",
+            args.node_cidr_mask_size,
+            args.node.cluster_cidr
         );
     }
     let store = wasmkube_store::open_sled(&args.data_dir.join("store"))
@@ -171,6 +183,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 base: args.node.cluster_cidr.network(),
                 prefix: args.node.cluster_cidr.prefix_len(),
             }),
+            node_cidr_mask_size: args.node_cidr_mask_size,
             ..Default::default()
         };
         tokio::spawn(async move {

@@ -422,6 +422,30 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
 }
 
 #[test]
+fn a_node_cidr_larger_than_the_cluster_cidr_is_refused_with_both_flags_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(wasmkube())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-cidr-mask-size",
+            "16",
+        ])
+        .args(["--cluster-cidr", "10.244.0.0/16", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("--node-cidr-mask-size 16 does not fit inside --cluster-cidr 10.244.0.0/16"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn sigterm_shuts_down_cleanly_and_data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = start_server(dir.path());
