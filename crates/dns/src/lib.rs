@@ -119,21 +119,7 @@ impl Resolver {
             return Ok(vec![ip]);
         }
         let zone = self.state.zone();
-        let absolute = host.ends_with('.');
-        let bare = host.trim_end_matches('.');
-        let mut candidates: Vec<String> = Vec::new();
-        let searched: Vec<String> = if absolute {
-            Vec::new()
-        } else {
-            search.iter().map(|s| format!("{bare}.{s}")).collect()
-        };
-        if absolute || bare.matches('.').count() >= ndots {
-            candidates.push(bare.to_owned());
-            candidates.extend(searched);
-        } else {
-            candidates.extend(searched);
-            candidates.push(bare.to_owned());
-        }
+        let candidates = candidates(host, search, ndots);
         let mut failed = None;
         for name in candidates {
             if zone.is_ours(&name) {
@@ -158,6 +144,48 @@ impl Resolver {
         }
         Err(failed.unwrap_or_else(|| LookupError::NotFound(host.to_owned())))
     }
+}
+
+impl Resolver {
+    /// The addresses of `host` if, with these search domains and `ndots`,
+    /// it names something in the cluster domain that has addresses: the
+    /// part of [`Resolver::lookup`] that needs no upstream, answered
+    /// synchronously. `None` otherwise.
+    pub fn lookup_cluster(
+        &self,
+        host: &str,
+        search: &[String],
+        ndots: usize,
+    ) -> Option<Vec<IpAddr>> {
+        let zone = self.state.zone();
+        candidates(host, search, ndots)
+            .iter()
+            .filter(|name| zone.is_ours(name))
+            .find_map(|name| zone.addresses(name))
+            .map(|ips| ips.into_iter().map(IpAddr::V4).collect())
+    }
+}
+
+/// The names a stub resolver tries for `host`, in order: a name with fewer
+/// than `ndots` dots under each search domain first, then as it is (a
+/// trailing dot means as it is only).
+fn candidates(host: &str, search: &[String], ndots: usize) -> Vec<String> {
+    let absolute = host.ends_with('.');
+    let bare = host.trim_end_matches('.');
+    let searched: Vec<String> = if absolute {
+        Vec::new()
+    } else {
+        search.iter().map(|s| format!("{bare}.{s}")).collect()
+    };
+    let mut out = Vec::new();
+    if absolute || bare.matches('.').count() >= ndots {
+        out.push(bare.to_owned());
+        out.extend(searched);
+    } else {
+        out.extend(searched);
+        out.push(bare.to_owned());
+    }
+    out
 }
 
 /// Keeps the zone current from watches and, with a listen address, serves
@@ -214,4 +242,48 @@ impl Drop for AbortOnDrop {
 /// kubeadm picks it.
 pub fn default_address(service_range: Ipv4Addr) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(service_range) + 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cluster_names_resolve_with_the_search_path_and_others_are_left_alone() {
+        let resolver = Resolver::new(&Config {
+            domain: "cluster.local".into(),
+            listen: None,
+            upstreams: Vec::new(),
+        });
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        *resolver.state.zone.write().unwrap() = Arc::new(Zone::build("cluster.local", [&svc], []));
+        let search: Vec<String> = [
+            "shop.svc.cluster.local",
+            "svc.cluster.local",
+            "cluster.local",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let web: Vec<IpAddr> = vec!["10.96.0.20".parse().unwrap()];
+        for name in [
+            "web",
+            "web.shop",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+        ] {
+            assert_eq!(
+                resolver.lookup_cluster(name, &search, 5),
+                Some(web.clone()),
+                "{name}"
+            );
+        }
+        for name in ["web.other", "example.org", "nope"] {
+            assert_eq!(resolver.lookup_cluster(name, &search, 5), None, "{name}");
+        }
+    }
 }

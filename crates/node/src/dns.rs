@@ -175,6 +175,11 @@ impl wasmkube_runtime::NameLookup for PodNames {
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))
         })
     }
+
+    fn lookup_cluster(&self, host: &str) -> Option<Vec<IpAddr>> {
+        self.resolver
+            .lookup_cluster(host, &self.searches, self.ndots)
+    }
 }
 
 #[cfg(test)]

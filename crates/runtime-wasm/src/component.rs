@@ -14,6 +14,7 @@ pub(crate) struct ComponentHost {
     table: ResourceTable,
     meter: Meter,
     network: GuestNetwork,
+    names: Option<std::sync::Arc<dyn wasmkube_runtime::NameLookup>>,
 }
 
 impl WasiView for ComponentHost {
@@ -27,7 +28,12 @@ impl WasiView for ComponentHost {
 
 impl GuestSockets for ComponentHost {
     fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
-        GuestSocketsView::new(&mut self.ctx, &mut self.table, &self.network)
+        GuestSocketsView::new(
+            &mut self.ctx,
+            &mut self.table,
+            &self.network,
+            self.names.as_ref(),
+        )
     }
 }
 
@@ -68,6 +74,7 @@ impl WasmRuntime {
             table: ResourceTable::new(),
             meter: self.meter(spec),
             network: spec.network.clone(),
+            names: spec.names.clone(),
         };
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let result = async {

@@ -81,7 +81,12 @@ impl WasiHttpView for HttpHost {
 
 impl GuestSockets for HttpHost {
     fn guest_sockets(&mut self) -> GuestSocketsView<'_> {
-        GuestSocketsView::new(&mut self.ctx, &mut self.table, &self.hooks.0)
+        GuestSocketsView::new(
+            &mut self.ctx,
+            &mut self.table,
+            &self.hooks.0,
+            self.hooks.1.as_ref(),
+        )
     }
 }
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use wasmkube_runtime::PodNetns;
 use wasmtime::component::{HasData, Linker, Resource};
+use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::ResolveAddressStream;
 use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddressFamily};
-use wasmtime_wasi::p2::bindings::sockets::{tcp_create_socket, udp_create_socket};
+use wasmtime_wasi::p2::bindings::sockets::{ip_name_lookup, tcp_create_socket, udp_create_socket};
 use wasmtime_wasi::p2::{SocketError, SocketResult, TcpSocket, UdpSocket};
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 use wasmtime_wasi::{WasiCtxBuilder, WasiView};
@@ -66,7 +67,9 @@ impl GuestNetwork {
     /// `wasi:sockets` for this network.
     pub(crate) fn configure(&self, wasi: &mut WasiCtxBuilder) {
         let allowed = !matches!(self, Self::Denied);
-        wasi.allow_tcp(allowed).allow_udp(allowed);
+        wasi.allow_tcp(allowed)
+            .allow_udp(allowed)
+            .allow_ip_name_lookup(allowed);
         let this = self.clone();
         wasi.socket_addr_check(move |addr, usage| {
             let ok = match usage {
@@ -193,10 +196,12 @@ pub(crate) trait GuestSockets: WasiView {
     fn guest_sockets(&mut self) -> GuestSocketsView<'_>;
 }
 
-/// `wasi:sockets`' socket constructors, moved into the guest's network.
+/// `wasi:sockets`' socket constructors, moved into the guest's network,
+/// and its name lookups, answered from the cluster's names first.
 pub(crate) struct GuestSocketsView<'a> {
     sockets: WasiSocketsCtxView<'a>,
     network: &'a GuestNetwork,
+    names: Option<&'a Arc<dyn wasmkube_runtime::NameLookup>>,
 }
 
 impl<'a> GuestSocketsView<'a> {
@@ -204,6 +209,7 @@ impl<'a> GuestSocketsView<'a> {
         ctx: &'a mut wasmtime_wasi::WasiCtx,
         table: &'a mut wasmtime::component::ResourceTable,
         network: &'a GuestNetwork,
+        names: Option<&'a Arc<dyn wasmkube_runtime::NameLookup>>,
     ) -> Self {
         Self {
             sockets: WasiSocketsCtxView {
@@ -211,7 +217,49 @@ impl<'a> GuestSocketsView<'a> {
                 table,
             },
             network,
+            names,
         }
+    }
+}
+
+/// `wasi:sockets/ip-name-lookup`: a cluster name (`web`,
+/// `web.shop.svc.cluster.local`, with the pod's search path) resolves to
+/// its address from the node's cluster DNS records; any other name goes to
+/// WASI's lookup, the node's resolvers. (WASI's stream type can only be made
+/// by WASI, so a cluster name reaches it as its address: the first one, for
+/// a headless Service with several.)
+impl ip_name_lookup::Host for GuestSocketsView<'_> {
+    fn resolve_addresses(
+        &mut self,
+        network: Resource<network::Network>,
+        name: String,
+    ) -> SocketResult<Resource<ResolveAddressStream>> {
+        let cluster = self
+            .names
+            .and_then(|n| n.lookup_cluster(&name))
+            .and_then(|ips| ips.into_iter().next());
+        let name = cluster.map(|ip| ip.to_string()).unwrap_or(name);
+        ip_name_lookup::Host::resolve_addresses(&mut self.sockets, network, name)
+    }
+}
+
+impl ip_name_lookup::HostResolveAddressStream for GuestSocketsView<'_> {
+    fn resolve_next_address(
+        &mut self,
+        this: Resource<ResolveAddressStream>,
+    ) -> SocketResult<Option<network::IpAddress>> {
+        ip_name_lookup::HostResolveAddressStream::resolve_next_address(&mut self.sockets, this)
+    }
+
+    fn subscribe(
+        &mut self,
+        this: Resource<ResolveAddressStream>,
+    ) -> wasmtime::Result<Resource<wasmtime_wasi::p2::DynPollable>> {
+        ip_name_lookup::HostResolveAddressStream::subscribe(&mut self.sockets, this)
+    }
+
+    fn drop(&mut self, this: Resource<ResolveAddressStream>) -> wasmtime::Result<()> {
+        ip_name_lookup::HostResolveAddressStream::drop(&mut self.sockets, this)
     }
 }
 
@@ -223,7 +271,9 @@ impl HasData for CreateInGuestNetwork {
 
 impl tcp_create_socket::Host for GuestSocketsView<'_> {
     fn create_tcp_socket(&mut self, family: IpAddressFamily) -> SocketResult<Resource<TcpSocket>> {
-        let Self { sockets, network } = self;
+        let Self {
+            sockets, network, ..
+        } = self;
         let mut created = None;
         network.make(|| {
             created = Some(tcp_create_socket::Host::create_tcp_socket(sockets, family));
@@ -238,7 +288,9 @@ impl udp_create_socket::Host for GuestSocketsView<'_> {
         &mut self,
         family: IpAddressFamily,
     ) -> SocketResult<Resource<UdpSocket>> {
-        let Self { sockets, network } = self;
+        let Self {
+            sockets, network, ..
+        } = self;
         let mut create = std::pin::pin!(udp_create_socket::Host::create_udp_socket(
             &mut *sockets,
             family
@@ -284,13 +336,15 @@ impl network::Host for GuestSocketsView<'_> {
 }
 
 /// Replaces WASI's socket constructors in `linker` (which already has
-/// WASI) with ones that make the socket in the guest's network.
+/// WASI) with ones that make the socket in the guest's network, and its
+/// name lookup with one that knows the cluster's names.
 pub(crate) fn add_guest_sockets<T: GuestSockets + 'static>(
     linker: &mut Linker<T>,
 ) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     tcp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
     udp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
+    ip_name_lookup::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
     linker.allow_shadowing(false);
     Ok(())
 }

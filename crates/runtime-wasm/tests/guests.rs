@@ -239,6 +239,28 @@ impl CountingNetns {
     }
 }
 
+/// Cluster names as a pod's resolver sees them: `upstream` (through the
+/// search path) and its full name are the test's loopback upstream.
+#[derive(Debug)]
+struct ClusterNames;
+
+impl wasmkube_runtime::NameLookup for ClusterNames {
+    fn lookup(
+        &self,
+        host: &str,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'static>,
+    > {
+        let found = self.lookup_cluster(host);
+        Box::pin(async move { found.ok_or_else(|| std::io::ErrorKind::NotFound.into()) })
+    }
+
+    fn lookup_cluster(&self, host: &str) -> Option<Vec<std::net::IpAddr>> {
+        matches!(host, "upstream" | "upstream.shop.svc.cluster.local")
+            .then(|| vec![std::net::Ipv4Addr::LOCALHOST.into()])
+    }
+}
+
 /// An HTTP/1.0 upstream on loopback that answers every request with what
 /// it was asked.
 async fn upstream() -> std::net::SocketAddr {
@@ -348,6 +370,37 @@ async fn a_command_connects_with_wasi_sockets_from_its_pod_network_and_only_ther
         "{out:?}"
     );
     assert_eq!(netns.entered(), 1, "one socket, made in the pod's network");
+
+    // By name: `wasi:sockets/ip-name-lookup` answers a cluster name from
+    // the pod's cluster records (here: `upstream`, short for a Service), and
+    // leaves other names to the node's resolvers.
+    let port = up.rsplit_once(':').unwrap().1.to_owned();
+    let mut s = spec(&dir, &["tcp-get"]);
+    s.args
+        .extend([format!("upstream:{port}"), "/by-name".into()]);
+    s.network = GuestNetwork::Pod(netns.clone());
+    s.names = Some(std::sync::Arc::new(ClusterNames));
+    let (exit, _) = rt.run_component(&tcp_get, &s).await.unwrap();
+    let out = read(s.stdout.path().unwrap());
+    assert_eq!(
+        exit,
+        Exit::Code(0),
+        "{out}{}",
+        read(s.stderr.path().unwrap())
+    );
+    assert!(
+        out.ends_with("upstream saw GET /by-name HTTP/1.0"),
+        "{out:?}"
+    );
+    let mut s = spec(&dir, &["tcp-get"]);
+    s.args
+        .extend([format!("no-such-name.invalid:{port}"), "/".into()]);
+    s.network = GuestNetwork::Pod(netns.clone());
+    s.names = Some(std::sync::Arc::new(ClusterNames));
+    let (exit, _) = rt.run_component(&tcp_get, &s).await.unwrap();
+    let err = read(s.stderr.path().unwrap());
+    assert_eq!(exit.code(), 1, "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
 
     for network in [GuestNetwork::Node, GuestNetwork::Denied] {
         let mut s = spec(&dir, &["tcp-get"]);

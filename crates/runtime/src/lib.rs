@@ -106,6 +106,14 @@ pub trait NameLookup: Send + Sync + std::fmt::Debug {
     ) -> std::pin::Pin<
         Box<dyn Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'static>,
     >;
+
+    /// The addresses of `host` when it is a cluster name (with the pod's
+    /// search path), answered at once from what the node already knows;
+    /// `None` for any other name, which the node's resolvers answer.
+    fn lookup_cluster(&self, host: &str) -> Option<Vec<std::net::IpAddr>> {
+        let _ = host;
+        None
+    }
 }
 
 /// Everything a runtime needs to start one container.
