@@ -237,13 +237,75 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         "{described}"
     );
 
-    // An HTTP function: a Deployment of the http-hello component answers
-    // at its pod's address and port, a fresh instance per request.
+    // An HTTP function, deployed cold: 100 replicas of a component this
+    // node has never run. One compile serves them all; every pod starts on
+    // its first attempt (no failed start, no restart).
     let http_hello = push_as(&registry, "http_hello", "wasm32-wasip2", "http-hello");
     let manifest = format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: http-hello}}\nspec:\n  selector: {{matchLabels: {{app: http-hello}}}}\n  template:\n    metadata: {{labels: {{app: http-hello}}}}\n    spec:\n      containers:\n      - name: http-hello\n        image: {http_hello}\n        env: [{{name: GREETING, value: e2e}}]\n        ports: [{{containerPort: 8080}}]\n"
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: http-hello}}\nspec:\n  replicas: 100\n  selector: {{matchLabels: {{app: http-hello}}}}\n  template:\n    metadata: {{labels: {{app: http-hello}}}}\n    spec:\n      terminationGracePeriodSeconds: 600\n      containers:\n      - name: http-hello\n        image: {http_hello}\n        env: [{{name: GREETING, value: e2e}}]\n        ports: [{{containerPort: 8080}}]\n"
     );
     ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "rollout",
+            "status",
+            "deployment/http-hello",
+            "--timeout=120s",
+        ],
+        None,
+    );
+    let restarts = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=http-hello",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[0].restartCount}",
+        ],
+        None,
+    );
+    let restarts: Vec<&str> = restarts.split_whitespace().collect();
+    assert_eq!(restarts.len(), 100, "{restarts:?}");
+    assert!(restarts.iter().all(|r| *r == "0"), "{restarts:?}");
+    let warnings = ok(
+        &s,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "type=Warning",
+            "-o",
+            "jsonpath={range .items[*]}{.involvedObject.name}: {.reason} {.message}{\"\\n\"}{end}",
+        ],
+        None,
+    );
+    let cold_failures: Vec<&str> = warnings
+        .lines()
+        .filter(|l| l.starts_with("http-hello-"))
+        .collect();
+    assert!(cold_failures.is_empty(), "{cold_failures:?}");
+    // Scaled to zero, the idle functions stop at once: their ten-minute
+    // grace period is for requests in flight, and they have none.
+    let before: Vec<String> = pod_names(&s, "app=http-hello")
+        .iter()
+        .map(|p| format!("pod/{p}"))
+        .collect();
+    ok(
+        &s,
+        &["scale", "deployment/http-hello", "--replicas=0"],
+        None,
+    );
+    let mut wait = vec!["wait", "--for=delete", "--timeout=120s"];
+    wait.extend(before.iter().map(String::as_str));
+    ok(&s, &wait, None);
+    ok(
+        &s,
+        &["scale", "deployment/http-hello", "--replicas=1"],
+        None,
+    );
     ok(
         &s,
         &[

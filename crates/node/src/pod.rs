@@ -791,6 +791,87 @@ impl PodRun {
     /// Runs the container's probes while it runs and keeps its readiness
     /// current; resolves only when a startup or liveness probe failed
     /// `failureThreshold` times in a row, with the reason to restart it.
+    /// What a container's probes and hooks reach: the pod's address, the
+    /// node ports its ports are served at when it shares the node's, and
+    /// its processes when it has them.
+    fn probe_target(
+        &self,
+        container: &str,
+        exec: Option<Arc<dyn wasmkube_runtime::Exec>>,
+    ) -> probe::Target {
+        probe::Target {
+            ip: self.ip(),
+            node_ports: self
+                .state
+                .lock()
+                .expect("pod state")
+                .node_ports
+                .iter()
+                .filter(|m| m.container == container)
+                .map(|m| (m.container_port, m.node_port))
+                .collect(),
+            exec,
+        }
+    }
+
+    /// Stops a running container as the kubelet does: its `preStop` hook
+    /// (while it still serves), then the stop request, then a kill when the
+    /// grace period ends first.
+    async fn stop_container(
+        &self,
+        c: &Container,
+        running: &mut Box<dyn wasmkube_runtime::Container>,
+        deadline: Instant,
+    ) -> wasmkube_runtime::Exit {
+        let exec = running.exec();
+        let ended = tokio::select! {
+            exit = running.wait() => Some(exit),
+            () = self.pre_stop(c, exec, deadline) => None,
+        };
+        if let Some(exit) = ended {
+            return exit;
+        }
+        running.terminate();
+        match tokio::time::timeout_at(deadline.into(), running.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                running.kill();
+                let mut exit = running.wait().await;
+                let how = exit.message.map(|m| format!(" ({m})")).unwrap_or_default();
+                exit.message = Some(format!(
+                    "the container did not stop within its grace period and was killed{how}"
+                ));
+                exit
+            }
+        }
+    }
+
+    /// Runs the container's `preStop` hook, if it has one, until it ends or
+    /// the grace period does; a failure is an event, and the stop goes on.
+    async fn pre_stop(
+        &self,
+        c: &Container,
+        exec: Option<Arc<dyn wasmkube_runtime::Exec>>,
+        deadline: Instant,
+    ) {
+        let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) else {
+            return;
+        };
+        let target = self.probe_target(&c.name, exec);
+        let outcome = tokio::time::timeout_at(deadline.into(), probe::hook(hook, c, &target)).await;
+        let failure = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(why)) => why,
+            Err(_) => "the grace period ended before the hook did".to_owned(),
+        };
+        self.event(
+            Some(&c.name),
+            Kind::Warning,
+            "FailedPreStopHook",
+            format!("PreStopHook failed: {failure}"),
+        );
+    }
+
     async fn probes(
         &self,
         c: &Container,
@@ -801,19 +882,7 @@ impl PodRun {
             return std::future::pending().await;
         }
         let name = c.name.clone();
-        let target = probe::Target {
-            ip: self.ip(),
-            node_ports: self
-                .state
-                .lock()
-                .expect("pod state")
-                .node_ports
-                .iter()
-                .filter(|m| m.container == name)
-                .map(|m| (m.container_port, m.node_port))
-                .collect(),
-            exec,
-        };
+        let target = self.probe_target(&name, exec);
         let exec = target.exec.is_some();
         let usable = |kind: &str, p: &'_ k8s_openapi::api::core::v1::Probe| match probe::unsupported(
             p, exec,
@@ -1338,17 +1407,7 @@ impl PodRun {
                         () = stop_requested(self.stop.clone()) => {
                             let deadline = self.stop_at();
                             self.event(Some(&name), Kind::Normal, "Killing", format!("Stopping container {name}"));
-                            running.terminate();
-                            match tokio::time::timeout_at(deadline.into(), running.wait()).await {
-                                Ok(exit) => exit,
-                                Err(_) => {
-                                    running.kill();
-                                    let mut exit = running.wait().await;
-                                    let how = exit.message.map(|m| format!(" ({m})")).unwrap_or_default();
-                                    exit.message = Some(format!("the container did not stop within its grace period and was killed{how}"));
-                                    exit
-                                }
-                            }
+                            self.stop_container(&c, &mut running, deadline).await
                         }
                     }
                 }

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::api::core::v1::{Container, LifecycleHandler, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasmkube_runtime::Exec;
@@ -137,6 +137,33 @@ pub(crate) async fn check(probe: &Probe, c: &Container, target: &Target) -> Resu
         Ok(r) => r,
         Err(_) => Err(format!("probe timed out after {timeout:?}")),
     }
+}
+
+/// Runs a lifecycle hook (`preStop`, `postStart`) to its end: `exec` in
+/// containers with processes, `httpGet` and (deprecated) `tcpSocket`
+/// against the pod as a probe would, `sleep` on the node. The caller bounds
+/// it by the grace period.
+pub(crate) async fn hook(
+    handler: &LifecycleHandler,
+    c: &Container,
+    target: &Target,
+) -> Result<(), String> {
+    if let Some(sleep) = &handler.sleep {
+        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64)).await;
+        return Ok(());
+    }
+    if handler.exec.is_some() && target.exec.is_none() {
+        return Err("exec hooks are not supported for Wasm containers".into());
+    }
+    // A hook is a probe without a timeout of its own.
+    let as_probe = Probe {
+        exec: handler.exec.clone(),
+        http_get: handler.http_get.clone(),
+        tcp_socket: handler.tcp_socket.clone(),
+        timeout_seconds: Some(i32::MAX),
+        ..Default::default()
+    };
+    check(&as_probe, c, target).await
 }
 
 /// Runs the probe's command in the container: success is exit code 0;

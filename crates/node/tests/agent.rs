@@ -148,7 +148,11 @@ async fn cluster() -> Harness {
             .await
             .unwrap();
     }
-    for (name, file) in [("hello-component", "hello"), ("config-http", "config_http")] {
+    for (name, file) in [
+        ("hello-component", "hello"),
+        ("config-http", "config_http"),
+        ("http-hello", "http_hello"),
+    ] {
         let reference = format!("{}/{name}:v1", registry.host());
         push_wasm(component(file), &reference, &PushOptions::default())
             .await
@@ -778,6 +782,87 @@ async fn an_http_function_pod_serves_its_mounted_config() {
         ports.push(port);
     }
     assert_ne!(ports[0], ports[1]);
+}
+
+/// A deleted HTTP function runs its `preStop` hook, then drains: an idle
+/// one is gone long before its grace period, and one with a request in
+/// flight answers it before it stops.
+#[tokio::test]
+async fn a_deleted_http_function_runs_its_pre_stop_hook_and_drains() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness().await;
+    let function = |hook: &str| {
+        json!({
+            "terminationGracePeriodSeconds": 600,
+            "containers": [{
+                "name": "fn", "image": h.image("http-hello"),
+                "ports": [{"containerPort": 8080}],
+                "lifecycle": {"preStop": {"httpGet": {"path": hook, "port": 8080}}},
+            }],
+        })
+    };
+    // The hook calls the function itself, while it still serves; a
+    // failing hook is an event and does not hold the stop.
+    h.create("idle", function("/sleep?ms=100")).await;
+    h.create("busy", function("/trap")).await;
+    let mut ports = std::collections::HashMap::new();
+    for name in ["idle", "busy"] {
+        let pod = h.wait(name, "Running", |p| phase(p) == "Running").await;
+        ports.insert(name, node_port(&pod, "fn", 8080));
+    }
+
+    // A slow request to `busy`: its response head is here, its body is not.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", ports["busy"]))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: fn\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        slow.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+
+    let mut deleted = Vec::new();
+    for name in ["idle", "busy"] {
+        let uid = h.pods().get(name).await.unwrap().metadata.uid.unwrap();
+        h.pods()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+        deleted.push((name, uid));
+    }
+    // The slow request is answered in full, then the connection closes.
+    let mut rest = String::new();
+    slow.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.contains("slept 1500 ms\n"), "{rest:?}");
+    // Both pods go without waiting for their ten-minute grace period.
+    for (name, uid) in deleted {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(h.pods(), name, kube::runtime::conditions::is_deleted(&uid)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} still waits for its grace period"))
+        .unwrap();
+    }
+    let events = h.events("busy").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "FailedPreStopHook" && m.contains("statuscode: 500")),
+        "{events:?}"
+    );
+    assert!(
+        !h.events("idle")
+            .await
+            .iter()
+            .any(|(r, _)| r == "FailedPreStopHook"),
+        "the idle function's hook succeeded"
+    );
 }
 
 /// The node port that `container`'s `port` is served at, from the pod's

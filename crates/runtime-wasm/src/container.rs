@@ -60,8 +60,9 @@ impl Drop for Guests {
 #[derive(Clone)]
 pub struct WasmContainers {
     rt: Arc<WasmRuntime>,
-    /// Image id -> the module or component linked against WASI.
-    prepared: Arc<Mutex<HashMap<String, Ready>>>,
+    /// Image id -> the module or component linked against WASI, filled once
+    /// (pods of an image that arrive together wait for one compile).
+    prepared: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Ready>>>>>,
     guests: Arc<Guests>,
 }
 
@@ -90,9 +91,21 @@ impl WasmContainers {
     }
 
     async fn prepared(&self, image: &Image) -> Result<Ready, RuntimeError> {
-        if let Some(p) = self.prepared.lock().expect("prepared lock").get(&image.id) {
-            return Ok(p.clone());
-        }
+        let cell = self
+            .prepared
+            .lock()
+            .expect("prepared lock")
+            .entry(image.id.clone())
+            .or_default()
+            .clone();
+        // One caller prepares; the others wait for it. A failure leaves the
+        // cell empty, so the next caller tries again.
+        cell.get_or_try_init(|| self.prepare_image(image))
+            .await
+            .cloned()
+    }
+
+    async fn prepare_image(&self, image: &Image) -> Result<Ready, RuntimeError> {
         let (path, component) = match &image.kind {
             ImageKind::Wasm { module, component } => (module.clone(), *component),
             ImageKind::Linux { .. } => {
@@ -129,10 +142,6 @@ impl WasmContainers {
         })
         .await
         .map_err(|e| RuntimeError::Setup(format!("compiling the module: {e}")))??;
-        self.prepared
-            .lock()
-            .expect("prepared lock")
-            .insert(image.id.clone(), prepared.clone());
         Ok(prepared)
     }
 }
@@ -187,6 +196,8 @@ impl Runtime for WasmContainers {
             names: config.names,
         };
         let rt = self.rt.clone();
+        // How a stop request reaches the guest, when it has a way to hear it.
+        let mut stop = None;
         let task = match prepared {
             Ready::Module(m) => self
                 .guests
@@ -217,6 +228,8 @@ impl Runtime for WasmContainers {
                     listeners.push(l);
                 }
                 let spec = Arc::new(spec);
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                stop = Some(stop_tx);
                 self.guests.handle().spawn(async move {
                     let listeners = listeners
                         .into_iter()
@@ -229,17 +242,23 @@ impl Runtime for WasmContainers {
                             return Ok((Exit::Trap { message }, crate::Usage::default()));
                         }
                     };
+                    // A stop request drains every port's server.
+                    let stopping = futures::FutureExt::shared(async move {
+                        let _ = stop_rx.await;
+                    });
                     let servers = listeners.into_iter().map(|l| {
-                        Box::pin(rt.clone().serve_http(
+                        rt.clone().serve_http(
                             p.clone(),
                             spec.clone(),
                             l,
                             HTTP_CONCURRENCY,
-                        ))
+                            stopping.clone(),
+                        )
                     });
-                    let (result, _, _) = futures::future::select_all(servers).await;
-                    let exit = match result {
-                        Ok(()) => Exit::Code(0),
+                    // One port's listener failing fails the container; a
+                    // stop ends when every port has drained.
+                    let exit = match futures::future::try_join_all(servers).await {
+                        Ok(_) => Exit::Code(0),
                         Err(e) => Exit::Trap {
                             message: format!("the HTTP listener failed: {e}"),
                         },
@@ -251,6 +270,7 @@ impl Runtime for WasmContainers {
         Ok(Box::new(WasmContainer {
             task: Some(task),
             exit: None,
+            stop,
         }))
     }
 }
@@ -260,6 +280,9 @@ type RunResult = Result<(Exit, crate::Usage), crate::Error>;
 struct WasmContainer {
     task: Option<tokio::task::JoinHandle<RunResult>>,
     exit: Option<ContainerExit>,
+    /// An HTTP function's graceful stop: it stops accepting, finishes the
+    /// requests in flight and exits.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 fn to_container_exit(exit: Exit) -> ContainerExit {
@@ -315,9 +338,15 @@ impl Container for WasmContainer {
     }
 
     fn terminate(&mut self) -> bool {
-        // A Wasm guest has no signal handlers: only the end of the grace
-        // period stops it.
-        false
+        // An HTTP function drains and stops. A command guest has no signal
+        // handlers: only the end of the grace period stops it.
+        match self.stop.take() {
+            Some(stop) => {
+                let _ = stop.send(());
+                true
+            }
+            None => false,
+        }
     }
 
     fn kill(&mut self) {

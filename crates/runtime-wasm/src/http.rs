@@ -115,29 +115,40 @@ impl WasmRuntime {
         Ok(PreparedProxy { pre })
     }
 
-    /// Serves HTTP on `listener` until the future is dropped: every request
-    /// gets a fresh instance with `spec`'s env, volumes, output and limits;
-    /// at most `max_concurrency` run at once, the rest wait. The connections
-    /// belong to the future: dropping it closes them too (a keep-alive
-    /// connection must not outlive its pod, nor hold its network namespace).
+    /// Serves HTTP on `listener`: every request gets a fresh instance with
+    /// `spec`'s env, volumes, output and limits; at most `max_concurrency`
+    /// run at once, the rest wait.
+    ///
+    /// When `stop` resolves the server stops gracefully, as a pod being
+    /// deleted should: it stops accepting, lets the requests in flight
+    /// finish (a response being streamed included), closes idle keep-alive
+    /// connections at once, and returns when the last connection is done;
+    /// an idle function stops at once. Dropping the future ends everything
+    /// now: the connections belong to it (a keep-alive connection must not
+    /// outlive its pod, nor hold its network namespace).
     pub async fn serve_http(
         self: Arc<Self>,
         prepared: PreparedProxy,
         spec: Arc<ContainerSpec>,
         listener: tokio::net::TcpListener,
         max_concurrency: usize,
+        stop: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1)));
         let mut connections = tokio::task::JoinSet::new();
+        let (draining, drain) = tokio::sync::watch::channel(false);
+        let mut stop = std::pin::pin!(stop);
         loop {
             let socket = tokio::select! {
                 accepted = listener.accept() => accepted?.0,
                 // Reaps finished connections so the set stays small.
                 Some(_) = connections.join_next() => continue,
+                () = &mut stop => break,
             };
             let _ = socket.set_nodelay(true);
             let (rt, prepared, spec, slots) =
                 (self.clone(), prepared.clone(), spec.clone(), slots.clone());
+            let mut drain = drain.clone();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let (rt, prepared, spec, slots) =
@@ -147,18 +158,32 @@ impl WasmRuntime {
                         Ok::<_, std::convert::Infallible>(rt.handle(&prepared, &spec, req).await)
                     }
                 });
-                if let Err(e) = http1::Builder::new()
+                let connection = http1::Builder::new()
                     .keep_alive(true)
                     // A client that closes its sending side after the
                     // request (`nc`, say) still gets the response.
                     .half_close(true)
-                    .serve_connection(TokioIo::new(socket), service)
-                    .await
-                {
+                    .serve_connection(TokioIo::new(socket), service);
+                let mut connection = std::pin::pin!(connection);
+                let ended = tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    true = async { drain.wait_for(|d| *d).await.is_ok() } => {
+                        // Finishes the request in flight, if any, then closes.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "HTTP connection ended with an error");
                 }
             });
         }
+        // No new connections from here on; the open ones finish their
+        // requests and close.
+        drop(listener);
+        draining.send_replace(true);
+        while connections.join_next().await.is_some() {}
+        Ok(())
     }
 
     async fn handle(

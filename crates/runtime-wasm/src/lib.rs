@@ -16,6 +16,7 @@
 //! **Architecture invariant:** this is the only crate that depends on
 //! wasmtime (checked by `crates/cli/tests/boundaries.rs`).
 
+mod cache;
 mod component;
 mod container;
 mod http;
@@ -23,13 +24,11 @@ mod limits;
 mod net;
 mod sink;
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 pub use wasmkube_runtime::Usage as LiveUsage;
 use wasmtime::component::Component;
 use wasmtime::{
@@ -357,6 +356,7 @@ pub struct WasmRuntime {
     component_linker: wasmtime::component::Linker<component::ComponentHost>,
     http_linker: wasmtime::component::Linker<http::HttpHost>,
     config: Config,
+    cache: cache::ModuleCache,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -411,10 +411,7 @@ impl WasmRuntime {
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http_linker))
             .and_then(|()| net::add_guest_sockets(&mut http_linker))
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
-        std::fs::create_dir_all(&config.cache_dir).map_err(|source| Error::Cache {
-            path: config.cache_dir.clone(),
-            source,
-        })?;
+        let cache = cache::ModuleCache::open(config.cache_dir.clone(), &engine)?;
         let stop_ticker = Arc::new(AtomicBool::new(false));
         {
             let (engine, stop) = (engine.clone(), stop_ticker.clone());
@@ -434,61 +431,36 @@ impl WasmRuntime {
             component_linker,
             http_linker,
             config,
+            cache,
             stop_ticker,
         })
     }
 
-    /// The cache file for a module: its content digest plus what makes
-    /// compiled code compatible with this engine.
-    fn cache_path(&self, bytes: &[u8]) -> PathBuf {
-        let digest = Sha256::digest(bytes);
-        let mut h = std::hash::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        self.config
-            .cache_dir
-            .join(format!("{hex}-{:016x}.cwasm", h.finish()))
-    }
-
     /// Loads a module: from the precompiled cache when this engine compiled
-    /// it before, otherwise compiled now (off any request path: call this
-    /// from a blocking task) and cached.
+    /// it before, otherwise compiled now (once, however many callers ask at
+    /// the same time; off any request path: call this from a blocking task)
+    /// and cached.
     pub fn load(&self, bytes: &[u8]) -> Result<Module, Error> {
-        self.load_cached(bytes, Engine::precompile_module, deserialize_module)
+        self.cache.load(
+            bytes,
+            |b| self.engine.precompile_module(b),
+            |p| deserialize_module(&self.engine, p),
+        )
     }
 
     /// Loads a component as [`WasmRuntime::load`] loads a module.
     pub fn load_component(&self, bytes: &[u8]) -> Result<Component, Error> {
-        self.load_cached(bytes, Engine::precompile_component, deserialize_component)
+        self.cache.load(
+            bytes,
+            |b| self.engine.precompile_component(b),
+            |p| deserialize_component(&self.engine, p),
+        )
     }
 
-    fn load_cached<T>(
-        &self,
-        bytes: &[u8],
-        precompile: fn(&Engine, &[u8]) -> wasmtime::Result<Vec<u8>>,
-        deserialize: fn(&Engine, &Path) -> wasmtime::Result<T>,
-    ) -> Result<T, Error> {
-        let path = self.cache_path(bytes);
-        if path.exists() {
-            match deserialize(&self.engine, &path) {
-                Ok(m) => return Ok(m),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring a bad cache entry")
-                }
-            }
-        }
-        let compiled =
-            precompile(&self.engine, bytes).map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
-        // Written under a temporary name and renamed: a crash never leaves a
-        // torn artifact under the real name.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, &compiled)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| Error::Cache {
-                path: path.clone(),
-                source,
-            })?;
-        deserialize(&self.engine, &path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
+    /// How many modules and components this runtime has compiled (the rest
+    /// were loaded from the cache).
+    pub fn compiled(&self) -> u64 {
+        self.cache.compiled()
     }
 
     /// Links a module against WASI once, so every later instance of it
@@ -556,18 +528,19 @@ impl std::fmt::Debug for Prepared {
 #[allow(unsafe_code)]
 fn deserialize_component(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
     // SAFETY: as for `deserialize_module`: the file is an artifact this
-    // engine's `precompile_component` wrote, renamed into place whole and
-    // never modified after.
+    // engine's `precompile_component` wrote, checked against its seal.
     unsafe { Component::deserialize_file(engine, path) }
 }
 
 #[allow(unsafe_code)]
 fn deserialize_module(engine: &Engine, path: &Path) -> wasmtime::Result<Module> {
     // SAFETY: `Module::deserialize_file` maps the file and trusts it to be
-    // code this engine produced, unchanged while mapped. Files in the cache directory are written only by
-    // `WasmRuntime::load`, from `Engine::precompile_module`, and renamed into
-    // place whole (never rewritten in place, so a mapped artifact does not
-    // change under a running module); the name carries the engine's compatibility hash, and
+    // code this engine produced, unchanged while mapped. Files in the cache
+    // directory are written only by `cache::ModuleCache`, from
+    // `Engine::precompile_module`, renamed into place whole (never rewritten
+    // in place, so a mapped artifact does not change under a running module)
+    // and checked against the SHA-256 seal written with them just before
+    // this call; the name carries the engine's compatibility hash, and
     // wasmtime checks the artifact's header against the engine again.
     unsafe { Module::deserialize_file(engine, path) }
 }

@@ -197,7 +197,13 @@ async fn an_http_function_serves_each_request_in_a_fresh_instance() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let rt = std::sync::Arc::new(rt);
-    let server = tokio::spawn(rt.serve_http(proxy, std::sync::Arc::new(s), listener, 4));
+    let server = tokio::spawn(rt.serve_http(
+        proxy,
+        std::sync::Arc::new(s),
+        listener,
+        4,
+        std::future::pending(),
+    ));
 
     let (status, body) = get(addr, "/some/path?x=1").await;
     assert_eq!(status, 200, "{body}");
@@ -218,6 +224,58 @@ async fn an_http_function_serves_each_request_in_a_fresh_instance() {
     assert_eq!(live.requests(), 18);
     assert_eq!(live.instances(), 0);
     server.abort();
+}
+
+/// A stop drains the function: a slow request in flight is answered, an
+/// idle keep-alive connection is closed at once, no new connection is
+/// accepted, and the server returns as soon as the last request is done.
+#[tokio::test]
+async fn an_http_function_stops_gracefully() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (dir, rt) = setup();
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../workloads/target/wasm32-wasip2/release/http_hello.wasm"),
+    )
+    .expect("build the workloads with scripts/build-workloads.sh");
+    let proxy = rt
+        .prepare_proxy(&rt.load_component(&bytes).unwrap())
+        .unwrap();
+    let s = spec(&dir, &["http-hello"]);
+    let live = s.live.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let rt = std::sync::Arc::new(rt);
+    let server =
+        tokio::spawn(
+            rt.serve_http(proxy, std::sync::Arc::new(s), listener, 4, async move {
+                let _ = stopped.await;
+            }),
+        );
+
+    // An idle keep-alive connection (one request answered, then quiet).
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /first HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[9..12], b"200");
+    // A slow request, in flight when the stop comes: its instance is live.
+    let slow = tokio::spawn(get(addr, "/sleep?ms=300"));
+    while live.instances() == 0 {
+        tokio::task::yield_now().await;
+    }
+    stop.send(()).unwrap();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slept 300 ms\n"));
+    server.await.unwrap().unwrap();
+    // The idle connection was closed (the rest of the first response, then
+    // end of stream), and the port no longer accepts.
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
 
 /// A pod network namespace that is the test's own: it counts the sockets
@@ -311,7 +369,13 @@ async fn an_http_function_calls_out_from_its_pod_network_and_only_there() {
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(rt.serve_http(proxy, std::sync::Arc::new(s), listener, 4));
+            let server = tokio::spawn(rt.serve_http(
+                proxy,
+                std::sync::Arc::new(s),
+                listener,
+                4,
+                std::future::pending(),
+            ));
             (addr, server)
         }
     };

@@ -189,35 +189,122 @@ async fn a_cpu_limit_throttles_the_guest() {
     );
 }
 
+/// The cache directory's artifact, by extension.
+fn cache_file(dir: &tempfile::TempDir, ext: &str) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(ext))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0].clone()
+}
+
+/// Replaces a file the way a bad disk or a crash would leave it, except by
+/// rename: artifacts are mapped into memory, and this module never changes
+/// a mapped file under a running guest.
+fn replace(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("test-tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 #[tokio::test]
 async fn compiled_modules_are_cached_by_digest() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&dir);
     let bytes = printer("cached", 0);
     rt.load(&bytes).unwrap();
-    let entries: Vec<_> = std::fs::read_dir(dir.path().join("cache"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    assert!(entries[0].ends_with(".cwasm"));
+    assert_eq!(rt.compiled(), 1);
+    let artifact = cache_file(&dir, ".cwasm");
+    let seal = cache_file(&dir, ".cwasm.sha256");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache")).unwrap().count(),
+        2
+    );
     // A second runtime (a restarted agent) loads the artifact instead of compiling.
     let again = runtime(&dir);
     let m = again.load(&bytes).unwrap();
+    assert_eq!(again.compiled(), 0);
     assert_eq!(
         again.run(&m, &spec(&dir, "again")).await.unwrap().0,
         Exit::Code(0)
     );
-    // A corrupt artifact is replaced, not trusted. (Artifacts are mapped into
-    // memory, so they are only ever replaced by a rename, never rewritten in
-    // place; the corruption arrives the same way here.)
-    let path = dir.path().join("cache").join(&entries[0]);
-    let bad = dir.path().join("bad");
-    std::fs::write(&bad, b"not an artifact").unwrap();
-    std::fs::rename(&bad, &path).unwrap();
-    let m = again.load(&bytes).unwrap();
+
+    // A truncated artifact, one with a flipped byte, one without its seal,
+    // and garbage with a matching seal are each compiled again, never
+    // mapped, and the module runs.
+    let good = std::fs::read(&artifact).unwrap();
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let garbage = b"not an artifact".to_vec();
+    let garbage_seal = {
+        use std::fmt::Write;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&garbage);
+        digest.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    type Damage<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let damage: [Damage; 4] = [
+        (
+            "truncated",
+            Box::new(|| replace(&artifact, &good[..good.len() / 3])),
+        ),
+        ("flipped", Box::new(|| replace(&artifact, &flipped))),
+        (
+            "unsealed",
+            Box::new(|| std::fs::remove_file(&seal).unwrap()),
+        ),
+        (
+            "sealed garbage",
+            Box::new(|| {
+                replace(&artifact, &garbage);
+                replace(&seal, garbage_seal.as_bytes());
+            }),
+        ),
+    ];
+    for (i, (what, damage)) in damage.iter().enumerate() {
+        damage();
+        let fresh = runtime(&dir);
+        let m = fresh.load(&bytes).unwrap();
+        assert_eq!(fresh.compiled(), 1, "{what}: compiled again");
+        assert_eq!(
+            fresh
+                .run(&m, &spec(&dir, &format!("fixed{i}")))
+                .await
+                .unwrap()
+                .0,
+            Exit::Code(0),
+            "{what}"
+        );
+        assert_eq!(std::fs::read(&artifact).unwrap(), good, "{what}: repaired");
+    }
+}
+
+/// The cold path: many pods of a module never seen before ask for it at
+/// once. One compiles; the others wait and load what it wrote; no caller
+/// ever sees a partly written artifact.
+#[test]
+fn concurrent_loads_of_a_new_module_compile_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = std::sync::Arc::new(runtime(&dir));
+    let bytes = printer("cold", 0);
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (rt, bytes) = (rt.clone(), bytes.clone());
+            std::thread::spawn(move || rt.load(&bytes).map(drop))
+        })
+        .collect();
+    for c in callers {
+        c.join().unwrap().unwrap();
+    }
+    assert_eq!(rt.compiled(), 1);
+    // Nothing but the artifact and its seal is left behind.
     assert_eq!(
-        again.run(&m, &spec(&dir, "fixed")).await.unwrap().0,
-        Exit::Code(0)
+        std::fs::read_dir(dir.path().join("cache")).unwrap().count(),
+        2
     );
 }

@@ -1,7 +1,9 @@
 //! `http-hello`: a `wasi:http/proxy` component (an HTTP function). Every
 //! request gets a fresh instance; it answers `200` with the request's method
 //! and path and its environment (sorted `KEY=value` lines). `/exit` and
-//! `/trap` fail on purpose, to show a failing request fails only itself.
+//! `/trap` fail on purpose, to show a failing request fails only itself;
+//! `/sleep?ms=N` sends its response head at once and its body N
+//! milliseconds later (a slow request, seen in flight by its client).
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::types::{
@@ -23,6 +25,13 @@ impl Guest for HttpHello {
         if path == "/trap" {
             std::process::abort();
         }
+        if let Some(ms) = path.strip_prefix("/sleep?ms=") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            respond_after(out, 200, &format!("slept {ms} ms\n"), || {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            });
+            return;
+        }
         let mut env: Vec<(String, String)> = std::env::vars().collect();
         env.sort();
         let mut text = format!("hello from wasmkube: {method} {path}\n");
@@ -35,12 +44,19 @@ impl Guest for HttpHello {
 
 /// Sends a plain-text response.
 pub fn respond(out: ResponseOutparam, status: u16, text: &str) {
+    respond_after(out, status, text, || {});
+}
+
+/// Sends a plain-text response's head, runs `before_body`, then sends
+/// the body.
+fn respond_after(out: ResponseOutparam, status: u16, text: &str, before_body: impl FnOnce()) {
     let headers = Fields::new();
     let _ = headers.set("content-type", &[b"text/plain; charset=utf-8".to_vec()]);
     let response = OutgoingResponse::new(headers);
     let _ = response.set_status_code(status);
     let body = response.body().expect("the body of a new response");
     ResponseOutparam::set(out, Ok(response));
+    before_body();
     {
         let stream = body.write().expect("the body's stream");
         for chunk in text.as_bytes().chunks(4096) {
