@@ -3,6 +3,7 @@
 
 mod create;
 mod density;
+mod deploy;
 mod dns;
 mod http;
 mod pods;
@@ -37,7 +38,8 @@ enum Bench {
     /// Time from creating a large Deployment to all replicas Ready.
     Rollout(rollout::Args),
     /// Pod startup latency, create -> Running seen on a watch, of Wasm pods
-    /// on the local node (module cached) against pods on a simulated node.
+    /// on the local node (module cached) against pods on a simulated node;
+    /// first a Deployment of a module never seen, against the same cached.
     PodStartup(pods::Args),
     /// HTTP function throughput and latency at a pod's port, against
     /// `wasmtime serve` on the same component when it is installed.

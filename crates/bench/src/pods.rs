@@ -36,6 +36,12 @@ pub struct Args {
     /// Wasm pods on the same node, batch by batch. 0 skips it.
     #[arg(long, default_value = "0")]
     linux: usize,
+    /// First, a Deployment of this many replicas of an HTTP function whose
+    /// module the node has never seen, timed to all Ready, then again with
+    /// the module cached; each scaled to zero, timed until its pods are
+    /// gone. 0 skips it.
+    #[arg(long, default_value = "100")]
+    deploy: i32,
     /// Give the local node's pods their own network namespaces and IPs
     /// (root; routed veths, set up in-process) instead of sharing the
     /// node's network.
@@ -51,7 +57,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let image = format!("{}/sleeper:v1", registry.host());
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
-    let max_pods = (args.pods + 2 * args.linux + 10).to_string();
+    let max_pods = (args.pods + 2 * args.linux + 10 + args.deploy.max(0) as usize).to_string();
     // The machine's own network is left alone: no service proxy rules.
     let mut flags = vec![
         "--node-name",
@@ -62,7 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "--no-gateway",
     ];
     // A node's pod CIDR holds every pod the run makes (a /24, 253, at least).
-    let pods_needed = args.pods + 2 * args.linux + 10;
+    let pods_needed = args.pods + 2 * args.linux + 10 + args.deploy.max(0) as usize;
     let mask = (16..=24u8)
         .rev()
         .find(|p| (1usize << (32 - p)) - 3 >= pods_needed)
@@ -80,6 +86,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = server.client()?;
     crate::schedule::start_nodes(&client, 1, args.pods as u32 + 10, true).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    if args.deploy > 0 {
+        // The cold path first, while the node has seen no module at all.
+        let function = format!("{}/http-hello:v1", registry.host());
+        let component = std::fs::read(wasmkube_testkit::workload_path(
+            "http_hello",
+            "wasm32-wasip2",
+        ))?;
+        wasmkube_oci::push_wasm(component, &function, &Default::default()).await?;
+        let cold = crate::deploy::round(&client, "cold", &function, LOCAL, args.deploy).await?;
+        let cached = crate::deploy::round(&client, "cached", &function, LOCAL, args.deploy).await?;
+        crate::deploy::print(args.deploy, &cold, &cached);
+    }
 
     // Running pods, by name, as the watch sees them.
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

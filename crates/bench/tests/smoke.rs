@@ -50,7 +50,18 @@ fn rollout_bench_smoke() {
 
 #[test]
 fn pod_startup_bench_smoke() {
-    let out = bench(&["pod-startup", "--pods", "4", "--batch", "2", "--linux", "2"]);
+    let out = bench(&[
+        "pod-startup",
+        "--pods",
+        "4",
+        "--batch",
+        "2",
+        "--linux",
+        "2",
+        "--deploy",
+        "4",
+    ]);
+    assert!(out.contains("cold/cached"), "{out}");
     assert!(out.contains("p99 ratio"), "{out}");
     assert!(out.contains("p50 ratio linux/wasm"), "{out}");
 }
