@@ -112,9 +112,76 @@ fn default_template(obj: &mut Value, path: &[&str]) {
     }
 }
 
+/// Knative's defaults for a revision's spec: the request timeout, no
+/// concurrency limit, no service links, and container names.
+fn default_revision_spec(spec: &mut Value) {
+    default_at(spec, &["timeoutSeconds"], json!(300));
+    default_at(spec, &["containerConcurrency"], json!(0));
+    default_at(spec, &["enableServiceLinks"], json!(false));
+    let containers = each_mut(spec, "containers").collect::<Vec<_>>();
+    let several = containers.len() > 1;
+    for (i, c) in containers.into_iter().enumerate() {
+        let name = if several {
+            format!("user-container-{i}")
+        } else {
+            "user-container".to_owned()
+        };
+        if c.get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+            && let Some(c) = c.as_object_mut()
+        {
+            c.insert("name".into(), json!(name));
+        }
+    }
+}
+
+/// Knative's traffic defaults: all of it to the latest revision when none
+/// is given; a target naming no revision follows the latest one.
+fn default_traffic(spec: &mut Value) {
+    if spec
+        .get("traffic")
+        .and_then(Value::as_array)
+        .is_none_or(Vec::is_empty)
+        && let Some(s) = spec.as_object_mut()
+    {
+        s.insert(
+            "traffic".into(),
+            json!([{"latestRevision": true, "percent": 100}]),
+        );
+    }
+    for t in each_mut(spec, "traffic") {
+        let latest = t.get("revisionName").is_none();
+        default_at(t, &["latestRevision"], json!(latest));
+    }
+}
+
 /// Fills defaults into `obj` of type `rt`.
 pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
-    match rt.kind {
+    match rt.id() {
+        "knative.Service" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                if let Some(t) = spec.pointer_mut("/template/spec") {
+                    default_revision_spec(t);
+                }
+                default_traffic(spec);
+            }
+        }
+        "Configuration" => {
+            if let Some(t) = obj.pointer_mut("/spec/template/spec") {
+                default_revision_spec(t);
+            }
+        }
+        "Revision" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                default_revision_spec(spec);
+            }
+        }
+        "Route" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                default_traffic(spec);
+            }
+        }
         "Pod" => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_pod_spec(spec);

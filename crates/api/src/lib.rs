@@ -9,6 +9,7 @@
 pub mod defaults;
 pub mod field;
 pub mod gateway_api;
+pub mod knative;
 pub mod names;
 pub mod nodes;
 pub mod quantity;

@@ -68,6 +68,16 @@ impl ResourceType {
         }
     }
 
+    /// The kind as code dispatches on it, unique across groups: the kind,
+    /// except Knative's Service (`serving.knative.dev`), which is
+    /// `knative.Service` so it is never taken for the core Service.
+    pub fn id(&self) -> &'static str {
+        match (self.group, self.kind) {
+            ("serving.knative.dev", "Service") => "knative.Service",
+            (_, kind) => kind,
+        }
+    }
+
     /// `Deployment.apps` or `Pod`, as Kubernetes names kinds in messages.
     pub fn qualified_kind(&self) -> String {
         if self.group.is_empty() {
@@ -121,6 +131,7 @@ use Subresource::*;
 
 const ALL: &[&str] = &["all"];
 const GATEWAY_API: &[&str] = &["gateway-api"];
+const KNATIVE: &[&str] = &["all", "knative", "serving"];
 
 macro_rules! resource {
     ($group:literal, $version:literal, $kind:literal, $plural:literal, $singular:literal, $namespaced:literal, [$($short:literal),*], $cats:expr, [$($sub:ident),*]) => {
@@ -339,6 +350,50 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         [],
         GATEWAY_API,
+        [Status]
+    ),
+    resource!(
+        "serving.knative.dev",
+        "v1",
+        "Service",
+        "services",
+        "service",
+        true,
+        ["kservice", "ksvc"],
+        KNATIVE,
+        [Status]
+    ),
+    resource!(
+        "serving.knative.dev",
+        "v1",
+        "Configuration",
+        "configurations",
+        "configuration",
+        true,
+        ["config", "cfg"],
+        KNATIVE,
+        [Status]
+    ),
+    resource!(
+        "serving.knative.dev",
+        "v1",
+        "Revision",
+        "revisions",
+        "revision",
+        true,
+        ["rev"],
+        KNATIVE,
+        [Status]
+    ),
+    resource!(
+        "serving.knative.dev",
+        "v1",
+        "Route",
+        "routes",
+        "route",
+        true,
+        ["rt"],
+        KNATIVE,
         [Status]
     ),
     resource!(

@@ -262,7 +262,7 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !matches!(field, "metadata.name" | "metadata.namespace")
-                && !supported_fields(rt.kind).contains(&field)
+                && !supported_fields(rt.id()).contains(&field)
             {
                 return Err(format!("field label not supported: {field}"));
             }
@@ -278,7 +278,7 @@ impl FieldSelector {
     pub fn matches(&self, rt: &ResourceType, obj: &Value) -> bool {
         self.terms
             .iter()
-            .all(|(field, equal, value)| (field_value(rt.kind, obj, field) == *value) == *equal)
+            .all(|(field, equal, value)| (field_value(rt.id(), obj, field) == *value) == *equal)
     }
 
     /// The value an equality term pins `field` to, if any (for indexed lookups).

@@ -54,7 +54,7 @@ const SELECTOR: Column = wide("Selector", "string", "Label selector for pods.");
 
 /// The columns for a kind, in order.
 pub fn columns(rt: &ResourceType) -> Vec<Column> {
-    match rt.kind {
+    match rt.id() {
         "Pod" => vec![
             NAME,
             col(
@@ -309,6 +309,41 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Hostnames", "string", "The hostnames the route matches."),
             AGE,
         ],
+        // Knative's printer columns, as its CRDs declare them.
+        "knative.Service" => vec![
+            NAME,
+            col("URL", "string", "The URL the service is served at."),
+            col("LatestCreated", "string", "The latest revision created."),
+            col("LatestReady", "string", "The latest revision ready."),
+            col("Ready", "string", "The Ready condition's status."),
+            col("Reason", "string", "The Ready condition's reason."),
+        ],
+        "Configuration" => vec![
+            NAME,
+            col("LatestCreated", "string", "The latest revision created."),
+            col("LatestReady", "string", "The latest revision ready."),
+            col("Ready", "string", "The Ready condition's status."),
+            col("Reason", "string", "The Ready condition's reason."),
+        ],
+        "Revision" => vec![
+            NAME,
+            col("Config Name", "string", "The configuration that made it."),
+            col(
+                "Generation",
+                "string",
+                "The configuration's generation it was made from.",
+            ),
+            col("Ready", "string", "The Ready condition's status."),
+            col("Reason", "string", "The Ready condition's reason."),
+            col("Actual Replicas", "integer", "Pods ready."),
+            col("Desired Replicas", "integer", "Pods the autoscaler wants."),
+        ],
+        "Route" => vec![
+            NAME,
+            col("URL", "string", "The URL the route is served at."),
+            col("Ready", "string", "The Ready condition's status."),
+            col("Reason", "string", "The Ready condition's reason."),
+        ],
         "EndpointSlice" => vec![
             NAME,
             col(
@@ -428,6 +463,16 @@ fn condition_status(status: &Value, ty: &str) -> String {
         .find(|c| c["type"] == ty)
         .map(|c| s(&c["status"]))
         .unwrap_or_else(|| "Unknown".into())
+}
+
+fn condition_reason(status: &Value, ty: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == ty)
+        .map(|c| s(&c["reason"]))
+        .unwrap_or_default()
 }
 
 fn or_none(v: String) -> String {
@@ -617,7 +662,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
     let age = json!(since(&obj["metadata"]["creationTimestamp"], now));
     let spec = &obj["spec"];
     let status = &obj["status"];
-    match rt.kind {
+    match rt.id() {
         "Pod" => {
             let (reason, ready, total, restarts) = pod_status(obj);
             let gates = spec["readinessGates"].as_array().map_or(0, Vec::len);
@@ -954,6 +999,39 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             json!(s(&status["addresses"][0]["value"])),
             json!(condition_status(status, "Programmed")),
             age,
+        ],
+        "knative.Service" => vec![
+            name,
+            json!(s(&status["url"])),
+            json!(s(&status["latestCreatedRevisionName"])),
+            json!(s(&status["latestReadyRevisionName"])),
+            json!(condition_status(status, "Ready")),
+            json!(condition_reason(status, "Ready")),
+        ],
+        "Configuration" => vec![
+            name,
+            json!(s(&status["latestCreatedRevisionName"])),
+            json!(s(&status["latestReadyRevisionName"])),
+            json!(condition_status(status, "Ready")),
+            json!(condition_reason(status, "Ready")),
+        ],
+        "Revision" => {
+            let labels = &obj["metadata"]["labels"];
+            vec![
+                name,
+                json!(s(&labels[crate::knative::labels::CONFIGURATION])),
+                json!(s(&labels[crate::knative::labels::CONFIGURATION_GENERATION])),
+                json!(condition_status(status, "Ready")),
+                json!(condition_reason(status, "Ready")),
+                status["actualReplicas"].clone(),
+                status["desiredReplicas"].clone(),
+            ]
+        }
+        "Route" => vec![
+            name,
+            json!(s(&status["url"])),
+            json!(condition_status(status, "Ready")),
+            json!(condition_reason(status, "Ready")),
         ],
         "HTTPRoute" => {
             let hosts: Vec<String> = spec["hostnames"]

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::gateway_api as gateway;
+use crate::knative;
 use crate::registry::ResourceType;
 
 /// A body that does not decode into its kind.
@@ -40,7 +41,7 @@ fn round_trip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, D
 
 macro_rules! decode_kind {
     ($rt:expr, $value:expr, { $($kind:literal => $ty:ty),* $(,)? }) => {
-        match $rt.kind {
+        match $rt.id() {
             $($kind => round_trip::<$ty>($value),)*
             other => Err(DecodeError { path: "kind".into(), message: format!("no codec for kind {other}") }),
         }
@@ -73,6 +74,10 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "GatewayClass" => gateway::GatewayClass,
         "Gateway" => gateway::Gateway,
         "HTTPRoute" => gateway::HTTPRoute,
+        "knative.Service" => knative::Service,
+        "Configuration" => knative::Configuration,
+        "Revision" => knative::Revision,
+        "Route" => knative::Route,
     })?;
     let mut unknown_fields = Vec::new();
     collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);
@@ -87,7 +92,7 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
 /// in errors and unknown fields start with `status`. `None` for a kind
 /// without a typed status here (decode the whole object instead).
 pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded, DecodeError>> {
-    let canonical = match rt.kind {
+    let canonical = match rt.id() {
         "Pod" => round_trip::<core::PodStatus>(status),
         "Node" => round_trip::<core::NodeStatus>(status),
         "Service" => round_trip::<core::ServiceStatus>(status),
@@ -101,6 +106,10 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
         "GatewayClass" => round_trip::<gateway::GatewayClassStatus>(status),
         "Gateway" => round_trip::<gateway::GatewayStatus>(status),
         "HTTPRoute" => round_trip::<gateway::HTTPRouteStatus>(status),
+        "knative.Service" => round_trip::<knative::ServiceStatus>(status),
+        "Configuration" => round_trip::<knative::ConfigurationStatus>(status),
+        "Revision" => round_trip::<knative::RevisionStatus>(status),
+        "Route" => round_trip::<knative::RouteStatus>(status),
         _ => return None,
     };
     Some(

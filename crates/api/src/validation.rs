@@ -21,6 +21,7 @@ use crate::selectors;
 use crate::typed::decode_as;
 
 mod routing;
+mod serving;
 
 /// Largest total size of an object's annotations, as Kubernetes enforces.
 const TOTAL_ANNOTATION_SIZE_LIMIT: usize = 256 * 1024;
@@ -41,7 +42,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
             }
         };
     }
-    match rt.kind {
+    match rt.id() {
         "Pod" => typed!(core::Pod, validate_pod),
         "Service" => typed!(core::Service, validate_service),
         "ConfigMap" => typed!(core::ConfigMap, validate_config_map),
@@ -57,6 +58,13 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
         "Gateway" => typed!(gw::Gateway, routing::validate_gateway),
         "HTTPRoute" => typed!(gw::HTTPRoute, routing::validate_http_route),
+        "knative.Service" => typed!(crate::knative::Service, serving::validate_service),
+        "Configuration" => typed!(
+            crate::knative::Configuration,
+            serving::validate_configuration
+        ),
+        "Revision" => typed!(crate::knative::Revision, serving::validate_revision),
+        "Route" => typed!(crate::knative::Route, serving::validate_route),
         _ => {}
     }
     errs.0
@@ -70,9 +78,9 @@ fn validate_meta(rt: &ResourceType, obj: &Value, old: Option<&Value>, errs: &mut
             "name or generateName is required",
         )),
         Some(name) => {
-            let check = match rt.kind {
+            let check = match rt.id() {
                 "Namespace" => names::dns1123_label(name),
-                "Service" => names::dns1035_label(name),
+                "Service" | "knative.Service" => names::dns1035_label(name),
                 _ => names::dns1123_subdomain(name).and_then(|()| {
                     if name.contains('/') || name.contains('%') {
                         Err("may not contain '/' or '%'".into())

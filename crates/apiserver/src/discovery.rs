@@ -42,6 +42,9 @@ fn group_json(name: &str, versions: &[&str]) -> Value {
 /// The resource metrics API, served from the node agents' usage (as
 /// metrics-server would serve it through aggregation).
 const METRICS_GROUP: &str = "metrics.k8s.io";
+/// The custom metrics API: HTTP functions' request figures per pod, from
+/// the same agents (as a Prometheus adapter would serve them).
+pub const CUSTOM_METRICS_GROUP: &str = "custom.metrics.k8s.io";
 
 pub fn api_groups() -> Value {
     let mut groups: Vec<Value> = registry::groups()
@@ -49,6 +52,7 @@ pub fn api_groups() -> Value {
         .map(|(g, vs)| group_json(g, vs))
         .collect();
     groups.push(group_json(METRICS_GROUP, &["v1beta1"]));
+    groups.push(group_json(CUSTOM_METRICS_GROUP, &["v1beta2"]));
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
@@ -56,6 +60,7 @@ pub fn api_group(name: &str) -> Option<Value> {
     registry::groups()
         .into_iter()
         .chain((name == METRICS_GROUP).then_some((METRICS_GROUP, vec!["v1beta1"])))
+        .chain((name == CUSTOM_METRICS_GROUP).then_some((CUSTOM_METRICS_GROUP, vec!["v1beta2"])))
         .find(|(g, _)| *g == name)
         .map(|(g, vs)| {
             let mut v = group_json(g, &vs);
@@ -126,6 +131,16 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 {"name": "nodes", "singularName": "", "namespaced": false, "kind": "NodeMetrics", "verbs": ["get", "list"]},
                 {"name": "pods", "singularName": "", "namespaced": true, "kind": "PodMetrics", "verbs": ["get", "list"]},
             ],
+        }));
+    }
+    if (group, version) == (CUSTOM_METRICS_GROUP, "v1beta2") {
+        let resources: Vec<Value> = crate::node_proxy::CUSTOM_METRICS
+            .iter()
+            .map(|m| json!({"name": format!("pods/{m}"), "singularName": "", "namespaced": true, "kind": "MetricValueList", "verbs": ["get"]}))
+            .collect();
+        return Some(json!({
+            "kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": "custom.metrics.k8s.io/v1beta2", "resources": resources,
         }));
     }
     let mut resources = Vec::new();

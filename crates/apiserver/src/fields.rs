@@ -327,8 +327,8 @@ pub fn record_update(
     now: &str,
 ) {
     let mut list = entries(old);
-    let new_leaves = leaves(rt.kind, new, sub);
-    let old_leaves = old.map(|o| leaves(rt.kind, o, sub)).unwrap_or_default();
+    let new_leaves = leaves(rt.id(), new, sub);
+    let old_leaves = old.map(|o| leaves(rt.id(), o, sub)).unwrap_or_default();
     let changed: FieldSet = new_leaves
         .iter()
         .filter(|p| old.is_none_or(|o| value_at(o, p) != value_at(new, p)))
@@ -389,7 +389,7 @@ pub fn apply(
     now: &str,
 ) -> Result<Value, Vec<Conflict>> {
     let mut list = entries(live);
-    let applied_leaves = leaves(rt.kind, applied, None);
+    let applied_leaves = leaves(rt.id(), applied, None);
     let empty = json!({});
     let live_obj = live.unwrap_or(&empty);
     let mut conflicts = Vec::new();
@@ -417,7 +417,7 @@ pub fn apply(
     if !conflicts.is_empty() && !force {
         return Err(conflicts);
     }
-    let mut merged = patch::strategic_merge_patch(rt.kind, live_obj, applied).map_err(|e| {
+    let mut merged = patch::strategic_merge_patch(rt.id(), live_obj, applied).map_err(|e| {
         vec![Conflict {
             manager: manager.to_owned(),
             api_version: rt.api_version(),

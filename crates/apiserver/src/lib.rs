@@ -211,6 +211,11 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             .await
             .unwrap_or_else(|e| e.into_response());
     }
+    if parts.method == Method::GET && path.starts_with("/apis/custom.metrics.k8s.io/v1beta2/") {
+        return node_proxy::custom_metrics(&server, path, parts.uri.query())
+            .await
+            .unwrap_or_else(|e| e.into_response());
+    }
     if parts.method == Method::GET {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let discovered = match segments.as_slice() {

@@ -454,3 +454,89 @@ pub(crate) async fn metrics(
     };
     Ok(axum::Json(body).into_response())
 }
+
+/// The pod metrics `custom.metrics.k8s.io/v1beta2` serves, from the agents'
+/// counters for HTTP functions: requests in flight now, requests served so
+/// far, and request-seconds in flight so far (the average concurrency
+/// between two readings is its change over the time between them).
+pub(crate) const CUSTOM_METRICS: &[&str] = &[
+    "http_requests_in_flight",
+    "http_requests",
+    "http_request_seconds",
+];
+
+/// `custom.metrics.k8s.io/v1beta2`: `namespaces/NS/pods/NAME|*/METRIC`,
+/// a MetricValueList with one value per pod (its containers summed).
+pub(crate) async fn custom_metrics(
+    server: &std::sync::Arc<ApiServer>,
+    path: &str,
+    query: Option<&str>,
+) -> ApiResult<Response> {
+    let rest: Vec<&str> = path
+        .trim_start_matches("/apis/custom.metrics.k8s.io/v1beta2")
+        .trim_matches('/')
+        .split('/')
+        .collect();
+    let ["namespaces", ns, "pods", name, metric] = rest.as_slice() else {
+        return Err(ApiError::NoRoute);
+    };
+    let field = match *metric {
+        "http_requests_in_flight" => "requestsInFlight",
+        "http_requests" => "requests",
+        "http_request_seconds" => "requestSeconds",
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "the server could not find the metric {other} for pods; served: {}",
+                CUSTOM_METRICS.join(", ")
+            )));
+        }
+    };
+    let params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    let selector = params
+        .iter()
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| wasmkube_api::selectors::LabelSelector::parse(v))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let stats = node_stats(server).await?;
+    let items: Vec<Value> = stats
+        .iter()
+        .flat_map(|(_, s)| s["pods"].as_array().cloned().unwrap_or_default())
+        .filter(|p| p["namespace"] == *ns && (*name == "*" || p["name"] == *name))
+        .filter(|p| {
+            selector.as_ref().is_none_or(|sel| {
+                let labels = serde_json::from_value(p["labels"].clone()).unwrap_or_default();
+                sel.matches(&labels)
+            })
+        })
+        .map(|p| {
+            let total: f64 = p["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c[field].as_f64().unwrap_or(0.0))
+                .sum();
+            json!({
+                "describedObject": {"kind": "Pod", "namespace": ns, "name": p["name"], "apiVersion": "/v1"},
+                "metric": {"name": metric},
+                "timestamp": now,
+                "value": format!("{}m", (total * 1000.0).round() as u64),
+            })
+        })
+        .collect();
+    if *name != "*" && items.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "the server could not find the metric {metric} for pods {name}"
+        )));
+    }
+    let body = json!({
+        "kind": "MetricValueList",
+        "apiVersion": "custom.metrics.k8s.io/v1beta2",
+        "metadata": {},
+        "items": items,
+    });
+    Ok(axum::Json(body).into_response())
+}

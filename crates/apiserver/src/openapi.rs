@@ -43,7 +43,7 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         g.subschema_for::<T>();
         T::schema_name().into_owned()
     }
-    match rt.kind {
+    match rt.id() {
         "Namespace" => add::<core::Namespace>(g),
         "Pod" => add::<core::Pod>(g),
         "Node" => add::<core::Node>(g),
@@ -67,6 +67,10 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "GatewayClass" => add::<gateway::GatewayClass>(g),
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
+        "knative.Service" => add::<wasmkube_api::knative::Service>(g),
+        "Configuration" => add::<wasmkube_api::knative::Configuration>(g),
+        "Revision" => add::<wasmkube_api::knative::Revision>(g),
+        "Route" => add::<wasmkube_api::knative::Route>(g),
         other => unreachable!("no schema for served kind {other}"),
     }
 }

@@ -651,7 +651,7 @@ impl Ctx<'_> {
     }
 
     fn reset_status_on_create(&self, obj: &mut Value) {
-        match self.rt().kind {
+        match self.rt().id() {
             "Pod" => obj["status"] = json!({"phase": "Pending", "qosClass": qos_class(obj)}),
             "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob" => {
                 obj["status"] = json!({})
@@ -706,7 +706,7 @@ impl Ctx<'_> {
         if let Some(ns) = self.target.namespace {
             self.ensure_namespace_open(ns).await?;
         }
-        match self.rt().kind {
+        match self.rt().id() {
             "Service" => crate::services::allocate(self.server, &mut obj).await?,
             "Pod" => crate::admission::pod(self.server, &mut obj).await?,
             "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
@@ -720,7 +720,7 @@ impl Ctx<'_> {
             &mut obj,
             &now(),
         );
-        let service = (self.rt().kind == "Service").then(|| obj.clone());
+        let service = (self.rt().id() == "Service").then(|| obj.clone());
         let created = self.persist_create(&name, obj).await;
         if let Some(service) = service
             && (created.is_err() || self.params.dry_run)
@@ -870,7 +870,7 @@ impl Ctx<'_> {
                 .await
                 .map_err(|e| self.store_err(e, name))?;
             let gone = decode_stored(&kv).map_err(ApiError::internal)?;
-            if self.rt().kind == "Service" {
+            if self.rt().id() == "Service" {
                 crate::services::release(self.server, &gone).await;
             }
             return Ok(gone);
@@ -893,7 +893,7 @@ impl Ctx<'_> {
         rev: u64,
         mut new: Value,
     ) -> ApiResult<Value> {
-        if self.rt().kind != "Service" || sub.is_some() {
+        if self.rt().id() != "Service" || sub.is_some() {
             return self.persist_update(name, old, rev, new).await;
         }
         let change = crate::services::reallocate(self.server, old, &mut new).await?;
@@ -1009,7 +1009,7 @@ impl Ctx<'_> {
             let result = match patch_type {
                 PatchType::Json => patch::json_patch(old, &patch_doc),
                 PatchType::Merge => patch::merge_patch(old, &patch_doc),
-                PatchType::Strategic => patch::strategic_merge_patch(rt.kind, old, &patch_doc),
+                PatchType::Strategic => patch::strategic_merge_patch(rt.id(), old, &patch_doc),
                 PatchType::Apply => unreachable!("handled above"),
             };
             let mut patched = result.map_err(|e| match e {
@@ -1078,7 +1078,7 @@ impl Ctx<'_> {
                 if let Some(ns) = self.target.namespace {
                     self.ensure_namespace_open(ns).await?;
                 }
-                if rt.kind == "Service" {
+                if rt.id() == "Service" {
                     crate::services::allocate(self.server, &mut obj).await?;
                 }
                 more.extend(warnings.iter().cloned());
@@ -1237,7 +1237,7 @@ impl Ctx<'_> {
                 match self.server.store.delete(&self.key(name), Some(rev)).await {
                     Ok(kv) => {
                         let gone = decode_stored(&kv).map_err(ApiError::internal)?;
-                        if rt.kind == "Service" {
+                        if rt.id() == "Service" {
                             crate::services::release(self.server, &gone).await;
                         }
                         return Ok((gone, true));

@@ -1162,3 +1162,127 @@ async fn routing_kinds_are_served_defaulted_and_validated() {
         assert!(kinds.contains(&kind), "{disc}");
     }
 }
+
+/// Knative Serving's kinds are served beside the core ones: a Knative
+/// Service is never taken for a core Service (no ClusterIP), gets Knative's
+/// defaults, and bad templates and traffic are 422s naming the field.
+#[tokio::test]
+async fn knative_serving_kinds_are_served_defaulted_and_validated() {
+    let c = start().await;
+    let ksvcs = "/apis/serving.knative.dev/v1/namespaces/default/services";
+    let (code, ksvc) = c
+        .post(
+            ksvcs,
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                   "metadata": {"name": "hello"},
+                   "spec": {"template": {"spec": {"containers": [{"image": "reg/hello:v1"}]}}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{ksvc}");
+    assert_eq!(ksvc["kind"], "Service");
+    assert_eq!(ksvc["apiVersion"], "serving.knative.dev/v1");
+    assert!(ksvc["spec"].get("clusterIP").is_none(), "{ksvc}");
+    let template = &ksvc["spec"]["template"]["spec"];
+    assert_eq!(template["containers"][0]["name"], "user-container");
+    assert_eq!(template["timeoutSeconds"], 300);
+    assert_eq!(template["containerConcurrency"], 0);
+    assert_eq!(
+        ksvc["spec"]["traffic"],
+        json!([{"latestRevision": true, "percent": 100}])
+    );
+    // The core Service of the same name is another object.
+    let (code, _) = c.get("/api/v1/namespaces/default/services/hello").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    for (name, spec, field) in [
+        (
+            "noimage",
+            json!({"template": {"spec": {"containers": [{"name": "c"}]}}}),
+            "spec.template.spec.containers[0].image",
+        ),
+        (
+            "split",
+            json!({"template": {"spec": {"containers": [{"image": "i"}]}},
+                   "traffic": [{"latestRevision": true, "percent": 80},
+                               {"revisionName": "split-00001", "percent": 10}]}),
+            "spec.traffic",
+        ),
+        (
+            "scale",
+            json!({"template": {
+                "metadata": {"annotations": {"autoscaling.knative.dev/min-scale": "3",
+                                             "autoscaling.knative.dev/max-scale": "2"}},
+                "spec": {"containers": [{"image": "i"}]}}}),
+            "spec.template.metadata.annotations[autoscaling.knative.dev/max-scale]",
+        ),
+        (
+            "byo",
+            json!({"template": {"metadata": {"name": "other-v1"},
+                                "spec": {"containers": [{"image": "i"}]}}}),
+            "spec.template.metadata.name",
+        ),
+    ] {
+        let (code, err) = c
+            .post(
+                ksvcs,
+                json!({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                       "metadata": {"name": name}, "spec": spec}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{name}: {err}");
+        assert_eq!(err["details"]["causes"][0]["field"], field, "{name}: {err}");
+    }
+
+    // A Revision's spec cannot change.
+    let revisions = "/apis/serving.knative.dev/v1/namespaces/default/revisions";
+    let (code, rev) = c
+        .post(
+            revisions,
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Revision",
+                   "metadata": {"name": "r1"},
+                   "spec": {"containers": [{"image": "i:v1"}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{rev}");
+    let mut changed = rev.clone();
+    changed["spec"]["containers"][0]["image"] = json!("i:v2");
+    let (code, err) = c.put(&format!("{revisions}/r1"), changed).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "spec");
+
+    // kubectl's short name and the server-side table's Knative columns.
+    let (code, discovery) = c.get("/apis/serving.knative.dev/v1").await;
+    assert_eq!(code, StatusCode::OK);
+    let services = discovery["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "services")
+        .unwrap();
+    assert_eq!(services["shortNames"], json!(["kservice", "ksvc"]));
+    let resp = c
+        .http
+        .get(format!("{}{ksvcs}", c.base))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .send()
+        .await
+        .unwrap();
+    let table: Value = resp.json().await.unwrap();
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Name",
+            "URL",
+            "LatestCreated",
+            "LatestReady",
+            "Ready",
+            "Reason"
+        ]
+    );
+}

@@ -277,10 +277,15 @@ async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
                 );
                 samples.containers.insert(key.clone(), sample);
                 seen.insert(key);
+                let (in_flight, request_seconds) = run.usage.concurrency();
                 containers.push(serde_json::json!({
                     "name": name,
                     "cpuNanoCores": (sample.2 * 1e9) as u64,
                     "memoryBytes": run.usage.memory(),
+                    // HTTP functions: counters a reader differences.
+                    "requests": run.usage.requests(),
+                    "requestsInFlight": in_flight,
+                    "requestSeconds": request_seconds,
                 }));
             }
             if !containers.is_empty() {

@@ -192,8 +192,8 @@ impl WasmRuntime {
         spec: &ContainerSpec,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Response {
-        spec.live.count_request();
-        match self.handle_inner(prepared, spec, req).await {
+        let in_flight = spec.live.request_started();
+        match self.handle_inner(prepared, spec, req, in_flight).await {
             Ok(resp) => resp,
             Err(message) => {
                 tracing::debug!(%message, "an HTTP function failed");
@@ -207,6 +207,7 @@ impl WasmRuntime {
         prepared: &PreparedProxy,
         spec: &ContainerSpec,
         req: hyper::Request<hyper::body::Incoming>,
+        in_flight: wasmkube_runtime::InFlight,
     ) -> Result<Response, String> {
         let host = HttpHost {
             ctx: wasi_builder(spec).map_err(|e| e.to_string())?.build(),
@@ -232,6 +233,8 @@ impl WasmRuntime {
         // The handler runs on its own task: it may keep streaming the body
         // after the response head is sent.
         let task = tokio::spawn(async move {
+            // In flight until the instance is done (its body streamed).
+            let _in_flight = in_flight;
             live.instance_started();
             let result = async {
                 let proxy = pre.instantiate_async(&mut store).await?;

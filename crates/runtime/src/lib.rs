@@ -175,6 +175,39 @@ pub struct Usage {
     memory_high_water: AtomicU64,
     requests: AtomicU64,
     instances: AtomicU64,
+    concurrency: std::sync::Mutex<Concurrency>,
+}
+
+/// Requests in flight, and their integral over time (request-seconds), so
+/// a reader can take the exact average concurrency between two readings,
+/// as CPU time gives the average CPU rate.
+#[derive(Debug, Default)]
+struct Concurrency {
+    in_flight: u64,
+    since: Option<std::time::Instant>,
+    integral: f64,
+}
+
+impl Concurrency {
+    fn advance(&mut self, now: std::time::Instant) {
+        if let Some(since) = self.since {
+            self.integral += self.in_flight as f64 * now.duration_since(since).as_secs_f64();
+        }
+        self.since = Some(now);
+    }
+}
+
+/// One HTTP request in flight: counted from its arrival until this is
+/// dropped (when its response is done).
+#[derive(Debug)]
+pub struct InFlight(Arc<Usage>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut c = self.0.concurrency.lock().expect("concurrency lock");
+        c.advance(std::time::Instant::now());
+        c.in_flight = c.in_flight.saturating_sub(1);
+    }
 }
 
 impl Usage {
@@ -198,9 +231,22 @@ impl Usage {
     pub fn memory_high_water(&self) -> u64 {
         self.memory_high_water.load(Ordering::Relaxed)
     }
-    /// An HTTP request arrived.
-    pub fn count_request(&self) {
+    /// An HTTP request arrived: it counts as in flight until the returned
+    /// guard is dropped.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.concurrency.lock().expect("concurrency lock");
+        c.advance(std::time::Instant::now());
+        c.in_flight += 1;
+        InFlight(self.clone())
+    }
+    /// Requests in flight now, and request-seconds in flight so far (the
+    /// average concurrency between two readings is the integral's change
+    /// over the time between them).
+    pub fn concurrency(&self) -> (u64, f64) {
+        let mut c = self.concurrency.lock().expect("concurrency lock");
+        c.advance(std::time::Instant::now());
+        (c.in_flight, c.integral)
     }
     pub fn instance_started(&self) {
         self.instances.fetch_add(1, Ordering::Relaxed);
