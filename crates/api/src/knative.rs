@@ -20,6 +20,11 @@ pub const GROUP: &str = "serving.knative.dev";
 /// The domain of `status.url` when the server names none (Knative's).
 pub const DEFAULT_DOMAIN: &str = "example.com";
 
+/// The annotation the activator stamps on a revision's Deployment when it
+/// scales it up from zero for a held request; the autoscaler keeps such a
+/// revision up for a whole window after.
+pub const ACTIVATED_AT: &str = "serving.wasmkube.dev/activated-at";
+
 /// Labels Knative puts on what it creates.
 pub mod labels {
     pub const SERVICE: &str = "serving.knative.dev/service";

@@ -93,6 +93,17 @@ pub struct NodeArgs {
     /// from it.
     #[arg(long)]
     pub no_gateway: bool,
+
+    /// How long the gateway holds a request for a Knative revision that has
+    /// no ready pod (scaled to zero) while it scales up; then 504.
+    #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
+    pub activator_timeout: std::time::Duration,
+}
+
+/// `30s`, `2m`, `500ms`.
+pub fn duration(s: &str) -> Result<std::time::Duration, String> {
+    wasmkube_api::knative::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 2m or 500ms"))
 }
 
 /// `:8080` or `8080`.
@@ -220,6 +231,7 @@ impl NodeArgs {
                 address,
                 ingress_http_port: Some(self.gateway_listen),
                 ingress_https_port: Some(self.gateway_https_listen),
+                activation_timeout: self.activator_timeout,
             };
             let (client, watch) = (client.clone(), watch.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

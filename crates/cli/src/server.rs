@@ -48,6 +48,11 @@ pub struct ServerArgs {
     #[arg(long, default_value = "30000-32767", value_parser = crate::agent::port_range)]
     service_node_port_range: std::ops::RangeInclusive<u16>,
 
+    /// The domain of Knative Services' URLs: `http://NAME.NAMESPACE.DOMAIN`,
+    /// served on every node's gateway (--gateway-listen).
+    #[arg(long, default_value = wasmkube_api::knative::DEFAULT_DOMAIN, value_name = "DOMAIN")]
+    serving_domain: String,
+
     /// The size of each node's pod CIDR, carved from --cluster-cidr (a /24
     /// gives a node 253 pod addresses; a /19, 8,189).
     #[arg(long, default_value = "24", value_parser = clap::value_parser!(u8).range(8..=30))]
@@ -186,18 +191,30 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             node_cidr_mask_size: args.node_cidr_mask_size,
             ..Default::default()
         };
+        let serving = wasmkube_serving::Config {
+            domain: args.serving_domain.clone(),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             let result = elector
                 .run(|| async {
-                    // The gateway's status writer is one of the controllers.
+                    // The gateway's status writer and Knative Serving (its
+                    // controllers and autoscaler) are controllers too.
                     let gateway_status = async {
                         if let Err(e) = wasmkube_gateway::status::run(client.clone()).await {
                             tracing::error!(error = %e, "the gateway status writer stopped");
                         }
                     };
+                    let serving = async {
+                        if let Err(e) = wasmkube_serving::run(client.clone(), serving.clone()).await
+                        {
+                            tracing::error!(error = %e, "Knative Serving stopped");
+                        }
+                    };
                     tokio::select! {
                         r = wasmkube_controllers::run_all(client.clone(), config.clone()) => r,
                         () = gateway_status => Ok(()),
+                        () = serving => Ok(()),
                     }
                 })
                 .await;

@@ -175,6 +175,25 @@ fn crate_boundaries_hold() {
             "the node agent must not depend on {forbidden}"
         );
     }
+    // The controllers, Knative Serving and the gateway are API clients too,
+    // and never run workloads.
+    for client in [
+        "wasmkube-controllers",
+        "wasmkube-serving",
+        "wasmkube-gateway",
+    ] {
+        for forbidden in [
+            "wasmkube-apiserver",
+            "wasmkube-store",
+            "wasmkube-node",
+            "wasmkube-runtime",
+        ] {
+            assert!(
+                !deps[client].contains(forbidden),
+                "{client} must not depend on {forbidden}"
+            );
+        }
+    }
     assert!(
         !deps["wasmkube-store"]
             .iter()

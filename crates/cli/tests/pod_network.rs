@@ -360,6 +360,29 @@ fn cluster_ip(s: &Server, service: &str) -> String {
     )
 }
 
+/// `GET path` with a Host header from the test's own namespace: the status
+/// and the body.
+fn get_host(addr: &str, host: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut got = String::new();
+    conn.read_to_string(&mut got).map_err(|e| e.to_string())?;
+    let status = got
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {got:?}"))?;
+    let body = got
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// `GET /` from the test's own namespace; the whole response.
 fn http_from_test(addr: &str) -> Result<String, String> {
     use std::io::{Read, Write};
@@ -1317,6 +1340,13 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         None,
     );
 
+    // Knative Serving through the gateway: a Knative Service's URL answers,
+    // a second revision takes 20 % of the traffic and a tag of its own, an
+    // idle revision goes to zero and the next request wakes it, min-scale
+    // holds, a burst of slow requests raises the pod count, and bad input
+    // is refused or reported.
+    knative(&s, &lan.addr(1), hello);
+
     // Deleting everything leaves nothing behind: an agent removes a pod's
     // containers, mounts, cgroups and network before it confirms the
     // deletion.
@@ -1409,4 +1439,315 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         );
     }
     drop(agent);
+}
+
+/// The Knative part of the journey above (see its comment there).
+fn knative(s: &Server, gateway_ip: &str, image: &str) {
+    let gateway = format!("{gateway_ip}:80");
+    let ksvc = |name: &str,
+                annotations: serde_json::Value,
+                env: &str,
+                traffic: serde_json::Value| {
+        let mut obj = json!({
+            "apiVersion": "serving.knative.dev/v1", "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"template": {
+                "metadata": {"annotations": annotations},
+                "spec": {"containers": [{"image": image, "env": [{"name": "GREETING", "value": env}]}]}}},
+        });
+        if !traffic.is_null() {
+            obj["spec"]["traffic"] = traffic;
+        }
+        obj.to_string()
+    };
+    let window = json!({"autoscaling.knative.dev/window": "6s"});
+    ok(
+        s,
+        &["apply", "-f", "-"],
+        Some(&ksvc("hello", window.clone(), "kn1", json!(null))),
+    );
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "ksvc/hello",
+            "--timeout=60s",
+        ],
+    );
+    let url = ok(
+        s,
+        &["get", "ksvc", "hello", "-o", "jsonpath={.status.url}"],
+        None,
+    );
+    assert_eq!(url, "http://hello.default.example.com");
+    let table = ok(s, &["get", "ksvc"], None);
+    assert!(
+        table.starts_with("NAME")
+            && table.contains("http://hello.default.example.com")
+            && table.contains("hello-00001"),
+        "{table}"
+    );
+    let greeting = |host: &str| -> Result<String, String> {
+        let (status, body) = get_host(&gateway, host, "/")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("GREETING="))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{status}: {body}"))
+    };
+    let host = "hello.default.example.com";
+    assert_eq!(
+        common::poll("the Knative URL", Duration::from_secs(30), || greeting(
+            host
+        )),
+        "kn1"
+    );
+
+    // Bad input: traffic that does not sum to 100 names the field.
+    let bad = ksvc(
+        "hello",
+        window.clone(),
+        "kn2",
+        json!([
+        {"revisionName": "hello-00001", "percent": 70},
+        {"latestRevision": true, "percent": 20}]),
+    );
+    let out = common::kubectl(s, &["apply", "-f", "-"], Some(&bad));
+    assert!(
+        !out.ok && out.stderr.contains("spec.traffic"),
+        "{}",
+        out.stderr
+    );
+
+    // A second revision with 20 % and a tag; 80/20 over 1,000 requests.
+    let split = ksvc(
+        "hello",
+        window.clone(),
+        "kn2",
+        json!([
+        {"revisionName": "hello-00001", "percent": 80},
+        {"latestRevision": true, "percent": 20, "tag": "next"}]),
+    );
+    ok(s, &["apply", "-f", "-"], Some(&split));
+    common::poll(
+        "the second revision in the traffic",
+        Duration::from_secs(60),
+        || {
+            let got = ok(
+                s,
+                &[
+                    "get",
+                    "ksvc",
+                    "hello",
+                    "-o",
+                    "jsonpath={.status.traffic[*].revisionName} {.status.conditions[?(@.type==\"Ready\")].status}",
+                ],
+                None,
+            );
+            if got == "hello-00001 hello-00002 True" {
+                Ok(())
+            } else {
+                Err(got)
+            }
+        },
+    );
+    assert_eq!(
+        common::poll("the tag", Duration::from_secs(30), || greeting(
+            "next-hello.default.example.com"
+        )),
+        "kn2"
+    );
+    let mut second = 0;
+    for _ in 0..1000 {
+        match greeting(host).unwrap().as_str() {
+            "kn1" => {}
+            "kn2" => second += 1,
+            other => panic!("answered by {other}"),
+        }
+    }
+    assert!(
+        (150..=250).contains(&second),
+        "{second} of 1000 went to the 20 % revision"
+    );
+
+    // min-scale keeps its pods however idle; watched while hello's idle
+    // revisions go to zero (after their 6 s window).
+    let pinned = ksvc(
+        "pinned",
+        json!({"autoscaling.knative.dev/min-scale": "2",
+        "autoscaling.knative.dev/window": "6s"}),
+        "pinned",
+        json!(null),
+    );
+    ok(s, &["apply", "-f", "-"], Some(&pinned));
+    for rev in ["hello-00001", "hello-00002"] {
+        checked(
+            s,
+            &[
+                "wait",
+                "--for=jsonpath={.status.actualReplicas}=0",
+                &format!("revision/{rev}"),
+                "--timeout=90s",
+            ],
+        );
+    }
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "ksvc/pinned",
+            "--timeout=60s",
+        ],
+    );
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "deploy",
+                "pinned-00001-deployment",
+                "-o",
+                "jsonpath={.spec.replicas}"
+            ],
+            None
+        ),
+        "2"
+    );
+    let revisions = ok(s, &["get", "revisions"], None);
+    assert!(
+        revisions.contains("Desired Replicas") || revisions.contains("DESIRED REPLICAS"),
+        "{revisions}"
+    );
+
+    // From zero: the next request is held, wakes the revision, and is
+    // answered.
+    let asked = std::time::Instant::now();
+    assert_eq!(greeting("next-hello.default.example.com").unwrap(), "kn2");
+    eprintln!(
+        "first request to a revision at zero answered in {:?}",
+        asked.elapsed()
+    );
+
+    // A burst of slow requests against a target of one in flight per pod
+    // raises the pod count; it falls back to zero after the load.
+    let burst = ksvc(
+        "burst",
+        json!({"autoscaling.knative.dev/target": "1",
+        "autoscaling.knative.dev/window": "6s"}),
+        "burst",
+        json!(null),
+    );
+    ok(s, &["apply", "-f", "-"], Some(&burst));
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "ksvc/burst",
+            "--timeout=60s",
+        ],
+    );
+    let load: Vec<_> = (0..6)
+        .map(|_| {
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                for _ in 0..4 {
+                    let _ = get_host(&gateway, "burst.default.example.com", "/sleep?ms=1500");
+                }
+            })
+        })
+        .collect();
+    common::poll("the burst's pods", Duration::from_secs(60), || {
+        let want = ok(
+            s,
+            &[
+                "get",
+                "revision",
+                "burst-00001",
+                "-o",
+                "jsonpath={.status.desiredReplicas}",
+            ],
+            None,
+        );
+        match want.parse::<u32>() {
+            Ok(n) if n >= 4 => Ok(()),
+            _ => Err(format!("desired replicas {want}")),
+        }
+    });
+    for l in load {
+        l.join().unwrap();
+    }
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.actualReplicas}=0",
+            "revision/burst-00001",
+            "--timeout=90s",
+        ],
+    );
+
+    // An image that does not exist: the revision and the service say why.
+    let missing = format!(
+        "{}/not-pushed:v1",
+        image.rsplit_once('/').map(|(r, _)| r).unwrap_or(image)
+    );
+    let broken = ksvc("broken", json!({}), "x", json!(null)).replace(image, &missing);
+    ok(s, &["apply", "-f", "-"], Some(&broken));
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready=false",
+            "revision/broken-00001",
+            "--timeout=60s",
+        ],
+    );
+    let why = ok(
+        s,
+        &[
+            "get",
+            "ksvc",
+            "broken",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].message}",
+        ],
+        None,
+    );
+    assert!(
+        why.contains("ImagePull") || why.contains("ErrImagePull") || why.contains("not-pushed"),
+        "{why}"
+    );
+
+    // Deleted, a Knative Service takes everything it made with it.
+    ok(
+        s,
+        &[
+            "delete",
+            "ksvc",
+            "hello",
+            "pinned",
+            "burst",
+            "broken",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    common::poll("the Knative pods to go", Duration::from_secs(90), || {
+        let left = ok(
+            s,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "serving.knative.dev/service",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        if left.is_empty() { Ok(()) } else { Err(left) }
+    });
 }

@@ -109,7 +109,7 @@ pub(crate) use wasmkube_api::ErrorChain;
 /// store older than that event. (kube's shared-store subscribers forward only
 /// references for applied objects and resolve them later, so a pod updated and
 /// then deleted at once would wake nobody.)
-pub(crate) struct Cache<K: kube::Resource<DynamicType = ()> + 'static> {
+pub struct Cache<K: kube::Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
     pub changes: ReceiverStream<Arc<K>>,
 }
@@ -137,7 +137,7 @@ impl Informers {
     }
 
     /// The shared cache of `K`, with a change stream of its own.
-    pub(crate) fn cache<K>(&mut self) -> Cache<K>
+    pub fn cache<K>(&mut self) -> Cache<K>
     where
         K: kube::Resource<DynamicType = ()>
             + Clone
@@ -157,7 +157,7 @@ impl Informers {
     }
 
     /// The shared cache of `K` alone, for a reader that polls it.
-    pub(crate) fn store<K>(&mut self) -> Store<K>
+    pub fn store<K>(&mut self) -> Store<K>
     where
         K: kube::Resource<DynamicType = ()>
             + Clone

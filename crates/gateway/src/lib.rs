@@ -23,8 +23,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::Store;
 use wasmkube_api::gateway_api::{Gateway, GatewayClass, HTTPRoute};
+use wasmkube_api::knative;
 use wasmkube_proxy::ServiceWatch;
 
+mod activator;
 pub mod routes;
 mod serve;
 pub mod status;
@@ -40,6 +42,9 @@ pub struct Config {
     pub ingress_http_port: Option<u16>,
     /// The Ingresses' HTTPS port, for Ingresses with `tls`.
     pub ingress_https_port: Option<u16>,
+    /// How long a request for a Knative revision with no ready pod is held
+    /// while the revision scales up from zero.
+    pub activation_timeout: std::time::Duration,
 }
 
 /// The caches of everything routing reads, and a counter bumped after
@@ -52,6 +57,8 @@ pub(crate) struct Caches {
     pub gateways: Store<Gateway>,
     pub routes: Store<HTTPRoute>,
     pub namespaces: Store<Namespace>,
+    pub knative_routes: Store<knative::Route>,
+    pub revisions: Store<knative::Revision>,
     pub changes: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -85,14 +92,25 @@ impl Caches {
     fn start(client: &kube::Client, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Self {
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
-        let (ingresses, ingress_classes, gateway_classes, gateways, routes, namespaces) = caches!(
+        let (
+            ingresses,
+            ingress_classes,
+            gateway_classes,
+            gateways,
+            routes,
+            namespaces,
+            knative_routes,
+            revisions,
+        ) = caches!(
             client, tx, tasks,
             Ingress => "Ingress",
             IngressClass => "IngressClass",
             GatewayClass => "GatewayClass",
             Gateway => "Gateway",
             HTTPRoute => "HTTPRoute",
-            Namespace => "Namespace"
+            Namespace => "Namespace",
+            knative::Route => "Knative Route",
+            knative::Revision => "Knative Revision"
         );
         Self {
             ingresses,
@@ -101,6 +119,8 @@ impl Caches {
             gateways,
             routes,
             namespaces,
+            knative_routes,
+            revisions,
             changes,
         }
     }
@@ -113,6 +133,8 @@ impl Caches {
             self.gateways.wait_until_ready(),
             self.routes.wait_until_ready(),
             self.namespaces.wait_until_ready(),
+            self.knative_routes.wait_until_ready(),
+            self.revisions.wait_until_ready(),
         );
     }
 
@@ -148,6 +170,7 @@ pub(crate) struct Held {
     gateways: Vec<Arc<Gateway>>,
     routes: Vec<Arc<HTTPRoute>>,
     namespaces: Vec<Arc<Namespace>>,
+    knative_routes: Vec<Arc<knative::Route>>,
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     secrets: Vec<Arc<Secret>>,
@@ -168,6 +191,7 @@ impl Held {
             gateways: caches.gateways.state(),
             routes: caches.routes.state(),
             namespaces: caches.namespaces.state(),
+            knative_routes: caches.knative_routes.state(),
             services,
             slices,
             secrets,
@@ -191,6 +215,7 @@ impl Held {
             slices: refs(&self.slices),
             namespaces: refs(&self.namespaces),
             secrets: refs(&self.secrets),
+            knative_routes: refs(&self.knative_routes),
             ingress_http_port: ports.0,
             ingress_https_port: ports.1,
         }
@@ -216,7 +241,12 @@ pub async fn run(
         Arc::new(secret_tx),
         "Secret",
     )));
-    let shared = serve::Shared::new();
+    let activator = activator::Activator::new(
+        client.clone(),
+        caches.revisions.clone(),
+        config.activation_timeout,
+    );
+    let shared = serve::Shared::new(Some(Arc::new(activator)));
     let mut listeners = serve::Listeners::new(config.address);
     let work = async {
         let _ = tokio::join!(caches.ready(), services.ready(), secrets.wait_until_ready());

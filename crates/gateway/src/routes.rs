@@ -32,6 +32,8 @@ pub struct Inputs<'a> {
     pub slices: Vec<&'a EndpointSlice>,
     pub namespaces: Vec<&'a Namespace>,
     pub secrets: Vec<&'a Secret>,
+    /// Knative Routes: served from their status on the Ingress HTTP port.
+    pub knative_routes: Vec<&'a wasmkube_api::knative::Route>,
     /// The ports Ingresses are served on: plain HTTP and (for Ingresses
     /// with `tls`) HTTPS.
     pub ingress_http_port: Option<u16>,
@@ -188,6 +190,15 @@ pub struct Backend {
     pub weight: u32,
     pub target: Target,
     pub filters: Filters,
+    /// A Knative revision, which the activator wakes when it has no pod.
+    pub revision: Option<Revision>,
+}
+
+/// A Knative revision behind a backend: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Revision {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// The filters of a rule or a backend, compiled.
@@ -571,6 +582,7 @@ pub fn build(inputs: &Inputs<'_>) -> Table {
     let mut table = Table::new();
     add_ingresses(inputs, &resolver, &mut table);
     add_routes(inputs, &resolver, &mut table);
+    add_knative_routes(inputs, &resolver, &mut table);
     for port in table.values_mut() {
         port.entries.sort_by(|a, b| {
             a.host
@@ -585,6 +597,73 @@ pub fn build(inputs: &Inputs<'_>) -> Table {
         port.certs.sort_by_key(|(h, _)| h.rank());
     }
     table
+}
+
+/// Knative Routes, as their status says (the Route controller resolved
+/// the traffic): `NAME.NAMESPACE.DOMAIN` splits between revisions by
+/// percent, each tag's host goes to its revision, on the Ingress HTTP port.
+/// Each revision is reached through its ClusterIP Service (port 80).
+fn add_knative_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table) {
+    let Some(http_port) = inputs.ingress_http_port else {
+        return;
+    };
+    let host_of = |url: &str| {
+        url.split_once("://")
+            .map_or(url, |(_, rest)| rest)
+            .split(['/', ':'])
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    for route in &inputs.knative_routes {
+        let Some(status) = &route.status else {
+            continue;
+        };
+        let Some(url) = &status.url else { continue };
+        let ns = route.metadata.namespace.as_deref().unwrap_or_default();
+        let order = creation(&route.metadata);
+        let source = format!("knative route {}", order.1);
+        let backend = |revision: &str, weight: u32| Backend {
+            weight,
+            target: resolver.resolve(ns, revision, PortRef::Number(80)),
+            filters: Filters::default(),
+            revision: Some(Revision {
+                namespace: ns.to_owned(),
+                name: revision.to_owned(),
+            }),
+        };
+        let entry = |host: String, backends: Vec<Backend>| Entry {
+            host: HostMatch::Exact(host),
+            matched: Match {
+                path: PathMatch::Prefix(String::new()),
+                method: None,
+                headers: Vec::new(),
+                query: Vec::new(),
+            },
+            filters: Filters::default(),
+            backends,
+            source: source.clone(),
+            order: order.clone(),
+        };
+        let mut entries = Vec::new();
+        let split: Vec<Backend> = status
+            .traffic
+            .iter()
+            .filter_map(|t| {
+                let percent = u32::try_from(t.percent?).ok().filter(|p| *p > 0)?;
+                Some(backend(t.revision_name.as_deref()?, percent))
+            })
+            .collect();
+        if !split.is_empty() {
+            entries.push(entry(host_of(url), split));
+        }
+        for t in &status.traffic {
+            if let (Some(tag_url), Some(revision)) = (&t.url, &t.revision_name) {
+                entries.push(entry(host_of(tag_url), vec![backend(revision, 1)]));
+            }
+        }
+        table.entry(http_port).or_default().entries.extend(entries);
+    }
 }
 
 fn add_ingresses(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table) {
@@ -620,6 +699,7 @@ fn add_ingresses(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table
                 weight: 1,
                 target,
                 filters: Filters::default(),
+                revision: None,
             }
         };
         let mut entries = Vec::new();
@@ -768,6 +848,7 @@ fn add_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table) {
                         weight: b.weight.unwrap_or(1).max(0) as u32,
                         target,
                         filters: Filters::compile(&b.filters),
+                        revision: None,
                     }
                 })
                 .collect();

@@ -41,6 +41,9 @@ fn full(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
 /// The table in force and what requests share.
 pub(crate) struct Shared {
     table: RwLock<Arc<Table>>,
+    /// Bumped with every new table, for requests held by the activator.
+    version: tokio::sync::watch::Sender<u64>,
+    activator: Option<Arc<crate::activator::Activator>>,
     client: Client<HttpConnector, Incoming>,
     /// Round-robin position per endpoint list.
     next: AtomicUsize,
@@ -48,12 +51,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new() -> Arc<Self> {
+    pub fn new(activator: Option<Arc<crate::activator::Activator>>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         Arc::new(Self {
             table: RwLock::new(Arc::new(Table::new())),
+            version: tokio::sync::watch::channel(0).0,
+            activator,
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(90))
                 .build(connector),
@@ -64,6 +69,7 @@ impl Shared {
 
     pub fn set_table(&self, table: Table) {
         *self.table.write().expect("table lock") = Arc::new(table);
+        self.version.send_modify(|v| *v += 1);
     }
 
     fn table(&self) -> Arc<Table> {
@@ -363,6 +369,11 @@ async fn handle(
             );
         }
         Target::Endpoints(e) if e.is_empty() => {
+            if let (Some(rev), Some(activator)) = (&backend.revision, &shared.activator) {
+                let rev = rev.clone();
+                drop(table);
+                return hold(shared, activator, port, peer, scheme, rev, req).await;
+            }
             return full(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -375,6 +386,81 @@ async fn handle(
     };
     let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
     forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await
+}
+
+/// Holds a request for a Knative revision with no ready pod: wakes the
+/// revision, waits for a table in which it has a ready endpoint, and
+/// forwards the request there; a revision that cannot run, or a wait past
+/// the activator's limit, ends it with a clear error.
+async fn hold(
+    shared: &Shared,
+    activator: &crate::activator::Activator,
+    port: u16,
+    peer: SocketAddr,
+    scheme: &'static str,
+    rev: crate::routes::Revision,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let deadline = tokio::time::Instant::now() + activator.timeout;
+    let mut versions = shared.version.subscribe();
+    activator.wake(&rev).await;
+    let host = request_host(&req);
+    let query = query_pairs(req.uri().query());
+    let path = req.uri().path().to_owned();
+    loop {
+        versions.borrow_and_update();
+        let table = shared.table();
+        let ready = {
+            let view = RequestView {
+                host: &host,
+                path: &path,
+                method: req.method().as_str(),
+                headers: req.headers(),
+                query: &query,
+            };
+            table
+                .get(&port)
+                .and_then(|p| p.route(&view))
+                .and_then(|entry| {
+                    let i = entry
+                        .backends
+                        .iter()
+                        .position(|b| b.revision.as_ref() == Some(&rev))?;
+                    match &entry.backends[i].target {
+                        Target::Endpoints(e) if !e.is_empty() => Some((entry, i, e.clone())),
+                        _ => None,
+                    }
+                })
+        };
+        if let Some((entry, i, endpoints)) = ready {
+            let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+            let backend = &entry.backends[i];
+            return forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await;
+        }
+        if let Some(why) = activator.failure(&rev) {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "revision {}/{} cannot serve: {why}\n",
+                    rev.namespace, rev.name
+                ),
+            );
+        }
+        tokio::select! {
+            changed = versions.changed() => if changed.is_err() {
+                return full(StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n");
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "revision {}/{} had no ready pod within {:?}\n",
+                        rev.namespace, rev.name, activator.timeout
+                    ),
+                );
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

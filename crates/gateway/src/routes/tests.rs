@@ -239,3 +239,60 @@ fn listeners_admit_routes_by_namespace_and_section() {
     assert!(refers_to(&section, "default", &gw));
     assert!(!refers_to(&section, "team", &gw));
 }
+
+/// A Knative Route is served from its status on the Ingress port: its host
+/// splits by percent between revisions' Services, a tag's host reaches its
+/// revision alone, and every backend names its revision for the activator.
+#[test]
+fn knative_routes_split_by_percent_and_tag() {
+    let (v1, v2) = (svc("hello-00001"), svc("hello-00002"));
+    let s1 = slice("hello-00001", "10.0.0.1");
+    let route: wasmkube_api::knative::Route = serde_json::from_value(json!({
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {},
+        "status": {
+            "url": "http://hello.default.example.com",
+            "traffic": [
+                {"revisionName": "hello-00001", "percent": 80},
+                {"revisionName": "hello-00002", "percent": 20, "tag": "next",
+                 "url": "http://next-hello.default.example.com"},
+            ],
+        },
+    }))
+    .unwrap();
+    let inputs = Inputs {
+        knative_routes: vec![&route],
+        services: vec![&v1, &v2],
+        slices: vec![&s1],
+        ingress_http_port: Some(80),
+        ..Default::default()
+    };
+    let table = build(&inputs);
+    let none = http::HeaderMap::new();
+    let main = table[&80]
+        .route(&view("hello.default.example.com", "/any", &none))
+        .unwrap();
+    let weights: Vec<(u32, &str)> = main
+        .backends
+        .iter()
+        .map(|b| (b.weight, b.revision.as_ref().unwrap().name.as_str()))
+        .collect();
+    assert_eq!(weights, [(80, "hello-00001"), (20, "hello-00002")]);
+    assert_eq!(target(main), "10.0.0.1:8080");
+    // The second revision has no pod yet: no endpoint, so the activator
+    // would hold its requests.
+    assert!(matches!(&main.backends[1].target, Target::Endpoints(e) if e.is_empty()));
+    let tagged = table[&80]
+        .route(&view("next-hello.default.example.com", "/", &none))
+        .unwrap();
+    assert_eq!(tagged.backends.len(), 1);
+    assert_eq!(
+        tagged.backends[0].revision.as_ref().unwrap().name,
+        "hello-00002"
+    );
+    assert!(
+        table[&80]
+            .route(&view("other.example.com", "/", &none))
+            .is_none()
+    );
+}
