@@ -10,6 +10,7 @@ mod pods;
 mod proxy;
 mod rollout;
 mod schedule;
+mod serving;
 mod startup;
 mod support;
 mod watch;
@@ -53,6 +54,10 @@ enum Bench {
     /// Cluster DNS queries per second and latency with `dnsperf`, against
     /// dnsmasq serving the same records.
     Dns(dns::Args),
+    /// Knative Serving (root): the first request to a function at zero
+    /// against a warm one, the autoscaler's reaction to a load step, and
+    /// the cost of a function at zero.
+    Serving(serving::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,5 +76,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Density(a) => rt.block_on(density::run(a)),
         Bench::Proxy(a) => rt.block_on(proxy::run(a)),
         Bench::Dns(a) => rt.block_on(dns::run(a)),
+        Bench::Serving(a) => rt.block_on(serving::run(a)),
     }
 }

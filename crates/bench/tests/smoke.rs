@@ -100,3 +100,21 @@ fn dns_bench_smoke() {
     let out = bench(&["dns", "--services", "20", "--seconds", "1", "--rate", "200"]);
     assert!(out.contains("the queries per second"), "{out}");
 }
+
+#[test]
+fn serving_bench_smoke() {
+    let out = bench(&[
+        "serving",
+        "--cold",
+        "2",
+        "--functions",
+        "2",
+        "--step",
+        "2",
+        "--idle",
+        "2",
+    ]);
+    // The test script runs as root: pods get their own IPs.
+    assert!(out.contains("peer: warm pod"), "{out}");
+    assert!(out.contains("server RSS per function"), "{out}");
+}
