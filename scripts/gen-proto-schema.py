@@ -38,6 +38,7 @@ ROOTS = [
     "k8s.io.api.node.v1.RuntimeClass",
     "k8s.io.api.scheduling.v1.PriorityClass",
     "k8s.io.api.autoscaling.v1.Scale",
+    "k8s.io.api.autoscaling.v2.HorizontalPodAutoscaler",
     "k8s.io.apimachinery.pkg.apis.meta.v1.DeleteOptions",
 ]
 

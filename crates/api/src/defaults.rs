@@ -159,6 +159,44 @@ fn default_traffic(spec: &mut Value) {
 /// Fills defaults into `obj` of type `rt`.
 pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
     match rt.id() {
+        "HorizontalPodAutoscaler" => {
+            if let Some(spec) = obj.get_mut("spec") {
+                default_at(spec, &["minReplicas"], json!(1));
+                default_at(
+                    spec,
+                    &["metrics"],
+                    json!([{"type": "Resource", "resource": {"name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 80}}}]),
+                );
+                // As Kubernetes: a behavior given in part is completed.
+                if spec.get("behavior").is_some_and(Value::is_object) {
+                    let behavior = &mut spec["behavior"];
+                    default_at(
+                        behavior,
+                        &["scaleUp"],
+                        json!({"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
+                               "policies": [{"type": "Pods", "value": 4, "periodSeconds": 15},
+                                            {"type": "Percent", "value": 100, "periodSeconds": 15}]}),
+                    );
+                    default_at(
+                        behavior,
+                        &["scaleDown"],
+                        json!({"stabilizationWindowSeconds": 300, "selectPolicy": "Max",
+                               "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]}),
+                    );
+                    let up = json!([{"type": "Pods", "value": 4, "periodSeconds": 15},
+                                    {"type": "Percent", "value": 100, "periodSeconds": 15}]);
+                    let down = json!([{"type": "Percent", "value": 100, "periodSeconds": 15}]);
+                    for (dir, window, policies) in [("scaleUp", 0, up), ("scaleDown", 300, down)] {
+                        if let Some(rules) = behavior.get_mut(dir) {
+                            default_at(rules, &["stabilizationWindowSeconds"], json!(window));
+                            default_at(rules, &["selectPolicy"], json!("Max"));
+                            default_at(rules, &["policies"], policies);
+                        }
+                    }
+                }
+            }
+        }
         "knative.Service" => {
             if let Some(spec) = obj.get_mut("spec") {
                 if let Some(t) = spec.pointer_mut("/template/spec") {

@@ -353,6 +353,17 @@ pub static RESOURCES: &[ResourceType] = &[
         [Status]
     ),
     resource!(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        ["hpa"],
+        ALL,
+        [Status]
+    ),
+    resource!(
         "serving.knative.dev",
         "v1",
         "Service",

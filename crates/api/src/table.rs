@@ -309,6 +309,19 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Hostnames", "string", "The hostnames the route matches."),
             AGE,
         ],
+        "HorizontalPodAutoscaler" => vec![
+            NAME,
+            col("Reference", "string", "The resource being scaled."),
+            col(
+                "Targets",
+                "string",
+                "The current and target values of the metrics.",
+            ),
+            col("MinPods", "string", "The lower limit of replicas."),
+            col("MaxPods", "integer", "The upper limit of replicas."),
+            col("Replicas", "integer", "The current number of replicas."),
+            AGE,
+        ],
         // Knative's printer columns, as its CRDs declare them.
         "knative.Service" => vec![
             NAME,
@@ -463,6 +476,66 @@ fn condition_status(status: &Value, ty: &str) -> String {
         .find(|c| c["type"] == ty)
         .map(|c| s(&c["status"]))
         .unwrap_or_else(|| "Unknown".into())
+}
+
+/// kubectl's TARGETS: `cpu: 12%/50%`, `memory: 10Mi/64Mi`, `rps: 3/10`,
+/// `<unknown>` where nothing was measured yet.
+fn hpa_targets(spec: &Value, status: &Value) -> String {
+    let metrics = spec["metrics"].as_array().cloned().unwrap_or_default();
+    if metrics.is_empty() {
+        return "<none>".into();
+    }
+    let current = status["currentMetrics"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let parts: Vec<String> = metrics
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let kind = s(&m["type"]);
+            let field = match kind.as_str() {
+                "Resource" => "resource",
+                "Pods" => "pods",
+                "Object" => "object",
+                "External" => "external",
+                _ => "containerResource",
+            };
+            let src = &m[field];
+            let name = if field == "resource" || field == "containerResource" {
+                s(&src["name"])
+            } else {
+                s(&src["metric"]["name"])
+            };
+            let target = &src["target"];
+            let cur = &current
+                .get(i)
+                .map(|c| c[field]["current"].clone())
+                .unwrap_or_default();
+            let (now, want) = if let Some(u) = target["averageUtilization"].as_i64() {
+                (
+                    cur["averageUtilization"]
+                        .as_i64()
+                        .map(|c| format!("{c}%"))
+                        .unwrap_or_else(|| "<unknown>".into()),
+                    format!("{u}%"),
+                )
+            } else {
+                let key = if target["averageValue"].is_null() {
+                    "value"
+                } else {
+                    "averageValue"
+                };
+                let c = s(&cur[key]);
+                (
+                    if c.is_empty() { "<unknown>".into() } else { c },
+                    s(&target[key]),
+                )
+            };
+            format!("{name}: {now}/{want}")
+        })
+        .collect();
+    parts.join(", ")
 }
 
 fn condition_reason(status: &Value, ty: &str) -> String {
@@ -998,6 +1071,22 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             json!(s(&spec["gatewayClassName"])),
             json!(s(&status["addresses"][0]["value"])),
             json!(condition_status(status, "Programmed")),
+            age,
+        ],
+        "HorizontalPodAutoscaler" => vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                s(&spec["scaleTargetRef"]["kind"]),
+                s(&spec["scaleTargetRef"]["name"])
+            )),
+            json!(hpa_targets(spec, status)),
+            json!(match spec["minReplicas"].as_i64() {
+                Some(n) => n.to_string(),
+                None => "<unset>".into(),
+            }),
+            spec["maxReplicas"].clone(),
+            json!(status["currentReplicas"].as_i64().unwrap_or(0)),
             age,
         ],
         "knative.Service" => vec![

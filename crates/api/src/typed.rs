@@ -3,9 +3,9 @@
 //! JSON form that is stored.
 
 use k8s_openapi::api::{
-    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    discovery::v1 as discovery, networking::v1 as networking, node::v1 as node,
-    scheduling::v1 as scheduling,
+    apps::v1 as apps, autoscaling::v2 as autoscaling, batch::v1 as batch,
+    coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
+    networking::v1 as networking, node::v1 as node, scheduling::v1 as scheduling,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -74,6 +74,7 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "GatewayClass" => gateway::GatewayClass,
         "Gateway" => gateway::Gateway,
         "HTTPRoute" => gateway::HTTPRoute,
+        "HorizontalPodAutoscaler" => autoscaling::HorizontalPodAutoscaler,
         "knative.Service" => knative::Service,
         "Configuration" => knative::Configuration,
         "Revision" => knative::Revision,
@@ -106,6 +107,9 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
         "GatewayClass" => round_trip::<gateway::GatewayClassStatus>(status),
         "Gateway" => round_trip::<gateway::GatewayStatus>(status),
         "HTTPRoute" => round_trip::<gateway::HTTPRouteStatus>(status),
+        "HorizontalPodAutoscaler" => {
+            round_trip::<autoscaling::HorizontalPodAutoscalerStatus>(status)
+        }
         "knative.Service" => round_trip::<knative::ServiceStatus>(status),
         "Configuration" => round_trip::<knative::ConfigurationStatus>(status),
         "Revision" => round_trip::<knative::RevisionStatus>(status),

@@ -58,6 +58,10 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
         "Gateway" => typed!(gw::Gateway, routing::validate_gateway),
         "HTTPRoute" => typed!(gw::HTTPRoute, routing::validate_http_route),
+        "HorizontalPodAutoscaler" => typed!(
+            k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler,
+            validate_hpa
+        ),
         "knative.Service" => typed!(crate::knative::Service, serving::validate_service),
         "Configuration" => typed!(
             crate::knative::Configuration,
@@ -68,6 +72,100 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         _ => {}
     }
     errs.0
+}
+
+/// A HorizontalPodAutoscaler, as Kubernetes' validation checks it.
+fn validate_hpa(
+    hpa: &k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler,
+    _old: Option<&k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>,
+    errs: &mut Errors,
+) {
+    let Some(spec) = &hpa.spec else {
+        errs.push(FieldError::required("spec", ""));
+        return;
+    };
+    if spec.scale_target_ref.kind.is_empty() {
+        errs.push(FieldError::required("spec.scaleTargetRef.kind", ""));
+    }
+    if spec.scale_target_ref.name.is_empty() {
+        errs.push(FieldError::required("spec.scaleTargetRef.name", ""));
+    }
+    let min = spec.min_replicas.unwrap_or(1);
+    if min < 1 {
+        errs.push(FieldError::invalid(
+            "spec.minReplicas",
+            min.to_string(),
+            "must be greater than or equal to 1",
+        ));
+    }
+    if spec.max_replicas < min.max(1) {
+        errs.push(FieldError::invalid(
+            "spec.maxReplicas",
+            spec.max_replicas.to_string(),
+            "must be greater than or equal to `minReplicas`",
+        ));
+    }
+    for (i, m) in spec.metrics.iter().flatten().enumerate() {
+        let at = format!("spec.metrics[{i}]");
+        let target = match m.type_.as_str() {
+            "Resource" => m.resource.as_ref().map(|r| (&r.target, "resource")),
+            "Pods" => m.pods.as_ref().map(|p| (&p.target, "pods")),
+            "Object" => m.object.as_ref().map(|o| (&o.target, "object")),
+            "External" => m.external.as_ref().map(|e| (&e.target, "external")),
+            "ContainerResource" => m
+                .container_resource
+                .as_ref()
+                .map(|c| (&c.target, "containerResource")),
+            other => {
+                errs.push(FieldError::not_supported(
+                    format!("{at}.type"),
+                    other,
+                    &[
+                        "ContainerResource",
+                        "External",
+                        "Object",
+                        "Pods",
+                        "Resource",
+                    ],
+                ));
+                continue;
+            }
+        };
+        let Some((target, field)) = target else {
+            errs.push(FieldError::required(
+                format!("{at}.{}", m.type_[..1].to_lowercase() + &m.type_[1..]),
+                format!(
+                    "must populate information for the given metric source type {}",
+                    m.type_
+                ),
+            ));
+            continue;
+        };
+        let t = format!("{at}.{field}.target");
+        match target.type_.as_str() {
+            "Utilization" => match target.average_utilization {
+                Some(u) if u > 0 => {}
+                _ => errs.push(FieldError::required(
+                    format!("{t}.averageUtilization"),
+                    "must be set and greater than 0 for type Utilization",
+                )),
+            },
+            "Value" if target.value.is_none() => errs.push(FieldError::required(
+                format!("{t}.value"),
+                "must be set for type Value",
+            )),
+            "AverageValue" if target.average_value.is_none() => errs.push(FieldError::required(
+                format!("{t}.averageValue"),
+                "must be set for type AverageValue",
+            )),
+            "Value" | "AverageValue" => {}
+            other => errs.push(FieldError::not_supported(
+                format!("{t}.type"),
+                other,
+                &["AverageValue", "Utilization", "Value"],
+            )),
+        }
+    }
 }
 
 fn validate_meta(rt: &ResourceType, obj: &Value, old: Option<&Value>, errs: &mut Errors) {

@@ -67,6 +67,9 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "GatewayClass" => add::<gateway::GatewayClass>(g),
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
+        "HorizontalPodAutoscaler" => {
+            add::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(g)
+        }
         "knative.Service" => add::<wasmkube_api::knative::Service>(g),
         "Configuration" => add::<wasmkube_api::knative::Configuration>(g),
         "Revision" => add::<wasmkube_api::knative::Revision>(g),

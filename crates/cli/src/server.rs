@@ -48,6 +48,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "30000-32767", value_parser = crate::agent::port_range)]
     service_node_port_range: std::ops::RangeInclusive<u16>,
 
+    /// How often HorizontalPodAutoscalers are evaluated.
+    #[arg(long, default_value = "15s", value_parser = crate::agent::duration, value_name = "DURATION")]
+    horizontal_pod_autoscaler_sync_period: Duration,
+
     /// The domain of Knative Services' URLs: `http://NAME.NAMESPACE.DOMAIN`,
     /// served on every node's gateway (--gateway-listen).
     #[arg(long, default_value = wasmkube_api::knative::DEFAULT_DOMAIN, value_name = "DOMAIN")]
@@ -189,6 +193,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 prefix: args.node.cluster_cidr.prefix_len(),
             }),
             node_cidr_mask_size: args.node_cidr_mask_size,
+            hpa_sync_period: args.horizontal_pod_autoscaler_sync_period,
             ..Default::default()
         };
         let serving = wasmkube_serving::Config {

@@ -76,6 +76,8 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
             "1",
             "--crash-loop-max-backoff",
             "4",
+            "--horizontal-pod-autoscaler-sync-period",
+            "1s",
         ],
     );
 
@@ -357,6 +359,120 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     assert!(body.lines().any(|l| l == "GREETING=e2e"), "{body}");
     assert_eq!(http_get(port, "/trap").0, 500);
     assert_eq!(http_get(port, "/again").0, 200);
+
+    // `kubectl autoscale`: an HTTP function under CPU load (requests that
+    // compute, against a 50m request) scales up to its maximum, and back
+    // down once the load stops (with no stabilization window).
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: burner}}\nspec:\n  selector: {{matchLabels: {{app: burner}}}}\n  template:\n    metadata: {{labels: {{app: burner}}}}\n    spec:\n      containers:\n      - name: burner\n        image: {http_hello}\n        ports: [{{containerPort: 8080}}]\n        resources: {{requests: {{cpu: 50m}}}}\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &["rollout", "status", "deployment/burner", "--timeout=60s"],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "autoscale",
+            "deployment",
+            "burner",
+            "--cpu-percent=50",
+            "--min=1",
+            "--max=3",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "patch",
+            "hpa",
+            "burner",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"behavior":{"scaleDown":{"stabilizationWindowSeconds":0}}}}"#,
+        ],
+        None,
+    );
+    let burner_ports = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=burner",
+            "-o",
+            r#"jsonpath={.items[0].status.conditions[?(@.type=="wasmkube.dev/NodePorts")].message}"#,
+        ],
+        None,
+    );
+    let burner_port: u16 = burner_ports
+        .split_once("burner:8080->")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no node port in {burner_ports:?}"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(http_get(burner_port, "/burn?ms=200").0, 200);
+            }
+        })
+    };
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.desiredReplicas}=3",
+            "hpa/burner",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let hpa = ok(&s, &["get", "hpa", "burner"], None);
+    let header: Vec<&str> = hpa
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "REFERENCE",
+            "TARGETS",
+            "MINPODS",
+            "MAXPODS",
+            "REPLICAS",
+            "AGE"
+        ],
+        "{hpa}"
+    );
+    assert!(
+        hpa.contains("Deployment/burner") && hpa.contains("%/50%"),
+        "{hpa}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.spec.replicas}=1",
+            "deployment/burner",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let described = ok(&s, &["describe", "hpa", "burner"], None);
+    assert!(
+        described.contains("SuccessfulRescale") && described.contains("New size: 3"),
+        "{described}"
+    );
 
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(

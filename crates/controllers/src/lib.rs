@@ -23,6 +23,7 @@ pub mod deployment;
 pub mod endpoints;
 mod expectations;
 pub mod gc;
+mod hpa;
 pub mod job;
 pub mod leader;
 pub mod nodeipam;
@@ -49,6 +50,8 @@ pub struct Config {
     pub cluster_cidr: Option<nodeipam::Cidr>,
     /// The prefix length of each node's pod CIDR.
     pub node_cidr_mask_size: u8,
+    /// How often HorizontalPodAutoscalers are evaluated (Kubernetes: 15 s).
+    pub hpa_sync_period: Duration,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
                 prefix: 16,
             }),
             node_cidr_mask_size: 24,
+            hpa_sync_period: Duration::from_secs(15),
         }
     }
 }
@@ -77,6 +81,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let nodelifecycle = nodelifecycle::run(client.clone(), &mut inf, &config);
     let endpoints = endpoints::run(client.clone(), &mut inf);
     let servicelb = servicelb::run(client.clone(), &mut inf);
+    let hpa = hpa::run(client.clone(), &mut inf, config.hpa_sync_period);
     let ipam = async {
         match config.cluster_cidr {
             Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
@@ -95,6 +100,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = serviceaccount::run(client.clone()) => r,
         r = endpoints => r,
         r = servicelb => r,
+        r = hpa => r,
         r = ipam => r,
     }
 }

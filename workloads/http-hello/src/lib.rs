@@ -3,7 +3,8 @@
 //! and path and its environment (sorted `KEY=value` lines). `/exit` and
 //! `/trap` fail on purpose, to show a failing request fails only itself;
 //! `/sleep?ms=N` sends its response head at once and its body N
-//! milliseconds later (a slow request, seen in flight by its client).
+//! milliseconds later (a slow request, seen in flight by its client);
+//! `/burn?ms=N` computes for N milliseconds before it answers (CPU load).
 
 use wasip2::exports::http::incoming_handler::Guest;
 use wasip2::http::types::{
@@ -24,6 +25,18 @@ impl Guest for HttpHello {
         };
         if path == "/trap" {
             std::process::abort();
+        }
+        if let Some(ms) = path.strip_prefix("/burn?ms=") {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut x = 1u64;
+            while std::time::Instant::now() < until {
+                for _ in 0..10_000 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+            }
+            respond(out, 200, &format!("burned {ms} ms ({x:x})\n"));
+            return;
         }
         if let Some(ms) = path.strip_prefix("/sleep?ms=") {
             let ms: u64 = ms.parse().unwrap_or(0);

@@ -1,0 +1,796 @@
+//! The HorizontalPodAutoscaler controller (`autoscaling/v2`), with the
+//! standard algorithm of kube-controller-manager's:
+//!
+//! - every sync period, each HPA reads its target's scale subresource
+//!   (Deployment or ReplicaSet: replicas and pod selector) and its metrics:
+//!   `Resource` (cpu, memory; `Utilization` against the pods' requests, or
+//!   `AverageValue`) from `metrics.k8s.io`, `Pods` (`AverageValue`) from
+//!   `custom.metrics.k8s.io`;
+//! - per metric `desired = ceil(current replicas × current / target)`, left
+//!   alone within a 10 % tolerance; the largest proposal wins;
+//! - `behavior`: the scale-down (default 300 s) and scale-up (0 s)
+//!   stabilization windows over the recommendations, and the rate policies
+//!   (`Pods`/`Percent` per period, `selectPolicy` Max, Min or Disabled;
+//!   defaults 4 pods or 100 % per 15 s up, 100 % per 15 s down); then
+//!   `minReplicas`/`maxReplicas`;
+//! - the status (current and desired replicas, current metrics, last scale
+//!   time, `AbleToScale`, `ScalingActive`, `ScalingLimited`) and
+//!   `SuccessfulRescale` / `FailedGetResourceMetric` events, as kubectl
+//!   shows them.
+//!
+//! Not done: `Object` and `External` metrics (reported `ScalingActive=False`),
+//! the missing-metrics and not-yet-ready-pods corrections of Kubernetes'
+//! replica calculator.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::{
+    HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerStatus, MetricSpec,
+};
+use k8s_openapi::api::core::v1::{Event, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::Error;
+
+/// Proposals within this ratio of the target change nothing (Kubernetes'
+/// `--horizontal-pod-autoscaler-tolerance`).
+const TOLERANCE: f64 = 0.1;
+
+/// What an HPA remembers between syncs: its recommendations (for the
+/// stabilization windows) and its scale events (for the rate policies).
+#[derive(Default)]
+struct Memory {
+    recommendations: VecDeque<(Instant, i32)>,
+    /// (when, replicas before, replicas after)
+    changes: VecDeque<(Instant, i32, i32)>,
+}
+
+/// One metric's proposal and what was measured.
+struct Measured {
+    replicas: i32,
+    status: Value,
+    /// `cpu resource utilization (percentage of request)`, as events say.
+    describe: String,
+}
+
+async fn get_json(client: &kube::Client, path: &str) -> Result<Value, Error> {
+    let request = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(|e| Error::Kube(kube::Error::HttpError(e)))?;
+    client.request::<Value>(request).await.map_err(Error::Kube)
+}
+
+/// A quantity in base units (cores, bytes).
+fn units(s: &str) -> Option<f64> {
+    wasmkube_api::quantity::parse(s)
+        .ok()
+        .map(|q| q.millis() as f64 / 1000.0)
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `ceil(current × ratio)`, or `current` when the ratio is within tolerance.
+fn proposal(current: i32, ratio: f64) -> i32 {
+    if (ratio - 1.0).abs() <= TOLERANCE {
+        current
+    } else {
+        (current as f64 * ratio).ceil() as i32
+    }
+}
+
+/// A resource's total request over the pods (in cores or bytes), or why
+/// there is none.
+fn requests(pods: &[Pod], resource: &str) -> Result<f64, String> {
+    let mut total = 0.0;
+    for p in pods {
+        for c in p.spec.iter().flat_map(|s| &s.containers) {
+            let request = c
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get(resource));
+            match request.and_then(|q| units(&q.0)) {
+                Some(v) => total += v,
+                None => {
+                    return Err(format!(
+                        "missing request for {resource} in container {} of Pod {}",
+                        c.name,
+                        p.name_any()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+async fn measure(
+    client: &kube::Client,
+    ns: &str,
+    selector: &str,
+    current: i32,
+    metric: &MetricSpec,
+) -> Result<Measured, (String, String)> {
+    let fail = |reason: &str, m: String| (reason.to_owned(), m);
+    match metric.type_.as_str() {
+        "Resource" => {
+            let r = metric.resource.as_ref().ok_or_else(|| {
+                fail(
+                    "InvalidMetricSourceType",
+                    "a Resource metric without resource".into(),
+                )
+            })?;
+            let path = format!(
+                "/apis/metrics.k8s.io/v1beta1/namespaces/{ns}/pods?labelSelector={}",
+                encode(selector)
+            );
+            let list = get_json(client, &path).await.map_err(|e| {
+                fail(
+                    "FailedGetResourceMetric",
+                    format!("failed to get {} utilization: {e}", r.name),
+                )
+            })?;
+            let usage: HashMap<String, f64> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| {
+                    let total = m["containers"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|c| units(c["usage"][&r.name].as_str()?))
+                        .sum();
+                    Some((m["metadata"]["name"].as_str()?.to_owned(), total))
+                })
+                .collect();
+            if usage.is_empty() {
+                return Err(fail(
+                    "FailedGetResourceMetric",
+                    format!(
+                        "failed to get {} utilization: unable to get metrics for resource {}: no metrics returned from resource metrics API",
+                        r.name, r.name
+                    ),
+                ));
+            }
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let listed = pods
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(|e| fail("FailedGetResourceMetric", e.to_string()))?;
+            let measured: Vec<Pod> = listed
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| usage.contains_key(&p.name_any()))
+                .collect();
+            let used: f64 = measured.iter().map(|p| usage[&p.name_any()]).sum();
+            let n = measured.len().max(1) as f64;
+            let average = used / n;
+            let format_value = |v: f64| {
+                if r.name == "cpu" {
+                    format!("{}m", (v * 1000.0).round() as i64)
+                } else {
+                    format!("{}", v.round() as i64)
+                }
+            };
+            if let Some(target) = r.target.average_utilization {
+                let requested =
+                    requests(&measured, &r.name).map_err(|m| fail("FailedGetResourceMetric", m))?;
+                let utilization = if requested > 0.0 {
+                    used / requested * 100.0
+                } else {
+                    0.0
+                };
+                Ok(Measured {
+                    replicas: proposal(current, utilization / target as f64),
+                    status: json!({"type": "Resource", "resource": {"name": r.name, "current": {
+                        "averageUtilization": utilization.round() as i64,
+                        "averageValue": format_value(average)}}}),
+                    describe: format!("{} resource utilization (percentage of request)", r.name),
+                })
+            } else {
+                let target = r
+                    .target
+                    .average_value
+                    .as_ref()
+                    .and_then(|q| units(&q.0))
+                    .ok_or_else(|| {
+                        fail(
+                            "InvalidMetricSourceType",
+                            "the target needs an averageValue".into(),
+                        )
+                    })?;
+                Ok(Measured {
+                    replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
+                    status: json!({"type": "Resource", "resource": {"name": r.name, "current": {
+                        "averageValue": format_value(average)}}}),
+                    describe: format!("{} resource", r.name),
+                })
+            }
+        }
+        "Pods" => {
+            let p = metric.pods.as_ref().ok_or_else(|| {
+                fail(
+                    "InvalidMetricSourceType",
+                    "a Pods metric without pods".into(),
+                )
+            })?;
+            let name = &p.metric.name;
+            let path = format!(
+                "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/{name}?labelSelector={}",
+                encode(selector)
+            );
+            let list = get_json(client, &path).await.map_err(|e| {
+                fail(
+                    "FailedGetPodsMetric",
+                    format!("unable to get metric {name}: {e}"),
+                )
+            })?;
+            let values: Vec<f64> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| units(i["value"].as_str()?))
+                .collect();
+            if values.is_empty() {
+                return Err(fail(
+                    "FailedGetPodsMetric",
+                    format!("unable to get metric {name}: no metrics returned"),
+                ));
+            }
+            let average = values.iter().sum::<f64>() / values.len() as f64;
+            let target = p
+                .target
+                .average_value
+                .as_ref()
+                .and_then(|q| units(&q.0))
+                .ok_or_else(|| {
+                    fail(
+                        "InvalidMetricSourceType",
+                        "the target needs an averageValue".into(),
+                    )
+                })?;
+            Ok(Measured {
+                replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
+                status: json!({"type": "Pods", "pods": {"metric": {"name": name}, "current": {
+                    "averageValue": format!("{}m", (average * 1000.0).round() as i64)}}}),
+                describe: format!("pods metric {name}"),
+            })
+        }
+        other => Err(fail(
+            "InvalidMetricSourceType",
+            format!("metrics of type {other} are not supported"),
+        )),
+    }
+}
+
+/// The rules for one direction, with Kubernetes' defaults.
+fn rules(hpa: &HorizontalPodAutoscaler, up: bool) -> HPAScalingRules {
+    let given = hpa
+        .spec
+        .as_ref()
+        .and_then(|s| s.behavior.as_ref())
+        .and_then(|b| {
+            if up {
+                b.scale_up.clone()
+            } else {
+                b.scale_down.clone()
+            }
+        });
+    let default: HPAScalingRules = serde_json::from_value(if up {
+        json!({"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
+               "policies": [{"type": "Pods", "value": 4, "periodSeconds": 15},
+                            {"type": "Percent", "value": 100, "periodSeconds": 15}]})
+    } else {
+        json!({"stabilizationWindowSeconds": 300, "selectPolicy": "Max",
+               "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]})
+    })
+    .expect("the default rules decode");
+    match given {
+        None => default,
+        Some(mut g) => {
+            g.stabilization_window_seconds = g
+                .stabilization_window_seconds
+                .or(default.stabilization_window_seconds);
+            g.select_policy = g.select_policy.or(default.select_policy);
+            if g.policies.as_ref().is_none_or(Vec::is_empty) {
+                g.policies = default.policies;
+            }
+            g
+        }
+    }
+}
+
+/// Applies the stabilization windows and rate policies to a proposal.
+fn behave(
+    hpa: &HorizontalPodAutoscaler,
+    memory: &mut Memory,
+    now: Instant,
+    current: i32,
+    proposed: i32,
+) -> i32 {
+    let (up, down) = (rules(hpa, true), rules(hpa, false));
+    memory.recommendations.push_back((now, proposed));
+    let longest = Duration::from_secs(
+        up.stabilization_window_seconds
+            .unwrap_or(0)
+            .max(down.stabilization_window_seconds.unwrap_or(300))
+            .max(0) as u64,
+    );
+    while memory
+        .recommendations
+        .front()
+        .is_some_and(|(t, _)| now.duration_since(*t) > longest)
+    {
+        memory.recommendations.pop_front();
+    }
+    let within = |secs: Option<i32>| {
+        let d = Duration::from_secs(secs.unwrap_or(0).max(0) as u64);
+        memory
+            .recommendations
+            .iter()
+            .filter(move |(t, _)| now.duration_since(*t) <= d)
+            .map(|(_, r)| *r)
+    };
+    // Up: the smallest recommendation of the up window; down: the largest
+    // of the down window.
+    let up_floor = within(up.stabilization_window_seconds)
+        .min()
+        .unwrap_or(proposed);
+    let down_ceiling = within(down.stabilization_window_seconds)
+        .max()
+        .unwrap_or(proposed);
+    let mut desired = if proposed > current {
+        up_floor.max(current)
+    } else if proposed < current {
+        down_ceiling.min(current)
+    } else {
+        current
+    };
+    // Rate limits from the scale events within each policy's period.
+    let limit = |rules: &HPAScalingRules, scaling_up: bool| -> Option<i32> {
+        if rules.select_policy.as_deref() == Some("Disabled") {
+            return Some(current);
+        }
+        let limits: Vec<i32> = rules
+            .policies
+            .iter()
+            .flatten()
+            .map(|p| {
+                let period = Duration::from_secs(p.period_seconds.max(1) as u64);
+                let changed: i32 = memory
+                    .changes
+                    .iter()
+                    .filter(|(t, _, _)| now.duration_since(*t) <= period)
+                    .map(|(_, from, to)| to - from)
+                    .sum();
+                let start = current - changed;
+                match (p.type_.as_str(), scaling_up) {
+                    ("Pods", true) => start + p.value,
+                    ("Percent", true) => {
+                        (start as f64 * (1.0 + p.value as f64 / 100.0)).ceil() as i32
+                    }
+                    ("Pods", false) => start - p.value,
+                    (_, false) => (start as f64 * (1.0 - p.value as f64 / 100.0)).ceil() as i32,
+                    _ => current,
+                }
+            })
+            .collect();
+        let pick_max = rules.select_policy.as_deref() != Some("Min");
+        match (scaling_up, pick_max) {
+            (true, true) | (false, false) => limits.into_iter().max(),
+            (true, false) | (false, true) => limits.into_iter().min(),
+        }
+    };
+    if desired > current
+        && let Some(l) = limit(&up, true)
+    {
+        desired = desired.min(l.max(current));
+    }
+    if desired < current
+        && let Some(l) = limit(&down, false)
+    {
+        desired = desired.max(l.min(current));
+    }
+    desired
+}
+
+fn condition(type_: &str, status: &str, reason: &str, message: String) -> Value {
+    json!({"type": type_, "status": status, "reason": reason, "message": message,
+           "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)})
+}
+
+async fn event(
+    client: &kube::Client,
+    hpa: &HorizontalPodAutoscaler,
+    kind: &str,
+    reason: &str,
+    message: String,
+) {
+    let ns = hpa.namespace().unwrap_or_default();
+    let now: Option<Time> = chrono::Utc::now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        .parse()
+        .ok()
+        .map(Time);
+    let event = Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{}.", hpa.name_any())),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("autoscaling/v2".into()),
+            kind: Some("HorizontalPodAutoscaler".into()),
+            name: Some(hpa.name_any()),
+            namespace: Some(ns.clone()),
+            uid: hpa.uid(),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message),
+        type_: Some(kind.into()),
+        count: Some(1),
+        first_timestamp: now.clone(),
+        last_timestamp: now,
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("horizontal-pod-autoscaler".into()),
+            host: None,
+        }),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&PostParams::default(), &event).await {
+        tracing::debug!(error = %e, "cannot record an HPA event");
+    }
+}
+
+/// One HPA's sync: measure, decide, scale, report.
+async fn sync(
+    client: &kube::Client,
+    hpa: &HorizontalPodAutoscaler,
+    memory: &mut Memory,
+) -> Result<(), Error> {
+    let Some(spec) = &hpa.spec else { return Ok(()) };
+    let ns = hpa.namespace().unwrap_or_default();
+    let target = &spec.scale_target_ref;
+    let scale = match target.kind.as_str() {
+        "Deployment" => {
+            Api::<Deployment>::namespaced(client.clone(), &ns)
+                .get_scale(&target.name)
+                .await
+        }
+        "ReplicaSet" => {
+            Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+                .get_scale(&target.name)
+                .await
+        }
+        other => {
+            let conditions = vec![condition(
+                "AbleToScale",
+                "False",
+                "FailedGetScale",
+                format!(
+                    "the HPA controller was unable to get the target's current scale: {other} is not a kind this controller scales (Deployment, ReplicaSet)"
+                ),
+            )];
+            return write_status(client, hpa, json!({"conditions": conditions})).await;
+        }
+    };
+    let scale = match scale {
+        Ok(s) => s,
+        Err(e) => {
+            let message =
+                format!("the HPA controller was unable to get the target's current scale: {e}");
+            event(client, hpa, "Warning", "FailedGetScale", message.clone()).await;
+            let conditions = vec![condition("AbleToScale", "False", "FailedGetScale", message)];
+            return write_status(client, hpa, json!({"conditions": conditions})).await;
+        }
+    };
+    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let selector = scale
+        .status
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    let (min, max) = (spec.min_replicas.unwrap_or(1), spec.max_replicas);
+    let now = Instant::now();
+    let mut conditions = Vec::new();
+    if current == 0 && min > 0 {
+        conditions.push(condition(
+            "AbleToScale",
+            "True",
+            "SucceededGetScale",
+            "the HPA controller was able to get the target's current scale".into(),
+        ));
+        conditions.push(condition(
+            "ScalingActive",
+            "False",
+            "ScalingDisabled",
+            "scaling is disabled since the replica count of the target is zero".into(),
+        ));
+        return write_status(
+            client,
+            hpa,
+            json!({"currentReplicas": 0, "desiredReplicas": 0, "conditions": conditions}),
+        )
+        .await;
+    }
+    let mut proposed: Option<(i32, String)> = None;
+    let mut statuses = Vec::new();
+    let mut failure = None;
+    for m in spec.metrics.iter().flatten() {
+        match measure(client, &ns, &selector, current, m).await {
+            Ok(measured) => {
+                statuses.push(measured.status);
+                if proposed
+                    .as_ref()
+                    .is_none_or(|(r, _)| measured.replicas > *r)
+                {
+                    proposed = Some((measured.replicas, measured.describe));
+                }
+            }
+            Err((reason, message)) => {
+                statuses.push(json!({"type": m.type_}));
+                failure.get_or_insert((reason, message));
+            }
+        }
+    }
+    let Some((raw, describe)) = proposed else {
+        let (reason, message) =
+            failure.unwrap_or(("FailedGetResourceMetric".into(), "no metrics".into()));
+        event(client, hpa, "Warning", &reason, message.clone()).await;
+        conditions.push(condition(
+            "AbleToScale",
+            "True",
+            "SucceededGetScale",
+            "the HPA controller was able to get the target's current scale".into(),
+        ));
+        conditions.push(condition("ScalingActive", "False", &reason, message));
+        return write_status(client, hpa, json!({"currentReplicas": current, "desiredReplicas": current, "currentMetrics": statuses, "conditions": conditions})).await;
+    };
+    let behaved = behave(hpa, memory, now, current, raw);
+    let desired = behaved.clamp(min, max.max(min));
+    conditions.push(condition(
+        "AbleToScale",
+        "True",
+        if desired != current {
+            "SucceededRescale"
+        } else {
+            "ReadyForNewScale"
+        },
+        if desired != current {
+            format!("the HPA controller was able to update the target scale to {desired}")
+        } else {
+            "recommended size matches current size".into()
+        },
+    ));
+    conditions.push(condition(
+        "ScalingActive",
+        "True",
+        "ValidMetricFound",
+        format!("the HPA was able to successfully calculate a replica count from {describe}"),
+    ));
+    conditions.push(if behaved > max {
+        condition(
+            "ScalingLimited",
+            "True",
+            "TooManyReplicas",
+            "the desired replica count is more than the maximum replica count".into(),
+        )
+    } else if behaved < min {
+        condition(
+            "ScalingLimited",
+            "True",
+            "TooFewReplicas",
+            "the desired replica count is less than the minimum replica count".into(),
+        )
+    } else {
+        condition(
+            "ScalingLimited",
+            "False",
+            "DesiredWithinRange",
+            "the desired count is within the acceptable range".into(),
+        )
+    });
+    let mut status = json!({
+        "currentReplicas": current, "desiredReplicas": desired,
+        "currentMetrics": statuses, "conditions": conditions,
+    });
+    if desired != current {
+        let patch = json!({"spec": {"replicas": desired}});
+        let params = PatchParams::default();
+        match target.kind.as_str() {
+            "Deployment" => {
+                Api::<Deployment>::namespaced(client.clone(), &ns)
+                    .patch_scale(&target.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::Kube)?;
+            }
+            _ => {
+                Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+                    .patch_scale(&target.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::Kube)?;
+            }
+        }
+        memory.changes.push_back((now, current, desired));
+        while memory
+            .changes
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(1800))
+        {
+            memory.changes.pop_front();
+        }
+        let direction = if desired > current { "above" } else { "below" };
+        event(
+            client,
+            hpa,
+            "Normal",
+            "SuccessfulRescale",
+            format!("New size: {desired}; reason: {describe} {direction} target"),
+        )
+        .await;
+        status["lastScaleTime"] =
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    }
+    write_status(client, hpa, status).await
+}
+
+async fn write_status(
+    client: &kube::Client,
+    hpa: &HorizontalPodAutoscaler,
+    mut status: Value,
+) -> Result<(), Error> {
+    let old: HorizontalPodAutoscalerStatus = hpa.status.clone().unwrap_or_default();
+    status["observedGeneration"] = json!(hpa.metadata.generation);
+    if status.get("lastScaleTime").is_none()
+        && let Some(t) = &old.last_scale_time
+    {
+        status["lastScaleTime"] = json!(t);
+    }
+    // Keep transition times of conditions whose status holds.
+    if let Some(conds) = status["conditions"].as_array_mut() {
+        for c in conds {
+            if let Some(prev) = old
+                .conditions
+                .iter()
+                .flatten()
+                .find(|p| c["type"] == p.type_.as_str())
+                && c["status"] == prev.status.as_str()
+                && let Some(t) = &prev.last_transition_time
+            {
+                c["lastTransitionTime"] = json!(t);
+            }
+        }
+    }
+    let new: HorizontalPodAutoscalerStatus =
+        serde_json::from_value(status.clone()).unwrap_or_default();
+    if new == old {
+        return Ok(());
+    }
+    let api: Api<HorizontalPodAutoscaler> =
+        Api::namespaced(client.clone(), &hpa.namespace().unwrap_or_default());
+    // The whole status, replaced (a merge patch would keep stale metrics).
+    let mut replaced = hpa.clone();
+    replaced.status = Some(new);
+    match api
+        .replace_status(&hpa.name_any(), &PostParams::default(), &replaced)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Runs the HPA controller: every `period`, each HPA is synced.
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+    period: Duration,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+    let hpas = informers.store::<HorizontalPodAutoscaler>();
+    async move {
+        let _ = hpas.wait_until_ready().await;
+        let memories: Mutex<BTreeMap<String, Memory>> = Mutex::default();
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let all: Vec<Arc<HorizontalPodAutoscaler>> = hpas.state();
+            let mut live = std::collections::BTreeSet::new();
+            for hpa in all {
+                let key = format!(
+                    "{}/{}/{}",
+                    hpa.namespace().unwrap_or_default(),
+                    hpa.name_any(),
+                    hpa.uid().unwrap_or_default()
+                );
+                live.insert(key.clone());
+                let mut memory = memories
+                    .lock()
+                    .expect("hpa memory")
+                    .remove(&key)
+                    .unwrap_or_default();
+                if let Err(e) = sync(&client, &hpa, &mut memory).await {
+                    tracing::warn!(hpa = %hpa.name_any(), error = %crate::ErrorChain(&e), "HPA sync failed");
+                }
+                memories.lock().expect("hpa memory").insert(key, memory);
+            }
+            memories
+                .lock()
+                .expect("hpa memory")
+                .retain(|k, _| live.contains(k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hpa(behavior: Value) -> HorizontalPodAutoscaler {
+        serde_json::from_value(json!({
+            "metadata": {"name": "h"},
+            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "d", "apiVersion": "apps/v1"},
+                     "maxReplicas": 10, "behavior": behavior},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn proposals_respect_the_tolerance() {
+        assert_eq!(proposal(4, 1.05), 4);
+        assert_eq!(proposal(4, 0.95), 4);
+        assert_eq!(proposal(4, 2.0), 8);
+        assert_eq!(proposal(3, 1.5), 5);
+        assert_eq!(proposal(4, 0.2), 1);
+    }
+
+    #[test]
+    fn scale_down_waits_out_its_stabilization_window() {
+        let h = hpa(json!({"scaleDown": {"stabilizationWindowSeconds": 60}}));
+        let mut m = Memory::default();
+        let t0 = Instant::now();
+        assert_eq!(behave(&h, &mut m, t0, 4, 4), 4);
+        // Load went away: the window still holds the earlier 4.
+        assert_eq!(behave(&h, &mut m, t0 + Duration::from_secs(30), 4, 1), 4);
+        // A window later, down it goes.
+        assert_eq!(behave(&h, &mut m, t0 + Duration::from_secs(91), 4, 1), 1);
+    }
+
+    #[test]
+    fn scale_up_follows_the_rate_policies() {
+        let h = hpa(
+            json!({"scaleUp": {"policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]}}),
+        );
+        let mut m = Memory::default();
+        let t0 = Instant::now();
+        assert_eq!(behave(&h, &mut m, t0, 1, 10), 3);
+        m.changes.push_back((t0, 1, 3));
+        // Within the same period the budget is spent.
+        assert_eq!(behave(&h, &mut m, t0 + Duration::from_secs(10), 3, 10), 3);
+        assert_eq!(behave(&h, &mut m, t0 + Duration::from_secs(61), 3, 10), 5);
+        // The default: 4 pods or 100 % per 15 s, whichever is more.
+        let d = hpa(Value::Null);
+        let mut m = Memory::default();
+        assert_eq!(behave(&d, &mut m, t0, 1, 10), 5);
+        assert_eq!(behave(&d, &mut Memory::default(), t0, 8, 40), 16);
+    }
+}
