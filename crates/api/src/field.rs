@@ -13,6 +13,7 @@ pub enum FieldErrorType {
     Forbidden,
     TooLong,
     Unknown,
+    NotFound,
 }
 
 impl FieldErrorType {
@@ -26,6 +27,7 @@ impl FieldErrorType {
             Self::Forbidden => "FieldValueForbidden",
             Self::TooLong => "FieldValueTooLong",
             Self::Unknown => "FieldValueUnknown",
+            Self::NotFound => "FieldValueNotFound",
         }
     }
 
@@ -38,6 +40,7 @@ impl FieldErrorType {
             Self::Forbidden => "Forbidden",
             Self::TooLong => "Too long",
             Self::Unknown => "Unknown field",
+            Self::NotFound => "Not found",
         }
     }
 }
@@ -103,6 +106,16 @@ impl FieldError {
             FieldErrorType::Duplicate,
             field,
             Some(format!("\"{value}\"")),
+            "",
+        )
+    }
+
+    /// A reference to something that does not exist.
+    pub fn not_found(field: impl Into<String>, value: &str) -> Self {
+        Self::new(
+            FieldErrorType::NotFound,
+            field,
+            Some(format!("{value:?}")),
             "",
         )
     }

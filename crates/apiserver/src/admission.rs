@@ -240,3 +240,53 @@ async fn runtime_class(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
     }
     Ok(())
 }
+
+/// Knative traffic must name revisions that exist: a Service's or Route's
+/// `traffic[].revisionName` that is neither an existing Revision in its
+/// namespace nor the one its own template names is refused with the field
+/// (Knative would accept it and report `RevisionMissing` later; a typo is
+/// better caught at once).
+pub(crate) async fn knative_traffic(
+    server: &ApiServer,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    obj: &Value,
+) -> ApiResult<()> {
+    if !matches!(rt.id(), "knative.Service" | "Route") {
+        return Ok(());
+    }
+    let revisions =
+        registry::lookup("serving.knative.dev", "v1", "revisions").expect("revisions served");
+    let own = obj["spec"]["template"]["metadata"]["name"].as_str();
+    let mut causes = Vec::new();
+    for (i, t) in obj["spec"]["traffic"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let Some(name) = t["revisionName"].as_str() else {
+            continue;
+        };
+        if Some(name) == own {
+            continue;
+        }
+        let found = server
+            .store
+            .get(&revisions.key(namespace, name))
+            .await
+            .map_err(|e| ApiError::from_store(e, revisions, name))?;
+        if found.is_none() {
+            causes.push(wasmkube_api::field::FieldError::not_found(
+                format!("spec.traffic[{i}].revisionName"),
+                name,
+            ));
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        Err(ApiError::invalid(rt, name, causes))
+    }
+}

@@ -512,6 +512,14 @@ pub(crate) async fn custom_metrics(
                 sel.matches(&labels)
             })
         })
+        // Only pods whose containers count requests have the metric.
+        .filter(|p| {
+            p["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c.get(field).is_some())
+        })
         .map(|p| {
             let total: f64 = p["containers"]
                 .as_array()

@@ -712,6 +712,8 @@ impl Ctx<'_> {
             "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
             _ => {}
         }
+        crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &obj)
+            .await?;
         fields::record_update(
             self.rt(),
             &self.params.manager(self.headers)?,
@@ -944,6 +946,15 @@ impl Ctx<'_> {
                 ));
             }
             let (mut new, warnings) = self.admit_update(name, sub, &old, proposed)?;
+            if sub.is_none() {
+                crate::admission::knative_traffic(
+                    self.server,
+                    self.rt(),
+                    self.target.namespace,
+                    &new,
+                )
+                .await?;
+            }
             fields::record_update(self.rt(), &manager, sub_name, Some(&old), &mut new, &now());
             match self
                 .persist_update_claiming(name, sub, &old, rev, new)
@@ -1100,6 +1111,8 @@ impl Ctx<'_> {
                 m.remove("resourceVersion");
             }
             let (mut new, _) = self.admit_update(name, None, &old, proposed)?;
+            crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &new)
+                .await?;
             new["metadata"]["managedFields"] = managed;
             match self
                 .persist_update_claiming(name, None, &old, rev, new)

@@ -1233,6 +1233,23 @@ async fn knative_serving_kinds_are_served_defaulted_and_validated() {
         assert_eq!(err["details"]["causes"][0]["field"], field, "{name}: {err}");
     }
 
+    // Traffic to a revision that does not exist is refused with the field.
+    let (code, err) = c
+        .post(
+            ksvcs,
+            json!({"apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                   "metadata": {"name": "typo"},
+                   "spec": {"template": {"spec": {"containers": [{"image": "i"}]}},
+                            "traffic": [{"revisionName": "typo-00009", "percent": 100}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(
+        err["details"]["causes"][0]["field"], "spec.traffic[0].revisionName",
+        "{err}"
+    );
+    assert_eq!(err["details"]["causes"][0]["reason"], "FieldValueNotFound");
+
     // A Revision's spec cannot change.
     let revisions = "/apis/serving.knative.dev/v1/namespaces/default/revisions";
     let (code, rev) = c

@@ -1719,6 +1719,16 @@ fn knative(s: &Server, gateway_ip: &str, image: &str) {
         why.contains("ImagePull") || why.contains("ErrImagePull") || why.contains("not-pushed"),
         "{why}"
     );
+    // A request for it is answered at once with the reason, not held.
+    let answer = common::poll(
+        "the broken service's answer",
+        Duration::from_secs(30),
+        || match get_host(&gateway, "broken.default.example.com", "/")? {
+            (503, body) if body.contains("cannot serve") => Ok(body),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(answer.contains("broken"), "{answer}");
 
     // Deleted, a Knative Service takes everything it made with it.
     ok(

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::Store;
@@ -241,9 +241,20 @@ pub async fn run(
         Arc::new(secret_tx),
         "Secret",
     )));
+    let (pods, pod_events) = wasmkube_proxy::watch::cache_with::<Pod>(
+        &client,
+        kube::runtime::watcher::Config::default().labels(knative::labels::REVISION),
+    );
+    let (pod_tx, pod_changes) = tokio::sync::watch::channel(0u64);
+    tasks.push(tokio::spawn(merge(
+        pod_events.map(|r| r.map(|_| ())),
+        Arc::new(pod_tx),
+        "Knative revision Pod",
+    )));
     let activator = activator::Activator::new(
         client.clone(),
         caches.revisions.clone(),
+        (pods, pod_changes),
         config.activation_timeout,
     );
     let shared = serve::Shared::new(Some(Arc::new(activator)));

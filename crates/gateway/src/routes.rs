@@ -183,6 +183,9 @@ pub enum Target {
     /// A reference that does not resolve: requests routed to it get 500,
     /// as the specification asks.
     Invalid(String),
+    /// Nothing can serve yet, for this reason (a Knative Route whose
+    /// traffic does not resolve): 503 with the reason.
+    Unavailable(String),
 }
 
 #[derive(Clone, Debug)]
@@ -646,6 +649,25 @@ fn add_knative_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut 
             order: order.clone(),
         };
         let mut entries = Vec::new();
+        if status.traffic.is_empty() {
+            // Nothing resolved yet (no ready revision, a missing one): the
+            // host answers with the Route's own reason instead of a 404.
+            let why = wasmkube_api::knative::condition(&status.conditions, "AllTrafficAssigned")
+                .and_then(|c| c.message.clone())
+                .unwrap_or_else(|| "its traffic is not assigned yet".into());
+            entries.push(entry(
+                host_of(url),
+                vec![Backend {
+                    weight: 1,
+                    target: Target::Unavailable(format!(
+                        "Knative route {ns}/{} cannot serve: {why}",
+                        route.metadata.name.as_deref().unwrap_or_default()
+                    )),
+                    filters: Filters::default(),
+                    revision: None,
+                }],
+            ));
+        }
         let split: Vec<Backend> = status
             .traffic
             .iter()

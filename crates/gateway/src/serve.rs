@@ -368,6 +368,9 @@ async fn handle(
                 ),
             );
         }
+        Target::Unavailable(why) => {
+            return full(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+        }
         Target::Endpoints(e) if e.is_empty() => {
             if let (Some(rev), Some(activator)) = (&backend.revision, &shared.activator) {
                 let rev = rev.clone();
@@ -389,9 +392,10 @@ async fn handle(
 }
 
 /// Holds a request for a Knative revision with no ready pod: wakes the
-/// revision, waits for a table in which it has a ready endpoint, and
-/// forwards the request there; a revision that cannot run, or a wait past
-/// the activator's limit, ends it with a clear error.
+/// revision and forwards the request to the first of its pods that accepts
+/// a connection (probed as soon as a pod has its own address) or that the
+/// routing table lists as a ready endpoint; a revision that cannot run, or
+/// a wait past the activator's limit, ends it with a clear error.
 async fn hold(
     shared: &Shared,
     activator: &crate::activator::Activator,
@@ -401,16 +405,23 @@ async fn hold(
     rev: crate::routes::Revision,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    /// How soon a pod that refused the probe (its guest not listening yet)
+    /// is probed again.
+    const PROBE_AGAIN: std::time::Duration = std::time::Duration::from_millis(2);
+    /// The longest a probe's connect may take on the node's own links.
+    const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(50);
     let deadline = tokio::time::Instant::now() + activator.timeout;
     let mut versions = shared.version.subscribe();
+    let mut pod_changes = activator.pod_changes.clone();
     activator.wake(&rev).await;
     let host = request_host(&req);
     let query = query_pairs(req.uri().query());
     let path = req.uri().path().to_owned();
     loop {
         versions.borrow_and_update();
+        pod_changes.borrow_and_update();
         let table = shared.table();
-        let ready = {
+        let found = {
             let view = RequestView {
                 host: &host,
                 path: &path,
@@ -426,17 +437,48 @@ async fn hold(
                         .backends
                         .iter()
                         .position(|b| b.revision.as_ref() == Some(&rev))?;
-                    match &entry.backends[i].target {
-                        Target::Endpoints(e) if !e.is_empty() => Some((entry, i, e.clone())),
+                    let ready = match &entry.backends[i].target {
+                        Target::Endpoints(e) if !e.is_empty() => Some(e[0]),
                         _ => None,
-                    }
+                    };
+                    Some((entry, i, ready))
                 })
         };
-        if let Some((entry, i, endpoints)) = ready {
-            let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let Some((entry, i, ready)) = found else {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "revision {}/{} is no longer routed here\n",
+                    rev.namespace, rev.name
+                ),
+            );
+        };
+        let mut waiting_for_listen = false;
+        let endpoint = match ready {
+            Some(e) => Some(e),
+            None => {
+                let mut accepting = None;
+                for addr in activator.pod_addresses(&rev) {
+                    // Bounded: a lost SYN is not waited out (its retry is
+                    // a second away); the next probe sends a new one.
+                    let probe =
+                        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr));
+                    match probe.await {
+                        Ok(Ok(_)) => {
+                            accepting = Some(addr);
+                            break;
+                        }
+                        Ok(Err(_)) | Err(_) => waiting_for_listen = true,
+                    }
+                }
+                accepting
+            }
+        };
+        if let Some(endpoint) = endpoint {
             let backend = &entry.backends[i];
             return forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await;
         }
+        drop(table);
         if let Some(why) = activator.failure(&rev) {
             return full(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -446,10 +488,19 @@ async fn hold(
                 ),
             );
         }
+        let probe_again = async {
+            if waiting_for_listen {
+                tokio::time::sleep(PROBE_AGAIN).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             changed = versions.changed() => if changed.is_err() {
                 return full(StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n");
             },
+            _ = pod_changes.changed() => {}
+            () = probe_again => {}
             () = tokio::time::sleep_until(deadline) => {
                 return full(
                     StatusCode::GATEWAY_TIMEOUT,

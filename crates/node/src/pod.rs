@@ -428,6 +428,7 @@ impl Worker {
                 pod_ip: st.sandbox.as_ref().map(|s| s.ip),
                 node_ports: &st.node_ports,
                 sandbox_ready: false,
+                own_network: own_network(&self.ctx, &pod),
             },
         ))
     }
@@ -520,6 +521,7 @@ async fn status_writer(
                     pod_ip: st.sandbox.as_ref().map(|s| s.ip),
                     node_ports: &st.node_ports,
                     sandbox_ready: st.sandbox_ready,
+                    own_network: own_network(&ctx, &pod),
                 },
             ))
         };
@@ -1522,6 +1524,11 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Whether the pod gets a network namespace of its own on this node.
+fn own_network(ctx: &crate::Ctx, pod: &Pod) -> bool {
+    ctx.network.get().is_some() && pod.spec.as_ref().and_then(|s| s.host_network) != Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1548,6 +1555,7 @@ mod tests {
                 pod_ip: None,
                 node_ports: &[],
                 sandbox_ready: true,
+                own_network: false,
             },
         );
         let scheduled = status["conditions"]

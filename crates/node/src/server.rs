@@ -277,16 +277,20 @@ async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
                 );
                 samples.containers.insert(key.clone(), sample);
                 seen.insert(key);
-                let (in_flight, request_seconds) = run.usage.concurrency();
-                containers.push(serde_json::json!({
+                let mut container = serde_json::json!({
                     "name": name,
                     "cpuNanoCores": (sample.2 * 1e9) as u64,
                     "memoryBytes": run.usage.memory(),
-                    // HTTP functions: counters a reader differences.
-                    "requests": run.usage.requests(),
-                    "requestsInFlight": in_flight,
-                    "requestSeconds": request_seconds,
-                }));
+                });
+                // Request figures only where the runtime counts requests
+                // (HTTP functions): counters a reader differences.
+                if run.usage.serves_requests() {
+                    let (in_flight, request_seconds) = run.usage.concurrency();
+                    container["requests"] = serde_json::json!(run.usage.requests());
+                    container["requestsInFlight"] = serde_json::json!(in_flight);
+                    container["requestSeconds"] = serde_json::json!(request_seconds);
+                }
+                containers.push(container);
             }
             if !containers.is_empty() {
                 pods.push(serde_json::json!({"namespace": h.namespace, "name": h.name, "labels": h.labels(), "containers": containers}));

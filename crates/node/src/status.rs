@@ -190,6 +190,10 @@ pub(crate) struct Network<'a> {
     pub node_ports: &'a [crate::ports::Mapping],
     /// Whether its sandbox (network) is set up.
     pub sandbox_ready: bool,
+    /// Whether it gets a network of its own: then it has no IP to report
+    /// until that network is up (never the node's in the meantime, which
+    /// would publish a wrong endpoint).
+    pub own_network: bool,
 }
 
 /// The whole `status` of a pod.
@@ -205,8 +209,13 @@ pub(crate) fn build(
         pod_ip,
         node_ports,
         sandbox_ready,
+        own_network,
     } = *net;
-    let pod_ip = pod_ip.map_or_else(|| host_ip.to_owned(), |ip| ip.to_string());
+    let pod_ip = match pod_ip {
+        Some(ip) => Some(ip.to_string()),
+        None if own_network => None,
+        None => Some(host_ip.to_owned()),
+    };
     let restart_policy = pod
         .spec
         .as_ref()
@@ -301,12 +310,14 @@ pub(crate) fn build(
         "conditions": conditions,
         "hostIP": host_ip,
         "hostIPs": [{"ip": host_ip}],
-        "podIP": pod_ip,
-        "podIPs": [{"ip": pod_ip}],
         "startTime": time(start_time),
         "containerStatuses": json_of(false),
         "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()),
     });
+    if let Some(ip) = pod_ip {
+        status["podIP"] = json!(ip);
+        status["podIPs"] = json!([{"ip": ip}]);
+    }
     let inits = json_of(true);
     if !inits.is_empty() {
         status["initContainerStatuses"] = json!(inits);

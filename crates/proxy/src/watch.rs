@@ -47,9 +47,29 @@ where
         + Sync
         + 'static,
 {
+    cache_with(client, watcher::Config::default())
+}
+
+/// As [`cache`], of the objects `config` selects (by label, say).
+pub fn cache_with<K>(
+    client: &kube::Client,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let api: Api<K> = Api::all(client.clone());
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector(writer, watcher(api, config))
         .default_backoff()
         .touched_objects();
     (reader, stream)

@@ -186,6 +186,13 @@ pub(crate) fn host_veth(netns_name: &str) -> String {
     format!("wk{}", &hex[..11])
 }
 
+/// The MAC of a pod's `eth0`, from its address (`0a:58:` and the four
+/// octets, as the CNI bridge plugin makes them; locally administered).
+fn pod_end_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x0a, 0x58, a, b, c, d]
+}
+
 /// Plugs the namespace at `netns` in: a veth whose pod end is `eth0` with
 /// `ip`/32 and a default route through [`NEXT_HOP`], and whose node end
 /// carries a /32 route to `ip` (from `node_address`).
@@ -201,8 +208,10 @@ pub(crate) async fn plug(
     // and the node end up with its fixed MAC, in one request: moving a link
     // between namespaces afterwards waits for an RCU grace period (~20 ms).
     let ns_file = std::fs::File::open(netns).map_err(Error::io(netns))?;
+    let pod_mac = pod_end_mac(ip);
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name("eth0".into())
+        .address(pod_mac.to_vec())
         .setns_by_fd(ns_file.as_raw_fd())
         .build();
     node.link()
@@ -234,6 +243,17 @@ pub(crate) async fn plug(
         .execute()
         .await
         .map_err(setup_err("routing the pod's address to its veth"))?;
+    // The pod's MAC pinned on the node end too: the node's first packet to a
+    // new pod (the activator's, say) never waits on ARP, whose retry after
+    // a lost request is a whole second.
+    node.neighbours()
+        .add(host_index, IpAddr::V4(ip))
+        .link_layer_address(&pod_mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(setup_err("pinning the pod's MAC on the node"))?;
 
     let pod = connect_in(netns)?;
     let lo = index_of(&pod, "lo")

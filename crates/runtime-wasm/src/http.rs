@@ -134,6 +134,7 @@ impl WasmRuntime {
         max_concurrency: usize,
         stop: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        spec.live.mark_serving();
         let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrency.max(1)));
         let mut connections = tokio::task::JoinSet::new();
         let (draining, drain) = tokio::sync::watch::channel(false);

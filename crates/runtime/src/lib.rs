@@ -176,6 +176,7 @@ pub struct Usage {
     requests: AtomicU64,
     instances: AtomicU64,
     concurrency: std::sync::Mutex<Concurrency>,
+    serves_requests: std::sync::atomic::AtomicBool,
 }
 
 /// Requests in flight, and their integral over time (request-seconds), so
@@ -230,6 +231,14 @@ impl Usage {
     /// The most memory it has had, in bytes.
     pub fn memory_high_water(&self) -> u64 {
         self.memory_high_water.load(Ordering::Relaxed)
+    }
+    /// The container serves requests the runtime counts (an HTTP function):
+    /// its request figures mean something, zero included.
+    pub fn mark_serving(&self) {
+        self.serves_requests.store(true, Ordering::Relaxed);
+    }
+    pub fn serves_requests(&self) -> bool {
+        self.serves_requests.load(Ordering::Relaxed)
     }
     /// An HTTP request arrived: it counts as in flight until the returned
     /// guard is dropped.

@@ -18,6 +18,11 @@
 //!   just woken ([`crate::ACTIVATED_AT`]) stays up for a window;
 //! - bounds: `min-scale`, `max-scale`, and at most halving per decision.
 //!
+//! Requests are counted in the pods by the Wasm runtime (HTTP functions).
+//! A revision whose pods count none (a Linux image) is not metered: it
+//! keeps the pods it has (within its bounds) and is never scaled to zero
+//! under load nobody measures; scale from zero still works for it.
+//!
 //! The decision is written as the revision's Deployment's replicas.
 
 use std::collections::{HashMap, VecDeque};
@@ -209,6 +214,9 @@ async fn tick(
     namespaces.dedup();
     // Each revision's total since the last tick: concurrency and rps.
     let mut totals: HashMap<(String, String), (f64, f64)> = HashMap::new();
+    // Revisions with a pod whose requests are counted (HTTP functions);
+    // a revision with pods none of which is (a Linux image) is not metered.
+    let mut metered = std::collections::HashSet::new();
     let mut seen = std::collections::HashSet::new();
     for ns in &namespaces {
         let seconds = pod_metric(client, ns, "http_request_seconds").await?;
@@ -220,6 +228,7 @@ async fn tick(
             let Some(rev) = p.labels().get(labels::REVISION) else {
                 continue;
             };
+            metered.insert((ns.clone(), rev.clone()));
             let key = (ns.clone(), pod.clone());
             seen.insert(key.clone());
             let reqs = requests.get(&pod).copied().unwrap_or(0.0);
@@ -270,6 +279,24 @@ async fn tick(
                     .unwrap_or_default();
                 now.checked_sub(ago).unwrap_or(now)
             });
+        if ready > 0 && !metered.contains(&key) {
+            // Nothing measures its load: it keeps its pods (within bounds)
+            // rather than being scaled to zero under traffic unseen.
+            let mut want = current.max(scaling.min).max(1);
+            if scaling.max > 0 {
+                want = want.min(scaling.max);
+            }
+            if want != current {
+                let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+                api.patch(
+                    &dep_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"replicas": want}})),
+                )
+                .await?;
+            }
+            continue;
+        }
         let (concurrency, rps) = totals.get(&key).copied().unwrap_or_default();
         let kpa = state.kpas.entry(key).or_insert_with(|| Kpa::new(now));
         let want = kpa.decide(

@@ -53,7 +53,7 @@ fn view<'a>(host: &'a str, path: &'a str, headers: &'a http::HeaderMap) -> Reque
 fn target(e: &Entry) -> String {
     match &e.backends[0].target {
         Target::Endpoints(eps) => eps.first().map(|a| a.to_string()).unwrap_or_default(),
-        Target::Invalid(why) => why.clone(),
+        Target::Invalid(why) | Target::Unavailable(why) => why.clone(),
     }
 }
 
