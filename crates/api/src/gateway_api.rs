@@ -11,9 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use schemars::JsonSchema;
-use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -24,59 +23,9 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 /// IngressClass and GatewayClass `wasmkube` the API server creates.
 pub const CONTROLLER: &str = "wasmkube.dev/gateway";
 
-macro_rules! gateway_kind {
-    ($(#[$doc:meta])* $ty:ident, $spec:ty, $status:ty, $plural:literal, $scope:ty, $schema:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
-        #[schemars(rename = $schema)]
-        pub struct $ty {
-            #[serde(default)]
-            pub metadata: ObjectMeta,
-            pub spec: $spec,
-            #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub status: Option<$status>,
-        }
-
-        impl Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut m = s.serialize_struct(stringify!($ty), 5)?;
-                m.serialize_field("apiVersion", "gateway.networking.k8s.io/v1")?;
-                m.serialize_field("kind", stringify!($ty))?;
-                m.serialize_field("metadata", &self.metadata)?;
-                m.serialize_field("spec", &self.spec)?;
-                if let Some(status) = &self.status {
-                    m.serialize_field("status", status)?;
-                }
-                m.end()
-            }
-        }
-
-        impl k8s_openapi::Resource for $ty {
-            const API_VERSION: &'static str = "gateway.networking.k8s.io/v1";
-            const GROUP: &'static str = GROUP;
-            const KIND: &'static str = stringify!($ty);
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = $scope;
-        }
-
-        impl k8s_openapi::ListableResource for $ty {
-            const LIST_KIND: &'static str = concat!(stringify!($ty), "List");
-        }
-
-        impl k8s_openapi::Metadata for $ty {
-            type Ty = ObjectMeta;
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-gateway_kind!(
+crate::api_kind!(
+    "gateway.networking.k8s.io/v1",
+    spec(),
     /// A class of Gateways, handled by one controller.
     GatewayClass,
     GatewayClassSpec,
@@ -85,7 +34,9 @@ gateway_kind!(
     k8s_openapi::ClusterResourceScope,
     "io.k8s.networking.gateway.v1.GatewayClass"
 );
-gateway_kind!(
+crate::api_kind!(
+    "gateway.networking.k8s.io/v1",
+    spec(),
     /// Listeners (ports, protocols, hostnames) a class's controller opens.
     Gateway,
     GatewaySpec,
@@ -94,7 +45,9 @@ gateway_kind!(
     k8s_openapi::NamespaceResourceScope,
     "io.k8s.networking.gateway.v1.Gateway"
 );
-gateway_kind!(
+crate::api_kind!(
+    "gateway.networking.k8s.io/v1",
+    spec(),
     /// HTTP routing rules attached to Gateways' listeners.
     HTTPRoute,
     HTTPRouteSpec,

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::PodSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use schemars::JsonSchema;
-use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};
 
 /// The API group.
@@ -49,92 +48,51 @@ pub mod autoscaling {
     pub const RETENTION: &str = "autoscaling.knative.dev/scale-to-zero-pod-retention-period";
 }
 
-macro_rules! knative_kind {
-    ($(#[$doc:meta])* $ty:ident, $spec:ty, $status:ty, $plural:literal, $schema:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
-        #[schemars(rename = $schema)]
-        pub struct $ty {
-            #[serde(default)]
-            pub metadata: ObjectMeta,
-            #[serde(default)]
-            pub spec: $spec,
-            #[serde(default, skip_serializing_if = "Option::is_none")]
-            pub status: Option<$status>,
-        }
-
-        impl Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut m = s.serialize_struct(stringify!($ty), 5)?;
-                m.serialize_field("apiVersion", "serving.knative.dev/v1")?;
-                m.serialize_field("kind", stringify!($ty))?;
-                m.serialize_field("metadata", &self.metadata)?;
-                m.serialize_field("spec", &self.spec)?;
-                if let Some(status) = &self.status {
-                    m.serialize_field("status", status)?;
-                }
-                m.end()
-            }
-        }
-
-        impl k8s_openapi::Resource for $ty {
-            const API_VERSION: &'static str = "serving.knative.dev/v1";
-            const GROUP: &'static str = GROUP;
-            const KIND: &'static str = stringify!($ty);
-            const VERSION: &'static str = "v1";
-            const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = k8s_openapi::NamespaceResourceScope;
-        }
-
-        impl k8s_openapi::ListableResource for $ty {
-            const LIST_KIND: &'static str = concat!(stringify!($ty), "List");
-        }
-
-        impl k8s_openapi::Metadata for $ty {
-            type Ty = ObjectMeta;
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-knative_kind!(
+crate::api_kind!(
+    "serving.knative.dev/v1",
+    spec(#[serde(default)]),
     /// A function: a Configuration (its template) and a Route (its traffic)
     /// managed together.
     Service,
     ServiceSpec,
     ServiceStatus,
     "services",
+    k8s_openapi::NamespaceResourceScope,
     "dev.knative.serving.v1.Service"
 );
-knative_kind!(
+crate::api_kind!(
+    "serving.knative.dev/v1",
+    spec(#[serde(default)]),
     /// The latest desired state of a function; every template change stamps
     /// out a new Revision.
     Configuration,
     ConfigurationSpec,
     ConfigurationStatus,
     "configurations",
+    k8s_openapi::NamespaceResourceScope,
     "dev.knative.serving.v1.Configuration"
 );
-knative_kind!(
+crate::api_kind!(
+    "serving.knative.dev/v1",
+    spec(#[serde(default)]),
     /// An immutable snapshot of a function's code and configuration.
     Revision,
     RevisionSpec,
     RevisionStatus,
     "revisions",
+    k8s_openapi::NamespaceResourceScope,
     "dev.knative.serving.v1.Revision"
 );
-knative_kind!(
+crate::api_kind!(
+    "serving.knative.dev/v1",
+    spec(#[serde(default)]),
     /// Named endpoints: traffic split between revisions by percent, and
     /// tagged addresses for single revisions.
     Route,
     RouteSpec,
     RouteStatus,
     "routes",
+    k8s_openapi::NamespaceResourceScope,
     "dev.knative.serving.v1.Route"
 );
 

@@ -371,6 +371,21 @@ fn memory_quantity(bytes: &Value) -> String {
     format!("{}Ki", bytes.as_u64().unwrap_or(0) / 1024)
 }
 
+/// The `labelSelector` of a metrics request, parsed.
+fn label_selector(
+    query: Option<&str>,
+) -> ApiResult<Option<wasmkube_api::selectors::LabelSelector>> {
+    let params: Vec<(String, String)> = query
+        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
+        .unwrap_or_default();
+    params
+        .iter()
+        .find(|(k, _)| k == "labelSelector")
+        .map(|(_, v)| wasmkube_api::selectors::LabelSelector::parse(v))
+        .transpose()
+        .map_err(ApiError::bad_request)
+}
+
 /// `metrics.k8s.io/v1beta1`: NodeMetrics and PodMetrics from the agents'
 /// live usage (what metrics-server serves), so `kubectl top` works.
 pub(crate) async fn metrics(
@@ -383,15 +398,7 @@ pub(crate) async fn metrics(
         .trim_matches('/')
         .split('/')
         .collect();
-    let params: Vec<(String, String)> = query
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
-    let selector = params
-        .iter()
-        .find(|(k, _)| k == "labelSelector")
-        .map(|(_, v)| wasmkube_api::selectors::LabelSelector::parse(v))
-        .transpose()
-        .map_err(ApiError::bad_request)?;
+    let selector = label_selector(query)?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let stats = node_stats(server).await?;
     let not_found =
@@ -491,15 +498,7 @@ pub(crate) async fn custom_metrics(
             )));
         }
     };
-    let params: Vec<(String, String)> = query
-        .map(|q| serde_urlencoded::from_str(q).unwrap_or_default())
-        .unwrap_or_default();
-    let selector = params
-        .iter()
-        .find(|(k, _)| k == "labelSelector")
-        .map(|(_, v)| wasmkube_api::selectors::LabelSelector::parse(v))
-        .transpose()
-        .map_err(ApiError::bad_request)?;
+    let selector = label_selector(query)?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let stats = node_stats(server).await?;
     let items: Vec<Value> = stats

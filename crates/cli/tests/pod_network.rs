@@ -1307,11 +1307,20 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         json!({"resources": {"limits": {"memory": "32Mi"}}}),
     );
     ok(&s, &["apply", "-f", "-"], Some(&hog));
-    let stubborn = linux_pod(
+    // Its preStop hook (exec, in the container) runs before the stop: it
+    // leaves a file in a hostPath volume the test reads afterwards.
+    let hook_dir = dir.path().join("hook");
+    std::fs::create_dir_all(&hook_dir).unwrap();
+    let mut stubborn: serde_json::Value = serde_json::from_str(&linux_pod(
         "stubborn",
         "trap '' TERM; touch /tmp/ready; sleep 1000",
-        json!({"readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1}}),
-    );
+        json!({"readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]}, "periodSeconds": 1},
+               "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo ran before the stop > /hook/out"]}}},
+               "volumeMounts": [{"name": "hook", "mountPath": "/hook"}]}),
+    ))
+    .unwrap();
+    stubborn["spec"]["volumes"] = json!([{"name": "hook", "hostPath": {"path": hook_dir}}]);
+    let stubborn = stubborn.to_string();
     ok(&s, &["apply", "-f", "-"], Some(&stubborn));
     checked(
         &s,
@@ -1333,6 +1342,10 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     assert!(
         took >= std::time::Duration::from_secs(2),
         "a container ignoring SIGTERM was gone after {took:?}, before its 2 s grace period"
+    );
+    assert_eq!(
+        std::fs::read_to_string(hook_dir.join("out")).unwrap_or_default(),
+        "ran before the stop\n"
     );
     ok(
         &s,

@@ -80,6 +80,8 @@ pub(crate) struct PodState {
     sandbox_ready: bool,
     /// The pod's own network, when the node gives pods one.
     sandbox: Option<Sandbox>,
+    /// Setting up its network failed at least once (it is being retried).
+    sandbox_failed: bool,
     /// Without one: the node ports its Wasm containers' ports are served at.
     node_ports: Vec<ports::Mapping>,
 }
@@ -127,6 +129,7 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         forced: None,
         sandbox_ready: false,
         sandbox: None,
+        sandbox_failed: false,
         node_ports: Vec::new(),
     }));
     let (tx, rx) = watch::channel(Some(pod.clone()));
@@ -507,6 +510,17 @@ async fn status_writer(
             return;
         };
         keep_written_conditions(&mut pod, last.as_ref());
+        // A pod whose own network is being set up (milliseconds) has nothing
+        // new to report yet: its first write waits for its IP, which is one
+        // write less on the path of a pod's start.
+        let first_awaits_network = !terminal && last.is_none() && own_network(&ctx, &pod) && {
+            let st = state.lock().expect("pod state");
+            st.sandbox.is_none() && !st.sandbox_failed && st.forced.is_none()
+        };
+        if first_awaits_network {
+            changed.notified().await;
+            continue;
+        }
         let status = if terminal {
             None
         } else {
@@ -688,6 +702,7 @@ impl PodRun {
                     return true;
                 }
                 Err(e) => {
+                    self.set(|s| s.sandbox_failed = true);
                     self.event(
                         None,
                         Kind::Warning,

@@ -287,13 +287,7 @@ async fn tick(
                 want = want.min(scaling.max);
             }
             if want != current {
-                let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-                api.patch(
-                    &dep_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"replicas": want}})),
-                )
-                .await?;
+                scale(client, &ns, &dep_name, want).await?;
             }
             continue;
         }
@@ -311,16 +305,27 @@ async fn tick(
         );
         if want != current {
             tracing::info!(namespace = %ns, revision = %name, from = current, to = want, observed = concurrency, "scaling a revision");
-            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-            api.patch(
-                &dep_name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"replicas": want}})),
-            )
-            .await?;
+            scale(client, &ns, &dep_name, want).await?;
         }
     }
     state.kpas.retain(|k, _| live.contains(k));
+    Ok(())
+}
+
+/// Writes a decision: the revision's Deployment's replicas.
+async fn scale(
+    client: &kube::Client,
+    ns: &str,
+    deployment: &str,
+    replicas: i32,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        deployment,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await?;
     Ok(())
 }
 

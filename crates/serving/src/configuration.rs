@@ -130,11 +130,7 @@ async fn reconcile(config: Arc<Configuration>, ctx: Arc<Ctx>) -> Result<Action, 
     }
     if status != old {
         let api: Api<Configuration> = Api::namespaced(ctx.client.clone(), &ns);
-        let value = serde_json::to_value(&status).map_err(|source| Error::Encode {
-            what: "a Configuration status",
-            source,
-        })?;
-        crate::patch_status(&api, &name, value).await?;
+        crate::patch_status(&api, &name, &status).await?;
     }
     Ok(Action::await_change())
 }

@@ -164,11 +164,12 @@ fn set_ready_from(conditions: &mut Vec<Condition>, parts: &[&str]) {
     set_condition(conditions, "Ready", status, why.0.as_deref(), why.1);
 }
 
-/// Patches `status` of an object through its status subresource.
+/// Patches `status` of an object through its status subresource (gone
+/// already is fine).
 async fn patch_status<K>(
     api: &kube::Api<K>,
     name: &str,
-    status: serde_json::Value,
+    status: &impl serde::Serialize,
 ) -> Result<(), Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,

@@ -258,11 +258,7 @@ async fn reconcile(rev: Arc<Revision>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     if status != old {
         let api: Api<Revision> = Api::namespaced(ctx.client.clone(), &ns);
-        let value = serde_json::to_value(&status).map_err(|source| Error::Encode {
-            what: "a Revision status",
-            source,
-        })?;
-        crate::patch_status(&api, &name, value).await?;
+        crate::patch_status(&api, &name, &status).await?;
     }
     Ok(Action::await_change())
 }

@@ -120,11 +120,7 @@ async fn reconcile(route: Arc<Route>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     crate::set_ready_from(conds, &["AllTrafficAssigned", "IngressReady"]);
     if status != old {
         let api: Api<Route> = Api::namespaced(ctx.client.clone(), &ns);
-        let value = serde_json::to_value(&status).map_err(|source| Error::Encode {
-            what: "a Route status",
-            source,
-        })?;
-        crate::patch_status(&api, &name, value).await?;
+        crate::patch_status(&api, &name, &status).await?;
     }
     Ok(Action::await_change())
 }

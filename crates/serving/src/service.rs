@@ -122,11 +122,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     );
     if status != old {
         let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-        let value = serde_json::to_value(&status).map_err(|source| Error::Encode {
-            what: "a Service status",
-            source,
-        })?;
-        crate::patch_status(&api, &name, value).await?;
+        crate::patch_status(&api, &name, &status).await?;
     }
     Ok(Action::await_change())
 }
