@@ -11,9 +11,9 @@
 //! - **autoscaler reaction**: a revision with a target of one request in
 //!   flight per pod goes from 1 to 10 clients of slow requests; the figure
 //!   is the time until 10 pods are ready.
-//! - **cost at zero**: the server's RSS grows by this much per function
-//!   scaled to zero (its objects in the API server's and controllers'
-//!   caches and the gateway's table; the node holds no pod for it).
+//! - **cost at zero**: the node agent's RSS (a `wasmkube agent` process of
+//!   its own: its caches, the gateway's table; no pod) and the control
+//!   plane's grow by this much per function scaled to zero.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -135,20 +135,47 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     wasmkube_oci::push_wasm(std::fs::read(component)?, &image, &Default::default()).await?;
     let port = free_port()?.to_string();
     let _leftovers = crate::support::NodeNetworkLeftovers::before();
-    let (server, _) = ChildServer::start_with(
-        &binary,
-        &[
-            "--node-name",
-            "bench-serving",
-            "--no-service-proxy",
-            "--gateway-listen",
-            &port,
-            "--max-pods",
-            "250",
-        ],
-    )
-    .await?;
+    // The control plane and the node apart, so the node's own cost of a
+    // function at zero can be read from its process.
+    let (server, _) = ChildServer::start_with(&binary, &["--no-local-node"]).await?;
+    let agent_dir = tempfile::tempdir()?;
+    let agent = crate::support::KillOnDrop(
+        std::process::Command::new(&binary)
+            .args([
+                "agent",
+                "--server",
+                &server.url,
+                "--name",
+                "bench-serving",
+                "--port",
+                "0",
+            ])
+            .args([
+                "--no-service-proxy",
+                "--gateway-listen",
+                &port,
+                "--max-pods",
+                "250",
+                "--data-dir",
+            ])
+            .arg(agent_dir.path())
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
     let client = server.client()?;
+    wait_for("the node Ready", Duration::from_secs(60), async || {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let ready = nodes.get_opt("bench-serving").await?.is_some_and(|n| {
+            n.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        Ok(ready.then_some(()))
+    })
+    .await?;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let gateway = format!("127.0.0.1:{port}");
@@ -281,6 +308,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     let before = server.rss_mib();
+    let agent_before = agent.rss_mib();
     let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{i}")).collect();
     futures::stream::iter(idle.iter())
         .for_each_concurrent(8, |n| {
@@ -296,12 +324,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     wait_ready(&services, &idle).await?;
     wait_zero(&pods, &idle).await?;
     let after = server.rss_mib();
+    let agent_after = agent.rss_mib();
     println!(
         "functions scaled to zero ({} of them, one module)",
         args.idle
     );
     println!(
-        "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after)",
+        "  agent RSS per function        {:.0} KiB  ({agent_before:.0} MiB before, {agent_after:.0} MiB after)",
+        (agent_after - agent_before).max(0.0) * 1024.0 / args.idle as f64
+    );
+    println!(
+        "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after; API server, controllers)",
         (after - before).max(0.0) * 1024.0 / args.idle as f64
     );
     services

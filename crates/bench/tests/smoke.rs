@@ -116,5 +116,5 @@ fn serving_bench_smoke() {
     ]);
     // The test script runs as root: pods get their own IPs.
     assert!(out.contains("peer: warm pod"), "{out}");
-    assert!(out.contains("server RSS per function"), "{out}");
+    assert!(out.contains("agent RSS per function"), "{out}");
 }
