@@ -119,6 +119,22 @@ fn requests(pods: &[Pod], resource: &str) -> Result<f64, String> {
     Ok(total)
 }
 
+/// A target's `averageValue`, in base units.
+fn average_value(
+    target: &k8s_openapi::api::autoscaling::v2::MetricTarget,
+) -> Result<f64, (String, String)> {
+    target
+        .average_value
+        .as_ref()
+        .and_then(|q| units(&q.0))
+        .ok_or_else(|| {
+            (
+                "InvalidMetricSourceType".to_owned(),
+                "the target needs an averageValue".to_owned(),
+            )
+        })
+}
+
 async fn measure(
     client: &kube::Client,
     ns: &str,
@@ -204,17 +220,7 @@ async fn measure(
                     describe: format!("{} resource utilization (percentage of request)", r.name),
                 })
             } else {
-                let target = r
-                    .target
-                    .average_value
-                    .as_ref()
-                    .and_then(|q| units(&q.0))
-                    .ok_or_else(|| {
-                        fail(
-                            "InvalidMetricSourceType",
-                            "the target needs an averageValue".into(),
-                        )
-                    })?;
+                let target = average_value(&r.target)?;
                 Ok(Measured {
                     replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
                     status: json!({"type": "Resource", "resource": {"name": r.name, "current": {
@@ -254,17 +260,7 @@ async fn measure(
                 ));
             }
             let average = values.iter().sum::<f64>() / values.len() as f64;
-            let target = p
-                .target
-                .average_value
-                .as_ref()
-                .and_then(|q| units(&q.0))
-                .ok_or_else(|| {
-                    fail(
-                        "InvalidMetricSourceType",
-                        "the target needs an averageValue".into(),
-                    )
-                })?;
+            let target = average_value(&p.target)?;
             Ok(Measured {
                 replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
                 status: json!({"type": "Pods", "pods": {"metric": {"name": name}, "current": {
