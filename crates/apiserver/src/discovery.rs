@@ -134,9 +134,10 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         }));
     }
     if (group, version) == (CUSTOM_METRICS_GROUP, "v1beta2") {
-        let resources: Vec<Value> = crate::node_proxy::CUSTOM_METRICS
+        let resources: Vec<Value> = ["pods", crate::node_proxy::REVISIONS]
             .iter()
-            .map(|m| json!({"name": format!("pods/{m}"), "singularName": "", "namespaced": true, "kind": "MetricValueList", "verbs": ["get"]}))
+            .flat_map(|r| crate::node_proxy::CUSTOM_METRICS.iter().map(move |m| (r, m)))
+            .map(|(r, m)| json!({"name": format!("{r}/{m}"), "singularName": "", "namespaced": true, "kind": "MetricValueList", "verbs": ["get"]}))
             .collect();
         return Some(json!({
             "kind": "APIResourceList", "apiVersion": "v1",

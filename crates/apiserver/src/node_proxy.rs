@@ -472,6 +472,65 @@ pub(crate) const CUSTOM_METRICS: &[&str] = &[
     "http_request_seconds",
 ];
 
+/// Knative revisions, as the custom metrics API names the resource.
+pub(crate) const REVISIONS: &str = "revisions.serving.knative.dev";
+
+/// The stats field behind a custom metric.
+fn metric_field(metric: &str, of: &str) -> ApiResult<&'static str> {
+    match metric {
+        "http_requests_in_flight" => Ok("requestsInFlight"),
+        "http_requests" => Ok("requests"),
+        "http_request_seconds" => Ok("requestSeconds"),
+        other => Err(ApiError::bad_request(format!(
+            "the server could not find the metric {other} for {of}; served: {}",
+            CUSTOM_METRICS.join(", ")
+        ))),
+    }
+}
+
+/// `namespaces/NS/revisions.serving.knative.dev/NAME|*/METRIC`: the
+/// requests every node's gateway forwarded to each Knative revision, summed
+/// over the nodes (a revision whose pods count nothing themselves, a Linux
+/// image, is measured here).
+async fn revision_metrics(
+    server: &std::sync::Arc<ApiServer>,
+    ns: &str,
+    name: &str,
+    metric: &str,
+) -> ApiResult<Response> {
+    let field = metric_field(metric, REVISIONS)?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let stats = node_stats(server).await?;
+    let mut totals: std::collections::BTreeMap<String, f64> = Default::default();
+    for r in stats
+        .iter()
+        .flat_map(|(_, s)| s["revisions"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["namespace"] == ns && (name == "*" || r["name"] == name))
+    {
+        *totals
+            .entry(r["name"].as_str().unwrap_or_default().to_owned())
+            .or_default() += r[field].as_f64().unwrap_or(0.0);
+    }
+    let items: Vec<Value> = totals
+        .into_iter()
+        .map(|(rev, total)| {
+            json!({
+                "describedObject": {"kind": "Revision", "namespace": ns, "name": rev, "apiVersion": "serving.knative.dev/v1"},
+                "metric": {"name": metric},
+                "timestamp": now,
+                "value": format!("{}m", (total * 1000.0).round() as u64),
+            })
+        })
+        .collect();
+    let body = json!({
+        "kind": "MetricValueList",
+        "apiVersion": "custom.metrics.k8s.io/v1beta2",
+        "metadata": {},
+        "items": items,
+    });
+    Ok(axum::Json(body).into_response())
+}
+
 /// `custom.metrics.k8s.io/v1beta2`: `namespaces/NS/pods/NAME|*/METRIC`,
 /// a MetricValueList with one value per pod (its containers summed).
 pub(crate) async fn custom_metrics(
@@ -484,27 +543,27 @@ pub(crate) async fn custom_metrics(
         .trim_matches('/')
         .split('/')
         .collect();
-    let ["namespaces", ns, "pods", name, metric] = rest.as_slice() else {
-        return Err(ApiError::NoRoute);
+    let (ns, resource, name, metric) = match rest.as_slice() {
+        [
+            "namespaces",
+            ns,
+            resource @ ("pods" | REVISIONS),
+            name,
+            metric,
+        ] => (*ns, *resource, *name, *metric),
+        _ => return Err(ApiError::NoRoute),
     };
-    let field = match *metric {
-        "http_requests_in_flight" => "requestsInFlight",
-        "http_requests" => "requests",
-        "http_request_seconds" => "requestSeconds",
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "the server could not find the metric {other} for pods; served: {}",
-                CUSTOM_METRICS.join(", ")
-            )));
-        }
-    };
+    if resource == REVISIONS {
+        return revision_metrics(server, ns, name, metric).await;
+    }
+    let field = metric_field(metric, "pods")?;
     let selector = label_selector(query)?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let stats = node_stats(server).await?;
     let items: Vec<Value> = stats
         .iter()
         .flat_map(|(_, s)| s["pods"].as_array().cloned().unwrap_or_default())
-        .filter(|p| p["namespace"] == *ns && (*name == "*" || p["name"] == *name))
+        .filter(|p| p["namespace"] == ns && (name == "*" || p["name"] == name))
         .filter(|p| {
             selector.as_ref().is_none_or(|sel| {
                 let labels = serde_json::from_value(p["labels"].clone()).unwrap_or_default();
@@ -534,7 +593,7 @@ pub(crate) async fn custom_metrics(
             })
         })
         .collect();
-    if *name != "*" && items.is_empty() {
+    if name != "*" && items.is_empty() {
         return Err(ApiError::bad_request(format!(
             "the server could not find the metric {metric} for pods {name}"
         )));

@@ -139,6 +139,9 @@ pub struct NodeServices {
     /// The cluster DNS pods are given (and the records that answer Wasm
     /// guests' lookups in-process).
     pub cluster_dns: wasmkube_node::ClusterDns,
+    /// The gateway's counts of requests to Knative revisions, for the
+    /// agent's stats (`None` without a gateway).
+    pub routed_load: Option<wasmkube_node::RoutedLoad>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     proxy: Option<(
         tokio::sync::oneshot::Sender<()>,
@@ -226,12 +229,28 @@ impl NodeArgs {
             });
             (stop, task)
         });
+        let load = std::sync::Arc::new(wasmkube_gateway::Load::default());
+        let routed_load = (!self.no_gateway).then(|| {
+            let load = load.clone();
+            wasmkube_node::RoutedLoad(std::sync::Arc::new(move || {
+                load.snapshot()
+                    .into_iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "namespace": r.namespace, "name": r.name, "requests": r.requests,
+                            "requestsInFlight": r.in_flight, "requestSeconds": r.request_seconds,
+                        })
+                    })
+                    .collect()
+            }))
+        });
         let gateway = (!self.no_gateway).then(|| {
             let config = wasmkube_gateway::Config {
                 address,
                 ingress_http_port: Some(self.gateway_listen),
                 ingress_https_port: Some(self.gateway_https_listen),
                 activation_timeout: self.activator_timeout,
+                load,
             };
             let (client, watch) = (client.clone(), watch.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -246,6 +265,7 @@ impl NodeArgs {
                 domain: self.cluster_domain.clone(),
                 resolver,
             },
+            routed_load,
             tasks,
             proxy,
             gateway,
@@ -318,6 +338,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     args.node.apply(&mut config);
     let services = args.node.start_services(&client, &name, args.address);
     config.cluster_dns = Some(services.cluster_dns.clone());
+    config.routed_load = services.routed_load.clone();
     let agent = wasmkube_node::Agent::start(client.clone(), config)
         .await
         .context("cannot start the node agent")?;

@@ -1358,7 +1358,7 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     // idle revision goes to zero and the next request wakes it, min-scale
     // holds, a burst of slow requests raises the pod count, and bad input
     // is refused or reported.
-    knative(&s, &lan.addr(1), hello);
+    knative(&s, &lan.addr(1), hello, busybox);
 
     // Deleting everything leaves nothing behind: an agent removes a pod's
     // containers, mounts, cgroups and network before it confirms the
@@ -1455,7 +1455,7 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
 }
 
 /// The Knative part of the journey above (see its comment there).
-fn knative(s: &Server, gateway_ip: &str, image: &str) {
+fn knative(s: &Server, gateway_ip: &str, image: &str, busybox: &str) {
     let gateway = format!("{gateway_ip}:80");
     let ksvc = |name: &str,
                 annotations: serde_json::Value,
@@ -1743,6 +1743,46 @@ fn knative(s: &Server, gateway_ip: &str, image: &str) {
     );
     assert!(answer.contains("broken"), "{answer}");
 
+    // A Linux image as a function: its requests are counted where they
+    // enter (the gateway), so it too goes to zero when idle, and the next
+    // request wakes a new runc container.
+    let linux = json!({
+        "apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": {"name": "linux"},
+        "spec": {"template": {
+            "metadata": {"annotations": {"autoscaling.knative.dev/window": "6s"}},
+            // httpd as PID 1 ignores SIGTERM: the request timeout (the grace
+            // period Knative gives a revision's pods) is kept short.
+            "spec": {"timeoutSeconds": 5, "containers": [{"image": busybox,
+                "command": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+                "ports": [{"containerPort": 8080}]}]}}},
+    })
+    .to_string();
+    ok(s, &["apply", "-f", "-"], Some(&linux));
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "ksvc/linux",
+            "--timeout=60s",
+        ],
+    );
+    let from_linux = || match get_host(&gateway, "linux.default.example.com", "/")? {
+        (200, body) if body.ends_with("hello from busybox httpd\n") => Ok(()),
+        other => Err(format!("{other:?}")),
+    };
+    common::poll("the Linux function", Duration::from_secs(30), from_linux);
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.actualReplicas}=0",
+            "revision/linux-00001",
+            "--timeout=90s",
+        ],
+    );
+    from_linux().unwrap();
+
     // Deleted, a Knative Service takes everything it made with it.
     ok(
         s,
@@ -1753,6 +1793,7 @@ fn knative(s: &Server, gateway_ip: &str, image: &str) {
             "pinned",
             "burst",
             "broken",
+            "linux",
             "--wait=true",
             "--timeout=60s",
         ],

@@ -27,10 +27,12 @@ use wasmkube_api::knative;
 use wasmkube_proxy::ServiceWatch;
 
 mod activator;
+mod load;
 pub mod routes;
 mod serve;
 pub mod status;
 
+pub use load::{Load, RevisionLoad};
 pub use routes::CONTROLLER;
 
 /// Where a node's gateway listens.
@@ -45,6 +47,9 @@ pub struct Config {
     /// How long a request for a Knative revision with no ready pod is held
     /// while the revision scales up from zero.
     pub activation_timeout: std::time::Duration,
+    /// Where requests to Knative revisions are counted (the node agent
+    /// publishes it for the autoscaler).
+    pub load: Arc<Load>,
 }
 
 /// The caches of everything routing reads, and a counter bumped after
@@ -257,7 +262,7 @@ pub async fn run(
         (pods, pod_changes),
         config.activation_timeout,
     );
-    let shared = serve::Shared::new(Some(Arc::new(activator)));
+    let shared = serve::Shared::new(Some(Arc::new(activator)), config.load.clone());
     let mut listeners = serve::Listeners::new(config.address);
     let work = async {
         let _ = tokio::join!(caches.ready(), services.ready(), secrets.wait_until_ready());

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     /// Bumped with every new table, for requests held by the activator.
     version: tokio::sync::watch::Sender<u64>,
     activator: Option<Arc<crate::activator::Activator>>,
+    /// Requests to Knative revisions, counted for the autoscaler.
+    load: Arc<crate::load::Load>,
     client: Client<HttpConnector, Incoming>,
     /// Round-robin position per endpoint list.
     next: AtomicUsize,
@@ -51,7 +53,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(activator: Option<Arc<crate::activator::Activator>>) -> Arc<Self> {
+    pub fn new(
+        activator: Option<Arc<crate::activator::Activator>>,
+        load: Arc<crate::load::Load>,
+    ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
@@ -59,6 +64,7 @@ impl Shared {
             table: RwLock::new(Arc::new(Table::new())),
             version: tokio::sync::watch::channel(0).0,
             activator,
+            load,
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(std::time::Duration::from_secs(90))
                 .build(connector),
@@ -375,7 +381,9 @@ async fn handle(
             if let (Some(rev), Some(activator)) = (&backend.revision, &shared.activator) {
                 let rev = rev.clone();
                 drop(table);
-                return hold(shared, activator, port, peer, scheme, rev, req).await;
+                let in_flight = shared.load.start(&rev);
+                let response = hold(shared, activator, port, peer, scheme, rev, req).await;
+                return counted(response, in_flight);
             }
             return full(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -388,7 +396,48 @@ async fn handle(
         Target::Endpoints(e) => e.clone(),
     };
     let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-    forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await
+    let in_flight = backend.revision.as_ref().map(|r| shared.load.start(r));
+    let response = forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await;
+    match in_flight {
+        Some(in_flight) => counted(response, in_flight),
+        None => response,
+    }
+}
+
+/// A response whose request stays counted in flight until its body ends.
+fn counted(response: Response<Body>, in_flight: crate::load::InFlight) -> Response<Body> {
+    response.map(|inner| {
+        Counted {
+            inner,
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
+}
+
+struct Counted {
+    inner: Body,
+    _in_flight: crate::load::InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Holds a request for a Knative revision with no ready pod: wakes the

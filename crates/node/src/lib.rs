@@ -107,6 +107,20 @@ pub struct Config {
     /// The cluster DNS pods are pointed at (`dnsPolicy: ClusterFirst`);
     /// `None`: pods use the node's resolvers.
     pub cluster_dns: Option<ClusterDns>,
+    /// Requests this node's gateway forwarded to Knative revisions, published
+    /// beside the pods' figures in `/stats/pods`.
+    pub routed_load: Option<RoutedLoad>,
+}
+
+/// Reads the gateway's per-revision request counters (`namespace`, `name`,
+/// `requests`, `requestsInFlight`, `requestSeconds` per revision).
+#[derive(Clone)]
+pub struct RoutedLoad(pub Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>);
+
+impl std::fmt::Debug for RoutedLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoutedLoad")
+    }
 }
 
 impl Config {
@@ -134,6 +148,7 @@ impl Config {
             node_ports: 40000..=49999,
             max_module_memory_bytes: 4 << 30,
             cluster_dns: None,
+            routed_load: None,
         }
     }
 }

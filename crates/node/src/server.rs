@@ -297,9 +297,16 @@ async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
             }
         }
         samples.containers.retain(|k, _| seen.contains(k));
+        let revisions = ctx
+            .config
+            .routed_load
+            .as_ref()
+            .map(|load| (load.0)())
+            .unwrap_or_default();
         serde_json::json!({
             "node": {"cpuNanoCores": (node_cpu * 1e9) as u64, "memoryBytes": mem_total.saturating_sub(mem_available)},
             "pods": pods,
+            "revisions": revisions,
         })
     };
     axum::Json(body).into_response()

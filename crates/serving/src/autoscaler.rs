@@ -18,10 +18,12 @@
 //!   just woken ([`crate::ACTIVATED_AT`]) stays up for a window;
 //! - bounds: `min-scale`, `max-scale`, and at most halving per decision.
 //!
-//! Requests are counted in the pods by the Wasm runtime (HTTP functions).
-//! A revision whose pods count none (a Linux image) is not metered: it
-//! keeps the pods it has (within its bounds) and is never scaled to zero
-//! under load nobody measures; scale from zero still works for it.
+//! Requests are counted in the pods by the Wasm runtime (HTTP functions),
+//! which sees every request whichever way it came. A revision whose pods
+//! count none (a Linux image) is measured where its requests enter: every
+//! node's gateway counts what it forwards to each revision (the custom
+//! metrics API's `revisions.serving.knative.dev`), so traffic that bypasses
+//! the gateways (straight to the revision's ClusterIP) is not seen for it.
 //!
 //! The decision is written as the revision's Deployment's replicas.
 
@@ -166,12 +168,35 @@ async fn pod_metric(
     ns: &str,
     metric: &str,
 ) -> Result<HashMap<String, f64>, Error> {
-    let selector = labels::REVISION;
-    let request = http::Request::get(format!(
-        "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/{metric}?labelSelector={selector}"
-    ))
-    .body(Vec::new())
-    .map_err(|e| Error::Kube(kube::Error::HttpError(e)))?;
+    custom_metric(
+        client,
+        &format!(
+            "namespaces/{ns}/pods/*/{metric}?labelSelector={}",
+            labels::REVISION
+        ),
+    )
+    .await
+}
+
+/// One metric of every revision in a namespace as the gateways counted
+/// the requests they forwarded to it, summed over the nodes.
+async fn revision_metric(
+    client: &kube::Client,
+    ns: &str,
+    metric: &str,
+) -> Result<HashMap<String, f64>, Error> {
+    custom_metric(
+        client,
+        &format!("namespaces/{ns}/revisions.serving.knative.dev/*/{metric}"),
+    )
+    .await
+}
+
+/// A custom metrics API list, by described object's name.
+async fn custom_metric(client: &kube::Client, path: &str) -> Result<HashMap<String, f64>, Error> {
+    let request = http::Request::get(format!("/apis/custom.metrics.k8s.io/v1beta2/{path}"))
+        .body(Vec::new())
+        .map_err(|e| Error::Kube(kube::Error::HttpError(e)))?;
     let list: Value = client.request(request).await?;
     Ok(list["items"]
         .as_array()
@@ -189,6 +214,8 @@ async fn pod_metric(
 struct State {
     kpas: HashMap<(String, String), Kpa>,
     pods: HashMap<(String, String), PodSample>,
+    /// The gateways' counters per revision at the last tick.
+    routed: HashMap<(String, String), PodSample>,
 }
 
 async fn tick(
@@ -248,6 +275,33 @@ async fn tick(
         }
     }
     state.pods.retain(|k, _| seen.contains(k));
+    // The same from the gateways, for revisions whose pods count nothing.
+    let mut routed_rates: HashMap<(String, String), (f64, f64)> = HashMap::new();
+    let mut routed_seen = std::collections::HashSet::new();
+    for ns in &namespaces {
+        let seconds = revision_metric(client, ns, "http_request_seconds").await?;
+        let requests = revision_metric(client, ns, "http_requests").await?;
+        for (rev, secs) in seconds {
+            let key = (ns.clone(), rev.clone());
+            routed_seen.insert(key.clone());
+            let reqs = requests.get(&rev).copied().unwrap_or(0.0);
+            let sample = PodSample {
+                at: now,
+                seconds: secs,
+                requests: reqs,
+            };
+            if let Some(prev) = state.routed.insert(key.clone(), sample) {
+                let dt = now.duration_since(prev.at).as_secs_f64().max(1e-3);
+                // A counter that went down is a restarted gateway.
+                let d = |new: f64, old: f64| if new >= old { new - old } else { new };
+                routed_rates.insert(
+                    key,
+                    (d(secs, prev.seconds) / dt, d(reqs, prev.requests) / dt),
+                );
+            }
+        }
+    }
+    state.routed.retain(|k, _| routed_seen.contains(k));
 
     let mut live = std::collections::HashSet::new();
     for rev in revs {
@@ -279,19 +333,13 @@ async fn tick(
                     .unwrap_or_default();
                 now.checked_sub(ago).unwrap_or(now)
             });
-        if ready > 0 && !metered.contains(&key) {
-            // Nothing measures its load: it keeps its pods (within bounds)
-            // rather than being scaled to zero under traffic unseen.
-            let mut want = current.max(scaling.min).max(1);
-            if scaling.max > 0 {
-                want = want.min(scaling.max);
-            }
-            if want != current {
-                scale(client, &ns, &dep_name, want).await?;
-            }
-            continue;
-        }
-        let (concurrency, rps) = totals.get(&key).copied().unwrap_or_default();
+        // Measured in its pods (HTTP functions), or else where its requests
+        // entered: the gateways.
+        let (concurrency, rps) = if metered.contains(&key) {
+            totals.get(&key).copied().unwrap_or_default()
+        } else {
+            routed_rates.get(&key).copied().unwrap_or_default()
+        };
         let kpa = state.kpas.entry(key).or_insert_with(|| Kpa::new(now));
         let want = kpa.decide(
             Observation {
@@ -347,6 +395,7 @@ pub fn run(
         let mut state = State {
             kpas: HashMap::new(),
             pods: HashMap::new(),
+            routed: HashMap::new(),
         };
         let mut ticker = tokio::time::interval(config.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
