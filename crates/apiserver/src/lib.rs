@@ -85,6 +85,9 @@ pub struct ApiServer {
     store: SharedStore,
     cache: Arc<WatchCache>,
     config: Config,
+    /// The agents' stats, gathered at most once per short interval however
+    /// many metrics reads arrive in it (see `node_proxy::node_stats`).
+    node_stats: node_proxy::StatsCache,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -108,6 +111,7 @@ impl ApiServer {
             store,
             cache,
             config,
+            node_stats: Default::default(),
         });
         let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {

@@ -307,9 +307,33 @@ pub(crate) async fn pod_exec(
     out.body(Body::empty()).map_err(ApiError::internal)
 }
 
+/// How long gathered agent stats answer further metrics reads: the
+/// autoscalers read several metrics each tick, and each would otherwise ask
+/// every node again.
+const STATS_FRESH_FOR: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The last gathering of the agents' stats, and when it was made; readers
+/// queue on it, so one gathering serves every read that arrives meanwhile.
+pub(crate) type StatsCache =
+    tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<(String, Value)>>)>>;
+
+/// The agents' `/stats/pods` answers, by node name, gathered at most once
+/// per [`STATS_FRESH_FOR`].
+async fn node_stats(server: &ApiServer) -> ApiResult<std::sync::Arc<Vec<(String, Value)>>> {
+    let mut cached = server.node_stats.lock().await;
+    if let Some((at, stats)) = cached.as_ref()
+        && at.elapsed() < STATS_FRESH_FOR
+    {
+        return Ok(stats.clone());
+    }
+    let stats = std::sync::Arc::new(gather_node_stats(server).await?);
+    *cached = Some((std::time::Instant::now(), stats.clone()));
+    Ok(stats)
+}
+
 /// The agents' `/stats/pods` answers, by node name; nodes without an agent
 /// endpoint (simulated ones) or that do not answer in time are left out.
-async fn node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>> {
+async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>> {
     let nodes = registry::lookup("", "v1", "nodes").expect("nodes are served");
     let listed = server
         .store
