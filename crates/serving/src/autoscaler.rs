@@ -145,12 +145,26 @@ impl Kpa {
     }
 }
 
-/// A pod's counters at the last tick.
+/// Request counters (of a pod, or a gateway's of a revision) at a tick.
 #[derive(Clone, Copy, Debug)]
 struct PodSample {
     at: Instant,
     seconds: f64,
     requests: f64,
+}
+
+impl PodSample {
+    /// Average requests in flight and requests per second since `prev`. A
+    /// counter that went down was restarted (a container, a gateway): it
+    /// counts from zero.
+    fn rates_since(&self, prev: &PodSample) -> (f64, f64) {
+        let dt = self.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+        let d = |new: f64, old: f64| if new >= old { new - old } else { new };
+        (
+            d(self.seconds, prev.seconds) / dt,
+            d(self.requests, prev.requests) / dt,
+        )
+    }
 }
 
 /// Parses a quantity as the custom metrics API writes it (`1234m`, `5`).
@@ -265,12 +279,10 @@ async fn tick(
                 requests: reqs,
             };
             if let Some(prev) = state.pods.insert(key, sample) {
-                let dt = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-                // A counter that went down is a restarted container.
-                let d = |new: f64, old: f64| if new >= old { new - old } else { new };
+                let (concurrency, rps) = sample.rates_since(&prev);
                 let entry = totals.entry((ns.clone(), rev.clone())).or_default();
-                entry.0 += d(secs, prev.seconds) / dt;
-                entry.1 += d(reqs, prev.requests) / dt;
+                entry.0 += concurrency;
+                entry.1 += rps;
             }
         }
     }
@@ -291,13 +303,7 @@ async fn tick(
                 requests: reqs,
             };
             if let Some(prev) = state.routed.insert(key.clone(), sample) {
-                let dt = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-                // A counter that went down is a restarted gateway.
-                let d = |new: f64, old: f64| if new >= old { new - old } else { new };
-                routed_rates.insert(
-                    key,
-                    (d(secs, prev.seconds) / dt, d(reqs, prev.requests) / dt),
-                );
+                routed_rates.insert(key, sample.rates_since(&prev));
             }
         }
     }
