@@ -59,6 +59,29 @@ fn pod_names(s: &Server, selector: &str) -> Vec<String> {
     .collect()
 }
 
+/// The node port at which the first pod labelled `app=APP` serves its
+/// container `APP`'s port 8080 (pods share the node's IP in this cluster;
+/// their `wasmkube.dev/NodePorts` condition names the port).
+fn node_port(s: &Server, app: &str) -> u16 {
+    let ports = ok(
+        s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            r#"jsonpath={.items[0].status.conditions[?(@.type=="wasmkube.dev/NodePorts")].message}"#,
+        ],
+        None,
+    );
+    ports
+        .split_once(&format!("{app}:8080->"))
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no node port in {ports:?}"))
+}
+
 #[test]
 fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let registry = Registry::start();
@@ -333,23 +356,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     assert_eq!(pod_ip, "127.0.0.1");
     // This cluster gives pods no network of their own: the pod shares the
     // node's IP and says at which node port it serves its port 8080.
-    let ports = ok(
-        &s,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=http-hello",
-            "-o",
-            r#"jsonpath={.items[0].status.conditions[?(@.type=="wasmkube.dev/NodePorts")].message}"#,
-        ],
-        None,
-    );
-    let port: u16 = ports
-        .split_once("http-hello:8080->")
-        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no node port in {ports:?}"));
+    let port = node_port(&s, "http-hello");
     let (status, body) = http_get(port, "/from/kubectl?x=1");
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -396,23 +403,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         ],
         None,
     );
-    let burner_ports = ok(
-        &s,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=burner",
-            "-o",
-            r#"jsonpath={.items[0].status.conditions[?(@.type=="wasmkube.dev/NodePorts")].message}"#,
-        ],
-        None,
-    );
-    let burner_port: u16 = burner_ports
-        .split_once("burner:8080->")
-        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no node port in {burner_ports:?}"));
+    let burner_port = node_port(&s, "burner");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let stop = stop.clone();
