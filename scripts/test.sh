@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (kubectl if missing, a Python venv with the official Kubernetes client,
+# (kubectl if missing, a Python venv with the official Kubernetes client and
+# the oras client, skopeo,
 # Debian's docker-registry, runc, busybox-static, containernetworking-plugins
 # and nftables,
 # cargo-nextest, the wasm32-wasip1 and wasm32-wasip2
@@ -44,10 +45,18 @@ if ! "$venv/bin/python" -c 'import kubernetes' >/dev/null 2>&1; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes
 fi
+# The oras Python client: a registry client nobody here wrote, for the
+# built-in registry's tests.
+if ! "$venv/bin/python" -c 'import oras.client' >/dev/null 2>&1; then
+  step "installing the oras Python client into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check oras
+fi
 export WASMKUBE_TEST_VENV=$venv
 
 # A real OCI registry for the image tests (Debian's docker-registry; the
-# tests start their own instances on loopback and stop them), runc for Linux
+# tests start their own instances on loopback and stop them; it is also the
+# built-in registry's reference), skopeo (a registry client for the
+# built-in registry's tests), runc for Linux
 # containers, busybox-static for the Linux test image, the CNI plugins for
 # the optional CNI path of pod networking (the default path needs nothing),
 # nftables for the service proxy (both tested in network namespaces the
@@ -55,6 +64,7 @@ export WASMKUBE_TEST_VENV=$venv
 # and openssl for the gateway's end-to-end test (HTTP/2, TLS).
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
