@@ -28,7 +28,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a whole cluster in this process: the API server on the embedded
-    /// store, with a kubeconfig written so kubectl works immediately.
+    /// store (a kubeconfig written so kubectl works immediately), the
+    /// scheduler, the controllers, a built-in OCI registry and a local node.
     Server(server::ServerArgs),
     /// Join simulated nodes (like kwok) to a cluster: they register, renew
     /// their leases and report the pods bound to them as running, through the
@@ -43,7 +44,8 @@ enum Command {
     /// serves their logs to the API server.
     Agent(agent::AgentArgs),
     /// Publish a Wasm module or component to an OCI registry as a CNCF Wasm
-    /// artifact and print its digest.
+    /// artifact and print its digest (`NAME:TAG` goes to the built-in
+    /// registry of `wasmkube server`).
     Push(push::PushArgs),
 }
 

@@ -8,8 +8,14 @@ use anyhow::Context;
 pub struct PushArgs {
     /// The .wasm file (a core module or a component).
     file: PathBuf,
-    /// Where to push it: REGISTRY/REPOSITORY:TAG.
+    /// Where to push it: REGISTRY/REPOSITORY:TAG, or REPOSITORY:TAG for the
+    /// default registry (--registry).
     reference: String,
+    /// The registry of references that name none (a first path component
+    /// without `.` or `:` and other than `localhost` is a repository, as
+    /// Docker reads references): `wasmkube server`'s built-in registry.
+    #[arg(long, env = "WASMKUBE_REGISTRY", default_value = "127.0.0.1:5000")]
+    registry: String,
     /// Speak plain HTTP to this registry even though it is not on loopback
     /// (loopback registries always are).
     #[arg(long)]
@@ -24,12 +30,8 @@ pub struct PushArgs {
 pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let registry = args
-        .reference
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let reference = qualify(&args.reference, &args.registry);
+    let registry = reference.split('/').next().unwrap_or_default().to_owned();
     let options = wasmkube_oci::PushOptions {
         insecure: if args.insecure {
             vec![registry]
@@ -47,12 +49,44 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
         "module"
     };
     eprintln!(
-        "pushing {} ({kind}, {} bytes) to {}",
+        "pushing {} ({kind}, {} bytes) to {reference}",
         args.file.display(),
         bytes.len(),
-        args.reference
     );
-    let digest = wasmkube_oci::push_wasm(bytes, &args.reference, &options).await?;
+    let digest = wasmkube_oci::push_wasm(bytes, &reference, &options).await?;
+    eprintln!("pushed {reference}; run it with e.g. kubectl create job NAME --image={reference}");
     println!("{digest}");
     Ok(())
+}
+
+/// `reference` with `registry` in front when it names no registry host.
+fn qualify(reference: &str, registry: &str) -> String {
+    let names_host = reference.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    });
+    if names_host {
+        reference.to_owned()
+    } else {
+        format!("{}/{reference}", registry.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qualify;
+
+    #[test]
+    fn references_without_a_registry_go_to_the_default_one() {
+        let r = "127.0.0.1:5000";
+        assert_eq!(qualify("hello:v1", r), "127.0.0.1:5000/hello:v1");
+        assert_eq!(qualify("team/hello:v1", r), "127.0.0.1:5000/team/hello:v1");
+        for named in [
+            "127.0.0.1:5000/hello:v1",
+            "localhost/hello",
+            "ghcr.io/team/hello:v1",
+            "localhost:5000/a/b:v1",
+        ] {
+            assert_eq!(qualify(named, r), named);
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `wasmkube server`: the whole cluster in one process: the API server on
 //! the embedded store, the scheduler and the controller manager (each under
-//! its leader Lease), and a local node agent running Wasm pods.
+//! its leader Lease), the built-in OCI registry, and a local node agent
+//! running Wasm pods.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +62,27 @@ pub struct ServerArgs {
     /// gives a node 253 pod addresses; a /19, 8,189).
     #[arg(long, default_value = "24", value_parser = clap::value_parser!(u8).range(8..=30))]
     node_cidr_mask_size: u8,
+
+    /// Where the built-in OCI registry listens. `wasmkube push FILE
+    /// NAME:TAG` publishes to it and pods run `ADDRESS/NAME:TAG`. It has no
+    /// authentication yet: anyone who reaches the address may push and pull,
+    /// so keep it on loopback.
+    #[arg(
+        long,
+        env = "WASMKUBE_REGISTRY_LISTEN",
+        default_value = "127.0.0.1:5000"
+    )]
+    registry_listen: SocketAddr,
+
+    /// Serve no built-in registry (pods then pull from registries elsewhere).
+    #[arg(long)]
+    no_registry: bool,
+
+    /// How often the built-in registry frees blobs that no manifest
+    /// references (left by deleted manifests and abandoned pushes; a blob
+    /// is kept for an hour after its upload).
+    #[arg(long, default_value = "1h", value_parser = crate::agent::duration, value_name = "DURATION")]
+    registry_gc_interval: Duration,
 
     /// Run no local node: pods then need agents joined with `wasmkube
     /// agent` (or simulated nodes).
@@ -135,6 +157,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    let registry = if args.no_registry {
+        None
+    } else {
+        start_registry(
+            &args.data_dir,
+            args.registry_listen,
+            args.registry_gc_interval,
+        )
+        .await?
+    };
     let kubeconfig_path = args
         .write_kubeconfig
         .unwrap_or_else(|| args.data_dir.join("kubeconfig"));
@@ -283,9 +315,47 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     server.abort();
     let _ = server.await;
+    if let Some(registry) = registry {
+        registry.abort();
+    }
     // Every acknowledged write is already durable; dropping the store ends its writer.
     drop(lock);
     Ok(())
+}
+
+/// Serves the built-in registry from `DATA_DIR/registry`. An address in use
+/// (another registry on the port) is reported and the cluster runs without
+/// it; pushes then go to whatever serves that address.
+async fn start_registry(
+    data_dir: &std::path::Path,
+    listen: SocketAddr,
+    gc_interval: Duration,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let dir = data_dir.join("registry");
+    let registry = wasmkube_registry::Registry::open(&dir)
+        .with_context(|| format!("cannot open the registry's storage in {}", dir.display()))?;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%listen, error = %e, "the built-in registry is off: cannot listen (pass --registry-listen ADDRESS, or --no-registry)");
+            eprintln!(
+                "warning: the built-in registry cannot listen on {listen} ({e}); running without it"
+            );
+            return Ok(None);
+        }
+    };
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the built-in registry has no authentication yet: anyone who reaches it may push");
+    }
+    tracing::info!(%addr, dir = %dir.display(), "built-in registry serving");
+    eprintln!("wasmkube registry at {addr} (wasmkube push FILE NAME:TAG; images {addr}/NAME:TAG)");
+    Ok(Some(tokio::spawn(async move {
+        let policy = wasmkube_registry::GcPolicy::default();
+        if let Err(e) = registry.serve(listener, gc_interval, policy).await {
+            tracing::error!(error = %e, "the built-in registry stopped");
+        }
+    })))
 }
 
 /// Writes the `kubernetes` Service's Endpoints and EndpointSlice: this API

@@ -1,7 +1,7 @@
 //! End to end with Wasm workloads: the real `wasmkube` binary (its local
 //! node running pods on Wasmtime), modules published with `wasmkube push` to
-//! a real registry (Debian's docker-registry on loopback), and the real
-//! kubectl. A second node joins with `wasmkube agent`.
+//! its built-in registry and to a real one beside it (Debian's
+//! docker-registry on loopback), and the real kubectl. A second node joins with `wasmkube agent`.
 
 mod common;
 
@@ -85,7 +85,6 @@ fn node_port(s: &Server, app: &str) -> u16 {
 #[test]
 fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let registry = Registry::start();
-    let hello = push(&registry, "hello");
     let sleeper = push(&registry, "sleeper");
     let crasher = push(&registry, "crasher");
     let hog = push(&registry, "memory-hog");
@@ -103,6 +102,10 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
             "1s",
         ],
     );
+
+    // The README's first lines: publish to the server's own registry with
+    // no registry named, and run it from there.
+    let hello = push_builtin(&s, "hello");
 
     // The local node is Ready and says what it is.
     common::wait_for(&s, "node/local", "condition=Ready", "60s");

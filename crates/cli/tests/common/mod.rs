@@ -17,6 +17,8 @@ pub struct Server {
     pub child: Child,
     pub url: String,
     pub kubeconfig: PathBuf,
+    /// `IP:PORT` of its built-in registry (on a free loopback port).
+    pub registry: Option<String>,
     /// Lines the server logged after it became ready.
     pub log: mpsc::Receiver<String>,
 }
@@ -62,10 +64,19 @@ fn spawn_server(data_dir: &Path, extra: &[&str]) -> Server {
 
 fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Server {
     let kubeconfig = data_dir.join("kubeconfig");
+    let registry_flags: &[&str] = if extra
+        .iter()
+        .any(|a| a.starts_with("--registry-listen") || *a == "--no-registry")
+    {
+        &[]
+    } else {
+        &["--registry-listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(command[0])
         .args(&command[1..])
         .args(["server", "--listen", listen, "--data-dir"])
         .arg(data_dir)
+        .args(registry_flags)
         .args(extra)
         .arg("--write-kubeconfig")
         .arg(&kubeconfig)
@@ -82,10 +93,14 @@ fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Ser
             }
         }
     });
+    let mut registry = None;
     let url = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("server became ready");
+        if let Some(rest) = line.strip_prefix("wasmkube registry at ") {
+            registry = rest.split_whitespace().next().map(str::to_owned);
+        }
         if let Some(url) = line.strip_prefix("wasmkube is ready at ") {
             break url.trim().to_owned();
         }
@@ -94,6 +109,7 @@ fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Ser
         child,
         url,
         kubeconfig,
+        registry,
         log: rx,
     }
 }
@@ -292,6 +308,35 @@ pub fn join(s: &Server, command: &str, args: &[&str]) -> Joined {
 
 pub fn sim_nodes(s: &Server, args: &[&str]) -> Joined {
     join(s, "sim-nodes", args)
+}
+
+/// Pushes a built `wasm32-wasip1` workload to the server's built-in registry
+/// as the README does: `wasmkube push FILE NAME:v1`, no registry named.
+/// Returns the reference pods run.
+pub fn push_builtin(s: &Server, name: &str) -> String {
+    let registry = s
+        .registry
+        .as_deref()
+        .expect("the server serves its registry");
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg(wasmkube_testkit::workload_path(name, "wasm32-wasip1"))
+        .arg(format!("{name}:v1"))
+        .env("WASMKUBE_REGISTRY", registry)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = format!("{registry}/{name}:v1");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("pushed {reference}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reference
 }
 
 /// Pushes a built workload with `wasmkube push` as `NAME:v1` (`--insecure`:
