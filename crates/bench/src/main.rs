@@ -8,6 +8,8 @@ mod dns;
 mod http;
 mod pods;
 mod proxy;
+mod push;
+mod registry;
 mod rollout;
 mod schedule;
 mod serving;
@@ -58,6 +60,12 @@ enum Bench {
     /// against a warm one, the autoscaler's reaction to a load step, and
     /// the cost of a function at zero.
     Serving(serving::Args),
+    /// From `wasmkube push` of a module never seen to its pod Running,
+    /// against a pod of a cached image.
+    PushToRunning(push::Args),
+    /// The built-in registry's push and pull throughput with oci-client,
+    /// against Debian's docker-registry.
+    Registry(registry::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,5 +85,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Proxy(a) => rt.block_on(proxy::run(a)),
         Bench::Dns(a) => rt.block_on(dns::run(a)),
         Bench::Serving(a) => rt.block_on(serving::run(a)),
+        Bench::Registry(a) => rt.block_on(registry::run(a)),
+        Bench::PushToRunning(a) => rt.block_on(push::run(a)),
     }
 }

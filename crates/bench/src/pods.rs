@@ -9,16 +9,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
-use crate::support::{ChildServer, ms, percentile, wasmkube_binary};
+use crate::support::{ChildServer, RunningPods, ms, percentile, wasmkube_binary};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -100,26 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Running pods, by name, as the watch sees them.
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let notify = Arc::new(tokio::sync::Notify::new());
-    {
-        let (seen, notify, pods) = (seen.clone(), notify.clone(), pods.clone());
-        let mut stream = watcher(pods, watcher::Config::default())
-            .applied_objects()
-            .boxed();
-        tokio::spawn(async move {
-            while let Ok(Some(p)) = stream.try_next().await {
-                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                if running && let Some(name) = p.metadata.name {
-                    seen.lock()
-                        .unwrap()
-                        .entry(name)
-                        .or_insert_with(Instant::now);
-                    notify.notify_waiters();
-                }
-            }
-        });
-    }
+    let running = RunningPods::watch(pods.clone());
     let busybox = format!("{}/busybox:v1", registry.host());
     if args.linux > 0 {
         let (layer, config) = wasmkube_testkit::busybox_image(None);
@@ -150,7 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let created = Instant::now();
         pods.create(&PostParams::default(), &pod(name, node)?)
             .await?;
-        wait_running(&seen, &notify, &[name.to_owned()]).await?;
+        running.wait(&[name.to_owned()]).await?;
         eprintln!("  {name}: {}", ms(created.elapsed()));
     }
     let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
@@ -158,7 +136,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // Alternate the kinds batch by batch: both see the same conditions.
         for (kind, node) in [("wasm", LOCAL), ("sim", "sim-0")] {
             let names = batch_names(kind, i, args.batch);
-            let times = timed_batch(&pods, &seen, &notify, &names, |n| pod(n, node)).await?;
+            let times = timed_batch(&pods, &running, &names, |n| pod(n, node)).await?;
             results.entry(kind).or_default().extend(times);
         }
         if (i + 1) % 10 == 0 {
@@ -196,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         server.rss_mib()
     );
     if args.linux > 0 {
-        linux_against_wasm(&args, &pods, &seen, &notify, &pod_of).await?;
+        linux_against_wasm(&args, &pods, &running, &pod_of).await?;
     }
     if args.linux > 0 || args.pod_network {
         // Linux pods hold processes and pods with a network their
@@ -230,8 +208,7 @@ async fn delete_all(pods: &Api<Pod>) -> anyhow::Result<()> {
 async fn linux_against_wasm(
     args: &Args,
     pods: &Api<Pod>,
-    seen: &Mutex<HashMap<String, Instant>>,
-    notify: &tokio::sync::Notify,
+    running: &RunningPods,
     pod_of: &impl Fn(&str, &str, &str) -> anyhow::Result<Pod>,
 ) -> anyhow::Result<()> {
     pods.create(
@@ -239,14 +216,13 @@ async fn linux_against_wasm(
         &pod_of("warm-linux", LOCAL, "linux")?,
     )
     .await?;
-    wait_running(seen, notify, &["warm-linux".to_owned()]).await?;
+    running.wait(&["warm-linux".to_owned()]).await?;
     let mut results: HashMap<&str, Vec<Duration>> = HashMap::new();
     for i in 0..args.linux.div_ceil(args.batch) {
         for kind in ["linux", "wasm2"] {
             let names = batch_names(kind, i, args.batch);
             let runtime = if kind == "linux" { "linux" } else { "wasm" };
-            let times =
-                timed_batch(pods, seen, notify, &names, |n| pod_of(n, LOCAL, runtime)).await?;
+            let times = timed_batch(pods, running, &names, |n| pod_of(n, LOCAL, runtime)).await?;
             results.entry(kind).or_default().extend(times);
         }
     }
@@ -285,8 +261,7 @@ fn batch_names(kind: &str, batch: usize, size: usize) -> Vec<String> {
 /// Running on the watch.
 async fn timed_batch(
     pods: &Api<Pod>,
-    seen: &Mutex<HashMap<String, Instant>>,
-    notify: &tokio::sync::Notify,
+    running: &RunningPods,
     names: &[String],
     make: impl Fn(&str) -> anyhow::Result<Pod>,
 ) -> anyhow::Result<Vec<Duration>> {
@@ -295,29 +270,14 @@ async fn timed_batch(
         sent.insert(name.clone(), Instant::now());
         pods.create(&PostParams::default(), &make(name)?).await?;
     }
-    wait_running(seen, notify, names).await?;
-    let seen = seen.lock().unwrap();
+    running.wait(names).await?;
     Ok(names
         .iter()
-        .map(|n| seen[n].duration_since(sent[n]))
+        .map(|n| {
+            running
+                .seen_at(n)
+                .expect("waited for")
+                .duration_since(sent[n])
+        })
         .collect())
-}
-
-async fn wait_running(
-    seen: &Mutex<HashMap<String, Instant>>,
-    notify: &tokio::sync::Notify,
-    names: &[String],
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let wait = notify.notified();
-        if names.iter().all(|n| seen.lock().unwrap().contains_key(n)) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pods {names:?} not Running in 120 s"
-        );
-        let _ = tokio::time::timeout_at(deadline.into(), wait).await;
-    }
 }

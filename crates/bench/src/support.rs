@@ -249,3 +249,61 @@ impl Drop for NodeNetworkLeftovers {
         }
     }
 }
+
+/// Pods seen Running on a watch of one namespace, by name, with when.
+#[derive(Clone)]
+pub struct RunningPods {
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl RunningPods {
+    /// Starts watching `pods`.
+    pub fn watch(pods: kube::Api<k8s_openapi::api::core::v1::Pod>) -> Self {
+        use futures::{StreamExt, TryStreamExt};
+        use kube::runtime::{WatchStreamExt, watcher};
+        let this = Self {
+            seen: Default::default(),
+            notify: Default::default(),
+        };
+        let (seen, notify) = (this.seen.clone(), this.notify.clone());
+        let mut stream = watcher(pods, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        tokio::spawn(async move {
+            while let Ok(Some(p)) = stream.try_next().await {
+                let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                if running && let Some(name) = p.metadata.name {
+                    seen.lock()
+                        .unwrap()
+                        .entry(name)
+                        .or_insert_with(Instant::now);
+                    notify.notify_waiters();
+                }
+            }
+        });
+        this
+    }
+
+    /// When the watch first saw `name` Running.
+    pub fn seen_at(&self, name: &str) -> Option<Instant> {
+        self.seen.lock().unwrap().get(name).copied()
+    }
+
+    /// Waits until every one of `names` has been seen Running (2 minutes at
+    /// most).
+    pub async fn wait(&self, names: &[String]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let wait = self.notify.notified();
+            if names.iter().all(|n| self.seen_at(n).is_some()) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "pods {names:?} not Running in 120 s"
+            );
+            let _ = tokio::time::timeout_at(deadline.into(), wait).await;
+        }
+    }
+}

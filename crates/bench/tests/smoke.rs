@@ -118,3 +118,16 @@ fn serving_bench_smoke() {
     assert!(out.contains("peer: warm pod"), "{out}");
     assert!(out.contains("agent RSS per function"), "{out}");
 }
+
+#[test]
+fn registry_bench_smoke() {
+    let out = bench(&["registry", "--mib", "2", "--layers", "2", "--runs", "1"]);
+    assert!(out.contains("median push"), "{out}");
+    assert!(out.contains("median pull"), "{out}");
+}
+
+#[test]
+fn push_to_running_bench_smoke() {
+    let out = bench(&["push-to-running", "--runs", "1"]);
+    assert!(out.contains("push -> Running: p50"), "{out}");
+}
