@@ -557,12 +557,68 @@ async fn serve_blob(
     if head {
         return Ok(response.body(Body::empty()).expect("valid response"));
     }
-    let mut file = tokio::fs::File::open(&path).await?;
-    file.seek(std::io::SeekFrom::Start(start)).await?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let file = std::fs::File::open(&path)?;
+    if len <= SMALL_BLOB {
+        // Configs and small layers: one read, one write with the headers.
+        let bytes = blocking(move || {
+            use std::io::{Read, Seek};
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(start))?;
+            let mut buf = Vec::with_capacity(len as usize);
+            file.take(len).read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await?;
+        return Ok(response.body(Body::from(bytes)).expect("valid response"));
+    }
     Ok(response
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(read_ahead(file, start, len)))
         .expect("valid response"))
+}
+
+/// Blobs up to this size are read whole and sent in one piece.
+const SMALL_BLOB: u64 = 256 << 10;
+
+/// `len` bytes of `file` from `start`, read in 1 MiB pieces on a blocking
+/// thread a few pieces ahead of the socket, so reading the disk and writing
+/// the network overlap.
+fn read_ahead(
+    mut file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    use std::io::{Read, Seek};
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = file.seek(std::io::SeekFrom::Start(start)) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        let mut left = len;
+        while left > 0 {
+            let mut buf = vec![0u8; left.min(1 << 20) as usize];
+            let piece = match file.read(&mut buf) {
+                Ok(0) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the blob is shorter than its size",
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    Ok(bytes::Bytes::from(buf))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = piece.is_err();
+            // A closed channel: the client went away.
+            if tx.blocking_send(piece).is_err() || failed {
+                return;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
 /// `bytes=A-B`, `bytes=A-` or `bytes=-N` within a blob of `size` bytes, as

@@ -92,6 +92,14 @@ impl Registry {
                 }
             }
         });
+        // Small responses (configs, manifests, the end of a streamed blob)
+        // must not wait for the peer's delayed ACK behind Nagle's algorithm.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let result = axum::serve(listener, self.router()).await;
         gc.abort();
         result

@@ -200,4 +200,18 @@ fn crate_boundaries_hold() {
             .any(|d| d.starts_with("wasmkube")),
         "the store knows nothing of the API"
     );
+    // The built-in registry knows nothing of the cluster, and only the
+    // binary serves it; nodes reach it through the oci crate as any other.
+    assert!(
+        !deps["wasmkube-registry"]
+            .iter()
+            .any(|d| d.starts_with("wasmkube")),
+        "the registry depends on no crate of ours: {:?}",
+        deps["wasmkube-registry"]
+    );
+    assert_eq!(
+        users_of("wasmkube-registry"),
+        BTreeSet::from(["wasmkube"]),
+        "only the binary serves the registry"
+    );
 }
