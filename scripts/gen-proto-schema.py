@@ -39,6 +39,8 @@ ROOTS = [
     "k8s.io.api.scheduling.v1.PriorityClass",
     "k8s.io.api.autoscaling.v1.Scale",
     "k8s.io.api.autoscaling.v2.HorizontalPodAutoscaler",
+    "k8s.io.api.networking.v1.Ingress",
+    "k8s.io.api.networking.v1.IngressClass",
     "k8s.io.apimachinery.pkg.apis.meta.v1.DeleteOptions",
 ]
 

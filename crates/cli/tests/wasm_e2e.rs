@@ -533,3 +533,132 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     );
     drop(agent);
 }
+
+/// Runs the `helm` that `scripts/test.sh` installs, against the server.
+fn helm(s: &Server, args: &[&str]) -> String {
+    let out = Command::new("helm")
+        .args(args)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .env("HELM_CACHE_HOME", s.kubeconfig.with_file_name("helm-cache"))
+        .env(
+            "HELM_CONFIG_HOME",
+            s.kubeconfig.with_file_name("helm-config"),
+        )
+        .env("HELM_DATA_HOME", s.kubeconfig.with_file_name("helm-data"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run helm ({e}); scripts/test.sh installs it"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Helm 4 unchanged (server-side apply, its default): a chart of Wasm
+/// images from the built-in registry installed, upgraded with an HPA and an
+/// Ingress, rolled back, tested with its hook pod, and uninstalled with
+/// nothing left behind.
+#[test]
+fn helm_installs_upgrades_rolls_back_tests_and_uninstalls_a_wasm_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_cluster(dir.path(), &["--node-name", "local"]);
+    let function = push_builtin_as(&s, "http_hello", "wasm32-wasip2", "http-hello");
+    let hello = push_builtin(&s, "hello");
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/charts/wasm-app");
+    let chart = chart.to_str().unwrap();
+    let (image, test_image) = (format!("image={function}"), format!("testImage={hello}"));
+    let base = [
+        "--set",
+        &image,
+        "--set",
+        &test_image,
+        "--wait",
+        "--timeout",
+        "60s",
+    ];
+
+    let mut install = vec!["install", "demo", chart];
+    install.extend(base);
+    let out = helm(&s, &install);
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let list = helm(&s, &["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("demo") && l.contains("deployed")),
+        "{list}"
+    );
+    let ready = ok(
+        &s,
+        &[
+            "get",
+            "deploy/demo-fn",
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ],
+        None,
+    );
+    assert_eq!(ready, "1");
+
+    // An upgrade that turns on the HPA and the Ingress (served kinds).
+    let mut upgrade = vec!["upgrade", "demo", chart];
+    upgrade.extend(base);
+    upgrade.extend([
+        "--set",
+        "autoscaling.enabled=true",
+        "--set",
+        "ingress.enabled=true",
+    ]);
+    helm(&s, &upgrade);
+    ok(&s, &["get", "hpa/demo-fn", "ingress/demo-fn"], None);
+    let history = helm(&s, &["history", "demo"]);
+    assert_eq!(
+        history
+            .lines()
+            .filter(|l| l.contains("Upgrade complete"))
+            .count(),
+        1,
+        "{history}"
+    );
+
+    // Back to revision 1: the HPA and the Ingress go again.
+    helm(&s, &["rollback", "demo", "1", "--wait", "--timeout", "60s"]);
+    let gone = kubectl(&s, &["get", "hpa/demo-fn"], None);
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+    let gone = kubectl(&s, &["get", "ingress/demo-fn"], None);
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+    let status = helm(&s, &["status", "demo"]);
+    assert!(status.contains("REVISION: 3"), "{status}");
+
+    // The test hook: a Wasm pod that must succeed.
+    let test = helm(&s, &["test", "demo", "--logs", "--timeout", "60s"]);
+    assert!(test.contains("Phase:          Succeeded"), "{test}");
+    assert!(test.contains("hello from wasmkube"), "{test}");
+
+    // Uninstall deletes the release's objects and its history (Secrets,
+    // deleted with protobuf DeleteOptions).
+    let out = helm(&s, &["uninstall", "demo", "--wait", "--timeout", "60s"]);
+    assert!(out.contains("uninstalled"), "{out}");
+    let left = ok(
+        &s,
+        &["get", "secrets", "-l", "owner=helm", "-o", "name"],
+        None,
+    );
+    assert_eq!(left, "", "release history left behind");
+    let gone = kubectl(&s, &["get", "deploy/demo-fn"], None);
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+    assert_eq!(helm(&s, &["list", "-q"]).trim(), "");
+}

@@ -32,6 +32,8 @@ const ZERO_IS_MEANINGFUL: &[&str] = &[
     "revisionHistoryLimit",
     "progressDeadlineSeconds",
     "terminationGracePeriodSeconds",
+    "gracePeriodSeconds",
+    "orphanDependents",
     "activeDeadlineSeconds",
     "parallelism",
     "completions",
@@ -122,16 +124,28 @@ fn messages() -> &'static HashMap<&'static str, HashMap<u32, &'static Field>> {
     })
 }
 
+/// The options kinds every group version carries (Go's
+/// `metav1.AddToGroupVersion`): a client deleting a Secret sends a `v1`
+/// DeleteOptions, one deleting a Deployment an `apps/v1` one.
+const META_OPTIONS: &[&str] = &[
+    "DeleteOptions",
+    "CreateOptions",
+    "UpdateOptions",
+    "PatchOptions",
+    "GetOptions",
+    "ListOptions",
+];
+
 /// The proto message name of an API kind.
 fn message_for(api_version: &str, kind: &str) -> Option<String> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    if group == "meta.k8s.io" || META_OPTIONS.contains(&kind) {
+        return Some(format!(
+            "k8s.io.apimachinery.pkg.apis.meta.{version}.{kind}"
+        ));
+    }
     let package = match group {
         "" => "core",
-        "meta.k8s.io" => {
-            return Some(format!(
-                "k8s.io.apimachinery.pkg.apis.meta.{version}.{kind}"
-            ));
-        }
         g => g.split('.').next().unwrap_or(g),
     };
     Some(format!("k8s.io.api.{package}.{version}.{kind}"))
@@ -586,6 +600,62 @@ mod tests {
         assert_eq!(obj["data"]["password"], "aHVudGVyMg==");
         assert_eq!(obj["type"], "Opaque");
         assert_eq!(obj["metadata"]["creationTimestamp"], "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn delete_options_decode_in_any_group_version() {
+        let preconditions = W::default().bytes(1, b"uid-1").done();
+        let raw = W::default()
+            .int(1, 0)
+            .bytes(2, &preconditions)
+            .bytes(4, b"Foreground")
+            .done();
+        for api_version in ["v1", "apps/v1", "meta.k8s.io/v1"] {
+            let obj = decode(&envelope(api_version, "DeleteOptions", &raw)).unwrap();
+            assert_eq!(obj["gracePeriodSeconds"], 0, "{api_version}");
+            assert_eq!(obj["preconditions"]["uid"], "uid-1", "{api_version}");
+            assert_eq!(obj["propagationPolicy"], "Foreground", "{api_version}");
+        }
+    }
+
+    #[test]
+    fn ingresses_decode() {
+        let meta = W::default().bytes(1, b"web").done();
+        let backend = W::default()
+            .bytes(
+                4,
+                &W::default()
+                    .bytes(1, b"web")
+                    .bytes(2, &W::default().int(2, 80).done())
+                    .done(),
+            )
+            .done();
+        let path = W::default()
+            .bytes(1, b"/")
+            .bytes(2, &backend)
+            .bytes(3, b"Prefix")
+            .done();
+        let rule = W::default()
+            .bytes(1, b"a.example")
+            .bytes(
+                2,
+                &W::default()
+                    .bytes(1, &W::default().bytes(1, &path).done())
+                    .done(),
+            )
+            .done();
+        let spec = W::default().bytes(3, &rule).bytes(4, b"wasmkube").done();
+        let raw = W::default().bytes(1, &meta).bytes(2, &spec).done();
+        let obj = decode(&envelope("networking.k8s.io/v1", "Ingress", &raw)).unwrap();
+        let typed: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(obj).unwrap();
+        let spec = typed.spec.unwrap();
+        assert_eq!(spec.ingress_class_name.as_deref(), Some("wasmkube"));
+        let rule = &spec.rules.unwrap()[0];
+        assert_eq!(rule.host.as_deref(), Some("a.example"));
+        let path = &rule.http.as_ref().unwrap().paths[0];
+        assert_eq!(path.path_type, "Prefix");
+        let service = path.backend.service.as_ref().unwrap();
+        assert_eq!(service.port.as_ref().unwrap().number, Some(80));
     }
 
     #[test]

@@ -314,13 +314,19 @@ pub fn sim_nodes(s: &Server, args: &[&str]) -> Joined {
 /// as the README does: `wasmkube push FILE NAME:v1`, no registry named.
 /// Returns the reference pods run.
 pub fn push_builtin(s: &Server, name: &str) -> String {
+    push_builtin_as(s, name, "wasm32-wasip1", name)
+}
+
+/// As [`push_builtin`], for the built workload `file` of `target`, as
+/// `NAME:v1`.
+pub fn push_builtin_as(s: &Server, file: &str, target: &str, name: &str) -> String {
     let registry = s
         .registry
         .as_deref()
         .expect("the server serves its registry");
     let out = Command::new(wasmkube())
         .arg("push")
-        .arg(wasmkube_testkit::workload_path(name, "wasm32-wasip1"))
+        .arg(wasmkube_testkit::workload_path(file, target))
         .arg(format!("{name}:v1"))
         .env("WASMKUBE_REGISTRY", registry)
         .output()
