@@ -158,7 +158,30 @@ fn default_traffic(spec: &mut Value) {
 
 /// Fills defaults into `obj` of type `rt`.
 pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
+    if let Some(custom) = rt.custom {
+        crate::custom::apply_defaults(&custom.schema, obj);
+        return;
+    }
     match rt.id() {
+        "CustomResourceDefinition" => {
+            if let Some(versions) = obj["spec"]["versions"].as_array_mut() {
+                for v in versions {
+                    default_at(v, &["served"], json!(true));
+                }
+            }
+            if obj["spec"]["names"].is_object() {
+                let kind = obj["spec"]["names"]["kind"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_lowercase();
+                let list = format!(
+                    "{}List",
+                    obj["spec"]["names"]["kind"].as_str().unwrap_or_default()
+                );
+                default_at(&mut obj["spec"]["names"], &["singular"], json!(kind));
+                default_at(&mut obj["spec"]["names"], &["listKind"], json!(list));
+            }
+        }
         "HorizontalPodAutoscaler" => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_at(spec, &["minReplicas"], json!(1));

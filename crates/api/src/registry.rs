@@ -56,6 +56,9 @@ pub struct ResourceType {
     pub short_names: &'static [&'static str],
     pub categories: &'static [&'static str],
     pub subresources: &'static [Subresource],
+    /// What its CustomResourceDefinition says (schema, printer columns),
+    /// for custom resources; `None` for the built-in kinds.
+    pub custom: Option<&'static crate::custom::CustomType>,
 }
 
 impl ResourceType {
@@ -73,6 +76,7 @@ impl ResourceType {
     /// `knative.Service` so it is never taken for the core Service.
     pub fn id(&self) -> &'static str {
         match (self.group, self.kind) {
+            _ if self.custom.is_some() => "custom",
             ("serving.knative.dev", "Service") => "knative.Service",
             (_, kind) => kind,
         }
@@ -145,6 +149,7 @@ macro_rules! resource {
             short_names: &[$($short),*],
             categories: $cats,
             subresources: &[$($sub),*],
+            custom: None,
         }
     };
 }
@@ -429,26 +434,85 @@ pub static RESOURCES: &[ResourceType] = &[
         &[],
         []
     ),
+    resource!(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        "customresourcedefinition",
+        false,
+        ["crd", "crds"],
+        &["api-extensions"],
+        [Status]
+    ),
 ];
+
+/// The types CustomResourceDefinitions add, beside the built-in table.
+static CUSTOM: std::sync::RwLock<Vec<&'static ResourceType>> = std::sync::RwLock::new(Vec::new());
+/// Bumped whenever [`CUSTOM`] changes (discovery and OpenAPI caches key on it).
+static CUSTOM_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn custom() -> Vec<&'static ResourceType> {
+    CUSTOM.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Serves `types` for the CRD `crd` (replacing what it served before).
+pub fn set_custom(crd: &str, types: Vec<&'static ResourceType>) {
+    let mut table = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
+    table.retain(|t| t.custom.is_none_or(|c| c.crd != crd));
+    table.extend(types);
+    CUSTOM_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Stops serving the types of the CRD `crd`; returns them.
+pub fn remove_custom(crd: &str) -> Vec<&'static ResourceType> {
+    let mut table = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
+    let (gone, kept): (Vec<_>, Vec<_>) = table
+        .iter()
+        .partition(|t| t.custom.is_some_and(|c| c.crd == crd));
+    *table = kept;
+    CUSTOM_GENERATION.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    gone
+}
+
+/// Changes with every change of the custom types.
+pub fn custom_generation() -> u64 {
+    CUSTOM_GENERATION.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Every served type: the built-in ones, then the custom ones.
+pub fn all() -> Vec<&'static ResourceType> {
+    RESOURCES.iter().chain(custom()).collect()
+}
 
 /// The type served at `group`/`version`/`plural`.
 pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
+        .or_else(|| {
+            custom()
+                .into_iter()
+                .find(|r| r.group == group && r.version == version && r.plural == plural)
+        })
 }
 
 /// The type with this apiVersion and kind.
 pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
-    RESOURCES
-        .iter()
+    all()
+        .into_iter()
         .find(|r| r.kind == kind && r.api_version() == api_version)
+}
+
+/// Whether `group` holds built-in kinds (a CRD may not add to it).
+pub fn is_builtin_group(group: &str) -> bool {
+    RESOURCES.iter().any(|r| r.group == group)
 }
 
 /// The API groups other than core, in a stable order, each with its versions.
 pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
     let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+    for r in all().into_iter().filter(|r| !r.group.is_empty()) {
         match out.iter_mut().find(|(g, _)| *g == r.group) {
             Some((_, versions)) if !versions.contains(&r.version) => versions.push(r.version),
             Some(_) => {}
@@ -463,8 +527,8 @@ pub fn in_group_version<'a>(
     group: &'a str,
     version: &'a str,
 ) -> impl Iterator<Item = &'static ResourceType> + 'a {
-    RESOURCES
-        .iter()
+    all()
+        .into_iter()
         .filter(move |r| r.group == group && r.version == version)
 }
 

@@ -369,6 +369,10 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             AGE,
         ],
         "RuntimeClass" => vec![NAME, col("Handler", "string", "The runtime handler."), AGE],
+        "CustomResourceDefinition" => vec![
+            NAME,
+            col("Created At", "date", "When the definition was created."),
+        ],
         "PriorityClass" => vec![
             NAME,
             col("Value", "integer", "The priority of pods in this class."),
@@ -1157,6 +1161,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "RuntimeClass" => vec![name, json!(s(&obj["handler"])), age],
+        "CustomResourceDefinition" => vec![name, obj["metadata"]["creationTimestamp"].clone()],
         "PriorityClass" => vec![
             name,
             json!(int(&obj["value"])),
@@ -1170,6 +1175,9 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
 
 /// The `columnDefinitions` member of a `meta.k8s.io/v1` Table.
 pub fn column_definitions(rt: &ResourceType) -> Value {
+    if let Some(custom) = rt.custom {
+        return crate::custom::table_columns(custom);
+    }
     Value::Array(
         columns(rt)
             .iter()
@@ -1188,8 +1196,12 @@ pub fn column_definitions(rt: &ResourceType) -> Value {
 
 /// One Table row for `obj`, carrying its metadata as kubectl expects.
 pub fn row(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Value {
+    let cells = match rt.custom {
+        Some(custom) => crate::custom::table_cells(custom, obj, |ts| since(ts, now)),
+        None => cells(rt, obj, now),
+    };
     json!({
-        "cells": cells(rt, obj, now),
+        "cells": cells,
         "object": {
             "kind": "PartialObjectMetadata",
             "apiVersion": "meta.k8s.io/v1",

@@ -50,7 +50,11 @@ macro_rules! decode_kind {
 
 /// Decodes `value` as an object of `rt`'s kind.
 pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> {
+    if let Some(custom) = rt.custom {
+        return decode_custom(custom, value);
+    }
     let canonical = decode_kind!(rt, value, {
+        "CustomResourceDefinition" => k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
         "Namespace" => core::Namespace,
         "Pod" => core::Pod,
         "Node" => core::Node,
@@ -88,12 +92,57 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
     })
 }
 
+/// A custom resource: its metadata decoded as every object's, the rest
+/// pruned to its schema (what was pruned is the unknown fields).
+fn decode_custom(
+    custom: &crate::custom::CustomType,
+    value: &Value,
+) -> Result<Decoded, DecodeError> {
+    let mut object = value.clone();
+    let mut unknown_fields = Vec::new();
+    if let Some(meta) = value.get("metadata") {
+        let canonical =
+            round_trip::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(meta)
+                .map_err(|e| DecodeError {
+                    path: format!("metadata.{}", e.path)
+                        .trim_end_matches('.')
+                        .to_owned(),
+                    message: e.message,
+                })?;
+        collect_unknown(
+            meta,
+            &canonical,
+            &mut "metadata".to_owned(),
+            &mut unknown_fields,
+        );
+        object["metadata"] = canonical;
+    }
+    unknown_fields.extend(crate::custom::prune(&custom.schema, &mut object));
+    Ok(Decoded {
+        object,
+        unknown_fields,
+    })
+}
+
 /// Decodes the `status` of an object of `rt`'s kind alone, for a write to
 /// its status subresource, which takes nothing else from the request. Paths
 /// in errors and unknown fields start with `status`. `None` for a kind
 /// without a typed status here (decode the whole object instead).
 pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded, DecodeError>> {
+    if let Some(custom) = rt.custom {
+        let mut object = status.clone();
+        let unknown_fields = crate::custom::prune_at(
+            &custom.schema["properties"]["status"],
+            &mut object,
+            "status",
+        );
+        return Some(Ok(Decoded {
+            object,
+            unknown_fields,
+        }));
+    }
     let canonical = match rt.id() {
+        "CustomResourceDefinition" => round_trip::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionStatus>(status),
         "Pod" => round_trip::<core::PodStatus>(status),
         "Node" => round_trip::<core::NodeStatus>(status),
         "Service" => round_trip::<core::ServiceStatus>(status),

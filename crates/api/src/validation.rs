@@ -42,7 +42,18 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
             }
         };
     }
+    if let Some(custom) = rt.custom {
+        for e in crate::custom::validate(&custom.schema, obj) {
+            errs.push(e);
+        }
+        return errs.0;
+    }
     match rt.id() {
+        "CustomResourceDefinition" => {
+            for e in crate::custom::validate_crd(obj) {
+                errs.push(e);
+            }
+        }
         "Pod" => typed!(core::Pod, validate_pod),
         "Service" => typed!(core::Service, validate_service),
         "ConfigMap" => typed!(core::ConfigMap, validate_config_map),

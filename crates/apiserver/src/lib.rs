@@ -6,6 +6,7 @@
 //! through the HTTP API it serves.
 
 mod admission;
+mod crds;
 mod discovery;
 mod error;
 pub use node_proxy::{
@@ -88,6 +89,8 @@ pub struct ApiServer {
     /// The agents' stats, gathered at most once per short interval however
     /// many metrics reads arrive in it (see `node_proxy::node_stats`).
     node_stats: node_proxy::StatsCache,
+    /// Keeps the custom types served in step with the stored CRDs.
+    _crds: crds::Follower,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -107,11 +110,13 @@ impl ApiServer {
     /// Must be called inside a Tokio runtime.
     pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
         let cache = WatchCache::start(store.clone(), config.watch_cache_size);
+        let crds = crds::Follower::start(store.clone()).await;
         let server = Arc::new(Self {
             store,
             cache,
             config,
             node_stats: Default::default(),
+            _crds: crds,
         });
         let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {

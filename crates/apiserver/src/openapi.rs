@@ -5,7 +5,7 @@
 //! validation to us.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::Path;
 use axum::http::StatusCode;
@@ -24,9 +24,23 @@ use wasmkube_api::registry::{self, ResourceType};
 use crate::error::ApiError;
 
 /// Generated documents by group-version path (`api/v1`, `apis/apps/v1`).
-fn documents() -> &'static BTreeMap<String, Value> {
-    static DOCS: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
-    DOCS.get_or_init(build_all)
+/// The OpenAPI v3 documents by group-version path.
+type Documents = Arc<BTreeMap<String, Value>>;
+
+/// The documents, rebuilt when CustomResourceDefinitions change what is
+/// served.
+fn documents() -> Documents {
+    static DOCS: Mutex<Option<(u64, Documents)>> = Mutex::new(None);
+    let generation = registry::custom_generation();
+    let mut docs = DOCS.lock().unwrap_or_else(|e| e.into_inner());
+    match &*docs {
+        Some((g, d)) if *g == generation => d.clone(),
+        _ => {
+            let built = Arc::new(build_all());
+            *docs = Some((generation, built.clone()));
+            built
+        }
+    }
 }
 
 fn gv_path(rt: &ResourceType) -> String {
@@ -43,7 +57,22 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         g.subschema_for::<T>();
         T::schema_name().into_owned()
     }
+    if let Some(custom) = rt.custom {
+        // The CRD's schema, with the metadata every object has.
+        let meta = add::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(g);
+        let mut schema = custom.schema.clone();
+        let reversed: Vec<&str> = rt.group.split('.').rev().collect();
+        let name = format!("{}.{}.{}", reversed.join("."), rt.version, rt.kind);
+        if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            props.insert("apiVersion".into(), json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."}));
+            props.insert("kind".into(), json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."}));
+            props.insert("metadata".into(), json!({"$ref": format!("#/components/schemas/{meta}"), "description": "Standard object's metadata."}));
+        }
+        g.definitions_mut().insert(name.clone(), schema);
+        return name;
+    }
     match rt.id() {
+        "CustomResourceDefinition" => add::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(g),
         "Namespace" => add::<core::Namespace>(g),
         "Pod" => add::<core::Pod>(g),
         "Node" => add::<core::Node>(g),
@@ -82,7 +111,10 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
 fn normalize_refs(v: &mut Value) {
     match v {
         Value::Object(m) => {
+            // (A `$ref` whose value is not a string is a property named
+            // `$ref`, as JSONSchemaProps has, not a reference.)
             if m.len() > 1
+                && m.get("$ref").is_some_and(Value::is_string)
                 && let Some(r) = m.remove("$ref")
             {
                 m.insert("allOf".into(), json!([{"$ref": r}]));
@@ -164,7 +196,7 @@ fn paths_for(rt: &ResourceType, schema: &str) -> Vec<(String, Value)> {
 
 fn build_all() -> BTreeMap<String, Value> {
     let mut by_gv: BTreeMap<String, Vec<&'static ResourceType>> = BTreeMap::new();
-    for rt in registry::RESOURCES {
+    for rt in registry::all() {
         by_gv.entry(gv_path(rt)).or_default().push(rt);
     }
     by_gv

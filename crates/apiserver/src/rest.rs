@@ -299,7 +299,7 @@ fn spec_changed(a: &Value, b: &Value) -> bool {
 }
 
 fn has_spec_generation(rt: &ResourceType) -> bool {
-    rt.has(Subresource::Status) && !matches!(rt.kind, "Namespace" | "Node")
+    rt.custom.is_some() || (rt.has(Subresource::Status) && !matches!(rt.kind, "Namespace" | "Node"))
 }
 
 fn same_ignoring_version(a: &Value, b: &Value) -> bool {
@@ -664,6 +664,9 @@ impl Ctx<'_> {
 
     /// Kind-specific create-time behaviour that needs the whole object.
     fn admit_kind_create(&self, obj: &mut Value) {
+        if self.rt().kind == "CustomResourceDefinition" {
+            obj["status"] = wasmkube_api::custom::crd_status(obj, &now());
+        }
         if self.rt().kind == "Job"
             && obj["spec"]["selector"].is_null()
             && obj["spec"]["manualSelector"] != true
@@ -744,6 +747,11 @@ impl Ctx<'_> {
             .create(&self.key(name), value)
             .await
             .map_err(|e| self.store_err(e, name))?;
+        if self.rt().kind == "CustomResourceDefinition" {
+            // Served as soon as the write is acknowledged (the follower
+            // registers it again from the store).
+            crate::crds::register(&obj);
+        }
         Ok(stored_at(obj, kv.mod_revision))
     }
 
@@ -825,6 +833,14 @@ impl Ctx<'_> {
             };
         }
         apply_defaults(rt, &mut merged);
+        if rt.kind == "CustomResourceDefinition"
+            && sub.is_none()
+            && merged["metadata"]["deletionTimestamp"].is_null()
+        {
+            // The server accepts the names and establishes the kind itself.
+            let status = wasmkube_api::custom::crd_status(&merged, &now());
+            merged["status"] = status;
+        }
         if (has_spec_generation(rt) || merged.get("spec").is_some()) && spec_changed(old, &merged) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             merged["metadata"]["generation"] = json!(g);
@@ -882,6 +898,9 @@ impl Ctx<'_> {
             .update(&key, value, Some(rev))
             .await
             .map_err(|e| self.store_err(e, name))?;
+        if self.rt().kind == "CustomResourceDefinition" {
+            crate::crds::register(&new);
+        }
         Ok(stored_at(new, kv.mod_revision))
     }
 
@@ -1399,6 +1418,29 @@ impl Ctx<'_> {
 
     fn scale_of(&self, obj: &Value) -> Value {
         let rendered = wasmkube_api::selectors::render(&obj["spec"]["selector"]);
+        let (spec_replicas, status_replicas, selector) =
+            match self.rt().custom.and_then(|c| c.scale.as_ref()) {
+                // A custom resource's scale lives where its CRD says.
+                Some(paths) => {
+                    use wasmkube_api::custom::{replicas_at, select};
+                    (
+                        replicas_at(obj, &paths.spec_replicas).unwrap_or(0),
+                        replicas_at(obj, &paths.status_replicas).unwrap_or(0),
+                        paths
+                            .label_selector
+                            .as_deref()
+                            .and_then(|p| select(obj, p))
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    )
+                }
+                None => (
+                    obj["spec"]["replicas"].as_i64().unwrap_or(0),
+                    obj["status"]["replicas"].as_i64().unwrap_or(0),
+                    rendered,
+                ),
+            };
         json!({
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
@@ -1409,8 +1451,8 @@ impl Ctx<'_> {
                 "resourceVersion": obj["metadata"]["resourceVersion"],
                 "creationTimestamp": obj["metadata"]["creationTimestamp"],
             },
-            "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(0)},
-            "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": rendered},
+            "spec": {"replicas": spec_replicas},
+            "status": {"replicas": status_replicas, "selector": selector},
         })
     }
 
@@ -1443,7 +1485,14 @@ impl Ctx<'_> {
         let (stored, _, _) = self
             .guaranteed_update(name, None, |old| {
                 let mut new = old.clone();
-                new["spec"]["replicas"] = json!(replicas);
+                match rt.custom.and_then(|c| c.scale.as_ref()) {
+                    Some(paths) => wasmkube_api::custom::set_at(
+                        &mut new,
+                        &paths.spec_replicas,
+                        json!(replicas),
+                    ),
+                    None => new["spec"]["replicas"] = json!(replicas),
+                }
                 match &precondition {
                     Some(rv) => new["metadata"]["resourceVersion"] = json!(rv),
                     None => {

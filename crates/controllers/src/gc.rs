@@ -244,12 +244,34 @@ impl Ctx {
         r: &OwnerReference,
         namespace: Option<&str>,
     ) -> Result<bool, Error> {
-        let Some(kind) = self.kind_of(&r.api_version, &r.kind) else {
-            // An owner of a kind we do not serve cannot exist here.
-            return Ok(false);
+        let api = match self.kind_of(&r.api_version, &r.kind) {
+            Some(kind) => {
+                let ns = if self.kinds[kind].1 { namespace } else { None };
+                self.api(kind, ns)
+            }
+            // A kind outside the built-in table (a custom resource): the
+            // API server's discovery says where it is served, if anywhere.
+            None => {
+                let (group, version) = r
+                    .api_version
+                    .split_once('/')
+                    .unwrap_or(("", &r.api_version));
+                let gvk = kube::api::GroupVersionKind::gvk(group, version, &r.kind);
+                match kube::discovery::pinned_kind(&self.client, &gvk).await {
+                    Ok((ar, caps)) => match (caps.scope, namespace) {
+                        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                            Api::namespaced_with(self.client.clone(), ns, &ar)
+                        }
+                        _ => Api::all_with(self.client.clone(), &ar),
+                    },
+                    // Not served (its definition is gone): it cannot exist.
+                    Err(kube::Error::Discovery(_)) => return Ok(false),
+                    Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+                    Err(e) => return Err(Error::Kube(e)),
+                }
+            }
         };
-        let ns = if self.kinds[kind].1 { namespace } else { None };
-        match self.api(kind, ns).get_metadata_opt(&r.name).await {
+        match api.get_metadata_opt(&r.name).await {
             Ok(Some(o)) => Ok(o.metadata.uid.as_deref() == Some(r.uid.as_str())),
             Ok(None) => Ok(false),
             Err(e) => Err(Error::Kube(e)),

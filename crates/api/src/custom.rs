@@ -1,0 +1,879 @@
+//! Custom resources: the resource types a CustomResourceDefinition adds at
+//! run time, and what their structural schema does to an object (validation
+//! with field paths, pruning of unknown fields, defaulting) and how they print
+//! (`additionalPrinterColumns`).
+//!
+//! A CRD becomes one [`ResourceType`] per served version, leaked so it lives
+//! as long as the built-in ones (a CRD changes rarely; each change leaks a few
+//! hundred bytes). [`registry`](crate::registry) serves them beside the
+//! built-in table.
+
+use serde_json::{Map, Value};
+
+use crate::field::{FieldError, FieldErrorType};
+use crate::registry::{ResourceType, Subresource};
+
+/// What a CRD says about one served version of its kind.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CustomType {
+    /// The CRD's name (`PLURAL.GROUP`).
+    pub crd: String,
+    /// The version's `openAPIV3Schema`.
+    pub schema: Value,
+    pub printer_columns: Vec<PrinterColumn>,
+    /// The `scale` subresource's paths, when it has one.
+    pub scale: Option<ScalePaths>,
+}
+
+/// One `additionalPrinterColumns` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrinterColumn {
+    pub name: String,
+    /// `integer`, `number`, `string`, `boolean` or `date`.
+    pub type_: String,
+    pub format: String,
+    pub description: String,
+    pub priority: i64,
+    pub json_path: String,
+}
+
+/// Where the `scale` subresource reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalePaths {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    pub label_selector: Option<String>,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_owned().into_boxed_str())
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The resource types a (validated) CRD serves: one per served version.
+pub fn types_of(crd: &Value) -> Vec<&'static ResourceType> {
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+    let (group, kind, plural) = (
+        spec["group"].as_str().unwrap_or_default(),
+        names["kind"].as_str().unwrap_or_default(),
+        names["plural"].as_str().unwrap_or_default(),
+    );
+    let singular = names["singular"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| kind.to_lowercase());
+    let short: &'static [&'static str] = Box::leak(
+        strings(&names["shortNames"])
+            .iter()
+            .map(|s| leak(s))
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+    );
+    let categories: &'static [&'static str] = Box::leak(
+        strings(&names["categories"])
+            .iter()
+            .map(|s| leak(s))
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+    );
+    let namespaced = spec["scope"] != "Cluster";
+    let mut out = Vec::new();
+    for version in spec["versions"].as_array().into_iter().flatten() {
+        if version["served"] == false {
+            continue;
+        }
+        let subresources = &version["subresources"];
+        let mut subs = Vec::new();
+        if subresources["status"].is_object() {
+            subs.push(Subresource::Status);
+        }
+        let scale = subresources["scale"].as_object().map(|s| ScalePaths {
+            spec_replicas: s["specReplicasPath"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            status_replicas: s["statusReplicasPath"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            label_selector: s
+                .get("labelSelectorPath")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        });
+        if scale.is_some() {
+            subs.push(Subresource::Scale);
+        }
+        let printer_columns = version["additionalPrinterColumns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| PrinterColumn {
+                name: c["name"].as_str().unwrap_or_default().to_owned(),
+                type_: c["type"].as_str().unwrap_or("string").to_owned(),
+                format: c["format"].as_str().unwrap_or_default().to_owned(),
+                description: c["description"].as_str().unwrap_or_default().to_owned(),
+                priority: c["priority"].as_i64().unwrap_or(0),
+                json_path: c["jsonPath"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let custom = Box::leak(Box::new(CustomType {
+            crd: name.to_owned(),
+            schema: version["schema"]["openAPIV3Schema"].clone(),
+            printer_columns,
+            scale,
+        }));
+        out.push(&*Box::leak(Box::new(ResourceType {
+            group: leak(group),
+            version: leak(version["name"].as_str().unwrap_or_default()),
+            kind: leak(kind),
+            plural: leak(plural),
+            singular: leak(&singular),
+            namespaced,
+            short_names: short,
+            categories,
+            subresources: Box::leak(subs.into_boxed_slice()),
+            custom: Some(custom),
+        })));
+    }
+    out
+}
+
+/// Removes the fields the schema does not have (outside the object's
+/// `apiVersion`, `kind` and `metadata`, and below
+/// `x-kubernetes-preserve-unknown-fields`); returns their paths.
+pub fn prune(schema: &Value, obj: &mut Value) -> Vec<String> {
+    let mut pruned = Vec::new();
+    if let Value::Object(map) = obj {
+        for (k, v) in map.iter_mut() {
+            if matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+                continue;
+            }
+            match schema["properties"].get(k) {
+                Some(s) => prune_value(s, v, k, &mut pruned),
+                None if preserves(schema) => {}
+                None => pruned.push(k.clone()),
+            }
+        }
+        if !preserves(schema) {
+            let props = &schema["properties"];
+            map.retain(|k, _| {
+                matches!(k.as_str(), "apiVersion" | "kind" | "metadata") || props.get(k).is_some()
+            });
+        }
+    }
+    pruned
+}
+
+fn preserves(schema: &Value) -> bool {
+    schema["x-kubernetes-preserve-unknown-fields"] == true
+}
+
+fn prune_value(schema: &Value, v: &mut Value, path: &str, pruned: &mut Vec<String>) {
+    if schema["x-kubernetes-embedded-resource"] == true {
+        // An embedded object keeps its own type meta and metadata.
+        let mut inner = Vec::new();
+        let mut copy = v.clone();
+        for p in prune(schema, &mut copy) {
+            inner.push(format!("{path}.{p}"));
+        }
+        *v = copy;
+        pruned.extend(inner);
+        return;
+    }
+    match v {
+        Value::Object(map) => {
+            if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                for (k, item) in map.iter_mut() {
+                    prune_value(additional, item, &format!("{path}.{k}"), pruned);
+                }
+                return;
+            }
+            let props = &schema["properties"];
+            if !preserves(schema) {
+                let unknown: Vec<String> = map
+                    .keys()
+                    .filter(|k| props.get(*k).is_none())
+                    .cloned()
+                    .collect();
+                for k in unknown {
+                    map.remove(&k);
+                    pruned.push(format!("{path}.{k}"));
+                }
+            }
+            for (k, item) in map.iter_mut() {
+                if let Some(s) = props.get(k) {
+                    prune_value(s, item, &format!("{path}.{k}"), pruned);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, item) in items.iter_mut().enumerate() {
+                    prune_value(s, item, &format!("{path}[{i}]"), pruned);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Prunes one value (such as a status written alone) against its schema,
+/// naming pruned fields from `path`.
+pub fn prune_at(schema: &Value, v: &mut Value, path: &str) -> Vec<String> {
+    let mut pruned = Vec::new();
+    prune_value(schema, v, path, &mut pruned);
+    pruned
+}
+
+/// Fills in the schema's `default`s for absent fields, recursively.
+pub fn apply_defaults(schema: &Value, obj: &mut Value) {
+    let Value::Object(map) = obj else { return };
+    let Some(props) = schema["properties"].as_object() else {
+        if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+            for v in map.values_mut() {
+                default_value(additional, v);
+            }
+        }
+        return;
+    };
+    for (k, s) in props {
+        match map.get_mut(k) {
+            Some(v) => default_value(s, v),
+            None => {
+                if let Some(d) = s.get("default") {
+                    let mut d = d.clone();
+                    default_value(s, &mut d);
+                    map.insert(k.clone(), d);
+                }
+            }
+        }
+    }
+}
+
+fn default_value(schema: &Value, v: &mut Value) {
+    match v {
+        Value::Object(_) => apply_defaults(schema, v),
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for item in items {
+                    default_value(s, item);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks an object against the schema: types, required fields, enums,
+/// bounds, lengths, patterns, item counts and uniqueness, with field paths.
+/// The root's `apiVersion`, `kind` and `metadata` are the API server's.
+pub fn validate(schema: &Value, obj: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let Value::Object(map) = obj else {
+        errors.push(bad("", obj.clone(), "must be an object"));
+        return errors;
+    };
+    let mut root = Map::new();
+    for (k, v) in map {
+        if !matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+            root.insert(k.clone(), v.clone());
+        }
+    }
+    let mut root_schema = schema.clone();
+    if let Some(required) = root_schema
+        .get_mut("required")
+        .and_then(Value::as_array_mut)
+    {
+        required.retain(|r| !matches!(r.as_str(), Some("apiVersion" | "kind" | "metadata")));
+    }
+    if let Some(props) = root_schema
+        .get_mut("properties")
+        .and_then(Value::as_object_mut)
+    {
+        for k in ["apiVersion", "kind", "metadata"] {
+            props.remove(k);
+        }
+    }
+    check(&root_schema, &Value::Object(root), "", &mut errors);
+    errors
+}
+
+fn join(path: &str, k: &str) -> String {
+    if path.is_empty() {
+        k.to_owned()
+    } else {
+        format!("{path}.{k}")
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// `Invalid value: VALUE: detail`, the value rendered as JSON.
+fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError {
+    let v: Value = v.into();
+    FieldError::new(FieldErrorType::Invalid, path, Some(v.to_string()), detail)
+}
+
+fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    if v.is_null() {
+        if schema["nullable"] != true && schema.get("type").is_some() {
+            errors.push(bad(path, Value::Null, "must not be null"));
+        }
+        return;
+    }
+    let actual = type_name(v);
+    let int_or_string = schema["x-kubernetes-int-or-string"] == true;
+    if int_or_string {
+        if !matches!(actual, "integer" | "string") {
+            errors.push(bad(
+                path,
+                v.clone(),
+                format!("must be an integer or a string, not {actual}"),
+            ));
+            return;
+        }
+    } else if let Some(want) = schema["type"].as_str() {
+        let fits = want == actual || (want == "number" && actual == "integer");
+        if !fits {
+            errors.push(FieldError::new(
+                FieldErrorType::Invalid,
+                path,
+                Some(format!("\"{actual}\"")),
+                format!("{path} in body must be of type {want}: \"{actual}\""),
+            ));
+            return;
+        }
+    }
+    if let Some(options) = schema["enum"].as_array()
+        && !options.contains(v)
+    {
+        let list: Vec<String> = options.iter().map(Value::to_string).collect();
+        errors.push(FieldError::new(
+            FieldErrorType::NotSupported,
+            path,
+            Some(v.to_string()),
+            format!("supported values: {}", list.join(", ")),
+        ));
+    }
+    match v {
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if let Some(min) = schema["minimum"].as_f64() {
+                let exclusive = schema["exclusiveMinimum"] == true;
+                if x < min || (exclusive && x == min) {
+                    let rel = if exclusive {
+                        "greater than"
+                    } else {
+                        "greater than or equal to"
+                    };
+                    errors.push(bad(path, v.clone(), format!("should be {rel} {min}")));
+                }
+            }
+            if let Some(max) = schema["maximum"].as_f64() {
+                let exclusive = schema["exclusiveMaximum"] == true;
+                if x > max || (exclusive && x == max) {
+                    let rel = if exclusive {
+                        "less than"
+                    } else {
+                        "less than or equal to"
+                    };
+                    errors.push(bad(path, v.clone(), format!("should be {rel} {max}")));
+                }
+            }
+        }
+        Value::String(s) => {
+            let len = s.chars().count() as u64;
+            if let Some(min) = schema["minLength"].as_u64()
+                && len < min
+            {
+                errors.push(bad(
+                    path,
+                    s.as_str(),
+                    format!("should be at least {min} chars long"),
+                ));
+            }
+            if let Some(max) = schema["maxLength"].as_u64()
+                && len > max
+            {
+                errors.push(FieldError::new(
+                    FieldErrorType::TooLong,
+                    path,
+                    None,
+                    format!("may not be more than {max} bytes"),
+                ));
+            }
+            if let Some(pattern) = schema["pattern"].as_str() {
+                match regex::Regex::new(pattern) {
+                    Ok(re) if !re.is_match(s) => {
+                        errors.push(bad(path, s.as_str(), format!("should match '{pattern}'")))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(min) = schema["minItems"].as_u64()
+                && (items.len() as u64) < min
+            {
+                errors.push(bad(
+                    path,
+                    items.len(),
+                    format!("should have at least {min} items"),
+                ));
+            }
+            if let Some(max) = schema["maxItems"].as_u64()
+                && items.len() as u64 > max
+            {
+                errors.push(FieldError::new(
+                    FieldErrorType::TooLong,
+                    path,
+                    None,
+                    format!("must have at most {max} items"),
+                ));
+            }
+            let set = schema["x-kubernetes-list-type"] == "set" || schema["uniqueItems"] == true;
+            if set {
+                for (i, item) in items.iter().enumerate() {
+                    if items[..i].contains(item) {
+                        errors.push(FieldError::new(
+                            FieldErrorType::Duplicate,
+                            format!("{path}[{i}]"),
+                            Some(item.to_string()),
+                            "",
+                        ));
+                    }
+                }
+            }
+            if let Some(s) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    check(s, item, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        Value::Object(map) => {
+            for r in strings(&schema["required"]) {
+                if !map.contains_key(&r) {
+                    errors.push(FieldError::required(join(path, &r), ""));
+                }
+            }
+            if schema["x-kubernetes-embedded-resource"] == true {
+                for k in ["apiVersion", "kind"] {
+                    if !map.get(k).is_some_and(Value::is_string) {
+                        errors.push(FieldError::required(join(path, k), ""));
+                    }
+                }
+            }
+            let props = &schema["properties"];
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            for (k, item) in map {
+                if let Some(s) = props.get(k) {
+                    check(s, item, &join(path, k), errors);
+                } else if let Some(s) = additional {
+                    check(s, item, &join(path, k), errors);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A CustomResourceDefinition, as Kubernetes' validation checks it (the
+/// parts this server relies on).
+pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let spec = &crd["spec"];
+    let group = spec["group"].as_str().unwrap_or_default();
+    let plural = spec["names"]["plural"].as_str().unwrap_or_default();
+    let name = crd["metadata"]["name"].as_str().unwrap_or_default();
+    if group.is_empty() {
+        errs.push(FieldError::required("spec.group", ""));
+    } else if !group.contains('.') {
+        errs.push(FieldError::invalid(
+            "spec.group",
+            group,
+            "should be a domain with at least one dot",
+        ));
+    } else if crate::registry::is_builtin_group(group) {
+        errs.push(FieldError::invalid(
+            "spec.group",
+            group,
+            "is a built-in API group of this server",
+        ));
+    }
+    if plural.is_empty() {
+        errs.push(FieldError::required("spec.names.plural", ""));
+    } else if plural != plural.to_lowercase() || crate::names::dns1123_label(plural).is_err() {
+        errs.push(FieldError::invalid(
+            "spec.names.plural",
+            plural,
+            "a lowercase RFC 1123 label is required",
+        ));
+    }
+    if spec["names"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        errs.push(FieldError::required("spec.names.kind", ""));
+    }
+    if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
+        errs.push(FieldError::invalid(
+            "metadata.name",
+            name,
+            format!("must be spec.names.plural+\".\"+spec.group ({plural}.{group})"),
+        ));
+    }
+    match spec["scope"].as_str() {
+        Some("Namespaced" | "Cluster") => {}
+        Some(other) => errs.push(FieldError::not_supported(
+            "spec.scope",
+            other,
+            &["Cluster", "Namespaced"],
+        )),
+        None => errs.push(FieldError::required("spec.scope", "")),
+    }
+    let versions = spec["versions"].as_array().cloned().unwrap_or_default();
+    if versions.is_empty() {
+        errs.push(FieldError::required(
+            "spec.versions",
+            "must have exactly one version marked as storage version",
+        ));
+    }
+    let storage = versions.iter().filter(|v| v["storage"] == true).count();
+    if !versions.is_empty() && storage != 1 {
+        errs.push(FieldError::invalid(
+            "spec.versions",
+            storage,
+            "must have exactly one version marked as storage version",
+        ));
+    }
+    for (i, v) in versions.iter().enumerate() {
+        let at = format!("spec.versions[{i}]");
+        if v["name"]
+            .as_str()
+            .is_none_or(|n| crate::names::dns1035_label(n).is_err())
+        {
+            errs.push(bad(
+                &format!("{at}.name"),
+                v["name"].clone(),
+                "a DNS-1035 label is required",
+            ));
+        }
+        let schema = &v["schema"]["openAPIV3Schema"];
+        if !schema.is_object() {
+            errs.push(FieldError::required(
+                format!("{at}.schema.openAPIV3Schema"),
+                "schemas are required",
+            ));
+            continue;
+        }
+        if schema["type"] != "object" {
+            errs.push(bad(
+                &format!("{at}.schema.openAPIV3Schema.type"),
+                schema["type"].clone(),
+                "must be object at the root",
+            ));
+        }
+        if let Some(path) = structural_error(schema, &format!("{at}.schema.openAPIV3Schema")) {
+            errs.push(FieldError::required(
+                path,
+                "must not be empty for specified object fields",
+            ));
+        }
+        if let Some(scale) = v["subresources"]["scale"].as_object() {
+            for key in ["specReplicasPath", "statusReplicasPath"] {
+                if !scale
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.starts_with('.'))
+                {
+                    errs.push(bad(
+                        &format!("{at}.subresources.scale.{key}"),
+                        scale.get(key).cloned().unwrap_or_default(),
+                        "should be a JSON path under .spec or .status",
+                    ));
+                }
+            }
+        }
+    }
+    errs
+}
+
+/// The status the server gives a CRD it accepted: its names accepted, the
+/// kind established, its storage version recorded.
+pub fn crd_status(crd: &Value, now: &str) -> Value {
+    let spec = &crd["spec"];
+    let mut stored: Vec<Value> = crd["status"]["storedVersions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for v in spec["versions"].as_array().into_iter().flatten() {
+        if v["storage"] == true && !stored.contains(&v["name"]) {
+            stored.push(v["name"].clone());
+        }
+    }
+    let condition = |type_: &str, reason: &str, message: &str| {
+        serde_json::json!({"type": type_, "status": "True", "lastTransitionTime": now,
+                           "reason": reason, "message": message})
+    };
+    serde_json::json!({
+        "acceptedNames": spec["names"],
+        "conditions": [
+            condition("NamesAccepted", "NoConflicts", "no conflicts found"),
+            condition("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "storedVersions": stored,
+    })
+}
+
+/// The table columns of a custom type: Name, then its printer columns (or
+/// Age when it has none), as Kubernetes prints custom resources.
+pub fn table_columns(custom: &CustomType) -> Value {
+    let mut cols = vec![
+        serde_json::json!({"name": "Name", "type": "string", "format": "name",
+        "description": "Name must be unique within a namespace.", "priority": 0}),
+    ];
+    if custom.printer_columns.is_empty() {
+        cols.push(serde_json::json!({"name": "Age", "type": "date", "format": "",
+            "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0}));
+    }
+    for c in &custom.printer_columns {
+        cols.push(
+            serde_json::json!({"name": c.name, "type": c.type_, "format": c.format,
+            "description": c.description, "priority": c.priority}),
+        );
+    }
+    Value::Array(cols)
+}
+
+/// One row's cells for [`table_columns`]; `age` renders a timestamp as an
+/// age, as `date` columns print.
+pub fn table_cells(custom: &CustomType, obj: &Value, age: impl Fn(&Value) -> String) -> Vec<Value> {
+    let mut cells = vec![obj["metadata"]["name"].clone()];
+    if custom.printer_columns.is_empty() {
+        cells.push(Value::String(age(&obj["metadata"]["creationTimestamp"])));
+    }
+    for c in &custom.printer_columns {
+        let v = select(obj, &c.json_path).cloned().unwrap_or(Value::Null);
+        cells.push(match (c.type_.as_str(), &v) {
+            ("date", Value::String(_)) => Value::String(age(&v)),
+            (_, Value::Object(_) | Value::Array(_)) => Value::String(v.to_string()),
+            _ => v,
+        });
+    }
+    cells
+}
+
+/// Whether a CRD's version schema is structural enough to serve: an object
+/// at the root, and a type (or int-or-string, or preserve-unknown-fields)
+/// on every property. Returns the first offending path.
+pub fn structural_error(schema: &Value, path: &str) -> Option<String> {
+    let typed = schema.get("type").is_some()
+        || schema["x-kubernetes-int-or-string"] == true
+        || schema["x-kubernetes-preserve-unknown-fields"] == true;
+    if !typed {
+        return Some(format!("{path}.type"));
+    }
+    for (k, s) in schema["properties"].as_object().into_iter().flatten() {
+        if let Some(e) = structural_error(s, &format!("{path}.properties[{k}]")) {
+            return Some(e);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(s) = schema.get(key).filter(|s| s.is_object())
+            && let Some(e) = structural_error(s, &format!("{path}.{key}"))
+        {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// The value a printer column's JSONPath selects: `.a.b`, `.a[0].b` and
+/// `.a[?(@.k=="v")].b` steps.
+pub fn select<'a>(obj: &'a Value, path: &str) -> Option<&'a Value> {
+    let path = path.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut cur = obj;
+    let mut rest = path.trim_start_matches('$');
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            cur = cur.get(&r[..end])?;
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']')?;
+            let inner = &r[..end];
+            rest = &r[end + 1..];
+            if let Some(filter) = inner.strip_prefix("?(@.").and_then(|f| f.strip_suffix(')')) {
+                let (field, want) = filter.split_once("==")?;
+                let want = want.trim().trim_matches(|c| c == '"' || c == '\'');
+                cur = cur.as_array()?.iter().find(|item| {
+                    item.get(field.trim()).is_some_and(|v| match v {
+                        Value::String(s) => s == want,
+                        other => *other == want.parse::<Value>().unwrap_or(Value::Null),
+                    })
+                })?;
+            } else {
+                cur = cur.get(inner.trim().parse::<usize>().ok()?)?;
+            }
+        } else {
+            return None;
+        }
+    }
+    Some(cur)
+}
+
+/// The replica count a `scale` path (`.spec.replicas`) holds.
+pub fn replicas_at(obj: &Value, path: &str) -> Option<i64> {
+    select(obj, path).and_then(Value::as_i64)
+}
+
+/// Sets the value at a `.a.b` path, making objects on the way.
+pub fn set_at(obj: &mut Value, path: &str, value: Value) {
+    let keys: Vec<&str> = path.trim_start_matches('.').split('.').collect();
+    let mut cur = obj;
+    for (i, k) in keys.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        let map = cur.as_object_mut().expect("made an object");
+        if i == keys.len() - 1 {
+            map.insert((*k).to_owned(), value);
+            return;
+        }
+        cur = map
+            .entry((*k).to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "minLength": 1},
+                        "replicas": {"type": "integer", "minimum": 0, "maximum": 10, "default": 1},
+                        "mode": {"type": "string", "enum": ["fast", "safe"], "default": "safe"},
+                        "port": {"x-kubernetes-int-or-string": true},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        "tags": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string", "pattern": "^[a-z]+$"}},
+                        "template": {"type": "object", "x-kubernetes-embedded-resource": true, "x-kubernetes-preserve-unknown-fields": true},
+                    }
+                },
+                "status": {"type": "object", "properties": {"ready": {"type": "boolean"}}}
+            }
+        })
+    }
+
+    #[test]
+    fn validation_names_each_field() {
+        let obj = json!({
+            "apiVersion": "x.example/v1", "kind": "App", "metadata": {"name": "a"},
+            "spec": {"replicas": 11, "mode": "slow", "port": 1.5, "labels": {"a": 1},
+                     "tags": ["ok", "ok", "Bad"], "template": {"spec": {}}},
+        });
+        let errors = validate(&schema(), &obj);
+        let got: Vec<(String, &str)> = errors
+            .iter()
+            .map(|e| (e.field.clone(), e.kind.reason()))
+            .collect();
+        for want in [
+            ("spec.image", "FieldValueRequired"),
+            ("spec.replicas", "FieldValueInvalid"),
+            ("spec.mode", "FieldValueNotSupported"),
+            ("spec.port", "FieldValueInvalid"),
+            ("spec.labels.a", "FieldValueInvalid"),
+            ("spec.tags[1]", "FieldValueDuplicate"),
+            ("spec.tags[2]", "FieldValueInvalid"),
+            ("spec.template.apiVersion", "FieldValueRequired"),
+        ] {
+            assert!(
+                got.iter().any(|(f, r)| f == want.0 && *r == want.1),
+                "{want:?} not in {got:?}"
+            );
+        }
+        let fine = json!({"spec": {"image": "x", "port": "http", "extra": {"any": [1]}}});
+        assert_eq!(validate(&schema(), &fine), vec![]);
+    }
+
+    #[test]
+    fn pruning_and_defaults() {
+        let mut obj = json!({
+            "apiVersion": "x.example/v1", "kind": "App", "metadata": {"name": "a", "labels": {"k": "v"}},
+            "spec": {"image": "x", "bogus": 1, "extra": {"kept": true},
+                     "template": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"kept": 1}}},
+            "top": 1,
+        });
+        let mut pruned = prune(&schema(), &mut obj);
+        pruned.sort();
+        assert_eq!(pruned, vec!["spec.bogus", "top"]);
+        assert_eq!(obj["metadata"]["labels"]["k"], "v");
+        assert_eq!(obj["spec"]["extra"]["kept"], true);
+        assert_eq!(obj["spec"]["template"]["spec"]["kept"], 1);
+        apply_defaults(&schema(), &mut obj);
+        assert_eq!(obj["spec"]["replicas"], 1);
+        assert_eq!(obj["spec"]["mode"], "safe");
+        assert!(obj.get("status").is_none());
+    }
+
+    #[test]
+    fn json_paths_select_like_kubectl() {
+        let obj = json!({"spec": {"replicas": 3}, "status": {"conditions": [
+            {"type": "Synced", "status": "False"}, {"type": "Ready", "status": "True"}]}});
+        assert_eq!(select(&obj, ".spec.replicas"), Some(&json!(3)));
+        assert_eq!(
+            select(&obj, ".status.conditions[?(@.type==\"Ready\")].status"),
+            Some(&json!("True"))
+        );
+        assert_eq!(
+            select(&obj, ".status.conditions[0].type"),
+            Some(&json!("Synced"))
+        );
+        assert_eq!(select(&obj, ".spec.missing"), None);
+        let mut o = json!({});
+        set_at(&mut o, ".status.replicas", json!(2));
+        assert_eq!(o, json!({"status": {"replicas": 2}}));
+    }
+
+    #[test]
+    fn structural_schemas_type_every_property() {
+        assert_eq!(structural_error(&schema(), "spec"), None);
+        let bad = json!({"type": "object", "properties": {"spec": {"properties": {"a": {"type": "string"}}}}});
+        assert_eq!(
+            structural_error(&bad, "openAPIV3Schema").as_deref(),
+            Some("openAPIV3Schema.properties[spec].type")
+        );
+    }
+}
