@@ -89,12 +89,12 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         .map(|i| slice(i, args.endpoints, 0))
         .collect();
     let objects = rss_kib();
-    let sync = |slices: &[EndpointSlice]| {
+    let sync = |slices: &[EndpointSlice], previous: &nft::Ruleset| {
         let ports = model::service_ports(&services, slices, "n1");
-        nft::build(ports.values(), &net)
+        nft::build(ports.values(), &net, previous)
     };
     let started = Instant::now();
-    let mut applied = sync(&slices);
+    let mut applied = sync(&slices, &nft::Ruleset::default());
     let computed = started.elapsed();
     let model_rss = rss_kib();
     let script = nft::full(&net, &applied);
@@ -125,7 +125,7 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         let i = (c * 7919) % args.services;
         slices[i] = slice(i, args.endpoints, c as u32 + 1);
         let started = Instant::now();
-        let rules = sync(&slices);
+        let rules = sync(&slices, &applied);
         let script = nft::diff(&applied, &rules);
         let applying = Instant::now();
         nft::apply(&script).await?;
@@ -140,7 +140,7 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
     let mut rewrites = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        let rules = sync(&slices);
+        let rules = sync(&slices, &nft::Ruleset::default());
         nft::apply(&nft::full(&net, &rules)).await?;
         rewrites.push(started.elapsed());
     }

@@ -624,6 +624,24 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         ip_out(&["-n", &lan.ns("host1"), "route", "show", "table", "all"]),
         nft_table(&lan, "host1"),
     );
+    // Hairpin: the only web pod reaches itself through its own Service
+    // (masqueraded, or its reply would come from its own address).
+    let own = checked(
+        &s,
+        &[
+            "exec",
+            "deploy/web",
+            "--",
+            "sh",
+            "-c",
+            &http_get_at(&web_vip, 80, "/"),
+        ],
+    );
+    assert!(
+        own.ends_with("\r\n\r\nhello from busybox httpd\n"),
+        "{own:?} {}",
+        nft_table(&lan, "host1")
+    );
     let got = lan.busybox_in(
         "host1",
         &["sh", "-c", &http_get_at(&fn_vip, 80, "/via-service")],

@@ -168,7 +168,12 @@ impl SyncState {
             slices.iter().map(AsRef::as_ref),
             &config.node,
         );
-        let rules = nft::build(ports.values(), &config.network);
+        let empty = nft::Ruleset::default();
+        let rules = nft::build(
+            ports.values(),
+            &config.network,
+            self.applied.as_ref().unwrap_or(&empty),
+        );
         let script = match &self.applied {
             None => nft::full(&config.network, &rules),
             Some(old) => nft::diff(old, &rules),

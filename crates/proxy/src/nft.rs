@@ -1,8 +1,21 @@
 //! The node's nftables program, as kube-proxy's nftables mode lays it out:
 //! one table, verdict maps keyed by address, protocol and port that send a
-//! packet to its Service's chain in one lookup, a chain per Service port
+//! packet to its Service's chain in one lookup, and a chain per Service port
 //! that picks an endpoint at random (or the client's last one, under
-//! `sessionAffinity: ClientIP`), and a chain per endpoint that DNATs.
+//! `sessionAffinity: ClientIP`).
+//!
+//! The pick is one rule, `dnat ip to numgen random mod N offset K map
+//! @endpoints-S`: each Service port owns a slot (`K = slot << 16`, so up to
+//! 65,536 endpoints) whose endpoints are elements of one of a fixed set of
+//! shared maps. An endpoint replaced is one element rewritten; a Service
+//! costs one chain, not one per endpoint (kube-proxy's chain per endpoint
+//! made 60,000 chains at 10,000 Services, which `nft` could not load in
+//! minutes). The maps are sharded because the kernel checks every element
+//! added to a map against every rule bound to it: one map for all Services
+//! made a full sync at 10,000 Services × 5 endpoints cost 6 s, quadratic.
+//! Only affinity keeps a chain per endpoint (it records the client there).
+//! A pod reaching itself through its Service is masqueraded by one set of
+//! `address . address` pairs (hairpin) instead of a rule per endpoint.
 //!
 //! [`Ruleset`] is the per-Service part as data; [`full`] writes the whole
 //! table from scratch in one transaction (at start, and after anything went
@@ -26,8 +39,19 @@ const SERVICE_IPS: &str = "service-ips";
 const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+/// `endpoint . endpoint` address pairs: a connection DNATed back to its
+/// own source (a pod through its own Service) is masqueraded.
+const HAIRPIN: &str = "hairpin";
+/// How many endpoint maps the slots are spread over.
+const ENDPOINT_MAPS: u32 = 64;
+/// Endpoints one slot holds (its offset is `slot << SLOT_BITS`).
+const SLOT_BITS: u32 = 16;
 
-/// The per-Service part of the table: chains, affinity sets and map
+fn endpoint_map(slot: u32) -> String {
+    format!("endpoints-{}", slot % ENDPOINT_MAPS)
+}
+
+/// The per-Service part of the table: chains, affinity sets, map and set
 /// elements, each keyed by its name so two rulesets compare piecewise.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
@@ -35,14 +59,55 @@ pub struct Ruleset {
     chains: BTreeMap<String, Vec<String>>,
     /// Affinity sets (their timeout is part of the name).
     sets: BTreeMap<String, u32>,
-    /// (map, key) to verdict.
-    elements: BTreeMap<(&'static str, String), String>,
+    /// (map or set, key) to verdict or value (empty for a set's element).
+    elements: BTreeMap<(String, String), String>,
+    /// The endpoint slot of each chain that picks from a map.
+    slots: BTreeMap<String, u32>,
 }
 
 impl Ruleset {
     /// How many chains, sets and map elements it has.
     pub fn size(&self) -> (usize, usize, usize) {
         (self.chains.len(), self.sets.len(), self.elements.len())
+    }
+}
+
+/// Hands out endpoint slots: a chain keeps the one it had; a new chain gets
+/// the lowest one nobody held before this build, so a slot freed now is
+/// reused only after its elements are gone.
+struct Slots<'a> {
+    previous: &'a BTreeMap<String, u32>,
+    taken: BTreeSet<u32>,
+    next: u32,
+    given: BTreeMap<String, u32>,
+}
+
+impl<'a> Slots<'a> {
+    fn new(previous: &'a BTreeMap<String, u32>) -> Self {
+        Self {
+            previous,
+            taken: previous.values().copied().collect(),
+            next: 0,
+            given: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, chain: &str) -> u32 {
+        if let Some(slot) = self.given.get(chain) {
+            return *slot;
+        }
+        let slot = match self.previous.get(chain) {
+            Some(slot) => *slot,
+            None => {
+                while self.taken.contains(&self.next) {
+                    self.next += 1;
+                }
+                self.taken.insert(self.next);
+                self.next
+            }
+        };
+        self.given.insert(chain.to_owned(), slot);
+        slot
     }
 }
 
@@ -77,40 +142,70 @@ fn affinity_set(chain: &str, seconds: u32) -> String {
     format!("affinity-{}", hash(&format!("{chain}/{seconds}")))
 }
 
-/// The per-Service part of the table for these Service ports.
-pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, net: &NodeNetwork) -> Ruleset {
+/// The per-Service part of the table for these Service ports; `previous`
+/// is what was built last (its chains keep their endpoint slots).
+pub fn build<'a>(
+    ports: impl IntoIterator<Item = &'a ServicePort>,
+    net: &NodeNetwork,
+    previous: &Ruleset,
+) -> Ruleset {
     let mut r = Ruleset::default();
+    let mut slots = Slots::new(&previous.slots);
     for p in ports {
         let base = base(&p.name, p.port);
         let proto = p.name.protocol.nft();
         let service_chain = format!("service-{}-{base}", hash(&base));
         let external_chain = format!("external-{}-{base}", hash(&base));
-        let endpoint_chains = |endpoints: &[Endpoint], r: &mut Ruleset| -> Vec<String> {
-            endpoints
+        // The rules that send a packet to one of `endpoints`, picked for
+        // the chain `chain`: the client's last one under affinity, else one
+        // at random. None when there is no endpoint.
+        let mut pick = |chain: &str, endpoints: &[Endpoint], r: &mut Ruleset| {
+            if endpoints.is_empty() {
+                return None;
+            }
+            let endpoints = &endpoints[..endpoints.len().min(1 << SLOT_BITS)];
+            for e in endpoints {
+                r.elements.insert(
+                    (HAIRPIN.to_owned(), format!("{} . {}", e.ip, e.ip)),
+                    String::new(),
+                );
+            }
+            let Some(seconds) = p.affinity_seconds else {
+                let slot = slots.get(chain);
+                let (map, offset) = (endpoint_map(slot), slot << SLOT_BITS);
+                for (i, e) in endpoints.iter().enumerate() {
+                    r.elements.insert(
+                        (map.clone(), (offset + i as u32).to_string()),
+                        format!("{} . {}", e.ip, e.port),
+                    );
+                }
+                return Some(vec![format!(
+                    "meta l4proto {proto} dnat ip to numgen random mod {} offset {offset} map @{map}",
+                    endpoints.len()
+                )]);
+            };
+            // Affinity: a chain per endpoint records the client in the
+            // endpoint's set and DNATs; the client's set sends it back.
+            let chains: Vec<String> = endpoints
                 .iter()
                 .map(|e| {
                     let chain = endpoint_chain(&base, e);
-                    let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", e.ip)];
-                    if let Some(seconds) = p.affinity_seconds {
-                        let set = affinity_set(&chain, seconds);
-                        rules.push(format!("update @{set} {{ ip saddr }}"));
-                        r.sets.insert(set, seconds);
-                    }
-                    rules.push(format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port));
-                    r.chains.insert(chain.clone(), rules);
+                    let set = affinity_set(&chain, seconds);
+                    r.chains.insert(
+                        chain.clone(),
+                        vec![
+                            format!("update @{set} {{ ip saddr }}"),
+                            format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port),
+                        ],
+                    );
+                    r.sets.insert(set, seconds);
                     chain
                 })
-                .collect()
-        };
-        // Picks an endpoint: the client's last one under affinity, else one
-        // at random.
-        let pick = |chains: &[String]| -> Vec<String> {
-            let mut rules = Vec::new();
-            if let Some(seconds) = p.affinity_seconds {
-                for c in chains {
-                    rules.push(format!("ip saddr @{} goto {c}", affinity_set(c, seconds)));
-                }
-            }
+                .collect();
+            let mut rules: Vec<String> = chains
+                .iter()
+                .map(|c| format!("ip saddr @{} goto {c}", affinity_set(c, seconds)))
+                .collect();
             let arms: Vec<String> = chains
                 .iter()
                 .enumerate()
@@ -121,11 +216,12 @@ pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, net: &NodeNet
                 chains.len(),
                 arms.join(", ")
             ));
-            rules
+            Some(rules)
         };
 
-        let cluster = endpoint_chains(&p.cluster_endpoints, &mut r);
-        if !cluster.is_empty() {
+        let cluster = pick(&service_chain, &p.cluster_endpoints, &mut r);
+        let has_cluster = cluster.is_some();
+        if let Some(picking) = cluster {
             // Traffic to a cluster IP from outside the pod network (the node
             // itself, say) is masqueraded, so replies come back through
             // this node.
@@ -133,27 +229,30 @@ pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, net: &NodeNet
                 Some(cidr) => format!("ip saddr != {cidr} jump mark-for-masquerade"),
                 None => "jump mark-for-masquerade".to_owned(),
             }];
-            rules.extend(pick(&cluster));
+            rules.extend(picking);
             r.chains.insert(service_chain.clone(), rules);
         }
         if let Some(ip) = p.cluster_ip {
             let key = format!("{ip} . {proto} . {}", p.port);
-            if cluster.is_empty() {
-                r.elements
-                    .insert((NO_ENDPOINT_SERVICES, key), "goto reject-chain".to_owned());
+            if has_cluster {
+                r.elements.insert(
+                    (SERVICE_IPS.to_owned(), key),
+                    format!("goto {service_chain}"),
+                );
             } else {
-                r.elements
-                    .insert((SERVICE_IPS, key), format!("goto {service_chain}"));
+                r.elements.insert(
+                    (NO_ENDPOINT_SERVICES.to_owned(), key),
+                    "goto reject-chain".to_owned(),
+                );
             }
         }
         if !p.external() {
             continue;
         }
         let external_target = if p.external_local {
-            let local = endpoint_chains(&p.external_endpoints, &mut r);
-            (!local.is_empty()).then(|| pick(&local))
+            pick(&external_chain, &p.external_endpoints, &mut r)
         } else {
-            (!cluster.is_empty()).then(|| {
+            has_cluster.then(|| {
                 vec![
                     "jump mark-for-masquerade".to_owned(),
                     format!("goto {service_chain}"),
@@ -191,16 +290,17 @@ pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, net: &NodeNet
                 r.chains.insert(external_chain.clone(), rules);
                 for (map, _, key) in keys {
                     r.elements
-                        .insert((map, key), format!("goto {external_chain}"));
+                        .insert((map.to_owned(), key), format!("goto {external_chain}"));
                 }
             }
             None => {
                 for (_, map, key) in keys {
-                    r.elements.insert((map, key), none.to_owned());
+                    r.elements.insert((map.to_owned(), key), none.to_owned());
                 }
             }
         }
     }
+    r.slots = slots.given;
     r
 }
 
@@ -220,6 +320,13 @@ fn skeleton(net: &NodeNetwork) -> String {
     ] {
         let _ = writeln!(t, "  map {map} {{ type {key} : verdict; }}");
     }
+    for i in 0..ENDPOINT_MAPS {
+        let _ = writeln!(
+            t,
+            "  map endpoints-{i} {{ typeof numgen random mod 1 : ip daddr . tcp dport; }}"
+        );
+    }
+    let _ = writeln!(t, "  set {HAIRPIN} {{ type ipv4_addr . ipv4_addr; }}");
     let _ = writeln!(
         t,
         "  chain mark-for-masquerade {{ meta mark set meta mark | {MASQUERADE_MARK}; }}"
@@ -256,7 +363,7 @@ fn skeleton(net: &NodeNetwork) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         t,
-        "  chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading;{egress} }}"
+        "  chain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; ct status dnat ip saddr . ip daddr @{HAIRPIN} masquerade;{egress} }}"
     );
     // A cluster IP is a local address of the node (so the node's own
     // connections route to it); a new connection that reaches it
@@ -284,12 +391,43 @@ fn skeleton(net: &NodeNetwork) -> String {
     t
 }
 
-/// A script that replaces the whole table with `rules` in one transaction.
+/// A script that replaces the whole table with `rules` in one transaction:
+/// the table in `nft`'s block form (much faster for `nft` to load than a
+/// command per chain and rule), then the elements, a map at a time.
 pub fn full(net: &NodeNetwork, rules: &Ruleset) -> String {
     let mut s = format!("add table ip {TABLE}\ndelete table ip {TABLE}\n");
     s.push_str(&skeleton(net));
-    s.push_str(&diff(&Ruleset::default(), rules));
+    let _ = writeln!(s, "table ip {TABLE} {{");
+    for (set, seconds) in &rules.sets {
+        let _ = writeln!(s, "  {}", affinity_set_decl(set, *seconds));
+    }
+    for (chain, body) in &rules.chains {
+        let _ = writeln!(s, "  chain {chain} {{ {}; }}", body.join("; "));
+    }
+    s.push_str("}\n");
+    let mut elements = rules.elements.iter().peekable();
+    while let Some(((map, _), _)) = elements.peek() {
+        let map = map.clone();
+        let mut line = Vec::new();
+        while let Some(((_, key), value)) = elements.next_if(|((m, _), _)| *m == map) {
+            line.push(element(key, value));
+        }
+        let _ = writeln!(s, "add element ip {TABLE} {map} {{ {} }}", line.join(", "));
+    }
     s
+}
+
+/// An element as `nft` writes it: `key : value` in a map, `key` in a set.
+fn element(key: &str, value: &str) -> String {
+    if value.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{key} : {value}")
+    }
+}
+
+fn affinity_set_decl(set: &str, seconds: u32) -> String {
+    format!("set {set} {{ type ipv4_addr; flags dynamic,timeout; timeout {seconds}s; }}")
 }
 
 /// A script that turns the table holding `old` into one holding `new`.
@@ -297,16 +435,14 @@ pub fn full(net: &NodeNetwork, rules: &Ruleset) -> String {
 /// everything a new rule references is added before the rule.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
     let mut s = String::new();
-    let changed_elements: BTreeSet<&(&str, String)> = new
+    let changed_elements: BTreeSet<&(String, String)> = new
         .elements
         .iter()
         .filter(|(k, v)| old.elements.get(*k) != Some(*v))
         .map(|(k, _)| k)
         .collect();
-    for (map, key) in old.elements.keys() {
-        if !new.elements.contains_key(&(*map, key.clone()))
-            || changed_elements.contains(&(*map, key.clone()))
-        {
+    for k @ (map, key) in old.elements.keys() {
+        if !new.elements.contains_key(k) || changed_elements.contains(k) {
             let _ = writeln!(s, "delete element ip {TABLE} {map} {{ {key} }}");
         }
     }
@@ -314,7 +450,8 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
         if !old.sets.contains_key(set) {
             let _ = writeln!(
                 s,
-                "add set ip {TABLE} {set} {{ type ipv4_addr; flags dynamic,timeout; timeout {seconds}s; }}"
+                "add {}",
+                affinity_set_decl(set, *seconds).replacen("set ", &format!("set ip {TABLE} "), 1)
             );
         }
     }
@@ -340,12 +477,11 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
     for chain in &gone_chains {
         let _ = writeln!(s, "flush chain ip {TABLE} {chain}");
     }
-    for key in changed_elements {
-        let (map, key) = key;
+    for k @ (map, key) in changed_elements {
         let _ = writeln!(
             s,
-            "add element ip {TABLE} {map} {{ {key} : {} }}",
-            new.elements[&(*map, key.clone())]
+            "add element ip {TABLE} {map} {{ {} }}",
+            element(key, &new.elements[k])
         );
     }
     for chain in &gone_chains {
@@ -486,52 +622,101 @@ mod tests {
 
     #[test]
     fn a_cluster_ip_service_dispatches_at_random_to_its_endpoints() {
-        let r = build(&[port(&["10.244.0.5", "10.244.1.5"])], &net());
+        let r = build(
+            &[port(&["10.244.0.5", "10.244.1.5"])],
+            &net(),
+            &Ruleset::default(),
+        );
         assert_eq!(
             lines(&diff(&Ruleset::default(), &r)),
             [
-                "add chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080",
-                "add chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.1.5/8080",
                 "add chain ip wasmkube service-H-ns/web/tcp/http",
-                "add rule ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080 ip saddr 10.244.0.5 jump mark-for-masquerade",
-                "add rule ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080 meta l4proto tcp dnat to 10.244.0.5:8080",
-                "add rule ip wasmkube endpoint-H-ns/web/tcp/http__10.244.1.5/8080 ip saddr 10.244.1.5 jump mark-for-masquerade",
-                "add rule ip wasmkube endpoint-H-ns/web/tcp/http__10.244.1.5/8080 meta l4proto tcp dnat to 10.244.1.5:8080",
                 "add rule ip wasmkube service-H-ns/web/tcp/http ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-                "add rule ip wasmkube service-H-ns/web/tcp/http numgen random mod 2 vmap { 0 : goto endpoint-H-ns/web/tcp/http__10.244.0.5/8080, 1 : goto endpoint-H-ns/web/tcp/http__10.244.1.5/8080 }",
+                "add rule ip wasmkube service-H-ns/web/tcp/http meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @endpoints-0",
+                "add element ip wasmkube endpoints-0 { 0 : 10.244.0.5 . 8080 }",
+                "add element ip wasmkube endpoints-0 { 1 : 10.244.1.5 . 8080 }",
+                "add element ip wasmkube hairpin { 10.244.0.5 . 10.244.0.5 }",
+                "add element ip wasmkube hairpin { 10.244.1.5 . 10.244.1.5 }",
                 "add element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 : goto service-H-ns/web/tcp/http }",
             ]
         );
     }
 
     #[test]
-    fn an_endpoint_change_rewrites_only_its_service_and_the_chains_that_go() {
-        let before = build(&[port(&["10.244.0.5", "10.244.1.5"])], &net());
-        let after = build(&[port(&["10.244.1.5"])], &net());
+    fn an_endpoint_change_rewrites_only_its_service_and_its_elements() {
+        let before = build(
+            &[port(&["10.244.0.5", "10.244.1.5"])],
+            &net(),
+            &Ruleset::default(),
+        );
+        let after = build(&[port(&["10.244.1.5"])], &net(), &before);
         assert_eq!(
             lines(&diff(&before, &after)),
             [
+                "delete element ip wasmkube endpoints-0 { 0 }",
+                "delete element ip wasmkube endpoints-0 { 1 }",
+                "delete element ip wasmkube hairpin { 10.244.0.5 . 10.244.0.5 }",
                 "flush chain ip wasmkube service-H-ns/web/tcp/http",
                 "add rule ip wasmkube service-H-ns/web/tcp/http ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-                "add rule ip wasmkube service-H-ns/web/tcp/http numgen random mod 1 vmap { 0 : goto endpoint-H-ns/web/tcp/http__10.244.1.5/8080 }",
-                "flush chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080",
-                "delete chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080",
+                "add rule ip wasmkube service-H-ns/web/tcp/http meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @endpoints-0",
+                "add element ip wasmkube endpoints-0 { 0 : 10.244.1.5 . 8080 }",
             ]
         );
         assert_eq!(diff(&after, &after), "");
-        // The last endpoint gone: the cluster IP refuses instead.
-        let none = build(&[port(&[])], &net());
+        // An endpoint replaced by another: one element rewritten.
+        let replaced = build(&[port(&["10.244.2.7"])], &net(), &after);
         assert_eq!(
-            lines(&diff(&after, &none)),
+            lines(&diff(&after, &replaced)),
             [
+                "delete element ip wasmkube endpoints-0 { 0 }",
+                "delete element ip wasmkube hairpin { 10.244.1.5 . 10.244.1.5 }",
+                "add element ip wasmkube endpoints-0 { 0 : 10.244.2.7 . 8080 }",
+                "add element ip wasmkube hairpin { 10.244.2.7 . 10.244.2.7 }",
+            ]
+        );
+        // The last endpoint gone: the cluster IP refuses instead.
+        let none = build(&[port(&[])], &net(), &replaced);
+        assert_eq!(
+            lines(&diff(&replaced, &none)),
+            [
+                "delete element ip wasmkube endpoints-0 { 0 }",
+                "delete element ip wasmkube hairpin { 10.244.2.7 . 10.244.2.7 }",
                 "delete element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 }",
-                "flush chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.1.5/8080",
                 "flush chain ip wasmkube service-H-ns/web/tcp/http",
                 "add element ip wasmkube no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }",
-                "delete chain ip wasmkube endpoint-H-ns/web/tcp/http__10.244.1.5/8080",
                 "delete chain ip wasmkube service-H-ns/web/tcp/http",
             ]
         );
+    }
+
+    #[test]
+    fn slots_are_kept_and_a_freed_one_is_reused_only_by_a_later_build() {
+        let named = |name: &str, ip: &str| {
+            let mut p = port(&[ip]);
+            p.name.name = name.into();
+            p
+        };
+        let (a, b, c) = (
+            named("a", "10.244.0.1"),
+            named("b", "10.244.0.2"),
+            named("c", "10.244.0.3"),
+        );
+        let first = build([&a, &b], &net(), &Ruleset::default());
+        let slot = |r: &Ruleset, name: &str| {
+            r.slots
+                .iter()
+                .find(|(chain, _)| chain.contains(&format!("/{name}/")))
+                .map(|(_, s)| *s)
+        };
+        assert_eq!((slot(&first, "a"), slot(&first, "b")), (Some(0), Some(1)));
+        // a goes and c comes in the same build: c must not take a's slot,
+        // whose elements this very diff deletes.
+        let second = build([&b, &c], &net(), &first);
+        assert_eq!((slot(&second, "b"), slot(&second, "c")), (Some(1), Some(2)));
+        let third = build([&b, &c, &a], &net(), &second);
+        assert_eq!(slot(&third, "a"), Some(0));
+        // 64 maps: slot 64 shares map 0 at its own offset.
+        assert_eq!(endpoint_map(64), "endpoints-0");
     }
 
     #[test]
@@ -540,7 +725,10 @@ mod tests {
         p.node_port = Some(30080);
         p.external_ips = vec!["192.168.1.2".parse().unwrap()];
         p.affinity_seconds = Some(60);
-        let script = lines(&diff(&Ruleset::default(), &build(&[p.clone()], &net())));
+        let script = lines(&diff(
+            &Ruleset::default(),
+            &build(&[p.clone()], &net(), &Ruleset::default()),
+        ));
         for want in [
             "add set ip wasmkube affinity-H { type ipv4_addr; flags dynamic,timeout; timeout 60s; }",
             "add rule ip wasmkube endpoint-H-ns/web/tcp/http__10.244.0.5/8080 update @affinity-H { ip saddr }",
@@ -559,7 +747,10 @@ mod tests {
         p.external_local = true;
         p.external_endpoints.clear();
         p.affinity_seconds = None;
-        let script = lines(&diff(&Ruleset::default(), &build(&[p], &net())));
+        let script = lines(&diff(
+            &Ruleset::default(),
+            &build(&[p], &net(), &Ruleset::default()),
+        ));
         assert!(
             script.contains(
                 &"add element ip wasmkube no-endpoint-nodeports { tcp . 30080 : drop }".to_owned()
@@ -574,7 +765,10 @@ mod tests {
 
     #[test]
     fn the_full_script_replaces_the_table_in_one_transaction() {
-        let s = full(&net(), &build(&[port(&["10.244.0.5"])], &net()));
+        let s = full(
+            &net(),
+            &build(&[port(&["10.244.0.5"])], &net(), &Ruleset::default()),
+        );
         assert!(
             s.starts_with("add table ip wasmkube\ndelete table ip wasmkube\ntable ip wasmkube {\n")
         );

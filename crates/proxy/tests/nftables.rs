@@ -64,6 +64,7 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         let two = nft::build(
             &[port(&["10.244.0.5", "10.244.1.5"], Some(30080), Some(60))],
             &net,
+            &nft::Ruleset::default(),
         );
         apply(&nft::full(&net, &two));
         let t = table();
@@ -74,13 +75,22 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         // Applied twice, the whole table replaces itself.
         apply(&nft::full(&net, &two));
 
-        let one = nft::build(&[port(&["10.244.1.5"], Some(30080), None)], &net);
+        let one = nft::build(&[port(&["10.244.1.5"], Some(30080), None)], &net, &two);
         apply(&nft::diff(&two, &one));
         let t = table();
-        assert_eq!(t.matches("chain endpoint-").count(), 1, "{t}");
+        // Without affinity, no chain per endpoint: one DNAT rule picks
+        // from the Service's slot of a shared map.
+        assert_eq!(t.matches("chain endpoint-").count(), 0, "{t}");
         assert!(!t.contains("affinity-"), "{t}");
+        assert!(
+            // (nft lists no offset when it is 0)
+            t.contains("dnat ip to numgen random mod 1 map @endpoints-0"),
+            "{t}"
+        );
+        assert!(t.contains("0 : 10.244.1.5 . 8080"), "{t}");
+        assert!(t.contains("10.244.1.5 . 10.244.1.5"), "{t}");
 
-        let none = nft::build(&[port(&[], Some(30080), None)], &net);
+        let none = nft::build(&[port(&[], Some(30080), None)], &net, &one);
         apply(&nft::diff(&one, &none));
         let t = table();
         assert!(
@@ -89,8 +99,9 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         );
         assert!(t.contains("tcp . 30080 : goto reject-chain"), "{t}");
         assert!(!t.contains("chain endpoint-"), "{t}");
+        assert!(!t.contains("10.244.1.5"), "{t}");
 
-        apply(&nft::diff(&none, &nft::build(&[], &net)));
+        apply(&nft::diff(&none, &nft::build(&[], &net, &none)));
         let t = table();
         assert!(!t.contains("10.96.0.20"), "{t}");
 
