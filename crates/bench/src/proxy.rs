@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use wasmkube_proxy::{NodeNetwork, model, nft};
+use wasmkube_proxy::{NodeNetwork, nft};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -89,18 +89,16 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         .map(|i| slice(i, args.endpoints, 0))
         .collect();
     let objects = rss_kib();
-    let sync = |slices: &[EndpointSlice], previous: &nft::Ruleset| {
-        let ports = model::service_ports(&services, slices, "n1");
-        nft::build(ports.values(), &net, previous)
-    };
+    let config = wasmkube_proxy::Config::new("n1", net.clone());
     let started = Instant::now();
-    let mut applied = sync(&slices, &nft::Ruleset::default());
+    let ports = wasmkube_proxy::ports_by_service(&config, &services, &slices);
+    let (mut table, script) = nft::Table::full(&net, ports);
     let computed = started.elapsed();
     let model_rss = rss_kib();
-    let script = nft::full(&net, &applied);
     nft::apply(&script).await?;
+    table.applied();
     let first = started.elapsed();
-    let (chains, sets, elements) = applied.size();
+    let (chains, sets, elements) = table.size();
     println!(
         "{} Services x {} endpoints: {chains} chains, {sets} sets, {elements} map elements, a {} KiB script",
         args.services,
@@ -118,20 +116,23 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         model_rss.saturating_sub(objects)
     );
 
-    // One endpoint change at a time, as the sync loop sees them.
+    // One endpoint change at a time, as the sync loop sees them: the
+    // changed Service's ports from its object and all the slices, its
+    // part of the table rebuilt and diffed, one `nft` transaction.
     let mut total = Vec::with_capacity(args.changes);
     let mut nft_only = Vec::with_capacity(args.changes);
     for c in 0..args.changes {
         let i = (c * 7919) % args.services;
         slices[i] = slice(i, args.endpoints, c as u32 + 1);
         let started = Instant::now();
-        let rules = sync(&slices, &applied);
-        let script = nft::diff(&applied, &rules);
+        let dirty = std::collections::BTreeSet::from([("bench".to_owned(), format!("svc-{i}"))]);
+        let ports = wasmkube_proxy::changed_ports(&config, &dirty, [&services[i]], &slices);
+        let script = table.update(&net, ports);
         let applying = Instant::now();
         nft::apply(&script).await?;
+        table.applied();
         nft_only.push(applying.elapsed());
         total.push(started.elapsed());
-        applied = rules;
     }
     total.sort();
     nft_only.sort();
@@ -140,8 +141,8 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
     let mut rewrites = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        let rules = sync(&slices, &nft::Ruleset::default());
-        nft::apply(&nft::full(&net, &rules)).await?;
+        let ports = wasmkube_proxy::ports_by_service(&config, &services, &slices);
+        nft::apply(&nft::Table::full(&net, ports).1).await?;
         rewrites.push(started.elapsed());
     }
     rewrites.sort();

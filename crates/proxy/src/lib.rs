@@ -4,12 +4,14 @@
 //! reach its ready endpoints, from pods (Linux and Wasm alike: both have
 //! their sockets in pod network namespaces) and from the node itself.
 //!
-//! One sync loop owns the table: it recomputes what every Service port
-//! needs ([`model`]) from the watch caches, turns it into rules
-//! ([`nft::build`]) and writes only the difference from what it wrote last
-//! ([`nft::diff`]), all in one `nft` transaction. The first sync after a
-//! start, and any sync after a failure, rewrites the whole table
-//! ([`nft::full`]), so nothing a crashed agent left survives.
+//! One sync loop owns the table: for each Service whose object or
+//! EndpointSlices changed since it last looked (the watch records which),
+//! it recomputes what the Service's ports need ([`model`]), turns that into
+//! rules ([`nft::build`]) and writes only the difference from what it wrote
+//! for that Service last ([`nft::Table::update`]), all in one `nft`
+//! transaction; its cost follows the change, not the cluster. The first
+//! sync after a start, and any sync after a failure, rewrites the whole
+//! table ([`nft::Table::full`]), so nothing a crashed agent left survives.
 //!
 //! Beside the table, the proxy keeps the node's routes for the address
 //! ranges: an `unreachable` route for the service range and the cluster's
@@ -24,7 +26,7 @@ pub mod nft;
 mod routes;
 pub mod watch;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -33,7 +35,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::Store;
 
 pub use model::NodeNetwork;
-pub use watch::ServiceWatch;
+pub use watch::{ServiceKey, ServiceWatch};
 
 /// Why the proxy cannot run, or a step of it failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,7 @@ pub async fn run(
         tracing::debug!(error = %e, "bridge netfilter is not available");
     }
     let mut changes = watch.subscribe();
+    let changed = watch.changed();
     let sync = async {
         watch.ready().await;
         let mut state = SyncState::default();
@@ -110,7 +113,7 @@ pub async fn run(
             }
             changes.mark_unchanged();
             match state
-                .sync(&config, &watch.services, &watch.slices, &routes)
+                .sync(&config, &watch.services, &watch.slices, &changed, &routes)
                 .await
             {
                 Ok(()) => {
@@ -143,9 +146,75 @@ pub async fn run(
 #[derive(Default)]
 struct SyncState {
     /// The table's per-Service part; `None`: rewrite the whole table.
-    applied: Option<nft::Ruleset>,
+    applied: Option<nft::Table<ServiceKey>>,
+    /// Each Service's cluster IPs that have ports programmed.
+    cluster_ips: BTreeMap<ServiceKey, Vec<Ipv4Addr>>,
     /// Cluster IPs with a local route.
     routed: BTreeSet<Ipv4Addr>,
+}
+
+/// The ports of `services` (with the EndpointSlices among `slices`) the
+/// proxy programs, by Service; Services whose cluster IP the node serves
+/// itself (the cluster DNS) are left out.
+pub fn ports_by_service<'a>(
+    config: &Config,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<(ServiceKey, Vec<model::ServicePort>)> {
+    let node_local = &config.network.node_local;
+    model::with_slices(services, slices)
+        .into_iter()
+        .map(|(svc, slices)| {
+            let key = (
+                svc.metadata.namespace.clone().unwrap_or_default(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+            let served_here = ip
+                .and_then(|ip| ip.parse().ok())
+                .is_some_and(|ip| node_local.contains(&ip));
+            let ports = if served_here {
+                Vec::new()
+            } else {
+                model::service_ports([svc], slices, &config.node)
+                    .into_values()
+                    .collect()
+            };
+            (key, ports)
+        })
+        .collect()
+}
+
+/// The ports now of each Service in `dirty` (none for one that is gone):
+/// `services` are the dirty ones still present, `slices` all of them.
+pub fn changed_ports<'a>(
+    config: &Config,
+    dirty: &BTreeSet<ServiceKey>,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<(ServiceKey, Vec<model::ServicePort>)> {
+    let slices = slices.into_iter().filter(|s| {
+        let service = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(model::SERVICE_NAME_LABEL));
+        service.is_some_and(|name| {
+            dirty.contains(&(
+                s.metadata.namespace.clone().unwrap_or_default(),
+                name.clone(),
+            ))
+        })
+    });
+    let mut ports = ports_by_service(config, services, slices);
+    let present: BTreeSet<ServiceKey> = ports.iter().map(|(k, _)| k.clone()).collect();
+    ports.extend(
+        dirty
+            .iter()
+            .filter(|k| !present.contains(*k))
+            .map(|k| (k.clone(), Vec::new())),
+    );
+    ports
 }
 
 impl SyncState {
@@ -154,47 +223,79 @@ impl SyncState {
         config: &Config,
         services: &Store<Service>,
         slices: &Store<EndpointSlice>,
+        changed: &watch::Changed,
         routes: &routes::Routes,
     ) -> Result<(), Error> {
         let started = Instant::now();
-        let (services, slices) = (services.state(), slices.state());
-        let node_local = &config.network.node_local;
-        let ports = model::service_ports(
-            services.iter().map(AsRef::as_ref).filter(|s| {
-                let ip = s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
-                !ip.and_then(|ip| ip.parse().ok())
-                    .is_some_and(|ip| node_local.contains(&ip))
-            }),
-            slices.iter().map(AsRef::as_ref),
-            &config.node,
-        );
-        let empty = nft::Ruleset::default();
-        let rules = nft::build(
-            ports.values(),
-            &config.network,
-            self.applied.as_ref().unwrap_or(&empty),
-        );
-        let script = match &self.applied {
-            None => nft::full(&config.network, &rules),
-            Some(old) => nft::diff(old, &rules),
-        };
+        // Taken before the caches are read: a change after this is seen
+        // in the caches now and again, harmlessly, next time.
+        let dirty = changed.take();
         let full = self.applied.is_none();
-        if !script.is_empty() {
-            nft::apply(&script).await?;
+        let (by_service, script) = match &mut self.applied {
+            None => {
+                let (services, slices) = (services.state(), slices.state());
+                let ports = ports_by_service(
+                    config,
+                    services.iter().map(AsRef::as_ref),
+                    slices.iter().map(AsRef::as_ref),
+                );
+                self.cluster_ips.clear();
+                let (table, script) = nft::Table::full(&config.network, ports.iter().cloned());
+                self.applied = Some(table);
+                (ports, script)
+            }
+            Some(table) => {
+                if dirty.is_empty() {
+                    return Ok(());
+                }
+                let services: Vec<_> = dirty
+                    .iter()
+                    .filter_map(|(ns, name)| {
+                        services.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
+                    })
+                    .collect();
+                let slices = slices.state();
+                let ports = changed_ports(
+                    config,
+                    &dirty,
+                    services.iter().map(AsRef::as_ref),
+                    slices.iter().map(AsRef::as_ref),
+                );
+                let script = table.update(&config.network, ports.iter().cloned());
+                (ports, script)
+            }
+        };
+        if !script.is_empty()
+            && let Err(e) = nft::apply(&script).await
+        {
+            self.applied = None;
+            return Err(e);
         }
-        let (chains, sets, elements) = rules.size();
-        self.applied = Some(rules);
-        let wanted: BTreeSet<Ipv4Addr> = ports
+        let table = self.applied.as_mut().expect("set above");
+        table.applied();
+        let (chains, sets, elements) = table.size();
+        let changed_services = by_service.len();
+        for (key, ports) in by_service {
+            let ips: Vec<Ipv4Addr> = ports.iter().filter_map(|p| p.cluster_ip).collect();
+            if ips.is_empty() {
+                self.cluster_ips.remove(&key);
+            } else {
+                self.cluster_ips.insert(key, ips);
+            }
+        }
+        let wanted: BTreeSet<Ipv4Addr> = self
+            .cluster_ips
             .values()
-            .filter_map(|p| p.cluster_ip)
-            .chain(node_local.iter().copied())
+            .flatten()
+            .chain(config.network.node_local.iter())
+            .copied()
             .collect();
         routes.sync(&self.routed, &wanted).await?;
         self.routed = wanted;
         if full || !script.is_empty() {
             tracing::debug!(
                 full,
-                ports = ports.len(),
+                services = changed_services,
                 chains,
                 sets,
                 elements,

@@ -59,8 +59,11 @@ pub struct Ruleset {
     chains: BTreeMap<String, Vec<String>>,
     /// Affinity sets (their timeout is part of the name).
     sets: BTreeMap<String, u32>,
-    /// (map or set, key) to verdict or value (empty for a set's element).
+    /// (map, key) to verdict or value.
     elements: BTreeMap<(String, String), String>,
+    /// Elements of the hairpin set its endpoints need (shared between
+    /// Services: [`Table`] counts who needs each).
+    hairpin: BTreeSet<String>,
     /// The endpoint slot of each chain that picks from a map.
     slots: BTreeMap<String, u32>,
 }
@@ -68,46 +71,64 @@ pub struct Ruleset {
 impl Ruleset {
     /// How many chains, sets and map elements it has.
     pub fn size(&self) -> (usize, usize, usize) {
-        (self.chains.len(), self.sets.len(), self.elements.len())
+        (
+            self.chains.len(),
+            self.sets.len(),
+            self.elements.len() + self.hairpin.len(),
+        )
+    }
+
+    /// Adds `other`'s chains, sets and elements to this one.
+    fn absorb(&mut self, other: &Ruleset) {
+        self.chains
+            .extend(other.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.sets
+            .extend(other.sets.iter().map(|(k, v)| (k.clone(), *v)));
+        self.elements
+            .extend(other.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.hairpin.extend(other.hairpin.iter().cloned());
+        self.slots
+            .extend(other.slots.iter().map(|(k, v)| (k.clone(), *v)));
     }
 }
 
-/// Hands out endpoint slots: a chain keeps the one it had; a new chain gets
-/// the lowest one nobody held before this build, so a slot freed now is
-/// reused only after its elements are gone.
-struct Slots<'a> {
-    previous: &'a BTreeMap<String, u32>,
-    taken: BTreeSet<u32>,
+/// Hands out endpoint slots: a chain keeps the one it has; a new chain gets
+/// the lowest free one. A slot given back is free again only after
+/// [`Slots::commit`] (once the script deleting its elements is applied), so
+/// a script never deletes and adds the same element.
+#[derive(Clone, Debug, Default)]
+pub struct Slots {
+    by_chain: BTreeMap<String, u32>,
+    free: BTreeSet<u32>,
+    released: Vec<u32>,
     next: u32,
-    given: BTreeMap<String, u32>,
 }
 
-impl<'a> Slots<'a> {
-    fn new(previous: &'a BTreeMap<String, u32>) -> Self {
-        Self {
-            previous,
-            taken: previous.values().copied().collect(),
-            next: 0,
-            given: BTreeMap::new(),
-        }
-    }
-
+impl Slots {
     fn get(&mut self, chain: &str) -> u32 {
-        if let Some(slot) = self.given.get(chain) {
+        if let Some(slot) = self.by_chain.get(chain) {
             return *slot;
         }
-        let slot = match self.previous.get(chain) {
-            Some(slot) => *slot,
+        let slot = match self.free.pop_first() {
+            Some(slot) => slot,
             None => {
-                while self.taken.contains(&self.next) {
-                    self.next += 1;
-                }
-                self.taken.insert(self.next);
-                self.next
+                self.next += 1;
+                self.next - 1
             }
         };
-        self.given.insert(chain.to_owned(), slot);
+        self.by_chain.insert(chain.to_owned(), slot);
         slot
+    }
+
+    fn release(&mut self, chain: &str) {
+        if let Some(slot) = self.by_chain.remove(chain) {
+            self.released.push(slot);
+        }
+    }
+
+    /// Frees the slots released since the last commit.
+    pub fn commit(&mut self) {
+        self.free.extend(self.released.drain(..));
     }
 }
 
@@ -142,15 +163,14 @@ fn affinity_set(chain: &str, seconds: u32) -> String {
     format!("affinity-{}", hash(&format!("{chain}/{seconds}")))
 }
 
-/// The per-Service part of the table for these Service ports; `previous`
-/// is what was built last (its chains keep their endpoint slots).
+/// The per-Service part of the table for these Service ports, their
+/// endpoints in slots from `slots` (a chain keeps the slot it had).
 pub fn build<'a>(
     ports: impl IntoIterator<Item = &'a ServicePort>,
     net: &NodeNetwork,
-    previous: &Ruleset,
+    slots: &mut Slots,
 ) -> Ruleset {
     let mut r = Ruleset::default();
-    let mut slots = Slots::new(&previous.slots);
     for p in ports {
         let base = base(&p.name, p.port);
         let proto = p.name.protocol.nft();
@@ -165,13 +185,11 @@ pub fn build<'a>(
             }
             let endpoints = &endpoints[..endpoints.len().min(1 << SLOT_BITS)];
             for e in endpoints {
-                r.elements.insert(
-                    (HAIRPIN.to_owned(), format!("{} . {}", e.ip, e.ip)),
-                    String::new(),
-                );
+                r.hairpin.insert(format!("{} . {}", e.ip, e.ip));
             }
             let Some(seconds) = p.affinity_seconds else {
                 let slot = slots.get(chain);
+                r.slots.insert(chain.to_owned(), slot);
                 let (map, offset) = (endpoint_map(slot), slot << SLOT_BITS);
                 for (i, e) in endpoints.iter().enumerate() {
                     r.elements.insert(
@@ -300,7 +318,6 @@ pub fn build<'a>(
             }
         }
     }
-    r.slots = slots.given;
     r
 }
 
@@ -405,6 +422,14 @@ pub fn full(net: &NodeNetwork, rules: &Ruleset) -> String {
         let _ = writeln!(s, "  chain {chain} {{ {}; }}", body.join("; "));
     }
     s.push_str("}\n");
+    if !rules.hairpin.is_empty() {
+        let keys: Vec<&str> = rules.hairpin.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            s,
+            "add element ip {TABLE} {HAIRPIN} {{ {} }}",
+            keys.join(", ")
+        );
+    }
     let mut elements = rules.elements.iter().peekable();
     while let Some(((map, _), _)) = elements.peek() {
         let map = map.clone();
@@ -434,6 +459,19 @@ fn affinity_set_decl(set: &str, seconds: u32) -> String {
 /// Everything that references a chain or set is removed before it, and
 /// everything a new rule references is added before the rule.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
+    let mut s = String::new();
+    for key in old.hairpin.difference(&new.hairpin) {
+        let _ = writeln!(s, "delete element ip {TABLE} {HAIRPIN} {{ {key} }}");
+    }
+    s.push_str(&diff_owned(old, new));
+    for key in new.hairpin.difference(&old.hairpin) {
+        let _ = writeln!(s, "add element ip {TABLE} {HAIRPIN} {{ {key} }}");
+    }
+    s
+}
+
+/// [`diff`] without the hairpin set, whose elements Services share.
+fn diff_owned(old: &Ruleset, new: &Ruleset) -> String {
     let mut s = String::new();
     let changed_elements: BTreeSet<&(String, String)> = new
         .elements
@@ -491,6 +529,111 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> String {
         let _ = writeln!(s, "delete set ip {TABLE} {set}");
     }
     s
+}
+
+/// What the proxy has programmed, as a fragment per Service, so a change
+/// to one Service is rebuilt and diffed alone however many there are; the
+/// hairpin elements, which Services share, are counted.
+#[derive(Debug)]
+pub struct Table<K> {
+    fragments: BTreeMap<K, Ruleset>,
+    hairpin: BTreeMap<String, usize>,
+    slots: Slots,
+}
+
+impl<K: Ord> Table<K> {
+    /// The table for every Service (a key and its ports), and the script
+    /// that replaces the node's table with it in one transaction.
+    pub fn full(
+        net: &NodeNetwork,
+        services: impl IntoIterator<Item = (K, Vec<ServicePort>)>,
+    ) -> (Self, String) {
+        let mut table = Self {
+            fragments: BTreeMap::new(),
+            hairpin: BTreeMap::new(),
+            slots: Slots::default(),
+        };
+        let mut all = Ruleset::default();
+        for (key, ports) in services {
+            let r = build(&ports, net, &mut table.slots);
+            for h in &r.hairpin {
+                *table.hairpin.entry(h.clone()).or_default() += 1;
+            }
+            all.absorb(&r);
+            table.fragments.insert(key, r);
+        }
+        let script = full(net, &all);
+        (table, script)
+    }
+
+    /// Replaces the Services in `changes` (a key and its ports now, none
+    /// when it is gone) and returns the script that does the same to the
+    /// node's table. Call [`Table::applied`] once the script is in place.
+    pub fn update(
+        &mut self,
+        net: &NodeNetwork,
+        changes: impl IntoIterator<Item = (K, Vec<ServicePort>)>,
+    ) -> String {
+        let mut script = String::new();
+        // Each hairpin element touched, with its count before.
+        let mut touched: BTreeMap<String, usize> = BTreeMap::new();
+        for (key, ports) in changes {
+            let old = self.fragments.remove(&key).unwrap_or_default();
+            let new = build(&ports, net, &mut self.slots);
+            for chain in old.slots.keys() {
+                if !new.slots.contains_key(chain) {
+                    self.slots.release(chain);
+                }
+            }
+            script.push_str(&diff_owned(&old, &new));
+            for h in &old.hairpin {
+                if let Some(count) = self.hairpin.get_mut(h) {
+                    touched.entry(h.clone()).or_insert(*count);
+                    *count -= 1;
+                }
+            }
+            for h in &new.hairpin {
+                let count = self.hairpin.entry(h.clone()).or_default();
+                touched.entry(h.clone()).or_insert(*count);
+                *count += 1;
+            }
+            if !ports.is_empty() {
+                self.fragments.insert(key, new);
+            }
+        }
+        for (h, before) in touched {
+            let now = self.hairpin.get(&h).copied().unwrap_or_default();
+            if now == 0 {
+                self.hairpin.remove(&h);
+            }
+            match (before, now) {
+                (0, 1..) => {
+                    let _ = writeln!(script, "add element ip {TABLE} {HAIRPIN} {{ {h} }}");
+                }
+                (1.., 0) => {
+                    let _ = writeln!(script, "delete element ip {TABLE} {HAIRPIN} {{ {h} }}");
+                }
+                _ => {}
+            }
+        }
+        script
+    }
+
+    /// The last script is in place: the slots it emptied can be reused.
+    pub fn applied(&mut self) {
+        self.slots.commit();
+    }
+
+    /// How many chains, sets and map elements the table has.
+    pub fn size(&self) -> (usize, usize, usize) {
+        let (mut chains, mut sets, mut elements) = (0, 0, self.hairpin.len());
+        for r in self.fragments.values() {
+            chains += r.chains.len();
+            sets += r.sets.len();
+            elements += r.elements.len();
+        }
+        (chains, sets, elements)
+    }
 }
 
 /// The keys of `a` that `b` lacks.
@@ -625,7 +768,7 @@ mod tests {
         let r = build(
             &[port(&["10.244.0.5", "10.244.1.5"])],
             &net(),
-            &Ruleset::default(),
+            &mut Slots::default(),
         );
         assert_eq!(
             lines(&diff(&Ruleset::default(), &r)),
@@ -635,27 +778,24 @@ mod tests {
                 "add rule ip wasmkube service-H-ns/web/tcp/http meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @endpoints-0",
                 "add element ip wasmkube endpoints-0 { 0 : 10.244.0.5 . 8080 }",
                 "add element ip wasmkube endpoints-0 { 1 : 10.244.1.5 . 8080 }",
+                "add element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 : goto service-H-ns/web/tcp/http }",
                 "add element ip wasmkube hairpin { 10.244.0.5 . 10.244.0.5 }",
                 "add element ip wasmkube hairpin { 10.244.1.5 . 10.244.1.5 }",
-                "add element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 : goto service-H-ns/web/tcp/http }",
             ]
         );
     }
 
     #[test]
     fn an_endpoint_change_rewrites_only_its_service_and_its_elements() {
-        let before = build(
-            &[port(&["10.244.0.5", "10.244.1.5"])],
-            &net(),
-            &Ruleset::default(),
-        );
-        let after = build(&[port(&["10.244.1.5"])], &net(), &before);
+        let slots = &mut Slots::default();
+        let before = build(&[port(&["10.244.0.5", "10.244.1.5"])], &net(), slots);
+        let after = build(&[port(&["10.244.1.5"])], &net(), slots);
         assert_eq!(
             lines(&diff(&before, &after)),
             [
+                "delete element ip wasmkube hairpin { 10.244.0.5 . 10.244.0.5 }",
                 "delete element ip wasmkube endpoints-0 { 0 }",
                 "delete element ip wasmkube endpoints-0 { 1 }",
-                "delete element ip wasmkube hairpin { 10.244.0.5 . 10.244.0.5 }",
                 "flush chain ip wasmkube service-H-ns/web/tcp/http",
                 "add rule ip wasmkube service-H-ns/web/tcp/http ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
                 "add rule ip wasmkube service-H-ns/web/tcp/http meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @endpoints-0",
@@ -664,23 +804,23 @@ mod tests {
         );
         assert_eq!(diff(&after, &after), "");
         // An endpoint replaced by another: one element rewritten.
-        let replaced = build(&[port(&["10.244.2.7"])], &net(), &after);
+        let replaced = build(&[port(&["10.244.2.7"])], &net(), slots);
         assert_eq!(
             lines(&diff(&after, &replaced)),
             [
-                "delete element ip wasmkube endpoints-0 { 0 }",
                 "delete element ip wasmkube hairpin { 10.244.1.5 . 10.244.1.5 }",
+                "delete element ip wasmkube endpoints-0 { 0 }",
                 "add element ip wasmkube endpoints-0 { 0 : 10.244.2.7 . 8080 }",
                 "add element ip wasmkube hairpin { 10.244.2.7 . 10.244.2.7 }",
             ]
         );
         // The last endpoint gone: the cluster IP refuses instead.
-        let none = build(&[port(&[])], &net(), &replaced);
+        let none = build(&[port(&[])], &net(), slots);
         assert_eq!(
             lines(&diff(&replaced, &none)),
             [
-                "delete element ip wasmkube endpoints-0 { 0 }",
                 "delete element ip wasmkube hairpin { 10.244.2.7 . 10.244.2.7 }",
+                "delete element ip wasmkube endpoints-0 { 0 }",
                 "delete element ip wasmkube service-ips { 10.96.0.10 . tcp . 80 }",
                 "flush chain ip wasmkube service-H-ns/web/tcp/http",
                 "add element ip wasmkube no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }",
@@ -690,32 +830,63 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_kept_and_a_freed_one_is_reused_only_by_a_later_build() {
-        let named = |name: &str, ip: &str| {
-            let mut p = port(&[ip]);
+    fn a_table_updates_one_service_and_reuses_a_slot_only_once_applied() {
+        let named = |name: &str, ips: &[&str]| {
+            let mut p = port(ips);
             p.name.name = name.into();
-            p
+            p.cluster_ip = Some(format!("10.96.0.{}", 20 + name.len()).parse().unwrap());
+            (("ns".to_owned(), name.to_owned()), vec![p])
         };
-        let (a, b, c) = (
-            named("a", "10.244.0.1"),
-            named("b", "10.244.0.2"),
-            named("c", "10.244.0.3"),
+        let (mut table, script) = Table::full(
+            &net(),
+            [
+                named("a", &["10.244.0.1"]),
+                named("bb", &["10.244.0.1", "10.244.0.2"]),
+            ],
         );
-        let first = build([&a, &b], &net(), &Ruleset::default());
-        let slot = |r: &Ruleset, name: &str| {
-            r.slots
-                .iter()
-                .find(|(chain, _)| chain.contains(&format!("/{name}/")))
-                .map(|(_, s)| *s)
-        };
-        assert_eq!((slot(&first, "a"), slot(&first, "b")), (Some(0), Some(1)));
-        // a goes and c comes in the same build: c must not take a's slot,
-        // whose elements this very diff deletes.
-        let second = build([&b, &c], &net(), &first);
-        assert_eq!((slot(&second, "b"), slot(&second, "c")), (Some(1), Some(2)));
-        let third = build([&b, &c, &a], &net(), &second);
-        assert_eq!(slot(&third, "a"), Some(0));
-        // 64 maps: slot 64 shares map 0 at its own offset.
+        assert!(script.contains("add element ip wasmkube hairpin { 10.244.0.1 . 10.244.0.1, 10.244.0.2 . 10.244.0.2 }"), "{script}");
+        assert!(script.contains("offset 65536 map @endpoints-1"), "{script}");
+        table.applied();
+        // a goes and ccc comes in the same update: ccc must not take a's
+        // slot, whose element this very script deletes; the hairpin element
+        // bb still needs stays.
+        let script = table.update(
+            &net(),
+            [
+                (("ns".to_owned(), "a".to_owned()), vec![]),
+                named("ccc", &["10.244.0.3"]),
+            ],
+        );
+        assert_eq!(
+            lines(&script),
+            [
+                "delete element ip wasmkube endpoints-0 { 0 }",
+                "delete element ip wasmkube service-ips { 10.96.0.21 . tcp . 80 }",
+                "flush chain ip wasmkube service-H-ns/a/tcp/http",
+                "delete chain ip wasmkube service-H-ns/a/tcp/http",
+                "add chain ip wasmkube service-H-ns/ccc/tcp/http",
+                "add rule ip wasmkube service-H-ns/ccc/tcp/http ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+                "add rule ip wasmkube service-H-ns/ccc/tcp/http meta l4proto tcp dnat ip to numgen random mod 1 offset 131072 map @endpoints-2",
+                "add element ip wasmkube endpoints-2 { 131072 : 10.244.0.3 . 8080 }",
+                "add element ip wasmkube service-ips { 10.96.0.23 . tcp . 80 : goto service-H-ns/ccc/tcp/http }",
+                "add element ip wasmkube hairpin { 10.244.0.3 . 10.244.0.3 }",
+            ]
+        );
+        table.applied();
+        // Once applied, the freed slot 0 is the next one given.
+        let script = table.update(&net(), [named("a", &["10.244.0.9"])]);
+        assert!(script.contains("offset 0 map @endpoints-0"), "{script}");
+        assert_eq!(table.size(), (3, 0, 3 + 4 + 4));
+        // The last Service needing an address gone: its hairpin element goes.
+        let script = table.update(&net(), [(("ns".to_owned(), "bb".to_owned()), vec![])]);
+        assert!(
+            script.contains("delete element ip wasmkube hairpin { 10.244.0.2 . 10.244.0.2 }"),
+            "{script}"
+        );
+        assert!(
+            script.contains("delete element ip wasmkube hairpin { 10.244.0.1 . 10.244.0.1 }"),
+            "{script}"
+        );
         assert_eq!(endpoint_map(64), "endpoints-0");
     }
 
@@ -727,7 +898,7 @@ mod tests {
         p.affinity_seconds = Some(60);
         let script = lines(&diff(
             &Ruleset::default(),
-            &build(&[p.clone()], &net(), &Ruleset::default()),
+            &build(&[p.clone()], &net(), &mut Slots::default()),
         ));
         for want in [
             "add set ip wasmkube affinity-H { type ipv4_addr; flags dynamic,timeout; timeout 60s; }",
@@ -749,7 +920,7 @@ mod tests {
         p.affinity_seconds = None;
         let script = lines(&diff(
             &Ruleset::default(),
-            &build(&[p], &net(), &Ruleset::default()),
+            &build(&[p], &net(), &mut Slots::default()),
         ));
         assert!(
             script.contains(
@@ -767,7 +938,7 @@ mod tests {
     fn the_full_script_replaces_the_table_in_one_transaction() {
         let s = full(
             &net(),
-            &build(&[port(&["10.244.0.5"])], &net(), &Ruleset::default()),
+            &build(&[port(&["10.244.0.5"])], &net(), &mut Slots::default()),
         );
         assert!(
             s.starts_with("add table ip wasmkube\ndelete table ip wasmkube\ntable ip wasmkube {\n")

@@ -2,7 +2,8 @@
 //! proxy and the cluster DNS (both read the same two kinds; one watch each
 //! would double what every node costs the API server).
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
@@ -11,11 +12,32 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 
+/// A Service by namespace and name.
+pub type ServiceKey = (String, String);
+
+/// The Services whose object or EndpointSlices changed since it was last
+/// taken (one per reader that rebuilds only what changed).
+#[derive(Clone, Debug, Default)]
+pub struct Changed(Arc<Mutex<BTreeSet<ServiceKey>>>);
+
+impl Changed {
+    /// The changed Services, leaving none.
+    pub fn take(&self) -> BTreeSet<ServiceKey> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn insert(&self, key: ServiceKey) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+    }
+}
+
 /// The caches, and a counter bumped after every change they applied.
 #[derive(Clone)]
 pub struct ServiceWatch {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// Every [`Changed`] handed out by [`ServiceWatch::changed`].
+    trackers: Arc<Mutex<Vec<Changed>>>,
     changes: tokio::sync::watch::Receiver<u64>,
     /// Set once both caches hold a complete list. (A reflector store's own
     /// readiness wakes only one of several tasks waiting on it at once, so
@@ -83,6 +105,8 @@ impl ServiceWatch {
         let (slices, slice_events) = cache::<EndpointSlice>(client);
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
+        let trackers: Arc<Mutex<Vec<Changed>>> = Arc::default();
+        let tracked = trackers.clone();
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let (s, e) = (services.clone(), slices.clone());
         let readiness = async move {
@@ -93,13 +117,33 @@ impl ServiceWatch {
         };
         let events = async move {
             let events = futures::stream::select(
-                service_events.map(|r| r.map(|_| ())),
-                slice_events.map(|r| r.map(|_| ())),
+                service_events.map(|r| {
+                    r.map(|s| {
+                        let name = s.metadata.name.clone()?;
+                        Some((s.metadata.namespace.clone().unwrap_or_default(), name))
+                    })
+                }),
+                slice_events.map(|r| {
+                    r.map(|s| {
+                        let service = s
+                            .metadata
+                            .labels
+                            .as_ref()?
+                            .get(crate::model::SERVICE_NAME_LABEL)?
+                            .clone();
+                        Some((s.metadata.namespace.clone().unwrap_or_default(), service))
+                    })
+                }),
             );
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(()) => {
+                    Ok(key) => {
+                        if let Some(key) = key {
+                            for t in tracked.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                                t.insert(key.clone());
+                            }
+                        }
                         tx.send_modify(|n| *n += 1);
                     }
                     Err(e) => tracing::warn!(error = %e, "Service watch error; retrying"),
@@ -116,6 +160,7 @@ impl ServiceWatch {
             Self {
                 services,
                 slices,
+                trackers,
                 changes,
                 ready,
             },
@@ -126,6 +171,16 @@ impl ServiceWatch {
     /// Waits until both caches hold a complete list.
     pub async fn ready(&self) {
         let _ = self.ready.clone().wait_for(|r| *r).await;
+    }
+
+    /// A new record of the Services that change from now on.
+    pub fn changed(&self) -> Changed {
+        let c = Changed::default();
+        self.trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c.clone());
+        c
     }
 
     /// A receiver that sees a change after every applied event (several

@@ -61,10 +61,11 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         node_local: vec!["10.96.0.10".parse().unwrap()],
     };
     ns.run(|| {
+        let slots = &mut nft::Slots::default();
         let two = nft::build(
             &[port(&["10.244.0.5", "10.244.1.5"], Some(30080), Some(60))],
             &net,
-            &nft::Ruleset::default(),
+            slots,
         );
         apply(&nft::full(&net, &two));
         let t = table();
@@ -75,7 +76,7 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         // Applied twice, the whole table replaces itself.
         apply(&nft::full(&net, &two));
 
-        let one = nft::build(&[port(&["10.244.1.5"], Some(30080), None)], &net, &two);
+        let one = nft::build(&[port(&["10.244.1.5"], Some(30080), None)], &net, slots);
         apply(&nft::diff(&two, &one));
         let t = table();
         // Without affinity, no chain per endpoint: one DNAT rule picks
@@ -90,7 +91,7 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         assert!(t.contains("0 : 10.244.1.5 . 8080"), "{t}");
         assert!(t.contains("10.244.1.5 . 10.244.1.5"), "{t}");
 
-        let none = nft::build(&[port(&[], Some(30080), None)], &net, &one);
+        let none = nft::build(&[port(&[], Some(30080), None)], &net, slots);
         apply(&nft::diff(&one, &none));
         let t = table();
         assert!(
@@ -101,7 +102,7 @@ fn full_table_diffs_and_removal_apply_to_a_real_kernel() {
         assert!(!t.contains("chain endpoint-"), "{t}");
         assert!(!t.contains("10.244.1.5"), "{t}");
 
-        apply(&nft::diff(&none, &nft::build(&[], &net, &none)));
+        apply(&nft::diff(&none, &nft::build(&[], &net, slots)));
         let t = table();
         assert!(!t.contains("10.96.0.20"), "{t}");
 
