@@ -1223,6 +1223,26 @@ fn custom_resources_with_kubectl() {
         "3"
     );
 
+    // Deleting a namespace deletes the custom resources in it first.
+    ok(&s, &["create", "namespace", "fns"], None);
+    ok(
+        &s,
+        &["apply", "-n", "fns", "-f", "-"],
+        Some(
+            "apiVersion: demo.wasmkube.dev/v1\nkind: Function\nmetadata:\n  name: inside\nspec:\n  image: reg/inside:v1\n",
+        ),
+    );
+    ok(
+        &s,
+        &["delete", "namespace", "fns", "--wait=true", "--timeout=60s"],
+        None,
+    );
+    let left = ok(&s, &["get", "fn", "-A", "-o", "name"], None);
+    assert!(
+        !left.contains("inside") && left.contains("/hello"),
+        "{left}"
+    );
+
     // Deleting the CRD deletes its objects (a watcher sees them go) and
     // the kind is no longer served. The watcher lists first and watches
     // from the list's revision; a label written after the list is seen

@@ -18,7 +18,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy,
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams,
+    PropagationPolicy,
 };
 use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -311,7 +312,7 @@ impl Ctx {
             .collect()
     }
 
-    async fn sweep(&self) -> Result<(), Error> {
+    async fn sweep(self: &Arc<Self>) -> Result<(), Error> {
         let work = self.take_work();
         for (i, w) in work.iter().enumerate() {
             if let Err(e) = self.decide(w).await {
@@ -324,7 +325,7 @@ impl Ctx {
         Ok(())
     }
 
-    async fn decide(&self, w: &Work) -> Result<(), Error> {
+    async fn decide(self: &Arc<Self>, w: &Work) -> Result<(), Error> {
         let (uid, node, deps) = (&w.uid, &w.node, &w.dependents);
         if node.deleting && node.finalizers.iter().any(|f| f == ORPHAN) {
             // Orphan: release every dependent, then let the owner go.
@@ -366,10 +367,63 @@ impl Ctx {
                 self.delete(o, PropagationPolicy::Background).await?;
             }
             if w.contents.is_empty() {
-                self.finalize_namespace(&node.name).await?;
+                if self.empty_of_custom_resources(&node.name).await? {
+                    self.finalize_namespace(&node.name).await?;
+                } else {
+                    // Custom objects are not in the graph: no event of
+                    // theirs wakes the namespace, so look again shortly.
+                    let (ctx, uid) = (self.clone(), uid.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        ctx.graph.lock().expect("graph lock").dirty.insert(uid);
+                        ctx.changed.notify_one();
+                    });
+                }
             }
         }
         Ok(())
+    }
+
+    /// Deletes the custom resources in the namespace `ns` (the kinds of
+    /// CustomResourceDefinitions, found through discovery); true once none
+    /// is left.
+    async fn empty_of_custom_resources(&self, ns: &str) -> Result<bool, Error> {
+        let discovery = kube::discovery::Discovery::new(self.client.clone())
+            .run()
+            .await
+            .map_err(Error::Kube)?;
+        let mut empty = true;
+        for group in discovery
+            .groups()
+            .filter(|g| !registry::is_builtin_group(g.name()) && !g.name().is_empty())
+        {
+            for (ar, caps) in group.recommended_resources() {
+                if caps.scope != kube::discovery::Scope::Namespaced
+                    || !caps.supports_operation(kube::discovery::verbs::DELETE_COLLECTION)
+                {
+                    continue;
+                }
+                let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+                match api
+                    .delete_collection(&DeleteParams::background(), &ListParams::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                    Err(e) => return Err(Error::Kube(e)),
+                }
+                // Objects with finalizers stay until those are done.
+                let left = api
+                    .list_metadata(&ListParams::default().limit(1))
+                    .await
+                    .map_err(Error::Kube)?;
+                if !left.items.is_empty() {
+                    tracing::debug!(namespace = ns, kind = %ar.kind, "custom resources left in a namespace being deleted");
+                    empty = false;
+                }
+            }
+        }
+        Ok(empty)
     }
 
     async fn finalize_namespace(&self, name: &str) -> Result<(), Error> {
