@@ -1033,7 +1033,7 @@ impl Ctx<'_> {
             return self.patch_scale(name, patch_type, &patch_doc).await;
         }
         if patch_type == PatchType::Apply {
-            return self.apply(name, patch_doc).await;
+            return self.apply(name, sub, patch_doc).await;
         }
         let apply_patch = |old: &Value| -> ApiResult<Option<Value>> {
             let result = match patch_type {
@@ -1066,8 +1066,14 @@ impl Ctx<'_> {
         ))
     }
 
-    /// Server-side apply (`application/apply-patch+yaml`).
-    async fn apply(&self, name: &str, applied: Value) -> ApiResult<Response> {
+    /// Server-side apply (`application/apply-patch+yaml`), to the object or
+    /// its status (`sub`: only the status of what is applied is written).
+    async fn apply(
+        &self,
+        name: &str,
+        sub: Option<Subresource>,
+        applied: Value,
+    ) -> ApiResult<Response> {
         let rt = self.rt();
         let manager = self.params.field_manager.clone().ok_or_else(|| {
             ApiError::bad_request(
@@ -1087,7 +1093,8 @@ impl Ctx<'_> {
         for _ in 0..UNCONDITIONAL_RETRIES {
             let live = match self.read(name).await {
                 Ok(found) => Some(found),
-                Err(ApiError::NotFound(..)) => None,
+                // Applying to a subresource never creates the object.
+                Err(ApiError::NotFound(..)) if sub.is_none() => None,
                 Err(e) => return Err(e),
             };
             let merged = fields::apply(
@@ -1129,12 +1136,12 @@ impl Ctx<'_> {
             if let Some(m) = proposed["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
-            let (mut new, _) = self.admit_update(name, None, &old, proposed)?;
+            let (mut new, _) = self.admit_update(name, sub, &old, proposed)?;
             crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &new)
                 .await?;
             new["metadata"]["managedFields"] = managed;
             match self
-                .persist_update_claiming(name, None, &old, rev, new)
+                .persist_update_claiming(name, sub, &old, rev, new)
                 .await
             {
                 Err(ApiError::Conflict(..)) => continue,

@@ -755,6 +755,28 @@ async fn server_side_apply_creates_updates_and_conflicts() {
         .map(|m| m["manager"].as_str().unwrap())
         .collect();
     assert_eq!(managers, ["alice"], "bob lost his only field");
+
+    // Applied to the status subresource: the status is written, the rest
+    // of what was applied is not, and nothing is created.
+    let (code, status) = c
+        .patch(
+            &format!("{DEPLOYS}/web/status?fieldManager=controller&force=true"),
+            "application/apply-patch+yaml",
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "spec": {"replicas": 9}, "status": {"observedGeneration": 7}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{status}");
+    assert_eq!(status["status"]["observedGeneration"], 7);
+    assert_eq!(status["spec"]["replicas"], 2);
+    let (code, _) = c
+        .patch(
+            &format!("{DEPLOYS}/absent/status?fieldManager=controller"),
+            "application/apply-patch+yaml",
+            json!({"apiVersion": "apps/v1", "kind": "Deployment", "status": {"observedGeneration": 1}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
