@@ -600,6 +600,19 @@ fn helm_installs_upgrades_rolls_back_tests_and_uninstalls_a_wasm_chart() {
         None,
     );
     assert_eq!(ready, "1");
+    // The chart's crds/ went in first; its template made a Widget, which
+    // the CRD's schema defaulted.
+    let widget = ok(
+        &s,
+        &[
+            "get",
+            "widgets.charts.wasmkube.dev/demo-widget",
+            "-o",
+            "jsonpath={.spec.size} {.spec.color}",
+        ],
+        None,
+    );
+    assert_eq!(widget, "1 blue");
 
     // An upgrade that turns on the HPA and the Ingress (served kinds).
     let mut upgrade = vec!["upgrade", "demo", chart];
@@ -661,4 +674,16 @@ fn helm_installs_upgrades_rolls_back_tests_and_uninstalls_a_wasm_chart() {
         gone.stderr
     );
     assert_eq!(helm(&s, &["list", "-q"]).trim(), "");
+    // The Widget went with the release; Helm leaves CRDs in place.
+    let gone = kubectl(
+        &s,
+        &["get", "widgets.charts.wasmkube.dev/demo-widget"],
+        None,
+    );
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+    ok(&s, &["get", "crd/widgets.charts.wasmkube.dev"], None);
 }
