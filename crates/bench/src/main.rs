@@ -2,6 +2,7 @@
 //! peer measured in the same run (these machines are shared and noisy).
 
 mod create;
+mod custom;
 mod density;
 mod deploy;
 mod dns;
@@ -63,6 +64,9 @@ enum Bench {
     /// From `wasmkube push` of a module never seen to its pod Running,
     /// against a pod of a cached image.
     PushToRunning(push::Args),
+    /// Custom resources (a CRD's kind) against ConfigMaps in the same run:
+    /// create throughput and create-to-watch-event latency.
+    CustomResources(custom::Args),
     /// The built-in registry's push and pull throughput with oci-client,
     /// against Debian's docker-registry.
     Registry(registry::Args),
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Dns(a) => rt.block_on(dns::run(a)),
         Bench::Serving(a) => rt.block_on(serving::run(a)),
         Bench::Registry(a) => rt.block_on(registry::run(a)),
+        Bench::CustomResources(a) => rt.block_on(custom::run(a)),
         Bench::PushToRunning(a) => rt.block_on(push::run(a)),
     }
 }

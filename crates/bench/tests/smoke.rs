@@ -96,6 +96,21 @@ fn proxy_bench_smoke() {
 }
 
 #[test]
+fn custom_resources_bench_smoke() {
+    let out = bench(&[
+        "custom-resources",
+        "--clients",
+        "4",
+        "--objects",
+        "20",
+        "--events",
+        "5",
+    ]);
+    assert!(out.contains("ratio custom/built-in"), "{out}");
+    assert!(out.contains("watch p99 custom/built-in"), "{out}");
+}
+
+#[test]
 fn dns_bench_smoke() {
     let out = bench(&["dns", "--services", "20", "--seconds", "1", "--rate", "200"]);
     assert!(out.contains("the queries per second"), "{out}");
