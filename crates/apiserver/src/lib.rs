@@ -14,6 +14,7 @@ pub use node_proxy::{
 };
 mod fields;
 mod merge_keys;
+mod metrics;
 mod node_proxy;
 mod openapi;
 mod params;
@@ -188,6 +189,7 @@ impl ApiServer {
             .route("/healthz", get(ok))
             .route("/livez", get(ok))
             .route("/readyz", get(ok))
+            .route("/metrics", get(metrics::serve))
             .route(
                 "/api",
                 get(|| async { axum::Json(discovery::api_versions()) }),
@@ -208,6 +210,7 @@ impl ApiServer {
             .route("/openapi/v3", get(openapi::v3_index))
             .route("/openapi/v3/{*path}", get(openapi::v3_group_version))
             .fallback(resources)
+            .layer(axum::middleware::from_fn(metrics::track))
             .with_state(self.clone())
     }
 }

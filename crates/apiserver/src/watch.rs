@@ -113,10 +113,13 @@ impl WatchState {
     }
 
     fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
-        match self.output {
+        let line = match self.output {
             Output::Object => e.line(ty),
             _ => self.line(ty.as_str(), &e.object),
-        }
+        };
+        let rt = self.filter.rt;
+        crate::metrics::watch_event(rt.group, rt.version, rt.kind, line.len());
+        line
     }
 
     fn bookmark(&self, initial_end: bool) -> Bytes {

@@ -6,6 +6,7 @@ mod common;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -1291,5 +1292,68 @@ fn custom_resources_with_kubectl() {
         !gone.ok && gone.stderr.contains("NotFound"),
         "{}",
         gone.stderr
+    );
+}
+
+/// The API server's Prometheus metrics: Kubernetes' names and labels,
+/// a watch counted while it is open, and the whole page accepted by
+/// `promtool check metrics` (Prometheus' own linter).
+#[test]
+fn api_server_metrics_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    ok(
+        &s,
+        &["create", "configmap", "metered", "--from-literal=a=b"],
+        None,
+    );
+    let mut watch = Command::new("kubectl")
+        .args(["get", "configmaps", "--watch", "-o", "name"])
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let open_watch = "apiserver_longrunning_requests{component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"WATCH\",version=\"v1\"} 1";
+    let page = common::poll("a configmap watch counted", Duration::from_secs(20), || {
+        let page = ok(&s, &["get", "--raw", "/metrics"], None);
+        if page.contains(open_watch) {
+            Ok(page)
+        } else {
+            Err(page)
+        }
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(
+        page.contains("apiserver_request_total{code=\"201\",component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"POST\",version=\"v1\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("apiserver_request_duration_seconds_bucket{component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"POST\",version=\"v1\",le=\"0.005\"}"),
+        "{page}"
+    );
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus; scripts/test.sh installs it)");
+    {
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
