@@ -63,6 +63,17 @@ fn config_map(name: &str) -> Value {
            "data": {"image": "registry.local/widget:v1", "size": "3", "color": "red"}})
 }
 
+/// Creates one object, expecting 201.
+async fn create(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<()> {
+    let resp = http.post(url).json(body).send().await?;
+    anyhow::ensure!(
+        resp.status().as_u16() == 201,
+        "create failed: {}",
+        resp.status()
+    );
+    Ok(())
+}
+
 /// Objects per second created by `clients` concurrent clients.
 async fn creates(
     http: &reqwest::Client,
@@ -83,16 +94,7 @@ async fn creates(
                 if i >= total {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let resp = http
-                    .post(&url)
-                    .json(&body(&format!("{prefix}-{i}")))
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    resp.status().as_u16() == 201,
-                    "create failed: {}",
-                    resp.status()
-                );
+                create(&http, &url, &body(&format!("{prefix}-{i}"))).await?;
             }
         }));
     }
@@ -144,16 +146,7 @@ async fn watch_latency(
     for i in 0..events {
         let name = format!("lat-{i}");
         let at = Instant::now();
-        let resp = http
-            .post(&kind.url)
-            .json(&(kind.body)(&name))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            resp.status().as_u16() == 201,
-            "create failed: {}",
-            resp.status()
-        );
+        create(http, &kind.url, &(kind.body)(&name)).await?;
         // The next create waits for this one's event, so each is timed
         // alone (a watch that lags shows as latency, not as a queue).
         loop {
