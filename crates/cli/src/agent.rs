@@ -45,6 +45,11 @@ pub struct NodeArgs {
     /// over netlink, which needs nothing installed.
     #[arg(long, alias = "cni-bin-dir", value_name = "DIR")]
     pub cni_bin: Option<PathBuf>,
+    /// With --cni-bin-dir: set pods up with the first network configuration
+    /// (*.conflist, else *.conf, by name) in this directory, as container
+    /// runtimes read /etc/cni/net.d, instead of the built-in bridge network.
+    #[arg(long, value_name = "DIR", requires = "cni_bin")]
+    pub cni_conf_dir: Option<PathBuf>,
     /// Node ports (FIRST-LAST) for Wasm containers' ports when pods share
     /// the node's network; each pod's are listed in its
     /// `wasmkube.dev/NodePorts` condition.
@@ -279,6 +284,7 @@ impl NodeArgs {
         config.allow_privileged = self.allow_privileged;
         config.pod_network = !self.no_pod_network;
         config.cni_bin = self.cni_bin.clone();
+        config.cni_conf_dir = self.cni_conf_dir.clone();
         config.node_ports = self.node_ports.clone();
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));

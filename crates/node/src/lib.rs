@@ -99,6 +99,9 @@ pub struct Config {
     /// Set pods' networks up with the CNI plugins in this directory
     /// instead of in-process.
     pub cni_bin: Option<PathBuf>,
+    /// A CNI configuration directory whose first network configuration
+    /// sets pods up (with the plugins in `cni_bin`).
+    pub cni_conf_dir: Option<PathBuf>,
     /// Node ports for Wasm containers' ports when pods share the node's
     /// network (see `ports.rs`).
     pub node_ports: std::ops::RangeInclusive<u16>,
@@ -145,6 +148,7 @@ impl Config {
             allow_privileged: false,
             pod_network: true,
             cni_bin: None,
+            cni_conf_dir: None,
             node_ports: 40000..=49999,
             max_module_memory_bytes: 4 << 30,
             cluster_dns: None,

@@ -347,6 +347,7 @@ pub(crate) async fn set_up_pod_network(ctx: &Ctx) {
         pod_cidr: cidr.clone(),
         bridge: BRIDGE.into(),
         cni_bin: ctx.config.cni_bin.clone(),
+        cni_conf_dir: ctx.config.cni_conf_dir.clone(),
         state_dir: ctx.config.data_dir.join("cni"),
         prefix: format!("wk-{name}-"),
     };

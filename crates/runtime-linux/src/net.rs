@@ -1,8 +1,10 @@
 //! Pod networking: one network namespace per pod with an address from the
 //! node's pod CIDR, set up by the agent itself over netlink as a routed veth
 //! (`netlink.rs`; nothing to install, no bridge) or, when the node is given
-//! a CNI plugin directory, attached to a bridge by the CNI `bridge` and
-//! `host-local` plugins;
+//! a CNI plugin directory, by a CNI plugin chain: the user's own network
+//! configuration list from a configuration directory (as the kubelet's
+//! container runtimes read it), or else the `bridge` and `host-local`
+//! plugins onto the node's bridge;
 //! routes to other nodes' pod CIDRs through their node addresses; and
 //! [`Netns`], a pod's namespace held open, in which the agent makes the
 //! listening and outgoing sockets of guests that run in its own process (a
@@ -31,6 +33,10 @@ pub struct NetConfig {
     /// Where the CNI plugins are, to set pods up with them instead of
     /// in-process (`None`: in-process).
     pub cni_bin: Option<PathBuf>,
+    /// A CNI configuration directory: its first network configuration
+    /// (`*.conflist`, else `*.conf`, by name) is the plugin chain pods are
+    /// set up with, instead of the built-in bridge (needs `cni_bin`).
+    pub cni_conf_dir: Option<PathBuf>,
     /// The address allocations (per node, so agents sharing a machine in
     /// tests never share it).
     pub state_dir: PathBuf,
@@ -51,6 +57,122 @@ pub struct PodNetwork {
     config: NetConfig,
     /// The in-process path's address allocator (`None`: CNI).
     ipam: Option<netlink::Ipam>,
+    /// The CNI plugin chain, on the CNI path.
+    chain: Option<CniNetwork>,
+}
+
+/// A CNI network configuration list: its name, version and plugins, each
+/// plugin's configuration as the specification passes it (with the list's
+/// `name` and `cniVersion`, and the previous plugin's result).
+#[derive(Clone, Debug)]
+struct CniNetwork {
+    name: String,
+    version: String,
+    plugins: Vec<serde_json::Value>,
+    /// Where it was read from, for errors.
+    source: String,
+}
+
+impl CniNetwork {
+    /// The first network configuration in `dir`, by file name: a
+    /// `.conflist`, else a single-plugin `.conf`.
+    fn load(dir: &Path) -> Result<Self, Error> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "CNI configuration directory {}: {e}",
+                    dir.display()
+                ))
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "conflist" || x == "conf" || x == "json")
+            })
+            .collect();
+        files.sort();
+        let lists = files
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "conflist"));
+        let path = lists.chain(files.iter()).next().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "no CNI network configuration (*.conflist, *.conf) in {}",
+                dir.display()
+            ))
+        })?;
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Unavailable(format!("CNI configuration {source}: {e}")))?;
+        let name = doc["name"].as_str().unwrap_or_default().to_owned();
+        let version = doc["cniVersion"].as_str().unwrap_or("1.0.0").to_owned();
+        let plugins = match doc["plugins"].as_array() {
+            Some(list) => list.clone(),
+            // A .conf is one plugin's configuration.
+            None if doc["type"].is_string() => vec![doc.clone()],
+            None => Vec::new(),
+        };
+        if name.is_empty() || plugins.is_empty() || plugins.iter().any(|p| !p["type"].is_string()) {
+            return Err(Error::Unavailable(format!(
+                "CNI configuration {source}: needs a name and plugins, each with a type"
+            )));
+        }
+        Ok(Self {
+            name,
+            version,
+            plugins,
+            source,
+        })
+    }
+
+    /// The built-in chain: the node's bridge, addresses from its pod CIDR.
+    fn bridge(config: &NetConfig) -> Self {
+        Self {
+            name: CNI_NETWORK.into(),
+            version: "1.0.0".into(),
+            plugins: vec![serde_json::json!({
+                "type": "bridge",
+                "bridge": config.bridge, "isGateway": true, "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": config.pod_cidr}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": config.state_dir,
+                },
+            })],
+            source: "the built-in bridge network".into(),
+        }
+    }
+
+    /// What plugin `i` is given: its configuration with the list's name
+    /// and version, and the result so far.
+    fn plugin_config(&self, i: usize, prev: Option<&serde_json::Value>) -> serde_json::Value {
+        let mut c = self.plugins[i].clone();
+        c["name"] = serde_json::json!(self.name);
+        c["cniVersion"] = serde_json::json!(self.version);
+        if let Some(prev) = prev {
+            c["prevResult"] = prev.clone();
+        }
+        c
+    }
+
+    /// The plugin binaries the chain runs (with `loopback`, always run
+    /// first for the pod's `lo`), besides the IPAM plugins they call.
+    fn binaries(&self) -> Vec<String> {
+        let mut out = vec!["loopback".to_owned()];
+        for p in &self.plugins {
+            for t in [&p["type"], &p["ipam"]["type"]] {
+                if let Some(t) = t.as_str()
+                    && !out.iter().any(|o| o == t)
+                {
+                    out.push(t.to_owned());
+                }
+            }
+        }
+        out
+    }
 }
 
 impl PodNetwork {
@@ -60,13 +182,25 @@ impl PodNetwork {
         if !rustix::process::geteuid().is_root() {
             return Err(Error::Unavailable("the agent does not run as root".into()));
         }
-        if let Some(bin) = &config.cni_bin {
-            for plugin in ["bridge", "host-local", "loopback"] {
-                let p = bin.join(plugin);
+        let chain = match (&config.cni_bin, &config.cni_conf_dir) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::Unavailable(
+                    "a CNI configuration directory needs a CNI plugin directory (--cni-bin-dir)"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(dir)) => Some(CniNetwork::load(dir)?),
+            (Some(_), None) => Some(CniNetwork::bridge(&config)),
+        };
+        if let (Some(bin), Some(chain)) = (&config.cni_bin, &chain) {
+            for plugin in chain.binaries() {
+                let p = bin.join(&plugin);
                 if !p.exists() {
                     return Err(Error::Unavailable(format!(
-                        "CNI plugin {} not found (install containernetworking-plugins)",
-                        p.display()
+                        "CNI plugin {} (used by {}) not found (install containernetworking-plugins)",
+                        p.display(),
+                        chain.source
                     )));
                 }
             }
@@ -81,7 +215,11 @@ impl PodNetwork {
                 &config.pod_cidr,
             )?),
         };
-        Ok(Self { config, ipam })
+        Ok(Self {
+            config,
+            ipam,
+            chain,
+        })
     }
 
     /// The in-process path gives the node its address in the pod CIDR and
@@ -99,10 +237,10 @@ impl PodNetwork {
 
     /// How pods are plugged in, for the log.
     pub fn method(&self) -> &'static str {
-        if self.ipam.is_some() {
-            "routed veths, in-process (netlink)"
-        } else {
-            "CNI plugins (bridge)"
+        match (&self.ipam, &self.config.cni_conf_dir) {
+            (Some(_), _) => "routed veths, in-process (netlink)",
+            (None, Some(_)) => "CNI plugins (the configuration directory's network)",
+            (None, None) => "CNI plugins (bridge)",
         }
     }
 
@@ -118,47 +256,32 @@ impl PodNetwork {
         Path::new(NETNS_DIR).join(self.name(id))
     }
 
-    /// The pod network's CNI configuration for one plugin.
-    fn plugin_config(&self, plugin: &str) -> serde_json::Value {
-        match plugin {
-            "loopback" => serde_json::json!({
-                "cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "loopback",
-            }),
-            _ => serde_json::json!({
-                "cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "bridge",
-                "bridge": self.config.bridge, "isGateway": true, "ipMasq": false,
-                "hairpinMode": true,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": self.config.pod_cidr}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": self.config.state_dir,
-                },
-            }),
-        }
-    }
-
-    async fn cni(&self, command: &str, plugin: &str, id: &str) -> Result<serde_json::Value, Error> {
+    /// Runs one CNI plugin for the pod `id` with `config` on `ifname`.
+    async fn cni(
+        &self,
+        command: &str,
+        config: &serde_json::Value,
+        id: &str,
+        ifname: &str,
+    ) -> Result<serde_json::Value, Error> {
         let bin = self
             .config
             .cni_bin
             .as_deref()
             .ok_or_else(|| Error::Setup("no CNI plugin directory".into()))?;
+        let plugin = config["type"].as_str().unwrap_or_default();
         let mut child = tokio::process::Command::new(bin.join(plugin))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", self.name(id))
             .env("CNI_NETNS", self.netns_path(id))
-            .env(
-                "CNI_IFNAME",
-                if plugin == "loopback" { "lo" } else { "eth0" },
-            )
+            .env("CNI_IFNAME", ifname)
             .env("CNI_PATH", bin)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| Error::Setup(format!("running the CNI {plugin} plugin: {e}")))?;
-        let config = serde_json::to_vec(&self.plugin_config(plugin)).expect("JSON");
+        let config = serde_json::to_vec(config).expect("JSON");
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(&config)
@@ -181,6 +304,39 @@ impl PodNetwork {
             )));
         }
         Ok(result)
+    }
+
+    /// The pod's loopback, then the chain's plugins in order, each given
+    /// the previous one's result; the last result.
+    async fn cni_add(&self, chain: &CniNetwork, id: &str) -> Result<serde_json::Value, Error> {
+        let lo = serde_json::json!({"cniVersion": chain.version, "name": chain.name, "type": "loopback"});
+        self.cni("ADD", &lo, id, "lo").await?;
+        let mut prev: Option<serde_json::Value> = None;
+        for i in 0..chain.plugins.len() {
+            let result = self
+                .cni("ADD", &chain.plugin_config(i, prev.as_ref()), id, "eth0")
+                .await?;
+            // A plugin that passes the result on may print nothing.
+            if !result.is_null() {
+                prev = Some(result);
+            }
+        }
+        Ok(prev.unwrap_or_default())
+    }
+
+    /// The chain's plugins in reverse order; every one is asked even when
+    /// one fails (DEL must release what it can); the first error.
+    async fn cni_del(&self, chain: &CniNetwork, id: &str) -> Result<(), Error> {
+        let mut first = None;
+        for i in (0..chain.plugins.len()).rev() {
+            if let Err(e) = self
+                .cni("DEL", &chain.plugin_config(i, None), id, "eth0")
+                .await
+            {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Creates the pod's namespace and plugs it into the bridge.
@@ -207,12 +363,9 @@ impl PodNetwork {
                 }
             };
         }
+        let chain = self.chain.as_ref().expect("the CNI path has a chain");
         ip(&["netns", "add", &self.name(id)]).await?;
-        let result = async {
-            self.cni("ADD", "loopback", id).await?;
-            self.cni("ADD", "bridge", id).await
-        }
-        .await;
+        let result = self.cni_add(chain, id).await;
         let result = match result {
             Ok(r) => r,
             Err(e) => {
@@ -225,7 +378,12 @@ impl PodNetwork {
             .split('/')
             .next()
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| Error::Setup(format!("CNI bridge gave no address: {result}")))?;
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "CNI network {} gave no address: {result}",
+                    chain.source
+                ))
+            })?;
         Ok(Sandbox {
             ip,
             netns: self.netns_path(id),
@@ -252,7 +410,9 @@ impl PodNetwork {
         if !self.netns_path(id).exists() {
             return;
         }
-        if let Err(e) = self.cni("DEL", "bridge", id).await {
+        if let Some(chain) = &self.chain
+            && let Err(e) = self.cni_del(chain, id).await
+        {
             tracing::warn!(pod = id, error = %e, "releasing the pod's address");
         }
         if let Err(e) = ip(&["netns", "delete", &self.name(id)]).await {
