@@ -834,6 +834,33 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         }
     }
 
+    // `externalTrafficPolicy: Local`: the node port answers only on the
+    // host with an endpoint (host1); host2 has none and drops the packet
+    // (a load balancer in front would try another node), never forwarding
+    // it to host1.
+    ok(
+        &s,
+        &[
+            "patch",
+            "svc",
+            "web-np",
+            "-p",
+            r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
+        ],
+        None,
+    );
+    wait_rules(&lan, "host2", &format!("tcp . {node_port} : drop"));
+    let local = format!("{}:{node_port}", lan.addr(1));
+    let got = common::poll(&format!("GET {local}"), Duration::from_secs(30), || {
+        http_from_test(&local)
+    });
+    assert!(got.ends_with("hello from busybox httpd\n"), "{got:?}");
+    let dropped = http_from_test(&format!("{}:{node_port}", lan.addr(2)));
+    assert!(
+        dropped.as_ref().is_err_and(|e| e.contains("timed out")),
+        "host2 without a local endpoint answered: {dropped:?}"
+    );
+
     // Endpoints on both hosts: a second replica of the function, on host2,
     // behind the same Service. Requests from host1 reach both; under
     // `sessionAffinity: ClientIP` a client sticks to one.
