@@ -1212,6 +1212,76 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         },
     );
 
+    // A pod deleted while a request through its Service is in flight: the
+    // request finishes (its connection keeps its translation; the HTTP
+    // function drains before it stops), and the pod goes right after.
+    let slow = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "slow", "labels": {"app": "slow"}},
+        "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 30, "containers": [{"name": "hello", "image": hello,
+          "ports": [{"containerPort": 8080}],
+          "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1}}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&slow));
+    wait_ready(&s, "pod/slow");
+    ok(
+        &s,
+        &[
+            "expose",
+            "pod",
+            "slow",
+            "--name=slow-svc",
+            "--port=80",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    let slow_vip = cluster_ip(&s, "slow-svc");
+    wait_rules(
+        &lan,
+        "host1",
+        &format!("{slow_vip} . tcp . 80 : goto service-"),
+    );
+    let in_flight = std::thread::scope(|scope| {
+        let request = scope.spawn(|| {
+            let out = lan.busybox_in(
+                "host1",
+                &["sh", "-c", &http_get_at(&slow_vip, 80, "/burn?ms=3000")],
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        });
+        common::poll(
+            "the slow request in flight",
+            Duration::from_secs(30),
+            || {
+                let v: serde_json::Value = serde_json::from_str(&ok(
+                &s,
+                &[
+                    "get",
+                    "--raw",
+                    "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/slow/http_requests_in_flight",
+                ],
+                None,
+            ))
+            .map_err(|e| e.to_string())?;
+                match v["items"][0]["value"].as_str() {
+                    Some("0") | None => Err(v.to_string()),
+                    Some(_) => Ok(()),
+                }
+            },
+        );
+        ok(&s, &["delete", "pod", "slow", "--wait=false"], None);
+        request.join().unwrap()
+    });
+    assert!(
+        in_flight.starts_with("HTTP/1.")
+            && in_flight.contains(" 200 ")
+            && in_flight.contains("burned 3000 ms"),
+        "{in_flight:?}"
+    );
+    checked(&s, &["wait", "--for=delete", "pod/slow", "--timeout=30s"]);
+    ok(&s, &["delete", "svc", "slow-svc"], None);
+
     // An agent killed with SIGKILL leaves the rules in the kernel, so
     // routing goes on; once restarted it rewrites the table from scratch,
     // and a Service deleted meanwhile leaves nothing behind.
