@@ -6,8 +6,9 @@
 //! `apiserver_watch_events_sizes` by kind. Served at `/metrics` in the
 //! Prometheus text format (0.0.4, as Kubernetes serves it).
 //!
-//! The registry is the process's (as client-go's and the API server's are):
-//! one process serves one API server.
+//! The registry is the process's default one (as client-go's and the API
+//! server's are), so the page also carries the metrics of the scheduler
+//! and controllers that run in the same process.
 
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -19,7 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, TextEncoder,
 };
 
 use crate::params::Params;
@@ -61,7 +62,6 @@ const REQUEST_LABELS: [&str; 7] = [
 ];
 
 struct Metrics {
-    registry: Registry,
     requests: IntCounterVec,
     durations: HistogramVec,
     longrunning: IntGaugeVec,
@@ -118,7 +118,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["group", "version", "kind"],
     )
     .expect("a valid metric");
-    let registry = Registry::new();
+    let registry = prometheus::default_registry();
     for m in [
         Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(durations.clone()),
@@ -126,10 +126,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(watch_events.clone()),
         Box::new(watch_sizes.clone()),
     ] {
-        registry.register(m).expect("metric names are unique");
+        // Another API server in the same process (tests) shares them.
+        let _ = registry.register(m);
     }
     Metrics {
-        registry,
         requests,
         durations,
         longrunning,
@@ -142,10 +142,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 pub(crate) async fn serve() -> Response {
     let encoder = TextEncoder::new();
     let mut out = Vec::new();
-    if encoder
-        .encode(&METRICS.registry.gather(), &mut out)
-        .is_err()
-    {
+    // Everything in the process's registry: the API server's, and the
+    // scheduler's and controllers' when they run in the same process.
+    LazyLock::force(&METRICS);
+    if encoder.encode(&prometheus::gather(), &mut out).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     (

@@ -1295,9 +1295,10 @@ fn custom_resources_with_kubectl() {
     );
 }
 
-/// The API server's Prometheus metrics: Kubernetes' names and labels,
-/// a watch counted while it is open, and the whole page accepted by
-/// `promtool check metrics` (Prometheus' own linter).
+/// The server's Prometheus metrics: the API server's and the scheduler's
+/// under Kubernetes' names and labels, a watch counted while it is open,
+/// and the whole page accepted by `promtool check metrics` (Prometheus'
+/// own linter).
 #[test]
 fn api_server_metrics_pass_promtool() {
     let dir = tempfile::tempdir().unwrap();
@@ -1307,6 +1308,10 @@ fn api_server_metrics_pass_promtool() {
         &["create", "configmap", "metered", "--from-literal=a=b"],
         None,
     );
+    // No node: the scheduler's attempt is unschedulable.
+    ok(&s, &["run", "pending", "--image=registry.local/x:1"], None);
+    let unschedulable =
+        "scheduler_schedule_attempts_total{profile=\"default-scheduler\",result=\"unschedulable\"}";
     let mut watch = Command::new("kubectl")
         .args(["get", "configmaps", "--watch", "-o", "name"])
         .env("KUBECONFIG", &s.kubeconfig)
@@ -1315,14 +1320,18 @@ fn api_server_metrics_pass_promtool() {
         .spawn()
         .unwrap();
     let open_watch = "apiserver_longrunning_requests{component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"WATCH\",version=\"v1\"} 1";
-    let page = common::poll("a configmap watch counted", Duration::from_secs(20), || {
-        let page = ok(&s, &["get", "--raw", "/metrics"], None);
-        if page.contains(open_watch) {
-            Ok(page)
-        } else {
-            Err(page)
-        }
-    });
+    let page = common::poll(
+        "a watch and a scheduling attempt counted",
+        Duration::from_secs(20),
+        || {
+            let page = ok(&s, &["get", "--raw", "/metrics"], None);
+            if page.contains(open_watch) && page.contains(unschedulable) {
+                Ok(page)
+            } else {
+                Err(page)
+            }
+        },
+    );
     let _ = watch.kill();
     let _ = watch.wait();
     assert!(

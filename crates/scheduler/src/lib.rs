@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod interpod;
+mod metrics;
 pub mod node_info;
 pub mod plugins;
 pub mod preemption;

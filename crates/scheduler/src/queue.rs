@@ -92,6 +92,12 @@ impl Queue {
         }
     }
 
+    /// How many pods wait: active, in backoff, unschedulable.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let i = self.inner.lock().expect("queue lock");
+        (i.active.len(), i.backoff.len(), i.unschedulable.len())
+    }
+
     /// A new or changed pod that needs scheduling, with its priority.
     pub fn add(&self, key: Key, priority: i32) {
         let mut i = self.inner.lock().expect("queue lock");

@@ -144,6 +144,7 @@ impl Shared {
     }
 
     async fn schedule(self: &Arc<Self>, key: Key) {
+        let started = std::time::Instant::now();
         let (ns, name) = key.split_once('/').unwrap_or_default();
         let Some(pod) = self.pods.get(&ObjectRef::new(name).within(ns)) else {
             self.queue.forget(&key);
@@ -179,13 +180,18 @@ impl Shared {
                 // Binding is a round trip; the next pod is scheduled meanwhile,
                 // seeing this one as assumed on its node.
                 tokio::spawn(async move {
-                    this.bind(key, pod, node).await;
+                    this.bind(key, pod, node, started).await;
                     drop(permit);
                 });
             }
             Err(fit) => {
                 let mut message = fit.to_string();
                 tracing::debug!(pod = %key, %message, "unschedulable");
+                crate::metrics::attempt(
+                    &self.config.scheduler_name,
+                    crate::metrics::Result::Unschedulable,
+                    started.elapsed(),
+                );
                 let plan = {
                     let cache = self.cache();
                     let cycle = Cycle::prepare(&key, &pod, &cache);
@@ -263,7 +269,13 @@ impl Shared {
         }
     }
 
-    async fn bind(self: &Arc<Self>, key: Key, pod: Arc<Pod>, node: String) {
+    async fn bind(
+        self: &Arc<Self>,
+        key: Key,
+        pod: Arc<Pod>,
+        node: String,
+        started: std::time::Instant,
+    ) {
         let (ns, name) = key.split_once('/').unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let binding = json!({
@@ -283,6 +295,11 @@ impl Shared {
         {
             Ok(_) => {
                 tracing::debug!(pod = %key, %node, "bound");
+                crate::metrics::attempt(
+                    &self.config.scheduler_name,
+                    crate::metrics::Result::Scheduled,
+                    started.elapsed(),
+                );
                 match self.events.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let this = self.clone();
@@ -299,6 +316,11 @@ impl Shared {
             }
             Err(e) => {
                 tracing::info!(pod = %key, %node, error = %e, "binding failed; retrying after backoff");
+                crate::metrics::attempt(
+                    &self.config.scheduler_name,
+                    crate::metrics::Result::Error,
+                    started.elapsed(),
+                );
                 {
                     let mut cache = self.cache();
                     if cache.is_assumed(&key) {
@@ -538,6 +560,8 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
             loop {
                 let key = shared.queue.pop().await;
                 shared.schedule(key).await;
+                let (active, backoff, unschedulable) = shared.queue.sizes();
+                crate::metrics::pending(active, backoff, unschedulable);
             }
         }
     };
