@@ -195,6 +195,9 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
         out,
         "# HELP wasmkube_node_pods Pods the agent runs.\n# TYPE wasmkube_node_pods gauge\nwasmkube_node_pods {count}\n"
     );
+    for rt in &ctx.runtimes {
+        out.push_str(&rt.metrics());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -711,6 +711,41 @@ async fn a_cpu_limit_holds_a_guest_to_its_share_and_usage_is_reported() {
     // per 100 ms period at most doubles it. Unlimited, it would be ~2 s.
     assert!(cpu > 0.02 && cpu < 0.6, "cpu seconds {cpu}");
     assert!(metrics.contains("wasmkube_node_pods 1"), "{metrics}");
+    // The Wasm runtime's compile cache: the burner was compiled here.
+    let compiles: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wasmkube_wasm_compiles_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no compile count in:\n{metrics}"));
+    assert!(compiles >= 1, "{metrics}");
+    assert!(
+        metrics.contains("wasmkube_wasm_compile_cache_hits_total "),
+        "{metrics}"
+    );
+    // The whole page passes Prometheus' own linter.
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus; scripts/test.sh installs it)");
+    {
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

@@ -40,6 +40,10 @@ pub(crate) struct ModuleCache {
     /// Keys being filled, each with the lock its fillers queue on.
     filling: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
     compiled: AtomicU64,
+    /// Artifacts loaded from the cache instead of compiled.
+    loaded: AtomicU64,
+    /// Time spent compiling, in nanoseconds.
+    compile_nanos: AtomicU64,
 }
 
 impl std::fmt::Debug for ModuleCache {
@@ -64,12 +68,23 @@ impl ModuleCache {
             compatibility: h.finish(),
             filling: Mutex::default(),
             compiled: AtomicU64::new(0),
+            loaded: AtomicU64::new(0),
+            compile_nanos: AtomicU64::new(0),
         })
     }
 
     /// How many modules this cache compiled (rather than loaded).
     pub(crate) fn compiled(&self) -> u64 {
         self.compiled.load(Ordering::Relaxed)
+    }
+
+    /// Compiles, loads from the cache, and the seconds spent compiling.
+    pub(crate) fn stats(&self) -> (u64, u64, f64) {
+        (
+            self.compiled.load(Ordering::Relaxed),
+            self.loaded.load(Ordering::Relaxed),
+            self.compile_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        )
     }
 
     fn artifact_path(&self, bytes: &[u8]) -> PathBuf {
@@ -129,7 +144,10 @@ impl ModuleCache {
             (_, None) => None,
             (Some(seal), Some(artifact)) if seal.trim() == hex(&Sha256::digest(&artifact)) => {
                 match deserialize(path) {
-                    Ok(loaded) => Some(loaded),
+                    Ok(loaded) => {
+                        self.loaded.fetch_add(1, Ordering::Relaxed);
+                        Some(loaded)
+                    }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "recompiling a cached module the engine refused");
                         None
@@ -153,6 +171,10 @@ impl ModuleCache {
         let started = std::time::Instant::now();
         let compiled = precompile(bytes).map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
         self.compiled.fetch_add(1, Ordering::Relaxed);
+        self.compile_nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         tracing::debug!(path = %path.display(), took = ?started.elapsed(), bytes = compiled.len(), "compiled a module");
         // The seal goes first: an artifact under its real name always has
         // one (a crash between the renames leaves a seal without an artifact,

@@ -152,6 +152,21 @@ impl Runtime for WasmContainers {
         HANDLER
     }
 
+    fn metrics(&self) -> String {
+        let (compiled, loaded, seconds) = self.rt.cache_stats();
+        format!(
+            "# HELP wasmkube_wasm_compiles_total Modules and components compiled to native code (not found in the compile cache).\n\
+             # TYPE wasmkube_wasm_compiles_total counter\n\
+             wasmkube_wasm_compiles_total {compiled}\n\
+             # HELP wasmkube_wasm_compile_seconds_total Time spent compiling modules and components.\n\
+             # TYPE wasmkube_wasm_compile_seconds_total counter\n\
+             wasmkube_wasm_compile_seconds_total {seconds}\n\
+             # HELP wasmkube_wasm_compile_cache_hits_total Modules and components loaded from the compile cache instead of compiled.\n\
+             # TYPE wasmkube_wasm_compile_cache_hits_total counter\n\
+             wasmkube_wasm_compile_cache_hits_total {loaded}\n"
+        )
+    }
+
     async fn prepare(&self, image: &Image) -> Result<(), RuntimeError> {
         self.prepared(image).await.map(drop)
     }

@@ -463,6 +463,12 @@ impl WasmRuntime {
         self.cache.compiled()
     }
 
+    /// The compile cache's figures: compiles, loads from the cache, and
+    /// the seconds spent compiling.
+    pub fn cache_stats(&self) -> (u64, u64, f64) {
+        self.cache.stats()
+    }
+
     /// Links a module against WASI once, so every later instance of it
     /// skips import resolution (`InstancePre`).
     pub fn prepare(&self, module: &Module) -> Result<Prepared, Error> {

@@ -317,6 +317,12 @@ pub trait Runtime: Send + Sync {
     /// The RuntimeClass handler this runtime serves (`wasmtime`, `runc`).
     fn handler(&self) -> &str;
 
+    /// The runtime's own Prometheus metrics, as whole families in the text
+    /// format, for the agent's `/metrics` page (none by default).
+    fn metrics(&self) -> String {
+        String::new()
+    }
+
     /// Makes an image ready for fast starts (compiles a module, unpacks
     /// layers). Idempotent; the expensive part runs once per image per node.
     async fn prepare(&self, image: &Image) -> Result<(), Error>;
