@@ -723,29 +723,7 @@ async fn a_cpu_limit_holds_a_guest_to_its_share_and_usage_is_reported() {
         "{metrics}"
     );
     // The whole page passes Prometheus' own linter.
-    let mut check = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus; scripts/test.sh installs it)");
-    {
-        use std::io::Write;
-        check
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(metrics.as_bytes())
-            .unwrap();
-    }
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}\n{metrics}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    wasmkube_testkit::promtool_check(&metrics);
 }
 
 #[tokio::test]

@@ -442,13 +442,9 @@ pub fn full(net: &NodeNetwork, rules: &Ruleset) -> String {
     s
 }
 
-/// An element as `nft` writes it: `key : value` in a map, `key` in a set.
+/// A map element as `nft` writes it.
 fn element(key: &str, value: &str) -> String {
-    if value.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{key} : {value}")
-    }
+    format!("{key} : {value}")
 }
 
 fn affinity_set_decl(set: &str, seconds: u32) -> String {

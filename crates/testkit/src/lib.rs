@@ -119,6 +119,33 @@ fn registry_binary() -> PathBuf {
 }
 
 /// The repository root.
+/// Checks a Prometheus metrics page with `promtool check metrics`
+/// (Prometheus' own parser and linter; `scripts/test.sh` installs Debian's
+/// `prometheus` for it); panics with what it said and the page.
+pub fn promtool_check(page: &str) {
+    use std::io::Write;
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus; scripts/test.sh installs it)");
+    check
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(page.as_bytes())
+        .expect("writing to promtool");
+    let out = check.wait_with_output().expect("promtool's output");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
