@@ -1295,8 +1295,8 @@ fn custom_resources_with_kubectl() {
     );
 }
 
-/// The server's Prometheus metrics: the API server's and the scheduler's
-/// under Kubernetes' names and labels, a watch counted while it is open,
+/// The server's Prometheus metrics: the API server's, the scheduler's and
+/// the controllers' under the names Kubernetes and its tools use, a watch counted while it is open,
 /// and the whole page accepted by `promtool check metrics` (Prometheus'
 /// own linter).
 #[test]
@@ -1308,8 +1308,21 @@ fn api_server_metrics_pass_promtool() {
         &["create", "configmap", "metered", "--from-literal=a=b"],
         None,
     );
-    // No node: the scheduler's attempt is unschedulable.
+    // No node: the scheduler's attempt is unschedulable; the Deployment
+    // controller reconciles.
     ok(&s, &["run", "pending", "--image=registry.local/x:1"], None);
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "metered",
+            "--image=registry.local/x:1",
+        ],
+        None,
+    );
+    let reconciled =
+        "controller_runtime_reconcile_total{controller=\"deployment\",result=\"success\"}";
     let unschedulable =
         "scheduler_schedule_attempts_total{profile=\"default-scheduler\",result=\"unschedulable\"}";
     let mut watch = Command::new("kubectl")
@@ -1325,7 +1338,10 @@ fn api_server_metrics_pass_promtool() {
         Duration::from_secs(20),
         || {
             let page = ok(&s, &["get", "--raw", "/metrics"], None);
-            if page.contains(open_watch) && page.contains(unschedulable) {
+            if page.contains(open_watch)
+                && page.contains(unschedulable)
+                && page.contains(reconciled)
+            {
                 Ok(page)
             } else {
                 Err(page)

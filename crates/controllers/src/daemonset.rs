@@ -349,6 +349,7 @@ pub(crate) fn run(
                 .collect::<Vec<_>>()
         };
         crate::drain(
+            "daemonset",
             controller
                 .owns_shared_stream(pod_changes)
                 .watches_shared_stream(node_changes, all)

@@ -227,11 +227,14 @@ pub(crate) fn run(
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(controller.watches_shared_stream(changes, selecting).run(
-            reconcile,
-            crate::retry_soon,
-            ctx,
-        ))
+        crate::drain(
+            "endpoints",
+            controller.watches_shared_stream(changes, selecting).run(
+                reconcile,
+                crate::retry_soon,
+                ctx,
+            ),
+        )
         .await;
         Ok(())
     }

@@ -26,6 +26,7 @@ pub mod gc;
 mod hpa;
 pub mod job;
 pub mod leader;
+mod metrics;
 pub mod nodeipam;
 pub mod nodelifecycle;
 mod pods;
@@ -258,7 +259,9 @@ where
         + 'static,
 {
     let _ = children.store.wait_until_ready().await;
+    let name = K::kind(&()).to_lowercase();
     drain(
+        &name,
         kube::runtime::Controller::new(Api::<K>::all(client), watcher::Config::default())
             .owns_shared_stream(children.changes)
             .run(reconcile, retry_soon, ctx),
@@ -281,13 +284,18 @@ where
     kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
 }
 
-/// Drives a controller's results. Failures are retried by its error policy;
-/// here they are only logged, so no object's failure stops the controller.
-pub(crate) async fn drain<T, E: std::error::Error>(results: impl Stream<Item = Result<T, E>>) {
+/// Drives the controller `name`'s results, counting them. Failures are
+/// retried by its error policy; here they are only logged, so no object's
+/// failure stops the controller.
+pub(crate) async fn drain<T, E: std::error::Error>(
+    name: &str,
+    results: impl Stream<Item = Result<T, E>>,
+) {
     results
         .for_each(|result| async move {
+            metrics::reconciled(name, result.is_ok());
             if let Err(e) = result {
-                tracing::debug!(error = %ErrorChain(&e), "reconcile did not complete");
+                tracing::debug!(controller = name, error = %ErrorChain(&e), "reconcile did not complete");
             }
         })
         .await;

@@ -135,7 +135,11 @@ pub async fn run(client: kube::Client, cluster: Cidr, node_prefix: u8) -> Result
         nodes,
         assigned: Mutex::default(),
     });
-    crate::drain(controller.run(reconcile, crate::retry_soon, ctx)).await;
+    crate::drain(
+        "nodeipam",
+        controller.run(reconcile, crate::retry_soon, ctx),
+    )
+    .await;
     Ok(())
 }
 

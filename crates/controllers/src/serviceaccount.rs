@@ -49,6 +49,6 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         |sa| sa.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
     .run(reconcile, crate::retry_soon, Arc::new(Ctx { client }));
-    crate::drain(results).await;
+    crate::drain("serviceaccount", results).await;
     Ok(())
 }

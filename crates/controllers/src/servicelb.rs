@@ -103,11 +103,14 @@ pub(crate) fn run(
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(controller.watches_shared_stream(changes, balanced).run(
-            reconcile,
-            crate::retry_soon,
-            ctx,
-        ))
+        crate::drain(
+            "servicelb",
+            controller.watches_shared_stream(changes, balanced).run(
+                reconcile,
+                crate::retry_soon,
+                ctx,
+            ),
+        )
         .await;
         Ok(())
     }
