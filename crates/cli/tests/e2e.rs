@@ -567,6 +567,67 @@ fn scheduler_binds_pods_to_simulated_nodes() {
             && described.contains("0/2 nodes are available: 2 Insufficient memory."),
         "{described}"
     );
+
+    // cordon, drain and uncordon: the drained node keeps no pod of the
+    // Deployment, whose replacements land on the other node (`--force`:
+    // the bare pod `web` goes too).
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "spread",
+            "--image=registry.local/hello:1",
+            "--replicas=4",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["rollout", "status", "deployment/spread", "--timeout=60s"],
+        None,
+    );
+    let drained = ok(
+        &s,
+        &[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--force",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(
+        drained.contains(&format!("node/{node} drained")),
+        "{drained}"
+    );
+    let row = ok(&s, &["get", "node", &node, "--no-headers"], None);
+    assert!(row.contains("SchedulingDisabled"), "{row}");
+    ok(
+        &s,
+        &["rollout", "status", "deployment/spread", "--timeout=60s"],
+        None,
+    );
+    let nodes = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=spread",
+            "-o",
+            "jsonpath={.items[*].spec.nodeName}",
+        ],
+        None,
+    );
+    assert!(
+        nodes.split_whitespace().count() == 4 && !nodes.contains(&node),
+        "{nodes}"
+    );
+    ok(&s, &["uncordon", &node], None);
+    let row = ok(&s, &["get", "node", &node, "--no-headers"], None);
+    assert!(!row.contains("SchedulingDisabled"), "{row}");
 }
 
 #[test]
