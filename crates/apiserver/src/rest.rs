@@ -343,7 +343,8 @@ impl Ctx<'_> {
             .await
             .map_err(|e| self.store_err(e, name))?
             .ok_or_else(|| ApiError::not_found(self.rt(), name))?;
-        let obj = decode_stored(&kv).map_err(ApiError::internal)?;
+        let mut obj = decode_stored(&kv).map_err(ApiError::internal)?;
+        crate::storage::served_as(self.rt(), &mut obj);
         Ok((obj, kv.mod_revision))
     }
 
@@ -404,7 +405,8 @@ impl Ctx<'_> {
             let mut last_key = None;
             for kv in &page.items {
                 last_key = Some(kv.key.clone());
-                let obj = decode_stored(kv).map_err(ApiError::internal)?;
+                let mut obj = decode_stored(kv).map_err(ApiError::internal)?;
+                crate::storage::served_as(rt, &mut obj);
                 if labels.matches_object(&obj) && fields.matches(rt, &obj) {
                     items.push((kv.key.clone(), obj));
                     if limit != 0 && items.len() == limit {

@@ -20,6 +20,16 @@ pub fn decode_stored(kv: &KeyValue) -> Result<Value, serde_json::Error> {
     Ok(obj)
 }
 
+/// A custom resource as read through one of its CRD's served versions.
+/// Versions convert with the `None` strategy, as Kubernetes' default: the
+/// object is the same, with that version's `apiVersion` (whichever version
+/// wrote it).
+pub(crate) fn served_as(rt: &wasmkube_api::registry::ResourceType, obj: &mut Value) {
+    if rt.custom.is_some() && obj["apiVersion"].as_str() != Some(&rt.api_version()) {
+        obj["apiVersion"] = Value::String(rt.api_version());
+    }
+}
+
 /// Metadata members Kubernetes omits when empty (`omitempty`).
 const OMIT_EMPTY: &[&str] = &[
     "labels",

@@ -91,7 +91,11 @@ struct WatchState {
 impl WatchState {
     fn line(&mut self, ty: &str, obj: &Value) -> Bytes {
         let object = match self.output {
-            Output::Object => obj.clone(),
+            Output::Object => {
+                let mut obj = obj.clone();
+                crate::storage::served_as(self.filter.rt, &mut obj);
+                obj
+            }
             Output::PartialMetadata => partial_metadata(obj),
             Output::Table => {
                 let columns = if self.columns_sent {
@@ -113,11 +117,18 @@ impl WatchState {
     }
 
     fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
+        let rt = self.filter.rt;
         let line = match self.output {
+            // Written through another version of its CRD: rewritten.
+            Output::Object
+                if rt.custom.is_some()
+                    && e.object["apiVersion"].as_str() != Some(&rt.api_version()) =>
+            {
+                self.line(ty.as_str(), &e.object)
+            }
             Output::Object => e.line(ty),
             _ => self.line(ty.as_str(), &e.object),
         };
-        let rt = self.filter.rt;
         crate::metrics::watch_event(rt.group, rt.version, rt.kind, line.len());
         line
     }

@@ -1265,6 +1265,49 @@ fn custom_resources_with_kubectl() {
         "{explain}"
     );
 
+    // Several versions, converted with the `None` strategy: an object
+    // written through one version reads with the other's apiVersion.
+    let schema = "{openAPIV3Schema: {type: object, properties: {spec: {type: object, properties: {size: {type: integer}}}}}}";
+    let gadgets = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.demo.wasmkube.dev\nspec:\n  group: demo.wasmkube.dev\n  scope: Namespaced\n  names: {{kind: Gadget, plural: gadgets}}\n  versions:\n    - {{name: v1beta1, served: true, storage: false, schema: {schema}}}\n    - {{name: v1, served: true, storage: true, schema: {schema}}}\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&gadgets));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=condition=established",
+            "crd/gadgets.demo.wasmkube.dev",
+            "--timeout=10s",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: demo.wasmkube.dev/v1beta1\nkind: Gadget\nmetadata:\n  name: g1\nspec:\n  size: 2\n",
+        ),
+    );
+    for (version, want) in [
+        ("v1", "demo.wasmkube.dev/v1 2"),
+        ("v1beta1", "demo.wasmkube.dev/v1beta1 2"),
+    ] {
+        let got = ok(
+            &s,
+            &[
+                "get",
+                &format!("gadgets.{version}.demo.wasmkube.dev"),
+                "g1",
+                "-o",
+                "jsonpath={.apiVersion} {.spec.size}",
+            ],
+            None,
+        );
+        assert_eq!(got, want);
+    }
+    ok(&s, &["delete", "crd", "gadgets.demo.wasmkube.dev"], None);
+
     // After a restart the kind is still served, with its objects.
     let pid = s.child.id().to_string();
     assert!(
