@@ -336,6 +336,100 @@ fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError
     FieldError::new(FieldErrorType::Invalid, path, Some(v.to_string()), detail)
 }
 
+/// Compiled CEL programs by their source (rules are compiled once, however
+/// many objects they check).
+static PROGRAMS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<cel_interpreter::Program>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// A CEL rule compiled, or why it does not compile.
+fn program(rule: &str) -> Result<std::sync::Arc<cel_interpreter::Program>, String> {
+    let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.get(rule) {
+        return Ok(p.clone());
+    }
+    let p = std::sync::Arc::new(
+        cel_interpreter::Program::compile(rule).map_err(|e| e.to_string().trim().to_owned())?,
+    );
+    cache.insert(rule.to_owned(), p.clone());
+    Ok(p)
+}
+
+/// Whether a rule is a transition rule (it compares with the object's
+/// previous value, `oldSelf`).
+fn transition_rule(rule: &str) -> bool {
+    rule.contains("oldSelf")
+}
+
+/// Runs the node's `x-kubernetes-validations` CEL rules with `self` bound
+/// to `v`. Transition rules (`oldSelf`) are not run: no previous value is
+/// given to validation.
+fn check_rules(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    let Some(rules) = schema["x-kubernetes-validations"].as_array() else {
+        return;
+    };
+    for r in rules {
+        let Some(rule) = r["rule"].as_str() else {
+            continue;
+        };
+        if transition_rule(rule) {
+            continue;
+        }
+        let at = match r["fieldPath"].as_str() {
+            Some(f) => join(path, f.trim_start_matches('.')),
+            None => path.to_owned(),
+        };
+        let failed = |detail: String| {
+            FieldError::new(
+                FieldErrorType::Invalid,
+                &at,
+                Some(format!("\"{}\"", type_name(v))),
+                detail,
+            )
+        };
+        let outcome = program(rule).and_then(|p| {
+            let mut ctx = cel_interpreter::Context::default();
+            let value = cel_interpreter::to_value(v).map_err(|e| e.to_string())?;
+            ctx.add_variable_from_value("self", value);
+            p.execute(&ctx).map_err(|e| e.to_string())
+        });
+        match outcome {
+            Ok(cel_interpreter::Value::Bool(true)) => {}
+            Ok(cel_interpreter::Value::Bool(false)) => errors.push(failed(
+                r["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("failed rule: {rule}")),
+            )),
+            Ok(other) => errors.push(failed(format!("rule {rule} gave {other:?}, not a boolean"))),
+            Err(e) => errors.push(failed(format!("rule {rule} could not be evaluated: {e}"))),
+        }
+    }
+}
+
+/// Every CEL rule in a schema, with its place, for the CRD's validation.
+fn rules_of(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
+        for (i, r) in rules.iter().enumerate() {
+            let at = format!("{path}.x-kubernetes-validations[{i}].rule");
+            match r["rule"].as_str() {
+                Some(rule) => out.push((at, rule.to_owned())),
+                None => out.push((at, String::new())),
+            }
+        }
+    }
+    if let Some(props) = schema["properties"].as_object() {
+        for (k, s) in props {
+            rules_of(s, &format!("{path}.properties[{k}]"), out);
+        }
+    }
+    for k in ["items", "additionalProperties"] {
+        if schema[k].is_object() {
+            rules_of(&schema[k], &format!("{path}.{k}"), out);
+        }
+    }
+}
+
 fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
     if v.is_null() {
         if schema["nullable"] != true && schema.get("type").is_some() {
@@ -343,6 +437,16 @@ fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
         }
         return;
     }
+    let before = errors.len();
+    check_shape(schema, v, path, errors);
+    // Rules run on values that are well-formed underneath, as Kubernetes
+    // runs them only after the schema's own checks passed.
+    if errors.len() == before {
+        check_rules(schema, v, path, errors);
+    }
+}
+
+fn check_shape(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
     let actual = type_name(v);
     let int_or_string = schema["x-kubernetes-int-or-string"] == true;
     if int_or_string {
@@ -602,6 +706,15 @@ pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
                 "must not be empty for specified object fields",
             ));
         }
+        let mut rules = Vec::new();
+        rules_of(schema, &format!("{at}.schema.openAPIV3Schema"), &mut rules);
+        for (path, rule) in rules {
+            if rule.is_empty() {
+                errs.push(FieldError::required(path, ""));
+            } else if let Err(e) = program(&rule) {
+                errs.push(bad(&path, rule, format!("compilation failed: {e}")));
+            }
+        }
         if let Some(scale) = v["subresources"]["scale"].as_object() {
             for key in ["specReplicasPath", "statusReplicasPath"] {
                 if !scale
@@ -773,6 +886,78 @@ pub fn set_at(obj: &mut Value, path: &str, value: Value) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn cel_rules_check_objects_and_bad_rules_refuse_the_crd() {
+        let schema = json!({"type": "object", "properties": {"spec": {
+        "type": "object",
+        "x-kubernetes-validations": [
+            {"rule": "self.min <= self.max", "message": "min must not exceed max"},
+            {"rule": "self.name.startsWith('fn-')", "fieldPath": ".name"},
+            {"rule": "self.max <= oldSelf.max"}
+        ],
+        "properties": {
+            "min": {"type": "integer"}, "max": {"type": "integer"},
+            "name": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"},
+                     "x-kubernetes-validations": [{"rule": "size(self) <= 2"}]}
+        }}}});
+        let ok = json!({"spec": {"min": 1, "max": 3, "name": "fn-a", "tags": ["x"]}});
+        assert!(
+            validate(&schema, &ok).is_empty(),
+            "{:?}",
+            validate(&schema, &ok)
+        );
+        let bad = json!({"spec": {"min": 5, "max": 3, "name": "a", "tags": ["x", "y", "z"]}});
+        let errs: Vec<String> = validate(&schema, &bad)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            ["spec.tags: Invalid value: \"array\": failed rule: size(self) <= 2",],
+            "a rule runs only where the schema's own checks below it passed"
+        );
+        let bad = json!({"spec": {"min": 5, "max": 3, "name": "a", "tags": []}});
+        let errs: Vec<String> = validate(&schema, &bad)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                "spec: Invalid value: \"object\": min must not exceed max",
+                "spec.name: Invalid value: \"object\": failed rule: self.name.startsWith('fn-')",
+            ]
+        );
+        // Hostile rules are refused, never a panic.
+        for rule in [
+            "(((",
+            "self.",
+            "'open",
+            "a ? b",
+            "}{",
+            "self.min <=",
+            "1 +",
+            "[1,",
+            "\\",
+        ] {
+            assert!(program(rule).is_err(), "{rule}");
+        }
+        // A rule that does not compile refuses the CRD, naming the rule.
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "things.demo.dev"},
+            "spec": {"group": "demo.dev", "scope": "Namespaced",
+                "names": {"kind": "Thing", "plural": "things"},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema":
+                    {"type": "object", "properties": {"spec": {"type": "object",
+                        "x-kubernetes-validations": [{"rule": "self.min <="}]}}}}}]}});
+        let errs: Vec<String> = validate_crd(&crd).iter().map(|e| e.to_string()).collect();
+        assert!(
+            errs.iter().any(|e| e.starts_with("spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule: Invalid value: \"self.min <=\": compilation failed")),
+            "{errs:?}"
+        );
+    }
 
     fn schema() -> Value {
         json!({

@@ -1205,6 +1205,22 @@ fn custom_resources_with_kubectl() {
     ] {
         assert!(bad.stderr.contains(want), "{want} not in {}", bad.stderr);
     }
+    // A CEL rule (x-kubernetes-validations) with its message.
+    let over = kubectl(
+        &s,
+        &["create", "-f", "-"],
+        Some(
+            r#"{"apiVersion":"demo.wasmkube.dev/v1","kind":"Function","metadata":{"name":"big"},"spec":{"image":"x","replicas":20}}"#,
+        ),
+    );
+    assert!(
+        !over.ok
+            && over.stderr.contains(
+                r#"spec: Invalid value: "object": free functions run at most 10 replicas"#
+            ),
+        "{}",
+        over.stderr
+    );
     let strict = kubectl(
         &s,
         &["create", "-f", "-"],
