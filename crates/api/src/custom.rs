@@ -348,9 +348,9 @@ fn program(rule: &str) -> Result<std::sync::Arc<cel_interpreter::Program>, Strin
     if let Some(p) = cache.get(rule) {
         return Ok(p.clone());
     }
-    let p = std::sync::Arc::new(
-        cel_interpreter::Program::compile(rule).map_err(|e| e.to_string().trim().to_owned())?,
-    );
+    let compiled = std::panic::catch_unwind(|| cel_interpreter::Program::compile(rule))
+        .map_err(|_| "the parser failed on it".to_owned())?;
+    let p = std::sync::Arc::new(compiled.map_err(|e| e.to_string().trim().to_owned())?);
     cache.insert(rule.to_owned(), p.clone());
     Ok(p)
 }
@@ -391,7 +391,11 @@ fn check_rules(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
             let mut ctx = cel_interpreter::Context::default();
             let value = cel_interpreter::to_value(v).map_err(|e| e.to_string())?;
             ctx.add_variable_from_value("self", value);
-            p.execute(&ctx).map_err(|e| e.to_string())
+            // The interpreter's integer arithmetic panics on overflow where
+            // overflow checks are on: the rule fails, the server does not.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.execute(&ctx)))
+                .map_err(|_| "the rule's evaluation failed (integer overflow?)".to_owned())?
+                .map_err(|e| e.to_string())
         });
         match outcome {
             Ok(cel_interpreter::Value::Bool(true)) => {}
@@ -930,6 +934,12 @@ mod tests {
                 "spec.name: Invalid value: \"object\": failed rule: self.name.startsWith('fn-')",
             ]
         );
+        // Arithmetic that overflows fails the rule, never a panic.
+        let big = json!({"type": "object", "properties": {"spec": {"type": "object",
+            "x-kubernetes-validations": [{"rule": "self.n + 1 > 0"}, {"rule": "self.n * self.n > 0"}],
+            "properties": {"n": {"type": "integer"}}}}});
+        let errs = validate(&big, &json!({"spec": {"n": i64::MAX}}));
+        assert_eq!(errs.len(), 2, "{errs:?}");
         // Hostile rules are refused, never a panic.
         for rule in [
             "(((",
