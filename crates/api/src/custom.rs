@@ -912,21 +912,21 @@ mod tests {
             "{:?}",
             validate(&schema, &ok)
         );
+        let errors = |obj: &Value| -> Vec<String> {
+            validate(&schema, obj)
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
         let bad = json!({"spec": {"min": 5, "max": 3, "name": "a", "tags": ["x", "y", "z"]}});
-        let errs: Vec<String> = validate(&schema, &bad)
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs = errors(&bad);
         assert_eq!(
             errs,
             ["spec.tags: Invalid value: \"array\": failed rule: size(self) <= 2",],
             "a rule runs only where the schema's own checks below it passed"
         );
         let bad = json!({"spec": {"min": 5, "max": 3, "name": "a", "tags": []}});
-        let errs: Vec<String> = validate(&schema, &bad)
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
+        let errs = errors(&bad);
         assert_eq!(
             errs,
             [
