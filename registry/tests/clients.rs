@@ -4,13 +4,13 @@
 //! a referrer), and `oci-client` through the node's own pull path. Each runs
 //! against Debian's `docker-registry` in the same test as the reference.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use wasmkube_registry::{Algorithm, GcPolicy, Registry};
+use wasmkube_testkit::tar_gz;
 
 /// A registry on loopback: the built-in one (served by this test) or the
 /// reference.
@@ -66,21 +66,6 @@ fn digest(bytes: &[u8]) -> String {
     Algorithm::Sha256.digest(bytes).to_string()
 }
 
-fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, name, *data).unwrap();
-    }
-    let mut gz = tar.into_inner().unwrap();
-    gz.flush().unwrap();
-    gz.finish().unwrap()
-}
-
 /// Writes `bytes` as a blob of the OCI layout in `dir`; returns its
 /// descriptor.
 fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> Value {
@@ -97,12 +82,15 @@ fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> Value {
 fn image_layout(dir: &Path) -> String {
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let (busybox, _) = wasmkube_testkit::busybox_image(None);
-    let extra = tar_gz(&[("etc/motd", b"layer two\n")]);
-    let third = tar_gz(&[("srv/data.bin", &vec![7u8; 300_000])]);
+    let extra = tar_gz(&[("etc/motd", b"layer two\n")], 0o644);
+    let third = tar_gz(&[("srv/data.bin", &vec![7u8; 300_000])], 0o644);
     let mut manifests = Vec::new();
     for (arch, layers) in [
         ("amd64", vec![busybox.as_slice(), &extra, &third]),
-        ("arm64", vec![extra.as_slice(), &tar_gz(&[("arm", b"64")])]),
+        (
+            "arm64",
+            vec![extra.as_slice(), &tar_gz(&[("arm", b"64")], 0o644)],
+        ),
     ] {
         let config = serde_json::to_vec(&json!({
             "architecture": arch, "os": "linux",
@@ -209,27 +197,13 @@ async fn skopeo_copies_a_multi_layer_image_and_an_index_in_and_out() {
     }
 }
 
-fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = std::env::var_os("WASMKUBE_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python venv at {}: run scripts/test.sh, which creates it",
-        venv.display()
-    );
-    python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn oras_pushes_and_pulls_artifacts() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oras_roundtrip.py");
     for (who, registry) in registries().await {
         for chunked in [false, true] {
             let work = tempfile::tempdir().unwrap();
-            let mut command = Command::new(python());
+            let mut command = Command::new(wasmkube_testkit::python());
             command.arg(&script).arg(&registry.host).arg(work.path());
             if chunked {
                 command.arg("--chunked");

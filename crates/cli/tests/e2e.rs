@@ -481,7 +481,7 @@ fn official_python_client() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_server(dir.path());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/python_client.py");
-    let mut child = Command::new(python())
+    let mut child = Command::new(wasmkube_testkit::python())
         .arg(script)
         .env("KUBECONFIG", &s.kubeconfig)
         .stdout(Stdio::piped())

@@ -2,8 +2,6 @@
 //! loopback): Wasm artifacts, a plain image whose one layer holds a `.wasm`,
 //! a Linux image, pull policies, the registry's reasons and logins.
 
-use std::io::Write;
-
 use oci_client::client::{Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use wasmkube_oci::{Credentials, Error, ImageStore, PullPolicy, PushOptions, push_wasm};
@@ -11,21 +9,6 @@ use wasmkube_runtime::ImageKind;
 use wasmkube_testkit::{Registry, workload};
 
 fn no_progress(_: wasmkube_oci::Progress) {}
-
-fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_cksum();
-        tar.append_data(&mut h, name, *data).unwrap();
-    }
-    let mut gz = tar.into_inner().unwrap();
-    gz.flush().unwrap();
-    gz.finish().unwrap()
-}
 
 async fn push_image(registry: &Registry, repo: &str, layer: Vec<u8>) {
     let client = oci_client::Client::new(oci_client::client::ClientConfig {
@@ -146,13 +129,16 @@ async fn plain_images_are_wasm_only_when_their_one_layer_is_one_wasm_file() {
     push_image(
         &registry,
         "plain-wasm:v1",
-        tar_gz(&[("app/hello.wasm", &hello)]),
+        wasmkube_testkit::tar_gz(&[("app/hello.wasm", &hello)], 0o755),
     )
     .await;
     push_image(
         &registry,
         "linux:v1",
-        tar_gz(&[("bin/sh", b"\x7fELF...".as_slice()), ("etc/hostname", b"x")]),
+        wasmkube_testkit::tar_gz(
+            &[("bin/sh", b"\x7fELF...".as_slice()), ("etc/hostname", b"x")],
+            0o755,
+        ),
     )
     .await;
 

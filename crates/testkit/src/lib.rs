@@ -150,6 +150,39 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The Python of the tests' venv (the official Kubernetes client, oras),
+/// `WASMKUBE_TEST_VENV` or `.venv` in the repository.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("WASMKUBE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "no Python venv at {}: run scripts/test.sh, which creates it",
+        venv.display()
+    );
+    python
+}
+
+/// A gzipped tar of `files` (path, contents), each with `mode`: an image
+/// layer.
+pub fn tar_gz(files: &[(&str, &[u8])], mode: u32) -> Vec<u8> {
+    use std::io::Write;
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        tar.append_data(&mut h, name, *data).expect("a tar entry");
+    }
+    let mut gz = tar.into_inner().expect("the tar");
+    gz.flush().expect("gzip");
+    gz.finish().expect("gzip")
+}
+
 /// A built example workload, `target` being `wasm32-wasip1` or
 /// `wasm32-wasip2`.
 pub fn workload_path(name: &str, target: &str) -> PathBuf {

@@ -267,20 +267,6 @@ pub fn watch_rows_until(s: &Server, args: &[&str], pred: impl Fn(&str) -> bool) 
     let _ = child.wait();
 }
 
-pub fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let venv = std::env::var_os("WASMKUBE_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "no Python venv with the kubernetes client at {}: run scripts/test.sh, which creates it",
-        venv.display()
-    );
-    python
-}
-
 /// A `wasmkube` process joined to a test server; stopped on drop.
 pub struct Joined(pub Child);
 
