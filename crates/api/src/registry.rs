@@ -369,6 +369,17 @@ pub static RESOURCES: &[ResourceType] = &[
         [Status]
     ),
     resource!(
+        "autoscaling",
+        "v1",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        ["hpa"],
+        ALL,
+        [Status]
+    ),
+    resource!(
         "serving.knative.dev",
         "v1",
         "Service",
@@ -548,11 +559,11 @@ mod tests {
     }
 
     #[test]
-    fn plurals_are_unique_per_group() {
+    fn plurals_are_unique_per_group_version() {
         for (i, a) in RESOURCES.iter().enumerate() {
             for b in &RESOURCES[i + 1..] {
                 assert!(
-                    !(a.group == b.group && a.plural == b.plural),
+                    !(a.group == b.group && a.version == b.version && a.plural == b.plural),
                     "{}",
                     a.plural
                 );

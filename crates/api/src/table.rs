@@ -1198,6 +1198,10 @@ pub fn column_definitions(rt: &ResourceType) -> Value {
 pub fn row(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Value {
     let cells = match rt.custom {
         Some(custom) => crate::custom::table_cells(custom, obj, |ts| since(ts, now)),
+        // Cells read the stored version's fields.
+        None if crate::conversion::converts(rt) => {
+            cells(rt, &crate::conversion::to_stored(rt, obj.clone()), now)
+        }
         None => cells(rt, obj, now),
     };
     json!({

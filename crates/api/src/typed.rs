@@ -53,6 +53,17 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
     if let Some(custom) = rt.custom {
         return decode_custom(custom, value);
     }
+    if crate::conversion::converts(rt) {
+        // autoscaling/v1, decoded as its own version (then converted).
+        let canonical =
+            round_trip::<k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler>(value)?;
+        let mut unknown_fields = Vec::new();
+        collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);
+        return Ok(Decoded {
+            object: canonical,
+            unknown_fields,
+        });
+    }
     let canonical = decode_kind!(rt, value, {
         "CustomResourceDefinition" => k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
         "Namespace" => core::Namespace,
@@ -140,6 +151,9 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
             object,
             unknown_fields,
         }));
+    }
+    if crate::conversion::converts(rt) {
+        return None;
     }
     let canonical = match rt.id() {
         "CustomResourceDefinition" => round_trip::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionStatus>(status),

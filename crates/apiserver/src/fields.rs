@@ -291,7 +291,7 @@ fn store_entries(obj: &mut Value, list: Vec<Entry>) {
 
 fn entry_mut<'a>(
     list: &'a mut Vec<Entry>,
-    rt: &ResourceType,
+    api_version: String,
     manager: &str,
     operation: &str,
     sub: Option<&str>,
@@ -304,7 +304,7 @@ fn entry_mut<'a>(
         list.push(Entry {
             manager: manager.to_owned(),
             operation: operation.to_owned(),
-            api_version: rt.api_version(),
+            api_version: api_version.clone(),
             time: String::new(),
             subresource: sub.map(str::to_owned),
             fields: FieldSet::new(),
@@ -313,7 +313,7 @@ fn entry_mut<'a>(
     });
     let e = &mut list[pos];
     e.time = now.to_owned();
-    e.api_version = rt.api_version();
+    e.api_version = api_version;
     e
 }
 
@@ -346,7 +346,15 @@ pub fn record_update(
             e.fields.retain(|p| !changed.contains(p));
         }
     }
-    let me = entry_mut(&mut list, rt, manager, "Update", sub, now);
+    // Updates compare stored objects: their paths are the stored version's.
+    let me = entry_mut(
+        &mut list,
+        wasmkube_api::conversion::stored_api_version(rt),
+        manager,
+        "Update",
+        sub,
+        now,
+    );
     me.fields.extend(changed);
     store_entries(new, list);
 }
@@ -448,7 +456,7 @@ pub fn apply(
             e.fields.retain(|p| !conflicting.contains(p));
         }
     }
-    let me = entry_mut(&mut list, rt, manager, "Apply", None, now);
+    let me = entry_mut(&mut list, rt.api_version(), manager, "Apply", None, now);
     me.fields = applied_leaves;
     store_entries(&mut merged, list);
     Ok(merged)

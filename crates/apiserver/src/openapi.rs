@@ -96,6 +96,9 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "GatewayClass" => add::<gateway::GatewayClass>(g),
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
+        "HorizontalPodAutoscaler" if rt.version == "v1" => {
+            add::<k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler>(g)
+        }
         "HorizontalPodAutoscaler" => {
             add::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(g)
         }

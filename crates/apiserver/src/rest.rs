@@ -209,9 +209,12 @@ pub(crate) fn json_response(code: StatusCode, body: &Value, warnings: &[String])
 }
 
 /// Wraps objects in the representation the client asked for.
-pub(crate) fn render_one(rt: &ResourceType, output: Output, obj: Value) -> Value {
+pub(crate) fn render_one(rt: &ResourceType, output: Output, mut obj: Value) -> Value {
     match output {
-        Output::Object => obj,
+        Output::Object => {
+            crate::storage::served_as(rt, &mut obj);
+            obj
+        }
         Output::PartialMetadata => partial_metadata(&obj),
         Output::Table => json!({
             "kind": "Table",
@@ -335,7 +338,8 @@ impl Ctx<'_> {
         ApiError::from_store(e, self.rt(), name)
     }
 
-    async fn read(&self, name: &str) -> ApiResult<(Value, u64)> {
+    /// The object as stored (in its storage version) and its revision.
+    async fn read_stored(&self, name: &str) -> ApiResult<(Value, u64)> {
         let kv = self
             .server
             .store
@@ -343,9 +347,15 @@ impl Ctx<'_> {
             .await
             .map_err(|e| self.store_err(e, name))?
             .ok_or_else(|| ApiError::not_found(self.rt(), name))?;
-        let mut obj = decode_stored(&kv).map_err(ApiError::internal)?;
-        crate::storage::served_as(self.rt(), &mut obj);
+        let obj = decode_stored(&kv).map_err(ApiError::internal)?;
         Ok((obj, kv.mod_revision))
+    }
+
+    /// The object as this request's version shows it, and its revision.
+    async fn read(&self, name: &str) -> ApiResult<(Value, u64)> {
+        let (mut obj, rev) = self.read_stored(name).await?;
+        crate::storage::served_as(self.rt(), &mut obj);
+        Ok((obj, rev))
     }
 
     async fn get(&self, name: &str) -> ApiResult<Response> {
@@ -530,8 +540,17 @@ impl Ctx<'_> {
     }
 
     /// Decodes a body as this kind, applying `fieldValidation`; returns the
-    /// canonical object and warnings.
-    fn decode(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
+    /// canonical object in its storage version, and warnings.
+    fn decode(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
+        let (object, warnings) = self.decode_served(input)?;
+        Ok((
+            wasmkube_api::conversion::to_stored(self.rt(), object),
+            warnings,
+        ))
+    }
+
+    /// As [`Self::decode`], in the version of the request.
+    fn decode_served(&self, mut input: Value) -> ApiResult<(Value, Vec<String>)> {
         self.check_type_meta(&mut input)?;
         let decoded = typed::decode(self.rt(), &input).map_err(|e| self.undecodable(e))?;
         let warnings = self.unknown_fields(&decoded.unknown_fields)?;
@@ -941,8 +960,12 @@ impl Ctx<'_> {
         let manager = self.params.manager(self.headers)?;
         let sub_name = sub.map(Subresource::name).filter(|s| *s == "status");
         for _ in 0..UNCONDITIONAL_RETRIES {
-            let (old, rev) = self.read(name).await?;
-            let Some(proposed) = change(&old)? else {
+            // The change is made to the object as the client's version
+            // shows it; the rest compares stored objects.
+            let (old, rev) = self.read_stored(name).await?;
+            let mut served = old.clone();
+            crate::storage::served_as(self.rt(), &mut served);
+            let Some(proposed) = change(&served)? else {
                 return Ok((old, Vec::new(), false));
             };
             let precondition = match resource_version(&proposed) {
@@ -1082,7 +1105,11 @@ impl Ctx<'_> {
                 "PATCH, application/apply-patch+yaml requires the fieldManager query parameter",
             )
         })?;
-        let (applied, warnings) = self.decode(applied)?;
+        // Merged in the version of the request, then stored converted. What
+        // decoding filled in (a required field's zero value) is not applied.
+        let sent = applied.clone();
+        let (mut applied, warnings) = self.decode_served(applied)?;
+        keep_only_sent(&mut applied, &sent);
         if applied["metadata"]["name"]
             .as_str()
             .is_some_and(|n| n != name)
@@ -1093,17 +1120,22 @@ impl Ctx<'_> {
             )));
         }
         for _ in 0..UNCONDITIONAL_RETRIES {
-            let live = match self.read(name).await {
+            let live = match self.read_stored(name).await {
                 Ok(found) => Some(found),
                 // Applying to a subresource never creates the object.
                 Err(ApiError::NotFound(..)) if sub.is_none() => None,
                 Err(e) => return Err(e),
             };
+            let served = live.as_ref().map(|(o, _)| {
+                let mut o = o.clone();
+                crate::storage::served_as(rt, &mut o);
+                o
+            });
             let merged = fields::apply(
                 rt,
                 &manager,
                 self.params.force,
-                live.as_ref().map(|(o, _)| o),
+                served.as_ref(),
                 &applied,
                 &now(),
             )
@@ -1220,7 +1252,7 @@ impl Ctx<'_> {
             }
         };
         for _ in 0..UNCONDITIONAL_RETRIES {
-            let (old, rev) = self.read(name).await?;
+            let (old, rev) = self.read_stored(name).await?;
             if let Some(uid) = &opts.precondition_uid
                 && old["metadata"]["uid"].as_str() != Some(uid)
             {
@@ -1352,7 +1384,10 @@ impl Ctx<'_> {
                 output: Output::Object,
             };
             match ctx.delete_one(&name, opts).await {
-                Ok((o, _)) => out.push(o),
+                Ok((mut o, _)) => {
+                    crate::storage::served_as(rt, &mut o);
+                    out.push(o)
+                }
                 Err(ApiError::NotFound(..)) => {}
                 Err(e) => return Err(e),
             }
@@ -1591,6 +1626,28 @@ fn set_condition(obj: &mut Value, cond: Value) {
 }
 
 /// `generateName` plus five random characters from Kubernetes' alphabet.
+/// Drops the members of a decoded apply configuration the client did not
+/// send (decoding fills a required field with its zero value; an apply
+/// configuration names only the fields its manager owns).
+fn keep_only_sent(decoded: &mut Value, sent: &Value) {
+    match (decoded, sent) {
+        (Value::Object(d), Value::Object(s)) => {
+            d.retain(|k, _| s.contains_key(k) || k == "apiVersion" || k == "kind");
+            for (k, v) in d.iter_mut() {
+                if let Some(sv) = s.get(k) {
+                    keep_only_sent(v, sv);
+                }
+            }
+        }
+        (Value::Array(d), Value::Array(s)) if d.len() == s.len() => {
+            for (dv, sv) in d.iter_mut().zip(s) {
+                keep_only_sent(dv, sv);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn generate_name(prefix: &str) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";

@@ -20,14 +20,11 @@ pub fn decode_stored(kv: &KeyValue) -> Result<Value, serde_json::Error> {
     Ok(obj)
 }
 
-/// A custom resource as read through one of its CRD's served versions.
-/// Versions convert with the `None` strategy, as Kubernetes' default: the
-/// object is the same, with that version's `apiVersion` (whichever version
-/// wrote it).
+/// A stored object as read through `rt`'s version: custom resources
+/// convert with the `None` strategy; `autoscaling/v1` is converted from the
+/// stored v2 (see [`wasmkube_api::conversion`]).
 pub(crate) fn served_as(rt: &wasmkube_api::registry::ResourceType, obj: &mut Value) {
-    if rt.custom.is_some() && obj["apiVersion"].as_str() != Some(&rt.api_version()) {
-        obj["apiVersion"] = Value::String(rt.api_version());
-    }
+    wasmkube_api::conversion::to_served(rt, obj);
 }
 
 /// Metadata members Kubernetes omits when empty (`omitempty`).

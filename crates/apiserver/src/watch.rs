@@ -119,11 +119,8 @@ impl WatchState {
     fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
         let rt = self.filter.rt;
         let line = match self.output {
-            // Written through another version of its CRD: rewritten.
-            Output::Object
-                if rt.custom.is_some()
-                    && e.object["apiVersion"].as_str() != Some(&rt.api_version()) =>
-            {
+            // Stored in another version (a CRD's, autoscaling/v2): converted.
+            Output::Object if e.object["apiVersion"].as_str() != Some(&rt.api_version()) => {
                 self.line(ty.as_str(), &e.object)
             }
             Output::Object => e.line(ty),

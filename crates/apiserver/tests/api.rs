@@ -1325,3 +1325,144 @@ async fn knative_serving_kinds_are_served_defaulted_and_validated() {
         ]
     );
 }
+
+#[tokio::test]
+async fn horizontal_pod_autoscalers_are_served_as_v1_and_v2_over_one_stored_object() {
+    let c = start().await;
+    const V1: &str = "/apis/autoscaling/v1/namespaces/default/horizontalpodautoscalers";
+    const V2: &str = "/apis/autoscaling/v2/namespaces/default/horizontalpodautoscalers";
+    let (_, group) = c.get("/apis/autoscaling").await;
+    assert_eq!(group["preferredVersion"]["version"], "v2", "{group}");
+    assert_eq!(group["versions"].as_array().unwrap().len(), 2, "{group}");
+
+    // Written as v1: read as v2 with the CPU target as a metric (and v2's
+    // defaults), and as v1 as written.
+    let (code, created) = c
+        .post(V1, json!({"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "web"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "maxReplicas": 5, "targetCPUUtilizationPercentage": 50}}))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{created}");
+    assert_eq!(created["apiVersion"], "autoscaling/v1");
+    assert_eq!(created["spec"]["targetCPUUtilizationPercentage"], 50);
+    assert_eq!(created["spec"]["minReplicas"], 1, "defaulted");
+    let (_, v2) = c.get(&format!("{V2}/web")).await;
+    assert_eq!(v2["apiVersion"], "autoscaling/v2");
+    assert_eq!(
+        v2["spec"]["metrics"],
+        json!([{"type": "Resource", "resource": {"name": "cpu",
+            "target": {"type": "Utilization", "averageUtilization": 50}}}])
+    );
+    assert!(v2["metadata"]["annotations"].is_null(), "{v2}");
+
+    // A v2-only field (behavior) survives a v1 client's read-modify-write,
+    // carried in Kubernetes' round-trip annotation.
+    let (code, _) = c
+        .patch(
+            &format!("{V2}/web"),
+            "application/merge-patch+json",
+            json!({"spec": {"behavior": {"scaleDown": {"stabilizationWindowSeconds": 30}}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (_, mut v1) = c.get(&format!("{V1}/web")).await;
+    assert!(
+        v1["metadata"]["annotations"]["autoscaling.alpha.kubernetes.io/behavior"]
+            .as_str()
+            .is_some_and(|b| b.contains("\"stabilizationWindowSeconds\":30")),
+        "{v1}"
+    );
+    v1["spec"]["maxReplicas"] = json!(8);
+    let (code, updated) = c.put(&format!("{V1}/web"), v1).await;
+    assert_eq!(code, StatusCode::OK, "{updated}");
+    let (_, v2) = c.get(&format!("{V2}/web")).await;
+    assert_eq!(v2["spec"]["maxReplicas"], 8);
+    assert_eq!(
+        v2["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+        30
+    );
+    assert!(v2["metadata"]["annotations"].is_null(), "{v2}");
+
+    // A merge patch in v1 terms, and server-side apply as v1.
+    let (code, patched) = c
+        .patch(
+            &format!("{V1}/web"),
+            "application/merge-patch+json",
+            json!({"spec": {"targetCPUUtilizationPercentage": 70}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{patched}");
+    assert_eq!(patched["spec"]["targetCPUUtilizationPercentage"], 70);
+    let apply = json!({"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "web"}, "spec": {"minReplicas": 2}});
+    let (code, conflict) = c
+        .patch(
+            &format!("{V1}/web?fieldManager=tester"),
+            "application/apply-patch+yaml",
+            apply.clone(),
+        )
+        .await;
+    // Only the field applied conflicts (with its creator), not the
+    // required fields the apply configuration left out.
+    assert_eq!(code, StatusCode::CONFLICT, "{conflict}");
+    let causes = conflict["details"]["causes"].as_array().unwrap();
+    assert_eq!(causes.len(), 1, "{conflict}");
+    assert_eq!(causes[0]["field"], ".spec.minReplicas");
+    let (code, applied) = c
+        .patch(
+            &format!("{V1}/web?fieldManager=tester&force=true"),
+            "application/apply-patch+yaml",
+            apply,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{applied}");
+    assert_eq!(applied["spec"]["maxReplicas"], 8, "{applied}");
+    let (_, v2) = c.get(&format!("{V2}/web")).await;
+    assert_eq!(v2["spec"]["minReplicas"], 2);
+    assert_eq!(
+        v2["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+        70
+    );
+
+    // The status written as v2 reads as v1's current percentage.
+    let (code, _) = c
+        .patch(
+            &format!("{V2}/web/status"),
+            "application/merge-patch+json",
+            json!({"status": {"currentReplicas": 2, "desiredReplicas": 3, "currentMetrics": [
+                {"type": "Resource", "resource": {"name": "cpu", "current": {"averageUtilization": 91}}}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let (_, list) = c.get(V1).await;
+    assert_eq!(list["kind"], "HorizontalPodAutoscalerList");
+    let item = &list["items"][0];
+    assert_eq!(item["apiVersion"], "autoscaling/v1");
+    assert_eq!(item["status"]["currentCPUUtilizationPercentage"], 91);
+    assert_eq!(item["status"]["desiredReplicas"], 3);
+    let events = watch_events(&c, &format!("{V1}?watch=true&resourceVersion=0"), 1).await;
+    assert_eq!(
+        events[0]["object"]["apiVersion"], "autoscaling/v1",
+        "{events:?}"
+    );
+    assert_eq!(
+        events[0]["object"]["spec"]["targetCPUUtilizationPercentage"],
+        70
+    );
+
+    // Bad input in v1 terms: the field named as v2 validates it.
+    let (code, status) = c
+        .post(
+            V1,
+            json!({"apiVersion": "autoscaling/v1", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "bad"},
+            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "maxReplicas": 0}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{status}");
+    let (code, _) = c.delete(&format!("{V1}/web")).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(c.count(V2).await, 0);
+    c.stop().await;
+}

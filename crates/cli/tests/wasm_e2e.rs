@@ -450,6 +450,24 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         hpa.contains("Deployment/burner") && hpa.contains("%/50%"),
         "{hpa}"
     );
+    // The same autoscaler through autoscaling/v1, as older clients and
+    // charts read it: the CPU target in v1's field, the behavior kept in
+    // Kubernetes' round-trip annotation.
+    let v1 = ok(
+        &s,
+        &[
+            "get",
+            "horizontalpodautoscalers.v1.autoscaling",
+            "burner",
+            "-o",
+            "jsonpath={.apiVersion} {.spec.targetCPUUtilizationPercentage} {.metadata.annotations.autoscaling\\.alpha\\.kubernetes\\.io/behavior}",
+        ],
+        None,
+    );
+    assert!(
+        v1.starts_with("autoscaling/v1 50 ") && v1.contains("\"stabilizationWindowSeconds\":0"),
+        "{v1}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.join().unwrap();
     ok(

@@ -25,7 +25,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::Notify;
-use wasmkube_api::registry;
+use wasmkube_api::{conversion, registry};
 
 use crate::Error;
 
@@ -172,7 +172,8 @@ struct Ctx {
 fn api_resources() -> Vec<(ApiResource, bool)> {
     registry::RESOURCES
         .iter()
-        .filter(|rt| rt.kind != "Event")
+        // Each object once: in the version it is stored in.
+        .filter(|rt| rt.kind != "Event" && conversion::is_storage_version(rt))
         .map(|rt| {
             let ar = ApiResource {
                 group: rt.group.into(),
