@@ -307,36 +307,48 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     )
     .await?;
-    let before = server.rss_mib();
-    let agent_before = agent.rss_mib();
-    let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{i}")).collect();
-    futures::stream::iter(idle.iter())
-        .for_each_concurrent(8, |n| {
-            let services = services.clone();
-            let ksvc = ksvc(n, &image, window.clone());
-            async move {
-                if let Ok(k) = ksvc {
-                    let _ = services.create(&PostParams::default(), &k).await;
+    // Two groups: functions that never had a pod (initial scale 0: what
+    // the node keeps of a function is its caches), then functions that
+    // each ran a pod first (initial scale 1) and went back to zero.
+    let mut all_idle = Vec::new();
+    for (group, initial) in [("never-started", "0"), ("started-once", "1")] {
+        let before = server.rss_mib();
+        let agent_before = agent.rss_mib();
+        let idle: Vec<String> = (0..args.idle)
+            .map(|i| format!("idle-{initial}-{i}"))
+            .collect();
+        let annotations = json!({"autoscaling.knative.dev/window": WINDOW,
+            "autoscaling.knative.dev/initial-scale": initial});
+        futures::stream::iter(idle.iter())
+            .for_each_concurrent(8, |n| {
+                let services = services.clone();
+                let ksvc = ksvc(n, &image, annotations.clone());
+                async move {
+                    if let Ok(k) = ksvc {
+                        let _ = services.create(&PostParams::default(), &k).await;
+                    }
                 }
-            }
-        })
-        .await;
-    wait_ready(&services, &idle).await?;
-    wait_zero(&pods, &idle).await?;
-    let after = server.rss_mib();
-    let agent_after = agent.rss_mib();
-    println!(
-        "functions scaled to zero ({} of them, one module)",
-        args.idle
-    );
-    println!(
-        "  agent RSS per function        {:.0} KiB  ({agent_before:.0} MiB before, {agent_after:.0} MiB after)",
-        (agent_after - agent_before).max(0.0) * 1024.0 / args.idle as f64
-    );
-    println!(
-        "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after; API server, controllers)",
-        (after - before).max(0.0) * 1024.0 / args.idle as f64
-    );
+            })
+            .await;
+        wait_ready(&services, &idle).await?;
+        wait_zero(&pods, &idle).await?;
+        let after = server.rss_mib();
+        let agent_after = agent.rss_mib();
+        println!(
+            "functions scaled to zero ({} of them, one module, {group})",
+            args.idle
+        );
+        println!(
+            "  agent RSS per function        {:.0} KiB  ({agent_before:.0} MiB before, {agent_after:.0} MiB after)",
+            (agent_after - agent_before).max(0.0) * 1024.0 / args.idle as f64
+        );
+        println!(
+            "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after; API server, controllers)",
+            (after - before).max(0.0) * 1024.0 / args.idle as f64
+        );
+        all_idle.extend(idle);
+    }
+    let idle = all_idle;
     services
         .delete_collection(&Default::default(), &Default::default())
         .await?;

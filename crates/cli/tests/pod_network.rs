@@ -1757,6 +1757,43 @@ fn knative(s: &Server, gateway_ip: &str, image: &str, busybox: &str) {
         asked.elapsed()
     );
 
+    // `initial-scale: 0`: Ready without ever having had a pod; the first
+    // request starts one.
+    let lazy = ksvc(
+        "lazy",
+        json!({"autoscaling.knative.dev/initial-scale": "0",
+        "autoscaling.knative.dev/window": "6s"}),
+        "lazy",
+        json!(null),
+    );
+    ok(s, &["apply", "-f", "-"], Some(&lazy));
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "ksvc/lazy",
+            "--timeout=60s",
+        ],
+    );
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "serving.knative.dev/service=lazy",
+                "-o",
+                "name"
+            ],
+            None
+        ),
+        "",
+        "no pod before the first request"
+    );
+    assert_eq!(greeting("lazy.default.example.com").unwrap(), "lazy");
+
     // A burst of slow requests against a target of one in flight per pod
     // raises the pod count; it falls back to zero after the load.
     let burst = ksvc(

@@ -105,7 +105,6 @@ impl Caches {
             routes,
             namespaces,
             knative_routes,
-            revisions,
         ) = caches!(
             client, tx, tasks,
             Ingress => "Ingress",
@@ -114,9 +113,19 @@ impl Caches {
             Gateway => "Gateway",
             HTTPRoute => "HTTPRoute",
             Namespace => "Namespace",
-            knative::Route => "Knative Route",
-            knative::Revision => "Knative Revision"
+            knative::Route => "Knative Route"
         );
+        // The activator reads a revision's status only.
+        let (revisions, stream) = wasmkube_proxy::watch::cache_trimmed::<knative::Revision>(
+            client,
+            Default::default(),
+            |r| r.spec = Default::default(),
+        );
+        tasks.push(tokio::spawn(merge(
+            stream.map(|r| r.map(|_| ())),
+            tx.clone(),
+            "Knative Revision",
+        )));
         Self {
             ingresses,
             ingress_classes,

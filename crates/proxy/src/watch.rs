@@ -89,11 +89,46 @@ where
         + Sync
         + 'static,
 {
+    cache_trimmed(client, config, |_| {})
+}
+
+/// kubectl's copy of what it last applied: no cache reader needs it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// As [`cache_with`], each object cut down by `trim` (to what its readers
+/// use) before it is kept. Every cache drops what no reader here needs and
+/// every object carries: its managed fields (often as large as the rest
+/// of the object) and kubectl's last-applied copy. A node keeps every
+/// Service and EndpointSlice of the cluster, so this is most of its memory
+/// for functions at zero.
+pub fn cache_trimmed<K>(
+    client: &kube::Client,
+    config: watcher::Config,
+    trim: fn(&mut K),
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let api: Api<K> = Api::all(client.clone());
-    let stream = reflector(writer, watcher(api, config))
-        .default_backoff()
-        .touched_objects();
+    let watch = watcher(api, config).modify(move |o: &mut K| {
+        let meta = o.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+        trim(o);
+    });
+    let stream = reflector(writer, watch).default_backoff().touched_objects();
     (reader, stream)
 }
 

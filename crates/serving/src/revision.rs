@@ -198,7 +198,11 @@ async fn reconcile(rev: Arc<Revision>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     status.desired_replicas = Some(desired);
     let conds = &mut status.conditions;
     let was_available = crate::status_of(conds, "ResourcesAvailable") == "True";
-    if ready > 0 || was_available {
+    // `initial-scale: 0` (Knative's allow-zero-initial-scale): ready with
+    // no pod ever started; the first request wakes it.
+    let scaling = wasmkube_api::knative::Scaling::from_annotations(rev.annotations(), 0);
+    let zero_initial = deployment.is_some() && scaling.initial == 0 && scaling.min == 0;
+    if ready > 0 || was_available || zero_initial {
         crate::set_condition(conds, "ResourcesAvailable", "True", None, None);
     } else {
         crate::set_condition(
@@ -217,7 +221,10 @@ async fn reconcile(rev: Arc<Revision>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             Some(&reason),
             Some(message),
         ),
-        None if ready > 0 || crate::status_of(conds, "ContainerHealthy") == "True" => {
+        None if ready > 0
+            || zero_initial
+            || crate::status_of(conds, "ContainerHealthy") == "True" =>
+        {
             crate::set_condition(conds, "ContainerHealthy", "True", None, None)
         }
         None => crate::set_condition(
