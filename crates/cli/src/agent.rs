@@ -147,6 +147,8 @@ pub struct NodeServices {
     /// The gateway's counts of requests to Knative revisions, for the
     /// agent's stats (`None` without a gateway).
     pub routed_load: Option<wasmkube_node::RoutedLoad>,
+    /// The watched Services and EndpointSlices.
+    watch: wasmkube_proxy::ServiceWatch,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     proxy: Option<(
         tokio::sync::oneshot::Sender<()>,
@@ -159,6 +161,15 @@ pub struct NodeServices {
 }
 
 impl NodeServices {
+    /// Gives the node agent what it reads of them: the cluster DNS, the
+    /// gateway's load, and Service endpoints for guests of pods that share
+    /// the node's network.
+    pub fn configure(&self, config: &mut wasmkube_node::Config) {
+        config.cluster_dns = Some(self.cluster_dns.clone());
+        config.routed_load = self.routed_load.clone();
+        config.service_backends = Some(std::sync::Arc::new(WatchedBackends(self.watch.clone())));
+    }
+
     /// Stops them; the proxy removes its rules and routes.
     pub async fn stop(self) {
         for (stop, task) in self.proxy.into_iter().chain(self.gateway) {
@@ -271,6 +282,7 @@ impl NodeArgs {
                 resolver,
             },
             routed_load,
+            watch,
             tasks,
             proxy,
             gateway,
@@ -343,8 +355,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     args.node.apply(&mut config);
     let services = args.node.start_services(&client, &name, args.address);
-    config.cluster_dns = Some(services.cluster_dns.clone());
-    config.routed_load = services.routed_load.clone();
+    services.configure(&mut config);
     let agent = wasmkube_node::Agent::start(client.clone(), config)
         .await
         .context("cannot start the node agent")?;
@@ -358,4 +369,30 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     services.stop().await;
     result
+}
+
+/// Service endpoints from the node's watch, chosen as the service proxy
+/// chooses them.
+#[derive(Debug)]
+struct WatchedBackends(wasmkube_proxy::ServiceWatch);
+
+impl wasmkube_node::ServiceBackends for WatchedBackends {
+    fn backends(&self, to: std::net::SocketAddrV4) -> Option<Vec<wasmkube_node::ServiceBackend>> {
+        let services = self.0.services.state();
+        let slices = self.0.slices.state();
+        let found = wasmkube_proxy::model::backends(
+            services.iter().map(|s| s.as_ref()),
+            slices.iter().map(|s| s.as_ref()),
+            to,
+        )?;
+        Some(
+            found
+                .into_iter()
+                .map(|b| wasmkube_node::ServiceBackend {
+                    addr: std::net::SocketAddr::from((b.endpoint.ip, b.endpoint.port)),
+                    pod: b.pod,
+                })
+                .collect(),
+        )
+    }
 }

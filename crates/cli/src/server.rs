@@ -287,8 +287,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.listen = std::net::SocketAddr::new(args.node_address, 0);
         args.node.apply(&mut config);
         let services = args.node.start_services(&client, &name, args.node_address);
-        config.cluster_dns = Some(services.cluster_dns.clone());
-        config.routed_load = services.routed_load.clone();
+        services.configure(&mut config);
         let agent = wasmkube_node::Agent::start(client.clone(), config)
             .await
             .context("cannot start the local node")?;

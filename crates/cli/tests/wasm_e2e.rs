@@ -486,6 +486,38 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         "{described}"
     );
 
+    // A Service where pods share the node's network (no pod network, no
+    // service proxy): a Wasm guest's request to its name (and so to its
+    // cluster IP) is sent in-process to a ready endpoint, at the node port
+    // that pod listens on.
+    let fetch = push_as(&registry, "http_fetch", "wasm32-wasip2", "http-fetch");
+    ok(
+        &s,
+        &[
+            "expose",
+            "deployment",
+            "burner",
+            "--port=80",
+            "--target-port=8080",
+        ],
+        None,
+    );
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: fetcher}}\nspec:\n  selector: {{matchLabels: {{app: fetcher}}}}\n  template:\n    metadata: {{labels: {{app: fetcher}}}}\n    spec:\n      containers:\n      - name: fetcher\n        image: {fetch}\n        env: [{{name: UPSTREAM, value: 'http://burner'}}]\n        ports: [{{containerPort: 8080}}]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &["rollout", "status", "deployment/fetcher", "--timeout=60s"],
+        None,
+    );
+    let (status, body) = http_get(node_port(&s, "fetcher"), "/through/the/service");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("upstream 200\nhello from wasmkube: GET /through/the/service"),
+        "{body}"
+    );
+
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(
         Command::new(wasmkube())

@@ -17,6 +17,7 @@ mod node;
 mod pod;
 mod ports;
 mod probe;
+mod routes;
 mod server;
 mod spec;
 mod status;
@@ -35,6 +36,7 @@ use wasmkube_runtime::Runtime;
 
 pub use dns::ClusterDns;
 pub use logs::LogOptions;
+pub use routes::{ServiceBackend, ServiceBackends};
 
 /// Restart back-off for crashing containers (CrashLoopBackOff).
 #[derive(Clone, Copy, Debug)]
@@ -113,6 +115,9 @@ pub struct Config {
     /// Requests this node's gateway forwarded to Knative revisions, published
     /// beside the pods' figures in `/stats/pods`.
     pub routed_load: Option<RoutedLoad>,
+    /// Service endpoints, for Wasm guests' connections to Service addresses
+    /// when pods share the node's network (no service proxy routes them).
+    pub service_backends: Option<Arc<dyn ServiceBackends>>,
 }
 
 /// Reads the gateway's per-revision request counters (`namespace`, `name`,
@@ -153,6 +158,7 @@ impl Config {
             max_module_memory_bytes: 4 << 30,
             cluster_dns: None,
             routed_load: None,
+            service_backends: None,
         }
     }
 }

@@ -83,7 +83,7 @@ pub(crate) struct PodState {
     /// Setting up its network failed at least once (it is being retried).
     sandbox_failed: bool,
     /// Without one: the node ports its Wasm containers' ports are served at.
-    node_ports: Vec<ports::Mapping>,
+    pub(crate) node_ports: Vec<ports::Mapping>,
 }
 
 impl PodState {
@@ -1347,6 +1347,16 @@ impl PodRun {
                     crate::dns::PodNames::new(c.resolver.clone(), &resolv)
                         as Arc<dyn wasmkube_runtime::NameLookup>
                 }),
+                service_routes: self
+                    .ctx
+                    .config
+                    .service_backends
+                    .clone()
+                    .filter(|_| self.shares_node_network(&pod))
+                    .map(|b| {
+                        crate::routes::NodeRoutes::new(b, &self.ctx)
+                            as Arc<dyn wasmkube_runtime::ServiceRoutes>
+                    }),
             };
             let started = runtime.start(config).await;
             if let Err(wasmkube_runtime::Error::Config(message)) = &started {

@@ -303,6 +303,94 @@ fn service(svc: &Service, slices: &[&EndpointSlice], node: &str) -> Vec<ServiceP
     out
 }
 
+/// One endpoint behind a Service's address, with the pod it is (the
+/// slice's `targetRef`): pods that share their node's network share its
+/// address, so only the pod says where it really listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub endpoint: Endpoint,
+    /// The pod's namespace and name.
+    pub pod: Option<(String, String)>,
+}
+
+/// The endpoints a TCP connection to `to` reaches when `to` is a Service's
+/// cluster IP and port, chosen as the rules choose them (ready ones, else
+/// serving ones that terminate); `None` when `to` is no Service's. For
+/// connections resolved in-process where no rules are programmed.
+pub fn backends<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    to: std::net::SocketAddrV4,
+) -> Option<Vec<Backend>> {
+    let ip = to.ip().to_string();
+    let (svc, port) = services.into_iter().find_map(|svc| {
+        let spec = svc.spec.as_ref()?;
+        if spec.cluster_ip.as_deref() != Some(ip.as_str()) {
+            return None;
+        }
+        let port = spec.ports.iter().flatten().find(|p| {
+            p.port == i32::from(to.port())
+                && Protocol::parse(p.protocol.as_deref()) == Some(Protocol::Tcp)
+        })?;
+        Some((svc, port))
+    })?;
+    let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+    let name = svc.metadata.name.as_deref().unwrap_or_default();
+    let port_name = port.name.clone().unwrap_or_default();
+    let mut ready = Vec::new();
+    let mut draining = Vec::new();
+    for slice in slices.into_iter().filter(|s| {
+        s.address_type == "IPv4"
+            && s.metadata.namespace.as_deref() == Some(ns)
+            && s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .is_some_and(|n| n == name)
+    }) {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|sp| {
+                sp.name.clone().unwrap_or_default() == port_name
+                    && Protocol::parse(sp.protocol.as_deref()) == Some(Protocol::Tcp)
+            })
+            .and_then(|sp| u16::try_from(sp.port?).ok())
+        else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let c = e.conditions.as_ref();
+            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    Some((
+                        r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+                        r.name.clone()?,
+                    ))
+                });
+            for ip in e.addresses.iter().filter_map(|a| a.parse().ok()) {
+                let b = Backend {
+                    endpoint: Endpoint { ip, port: target },
+                    pod: pod.clone(),
+                };
+                if is_ready && !terminating {
+                    ready.push(b);
+                } else if serving && terminating {
+                    draining.push(b);
+                }
+            }
+        }
+    }
+    Some(if ready.is_empty() { draining } else { ready })
+}
+
 /// The node-wide facts the rules depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeNetwork {
@@ -425,6 +513,39 @@ mod tests {
             )],
         );
         assert_eq!(ips(&p.cluster_endpoints), ["10.244.0.7:8080"]);
+    }
+
+    #[test]
+    fn backends_of_a_service_address_name_their_pods() {
+        let s = svc("web", http_spec("ClusterIP"));
+        let mut a = ep("192.168.1.2", "n1", true, true, false);
+        a.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some("web-a".into()),
+            namespace: Some("ns".into()),
+            ..Default::default()
+        });
+        let draining = ep("192.168.1.2", "n1", false, true, true);
+        let slices = [slice("web", vec![a, draining.clone()])];
+        let to = |a: &str| a.parse::<std::net::SocketAddrV4>().unwrap();
+        let found = backends([&s], &slices, to("10.96.0.10:80")).unwrap();
+        assert_eq!(
+            found,
+            [Backend {
+                endpoint: Endpoint {
+                    ip: "192.168.1.2".parse().unwrap(),
+                    port: 8080
+                },
+                pod: Some(("ns".into(), "web-a".into())),
+            }]
+        );
+        // Another port, another address: no Service's.
+        assert!(backends([&s], &slices, to("10.96.0.10:81")).is_none());
+        assert!(backends([&s], &slices, to("10.96.0.11:80")).is_none());
+        // Only a terminating endpoint still serving: it is used.
+        let only = [slice("web", vec![draining])];
+        assert_eq!(backends([&s], &only, to("10.96.0.10:80")).unwrap().len(), 1);
+        assert!(backends([&s], &[], to("10.96.0.10:80")).unwrap().is_empty());
     }
 
     #[test]

@@ -109,6 +109,7 @@ async fn start(
         listeners: vec![],
         resolv_conf: None,
         names: None,
+        service_routes: None,
     };
     tweak(&mut config);
     let container = f.rt.start(config).await?;

@@ -206,7 +206,7 @@ impl Runtime for WasmContainers {
             // from the node's when the pod shares it.
             network: match config.pod_netns {
                 Some(netns) => GuestNetwork::Pod(netns),
-                None => GuestNetwork::Node,
+                None => GuestNetwork::Node(config.service_routes),
             },
             names: config.names,
         };

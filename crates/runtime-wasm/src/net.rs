@@ -36,8 +36,10 @@ pub enum GuestNetwork {
     Pod(Arc<dyn PodNetns>),
     /// In the node's network, which the pod shares: any address but
     /// loopback and unspecified ones, which would be the node's own
-    /// services (the API server, the agent), not the pod's.
-    Node,
+    /// services (the API server, the agent), not the pod's. With no
+    /// service proxy there, a connection to a Service's address is sent to
+    /// one of its endpoints by the routes given.
+    Node(Option<Arc<dyn wasmkube_runtime::ServiceRoutes>>),
 }
 
 impl GuestNetwork {
@@ -47,7 +49,16 @@ impl GuestNetwork {
         match self {
             Self::Denied => false,
             Self::Pod(_) => true,
-            Self::Node => !ip.is_loopback() && !ip.is_unspecified(),
+            Self::Node(_) => !ip.is_loopback() && !ip.is_unspecified(),
+        }
+    }
+
+    /// Where a connection the guest addresses to `to` is made: a Service's
+    /// endpoint when the node's network has routes for it, else `to`.
+    pub fn route(&self, to: SocketAddr) -> SocketAddr {
+        match self {
+            Self::Node(Some(routes)) => routes.route(to).unwrap_or(to),
+            _ => to,
         }
     }
 
@@ -60,7 +71,7 @@ impl GuestNetwork {
                 netns.enter(&mut || made = make.take().map(|f| f()))?;
                 made.unwrap_or_else(|| Err(std::io::Error::other("the namespace ran nothing")))
             }
-            Self::Node | Self::Denied => make(),
+            Self::Node(_) | Self::Denied => make(),
         }
     }
 
@@ -137,6 +148,7 @@ impl GuestNetwork {
         let addr = addrs
             .into_iter()
             .find(|a| self.may_reach(a.ip()))
+            .map(|a| self.route(a))
             .ok_or(HttpError::DestinationIpProhibited)?;
         let socket = self
             .make(|| {

@@ -393,7 +393,7 @@ async fn an_http_function_calls_out_from_its_pod_network_and_only_there() {
     server.abort();
 
     // Sharing the node's network, the node's loopback is not the pod's.
-    let (addr, server) = serve(GuestNetwork::Node).await;
+    let (addr, server) = serve(GuestNetwork::Node(None)).await;
     let (status, body) = get(addr, "/").await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("DestinationIpProhibited"), "{body}");
@@ -466,7 +466,7 @@ async fn a_command_connects_with_wasi_sockets_from_its_pod_network_and_only_ther
     assert_eq!(exit.code(), 1, "{err}");
     assert!(err.contains("cannot connect"), "{err}");
 
-    for network in [GuestNetwork::Node, GuestNetwork::Denied] {
+    for network in [GuestNetwork::Node(None), GuestNetwork::Denied] {
         let mut s = spec(&dir, &["tcp-get"]);
         s.args.extend([up.clone(), "/y".into()]);
         s.network = network.clone();

@@ -116,6 +116,16 @@ pub trait NameLookup: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Where a connection to a Service's address goes when the pod shares the
+/// node's network and no service proxy routes it: the runtime's socket
+/// layer asks before it connects, as the proxy's rules would rewrite it.
+pub trait ServiceRoutes: Send + Sync + std::fmt::Debug {
+    /// One of the ready endpoints behind `to`, at the address and port it
+    /// really listens on, when `to` is a Service's address and port;
+    /// `None` for any other address (connect as asked).
+    fn route(&self, to: std::net::SocketAddr) -> Option<std::net::SocketAddr>;
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
@@ -164,6 +174,10 @@ pub struct ContainerConfig {
     pub resolv_conf: Option<String>,
     /// Name lookups for an in-process guest (`None`: the node's resolver).
     pub names: Option<Arc<dyn NameLookup>>,
+    /// Service addresses resolved to endpoints for an in-process guest's
+    /// connections, when the pod shares the node's network (`None`:
+    /// connections go where they are addressed).
+    pub service_routes: Option<Arc<dyn ServiceRoutes>>,
 }
 
 /// Live resource usage of one container, updated by the runtime as it runs
