@@ -518,6 +518,40 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         "{body}"
     );
 
+    // The same for a command's wasi:sockets connection to the cluster IP.
+    let tcp_get = push_as(&registry, "tcp-get", "wasm32-wasip2", "tcp-get");
+    let cluster_ip = ok(
+        &s,
+        &[
+            "get",
+            "service",
+            "burner",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+        None,
+    );
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: tcp-get}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: get\n    image: {tcp_get}\n    args: ['{cluster_ip}:80', /by/cluster/ip]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/tcp-get",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let got = ok(&s, &["logs", "tcp-get"], None);
+    assert!(
+        got.lines().next().is_some_and(|l| l.ends_with(" 200 OK"))
+            && got.contains("hello from wasmkube: GET /by/cluster/ip"),
+        "{got}"
+    );
+
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(
         Command::new(wasmkube())

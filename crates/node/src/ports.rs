@@ -89,6 +89,11 @@ impl NodePorts {
         listen(address, port)
     }
 
+    /// Whether a pod holds `port`.
+    pub fn holds(&self, port: u16) -> bool {
+        self.used.contains(&port)
+    }
+
     pub fn release(&mut self, port: u16) {
         self.used.remove(&port);
     }

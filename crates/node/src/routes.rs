@@ -75,4 +75,12 @@ impl wasmkube_runtime::ServiceRoutes for NodeRoutes {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % backends.len();
         Some(self.locate(&ctx, &backends[i]))
     }
+
+    fn is_endpoint(&self, to: SocketAddr) -> bool {
+        to.ip() == self.address
+            && self
+                .ctx
+                .upgrade()
+                .is_some_and(|ctx| ctx.node_ports.lock().expect("node ports").holds(to.port()))
+    }
 }

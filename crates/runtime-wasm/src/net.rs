@@ -14,7 +14,9 @@ use wasmkube_runtime::PodNetns;
 use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::ResolveAddressStream;
 use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddressFamily};
-use wasmtime_wasi::p2::bindings::sockets::{ip_name_lookup, tcp_create_socket, udp_create_socket};
+use wasmtime_wasi::p2::bindings::sockets::{
+    ip_name_lookup, tcp, tcp_create_socket, udp_create_socket,
+};
 use wasmtime_wasi::p2::{SocketError, SocketResult, TcpSocket, UdpSocket};
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 use wasmtime_wasi::{WasiCtxBuilder, WasiView};
@@ -62,6 +64,12 @@ impl GuestNetwork {
         }
     }
 
+    /// Whether `to` is where a Service route sends connections (the
+    /// guest's own address was checked before it was routed).
+    fn is_route_endpoint(&self, to: SocketAddr) -> bool {
+        matches!(self, Self::Node(Some(routes)) if routes.is_endpoint(to))
+    }
+
     /// Runs `make` where the guest's sockets belong.
     fn make<R>(&self, make: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
         match self {
@@ -84,7 +92,10 @@ impl GuestNetwork {
         let this = self.clone();
         wasi.socket_addr_check(move |addr, usage| {
             let ok = match usage {
-                SocketAddrUse::TcpConnect | SocketAddrUse::UdpSend => this.may_reach(addr.ip()),
+                SocketAddrUse::TcpConnect => {
+                    this.may_reach(addr.ip()) || this.is_route_endpoint(addr)
+                }
+                SocketAddrUse::UdpSend => this.may_reach(addr.ip()),
                 // Binding, listening, accepting and receiving are the
                 // guest's own business; what it reaches is not.
                 _ => allowed,
@@ -348,8 +359,10 @@ impl network::Host for GuestSocketsView<'_> {
 }
 
 /// Replaces WASI's socket constructors in `linker` (which already has
-/// WASI) with ones that make the socket in the guest's network, and its
-/// name lookup with one that knows the cluster's names.
+/// WASI) with ones that make the socket in the guest's network, its name
+/// lookup with one that knows the cluster's names, and its TCP connect
+/// with one that sends a connection to a Service's address where the
+/// guest's network routes it.
 pub(crate) fn add_guest_sockets<T: GuestSockets + 'static>(
     linker: &mut Linker<T>,
 ) -> wasmtime::Result<()> {
@@ -357,6 +370,38 @@ pub(crate) fn add_guest_sockets<T: GuestSockets + 'static>(
     tcp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
     udp_create_socket::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
     ip_name_lookup::add_to_linker::<T, CreateInGuestNetwork>(linker, T::guest_sockets)?;
+    linker
+        .instance(TCP_INTERFACE)?
+        .func_wrap("[method]tcp-socket.start-connect", start_connect::<T>)?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// The `wasi:sockets` TCP interface WASI's bindings define (guests built
+/// against any 0.2 release link to it).
+const TCP_INTERFACE: &str = "wasi:sockets/tcp@0.2.12";
+
+/// `tcp-socket.start-connect`, as WASI's, to where the guest's network
+/// routes the address: a Service's address is checked as the guest gave
+/// it, then connected at one of its endpoints.
+fn start_connect<T: GuestSockets>(
+    mut store: wasmtime::StoreContextMut<'_, T>,
+    (this, net, remote): (
+        Resource<TcpSocket>,
+        Resource<network::Network>,
+        network::IpSocketAddress,
+    ),
+) -> wasmtime::Result<(Result<(), ErrorCode>,)> {
+    let mut view = store.data_mut().guest_sockets();
+    let to = SocketAddr::from(remote);
+    let result = if view.network.may_reach(to.ip()) {
+        let routed = view.network.route(to);
+        tcp::HostTcpSocket::start_connect(&mut view.sockets, this, net, routed.into())
+    } else {
+        Err(ErrorCode::AccessDenied.into())
+    };
+    Ok((match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(network::Host::convert_error_code(&mut view.sockets, e)?),
+    },))
 }

@@ -124,6 +124,11 @@ pub trait ServiceRoutes: Send + Sync + std::fmt::Debug {
     /// really listens on, when `to` is a Service's address and port;
     /// `None` for any other address (connect as asked).
     fn route(&self, to: std::net::SocketAddr) -> Option<std::net::SocketAddr>;
+
+    /// Whether `to` is where a route may send a connection (a pod's port
+    /// on this node), so a routed connection is not refused as one to the
+    /// node's own address.
+    fn is_endpoint(&self, to: std::net::SocketAddr) -> bool;
 }
 
 /// Everything a runtime needs to start one container.
