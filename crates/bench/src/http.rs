@@ -38,6 +38,31 @@ pub struct Args {
     binary: Option<PathBuf>,
 }
 
+/// Rounds the pod IP and the ClusterIP take turns in (each a quarter of
+/// `--seconds`).
+const INTERLEAVED_ROUNDS: usize = 4;
+
+/// Loads of one target over several equal rounds: the mean rate and every
+/// latency.
+#[derive(Default)]
+struct Rounds {
+    rates: Vec<f64>,
+    latencies: Vec<Duration>,
+}
+
+impl Rounds {
+    fn add(&mut self, (rate, latencies): (f64, Vec<Duration>)) {
+        self.rates.push(rate);
+        self.latencies.extend(latencies);
+    }
+
+    fn total(mut self) -> (f64, Vec<Duration>) {
+        self.latencies.sort();
+        let rate = self.rates.iter().sum::<f64>() / self.rates.len().max(1) as f64;
+        (rate, self.latencies)
+    }
+}
+
 /// Loads `url` for `seconds` with `clients` keep-alive clients; returns
 /// requests per second and the sorted latencies.
 async fn load(url: &str, clients: usize, seconds: f64) -> anyhow::Result<(f64, Vec<Duration>)> {
@@ -293,14 +318,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             let (server, _) = ChildServer::start_with(&binary, &flags).await?;
             let url = serve(&server, &image).await?;
-            let figures = load(&url, args.clients, args.seconds).await?;
             let cluster_ip = expose(&server).await?;
-            let through_service = if proxy {
-                let url = format!("http://{cluster_ip}/bench");
-                until_answered(&url).await?;
-                Some(load(&url, args.clients, args.seconds).await?)
+            let (figures, through_service) = if proxy {
+                // Pod IP and ClusterIP in alternating rounds (ABBA...), so
+                // neither always runs first or last on this shared machine.
+                let svc_url = format!("http://{cluster_ip}/bench");
+                until_answered(&svc_url).await?;
+                let (mut at_ip, mut at_svc) = (Rounds::default(), Rounds::default());
+                let seconds = args.seconds / INTERLEAVED_ROUNDS as f64;
+                for round in 0..INTERLEAVED_ROUNDS {
+                    let ip_first = round % 2 == 0;
+                    for ip in [ip_first, !ip_first] {
+                        let (u, into) = if ip {
+                            (&url, &mut at_ip)
+                        } else {
+                            (&svc_url, &mut at_svc)
+                        };
+                        into.add(load(u, args.clients, seconds).await?);
+                    }
+                }
+                (at_ip.total(), Some(at_svc.total()))
             } else {
-                None
+                (load(&url, args.clients, args.seconds).await?, None)
             };
             let gateway_url = route_through_gateway(&server).await?;
             let through_gateway = load(&gateway_url, args.clients, args.seconds).await?;
