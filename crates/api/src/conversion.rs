@@ -120,7 +120,7 @@ fn hpa_v2_to_v1(v2: &Value) -> Value {
     let others: Vec<Value> = metrics
         .iter()
         .filter(|m| !is_cpu_utilization(m))
-        .map(metric_spec_to_v1)
+        .map(|m| metric_to_v1(m, false))
         .collect();
     let status = &v2["status"];
     let current = status["currentMetrics"]
@@ -134,7 +134,7 @@ fn hpa_v2_to_v1(v2: &Value) -> Value {
         put(METRIC_SPECS_ANNOTATION, &Value::Array(others));
     }
     if !current.is_empty() {
-        let v1: Vec<Value> = current.iter().map(metric_status_to_v1).collect();
+        let v1: Vec<Value> = current.iter().map(|m| metric_to_v1(m, true)).collect();
         put(METRIC_STATUSES_ANNOTATION, &Value::Array(v1));
     }
     if spec["behavior"].is_object() {
@@ -195,7 +195,7 @@ fn hpa_v1_to_v2(v1: &Value) -> Value {
     let mut metrics: Vec<Value> = annotation_json(&meta, METRIC_SPECS_ANNOTATION)
         .unwrap_or_default()
         .iter()
-        .map(metric_spec_to_v2)
+        .map(|m| metric_to_v2(m, false))
         .collect();
     if let Some(cpu) = spec
         .get("targetCPUUtilizationPercentage")
@@ -232,7 +232,7 @@ fn hpa_v1_to_v2(v1: &Value) -> Value {
         );
         let current = match annotation_json(&meta, METRIC_STATUSES_ANNOTATION) {
             // The annotation has more than the percentage: it wins.
-            Some(current) => current.iter().map(metric_status_to_v2).collect(),
+            Some(current) => current.iter().map(|m| metric_to_v2(m, true)).collect(),
             None => match status.get("currentCPUUtilizationPercentage") {
                 Some(cpu) if cpu.is_number() => vec![json!({"type": "Resource", "resource": {
                     "name": "cpu", "current": {"averageUtilization": cpu}}})],
@@ -261,228 +261,121 @@ fn hpa_v1_to_v2(v1: &Value) -> Value {
     out
 }
 
-/// A v2 `MetricTarget` as v1's `target…` fields: `(value, averageValue,
-/// averageUtilization)`.
-fn target_parts(target: &Value) -> (&Value, &Value, &Value) {
-    (
-        &target["value"],
-        &target["averageValue"],
-        &target["averageUtilization"],
-    )
-}
-
-fn set(m: &mut Map<String, Value>, key: &str, v: &Value) {
-    if !v.is_null() {
-        m.insert(key.into(), v.clone());
-    }
-}
-
-/// A v2 `MetricSpec` in the v1 (annotation) shape.
-fn metric_spec_to_v1(m: &Value) -> Value {
-    let ty = m["type"].as_str().unwrap_or_default();
-    let mut out = json!({"type": ty});
-    let mut source = Map::new();
-    match ty {
-        "Resource" | "ContainerResource" => {
-            let src = if ty == "Resource" {
-                &m["resource"]
-            } else {
-                &m["containerResource"]
-            };
-            let (_, avg, util) = target_parts(&src["target"]);
-            set(&mut source, "name", &src["name"]);
-            set(&mut source, "container", &src["container"]);
-            set(&mut source, "targetAverageUtilization", util);
-            set(&mut source, "targetAverageValue", avg);
-        }
-        "Pods" => {
-            let src = &m["pods"];
-            set(&mut source, "metricName", &src["metric"]["name"]);
-            set(&mut source, "selector", &src["metric"]["selector"]);
-            set(
-                &mut source,
-                "targetAverageValue",
-                &src["target"]["averageValue"],
-            );
-        }
-        "Object" => {
-            let src = &m["object"];
-            let (value, avg, _) = target_parts(&src["target"]);
-            set(&mut source, "target", &src["describedObject"]);
-            set(&mut source, "metricName", &src["metric"]["name"]);
-            set(&mut source, "selector", &src["metric"]["selector"]);
-            set(&mut source, "targetValue", value);
-            set(&mut source, "averageValue", avg);
-        }
-        "External" => {
-            let src = &m["external"];
-            let (value, avg, _) = target_parts(&src["target"]);
-            set(&mut source, "metricName", &src["metric"]["name"]);
-            set(&mut source, "metricSelector", &src["metric"]["selector"]);
-            set(&mut source, "targetValue", value);
-            set(&mut source, "targetAverageValue", avg);
-        }
-        _ => return m.clone(),
-    }
-    out[source_key(ty)] = Value::Object(source);
-    out
-}
-
-/// A v1 (annotation) `MetricSpec` in the v2 shape.
-fn metric_spec_to_v2(m: &Value) -> Value {
-    let ty = m["type"].as_str().unwrap_or_default();
-    let src = &m[source_key(ty)];
-    let mut source = Map::new();
-    let mut target = Map::new();
-    match ty {
-        "Resource" | "ContainerResource" => {
-            set(&mut source, "name", &src["name"]);
-            set(&mut source, "container", &src["container"]);
-            if src["targetAverageUtilization"].is_null() {
-                target.insert("type".into(), json!("AverageValue"));
-                set(&mut target, "averageValue", &src["targetAverageValue"]);
-            } else {
-                target.insert("type".into(), json!("Utilization"));
-                set(
-                    &mut target,
-                    "averageUtilization",
-                    &src["targetAverageUtilization"],
-                );
-            }
-        }
-        "Pods" => {
-            source.insert(
-                "metric".into(),
-                metric_id(&src["metricName"], &src["selector"]),
-            );
-            target.insert("type".into(), json!("AverageValue"));
-            set(&mut target, "averageValue", &src["targetAverageValue"]);
-        }
-        "Object" | "External" => {
-            let selector = if ty == "Object" {
-                set(&mut source, "describedObject", &src["target"]);
-                &src["selector"]
-            } else {
-                &src["metricSelector"]
-            };
-            source.insert("metric".into(), metric_id(&src["metricName"], selector));
-            let avg = if ty == "Object" {
-                &src["averageValue"]
-            } else {
-                &src["targetAverageValue"]
-            };
-            if avg.is_null() {
-                target.insert("type".into(), json!("Value"));
-                set(&mut target, "value", &src["targetValue"]);
-            } else {
-                target.insert("type".into(), json!("AverageValue"));
-                set(&mut target, "averageValue", avg);
-            }
-        }
-        _ => return m.clone(),
-    }
-    source.insert("target".into(), Value::Object(target));
-    let mut out = json!({"type": ty});
-    out[source_key(ty)] = Value::Object(source);
-    out
-}
-
-/// A v2 `MetricStatus` in the v1 (annotation) shape.
-fn metric_status_to_v1(m: &Value) -> Value {
-    let ty = m["type"].as_str().unwrap_or_default();
-    let src = &m[source_key(ty)];
-    let current = &src["current"];
-    let mut status = Map::new();
-    match ty {
-        "Resource" | "ContainerResource" => {
-            set(&mut status, "name", &src["name"]);
-            set(&mut status, "container", &src["container"]);
-            set(
-                &mut status,
+/// How a v1 (annotation) metric's fields lie in v2, per source type: the
+/// v1 field and the v2 path, `target`/`current` standing for the spec's
+/// target or the status's current value.
+fn metric_fields(ty: &str, status: bool) -> &'static [(&'static str, &'static [&'static str])] {
+    match (ty, status) {
+        ("Resource" | "ContainerResource", false) => &[
+            ("name", &["name"]),
+            ("container", &["container"]),
+            (
+                "targetAverageUtilization",
+                &["target", "averageUtilization"],
+            ),
+            ("targetAverageValue", &["target", "averageValue"]),
+        ],
+        ("Resource" | "ContainerResource", true) => &[
+            ("name", &["name"]),
+            ("container", &["container"]),
+            (
                 "currentAverageUtilization",
-                &current["averageUtilization"],
-            );
-            set(&mut status, "currentAverageValue", &current["averageValue"]);
-        }
-        "Pods" => {
-            set(&mut status, "metricName", &src["metric"]["name"]);
-            set(&mut status, "selector", &src["metric"]["selector"]);
-            set(&mut status, "currentAverageValue", &current["averageValue"]);
-        }
-        "Object" => {
-            set(&mut status, "target", &src["describedObject"]);
-            set(&mut status, "metricName", &src["metric"]["name"]);
-            set(&mut status, "selector", &src["metric"]["selector"]);
-            set(&mut status, "currentValue", &current["value"]);
-            set(&mut status, "averageValue", &current["averageValue"]);
-        }
-        "External" => {
-            set(&mut status, "metricName", &src["metric"]["name"]);
-            set(&mut status, "metricSelector", &src["metric"]["selector"]);
-            set(&mut status, "currentValue", &current["value"]);
-            set(&mut status, "currentAverageValue", &current["averageValue"]);
-        }
-        _ => return m.clone(),
+                &["current", "averageUtilization"],
+            ),
+            ("currentAverageValue", &["current", "averageValue"]),
+        ],
+        ("Pods", false) => &[
+            ("metricName", &["metric", "name"]),
+            ("selector", &["metric", "selector"]),
+            ("targetAverageValue", &["target", "averageValue"]),
+        ],
+        ("Pods", true) => &[
+            ("metricName", &["metric", "name"]),
+            ("selector", &["metric", "selector"]),
+            ("currentAverageValue", &["current", "averageValue"]),
+        ],
+        ("Object", false) => &[
+            ("target", &["describedObject"]),
+            ("metricName", &["metric", "name"]),
+            ("selector", &["metric", "selector"]),
+            ("targetValue", &["target", "value"]),
+            ("averageValue", &["target", "averageValue"]),
+        ],
+        ("Object", true) => &[
+            ("target", &["describedObject"]),
+            ("metricName", &["metric", "name"]),
+            ("selector", &["metric", "selector"]),
+            ("currentValue", &["current", "value"]),
+            ("averageValue", &["current", "averageValue"]),
+        ],
+        ("External", false) => &[
+            ("metricName", &["metric", "name"]),
+            ("metricSelector", &["metric", "selector"]),
+            ("targetValue", &["target", "value"]),
+            ("targetAverageValue", &["target", "averageValue"]),
+        ],
+        ("External", true) => &[
+            ("metricName", &["metric", "name"]),
+            ("metricSelector", &["metric", "selector"]),
+            ("currentValue", &["current", "value"]),
+            ("currentAverageValue", &["current", "averageValue"]),
+        ],
+        _ => &[],
     }
-    let mut out = json!({"type": ty});
-    out[source_key(ty)] = Value::Object(status);
-    out
 }
 
-/// A v1 (annotation) `MetricStatus` in the v2 shape.
-fn metric_status_to_v2(m: &Value) -> Value {
+/// A v2 metric (`status`: a `MetricStatus`, else a `MetricSpec`) in the
+/// v1 annotation shape; one of a type v1 does not know is kept as it is.
+fn metric_to_v1(m: &Value, status: bool) -> Value {
     let ty = m["type"].as_str().unwrap_or_default();
-    let src = &m[source_key(ty)];
-    let mut status = Map::new();
-    let mut current = Map::new();
-    match ty {
-        "Resource" | "ContainerResource" => {
-            set(&mut status, "name", &src["name"]);
-            set(&mut status, "container", &src["container"]);
-            set(
-                &mut current,
-                "averageUtilization",
-                &src["currentAverageUtilization"],
-            );
-            set(&mut current, "averageValue", &src["currentAverageValue"]);
-        }
-        "Pods" => {
-            status.insert(
-                "metric".into(),
-                metric_id(&src["metricName"], &src["selector"]),
-            );
-            set(&mut current, "averageValue", &src["currentAverageValue"]);
-        }
-        "Object" => {
-            set(&mut status, "describedObject", &src["target"]);
-            status.insert(
-                "metric".into(),
-                metric_id(&src["metricName"], &src["selector"]),
-            );
-            set(&mut current, "value", &src["currentValue"]);
-            set(&mut current, "averageValue", &src["averageValue"]);
-        }
-        "External" => {
-            status.insert(
-                "metric".into(),
-                metric_id(&src["metricName"], &src["metricSelector"]),
-            );
-            set(&mut current, "value", &src["currentValue"]);
-            set(&mut current, "averageValue", &src["currentAverageValue"]);
-        }
-        _ => return m.clone(),
+    let fields = metric_fields(ty, status);
+    if fields.is_empty() {
+        return m.clone();
     }
-    status.insert("current".into(), Value::Object(current));
+    let src = &m[source_key(ty)];
+    let mut v1 = Map::new();
+    for (field, path) in fields {
+        let value = path.iter().fold(src, |v, k| &v[*k]);
+        if !value.is_null() {
+            v1.insert((*field).into(), value.clone());
+        }
+    }
     let mut out = json!({"type": ty});
-    out[source_key(ty)] = Value::Object(status);
+    out[source_key(ty)] = Value::Object(v1);
     out
 }
 
-fn metric_id(name: &Value, selector: &Value) -> Value {
-    let mut id = Map::new();
-    set(&mut id, "name", name);
-    set(&mut id, "selector", selector);
-    Value::Object(id)
+/// A v1 annotation metric in the v2 shape; a spec's target gets its type
+/// from the value it has (`Utilization`, `AverageValue`, else `Value`).
+fn metric_to_v2(m: &Value, status: bool) -> Value {
+    let ty = m["type"].as_str().unwrap_or_default();
+    let fields = metric_fields(ty, status);
+    if fields.is_empty() {
+        return m.clone();
+    }
+    let src = &m[source_key(ty)];
+    let mut v2 = json!({});
+    for (field, path) in fields {
+        if let Some(value) = src.get(*field).filter(|v| !v.is_null()) {
+            let (last, parents) = path.split_last().expect("paths are not empty");
+            let parent = parents.iter().fold(&mut v2, |v, k| &mut v[*k]);
+            parent[*last] = value.clone();
+        }
+    }
+    if !status {
+        let target = &v2["target"];
+        let kind = if !target["averageUtilization"].is_null() {
+            "Utilization"
+        } else if !target["averageValue"].is_null() {
+            "AverageValue"
+        } else {
+            "Value"
+        };
+        v2["target"]["type"] = json!(kind);
+    }
+    let mut out = json!({"type": ty});
+    out[source_key(ty)] = v2;
+    out
 }
 
 /// The member of a metric naming its source: `containerResource` for

@@ -51,6 +51,29 @@ impl std::fmt::Debug for ServiceWatch {
     }
 }
 
+/// A kind a node keeps a cache of.
+pub trait Cached:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Cached for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A cache of one kind kept by a reflector, and the stream that feeds it
 /// (every object the watch touched; run it for as long as the cache is
 /// read).
@@ -61,13 +84,7 @@ pub fn cache<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
 )
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     cache_with(client, watcher::Config::default())
 }
@@ -81,13 +98,7 @@ pub fn cache_with<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
 )
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     cache_trimmed(client, config, |_| {})
 }
@@ -110,13 +121,7 @@ pub fn cache_trimmed<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send + use<K>,
 )
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let (reader, writer) = reflector::store();
     let api: Api<K> = Api::all(client.clone());
