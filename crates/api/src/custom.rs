@@ -277,9 +277,11 @@ fn default_value(schema: &Value, v: &mut Value) {
 }
 
 /// Checks an object against the schema: types, required fields, enums,
-/// bounds, lengths, patterns, item counts and uniqueness, with field paths.
+/// bounds, lengths, patterns, item counts and uniqueness, with field paths,
+/// then its CEL rules; transition rules (`oldSelf`) run on an update
+/// (`old`, the stored object), where the value had a previous one.
 /// The root's `apiVersion`, `kind` and `metadata` are the API server's.
-pub fn validate(schema: &Value, obj: &Value) -> Vec<FieldError> {
+pub fn validate(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let Value::Object(map) = obj else {
         errors.push(bad("", obj.clone(), "must be an object"));
@@ -306,7 +308,22 @@ pub fn validate(schema: &Value, obj: &Value) -> Vec<FieldError> {
             props.remove(k);
         }
     }
-    check(&root_schema, &Value::Object(root), "", &mut errors);
+    let old_root = old.map(|o| {
+        let mut o = o.clone();
+        if let Some(m) = o.as_object_mut() {
+            for k in ["apiVersion", "kind", "metadata"] {
+                m.remove(k);
+            }
+        }
+        o
+    });
+    check(
+        &root_schema,
+        &Value::Object(root),
+        old_root.as_ref(),
+        "",
+        &mut errors,
+    );
     errors
 }
 
@@ -362,9 +379,18 @@ fn transition_rule(rule: &str) -> bool {
 }
 
 /// Runs the node's `x-kubernetes-validations` CEL rules with `self` bound
-/// to `v`. Transition rules (`oldSelf`) are not run: no previous value is
-/// given to validation.
-fn check_rules(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+/// to `v`, and a transition rule's `oldSelf` to `old`: as in Kubernetes, a
+/// transition rule runs only where the value had a previous one (an
+/// update, and the same place in the old object: object properties and map
+/// keys; list items are not correlated, so their transition rules do not
+/// run).
+fn check_rules(
+    schema: &Value,
+    v: &Value,
+    old: Option<&Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     let Some(rules) = schema["x-kubernetes-validations"].as_array() else {
         return;
     };
@@ -372,9 +398,11 @@ fn check_rules(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
         let Some(rule) = r["rule"].as_str() else {
             continue;
         };
-        if transition_rule(rule) {
-            continue;
-        }
+        let old = match (transition_rule(rule), old) {
+            (false, _) => None,
+            (true, Some(old)) => Some(old),
+            (true, None) => continue,
+        };
         let at = match r["fieldPath"].as_str() {
             Some(f) => join(path, f.trim_start_matches('.')),
             None => path.to_owned(),
@@ -391,6 +419,10 @@ fn check_rules(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
             let mut ctx = cel_interpreter::Context::default();
             let value = cel_interpreter::to_value(v).map_err(|e| e.to_string())?;
             ctx.add_variable_from_value("self", value);
+            if let Some(old) = old {
+                let old = cel_interpreter::to_value(old).map_err(|e| e.to_string())?;
+                ctx.add_variable_from_value("oldSelf", old);
+            }
             // The interpreter's integer arithmetic panics on overflow where
             // overflow checks are on: the rule fails, the server does not.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.execute(&ctx)))
@@ -434,7 +466,7 @@ fn rules_of(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
     }
 }
 
-fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+fn check(schema: &Value, v: &Value, old: Option<&Value>, path: &str, errors: &mut Vec<FieldError>) {
     if v.is_null() {
         if schema["nullable"] != true && schema.get("type").is_some() {
             errors.push(bad(path, Value::Null, "must not be null"));
@@ -442,15 +474,21 @@ fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
         return;
     }
     let before = errors.len();
-    check_shape(schema, v, path, errors);
+    check_shape(schema, v, old, path, errors);
     // Rules run on values that are well-formed underneath, as Kubernetes
     // runs them only after the schema's own checks passed.
     if errors.len() == before {
-        check_rules(schema, v, path, errors);
+        check_rules(schema, v, old.filter(|o| !o.is_null()), path, errors);
     }
 }
 
-fn check_shape(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>) {
+fn check_shape(
+    schema: &Value,
+    v: &Value,
+    old: Option<&Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     let actual = type_name(v);
     let int_or_string = schema["x-kubernetes-int-or-string"] == true;
     if int_or_string {
@@ -576,7 +614,7 @@ fn check_shape(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
             }
             if let Some(s) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
-                    check(s, item, &format!("{path}[{i}]"), errors);
+                    check(s, item, None, &format!("{path}[{i}]"), errors);
                 }
             }
         }
@@ -596,10 +634,11 @@ fn check_shape(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldErro
             let props = &schema["properties"];
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (k, item) in map {
+                let was = old.and_then(|o| o.get(k));
                 if let Some(s) = props.get(k) {
-                    check(s, item, &join(path, k), errors);
+                    check(s, item, was, &join(path, k), errors);
                 } else if let Some(s) = additional {
-                    check(s, item, &join(path, k), errors);
+                    check(s, item, was, &join(path, k), errors);
                 }
             }
         }
@@ -892,6 +931,42 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn transition_rules_run_on_updates_where_the_value_was_there_before() {
+        let schema = json!({"type": "object", "properties": {"spec": {
+        "type": "object",
+        "x-kubernetes-validations": [
+            {"rule": "self.max >= oldSelf.max", "message": "max may only grow"}],
+        "properties": {
+            "max": {"type": "integer"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string",
+                "x-kubernetes-validations": [
+                    {"rule": "self == oldSelf", "message": "a label is immutable"}]}}
+        }}}});
+        let obj = |max: i64, labels: Value| {
+            json!({"apiVersion": "x/v1", "kind": "K",
+            "metadata": {"name": "a"}, "spec": {"max": max, "labels": labels}})
+        };
+        let messages = |new: &Value, old: Option<&Value>| -> Vec<String> {
+            validate(&schema, new, old)
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        let before = obj(5, json!({"team": "a"}));
+        // On create there is no old value: the rules do not run.
+        assert!(messages(&obj(1, json!({"team": "b"})), None).is_empty());
+        assert!(messages(&obj(6, json!({"team": "a", "new": "x"})), Some(&before)).is_empty());
+        assert_eq!(
+            messages(&obj(6, json!({"team": "b"})), Some(&before)),
+            ["spec.labels.team: Invalid value: \"string\": a label is immutable"]
+        );
+        assert_eq!(
+            messages(&obj(4, json!({"team": "a"})), Some(&before)),
+            ["spec: Invalid value: \"object\": max may only grow"]
+        );
+    }
+
+    #[test]
     fn cel_rules_check_objects_and_bad_rules_refuse_the_crd() {
         let schema = json!({"type": "object", "properties": {"spec": {
         "type": "object",
@@ -908,12 +983,12 @@ mod tests {
         }}}});
         let ok = json!({"spec": {"min": 1, "max": 3, "name": "fn-a", "tags": ["x"]}});
         assert!(
-            validate(&schema, &ok).is_empty(),
+            validate(&schema, &ok, None).is_empty(),
             "{:?}",
-            validate(&schema, &ok)
+            validate(&schema, &ok, None)
         );
         let errors = |obj: &Value| -> Vec<String> {
-            validate(&schema, obj)
+            validate(&schema, obj, None)
                 .iter()
                 .map(|e| e.to_string())
                 .collect()
@@ -938,7 +1013,7 @@ mod tests {
         let big = json!({"type": "object", "properties": {"spec": {"type": "object",
             "x-kubernetes-validations": [{"rule": "self.n + 1 > 0"}, {"rule": "self.n * self.n > 0"}],
             "properties": {"n": {"type": "integer"}}}}});
-        let errs = validate(&big, &json!({"spec": {"n": i64::MAX}}));
+        let errs = validate(&big, &json!({"spec": {"n": i64::MAX}}), None);
         assert_eq!(errs.len(), 2, "{errs:?}");
         // Hostile rules are refused, never a panic.
         for rule in [
@@ -999,7 +1074,7 @@ mod tests {
             "spec": {"replicas": 11, "mode": "slow", "port": 1.5, "labels": {"a": 1},
                      "tags": ["ok", "ok", "Bad"], "template": {"spec": {}}},
         });
-        let errors = validate(&schema(), &obj);
+        let errors = validate(&schema(), &obj, None);
         let got: Vec<(String, &str)> = errors
             .iter()
             .map(|e| (e.field.clone(), e.kind.reason()))
@@ -1020,7 +1095,7 @@ mod tests {
             );
         }
         let fine = json!({"spec": {"image": "x", "port": "http", "extra": {"any": [1]}}});
-        assert_eq!(validate(&schema(), &fine), vec![]);
+        assert_eq!(validate(&schema(), &fine, None), vec![]);
     }
 
     #[test]

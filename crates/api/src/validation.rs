@@ -43,7 +43,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         };
     }
     if let Some(custom) = rt.custom {
-        for e in crate::custom::validate(&custom.schema, obj) {
+        for e in crate::custom::validate(&custom.schema, obj, old) {
             errs.push(e);
         }
         return errs.0;
