@@ -15,6 +15,8 @@ pub enum Subresource {
     Log,
     /// `pods/exec`: an upgraded stream proxied to the pod's node agent.
     Exec,
+    /// `pods/eviction`: a deletion that honours PodDisruptionBudgets.
+    Eviction,
 }
 
 impl Subresource {
@@ -26,6 +28,7 @@ impl Subresource {
             Subresource::Finalize => "finalize",
             Subresource::Log => "log",
             Subresource::Exec => "exec",
+            Subresource::Eviction => "eviction",
         }
     }
 
@@ -37,6 +40,7 @@ impl Subresource {
             Self::Finalize,
             Self::Log,
             Self::Exec,
+            Self::Eviction,
         ]
         .into_iter()
         .find(|sub| sub.name() == s)
@@ -176,7 +180,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["po"],
         ALL,
-        [Status, Binding, Log, Exec]
+        [Status, Binding, Log, Exec, Eviction]
     ),
     resource!(
         "",
@@ -377,6 +381,17 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["hpa"],
         ALL,
+        [Status]
+    ),
+    resource!(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        true,
+        ["pdb"],
+        &[],
         [Status]
     ),
     resource!(

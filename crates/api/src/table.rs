@@ -309,6 +309,25 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Hostnames", "string", "The hostnames the route matches."),
             AGE,
         ],
+        "PodDisruptionBudget" => vec![
+            NAME,
+            col(
+                "Min Available",
+                "string",
+                "The pods that must stay available.",
+            ),
+            col(
+                "Max Unavailable",
+                "string",
+                "The pods that may be unavailable.",
+            ),
+            col(
+                "Allowed Disruptions",
+                "integer",
+                "How many pods may be evicted now.",
+            ),
+            AGE,
+        ],
         "HorizontalPodAutoscaler" => vec![
             NAME,
             col("Reference", "string", "The resource being scaled."),
@@ -456,6 +475,16 @@ fn since(ts: &Value, now: DateTime<Utc>) -> String {
     {
         Some(t) => human_duration((now - t.with_timezone(&Utc)).num_seconds()),
         None => "<unknown>".into(),
+    }
+}
+
+/// A count or percentage (`2`, `50%`), or `N/A` when unset, as kubectl
+/// prints a PodDisruptionBudget's bounds.
+fn int_or_string_or_na(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(p) => p.clone(),
+        _ => "N/A".into(),
     }
 }
 
@@ -1075,6 +1104,13 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             json!(s(&spec["gatewayClassName"])),
             json!(s(&status["addresses"][0]["value"])),
             json!(condition_status(status, "Programmed")),
+            age,
+        ],
+        "PodDisruptionBudget" => vec![
+            name,
+            json!(int_or_string_or_na(&spec["minAvailable"])),
+            json!(int_or_string_or_na(&spec["maxUnavailable"])),
+            json!(status["disruptionsAllowed"].as_i64().unwrap_or(0)),
             age,
         ],
         "HorizontalPodAutoscaler" => vec![

@@ -5,7 +5,8 @@
 use k8s_openapi::api::{
     apps::v1 as apps, autoscaling::v2 as autoscaling, batch::v1 as batch,
     coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    networking::v1 as networking, node::v1 as node, scheduling::v1 as scheduling,
+    networking::v1 as networking, node::v1 as node, policy::v1 as policy,
+    scheduling::v1 as scheduling,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -90,6 +91,7 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "Gateway" => gateway::Gateway,
         "HTTPRoute" => gateway::HTTPRoute,
         "HorizontalPodAutoscaler" => autoscaling::HorizontalPodAutoscaler,
+        "PodDisruptionBudget" => policy::PodDisruptionBudget,
         "knative.Service" => knative::Service,
         "Configuration" => knative::Configuration,
         "Revision" => knative::Revision,
@@ -170,6 +172,7 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
         "GatewayClass" => round_trip::<gateway::GatewayClassStatus>(status),
         "Gateway" => round_trip::<gateway::GatewayStatus>(status),
         "HTTPRoute" => round_trip::<gateway::HTTPRouteStatus>(status),
+        "PodDisruptionBudget" => round_trip::<policy::PodDisruptionBudgetStatus>(status),
         "HorizontalPodAutoscaler" => {
             round_trip::<autoscaling::HorizontalPodAutoscalerStatus>(status)
         }

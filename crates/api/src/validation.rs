@@ -69,6 +69,10 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
         "Gateway" => typed!(gw::Gateway, routing::validate_gateway),
         "HTTPRoute" => typed!(gw::HTTPRoute, routing::validate_http_route),
+        "PodDisruptionBudget" => typed!(
+            k8s_openapi::api::policy::v1::PodDisruptionBudget,
+            validate_pdb
+        ),
         "HorizontalPodAutoscaler" => typed!(
             k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler,
             validate_hpa
@@ -83,6 +87,55 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         _ => {}
     }
     errs.0
+}
+
+/// A PodDisruptionBudget, as Kubernetes' validation checks it: one of
+/// `minAvailable` and `maxUnavailable`, each a count or a percentage.
+fn validate_pdb(
+    pdb: &k8s_openapi::api::policy::v1::PodDisruptionBudget,
+    _old: Option<&k8s_openapi::api::policy::v1::PodDisruptionBudget>,
+    errs: &mut Errors,
+) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = &pdb.spec else {
+        return;
+    };
+    if spec.min_available.is_some() && spec.max_unavailable.is_some() {
+        errs.push(FieldError::invalid(
+            "spec",
+            "",
+            "minAvailable and maxUnavailable cannot be both set",
+        ));
+    }
+    for (field, v) in [
+        ("spec.minAvailable", &spec.min_available),
+        ("spec.maxUnavailable", &spec.max_unavailable),
+    ] {
+        match v {
+            Some(IntOrString::Int(n)) if *n < 0 => errs.push(FieldError::invalid(
+                field,
+                n.to_string(),
+                "must be greater than or equal to 0",
+            )),
+            Some(IntOrString::String(p)) => {
+                let pct = p.strip_suffix('%').and_then(|n| n.parse::<u32>().ok());
+                match pct {
+                    Some(n) if n <= 100 => {}
+                    Some(_) => errs.push(FieldError::invalid(
+                        field,
+                        p.clone(),
+                        "must not be greater than 100%",
+                    )),
+                    None => errs.push(FieldError::invalid(
+                        field,
+                        p.clone(),
+                        "a valid percent string must be a numeric string followed by an ending '%'",
+                    )),
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A HorizontalPodAutoscaler, as Kubernetes' validation checks it.

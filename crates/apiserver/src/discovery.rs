@@ -116,6 +116,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Log => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get"]})
         }
+        Subresource::Eviction => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]})
+        }
         Subresource::Exec => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "PodExecOptions", "verbs": ["create", "get"]})
         }

@@ -71,6 +71,13 @@ pub enum ApiError {
     },
     #[error("{message}")]
     Timeout { message: String },
+    /// 429: try again later (an eviction a disruption budget refuses);
+    /// `causes` are (reason, message) pairs.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        causes: Vec<(String, String)>,
+    },
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -170,6 +177,7 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -188,6 +196,7 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             Self::NotAcceptable { .. } => "NotAcceptable",
             Self::Timeout { .. } => "Timeout",
+            Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Internal { .. } => "InternalError",
         }
     }
@@ -222,6 +231,9 @@ impl ApiError {
                     "message": if matches!(self, Self::ApplyConflict { .. }) { c.detail.clone() } else { c.message() },
                     "field": c.field,
                 })).collect::<Vec<_>>(),
+            })),
+            Self::TooManyRequests { causes, .. } => Some(json!({
+                "causes": causes.iter().map(|(reason, message)| json!({"reason": reason, "message": message})).collect::<Vec<_>>(),
             })),
             _ => None,
         };

@@ -96,6 +96,7 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "GatewayClass" => add::<gateway::GatewayClass>(g),
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
+        "PodDisruptionBudget" => add::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(g),
         "HorizontalPodAutoscaler" if rt.version == "v1" => {
             add::<k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler>(g)
         }

@@ -75,6 +75,10 @@ async fn dispatch(
             crate::node_proxy::pod_log(server, ctx.target.namespace, name, uri.query()).await
         }
         (Method::POST, None, None) => ctx.create(read_body(server, headers, body).await?).await,
+        (Method::POST, Some(name), Some(Eviction)) => {
+            ctx.evict(name, read_body(server, headers, body).await?)
+                .await
+        }
         (Method::POST, Some(name), Some(Binding)) => {
             ctx.bind(name, read_body(server, headers, body).await?)
                 .await
@@ -166,20 +170,27 @@ async fn read_delete_options(
     body: Body,
 ) -> ApiResult<DeleteOptions> {
     let raw = read_bytes(server, body).await?;
-    let mut opts = DeleteOptions::default();
     if raw.iter().any(|b| !b.is_ascii_whitespace()) {
-        let v = parse_value(content_type(headers), &raw)?;
-        opts.grace_period_seconds = v["gracePeriodSeconds"].as_i64();
-        opts.propagation_policy = v["propagationPolicy"].as_str().map(str::to_owned);
-        if v["orphanDependents"] == true && opts.propagation_policy.is_none() {
-            opts.propagation_policy = Some("Orphan".into());
-        }
-        opts.precondition_uid = v["preconditions"]["uid"].as_str().map(str::to_owned);
-        opts.precondition_rv = v["preconditions"]["resourceVersion"]
-            .as_str()
-            .map(str::to_owned);
+        Ok(delete_options(&parse_value(content_type(headers), &raw)?))
+    } else {
+        Ok(DeleteOptions::default())
     }
-    Ok(opts)
+}
+
+/// A `DeleteOptions` body (or an Eviction's `deleteOptions`).
+fn delete_options(v: &Value) -> DeleteOptions {
+    let mut opts = DeleteOptions {
+        grace_period_seconds: v["gracePeriodSeconds"].as_i64(),
+        propagation_policy: v["propagationPolicy"].as_str().map(str::to_owned),
+        precondition_uid: v["preconditions"]["uid"].as_str().map(str::to_owned),
+        precondition_rv: v["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(str::to_owned),
+    };
+    if v["orphanDependents"] == true && opts.propagation_policy.is_none() {
+        opts.propagation_policy = Some("Orphan".into());
+    }
+    opts
 }
 
 /// One resource request.
@@ -1455,6 +1466,111 @@ impl Ctx<'_> {
                     &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
                     &[],
                 ));
+            }
+        }
+        Err(self.too_contended(name))
+    }
+
+    /// `pods/eviction`: deletes the pod unless that would take its
+    /// PodDisruptionBudget below what it must keep healthy (429, to be
+    /// tried again); an allowed eviction is counted in the budget's status
+    /// (`disruptionsAllowed` down, the pod in `disruptedPods`) before the
+    /// pod is deleted, so two evictions cannot both take the last one.
+    async fn evict(&self, name: &str, eviction: Value) -> ApiResult<Response> {
+        let (pod, _) = self.read(name).await?;
+        let opts = delete_options(&eviction["deleteOptions"]);
+        // As Kubernetes: a pod that is done, not yet running or already
+        // going needs no budget.
+        let exempt = matches!(
+            pod["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed" | "Pending") | None
+        ) || !pod["metadata"]["deletionTimestamp"].is_null();
+        if !exempt {
+            self.take_disruption(name, &pod).await?;
+        }
+        self.delete_one(name, &opts).await?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            &[],
+        ))
+    }
+
+    /// Takes one allowed disruption from the budget covering `pod`.
+    async fn take_disruption(&self, name: &str, pod: &Value) -> ApiResult<()> {
+        let pdbs = registry::lookup("policy", "v1", "poddisruptionbudgets")
+            .expect("PodDisruptionBudgets are served");
+        let ns = self.target.namespace.unwrap_or_default();
+        let too_many = |message: String, cause: Option<String>| ApiError::TooManyRequests {
+            message,
+            causes: cause
+                .map(|c| ("DisruptionBudget".to_owned(), c))
+                .into_iter()
+                .collect(),
+        };
+        for _ in 0..UNCONDITIONAL_RETRIES {
+            let listed = self
+                .server
+                .store
+                .list(&pdbs.list_prefix(Some(ns)), ListOptions::default())
+                .await
+                .map_err(|e| self.store_err(e, name))?;
+            let mut covering = Vec::new();
+            for kv in &listed.items {
+                let pdb = decode_stored(kv).map_err(ApiError::internal)?;
+                let selector = serde_json::from_value(pdb["spec"]["selector"].clone())
+                    .ok()
+                    .and_then(|s| wasmkube_api::selectors::LabelSelector::from_api(&s).ok());
+                if selector.is_some_and(|s| s.matches_object(pod)) {
+                    covering.push((pdb, kv.key.clone(), kv.mod_revision));
+                }
+            }
+            let Some((mut pdb, key, rev)) = covering.pop() else {
+                return Ok(());
+            };
+            if !covering.is_empty() {
+                return Err(ApiError::internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ));
+            }
+            let budget = pdb["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let status = &pdb["status"];
+            if status["observedGeneration"].as_i64() < pdb["metadata"]["generation"].as_i64() {
+                return Err(too_many(
+                    "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                    Some(format!(
+                        "The disruption budget {budget} is still being processed by the server."
+                    )),
+                ));
+            }
+            let allowed = status["disruptionsAllowed"].as_i64().unwrap_or(0);
+            if allowed <= 0 {
+                return Err(too_many(
+                    "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                    Some(format!(
+                        "The disruption budget {budget} needs {} healthy pods and has {} currently",
+                        status["desiredHealthy"].as_i64().unwrap_or(0),
+                        status["currentHealthy"].as_i64().unwrap_or(0)
+                    )),
+                ));
+            }
+            pdb["status"]["disruptionsAllowed"] = json!(allowed - 1);
+            pdb["status"]["disruptedPods"][name] = json!(now());
+            if self.params.dry_run {
+                return Ok(());
+            }
+            match self
+                .server
+                .store
+                .update(&key, encode_for_store(&mut pdb), Some(rev))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(self.store_err(e, &budget)),
             }
         }
         Err(self.too_contended(name))

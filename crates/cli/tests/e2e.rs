@@ -587,6 +587,108 @@ fn scheduler_binds_pods_to_simulated_nodes() {
         &["rollout", "status", "deployment/spread", "--timeout=60s"],
         None,
     );
+    // A PodDisruptionBudget keeps three of the four: drain evicts through
+    // it (one pod at a time, each once its replacement is Ready).
+    ok(
+        &s,
+        &[
+            "create",
+            "poddisruptionbudget",
+            "spread",
+            "--selector=app=spread",
+            "--min-available=3",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.disruptionsAllowed}=1",
+            "pdb/spread",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let pdb = ok(&s, &["get", "pdb", "spread"], None);
+    assert!(
+        pdb.starts_with("NAME")
+            && pdb.contains("MIN AVAILABLE")
+            && pdb.contains("ALLOWED DISRUPTIONS")
+            && pdb.lines().nth(1).is_some_and(|l| {
+                l.split_whitespace().take(4).collect::<Vec<_>>() == ["spread", "3", "N/A", "1"]
+            }),
+        "{pdb}"
+    );
+    // An eviction the budget cannot afford is refused with 429 and why.
+    ok(
+        &s,
+        &[
+            "patch",
+            "pdb",
+            "spread",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"minAvailable":4}}"#,
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.disruptionsAllowed}=0",
+            "pdb/spread",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    let victim = ok(
+        &s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=spread",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+        None,
+    );
+    let refused = common::kubectl(
+        &s,
+        &[
+            "create",
+            "--raw",
+            &format!("/api/v1/namespaces/default/pods/{victim}/eviction"),
+            "-f",
+            "-",
+        ],
+        Some(&format!(
+            r#"{{"apiVersion":"policy/v1","kind":"Eviction","metadata":{{"name":"{victim}"}}}}"#
+        )),
+    );
+    assert!(
+        !refused.ok
+            && refused
+                .stderr
+                .contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{}{}",
+        refused.stdout,
+        refused.stderr
+    );
+    ok(
+        &s,
+        &[
+            "patch",
+            "pdb",
+            "spread",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"minAvailable":3}}"#,
+        ],
+        None,
+    );
     let drained = ok(
         &s,
         &[

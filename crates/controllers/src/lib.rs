@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+mod disruption;
 pub mod endpoints;
 mod expectations;
 pub mod gc;
@@ -83,6 +84,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let endpoints = endpoints::run(client.clone(), &mut inf);
     let servicelb = servicelb::run(client.clone(), &mut inf);
     let hpa = hpa::run(client.clone(), &mut inf, config.hpa_sync_period);
+    let disruption = disruption::run(client.clone(), &mut inf);
     let ipam = async {
         match config.cluster_cidr {
             Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
@@ -102,6 +104,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = endpoints => r,
         r = servicelb => r,
         r = hpa => r,
+        r = disruption => r,
         r = ipam => r,
     }
 }
