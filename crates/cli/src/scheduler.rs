@@ -21,11 +21,46 @@ pub struct SchedulerArgs {
     /// of its own name and runs beside them.
     #[arg(long, default_value = "default-scheduler")]
     scheduler_name: String,
+    /// Where to serve `/metrics` (Prometheus text: scheduling attempts,
+    /// their latency, pending pods) and `/healthz`, over plain HTTP.
+    #[arg(long, default_value = "127.0.0.1:10259")]
+    metrics_listen: std::net::SocketAddr,
+}
+
+/// The process's metrics (the scheduler's registry), for Prometheus.
+async fn metrics() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use prometheus::Encoder;
+    let encoder = prometheus::TextEncoder::new();
+    let mut out = Vec::new();
+    match encoder.encode(&prometheus::gather(), &mut out) {
+        Ok(()) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                encoder.format_type().to_owned(),
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
     let client =
         crate::kubeconfig::client(args.kubeconfig.as_deref(), args.server.as_deref()).await?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
     let lease = if args.scheduler_name == "default-scheduler" {
         "kube-scheduler".to_owned()
     } else {

@@ -774,7 +774,11 @@ fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
     };
     assert_eq!(node_of_web(), "");
 
-    let _scheduler = join(&s, "scheduler", &[]);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let _scheduler = join(&s, "scheduler", &["--metrics-listen", &metrics.to_string()]);
     ok(
         &s,
         &[
@@ -800,6 +804,23 @@ fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
         None,
     );
     assert!(!holder.is_empty(), "the scheduler holds its Lease");
+    // Its own metrics page counts the attempt that bound `web`.
+    let page = {
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(metrics).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        body.to_owned()
+    };
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("scheduler_schedule_attempts_total{") && l.contains("scheduled")),
+        "{page}"
+    );
+    wasmkube_testkit::promtool_check(&page);
 }
 
 #[test]
