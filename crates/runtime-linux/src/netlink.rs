@@ -318,6 +318,18 @@ pub(crate) struct Ipam {
     dir: PathBuf,
     network: Ipv4Addr,
     prefix: u8,
+    /// The directory's allocations, read once when the node starts and kept
+    /// in step with it: a pod's start looks its address up here instead of
+    /// reading every allocation file (which made each start cost a file
+    /// read per pod on the node).
+    held: std::sync::Mutex<Held>,
+}
+
+/// Allocations by owner, and the addresses taken (as offsets in the CIDR).
+#[derive(Debug, Default)]
+struct Held {
+    by_owner: std::collections::HashMap<String, Ipv4Addr>,
+    taken: std::collections::BTreeSet<u32>,
 }
 
 impl Ipam {
@@ -329,10 +341,28 @@ impl Ipam {
             .ok_or_else(|| Error::Setup(format!("{cidr:?} is not an IPv4 pod CIDR")))?;
         std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         let mask = u32::MAX << (32 - prefix);
+        let network = Ipv4Addr::from(u32::from(net) & mask);
+        let mut held = Held::default();
+        for entry in std::fs::read_dir(&dir).map_err(Error::io(&dir))?.flatten() {
+            let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let Ok(owner) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            held.taken
+                .insert(u32::from(ip).wrapping_sub(u32::from(network)));
+            held.by_owner.insert(owner, ip);
+        }
         Ok(Self {
             dir,
-            network: Ipv4Addr::from(u32::from(net) & mask),
+            network,
             prefix,
+            held: std::sync::Mutex::new(held),
         })
     }
 
@@ -350,15 +380,20 @@ impl Ipam {
         Ipv4Addr::from(u32::from(self.network) + 1)
     }
 
-    /// The address `id` holds, or a free one taken for it.
+    /// The address `id` holds, or the lowest free one taken for it (its
+    /// file written before it is handed out, so it survives a crash).
     pub fn allocate(&self, id: &str) -> Result<Ipv4Addr, Error> {
-        if let Some(ip) = self.held_by(id) {
-            return Ok(ip);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ip) = held.by_owner.get(id) {
+            return Ok(*ip);
         }
         let size = 1u32 << (32 - self.prefix);
         // From the second host (the first is the node's) to the last before
         // broadcast.
         for offset in 2..size - 1 {
+            if held.taken.contains(&offset) {
+                continue;
+            }
             let ip = Ipv4Addr::from(u32::from(self.network) + offset);
             let path = self.dir.join(ip.to_string());
             match std::fs::OpenOptions::new()
@@ -369,9 +404,14 @@ impl Ipam {
                 Ok(mut f) => {
                     use std::io::Write;
                     f.write_all(id.as_bytes()).map_err(Error::io(&path))?;
+                    held.taken.insert(offset);
+                    held.by_owner.insert(id.to_owned(), ip);
                     return Ok(ip);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                // Taken behind our back (a file put there by hand): skip it.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    held.taken.insert(offset);
+                }
                 Err(e) => return Err(Error::io(&path)(e)),
             }
         }
@@ -381,30 +421,13 @@ impl Ipam {
         )))
     }
 
-    fn entries(&self) -> impl Iterator<Item = (Ipv4Addr, String)> + '_ {
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let ip = e.file_name().to_str()?.parse::<Ipv4Addr>().ok()?;
-                let id = std::fs::read_to_string(e.path()).ok()?;
-                Some((ip, id))
-            })
-    }
-
-    fn held_by(&self, id: &str) -> Option<Ipv4Addr> {
-        self.entries()
-            .find(|(_, owner)| owner == id)
-            .map(|(ip, _)| ip)
-    }
-
     /// Gives back what `id` holds.
     pub fn release(&self, id: &str) {
-        for (ip, owner) in self.entries() {
-            if owner == id {
-                let _ = std::fs::remove_file(self.dir.join(ip.to_string()));
-            }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ip) = held.by_owner.remove(id) {
+            let _ = std::fs::remove_file(self.dir.join(ip.to_string()));
+            held.taken
+                .remove(&u32::from(ip).wrapping_sub(u32::from(self.network)));
         }
     }
 }
