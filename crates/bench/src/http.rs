@@ -38,8 +38,8 @@ pub struct Args {
     binary: Option<PathBuf>,
 }
 
-/// Rounds the pod IP and the ClusterIP take turns in (each a quarter of
-/// `--seconds`).
+/// Rounds two targets compared in one run take turns in (each a quarter
+/// of `--seconds`): the pod IP and the ClusterIP, the gateway and nginx.
 const INTERLEAVED_ROUNDS: usize = 4;
 
 /// Loads of one target over several equal rounds: the mean rate and every
@@ -65,6 +65,30 @@ impl Rounds {
 
 /// Loads `url` for `seconds` with `clients` keep-alive clients; returns
 /// requests per second and the sorted latencies.
+/// `a` and `b` loaded in turns, [`INTERLEAVED_ROUNDS`] rounds of a
+/// quarter of `seconds` each (`a` first in odd rounds, `b` in even ones),
+/// so neither always runs first or last on a shared machine.
+async fn interleaved(
+    a: &str,
+    b: &str,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<((f64, Vec<Duration>), (f64, Vec<Duration>))> {
+    let (mut at_a, mut at_b) = (Rounds::default(), Rounds::default());
+    let seconds = seconds / INTERLEAVED_ROUNDS as f64;
+    for round in 0..INTERLEAVED_ROUNDS {
+        let a_first = round % 2 == 0;
+        for first in [a_first, !a_first] {
+            if first {
+                at_a.add(load(a, clients, seconds).await?);
+            } else {
+                at_b.add(load(b, clients, seconds).await?);
+            }
+        }
+    }
+    Ok((at_a.total(), at_b.total()))
+}
+
 async fn load(url: &str, clients: usize, seconds: f64) -> anyhow::Result<(f64, Vec<Duration>)> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
@@ -320,39 +344,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let url = serve(&server, &image).await?;
             let cluster_ip = expose(&server).await?;
             let (figures, through_service) = if proxy {
-                // Pod IP and ClusterIP in alternating rounds (ABBA...), so
-                // neither always runs first or last on this shared machine.
                 let svc_url = format!("http://{cluster_ip}/bench");
                 until_answered(&svc_url).await?;
-                let (mut at_ip, mut at_svc) = (Rounds::default(), Rounds::default());
-                let seconds = args.seconds / INTERLEAVED_ROUNDS as f64;
-                for round in 0..INTERLEAVED_ROUNDS {
-                    let ip_first = round % 2 == 0;
-                    for ip in [ip_first, !ip_first] {
-                        let (u, into) = if ip {
-                            (&url, &mut at_ip)
-                        } else {
-                            (&svc_url, &mut at_svc)
-                        };
-                        into.add(load(u, args.clients, seconds).await?);
-                    }
-                }
-                (at_ip.total(), Some(at_svc.total()))
+                let (at_ip, at_svc) =
+                    interleaved(&url, &svc_url, args.clients, args.seconds).await?;
+                (at_ip, Some(at_svc))
             } else {
                 (load(&url, args.clients, args.seconds).await?, None)
             };
             let gateway_url = route_through_gateway(&server).await?;
-            let through_gateway = load(&gateway_url, args.clients, args.seconds).await?;
             let pod_addr = url
                 .trim_start_matches("http://")
                 .trim_end_matches("/bench")
                 .to_owned();
-            let through_nginx = match Nginx::start(&pod_addr)? {
+            let (through_gateway, through_nginx) = match Nginx::start(&pod_addr)? {
                 Some(nginx) => {
                     until_answered(&nginx.url).await?;
-                    Some(load(&nginx.url, args.clients, args.seconds).await?)
+                    let (gw, ng) =
+                        interleaved(&gateway_url, &nginx.url, args.clients, args.seconds).await?;
+                    (gw, Some(ng))
                 }
-                None => None,
+                None => (load(&gateway_url, args.clients, args.seconds).await?, None),
             };
             // The pod's namespace goes with its deletion, before the server.
             let pods: Api<Pod> = Api::namespaced(server.client()?, "default");
