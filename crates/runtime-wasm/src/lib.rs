@@ -390,9 +390,21 @@ impl WasmRuntime {
             .total_memories(memories)
             .total_tables(config.max_instances)
             .total_stacks(config.max_instances)
-            .max_memory_size(config.max_memory_bytes);
+            .max_memory_size(config.max_memory_bytes)
+            // A slot's memory and table are zeroed in place when an
+            // instance ends (up to these sizes, which cover an HTTP
+            // function's request), not handed back to the kernel: handing
+            // them back made the next instance's first writes fault, and
+            // every such fault flushed the TLBs of every core running the
+            // agent's threads (an IPI each).
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10);
         let mut ec = EngineConfig::new();
         ec.epoch_interruption(true)
+            // Data segments copied into the slot's resident memory, not
+            // mapped copy-on-write from the module image: a copy-on-write
+            // fault per page written also flushed every core's TLB.
+            .memory_init_cow(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             // Deep recursion traps instead of touching the host's stack.
             .max_wasm_stack(1 << 20);
