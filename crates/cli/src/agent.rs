@@ -378,10 +378,27 @@ struct WatchedBackends(wasmkube_proxy::ServiceWatch);
 
 impl wasmkube_node::ServiceBackends for WatchedBackends {
     fn backends(&self, to: std::net::SocketAddrV4) -> Option<Vec<wasmkube_node::ServiceBackend>> {
-        let services = self.0.services.state();
-        let slices = self.0.slices.state();
+        // Per connection: only the Service with that address and its own
+        // slices are taken from the caches, not a copy of every object.
+        let ip = to.ip().to_string();
+        let service = self
+            .0
+            .services
+            .find(|s| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(ip.as_str()))?;
+        let (ns, name) = (
+            service.metadata.namespace.clone(),
+            service.metadata.name.clone(),
+        );
+        let slices = self.0.slices.state_filter(|s| {
+            s.metadata.namespace == ns
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(wasmkube_proxy::model::SERVICE_NAME_LABEL))
+                    == name.as_ref()
+        });
         let found = wasmkube_proxy::model::backends(
-            services.iter().map(|s| s.as_ref()),
+            [service.as_ref()],
             slices.iter().map(|s| s.as_ref()),
             to,
         )?;
