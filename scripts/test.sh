@@ -74,7 +74,9 @@ export WASMKUBE_TEST_VENV=$venv
 # the optional CNI path of pod networking (the default path needs nothing),
 # nftables for the service proxy (both tested in network namespaces the
 # tests make), dnsperf and dnsmasq for the DNS benchmark's smoke run, curl
-# and openssl for the gateway's end-to-end test (HTTP/2, TLS).
+# and openssl for the gateway's end-to-end test (HTTP/2, TLS), etcd
+# (etcd-server) for the store's etcd backend and the several-API-server
+# tests (they start their own members on loopback ports and stop them).
 missing=()
 command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
@@ -88,6 +90,7 @@ command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]}"
   sudo_cmd=""

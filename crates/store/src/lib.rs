@@ -9,11 +9,13 @@
 //! [`StoreError::Gone`].
 //!
 //! Backends: [`open_sled`] (embedded, durable: a write is acknowledged
-//! only after `fsync`, with group commit) and [`memory`] (tests). Both
-//! run the same MVCC [`engine`] over a small ordered key-value trait; a future
-//! etcd backend implements the [`Store`] trait directly on etcd's own MVCC.
+//! only after `fsync`, with group commit) and [`memory`] (tests) run the
+//! same MVCC `engine` over a small ordered key-value trait;
+//! [`connect_etcd`] implements the [`Store`] trait directly on etcd's own
+//! MVCC, for control planes of several API servers.
 
 mod engine;
+mod etcd;
 mod keys;
 mod memory;
 mod sled_backend;
@@ -25,6 +27,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub use engine::EngineConfig;
+pub use etcd::{EtcdConfig, EtcdTls, connect_etcd};
 
 /// A global store revision. Revision 0 is "before anything was written".
 pub type Revision = u64;
@@ -127,7 +130,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub type WatchStream = BoxStream<'static, Result<Event>>;
 
 /// The store API every backend implements: the embedded MVCC engine (sled
-/// or memory) today, etcd later. Object safe: callers hold a [`SharedStore`].
+/// or memory) and etcd. Object safe: callers hold a [`SharedStore`].
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// The revision of the last acknowledged write.

@@ -1,5 +1,8 @@
 //! One semantics suite, run against every backend: revisions, preconditions,
-//! paging, MVCC lists, watch ordering and compaction.
+//! paging, MVCC lists, watch ordering and compaction. Each test gets fresh
+//! stores: memory, sled in a temporary directory, and etcd (a one-member
+//! cluster of its own on loopback). Revisions are counted from each store's
+//! first one (etcd's first revision is 1, the embedded engine's 0).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,14 +11,36 @@ use bytes::Bytes;
 use futures::StreamExt;
 use wasmkube_store::{EventKind, ListOptions, SharedStore, StoreError, WatchStream};
 
-/// A fresh store of each backend; the temp dir lives as long as the store is used.
-fn backends() -> Vec<(&'static str, SharedStore, Option<tempfile::TempDir>)> {
+/// What keeps a backend alive while its store is used.
+enum Keep {
+    Nothing,
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Etcd(#[allow(dead_code)] wasmkube_testkit::etcd::EtcdCluster),
+}
+
+/// A fresh store of each backend, with its starting revision.
+async fn backends() -> Vec<(&'static str, SharedStore, u64, Keep)> {
     let dir = tempfile::tempdir().unwrap();
     let sled = wasmkube_store::open_sled(dir.path()).unwrap();
-    vec![
-        ("memory", wasmkube_store::memory(), None),
-        ("sled", sled, Some(dir)),
+    let etcd = wasmkube_testkit::etcd::EtcdCluster::start(1);
+    let on_etcd = wasmkube_store::connect_etcd(&wasmkube_store::EtcdConfig {
+        endpoints: etcd.endpoints(),
+        prefix: "/test".into(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    [
+        ("memory", wasmkube_store::memory(), Keep::Nothing),
+        ("sled", sled, Keep::Dir(dir)),
+        ("etcd", on_etcd, Keep::Etcd(etcd)),
     ]
+    .into_iter()
+    .map(|(name, s, keep)| {
+        let r0 = s.current_revision();
+        (name, s, r0, keep)
+    })
+    .collect()
 }
 
 fn b(s: &str) -> Bytes {
@@ -33,10 +58,21 @@ async fn next(w: &mut WatchStream) -> wasmkube_store::Event {
 
 #[tokio::test]
 async fn crud_and_revisions() {
-    for (name, s, _dir) in backends() {
-        assert_eq!(s.current_revision(), 0, "{name}");
+    for (name, s, r0, _keep) in backends().await {
+        assert!(
+            s.list("/", Default::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty(),
+            "{name}"
+        );
         let a = s.create("/r/a", b("1")).await.unwrap();
-        assert_eq!((a.create_revision, a.mod_revision), (1, 1), "{name}");
+        assert_eq!(
+            (a.create_revision, a.mod_revision),
+            (r0 + 1, r0 + 1),
+            "{name}"
+        );
         assert!(
             matches!(
                 s.create("/r/a", b("x")).await,
@@ -44,27 +80,29 @@ async fn crud_and_revisions() {
             ),
             "{name}"
         );
-        let a2 = s.update("/r/a", b("2"), Some(1)).await.unwrap();
-        assert_eq!((a2.create_revision, a2.mod_revision), (1, 2), "{name}");
-        match s.update("/r/a", b("3"), Some(1)).await {
+        let a2 = s.update("/r/a", b("2"), Some(r0 + 1)).await.unwrap();
+        assert_eq!(
+            (a2.create_revision, a2.mod_revision),
+            (r0 + 1, r0 + 2),
+            "{name}"
+        );
+        match s.update("/r/a", b("3"), Some(r0 + 1)).await {
             Err(StoreError::Conflict {
-                expected: 1,
-                actual: 2,
-                ..
-            }) => {}
+                expected, actual, ..
+            }) if (expected, actual) == (r0 + 1, r0 + 2) => {}
             other => panic!("{name}: stale update gave {other:?}"),
         }
         assert!(
             matches!(
-                s.delete("/r/a", Some(1)).await,
+                s.delete("/r/a", Some(r0 + 1)).await,
                 Err(StoreError::Conflict { .. })
             ),
             "{name}"
         );
-        let gone = s.delete("/r/a", Some(2)).await.unwrap();
+        let gone = s.delete("/r/a", Some(r0 + 2)).await.unwrap();
         assert_eq!(
             (gone.value.clone(), gone.mod_revision),
-            (b("2"), 3),
+            (b("2"), r0 + 3),
             "{name}"
         );
         assert_eq!(s.get("/r/a").await.unwrap(), None, "{name}");
@@ -86,10 +124,10 @@ async fn crud_and_revisions() {
         let again = s.create("/r/a", b("5")).await.unwrap();
         assert_eq!(
             (again.create_revision, again.mod_revision),
-            (4, 4),
+            (r0 + 4, r0 + 4),
             "{name}"
         );
-        assert_eq!(s.current_revision(), 4, "{name}");
+        assert_eq!(s.current_revision(), r0 + 4, "{name}");
         assert!(
             matches!(
                 s.create("", b("x")).await,
@@ -105,13 +143,13 @@ async fn crud_and_revisions() {
             "{name}"
         );
         // Failed writes consumed no revision.
-        assert_eq!(s.current_revision(), 4, "{name}");
+        assert_eq!(s.current_revision(), r0 + 4, "{name}");
     }
 }
 
 #[tokio::test]
 async fn list_pages_at_a_fixed_revision() {
-    for (name, s, _dir) in backends() {
+    for (name, s, _, _keep) in backends().await {
         for i in 0..10 {
             s.create(&format!("/pods/ns/p{i}"), b(&i.to_string()))
                 .await
@@ -189,7 +227,7 @@ async fn list_pages_at_a_fixed_revision() {
 
 #[tokio::test]
 async fn watch_replays_history_then_follows_live() {
-    for (name, s, _dir) in backends() {
+    for (name, s, r0, _keep) in backends().await {
         s.create("/w/a", b("1")).await.unwrap();
         let start = s.current_revision();
         s.update("/w/a", b("2"), None).await.unwrap();
@@ -199,21 +237,21 @@ async fn watch_replays_history_then_follows_live() {
         let e = next(&mut w).await;
         assert_eq!(
             (e.kind, e.kv.value.clone(), e.revision()),
-            (EventKind::Put, b("2"), 2),
+            (EventKind::Put, b("2"), r0 + 2),
             "{name}"
         );
         assert_eq!(e.prev.unwrap().value, b("1"), "{name}");
         let e = next(&mut w).await;
         assert_eq!(
             (e.kind, e.kv.value.clone(), e.revision()),
-            (EventKind::Delete, b("2"), 4),
+            (EventKind::Delete, b("2"), r0 + 4),
             "{name}"
         );
         s.create("/w/b", b("live")).await.unwrap();
         let e = next(&mut w).await;
         assert_eq!(
             (e.kind, e.kv.key.as_str(), e.revision()),
-            (EventKind::Put, "/w/b", 5),
+            (EventKind::Put, "/w/b", r0 + 5),
             "{name}"
         );
     }
@@ -221,8 +259,8 @@ async fn watch_replays_history_then_follows_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_sees_concurrent_writers_in_order_without_gaps() {
-    for (name, s, _dir) in backends() {
-        let mut w = s.watch("/c/", 0).unwrap();
+    for (name, s, r0, _keep) in backends().await {
+        let mut w = s.watch("/c/", r0).unwrap();
         let writers: Vec<_> = (0..8)
             .map(|t| {
                 let s = s.clone();
@@ -241,7 +279,7 @@ async fn watch_sees_concurrent_writers_in_order_without_gaps() {
         for writer in writers {
             writer.await.unwrap();
         }
-        let mut last = 0;
+        let mut last = r0;
         let mut per_key: BTreeMap<String, i32> = BTreeMap::new();
         for _ in 0..800 {
             let e = next(&mut w).await;
@@ -258,28 +296,28 @@ async fn watch_sees_concurrent_writers_in_order_without_gaps() {
         }
         assert_eq!(last, s.current_revision(), "{name}");
         // A second watch from the middle replays exactly the rest.
-        let mut w2 = s.watch("/c/", 400).unwrap();
-        assert_eq!(next(&mut w2).await.revision(), 401, "{name}");
+        let mut w2 = s.watch("/c/", r0 + 400).unwrap();
+        assert_eq!(next(&mut w2).await.revision(), r0 + 401, "{name}");
     }
 }
 
 #[tokio::test]
 async fn compaction_makes_old_revisions_gone() {
-    for (name, s, _dir) in backends() {
+    for (name, s, r0, _keep) in backends().await {
         s.create("/k/a", b("1")).await.unwrap();
         s.update("/k/a", b("2"), None).await.unwrap();
         s.create("/k/b", b("b")).await.unwrap();
         s.delete("/k/b", None).await.unwrap();
         s.update("/k/a", b("3"), None).await.unwrap();
-        s.compact(4).await.unwrap();
-        assert_eq!(s.compacted_revision(), 4, "{name}");
+        s.compact(r0 + 4).await.unwrap();
+        assert_eq!(s.compacted_revision(), r0 + 4, "{name}");
         assert!(
             matches!(
-                s.watch("/k/", 3),
+                s.watch("/k/", r0 + 3),
                 Err(StoreError::Gone {
-                    requested: 3,
-                    compacted: 4
-                })
+                    requested,
+                    compacted,
+                }) if (requested, compacted) == (r0 + 3, r0 + 4)
             ),
             "{name}"
         );
@@ -287,7 +325,7 @@ async fn compaction_makes_old_revisions_gone() {
             s.list(
                 "/k/",
                 ListOptions {
-                    revision: Some(2),
+                    revision: Some(r0 + 2),
                     ..Default::default()
                 }
             )
@@ -299,7 +337,7 @@ async fn compaction_makes_old_revisions_gone() {
             .list(
                 "/k/",
                 ListOptions {
-                    revision: Some(4),
+                    revision: Some(r0 + 4),
                     ..Default::default()
                 },
             )
@@ -311,7 +349,7 @@ async fn compaction_makes_old_revisions_gone() {
             .map(|kv| (kv.key.as_str(), kv.value.clone()))
             .collect();
         assert_eq!(got, vec![("/k/a", b("2"))], "{name}");
-        let mut w = s.watch("/k/", 4).unwrap();
+        let mut w = s.watch("/k/", r0 + 4).unwrap();
         assert_eq!(next(&mut w).await.kv.value, b("3"), "{name}");
         assert_eq!(
             s.get("/k/a").await.unwrap().unwrap().value,
@@ -319,7 +357,10 @@ async fn compaction_makes_old_revisions_gone() {
             "{name}"
         );
         assert!(
-            matches!(s.compact(99).await, Err(StoreError::FutureRevision { .. })),
+            matches!(
+                s.compact(r0 + 99).await,
+                Err(StoreError::FutureRevision { .. })
+            ),
             "{name}"
         );
     }

@@ -1,7 +1,10 @@
 //! Test support shared by the crates' tests: a real OCI distribution
 //! registry (Debian's `docker-registry`, which `scripts/test.sh` installs)
-//! started on a free loopback port and stopped on drop, and the paths of the
-//! example workloads built by `scripts/build-workloads.sh`.
+//! started on a free loopback port and stopped on drop, etcd clusters on
+//! loopback ([`etcd`]), and the paths of the example workloads built by
+//! `scripts/build-workloads.sh`.
+
+pub mod etcd;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,174 @@
+//! Real etcd clusters for tests: Debian's `etcd` (package `etcd-server`,
+//! which `scripts/test.sh` installs), one or more members on free loopback
+//! ports with their data in a temporary directory, killed and removed on
+//! drop. Members can be killed and restarted to inject faults.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One member: its addresses and, while it runs, its process.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// An etcd cluster on loopback.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+fn etcd_binary() -> PathBuf {
+    for p in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if std::path::Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "etcd".into()
+}
+
+impl EtcdCluster {
+    /// Starts `members` members and waits until every one is healthy (has
+    /// a leader).
+    pub fn start(members: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members: Vec<Member> = (0..members.max(1))
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                data_dir: dir.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+            token: format!("wasmkube-test-{}", std::process::id()),
+            _dir: dir,
+        };
+        for i in 0..cluster.members.len() {
+            cluster.spawn(i);
+        }
+        for i in 0..cluster.members.len() {
+            cluster.wait_healthy(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &self.members[i];
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .arg(format!("--listen-client-urls=http://{}", m.client))
+            .arg(format!("--advertise-client-urls=http://{}", m.client))
+            .arg(format!("--listen-peer-urls=http://{}", m.peer))
+            .arg(format!("--initial-advertise-peer-urls=http://{}", m.peer))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd ({e}); scripts/test.sh installs it"));
+        self.members[i].child = Some(child);
+    }
+
+    /// The members' client URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://{}", m.client))
+            .collect()
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data and waits until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_healthy(i);
+    }
+
+    /// Which member leads now: the one whose `/metrics` reports
+    /// `etcd_server_is_leader 1`.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.members.len()).find(|&i| {
+            self.members[i].child.is_some()
+                && http_get(self.members[i].client, "/metrics")
+                    .is_some_and(|body| body.contains("\netcd_server_is_leader 1"))
+        })
+    }
+
+    /// Polls `/health` until the member answers healthy (it has a leader).
+    fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = self.members[i].client;
+        loop {
+            if http_get(addr, "/health").is_some_and(|body| body.contains("\"health\":\"true\"")) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {} did not become healthy",
+                self.members[i].name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET's body, if the server answered 200.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: etcd\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+}
