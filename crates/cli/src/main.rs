@@ -30,7 +30,7 @@ enum Command {
     /// Run a whole cluster in this process: the API server on the embedded
     /// store (a kubeconfig written so kubectl works immediately), the
     /// scheduler, the controllers, a built-in OCI registry and a local node.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Join simulated nodes (like kwok) to a cluster: they register, renew
     /// their leases and report the pods bound to them as running, through the
     /// API only. For trying the control plane and benchmarking it at scale.
@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Server(args) => runtime.block_on(server::run(args)),
+        Command::Server(args) => runtime.block_on(server::run(*args)),
         Command::SimNodes(args) => runtime.block_on(sim::run(args)),
         Command::Agent(args) => runtime.block_on(agent::run(args)),
         Command::Scheduler(args) => runtime.block_on(scheduler::run(args)),

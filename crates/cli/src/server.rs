@@ -1,5 +1,5 @@
 //! `wasmkube server`: the whole cluster in one process: the API server on
-//! the embedded store, the scheduler and the controller manager (each under
+//! the embedded store (or on etcd, shared with other servers), the scheduler and the controller manager (each under
 //! its leader Lease), the built-in OCI registry, and a local node agent
 //! running Wasm pods.
 
@@ -10,16 +10,49 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fs4::fs_std::FileExt;
+use wasmkube_controllers::apiserver_endpoints::{ApiServerEndpoints, EndpointsConfig};
 use wasmkube_controllers::leader::{ElectionConfig, LeaderElector};
 
 use crate::kubeconfig;
 
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Where the cluster keeps its state (the embedded store). Only one
-    /// server may use a data directory at a time.
+    /// Where this server keeps its state: the embedded store (unless
+    /// --etcd-servers), the built-in registry's content, the local node's
+    /// files and the kubeconfig. Only one server may use a data directory at
+    /// a time.
     #[arg(long, env = "WASMKUBE_DATA_DIR", default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
+
+    /// Keep the cluster's state in etcd instead of the embedded store: the
+    /// members' client URLs (comma-separated or repeated). Any number of
+    /// servers given the same etcd serve one cluster.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    etcd_servers: Vec<String>,
+
+    /// Prepended to every key in etcd, so clusters can share one etcd. Keys
+    /// are laid out as Kubernetes lays them out (`/registry/pods/NS/NAME`),
+    /// so the default matches kube-apiserver's default `/registry`.
+    #[arg(
+        long,
+        default_value = "",
+        requires = "etcd_servers",
+        value_name = "PREFIX"
+    )]
+    etcd_prefix: String,
+
+    /// The CA that signed the etcd members' serving certificates (for
+    /// `https://` members).
+    #[arg(long, requires = "etcd_servers", value_name = "FILE")]
+    etcd_cafile: Option<PathBuf>,
+
+    /// A client certificate to present to etcd (with --etcd-keyfile).
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_keyfile"], value_name = "FILE")]
+    etcd_certfile: Option<PathBuf>,
+
+    /// The key of --etcd-certfile.
+    #[arg(long, requires_all = ["etcd_cafile", "etcd_certfile"], value_name = "FILE")]
+    etcd_keyfile: Option<PathBuf>,
 
     /// Address the Kubernetes API listens on (port 0 picks a free port).
     #[arg(long, env = "WASMKUBE_LISTEN", default_value = "127.0.0.1:6443")]
@@ -139,8 +172,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.node.cluster_cidr
         );
     }
-    let store = wasmkube_store::open_sled(&args.data_dir.join("store"))
-        .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
+    let store = open_store(&args).await?;
     let services = args.node.service_cluster_ip_range;
     let api_config = wasmkube_apiserver::Config {
         default_toleration_seconds: args.default_toleration_seconds,
@@ -261,20 +293,23 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         });
     }
     let mut server = tokio::spawn(async move { api.serve(listener).await });
-    {
-        // The `kubernetes` Service's endpoints: this API server.
-        let advertised = if addr.ip().is_unspecified() {
-            std::net::SocketAddr::new(args.node_address, addr.port())
-        } else {
-            addr
-        };
-        let client = client.clone();
-        tokio::spawn(async move {
-            if let Err(e) = publish_api_endpoints(&client, advertised).await {
-                tracing::warn!(error = %e, "cannot write the kubernetes Service's endpoints");
-            }
-        });
-    }
+    // The `kubernetes` Service's endpoints: every live API server, each
+    // renewing its own Lease.
+    let advertised = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(args.node_address, addr.port())
+    } else {
+        addr
+    };
+    let api_endpoints = Arc::new(ApiServerEndpoints::new(
+        client.clone(),
+        &host_name(),
+        advertised,
+        EndpointsConfig::default(),
+    ));
+    let endpoints_task = {
+        let endpoints = api_endpoints.clone();
+        tokio::spawn(async move { endpoints.run().await })
+    };
     let local_node = if args.no_local_node {
         None
     } else {
@@ -303,9 +338,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         result = &mut server => result?.context("the API server stopped")?,
         signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
     }
-    // Hand the leases over at once, while the API still answers.
+    // Hand the leases over and leave the `kubernetes` Service's endpoints at
+    // once, while the API still answers.
+    endpoints_task.abort();
     let release = async {
-        tokio::join!(scheduler_lease.release(), controllers_lease.release());
+        let (_, _, endpoints) = tokio::join!(
+            scheduler_lease.release(),
+            controllers_lease.release(),
+            api_endpoints.release()
+        );
+        if let Err(e) = endpoints {
+            tracing::warn!(error = %e, "cannot take this server out of the kubernetes Service's endpoints");
+        }
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
     if let Some((node, services)) = local_node {
@@ -357,48 +401,40 @@ async fn start_registry(
     })))
 }
 
-/// Writes the `kubernetes` Service's Endpoints and EndpointSlice: this API
-/// server's address (Kubernetes' endpoint reconciler, for one server).
-async fn publish_api_endpoints(
-    client: &kube::Client,
-    addr: std::net::SocketAddr,
-) -> Result<(), kube::Error> {
-    use k8s_openapi::api::core::v1::Endpoints;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use kube::api::{Api, Patch, PatchParams};
-    let params = PatchParams::apply("wasmkube-apiserver").force();
-    let ip = addr.ip().to_string();
-    let endpoints = serde_json::json!({
-        "apiVersion": "v1", "kind": "Endpoints",
-        "metadata": {"name": "kubernetes", "namespace": "default"},
-        "subsets": [{"addresses": [{"ip": ip}],
-                     "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}]}],
-    });
-    Api::<Endpoints>::namespaced(client.clone(), "default")
-        .patch("kubernetes", &params, &Patch::Apply(endpoints))
-        .await?;
-    let slice = serde_json::json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "kubernetes", "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": "kubernetes",
-                                "endpointslice.kubernetes.io/managed-by": "endpointslicemirroring-controller.k8s.io"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
-        "ports": [{"name": "https", "port": addr.port(), "protocol": "TCP"}],
-    });
-    Api::<EndpointSlice>::namespaced(client.clone(), "default")
-        .patch("kubernetes", &params, &Patch::Apply(slice))
-        .await?;
-    Ok(())
-}
-
 /// This process's name in leader Leases: host name plus a random suffix, as
 /// client-go's leader election uses.
 pub fn identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}_{}", host_name(), uuid::Uuid::new_v4())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "wasmkube".into());
-    format!("{host}_{}", uuid::Uuid::new_v4())
+        .unwrap_or_else(|_| "wasmkube".into())
+}
+
+/// The store: etcd with --etcd-servers, else the embedded one in the data
+/// directory.
+async fn open_store(args: &ServerArgs) -> anyhow::Result<wasmkube_store::SharedStore> {
+    if args.etcd_servers.is_empty() {
+        return wasmkube_store::open_sled(&args.data_dir.join("store"))
+            .with_context(|| format!("cannot open the store in {}", args.data_dir.display()));
+    }
+    let config = wasmkube_store::EtcdConfig {
+        endpoints: args.etcd_servers.clone(),
+        prefix: args.etcd_prefix.clone(),
+        tls: args
+            .etcd_cafile
+            .clone()
+            .map(|ca_file| wasmkube_store::EtcdTls {
+                ca_file,
+                cert_file: args.etcd_certfile.clone(),
+                key_file: args.etcd_keyfile.clone(),
+            }),
+    };
+    wasmkube_store::connect_etcd(&config)
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", args.etcd_servers.join(",")))
 }
 
 /// Compacts to the revision seen one interval ago, like kube-apiserver.

@@ -17,6 +17,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub mod apiserver_endpoints;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;

@@ -1,0 +1,283 @@
+//! Several API servers on one etcd (three members the test starts on
+//! loopback): writes through one are read and watched through another, a
+//! watch resumed on another server from the last resourceVersion it saw
+//! has no gap and no duplicate, the `kubernetes` Service lists the live
+//! servers, and the scheduler and controller manager move to a surviving
+//! server when the one running them is killed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use wasmkube_testkit::etcd::EtcdCluster;
+
+/// A raw watch on `server` (HTTP/1.0, so the body is not chunked): each
+/// event as it arrives.
+fn watch(server: &Server, path_and_query: &str) -> mpsc::Receiver<Value> {
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let mut conn = TcpStream::connect(&addr).expect("connect to the API server");
+    write!(
+        conn,
+        "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(conn).lines().map_while(Result::ok);
+        let status = lines.next().unwrap_or_default();
+        assert!(status.contains(" 200 "), "watch refused: {status}");
+        for line in lines.skip_while(|l| !l.is_empty()).skip(1) {
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn next_event(events: &mpsc::Receiver<Value>) -> (String, String, u64) {
+    let e = events
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a watch event");
+    let rv = e["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("an event with a resourceVersion: {e}"));
+    (
+        e["type"].as_str().unwrap_or_default().to_owned(),
+        e["object"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        rv,
+    )
+}
+
+/// Creates or changes a ConfigMap through `s`; returns the write's
+/// resourceVersion.
+fn write_configmap(s: &Server, name: &str, value: &str) -> u64 {
+    let manifest = format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"{name}\"}},\"data\":{{\"v\":\"{value}\"}}}}"
+    );
+    ok(
+        s,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            "-",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+        Some(&manifest),
+    )
+    .trim()
+    .parse()
+    .expect("a resourceVersion")
+}
+
+fn holder(s: &Server, lease: &str) -> String {
+    ok(
+        s,
+        &[
+            "get",
+            "lease",
+            "-n",
+            "kube-system",
+            lease,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+        None,
+    )
+    .trim()
+    .to_owned()
+}
+
+/// The `kubernetes` Endpoints' addresses as sorted `IP:PORT`s.
+fn api_endpoints(s: &Server) -> Vec<String> {
+    let out = kubectl(s, &["get", "endpoints", "kubernetes", "-o", "json"], None);
+    if !out.ok {
+        return Vec::new();
+    }
+    let e: Value = serde_json::from_str(&out.stdout).expect("JSON");
+    let mut found = Vec::new();
+    for subset in e["subsets"].as_array().into_iter().flatten() {
+        for port in subset["ports"].as_array().into_iter().flatten() {
+            for a in subset["addresses"].as_array().into_iter().flatten() {
+                found.push(format!(
+                    "{}:{}",
+                    a["ip"].as_str().unwrap_or_default(),
+                    port["port"]
+                ));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn host_port(s: &Server) -> String {
+    s.url.trim_start_matches("http://").to_owned()
+}
+
+#[test]
+fn several_api_servers_serve_one_cluster_on_etcd() {
+    let etcd = EtcdCluster::start(3);
+    let endpoints = etcd.endpoints().join(",");
+    let flags = ["--etcd-servers", endpoints.as_str()];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = start_server_with(dir_a.path(), &flags);
+    // A started first, so it runs the scheduler and the controller manager.
+    for lease in ["kube-scheduler", "kube-controller-manager"] {
+        let what = format!("lease/{lease}");
+        ok(
+            &a,
+            &[
+                "wait",
+                "--for=create",
+                "-n",
+                "kube-system",
+                &what,
+                "--timeout=30s",
+            ],
+            None,
+        );
+    }
+    let (scheduler_a, controllers_a) = (
+        holder(&a, "kube-scheduler"),
+        holder(&a, "kube-controller-manager"),
+    );
+    let b = start_server_with(dir_b.path(), &flags);
+
+    // A write through A is read through B at once: a get or a list without
+    // a resourceVersion is a quorum read.
+    let first = write_configmap(&a, "shared", "one");
+    let seen = ok(
+        &b,
+        &[
+            "get",
+            "configmap",
+            "shared",
+            "-o",
+            "jsonpath={.metadata.resourceVersion} {.data.v}",
+        ],
+        None,
+    );
+    assert_eq!(seen.trim(), format!("{first} one"));
+
+    // A client watching through A, then resuming through B from the last
+    // resourceVersion it saw, misses nothing and sees nothing twice.
+    let on_a = watch(
+        &a,
+        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={first}"),
+    );
+    let second = write_configmap(&b, "shared", "two");
+    let third = write_configmap(&a, "other", "one");
+    assert_eq!(
+        next_event(&on_a),
+        ("MODIFIED".into(), "shared".into(), second)
+    );
+    assert_eq!(next_event(&on_a), ("ADDED".into(), "other".into(), third));
+    drop(on_a);
+    // Written while the client is between servers.
+    let fourth = write_configmap(&a, "shared", "three");
+    let fifth = write_configmap(&b, "other", "two");
+    let on_b = watch(
+        &b,
+        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={third}"),
+    );
+    let sixth = write_configmap(&a, "third", "one");
+    assert_eq!(
+        next_event(&on_b),
+        ("MODIFIED".into(), "shared".into(), fourth)
+    );
+    assert_eq!(
+        next_event(&on_b),
+        ("MODIFIED".into(), "other".into(), fifth)
+    );
+    assert_eq!(next_event(&on_b), ("ADDED".into(), "third".into(), sixth));
+    assert!(
+        on_b.recv_timeout(Duration::from_millis(200)).is_err(),
+        "no event after the last write"
+    );
+
+    // The `kubernetes` Service's endpoints list both servers.
+    let both = {
+        let mut v = vec![host_port(&a), host_port(&b)];
+        v.sort();
+        v
+    };
+    poll(
+        "both API servers in the kubernetes endpoints",
+        Duration::from_secs(30),
+        || {
+            let found = api_endpoints(&b);
+            if found == both {
+                Ok(())
+            } else {
+                Err(format!("{found:?}"))
+            }
+        },
+    );
+    // Exactly one scheduler and one controller manager: A's. B waits.
+    assert_eq!(holder(&b, "kube-scheduler"), scheduler_a);
+    assert_eq!(holder(&b, "kube-controller-manager"), controllers_a);
+
+    // A dies without a word: B's scheduler and controller manager take
+    // over once A's leases expire, and A leaves the endpoints when its
+    // endpoint lease does.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let _sim = sim_nodes(&b, &["--count", "1"]);
+    ok(
+        &b,
+        &["wait", "--for=create", "node/sim-0", "--timeout=30s"],
+        None,
+    );
+    ok(
+        &b,
+        &[
+            "create",
+            "deployment",
+            "after",
+            "--image=registry.local/hello:1",
+        ],
+        None,
+    );
+    // Available needs the controllers to make its pod and the scheduler to
+    // bind it to the simulated node.
+    ok(
+        &b,
+        &[
+            "wait",
+            "--for=condition=Available",
+            "deployment/after",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    assert_ne!(holder(&b, "kube-scheduler"), scheduler_a);
+    assert_ne!(holder(&b, "kube-controller-manager"), controllers_a);
+    poll(
+        "only B in the kubernetes endpoints",
+        Duration::from_secs(40),
+        || {
+            let found = api_endpoints(&b);
+            if found == [host_port(&b)] {
+                Ok(())
+            } else {
+                Err(format!("{found:?}"))
+            }
+        },
+    );
+    drop(etcd);
+}
