@@ -306,9 +306,11 @@ impl NodeArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
-    /// The API server's URL [default: the kubeconfig's].
-    #[arg(long)]
-    server: Option<String>,
+    /// The API server's URL [default: the kubeconfig's]. Repeat it for the
+    /// several API servers of one cluster: the client uses one and moves
+    /// to the next when it stops answering.
+    #[arg(long = "server", value_name = "URL")]
+    servers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -340,8 +342,7 @@ pub fn host_name() -> String {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let client =
-        crate::kubeconfig::client(args.kubeconfig.as_deref(), args.server.as_deref()).await?;
+    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), &args.servers).await?;
     let name = args.name.unwrap_or_else(host_name);
     let data_dir = args
         .data_dir

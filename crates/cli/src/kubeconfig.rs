@@ -32,24 +32,35 @@ users:
 }
 
 /// A client from `path` (or `$KUBECONFIG`, then `~/.kube/config`), with
-/// the server URL replaced by `server` when given.
-pub async fn client(path: Option<&Path>, server: Option<&str>) -> anyhow::Result<kube::Client> {
+/// the server URL replaced by `servers` when given; with several, a client
+/// that fails over between them.
+pub async fn client(path: Option<&Path>, servers: &[String]) -> anyhow::Result<kube::Client> {
     use anyhow::Context;
+    let urls = servers
+        .iter()
+        .map(|s| {
+            s.parse::<http::Uri>()
+                .with_context(|| format!("invalid --server URL {s:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut config = match path {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None => match server {
-            Some(url) => kube::Config::new(url.parse().context("invalid --server URL")?),
+        None => match urls.first() {
+            Some(url) => kube::Config::new(url.clone()),
             None => kube::Config::infer()
                 .await
                 .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
         },
     };
-    if let Some(url) = server {
-        config.cluster_url = url.parse().context("invalid --server URL")?;
+    if let Some(url) = urls.first() {
+        config.cluster_url = url.clone();
+    }
+    if urls.len() > 1 {
+        return crate::failover::client(config, &urls);
     }
     Ok(kube::Client::try_from(config)?)
 }

@@ -1,6 +1,7 @@
 //! The `wasmkube` command: parse the command line, set up logging, run.
 
 mod agent;
+mod failover;
 mod kubeconfig;
 mod push;
 mod scheduler;

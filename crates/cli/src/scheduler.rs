@@ -9,9 +9,11 @@ use wasmkube_controllers::leader::{ElectionConfig, LeaderElector};
 
 #[derive(clap::Args, Debug)]
 pub struct SchedulerArgs {
-    /// The API server's URL [default: the kubeconfig's].
-    #[arg(long)]
-    server: Option<String>,
+    /// The API server's URL [default: the kubeconfig's]. Repeat it for the
+    /// several API servers of one cluster: the client uses one and moves
+    /// to the next when it stops answering.
+    #[arg(long = "server", value_name = "URL")]
+    servers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -47,8 +49,7 @@ async fn metrics() -> axum::response::Response {
 }
 
 pub async fn run(args: SchedulerArgs) -> anyhow::Result<()> {
-    let client =
-        crate::kubeconfig::client(args.kubeconfig.as_deref(), args.server.as_deref()).await?;
+    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), &args.servers).await?;
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {}: {e}", args.metrics_listen))?;

@@ -33,6 +33,11 @@ pub struct SimArgs {
     /// Runtime handlers each node advertises (comma-separated).
     #[arg(long, default_value = "wasmtime,runc", value_delimiter = ',')]
     runtime_handlers: Vec<String>,
+    /// The API server's URL [default: the kubeconfig's]. Repeat it for the
+    /// several API servers of one cluster: the client uses one and moves
+    /// to the next when it stops answering.
+    #[arg(long = "server", value_name = "URL")]
+    servers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -51,7 +56,7 @@ fn parse_taint(s: &str) -> anyhow::Result<k8s_openapi::api::core::v1::Taint> {
 }
 
 pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), None).await?;
+    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), &args.servers).await?;
     let labels = args
         .labels
         .iter()

@@ -3,7 +3,8 @@
 //! watch resumed on another server from the last resourceVersion it saw
 //! has no gap and no duplicate, the `kubernetes` Service lists the live
 //! servers, and the scheduler and controller manager move to a surviving
-//! server when the one running them is killed.
+//! server when the one running them is killed, while a node that knows
+//! both servers moves to the survivor.
 
 mod common;
 
@@ -232,17 +233,23 @@ fn several_api_servers_serve_one_cluster_on_etcd() {
     assert_eq!(holder(&b, "kube-scheduler"), scheduler_a);
     assert_eq!(holder(&b, "kube-controller-manager"), controllers_a);
 
-    // A dies without a word: B's scheduler and controller manager take
+    // A node that knows both servers registers through A, the first.
+    let _sim = sim_nodes(
+        &a,
+        &["--count", "1", "--server", &a.url, "--server", &b.url],
+    );
+    ok(
+        &a,
+        &["wait", "--for=create", "node/sim-0", "--timeout=30s"],
+        None,
+    );
+
+    // A dies without a word (the node's client moves to B and its watches
+    // resume there): B's scheduler and controller manager take
     // over once A's leases expire, and A leaves the endpoints when its
     // endpoint lease does.
     a.child.kill().unwrap();
     a.child.wait().unwrap();
-    let _sim = sim_nodes(&b, &["--count", "1"]);
-    ok(
-        &b,
-        &["wait", "--for=create", "node/sim-0", "--timeout=30s"],
-        None,
-    );
     ok(
         &b,
         &[
@@ -253,8 +260,8 @@ fn several_api_servers_serve_one_cluster_on_etcd() {
         ],
         None,
     );
-    // Available needs the controllers to make its pod and the scheduler to
-    // bind it to the simulated node.
+    // Available needs the controllers to make its pod, the scheduler to
+    // bind it to the simulated node and the node, now on B, to run it.
     ok(
         &b,
         &[
