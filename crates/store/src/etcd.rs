@@ -167,6 +167,46 @@ fn classify(e: etcd_client::Error) -> Classified {
     Classified::Other(backend(e))
 }
 
+/// Which failed requests may be sent again.
+#[derive(Clone, Copy)]
+enum Retry {
+    /// Any request etcd did not serve (reads, and compaction, which is
+    /// idempotent).
+    Read,
+    /// Only a request that never left this process.
+    Write,
+}
+
+/// etcd could not serve the request now: no member reachable, no leader,
+/// a leader change.
+fn unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// The request never reached a member: the connection to the one the
+/// balancer chose could not be made.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => s.source(),
+        etcd_client::Error::TransportError(t) => t.source(),
+        _ => None,
+    };
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 enum Classified {
     Compacted,
     Future,
@@ -208,28 +248,54 @@ impl EtcdStore {
         kv_from(&self.prefix, kv)
     }
 
-    async fn timed<T>(
-        &self,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, Classified> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(_) => Err(Classified::Other(backend(EtcdSetupError::Timeout(
-                REQUEST_TIMEOUT,
-            )))),
+    /// Runs `call` under the request timeout. A request that never reached
+    /// a member (its connection was refused: the balancer picked a dead
+    /// member) is sent again, to another; a read is also sent again when a
+    /// member answers that it cannot serve now (no leader, leader changed).
+    /// A write that reached a member is never repeated: it may have
+    /// applied, and its guard would then fail it.
+    async fn timed<T, F>(&self, retry: Retry, mut call: impl FnMut() -> F) -> Result<T, Classified>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match tokio::time::timeout_at(deadline, call()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let again = match retry {
+                        Retry::Read => unavailable(&e),
+                        Retry::Write => never_sent(&e),
+                    };
+                    if !again || tokio::time::Instant::now() + pause >= deadline {
+                        return Err(classify(e));
+                    }
+                    tracing::debug!(error = %e, "etcd request not served; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Err(_) => {
+                    return Err(Classified::Other(backend(EtcdSetupError::Timeout(
+                        REQUEST_TIMEOUT,
+                    ))));
+                }
+            }
         }
     }
 
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse> {
-        self.timed(self.client.kv_client().txn(txn))
-            .await
-            .map_err(|c| match c {
-                Classified::Other(e) => e,
-                Classified::Compacted | Classified::Future => backend(std::io::Error::other(
-                    "unexpected revision error in a write",
-                )),
-            })
+        self.timed(Retry::Write, || {
+            let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(|c| match c {
+            Classified::Other(e) => e,
+            Classified::Compacted | Classified::Future => backend(std::io::Error::other(
+                "unexpected revision error in a write",
+            )),
+        })
     }
 
     /// The key's current value from the failed branch of a transaction.
@@ -277,7 +343,10 @@ impl Store for EtcdStore {
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let resp = self
-            .timed(self.client.kv_client().get(self.full(key), None))
+            .timed(Retry::Read, || {
+                let (mut kv, key) = (self.client.kv_client(), self.full(key));
+                async move { kv.get(key, None).await }
+            })
             .await
             .map_err(|c| match c {
                 Classified::Other(e) => e,
@@ -306,7 +375,10 @@ impl Store for EtcdStore {
             get = get.with_revision(rev as i64);
         }
         let resp = match self
-            .timed(self.client.kv_client().get(start, Some(get)))
+            .timed(Retry::Read, || {
+                let (mut kv, start, get) = (self.client.kv_client(), start.clone(), get.clone());
+                async move { kv.get(start, Some(get)).await }
+            })
             .await
         {
             Ok(resp) => resp,
@@ -477,7 +549,10 @@ impl Store for EtcdStore {
 
     async fn compact(&self, rev: Revision) -> Result<()> {
         match self
-            .timed(self.client.kv_client().compact(rev as i64, None))
+            .timed(Retry::Read, || {
+                let mut kv = self.client.kv_client();
+                async move { kv.compact(rev as i64, None).await }
+            })
             .await
         {
             Ok(resp) => {
