@@ -103,6 +103,23 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
+/// Where `wasmkube snapshot save` reads a consistent snapshot of the store.
+/// Anyone who reaches the API may read it today, as they may read every
+/// Secret; with authorization it belongs to cluster administrators.
+pub const SNAPSHOT_PATH: &str = "/wasmkube/v1/snapshot";
+
+/// Streams every key as of the current revision (see
+/// [`wasmkube_store::snapshot`]).
+async fn snapshot(
+    axum::extract::State(server): axum::extract::State<Arc<ApiServer>>,
+) -> axum::response::Response {
+    let stream = wasmkube_store::snapshot::save(server.store.clone(), "/".into());
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
+        .body(axum::body::Body::from_stream(stream))
+        .expect("a valid response")
+}
+
 /// Namespaces every cluster has.
 const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
@@ -190,6 +207,7 @@ impl ApiServer {
             .route("/livez", get(ok))
             .route("/readyz", get(ok))
             .route("/metrics", get(metrics::serve))
+            .route(SNAPSHOT_PATH, get(snapshot))
             .route(
                 "/api",
                 get(|| async { axum::Json(discovery::api_versions()) }),

@@ -7,6 +7,7 @@ mod push;
 mod scheduler;
 mod server;
 mod sim;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,12 @@ enum Command {
     /// artifact and print its digest (`NAME:TAG` goes to the built-in
     /// registry of `wasmkube server`).
     Push(push::PushArgs),
+    /// Save a snapshot of a running server's embedded store, or restore one
+    /// into a new data directory.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Move a cluster from the embedded store into etcd (its server
+    /// stopped); then start servers with --etcd-servers.
+    Migrate(snapshot::MigrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +78,8 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => runtime.block_on(agent::run(args)),
         Command::Scheduler(args) => runtime.block_on(scheduler::run(args)),
         Command::Push(args) => runtime.block_on(push::run(args)),
+        Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),
+        Command::Migrate(args) => runtime.block_on(snapshot::migrate(args)),
     }
 }
 

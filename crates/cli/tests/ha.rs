@@ -474,3 +474,144 @@ fn no_acknowledged_write_is_lost_when_an_api_server_and_etcd_members_die_under_l
         seen.len()
     );
 }
+
+/// Runs `wasmkube ARGS`; returns whether it succeeded and its output.
+fn wasmkube_cli(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = std::process::Command::new(wasmkube())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run wasmkube");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn snapshot_restore_and_migration_to_etcd() {
+    use std::ffi::OsStr;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let file = dirs[0].path().join("cluster.snapshot");
+    let (first, restored_dir, etcd_dir) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
+
+    // A snapshot of a running server's embedded store.
+    let mut s = start_server(first);
+    ok(
+        &s,
+        &["create", "configmap", "kept", "--from-literal=k=v"],
+        None,
+    );
+    let old_rv: u64 = ok(
+        &s,
+        &[
+            "get",
+            "configmap",
+            "kept",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+        None,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let (saved, out) = wasmkube_cli(&[
+        OsStr::new("snapshot"),
+        OsStr::new("save"),
+        file.as_os_str(),
+        OsStr::new("--kubeconfig"),
+        s.kubeconfig.as_os_str(),
+    ]);
+    assert!(saved, "{out}");
+    assert!(out.starts_with("Snapshot saved at "), "{out}");
+    ok(
+        &s,
+        &["create", "configmap", "later", "--from-literal=k=v"],
+        None,
+    );
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+
+    // Restored into a new data directory: what the snapshot held, past
+    // every resourceVersion the old store handed out.
+    let (restored, out) = wasmkube_cli(&[
+        OsStr::new("snapshot"),
+        OsStr::new("restore"),
+        file.as_os_str(),
+        OsStr::new("--data-dir"),
+        restored_dir.as_os_str(),
+    ]);
+    assert!(restored, "{out}");
+    let (again, out) = wasmkube_cli(&[
+        OsStr::new("snapshot"),
+        OsStr::new("restore"),
+        file.as_os_str(),
+        OsStr::new("--data-dir"),
+        restored_dir.as_os_str(),
+    ]);
+    assert!(!again && out.contains("already holds a store"), "{out}");
+    let mut s = start_server(restored_dir);
+    let kept = ok(
+        &s,
+        &[
+            "get",
+            "configmap",
+            "kept",
+            "-o",
+            "jsonpath={.data.k} {.metadata.resourceVersion}",
+        ],
+        None,
+    );
+    let (value, rv) = kept.trim().split_once(' ').unwrap();
+    assert_eq!(value, "v");
+    assert!(rv.parse::<u64>().unwrap() > old_rv + 1000, "{kept}");
+    let later = kubectl(&s, &["get", "configmap", "later"], None);
+    assert!(
+        !later.ok && later.stderr.contains("NotFound"),
+        "{}",
+        later.stderr
+    );
+    // A watch from before the restore is told to relist.
+    let events = watch(
+        &s,
+        &format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={old_rv}"),
+    );
+    let e = events.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["code"].as_u64()),
+        (Some("ERROR"), Some(410)),
+        "{e}"
+    );
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+
+    // Moved into etcd: a server on etcd serves the same objects.
+    let etcd = EtcdCluster::start(1);
+    let endpoints = etcd.endpoints().join(",");
+    let migrate = [
+        OsStr::new("migrate"),
+        OsStr::new("--data-dir"),
+        restored_dir.as_os_str(),
+        OsStr::new("--to-etcd"),
+        OsStr::new(&endpoints),
+    ];
+    let (migrated, out) = wasmkube_cli(&migrate);
+    assert!(migrated, "{out}");
+    assert!(out.starts_with("Copied "), "{out}");
+    let (twice, out) = wasmkube_cli(&migrate);
+    assert!(!twice && out.contains("already holds keys"), "{out}");
+    let s = start_server_with(etcd_dir, &["--etcd-servers", &endpoints]);
+    assert_eq!(
+        ok(
+            &s,
+            &["get", "configmap", "kept", "-o", "jsonpath={.data.k}"],
+            None
+        ),
+        "v"
+    );
+}

@@ -19,6 +19,7 @@ mod etcd;
 mod keys;
 mod memory;
 mod sled_backend;
+pub mod snapshot;
 
 use std::path::Path;
 use std::sync::Arc;
