@@ -136,6 +136,12 @@ pub struct ServerArgs {
     #[arg(long)]
     no_scheduler: bool,
 
+    /// Run no controller manager in this process (the workload, node,
+    /// service and Knative controllers): with several servers, those of
+    /// the others take their turn under the `kube-controller-manager` Lease.
+    #[arg(long)]
+    no_controller_manager: bool,
+
     #[command(flatten)]
     node: crate::agent::NodeArgs,
 }
@@ -248,7 +254,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
         });
     }
-    {
+    if !args.no_controller_manager {
         let (elector, client) = (controllers_lease.clone(), client.clone());
         let config = wasmkube_controllers::Config {
             node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),

@@ -771,3 +771,89 @@ fn helm_installs_upgrades_rolls_back_tests_and_uninstalls_a_wasm_chart() {
     );
     ok(&s, &["get", "crd/widgets.charts.wasmkube.dev"], None);
 }
+
+/// A pod field through jsonpath.
+fn pod_field(s: &Server, pod: &str, path: &str) -> String {
+    ok(
+        s,
+        &["get", "pod", pod, "-o", &format!("jsonpath={path}")],
+        None,
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_node_keeps_serving_while_no_api_server_answers_and_restarts_nothing_when_one_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let mut s = start_server(&server_dir);
+    let function = push_builtin_as(&s, "http_hello", "wasm32-wasip2", "http-hello");
+    let _agent = AgentProcess(
+        Command::new(wasmkube())
+            .args([
+                "agent",
+                "--name",
+                "steady",
+                "--port",
+                "0",
+                "--no-pod-network",
+                "--no-service-proxy",
+                "--no-gateway",
+                "--server",
+                &s.url,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("agent"))
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&s, "node/steady", "condition=Ready", "60s");
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: steady, labels: {{app: http-hello}}}}\nspec:\n  containers:\n  - name: http-hello\n    image: {function}\n    ports: [{{containerPort: 8080}}]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    wait_for(&s, "pod/steady", "condition=Ready", "60s");
+    let port = node_port(&s, "http-hello");
+    assert_eq!(http_get(port, "/before").0, 200);
+    let started = pod_field(
+        &s,
+        "steady",
+        "{.metadata.uid} {.status.containerStatuses[0].state.running.startedAt} {.status.containerStatuses[0].restartCount}",
+    );
+
+    // The only API server dies: the function keeps answering.
+    let url = s.url.clone();
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    for i in 0..50 {
+        let (status, body) = http_get(port, &format!("/during/{i}"));
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // It comes back where it was: the node reconnects, resumes its watches
+    // and changes nothing that was running.
+    let listen = url.trim_start_matches("http://");
+    let s = start_server_at(&server_dir, listen, &[]);
+    wait_for(&s, "node/steady", "condition=Ready", "60s");
+    assert_eq!(http_get(port, "/after").0, 200);
+    assert_eq!(
+        pod_field(
+            &s,
+            "steady",
+            "{.metadata.uid} {.status.containerStatuses[0].state.running.startedAt} {.status.containerStatuses[0].restartCount}",
+        ),
+        started
+    );
+    // Its watch works again: a deletion made now is carried out by the node
+    // (the pod is gone only once the node confirms its container stopped).
+    ok(&s, &["delete", "pod", "steady", "--timeout=60s"], None);
+    let gone = kubectl(&s, &["get", "pod", "steady"], None);
+    assert!(
+        !gone.ok && gone.stderr.contains("NotFound"),
+        "{}",
+        gone.stderr
+    );
+}

@@ -35,6 +35,14 @@ pub fn start_server_with(data_dir: &Path, extra: &[&str]) -> Server {
     spawn_server(data_dir, &args)
 }
 
+/// A control plane with no local node listening on `listen` (to start a
+/// server again where its clients expect it).
+pub fn start_server_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--no-local-node"];
+    args.extend_from_slice(extra);
+    spawn(&[wasmkube()], listen, data_dir, &args)
+}
+
 /// The whole cluster, local node included, with extra `server` flags. Its
 /// pods share the machine's network and it runs no service proxy (the
 /// machine's routes and rules stay as they are): both are tested in network
