@@ -1,4 +1,6 @@
-//! Durable create throughput: N concurrent API clients creating ConfigMaps.
+//! Durable create throughput: N concurrent API clients creating ConfigMaps,
+//! through an API server on the embedded store and, in the same run, on a
+//! real etcd cluster of loopback members.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,19 +19,24 @@ pub struct Args {
     /// Objects created in total.
     #[arg(long, default_value = "20000")]
     objects: usize,
+    /// Members of the etcd cluster the same load then runs against (Debian's
+    /// etcd, started on loopback; 0 skips it).
+    #[arg(long, default_value = "3")]
+    etcd_members: usize,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let server = start_server().await?;
+/// Creates `objects` ConfigMaps through the API at `base` with `clients`
+/// concurrent clients; returns objects per second.
+async fn api_rate(base: &str, clients: usize, objects: usize) -> anyhow::Result<f64> {
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients)
+        .pool_max_idle_per_host(clients)
         .build()?;
-    let url = format!("{}/api/v1/namespaces/default/configmaps", server.base);
+    let url = format!("{base}/api/v1/namespaces/default/configmaps");
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.clients {
-        let (http, url, next, total) = (http.clone(), url.clone(), next.clone(), args.objects);
+    for _ in 0..clients {
+        let (http, url, next, total) = (http.clone(), url.clone(), next.clone(), objects);
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -45,8 +52,39 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for t in tasks {
         t.await??;
     }
-    let api_rate = args.objects as f64 / started.elapsed().as_secs_f64();
+    Ok(objects as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The create rate through an API server on an etcd cluster of `members`.
+async fn etcd_rate(members: usize, clients: usize, objects: usize) -> anyhow::Result<f64> {
+    use wasmkube_apiserver::{ApiServer, Config};
+    let etcd =
+        tokio::task::spawn_blocking(move || wasmkube_testkit::etcd::EtcdCluster::start(members))
+            .await?;
+    let store = wasmkube_store::connect_etcd(&wasmkube_store::EtcdConfig {
+        endpoints: etcd.endpoints(),
+        ..Default::default()
+    })
+    .await?;
+    let api = ApiServer::start(store, Config::default()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let serving = tokio::spawn(async move { api.serve(listener).await });
+    let rate = api_rate(&base, clients, objects).await;
+    serving.abort();
+    tokio::task::spawn_blocking(move || drop(etcd)).await?;
+    rate
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let server = start_server().await?;
+    let api_rate = api_rate(&server.base, args.clients, args.objects).await?;
     drop(server);
+    let etcd = if args.etcd_members > 0 {
+        Some(etcd_rate(args.etcd_members, args.clients, args.objects).await?)
+    } else {
+        None
+    };
 
     // Peer 1: the store alone (no HTTP, no API machinery), same concurrency.
     let dir = tempfile::tempdir()?;
@@ -98,5 +136,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "  store, 1 writer (fsync per write):  {serial_rate:>9.0} objects/s  (API/serial = {:.1}x)",
         api_rate / serial_rate
     );
+    if let Some(etcd) = etcd {
+        println!(
+            "  API on etcd ({} member{}, loopback): {etcd:>8.0} objects/s  (etcd/sled = {:.2})",
+            args.etcd_members,
+            if args.etcd_members == 1 { "" } else { "s" },
+            etcd / api_rate
+        );
+    }
     Ok(())
 }

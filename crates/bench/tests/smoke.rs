@@ -19,7 +19,16 @@ fn bench(args: &[&str]) -> String {
 
 #[test]
 fn create_bench_smoke() {
-    let out = bench(&["create", "--clients", "4", "--objects", "100"]);
+    let out = bench(&[
+        "create",
+        "--clients",
+        "4",
+        "--objects",
+        "100",
+        "--etcd-members",
+        "1",
+    ]);
+    assert!(out.contains("API on etcd"), "{out}");
     assert!(out.contains("objects/s"), "{out}");
 }
 
