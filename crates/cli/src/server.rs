@@ -146,6 +146,22 @@ pub struct ServerArgs {
     node: crate::agent::NodeArgs,
 }
 
+/// Takes the data directory's lock (held until the file is dropped); fails
+/// if another process holds it.
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("wasmkube.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if !lock.try_lock_exclusive().unwrap_or(false) {
+        bail!("{} is locked", path.display());
+    }
+    Ok(lock)
+}
+
 pub fn default_data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
@@ -158,19 +174,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
-    let lock_path = args.data_dir.join("wasmkube.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if !lock.try_lock_exclusive().unwrap_or(false) {
-        bail!(
+    let lock = lock_data_dir(&args.data_dir).with_context(|| {
+        format!(
             "another wasmkube server is already using the data directory {}; stop it or pass a different --data-dir",
             args.data_dir.display()
-        );
-    }
+        )
+    })?;
     if args.node_cidr_mask_size <= args.node.cluster_cidr.prefix_len() {
         bail!(
             "--node-cidr-mask-size {} does not fit inside --cluster-cidr {}: each node's pod CIDR must be smaller than the cluster's (a larger mask size)",

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use fs4::fs_std::FileExt;
 use wasmkube_store::snapshot::{DEFAULT_BUMP, Snapshot};
 
 #[derive(clap::Args, Debug)]
@@ -123,23 +122,16 @@ fn restore(file: &Path, data_dir: &Path, bump: u64) -> anyhow::Result<()> {
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     use futures::TryStreamExt;
-    let lock_path = args.data_dir.join("wasmkube.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if !lock.try_lock_exclusive().unwrap_or(false) {
-        bail!(
-            "a wasmkube server is using {}; stop it before migrating",
-            args.data_dir.display()
-        );
-    }
     let store_dir = args.data_dir.join("store");
     if !store_dir.exists() {
         bail!("{} holds no store to migrate", args.data_dir.display());
     }
+    let lock = crate::server::lock_data_dir(&args.data_dir).with_context(|| {
+        format!(
+            "a wasmkube server is using {}; stop it before migrating",
+            args.data_dir.display()
+        )
+    })?;
     let from = wasmkube_store::open_sled(&store_dir)
         .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
     let chunks: Vec<bytes::Bytes> = wasmkube_store::snapshot::save(from, "/".into())

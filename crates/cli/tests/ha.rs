@@ -248,8 +248,7 @@ fn several_api_servers_serve_one_cluster_on_etcd() {
     // resume there): B's scheduler and controller manager take
     // over once A's leases expire, and A leaves the endpoints when its
     // endpoint lease does.
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
     ok(
         &b,
         &[
@@ -347,12 +346,12 @@ fn no_acknowledged_write_is_lost_when_an_api_server_and_etcd_members_die_under_l
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     const CLIENTS: usize = 64;
-    let mut etcd = EtcdCluster::start(3);
-    let endpoints = etcd.endpoints().join(",");
-    let flags = ["--etcd-servers", endpoints.as_str()];
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = start_server_with(dir_a.path(), &flags);
-    let b = start_server_with(dir_b.path(), &flags);
+    let HaCluster {
+        mut a,
+        b,
+        mut etcd,
+        dirs: _dirs,
+    } = ha_cluster();
     ok(&a, &["create", "namespace", "load"], None);
     let start: u64 = ok(
         &b,
@@ -379,33 +378,18 @@ fn no_acknowledged_write_is_lost_when_an_api_server_and_etcd_members_die_under_l
     let load = Arc::new(Load::default());
     let clients = {
         let _guard = runtime.enter();
-        let client =
-            |url: &str| kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
         (0..CLIENTS)
-            .map(|id| {
-                let servers = vec![client(&a.url), client(&b.url)];
-                runtime.spawn(load_client(id, servers, load.clone()))
-            })
+            .map(|id| runtime.spawn(load_client(id, kube_clients(&[&a, &b]), load.clone())))
             .collect::<Vec<_>>()
     };
-    let reach = |n: usize, what: &str| {
-        poll(what, Duration::from_secs(120), || {
-            let done = load.acknowledged.load(Ordering::Relaxed);
-            if done >= n {
-                Ok(())
-            } else {
-                Err(format!("{done} acknowledged"))
-            }
-        })
-    };
+    let reach = |n: usize, what: &str| reach(&load.acknowledged, n, what);
     let leader = |etcd: &EtcdCluster| {
         poll("an etcd leader", Duration::from_secs(30), || {
             etcd.leader().ok_or_else(|| "none".to_owned())
         })
     };
     reach(200, "writes before any fault");
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
     reach(400, "writes after API server A was killed");
     let first = leader(&etcd);
     etcd.kill(first);
@@ -534,8 +518,7 @@ fn snapshot_restore_and_migration_to_etcd() {
         &["create", "configmap", "later", "--from-literal=k=v"],
         None,
     );
-    s.child.kill().unwrap();
-    s.child.wait().unwrap();
+    s.kill();
 
     // Restored into a new data directory: what the snapshot held, past
     // every resourceVersion the old store handed out.
@@ -587,8 +570,7 @@ fn snapshot_restore_and_migration_to_etcd() {
         (Some("ERROR"), Some(410)),
         "{e}"
     );
-    s.child.kill().unwrap();
-    s.child.wait().unwrap();
+    s.kill();
 
     // Moved into etcd: a server on etcd serves the same objects.
     let etcd = EtcdCluster::start(1);

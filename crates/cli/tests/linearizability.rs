@@ -25,7 +25,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 use todc_utils::linearizability::WGLChecker;
 use todc_utils::linearizability::history::{Action, History as Actions};
 use todc_utils::specifications::Specification;
-use wasmkube_testkit::etcd::EtcdCluster;
 
 /// An operation on one ConfigMap.
 #[derive(Clone, Debug, PartialEq)]
@@ -391,40 +390,25 @@ fn never_sent(e: &kube::Error) -> bool {
 
 #[test]
 fn the_api_is_linearizable_while_an_api_server_and_the_etcd_leader_die() {
-    let mut etcd = EtcdCluster::start(3);
-    let endpoints = etcd.endpoints().join(",");
-    let flags = ["--etcd-servers", endpoints.as_str()];
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = start_server_with(dir_a.path(), &flags);
-    let b = start_server_with(dir_b.path(), &flags);
+    let HaCluster {
+        mut a,
+        b,
+        mut etcd,
+        dirs: _dirs,
+    } = ha_cluster();
     ok(&a, &["create", "namespace", "lin"], None);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let history = Arc::new(History::default());
     let tasks = {
         let _guard = runtime.enter();
-        let connect =
-            |url: &str| kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
         (0..CLIENTS)
-            .map(|id| {
-                let servers = vec![connect(&a.url), connect(&b.url)];
-                runtime.spawn(client(id, servers, history.clone()))
-            })
+            .map(|id| runtime.spawn(client(id, kube_clients(&[&a, &b]), history.clone())))
             .collect::<Vec<_>>()
     };
-    let reach = |n: usize, what: &str| {
-        poll(what, Duration::from_secs(120), || {
-            let done = history.completed.load(Ordering::Relaxed);
-            if done >= n {
-                Ok(())
-            } else {
-                Err(format!("{done} completed"))
-            }
-        })
-    };
+    let reach = |n: usize, what: &str| reach(&history.completed, n, what);
     reach(150, "operations before any fault");
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.kill();
     reach(300, "operations after API server A was killed");
     let leader = poll("an etcd leader", Duration::from_secs(30), || {
         etcd.leader().ok_or_else(|| "none".to_owned())
@@ -467,7 +451,6 @@ fn the_api_is_linearizable_while_an_api_server_and_the_etcd_leader_die() {
         "{key}: a stale read injected on purpose was not caught"
     );
     drop(b);
-    drop(etcd);
 }
 
 /// `entries` up to the acknowledgement of the second write, then one more

@@ -298,6 +298,39 @@ impl EtcdStore {
         })
     }
 
+    /// Runs `op` on an existing `key`, guarded by its `mod_revision` when
+    /// `expected` is given; fails with `Conflict` or `NotFound` as the
+    /// guard's failure shows. Returns the response and its revision.
+    async fn guarded(
+        &self,
+        key: &str,
+        expected: Option<Revision>,
+        op: TxnOp,
+    ) -> Result<(etcd_client::TxnResponse, Revision)> {
+        let full = self.full(key);
+        let guard = match expected {
+            Some(rev) => Compare::mod_revision(full.clone(), CompareOp::Equal, rev as i64),
+            None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
+        };
+        let txn = Txn::new()
+            .when([guard])
+            .and_then([op])
+            .or_else([TxnOp::get(full, None)]);
+        let resp = self.txn(txn).await?;
+        let rev = self.saw(resp.header());
+        if !resp.succeeded() {
+            return Err(match (self.current_of(&resp)?, expected) {
+                (Some(current), Some(expected)) => StoreError::Conflict {
+                    key: key.to_owned(),
+                    expected,
+                    actual: current.mod_revision,
+                },
+                _ => Self::not_found(key),
+            });
+        }
+        Ok((resp, rev))
+    }
+
     /// The key's current value from the failed branch of a transaction.
     fn current_of(&self, resp: &etcd_client::TxnResponse) -> Result<Option<KeyValue>> {
         for op in resp.op_responses() {
@@ -443,30 +476,12 @@ impl Store for EtcdStore {
     ) -> Result<KeyValue> {
         check_key(key)?;
         let full = self.full(key);
-        let guard = match expected {
-            Some(rev) => Compare::mod_revision(full.clone(), CompareOp::Equal, rev as i64),
-            None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
-        };
-        let txn = Txn::new()
-            .when([guard])
-            .and_then([TxnOp::put(
-                full.clone(),
-                value.to_vec(),
-                Some(PutOptions::new().with_prev_key()),
-            )])
-            .or_else([TxnOp::get(full, None)]);
-        let resp = self.txn(txn).await?;
-        let rev = self.saw(resp.header());
-        if !resp.succeeded() {
-            return Err(match (self.current_of(&resp)?, expected) {
-                (Some(current), Some(expected)) => StoreError::Conflict {
-                    key: key.to_owned(),
-                    expected,
-                    actual: current.mod_revision,
-                },
-                _ => Self::not_found(key),
-            });
-        }
+        let put = TxnOp::put(
+            full,
+            value.to_vec(),
+            Some(PutOptions::new().with_prev_key()),
+        );
+        let (resp, rev) = self.guarded(key, expected, put).await?;
         let create_revision = resp
             .op_responses()
             .into_iter()
@@ -485,30 +500,8 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<KeyValue> {
         check_key(key)?;
-        let full = self.full(key);
-        let guard = match expected {
-            Some(rev) => Compare::mod_revision(full.clone(), CompareOp::Equal, rev as i64),
-            None => Compare::create_revision(full.clone(), CompareOp::Greater, 0),
-        };
-        let txn = Txn::new()
-            .when([guard])
-            .and_then([TxnOp::delete(
-                full.clone(),
-                Some(DeleteOptions::new().with_prev_key()),
-            )])
-            .or_else([TxnOp::get(full, None)]);
-        let resp = self.txn(txn).await?;
-        let rev = self.saw(resp.header());
-        if !resp.succeeded() {
-            return Err(match (self.current_of(&resp)?, expected) {
-                (Some(current), Some(expected)) => StoreError::Conflict {
-                    key: key.to_owned(),
-                    expected,
-                    actual: current.mod_revision,
-                },
-                _ => Self::not_found(key),
-            });
-        }
+        let delete = TxnOp::delete(self.full(key), Some(DeleteOptions::new().with_prev_key()));
+        let (resp, rev) = self.guarded(key, expected, delete).await?;
         let last = resp
             .op_responses()
             .into_iter()

@@ -122,6 +122,58 @@ fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Ser
     }
 }
 
+impl Server {
+    /// SIGKILLs the server and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill the server");
+        self.child.wait().expect("reap the server");
+    }
+}
+
+/// Two API servers with no local node on one three-member etcd on loopback.
+pub struct HaCluster {
+    pub a: Server,
+    pub b: Server,
+    pub etcd: wasmkube_testkit::etcd::EtcdCluster,
+    /// The servers' data directories: keep them while the servers run.
+    pub dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+pub fn ha_cluster() -> HaCluster {
+    let etcd = wasmkube_testkit::etcd::EtcdCluster::start(3);
+    let endpoints = etcd.endpoints().join(",");
+    let flags = ["--etcd-servers", endpoints.as_str()];
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    HaCluster {
+        a: start_server_with(dirs.0.path(), &flags),
+        b: start_server_with(dirs.1.path(), &flags),
+        etcd,
+        dirs,
+    }
+}
+
+/// One kube client per server, for a test's own concurrent clients (call
+/// it inside their Tokio runtime).
+pub fn kube_clients(servers: &[&Server]) -> Vec<kube::Client> {
+    servers
+        .iter()
+        .map(|s| kube::Client::try_from(kube::Config::new(s.url.parse().unwrap())).unwrap())
+        .collect()
+}
+
+/// Waits until `counter` (operations a test's clients completed) reaches
+/// `n`.
+pub fn reach(counter: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+    poll(what, Duration::from_secs(120), || {
+        let done = counter.load(std::sync::atomic::Ordering::Relaxed);
+        if done >= n {
+            Ok(())
+        } else {
+            Err(format!("{done} done"))
+        }
+    })
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
