@@ -621,6 +621,14 @@ impl EtcdWatch {
                         continue;
                     }
                     self.backoff = Duration::ZERO;
+                    if resp.events().is_empty() && !resp.created() {
+                        // A progress notification: every event up to its
+                        // revision was delivered.
+                        if let Some(h) = resp.header() {
+                            self.last = self.last.max(revision(h.revision()));
+                        }
+                        continue;
+                    }
                     for e in resp.events() {
                         match self.event(e) {
                             Ok(Some(event)) => {
@@ -654,7 +662,10 @@ impl EtcdWatch {
         let options = WatchOptions::new()
             .with_range(prefix_end(&self.key))
             .with_start_revision(self.last.max(1) as i64)
-            .with_prev_key();
+            .with_prev_key()
+            // Quiet prefixes still learn how far they are: a resumed watch
+            // then starts from there rather than replaying history.
+            .with_progress_notify();
         match self
             .client
             .watch_client()
