@@ -108,8 +108,9 @@ fn restore(file: &Path, data_dir: &Path, bump: u64) -> anyhow::Result<()> {
     let snapshot = read(file)?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let revision =
+    let restored =
         wasmkube_store::snapshot::restore_sled(&data_dir.join("store"), &snapshot, bump)?;
+    let revision = restored.current_revision();
     println!(
         "Restored {} keys from revision {} into {} (now at revision {revision})\n  wasmkube server --data-dir {}",
         snapshot.entries.len(),

@@ -190,12 +190,14 @@ pub fn save(
 
 /// Restores `snapshot` into a new embedded store in `dir` (which must not
 /// hold one): every key at the snapshot's revision plus `bump`, with
-/// history up to there compacted. Returns the restored store's revision.
+/// history up to there compacted. Returns the restored store, open (sled
+/// releases its directory lock only some time after a close, so reopening
+/// at once in the same process could find it still locked).
 pub fn restore_sled(
     dir: &Path,
     snapshot: &Snapshot,
     bump: Revision,
-) -> Result<Revision, SnapshotError> {
+) -> Result<SharedStore, SnapshotError> {
     if dir.exists()
         && std::fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
@@ -224,7 +226,8 @@ pub fn restore_sled(
     ));
     backend.apply(writes)?;
     backend.flush()?;
-    Ok(revision)
+    let store = crate::engine::MvccStore::start(Box::new(backend), Default::default())?;
+    Ok(std::sync::Arc::new(store))
 }
 
 /// Creates every key of `snapshot` in `store` (an empty etcd, say); the
@@ -266,15 +269,14 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("store");
-        let revision = restore_sled(&target, &snap, DEFAULT_BUMP).unwrap();
+        let restored = restore_sled(&target, &snap, DEFAULT_BUMP).unwrap();
+        let revision = restored.current_revision();
         assert_eq!(revision, 1201 + DEFAULT_BUMP);
         // A second restore into the same place is refused.
         assert!(matches!(
             restore_sled(&target, &snap, DEFAULT_BUMP),
             Err(SnapshotError::NotEmpty(_))
         ));
-        let restored = crate::open_sled(&target).unwrap();
-        assert_eq!(restored.current_revision(), revision);
         let kv = restored.get("/registry/k/1199").await.unwrap().unwrap();
         assert_eq!((&kv.value[..], kv.mod_revision), (&b"v1199"[..], revision));
         // Watches from before the restore are told to relist.
