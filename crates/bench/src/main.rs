@@ -6,6 +6,7 @@ mod custom;
 mod density;
 mod deploy;
 mod dns;
+mod failover;
 mod http;
 mod pods;
 mod proxy;
@@ -70,6 +71,9 @@ enum Bench {
     /// The built-in registry's push and pull throughput with oci-client,
     /// against Debian's docker-registry.
     Registry(registry::Args),
+    /// Two API servers on etcd: from SIGKILL of the serving, leading one to
+    /// a client's next acknowledged write and to the next pod bound.
+    Failover(failover::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Dns(a) => rt.block_on(dns::run(a)),
         Bench::Serving(a) => rt.block_on(serving::run(a)),
         Bench::Registry(a) => rt.block_on(registry::run(a)),
+        Bench::Failover(a) => rt.block_on(failover::run(a)),
         Bench::CustomResources(a) => rt.block_on(custom::run(a)),
         Bench::PushToRunning(a) => rt.block_on(push::run(a)),
     }

@@ -155,3 +155,9 @@ fn push_to_running_bench_smoke() {
     let out = bench(&["push-to-running", "--runs", "1"]);
     assert!(out.contains("push -> Running: p50"), "{out}");
 }
+
+#[test]
+fn failover_bench_smoke() {
+    let out = bench(&["failover", "--runs", "1", "--etcd-members", "1"]);
+    assert!(out.contains("next pod bound"), "{out}");
+}
