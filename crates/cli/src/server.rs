@@ -31,8 +31,8 @@ pub struct ServerArgs {
     etcd_servers: Vec<String>,
 
     /// Prepended to every key in etcd, so clusters can share one etcd. Keys
-    /// are laid out as Kubernetes lays them out (`/registry/pods/NS/NAME`),
-    /// so the default matches kube-apiserver's default `/registry`.
+    /// are `/registry/GROUP/RESOURCE/[NAMESPACE/]NAME` with JSON values
+    /// (not kube-apiserver's layout: do not share its etcd prefix).
     #[arg(
         long,
         default_value = "",
