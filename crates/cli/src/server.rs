@@ -1,7 +1,7 @@
 //! `wasmkube server`: the whole cluster in one process: the API server on
-//! the embedded store (or on etcd, shared with other servers), the scheduler and the controller manager (each under
-//! its leader Lease), the built-in OCI registry, and a local node agent
-//! running Wasm pods.
+//! the embedded store (or on etcd, shared with other servers), the
+//! scheduler and the controller manager (each under its leader Lease), the
+//! built-in OCI registry, and a local node agent running Wasm pods.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -317,7 +317,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     };
     let api_endpoints = Arc::new(ApiServerEndpoints::new(
         client.clone(),
-        &host_name(),
+        &crate::agent::host_name(),
         advertised,
         EndpointsConfig::default(),
     ));
@@ -419,13 +419,7 @@ async fn start_registry(
 /// This process's name in leader Leases: host name plus a random suffix, as
 /// client-go's leader election uses.
 pub fn identity() -> String {
-    format!("{}_{}", host_name(), uuid::Uuid::new_v4())
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "wasmkube".into())
+    format!("{}_{}", crate::agent::host_name(), uuid::Uuid::new_v4())
 }
 
 /// The store: etcd with --etcd-servers, else the embedded one in the data

@@ -84,7 +84,9 @@ async fn save(file: &Path, kubeconfig: Option<&Path>, server: &[String]) -> anyh
         .read_to_end(&mut raw)
         .await
         .context("the snapshot stream broke off")?;
-    let snapshot = Snapshot::parse(&raw).context("the server sent a damaged snapshot")?;
+    let snapshot = Snapshot::parse(&raw).context(
+        "the API server did not send a whole snapshot (a server older than `wasmkube snapshot`, or one that failed mid-way: see its log)",
+    )?;
     let tmp = file.with_extension("partial");
     std::fs::write(&tmp, &raw).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;

@@ -85,14 +85,6 @@ pub fn lease_name(host: &str, address: SocketAddr) -> String {
     format!("apiserver-{hex}")
 }
 
-fn now() -> Timestamp {
-    Timestamp::now()
-}
-
-fn micro(t: Timestamp) -> MicroTime {
-    MicroTime(t)
-}
-
 impl ApiServerEndpoints {
     pub fn new(
         client: kube::Client,
@@ -148,7 +140,7 @@ impl ApiServerEndpoints {
         let spec = LeaseSpec {
             holder_identity: Some(self.name.clone()),
             lease_duration_seconds: Some(seconds),
-            renew_time: Some(micro(now())),
+            renew_time: Some(MicroTime(Timestamp::now())),
             ..Default::default()
         };
         match self.leases.get_opt(&self.name).await? {
@@ -185,7 +177,7 @@ impl ApiServerEndpoints {
                         ..Default::default()
                     },
                     spec: Some(LeaseSpec {
-                        acquire_time: Some(micro(now())),
+                        acquire_time: Some(MicroTime(Timestamp::now())),
                         ..spec
                     }),
                 };
@@ -207,7 +199,7 @@ impl ApiServerEndpoints {
             .leases
             .list(&ListParams::default().labels(&selector))
             .await?;
-        let now = now();
+        let now = Timestamp::now();
         let mut live = Vec::new();
         for lease in leases.items {
             let Some(address) = lease
@@ -366,7 +358,9 @@ mod tests {
     fn lease(renewed_secs_ago: i64, duration: i32) -> Lease {
         Lease {
             spec: Some(LeaseSpec {
-                renew_time: Some(micro(now() - SignedDuration::from_secs(renewed_secs_ago))),
+                renew_time: Some(MicroTime(
+                    Timestamp::now() - SignedDuration::from_secs(renewed_secs_ago),
+                )),
                 lease_duration_seconds: Some(duration),
                 ..Default::default()
             }),
@@ -376,8 +370,8 @@ mod tests {
 
     #[test]
     fn a_lease_renewed_within_its_duration_is_live() {
-        assert_eq!(expired_for(&lease(5, 15), now()), None);
-        let expired = expired_for(&lease(20, 15), now()).expect("expired");
+        assert_eq!(expired_for(&lease(5, 15), Timestamp::now()), None);
+        let expired = expired_for(&lease(20, 15), Timestamp::now()).expect("expired");
         assert!(
             (Duration::from_secs(4)..Duration::from_secs(6)).contains(&expired),
             "{expired:?}"
@@ -387,7 +381,7 @@ mod tests {
             spec: Some(LeaseSpec::default()),
             ..Default::default()
         };
-        assert_eq!(expired_for(&empty, now()), Some(Duration::MAX));
+        assert_eq!(expired_for(&empty, Timestamp::now()), Some(Duration::MAX));
     }
 
     #[test]

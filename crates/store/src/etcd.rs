@@ -4,9 +4,9 @@
 //! - A revision is etcd's revision: every API server sees the same
 //!   `resourceVersion` for an object, and one from any server can resume a
 //!   watch on another.
-//! - Keys are the store's keys (`/registry/pods/NS/NAME`, the layout
-//!   Kubernetes uses) under an optional `--etcd-prefix`; values are the
-//!   stored objects as they are, so `etcdctl get` shows them.
+//! - Keys are the store's keys (`/registry/GROUP/RESOURCE/[NS/]NAME`, not
+//!   kube-apiserver's layout) under an optional `--etcd-prefix`; values are
+//!   the stored objects as they are (JSON), so `etcdctl get` shows them.
 //! - Guarded writes are transactions comparing `create_revision` (create,
 //!   and update/delete of a key that must exist) or `mod_revision` (a
 //!   precondition), so a failed guard consumes no revision.
