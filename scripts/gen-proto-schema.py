@@ -43,6 +43,15 @@ ROOTS = [
     "k8s.io.api.networking.v1.IngressClass",
     "k8s.io.api.policy.v1.PodDisruptionBudget",
     "k8s.io.api.policy.v1.Eviction",
+    "k8s.io.api.rbac.v1.Role",
+    "k8s.io.api.rbac.v1.ClusterRole",
+    "k8s.io.api.rbac.v1.RoleBinding",
+    "k8s.io.api.rbac.v1.ClusterRoleBinding",
+    "k8s.io.api.authentication.v1.SelfSubjectReview",
+    "k8s.io.api.authorization.v1.SubjectAccessReview",
+    "k8s.io.api.authorization.v1.SelfSubjectAccessReview",
+    "k8s.io.api.authorization.v1.LocalSubjectAccessReview",
+    "k8s.io.api.authorization.v1.SelfSubjectRulesReview",
     "k8s.io.apimachinery.pkg.apis.meta.v1.DeleteOptions",
 ]
 

@@ -38,6 +38,18 @@ pub fn dns1035_label(s: &str) -> Result<(), String> {
 }
 
 /// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+/// A name that is only a path segment (RBAC's): not `.` or `..`, no `/`
+/// or `%`.
+pub fn path_segment(s: &str) -> Result<(), String> {
+    if s == "." || s == ".." {
+        return Err(format!("may not be '{s}'"));
+    }
+    if s.contains('/') || s.contains('%') {
+        return Err("may not contain '/' or '%'".into());
+    }
+    Ok(())
+}
+
 pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > DNS1123_SUBDOMAIN_MAX {
         return Err(format!(

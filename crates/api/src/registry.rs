@@ -461,6 +461,118 @@ pub static RESOURCES: &[ResourceType] = &[
         []
     ),
     resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        "role",
+        true,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        "clusterrole",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        "rolebinding",
+        true,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "certificates.k8s.io",
+        "v1",
+        "CertificateSigningRequest",
+        "certificatesigningrequests",
+        "certificatesigningrequest",
+        false,
+        ["csr"],
+        &[],
+        [Status]
+    ),
+    // Reviews: asked by creating them, answered in the response, never
+    // stored (see `is_review`).
+    resource!(
+        "authentication.k8s.io",
+        "v1",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        "selfsubjectreview",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "LocalSubjectAccessReview",
+        "localsubjectaccessreviews",
+        "localsubjectaccessreview",
+        true,
+        [],
+        &[],
+        []
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        false,
+        [],
+        &[],
+        []
+    ),
+    resource!(
         "apiextensions.k8s.io",
         "v1",
         "CustomResourceDefinition",
@@ -472,6 +584,13 @@ pub static RESOURCES: &[ResourceType] = &[
         [Status]
     ),
 ];
+
+/// Whether `rt` is a review (authentication or authorization): only
+/// `create` is served, the answer comes back in the response, and nothing
+/// is stored.
+pub fn is_review(rt: &ResourceType) -> bool {
+    matches!(rt.group, "authentication.k8s.io" | "authorization.k8s.io")
+}
 
 /// The types CustomResourceDefinitions add, beside the built-in table.
 static CUSTOM: std::sync::RwLock<Vec<&'static ResourceType>> = std::sync::RwLock::new(Vec::new());

@@ -309,6 +309,11 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Hostnames", "string", "The hostnames the route matches."),
             AGE,
         ],
+        "RoleBinding" | "ClusterRoleBinding" => vec![
+            NAME,
+            col("Role", "string", "The role the binding grants."),
+            AGE,
+        ],
         "PodDisruptionBudget" => vec![
             NAME,
             col(
@@ -1104,6 +1109,15 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             json!(s(&spec["gatewayClassName"])),
             json!(s(&status["addresses"][0]["value"])),
             json!(condition_status(status, "Programmed")),
+            age,
+        ],
+        "RoleBinding" | "ClusterRoleBinding" => vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                s(&obj["roleRef"]["kind"]),
+                s(&obj["roleRef"]["name"])
+            )),
             age,
         ],
         "PodDisruptionBudget" => vec![

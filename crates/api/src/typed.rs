@@ -5,7 +5,7 @@
 use k8s_openapi::api::{
     apps::v1 as apps, autoscaling::v2 as autoscaling, batch::v1 as batch,
     coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-    networking::v1 as networking, node::v1 as node, policy::v1 as policy,
+    networking::v1 as networking, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
     scheduling::v1 as scheduling,
 };
 use serde::Serialize;
@@ -96,6 +96,16 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "Configuration" => knative::Configuration,
         "Revision" => knative::Revision,
         "Route" => knative::Route,
+        "CertificateSigningRequest" => k8s_openapi::api::certificates::v1::CertificateSigningRequest,
+        "Role" => rbac::Role,
+        "ClusterRole" => rbac::ClusterRole,
+        "RoleBinding" => rbac::RoleBinding,
+        "ClusterRoleBinding" => rbac::ClusterRoleBinding,
+        "SelfSubjectReview" => k8s_openapi::api::authentication::v1::SelfSubjectReview,
+        "SubjectAccessReview" => k8s_openapi::api::authorization::v1::SubjectAccessReview,
+        "SelfSubjectAccessReview" => k8s_openapi::api::authorization::v1::SelfSubjectAccessReview,
+        "LocalSubjectAccessReview" => k8s_openapi::api::authorization::v1::LocalSubjectAccessReview,
+        "SelfSubjectRulesReview" => k8s_openapi::api::authorization::v1::SelfSubjectRulesReview,
     })?;
     let mut unknown_fields = Vec::new();
     collect_unknown(value, &canonical, &mut String::new(), &mut unknown_fields);
@@ -180,6 +190,9 @@ pub fn decode_status(rt: &ResourceType, status: &Value) -> Option<Result<Decoded
         "Configuration" => round_trip::<knative::ConfigurationStatus>(status),
         "Revision" => round_trip::<knative::RevisionStatus>(status),
         "Route" => round_trip::<knative::RouteStatus>(status),
+        "CertificateSigningRequest" => round_trip::<
+            k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus,
+        >(status),
         _ => return None,
     };
     Some(

@@ -20,6 +20,7 @@ use crate::registry::ResourceType;
 use crate::selectors;
 use crate::typed::decode_as;
 
+mod rbac;
 mod routing;
 mod serving;
 
@@ -84,6 +85,19 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         ),
         "Revision" => typed!(crate::knative::Revision, serving::validate_revision),
         "Route" => typed!(crate::knative::Route, serving::validate_route),
+        "Role" => typed!(k8s_openapi::api::rbac::v1::Role, rbac::validate_role),
+        "ClusterRole" => typed!(
+            k8s_openapi::api::rbac::v1::ClusterRole,
+            rbac::validate_cluster_role
+        ),
+        "RoleBinding" => typed!(
+            k8s_openapi::api::rbac::v1::RoleBinding,
+            rbac::validate_role_binding
+        ),
+        "ClusterRoleBinding" => typed!(
+            k8s_openapi::api::rbac::v1::ClusterRoleBinding,
+            rbac::validate_cluster_role_binding
+        ),
         _ => {}
     }
     errs.0
@@ -243,6 +257,10 @@ fn validate_meta(rt: &ResourceType, obj: &Value, old: Option<&Value>, errs: &mut
             let check = match rt.id() {
                 "Namespace" => names::dns1123_label(name),
                 "Service" | "knative.Service" => names::dns1035_label(name),
+                // RBAC names are path segments (`system:node` has a colon).
+                "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => {
+                    names::path_segment(name)
+                }
                 _ => names::dns1123_subdomain(name).and_then(|()| {
                     if name.contains('/') || name.contains('%') {
                         Err("may not contain '/' or '%'".into())

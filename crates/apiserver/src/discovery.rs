@@ -87,7 +87,7 @@ fn resource_json(rt: &ResourceType) -> Value {
         "singularName": rt.singular,
         "namespaced": rt.namespaced,
         "kind": rt.kind,
-        "verbs": VERBS,
+        "verbs": if registry::is_review(rt) { &["create"][..] } else { VERBS },
     });
     if !rt.short_names.is_empty() {
         v["shortNames"] = json!(rt.short_names);

@@ -78,6 +78,10 @@ pub enum ApiError {
         message: String,
         causes: Vec<(String, String)>,
     },
+    /// 401: the request's credentials name no one (or it had none and
+    /// anonymous access may not do this).
+    #[error("Unauthorized")]
+    Unauthorized,
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -171,6 +175,7 @@ impl ApiError {
             }
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Gone { .. } => StatusCode::GONE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -190,6 +195,7 @@ impl ApiError {
             Self::Conflict(..) | Self::ApplyConflict { .. } => "Conflict",
             Self::Invalid { .. } => "Invalid",
             Self::Forbidden { .. } => "Forbidden",
+            Self::Unauthorized => "Unauthorized",
             Self::Gone { reason, .. } => reason,
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::TooLarge { .. } => "RequestEntityTooLarge",

@@ -6,6 +6,7 @@
 //! through the HTTP API it serves.
 
 mod admission;
+mod auth;
 mod crds;
 mod discovery;
 mod error;
@@ -24,6 +25,7 @@ mod request;
 mod rest;
 mod services;
 mod storage;
+mod tls;
 mod watch;
 mod watch_cache;
 
@@ -41,6 +43,7 @@ use serde_json::json;
 use wasmkube_api::registry;
 use wasmkube_store::SharedStore;
 
+pub use auth::{AUTHENTICATED, Authentication, MASTERS, Peer, TokenFileError, UserInfo};
 pub use error::ApiError;
 use watch_cache::WatchCache;
 
@@ -66,6 +69,13 @@ pub struct Config {
     /// tolerations every pod gets (Kubernetes' DefaultTolerationSeconds):
     /// how long its pods stay on a node that stopped reporting.
     pub default_toleration_seconds: i64,
+    /// Authentication and RBAC on every request; `None` allows everything
+    /// (kube-apiserver's `AlwaysAllow`), for servers only tests reach.
+    pub authentication: Option<Authentication>,
+    /// The cluster CA: served at `/cacerts` (where a joining node fetches
+    /// it and checks it against its join token) and signing the node
+    /// certificates of approved CertificateSigningRequests.
+    pub ca: Option<Arc<wasmkube_pki::Ca>>,
 }
 
 impl Default for Config {
@@ -78,6 +88,8 @@ impl Default for Config {
             node_ports: 30000..=32767,
             cluster_dns: Some(Ipv4Addr::new(10, 96, 0, 10)),
             default_toleration_seconds: 300,
+            authentication: None,
+            ca: None,
         }
     }
 }
@@ -92,6 +104,8 @@ pub struct ApiServer {
     node_stats: node_proxy::StatsCache,
     /// Keeps the custom types served in step with the stored CRDs.
     _crds: crds::Follower,
+    /// Authentication and authorization, when on.
+    auth: Option<auth::Auth>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -120,6 +134,18 @@ async fn snapshot(
         .expect("a valid response")
 }
 
+/// The cluster CA (PEM), for nodes joining with a token that pins its hash.
+async fn cacerts(State(server): State<Arc<ApiServer>>) -> Response {
+    match &server.config.ca {
+        Some(ca) => (
+            [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+            ca.cert_pem().to_owned(),
+        )
+            .into_response(),
+        None => ApiError::NoRoute.into_response(),
+    }
+}
+
 /// Namespaces every cluster has.
 const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
@@ -129,12 +155,20 @@ impl ApiServer {
     pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
         let cache = WatchCache::start(store.clone(), config.watch_cache_size);
         let crds = crds::Follower::start(store.clone()).await;
+        let auth = match config.authentication.clone() {
+            Some(authentication) => Some(auth::Auth::new(
+                authentication,
+                auth::rbac::Rbac::start(store.clone()).await,
+            )),
+            None => None,
+        };
         let server = Arc::new(Self {
             store,
             cache,
             config,
             node_stats: Default::default(),
             _crds: crds,
+            auth,
         });
         let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {
@@ -156,6 +190,7 @@ impl ApiServer {
                 Err(e) => return Err(e),
             }
         }
+        auth::bootstrap::ensure(&server).await?;
         node_proxy::ensure_token(&server).await?;
         services::ensure_system_services(&server).await?;
         ensure_routing_classes(&server).await?;
@@ -191,6 +226,17 @@ impl ApiServer {
         axum::serve(listener, self.router()).await
     }
 
+    /// Serves the API over TLS on `listener` (see `tls.rs`): client
+    /// certificates the configuration verifies authenticate their
+    /// connections' requests.
+    pub async fn serve_tls(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<()> {
+        tls::serve(listener, tls, self.router()).await
+    }
+
     /// The HTTP routes.
     pub fn router(self: &Arc<Self>) -> Router {
         let ok = || async { "ok" };
@@ -208,6 +254,7 @@ impl ApiServer {
             .route("/readyz", get(ok))
             .route("/metrics", get(metrics::serve))
             .route(SNAPSHOT_PATH, get(snapshot))
+            .route("/cacerts", get(cacerts))
             .route(
                 "/api",
                 get(|| async { axum::Json(discovery::api_versions()) }),
@@ -228,6 +275,10 @@ impl ApiServer {
             .route("/openapi/v3", get(openapi::v3_index))
             .route("/openapi/v3/{*path}", get(openapi::v3_group_version))
             .fallback(resources)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                auth::middleware,
+            ))
             .layer(axum::middleware::from_fn(metrics::track))
             .with_state(self.clone())
     }
@@ -258,6 +309,34 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             return (StatusCode::OK, axum::Json(body)).into_response();
         }
     }
+    if let Ok(Some(target)) = request::parse(parts.uri.path())
+        && registry::is_review(target.rt)
+    {
+        if parts.method != Method::POST || target.name.is_some() {
+            return ApiError::MethodNotAllowed.into_response();
+        }
+        let user = parts.extensions.get::<UserInfo>().cloned();
+        return auth::review::create(
+            &server,
+            target.rt,
+            target.namespace,
+            user,
+            &parts.headers,
+            body,
+        )
+        .await
+        .unwrap_or_else(|e| e.into_response());
+    }
+    if parts.method == Method::POST
+        && let Ok(Some(target)) = request::parse(parts.uri.path())
+        && target.rt.kind == "CertificateSigningRequest"
+        && target.name.is_none()
+    {
+        let user = parts.extensions.get::<UserInfo>().cloned();
+        return auth::csr::create(&server, target.rt, user, &parts.headers, body)
+            .await
+            .unwrap_or_else(|e| e.into_response());
+    }
     if matches!(parts.method, Method::GET | Method::POST)
         && let Ok(Some(target)) = request::parse(parts.uri.path())
         && target.subresource == Some(wasmkube_api::Subresource::Exec)
@@ -272,9 +351,10 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
     rest::handle(server, parts.method, parts.uri, parts.headers, body).await
 }
 
-/// The built-in gateway's classes, both named `wasmkube`: the IngressClass
-/// (the default class) and the GatewayClass. A user may change or delete
-/// them; they are made again only when missing at start.
+/// The built-in classes: the RuntimeClasses of the node runtimes
+/// (`wasmtime`, `runc`) and the gateway's, both named `wasmkube`: the
+/// IngressClass (the default class) and the GatewayClass. A user may change
+/// or delete them; they are made again only when missing at start.
 async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError> {
     let ingress_class = json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
@@ -288,7 +368,13 @@ async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError>
         "spec": {"controllerName": wasmkube_api::gateway_api::CONTROLLER,
                  "description": "The gateway built into every wasmkube node"},
     });
+    let runtime_class = |handler: &str| {
+        json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+               "metadata": {"name": handler}, "handler": handler})
+    };
     for (plural, group, body) in [
+        ("runtimeclasses", "node.k8s.io", runtime_class("wasmtime")),
+        ("runtimeclasses", "node.k8s.io", runtime_class("runc")),
         ("ingressclasses", "networking.k8s.io", ingress_class),
         (
             "gatewayclasses",

@@ -107,6 +107,24 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "Configuration" => add::<wasmkube_api::knative::Configuration>(g),
         "Revision" => add::<wasmkube_api::knative::Revision>(g),
         "Route" => add::<wasmkube_api::knative::Route>(g),
+        "CertificateSigningRequest" => {
+            add::<k8s_openapi::api::certificates::v1::CertificateSigningRequest>(g)
+        }
+        "Role" => add::<k8s_openapi::api::rbac::v1::Role>(g),
+        "ClusterRole" => add::<k8s_openapi::api::rbac::v1::ClusterRole>(g),
+        "RoleBinding" => add::<k8s_openapi::api::rbac::v1::RoleBinding>(g),
+        "ClusterRoleBinding" => add::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(g),
+        "SelfSubjectReview" => add::<k8s_openapi::api::authentication::v1::SelfSubjectReview>(g),
+        "SubjectAccessReview" => add::<k8s_openapi::api::authorization::v1::SubjectAccessReview>(g),
+        "SelfSubjectAccessReview" => {
+            add::<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview>(g)
+        }
+        "LocalSubjectAccessReview" => {
+            add::<k8s_openapi::api::authorization::v1::LocalSubjectAccessReview>(g)
+        }
+        "SelfSubjectRulesReview" => {
+            add::<k8s_openapi::api::authorization::v1::SelfSubjectRulesReview>(g)
+        }
         other => unreachable!("no schema for served kind {other}"),
     }
 }

@@ -690,6 +690,8 @@ impl Ctx<'_> {
             }
             "Service" => obj["status"] = json!({"loadBalancer": {}}),
             "Namespace" => obj["status"] = json!({"phase": "Active"}),
+            // No one approves their own request by creating it approved.
+            "CertificateSigningRequest" => obj["status"] = json!({}),
             _ => {}
         }
     }
@@ -1727,6 +1729,44 @@ pub(crate) async fn create_internal(
         output: Output::Object,
     };
     ctx.create_object(body).await.map(|(obj, _)| obj)
+}
+
+/// Changes a cluster-scoped object on the server's own behalf (bootstrap
+/// objects): `change` sees the stored object and returns what it should be,
+/// or `None` to leave it.
+pub(crate) async fn reconcile_internal(
+    server: &Arc<ApiServer>,
+    rt: &'static ResourceType,
+    name: &str,
+    sub: Option<Subresource>,
+    mut change: impl FnMut(&Value) -> Option<Value>,
+) -> ApiResult<Value> {
+    let headers = HeaderMap::new();
+    let ctx = Ctx {
+        server,
+        target: Target {
+            rt,
+            namespace: None,
+            name: Some(name),
+            subresource: sub,
+        },
+        params: Params {
+            field_manager: Some("wasmkube".into()),
+            ..Params::default()
+        },
+        headers: &headers,
+        output: Output::Object,
+    };
+    ctx.guaranteed_update(name, sub, |current| {
+        Ok(change(current).map(|mut wanted| {
+            if let Some(m) = wanted["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            wanted
+        }))
+    })
+    .await
+    .map(|(stored, _, _)| stored)
 }
 
 fn set_condition(obj: &mut Value, cond: Value) {

@@ -104,6 +104,9 @@ impl ChildServer {
                 "--data-dir",
             ])
             .arg(dir.path())
+            // Benchmarks measure the cluster's own work on loopback; the
+            // cost of TLS and RBAC is measured apart.
+            .arg("--insecure-http")
             .args(flags)
             .env("RUST_LOG", "warn")
             // WASMKUBE_BENCH_SERVER_LOG=FILE keeps the server's log.

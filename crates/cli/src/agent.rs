@@ -312,8 +312,19 @@ pub struct AgentArgs {
     #[arg(long = "server", value_name = "URL")]
     servers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token")]
     kubeconfig: Option<PathBuf>,
+    /// Join with the cluster's join token (the server's
+    /// DATA_DIR/tls/join-token): the agent checks the server's CA against
+    /// it, gets its own node certificate, and keeps it as a kubeconfig in
+    /// --data-dir for later starts.
+    #[arg(
+        long,
+        env = "WASMKUBE_TOKEN",
+        requires = "servers",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// The node's name [default: this machine's host name].
     #[arg(long)]
     name: Option<String>,
@@ -342,11 +353,20 @@ pub fn host_name() -> String {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let client = crate::kubeconfig::client(args.kubeconfig.as_deref(), &args.servers).await?;
-    let name = args.name.unwrap_or_else(host_name);
+    let name = args.name.clone().unwrap_or_else(host_name);
     let data_dir = args
         .data_dir
+        .clone()
         .unwrap_or_else(|| crate::server::default_data_dir().join("agents").join(&name));
+    let kubeconfig = match &args.token {
+        Some(token) => {
+            let token = crate::join::JoinToken::parse(token)?;
+            let server = args.servers.first().context("--token needs --server")?;
+            Some(crate::join::join(server, &token, &name, &data_dir).await?)
+        }
+        None => args.kubeconfig.clone(),
+    };
+    let client = crate::kubeconfig::client(kubeconfig.as_deref(), &args.servers).await?;
     let mut config = wasmkube_node::Config::new(&name, data_dir);
     config.address = args.address;
     config.listen = SocketAddr::new(args.address, args.port);

@@ -24,20 +24,36 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connects to the first of `servers` that answers, starting with the one
 /// that answered last.
 #[derive(Clone, Debug)]
-pub struct FailoverConnector {
-    inner: HttpConnector,
+pub struct FailoverConnector<C = HttpConnector> {
+    inner: C,
     servers: Arc<[http::uri::Authority]>,
     current: Arc<AtomicUsize>,
 }
 
+/// The TCP connector under the failover (and under TLS, when the servers
+/// speak it).
+fn tcp() -> HttpConnector {
+    let mut inner = HttpConnector::new();
+    inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    inner.set_nodelay(true);
+    // A server that vanished without closing its connections (a machine
+    // cut off) is noticed on idle watch connections too.
+    inner.set_keepalive(Some(Duration::from_secs(10)));
+    inner.enforce_http(false);
+    inner
+}
+
 impl FailoverConnector {
     pub fn new(servers: Vec<http::uri::Authority>) -> Self {
-        let mut inner = HttpConnector::new();
-        inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        inner.set_nodelay(true);
-        // A server that vanished without closing its connections (a machine
-        // cut off) is noticed on idle watch connections too.
-        inner.set_keepalive(Some(Duration::from_secs(10)));
+        Self::over(tcp(), servers)
+    }
+}
+
+impl<C> FailoverConnector<C> {
+    /// Fails over between `servers`, connecting to each through `inner`
+    /// (which sees the chosen server's URI, so TLS verifies that server's
+    /// name).
+    pub fn over(inner: C, servers: Vec<http::uri::Authority>) -> Self {
         Self {
             inner,
             servers: servers.into(),
@@ -46,9 +62,15 @@ impl FailoverConnector {
     }
 }
 
-impl tower::Service<Uri> for FailoverConnector {
-    type Response = <HttpConnector as tower::Service<Uri>>::Response;
-    type Error = <HttpConnector as tower::Service<Uri>>::Error;
+impl<C> tower::Service<Uri> for FailoverConnector<C>
+where
+    C: tower::Service<Uri> + Clone + Send + 'static,
+    C::Future: Send,
+    C::Error: std::fmt::Display + Send,
+    C::Response: Send,
+{
+    type Response = C::Response;
+    type Error = C::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -97,11 +119,10 @@ impl tower::Service<Uri> for FailoverConnector {
 /// same cluster's API servers; `config.cluster_url` is the first).
 pub fn client(config: kube::Config, servers: &[Uri]) -> anyhow::Result<kube::Client> {
     let mut authorities = Vec::new();
+    let scheme = servers.first().and_then(|s| s.scheme().cloned());
     for s in servers {
-        if s.scheme() != Some(&http::uri::Scheme::HTTP) {
-            anyhow::bail!(
-                "several --server URLs need http:// API servers (got {s}); this build's client has no TLS"
-            );
+        if s.scheme() != scheme.as_ref() {
+            anyhow::bail!("every --server URL must use the same scheme (got {s})");
         }
         let authority = s
             .authority()
@@ -109,7 +130,27 @@ pub fn client(config: kube::Config, servers: &[Uri]) -> anyhow::Result<kube::Cli
             .ok_or_else(|| anyhow::anyhow!("--server {s} names no host"))?;
         authorities.push(authority);
     }
-    let connector = FailoverConnector::new(authorities);
+    if scheme == Some(http::uri::Scheme::HTTPS) {
+        let tls = config.rustls_https_connector_with_connector(tcp())?;
+        build(config, FailoverConnector::over(tls, authorities))
+    } else {
+        build(config, FailoverConnector::new(authorities))
+    }
+}
+
+fn build<C>(config: kube::Config, connector: FailoverConnector<C>) -> anyhow::Result<kube::Client>
+where
+    FailoverConnector<C>: tower::Service<Uri> + Clone + Send + Sync + 'static,
+    <FailoverConnector<C> as tower::Service<Uri>>::Response:
+        hyper::rt::Read
+            + hyper::rt::Write
+            + hyper_util::client::legacy::connect::Connection
+            + Unpin
+            + Send,
+    <FailoverConnector<C> as tower::Service<Uri>>::Future: Send + Unpin,
+    <FailoverConnector<C> as tower::Service<Uri>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
     let service = tower::ServiceBuilder::new()

@@ -2,33 +2,72 @@
 
 use std::path::Path;
 
-/// Writes a kubeconfig for `server_url` to `path` (parents created).
-pub fn write(path: &Path, server_url: &str) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let text = format!(
+/// What a kubeconfig proves the server and the user with: the cluster CA
+/// and a client certificate with its key (PEM).
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The text of a kubeconfig for `server_url`, as `user`.
+pub fn text(server_url: &str, user: &str, credentials: Option<&Credentials>) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let (ca, auth) = match credentials {
+        Some(c) => (
+            format!("\n    certificate-authority-data: {}", b64(&c.ca_pem)),
+            format!(
+                "\n    client-certificate-data: {}\n    client-key-data: {}",
+                b64(&c.cert_pem),
+                b64(&c.key_pem)
+            ),
+        ),
+        None => (String::new(), " {}".to_owned()),
+    };
+    format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: wasmkube
   cluster:
-    server: {server_url}
+    server: {server_url}{ca}
 contexts:
 - name: wasmkube
   context:
     cluster: wasmkube
-    user: wasmkube
+    user: {user}
     namespace: default
 current-context: wasmkube
 users:
-- name: wasmkube
-  user: {{}}
+- name: {user}
+  user:{auth}
 "
-    );
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    )
+}
+
+/// Writes a kubeconfig for `server_url` to `path` (parents created),
+/// readable by its owner only: it holds a private key.
+pub fn write(
+    path: &Path,
+    server_url: &str,
+    user: &str,
+    credentials: Option<&Credentials>,
+) -> anyhow::Result<()> {
+    wasmkube_pki::write_private(path, &text(server_url, user, credentials))?;
+    Ok(())
+}
+
+/// A client for `server_url` proving `credentials`.
+pub async fn client_with(
+    server_url: &str,
+    user: &str,
+    credentials: Option<&Credentials>,
+) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::from_yaml(&text(server_url, user, credentials))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// A client from `path` (or `$KUBECONFIG`, then `~/.kube/config`), with

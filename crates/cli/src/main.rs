@@ -2,7 +2,9 @@
 
 mod agent;
 mod failover;
+mod join;
 mod kubeconfig;
+mod pki;
 mod push;
 mod scheduler;
 mod server;

@@ -59,8 +59,29 @@ pub struct ServerArgs {
     listen: SocketAddr,
 
     /// Where to write the kubeconfig for kubectl [default: DATA_DIR/kubeconfig].
+    /// It holds the cluster CA and an administrator's client certificate
+    /// (`system:admin`, group `system:masters`): keep it private.
     #[arg(long)]
     write_kubeconfig: Option<PathBuf>,
+
+    /// Serve plain HTTP with no authentication or authorization: anyone
+    /// who reaches the port may do anything. Only on a loopback address.
+    /// Without it the API is served over TLS from the cluster's own CA
+    /// (made on first start under DATA_DIR/tls) and every request is
+    /// authenticated and authorized by RBAC.
+    #[arg(long)]
+    insecure_http: bool,
+
+    /// Another name or IP address the serving certificate is valid for
+    /// (repeatable), besides localhost, this host's name, the listen and
+    /// node addresses and the `kubernetes` Service's names and cluster IP.
+    #[arg(long = "tls-san", value_name = "NAME|IP")]
+    tls_sans: Vec<String>,
+
+    /// Accept the bearer tokens of this file (Kubernetes'
+    /// --token-auth-file: `token,user,uid,"group1,group2"` per line).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
+    token_auth_file: Option<PathBuf>,
 
     /// How often store history older than the previous interval is compacted;
     /// watches from before it get 410 Gone and relist, as on Kubernetes.
@@ -187,23 +208,64 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.node.cluster_cidr
         );
     }
-    let store = open_store(&args).await?;
+    if args.insecure_http && !args.listen.ip().is_loopback() {
+        bail!(
+            "--insecure-http serves the API to anyone who reaches it with no authentication: it is only allowed on a loopback --listen address (got {})",
+            args.listen
+        );
+    }
     let services = args.node.service_cluster_ip_range;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let pki = if args.insecure_http {
+        None
+    } else {
+        let service_ip = services.hosts().next().map(std::net::IpAddr::V4);
+        Some(crate::pki::ServerPki::load(
+            &args.data_dir,
+            addr,
+            args.node_address,
+            service_ip,
+            &args.tls_sans,
+        )?)
+    };
+    let join_token = match &pki {
+        Some(pki) => Some(crate::join::server_token(
+            &crate::pki::tls_dir(&args.data_dir),
+            &pki.ca.hash(),
+        )?),
+        None => None,
+    };
+    let authentication = match (&args.token_auth_file, &join_token) {
+        (_, None) => None,
+        (file, Some((token, _))) => {
+            let mut authentication = match file {
+                Some(path) => wasmkube_apiserver::Authentication::read_token_file(path)?,
+                None => Default::default(),
+            };
+            authentication.join_secret = Some(token.secret.clone());
+            Some(authentication)
+        }
+    };
+    let store = open_store(&args).await?;
     let api_config = wasmkube_apiserver::Config {
         default_toleration_seconds: args.default_toleration_seconds,
         service_cidr: (services.network(), services.prefix_len()),
         node_ports: args.service_node_port_range.clone(),
         cluster_dns: Some(args.node.cluster_dns()),
+        authentication,
+        ca: pki.as_ref().map(|p| p.ca.clone()),
         ..Default::default()
     };
     let api = wasmkube_apiserver::ApiServer::start(store, api_config)
         .await
         .context("cannot start the API server")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let url = match &pki {
+        Some(_) => format!("https://{}", crate::pki::url_host(addr, args.node_address)),
+        None => format!("http://{addr}"),
+    };
     let registry = if args.no_registry {
         None
     } else {
@@ -217,7 +279,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let kubeconfig_path = args
         .write_kubeconfig
         .unwrap_or_else(|| args.data_dir.join("kubeconfig"));
-    kubeconfig::write(&kubeconfig_path, &url)
+    let admin = match &pki {
+        Some(pki) => Some(pki.credentials(&wasmkube_pki::Identity::new(
+            "system:admin",
+            &[wasmkube_apiserver::MASTERS],
+        ))?),
+        None => None,
+    };
+    kubeconfig::write(&kubeconfig_path, &url, "system:admin", admin.as_ref())
         .with_context(|| format!("cannot write kubeconfig {}", kubeconfig_path.display()))?;
     tracing::info!(
         %url,
@@ -230,16 +299,42 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         "wasmkube is ready at {url}\n  export KUBECONFIG={}",
         kubeconfig_path.display()
     );
+    if let Some((_, path)) = &join_token {
+        eprintln!(
+            "  join a node: wasmkube agent --server {url} --token \"$(cat {})\"",
+            path.display()
+        );
+    }
 
     tokio::spawn(compact_periodically(
         api.clone(),
         Duration::from_secs(args.compaction_interval.max(1)),
     ));
     // The control plane's own components are API clients like any other,
-    // each running only while it holds its leader Lease.
-    let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
+    // each with its own identity, running only while it holds its leader
+    // Lease.
+    let client_as = |who: wasmkube_pki::Identity| {
+        let (url, pki) = (url.clone(), pki.as_ref());
+        async move {
+            let credentials = match pki {
+                Some(pki) => Some(pki.credentials(&who)?),
+                None => None,
+            };
+            kubeconfig::client_with(&url, &who.user, credentials.as_ref()).await
+        }
+    };
+    use wasmkube_pki::Identity;
+    // The server's own loopback client, as kube-apiserver's.
+    let client = client_as(Identity::new(
+        "system:apiserver",
+        &[wasmkube_apiserver::MASTERS],
+    ))
+    .await?;
+    let scheduler_client = client_as(Identity::new("system:kube-scheduler", &[])).await?;
+    let controllers_client =
+        client_as(Identity::new("system:kube-controller-manager", &[])).await?;
     let identity = identity();
-    let elector = |name: &str| {
+    let elector = |name: &str, client: &kube::Client| {
         Arc::new(LeaderElector::new(
             client.clone(),
             "kube-system",
@@ -249,11 +344,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         ))
     };
     let (scheduler_lease, controllers_lease) = (
-        elector("kube-scheduler"),
-        elector("kube-controller-manager"),
+        elector("kube-scheduler", &scheduler_client),
+        elector("kube-controller-manager", &controllers_client),
     );
     if !args.no_scheduler {
-        let (elector, client) = (scheduler_lease.clone(), client.clone());
+        let (elector, client) = (scheduler_lease.clone(), scheduler_client.clone());
         tokio::spawn(async move {
             let result = elector
                 .run(|| wasmkube_scheduler::run(client.clone(), Default::default()))
@@ -264,7 +359,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         });
     }
     if !args.no_controller_manager {
-        let (elector, client) = (controllers_lease.clone(), client.clone());
+        let (elector, client) = (controllers_lease.clone(), controllers_client.clone());
         let config = wasmkube_controllers::Config {
             node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
             cluster_cidr: Some(wasmkube_controllers::nodeipam::Cidr {
@@ -307,7 +402,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let mut server = tokio::spawn(async move { api.serve(listener).await });
+    let tls = match &pki {
+        Some(pki) => Some(pki.server_tls()?),
+        None => None,
+    };
+    let mut server = tokio::spawn(async move {
+        match tls {
+            Some(tls) => api.serve_tls(listener, tls).await,
+            None => api.serve(listener).await,
+        }
+    });
     // The `kubernetes` Service's endpoints: every live API server, each
     // renewing its own Lease.
     let advertised = if addr.ip().is_unspecified() {
@@ -336,9 +440,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         config.address = args.node_address;
         config.listen = std::net::SocketAddr::new(args.node_address, 0);
         args.node.apply(&mut config);
-        let services = args.node.start_services(&client, &name, args.node_address);
+        let node_client = client_as(Identity::new(
+            &format!("system:node:{name}"),
+            &["system:nodes"],
+        ))
+        .await?;
+        let services = args
+            .node
+            .start_services(&node_client, &name, args.node_address);
         services.configure(&mut config);
-        let agent = wasmkube_node::Agent::start(client.clone(), config)
+        let agent = wasmkube_node::Agent::start(node_client, config)
             .await
             .context("cannot start the local node")?;
         tracing::info!(node = %name, endpoint = %agent.endpoint(), "local node running");

@@ -134,7 +134,7 @@ fn host_port(s: &Server) -> String {
 fn several_api_servers_serve_one_cluster_on_etcd() {
     let etcd = EtcdCluster::start(3);
     let endpoints = etcd.endpoints().join(",");
-    let flags = ["--etcd-servers", endpoints.as_str()];
+    let flags = ["--etcd-servers", endpoints.as_str(), "--insecure-http"];
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = start_server_with(dir_a.path(), &flags);
     // A started first, so it runs the scheduler and the controller manager.

@@ -427,6 +427,7 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             Command::new("nsenter")
                 .arg(format!("--net=/run/netns/{host2}"))
                 .args([wasmkube(), "agent", "--server", &s.url])
+                .args(["--token", &s.join_token()])
                 .args(["--name", &host2, "--address", &lan.addr(2), "--port", "0"])
                 .args(["--insecure-registry", &registry.host(), "--data-dir"])
                 .arg(dir.path().join("agent"))

@@ -802,6 +802,8 @@ fn a_node_keeps_serving_while_no_api_server_answers_and_restarts_nothing_when_on
                 "--no-gateway",
                 "--server",
                 &s.url,
+                "--token",
+                &s.join_token(),
             ])
             .arg("--data-dir")
             .arg(dir.path().join("agent"))
@@ -834,7 +836,7 @@ fn a_node_keeps_serving_while_no_api_server_answers_and_restarts_nothing_when_on
 
     // It comes back where it was: the node reconnects, resumes its watches
     // and changes nothing that was running.
-    let listen = url.trim_start_matches("http://");
+    let listen = url.split("://").nth(1).expect("a URL");
     let s = start_server_at(&server_dir, listen, &[]);
     wait_for(&s, "node/steady", "condition=Ready", "60s");
     assert_eq!(http_get(port, "/after").0, 200);

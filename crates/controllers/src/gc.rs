@@ -173,7 +173,9 @@ fn api_resources() -> Vec<(ApiResource, bool)> {
     registry::RESOURCES
         .iter()
         // Each object once: in the version it is stored in.
-        .filter(|rt| rt.kind != "Event" && conversion::is_storage_version(rt))
+        .filter(|rt| {
+            rt.kind != "Event" && conversion::is_storage_version(rt) && !registry::is_review(rt)
+        })
         .map(|rt| {
             let ar = ApiResource {
                 group: rt.group.into(),

@@ -55,11 +55,16 @@ pub(crate) async fn read_proxy_token(client: &kube::Client) -> Result<String, Er
 }
 
 /// Creates a RuntimeClass named after each of the node's handlers
-/// (`wasmtime`, `runc`) unless it exists.
+/// (`wasmtime`, `runc`) unless it exists. The API server makes both at
+/// start; a node may not create cluster-scoped objects under RBAC, so a
+/// refusal is only reported.
 pub(crate) async fn ensure_runtime_classes(ctx: &Ctx) -> Result<(), Error> {
     let api: Api<RuntimeClass> = Api::all(ctx.client.clone());
     for runtime in &ctx.runtimes {
         let handler = runtime.handler().to_owned();
+        if let Ok(Some(_)) = api.get_opt(&handler).await {
+            continue;
+        }
         let rc: RuntimeClass = serde_json::from_value(json!({
             "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
             "metadata": {"name": handler}, "handler": handler,
@@ -68,6 +73,9 @@ pub(crate) async fn ensure_runtime_classes(ctx: &Ctx) -> Result<(), Error> {
         match api.create(&PostParams::default(), &rc).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                tracing::warn!(%handler, reason = %e.message, "no RuntimeClass for this handler and this node may not create one");
+            }
             Err(e) => return Err(api_err(format!("creating the {handler} RuntimeClass"))(e)),
         }
     }

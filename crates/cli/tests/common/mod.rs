@@ -17,6 +17,7 @@ pub struct Server {
     pub child: Child,
     pub url: String,
     pub kubeconfig: PathBuf,
+    pub data_dir: PathBuf,
     /// `IP:PORT` of its built-in registry (on a free loopback port).
     pub registry: Option<String>,
     /// Lines the server logged after it became ready.
@@ -117,12 +118,21 @@ fn spawn(command: &[&str], listen: &str, data_dir: &Path, extra: &[&str]) -> Ser
         child,
         url,
         kubeconfig,
+        data_dir: data_dir.to_owned(),
         registry,
         log: rx,
     }
 }
 
 impl Server {
+    /// The cluster's join token, for `wasmkube agent --token`.
+    pub fn join_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("tls/join-token"))
+            .expect("the server keeps its join token")
+            .trim()
+            .to_owned()
+    }
+
     /// SIGKILLs the server and reaps it.
     pub fn kill(&mut self) {
         self.child.kill().expect("kill the server");
@@ -130,7 +140,9 @@ impl Server {
     }
 }
 
-/// Two API servers with no local node on one three-member etcd on loopback.
+/// Two API servers with no local node on one three-member etcd on loopback,
+/// serving plain HTTP (`--insecure-http`): these tests are about the store
+/// and failover, and the raw watches read plain HTTP.
 pub struct HaCluster {
     pub a: Server,
     pub b: Server,
@@ -142,7 +154,7 @@ pub struct HaCluster {
 pub fn ha_cluster() -> HaCluster {
     let etcd = wasmkube_testkit::etcd::EtcdCluster::start(3);
     let endpoints = etcd.endpoints().join(",");
-    let flags = ["--etcd-servers", endpoints.as_str()];
+    let flags = ["--etcd-servers", endpoints.as_str(), "--insecure-http"];
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     HaCluster {
         a: start_server_with(dirs.0.path(), &flags),

@@ -1,0 +1,574 @@
+//! Role-based access control (`rbac.authorization.k8s.io/v1`): the stored
+//! Roles, ClusterRoles and their bindings, followed from the store into an
+//! in-memory policy, and the decision for a request's attributes.
+//!
+//! A write of an RBAC object through this server is in the policy before
+//! the write is acknowledged (`wait_for`), so a client that grants and then
+//! acts is never refused by a policy that lags behind its own write.
+//! ClusterRoles with an `aggregationRule` get the rules of every ClusterRole
+//! their selectors match, evaluated as the policy is built.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use wasmkube_store::{EventKind, ListOptions, SharedStore};
+
+use super::{Attributes, UserInfo};
+use crate::storage::decode_stored;
+
+/// Where every RBAC object is stored.
+const PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
+
+/// The policy as of one revision.
+#[derive(Default)]
+struct Policy {
+    cluster_roles: HashMap<String, ClusterRole>,
+    /// (namespace, name)
+    roles: HashMap<(String, String), Role>,
+    cluster_bindings: Vec<ClusterRoleBinding>,
+    /// namespace → its RoleBindings
+    bindings: HashMap<String, Vec<RoleBinding>>,
+    /// The rules of each ClusterRole, aggregation applied.
+    cluster_rules: HashMap<String, Vec<PolicyRule>>,
+}
+
+/// Objects by store key, from which the policy is rebuilt.
+#[derive(Default)]
+struct Objects(HashMap<String, serde_json::Value>);
+
+impl Objects {
+    fn policy(&self) -> Policy {
+        let mut policy = Policy::default();
+        for (key, obj) in &self.0 {
+            let rest = key.trim_start_matches(PREFIX);
+            let decoded = match rest.split('/').next() {
+                Some("clusterroles") => {
+                    serde_json::from_value::<ClusterRole>(obj.clone()).map(|r| {
+                        policy
+                            .cluster_roles
+                            .insert(r.metadata.name.clone().unwrap_or_default(), r);
+                    })
+                }
+                Some("roles") => serde_json::from_value::<Role>(obj.clone()).map(|r| {
+                    let id = (
+                        r.metadata.namespace.clone().unwrap_or_default(),
+                        r.metadata.name.clone().unwrap_or_default(),
+                    );
+                    policy.roles.insert(id, r);
+                }),
+                Some("clusterrolebindings") => {
+                    serde_json::from_value::<ClusterRoleBinding>(obj.clone())
+                        .map(|b| policy.cluster_bindings.push(b))
+                }
+                Some("rolebindings") => {
+                    serde_json::from_value::<RoleBinding>(obj.clone()).map(|b| {
+                        policy
+                            .bindings
+                            .entry(b.metadata.namespace.clone().unwrap_or_default())
+                            .or_default()
+                            .push(b)
+                    })
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = decoded {
+                tracing::warn!(key, error = %e, "unreadable RBAC object; ignored");
+            }
+        }
+        policy.cluster_rules = policy
+            .cluster_roles
+            .iter()
+            .map(|(name, role)| (name.clone(), aggregated_rules(&policy.cluster_roles, role)))
+            .collect();
+        policy
+    }
+}
+
+/// A ClusterRole's own rules, or with an aggregation rule those of every
+/// ClusterRole its selectors match, themselves aggregated (`edit` takes
+/// `view`, which is aggregated too); a cycle adds nothing twice.
+fn aggregated_rules(all: &HashMap<String, ClusterRole>, role: &ClusterRole) -> Vec<PolicyRule> {
+    let mut rules = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    collect_rules(all, role, &mut seen, &mut rules);
+    rules
+}
+
+fn collect_rules<'a>(
+    all: &'a HashMap<String, ClusterRole>,
+    role: &'a ClusterRole,
+    seen: &mut std::collections::HashSet<&'a str>,
+    rules: &mut Vec<PolicyRule>,
+) {
+    if !seen.insert(role.metadata.name.as_deref().unwrap_or_default()) {
+        return;
+    }
+    let Some(aggregation) = &role.aggregation_rule else {
+        for rule in role.rules.iter().flatten() {
+            if !rules.contains(rule) {
+                rules.push(rule.clone());
+            }
+        }
+        return;
+    };
+    let selectors = aggregation
+        .cluster_role_selectors
+        .as_deref()
+        .unwrap_or_default();
+    let mut matched: Vec<(&String, &ClusterRole)> = all
+        .iter()
+        .filter(|(_, other)| {
+            let labels = other.metadata.labels.clone().unwrap_or_default();
+            selectors.iter().any(|s| selector_matches(s, &labels))
+        })
+        .collect();
+    matched.sort_by_key(|(name, _)| *name);
+    for (_, other) in matched {
+        collect_rules(all, other, seen, rules);
+    }
+}
+
+fn selector_matches(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && expressions_ok
+}
+
+fn subject_matches(subject: &Subject, user: &UserInfo, binding_namespace: &str) -> bool {
+    match subject.kind.as_str() {
+        "User" => subject.name == user.name,
+        "Group" => user.groups.contains(&subject.name),
+        "ServiceAccount" => {
+            let ns = subject.namespace.as_deref().unwrap_or(binding_namespace);
+            user.name == format!("system:serviceaccount:{ns}:{}", subject.name)
+        }
+        _ => false,
+    }
+}
+
+fn has(list: &[String], want: &str) -> bool {
+    list.iter().any(|x| x == "*" || x == want)
+}
+
+/// Whether `rule` allows the request `attrs` describes.
+pub(crate) fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
+    if !has(&rule.verbs, &attrs.verb) {
+        return false;
+    }
+    let Some(resource) = &attrs.resource else {
+        return rule.non_resource_urls.iter().flatten().any(|url| {
+            url == "*"
+                || *url == attrs.path
+                || url
+                    .strip_suffix('*')
+                    .is_some_and(|prefix| attrs.path.starts_with(prefix))
+        });
+    };
+    if !has(
+        rule.api_groups.as_deref().unwrap_or_default(),
+        &resource.group,
+    ) {
+        return false;
+    }
+    let combined = match &resource.subresource {
+        Some(sub) => format!("{}/{sub}", resource.resource),
+        None => resource.resource.clone(),
+    };
+    let resources = rule.resources.as_deref().unwrap_or_default();
+    let resource_ok = resources.iter().any(|r| {
+        r == "*"
+            || *r == combined
+            || resource
+                .subresource
+                .as_ref()
+                .is_some_and(|sub| r.strip_prefix("*/") == Some(sub.as_str()))
+    });
+    if !resource_ok {
+        return false;
+    }
+    match rule.resource_names.as_deref() {
+        None | Some([]) => true,
+        Some(names) => resource.name.as_ref().is_some_and(|n| names.contains(n)),
+    }
+}
+
+/// Why a request was allowed (or that it was not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+impl Policy {
+    fn role_rules(&self, role_ref: &RoleRef, namespace: &str) -> &[PolicyRule] {
+        match role_ref.kind.as_str() {
+            "ClusterRole" => self
+                .cluster_rules
+                .get(&role_ref.name)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+            "Role" => self
+                .roles
+                .get(&(namespace.to_owned(), role_ref.name.clone()))
+                .and_then(|r| r.rules.as_deref())
+                .unwrap_or_default(),
+            _ => &[],
+        }
+    }
+
+    /// Every rule granted to `user`, with what grants it: cluster-wide,
+    /// then in `namespace`.
+    fn rules_of<'a>(
+        &'a self,
+        user: &'a UserInfo,
+        namespace: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a PolicyRule, String)> + 'a {
+        let cluster = self
+            .cluster_bindings
+            .iter()
+            .filter(|b| {
+                b.subjects
+                    .iter()
+                    .flatten()
+                    .any(|s| subject_matches(s, user, ""))
+            })
+            .flat_map(|b| {
+                let name = b.metadata.name.clone().unwrap_or_default();
+                self.role_rules(&b.role_ref, "").iter().map(move |r| {
+                    (
+                        r,
+                        format!(
+                            "ClusterRoleBinding \"{name}\" of ClusterRole \"{}\"",
+                            b.role_ref.name
+                        ),
+                    )
+                })
+            });
+        let local = namespace
+            .and_then(|ns| self.bindings.get(ns).map(|list| (ns, list)))
+            .into_iter()
+            .flat_map(move |(ns, list)| {
+                list.iter()
+                    .filter(move |b| {
+                        b.subjects
+                            .iter()
+                            .flatten()
+                            .any(|s| subject_matches(s, user, ns))
+                    })
+                    .flat_map(move |b| {
+                        let name = b.metadata.name.clone().unwrap_or_default();
+                        self.role_rules(&b.role_ref, ns).iter().map(move |r| {
+                            (
+                                r,
+                                format!(
+                                    "RoleBinding \"{name}/{ns}\" of {} \"{}\"",
+                                    b.role_ref.kind, b.role_ref.name
+                                ),
+                            )
+                        })
+                    })
+            });
+        cluster.chain(local)
+    }
+}
+
+/// The RBAC authorizer: the policy kept in step with the store.
+pub(crate) struct Rbac {
+    policy: RwLock<Arc<Policy>>,
+    /// The store revision the policy reflects.
+    applied: tokio::sync::watch::Sender<u64>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Rbac {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().expect("not poisoned").take() {
+            task.abort();
+        }
+    }
+}
+
+impl Rbac {
+    /// Loads the stored policy and follows its changes.
+    pub(crate) async fn start(store: SharedStore) -> Arc<Self> {
+        let mut objects = Objects::default();
+        let from = load(&store, &mut objects).await;
+        let rbac = Arc::new(Self {
+            policy: RwLock::new(Arc::new(objects.policy())),
+            applied: tokio::sync::watch::Sender::new(from),
+            task: Default::default(),
+        });
+        let task = tokio::spawn(follow(Arc::downgrade(&rbac), store, objects, from));
+        *rbac.task.lock().expect("not poisoned") = Some(task);
+        rbac
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("not poisoned").clone()
+    }
+
+    /// Waits until the policy reflects the store at `revision` (a write of
+    /// an RBAC object this server just made).
+    pub(crate) async fn wait_for(&self, revision: u64) {
+        let mut applied = self.applied.subscribe();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await;
+    }
+
+    /// Decides a request.
+    pub(crate) fn authorize(&self, attrs: &Attributes) -> Decision {
+        let policy = self.policy();
+        let namespace = attrs.resource.as_ref().and_then(|r| r.namespace.as_deref());
+        match policy
+            .rules_of(&attrs.user, namespace)
+            .find(|(rule, _)| rule_allows(rule, attrs))
+        {
+            Some((_, by)) => Decision {
+                allowed: true,
+                reason: format!("RBAC: allowed by {by}"),
+            },
+            None => Decision {
+                allowed: false,
+                reason: String::new(),
+            },
+        }
+    }
+
+    /// The rules `user` has in `namespace` (cluster-wide ones included).
+    pub(crate) fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule> {
+        let policy = self.policy();
+        let mut rules: Vec<PolicyRule> = Vec::new();
+        for (rule, _) in policy.rules_of(user, Some(namespace)) {
+            if !rules.contains(rule) {
+                rules.push(rule.clone());
+            }
+        }
+        rules
+    }
+}
+
+async fn load(store: &SharedStore, objects: &mut Objects) -> u64 {
+    loop {
+        match store.list(PREFIX, ListOptions::default()).await {
+            Ok(list) => {
+                objects.0.clear();
+                for kv in &list.items {
+                    match decode_stored(kv) {
+                        Ok(obj) => {
+                            objects.0.insert(kv.key.clone(), obj);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %kv.key, error = %e, "unreadable RBAC object")
+                        }
+                    }
+                }
+                return list.revision;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the RBAC policy; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn follow(
+    rbac: std::sync::Weak<Rbac>,
+    store: SharedStore,
+    mut objects: Objects,
+    mut from: u64,
+) {
+    loop {
+        let mut events = match store.watch(PREFIX, from) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the RBAC policy from {from}; reloading it");
+                from = load(&store, &mut objects).await;
+                let Some(rbac) = rbac.upgrade() else { return };
+                *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
+                rbac.applied.send_replace(from);
+                continue;
+            }
+        };
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the RBAC watch broke; resuming");
+                    break;
+                }
+            };
+            from = event.revision();
+            match event.kind {
+                EventKind::Put => match decode_stored(&event.kv) {
+                    Ok(obj) => {
+                        objects.0.insert(event.kv.key.clone(), obj);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "unreadable RBAC object"),
+                },
+                EventKind::Delete => {
+                    objects.0.remove(&event.kv.key);
+                }
+            }
+            let Some(rbac) = rbac.upgrade() else { return };
+            *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
+            rbac.applied.send_replace(from);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ResourceAttributes;
+
+    fn rule(v: serde_json::Value) -> PolicyRule {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn attrs(
+        verb: &str,
+        group: &str,
+        resource: &str,
+        sub: Option<&str>,
+        name: Option<&str>,
+    ) -> Attributes {
+        Attributes {
+            user: UserInfo::default(),
+            verb: verb.into(),
+            path: String::new(),
+            resource: Some(ResourceAttributes {
+                group: group.into(),
+                resource: resource.into(),
+                subresource: sub.map(Into::into),
+                namespace: Some("a".into()),
+                name: name.map(Into::into),
+            }),
+        }
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_subresources_and_names() {
+        let pods = rule(
+            serde_json::json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}),
+        );
+        assert!(rule_allows(&pods, &attrs("list", "", "pods", None, None)));
+        assert!(!rule_allows(
+            &pods,
+            &attrs("delete", "", "pods", None, Some("p"))
+        ));
+        assert!(!rule_allows(
+            &pods,
+            &attrs("get", "apps", "pods", None, Some("p"))
+        ));
+        // A subresource is its own resource.
+        assert!(!rule_allows(
+            &pods,
+            &attrs("get", "", "pods", Some("log"), Some("p"))
+        ));
+        let logs = rule(
+            serde_json::json!({"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}),
+        );
+        assert!(rule_allows(
+            &logs,
+            &attrs("get", "", "pods", Some("log"), Some("p"))
+        ));
+        let any_scale =
+            rule(serde_json::json!({"apiGroups": ["*"], "resources": ["*/scale"], "verbs": ["*"]}));
+        assert!(rule_allows(
+            &any_scale,
+            &attrs("update", "apps", "deployments", Some("scale"), Some("d"))
+        ));
+        assert!(!rule_allows(
+            &any_scale,
+            &attrs("update", "apps", "deployments", None, Some("d"))
+        ));
+        let named = rule(
+            serde_json::json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["c"], "verbs": ["get", "list"]}),
+        );
+        assert!(rule_allows(
+            &named,
+            &attrs("get", "", "configmaps", None, Some("c"))
+        ));
+        assert!(!rule_allows(
+            &named,
+            &attrs("get", "", "configmaps", None, Some("d"))
+        ));
+        // A list names no object: resourceNames cannot allow it.
+        assert!(!rule_allows(
+            &named,
+            &attrs("list", "", "configmaps", None, None)
+        ));
+    }
+
+    #[test]
+    fn aggregated_roles_take_the_rules_of_aggregated_roles() {
+        let role = |v: serde_json::Value| -> ClusterRole { serde_json::from_value(v).unwrap() };
+        let mut all = HashMap::new();
+        for r in [
+            role(
+                serde_json::json!({"metadata": {"name": "edit", "labels": {"to-admin": "true"}},
+                "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"to-edit": "true"}}]}}),
+            ),
+            role(
+                serde_json::json!({"metadata": {"name": "view", "labels": {"to-edit": "true"}},
+                "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"to-view": "true"}}]}}),
+            ),
+            role(
+                serde_json::json!({"metadata": {"name": "view-pods", "labels": {"to-view": "true"}},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}),
+            ),
+            role(
+                serde_json::json!({"metadata": {"name": "edit-pods", "labels": {"to-edit": "true"}},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]}),
+            ),
+        ] {
+            all.insert(r.metadata.name.clone().unwrap(), r);
+        }
+        let verbs: Vec<String> = aggregated_rules(&all, &all["edit"])
+            .into_iter()
+            .flat_map(|r| r.verbs)
+            .collect();
+        assert_eq!(verbs, ["create", "get"]);
+    }
+
+    #[test]
+    fn non_resource_urls_match_exactly_or_by_prefix() {
+        let r =
+            rule(serde_json::json!({"nonResourceURLs": ["/healthz", "/apis/*"], "verbs": ["get"]}));
+        let at = |path: &str| Attributes {
+            user: UserInfo::default(),
+            verb: "get".into(),
+            path: path.into(),
+            resource: None,
+        };
+        assert!(rule_allows(&r, &at("/healthz")));
+        assert!(rule_allows(&r, &at("/apis/apps/v1")));
+        assert!(!rule_allows(&r, &at("/metrics")));
+        assert!(!rule_allows(&r, &attrs("get", "", "pods", None, None)));
+    }
+}

@@ -1,0 +1,109 @@
+//! The server's certificates: the cluster CA kept in `DATA_DIR/tls`, a
+//! serving certificate made at each start for the addresses and names the
+//! server answers to, and client certificates for the administrator's
+//! kubeconfig and the server's own components.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmkube_pki::{Ca, Identity, Issued, ServingNames};
+
+use crate::kubeconfig::Credentials;
+
+/// How long the client certificates the server gives itself and its
+/// administrator are valid (kubeadm: one year). Each start makes new ones.
+const CLIENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The CA and this server's serving certificate.
+pub struct ServerPki {
+    pub ca: Arc<Ca>,
+    serving: Issued,
+}
+
+/// The host:port clients are told to use: the listen address, or the node
+/// address when listening on every address.
+pub fn url_host(addr: SocketAddr, node_address: IpAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(node_address, addr.port())
+    } else {
+        addr
+    }
+}
+
+/// Where the CA and certificates live under a data directory.
+pub fn tls_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls")
+}
+
+impl ServerPki {
+    /// Loads (or makes) the CA and issues a serving certificate for
+    /// localhost, this host's name, `listen` (or every address, when it is
+    /// unspecified: then the node address), the `kubernetes` Service's
+    /// names and `service_ip`, and `sans`.
+    pub fn load(
+        data_dir: &Path,
+        listen: SocketAddr,
+        node_address: IpAddr,
+        service_ip: Option<IpAddr>,
+        sans: &[String],
+    ) -> anyhow::Result<Self> {
+        let dir = tls_dir(data_dir);
+        let ca = Ca::load_or_create(&dir, "wasmkube-ca").with_context(|| {
+            format!("cannot load or create the cluster CA in {}", dir.display())
+        })?;
+        let mut names = ServingNames {
+            dns: vec![
+                "localhost".into(),
+                "kubernetes".into(),
+                "kubernetes.default".into(),
+                "kubernetes.default.svc".into(),
+                "kubernetes.default.svc.cluster.local".into(),
+            ],
+            ips: vec![
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+                node_address,
+            ],
+        };
+        names.dns.push(crate::agent::host_name());
+        if !listen.ip().is_unspecified() {
+            names.ips.push(listen.ip());
+        }
+        names.ips.extend(service_ip);
+        for san in sans {
+            match san.parse::<IpAddr>() {
+                Ok(ip) => names.ips.push(ip),
+                Err(_) => names.dns.push(san.clone()),
+            }
+        }
+        names.ips.sort();
+        names.ips.dedup();
+        names.dns.sort();
+        names.dns.dedup();
+        let serving = ca.issue_serving("kube-apiserver", &names)?;
+        wasmkube_pki::write_private(&dir.join("serving.crt"), &serving.cert_pem)?;
+        wasmkube_pki::write_private(&dir.join("serving.key"), &serving.key_pem)?;
+        Ok(Self {
+            ca: Arc::new(ca),
+            serving,
+        })
+    }
+
+    /// A client certificate for `who`, with the CA, for a kubeconfig.
+    pub fn credentials(&self, who: &Identity) -> anyhow::Result<Credentials> {
+        let issued = self.ca.issue_client(who, CLIENT_VALIDITY)?;
+        Ok(Credentials {
+            ca_pem: self.ca.cert_pem().to_owned(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+        })
+    }
+
+    /// The TLS configuration the API server serves with.
+    pub fn server_tls(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        Ok(self.ca.server_tls(&self.serving)?)
+    }
+}

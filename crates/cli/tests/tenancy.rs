@@ -1,0 +1,458 @@
+//! Tenants apart, through the real binary and kubectl: the server speaks
+//! TLS from its own CA, authenticates client certificates and bearer
+//! tokens, and authorizes every request by RBAC. Two tenants with `edit`
+//! in their own namespace and a `view` user run a matrix of operations in
+//! both namespaces; nothing crosses between tenants, what RBAC allows
+//! works, `kubectl auth can-i` agrees with what the server then does, and
+//! a join token cannot take over a registered node's name.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// A kubeconfig for `server` that trusts the cluster CA and proves `token`
+/// (or nothing).
+fn user_kubeconfig(
+    s: &Server,
+    dir: &std::path::Path,
+    user: &str,
+    token: Option<&str>,
+) -> std::path::PathBuf {
+    let admin = std::fs::read_to_string(&s.kubeconfig).unwrap();
+    let ca = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .expect("the admin kubeconfig carries the CA");
+    let auth = match token {
+        Some(t) => format!("\n    token: {t}"),
+        None => " {}".into(),
+    };
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: {user}\ncurrent-context: c\nusers:\n- name: {user}\n  user:{auth}\n",
+        s.url
+    );
+    let path = dir.join(format!("{user}.kubeconfig"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn kubectl_as(kubeconfig: &std::path::Path, args: &[&str]) -> Out {
+    let out = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .expect("kubectl is installed");
+    Out {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One operation of the matrix: what kubectl runs in namespace NS, the
+/// `kubectl auth can-i` question it is, and whether `edit` and `view`
+/// grant it.
+struct Op {
+    name: &'static str,
+    args: &'static [&'static str],
+    can_i: &'static [&'static str],
+    edit: bool,
+    view: bool,
+}
+
+const OPS: &[Op] = &[
+    Op {
+        name: "list pods",
+        args: &["get", "pods"],
+        can_i: &["list", "pods"],
+        edit: true,
+        view: true,
+    },
+    Op {
+        name: "list secrets",
+        args: &["get", "secrets"],
+        can_i: &["list", "secrets"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "get a secret",
+        args: &["get", "secret", "s1"],
+        can_i: &["get", "secrets/s1"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "watch secrets",
+        args: &["get", "secrets", "--watch-only", "--request-timeout=1s"],
+        can_i: &["watch", "secrets"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "create a configmap",
+        args: &["create", "configmap", "made-USER"],
+        can_i: &["create", "configmaps"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "delete a configmap",
+        args: &["delete", "configmap", "seed", "--ignore-not-found"],
+        can_i: &["delete", "configmaps"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "list deployments",
+        args: &["get", "deployments.apps"],
+        can_i: &["list", "deployments.apps"],
+        edit: true,
+        view: true,
+    },
+    Op {
+        name: "create a deployment",
+        args: &[
+            "create",
+            "deployment",
+            "web-USER",
+            "--image=example.invalid/none:v1",
+        ],
+        can_i: &["create", "deployments.apps"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "read a pod's log",
+        args: &["logs", "p"],
+        can_i: &["get", "pods/log"],
+        edit: true,
+        view: true,
+    },
+    Op {
+        name: "exec into a pod",
+        args: &["exec", "p", "--", "true"],
+        can_i: &["create", "pods/exec"],
+        edit: true,
+        view: false,
+    },
+    Op {
+        name: "bind a role",
+        args: &[
+            "create",
+            "rolebinding",
+            "grab-USER",
+            "--clusterrole=admin",
+            "--user=USER",
+        ],
+        can_i: &["create", "rolebindings.rbac.authorization.k8s.io"],
+        edit: false,
+        view: false,
+    },
+    Op {
+        name: "impersonate the other tenant",
+        args: &["get", "pods", "--as=OTHER"],
+        can_i: &["impersonate", "users/OTHER"],
+        edit: false,
+        view: false,
+    },
+];
+
+fn refused(out: &Out) -> bool {
+    !out.ok && out.stderr.contains("forbidden")
+}
+
+#[test]
+fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(
+        &tokens,
+        "alice-token,alice,1001,\"tenant-a\"\nbob-token,bob,1002,\"tenant-b\"\nvictor-token,victor,1003\n",
+    )
+    .unwrap();
+    let s = start_server_with(
+        &dir.path().join("server"),
+        &["--token-auth-file", tokens.to_str().unwrap()],
+    );
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+
+    // The administrator (the kubeconfig the server wrote) sets the tenants
+    // up, with a running pod in each namespace (on a simulated node).
+    let _sim = sim_nodes(&s, &["--count", "1"]);
+    for ns in ["a", "b"] {
+        ok(&s, &["create", "namespace", ns], None);
+        ok(
+            &s,
+            &[
+                "-n",
+                ns,
+                "create",
+                "secret",
+                "generic",
+                "s1",
+                "--from-literal=k=secret-of-",
+            ],
+            None,
+        );
+        ok(&s, &["-n", ns, "create", "configmap", "seed"], None);
+        ok(
+            &s,
+            &[
+                "-n",
+                ns,
+                "run",
+                "p",
+                "--image=example.invalid/none:v1",
+                "--restart=Never",
+            ],
+            None,
+        );
+        // `kubectl run` returned: the pod exists.
+        ok(
+            &s,
+            &[
+                "-n",
+                ns,
+                "wait",
+                "--for=condition=Ready",
+                "pod/p",
+                "--timeout=60s",
+            ],
+            None,
+        );
+    }
+    ok(
+        &s,
+        &[
+            "-n",
+            "a",
+            "create",
+            "rolebinding",
+            "alice-edit",
+            "--clusterrole=edit",
+            "--user=alice",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "-n",
+            "b",
+            "create",
+            "rolebinding",
+            "bob-edit",
+            "--clusterrole=edit",
+            "--group=tenant-b",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "clusterrolebinding",
+            "victor-view",
+            "--clusterrole=view",
+            "--user=victor",
+        ],
+        None,
+    );
+
+    let users = [
+        ("alice", "alice-token", Some("a"), "bob"),
+        ("bob", "bob-token", Some("b"), "alice"),
+        ("victor", "victor-token", None, "alice"),
+    ];
+    let (mut allowed_ok, mut refused_ok, mut crossings, mut disagreements) = (0, 0, 0, 0);
+    let mut failures = Vec::new();
+    for (user, token, home, other) in users {
+        let kc = user_kubeconfig(&s, dir.path(), user, Some(token));
+        let whoami = kubectl_as(&kc, &["auth", "whoami"]);
+        assert!(
+            whoami.ok && whoami.stdout.contains(user),
+            "{user}: {}{}",
+            whoami.stdout,
+            whoami.stderr
+        );
+        for ns in ["a", "b"] {
+            for op in OPS {
+                let args: Vec<String> = op
+                    .args
+                    .iter()
+                    .map(|a| a.replace("USER", user).replace("OTHER", other))
+                    .collect();
+                let mut full: Vec<&str> = vec!["-n", ns];
+                full.extend(args.iter().map(String::as_str));
+                let out = kubectl_as(&kc, &full);
+                let grants = if home == Some(ns) {
+                    op.edit
+                } else {
+                    home.is_none() && op.view
+                };
+                let can_i: Vec<String> =
+                    op.can_i.iter().map(|a| a.replace("OTHER", other)).collect();
+                let mut question: Vec<&str> = vec!["auth", "can-i", "-n", ns];
+                question.extend(can_i.iter().map(String::as_str));
+                let answer = kubectl_as(&kc, &question).stdout.trim().to_owned();
+                let was_refused = refused(&out);
+                if (answer == "yes") == was_refused {
+                    disagreements += 1;
+                    failures.push(format!(
+                        "{user} {ns} {}: can-i says {answer}, the server refused: {was_refused}",
+                        op.name
+                    ));
+                }
+                match (grants, was_refused) {
+                    (true, false) => allowed_ok += 1,
+                    (false, true) => refused_ok += 1,
+                    (false, false) => {
+                        crossings += 1;
+                        failures.push(format!(
+                            "{user} {ns} {}: allowed: {}{}",
+                            op.name, out.stdout, out.stderr
+                        ));
+                    }
+                    (true, true) => {
+                        failures.push(format!("{user} {ns} {}: refused: {}", op.name, out.stderr))
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "tenant matrix: {allowed_ok} allowed and done, {refused_ok} refused, {crossings} crossings, {disagreements} can-i disagreements"
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(crossings, 0);
+
+    // Kubernetes' words for a refusal.
+    let alice = user_kubeconfig(&s, dir.path(), "alice", Some("alice-token"));
+    let out = kubectl_as(&alice, &["-n", "b", "get", "secrets"]);
+    assert!(
+        out.stderr.contains(
+            r#"User "alice" cannot list resource "secrets" in API group "" in the namespace "b""#
+        ),
+        "{}",
+        out.stderr
+    );
+    // The administrator may act as alice, and is then refused as alice.
+    let out = kubectl(&s, &["-n", "b", "get", "secrets", "--as=alice"], None);
+    assert!(
+        out.stderr.contains(r#"User "alice" cannot list"#),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        ok(
+            &s,
+            &["-n", "a", "get", "secrets", "--as=alice", "-o", "name"],
+            None
+        )
+        .contains("secret/s1")
+    );
+
+    // No credentials, or a token no one has: 401; the public information
+    // is readable anonymously.
+    let admin = std::fs::read_to_string(&s.kubeconfig).unwrap();
+    let ca = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(
+        &ca_file,
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, ca).unwrap(),
+    )
+    .unwrap();
+    let curl = |path: &str, headers: &[&str]| -> String {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca_file);
+        for h in headers {
+            c.args(["-H", h]);
+        }
+        let out = c.arg(format!("{}{path}", s.url)).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl("/api/v1/namespaces/a/secrets", &[]), "401");
+    assert_eq!(
+        curl(
+            "/api/v1/namespaces/a/pods",
+            &["Authorization: Bearer guessed"]
+        ),
+        "401"
+    );
+    assert_eq!(curl("/readyz", &[]), "200");
+    assert_eq!(
+        curl(
+            "/api/v1/namespaces/a/pods",
+            &["Authorization: Bearer alice-token"]
+        ),
+        "200"
+    );
+
+    // A join token makes new nodes, but cannot take over a registered
+    // node's name.
+    let out = Command::new(wasmkube())
+        .args([
+            "agent",
+            "--server",
+            &s.url,
+            "--token",
+            &s.join_token(),
+            "--name",
+            "sim-0",
+        ])
+        .args([
+            "--port",
+            "0",
+            "--no-pod-network",
+            "--no-service-proxy",
+            "--no-gateway",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("thief"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("already registered"), "{stderr}");
+    // A token for another cluster's CA is refused before anything is sent.
+    let mut wrong = s.join_token();
+    wrong.replace_range(
+        3..7,
+        if &wrong[3..7] == "0000" {
+            "1111"
+        } else {
+            "0000"
+        },
+    );
+    let out = Command::new(wasmkube())
+        .args([
+            "agent", "--server", &s.url, "--token", &wrong, "--name", "n-new",
+        ])
+        .args([
+            "--port",
+            "0",
+            "--no-pod-network",
+            "--no-service-proxy",
+            "--no-gateway",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("wrong"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not the one the join token names"),
+        "{stderr}"
+    );
+}

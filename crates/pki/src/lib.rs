@@ -1,0 +1,435 @@
+//! The cluster's certificate authority: its key and certificate, the
+//! certificates it issues (API server serving, client identities, signed
+//! CSRs), who a client certificate names, and the rustls configurations
+//! that serve and verify them.
+//!
+//! Identities follow Kubernetes' x509 convention: the subject's common name
+//! is the user, each organization a group (`O=system:masters` is the
+//! cluster administrators' group).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::Digest;
+
+/// Why a certificate could not be made, read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot read or write {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    #[error("a certificate names at most two groups (organizations); {0} asked")]
+    TooManyGroups(usize),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+pub type Result<T> = std::result::Result<T, PkiError>;
+
+/// Who a certificate names: the user (common name) and groups
+/// (organizations).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+impl Identity {
+    pub fn new(user: &str, groups: &[&str]) -> Self {
+        Self {
+            user: user.to_owned(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+
+    /// The subject: `O=` each group, then `CN=` the user. rcgen keeps one
+    /// value per attribute type, so the second group is written under a
+    /// custom type with the organization's own OID; a third is refused.
+    fn distinguished_name(&self) -> Result<DistinguishedName> {
+        let mut dn = DistinguishedName::new();
+        let types = [
+            DnType::OrganizationName,
+            DnType::CustomDnType(vec![2, 5, 4, 10]),
+        ];
+        if self.groups.len() > types.len() {
+            return Err(PkiError::TooManyGroups(self.groups.len()));
+        }
+        for (group, ty) in self.groups.iter().zip(types) {
+            dn.push(ty, group.as_str());
+        }
+        dn.push(DnType::CommonName, self.user.as_str());
+        Ok(dn)
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// What a serving certificate is valid for.
+#[derive(Clone, Debug, Default)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The cluster's certificate authority.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("hash", &self.hash()).finish()
+    }
+}
+
+/// How long the CA is valid (kubeadm: 10 years).
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `contents` to `path` readable by its owner only (0600), through a
+/// temporary file renamed into place.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(contents.as_bytes()).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // A little slack for clocks a few minutes apart.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + lifetime;
+}
+
+impl Ca {
+    /// A new CA named `name` (its common name).
+    pub fn create(name: &str) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, CA_VALIDITY);
+        let cert = params.self_signed(&key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem())
+    }
+
+    /// The CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| PkiError::Pem(e.to_string()))?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    /// The CA kept in `dir` as `ca.crt` and `ca.key` (0600), made there on
+    /// first use.
+    pub fn load_or_create(dir: &Path, name: &str) -> Result<Self> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if cert_path.exists() && key_path.exists() {
+            let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            return Self::from_pem(&cert, &key);
+        }
+        let ca = Self::create(name)?;
+        write_private(&key_path, &ca.key_pem())?;
+        write_private(&cert_path, &ca.cert_pem)?;
+        Ok(ca)
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// The SHA-256 of the CA certificate (DER), hex: what a join token pins.
+    pub fn hash(&self) -> String {
+        hash_der(&self.cert_der)
+    }
+
+    /// A serving certificate for `names`, with a new key.
+    pub fn issue_serving(&self, common_name: &str, names: &ServingNames) -> Result<Issued> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .dns
+            .iter()
+            .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
+            .chain(names.ips.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, Duration::from_secs(365 * 24 * 3600));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A client certificate for `who`, with a new key.
+    pub fn issue_client(&self, who: &Identity, lifetime: Duration) -> Result<Issued> {
+        let key = KeyPair::generate()?;
+        let cert = self
+            .client_params(who, lifetime)?
+            .signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn client_params(&self, who: &Identity, lifetime: Duration) -> Result<CertificateParams> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = who.distinguished_name()?;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, lifetime);
+        Ok(params)
+    }
+
+    /// Signs a PKCS#10 request (PEM) as a client certificate for the
+    /// identity its subject names, valid for `lifetime`. The request's own
+    /// extensions are not copied: the certificate is for client
+    /// authentication only.
+    pub fn sign_client_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let who = csr_identity(csr_pem)?;
+        let request = CertificateSigningRequestParams {
+            params: self.client_params(&who, lifetime)?,
+            public_key: csr.public_key,
+        };
+        Ok(request.signed_by(&self.issuer)?.pem())
+    }
+
+    /// The rustls configuration serving `serving` and verifying client
+    /// certificates against this CA; clients without one are let through
+    /// (to bearer tokens or anonymous access). Offers HTTP/2 and HTTP/1.1.
+    pub fn server_tls(&self, serving: &Issued) -> Result<Arc<rustls::ServerConfig>> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert_der.clone())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
+        let (chain, key) = parse_pair(serving)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn parse_pair(pair: &Issued) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    Ok((chain, key))
+}
+
+/// The SHA-256 of a DER certificate, hex.
+pub fn hash_der(der: &[u8]) -> String {
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SHA-256 (hex) of the first certificate in `pem`.
+pub fn hash_pem(pem: &str) -> Result<String> {
+    let der =
+        CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Pem(e.to_string()))?;
+    Ok(hash_der(&der))
+}
+
+fn names_of(name: &x509_parser::x509::X509Name<'_>) -> Identity {
+    let text =
+        |attr: &x509_parser::x509::AttributeTypeAndValue<'_>| attr.as_str().ok().map(str::to_owned);
+    Identity {
+        user: name.iter_common_name().find_map(text).unwrap_or_default(),
+        groups: name.iter_organization().filter_map(text).collect(),
+    }
+}
+
+/// Who a (verified) client certificate names; `None` when it cannot be
+/// parsed or names no one.
+pub fn identity_of(cert_der: &[u8]) -> Option<Identity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let who = names_of(cert.subject());
+    (!who.user.is_empty()).then_some(who)
+}
+
+/// When a certificate (PEM) stops being valid, as seconds since the epoch.
+pub fn not_after(cert_pem: &str) -> Result<i64> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Pem(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Who a PKCS#10 request (PEM) asks to be; its signature is checked.
+pub fn csr_identity(csr_pem: &str) -> Result<Identity> {
+    use x509_parser::prelude::FromDer;
+    let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| PkiError::Pem(e.to_string()))?;
+    csr.verify_signature()
+        .map_err(|_| PkiError::Cert(rcgen::Error::InvalidCertificationRequestSignature))?;
+    Ok(names_of(&csr.certification_request_info.subject))
+}
+
+/// A new key and a PKCS#10 request (PEM) for `who`: (request, key).
+pub fn new_csr(who: &Identity) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = who.distinguished_name()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_names_its_user_and_groups() {
+        let ca = Ca::create("test-ca").unwrap();
+        let who = Identity::new("alice", &["dev", "system:authenticated"]);
+        let issued = ca.issue_client(&who, Duration::from_secs(3600)).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        assert_eq!(identity_of(&der), Some(who));
+    }
+
+    #[test]
+    fn a_signed_request_keeps_the_requested_identity_and_key() {
+        let ca = Ca::create("test-ca").unwrap();
+        let who = Identity::new("system:node:n1", &["system:nodes"]);
+        let (csr, key) = new_csr(&who).unwrap();
+        assert_eq!(csr_identity(&csr).unwrap(), who);
+        let cert = ca.sign_client_csr(&csr, Duration::from_secs(60)).unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(identity_of(&der), Some(who));
+        // The certificate carries the request's key.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let key = KeyPair::from_pem(&key).unwrap();
+        assert_eq!(
+            parsed.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key)
+        );
+        let expires = not_after(&cert).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!((now..now + 120).contains(&expires), "{expires} vs {now}");
+    }
+
+    #[test]
+    fn a_tampered_request_is_refused() {
+        let (csr, _) = new_csr(&Identity::new("bob", &[])).unwrap();
+        // Change one character of the signature (the last line of data).
+        let mut lines: Vec<String> = csr.lines().map(str::to_owned).collect();
+        let last = lines.len() - 2;
+        let flipped: String = lines[last]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| match (i, c) {
+                (2, 'A') => 'B',
+                (2, _) => 'A',
+                _ => c,
+            })
+            .collect();
+        lines[last] = flipped;
+        assert!(csr_identity(&lines.join("\n")).is_err());
+    }
+
+    #[test]
+    fn the_ca_is_kept_and_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = Ca::load_or_create(dir.path(), "c").unwrap();
+        let again = Ca::load_or_create(dir.path(), "c").unwrap();
+        assert_eq!(first.hash(), again.hash());
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
