@@ -348,7 +348,8 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             .await
             .unwrap_or_else(|e| e.into_response());
     }
-    rest::handle(server, parts.method, parts.uri, parts.headers, body).await
+    let user = parts.extensions.get::<UserInfo>().cloned();
+    rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await
 }
 
 /// The built-in classes: the RuntimeClasses of the node runtimes

@@ -40,9 +40,10 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    user: Option<crate::auth::UserInfo>,
     body: Body,
 ) -> Response {
-    match dispatch(&server, &method, &uri, &headers, body).await {
+    match dispatch(&server, &method, &uri, &headers, user.as_ref(), body).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
@@ -53,6 +54,7 @@ async fn dispatch(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    user: Option<&crate::auth::UserInfo>,
     body: Body,
 ) -> ApiResult<Response> {
     let target = request::parse(uri.path())?.ok_or(ApiError::NoRoute)?;
@@ -64,6 +66,7 @@ async fn dispatch(
         params,
         headers,
         output,
+        user,
     };
     use Subresource::*;
     match (method.clone(), target.name, target.subresource) {
@@ -200,6 +203,8 @@ pub(crate) struct Ctx<'a> {
     pub params: Params,
     pub headers: &'a HeaderMap,
     pub output: Output,
+    /// Who asked (`None`: the server itself, or authorization is off).
+    pub user: Option<&'a crate::auth::UserInfo>,
 }
 
 /// A JSON response with a status code and optional warnings.
@@ -771,6 +776,7 @@ impl Ctx<'_> {
     }
 
     async fn persist_create(&self, name: &str, mut obj: Value) -> ApiResult<Value> {
+        crate::auth::escalation::check(self.server, self.user, self.rt(), name, &obj)?;
         if self.params.dry_run {
             return Ok(obj);
         }
@@ -948,6 +954,7 @@ impl Ctx<'_> {
         rev: u64,
         mut new: Value,
     ) -> ApiResult<Value> {
+        crate::auth::escalation::check(self.server, self.user, self.rt(), name, &new)?;
         if self.rt().id() != "Service" || sub.is_some() {
             return self.persist_update(name, old, rev, new).await;
         }
@@ -1395,6 +1402,7 @@ impl Ctx<'_> {
                 },
                 headers: self.headers,
                 output: Output::Object,
+                user: None,
             };
             match ctx.delete_one(&name, opts).await {
                 Ok((mut o, _)) => {
@@ -1727,6 +1735,7 @@ pub(crate) async fn create_internal(
         },
         headers: &headers,
         output: Output::Object,
+        user: None,
     };
     ctx.create_object(body).await.map(|(obj, _)| obj)
 }
@@ -1756,6 +1765,7 @@ pub(crate) async fn reconcile_internal(
         },
         headers: &headers,
         output: Output::Object,
+        user: None,
     };
     ctx.guaranteed_update(name, sub, |current| {
         Ok(change(current).map(|mut wanted| {

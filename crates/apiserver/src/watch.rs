@@ -330,6 +330,7 @@ impl ListAll<'_, '_> {
             },
             headers: self.0.headers,
             output: Output::Object,
+            user: None,
         };
         ctx.list_objects().await
     }

@@ -1,6 +1,7 @@
 //! `wasmkube-bench`: measures the figures issues name, printing each next to a
 //! peer measured in the same run (these machines are shared and noisy).
 
+mod auth;
 mod create;
 mod custom;
 mod density;
@@ -74,6 +75,10 @@ enum Bench {
     /// Two API servers on etcd: from SIGKILL of the serving, leading one to
     /// a client's next acknowledged write and to the next pod bound.
     Failover(failover::Args),
+    /// TLS, authentication and RBAC against plain HTTP with authorization
+    /// off, in alternating rounds: create throughput, watch latency, and
+    /// handshakes on new connections.
+    Auth(auth::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Serving(a) => rt.block_on(serving::run(a)),
         Bench::Registry(a) => rt.block_on(registry::run(a)),
         Bench::Failover(a) => rt.block_on(failover::run(a)),
+        Bench::Auth(a) => rt.block_on(auth::run(a)),
         Bench::CustomResources(a) => rt.block_on(custom::run(a)),
         Bench::PushToRunning(a) => rt.block_on(push::run(a)),
     }

@@ -33,6 +33,25 @@ fn create_bench_smoke() {
 }
 
 #[test]
+fn auth_bench_smoke() {
+    let out = bench(&[
+        "auth",
+        "--clients",
+        "4",
+        "--objects",
+        "50",
+        "--rounds",
+        "1",
+        "--latency-samples",
+        "5",
+        "--handshakes",
+        "10",
+    ]);
+    assert!(out.contains("secure/plain"), "{out}");
+    assert!(out.contains("TLS handshake"), "{out}");
+}
+
+#[test]
 fn watch_bench_smoke() {
     let out = bench(&["watch", "--watchers", "5", "--events", "5"]);
     assert!(out.contains("p99"), "{out}");

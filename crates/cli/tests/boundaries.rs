@@ -214,4 +214,18 @@ fn crate_boundaries_hold() {
         BTreeSet::from(["wasmkube"]),
         "only the binary serves the registry"
     );
+    // Certificates are made in one place, which knows nothing of the
+    // cluster.
+    assert_eq!(
+        direct_users_of("rcgen"),
+        BTreeSet::from(["wasmkube-pki"]),
+        "only the pki crate makes certificates"
+    );
+    assert!(
+        !deps["wasmkube-pki"]
+            .iter()
+            .any(|d| d.starts_with("wasmkube")),
+        "the pki crate depends on no crate of ours: {:?}",
+        deps["wasmkube-pki"]
+    );
 }

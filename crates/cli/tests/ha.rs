@@ -484,7 +484,7 @@ fn snapshot_restore_and_migration_to_etcd() {
     let (first, restored_dir, etcd_dir) = (dirs[0].path(), dirs[1].path(), dirs[2].path());
 
     // A snapshot of a running server's embedded store.
-    let mut s = start_server(first);
+    let mut s = start_server_with(first, &["--insecure-http"]);
     ok(
         &s,
         &["create", "configmap", "kept", "--from-literal=k=v"],
@@ -538,7 +538,7 @@ fn snapshot_restore_and_migration_to_etcd() {
         restored_dir.as_os_str(),
     ]);
     assert!(!again && out.contains("already holds a store"), "{out}");
-    let mut s = start_server(restored_dir);
+    let mut s = start_server_with(restored_dir, &["--insecure-http"]);
     let kept = ok(
         &s,
         &[
@@ -587,7 +587,7 @@ fn snapshot_restore_and_migration_to_etcd() {
     assert!(out.starts_with("Copied "), "{out}");
     let (twice, out) = wasmkube_cli(&migrate);
     assert!(!twice && out.contains("already holds keys"), "{out}");
-    let s = start_server_with(etcd_dir, &["--etcd-servers", &endpoints]);
+    let s = start_server_with(etcd_dir, &["--etcd-servers", &endpoints, "--insecure-http"]);
     assert_eq!(
         ok(
             &s,

@@ -172,7 +172,7 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
     let tokens = dir.path().join("tokens.csv");
     std::fs::write(
         &tokens,
-        "alice-token,alice,1001,\"tenant-a\"\nbob-token,bob,1002,\"tenant-b\"\nvictor-token,victor,1003\n",
+        "alice-token,alice,1001,\"tenant-a\"\nbob-token,bob,1002,\"tenant-b\"\nvictor-token,victor,1003\ncarol-token,carol,1004\n",
     )
     .unwrap();
     let s = start_server_with(
@@ -396,6 +396,67 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         ),
         "200"
     );
+
+    // No one grants what they do not hold: carol administers namespace a,
+    // so she may bind `edit` there, but not `cluster-admin`, nor write a
+    // role with rules she lacks.
+    ok(
+        &s,
+        &[
+            "-n",
+            "a",
+            "create",
+            "rolebinding",
+            "carol-admin",
+            "--clusterrole=admin",
+            "--user=carol",
+        ],
+        None,
+    );
+    let carol = user_kubeconfig(&s, dir.path(), "carol", Some("carol-token"));
+    let out = kubectl_as(
+        &carol,
+        &[
+            "-n",
+            "a",
+            "create",
+            "rolebinding",
+            "dave-edit",
+            "--clusterrole=edit",
+            "--user=dave",
+        ],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    for args in [
+        &[
+            "-n",
+            "a",
+            "create",
+            "rolebinding",
+            "carol-all",
+            "--clusterrole=cluster-admin",
+            "--user=carol",
+        ][..],
+        &[
+            "-n",
+            "a",
+            "create",
+            "role",
+            "node-reader",
+            "--verb=get",
+            "--resource=nodes",
+        ][..],
+    ] {
+        let out = kubectl_as(&carol, args);
+        assert!(
+            !out.ok
+                && out
+                    .stderr
+                    .contains("is attempting to grant RBAC permissions not currently held"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 
     // A join token makes new nodes, but cannot take over a registered
     // node's name.

@@ -16,6 +16,7 @@
 
 pub(crate) mod bootstrap;
 pub(crate) mod csr;
+pub(crate) mod escalation;
 pub(crate) mod rbac;
 pub(crate) mod review;
 

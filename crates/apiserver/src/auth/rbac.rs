@@ -358,6 +358,11 @@ impl Rbac {
         }
     }
 
+    /// The rules a binding's `roleRef` grants in `namespace`.
+    pub(crate) fn rules_of_role(&self, role_ref: &RoleRef, namespace: &str) -> Vec<PolicyRule> {
+        self.policy().role_rules(role_ref, namespace).to_vec()
+    }
+
     /// The rules `user` has in `namespace` (cluster-wide ones included).
     pub(crate) fn rules_for(&self, user: &UserInfo, namespace: &str) -> Vec<PolicyRule> {
         let policy = self.policy();
