@@ -1,6 +1,7 @@
 //! The cost of security: the same API server (in process, on sled) with
 //! TLS, authentication and RBAC against one serving plain HTTP with
-//! authorization off, in alternating rounds of one run. The secure client
+//! authorization off (and one with TLS alone, to tell the two costs
+//! apart), in alternating rounds of one run. The secure client
 //! is an ordinary user (a client certificate bound to `edit` in its
 //! namespace), so every request is decided by RBAC, not by the
 //! `system:masters` shortcut. Measured: create throughput with concurrent
@@ -86,15 +87,28 @@ async fn client_from(text: &str, reuse: bool) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
-/// An API server on a fresh sled store; with `secure`, TLS, authentication
-/// and RBAC, and a client that is a user with `edit` in `bench`.
-async fn serve(secure: bool) -> anyhow::Result<Served> {
+/// How a server is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// TLS, authentication and RBAC.
+    Secure,
+    /// TLS alone: every request allowed.
+    Tls,
+    /// Plain HTTP, every request allowed.
+    Plain,
+}
+
+/// An API server on a fresh sled store, and a client that is a user with
+/// `edit` in `bench`.
+async fn serve(mode: Mode) -> anyhow::Result<Served> {
     use wasmkube_apiserver::{ApiServer, Authentication, Config};
     let dir = tempfile::tempdir()?;
     let store = wasmkube_store::open_sled(dir.path())?;
-    let ca = secure.then(|| Ca::create("bench-ca")).transpose()?;
+    let ca = (mode != Mode::Plain)
+        .then(|| Ca::create("bench-ca"))
+        .transpose()?;
     let config = Config {
-        authentication: secure.then(Authentication::default),
+        authentication: (mode == Mode::Secure).then(Authentication::default),
         ca: None,
         ..Default::default()
     };
@@ -249,20 +263,30 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let secure = serve(true).await?;
-    let plain = serve(false).await?;
-    let (mut rates, mut lat) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let servers = [
+        serve(Mode::Secure).await?,
+        serve(Mode::Tls).await?,
+        serve(Mode::Plain).await?,
+    ];
+    let (mut rates, mut lat) = (
+        [Vec::new(), Vec::new(), Vec::new()],
+        [Vec::new(), Vec::new(), Vec::new()],
+    );
+    // Each round starts with another server: whichever runs first meets
+    // the store flushes and allocator state the previous one left.
     for round in 0..args.rounds {
-        for (i, served) in [&secure, &plain].into_iter().enumerate() {
+        for k in 0..servers.len() {
+            let i = (round + k) % servers.len();
+            let served = &servers[i];
             rates[i].push(create_rate(&served.client, round, args.clients, args.objects).await?);
             lat[i].extend(watch_latencies(&served.client, round, args.latency_samples).await?);
         }
     }
     let handshakes = [
-        handshake_rate(&secure.fresh, args.handshakes).await?,
-        handshake_rate(&plain.fresh, args.handshakes).await?,
+        handshake_rate(&servers[0].fresh, args.handshakes).await?,
+        handshake_rate(&servers[2].fresh, args.handshakes).await?,
     ];
-    for served in [secure, plain] {
+    for served in servers {
         served.task.abort();
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -277,19 +301,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "creates ({} objects per round, {} clients; a user with edit in the namespace)",
         args.objects, args.clients
     );
+    let names = ["secure  ", "TLS only", "plain   "];
+    for (name, r) in names.iter().zip(&rates) {
+        let rounds: Vec<f64> = r.iter().map(|r| r.round()).collect();
+        println!(
+            "  {name}   {:>9.0} objects/s  (rounds: {rounds:?})",
+            mean(r)
+        );
+    }
     println!(
-        "  secure   {:>9.0} objects/s  (rounds: {:?})",
-        mean(&rates[0]),
-        rates[0].iter().map(|r| r.round()).collect::<Vec<_>>()
+        "  secure/plain {:.2}   TLS only/plain {:.2}",
+        mean(&rates[0]) / mean(&rates[2]),
+        mean(&rates[1]) / mean(&rates[2])
     );
-    println!(
-        "  plain    {:>9.0} objects/s  (rounds: {:?})",
-        mean(&rates[1]),
-        rates[1].iter().map(|r| r.round()).collect::<Vec<_>>()
-    );
-    println!("  secure/plain {:.2}", mean(&rates[0]) / mean(&rates[1]));
     println!("create -> watch event ({} samples each)", lat[0].len());
-    for (name, l) in [("secure", &lat[0]), ("plain ", &lat[1])] {
+    for (name, l) in names.iter().zip(&lat) {
         println!(
             "  {name}   p50 {:.2} ms  p99 {:.2} ms",
             percentile(l, 0.5),

@@ -36,7 +36,7 @@ pub(crate) fn check(
         .as_str()
         .filter(|_| rt.namespaced);
     let may = |verb: &str, resource: &str, target: &str| {
-        auth.authorize(&Attributes {
+        auth.allows(&Attributes {
             user: user.clone(),
             verb: verb.into(),
             path: String::new(),
@@ -48,7 +48,6 @@ pub(crate) fn check(
                 name: Some(target.into()),
             }),
         })
-        .allowed
     };
     let wanted: Vec<PolicyRule> = match rt.kind {
         "Role" | "ClusterRole" => {
@@ -104,13 +103,12 @@ fn uncovered(
 ) -> Vec<String> {
     let mut missing = Vec::new();
     let holds = |verb: &str, resource: Option<ResourceAttributes>, path: &str| {
-        auth.authorize(&Attributes {
+        auth.allows(&Attributes {
             user: user.clone(),
             verb: verb.into(),
             path: path.into(),
             resource,
         })
-        .allowed
     };
     for verb in &rule.verbs {
         for url in rule.non_resource_urls.iter().flatten() {

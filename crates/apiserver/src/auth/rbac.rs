@@ -191,18 +191,18 @@ pub(crate) fn rule_allows(rule: &PolicyRule, attrs: &Attributes) -> bool {
     ) {
         return false;
     }
-    let combined = match &resource.subresource {
-        Some(sub) => format!("{}/{sub}", resource.resource),
-        None => resource.resource.clone(),
-    };
     let resources = rule.resources.as_deref().unwrap_or_default();
+    // `pods`, `pods/log`, `*` or `*/log` (compared without allocating: this
+    // runs for every rule a request is checked against).
     let resource_ok = resources.iter().any(|r| {
         r == "*"
-            || *r == combined
-            || resource
-                .subresource
-                .as_ref()
-                .is_some_and(|sub| r.strip_prefix("*/") == Some(sub.as_str()))
+            || match (&resource.subresource, r.split_once('/')) {
+                (None, None) => *r == resource.resource,
+                (Some(sub), Some((res, rsub))) => {
+                    rsub == sub && (res == "*" || res == resource.resource)
+                }
+                _ => false,
+            }
     });
     if !resource_ok {
         return false;
@@ -237,13 +237,14 @@ impl Policy {
         }
     }
 
-    /// Every rule granted to `user`, with what grants it: cluster-wide,
-    /// then in `namespace`.
+    /// Every rule granted to `user`, with the binding that grants it:
+    /// cluster-wide, then in `namespace`. (What grants a rule is only
+    /// rendered for the one that decides: this runs on every request.)
     fn rules_of<'a>(
         &'a self,
         user: &'a UserInfo,
         namespace: Option<&'a str>,
-    ) -> impl Iterator<Item = (&'a PolicyRule, String)> + 'a {
+    ) -> impl Iterator<Item = (&'a PolicyRule, Grant<'a>)> + 'a {
         let cluster = self
             .cluster_bindings
             .iter()
@@ -254,16 +255,9 @@ impl Policy {
                     .any(|s| subject_matches(s, user, ""))
             })
             .flat_map(|b| {
-                let name = b.metadata.name.clone().unwrap_or_default();
-                self.role_rules(&b.role_ref, "").iter().map(move |r| {
-                    (
-                        r,
-                        format!(
-                            "ClusterRoleBinding \"{name}\" of ClusterRole \"{}\"",
-                            b.role_ref.name
-                        ),
-                    )
-                })
+                self.role_rules(&b.role_ref, "")
+                    .iter()
+                    .map(move |r| (r, Grant::Cluster(b)))
             });
         let local = namespace
             .and_then(|ns| self.bindings.get(ns).map(|list| (ns, list)))
@@ -277,19 +271,39 @@ impl Policy {
                             .any(|s| subject_matches(s, user, ns))
                     })
                     .flat_map(move |b| {
-                        let name = b.metadata.name.clone().unwrap_or_default();
-                        self.role_rules(&b.role_ref, ns).iter().map(move |r| {
-                            (
-                                r,
-                                format!(
-                                    "RoleBinding \"{name}/{ns}\" of {} \"{}\"",
-                                    b.role_ref.kind, b.role_ref.name
-                                ),
-                            )
-                        })
+                        self.role_rules(&b.role_ref, ns)
+                            .iter()
+                            .map(move |r| (r, Grant::Namespaced(b)))
                     })
             });
         cluster.chain(local)
+    }
+}
+
+/// The binding a rule comes from.
+enum Grant<'a> {
+    Cluster(&'a ClusterRoleBinding),
+    Namespaced(&'a RoleBinding),
+}
+
+impl std::fmt::Display for Grant<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Grant::Cluster(b) => write!(
+                f,
+                "ClusterRoleBinding \"{}\" of ClusterRole \"{}\"",
+                b.metadata.name.as_deref().unwrap_or_default(),
+                b.role_ref.name
+            ),
+            Grant::Namespaced(b) => write!(
+                f,
+                "RoleBinding \"{}/{}\" of {} \"{}\"",
+                b.metadata.name.as_deref().unwrap_or_default(),
+                b.metadata.namespace.as_deref().unwrap_or_default(),
+                b.role_ref.kind,
+                b.role_ref.name
+            ),
+        }
     }
 }
 
@@ -339,7 +353,16 @@ impl Rbac {
         .await;
     }
 
-    /// Decides a request.
+    /// Whether a request is allowed (the per-request path: nothing is
+    /// rendered).
+    pub(crate) fn allows(&self, attrs: &Attributes) -> bool {
+        let namespace = attrs.resource.as_ref().and_then(|r| r.namespace.as_deref());
+        self.policy()
+            .rules_of(&attrs.user, namespace)
+            .any(|(rule, _)| rule_allows(rule, attrs))
+    }
+
+    /// Decides a request and says why (for reviews).
     pub(crate) fn authorize(&self, attrs: &Attributes) -> Decision {
         let policy = self.policy();
         let namespace = attrs.resource.as_ref().and_then(|r| r.namespace.as_deref());
