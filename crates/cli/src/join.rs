@@ -50,19 +50,28 @@ impl JoinToken {
 }
 
 /// The server's join token, kept in `dir/join-token` (0600) and made on
-/// first start for the CA `ca_hash`.
-pub fn server_token(dir: &Path, ca_hash: &str) -> anyhow::Result<(JoinToken, PathBuf)> {
+/// first start for the CA `ca_hash`: its secret is the cluster secret
+/// (`--token`) when there is one, else a random one.
+pub fn server_token(
+    dir: &Path,
+    ca_hash: &str,
+    cluster_secret: Option<&str>,
+) -> anyhow::Result<(JoinToken, PathBuf)> {
     let path = dir.join("join-token");
     if let Ok(text) = std::fs::read_to_string(&path)
         && let Ok(token) = JoinToken::parse(&text)
         && token.ca_hash == ca_hash
+        && cluster_secret.is_none_or(|s| s == token.secret)
     {
         return Ok((token, path));
     }
     use rand::Rng;
-    let secret: String = (0..32)
-        .map(|_| format!("{:x}", rand::rng().random_range(0..16u8)))
-        .collect();
+    let secret: String = match cluster_secret {
+        Some(s) => s.to_owned(),
+        None => (0..32)
+            .map(|_| format!("{:x}", rand::rng().random_range(0..16u8)))
+            .collect(),
+    };
     let token = JoinToken {
         ca_hash: ca_hash.to_owned(),
         secret,

@@ -38,6 +38,39 @@ pub fn tls_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tls")
 }
 
+/// Makes this server's CA the cluster's: the one the store keeps for
+/// `secret` (written into `DATA_DIR/tls`), or, when it keeps none yet, this
+/// server's own, which it then keeps for the others.
+pub async fn share_ca(
+    store: &wasmkube_store::SharedStore,
+    data_dir: &Path,
+    secret: &str,
+) -> anyhow::Result<()> {
+    let dir = tls_dir(data_dir);
+    let local = Ca::load_or_create(&dir, "wasmkube-ca")?;
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "caCert": local.cert_pem(), "caKey": local.key_pem(),
+    }))?;
+    let shared = wasmkube_apiserver::identity::shared_identity(store, secret, &payload).await?;
+    if shared == payload {
+        return Ok(());
+    }
+    let shared: serde_json::Value = serde_json::from_slice(&shared)
+        .context("the cluster identity in the store is not readable")?;
+    let (cert, key) = (
+        shared["caCert"].as_str().unwrap_or_default(),
+        shared["caKey"].as_str().unwrap_or_default(),
+    );
+    // Checked before anything is replaced.
+    let ca = Ca::from_pem(cert, key).context("the cluster CA in the store is not usable")?;
+    if ca.hash() != local.hash() {
+        tracing::info!(ca = %ca.hash(), "serving with the cluster's CA from the store");
+        wasmkube_pki::write_private(&dir.join("ca.key"), key)?;
+        wasmkube_pki::write_private(&dir.join("ca.crt"), cert)?;
+    }
+    Ok(())
+}
+
 impl ServerPki {
     /// Loads (or makes) the CA and issues a serving certificate for
     /// localhost, this host's name, `listen` (or every address, when it is

@@ -78,6 +78,20 @@ pub struct ServerArgs {
     #[arg(long = "tls-san", value_name = "NAME|IP")]
     tls_sans: Vec<String>,
 
+    /// The cluster's secret. Servers on one store (--etcd-servers) given
+    /// the same token share the cluster's CA, so each serves certificates
+    /// of one CA and a kubeconfig from one works against all: the first
+    /// keeps the CA in the store sealed with a key derived from the token,
+    /// the others open it. Nodes then join with `K10<CA-HASH>::node:TOKEN`
+    /// (every server's DATA_DIR/tls/join-token).
+    #[arg(
+        long,
+        env = "WASMKUBE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "insecure_http"
+    )]
+    token: Option<String>,
+
     /// Accept the bearer tokens of this file (Kubernetes'
     /// --token-auth-file: `token,user,uid,"group1,group2"` per line).
     #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
@@ -219,6 +233,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let store = open_store(&args).await?;
+    if let Some(secret) = &args.token {
+        crate::pki::share_ca(&store, &args.data_dir, secret).await?;
+    }
     let pki = if args.insecure_http {
         None
     } else {
@@ -235,6 +253,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(pki) => Some(crate::join::server_token(
             &crate::pki::tls_dir(&args.data_dir),
             &pki.ca.hash(),
+            args.token.as_deref(),
         )?),
         None => None,
     };
@@ -249,7 +268,6 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Some(authentication)
         }
     };
-    let store = open_store(&args).await?;
     let api_config = wasmkube_apiserver::Config {
         default_toleration_seconds: args.default_toleration_seconds,
         service_cidr: (services.network(), services.prefix_len()),

@@ -597,3 +597,95 @@ fn snapshot_restore_and_migration_to_etcd() {
         "v"
     );
 }
+
+/// Servers started with one `--token` on one etcd share the cluster's CA
+/// and join token: a kubeconfig from one works against the other over
+/// TLS, a node knowing both moves to the survivor over TLS when the one it
+/// used dies, and a server with another token refuses to start.
+#[test]
+fn servers_given_one_token_share_the_cluster_identity() {
+    let etcd = EtcdCluster::start(1);
+    let endpoints = etcd.endpoints().join(",");
+    let flags = [
+        "--etcd-servers",
+        endpoints.as_str(),
+        "--token",
+        "one-cluster-secret",
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = start_server_with(dir_a.path(), &flags);
+    let b = start_server_with(dir_b.path(), &flags);
+    assert!(a.url.starts_with("https://") && b.url.starts_with("https://"));
+    let read = |dir: &tempfile::TempDir, file: &str| {
+        std::fs::read_to_string(dir.path().join("tls").join(file)).unwrap()
+    };
+    assert_eq!(read(&dir_a, "ca.crt"), read(&dir_b, "ca.crt"));
+    assert_eq!(a.join_token(), b.join_token());
+    assert!(a.join_token().ends_with("::node:one-cluster-secret"));
+    // A's administrator kubeconfig, pointed at B.
+    let names = ok(
+        &a,
+        &["--server", &b.url, "get", "namespaces", "-o", "name"],
+        None,
+    );
+    assert!(names.contains("namespace/kube-system"), "{names}");
+
+    // A node that knows both servers, with A's credentials, over TLS.
+    let _sim = sim_nodes(
+        &a,
+        &["--count", "1", "--server", &a.url, "--server", &b.url],
+    );
+    ok(
+        &a,
+        &["wait", "--for=create", "node/sim-0", "--timeout=30s"],
+        None,
+    );
+    let renewed = |s: &Server| {
+        ok(
+            s,
+            &[
+                "--server",
+                &b.url,
+                "-n",
+                "kube-node-lease",
+                "get",
+                "lease",
+                "sim-0",
+                "-o",
+                "jsonpath={.spec.renewTime}",
+            ],
+            None,
+        )
+    };
+    let before = renewed(&a);
+    a.kill();
+    // Its lease keeps being renewed, now through B.
+    poll(
+        "the node's lease renewed through B",
+        Duration::from_secs(60),
+        || {
+            let now = renewed(&b);
+            if now != before { Ok(()) } else { Err(now) }
+        },
+    );
+
+    // Another token cannot open the cluster's identity.
+    let dir_c = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(wasmkube())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-local-node",
+            "--no-registry",
+            "--data-dir",
+        ])
+        .arg(dir_c.path())
+        .args(["--etcd-servers", &endpoints, "--token", "another-secret"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("started with another --token"), "{stderr}");
+}

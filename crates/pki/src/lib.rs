@@ -35,6 +35,10 @@ pub enum PkiError {
     Pem(String),
     #[error("a certificate names at most two groups (organizations); {0} asked")]
     TooManyGroups(usize),
+    #[error(
+        "cannot open sealed data: the secret is not the one it was sealed with, or the data is damaged"
+    )]
+    Unseal,
     #[error("client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
@@ -366,8 +370,84 @@ pub fn new_csr(who: &Identity) -> Result<(String, String)> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// PBKDF2 rounds that turn a secret into a sealing key (OWASP's figure
+/// for HMAC-SHA256 is 600,000; sealing happens once per server start).
+const SEAL_ROUNDS: u32 = 600_000;
+
+fn sealing_key(secret: &str, salt: &[u8]) -> aws_lc_rs::aead::LessSafeKey {
+    let mut key = [0u8; 32];
+    aws_lc_rs::pbkdf2::derive(
+        aws_lc_rs::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(SEAL_ROUNDS).expect("non-zero"),
+        salt,
+        secret.as_bytes(),
+        &mut key,
+    );
+    let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key)
+        .expect("a 256-bit key");
+    aws_lc_rs::aead::LessSafeKey::new(unbound)
+}
+
+/// Encrypts `plaintext` with a key derived from `secret` (PBKDF2-HMAC-SHA256
+/// with a random salt, then AES-256-GCM): JSON with the salt, nonce and
+/// ciphertext, base64.
+pub fn seal(secret: &str, plaintext: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut salt = [0u8; 16];
+    let mut nonce = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut salt).expect("random bytes");
+    aws_lc_rs::rand::fill(&mut nonce).expect("random bytes");
+    let mut data = plaintext.to_vec();
+    sealing_key(secret, &salt)
+        .seal_in_place_append_tag(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut data,
+        )
+        .expect("AES-GCM seals any length");
+    serde_json::to_vec(&serde_json::json!({
+        "sealed": "pbkdf2-sha256-aes256gcm",
+        "salt": b64.encode(salt),
+        "nonce": b64.encode(nonce),
+        "data": b64.encode(data),
+    }))
+    .expect("JSON")
+}
+
+/// Decrypts what [`seal`] made with the same `secret`.
+pub fn unseal(secret: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let v: serde_json::Value = serde_json::from_slice(sealed).map_err(|_| PkiError::Unseal)?;
+    let field = |k: &str| {
+        v[k].as_str()
+            .and_then(|s| b64.decode(s).ok())
+            .ok_or(PkiError::Unseal)
+    };
+    let (salt, nonce, mut data) = (field("salt")?, field("nonce")?, field("data")?);
+    let nonce: [u8; 12] = nonce.try_into().map_err(|_| PkiError::Unseal)?;
+    let plain = sealing_key(secret, &salt)
+        .open_in_place(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut data,
+        )
+        .map_err(|_| PkiError::Unseal)?;
+    Ok(plain.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sealed_data_opens_with_its_secret_only() {
+        let sealed = seal("s3cret", b"the CA key");
+        assert!(!String::from_utf8_lossy(&sealed).contains("the CA key"));
+        assert_eq!(unseal("s3cret", &sealed).unwrap(), b"the CA key");
+        assert!(unseal("guess", &sealed).is_err());
+        assert!(unseal("s3cret", b"{}").is_err());
+    }
+
     use super::*;
 
     #[test]
