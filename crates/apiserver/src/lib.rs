@@ -9,6 +9,7 @@ mod admission;
 mod auth;
 mod crds;
 mod discovery;
+pub mod encryption;
 mod error;
 pub use node_proxy::{
     TOKEN_NAMESPACE as NODE_PROXY_TOKEN_NAMESPACE, TOKEN_SECRET as NODE_PROXY_TOKEN_SECRET,
@@ -77,6 +78,9 @@ pub struct Config {
     /// it and checks it against its join token) and signing the node
     /// certificates of approved CertificateSigningRequests.
     pub ca: Option<Arc<wasmkube_pki::Ca>>,
+    /// Encryption at rest of the resources it names (Secrets); stale
+    /// values are rewritten at start.
+    pub encryption: Option<Arc<encryption::EncryptionConfig>>,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             default_toleration_seconds: 300,
             authentication: None,
             ca: None,
+            encryption: None,
         }
     }
 }
@@ -154,6 +159,21 @@ impl ApiServer {
     /// Starts the watch cache and creates the system namespaces if missing.
     /// Must be called inside a Tokio runtime.
     pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
+        let store = match &config.encryption {
+            Some(encryption) => {
+                let rewritten = encryption::rewrite_stale(&store, encryption)
+                    .await
+                    .map_err(ApiError::internal)?;
+                if rewritten > 0 {
+                    tracing::info!(
+                        rewritten,
+                        "values sealed again under the first encryption key"
+                    );
+                }
+                encryption::wrap(store, encryption.clone())
+            }
+            None => store,
+        };
         let cache = WatchCache::start(store.clone(), config.watch_cache_size);
         let crds = crds::Follower::start(store.clone()).await;
         let auth = match config.authentication.clone() {

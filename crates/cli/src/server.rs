@@ -92,6 +92,19 @@ pub struct ServerArgs {
     )]
     token: Option<String>,
 
+    /// Encrypt Secrets at rest with a key made on first start and kept in
+    /// DATA_DIR/encryption-config.yaml (as k3s --secrets-encryption). With
+    /// several servers, give them all one --encryption-provider-config.
+    #[arg(long, conflicts_with = "encryption_provider_config")]
+    secrets_encryption: bool,
+
+    /// Encrypt resources at rest as this Kubernetes EncryptionConfiguration
+    /// says (aesgcm keys and identity; the first provider writes, all
+    /// read). Rotate a key by putting the new one first and restarting:
+    /// everything sealed otherwise is sealed again at start.
+    #[arg(long, value_name = "FILE")]
+    encryption_provider_config: Option<PathBuf>,
+
     /// Accept the bearer tokens of this file (Kubernetes'
     /// --token-auth-file: `token,user,uid,"group1,group2"` per line).
     #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
@@ -268,7 +281,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             Some(authentication)
         }
     };
+    let encryption_file = match (&args.encryption_provider_config, args.secrets_encryption) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => {
+            let path = args.data_dir.join("encryption-config.yaml");
+            if !path.exists() {
+                wasmkube_pki::write_private(
+                    &path,
+                    &wasmkube_apiserver::encryption::EncryptionConfig::generate_text(),
+                )?;
+            }
+            Some(path)
+        }
+        (None, false) => None,
+    };
+    let encryption = match &encryption_file {
+        Some(path) => Some(Arc::new(
+            wasmkube_apiserver::encryption::EncryptionConfig::read(path)?,
+        )),
+        None => None,
+    };
     let api_config = wasmkube_apiserver::Config {
+        encryption,
         default_toleration_seconds: args.default_toleration_seconds,
         service_cidr: (services.network(), services.prefix_len()),
         node_ports: args.service_node_port_range.clone(),

@@ -39,6 +39,8 @@ pub enum PkiError {
         "cannot open sealed data: the secret is not the one it was sealed with, or the data is damaged"
     )]
     Unseal,
+    #[error("an AES-GCM key is 16 or 32 bytes, not {0}")]
+    KeyLength(usize),
     #[error("client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
@@ -437,8 +439,72 @@ pub fn unseal(secret: &str, sealed: &[u8]) -> Result<Vec<u8>> {
     Ok(plain.to_vec())
 }
 
+/// AES-GCM with a raw key of 16 or 32 bytes (Kubernetes' `aesgcm`
+/// encryption provider): a random 12-byte nonce, then the ciphertext and
+/// its tag.
+pub fn aes_gcm_encrypt(key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+    let key = aes_gcm_key(key)?;
+    let mut nonce = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| PkiError::Unseal)?;
+    let mut data = plaintext.to_vec();
+    key.seal_in_place_append_tag(
+        aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+        aws_lc_rs::aead::Aad::empty(),
+        &mut data,
+    )
+    .map_err(|_| PkiError::Unseal)?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
+/// Opens what [`aes_gcm_encrypt`] made with the same key.
+pub fn aes_gcm_decrypt(key: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+    if data.len() < 12 + 16 {
+        return Err(PkiError::Unseal);
+    }
+    let key = aes_gcm_key(key)?;
+    let nonce: [u8; 12] = data[..12].try_into().map_err(|_| PkiError::Unseal)?;
+    let mut body = data[12..].to_vec();
+    let plain = key
+        .open_in_place(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut body,
+        )
+        .map_err(|_| PkiError::Unseal)?;
+    Ok(plain.to_vec())
+}
+
+fn aes_gcm_key(key: &[u8]) -> Result<aws_lc_rs::aead::LessSafeKey> {
+    let algorithm = match key.len() {
+        16 => &aws_lc_rs::aead::AES_128_GCM,
+        32 => &aws_lc_rs::aead::AES_256_GCM,
+        n => return Err(PkiError::KeyLength(n)),
+    };
+    let unbound = aws_lc_rs::aead::UnboundKey::new(algorithm, key)
+        .map_err(|_| PkiError::KeyLength(key.len()))?;
+    Ok(aws_lc_rs::aead::LessSafeKey::new(unbound))
+}
+
+/// `n` random bytes.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut out).expect("random bytes");
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn aes_gcm_round_trips_and_refuses_another_key() {
+        let (k1, k2) = (random_bytes(32), random_bytes(16));
+        let sealed = aes_gcm_encrypt(&k1, b"password").unwrap();
+        assert_eq!(aes_gcm_decrypt(&k1, &sealed).unwrap(), b"password");
+        assert!(aes_gcm_decrypt(&k2, &sealed).is_err());
+        assert!(aes_gcm_encrypt(&random_bytes(24), b"x").is_err());
+    }
+
     #[test]
     fn sealed_data_opens_with_its_secret_only() {
         let sealed = seal("s3cret", b"the CA key");
