@@ -103,6 +103,9 @@ impl Default for Config {
 /// A running API server's state; serve it with [`ApiServer::router`].
 pub struct ApiServer {
     store: SharedStore,
+    /// The store under encryption at rest (the same store without it):
+    /// snapshots copy what is stored, sealed.
+    stored: SharedStore,
     cache: Arc<WatchCache>,
     config: Config,
     /// The agents' stats, gathered at most once per short interval however
@@ -123,9 +126,9 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
-/// Where `wasmkube snapshot save` reads a consistent snapshot of the store.
-/// Anyone who reaches the API may read it today, as they may read every
-/// Secret; with authorization it belongs to cluster administrators.
+/// Where `wasmkube snapshot save` reads a consistent snapshot of the store
+/// (a non-resource path: under RBAC, for cluster administrators only).
+/// Values under encryption at rest stay sealed in it.
 pub const SNAPSHOT_PATH: &str = "/wasmkube/v1/snapshot";
 
 /// Streams every key as of the current revision (see
@@ -133,7 +136,7 @@ pub const SNAPSHOT_PATH: &str = "/wasmkube/v1/snapshot";
 async fn snapshot(
     axum::extract::State(server): axum::extract::State<Arc<ApiServer>>,
 ) -> axum::response::Response {
-    let stream = wasmkube_store::snapshot::save(server.store.clone(), "/".into());
+    let stream = wasmkube_store::snapshot::save(server.stored.clone(), "/".into());
     axum::response::Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
         .body(axum::body::Body::from_stream(stream))
@@ -159,6 +162,7 @@ impl ApiServer {
     /// Starts the watch cache and creates the system namespaces if missing.
     /// Must be called inside a Tokio runtime.
     pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
+        let stored = store.clone();
         let store = match &config.encryption {
             Some(encryption) => {
                 let rewritten = encryption::rewrite_stale(&store, encryption)
@@ -185,6 +189,7 @@ impl ApiServer {
         };
         let server = Arc::new(Self {
             store,
+            stored,
             cache,
             config,
             node_stats: Default::default(),
