@@ -74,6 +74,7 @@ pub mod gateway_api;
 pub mod knative;
 pub mod names;
 pub mod nodes;
+pub mod pod_security;
 pub mod quantity;
 pub mod registry;
 pub mod scheduling;

@@ -16,7 +16,7 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{Value, json};
 use wasmkube_api::defaults::apply_defaults;
 use wasmkube_api::registry::{self, ResourceType};
-use wasmkube_api::{Subresource, table, typed, validation};
+use wasmkube_api::{Subresource, pod_security, table, typed, validation};
 use wasmkube_store::{ListOptions, StoreError};
 
 use crate::error::{ApiError, ApiResult, Subject};
@@ -592,7 +592,9 @@ impl Ctx<'_> {
         }
     }
 
-    async fn ensure_namespace_open(&self, ns: &str) -> ApiResult<()> {
+    /// Refuses a create in a namespace being deleted; returns the Pod
+    /// Security levels its labels set (enforce, warn).
+    async fn ensure_namespace_open(&self, ns: &str) -> ApiResult<PodSecurityLevels> {
         let ns_rt = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         let kv = self
             .server
@@ -601,7 +603,7 @@ impl Ctx<'_> {
             .await
             .map_err(|e| ApiError::from_store(e, ns_rt, ns))?
             .ok_or_else(|| ApiError::not_found(ns_rt, ns))?;
-        // Every create asks this: read the one field, not the whole namespace.
+        // Every create asks this: read the fields needed, not the whole namespace.
         #[derive(serde::Deserialize)]
         struct Namespace {
             metadata: Meta,
@@ -610,6 +612,8 @@ impl Ctx<'_> {
         struct Meta {
             #[serde(rename = "deletionTimestamp")]
             deletion_timestamp: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            labels: std::collections::BTreeMap<String, String>,
         }
         let ns_obj: Namespace = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
         if ns_obj.metadata.deletion_timestamp.is_some() {
@@ -620,6 +624,67 @@ impl Ctx<'_> {
                     self.rt().plural
                 ),
             });
+        }
+        let level = |label: &str| {
+            ns_obj
+                .metadata
+                .labels
+                .get(label)
+                .and_then(|l| pod_security::Level::parse(l))
+        };
+        Ok(PodSecurityLevels {
+            enforce: level(pod_security::ENFORCE_LABEL),
+            warn: level(pod_security::WARN_LABEL),
+        })
+    }
+
+    /// Pod Security admission of a new object: a pod violating its
+    /// namespace's enforced level is refused; a pod or a workload's pod
+    /// template violating the enforced or warned level gets warnings.
+    fn admit_pod_security(
+        &self,
+        levels: PodSecurityLevels,
+        obj: &Value,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<()> {
+        let spec = match self.rt().id() {
+            "Pod" => &obj["spec"],
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => &obj["spec"]["template"]["spec"],
+            "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            _ => return Ok(()),
+        };
+        let is_pod = self.rt().id() == "Pod";
+        if is_pod && let Some(level) = levels.enforce {
+            let violations = pod_security::violations(level, spec);
+            if !violations.is_empty() {
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+                return Err(ApiError::Forbidden {
+                    subject: Subject::of(self.rt(), name),
+                    message: format!(
+                        "pods \"{name}\" is forbidden: violates PodSecurity \"{}:latest\": {}",
+                        level.name(),
+                        violations.join(", ")
+                    ),
+                });
+            }
+        }
+        // The strictest level that only warns here.
+        let warn = if is_pod {
+            levels
+                .warn
+                .filter(|w| levels.enforce.is_none_or(|e| w > &e))
+        } else {
+            levels.enforce.max(levels.warn)
+        };
+        if let Some(level) = warn {
+            let violations = pod_security::violations(level, spec);
+            if !violations.is_empty() {
+                warnings.push(format!(
+                    "would violate PodSecurity \"{}:latest\": {}",
+                    level.name(),
+                    violations.join(", ")
+                ));
+            }
         }
         Ok(())
     }
@@ -740,13 +805,14 @@ impl Ctx<'_> {
     }
 
     async fn create_object(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
-        let (mut obj, warnings) = self.admit_create(input).await?;
+        let (mut obj, mut warnings) = self.admit_create(input).await?;
         let name = obj["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         if let Some(ns) = self.target.namespace {
-            self.ensure_namespace_open(ns).await?;
+            let levels = self.ensure_namespace_open(ns).await?;
+            self.admit_pod_security(levels, &obj, &mut warnings)?;
         }
         match self.rt().id() {
             "Service" => crate::services::allocate(self.server, &mut obj).await?,
@@ -1777,6 +1843,13 @@ pub(crate) async fn reconcile_internal(
     })
     .await
     .map(|(stored, _, _)| stored)
+}
+
+/// The Pod Security levels of a namespace.
+#[derive(Clone, Copy, Debug, Default)]
+struct PodSecurityLevels {
+    enforce: Option<pod_security::Level>,
+    warn: Option<pod_security::Level>,
 }
 
 fn set_condition(obj: &mut Value, cond: Value) {

@@ -458,6 +458,84 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         );
     }
 
+    // Pod Security: a namespace enforcing `restricted` refuses a privileged
+    // pod and a hostPath pod with the standard's reasons, takes a hardened
+    // Linux pod and a plain Wasm pod, and warns about a Deployment whose
+    // template would be refused.
+    ok(&s, &["create", "namespace", "locked"], None);
+    ok(
+        &s,
+        &[
+            "label",
+            "namespace",
+            "locked",
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        None,
+    );
+    let pod = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: locked}}\nspec:\n{spec}"
+        )
+    };
+    let privileged = pod(
+        "root",
+        "  containers:\n  - name: c\n    image: busybox\n    securityContext: {privileged: true}\n",
+    );
+    let out = kubectl(&s, &["apply", "-f", "-"], Some(&privileged));
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains(r#"violates PodSecurity "restricted:latest""#)
+            && out.stderr.contains(
+                r#"privileged (container "c" must not set securityContext.privileged=true)"#
+            ),
+        "{}",
+        out.stderr
+    );
+    let host_path = pod(
+        "hp",
+        "  volumes: [{name: root, hostPath: {path: /}}]\n  containers:\n  - name: c\n    image: busybox\n",
+    );
+    let out = kubectl(&s, &["apply", "-f", "-"], Some(&host_path));
+    assert!(
+        !out.ok && out.stderr.contains(r#"hostPath volumes (volume "root")"#),
+        "{}",
+        out.stderr
+    );
+    let hardened = pod(
+        "hardened",
+        "  securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}\n  containers:\n  - name: c\n    image: busybox\n    securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}\n",
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&hardened));
+    let wasm = pod(
+        "function",
+        "  runtimeClassName: wasmtime\n  containers:\n  - name: f\n    image: example.invalid/f:v1\n",
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&wasm));
+    let out = kubectl(
+        &s,
+        &[
+            "-n",
+            "locked",
+            "create",
+            "deployment",
+            "web",
+            "--image=busybox",
+        ],
+        None,
+    );
+    assert!(
+        out.ok
+            && out
+                .stderr
+                .contains(r#"Warning: would violate PodSecurity "restricted:latest""#),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+
     // A join token makes new nodes, but cannot take over a registered
     // node's name.
     let out = Command::new(wasmkube())
