@@ -48,6 +48,7 @@ ROOTS = [
     "k8s.io.api.rbac.v1.RoleBinding",
     "k8s.io.api.rbac.v1.ClusterRoleBinding",
     "k8s.io.api.authentication.v1.SelfSubjectReview",
+    "k8s.io.api.authentication.v1.TokenRequest",
     "k8s.io.api.authorization.v1.SubjectAccessReview",
     "k8s.io.api.authorization.v1.SelfSubjectAccessReview",
     "k8s.io.api.authorization.v1.LocalSubjectAccessReview",

@@ -17,6 +17,8 @@ pub enum Subresource {
     Exec,
     /// `pods/eviction`: a deletion that honours PodDisruptionBudgets.
     Eviction,
+    /// `serviceaccounts/token`: the TokenRequest API.
+    Token,
 }
 
 impl Subresource {
@@ -29,6 +31,7 @@ impl Subresource {
             Subresource::Log => "log",
             Subresource::Exec => "exec",
             Subresource::Eviction => "eviction",
+            Subresource::Token => "token",
         }
     }
 
@@ -41,6 +44,7 @@ impl Subresource {
             Self::Log,
             Self::Exec,
             Self::Eviction,
+            Self::Token,
         ]
         .into_iter()
         .find(|sub| sub.name() == s)
@@ -237,7 +241,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["sa"],
         &[],
-        []
+        [Token]
     ),
     resource!(
         "apps",

@@ -116,6 +116,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Log => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get"]})
         }
+        Subresource::Token => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]})
+        }
         Subresource::Eviction => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]})
         }

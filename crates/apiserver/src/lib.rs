@@ -81,6 +81,8 @@ pub struct Config {
     /// Encryption at rest of the resources it names (Secrets); stale
     /// values are rewritten at start.
     pub encryption: Option<Arc<encryption::EncryptionConfig>>,
+    /// Signs and verifies service-account tokens (the TokenRequest API).
+    pub service_accounts: Option<Arc<wasmkube_pki::TokenSigner>>,
 }
 
 impl Default for Config {
@@ -96,6 +98,7 @@ impl Default for Config {
             authentication: None,
             ca: None,
             encryption: None,
+            service_accounts: None,
         }
     }
 }
@@ -352,6 +355,16 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         )
         .await
         .unwrap_or_else(|e| e.into_response());
+    }
+    if parts.method == Method::POST
+        && let Ok(Some(target)) = request::parse(parts.uri.path())
+        && target.subresource == Some(wasmkube_api::Subresource::Token)
+        && let (Some(namespace), Some(name)) = (target.namespace, target.name)
+    {
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        return auth::token::request(&server, &namespace, &name, &parts.headers, body)
+            .await
+            .unwrap_or_else(|e| e.into_response());
     }
     if parts.method == Method::POST
         && let Ok(Some(target)) = request::parse(parts.uri.path())

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use wasmkube_pki::{Ca, Identity, Issued, ServingNames};
+use wasmkube_pki::{Ca, Identity, Issued, ServingNames, TokenSigner};
+
+/// The key that signs service-account tokens, in `DATA_DIR/tls`.
+const SERVICE_ACCOUNT_KEY: &str = "service-account.key";
 
 use crate::kubeconfig::Credentials;
 
@@ -20,6 +23,8 @@ const CLIENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The CA and this server's serving certificate.
 pub struct ServerPki {
     pub ca: Arc<Ca>,
+    /// Signs service-account tokens.
+    pub service_accounts: Arc<TokenSigner>,
     serving: Issued,
 }
 
@@ -48,8 +53,10 @@ pub async fn share_ca(
 ) -> anyhow::Result<()> {
     let dir = tls_dir(data_dir);
     let local = Ca::load_or_create(&dir, "wasmkube-ca")?;
+    let signer = TokenSigner::load_or_create(&dir.join(SERVICE_ACCOUNT_KEY))?;
     let payload = serde_json::to_vec(&serde_json::json!({
         "caCert": local.cert_pem(), "caKey": local.key_pem(),
+        "serviceAccountKey": signer.key_pem(),
     }))?;
     let shared = wasmkube_apiserver::identity::shared_identity(store, secret, &payload).await?;
     if shared == payload {
@@ -67,6 +74,13 @@ pub async fn share_ca(
         tracing::info!(ca = %ca.hash(), "serving with the cluster's CA from the store");
         wasmkube_pki::write_private(&dir.join("ca.key"), key)?;
         wasmkube_pki::write_private(&dir.join("ca.crt"), cert)?;
+    }
+    if let Some(sa_key) = shared["serviceAccountKey"].as_str()
+        && sa_key != signer.key_pem()
+    {
+        TokenSigner::from_pem(sa_key)
+            .context("the service-account key in the store is not usable")?;
+        wasmkube_pki::write_private(&dir.join(SERVICE_ACCOUNT_KEY), sa_key)?;
     }
     Ok(())
 }
@@ -119,8 +133,10 @@ impl ServerPki {
         let serving = ca.issue_serving("kube-apiserver", &names)?;
         wasmkube_pki::write_private(&dir.join("serving.crt"), &serving.cert_pem)?;
         wasmkube_pki::write_private(&dir.join("serving.key"), &serving.key_pem)?;
+        let service_accounts = TokenSigner::load_or_create(&dir.join(SERVICE_ACCOUNT_KEY))?;
         Ok(Self {
             ca: Arc::new(ca),
+            service_accounts: Arc::new(service_accounts),
             serving,
         })
     }

@@ -309,6 +309,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         cluster_dns: Some(args.node.cluster_dns()),
         authentication,
         ca: pki.as_ref().map(|p| p.ca.clone()),
+        service_accounts: pki.as_ref().map(|p| p.service_accounts.clone()),
         ..Default::default()
     };
     let api = wasmkube_apiserver::ApiServer::start(store, api_config)

@@ -458,6 +458,61 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         );
     }
 
+    // Service-account tokens: alice (edit in a) asks for one in a, not in
+    // b; it authenticates as the account, RBAC decides what it may do, and
+    // it dies with the account.
+    ok(&s, &["-n", "a", "create", "serviceaccount", "robot"], None);
+    ok(&s, &["-n", "b", "create", "serviceaccount", "robot"], None);
+    let out = kubectl_as(&alice, &["-n", "b", "create", "token", "robot"]);
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains(r#"cannot create resource "serviceaccounts/token""#),
+        "{}",
+        out.stderr
+    );
+    let token = kubectl_as(
+        &alice,
+        &["-n", "a", "create", "token", "robot", "--duration=15m"],
+    );
+    assert!(token.ok, "{}", token.stderr);
+    let robot = user_kubeconfig(&s, dir.path(), "robot", Some(token.stdout.trim()));
+    let whoami = kubectl_as(&robot, &["auth", "whoami"]);
+    assert!(
+        whoami.stdout.contains("system:serviceaccount:a:robot"),
+        "{}{}",
+        whoami.stdout,
+        whoami.stderr
+    );
+    assert!(
+        whoami.stdout.contains("system:serviceaccounts:a"),
+        "{}",
+        whoami.stdout
+    );
+    assert!(refused(&kubectl_as(&robot, &["-n", "a", "get", "pods"])));
+    ok(
+        &s,
+        &[
+            "-n",
+            "a",
+            "create",
+            "rolebinding",
+            "robot-view",
+            "--clusterrole=view",
+            "--serviceaccount=a:robot",
+        ],
+        None,
+    );
+    assert!(kubectl_as(&robot, &["-n", "a", "get", "pods"]).ok);
+    ok(&s, &["-n", "a", "delete", "serviceaccount", "robot"], None);
+    let out = kubectl_as(&robot, &["-n", "a", "get", "pods"]);
+    assert!(
+        !out.ok && out.stderr.contains("Unauthorized"),
+        "{}",
+        out.stderr
+    );
+
     // Pod Security: a namespace enforcing `restricted` refuses a privileged
     // pod and a hostPath pod with the standard's reasons, takes a hardened
     // Linux pod and a plain Wasm pod, and warns about a Deployment whose

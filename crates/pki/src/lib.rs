@@ -372,6 +372,86 @@ pub fn new_csr(who: &Identity) -> Result<(String, String)> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// Signs and verifies service-account tokens: JWTs (ES256) with the
+/// cluster's service-account key.
+pub struct TokenSigner {
+    key_pem: String,
+    encoding: jsonwebtoken::EncodingKey,
+    decoding: jsonwebtoken::DecodingKey,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSigner")
+    }
+}
+
+/// A token that is not one of ours, or no longer valid.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid token: {0}")]
+pub struct TokenError(String);
+
+impl TokenSigner {
+    /// A signer with a new ECDSA P-256 key.
+    pub fn generate() -> Result<Self> {
+        Self::from_pem(&KeyPair::generate()?.serialize_pem())
+    }
+
+    /// The signer of a PKCS#8 PEM ECDSA P-256 key.
+    pub fn from_pem(key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let pem_err = |e: jsonwebtoken::errors::Error| PkiError::Pem(e.to_string());
+        Ok(Self {
+            key_pem: key_pem.to_owned(),
+            encoding: jsonwebtoken::EncodingKey::from_ec_pem(key_pem.as_bytes())
+                .map_err(pem_err)?,
+            decoding: jsonwebtoken::DecodingKey::from_ec_pem(key.public_key_pem().as_bytes())
+                .map_err(pem_err)?,
+        })
+    }
+
+    /// The signer kept in `path` (0600), made there on first use.
+    pub fn load_or_create(path: &Path) -> Result<Self> {
+        if let Ok(pem) = std::fs::read_to_string(path) {
+            return Self::from_pem(&pem);
+        }
+        let signer = Self::generate()?;
+        write_private(path, &signer.key_pem)?;
+        Ok(signer)
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// A signed token of `claims`.
+    pub fn sign(&self, claims: &serde_json::Value) -> Result<String> {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            claims,
+            &self.encoding,
+        )
+        .map_err(|e| PkiError::Pem(e.to_string()))
+    }
+
+    /// The claims of `token` if this signer signed it, it is for one of
+    /// `audiences`, from `issuer`, and not expired.
+    pub fn verify(
+        &self,
+        token: &str,
+        issuer: &str,
+        audiences: &[&str],
+    ) -> std::result::Result<serde_json::Value, TokenError> {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(audiences);
+        validation.leeway = 0;
+        jsonwebtoken::decode::<serde_json::Value>(token, &self.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| TokenError(e.to_string()))
+    }
+}
+
 /// PBKDF2 rounds that turn a secret into a sealing key (OWASP's figure
 /// for HMAC-SHA256 is 600,000; sealing happens once per server start).
 const SEAL_ROUNDS: u32 = 600_000;
@@ -496,6 +576,30 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tokens_verify_only_as_signed() {
+        let signer = TokenSigner::generate().unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims =
+            serde_json::json!({"iss": "i", "aud": ["a"], "sub": "s", "exp": now + 60, "iat": now});
+        let token = signer.sign(&claims).unwrap();
+        assert_eq!(signer.verify(&token, "i", &["a"]).unwrap()["sub"], "s");
+        assert!(signer.verify(&token, "i", &["other"]).is_err());
+        assert!(signer.verify(&token, "other", &["a"]).is_err());
+        let again = TokenSigner::from_pem(signer.key_pem()).unwrap();
+        assert!(again.verify(&token, "i", &["a"]).is_ok());
+        assert!(
+            TokenSigner::generate()
+                .unwrap()
+                .verify(&token, "i", &["a"])
+                .is_err()
+        );
+        let expired = signer
+            .sign(&serde_json::json!({"iss": "i", "aud": ["a"], "exp": now - 10}))
+            .unwrap();
+        assert!(signer.verify(&expired, "i", &["a"]).is_err());
+    }
+
     #[test]
     fn aes_gcm_round_trips_and_refuses_another_key() {
         let (k1, k2) = (random_bytes(32), random_bytes(16));

@@ -19,6 +19,7 @@ pub(crate) mod csr;
 pub(crate) mod escalation;
 pub(crate) mod rbac;
 pub(crate) mod review;
+pub(crate) mod token;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -318,9 +319,16 @@ impl Auth {
         }
     }
 
-    /// Who sent a request: its client certificate, else its bearer token,
-    /// else anonymous. A bearer token that names no one is a 401.
-    fn authenticate(&self, peer: Option<&Peer>, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
+    /// Who sent a request: its client certificate, else its bearer token
+    /// (the join token's secret, a service-account token, or one of the
+    /// static token file), else anonymous. A bearer token that names no
+    /// one is a 401.
+    async fn authenticate(
+        &self,
+        server: &ApiServer,
+        peer: Option<&Peer>,
+        headers: &HeaderMap,
+    ) -> Result<UserInfo, ApiError> {
         if let Some(Peer(Some(id))) = peer {
             return Ok(UserInfo::authenticated(&id.user, "", &id.groups));
         }
@@ -329,7 +337,10 @@ impl Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if let (Some(token), Some(secret)) = (bearer, &self.authentication.join_secret)
+        let Some(token) = bearer else {
+            return Ok(UserInfo::anonymous());
+        };
+        if let Some(secret) = &self.authentication.join_secret
             && constant_time_eq(token.as_bytes(), secret.as_bytes())
         {
             return Ok(UserInfo::authenticated(
@@ -338,15 +349,13 @@ impl Auth {
                 &[csr::BOOTSTRAPPERS.to_owned()],
             ));
         }
-        match bearer {
-            Some(token) => self
-                .authentication
-                .tokens
-                .get(token)
-                .cloned()
-                .ok_or(ApiError::Unauthorized),
-            None => Ok(UserInfo::anonymous()),
+        if let Some(user) = self.authentication.tokens.get(token) {
+            return Ok(user.clone());
         }
+        if token.matches('.').count() == 2 {
+            return token::authenticate(server, token).await;
+        }
+        Err(ApiError::Unauthorized)
     }
 
     /// Whether `attrs` is allowed: members of `system:masters` may do
@@ -447,7 +456,8 @@ pub(crate) async fn middleware(
         return next.run(req).await;
     };
     let user = match auth
-        .authenticate(req.extensions().get::<Peer>(), req.headers())
+        .authenticate(&server, req.extensions().get::<Peer>(), req.headers())
+        .await
         .and_then(|user| auth.impersonate(user, req.headers()))
     {
         Ok(user) => user,

@@ -1,0 +1,217 @@
+//! Service-account tokens, as Kubernetes' bound tokens: JWTs signed with
+//! the cluster's service-account key, issued by the TokenRequest API
+//! (`POST .../serviceaccounts/NAME/token`, `kubectl create token NAME`),
+//! bound to the service account's uid and optionally to a pod or Secret,
+//! with an expiry. A bearer token that verifies authenticates as
+//! `system:serviceaccount:NAMESPACE:NAME` (groups `system:serviceaccounts`
+//! and `system:serviceaccounts:NAMESPACE`) for as long as the account (and
+//! the object it is bound to) still exists with the same uid.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+use wasmkube_api::registry;
+
+use super::UserInfo;
+use crate::ApiServer;
+use crate::error::ApiError;
+
+/// The issuer of the tokens, and their default audience (Kubernetes' default
+/// `--service-account-issuer` for a cluster.local cluster).
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// Expiry bounds of a requested token, in seconds (Kubernetes: at least
+/// ten minutes; the default one hour; at most 48 hours here).
+const MIN_SECONDS: i64 = 600;
+const DEFAULT_SECONDS: i64 = 3600;
+const MAX_SECONDS: i64 = 48 * 3600;
+
+/// The stored object `kind` `namespace`/`name`, if it exists.
+async fn stored(
+    server: &ApiServer,
+    plural: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Value>, ApiError> {
+    let rt = registry::lookup("", "v1", plural).expect("a core kind");
+    match server
+        .store
+        .get(&rt.key(Some(namespace), name))
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Some(kv) => Ok(Some(
+            crate::storage::decode_stored(&kv).map_err(ApiError::internal)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn uid(obj: &Value) -> &str {
+    obj["metadata"]["uid"].as_str().unwrap_or_default()
+}
+
+/// Answers `POST` of a TokenRequest for service account `name`.
+pub(crate) async fn request(
+    server: &Arc<ApiServer>,
+    namespace: &str,
+    name: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let sa_rt = registry::lookup("", "v1", "serviceaccounts").expect("served");
+    let Some(signer) = &server.config.service_accounts else {
+        return Err(ApiError::NoRoute);
+    };
+    let raw = crate::rest::read_bytes(server, body).await?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let mut request = if raw.is_empty() {
+        json!({})
+    } else {
+        crate::rest::parse_value(content_type, &raw)?
+    };
+    let account = stored(server, "serviceaccounts", namespace, name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(sa_rt, name))?;
+    let spec = &request["spec"];
+    let seconds = spec["expirationSeconds"]
+        .as_i64()
+        .unwrap_or(DEFAULT_SECONDS);
+    if seconds < MIN_SECONDS {
+        return Err(ApiError::invalid(
+            sa_rt,
+            name,
+            vec![wasmkube_api::field::FieldError::invalid(
+                "spec.expirationSeconds",
+                &seconds.to_string(),
+                "may not specify a duration less than 10 minutes",
+            )],
+        ));
+    }
+    let seconds = seconds.min(MAX_SECONDS);
+    let audiences: Vec<String> = match spec["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => vec![ISSUER.to_owned()],
+    };
+    let mut kubernetes = json!({
+        "namespace": namespace,
+        "serviceaccount": {"name": name, "uid": uid(&account)},
+    });
+    let bound = &spec["boundObjectRef"];
+    if bound.is_object() {
+        let kind = bound["kind"].as_str().unwrap_or_default();
+        let plural = match kind {
+            "Pod" => "pods",
+            "Secret" => "secrets",
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "spec.boundObjectRef.kind: Unsupported value: {other:?}: supported values: \"Pod\", \"Secret\""
+                )));
+            }
+        };
+        let bound_name = bound["name"].as_str().unwrap_or_default();
+        let object = stored(server, plural, namespace, bound_name)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    registry::lookup("", "v1", plural).expect("served"),
+                    bound_name,
+                )
+            })?;
+        if let Some(want) = bound["uid"].as_str().filter(|u| !u.is_empty())
+            && want != uid(&object)
+        {
+            return Err(ApiError::Conflict(
+                crate::error::Subject::of(sa_rt, name),
+                format!(
+                    "the UID in the bound object reference ({want}) does not match the {kind}'s"
+                ),
+            ));
+        }
+        kubernetes[kind.to_ascii_lowercase()] = json!({"name": bound_name, "uid": uid(&object)});
+    }
+    let now = chrono::Utc::now();
+    let expires = now + chrono::Duration::seconds(seconds);
+    let claims = json!({
+        "iss": ISSUER,
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "aud": audiences,
+        "iat": now.timestamp(),
+        "nbf": now.timestamp(),
+        "exp": expires.timestamp(),
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "kubernetes.io": kubernetes,
+    });
+    let token = signer.sign(&claims).map_err(ApiError::internal)?;
+    request["apiVersion"] = json!("authentication.k8s.io/v1");
+    request["kind"] = json!("TokenRequest");
+    request["metadata"]["name"] = json!(name);
+    request["metadata"]["namespace"] = json!(namespace);
+    request["metadata"]["creationTimestamp"] = json!(crate::rest::now());
+    request["spec"]["audiences"] = json!(audiences);
+    request["spec"]["expirationSeconds"] = json!(seconds);
+    request["status"] = json!({
+        "token": token,
+        "expirationTimestamp": expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    Ok(crate::rest::json_response(
+        StatusCode::CREATED,
+        &request,
+        &[],
+    ))
+}
+
+/// Who a service-account token names, if it is one of ours, for this API
+/// server, unexpired, and what it is bound to still exists.
+pub(crate) async fn authenticate(server: &ApiServer, token: &str) -> Result<UserInfo, ApiError> {
+    let Some(signer) = &server.config.service_accounts else {
+        return Err(ApiError::Unauthorized);
+    };
+    let claims = signer
+        .verify(token, ISSUER, &[ISSUER])
+        .map_err(|_| ApiError::Unauthorized)?;
+    let k = &claims["kubernetes.io"];
+    let namespace = k["namespace"].as_str().unwrap_or_default();
+    let name = k["serviceaccount"]["name"].as_str().unwrap_or_default();
+    let account = stored(server, "serviceaccounts", namespace, name)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if uid(&account) != k["serviceaccount"]["uid"] {
+        return Err(ApiError::Unauthorized);
+    }
+    let mut extra = std::collections::BTreeMap::new();
+    for (kind, plural) in [("pod", "pods"), ("secret", "secrets")] {
+        if let Some(bound_name) = k[kind]["name"].as_str() {
+            let object = stored(server, plural, namespace, bound_name)
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
+            if uid(&object) != k[kind]["uid"] {
+                return Err(ApiError::Unauthorized);
+            }
+            if kind == "pod" {
+                extra.insert(
+                    "authentication.kubernetes.io/pod-name".to_owned(),
+                    vec![bound_name.to_owned()],
+                );
+            }
+        }
+    }
+    let mut user = UserInfo::authenticated(
+        &format!("system:serviceaccount:{namespace}:{name}"),
+        uid(&account),
+        &[
+            "system:serviceaccounts".to_owned(),
+            format!("system:serviceaccounts:{namespace}"),
+        ],
+    );
+    user.extra = extra;
+    Ok(user)
+}
