@@ -87,7 +87,7 @@ pub(crate) async fn request(
             name,
             vec![wasmkube_api::field::FieldError::invalid(
                 "spec.expirationSeconds",
-                &seconds.to_string(),
+                seconds.to_string(),
                 "may not specify a duration less than 10 minutes",
             )],
         ));
