@@ -89,13 +89,72 @@ fn forbidden(pod: &Value, message: String) -> ApiError {
     }
 }
 
-/// Admits a new pod: resolves its priority and runtime class and adds the
-/// default not-ready/unreachable tolerations.
+/// Admits a new pod: resolves its priority and runtime class, adds the
+/// default not-ready/unreachable tolerations and, when the server issues
+/// service-account tokens, the service-account volume.
 pub(crate) async fn pod(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
     priority(server, pod).await?;
     runtime_class(server, pod).await?;
     default_tolerations(&mut pod["spec"], server.config.default_toleration_seconds);
+    if server.config.service_accounts.is_some() {
+        service_account_volume(&mut pod["spec"]);
+    }
     Ok(())
+}
+
+/// Where a pod's service-account token, CA and namespace are mounted.
+pub(crate) const SERVICE_ACCOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Kubernetes' ServiceAccount admission: unless the pod opts out
+/// (`automountServiceAccountToken: false`) or mounts something there
+/// itself, a projected `kube-api-access-XXXXX` volume (a bound token, the
+/// cluster CA from `kube-root-ca.crt`, the namespace) mounted read-only at
+/// [`SERVICE_ACCOUNT_PATH`] in every container.
+fn service_account_volume(spec: &mut Value) {
+    if spec["automountServiceAccountToken"] == false {
+        return;
+    }
+    let kinds = ["initContainers", "containers"];
+    let mounted = kinds.iter().any(|k| {
+        spec[*k].as_array().into_iter().flatten().any(|c| {
+            c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["mountPath"] == SERVICE_ACCOUNT_PATH)
+        })
+    });
+    if mounted {
+        return;
+    }
+    let name = format!("kube-api-access-{}", crate::rest::random_suffix());
+    let volume = json!({
+        "name": name,
+        "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace",
+                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]},
+    });
+    if !spec["volumes"].is_array() {
+        spec["volumes"] = json!([]);
+    }
+    if let Some(list) = spec["volumes"].as_array_mut() {
+        list.push(volume);
+    }
+    for k in kinds {
+        for c in spec[k].as_array_mut().into_iter().flatten() {
+            if !c["volumeMounts"].is_array() {
+                c["volumeMounts"] = json!([]);
+            }
+            if let Some(mounts) = c["volumeMounts"].as_array_mut() {
+                mounts.push(
+                    json!({"name": name, "mountPath": SERVICE_ACCOUNT_PATH, "readOnly": true}),
+                );
+            }
+        }
+    }
 }
 
 /// Kubernetes' DefaultTolerationSeconds: a pod without its own toleration for

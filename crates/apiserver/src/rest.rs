@@ -1888,12 +1888,16 @@ fn keep_only_sent(decoded: &mut Value, sent: &Value) {
 }
 
 fn generate_name(prefix: &str) -> String {
+    let base: String = prefix.chars().take(58).collect();
+    format!("{base}{}", random_suffix())
+}
+
+/// Five random characters from Kubernetes' alphabet for generated names.
+pub(crate) fn random_suffix() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
-    let base: String = prefix.chars().take(58).collect();
-    let suffix: String = (0..5)
+    (0..5)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("{base}{suffix}")
+        .collect()
 }

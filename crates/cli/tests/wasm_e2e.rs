@@ -134,6 +134,60 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let log = ok(&s, &["logs", "job/hello"], None);
     assert_eq!(log, "hello from wasmkube\n");
 
+    // Every pod gets its service account's token, the cluster CA and its
+    // namespace at the standard path (a preopened directory for a Wasm
+    // guest), and the token authenticates as the account.
+    let volumes = push_builtin(&s, "env-and-volumes");
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: sa-reader}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: app\n    image: {volumes}\n    args: [/var/run/secrets/kubernetes.io/serviceaccount]\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/sa-reader",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let log = ok(&s, &["logs", "sa-reader"], None);
+    let token = log
+        .lines()
+        .find_map(|l| l.strip_prefix("/var/run/secrets/kubernetes.io/serviceaccount/token: "))
+        .unwrap_or_else(|| panic!("no token in {log}"));
+    assert!(log.contains("serviceaccount/namespace: default"), "{log}");
+    assert!(
+        log.contains("serviceaccount/ca.crt: -----BEGIN CERTIFICATE-----"),
+        "{log}"
+    );
+    assert!(log.contains("serviceaccount: read-only"), "{log}");
+    let admin = std::fs::read_to_string(&s.kubeconfig).unwrap();
+    let ca = admin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .unwrap();
+    let pod_kubeconfig = dir.path().join("pod.kubeconfig");
+    std::fs::write(
+        &pod_kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\ncontexts:\n- name: c\n  context: {{cluster: c, user: sa}}\ncurrent-context: c\nusers:\n- name: sa\n  user:\n    token: {token}\n",
+            s.url
+        ),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .args(["auth", "whoami"])
+        .env("KUBECONFIG", &pod_kubeconfig)
+        .output()
+        .unwrap();
+    let whoami = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        whoami.contains("system:serviceaccount:default:default"),
+        "{whoami}"
+    );
+
     // A Deployment runs, scales, and streams its log with -f.
     ok(
         &s,

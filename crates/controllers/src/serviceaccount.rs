@@ -1,9 +1,12 @@
 //! The ServiceAccount controller: every active namespace has a `default`
-//! service account (recreated if deleted), as pods name it by default.
+//! service account (recreated if deleted), as pods name it by default, and,
+//! when the API server has a CA (it serves `/cacerts`), the
+//! `kube-root-ca.crt` ConfigMap with it (Kubernetes' root CA publisher), which
+//! pods' service-account volumes project as `ca.crt`.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -15,7 +18,12 @@ use crate::Error;
 
 struct Ctx {
     client: kube::Client,
+    /// The cluster CA (PEM), when the API server serves one.
+    ca: Option<String>,
 }
+
+/// The ConfigMap every namespace gets with the cluster CA.
+pub const ROOT_CA_CONFIG_MAP: &str = "kube-root-ca.crt";
 
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if ns.metadata.deletion_timestamp.is_some() {
@@ -32,12 +40,53 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             Err(e) => return Err(Error::Kube(e)),
         }
     }
+    if let Some(ca) = &ctx.ca {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns.name_any());
+        let current = api.get_opt(ROOT_CA_CONFIG_MAP).await.map_err(Error::Kube)?;
+        let wanted = json!({"ca.crt": ca});
+        match current {
+            Some(cm) if cm.data.as_ref().map(|d| json!(d)) == Some(wanted.clone()) => {}
+            Some(_) => {
+                let patch = json!({"data": wanted});
+                api.patch(
+                    ROOT_CA_CONFIG_MAP,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .map_err(Error::Kube)?;
+            }
+            None => {
+                let cm: ConfigMap = serde_json::from_value(
+                    json!({"metadata": {"name": ROOT_CA_CONFIG_MAP}, "data": wanted}),
+                )
+                .map_err(|e| Error::Encode(e.to_string()))?;
+                match api.create(&PostParams::default(), &cm).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 403 => {}
+                    Err(e) => return Err(Error::Kube(e)),
+                }
+            }
+        }
+    }
     Ok(Action::await_change())
+}
+
+/// The cluster CA the API server serves at `/cacerts`, if any.
+async fn cluster_ca(client: &kube::Client) -> Option<String> {
+    let request = http::Request::get("/cacerts").body(Vec::new()).ok()?;
+    client
+        .request_text(request)
+        .await
+        .ok()
+        .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
 }
 
 /// Runs the ServiceAccount controller until its watches end.
 pub async fn run(client: kube::Client) -> Result<(), Error> {
     let accounts = Api::<ServiceAccount>::all(client.clone());
+    let ca = cluster_ca(&client).await;
+    let config_maps = Api::<ConfigMap>::all(client.clone());
     let results = Controller::new(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
@@ -48,7 +97,13 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         watcher::Config::default().fields("metadata.name=default"),
         |sa| sa.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
-    .run(reconcile, crate::retry_soon, Arc::new(Ctx { client }));
+    // So does a changed or deleted root CA ConfigMap.
+    .watches(
+        config_maps,
+        watcher::Config::default().fields(&format!("metadata.name={ROOT_CA_CONFIG_MAP}")),
+        |cm| cm.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .run(reconcile, crate::retry_soon, Arc::new(Ctx { client, ca }));
     crate::drain("serviceaccount", results).await;
     Ok(())
 }

@@ -464,6 +464,51 @@ fn downward_files(
 }
 
 /// Materialises the pod's volumes under `pod_dir/volumes/`.
+/// A token for the pod's service account, bound to the pod (the
+/// TokenRequest API), for a projected `serviceAccountToken` source.
+async fn service_account_token(
+    ctx: &Ctx,
+    pod: &Pod,
+    source: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+) -> Result<String, ConfigError> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let ns = pod_ns(pod);
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: source.audience.iter().cloned().collect(),
+            expiration_seconds: Some(source.expiration_seconds.unwrap_or(3607)),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..Default::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    let issued = api
+        .create_token_request(&account, &Default::default(), &request)
+        .await
+        .map_err(|e| {
+            ConfigError(format!(
+                "requesting a token for service account {account:?}: {e}"
+            ))
+        })?;
+    issued
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| ConfigError(format!("no token issued for service account {account:?}")))
+}
+
 pub(crate) async fn volumes(
     ctx: &Ctx,
     pod: &Pod,
@@ -583,6 +628,10 @@ pub(crate) async fn volumes(
                         &dir,
                         &downward_files(ctx, pod, d.items.as_deref().unwrap_or_default())?,
                     )?;
+                }
+                if let Some(t) = &s.service_account_token {
+                    let token = service_account_token(ctx, pod, t).await?;
+                    write_files(&dir, &[(t.path.clone(), token.into_bytes())])?;
                 }
             }
             Volume {

@@ -226,6 +226,8 @@ pub(crate) fn policy() -> Vec<Value> {
         ),
         rule(&[""], &["pods/status"], &["patch", "update"]),
         rule(&[""], &["pods/eviction"], &["create"]),
+        // Tokens for its pods' service-account volumes.
+        rule(&[""], &["serviceaccounts/token"], &["create"]),
         rule(&[""], &["events"], &["create", "patch", "update"]),
         rule(
             &["events.k8s.io"],
@@ -240,6 +242,7 @@ pub(crate) fn policy() -> Vec<Value> {
                 "secrets",
                 "configmaps",
                 "namespaces",
+                "serviceaccounts",
                 "persistentvolumeclaims",
                 "persistentvolumes",
             ],

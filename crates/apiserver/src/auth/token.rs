@@ -26,6 +26,9 @@ pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const MIN_SECONDS: i64 = 600;
 const DEFAULT_SECONDS: i64 = 3600;
 const MAX_SECONDS: i64 = 48 * 3600;
+/// What the service-account volume asks for, and what it gets.
+const VOLUME_SECONDS: i64 = 3607;
+const EXTENDED_SECONDS: i64 = 365 * 24 * 3600;
 
 /// The stored object `kind` `namespace`/`name`, if it exists.
 async fn stored(
@@ -92,7 +95,15 @@ pub(crate) async fn request(
             )],
         ));
     }
-    let seconds = seconds.min(MAX_SECONDS);
+    // The service-account volume asks for 3607 s; as Kubernetes does
+    // (--service-account-extend-token-expiration), such a pod-bound token is
+    // issued for a year, so a client that never rereads the file keeps
+    // working.
+    let seconds = if seconds == VOLUME_SECONDS && spec["boundObjectRef"]["kind"] == "Pod" {
+        EXTENDED_SECONDS
+    } else {
+        seconds.min(MAX_SECONDS)
+    };
     let audiences: Vec<String> = match spec["audiences"].as_array() {
         Some(a) if !a.is_empty() => a
             .iter()
