@@ -31,6 +31,10 @@ use crate::spec::{self, Volume};
 use crate::status::{self, ContainerStatus, Forced, State, Terminated};
 use crate::{Ctx, logs, ports, probe};
 
+/// The first retry of a pod's volume setup (it doubles up to the crash-loop
+/// back-off's maximum).
+const MOUNT_RETRY_INITIAL: Duration = Duration::from_millis(200);
+
 /// How long an image pull failure shows as `ErrImagePull` before the
 /// back-off (`ImagePullBackOff`).
 const ERR_IMAGE_PULL_HOLD: Duration = Duration::from_secs(2);
@@ -764,7 +768,10 @@ impl PodRun {
         }
         let pod = self.pod();
         let dir = self.state.lock().expect("pod state").dir.clone();
-        let mut delay = self.ctx.config.backoff.initial;
+        // A volume's source often lags the pod by milliseconds (a new
+        // namespace's service account and kube-root-ca.crt): retry soon
+        // at first, as the kubelet's volume manager does, then back off.
+        let mut delay = MOUNT_RETRY_INITIAL.min(self.ctx.config.backoff.initial);
         let volumes = loop {
             match spec::volumes(&self.ctx, &pod, &dir).await {
                 Ok(v) => break Arc::new(v),
