@@ -70,7 +70,8 @@ pub fn api_group(name: &str) -> Option<Value> {
         })
 }
 
-const VERBS: &[&str] = &[
+/// The verbs every served resource has (what RBAC's `*` stands for).
+pub(crate) const VERBS: &[&str] = &[
     "create",
     "delete",
     "deletecollection",

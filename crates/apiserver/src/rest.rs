@@ -333,7 +333,22 @@ fn same_ignoring_version(a: &Value, b: &Value) -> bool {
     strip(a) == strip(b)
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// A context for a write the server makes on its own behalf.
+    fn internal(server: &'a Arc<ApiServer>, target: Target<'a>, headers: &'a HeaderMap) -> Self {
+        Ctx {
+            server,
+            target,
+            params: Params {
+                field_manager: Some("wasmkube".into()),
+                ..Params::default()
+            },
+            headers,
+            output: Output::Object,
+            user: None,
+        }
+    }
+
     fn rt(&self) -> &'static ResourceType {
         self.target.rt
     }
@@ -1787,23 +1802,16 @@ pub(crate) async fn create_internal(
     body: Value,
 ) -> ApiResult<Value> {
     let headers = HeaderMap::new();
-    let ctx = Ctx {
-        server,
-        target: Target {
-            rt,
-            namespace,
-            name: None,
-            subresource: None,
-        },
-        params: Params {
-            field_manager: Some("wasmkube".into()),
-            ..Params::default()
-        },
-        headers: &headers,
-        output: Output::Object,
-        user: None,
+    let target = Target {
+        rt,
+        namespace,
+        name: None,
+        subresource: None,
     };
-    ctx.create_object(body).await.map(|(obj, _)| obj)
+    Ctx::internal(server, target, &headers)
+        .create_object(body)
+        .await
+        .map(|(obj, _)| obj)
 }
 
 /// Changes a cluster-scoped object on the server's own behalf (bootstrap
@@ -1817,22 +1825,13 @@ pub(crate) async fn reconcile_internal(
     mut change: impl FnMut(&Value) -> Option<Value>,
 ) -> ApiResult<Value> {
     let headers = HeaderMap::new();
-    let ctx = Ctx {
-        server,
-        target: Target {
-            rt,
-            namespace: None,
-            name: Some(name),
-            subresource: sub,
-        },
-        params: Params {
-            field_manager: Some("wasmkube".into()),
-            ..Params::default()
-        },
-        headers: &headers,
-        output: Output::Object,
-        user: None,
+    let target = Target {
+        rt,
+        namespace: None,
+        name: Some(name),
+        subresource: sub,
     };
+    let ctx = Ctx::internal(server, target, &headers);
     ctx.guaranteed_update(name, sub, |current| {
         Ok(change(current).map(|mut wanted| {
             if let Some(m) = wanted["metadata"].as_object_mut() {

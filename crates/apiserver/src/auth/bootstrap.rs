@@ -32,16 +32,16 @@ fn urls(paths: &[&str], verbs: &[&str]) -> Value {
 
 const READ: &[&str] = &["get", "list", "watch"];
 const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "update"];
-const ALL_VERBS: &[&str] = &[
-    "create",
-    "delete",
-    "deletecollection",
-    "get",
-    "list",
-    "patch",
-    "update",
-    "watch",
-];
+const ALL_VERBS: &[&str] = crate::discovery::VERBS;
+
+/// Recording events, as every component does (core and events.k8s.io).
+fn event_rules() -> [Value; 2] {
+    let verbs = &["create", "patch", "update"];
+    [
+        rule(&[""], &["events"], verbs),
+        rule(&["events.k8s.io"], &["events"], verbs),
+    ]
+}
 
 fn cluster_role(name: &str, labels: Value, rules: Vec<Value>) -> Value {
     json!({
@@ -228,12 +228,6 @@ pub(crate) fn policy() -> Vec<Value> {
         rule(&[""], &["pods/eviction"], &["create"]),
         // Tokens for its pods' service-account volumes.
         rule(&[""], &["serviceaccounts/token"], &["create"]),
-        rule(&[""], &["events"], &["create", "patch", "update"]),
-        rule(
-            &["events.k8s.io"],
-            &["events"],
-            &["create", "patch", "update"],
-        ),
         rule(
             &[""],
             &[
@@ -290,16 +284,11 @@ pub(crate) fn policy() -> Vec<Value> {
             &["create", "get", "list", "watch"],
         ),
     ];
+    let node_rules: Vec<Value> = node_rules.into_iter().chain(event_rules()).collect();
     let scheduler_rules = vec![
         rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
         rule(&[""], &["pods/binding", "bindings"], &["create"]),
         rule(&[""], &["pods/status"], &["patch", "update"]),
-        rule(&[""], &["events"], &["create", "patch", "update"]),
-        rule(
-            &["events.k8s.io"],
-            &["events"],
-            &["create", "patch", "update"],
-        ),
         rule(
             &[""],
             &[
@@ -338,6 +327,7 @@ pub(crate) fn policy() -> Vec<Value> {
             &["create"],
         ),
     ];
+    let scheduler_rules: Vec<Value> = scheduler_rules.into_iter().chain(event_rules()).collect();
     vec![
         cluster_role("cluster-admin", defaults.clone(), everything),
         aggregated(
