@@ -350,6 +350,10 @@ fn security(pod: &Pod, c: &Container) -> Security {
         allow_privilege_escalation: s.and_then(|s| s.allow_privilege_escalation),
         capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+        seccomp_unconfined: s
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .or_else(|| p.and_then(|p| p.seccomp_profile.as_ref()))
+            .is_some_and(|profile| profile.type_ == "Unconfined"),
     }
 }
 

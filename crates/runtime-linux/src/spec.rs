@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
-    Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder,
-    LinuxNamespace, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources, MountBuilder, Spec,
+    Arch, Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, MountBuilder, Spec,
 };
 use wasmkube_runtime::ContainerConfig;
 
@@ -172,6 +173,129 @@ pub fn user(
     Ok((uid, gid, additional))
 }
 
+/// The system calls the default seccomp profile refuses (with EPERM), each
+/// group unless the container holds the capability that releases it, as
+/// containerd's default profile decides (which allows the rest): kernel
+/// keyrings, namespaces and mounts, modules, kexec, reboot, tracing other
+/// processes, raw I/O ports, the clock, NUMA policy, swap and the like.
+const BLOCKED_SYSCALLS: &[(Option<Capability>, &[&str])] = &[
+    (
+        Some(Capability::SysAdmin),
+        &[
+            "bpf",
+            "fanotify_init",
+            "fsconfig",
+            "fsmount",
+            "fsopen",
+            "fspick",
+            "lookup_dcookie",
+            "mount",
+            "mount_setattr",
+            "move_mount",
+            "name_to_handle_at",
+            "open_tree",
+            "perf_event_open",
+            "pivot_root",
+            "quotactl",
+            "quotactl_fd",
+            "setdomainname",
+            "sethostname",
+            "setns",
+            "umount",
+            "umount2",
+            "unshare",
+        ],
+    ),
+    (Some(Capability::SysBoot), &["reboot"]),
+    (
+        Some(Capability::SysModule),
+        &[
+            "create_module",
+            "delete_module",
+            "finit_module",
+            "get_kernel_syms",
+            "init_module",
+            "query_module",
+        ],
+    ),
+    (Some(Capability::SysPacct), &["acct"]),
+    (
+        Some(Capability::SysPtrace),
+        &[
+            "kcmp",
+            "pidfd_getfd",
+            "process_madvise",
+            "process_vm_readv",
+            "process_vm_writev",
+            "ptrace",
+        ],
+    ),
+    (Some(Capability::SysRawio), &["ioperm", "iopl"]),
+    (
+        Some(Capability::SysTime),
+        &["clock_adjtime", "clock_settime", "settimeofday", "stime"],
+    ),
+    (
+        Some(Capability::SysNice),
+        &[
+            "get_mempolicy",
+            "mbind",
+            "set_mempolicy",
+            "set_mempolicy_home_node",
+        ],
+    ),
+    (Some(Capability::Syslog), &["syslog"]),
+    (
+        None,
+        &[
+            "add_key",
+            "keyctl",
+            "request_key",
+            "kexec_file_load",
+            "kexec_load",
+            "nfsservctl",
+            "open_by_handle_at",
+            "swapon",
+            "swapoff",
+            "sysfs",
+            "_sysctl",
+            "uselib",
+            "userfaultfd",
+            "ustat",
+            "vm86",
+            "vm86old",
+        ],
+    ),
+];
+
+/// The default seccomp profile for a container holding `caps`: every
+/// system call allowed except [`BLOCKED_SYSCALLS`] not released by one of
+/// them, on the native and the 32-bit x86 ABIs. (Names this kernel or
+/// libseccomp does not know are skipped by runc.)
+fn default_seccomp(caps: &HashSet<Capability>) -> Result<LinuxSeccomp, Error> {
+    let names: Vec<String> = BLOCKED_SYSCALLS
+        .iter()
+        .filter(|(cap, _)| cap.as_ref().is_none_or(|c| !caps.contains(c)))
+        .flat_map(|(_, names)| names.iter().map(|n| (*n).to_owned()))
+        .collect();
+    let blocked = LinuxSyscallBuilder::default()
+        .names(names)
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(1u32) // EPERM
+        .build()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(vec![
+            Arch::ScmpArchX86_64,
+            Arch::ScmpArchX86,
+            Arch::ScmpArchX32,
+        ])
+        .syscalls(vec![blocked])
+        .build()
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
 fn capability(name: &str) -> Result<Capability, Error> {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("CAP_") {
@@ -311,6 +435,7 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
         root.set_readonly(Some(c.security.read_only_root_filesystem));
     }
     let caps = capabilities(c)?;
+    let caps_held = caps.clone();
     if let Some(p) = spec.process_mut() {
         p.set_args(Some(argv));
         p.set_env(Some(
@@ -386,6 +511,8 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
     if c.security.privileged {
         linux.set_masked_paths(None);
         linux.set_readonly_paths(None);
+    } else if !c.security.seccomp_unconfined {
+        linux.set_seccomp(Some(default_seccomp(&caps_held)?));
     }
     let mut resources = LinuxResources::default();
     if !c.security.privileged {

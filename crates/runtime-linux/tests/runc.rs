@@ -288,6 +288,36 @@ async fn security_context_user_read_only_root_and_volumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_default_seccomp_profile_and_masked_paths_hold_unless_unconfined() {
+    let f = fixture(None);
+    // Creating a user namespace needs no capability; the default profile
+    // refuses `unshare` (as containerd's does), and /proc/kcore reads empty.
+    let script = "unshare -U true 2>&1; echo unshare=$?; echo kcore=$(head -c 16 /proc/kcore 2>/dev/null | wc -c)";
+    let (_, out, _) = start(&f, &unique("seccomp"), script, |_| {})
+        .await
+        .unwrap()
+        .finish()
+        .await;
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(
+        out.contains("unshare=1") && out.contains("kcore=0"),
+        "{out}"
+    );
+    // seccompProfile: Unconfined lifts the filter (the masking stays).
+    let (_, out, _) = start(&f, &unique("unconfined"), script, |c| {
+        c.security.seccomp_unconfined = true;
+    })
+    .await
+    .unwrap()
+    .finish()
+    .await;
+    assert!(
+        out.contains("unshare=0") && out.contains("kcore=0"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn run_as_non_root_refuses_a_root_image_and_privileged_is_refused() {
     let f = fixture(None);
     let Err(e) = start(&f, &unique("nonroot"), "true", |c| {

@@ -65,6 +65,9 @@ pub struct Security {
     pub allow_privilege_escalation: Option<bool>,
     pub capabilities_add: Vec<String>,
     pub capabilities_drop: Vec<String>,
+    /// `seccompProfile: Unconfined` (pod or container): no system call
+    /// filter. Otherwise a Linux container gets the runtime's default.
+    pub seccomp_unconfined: bool,
 }
 
 /// Where a container's stdout or stderr goes.
