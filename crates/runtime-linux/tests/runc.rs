@@ -412,13 +412,17 @@ async fn exec_runs_commands_in_the_container_with_pipes_and_with_a_terminal() {
     // A terminal: the process sees one, with the size it was given, and a
     // resize reaches it (the shell waits for its SIGWINCH). runc sizes the
     // container's terminal from ours just after the process starts (as in
-    // any runc exec), so the shell first waits for the size to be there.
+    // any runc exec), so the shell first waits for the size to be there
+    // (until then `stty size` succeeds with nothing or `0 0`; the SIGWINCH
+    // of that first sizing comes before the trap, which then only sees the
+    // resize).
     let mut p = exec
         .exec(
             &[
                 "sh".into(),
                 "-c".into(),
-                "tty; until s=$(stty size 2>/dev/null); do sleep 0.01; done; echo $s; \
+                "tty; until s=$(stty size 2>/dev/null) && [ -n \"$s\" ] && [ \"$s\" != '0 0' ]; \
+                 do sleep 0.01; done; echo $s; \
                  trap 'stty size; exit 0' WINCH; echo waiting; read x"
                     .into(),
             ],
