@@ -6,6 +6,7 @@
 //! through the HTTP API it serves.
 
 mod admission;
+pub mod audit;
 mod auth;
 mod crds;
 mod discovery;
@@ -83,6 +84,8 @@ pub struct Config {
     pub encryption: Option<Arc<encryption::EncryptionConfig>>,
     /// Signs and verifies service-account tokens (the TokenRequest API).
     pub service_accounts: Option<Arc<wasmkube_pki::TokenSigner>>,
+    /// The audit policy and log (with authentication on).
+    pub audit: Option<Arc<audit::Audit>>,
 }
 
 impl Default for Config {
@@ -99,6 +102,7 @@ impl Default for Config {
             ca: None,
             encryption: None,
             service_accounts: None,
+            audit: None,
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct ApiServer {
     _crds: crds::Follower,
     /// Authentication and authorization, when on.
     auth: Option<auth::Auth>,
+    /// The audit log, when on.
+    audit: Option<Arc<audit::Audit>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -190,6 +196,7 @@ impl ApiServer {
             )),
             None => None,
         };
+        let audit = config.audit.clone();
         let server = Arc::new(Self {
             store,
             stored,
@@ -198,6 +205,7 @@ impl ApiServer {
             node_stats: Default::default(),
             _crds: crds,
             auth,
+            audit,
         });
         let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {

@@ -60,6 +60,7 @@ pub(crate) async fn serve(
             let service = router.map_request(
                 move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());
+                    req.extensions_mut().insert(crate::auth::RemoteAddr(remote));
                     req
                 },
             );

@@ -105,6 +105,24 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE")]
     encryption_provider_config: Option<PathBuf>,
 
+    /// Audit requests as this `audit.k8s.io/v1` Policy says (levels None,
+    /// Metadata, Request, RequestResponse; the first matching rule's).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
+    audit_policy_file: Option<PathBuf>,
+
+    /// Where audit events go, one JSON line each [default:
+    /// DATA_DIR/audit.log].
+    #[arg(long, value_name = "FILE", requires = "audit_policy_file")]
+    audit_log_path: Option<PathBuf>,
+
+    /// Rotate the audit log past this size.
+    #[arg(long, default_value = "100", value_name = "MiB")]
+    audit_log_maxsize: u64,
+
+    /// Rotated audit logs kept (AUDIT_LOG.1 the newest).
+    #[arg(long, default_value = "10")]
+    audit_log_maxbackup: usize,
+
     /// Accept the bearer tokens of this file (Kubernetes'
     /// --token-auth-file: `token,user,uid,"group1,group2"` per line).
     #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
@@ -301,7 +319,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let audit = match &args.audit_policy_file {
+        Some(policy) => {
+            let path = args
+                .audit_log_path
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("audit.log"));
+            Some(Arc::new(wasmkube_apiserver::audit::Audit {
+                policy: wasmkube_apiserver::audit::Policy::read(policy)?,
+                log: wasmkube_apiserver::audit::Log::open(
+                    &path,
+                    args.audit_log_maxsize * 1024 * 1024,
+                    args.audit_log_maxbackup,
+                )?,
+            }))
+        }
+        None => None,
+    };
     let api_config = wasmkube_apiserver::Config {
+        audit,
         encryption,
         default_toleration_seconds: args.default_toleration_seconds,
         service_cidr: (services.network(), services.prefix_len()),

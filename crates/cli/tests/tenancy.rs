@@ -175,9 +175,20 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         "alice-token,alice,1001,\"tenant-a\"\nbob-token,bob,1002,\"tenant-b\"\nvictor-token,victor,1003\ncarol-token,carol,1004\n",
     )
     .unwrap();
+    let audit_policy = dir.path().join("audit.yaml");
+    std::fs::write(
+        &audit_policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: None\n  resources: [{group: coordination.k8s.io, resources: [leases]}]\n- level: Metadata\n  resources: [{group: \"\", resources: [secrets]}]\n- level: RequestResponse\n  users: [alice]\n  resources: [{group: \"\", resources: [configmaps]}]\n- level: Metadata\n",
+    )
+    .unwrap();
     let s = start_server_with(
         &dir.path().join("server"),
-        &["--token-auth-file", tokens.to_str().unwrap()],
+        &[
+            "--token-auth-file",
+            tokens.to_str().unwrap(),
+            "--audit-policy-file",
+            audit_policy.to_str().unwrap(),
+        ],
     );
     assert!(s.url.starts_with("https://"), "{}", s.url);
 
@@ -589,6 +600,55 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         "{}{}",
         out.stdout,
         out.stderr
+    );
+
+    // The audit log: one JSON line per audited request, with the levels the
+    // policy gives (alice's ConfigMap writes with both bodies, Secrets with
+    // metadata only, Leases not at all) and refusals with their decision.
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(s.data_dir.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let made = events
+        .iter()
+        .find(|e| {
+            e["verb"] == "create"
+                && e["objectRef"]["name"].is_null()
+                && e["requestObject"]["metadata"]["name"] == "made-alice"
+        })
+        .expect("alice's ConfigMap create is audited with its body");
+    assert_eq!(made["level"], "RequestResponse");
+    assert_eq!(made["user"]["username"], "alice");
+    assert_eq!(made["responseStatus"]["code"], 201);
+    assert!(
+        made["responseObject"]["metadata"]["uid"].is_string(),
+        "{made}"
+    );
+    let refused = events
+        .iter()
+        .find(|e| {
+            e["user"]["username"] == "alice"
+                && e["verb"] == "list"
+                && e["objectRef"]["resource"] == "secrets"
+                && e["objectRef"]["namespace"] == "b"
+        })
+        .expect("alice's refused list of b's Secrets is audited");
+    assert_eq!(refused["responseStatus"]["code"], 403);
+    assert_eq!(
+        refused["annotations"]["authorization.k8s.io/decision"],
+        "forbid"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["objectRef"]["resource"] == "secrets")
+            .all(|e| e["level"] == "Metadata" && e.get("requestObject").is_none())
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["objectRef"]["resource"] == "leases")
     );
 
     // A join token makes new nodes, but cannot take over a registered

@@ -464,6 +464,23 @@ pub(crate) async fn middleware(
         Err(e) => return e.into_response(),
     };
     let attrs = Attributes::of(user, req.method(), req.uri().path(), req.uri().query());
+    // The audit record of this request, when the policy keeps one.
+    let record = server.audit.as_ref().and_then(|audit| {
+        let level = audit.policy.level(&attrs);
+        (level != crate::audit::Level::None).then(|| crate::audit::Record {
+            attrs: &attrs,
+            level,
+            uri: req.uri().to_string(),
+            user_agent: req
+                .headers()
+                .get(axum::http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            source: req.extensions().get::<RemoteAddr>().map(|r| r.0.ip()),
+            received: chrono::Utc::now(),
+        })
+    });
     if !auth.allows(&attrs) {
         // A component of the cluster refused is a gap in its role.
         if attrs.user.name.starts_with("system:") && !attrs.user.is_anonymous() {
@@ -471,10 +488,15 @@ pub(crate) async fn middleware(
         } else {
             tracing::debug!(user = %attrs.user.name, "{}", attrs.forbidden_message());
         }
-        if attrs.user.is_anonymous() {
-            return ApiError::Unauthorized.into_response();
+        let refusal = if attrs.user.is_anonymous() {
+            ApiError::Unauthorized
+        } else {
+            attrs.forbidden()
+        };
+        if let (Some(audit), Some(record)) = (&server.audit, &record) {
+            audit.complete(record, refusal.code().as_u16(), false, None, None);
         }
-        return attrs.forbidden().into_response();
+        return refusal.into_response();
     }
     let changes_policy = attrs.resource.as_ref().is_some_and(|r| {
         r.group == "rbac.authorization.k8s.io"
@@ -483,14 +505,69 @@ pub(crate) async fn middleware(
                 "create" | "update" | "patch" | "delete" | "deletecollection"
             )
     });
-    req.extensions_mut().insert(attrs.user);
-    let response = next.run(req).await;
+    req.extensions_mut().insert(attrs.user.clone());
+    // Bodies are kept for the levels that log them; never those of
+    // streams (watches, logs, exec).
+    let streaming = attrs.verb == "watch"
+        || attrs.resource.as_ref().is_some_and(|r| {
+            matches!(
+                r.subresource.as_deref(),
+                Some("log" | "exec" | "attach" | "portforward")
+            )
+        });
+    let mut request_body = None;
+    if let Some(record) = &record
+        && record.level >= crate::audit::Level::Request
+        && !streaming
+    {
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, server.config.max_body_bytes).await {
+            Ok(b) => b,
+            Err(_) => {
+                return ApiError::TooLarge {
+                    limit: server.config.max_body_bytes,
+                }
+                .into_response();
+            }
+        };
+        // JSON, YAML or protobuf, as the REST handlers read them.
+        let content_type = parts
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json");
+        request_body = crate::rest::parse_value(content_type, &bytes).ok();
+        req = Request::from_parts(parts, Body::from(bytes));
+    }
+    let mut response = next.run(req).await;
     if changes_policy && response.status().is_success() {
         // Acknowledge a change of the policy once it is in force here.
         auth.rbac.wait_for(server.store.current_revision()).await;
     }
+    if let (Some(audit), Some(record)) = (&server.audit, &record) {
+        let mut response_body = None;
+        if record.level >= crate::audit::Level::RequestResponse && !streaming {
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            response_body = Some(bytes.clone());
+            response = Response::from_parts(parts, Body::from(bytes));
+        }
+        audit.complete(
+            record,
+            response.status().as_u16(),
+            true,
+            request_body,
+            response_body.as_deref(),
+        );
+    }
     response
 }
+
+/// The address a request came from, set by the TLS server.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
 
 #[cfg(test)]
 mod tests {
