@@ -1,15 +1,18 @@
-//! Who is asking, and may they: authentication (x509 client certificates,
-//! bearer tokens from a static token file, anonymous), impersonation, and
-//! authorization by RBAC, run on every request before it is served.
+//! Who is asking, and may they: authentication (x509 client certificates;
+//! bearer tokens: the join token's secret, service-account tokens, a static
+//! token file; else anonymous), impersonation, and authorization by RBAC,
+//! run on every request before it is served, and the audit record of it.
 //!
 //! Authentication and authorization are on when the server is configured
-//! with an [`Authentication`] (`wasmkube server` always is); a server
+//! with an [`Authentication`] (`wasmkube server` is, unless
+//! `--insecure-http`); a server
 //! without one (the library's default, used by in-process tests) allows
 //! everything, as kube-apiserver's `AlwaysAllow` mode does.
 //!
 //! A request that carries no credentials is `system:anonymous` (group
 //! `system:unauthenticated`): it may do what RBAC grants that user or group
-//! (by default: read `/healthz`, `/livez`, `/readyz` and `/version`), and
+//! (by default: read `/healthz`, `/livez`, `/readyz`, `/version` and
+//! `/cacerts`), and
 //! gets 401 for anything else, so a client learns to authenticate rather
 //! than that it is forbidden. An authenticated user who is refused gets 403
 //! with Kubernetes' message.
