@@ -346,57 +346,54 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             return (StatusCode::OK, axum::Json(body)).into_response();
         }
     }
-    if let Ok(Some(target)) = request::parse(parts.uri.path())
-        && registry::is_review(target.rt)
-    {
-        if parts.method != Method::POST || target.name.is_some() {
-            return ApiError::MethodNotAllowed.into_response();
-        }
-        let user = parts.extensions.get::<UserInfo>().cloned();
-        return auth::review::create(
-            &server,
-            target.rt,
-            target.namespace,
-            user,
-            &parts.headers,
-            body,
+    // The resource paths served apart from the REST verbs (the path is
+    // parsed once here; `rest::handle` parses it for the rest).
+    let target = request::parse(parts.uri.path()).ok().flatten().map(|t| {
+        (
+            t.rt,
+            t.namespace.map(str::to_owned),
+            t.name.map(str::to_owned),
+            t.subresource,
         )
-        .await
-        .unwrap_or_else(|e| e.into_response());
-    }
-    if parts.method == Method::POST
-        && let Ok(Some(target)) = request::parse(parts.uri.path())
-        && target.subresource == Some(wasmkube_api::Subresource::Token)
-        && let (Some(namespace), Some(name)) = (target.namespace, target.name)
-    {
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        return auth::token::request(&server, &namespace, &name, &parts.headers, body)
-            .await
-            .unwrap_or_else(|e| e.into_response());
-    }
-    if parts.method == Method::POST
-        && let Ok(Some(target)) = request::parse(parts.uri.path())
-        && target.rt.kind == "CertificateSigningRequest"
-        && target.name.is_none()
-    {
-        let user = parts.extensions.get::<UserInfo>().cloned();
-        return auth::csr::create(&server, target.rt, user, &parts.headers, body)
-            .await
-            .unwrap_or_else(|e| e.into_response());
-    }
-    if matches!(parts.method, Method::GET | Method::POST)
-        && let Ok(Some(target)) = request::parse(parts.uri.path())
-        && target.subresource == Some(wasmkube_api::Subresource::Exec)
-        && let Some(name) = target.name
-    {
-        let (namespace, name) = (target.namespace.map(str::to_owned), name.to_owned());
-        let request = Request::from_parts(parts, body);
-        return node_proxy::pod_exec(&server, namespace.as_deref(), &name, request)
-            .await
-            .unwrap_or_else(|e| e.into_response());
-    }
+    });
     let user = parts.extensions.get::<UserInfo>().cloned();
-    rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await
+    let Some((rt, namespace, name, subresource)) = target else {
+        return rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await;
+    };
+    use wasmkube_api::Subresource::{Exec, Token};
+    let post = parts.method == Method::POST;
+    let answer = match (subresource, name.as_deref()) {
+        _ if registry::is_review(rt) => {
+            if post && name.is_none() {
+                auth::review::create(
+                    &server,
+                    rt,
+                    namespace.as_deref(),
+                    user,
+                    &parts.headers,
+                    body,
+                )
+                .await
+            } else {
+                Err(ApiError::MethodNotAllowed)
+            }
+        }
+        (Some(Token), Some(name)) if post => {
+            let namespace = namespace.as_deref().unwrap_or_default();
+            auth::token::request(&server, namespace, name, &parts.headers, body).await
+        }
+        (None, None) if post && rt.kind == "CertificateSigningRequest" => {
+            auth::csr::create(&server, rt, user, &parts.headers, body).await
+        }
+        (Some(Exec), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
+            let name = name.to_owned();
+            let request = Request::from_parts(parts, body);
+            node_proxy::pod_exec(&server, namespace.as_deref(), &name, request).await
+        }
+        // Everything else is the REST verbs'.
+        _ => return rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await,
+    };
+    answer.unwrap_or_else(|e| e.into_response())
 }
 
 /// The built-in classes: the RuntimeClasses of the node runtimes

@@ -115,7 +115,7 @@ async fn serve(mode: Mode) -> anyhow::Result<Served> {
     let api = ApiServer::start(store, config).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (url, admin_text, user_text, task) = match &ca {
+    let (admin_text, user_text, task) = match &ca {
         Some(ca) => {
             let names = ServingNames {
                 dns: vec!["localhost".into()],
@@ -130,7 +130,6 @@ async fn serve(mode: Mode) -> anyhow::Result<Served> {
             let admin = ca.issue_client(&Identity::new("admin", &["system:masters"]), day)?;
             let user = ca.issue_client(&Identity::new("bench-user", &[]), day)?;
             (
-                url.clone(),
                 kubeconfig(&url, Some(ca), Some(&admin)),
                 kubeconfig(&url, Some(ca), Some(&user)),
                 task,
@@ -141,10 +140,9 @@ async fn serve(mode: Mode) -> anyhow::Result<Served> {
             let task = tokio::spawn(async move { api.serve(listener).await });
             let url = format!("http://{addr}");
             let text = kubeconfig(&url, None, None);
-            (url, text.clone(), text, task)
+            (text.clone(), text, task)
         }
     };
-    let _ = url;
     // The namespace and the user's grant, made as the administrator.
     let admin = client_from(&admin_text, true).await?;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
