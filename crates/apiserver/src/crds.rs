@@ -8,12 +8,11 @@
 //! the API server's start (so another API server on the same store follows
 //! as well).
 
-use futures::StreamExt;
 use serde_json::Value;
 use wasmkube_api::registry::{self, ResourceType};
-use wasmkube_store::{EventKind, ListOptions, SharedStore};
+use wasmkube_store::{ListOptions, SharedStore};
 
-use crate::storage::decode_stored;
+use crate::follow::{Change, Follow};
 
 fn crd_type() -> &'static ResourceType {
     registry::lookup("apiextensions.k8s.io", "v1", "customresourcedefinitions")
@@ -68,58 +67,19 @@ async fn unregister(store: &SharedStore, name: &str) {
     }
 }
 
-/// Serves every stored CRD; returns the revision it read them at.
-async fn load(store: &SharedStore) -> u64 {
+/// Follows CRD writes and deletions.
+async fn follow(store: SharedStore, mut follow: Follow) {
     let prefix = crd_type().key_prefix();
     loop {
-        match store.list(&prefix, ListOptions::default()).await {
-            Ok(list) => {
-                for kv in &list.items {
-                    match decode_stored(kv) {
-                        Ok(crd) => register(&crd),
-                        Err(e) => tracing::warn!(key = %kv.key, error = %e, "unreadable CRD"),
-                    }
+        match follow.next().await {
+            Change::Reset { objects, .. } => {
+                for (_, crd) in &objects {
+                    register(crd);
                 }
-                return list.revision;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list CRDs; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// Follows CRD writes and deletions after `from`.
-async fn follow(store: SharedStore, mut from: u64) {
-    let prefix = crd_type().key_prefix();
-    loop {
-        let mut events = match store.watch(&prefix, from) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow CRDs from {from}; reloading them");
-                from = load(&store).await;
-                continue;
-            }
-        };
-        while let Some(event) = events.next().await {
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the CRD watch broke; resuming");
-                    break;
-                }
-            };
-            from = event.revision();
-            match event.kind {
-                EventKind::Put => match decode_stored(&event.kv) {
-                    Ok(crd) => register(&crd),
-                    Err(e) => tracing::warn!(error = %e, "unreadable CRD"),
-                },
-                EventKind::Delete => {
-                    let name = event.kv.key.trim_start_matches(&prefix).to_owned();
-                    unregister(&store, &name).await;
-                }
+            Change::Put { object, .. } => register(&object),
+            Change::Delete { key, .. } => {
+                unregister(&store, key.trim_start_matches(&prefix)).await;
             }
         }
     }
@@ -131,8 +91,12 @@ pub(crate) struct Follower(tokio::task::JoinHandle<()>);
 impl Follower {
     /// Serves the stored CRDs, then follows their changes.
     pub(crate) async fn start(store: SharedStore) -> Self {
-        let from = load(&store).await;
-        Self(tokio::spawn(follow(store, from)))
+        let (follower, crds, _) =
+            Follow::start(store.clone(), crd_type().key_prefix(), "CRDs").await;
+        for (_, crd) in &crds {
+            register(crd);
+        }
+        Self(tokio::spawn(follow(store, follower)))
     }
 }
 

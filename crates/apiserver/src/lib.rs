@@ -16,6 +16,7 @@ pub use node_proxy::{
     TOKEN_NAMESPACE as NODE_PROXY_TOKEN_NAMESPACE, TOKEN_SECRET as NODE_PROXY_TOKEN_SECRET,
 };
 mod fields;
+mod follow;
 pub mod identity;
 mod merge_keys;
 mod metrics;

@@ -11,14 +11,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use futures::StreamExt;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
-use wasmkube_store::{EventKind, ListOptions, SharedStore};
+use wasmkube_store::SharedStore;
 
 use super::{Attributes, UserInfo};
-use crate::storage::decode_stored;
+use crate::follow::{Change, Follow};
 
 /// Where every RBAC object is stored.
 const PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -326,14 +325,39 @@ impl Drop for Rbac {
 impl Rbac {
     /// Loads the stored policy and follows its changes.
     pub(crate) async fn start(store: SharedStore) -> Arc<Self> {
-        let mut objects = Objects::default();
-        let from = load(&store, &mut objects).await;
+        let (mut follow, objects, from) = Follow::start(store, PREFIX, "the RBAC policy").await;
+        let mut objects = Objects(objects.into_iter().collect());
         let rbac = Arc::new(Self {
             policy: RwLock::new(Arc::new(objects.policy())),
             applied: tokio::sync::watch::Sender::new(from),
             task: Default::default(),
         });
-        let task = tokio::spawn(follow(Arc::downgrade(&rbac), store, objects, from));
+        let weak = Arc::downgrade(&rbac);
+        let task = tokio::spawn(async move {
+            loop {
+                let revision = match follow.next().await {
+                    Change::Reset { objects: all, revision } => {
+                        objects.0 = all.into_iter().collect();
+                        revision
+                    }
+                    Change::Put {
+                        key,
+                        object,
+                        revision,
+                    } => {
+                        objects.0.insert(key, object);
+                        revision
+                    }
+                    Change::Delete { key, revision } => {
+                        objects.0.remove(&key);
+                        revision
+                    }
+                };
+                let Some(rbac) = weak.upgrade() else { return };
+                *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
+                rbac.applied.send_replace(revision);
+            }
+        });
         *rbac.task.lock().expect("not poisoned") = Some(task);
         rbac
     }
@@ -399,76 +423,6 @@ impl Rbac {
     }
 }
 
-async fn load(store: &SharedStore, objects: &mut Objects) -> u64 {
-    loop {
-        match store.list(PREFIX, ListOptions::default()).await {
-            Ok(list) => {
-                objects.0.clear();
-                for kv in &list.items {
-                    match decode_stored(kv) {
-                        Ok(obj) => {
-                            objects.0.insert(kv.key.clone(), obj);
-                        }
-                        Err(e) => {
-                            tracing::warn!(key = %kv.key, error = %e, "unreadable RBAC object")
-                        }
-                    }
-                }
-                return list.revision;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the RBAC policy; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-async fn follow(
-    rbac: std::sync::Weak<Rbac>,
-    store: SharedStore,
-    mut objects: Objects,
-    mut from: u64,
-) {
-    loop {
-        let mut events = match store.watch(PREFIX, from) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow the RBAC policy from {from}; reloading it");
-                from = load(&store, &mut objects).await;
-                let Some(rbac) = rbac.upgrade() else { return };
-                *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
-                rbac.applied.send_replace(from);
-                continue;
-            }
-        };
-        while let Some(event) = events.next().await {
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the RBAC watch broke; resuming");
-                    break;
-                }
-            };
-            from = event.revision();
-            match event.kind {
-                EventKind::Put => match decode_stored(&event.kv) {
-                    Ok(obj) => {
-                        objects.0.insert(event.kv.key.clone(), obj);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "unreadable RBAC object"),
-                },
-                EventKind::Delete => {
-                    objects.0.remove(&event.kv.key);
-                }
-            }
-            let Some(rbac) = rbac.upgrade() else { return };
-            *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
-            rbac.applied.send_replace(from);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +449,7 @@ mod tests {
                 subresource: sub.map(Into::into),
                 namespace: Some("a".into()),
                 name: name.map(Into::into),
+                ..Default::default()
             }),
         }
     }
