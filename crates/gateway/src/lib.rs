@@ -3,7 +3,7 @@
 //!
 //! Two parts, as an ingress controller has them:
 //! - the data plane ([`run`], in every node agent): watches the routing
-//!   kinds, Services, EndpointSlices, Secrets and Namespaces; compiles them
+//!   kinds, Services, EndpointSlices, TLS Secrets and Namespaces; compiles them
 //!   into one routing table ([`routes`]); listens on the Ingress ports
 //!   (`--gateway-listen`, and the HTTPS one for Ingresses with `tls`) and on
 //!   every Gateway listener's port at the node's address; proxies each
@@ -246,7 +246,12 @@ pub async fn run(
 ) {
     let mut tasks = Vec::new();
     let caches = Caches::start(&client, &mut tasks);
-    let (secrets, secret_events) = wasmkube_proxy::watch::cache::<Secret>(&client);
+    // Only TLS Secrets: all a gateway terminates with, and all a node may
+    // read beyond what its own pods use (the API server's node authorizer).
+    let (secrets, secret_events) = wasmkube_proxy::watch::cache_with::<Secret>(
+        &client,
+        kube::runtime::watcher::Config::default().fields("type=kubernetes.io/tls"),
+    );
     let mut changes = caches.changes.clone();
     let mut service_changes = services.subscribe();
     let (secret_tx, mut secret_changes) = tokio::sync::watch::channel(0u64);
