@@ -341,6 +341,7 @@ mod tests {
                 subresource: None,
                 namespace: Some(ns.into()),
                 name: None,
+                ..Default::default()
             }),
         };
         assert_eq!(

@@ -194,6 +194,7 @@ impl ApiServer {
             Some(authentication) => Some(auth::Auth::new(
                 authentication,
                 auth::rbac::Rbac::start(store.clone()).await,
+                auth::node::NodeAuthorizer::start(store.clone()).await,
             )),
             None => None,
         };
@@ -381,7 +382,7 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         }
         (Some(Token), Some(name)) if post => {
             let namespace = namespace.as_deref().unwrap_or_default();
-            auth::token::request(&server, namespace, name, &parts.headers, body).await
+            auth::token::request(&server, namespace, name, user.as_ref(), &parts.headers, body).await
         }
         (None, None) if post && rt.kind == "CertificateSigningRequest" => {
             auth::csr::create(&server, rt, user, &parts.headers, body).await

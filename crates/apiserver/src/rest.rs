@@ -825,6 +825,7 @@ impl<'a> Ctx<'a> {
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        crate::auth::node::admit_create(self.user, self.rt(), self.target.namespace, &name)?;
         if let Some(ns) = self.target.namespace {
             let levels = self.ensure_namespace_open(ns).await?;
             self.admit_pod_security(levels, &obj, &mut warnings)?;

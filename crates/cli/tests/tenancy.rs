@@ -4,7 +4,8 @@
 //! in their own namespace and a `view` user run a matrix of operations in
 //! both namespaces; nothing crosses between tenants, what RBAC allows
 //! works, `kubectl auth can-i` agrees with what the server then does, and
-//! a join token cannot take over a registered node's name.
+//! a join token cannot take over a registered node's name; a node reads
+//! only what its own pods use.
 
 mod common;
 
@@ -709,4 +710,133 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         stderr.contains("is not the one the join token names"),
         "{stderr}"
     );
+
+    node_authorizer_keeps_nodes_to_their_own_pods(&s, dir.path());
 }
+
+/// A node joined with the token reads what the pods bound to it use and
+/// nothing of other nodes' pods, and writes only its own Node and pods
+/// (the node authorizer and NodeRestriction).
+fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Path) {
+    let data_dir = dir.join("n2");
+    let agent = Joined(
+        Command::new(wasmkube())
+            .args([
+                "agent",
+                "--server",
+                &s.url,
+                "--token",
+                &s.join_token(),
+                "--name",
+                "n2",
+            ])
+            .args([
+                "--port",
+                "0",
+                "--no-pod-network",
+                "--no-service-proxy",
+                "--no-gateway",
+                "--no-linux",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    ok(s, &["wait", "--for=create", "node/n2", "--timeout=60s"], None);
+    // The node's credentials stay in its data directory; the agent itself
+    // is not needed (the pods bound to it below are never run).
+    drop(agent);
+    let n2 = data_dir.join("kubeconfig");
+    ok(
+        s,
+        &[
+            "-n",
+            "a",
+            "create",
+            "secret",
+            "generic",
+            "for-n2",
+            "--from-literal=k=only-n2",
+        ],
+        None,
+    );
+    ok(
+        s,
+        &["-n", "a", "apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: on-n2}\nspec:\n  nodeName: n2\n  containers:\n  - name: c\n    image: example.invalid/none:v1\n    env:\n    - name: K\n      valueFrom: {secretKeyRef: {name: for-n2, key: k}}\n",
+        ),
+    );
+    let as_n2 = |args: &[&str]| kubectl_as(&n2, args);
+    let allowed = |args: &[&str]| {
+        let out = as_n2(args);
+        assert!(out.ok, "n2 {args:?}: {}", out.stderr);
+        out.stdout
+    };
+    let refused_with = |args: &[&str], message: &str| {
+        let out = as_n2(args);
+        assert!(
+            refused(&out) && out.stderr.contains(message),
+            "n2 {args:?} should be refused with {message:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    };
+    // What its pod uses: the Secret, the service account's token bound to
+    // the pod, the CA bundle of the service-account volume.
+    assert_eq!(
+        allowed(&["-n", "a", "get", "secret", "for-n2", "-o", "jsonpath={.data.k}"]),
+        "b25seS1uMg=="
+    );
+    allowed(&["-n", "a", "get", "configmap", "kube-root-ca.crt"]);
+    allowed(&[
+        "-n",
+        "a",
+        "create",
+        "token",
+        "default",
+        "--bound-object-kind=Pod",
+        "--bound-object-name=on-n2",
+    ]);
+    assert_eq!(
+        allowed(&["-n", "a", "auth", "can-i", "get", "secret/for-n2"]).trim(),
+        "yes"
+    );
+    // Nothing else: other pods' Secrets and ConfigMaps, lists of them,
+    // unbound tokens.
+    refused_with(
+        &["-n", "a", "get", "secret", "s1"],
+        "User \"system:node:n2\" cannot get resource \"secrets\" in API group \"\" in the namespace \"a\"",
+    );
+    refused_with(&["-n", "b", "get", "secret", "for-n2"], "cannot get resource \"secrets\"");
+    refused_with(&["-n", "a", "get", "secrets"], "cannot list resource \"secrets\"");
+    refused_with(&["-n", "a", "get", "configmap", "seed"], "cannot get resource \"configmaps\"");
+    refused_with(
+        &["-n", "a", "create", "token", "default"],
+        "node requested token not bound to a pod",
+    );
+    assert_eq!(
+        as_n2(&["-n", "a", "auth", "can-i", "get", "secret/s1"]).stdout.trim(),
+        "no - the node authorizer refuses: no pod bound to the node uses it, or it is another node's"
+    );
+    // Its own pods only.
+    let mine = allowed(&["get", "pods", "-A", "--field-selector=spec.nodeName=n2", "-o", "name"]);
+    assert_eq!(mine.trim(), "pod/on-n2");
+    allowed(&["-n", "a", "get", "pod", "on-n2"]);
+    refused_with(&["get", "pods", "-A"], "cannot list resource \"pods\"");
+    refused_with(&["-n", "a", "get", "pod", "p"], "cannot get resource \"pods\"");
+    refused_with(&["-n", "a", "delete", "pod", "p", "--wait=false"], "cannot delete resource \"pods\"");
+    refused_with(
+        &["-n", "a", "run", "planted", "--image=example.invalid/none:v1"],
+        "cannot create resource \"pods\"",
+    );
+    // Its own Node only.
+    allowed(&["label", "node", "n2", "checked=yes"]);
+    refused_with(&["label", "node", "sim-0", "stolen=yes"], "cannot patch resource \"nodes\"");
+    ok(s, &["-n", "a", "delete", "pod", "on-n2", "--wait=false"], None);
+}
+

@@ -207,10 +207,10 @@ pub(crate) fn policy() -> Vec<Value> {
     let defaults = json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
     let label =
         |extra: &str| json!({"kubernetes.io/bootstrapping": "rbac-defaults", extra: "true"});
-    // What every node agent reads and writes. Which node may touch which
-    // object is not narrowed yet (no Node authorizer): every node may read
-    // every pod's Secrets and ConfigMaps, as under RBAC alone in
-    // Kubernetes.
+    // What every node agent reads and writes. The node authorizer
+    // (`auth::node`) narrows it to the node's own pods, Node and Lease, and
+    // alone grants the Secrets, ConfigMaps, claims, volumes and tokens its
+    // pods use.
     let node_rules = vec![
         rule(
             &[""],
@@ -219,27 +219,12 @@ pub(crate) fn policy() -> Vec<Value> {
                 "create", "get", "list", "watch", "patch", "update", "delete",
             ],
         ),
-        rule(
-            &[""],
-            &["pods"],
-            &["get", "list", "watch", "create", "delete"],
-        ),
+        rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
         rule(&[""], &["pods/status"], &["patch", "update"]),
         rule(&[""], &["pods/eviction"], &["create"]),
-        // Tokens for its pods' service-account volumes.
-        rule(&[""], &["serviceaccounts/token"], &["create"]),
         rule(
             &[""],
-            &[
-                "services",
-                "endpoints",
-                "secrets",
-                "configmaps",
-                "namespaces",
-                "serviceaccounts",
-                "persistentvolumeclaims",
-                "persistentvolumes",
-            ],
+            &["services", "endpoints", "namespaces", "serviceaccounts"],
             READ,
         ),
         rule(&["discovery.k8s.io"], &["endpointslices"], READ),

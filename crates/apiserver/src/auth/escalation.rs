@@ -46,6 +46,7 @@ pub(crate) fn check(
                 subresource: None,
                 namespace: namespace.map(Into::into),
                 name: Some(target.into()),
+                ..Default::default()
             }),
         })
     };
@@ -135,6 +136,7 @@ fn uncovered(
                         subresource: subresource.clone(),
                         namespace: namespace.map(Into::into),
                         name: name.clone(),
+                        ..Default::default()
                     };
                     if !holds(verb, Some(attrs), "") {
                         let shown = match &subresource {

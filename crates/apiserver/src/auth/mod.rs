@@ -20,6 +20,7 @@
 pub(crate) mod bootstrap;
 pub(crate) mod csr;
 pub(crate) mod escalation;
+pub(crate) mod node;
 pub(crate) mod rbac;
 pub(crate) mod review;
 pub(crate) mod token;
@@ -188,6 +189,49 @@ pub struct ResourceAttributes {
     pub subresource: Option<String>,
     pub namespace: Option<String>,
     pub name: Option<String>,
+    /// The `fieldSelector` of a list or watch.
+    pub field_selector: Option<String>,
+    /// The `labelSelector` of a list or watch.
+    pub label_selector: Option<String>,
+}
+
+impl ResourceAttributes {
+    /// The value the field selector requires `field` to equal, if any.
+    pub fn field(&self, field: &str) -> Option<&str> {
+        self.field_selector.as_deref()?.split(',').find_map(|term| {
+            let (f, v) = term.split_once("==").or_else(|| term.split_once('='))?;
+            (f.trim() == field).then_some(v.trim())
+        })
+    }
+
+    /// Whether the label selector selects only objects with label `key`.
+    pub fn has_label(&self, key: &str) -> bool {
+        let Some(selector) = &self.label_selector else {
+            return false;
+        };
+        let mut terms = Vec::new();
+        let (mut depth, mut start) = (0, 0);
+        for (i, c) in selector.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    terms.push(&selector[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        terms.push(&selector[start..]);
+        terms.iter().any(|term| {
+            term.trim().strip_prefix(key).is_some_and(|rest| {
+                let rest = rest.trim_start();
+                rest.is_empty()
+                    || rest.starts_with('=')
+                    || rest.strip_prefix("in").is_some_and(|r| r.trim_start().starts_with('('))
+            })
+        })
+    }
 }
 
 /// Subresources of a namespace itself (`/api/v1/namespaces/NS/status`).
@@ -221,12 +265,19 @@ impl Attributes {
             }
         }
         let resource = rest[0].to_owned();
-        let name = rest.get(1).map(|s| (*s).to_owned());
+        let mut name = rest.get(1).map(|s| (*s).to_owned());
         let subresource = rest.get(2).map(|s| (*s).to_owned());
-        let watch = query.is_some_and(|q| {
-            q.split('&')
-                .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
-        });
+        let query: Vec<(String, String)> =
+            serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
+        let param = |key: &str| {
+            query
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let watch = param("watch").is_some_and(|w| matches!(w.as_str(), "true" | "1" | "True"));
+        let field_selector = param("fieldSelector");
+        let label_selector = param("labelSelector");
         let verb = match *method {
             Method::GET | Method::HEAD if watch => "watch",
             Method::GET | Method::HEAD if name.is_some() => "get",
@@ -243,17 +294,30 @@ impl Attributes {
             Some("exec" | "attach" | "portforward") => "create",
             _ => verb,
         };
+        let mut resource = ResourceAttributes {
+            group: group.into(),
+            resource,
+            subresource,
+            namespace,
+            name: None,
+            field_selector,
+            label_selector,
+        };
+        // A list or watch narrowed to one name is about that object, as
+        // Kubernetes reads it (so `resourceNames` and the node authorizer
+        // apply).
+        if name.is_none() && matches!(verb, "list" | "watch") {
+            name = resource
+                .field("metadata.name")
+                .filter(|n| !n.is_empty() && !n.contains('/'))
+                .map(str::to_owned);
+        }
+        resource.name = name;
         Self {
             user,
             verb: verb.into(),
             path: path.into(),
-            resource: Some(ResourceAttributes {
-                group: group.into(),
-                resource,
-                subresource,
-                namespace,
-                name,
-            }),
+            resource: Some(resource),
         }
     }
 
@@ -312,13 +376,19 @@ impl Attributes {
 pub(crate) struct Auth {
     authentication: Authentication,
     pub(crate) rbac: Arc<rbac::Rbac>,
+    nodes: node::NodeAuthorizer,
 }
 
 impl Auth {
-    pub(crate) fn new(authentication: Authentication, rbac: Arc<rbac::Rbac>) -> Self {
+    pub(crate) fn new(
+        authentication: Authentication,
+        rbac: Arc<rbac::Rbac>,
+        nodes: node::NodeAuthorizer,
+    ) -> Self {
         Self {
             authentication,
             rbac,
+            nodes,
         }
     }
 
@@ -362,10 +432,31 @@ impl Auth {
     }
 
     /// Whether `attrs` is allowed: members of `system:masters` may do
-    /// anything (as kube-apiserver's privileged-group authorizer); everyone
-    /// else by RBAC.
+    /// anything (as kube-apiserver's privileged-group authorizer); nodes as
+    /// the node authorizer says, where it has a say; everyone else by RBAC.
     pub(crate) fn allows(&self, attrs: &Attributes) -> bool {
-        attrs.user.groups.iter().any(|g| g == MASTERS) || self.rbac.allows(attrs)
+        if attrs.user.groups.iter().any(|g| g == MASTERS) {
+            return true;
+        }
+        match self.nodes.decide(attrs) {
+            Some(node::Verdict::Allow) => true,
+            Some(node::Verdict::Deny | node::Verdict::Unrelated) => false,
+            Some(node::Verdict::NoOpinion) | None => self.rbac.allows(attrs),
+        }
+    }
+
+    /// Asks again about a node's request the node authorizer refused for
+    /// want of a relation its graph has not seen yet (a pod bound a moment
+    /// ago): the store answers.
+    async fn recheck(&self, attrs: &Attributes) -> bool {
+        if self.nodes.decide(attrs) != Some(node::Verdict::Unrelated) {
+            return false;
+        }
+        match self.nodes.recheck(attrs).await {
+            node::Verdict::Allow => true,
+            node::Verdict::NoOpinion => self.rbac.allows(attrs),
+            node::Verdict::Deny | node::Verdict::Unrelated => false,
+        }
     }
 
     /// As [`Auth::allows`], saying why (for reviews).
@@ -376,7 +467,17 @@ impl Auth {
                 reason: format!("allowed as a member of {MASTERS}"),
             };
         }
-        self.rbac.authorize(attrs)
+        match self.nodes.decide(attrs) {
+            Some(node::Verdict::Allow) => rbac::Decision {
+                allowed: true,
+                reason: "allowed by the node authorizer: a pod bound to the node uses it".into(),
+            },
+            Some(node::Verdict::Deny | node::Verdict::Unrelated) => rbac::Decision {
+                allowed: false,
+                reason: "the node authorizer refuses: no pod bound to the node uses it, or it is another node's".into(),
+            },
+            Some(node::Verdict::NoOpinion) | None => self.rbac.authorize(attrs),
+        }
     }
 
     /// Acts as the user the `Impersonate-*` headers name, when `user` may
@@ -415,6 +516,7 @@ impl Auth {
                     subresource: None,
                     namespace: namespace.map(Into::into),
                     name: Some(target.into()),
+                    ..Default::default()
                 }),
             };
             if self.allows(&attrs) {
@@ -484,7 +586,7 @@ pub(crate) async fn middleware(
             received: chrono::Utc::now(),
         })
     });
-    if !auth.allows(&attrs) {
+    if !auth.allows(&attrs) && !auth.recheck(&attrs).await {
         // A component of the cluster refused is a gap in its role.
         if attrs.user.name.starts_with("system:") && !attrs.user.is_anonymous() {
             tracing::warn!(user = %attrs.user.name, "{}", attrs.forbidden_message());
@@ -684,6 +786,34 @@ mod tests {
             assert!(a.resource.is_none(), "{path}");
             assert_eq!(a.verb, "get");
         }
+    }
+
+    #[test]
+    fn selectors_narrow_lists_as_kubernetes_reads_them() {
+        let watch = of(
+            Method::GET,
+            "/api/v1/namespaces/a/secrets",
+            Some("watch=true&fieldSelector=metadata.name%3Ds1&labelSelector=app%20in%20(x%2Cy)%2Ctier"),
+        );
+        assert_eq!(watch.verb, "watch");
+        let r = watch.resource.unwrap();
+        assert_eq!(r.name.as_deref(), Some("s1"));
+        assert_eq!(r.field("metadata.name"), Some("s1"));
+        assert!(r.has_label("app") && r.has_label("tier") && !r.has_label("x"));
+        let pods = of(
+            Method::GET,
+            "/api/v1/pods",
+            Some("fieldSelector=status.phase!%3DFailed,spec.nodeName%3D%3Dn1"),
+        );
+        let r = pods.resource.unwrap();
+        assert_eq!(r.field("spec.nodeName"), Some("n1"));
+        assert_eq!(r.field("status.phase"), None);
+        assert_eq!(r.name, None);
+        let r = ResourceAttributes {
+            label_selector: Some("!app,tier!=x,apps=y".into()),
+            ..Default::default()
+        };
+        assert!(!r.has_label("app") && !r.has_label("tier"));
     }
 
     #[test]

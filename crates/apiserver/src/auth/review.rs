@@ -54,6 +54,7 @@ fn spec_attributes(spec: &Value, user: UserInfo) -> ApiResult<Attributes> {
                 subresource: opt("subresource"),
                 namespace: opt("namespace"),
                 name: opt("name"),
+                ..Default::default()
             }),
         });
     }

@@ -60,6 +60,7 @@ pub(crate) async fn request(
     server: &Arc<ApiServer>,
     namespace: &str,
     name: &str,
+    user: Option<&UserInfo>,
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
@@ -147,7 +148,10 @@ pub(crate) async fn request(
                 ),
             ));
         }
+        super::node::admit_token(user, name, bound, Some(&object))?;
         kubernetes[kind.to_ascii_lowercase()] = json!({"name": bound_name, "uid": uid(&object)});
+    } else {
+        super::node::admit_token(user, name, bound, None)?;
     }
     let now = chrono::Utc::now();
     let expires = now + chrono::Duration::seconds(seconds);
