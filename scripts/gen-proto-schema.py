@@ -26,7 +26,7 @@ OPENAPI_VERSION = None
 # Messages a client may send as a body; everything they reach is included.
 ROOTS = [
     "k8s.io.api.core.v1." + k
-    for k in ["Namespace", "Pod", "Node", "Service", "Endpoints", "ConfigMap", "Secret", "Event", "ServiceAccount", "Binding"]
+    for k in ["Namespace", "Pod", "Node", "Service", "Endpoints", "ConfigMap", "Secret", "Event", "ServiceAccount", "Binding", "ResourceQuota", "LimitRange"]
 ] + [
     "k8s.io.api.apps.v1.Deployment",
     "k8s.io.api.apps.v1.ReplicaSet",

@@ -374,6 +374,11 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 }
             }
         }
+        "LimitRange" => {
+            for item in each_mut(&mut obj["spec"], "limits") {
+                crate::quota::default_limit_range_item(item);
+            }
+        }
         "PriorityClass" => default_at(obj, &["preemptionPolicy"], json!("PreemptLowerPriority")),
         "Secret" => {
             default_at(obj, &["type"], json!("Opaque"));

@@ -76,6 +76,7 @@ pub mod names;
 pub mod nodes;
 pub mod pod_security;
 pub mod quantity;
+pub mod quota;
 pub mod registry;
 pub mod scheduling;
 pub mod selectors;

@@ -89,9 +89,64 @@ pub fn parse(s: &str) -> Result<Quantity, String> {
     Ok(Quantity(if negative { -v } else { v }))
 }
 
+/// Renders `q` as Kubernetes prints a sum of quantities written like
+/// `like`: whole units with `like`'s kind of suffix (binary `Ki`..`Ei`, or
+/// decimal `k`..`E`) where it divides exactly, else milli-units (`1500m`).
+pub fn format(q: Quantity, like: &str) -> String {
+    let m = q.millis();
+    if m % 1000 != 0 {
+        return format!("{m}m");
+    }
+    let units = m / 1000;
+    if units == 0 {
+        return "0".into();
+    }
+    let binary = like.trim().ends_with('i');
+    let decimal = like.trim().ends_with(['k', 'M', 'G', 'T', 'P', 'E']);
+    let suffixes: &[(&str, i128)] = if binary {
+        &[
+            ("Ei", 1 << 60),
+            ("Pi", 1 << 50),
+            ("Ti", 1 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ]
+    } else if decimal {
+        &[
+            ("E", 1_000_000_000_000_000_000),
+            ("P", 1_000_000_000_000_000),
+            ("T", 1_000_000_000_000),
+            ("G", 1_000_000_000),
+            ("M", 1_000_000),
+            ("k", 1_000),
+        ]
+    } else {
+        &[]
+    };
+    for (suffix, size) in suffixes {
+        if units % size == 0 {
+            return format!("{}{suffix}", units / size);
+        }
+    }
+    units.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_sums_as_kubernetes_prints_them() {
+        let f = |s: &str, like: &str| format(parse(s).unwrap(), like);
+        assert_eq!(f("1500m", "2"), "1500m");
+        assert_eq!(f("2", "2"), "2");
+        assert_eq!(f("0", "1Gi"), "0");
+        assert_eq!(f("1536Mi", "2Gi"), "1536Mi");
+        assert_eq!(f("2Gi", "4Gi"), "2Gi");
+        assert_eq!(f("3000", "10k"), "3k");
+        assert_eq!(f("1000", "1Gi"), "1000");
+    }
 
     #[test]
     fn parses_kubernetes_forms() {

@@ -231,6 +231,28 @@ pub static RESOURCES: &[ResourceType] = &[
         []
     ),
     resource!("", "v1", "Secret", "secrets", "secret", true, [], &[], []),
+    resource!(
+        "",
+        "v1",
+        "ResourceQuota",
+        "resourcequotas",
+        "resourcequota",
+        true,
+        ["quota"],
+        &[],
+        [Status]
+    ),
+    resource!(
+        "",
+        "v1",
+        "LimitRange",
+        "limitranges",
+        "limitrange",
+        true,
+        ["limits"],
+        &[],
+        []
+    ),
     resource!("", "v1", "Event", "events", "event", true, ["ev"], &[], []),
     resource!(
         "",

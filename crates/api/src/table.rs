@@ -314,6 +314,24 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Role", "string", "The role the binding grants."),
             AGE,
         ],
+        "ResourceQuota" => vec![
+            NAME,
+            AGE,
+            col(
+                "Request",
+                "string",
+                "The used and hard amounts of what the quota limits, apart from limits.*.",
+            ),
+            col(
+                "Limit",
+                "string",
+                "The used and hard amounts of the limits.* the quota limits.",
+            ),
+        ],
+        "LimitRange" => vec![
+            NAME,
+            col("Created At", "date", "When the object was created."),
+        ],
         "PodDisruptionBudget" => vec![
             NAME,
             col(
@@ -1120,6 +1138,32 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             )),
             age,
         ],
+        "ResourceQuota" => {
+            let (mut request, mut limit) = (Vec::new(), Vec::new());
+            let mut names: Vec<&String> = status["hard"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            names.sort();
+            for k in names {
+                let used = status["used"][k.as_str()].as_str().unwrap_or("0");
+                let shown = format!("{k}: {used}/{}", s(&status["hard"][k.as_str()]));
+                if k.starts_with("limits.") {
+                    limit.push(shown);
+                } else {
+                    request.push(shown);
+                }
+            }
+            vec![
+                name,
+                age,
+                json!(request.join(", ")),
+                json!(limit.join(", ")),
+            ]
+        }
+        "LimitRange" => vec![name, json!(s(&obj["metadata"]["creationTimestamp"]))],
         "PodDisruptionBudget" => vec![
             name,
             json!(int_or_string_or_na(&spec["minAvailable"])),

@@ -20,6 +20,7 @@ use crate::registry::ResourceType;
 use crate::selectors;
 use crate::typed::decode_as;
 
+mod quota;
 mod rbac;
 mod routing;
 mod serving;
@@ -65,6 +66,8 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
+        "ResourceQuota" => quota::validate_resource_quota(obj, &mut errs),
+        "LimitRange" => quota::validate_limit_range(obj, &mut errs),
         "Ingress" => typed!(networking::Ingress, routing::validate_ingress),
         "IngressClass" => typed!(networking::IngressClass, routing::validate_ingress_class),
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),

@@ -97,6 +97,8 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
         "PodDisruptionBudget" => add::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(g),
+        "ResourceQuota" => add::<core::ResourceQuota>(g),
+        "LimitRange" => add::<core::LimitRange>(g),
         "HorizontalPodAutoscaler" if rt.version == "v1" => {
             add::<k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler>(g)
         }
