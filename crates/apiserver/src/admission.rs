@@ -93,13 +93,56 @@ fn forbidden(pod: &Value, message: String) -> ApiError {
 /// default not-ready/unreachable tolerations and, when the server issues
 /// service-account tokens, the service-account volume.
 pub(crate) async fn pod(server: &ApiServer, pod: &mut Value) -> ApiResult<()> {
+    let ranges = limit_ranger_defaults(server, pod).await?;
     priority(server, pod).await?;
     runtime_class(server, pod).await?;
+    let refused = wasmkube_api::quota::check_limits(&ranges, pod);
+    match refused.len() {
+        0 => {}
+        1 => return Err(forbidden(pod, refused[0].clone())),
+        _ => return Err(forbidden(pod, format!("[{}]", refused.join(", ")))),
+    }
     default_tolerations(&mut pod["spec"], server.config.default_toleration_seconds);
     if server.config.service_accounts.is_some() {
         service_account_volume(&mut pod["spec"]);
     }
     Ok(())
+}
+
+/// LimitRanger's defaults: containers without requests or limits get the
+/// namespace's LimitRange defaults (noted in the `kubernetes.io/limit-ranger`
+/// annotation), and the pod is validated again with them. Returns the
+/// ranges, which the pod is checked against once admission is done.
+async fn limit_ranger_defaults(server: &ApiServer, pod: &mut Value) -> ApiResult<Vec<Value>> {
+    let ranges_rt = registry::lookup("", "v1", "limitranges").expect("limitranges served");
+    let pods = registry::lookup("", "v1", "pods").expect("pods served");
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let listed = server
+        .store
+        .list(&ranges_rt.list_prefix(Some(&ns)), Default::default())
+        .await
+        .map_err(|e| ApiError::from_store(e, ranges_rt, ""))?;
+    let ranges = listed
+        .items
+        .iter()
+        .map(|kv| decode_stored(kv).map_err(ApiError::internal))
+        .collect::<ApiResult<Vec<_>>>()?;
+    if let Some(note) = wasmkube_api::quota::apply_limit_defaults(&ranges, pod) {
+        if !pod["metadata"]["annotations"].is_object() {
+            pod["metadata"]["annotations"] = json!({});
+        }
+        pod["metadata"]["annotations"]["kubernetes.io/limit-ranger"] = json!(note);
+        pod["status"]["qosClass"] = json!(wasmkube_api::quota::qos_class(pod));
+        let errors = wasmkube_api::validation::validate(pods, pod, None);
+        if !errors.is_empty() {
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            return Err(ApiError::invalid(pods, name, errors));
+        }
+    }
+    Ok(ranges)
 }
 
 /// Where a pod's service-account token, CA and namespace are mounted.

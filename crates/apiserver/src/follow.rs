@@ -99,7 +99,9 @@ impl Follow {
                             revision: self.from,
                         };
                     }
-                    Err(e) => tracing::warn!(%key, error = %e, "unreadable object in {}", self.what),
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "unreadable object in {}", self.what)
+                    }
                 },
                 EventKind::Delete => {
                     return Change::Delete {

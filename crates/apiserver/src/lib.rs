@@ -25,6 +25,7 @@ mod openapi;
 mod params;
 mod patch;
 mod protobuf;
+mod quota;
 mod request;
 mod rest;
 mod services;
@@ -382,7 +383,15 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         }
         (Some(Token), Some(name)) if post => {
             let namespace = namespace.as_deref().unwrap_or_default();
-            auth::token::request(&server, namespace, name, user.as_ref(), &parts.headers, body).await
+            auth::token::request(
+                &server,
+                namespace,
+                name,
+                user.as_ref(),
+                &parts.headers,
+                body,
+            )
+            .await
         }
         (None, None) if post && rt.kind == "CertificateSigningRequest" => {
             auth::csr::create(&server, rt, user, &parts.headers, body).await

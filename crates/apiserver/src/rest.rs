@@ -278,32 +278,6 @@ fn decode_continue(token: &str) -> ApiResult<(u64, String)> {
     ))
 }
 
-/// Pod QoS class from its containers' requests and limits.
-fn qos_class(pod: &Value) -> &'static str {
-    let containers: Vec<&Value> = ["containers", "initContainers"]
-        .iter()
-        .flat_map(|k| pod["spec"][*k].as_array().into_iter().flatten())
-        .collect();
-    let mut any = false;
-    let mut guaranteed = true;
-    for c in containers {
-        let (req, lim) = (&c["resources"]["requests"], &c["resources"]["limits"]);
-        for res in ["cpu", "memory"] {
-            if !req[res].is_null() || !lim[res].is_null() {
-                any = true;
-            }
-            if lim[res].is_null() || (!req[res].is_null() && req[res] != lim[res]) {
-                guaranteed = false;
-            }
-        }
-    }
-    match (any, guaranteed) {
-        (false, _) => "BestEffort",
-        (true, true) => "Guaranteed",
-        (true, false) => "Burstable",
-    }
-}
-
 /// Whether `a` and `b` differ outside metadata and status (a spec change).
 fn spec_changed(a: &Value, b: &Value) -> bool {
     let strip = |v: &Value| {
@@ -769,7 +743,10 @@ impl<'a> Ctx<'a> {
 
     fn reset_status_on_create(&self, obj: &mut Value) {
         match self.rt().id() {
-            "Pod" => obj["status"] = json!({"phase": "Pending", "qosClass": qos_class(obj)}),
+            "Pod" => {
+                obj["status"] =
+                    json!({"phase": "Pending", "qosClass": wasmkube_api::quota::qos_class(obj)})
+            }
             "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob" => {
                 obj["status"] = json!({})
             }
@@ -838,6 +815,10 @@ impl<'a> Ctx<'a> {
         }
         crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &obj)
             .await?;
+        if let Some(ns) = self.target.namespace {
+            crate::quota::admit_create(self.server, self.rt(), ns, &obj, self.params.dry_run)
+                .await?;
+        }
         fields::record_update(
             self.rt(),
             &self.params.manager(self.headers)?,

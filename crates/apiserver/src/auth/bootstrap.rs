@@ -77,7 +77,8 @@ fn binding(name: &str, role: &str, subjects: &[(&str, &str)]) -> Value {
 }
 
 /// What namespaced users work with (the `view` role reads it, `edit`
-/// writes it), by API group. Secrets are apart: `view` does not read them.
+/// writes it but for the quotas and limit ranges set on them), by API
+/// group. Secrets are apart: `view` does not read them.
 fn workload_resources() -> Vec<(&'static str, Vec<&'static str>)> {
     vec![
         (
@@ -96,6 +97,7 @@ fn workload_resources() -> Vec<(&'static str, Vec<&'static str>)> {
                 "replicationcontrollers",
                 "limitranges",
                 "resourcequotas",
+                "resourcequotas/status",
                 "namespaces/status",
             ],
         ),
@@ -175,7 +177,11 @@ pub(crate) fn policy() -> Vec<Value> {
         .map(|(group, resources)| {
             let resources: Vec<&str> = resources
                 .into_iter()
-                .filter(|r| !r.ends_with("/status") && *r != "pods/log")
+                // A tenant's limits are the cluster administrator's to set.
+                .filter(|r| {
+                    !r.ends_with("/status")
+                        && !matches!(*r, "pods/log" | "limitranges" | "resourcequotas")
+                })
                 .collect();
             rule(&[group], &resources, WRITE)
         })

@@ -228,7 +228,9 @@ impl ResourceAttributes {
                 let rest = rest.trim_start();
                 rest.is_empty()
                     || rest.starts_with('=')
-                    || rest.strip_prefix("in").is_some_and(|r| r.trim_start().starts_with('('))
+                    || rest
+                        .strip_prefix("in")
+                        .is_some_and(|r| r.trim_start().starts_with('('))
             })
         })
     }
@@ -269,12 +271,7 @@ impl Attributes {
         let subresource = rest.get(2).map(|s| (*s).to_owned());
         let query: Vec<(String, String)> =
             serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
-        let param = |key: &str| {
-            query
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-        };
+        let param = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         let watch = param("watch").is_some_and(|w| matches!(w.as_str(), "true" | "1" | "True"));
         let field_selector = param("fieldSelector");
         let label_selector = param("labelSelector");
@@ -793,7 +790,9 @@ mod tests {
         let watch = of(
             Method::GET,
             "/api/v1/namespaces/a/secrets",
-            Some("watch=true&fieldSelector=metadata.name%3Ds1&labelSelector=app%20in%20(x%2Cy)%2Ctier"),
+            Some(
+                "watch=true&fieldSelector=metadata.name%3Ds1&labelSelector=app%20in%20(x%2Cy)%2Ctier",
+            ),
         );
         assert_eq!(watch.verb, "watch");
         let r = watch.resource.unwrap();

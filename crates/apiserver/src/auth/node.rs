@@ -284,9 +284,7 @@ impl NodeAuthorizer {
                             set_claim(&mut g, named(claim), Some(claim));
                         }
                     }
-                    Change::Put { object, .. } => {
-                        set_claim(&mut g, named(&object), Some(&object))
-                    }
+                    Change::Put { object, .. } => set_claim(&mut g, named(&object), Some(&object)),
                     Change::Delete { key, .. } => {
                         set_claim(&mut g, named_key(&claims_prefix, &key), None)
                     }
@@ -329,7 +327,11 @@ impl NodeAuthorizer {
                         .is_ok_and(|p| p["spec"]["nodeName"] == node),
                     Err(_) => false,
                 };
-                return if mine { Verdict::NoOpinion } else { Verdict::Deny };
+                return if mine {
+                    Verdict::NoOpinion
+                } else {
+                    Verdict::Deny
+                };
             }
             ("", "secrets") => Used::Secret,
             ("", "configmaps") => Used::ConfigMap,
@@ -402,8 +404,7 @@ fn decide(graph: &Graph, node: &str, verb: &str, r: &ResourceAttributes) -> Verd
         ("", "serviceaccounts", Some("token")) if verb == "create" => related(Used::ServiceAccount),
         ("", "pods", _) => match (verb, sub) {
             ("list" | "watch", None) => {
-                if r.field("spec.nodeName") == Some(node) || r.has_label(REVISION_LABEL)
-                {
+                if r.field("spec.nodeName") == Some(node) || r.has_label(REVISION_LABEL) {
                     NoOpinion
                 } else {
                     Deny
@@ -458,13 +459,17 @@ pub(crate) fn admit_create(
         })
     };
     match (rt.group, rt.plural) {
-        ("", "nodes") if name != node => {
-            refuse(format!("node \"{node}\" is not allowed to modify node \"{name}\""))
-        }
+        ("", "nodes") if name != node => refuse(format!(
+            "node \"{node}\" is not allowed to modify node \"{name}\""
+        )),
         ("coordination.k8s.io", "leases") if namespace == Some(LEASE_NAMESPACE) && name != node => {
-            refuse(format!("can only access node lease with the same name as the requesting node"))
+            refuse(format!(
+                "can only access node lease with the same name as the requesting node"
+            ))
         }
-        ("", "pods") => refuse(format!("node \"{node}\" can only create mirror pods, and this cluster has none")),
+        ("", "pods") => refuse(format!(
+            "node \"{node}\" can only create mirror pods, and this cluster has none"
+        )),
         _ => Ok(()),
     }
 }
@@ -499,7 +504,11 @@ pub(crate) fn admit_token(
     if pod["spec"]["nodeName"] != node {
         return refuse("node requested token bound to a pod scheduled on a different node");
     }
-    if pod["spec"]["serviceAccountName"].as_str().unwrap_or("default") != account {
+    if pod["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or("default")
+        != account
+    {
         return refuse("node requested token for a service account its pod does not run as");
     }
     Ok(())
@@ -535,7 +544,12 @@ mod tests {
         g
     }
 
-    fn attrs(verb: &str, resource: &str, ns: Option<&str>, name: Option<&str>) -> (String, ResourceAttributes) {
+    fn attrs(
+        verb: &str,
+        resource: &str,
+        ns: Option<&str>,
+        name: Option<&str>,
+    ) -> (String, ResourceAttributes) {
         (
             verb.into(),
             ResourceAttributes {
@@ -553,19 +567,55 @@ mod tests {
         let g = graph();
         let d = |node: &str, (verb, r): (String, ResourceAttributes)| decide(&g, node, &verb, &r);
         for secret in ["pull", "vol", "env"] {
-            assert_eq!(d("n1", attrs("get", "secrets", Some("a"), Some(secret))), Verdict::Allow, "{secret}");
-            assert_eq!(d("n2", attrs("get", "secrets", Some("a"), Some(secret))), Verdict::Unrelated, "{secret}");
-            assert_eq!(d("n1", attrs("get", "secrets", Some("b"), Some(secret))), Verdict::Unrelated, "{secret}");
+            assert_eq!(
+                d("n1", attrs("get", "secrets", Some("a"), Some(secret))),
+                Verdict::Allow,
+                "{secret}"
+            );
+            assert_eq!(
+                d("n2", attrs("get", "secrets", Some("a"), Some(secret))),
+                Verdict::Unrelated,
+                "{secret}"
+            );
+            assert_eq!(
+                d("n1", attrs("get", "secrets", Some("b"), Some(secret))),
+                Verdict::Unrelated,
+                "{secret}"
+            );
         }
-        assert_eq!(d("n1", attrs("get", "secrets", Some("a"), Some("other"))), Verdict::Unrelated);
-        assert_eq!(d("n1", attrs("list", "secrets", Some("a"), None)), Verdict::Deny);
-        assert_eq!(d("n1", attrs("update", "secrets", Some("a"), Some("vol"))), Verdict::NoOpinion);
+        assert_eq!(
+            d("n1", attrs("get", "secrets", Some("a"), Some("other"))),
+            Verdict::Unrelated
+        );
+        assert_eq!(
+            d("n1", attrs("list", "secrets", Some("a"), None)),
+            Verdict::Deny
+        );
+        assert_eq!(
+            d("n1", attrs("update", "secrets", Some("a"), Some("vol"))),
+            Verdict::NoOpinion
+        );
         for cm in ["kube-root-ca.crt", "settings"] {
-            assert_eq!(d("n1", attrs("get", "configmaps", Some("a"), Some(cm))), Verdict::Allow);
+            assert_eq!(
+                d("n1", attrs("get", "configmaps", Some("a"), Some(cm))),
+                Verdict::Allow
+            );
         }
-        assert_eq!(d("n1", attrs("get", "persistentvolumeclaims", Some("a"), Some("data"))), Verdict::Allow);
-        assert_eq!(d("n1", attrs("get", "persistentvolumes", None, Some("pv-1"))), Verdict::Allow);
-        assert_eq!(d("n2", attrs("get", "persistentvolumes", None, Some("pv-1"))), Verdict::Deny);
+        assert_eq!(
+            d(
+                "n1",
+                attrs("get", "persistentvolumeclaims", Some("a"), Some("data"))
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            d("n1", attrs("get", "persistentvolumes", None, Some("pv-1"))),
+            Verdict::Allow
+        );
+        assert_eq!(
+            d("n2", attrs("get", "persistentvolumes", None, Some("pv-1"))),
+            Verdict::Deny
+        );
         let (_, mut token) = attrs("create", "serviceaccounts", Some("a"), Some("runner"));
         token.subresource = Some("token".into());
         assert_eq!(decide(&g, "n1", "create", &token), Verdict::Allow);
@@ -595,11 +645,30 @@ mod tests {
         status.subresource = Some("status".into());
         assert_eq!(d("n1", "patch", status.clone()), Verdict::NoOpinion);
         assert_eq!(d("n2", "patch", status.clone()), Verdict::Unrelated);
-        assert_eq!(d("n2", "delete", attrs("delete", "pods", Some("a"), Some("p1")).1), Verdict::Unrelated);
-        assert_eq!(d("n1", "create", attrs("create", "pods", Some("a"), None).1), Verdict::Deny);
-        assert_eq!(d("n1", "patch", attrs("patch", "nodes", None, Some("n1")).1), Verdict::NoOpinion);
-        assert_eq!(d("n1", "patch", attrs("patch", "nodes", None, Some("n2")).1), Verdict::Deny);
-        assert_eq!(d("n1", "get", attrs("get", "nodes", None, Some("n2")).1), Verdict::NoOpinion);
+        assert_eq!(
+            d(
+                "n2",
+                "delete",
+                attrs("delete", "pods", Some("a"), Some("p1")).1
+            ),
+            Verdict::Unrelated
+        );
+        assert_eq!(
+            d("n1", "create", attrs("create", "pods", Some("a"), None).1),
+            Verdict::Deny
+        );
+        assert_eq!(
+            d("n1", "patch", attrs("patch", "nodes", None, Some("n1")).1),
+            Verdict::NoOpinion
+        );
+        assert_eq!(
+            d("n1", "patch", attrs("patch", "nodes", None, Some("n2")).1),
+            Verdict::Deny
+        );
+        assert_eq!(
+            d("n1", "get", attrs("get", "nodes", None, Some("n2")).1),
+            Verdict::NoOpinion
+        );
         let mut lease = attrs("update", "leases", Some(LEASE_NAMESPACE), Some("n2")).1;
         lease.group = "coordination.k8s.io".into();
         assert_eq!(d("n1", "update", lease.clone()), Verdict::Deny);
@@ -617,6 +686,9 @@ mod tests {
         assert!(g.used.is_empty(), "{:?}", g.used);
         let user = UserInfo::authenticated("system:node:n1", "", &[NODES.to_owned()]);
         assert_eq!(node_of(&user), Some("n1"));
-        assert_eq!(node_of(&UserInfo::authenticated("system:node:n1", "", &[])), None);
+        assert_eq!(
+            node_of(&UserInfo::authenticated("system:node:n1", "", &[])),
+            None
+        );
     }
 }

@@ -336,7 +336,10 @@ impl Rbac {
         let task = tokio::spawn(async move {
             loop {
                 let revision = match follow.next().await {
-                    Change::Reset { objects: all, revision } => {
+                    Change::Reset {
+                        objects: all,
+                        revision,
+                    } => {
                         objects.0 = all.into_iter().collect();
                         revision
                     }
