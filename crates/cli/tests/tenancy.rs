@@ -711,7 +711,199 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         "{stderr}"
     );
 
+    quotas_and_limit_ranges_bound_a_tenant(&s, &alice);
+    // Last: the node it joins stays registered (and schedulable) after its
+    // agent stops.
     node_authorizer_keeps_nodes_to_their_own_pods(&s, dir.path());
+}
+
+/// A tenant under a ResourceQuota and a LimitRange set by the
+/// administrator: defaults fill what its pods leave out, a pod past the
+/// range's bound or a create past the quota is refused in Kubernetes'
+/// words, the quota's status counts what is used, and a deleted object's
+/// share comes back. The tenant cannot raise its own limits.
+fn quotas_and_limit_ranges_bound_a_tenant(s: &Server, alice: &std::path::Path) {
+    fn with<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        [&["-n", "quota"][..], args].concat()
+    }
+    ok(s, &["create", "namespace", "quota"], None);
+    ok(
+        s,
+        &with(&[
+            "create",
+            "rolebinding",
+            "alice-edit",
+            "--clusterrole=edit",
+            "--user=alice",
+        ]),
+        None,
+    );
+    ok(
+        s,
+        &with(&[
+            "create",
+            "quota",
+            "compute",
+            "--hard=pods=2,requests.cpu=1,limits.memory=1Gi,count/configmaps=2",
+        ]),
+        None,
+    );
+    ok(
+        s,
+        &with(&["apply", "-f", "-"]),
+        Some(
+            "apiVersion: v1\nkind: LimitRange\nmetadata: {name: defaults}\nspec:\n  limits:\n  - type: Container\n    default: {cpu: 500m, memory: 256Mi}\n    defaultRequest: {cpu: 250m, memory: 128Mi}\n    max: {cpu: '1'}\n",
+        ),
+    );
+    // The tenant reads its limits but cannot change them.
+    let mine = kubectl_as(alice, &with(&["get", "quota,limits", "-o", "name"]));
+    assert!(mine.ok, "{}", mine.stderr);
+    assert_eq!(
+        mine.stdout.trim(),
+        "resourcequota/compute\nlimitrange/defaults"
+    );
+    let raise = kubectl_as(
+        alice,
+        &with(&["create", "quota", "mine", "--hard=pods=100"]),
+    );
+    assert!(
+        refused(&raise)
+            && raise
+                .stderr
+                .contains("cannot create resource \"resourcequotas\""),
+        "{}",
+        raise.stderr
+    );
+
+    // Pods with nothing stated get the range's defaults, and count.
+    for pod in ["w1", "w2"] {
+        let out = kubectl_as(
+            alice,
+            &with(&[
+                "run",
+                pod,
+                "--image=example.invalid/none:v1",
+                "--restart=Never",
+            ]),
+        );
+        assert!(out.ok, "{}", out.stderr);
+    }
+    let resources = ok(
+        s,
+        &with(&[
+            "get",
+            "pod",
+            "w1",
+            "-o",
+            "jsonpath={.spec.containers[0].resources}",
+        ]),
+        None,
+    );
+    let resources: serde_json::Value = serde_json::from_str(&resources).unwrap();
+    assert_eq!(
+        resources,
+        serde_json::json!({"requests": {"cpu": "250m", "memory": "128Mi"},
+            "limits": {"cpu": "500m", "memory": "256Mi"}})
+    );
+    let note = ok(
+        s,
+        &with(&[
+            "get",
+            "pod",
+            "w1",
+            "-o",
+            "jsonpath={.metadata.annotations.kubernetes\\.io/limit-ranger}",
+        ]),
+        None,
+    );
+    assert_eq!(
+        note,
+        "LimitRanger plugin set: cpu, memory request for container w1; cpu, memory limit for container w1"
+    );
+    let table = ok(s, &with(&["get", "quota", "compute"]), None);
+    assert!(
+        table.contains("count/configmaps: 1/2, pods: 2/2, requests.cpu: 500m/1")
+            && table.contains("limits.memory: 512Mi/1Gi"),
+        "{table}"
+    );
+
+    // Past the quota, and past the range.
+    let third = kubectl_as(
+        alice,
+        &with(&[
+            "run",
+            "w3",
+            "--image=example.invalid/none:v1",
+            "--restart=Never",
+        ]),
+    );
+    assert!(
+        third.stderr.contains(
+            "pods \"w3\" is forbidden: exceeded quota: compute, requested: pods=1, used: pods=2, limited: pods=2"
+        ),
+        "{}",
+        third.stderr
+    );
+    let big = kubectl(
+        s,
+        &with(&["apply", "-f", "-"]),
+        Some(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers:\n  - name: c\n    image: example.invalid/none:v1\n    resources: {limits: {cpu: '2'}}\n",
+        ),
+    );
+    assert!(
+        big.stderr.contains(
+            "pods \"big\" is forbidden: maximum cpu usage per Container is 1, but limit is 2"
+        ),
+        "{}",
+        big.stderr
+    );
+    ok(s, &with(&["create", "configmap", "c1"]), None);
+    let c2 = kubectl_as(alice, &with(&["create", "configmap", "c2"]));
+    assert!(
+        c2.stderr.contains(
+            "configmaps \"c2\" is forbidden: exceeded quota: compute, requested: count/configmaps=1, used: count/configmaps=2, limited: count/configmaps=2"
+        ),
+        "{}",
+        c2.stderr
+    );
+
+    // What deleted objects held comes back (the quota controller recounts),
+    // and the refused creates then go through.
+    ok(s, &with(&["delete", "pod", "w1", "--wait=false"]), None);
+    ok(s, &with(&["delete", "configmap", "c1"]), None);
+    ok(
+        s,
+        &with(&[
+            "wait",
+            "--for=jsonpath={.status.used.pods}=1",
+            "quota/compute",
+            "--timeout=60s",
+        ]),
+        None,
+    );
+    ok(
+        s,
+        &with(&[
+            "wait",
+            "--for=jsonpath={.status.used['count/configmaps']}=1",
+            "quota/compute",
+            "--timeout=60s",
+        ]),
+        None,
+    );
+    for args in [
+        &[
+            "run",
+            "w3",
+            "--image=example.invalid/none:v1",
+            "--restart=Never",
+        ][..],
+        &["create", "configmap", "c2"],
+    ] {
+        let out = kubectl_as(alice, &with(args));
+        assert!(out.ok, "{args:?}: {}", out.stderr);
+    }
 }
 
 /// A node joined with the token reads what the pods bound to it use and
@@ -746,7 +938,11 @@ fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Pa
             .spawn()
             .unwrap(),
     );
-    ok(s, &["wait", "--for=create", "node/n2", "--timeout=60s"], None);
+    ok(
+        s,
+        &["wait", "--for=create", "node/n2", "--timeout=60s"],
+        None,
+    );
     // The node's credentials stay in its data directory; the agent itself
     // is not needed (the pods bound to it below are never run).
     drop(agent);
@@ -789,7 +985,15 @@ fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Pa
     // What its pod uses: the Secret, the service account's token bound to
     // the pod, the CA bundle of the service-account volume.
     assert_eq!(
-        allowed(&["-n", "a", "get", "secret", "for-n2", "-o", "jsonpath={.data.k}"]),
+        allowed(&[
+            "-n",
+            "a",
+            "get",
+            "secret",
+            "for-n2",
+            "-o",
+            "jsonpath={.data.k}"
+        ]),
         "b25seS1uMg=="
     );
     allowed(&["-n", "a", "get", "configmap", "kube-root-ca.crt"]);
@@ -812,31 +1016,67 @@ fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Pa
         &["-n", "a", "get", "secret", "s1"],
         "User \"system:node:n2\" cannot get resource \"secrets\" in API group \"\" in the namespace \"a\"",
     );
-    refused_with(&["-n", "b", "get", "secret", "for-n2"], "cannot get resource \"secrets\"");
-    refused_with(&["-n", "a", "get", "secrets"], "cannot list resource \"secrets\"");
-    refused_with(&["-n", "a", "get", "configmap", "seed"], "cannot get resource \"configmaps\"");
+    refused_with(
+        &["-n", "b", "get", "secret", "for-n2"],
+        "cannot get resource \"secrets\"",
+    );
+    refused_with(
+        &["-n", "a", "get", "secrets"],
+        "cannot list resource \"secrets\"",
+    );
+    refused_with(
+        &["-n", "a", "get", "configmap", "seed"],
+        "cannot get resource \"configmaps\"",
+    );
     refused_with(
         &["-n", "a", "create", "token", "default"],
         "node requested token not bound to a pod",
     );
     assert_eq!(
-        as_n2(&["-n", "a", "auth", "can-i", "get", "secret/s1"]).stdout.trim(),
+        as_n2(&["-n", "a", "auth", "can-i", "get", "secret/s1"])
+            .stdout
+            .trim(),
         "no - the node authorizer refuses: no pod bound to the node uses it, or it is another node's"
     );
     // Its own pods only.
-    let mine = allowed(&["get", "pods", "-A", "--field-selector=spec.nodeName=n2", "-o", "name"]);
+    let mine = allowed(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector=spec.nodeName=n2",
+        "-o",
+        "name",
+    ]);
     assert_eq!(mine.trim(), "pod/on-n2");
     allowed(&["-n", "a", "get", "pod", "on-n2"]);
     refused_with(&["get", "pods", "-A"], "cannot list resource \"pods\"");
-    refused_with(&["-n", "a", "get", "pod", "p"], "cannot get resource \"pods\"");
-    refused_with(&["-n", "a", "delete", "pod", "p", "--wait=false"], "cannot delete resource \"pods\"");
     refused_with(
-        &["-n", "a", "run", "planted", "--image=example.invalid/none:v1"],
+        &["-n", "a", "get", "pod", "p"],
+        "cannot get resource \"pods\"",
+    );
+    refused_with(
+        &["-n", "a", "delete", "pod", "p", "--wait=false"],
+        "cannot delete resource \"pods\"",
+    );
+    refused_with(
+        &[
+            "-n",
+            "a",
+            "run",
+            "planted",
+            "--image=example.invalid/none:v1",
+        ],
         "cannot create resource \"pods\"",
     );
     // Its own Node only.
     allowed(&["label", "node", "n2", "checked=yes"]);
-    refused_with(&["label", "node", "sim-0", "stolen=yes"], "cannot patch resource \"nodes\"");
-    ok(s, &["-n", "a", "delete", "pod", "on-n2", "--wait=false"], None);
+    refused_with(
+        &["label", "node", "sim-0", "stolen=yes"],
+        "cannot patch resource \"nodes\"",
+    );
+    ok(
+        s,
+        &["-n", "a", "delete", "pod", "on-n2", "--wait=false"],
+        None,
+    );
 }
-

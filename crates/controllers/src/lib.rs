@@ -33,6 +33,7 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 mod pods;
 pub mod replicaset;
+mod resourcequota;
 pub mod serviceaccount;
 mod servicelb;
 
@@ -86,6 +87,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let servicelb = servicelb::run(client.clone(), &mut inf);
     let hpa = hpa::run(client.clone(), &mut inf, config.hpa_sync_period);
     let disruption = disruption::run(client.clone(), &mut inf);
+    let resourcequota = resourcequota::run(client.clone(), &mut inf);
     let ipam = async {
         match config.cluster_cidr {
             Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
@@ -106,6 +108,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = servicelb => r,
         r = hpa => r,
         r = disruption => r,
+        r = resourcequota => r,
         r = ipam => r,
     }
 }
