@@ -31,6 +31,8 @@ ROOTS = [
     "k8s.io.api.apps.v1.Deployment",
     "k8s.io.api.apps.v1.ReplicaSet",
     "k8s.io.api.apps.v1.DaemonSet",
+    "k8s.io.api.apps.v1.StatefulSet",
+    "k8s.io.api.apps.v1.ControllerRevision",
     "k8s.io.api.batch.v1.Job",
     "k8s.io.api.batch.v1.CronJob",
     "k8s.io.api.coordination.v1.Lease",

@@ -293,6 +293,29 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
             }
             default_template(obj, &["spec", "template"]);
         }
+        "StatefulSet" => {
+            default_at(obj, &["spec", "replicas"], json!(1));
+            default_at(obj, &["spec", "revisionHistoryLimit"], json!(10));
+            default_at(obj, &["spec", "podManagementPolicy"], json!("OrderedReady"));
+            default_at(
+                obj,
+                &["spec", "updateStrategy", "type"],
+                json!("RollingUpdate"),
+            );
+            if obj["spec"]["updateStrategy"]["type"] == "RollingUpdate" {
+                default_at(
+                    obj,
+                    &["spec", "updateStrategy", "rollingUpdate", "partition"],
+                    json!(0),
+                );
+            }
+            default_at(
+                obj,
+                &["spec", "persistentVolumeClaimRetentionPolicy"],
+                json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+            );
+            default_template(obj, &["spec", "template"]);
+        }
         "Job" => default_job_spec(obj.get_mut("spec")),
         "CronJob" => {
             default_at(obj, &["spec", "concurrencyPolicy"], json!("Allow"));

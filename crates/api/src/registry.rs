@@ -298,6 +298,28 @@ pub static RESOURCES: &[ResourceType] = &[
         ALL,
         [Status]
     ),
+    resource!(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        "statefulset",
+        true,
+        ["sts"],
+        ALL,
+        [Status, Scale]
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        "controllerrevision",
+        true,
+        [],
+        &[],
+        []
+    ),
     resource!("batch", "v1", "Job", "jobs", "job", true, [], ALL, [Status]),
     resource!(
         "batch",

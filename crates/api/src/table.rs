@@ -193,6 +193,23 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             IMAGES,
             SELECTOR,
         ],
+        "StatefulSet" => vec![
+            NAME,
+            col("Ready", "string", "Number of the pod with ready state."),
+            AGE,
+            CONTAINERS,
+            IMAGES,
+        ],
+        "ControllerRevision" => vec![
+            NAME,
+            col(
+                "Controller",
+                "string",
+                "The controller this revision belongs to.",
+            ),
+            col("Revision", "integer", "The revision number."),
+            AGE,
+        ],
         "DaemonSet" => vec![
             NAME,
             col(
@@ -1002,6 +1019,35 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 selector_string(&spec["selector"]),
             ));
             row
+        }
+        "StatefulSet" => {
+            let mut row = vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    int(&status["readyReplicas"]),
+                    int(&spec["replicas"])
+                )),
+                age,
+            ];
+            let [containers, images, _] = template_cells(&spec["template"]["spec"], String::new());
+            row.extend([containers, images]);
+            row
+        }
+        "ControllerRevision" => {
+            let owner = obj["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|o| o["controller"] == true);
+            let controller = owner.map_or("<none>".to_owned(), |o| {
+                let group = o["apiVersion"]
+                    .as_str()
+                    .and_then(|v| v.split_once('/'))
+                    .map_or(String::new(), |(g, _)| format!(".{g}"));
+                format!("{}{group}/{}", s(&o["kind"]).to_lowercase(), s(&o["name"]))
+            });
+            vec![name, json!(controller), json!(int(&obj["revision"])), age]
         }
         "DaemonSet" => {
             let mut row = vec![

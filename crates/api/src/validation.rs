@@ -63,6 +63,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "Deployment" => typed!(apps::Deployment, validate_deployment),
         "ReplicaSet" => typed!(apps::ReplicaSet, validate_replica_set),
         "DaemonSet" => typed!(apps::DaemonSet, validate_daemon_set),
+        "StatefulSet" => typed!(apps::StatefulSet, validate_stateful_set),
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
@@ -738,6 +739,73 @@ fn validate_daemon_set(ds: &apps::DaemonSet, old: Option<&apps::DaemonSet>, errs
     validate_workload_template(&spec.selector, Some(&spec.template), errs);
     if let Some(old) = old.and_then(|o| o.spec.as_ref()) {
         selector_immutable(Some(&old.selector), Some(&spec.selector), errs);
+    }
+}
+
+fn validate_stateful_set(
+    sts: &apps::StatefulSet,
+    old: Option<&apps::StatefulSet>,
+    errs: &mut Errors,
+) {
+    let Some(spec) = &sts.spec else {
+        errs.push(FieldError::required("spec", ""));
+        return;
+    };
+    validate_workload_template(&spec.selector, Some(&spec.template), errs);
+    non_negative(spec.replicas, "spec.replicas", errs);
+    if let Some(policy) = &spec.pod_management_policy
+        && !["OrderedReady", "Parallel"].contains(&policy.as_str())
+    {
+        errs.push(FieldError::not_supported(
+            "spec.podManagementPolicy",
+            policy,
+            &["OrderedReady", "Parallel"],
+        ));
+    }
+    if let Some(kind) = spec.update_strategy.as_ref().and_then(|s| s.type_.as_ref())
+        && !["RollingUpdate", "OnDelete"].contains(&kind.as_str())
+    {
+        errs.push(FieldError::not_supported(
+            "spec.updateStrategy.type",
+            kind,
+            &["RollingUpdate", "OnDelete"],
+        ));
+    }
+    non_negative(
+        spec.update_strategy
+            .as_ref()
+            .and_then(|s| s.rolling_update.as_ref())
+            .and_then(|r| r.partition),
+        "spec.updateStrategy.rollingUpdate.partition",
+        errs,
+    );
+    if spec
+        .volume_claim_templates
+        .as_ref()
+        .is_some_and(|t| !t.is_empty())
+    {
+        errs.push(FieldError::forbidden(
+            "spec.volumeClaimTemplates",
+            "not supported yet: this cluster serves no PersistentVolumeClaims",
+        ));
+    }
+    if let Some(old) = old.and_then(|o| o.spec.as_ref()) {
+        selector_immutable(Some(&old.selector), Some(&spec.selector), errs);
+        // As Kubernetes: only the replicas, template, update strategy,
+        // ordinals, retention policy and minReadySeconds may change.
+        let frozen = |s: &apps::StatefulSetSpec| {
+            (
+                s.service_name.clone(),
+                s.pod_management_policy.clone(),
+                s.volume_claim_templates.clone(),
+            )
+        };
+        if frozen(old) != frozen(spec) {
+            errs.push(FieldError::forbidden(
+                "spec",
+                "updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'revisionHistoryLimit', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden",
+            ));
+        }
     }
 }
 

@@ -85,6 +85,8 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "Deployment" => add::<apps::Deployment>(g),
         "ReplicaSet" => add::<apps::ReplicaSet>(g),
         "DaemonSet" => add::<apps::DaemonSet>(g),
+        "StatefulSet" => add::<apps::StatefulSet>(g),
+        "ControllerRevision" => add::<apps::ControllerRevision>(g),
         "Job" => add::<batch::Job>(g),
         "CronJob" => add::<batch::CronJob>(g),
         "Lease" => add::<coordination::Lease>(g),

@@ -638,7 +638,9 @@ impl<'a> Ctx<'a> {
     ) -> ApiResult<()> {
         let spec = match self.rt().id() {
             "Pod" => &obj["spec"],
-            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" => &obj["spec"]["template"]["spec"],
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" | "Job" => {
+                &obj["spec"]["template"]["spec"]
+            }
             "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],
             _ => return Ok(()),
         };
@@ -747,7 +749,7 @@ impl<'a> Ctx<'a> {
                 obj["status"] =
                     json!({"phase": "Pending", "qosClass": wasmkube_api::quota::qos_class(obj)})
             }
-            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "CronJob" => {
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" | "Job" | "CronJob" => {
                 obj["status"] = json!({})
             }
             "Service" => obj["status"] = json!({"loadBalancer": {}}),

@@ -1148,6 +1148,184 @@ fn deployment_rollout_with_kubectl() {
         None,
     );
     assert!(!kubectl(&s, &["get", "namespace", "doomed"], None).ok);
+    statefulset_rollout_with_kubectl(&s);
+}
+
+/// A StatefulSet on the same cluster: pods made in order with stable
+/// names and DNS identities, a partitioned then full rolling update
+/// (`kubectl rollout status` and `history`), a scale down from the top.
+fn statefulset_rollout_with_kubectl(s: &Server) {
+    ok(
+        s,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec:\n  clusterIP: None\n  selector: {app: db}\n  ports: [{port: 80}]\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  serviceName: db\n  replicas: 3\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec:\n      containers: [{name: db, image: 'example/db:1', ports: [{containerPort: 80}]}]\n",
+        ),
+    );
+    let status = ok(s, &["rollout", "status", "sts/db", "--timeout=60s"], None);
+    assert!(
+        status.contains("partitioned roll out complete: 3 new pods have been updated"),
+        "{status}"
+    );
+    assert_eq!(
+        header(&ok(s, &["get", "sts"], None)),
+        ["NAME", "READY", "AGE"]
+    );
+    assert!(ok(s, &["get", "sts", "db"], None).contains("3/3"));
+    // OrderedReady: each pod was made once the one before it was ready.
+    let times = ok(
+        s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=db",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.creationTimestamp} {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}{\"\\n\"}{end}",
+        ],
+        None,
+    );
+    let mut rows: Vec<Vec<&str>> = times.lines().map(|l| l.split(' ').collect()).collect();
+    rows.sort();
+    assert_eq!(
+        rows.iter().map(|r| r[0]).collect::<Vec<_>>(),
+        ["db-0", "db-1", "db-2"],
+        "{times}"
+    );
+    for pair in rows.windows(2) {
+        assert!(
+            pair[1][1] >= pair[0][2],
+            "made before the previous was ready: {times}"
+        );
+    }
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "pod",
+                "db-1",
+                "-o",
+                "jsonpath={.spec.hostname}.{.spec.subdomain}"
+            ],
+            None
+        ),
+        "db-1.db"
+    );
+    poll(
+        "the headless Service's endpoints named by hostname",
+        Duration::from_secs(30),
+        || {
+            let names = ok(
+                s,
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=db",
+                    "-o",
+                    "jsonpath={.items[*].endpoints[*].hostname}",
+                ],
+                None,
+            );
+            (names == "db-0 db-1 db-2").then_some(()).ok_or(names)
+        },
+    );
+
+    // A partitioned update touches only the pods at or above it.
+    ok(
+        s,
+        &[
+            "patch",
+            "sts",
+            "db",
+            "-p",
+            r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}}}}"#,
+        ],
+        None,
+    );
+    ok(s, &["set", "image", "sts/db", "db=example/db:2"], None);
+    let status = ok(s, &["rollout", "status", "sts/db", "--timeout=60s"], None);
+    assert!(
+        status.contains("partitioned roll out complete: 1 new pods have been updated"),
+        "{status}"
+    );
+    let images = || {
+        ok(
+            s,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=db",
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ],
+            None,
+        )
+    };
+    assert_eq!(images(), "example/db:1 example/db:1 example/db:2");
+    ok(
+        s,
+        &[
+            "patch",
+            "sts",
+            "db",
+            "-p",
+            r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#,
+        ],
+        None,
+    );
+    let status = ok(s, &["rollout", "status", "sts/db", "--timeout=60s"], None);
+    assert!(
+        status.contains("partitioned roll out complete: 3 new pods have been updated"),
+        "{status}"
+    );
+    assert_eq!(images(), "example/db:2 example/db:2 example/db:2");
+    // (kubectl words every RollingUpdate set as partitioned, even at 0.)
+    let revisions = ok(
+        s,
+        &[
+            "get",
+            "sts",
+            "db",
+            "-o",
+            "jsonpath={.status.currentRevision} {.status.updateRevision}",
+        ],
+        None,
+    );
+    let (current, update) = revisions.split_once(' ').unwrap();
+    assert!(
+        current == update && current.starts_with("db-"),
+        "{revisions}"
+    );
+    let history = ok(s, &["rollout", "history", "sts/db"], None);
+    assert!(
+        history
+            .lines()
+            .filter(|l| l.starts_with('1') || l.starts_with('2'))
+            .count()
+            == 2,
+        "{history}"
+    );
+
+    // Scaling down removes the highest ordinals.
+    ok(s, &["scale", "sts", "db", "--replicas=1"], None);
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=delete",
+            "pod/db-2",
+            "pod/db-1",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(s, &["get", "pods", "-l", "app=db", "-o", "name"], None).trim(),
+        "pod/db-0"
+    );
 }
 
 const BATCH: &str = r#"

@@ -136,23 +136,37 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .unwrap_or_default();
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         let target = json!({"kind": "Pod", "namespace": ns, "name": pod.name_any(), "uid": pod.metadata.uid});
+        // A pod naming this Service as its subdomain is known by its
+        // hostname (`web-0.web.NS.svc`), as a StatefulSet's pods are.
+        let hostname = pod
+            .spec
+            .as_ref()
+            .filter(|s| s.subdomain.as_deref() == Some(svc.name_any().as_str()))
+            .and_then(|s| s.hostname.clone());
         let ready = pods::is_ready(pod);
         let terminating = pod.metadata.deletion_timestamp.is_some();
         if !terminating {
             let entry = subsets.entry(resolved.clone()).or_default();
-            let address = json!({"ip": ip, "nodeName": node, "targetRef": target});
+            let mut address = json!({"ip": ip, "nodeName": node, "targetRef": target});
+            if let Some(h) = &hostname {
+                address["hostname"] = json!(h);
+            }
             if ready {
                 entry.0.push(address)
             } else {
                 entry.1.push(address)
             }
         }
-        slice_endpoints.push(json!({
+        let mut endpoint = json!({
             "addresses": [ip],
             "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
             "nodeName": node,
             "targetRef": target,
-        }));
+        });
+        if let Some(h) = hostname {
+            endpoint["hostname"] = json!(h);
+        }
+        slice_endpoints.push(endpoint);
         slice_ports.get_or_insert_with(|| {
             resolved
                 .iter()

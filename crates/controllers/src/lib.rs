@@ -36,6 +36,7 @@ pub mod replicaset;
 mod resourcequota;
 pub mod serviceaccount;
 mod servicelb;
+mod statefulset;
 
 use std::time::Duration;
 
@@ -80,6 +81,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let replicaset = replicaset::run(client.clone(), &mut inf);
     let deployment = deployment::run(client.clone(), &mut inf);
     let daemonset = daemonset::run(client.clone(), &mut inf);
+    let statefulset = statefulset::run(client.clone(), &mut inf);
     let job = job::run(client.clone(), &mut inf, &config);
     let cronjob = cronjob::run(client.clone(), &mut inf);
     let nodelifecycle = nodelifecycle::run(client.clone(), &mut inf, &config);
@@ -99,6 +101,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = replicaset => r,
         r = deployment => r,
         r = daemonset => r,
+        r = statefulset => r,
         r = job => r,
         r = cronjob => r,
         r = nodelifecycle => r,
