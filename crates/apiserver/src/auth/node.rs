@@ -463,9 +463,7 @@ pub(crate) fn admit_create(
             "node \"{node}\" is not allowed to modify node \"{name}\""
         )),
         ("coordination.k8s.io", "leases") if namespace == Some(LEASE_NAMESPACE) && name != node => {
-            refuse(format!(
-                "can only access node lease with the same name as the requesting node"
-            ))
+            refuse("can only access node lease with the same name as the requesting node".into())
         }
         ("", "pods") => refuse(format!(
             "node \"{node}\" can only create mirror pods, and this cluster has none"
