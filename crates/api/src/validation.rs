@@ -632,6 +632,19 @@ fn validate_config_map(cm: &core::ConfigMap, old: Option<&core::ConfigMap>, errs
 
 fn validate_secret(s: &core::Secret, old: Option<&core::Secret>, errs: &mut Errors) {
     validate_data_keys(s.data.iter().flatten().map(|(k, _)| k), "data", errs);
+    const ACCOUNT: &str = "kubernetes.io/service-account.name";
+    if s.type_.as_deref() == Some("kubernetes.io/service-account-token")
+        && s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ACCOUNT))
+            .is_none_or(String::is_empty)
+    {
+        errs.push(FieldError::required(
+            format!("metadata.annotations[{ACCOUNT}]"),
+            "",
+        ));
+    }
     if let Some(old) = old {
         immutable_data_unchanged(old.immutable, old.data != s.data, errs);
         if old.type_ != s.type_ {

@@ -813,6 +813,9 @@ impl<'a> Ctx<'a> {
             "Service" => crate::services::allocate(self.server, &mut obj).await?,
             "Pod" => crate::admission::pod(self.server, &mut obj).await?,
             "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
+            "Secret" => {
+                crate::auth::token::legacy_secret(self.server, &mut obj, &mut warnings).await?
+            }
             _ => {}
         }
         crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &obj)

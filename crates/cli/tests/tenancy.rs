@@ -517,6 +517,72 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         None,
     );
     assert!(kubectl_as(&robot, &["-n", "a", "get", "pods"]).ok);
+    // A legacy token Secret, on request: filled at once, valid while the
+    // Secret lives.
+    ok(
+        &s,
+        &["-n", "a", "apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: robot-token\n  annotations: {kubernetes.io/service-account.name: robot}\ntype: kubernetes.io/service-account-token\n",
+        ),
+    );
+    let legacy = ok(
+        &s,
+        &[
+            "-n",
+            "a",
+            "get",
+            "secret",
+            "robot-token",
+            "-o",
+            "jsonpath={.data.token}",
+        ],
+        None,
+    );
+    use base64::Engine as _;
+    let legacy = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(legacy.trim())
+            .unwrap(),
+    )
+    .unwrap();
+    let legacy_user = user_kubeconfig(&s, dir.path(), "robot-legacy", Some(&legacy));
+    assert!(kubectl_as(&legacy_user, &["-n", "a", "get", "pods"]).ok);
+    let fields = ok(
+        &s,
+        &[
+            "-n",
+            "a",
+            "get",
+            "secret",
+            "robot-token",
+            "-o",
+            "jsonpath={.data.namespace} {.data.ca\\.crt}",
+        ],
+        None,
+    );
+    assert!(fields.starts_with("YQ== LS0t"), "{fields}");
+    ok(&s, &["-n", "a", "delete", "secret", "robot-token"], None);
+    let out = kubectl_as(&legacy_user, &["-n", "a", "get", "pods"]);
+    assert!(
+        !out.ok && out.stderr.contains("Unauthorized"),
+        "{}",
+        out.stderr
+    );
+    let unnamed = kubectl(
+        &s,
+        &["-n", "a", "apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: nameless}\ntype: kubernetes.io/service-account-token\n",
+        ),
+    );
+    assert!(
+        unnamed
+            .stderr
+            .contains("metadata.annotations[kubernetes.io/service-account.name]: Required value"),
+        "{}",
+        unnamed.stderr
+    );
     ok(&s, &["-n", "a", "delete", "serviceaccount", "robot"], None);
     let out = kubectl_as(&robot, &["-n", "a", "get", "pods"]);
     assert!(

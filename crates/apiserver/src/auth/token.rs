@@ -30,6 +30,14 @@ const MAX_SECONDS: i64 = 48 * 3600;
 const VOLUME_SECONDS: i64 = 3607;
 const EXTENDED_SECONDS: i64 = 365 * 24 * 3600;
 
+/// The type of a Secret holding a service account's long-lived token.
+pub(crate) const LEGACY_TOKEN_TYPE: &str = "kubernetes.io/service-account-token";
+const ACCOUNT_NAME: &str = "kubernetes.io/service-account.name";
+const ACCOUNT_UID: &str = "kubernetes.io/service-account.uid";
+/// A legacy token lasts until its Secret or its account goes; the JWT
+/// still needs an expiry, so it is a century away.
+const LEGACY_SECONDS: i64 = 100 * 365 * 24 * 3600;
+
 /// The stored object `kind` `namespace`/`name`, if it exists.
 async fn stored(
     server: &ApiServer,
@@ -182,6 +190,68 @@ pub(crate) async fn request(
         &request,
         &[],
     ))
+}
+
+/// Kubernetes' tokens controller, done as the Secret is created: a Secret
+/// of type [`LEGACY_TOKEN_TYPE`] naming an existing account (annotation
+/// `kubernetes.io/service-account.name`) and holding no token yet gets one,
+/// bound to the account and to the Secret (so deleting either revokes it),
+/// with the cluster CA and the namespace, and the account's uid in
+/// `kubernetes.io/service-account.uid`. An account that does not exist yet
+/// leaves the Secret empty, with a warning.
+pub(crate) async fn legacy_secret(
+    server: &ApiServer,
+    secret: &mut Value,
+    warnings: &mut Vec<String>,
+) -> Result<(), ApiError> {
+    use base64::Engine;
+    if secret["type"] != LEGACY_TOKEN_TYPE || !secret["data"]["token"].is_null() {
+        return Ok(());
+    }
+    let Some(signer) = &server.config.service_accounts else {
+        return Ok(());
+    };
+    let namespace = secret["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let account_name = secret["metadata"]["annotations"][ACCOUNT_NAME]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let Some(account) = stored(server, "serviceaccounts", &namespace, &account_name).await? else {
+        warnings.push(format!(
+            "service account {account_name:?} does not exist: the Secret holds no token"
+        ));
+        return Ok(());
+    };
+    let now = chrono::Utc::now();
+    let claims = json!({
+        "iss": ISSUER,
+        "sub": format!("system:serviceaccount:{namespace}:{account_name}"),
+        "aud": [ISSUER],
+        "iat": now.timestamp(),
+        "nbf": now.timestamp(),
+        "exp": (now + chrono::Duration::seconds(LEGACY_SECONDS)).timestamp(),
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "kubernetes.io": {
+            "namespace": namespace,
+            "serviceaccount": {"name": account_name, "uid": uid(&account)},
+            "secret": {"name": secret["metadata"]["name"], "uid": secret["metadata"]["uid"]},
+        },
+    });
+    let token = signer.sign(&claims).map_err(ApiError::internal)?;
+    let b64 = |s: &str| json!(base64::engine::general_purpose::STANDARD.encode(s));
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    secret["data"]["token"] = b64(&token);
+    secret["data"]["namespace"] = b64(&namespace);
+    if let Some(ca) = &server.config.ca {
+        secret["data"]["ca.crt"] = b64(ca.cert_pem());
+    }
+    secret["metadata"]["annotations"][ACCOUNT_UID] = json!(uid(&account));
+    Ok(())
 }
 
 /// Who a service-account token names, if it is one of ours, for this API
