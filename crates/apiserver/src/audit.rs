@@ -246,6 +246,35 @@ impl Log {
     }
 }
 
+tokio::task_local! {
+    /// The annotations admission adds to the audit event of the request
+    /// being served (Pod Security's audit mode).
+    static ANNOTATIONS: Annotations;
+}
+
+/// Annotations gathered while a request is served.
+pub(crate) type Annotations = std::sync::Arc<Mutex<Vec<(String, String)>>>;
+
+/// Serves `f` with a place for audit annotations, returned with its output.
+pub(crate) async fn gathering<T>(
+    f: impl std::future::Future<Output = T>,
+) -> (T, Vec<(String, String)>) {
+    let annotations = Annotations::default();
+    let out = ANNOTATIONS.scope(annotations.clone(), f).await;
+    let gathered = std::mem::take(&mut *annotations.lock().expect("not poisoned"));
+    (out, gathered)
+}
+
+/// Adds an annotation to the audit event of the request being served (if
+/// it is audited).
+pub(crate) fn annotate(key: &str, value: String) {
+    let _ = ANNOTATIONS.try_with(|a| {
+        a.lock()
+            .expect("not poisoned")
+            .push((key.to_owned(), value))
+    });
+}
+
 /// Auditing as a server runs it.
 #[derive(Debug)]
 pub struct Audit {
@@ -272,6 +301,7 @@ impl Audit {
         allowed: bool,
         request: Option<Value>,
         response: Option<&[u8]>,
+        annotations: &[(String, String)],
     ) {
         let a = record.attrs;
         let mut event = json!({
@@ -289,6 +319,9 @@ impl Audit {
             "stageTimestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "annotations": {"authorization.k8s.io/decision": if allowed { "allow" } else { "forbid" }},
         });
+        for (k, v) in annotations {
+            event["annotations"][k] = json!(v);
+        }
         if !a.user.uid.is_empty() {
             event["user"]["uid"] = json!(a.user.uid);
         }

@@ -624,6 +624,7 @@ impl<'a> Ctx<'a> {
         Ok(PodSecurityLevels {
             enforce: level(pod_security::ENFORCE_LABEL),
             warn: level(pod_security::WARN_LABEL),
+            audit: level(pod_security::AUDIT_LABEL),
         })
     }
 
@@ -675,6 +676,21 @@ impl<'a> Ctx<'a> {
                     level.name(),
                     violations.join(", ")
                 ));
+            }
+        }
+        // Audit mode: the violation is recorded on the request's audit
+        // event, for pods and workloads alike.
+        if let Some(level) = levels.audit {
+            let violations = pod_security::violations(level, spec);
+            if !violations.is_empty() {
+                crate::audit::annotate(
+                    "pod-security.kubernetes.io/audit-violations",
+                    format!(
+                        "would violate PodSecurity \"{}:latest\": {}",
+                        level.name(),
+                        violations.join(", ")
+                    ),
+                );
             }
         }
         Ok(())
@@ -1836,6 +1852,7 @@ pub(crate) async fn reconcile_internal(
 struct PodSecurityLevels {
     enforce: Option<pod_security::Level>,
     warn: Option<pod_security::Level>,
+    audit: Option<pod_security::Level>,
 }
 
 fn set_condition(obj: &mut Value, cond: Value) {

@@ -669,6 +669,25 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         out.stderr
     );
 
+    // Audit mode: a `baseline` audit level records the privileged pod it
+    // lets in on the request's audit event.
+    ok(&s, &["create", "namespace", "watched"], None);
+    ok(
+        &s,
+        &[
+            "label",
+            "namespace",
+            "watched",
+            "pod-security.kubernetes.io/audit=baseline",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["apply", "-f", "-"],
+        Some(&privileged.replace("namespace: locked", "namespace: watched")),
+    );
+
     // The audit log: one JSON line per audited request, with the levels the
     // policy gives (alice's ConfigMap writes with both bodies, Secrets with
     // metadata only, Leases not at all) and refusals with their decision.
@@ -716,6 +735,18 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         !events
             .iter()
             .any(|e| e["objectRef"]["resource"] == "leases")
+    );
+    let audited = events
+        .iter()
+        .find(|e| {
+            e["objectRef"]["namespace"] == "watched"
+                && e["objectRef"]["resource"] == "pods"
+                && e["responseStatus"]["code"] == 201
+        })
+        .expect("the privileged pod's create is audited");
+    assert_eq!(
+        audited["annotations"]["pod-security.kubernetes.io/audit-violations"],
+        r#"would violate PodSecurity "baseline:latest": privileged (container "c" must not set securityContext.privileged=true)"#
     );
 
     // A join token makes new nodes, but cannot take over a registered

@@ -596,7 +596,7 @@ pub(crate) async fn middleware(
             attrs.forbidden()
         };
         if let (Some(audit), Some(record)) = (&server.audit, &record) {
-            audit.complete(record, refusal.code().as_u16(), false, None, None);
+            audit.complete(record, refusal.code().as_u16(), false, None, None, &[]);
         }
         return refusal.into_response();
     }
@@ -641,7 +641,11 @@ pub(crate) async fn middleware(
         request_body = crate::rest::parse_value(content_type, &bytes).ok();
         req = Request::from_parts(parts, Body::from(bytes));
     }
-    let mut response = next.run(req).await;
+    let (mut response, annotations) = if record.is_some() {
+        crate::audit::gathering(next.run(req)).await
+    } else {
+        (next.run(req).await, Vec::new())
+    };
     if changes_policy && response.status().is_success() {
         // Acknowledge a change of the policy once it is in force here.
         auth.rbac.wait_for(server.store.current_revision()).await;
@@ -662,6 +666,7 @@ pub(crate) async fn middleware(
             true,
             request_body,
             response_body.as_deref(),
+            &annotations,
         );
     }
     response
