@@ -23,6 +23,12 @@ pub struct NodeArgs {
     pub crash_loop_backoff: f64,
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     pub crash_loop_max_backoff: f64,
+    /// How long the node's Lease lasts; the agent renews it every quarter
+    /// of that (as the kubelet's nodeLeaseDurationSeconds). A node whose
+    /// Lease goes unrenewed for the server's --node-monitor-grace-period is
+    /// marked Ready=Unknown, so keep a quarter of this well under it.
+    #[arg(long, default_value = "40", value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(1..))]
+    pub node_lease_duration_seconds: i32,
     /// Wasm instances live at once (the engine's pre-reserved slots; each
     /// reserves 4 GiB of address space, not memory) [default: --max-pods
     /// plus 1024 for HTTP functions' per-request instances].
@@ -301,6 +307,9 @@ impl NodeArgs {
         config.insecure_registries = self.insecure_registries.clone();
         config.backoff.initial = Duration::from_secs_f64(self.crash_loop_backoff.max(0.0));
         config.backoff.max = Duration::from_secs_f64(self.crash_loop_max_backoff.max(0.0));
+        config.lease_duration_seconds = self.node_lease_duration_seconds;
+        config.heartbeat_interval =
+            Duration::from_secs_f64(f64::from(self.node_lease_duration_seconds) / 4.0);
     }
 }
 

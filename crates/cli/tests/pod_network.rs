@@ -420,6 +420,11 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             &lan.addr(1),
             "--insecure-registry",
             &registry.host(),
+            // A node lost is noticed in seconds (the node-loss phase).
+            "--node-monitor-grace-period",
+            "5",
+            "--node-lease-duration-seconds",
+            "4",
         ],
     );
     let spawn_agent = || {
@@ -429,7 +434,8 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
                 .args([wasmkube(), "agent", "--server", &s.url])
                 .args(["--token", &s.join_token()])
                 .args(["--name", &host2, "--address", &lan.addr(2), "--port", "0"])
-                .args(["--insecure-registry", &registry.host(), "--data-dir"])
+                .args(["--insecure-registry", &registry.host()])
+                .args(["--node-lease-duration-seconds", "4", "--data-dir"])
                 .arg(dir.path().join("agent"))
                 .env("RUST_LOG", "warn")
                 .stderr(Stdio::null())
@@ -1476,6 +1482,8 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     // is refused or reported.
     knative(&s, &lan.addr(1), hello, busybox);
 
+    node_loss(&s, &lan, (&host1, &host2), hello, busybox);
+
     // Deleting everything leaves nothing behind: an agent removes a pod's
     // containers, mounts, cgroups and network before it confirms the
     // deletion.
@@ -1571,6 +1579,156 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
 }
 
 /// The Knative part of the journey above (see its comment there).
+/// A node cut off (its link down) goes Ready=Unknown after the grace
+/// period and gets the unreachable taints; its pod is evicted once its
+/// toleration runs out and replaced on the other node; back, the node stops
+/// the pod that was replaced and confirms its deletion.
+fn node_loss(s: &Server, lan: &Lan, (host1, host2): (&str, &str), hello: &str, busybox: &str) {
+    let tolerate = |key: &str| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 2});
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "survivor"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "survivor"}},
+          "template": {"metadata": {"labels": {"app": "survivor"}},
+            "spec": {"terminationGracePeriodSeconds": 2,
+              "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchFields": [
+                  {"key": "metadata.name", "operator": "In", "values": [host2]}]}}]}},
+              "tolerations": [tolerate("node.kubernetes.io/unreachable"), tolerate("node.kubernetes.io/not-ready")],
+              "containers": [{"name": "hello", "image": hello, "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1}}]}}},
+    })
+    .to_string();
+    ok(s, &["apply", "-f", "-"], Some(&deployment));
+    checked(
+        s,
+        &["rollout", "status", "deployment/survivor", "--timeout=60s"],
+    );
+    let first = ok(
+        s,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=survivor",
+            "-o",
+            "jsonpath={.items[0].metadata.name} {.items[0].spec.nodeName}",
+        ],
+        None,
+    );
+    let (first, node) = first.split_once(' ').unwrap();
+    assert_eq!(node, host2, "the pod prefers {host2}");
+
+    let cut = std::time::Instant::now();
+    ip(&["-n", &lan.ns("host2"), "link", "set", "eth0", "down"]);
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready=Unknown",
+            &format!("node/{host2}"),
+            "--timeout=60s",
+        ],
+    );
+    let unknown = cut.elapsed();
+    // The taints follow the condition.
+    common::poll("the unreachable taint", Duration::from_secs(30), || {
+        let taints = ok(
+            s,
+            &["get", "node", host2, "-o", "jsonpath={.spec.taints[*].key}"],
+            None,
+        );
+        taints
+            .contains("node.kubernetes.io/unreachable")
+            .then_some(())
+            .ok_or(taints)
+    });
+    common::poll(
+        "a replacement ready on the other node",
+        Duration::from_secs(60),
+        || {
+            let ready = ok(
+                s,
+                &[
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=survivor",
+                    &format!("--field-selector=spec.nodeName={host1}"),
+                    "-o",
+                    r#"jsonpath={.items[*].status.conditions[?(@.type=="Ready")].status}"#,
+                ],
+                None,
+            );
+            (ready == "True").then_some(()).ok_or(ready)
+        },
+    );
+    let recovered = cut.elapsed();
+    eprintln!(
+        "node loss: {host2} Ready=Unknown {:.1}s after its link went down; its pod replaced and ready on {host1} after {:.1}s",
+        unknown.as_secs_f64(),
+        recovered.as_secs_f64()
+    );
+    let ip_now = pod_ip(
+        s,
+        &[
+            "-l",
+            "app=survivor",
+            &format!("--field-selector=spec.nodeName={host1}"),
+        ],
+    );
+    let got = fetch_from_pod(s, "ask-survivor", host1, busybox, &ip_now, "/");
+    assert!(
+        got.ends_with("\r\n\r\nhello from wasmkube: GET /\n"),
+        "the replacement answers: {got:?}"
+    );
+    ok(s, &["delete", "pod", "ask-survivor"], None);
+    // The evicted pod waits for its node to confirm it stopped.
+    let stuck = ok(
+        s,
+        &[
+            "get",
+            "pod",
+            first,
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ],
+        None,
+    );
+    assert!(!stuck.is_empty(), "{first} is being deleted");
+
+    ip(&["-n", &lan.ns("host2"), "link", "set", "eth0", "up"]);
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            &format!("node/{host2}"),
+            "--timeout=60s",
+        ],
+    );
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=delete",
+            &format!("pod/{first}"),
+            "--timeout=60s",
+        ],
+    );
+    ok(s, &["delete", "deployment", "survivor"], None);
+    checked(
+        s,
+        &[
+            "wait",
+            "--for=delete",
+            "pod",
+            "-l",
+            "app=survivor",
+            "--timeout=60s",
+        ],
+    );
+}
+
 fn knative(s: &Server, gateway_ip: &str, image: &str, busybox: &str) {
     let gateway = format!("{gateway_ip}:80");
     let ksvc = |name: &str,
