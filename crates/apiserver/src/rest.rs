@@ -821,6 +821,7 @@ impl<'a> Ctx<'a> {
             .unwrap_or_default()
             .to_owned();
         crate::auth::node::admit_create(self.user, self.rt(), self.target.namespace, &name)?;
+        crate::auth::node::admit_node_object(self.user, self.rt(), None, &obj)?;
         if let Some(ns) = self.target.namespace {
             let levels = self.ensure_namespace_open(ns).await?;
             self.admit_pod_security(levels, &obj, &mut warnings)?;
@@ -973,6 +974,7 @@ impl<'a> Ctx<'a> {
         if !errors.is_empty() {
             return Err(ApiError::invalid(rt, name, errors));
         }
+        crate::auth::node::admit_node_object(self.user, rt, Some(old), &merged)?;
         Ok((merged, warnings))
     }
 

@@ -1166,7 +1166,36 @@ fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Pa
         "cannot create resource \"pods\"",
     );
     // Its own Node only.
-    allowed(&["label", "node", "n2", "checked=yes"]);
+    allowed(&[
+        "label",
+        "node",
+        "n2",
+        "checked=yes",
+        "topology.kubernetes.io/zone=z1",
+    ]);
+    // Not the labels an administrator steers workloads by, nor its taints.
+    refused_with(
+        &[
+            "label",
+            "node",
+            "n2",
+            "node-restriction.kubernetes.io/trusted=yes",
+        ],
+        "node \"n2\" is not allowed to modify labels: node-restriction.kubernetes.io/trusted",
+    );
+    refused_with(
+        &[
+            "label",
+            "node",
+            "n2",
+            "node-role.kubernetes.io/control-plane=",
+        ],
+        "is not allowed to modify labels: node-role.kubernetes.io/control-plane",
+    );
+    refused_with(
+        &["taint", "node", "n2", "dedicated=me:NoSchedule"],
+        "node \"n2\" is not allowed to modify taints",
+    );
     refused_with(
         &["label", "node", "sim-0", "stolen=yes"],
         "cannot patch resource \"nodes\"",

@@ -472,6 +472,103 @@ pub(crate) fn admit_create(
     }
 }
 
+/// The labels a node may set on itself among Kubernetes' own
+/// (`kubernetes.io`, `k8s.io`): the kubelet's.
+const KUBELET_LABELS: &[&str] = &[
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+];
+
+/// Whether a node may set (or change, or remove) label `key` on itself:
+/// never under `node-restriction.kubernetes.io` (labels the administrator
+/// sets to steer workloads, which a node must not claim), and of
+/// Kubernetes' own namespaces only the kubelet's labels and its
+/// `kubelet.kubernetes.io` and `node.kubernetes.io` namespaces.
+fn node_may_label(key: &str) -> bool {
+    let Some((namespace, _)) = key.split_once('/') else {
+        return true;
+    };
+    let under = |domain: &str| namespace == domain || namespace.ends_with(&format!(".{domain}"));
+    if under("node-restriction.kubernetes.io") {
+        return false;
+    }
+    if !(under("kubernetes.io") || under("k8s.io")) {
+        return true;
+    }
+    KUBELET_LABELS.contains(&key) || under("kubelet.kubernetes.io") || under("node.kubernetes.io")
+}
+
+/// NodeRestriction of a node's own Node object, created (`old` `None`) or
+/// updated: no labels it may not set, and (on update) no change to its
+/// taints, which would let it draw workloads kept away from it.
+pub(crate) fn admit_node_object(
+    user: Option<&UserInfo>,
+    rt: &registry::ResourceType,
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<(), ApiError> {
+    let Some(node) = user.and_then(node_of) else {
+        return Ok(());
+    };
+    if (rt.group, rt.plural) != ("", "nodes") {
+        return Ok(());
+    }
+    let name = new["metadata"]["name"].as_str().unwrap_or_default();
+    let refuse = |message: String| {
+        Err(ApiError::Forbidden {
+            subject: Subject::of(rt, name),
+            message: format!("nodes \"{name}\" is forbidden: {message}"),
+        })
+    };
+    let labels = |v: Option<&Value>| -> HashMap<String, Value> {
+        v.and_then(|v| v["metadata"]["labels"].as_object())
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    let (before, after) = (labels(old), labels(Some(new)));
+    let mut forbidden: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k) && !node_may_label(k))
+        .collect();
+    forbidden.sort();
+    forbidden.dedup();
+    if !forbidden.is_empty() {
+        let list = forbidden
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return match old {
+            None => refuse(format!(
+                "node \"{node}\" is not allowed to set the following labels: {list}"
+            )),
+            Some(_) => refuse(format!(
+                "node \"{node}\" is not allowed to modify labels: {list}"
+            )),
+        };
+    }
+    if let Some(old) = old {
+        let taints = |v: &Value| match &v["spec"]["taints"] {
+            Value::Array(a) if !a.is_empty() => Value::Array(a.clone()),
+            _ => Value::Null,
+        };
+        if taints(old) != taints(new) {
+            return refuse(format!("node \"{node}\" is not allowed to modify taints"));
+        }
+    }
+    Ok(())
+}
+
 /// NodeRestriction of a TokenRequest: a node asks only for tokens bound to
 /// one of its own pods, which runs as the service account.
 pub(crate) fn admit_token(
@@ -514,6 +611,29 @@ pub(crate) fn admit_token(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_node_sets_only_the_kubelet_s_labels_of_kubernetes_own() {
+        for ok in [
+            "app",
+            "example.com/rack",
+            "kubernetes.io/hostname",
+            "topology.kubernetes.io/zone",
+            "node.kubernetes.io/exclude-from-external-load-balancers",
+            "kubelet.kubernetes.io/x",
+        ] {
+            assert!(node_may_label(ok), "{ok}");
+        }
+        for refused in [
+            "node-restriction.kubernetes.io/trusted",
+            "team.node-restriction.kubernetes.io/x",
+            "node-role.kubernetes.io/control-plane",
+            "kubernetes.io/role",
+            "k8s.io/anything",
+        ] {
+            assert!(!node_may_label(refused), "{refused}");
+        }
+    }
     use super::*;
     use serde_json::json;
 
