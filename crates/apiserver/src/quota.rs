@@ -51,6 +51,48 @@ pub(crate) async fn admit_create(
         return Ok(());
     }
     let is_pod = rt.group.is_empty() && rt.plural == "pods";
+    charge(server, rt, namespace, obj, &usage, is_pod, dry_run).await
+}
+
+/// Charges an update of `old` to `new` with what it adds (a Service made a
+/// LoadBalancer, a claim grown), or refuses it; what it frees is given
+/// back by the controller.
+pub(crate) async fn admit_update(
+    server: &ApiServer,
+    rt: &ResourceType,
+    namespace: &str,
+    old: &Value,
+    new: &Value,
+    dry_run: bool,
+) -> ApiResult<()> {
+    if !rt.namespaced {
+        return Ok(());
+    }
+    let before = quota::usage(rt.group, rt.plural, old);
+    let added: Usage = quota::usage(rt.group, rt.plural, new)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let grown = v.0 - before.get(&k).map_or(0, |b| b.0);
+            (grown > 0).then_some((k, wasmkube_api::quantity::Quantity(grown)))
+        })
+        .collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    charge(server, rt, namespace, new, &added, false, dry_run).await
+}
+
+/// Charges `usage` of `obj` to every quota of the namespace covering it.
+/// `required`: the pod is new, so it must state what the quotas limit.
+async fn charge(
+    server: &ApiServer,
+    rt: &ResourceType,
+    namespace: &str,
+    obj: &Value,
+    usage: &Usage,
+    required: bool,
+    dry_run: bool,
+) -> ApiResult<()> {
     let mut charged = BTreeSet::new();
     'retry: for _ in 0..RETRIES {
         let listed = server
@@ -70,7 +112,7 @@ pub(crate) async fn admit_create(
             if charged.contains(&name) || !quota::covers(&q, rt.group, rt.plural, obj) {
                 continue;
             }
-            if is_pod && let Some(missing) = quota::missing_compute(&q, obj) {
+            if required && let Some(missing) = quota::missing_compute(&q, obj) {
                 return Err(forbidden(
                     rt,
                     obj,

@@ -1041,6 +1041,12 @@ impl<'a> Ctx<'a> {
         mut new: Value,
     ) -> ApiResult<Value> {
         crate::auth::escalation::check(self.server, self.user, self.rt(), name, &new)?;
+        if let Some(ns) = self.target.namespace
+            && sub.is_none()
+        {
+            crate::quota::admit_update(self.server, self.rt(), ns, old, &new, self.params.dry_run)
+                .await?;
+        }
         if self.rt().id() != "Service" || sub.is_some() {
             return self.persist_update(name, old, rev, new).await;
         }

@@ -965,6 +965,35 @@ fn quotas_and_limit_ranges_bound_a_tenant(s: &Server, alice: &std::path::Path) {
         c2.stderr
     );
 
+    // An update is charged with what it adds: a Service made a LoadBalancer.
+    ok(
+        s,
+        &with(&["create", "quota", "lb", "--hard=services.loadbalancers=0"]),
+        None,
+    );
+    ok(
+        s,
+        &with(&["create", "service", "clusterip", "s1", "--tcp=80"]),
+        None,
+    );
+    let lb = kubectl_as(
+        alice,
+        &with(&[
+            "patch",
+            "service",
+            "s1",
+            "-p",
+            r#"{"spec":{"type":"LoadBalancer"}}"#,
+        ]),
+    );
+    assert!(
+        lb.stderr.contains(
+            "services \"s1\" is forbidden: exceeded quota: lb, requested: services.loadbalancers=1, used: services.loadbalancers=0, limited: services.loadbalancers=0"
+        ),
+        "{}",
+        lb.stderr
+    );
+
     // What deleted objects held comes back (the quota controller recounts),
     // and the refused creates then go through.
     ok(s, &with(&["delete", "pod", "w1", "--wait=false"]), None);
