@@ -83,6 +83,10 @@ pub struct Config {
     pub backoff: Backoff,
     /// How often the Lease is renewed.
     pub heartbeat_interval: Duration,
+    /// How long after issue a projected service-account token is replaced
+    /// (`None`: the kubelet's rule, at 80 % of its lifetime and at most a
+    /// day).
+    pub token_refresh: Option<Duration>,
     pub lease_duration_seconds: i32,
     /// Log files are rotated beyond this size.
     pub log_max_bytes: u64,
@@ -146,6 +150,7 @@ impl Config {
             insecure_registries: Vec::new(),
             backoff: Backoff::default(),
             heartbeat_interval: Duration::from_secs(10),
+            token_refresh: None,
             lease_duration_seconds: 40,
             log_max_bytes: 10 << 20,
             max_instances: None,

@@ -772,9 +772,18 @@ impl PodRun {
         // namespace's service account and kube-root-ca.crt): retry soon
         // at first, as the kubelet's volume manager does, then back off.
         let mut delay = MOUNT_RETRY_INITIAL.min(self.ctx.config.backoff.initial);
-        let volumes = loop {
+        let (volumes, _fresh_tokens) = loop {
             match spec::volumes(&self.ctx, &pod, &dir).await {
-                Ok(v) => break Arc::new(v),
+                Ok((v, tokens)) => {
+                    // Replaced before they expire, for as long as this
+                    // lifecycle (the pod) runs.
+                    let refresher = tokio::spawn(spec::keep_tokens_fresh(
+                        self.ctx.clone(),
+                        pod.clone(),
+                        tokens,
+                    ));
+                    break (Arc::new(v), AbortOnDrop(refresher));
+                }
                 Err(e) => {
                     self.event(
                         None,
@@ -1559,6 +1568,15 @@ fn human_bytes(n: u64) -> String {
 /// Whether the pod gets a network namespace of its own on this node.
 fn own_network(ctx: &crate::Ctx, pod: &Pod) -> bool {
     ctx.network.get().is_some() && pod.spec.as_ref().and_then(|s| s.host_network) != Some(true)
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -467,14 +467,100 @@ fn downward_files(
         .collect()
 }
 
-/// Materialises the pod's volumes under `pod_dir/volumes/`.
+/// A projected service-account token file, kept fresh while its pod runs.
+pub(crate) struct TokenFile {
+    dir: PathBuf,
+    path: String,
+    source: k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+    /// When the file's token should be replaced.
+    refresh_at: std::time::SystemTime,
+}
+
+/// When a token issued at `issued` and expiring at `expires` is replaced:
+/// the kubelet's rule, at 80 % of its lifetime and at most a day after
+/// issue (tokens extended to a year are replaced daily).
+fn refresh_at(
+    issued: std::time::SystemTime,
+    expires: std::time::SystemTime,
+) -> std::time::SystemTime {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    let life = expires.duration_since(issued).unwrap_or_default();
+    issued + life.mul_f64(0.8).min(DAY)
+}
+
+/// Writes `data` as `dir/path` in one step (a file beside it renamed over
+/// it), so a reader sees the old token or the new one, never a part.
+fn replace_file(dir: &Path, path: &str, data: &[u8]) -> Result<(), ConfigError> {
+    let target = dir.join(path);
+    let staged = target.with_file_name(format!(
+        ".{}.new",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&staged, data)
+        .and_then(|()| std::fs::rename(&staged, &target))
+        .map_err(|e| ConfigError(format!("{}: {e}", target.display())))
+}
+
+/// Replaces each of a running pod's projected tokens before it expires,
+/// as the kubelet's token manager does; runs until aborted with the pod.
+/// A failed request is tried again in ten seconds.
+pub(crate) async fn keep_tokens_fresh(
+    ctx: std::sync::Arc<Ctx>,
+    pod: Pod,
+    mut tokens: Vec<TokenFile>,
+) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+    loop {
+        let Some(next) = tokens.iter_mut().min_by_key(|t| t.refresh_at) else {
+            return;
+        };
+        let wait = next
+            .refresh_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        match service_account_token(&ctx, &pod, &next.source).await {
+            Ok(issued) => {
+                if let Err(e) = replace_file(&next.dir, &next.path, issued.token.as_bytes()) {
+                    tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "cannot replace a service-account token");
+                }
+                next.refresh_at = issued.refresh_at(ctx.config.token_refresh);
+            }
+            Err(e) => {
+                tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "cannot refresh a service-account token");
+                next.refresh_at = std::time::SystemTime::now() + RETRY;
+            }
+        }
+    }
+}
+
+/// A token issued by the TokenRequest API, with its lifetime.
+struct IssuedToken {
+    token: String,
+    issued: std::time::SystemTime,
+    expires: std::time::SystemTime,
+}
+
+impl IssuedToken {
+    fn refresh_at(&self, every: Option<std::time::Duration>) -> std::time::SystemTime {
+        match every {
+            Some(d) => self.issued + d,
+            None => refresh_at(self.issued, self.expires),
+        }
+    }
+}
+
 /// A token for the pod's service account, bound to the pod (the
 /// TokenRequest API), for a projected `serviceAccountToken` source.
 async fn service_account_token(
     ctx: &Ctx,
     pod: &Pod,
     source: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
-) -> Result<String, ConfigError> {
+) -> Result<IssuedToken, ConfigError> {
+    let asked = std::time::SystemTime::now();
     use k8s_openapi::api::authentication::v1::{
         BoundObjectReference, TokenRequest, TokenRequestSpec,
     };
@@ -507,19 +593,29 @@ async fn service_account_token(
                 "requesting a token for service account {account:?}: {e}"
             ))
         })?;
-    issued
+    let status = issued
         .status
-        .map(|s| s.token)
-        .ok_or_else(|| ConfigError(format!("no token issued for service account {account:?}")))
+        .ok_or_else(|| ConfigError(format!("no token issued for service account {account:?}")))?;
+    let expires = u64::try_from(status.expiration_timestamp.0.as_second())
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .unwrap_or(asked);
+    Ok(IssuedToken {
+        token: status.token,
+        issued: asked,
+        expires,
+    })
 }
 
+/// Materialises the pod's volumes under `pod_dir/volumes/`, with the
+/// projected token files to keep fresh.
 pub(crate) async fn volumes(
     ctx: &Ctx,
     pod: &Pod,
     pod_dir: &Path,
-) -> Result<HashMap<String, Volume>, ConfigError> {
+) -> Result<(HashMap<String, Volume>, Vec<TokenFile>), ConfigError> {
     let ns = pod_ns(pod);
     let mut out = HashMap::new();
+    let mut tokens = Vec::new();
     for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         let dir = pod_dir.join("volumes").join(&v.name);
         let make = |d: &Path| {
@@ -634,8 +730,14 @@ pub(crate) async fn volumes(
                     )?;
                 }
                 if let Some(t) = &s.service_account_token {
-                    let token = service_account_token(ctx, pod, t).await?;
-                    write_files(&dir, &[(t.path.clone(), token.into_bytes())])?;
+                    let issued = service_account_token(ctx, pod, t).await?;
+                    write_files(&dir, &[(t.path.clone(), issued.token.clone().into_bytes())])?;
+                    tokens.push(TokenFile {
+                        dir: dir.clone(),
+                        path: t.path.clone(),
+                        source: t.clone(),
+                        refresh_at: issued.refresh_at(ctx.config.token_refresh),
+                    });
                 }
             }
             Volume {
@@ -650,12 +752,26 @@ pub(crate) async fn volumes(
         };
         out.insert(v.name.clone(), volume);
     }
-    Ok(out)
+    Ok((out, tokens))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_replaced_at_80_percent_of_their_life_and_daily() {
+        let t0 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(refresh_at(t0, t0 + hour), t0 + hour.mul_f64(0.8));
+        // A token extended to a year is still replaced every day.
+        assert_eq!(refresh_at(t0, t0 + hour * 24 * 365), t0 + hour * 24);
+        let dir = tempfile::tempdir().unwrap();
+        replace_file(dir.path(), "token", b"one").unwrap();
+        replace_file(dir.path(), "token", b"two").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("token")).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn expands_like_kubernetes() {

@@ -125,7 +125,11 @@ async fn harness_with(prepare: impl FnOnce(&std::path::Path)) -> Harness {
 
 /// The API server and the registry with the images, but no agent yet.
 async fn cluster() -> Harness {
-    let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), Default::default())
+    cluster_with(Default::default()).await
+}
+
+async fn cluster_with(api_config: wasmkube_apiserver::Config) -> Harness {
+    let api = wasmkube_apiserver::ApiServer::start(wasmkube_store::memory(), api_config)
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -169,6 +173,15 @@ async fn cluster() -> Harness {
 impl Harness {
     /// Starts the agent, once `prepare` has had its directory.
     async fn start_agent(&mut self, prepare: impl FnOnce(&std::path::Path)) {
+        self.start_agent_with(prepare, |_| {}).await;
+    }
+
+    /// Starts the agent with `tune` applied to its configuration.
+    async fn start_agent_with(
+        &mut self,
+        prepare: impl FnOnce(&std::path::Path),
+        tune: impl FnOnce(&mut Config),
+    ) {
         let dir = self._dir.path().join("agent");
         prepare(&dir);
         let mut config = Config::new(NODE, dir);
@@ -180,6 +193,7 @@ impl Harness {
             max: Duration::from_secs(2),
             reset_after: Duration::from_secs(600),
         };
+        tune(&mut config);
         let agent = Agent::start(self.client.clone(), config).await.unwrap();
         self.tasks.push(tokio::spawn(async move {
             agent.run().await.unwrap();
@@ -1182,4 +1196,79 @@ async fn a_pod_first_seen_while_being_deleted_is_never_started() {
         !reasons.iter().any(|r| r == "Pulling" || r == "Started"),
         "{reasons:?}"
     );
+}
+
+#[tokio::test]
+async fn projected_service_account_tokens_are_replaced_while_the_pod_runs() {
+    let signer = wasmkube_pki::TokenSigner::generate().unwrap();
+    let mut h = cluster_with(wasmkube_apiserver::Config {
+        service_accounts: Some(std::sync::Arc::new(signer)),
+        ..Default::default()
+    })
+    .await;
+    // The kubelet's rule would wait 80 % of ten minutes; replace at once.
+    h.start_agent_with(
+        |_| {},
+        |c| c.token_refresh = Some(Duration::from_millis(300)),
+    )
+    .await;
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(h.client.clone(), "default");
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pod = h
+        .create(
+            "tokens",
+            json!({
+                "automountServiceAccountToken": false,
+                "terminationGracePeriodSeconds": 0,
+                "volumes": [{"name": "vault", "projected": {"sources": [{"serviceAccountToken":
+                    {"path": "token", "audience": "vault", "expirationSeconds": 600}}]}}],
+                "containers": [{"name": "sleeper", "image": h.image("sleeper"),
+                    "volumeMounts": [{"name": "vault", "mountPath": "/vault"}]}],
+            }),
+        )
+        .await;
+    h.wait("tokens", "Running", |p| phase(p) == "Running").await;
+    let file = h
+        ._dir
+        .path()
+        .join("agent/pods")
+        .join(pod.metadata.uid.unwrap())
+        .join("volumes/vault/token");
+    let claims = |token: &str| -> Value {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1).expect("a JWT");
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let first = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(claims(&first)["aud"], json!(["vault"]));
+    // Polled: the file is all there is to watch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        let now = std::fs::read_to_string(&file).unwrap();
+        if now != first {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token was never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (a, b) = (claims(&first), claims(&second));
+    assert_ne!(a["jti"], b["jti"]);
+    assert_eq!(b["aud"], json!(["vault"]));
+    assert_eq!(b["kubernetes.io"]["pod"]["name"], "tokens");
+    assert_eq!(b["exp"].as_i64().unwrap() - b["iat"].as_i64().unwrap(), 600);
 }
