@@ -321,6 +321,8 @@ pub struct AgentArgs {
     #[arg(long = "server", value_name = "URL")]
     servers: Vec<String>,
     /// The kubeconfig to use [default: $KUBECONFIG, then ~/.kube/config].
+    /// Without --server, every cluster entry in it with the current
+    /// context's CA is a server of the cluster, to fail over between.
     #[arg(long, conflicts_with = "token")]
     kubeconfig: Option<PathBuf>,
     /// Join with the cluster's join token (the server's

@@ -70,11 +70,55 @@ pub async fn client_with(
     Ok(kube::Client::try_from(config)?)
 }
 
+/// The servers of one cluster a kubeconfig names: the current context's
+/// cluster first, then every other cluster entry with the same CA (the
+/// same cluster reached at another API server), in file order.
+fn cluster_servers(kc: &kube::config::Kubeconfig) -> Vec<String> {
+    let current = kc
+        .current_context
+        .as_ref()
+        .and_then(|name| kc.contexts.iter().find(|c| &c.name == name))
+        .and_then(|c| c.context.as_ref())
+        .and_then(|c| kc.clusters.iter().find(|n| n.name == c.cluster))
+        .and_then(|n| n.cluster.as_ref());
+    let Some(current) = current else {
+        return Vec::new();
+    };
+    let ca = |c: &kube::config::Cluster| {
+        (
+            c.certificate_authority_data.clone(),
+            c.certificate_authority.clone(),
+        )
+    };
+    let mut servers: Vec<String> = current.server.iter().cloned().collect();
+    for other in kc.clusters.iter().filter_map(|n| n.cluster.as_ref()) {
+        if let Some(server) = &other.server
+            && ca(other) == ca(current)
+            && !servers.contains(server)
+        {
+            servers.push(server.clone());
+        }
+    }
+    servers
+}
+
 /// A client from `path` (or `$KUBECONFIG`, then `~/.kube/config`), with
-/// the server URL replaced by `servers` when given; with several, a client
-/// that fails over between them.
+/// the server URL replaced by `servers` when given; with several (given,
+/// or the kubeconfig's entries of its cluster), a client that fails over
+/// between them.
 pub async fn client(path: Option<&Path>, servers: &[String]) -> anyhow::Result<kube::Client> {
     use anyhow::Context;
+    let from_file = match (path, servers.is_empty()) {
+        (Some(path), true) => kube::config::Kubeconfig::read_from(path)
+            .map(|kc| cluster_servers(&kc))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let servers = if servers.is_empty() {
+        &from_file[..]
+    } else {
+        servers
+    };
     let urls = servers
         .iter()
         .map(|s| {
@@ -102,4 +146,37 @@ pub async fn client(path: Option<&Path>, servers: &[String]) -> anyhow::Result<k
         return crate::failover::client(config, &urls);
     }
     Ok(kube::Client::try_from(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kubeconfig_names_every_server_of_its_cluster() {
+        let kc = kube::config::Kubeconfig::from_yaml(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: other
+  cluster: {server: 'https://10.0.0.9:6443', certificate-authority-data: T1RIRVI=}
+- name: a
+  cluster: {server: 'https://10.0.0.1:6443', certificate-authority-data: Q0E=}
+- name: b
+  cluster: {server: 'https://10.0.0.2:6443', certificate-authority-data: Q0E=}
+contexts:
+- name: c
+  context: {cluster: b, user: u}
+current-context: c
+users:
+- name: u
+  user: {}
+",
+        )
+        .unwrap();
+        assert_eq!(
+            cluster_servers(&kc),
+            ["https://10.0.0.2:6443", "https://10.0.0.1:6443"]
+        );
+    }
 }
