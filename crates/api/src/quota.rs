@@ -248,15 +248,19 @@ fn in_scope(scope: &str, pod: &Value) -> bool {
     }
 }
 
-/// One `scopeSelector` expression on a pod.
-fn selector_matches(expr: &Value, pod: &Value) -> bool {
-    let scope = expr["scopeName"].as_str().unwrap_or_default();
-    let values: Vec<&str> = expr["values"]
-        .as_array()
+/// The strings of a JSON array (none if it is not one).
+pub fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_str)
-        .collect();
+        .collect()
+}
+
+/// One `scopeSelector` expression on a pod.
+fn selector_matches(expr: &Value, pod: &Value) -> bool {
+    let scope = expr["scopeName"].as_str().unwrap_or_default();
+    let values = strings(&expr["values"]);
     if scope != "PriorityClass" {
         return match expr["operator"].as_str() {
             Some("Exists") => in_scope(scope, pod),
@@ -280,12 +284,7 @@ fn selector_matches(expr: &Value, pod: &Value) -> bool {
 /// covers only pods in all of its scopes and selector expressions.
 pub fn covers(quota: &Value, group: &str, plural: &str, obj: &Value) -> bool {
     let spec = &quota["spec"];
-    let scopes: Vec<&str> = spec["scopes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let scopes = strings(&spec["scopes"]);
     let exprs: Vec<&Value> = spec["scopeSelector"]["matchExpressions"]
         .as_array()
         .into_iter()

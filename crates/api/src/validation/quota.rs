@@ -49,12 +49,7 @@ pub(super) fn validate_resource_quota(obj: &Value, errs: &mut Errors) {
             ));
         }
     }
-    let scopes: Vec<&str> = spec["scopes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let scopes = crate::quota::strings(&spec["scopes"]);
     for (i, scope) in scopes.iter().enumerate() {
         if !SCOPES.contains(scope) {
             errs.push(FieldError::not_supported(
