@@ -104,6 +104,15 @@ impl LabelSelector {
         Ok(Self { requirements })
     }
 
+    /// Whether every object selected carries label `key` (a requirement
+    /// `key=v`, `key in (...)` or `key`).
+    pub fn requires(&self, key: &str) -> bool {
+        self.requirements.iter().any(|r| match r {
+            Requirement::Equals(k, _) | Requirement::In(k, _) | Requirement::Exists(k) => k == key,
+            _ => false,
+        })
+    }
+
     /// Converts a `metav1.LabelSelector` (matchLabels and matchExpressions).
     pub fn from_api(sel: &meta::LabelSelector) -> Result<Self, String> {
         let mut requirements = Vec::new();
@@ -249,6 +258,20 @@ fn field_value(kind: &str, obj: &Value, field: &str) -> String {
 
 impl FieldSelector {
     pub fn parse(rt: &ResourceType, s: &str) -> Result<Self, String> {
+        let parsed = Self::parse_any(s)?;
+        for (field, _, _) in &parsed.terms {
+            if !matches!(field.as_str(), "metadata.name" | "metadata.namespace")
+                && !supported_fields(rt.id()).contains(&field.as_str())
+            {
+                return Err(format!("field label not supported: {field}"));
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Parses a selector without checking that its fields can be selected
+    /// on (for reading what it asks, as authorization does).
+    pub fn parse_any(s: &str) -> Result<Self, String> {
         let mut terms = Vec::new();
         for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
@@ -260,13 +283,7 @@ impl FieldSelector {
                     "invalid selector: '{term}'; can't understand '{term}'"
                 ));
             };
-            let field = field.trim();
-            if !matches!(field, "metadata.name" | "metadata.namespace")
-                && !supported_fields(rt.id()).contains(&field)
-            {
-                return Err(format!("field label not supported: {field}"));
-            }
-            terms.push((field.to_owned(), equal, value.trim().to_owned()));
+            terms.push((field.trim().to_owned(), equal, value.trim().to_owned()));
         }
         Ok(Self { terms })
     }

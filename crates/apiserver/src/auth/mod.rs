@@ -34,6 +34,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use wasmkube_api::selectors::{FieldSelector, LabelSelector};
 
 use crate::ApiServer;
 use crate::error::{ApiError, Subject};
@@ -197,42 +198,17 @@ pub struct ResourceAttributes {
 
 impl ResourceAttributes {
     /// The value the field selector requires `field` to equal, if any.
-    pub fn field(&self, field: &str) -> Option<&str> {
-        self.field_selector.as_deref()?.split(',').find_map(|term| {
-            let (f, v) = term.split_once("==").or_else(|| term.split_once('='))?;
-            (f.trim() == field).then_some(v.trim())
-        })
+    pub fn field(&self, field: &str) -> Option<String> {
+        let selector = FieldSelector::parse_any(self.field_selector.as_deref()?).ok()?;
+        selector.exact(field).map(str::to_owned)
     }
 
     /// Whether the label selector selects only objects with label `key`.
     pub fn has_label(&self, key: &str) -> bool {
-        let Some(selector) = &self.label_selector else {
-            return false;
-        };
-        let mut terms = Vec::new();
-        let (mut depth, mut start) = (0, 0);
-        for (i, c) in selector.char_indices() {
-            match c {
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => {
-                    terms.push(&selector[start..i]);
-                    start = i + 1;
-                }
-                _ => {}
-            }
-        }
-        terms.push(&selector[start..]);
-        terms.iter().any(|term| {
-            term.trim().strip_prefix(key).is_some_and(|rest| {
-                let rest = rest.trim_start();
-                rest.is_empty()
-                    || rest.starts_with('=')
-                    || rest
-                        .strip_prefix("in")
-                        .is_some_and(|r| r.trim_start().starts_with('('))
-            })
-        })
+        self.label_selector
+            .as_deref()
+            .and_then(|s| LabelSelector::parse(s).ok())
+            .is_some_and(|s| s.requires(key))
     }
 }
 
@@ -306,8 +282,7 @@ impl Attributes {
         if name.is_none() && matches!(verb, "list" | "watch") {
             name = resource
                 .field("metadata.name")
-                .filter(|n| !n.is_empty() && !n.contains('/'))
-                .map(str::to_owned);
+                .filter(|n| !n.is_empty() && !n.contains('/'));
         }
         resource.name = name;
         Self {
@@ -802,7 +777,7 @@ mod tests {
         assert_eq!(watch.verb, "watch");
         let r = watch.resource.unwrap();
         assert_eq!(r.name.as_deref(), Some("s1"));
-        assert_eq!(r.field("metadata.name"), Some("s1"));
+        assert_eq!(r.field("metadata.name").as_deref(), Some("s1"));
         assert!(r.has_label("app") && r.has_label("tier") && !r.has_label("x"));
         let pods = of(
             Method::GET,
@@ -810,7 +785,7 @@ mod tests {
             Some("fieldSelector=status.phase!%3DFailed,spec.nodeName%3D%3Dn1"),
         );
         let r = pods.resource.unwrap();
-        assert_eq!(r.field("spec.nodeName"), Some("n1"));
+        assert_eq!(r.field("spec.nodeName").as_deref(), Some("n1"));
         assert_eq!(r.field("status.phase"), None);
         assert_eq!(r.name, None);
         let r = ResourceAttributes {

@@ -386,7 +386,7 @@ fn decide(graph: &Graph, node: &str, verb: &str, r: &ResourceAttributes) -> Verd
     };
     match (r.group.as_str(), r.resource.as_str(), sub) {
         ("", "secrets", None) if is_read(verb) => {
-            if name.is_none() && verb != "get" && r.field("type") == Some(TLS_SECRET) {
+            if name.is_none() && verb != "get" && r.field("type").as_deref() == Some(TLS_SECRET) {
                 return Allow;
             }
             if (ns, name) == (PROXY_TOKEN.0, Some(PROXY_TOKEN.1)) && verb == "get" {
@@ -404,7 +404,8 @@ fn decide(graph: &Graph, node: &str, verb: &str, r: &ResourceAttributes) -> Verd
         ("", "serviceaccounts", Some("token")) if verb == "create" => related(Used::ServiceAccount),
         ("", "pods", _) => match (verb, sub) {
             ("list" | "watch", None) => {
-                if r.field("spec.nodeName") == Some(node) || r.has_label(REVISION_LABEL) {
+                if r.field("spec.nodeName").as_deref() == Some(node) || r.has_label(REVISION_LABEL)
+                {
                     NoOpinion
                 } else {
                     Deny
