@@ -41,6 +41,9 @@ const DEBOUNCE: Duration = Duration::from_secs(1);
 struct Ctx {
     client: kube::Client,
     pods: Store<Pod>,
+    /// The served resources found so far, by (group, plural): discovery
+    /// is asked once per kind, not on every count.
+    resources: Mutex<std::collections::HashMap<(String, String), (ApiResource, ApiCapabilities)>>,
     /// The kinds whose objects wake the quotas of their namespace.
     watched: Mutex<BTreeSet<(String, String)>>,
     /// Namespaces whose quotas a watched kind's change should recount.
@@ -50,10 +53,15 @@ struct Ctx {
 /// The served resource of `group`/`plural`, found by discovery (custom
 /// kinds included).
 async fn resource_of(
-    client: &kube::Client,
+    ctx: &Ctx,
     group: &str,
     plural: &str,
 ) -> Result<Option<(ApiResource, ApiCapabilities)>, Error> {
+    let key = (group.to_owned(), plural.to_owned());
+    if let Some(found) = ctx.resources.lock().expect("not poisoned").get(&key) {
+        return Ok(Some(found.clone()));
+    }
+    let client = &ctx.client;
     // The core group is "" here as in discovery.
     let group = match kube::discovery::group(client, group).await {
         Ok(g) => g,
@@ -61,10 +69,19 @@ async fn resource_of(
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
         Err(e) => return Err(Error::Kube(e)),
     };
-    Ok(group
+    let found = group
         .recommended_resources()
         .into_iter()
-        .find(|(r, _)| r.plural == plural))
+        .find(|(r, _)| r.plural == plural);
+    // Only what is served is remembered: a kind not served yet (a CRD to
+    // come) is asked about again.
+    if let Some(found) = &found {
+        ctx.resources
+            .lock()
+            .expect("not poisoned")
+            .insert(key, found.clone());
+    }
+    Ok(found)
 }
 
 /// What the objects of the quota's namespace use of its resources.
@@ -97,7 +114,7 @@ async fn count(q: &ResourceQuota, ctx: &Ctx) -> Result<Usage, Error> {
             }
             continue;
         }
-        let Some((resource, caps)) = resource_of(&ctx.client, &group, &plural).await? else {
+        let Some((resource, caps)) = resource_of(ctx, &group, &plural).await? else {
             continue;
         };
         if caps.scope != Scope::Namespaced {
@@ -119,10 +136,19 @@ async fn count(q: &ResourceQuota, ctx: &Ctx) -> Result<Usage, Error> {
                 }
             }
         } else if quota::covers(&qv, &group, &plural, &Value::Null) {
-            let listed = api
-                .list_metadata(&ListParams::default())
-                .await
-                .map_err(Error::Kube)?;
+            let listed = match api.list_metadata(&ListParams::default()).await {
+                Ok(listed) => listed,
+                // Served no more (a CRD deleted, or served at another
+                // version now): forget it, so the retry asks discovery.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    ctx.resources
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&(group.clone(), plural.clone()));
+                    return Err(Error::Kube(kube::Error::Api(e)));
+                }
+                Err(e) => return Err(Error::Kube(e)),
+            };
             for _ in listed.items {
                 add(quota::usage(&group, &plural, &Value::Null));
             }
@@ -219,6 +245,7 @@ pub(crate) fn run(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods: pods.clone(),
+        resources: Mutex::default(),
         watched: Mutex::default(),
         wake,
     });
