@@ -32,6 +32,17 @@ pub struct Args {
     /// Pods whose startup latency is measured on the empty and the full node.
     #[arg(long, default_value = "20")]
     probes: usize,
+    /// Then restart the whole control plane: SIGKILL the server, keep it
+    /// down this many seconds, start it again on the same data dir.
+    #[arg(long, default_value = "10")]
+    outage: f64,
+    /// After the restart, watch the pods this long (seconds) for any that
+    /// restarts or is evicted (default: past the node monitor's 40 s grace).
+    #[arg(long, default_value = "45")]
+    settle: f64,
+    /// Skip the control-plane restart.
+    #[arg(long)]
+    no_restart: bool,
     /// The wasmkube binary to measure (default: next to this one).
     #[arg(long)]
     binary: Option<PathBuf>,
@@ -73,12 +84,12 @@ fn footprint(pid: u32) -> anyhow::Result<Footprint> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let binary = wasmkube_binary(args.binary)?;
+    let binary = wasmkube_binary(args.binary.clone())?;
     let registry = wasmkube_testkit::Registry::start();
     let image = format!("{}/sleeper:v1", registry.host());
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;
     wasmkube_oci::push_wasm(module, &image, &Default::default()).await?;
-    let (server, _) = ChildServer::start(&binary).await?;
+    let (mut server, _) = ChildServer::start(&binary).await?;
     let client = server.client()?;
 
     let dir = tempfile::tempdir()?;
@@ -254,6 +265,163 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ms(percentile(&loaded, 50.0)),
         ms(percentile(&loaded, 100.0)),
         percentile(&loaded, 50.0).as_secs_f64() / percentile(&empty, 50.0).as_secs_f64().max(1e-9)
+    );
+    if !args.no_restart {
+        restart_control_plane(&mut server, pid, &args).await?;
+    }
+    Ok(())
+}
+
+/// What identifies one run of a pod's container: a restart, a recreated
+/// pod or a replaced container changes it.
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    uid: String,
+    container: String,
+    started: String,
+    restarts: i32,
+    phase: String,
+}
+
+async fn runs(client: &kube::Client) -> anyhow::Result<std::collections::BTreeMap<String, Run>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let mut out = std::collections::BTreeMap::new();
+    for p in pods.list(&Default::default()).await? {
+        let status = p.status.unwrap_or_default();
+        let c = status
+            .container_statuses
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        out.insert(
+            p.metadata.name.unwrap_or_default(),
+            Run {
+                uid: p.metadata.uid.unwrap_or_default(),
+                container: c.container_id.unwrap_or_default(),
+                started: c
+                    .state
+                    .and_then(|s| s.running)
+                    .and_then(|r| r.started_at)
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default(),
+                restarts: c.restart_count,
+                phase: status.phase.unwrap_or_default(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The pods' status writes counted by the server since it started.
+async fn status_writes(url: &str) -> anyhow::Result<u64> {
+    let page = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    Ok(page
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains("resource=\"pods\"")
+                && l.contains("subresource=\"status\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// The whole control plane (API server, store, scheduler, controllers: one
+/// process here) is SIGKILLed and started again on its data dir while the
+/// agent runs every pod. Nothing on the node may restart: each pod keeps
+/// its uid, container id, start time and a restart count of 0, through the
+/// outage and through a settle period past the node monitor's grace.
+async fn restart_control_plane(
+    server: &mut ChildServer,
+    agent: u32,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let before = runs(&server.client()?).await?;
+    let agent_before = rss_kib(agent)?;
+    server.kill()?;
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.outage)).await;
+    anyhow::ensure!(
+        std::path::Path::new(&format!("/proc/{agent}")).exists(),
+        "the agent died while the control plane was down"
+    );
+    let ready = server.start_again().await?;
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let client = server.client()?;
+    // The agent is back once its lease is renewed by the new server.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-node-lease");
+    let mut stream = watcher(
+        leases,
+        watcher::Config::default().fields(&format!("metadata.name={NODE}")),
+    )
+    .applied_objects()
+    .boxed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let lease = tokio::time::timeout_at(deadline.into(), stream.try_next())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("lease watch ended"))?;
+        let renewed = lease
+            .spec
+            .and_then(|s| s.renew_time)
+            .map(|t| t.0.as_millisecond());
+        if renewed.is_some_and(|t| t > restarted) {
+            break;
+        }
+    }
+    drop(stream);
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let after = runs(&client).await?;
+    let writes = status_writes(&server.url).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let ready_after = node_ready(&nodes.get(NODE).await?);
+    let changed: Vec<&String> = before
+        .iter()
+        .filter(|(name, run)| after.get(*name) != Some(run))
+        .map(|(name, _)| name)
+        .collect();
+    let restarts: i32 = after.values().map(|r| r.restarts).sum();
+    println!(
+        "control plane restart: SIGKILL, {:.0} s down, {} pods on the node",
+        args.outage,
+        before.len()
+    );
+    println!(
+        "  server ready again after   {:.2} s (exec to /readyz, {} pods in its store)",
+        ready.as_secs_f64(),
+        after.len()
+    );
+    println!(
+        "  agent's lease renewed      {:.2} s after the kill",
+        back.as_secs_f64()
+    );
+    println!(
+        "  pods changed               {} of {} (uid, container id, start time, phase); restarts {restarts}",
+        changed.len(),
+        before.len()
+    );
+    println!(
+        "  pod status writes          {writes} in the {:.0} s after the restart",
+        args.settle + (back.as_secs_f64() - args.outage).max(0.0)
+    );
+    println!(
+        "  agent RSS                  {:.0} MiB before, {:.0} MiB after",
+        agent_before as f64 / 1024.0,
+        rss_kib(agent)? as f64 / 1024.0
+    );
+    println!(
+        "  node Ready after settle    {}",
+        if ready_after { "yes" } else { "NO" }
+    );
+    anyhow::ensure!(
+        changed.is_empty(),
+        "pods changed across the restart: {:?}",
+        &changed[..changed.len().min(10)]
     );
     Ok(())
 }

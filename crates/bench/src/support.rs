@@ -77,6 +77,9 @@ pub fn wasmkube_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 pub struct ChildServer {
     pub child: Child,
     pub url: String,
+    binary: PathBuf,
+    port: u16,
+    flags: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -95,46 +98,51 @@ impl ChildServer {
     ) -> anyhow::Result<(Self, Duration)> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
         let started = Instant::now();
-        let child = Command::new(binary)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            // Benchmarks measure the cluster's own work on loopback; the
-            // cost of TLS and RBAC is measured apart.
-            .arg("--insecure-http")
-            .args(flags)
-            .env("RUST_LOG", "warn")
-            // WASMKUBE_BENCH_SERVER_LOG=FILE keeps the server's log.
-            .stderr(match std::env::var_os("WASMKUBE_BENCH_SERVER_LOG") {
-                Some(path) => Stdio::from(std::fs::File::create(path)?),
-                None => Stdio::null(),
-            })
-            .spawn()?;
-        let url = format!("http://127.0.0.1:{port}");
+        let child = spawn_server(binary, port, dir.path(), &flags)?;
         let server = Self {
             child,
-            url: url.clone(),
+            url: format!("http://127.0.0.1:{port}"),
+            binary: binary.to_owned(),
+            port,
+            flags,
             _dir: dir,
         };
+        server.wait_ready(started).await?;
+        Ok((server, started.elapsed()))
+    }
+
+    /// SIGKILLs the server; [`ChildServer::start_again`] brings it back.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the server again on the same address, data dir and flags
+    /// (after [`ChildServer::kill`]); returns the time from exec to ready.
+    pub async fn start_again(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.child = spawn_server(&self.binary, self.port, self._dir.path(), &self.flags)?;
+        self.wait_ready(started).await?;
+        Ok(started.elapsed())
+    }
+
+    async fn wait_ready(&self, started: Instant) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{url}/readyz")).send().await
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await
                 && r.status().is_success()
             {
-                break;
+                return Ok(());
             }
             anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "server not ready in 30 s"
+                started.elapsed() < Duration::from_secs(120),
+                "server not ready in 120 s"
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Ok((server, started.elapsed()))
     }
 
     pub fn rss_mib(&self) -> f64 {
@@ -165,6 +173,40 @@ impl Drop for ChildServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `wasmkube server` child on loopback `port` with its data in `dir`.
+fn spawn_server(
+    binary: &std::path::Path,
+    port: u16,
+    dir: &std::path::Path,
+    flags: &[String],
+) -> anyhow::Result<Child> {
+    Ok(Command::new(binary)
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir)
+        // Benchmarks measure the cluster's own work on loopback; the
+        // cost of TLS and RBAC is measured apart.
+        .arg("--insecure-http")
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        // WASMKUBE_BENCH_SERVER_LOG=FILE keeps the server's log (appended
+        // to, so a restarted server's log follows the first one's).
+        .stderr(match std::env::var_os("WASMKUBE_BENCH_SERVER_LOG") {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+            None => Stdio::null(),
+        })
+        .spawn()?)
 }
 
 /// Any other child process of a benchmark; killed on drop.
