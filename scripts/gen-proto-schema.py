@@ -26,7 +26,7 @@ OPENAPI_VERSION = None
 # Messages a client may send as a body; everything they reach is included.
 ROOTS = [
     "k8s.io.api.core.v1." + k
-    for k in ["Namespace", "Pod", "Node", "Service", "Endpoints", "ConfigMap", "Secret", "Event", "ServiceAccount", "Binding", "ResourceQuota", "LimitRange"]
+    for k in ["Namespace", "Pod", "Node", "Service", "Endpoints", "ConfigMap", "Secret", "Event", "ServiceAccount", "Binding", "ResourceQuota", "LimitRange", "PersistentVolume", "PersistentVolumeClaim"]
 ] + [
     "k8s.io.api.apps.v1.Deployment",
     "k8s.io.api.apps.v1.ReplicaSet",
@@ -39,6 +39,7 @@ ROOTS = [
     "k8s.io.api.discovery.v1.EndpointSlice",
     "k8s.io.api.node.v1.RuntimeClass",
     "k8s.io.api.scheduling.v1.PriorityClass",
+    "k8s.io.api.storage.v1.StorageClass",
     "k8s.io.api.autoscaling.v1.Scale",
     "k8s.io.api.autoscaling.v2.HorizontalPodAutoscaler",
     "k8s.io.api.networking.v1.Ingress",

@@ -315,6 +315,15 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
             );
             default_template(obj, &["spec", "template"]);
+            if let Some(templates) = obj["spec"]
+                .get_mut("volumeClaimTemplates")
+                .and_then(Value::as_array_mut)
+            {
+                for t in templates {
+                    default_at(t, &["spec", "volumeMode"], json!("Filesystem"));
+                    default_at(t, &["status", "phase"], json!("Pending"));
+                }
+            }
         }
         "Job" => default_job_spec(obj.get_mut("spec")),
         "CronJob" => {
@@ -403,6 +412,23 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
             }
         }
         "PriorityClass" => default_at(obj, &["preemptionPolicy"], json!("PreemptLowerPriority")),
+        "PersistentVolume" => {
+            default_at(
+                obj,
+                &["spec", "persistentVolumeReclaimPolicy"],
+                json!("Retain"),
+            );
+            default_at(obj, &["spec", "volumeMode"], json!("Filesystem"));
+            default_at(obj, &["status", "phase"], json!("Pending"));
+        }
+        "PersistentVolumeClaim" => {
+            default_at(obj, &["spec", "volumeMode"], json!("Filesystem"));
+            default_at(obj, &["status", "phase"], json!("Pending"));
+        }
+        "StorageClass" => {
+            default_at(obj, &["reclaimPolicy"], json!("Delete"));
+            default_at(obj, &["volumeBindingMode"], json!("Immediate"));
+        }
         "Secret" => {
             default_at(obj, &["type"], json!("Opaque"));
             fold_string_data(obj);

@@ -80,6 +80,7 @@ pub mod quota;
 pub mod registry;
 pub mod scheduling;
 pub mod selectors;
+pub mod storage;
 pub mod table;
 pub mod typed;
 pub mod validation;

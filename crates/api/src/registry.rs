@@ -253,6 +253,28 @@ pub static RESOURCES: &[ResourceType] = &[
         &[],
         []
     ),
+    resource!(
+        "",
+        "v1",
+        "PersistentVolume",
+        "persistentvolumes",
+        "persistentvolume",
+        false,
+        ["pv"],
+        &[],
+        [Status]
+    ),
+    resource!(
+        "",
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        "persistentvolumeclaim",
+        true,
+        ["pvc"],
+        &[],
+        [Status]
+    ),
     resource!("", "v1", "Event", "events", "event", true, ["ev"], &[], []),
     resource!(
         "",
@@ -494,6 +516,17 @@ pub static RESOURCES: &[ResourceType] = &[
         "runtimeclass",
         false,
         [],
+        &[],
+        []
+    ),
+    resource!(
+        "storage.k8s.io",
+        "v1",
+        "StorageClass",
+        "storageclasses",
+        "storageclass",
+        false,
+        ["sc"],
         &[],
         []
     ),

@@ -113,6 +113,16 @@ impl LabelSelector {
         })
     }
 
+    /// The one value every object selected has for label `key` (a
+    /// requirement `key=v`, or `key in (v)`), if there is one.
+    pub fn exact(&self, key: &str) -> Option<&str> {
+        self.requirements.iter().find_map(|r| match r {
+            Requirement::Equals(k, v) if k == key => Some(v.as_str()),
+            Requirement::In(k, vs) if k == key && vs.len() == 1 => Some(vs[0].as_str()),
+            _ => None,
+        })
+    }
+
     /// Converts a `metav1.LabelSelector` (matchLabels and matchExpressions).
     pub fn from_api(sel: &meta::LabelSelector) -> Result<Self, String> {
         let mut requirements = Vec::new();

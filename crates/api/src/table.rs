@@ -294,6 +294,66 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             col("Ports", "string", "Ports of TLS configurations that open."),
             AGE,
         ],
+        "PersistentVolume" => vec![
+            NAME,
+            col("Capacity", "string", "The volume's size."),
+            col("Access Modes", "string", "How the volume can be mounted."),
+            col(
+                "Reclaim Policy",
+                "string",
+                "What happens to the volume when its claim is released.",
+            ),
+            col("Status", "string", "The volume's phase."),
+            col("Claim", "string", "The claim bound to the volume."),
+            col("StorageClass", "string", "The volume's class."),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                "The volume's attributes class.",
+            ),
+            col("Reason", "string", "Why the volume is in its phase."),
+            AGE,
+            wide("VolumeMode", "string", "Filesystem or Block."),
+        ],
+        "PersistentVolumeClaim" => vec![
+            NAME,
+            col("Status", "string", "The claim's phase."),
+            col("Volume", "string", "The volume bound to the claim."),
+            col("Capacity", "string", "The bound volume's size."),
+            col("Access Modes", "string", "How the volume can be mounted."),
+            col("StorageClass", "string", "The claim's class."),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                "The claim's attributes class.",
+            ),
+            AGE,
+            wide("VolumeMode", "string", "Filesystem or Block."),
+        ],
+        "StorageClass" => vec![
+            NAME,
+            col(
+                "Provisioner",
+                "string",
+                "Who provisions the class's volumes.",
+            ),
+            col(
+                "ReclaimPolicy",
+                "string",
+                "What happens to a provisioned volume when its claim is released.",
+            ),
+            col(
+                "VolumeBindingMode",
+                "string",
+                "When claims are bound and provisioned.",
+            ),
+            col(
+                "AllowVolumeExpansion",
+                "string",
+                "Whether claims of the class may grow.",
+            ),
+            AGE,
+        ],
         "IngressClass" => vec![
             NAME,
             col(
@@ -619,6 +679,28 @@ fn condition_reason(status: &Value, ty: &str) -> String {
         .find(|c| c["type"] == ty)
         .map(|c| s(&c["reason"]))
         .unwrap_or_default()
+}
+
+/// Access modes as kubectl abbreviates them (`RWO,ROX`).
+fn access_modes(modes: &Value) -> String {
+    modes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|m| match m {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn unset(v: String) -> String {
+    if v.is_empty() { "<unset>".into() } else { v }
 }
 
 fn or_none(v: String) -> String {
@@ -1150,6 +1232,51 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 }),
                 json!(addresses.join(",")),
                 json!(if tls { "80, 443" } else { "80" }),
+                age,
+            ]
+        }
+        "PersistentVolume" => {
+            let claim = &spec["claimRef"];
+            vec![
+                name,
+                json!(s(&spec["capacity"]["storage"])),
+                json!(access_modes(&spec["accessModes"])),
+                json!(s(&spec["persistentVolumeReclaimPolicy"])),
+                json!(s(&status["phase"])),
+                json!(if claim.is_object() {
+                    format!("{}/{}", s(&claim["namespace"]), s(&claim["name"]))
+                } else {
+                    String::new()
+                }),
+                json!(s(&spec["storageClassName"])),
+                json!(unset(s(&spec["volumeAttributesClassName"]))),
+                json!(s(&status["reason"])),
+                age,
+                json!(s(&spec["volumeMode"])),
+            ]
+        }
+        "PersistentVolumeClaim" => vec![
+            name,
+            json!(s(&status["phase"])),
+            json!(s(&spec["volumeName"])),
+            json!(s(&status["capacity"]["storage"])),
+            json!(access_modes(&status["accessModes"])),
+            json!(s(&spec["storageClassName"])),
+            json!(unset(s(&spec["volumeAttributesClassName"]))),
+            age,
+            json!(s(&spec["volumeMode"])),
+        ],
+        "StorageClass" => {
+            let mut shown = s(&obj["metadata"]["name"]);
+            if obj["metadata"]["annotations"][crate::storage::DEFAULT_STORAGE_CLASS] == "true" {
+                shown.push_str(" (default)");
+            }
+            vec![
+                json!(shown),
+                json!(s(&obj["provisioner"])),
+                json!(s(&obj["reclaimPolicy"])),
+                json!(s(&obj["volumeBindingMode"])),
+                json!((obj["allowVolumeExpansion"] == true).to_string()),
                 age,
             ]
         }

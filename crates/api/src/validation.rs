@@ -24,6 +24,7 @@ mod quota;
 mod rbac;
 mod routing;
 mod serving;
+mod storage;
 
 /// Largest total size of an object's annotations, as Kubernetes enforces.
 const TOTAL_ANNOTATION_SIZE_LIMIT: usize = 256 * 1024;
@@ -69,6 +70,15 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
         "ResourceQuota" => quota::validate_resource_quota(obj, &mut errs),
         "LimitRange" => quota::validate_limit_range(obj, &mut errs),
+        "PersistentVolume" => typed!(core::PersistentVolume, storage::validate_persistent_volume),
+        "PersistentVolumeClaim" => typed!(
+            core::PersistentVolumeClaim,
+            storage::validate_persistent_volume_claim
+        ),
+        "StorageClass" => typed!(
+            k8s_openapi::api::storage::v1::StorageClass,
+            storage::validate_storage_class
+        ),
         "Ingress" => typed!(networking::Ingress, routing::validate_ingress),
         "IngressClass" => typed!(networking::IngressClass, routing::validate_ingress_class),
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
@@ -764,7 +774,26 @@ fn validate_stateful_set(
         errs.push(FieldError::required("spec", ""));
         return;
     };
-    validate_workload_template(&spec.selector, Some(&spec.template), errs);
+    // The containers may mount the claims as volumes: check the template as
+    // the pods will be, with a volume per claim template.
+    let mut template = spec.template.clone();
+    if let Some(pod) = template.spec.as_mut() {
+        let volumes = pod.volumes.get_or_insert_with(Vec::new);
+        for t in spec.volume_claim_templates.iter().flatten() {
+            let name = t.metadata.name.clone().unwrap_or_default();
+            if !volumes.iter().any(|v| v.name == name) {
+                volumes.push(core::Volume {
+                    name: name.clone(),
+                    persistent_volume_claim: Some(core::PersistentVolumeClaimVolumeSource {
+                        claim_name: name,
+                        read_only: None,
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    validate_workload_template(&spec.selector, Some(&template), errs);
     non_negative(spec.replicas, "spec.replicas", errs);
     if let Some(policy) = &spec.pod_management_policy
         && !["OrderedReady", "Parallel"].contains(&policy.as_str())
@@ -792,15 +821,39 @@ fn validate_stateful_set(
         "spec.updateStrategy.rollingUpdate.partition",
         errs,
     );
-    if spec
-        .volume_claim_templates
-        .as_ref()
-        .is_some_and(|t| !t.is_empty())
-    {
-        errs.push(FieldError::forbidden(
-            "spec.volumeClaimTemplates",
-            "not supported yet: this cluster serves no PersistentVolumeClaims",
-        ));
+    let mut claims = BTreeSet::new();
+    for (i, t) in spec.volume_claim_templates.iter().flatten().enumerate() {
+        let path = format!("spec.volumeClaimTemplates[{i}]");
+        let name = t.metadata.name.clone().unwrap_or_default();
+        if let Err(e) = names::dns1123_subdomain(&name) {
+            errs.push(FieldError::invalid(
+                format!("{path}.metadata.name"),
+                &name,
+                e,
+            ));
+        } else if !claims.insert(name.clone()) {
+            errs.push(FieldError::duplicate(
+                format!("{path}.metadata.name"),
+                &name,
+            ));
+        }
+        storage::validate_claim_spec(t.spec.as_ref(), &format!("{path}.spec"), errs);
+    }
+    if let Some(p) = &spec.persistent_volume_claim_retention_policy {
+        for (field, v) in [
+            ("whenDeleted", &p.when_deleted),
+            ("whenScaled", &p.when_scaled),
+        ] {
+            if let Some(v) = v
+                && !["Retain", "Delete"].contains(&v.as_str())
+            {
+                errs.push(FieldError::not_supported(
+                    format!("spec.persistentVolumeClaimRetentionPolicy.{field}"),
+                    v,
+                    &["Retain", "Delete"],
+                ));
+            }
+        }
     }
     if let Some(old) = old.and_then(|o| o.spec.as_ref()) {
         selector_immutable(Some(&old.selector), Some(&spec.selector), errs);

@@ -54,16 +54,53 @@ pub(crate) async fn ingress(server: &ApiServer, ingress: &mut Value) -> ApiResul
     }
     let classes = registry::lookup("networking.k8s.io", "v1", "ingressclasses")
         .expect("ingressclasses served");
+    if let Some(class) = default_class(server, classes, DEFAULT_INGRESS_CLASS).await?
+        && let Some(spec) = ingress.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.insert("ingressClassName".into(), class);
+    }
+    Ok(())
+}
+
+/// Admits a new PersistentVolumeClaim (Kubernetes' DefaultStorageClass):
+/// one without `spec.storageClassName` gets the default StorageClass's name.
+/// An empty name asks for no class and is kept.
+pub(crate) async fn claim(server: &ApiServer, claim: &mut Value) -> ApiResult<()> {
+    if !claim["spec"]["storageClassName"].is_null() {
+        return Ok(());
+    }
+    let classes =
+        registry::lookup("storage.k8s.io", "v1", "storageclasses").expect("storageclasses served");
+    let default = default_class(
+        server,
+        classes,
+        wasmkube_api::storage::DEFAULT_STORAGE_CLASS,
+    );
+    if let Some(class) = default.await?
+        && let Some(spec) = claim.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.insert("storageClassName".into(), class);
+    }
+    Ok(())
+}
+
+/// The name of the class marked default by `annotation` (the newest, if
+/// several are).
+async fn default_class(
+    server: &ApiServer,
+    classes: &'static ResourceType,
+    annotation: &str,
+) -> ApiResult<Option<Value>> {
     let listed = server
         .store
         .list(&classes.key_prefix(), Default::default())
         .await
         .map_err(|e| ApiError::from_store(e, classes, ""))?;
-    let default = listed
+    Ok(listed
         .items
         .iter()
         .filter_map(|kv| decode_stored(kv).ok())
-        .filter(|c| c["metadata"]["annotations"][DEFAULT_INGRESS_CLASS] == "true")
+        .filter(|c| c["metadata"]["annotations"][annotation] == "true")
         .max_by(|a, b| {
             let created = |c: &Value| {
                 c["metadata"]["creationTimestamp"]
@@ -71,13 +108,8 @@ pub(crate) async fn ingress(server: &ApiServer, ingress: &mut Value) -> ApiResul
                     .map(str::to_owned)
             };
             created(a).cmp(&created(b))
-        });
-    if let Some(class) = default
-        && let Some(spec) = ingress.get_mut("spec").and_then(Value::as_object_mut)
-    {
-        spec.insert("ingressClassName".into(), class["metadata"]["name"].clone());
-    }
-    Ok(())
+        })
+        .map(|c| c["metadata"]["name"].clone()))
 }
 
 fn forbidden(pod: &Value, message: String) -> ApiError {

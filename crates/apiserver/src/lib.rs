@@ -233,7 +233,7 @@ impl ApiServer {
         auth::bootstrap::ensure(&server).await?;
         node_proxy::ensure_token(&server).await?;
         services::ensure_system_services(&server).await?;
-        ensure_routing_classes(&server).await?;
+        ensure_builtin_classes(&server).await?;
         Ok(server)
     }
 
@@ -408,10 +408,11 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
 }
 
 /// The built-in classes: the RuntimeClasses of the node runtimes
-/// (`wasmtime`, `runc`) and the gateway's, both named `wasmkube`: the
-/// IngressClass (the default class) and the GatewayClass. A user may change
-/// or delete them; they are made again only when missing at start.
-async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError> {
+/// (`wasmtime`, `runc`), the gateway's, both named `wasmkube`: the
+/// IngressClass (the default class) and the GatewayClass, and the default
+/// StorageClass `local-path`. A user may change or delete them; they are
+/// made again only when missing at start.
+async fn ensure_builtin_classes(server: &Arc<ApiServer>) -> Result<(), ApiError> {
     let ingress_class = json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
         "metadata": {"name": "wasmkube",
@@ -437,8 +438,13 @@ async fn ensure_routing_classes(server: &Arc<ApiServer>) -> Result<(), ApiError>
             wasmkube_api::gateway_api::GROUP,
             gateway_class,
         ),
+        (
+            "storageclasses",
+            "storage.k8s.io",
+            wasmkube_api::storage::local_path_class(),
+        ),
     ] {
-        let rt = registry::lookup(group, "v1", plural).expect("routing classes are served");
+        let rt = registry::lookup(group, "v1", plural).expect("built-in classes are served");
         match rest::create_internal(server, rt, None, body).await {
             Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
             Err(e) => return Err(e),

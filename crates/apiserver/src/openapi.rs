@@ -100,6 +100,9 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),
         "PodDisruptionBudget" => add::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(g),
         "ResourceQuota" => add::<core::ResourceQuota>(g),
+        "PersistentVolume" => add::<core::PersistentVolume>(g),
+        "PersistentVolumeClaim" => add::<core::PersistentVolumeClaim>(g),
+        "StorageClass" => add::<k8s_openapi::api::storage::v1::StorageClass>(g),
         "LimitRange" => add::<core::LimitRange>(g),
         "HorizontalPodAutoscaler" if rt.version == "v1" => {
             add::<k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler>(g)

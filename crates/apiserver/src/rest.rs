@@ -830,6 +830,7 @@ impl<'a> Ctx<'a> {
             "Service" => crate::services::allocate(self.server, &mut obj).await?,
             "Pod" => crate::admission::pod(self.server, &mut obj).await?,
             "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
+            "PersistentVolumeClaim" => crate::admission::claim(self.server, &mut obj).await?,
             "Secret" => {
                 crate::auth::token::legacy_secret(self.server, &mut obj, &mut warnings).await?
             }

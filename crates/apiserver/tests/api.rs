@@ -1466,3 +1466,151 @@ async fn horizontal_pod_autoscalers_are_served_as_v1_and_v2_over_one_stored_obje
     assert_eq!(c.count(V2).await, 0);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn storage_kinds_are_served_defaulted_and_validated() {
+    let c = start().await;
+    // The built-in class is the default.
+    let (code, class) = c
+        .get("/apis/storage.k8s.io/v1/storageclasses/local-path")
+        .await;
+    assert_eq!(code, StatusCode::OK, "{class}");
+    assert_eq!(class["provisioner"], "wasmkube.io/local-path");
+    assert_eq!(class["volumeBindingMode"], "WaitForFirstConsumer");
+    assert_eq!(
+        class["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"],
+        "true"
+    );
+
+    // A claim without a class gets the default one; an empty class is kept.
+    let claims = "/api/v1/namespaces/default/persistentvolumeclaims";
+    let claim = |name: &str, class: Option<&str>, size: &str| {
+        let mut spec = json!({"accessModes": ["ReadWriteOnce"],
+                              "resources": {"requests": {"storage": size}}});
+        if let Some(class) = class {
+            spec["storageClassName"] = json!(class);
+        }
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    let (code, pvc) = c.post(claims, claim("data", None, "1Gi")).await;
+    assert_eq!(code, StatusCode::CREATED, "{pvc}");
+    assert_eq!(pvc["spec"]["storageClassName"], "local-path");
+    assert_eq!(pvc["spec"]["volumeMode"], "Filesystem");
+    assert_eq!(pvc["status"]["phase"], "Pending");
+    let (code, pvc) = c.post(claims, claim("static", Some(""), "1Gi")).await;
+    assert_eq!(code, StatusCode::CREATED, "{pvc}");
+    assert_eq!(pvc["spec"]["storageClassName"], "");
+
+    // Bad claims name the field.
+    let (code, err) = c.post(claims, claim("zero", None, "0")).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(
+        err["details"]["causes"][0]["field"],
+        "spec.resources.requests[storage]"
+    );
+    let mut no_modes = claim("nomodes", None, "1Gi");
+    no_modes["spec"]["accessModes"] = json!([]);
+    let (code, err) = c.post(claims, no_modes).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "spec.accessModes");
+
+    // A claim's spec is frozen but for its size, which may only grow.
+    let path = format!("{claims}/data");
+    let (code, err) = c
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            json!({"spec": {"accessModes": ["ReadWriteMany"]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "spec");
+    let (code, err) = c
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            json!({"spec": {"resources": {"requests": {"storage": "500Mi"}}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    let (code, grown) = c
+        .patch(
+            &path,
+            "application/merge-patch+json",
+            json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{grown}");
+
+    // Volumes: one source, a local one with node affinity.
+    let volumes = "/api/v1/persistentvolumes";
+    let volume = |name: &str, source: Value| {
+        json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+               "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                        "hostPath": source}})
+    };
+    let (code, pv) = c
+        .post(volumes, volume("pv1", json!({"path": "/srv/pv1"})))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{pv}");
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+    assert_eq!(pv["status"]["phase"], "Pending");
+    let (code, err) = c.post(volumes, volume("rel", json!({"path": "srv"}))).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "spec.hostPath.path");
+    let mut local = volume("loc", json!(null));
+    local["spec"].as_object_mut().unwrap().remove("hostPath");
+    local["spec"]["local"] = json!({"path": "/srv/loc"});
+    let (code, err) = c.post(volumes, local).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "spec.nodeAffinity");
+    let mut none = volume("none", json!(null));
+    none["spec"].as_object_mut().unwrap().remove("hostPath");
+    let (code, err) = c.post(volumes, none).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+
+    // A class's provisioner and parameters are frozen.
+    let (code, err) = c
+        .patch(
+            "/apis/storage.k8s.io/v1/storageclasses/local-path",
+            "application/merge-patch+json",
+            json!({"reclaimPolicy": "Retain"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["details"]["causes"][0]["field"], "reclaimPolicy");
+
+    // kubectl's columns.
+    let table: Value = c
+        .http
+        .get(format!("{}{claims}", c.base))
+        .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["priority"] == 0)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "Name",
+            "Status",
+            "Volume",
+            "Capacity",
+            "Access Modes",
+            "StorageClass",
+            "VolumeAttributesClass",
+            "Age"
+        ]
+    );
+    c.stop().await;
+}

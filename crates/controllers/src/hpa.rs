@@ -30,8 +30,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::autoscaling::v2::{
     HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerStatus, MetricSpec,
 };
-use k8s_openapi::api::core::v1::{Event, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -418,42 +417,15 @@ async fn event(
     reason: &str,
     message: String,
 ) {
-    let ns = hpa.namespace().unwrap_or_default();
-    let now: Option<Time> = chrono::Utc::now()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-        .parse()
-        .ok()
-        .map(Time);
-    let event = Event {
-        metadata: kube::api::ObjectMeta {
-            generate_name: Some(format!("{}.", hpa.name_any())),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("autoscaling/v2".into()),
-            kind: Some("HorizontalPodAutoscaler".into()),
-            name: Some(hpa.name_any()),
-            namespace: Some(ns.clone()),
-            uid: hpa.uid(),
-            ..Default::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message),
-        type_: Some(kind.into()),
-        count: Some(1),
-        first_timestamp: now.clone(),
-        last_timestamp: now,
-        source: Some(k8s_openapi::api::core::v1::EventSource {
-            component: Some("horizontal-pod-autoscaler".into()),
-            host: None,
-        }),
-        ..Default::default()
-    };
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    if let Err(e) = api.create(&PostParams::default(), &event).await {
-        tracing::debug!(error = %e, "cannot record an HPA event");
-    }
+    crate::record_event(
+        client,
+        hpa,
+        "horizontal-pod-autoscaler",
+        kind,
+        reason,
+        message,
+    )
+    .await;
 }
 
 /// One HPA's sync: measure, decide, scale, report.

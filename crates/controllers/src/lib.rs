@@ -37,6 +37,7 @@ mod resourcequota;
 pub mod serviceaccount;
 mod servicelb;
 mod statefulset;
+mod volumes;
 
 use std::time::Duration;
 
@@ -90,6 +91,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
     let hpa = hpa::run(client.clone(), &mut inf, config.hpa_sync_period);
     let disruption = disruption::run(client.clone(), &mut inf);
     let resourcequota = resourcequota::run(client.clone(), &mut inf);
+    let volumes = volumes::run(client.clone(), &mut inf);
     let ipam = async {
         match config.cluster_cidr {
             Some(cidr) => nodeipam::run(client.clone(), cidr, config.node_cidr_mask_size).await,
@@ -112,11 +114,61 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = hpa => r,
         r = disruption => r,
         r = resourcequota => r,
+        r = volumes => r,
         r = ipam => r,
     }
 }
 
 pub(crate) use wasmkube_api::ErrorChain;
+
+/// Records an Event about `obj` from `component` (best effort: a failure is
+/// logged, never returned).
+pub(crate) async fn record_event<K>(
+    client: &kube::Client,
+    obj: &K,
+    component: &str,
+    kind: &str,
+    reason: &str,
+    message: String,
+) where
+    K: kube::Resource<DynamicType = ()>,
+{
+    use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::ResourceExt;
+    let ns = obj.namespace().unwrap_or_else(|| "default".into());
+    let now = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    let event = Event {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some(format!("{}.", obj.name_any())),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: Some(obj.name_any()),
+            namespace: obj.namespace(),
+            uid: obj.uid(),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message),
+        type_: Some(kind.into()),
+        count: Some(1),
+        first_timestamp: now.clone(),
+        last_timestamp: now,
+        source: Some(EventSource {
+            component: Some(component.into()),
+            host: None,
+        }),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    if let Err(e) = api.create(&Default::default(), &event).await {
+        tracing::debug!(error = %e, reason, "cannot record an event");
+    }
+}
 
 /// A controller's view of one kind: the shared cache, plus its own stream
 /// of the objects the cache has just applied.

@@ -11,6 +11,12 @@
 //! RollingUpdate replaces pods from the highest ordinal down, one at a time,
 //! down to the partition (pods below it keep, and are recreated at, the
 //! current revision); OnDelete leaves replacing to the user.
+//!
+//! Each `volumeClaimTemplates` entry gives every pod its own claim,
+//! `TEMPLATE-NAME-ORDINAL`, made before the pod and kept across its
+//! replacements; the retention policy deletes them with the set
+//! (`whenDeleted`, through an owner reference to the set) or with a pod
+//! scaled away (`whenScaled`, owned by that pod before it goes).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::{ControllerRevision, StatefulSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
@@ -183,6 +189,27 @@ fn pod_for(
     meta["labels"][POD_INDEX_LABEL] = json!(ordinal.to_string());
     meta["ownerReferences"] = json!([sts.controller_owner_ref(&()).ok_or(Error::MissingUid)?]);
     let mut spec = template["spec"].clone();
+    // Each claim template becomes a volume of the pod's own claim, in place
+    // of a template volume of the same name.
+    let claims = claim_templates(sts);
+    if !claims.is_empty() {
+        let mut volumes: Vec<Value> = spec["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| {
+                !claims
+                    .iter()
+                    .any(|c| Some(c.as_str()) == v["name"].as_str())
+            })
+            .collect();
+        for c in &claims {
+            volumes.push(json!({"name": c,
+                "persistentVolumeClaim": {"claimName": claim_name(c, &set, ordinal)}}));
+        }
+        spec["volumes"] = json!(volumes);
+    }
     spec["hostname"] = json!(name);
     if let Some(service) = sts
         .spec
@@ -193,6 +220,99 @@ fn pod_for(
         spec["subdomain"] = json!(service);
     }
     serde_json::from_value(json!({"metadata": meta, "spec": spec})).map_err(encode_err)
+}
+
+/// The names of the set's claim templates.
+fn claim_templates(sts: &StatefulSet) -> Vec<String> {
+    sts.spec
+        .iter()
+        .flat_map(|s| s.volume_claim_templates.iter().flatten())
+        .filter_map(|t| t.metadata.name.clone())
+        .collect()
+}
+
+/// The claim of template `template` for the pod of `ordinal`.
+fn claim_name(template: &str, set: &str, ordinal: i32) -> String {
+    format!("{template}-{set}-{ordinal}")
+}
+
+/// The set's retention policy: (whenDeleted, whenScaled) delete the claims.
+fn deletes_claims(sts: &StatefulSet) -> (bool, bool) {
+    let policy = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_claim_retention_policy.as_ref());
+    let delete = |v: Option<&String>| v.is_some_and(|v| v == "Delete");
+    (
+        delete(policy.and_then(|p| p.when_deleted.as_ref())),
+        delete(policy.and_then(|p| p.when_scaled.as_ref())),
+    )
+}
+
+/// Makes the claims of the pod of `ordinal` that do not exist yet, from the
+/// set's templates (labelled with the set's selector; owned by the set when
+/// its claims go with it).
+async fn ensure_claims(ctx: &Ctx, sts: &StatefulSet, ordinal: i32) -> Result<(), Error> {
+    let ns = sts.namespace().unwrap_or_default();
+    let set = sts.name_any();
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector_labels = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default();
+    let (when_deleted, _) = deletes_claims(sts);
+    for t in sts
+        .spec
+        .iter()
+        .flat_map(|s| s.volume_claim_templates.iter().flatten())
+    {
+        let template = t.metadata.name.clone().unwrap_or_default();
+        let mut claim = t.clone();
+        claim.status = None;
+        claim.metadata.name = Some(claim_name(&template, &set, ordinal));
+        claim.metadata.namespace = Some(ns.clone());
+        let labels = claim.metadata.labels.get_or_insert_with(Default::default);
+        labels.extend(selector_labels.clone());
+        if when_deleted {
+            let mut owner = sts.controller_owner_ref(&()).ok_or(Error::MissingUid)?;
+            owner.controller = None;
+            owner.block_owner_deletion = None;
+            claim.metadata.owner_references = Some(vec![owner]);
+        }
+        match api.create(&PostParams::default(), &claim).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Before a pod above the range goes, under `whenScaled: Delete`, its claims
+/// are given to it, so the garbage collector removes them after it.
+async fn release_claims_with(ctx: &Ctx, sts: &StatefulSet, pod: &Pod) -> Result<(), Error> {
+    let (_, when_scaled) = deletes_claims(sts);
+    let Some(ordinal) = ordinal(&sts.name_any(), &pod.name_any()) else {
+        return Ok(());
+    };
+    if !when_scaled {
+        return Ok(());
+    }
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &sts.namespace().unwrap_or_default());
+    let owner = json!({"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(),
+                       "uid": pod.uid().ok_or(Error::MissingUid)?});
+    for template in claim_templates(sts) {
+        let name = claim_name(&template, &sts.name_any(), ordinal);
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        crate::gone_ok(
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        )
+        .map_err(Error::Kube)?;
+    }
+    Ok(())
 }
 
 /// What the reconcile does next, one step of Kubernetes' ordered walk.
@@ -309,6 +429,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, Error
                 } else {
                     (&revs.update, &update_template)
                 };
+                ensure_claims(&ctx, &sts, ord).await?;
                 let pod = pod_for(&sts, ord, revision, template)?;
                 match api.create(&PostParams::default(), &pod).await {
                     Ok(_) => {}
@@ -318,6 +439,9 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Ctx>) -> Result<Action, Error
                 }
             }
             Step::Delete(pod) => {
+                if ordinal(&set, &pod.name_any()).is_some_and(|o| !range.contains(&o)) {
+                    release_claims_with(&ctx, &sts, &pod).await?;
+                }
                 crate::gone_ok(api.delete(&pod.name_any(), &DeleteParams::default()).await)
                     .map_err(Error::Kube)?;
             }

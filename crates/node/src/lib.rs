@@ -21,6 +21,7 @@ mod routes;
 mod server;
 mod spec;
 mod status;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -165,6 +166,16 @@ impl Config {
             routed_load: None,
             service_backends: None,
         }
+    }
+}
+
+impl Config {
+    /// Where the local-path volumes provisioned on this node live (one
+    /// directory each), as an absolute path: the node publishes it and
+    /// volumes name their directory under it.
+    pub fn local_path_root(&self) -> PathBuf {
+        let root = self.data_dir.join("storage");
+        std::path::absolute(&root).unwrap_or(root)
     }
 }
 
@@ -349,11 +360,13 @@ impl Agent {
         let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
         let status = tokio::spawn(node::status_loop(ctx.clone()));
         let routes = tokio::spawn(node::route_to_other_nodes(ctx.clone()));
+        let volumes = tokio::spawn(volumes::keep_local_volumes(ctx.clone()));
         let result = watch_pods(ctx.clone()).await;
         server.abort();
         heartbeat.abort();
         status.abort();
         routes.abort();
+        volumes.abort();
         result
     }
 }

@@ -244,9 +244,13 @@ pub(crate) async fn register(ctx: &Ctx) -> Result<(), Error> {
     ] {
         labels.insert(k.into(), v.into());
     }
+    // Where this node keeps the local-path volumes provisioned on it.
+    let annotations = json!({
+        wasmkube_api::storage::LOCAL_PATH_ROOT: ctx.config.local_path_root().to_string_lossy(),
+    });
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": labels},
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
         "status": status(ctx),
     }))
     .expect("a node deserializes");
@@ -256,7 +260,7 @@ pub(crate) async fn register(ctx: &Ctx) -> Result<(), Error> {
             api.patch(
                 name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                &Patch::Merge(json!({"metadata": {"labels": labels, "annotations": annotations}})),
             )
             .await
             .map_err(api_err(format!("updating node {name}")))?;

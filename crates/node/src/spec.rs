@@ -744,9 +744,15 @@ pub(crate) async fn volumes(
                 path: dir,
                 read_only: true,
             }
+        } else if let Some(src) = &v.persistent_volume_claim {
+            let path = crate::volumes::claimed_path(ctx, ns, &src.claim_name).await?;
+            Volume {
+                path,
+                read_only: src.read_only == Some(true),
+            }
         } else {
             return Err(ConfigError(format!(
-                "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported",
+                "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI, projected and persistentVolumeClaim volumes are supported",
                 v.name
             )));
         };

@@ -31,6 +31,8 @@ pub struct Cache {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// RuntimeClass name → handler.
     runtime_classes: HashMap<String, String>,
+    /// Claims, volumes and storage classes, for the VolumeBinding plugin.
+    pub storage: crate::volumes::Storage,
     next_start: usize,
 }
 

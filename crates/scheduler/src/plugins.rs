@@ -324,6 +324,7 @@ fn runtime_handler(pod: &Pod, cache: &Cache) -> Option<String> {
 pub struct Cycle {
     facts: PodFacts,
     handler: Option<String>,
+    volumes: crate::volumes::VolumeNeeds,
     pub affinity: InterPodAffinity,
     pub spread: TopologySpread,
     priority: i32,
@@ -335,6 +336,7 @@ impl Cycle {
         Self {
             facts: PodFacts::of(pod),
             handler: runtime_handler(pod, cache),
+            volumes: crate::volumes::VolumeNeeds::of(pod, &cache.storage),
             affinity: InterPodAffinity::prepare(pod, cache),
             spread: TopologySpread::prepare(pod, cache),
             priority: priority(pod),
@@ -361,6 +363,10 @@ impl Cycle {
             && !node.runtime_handlers.contains(h)
         {
             return vec![format!("node(s) didn't have the runtime handler {h:?}")];
+        }
+        let r = self.volumes.filter(node);
+        if !r.is_empty() {
+            return r;
         }
         filter_with(pod, &self.facts, node)
     }

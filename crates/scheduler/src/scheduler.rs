@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{
+    Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod,
+};
 use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -284,15 +287,17 @@ impl Shared {
             "metadata": {"name": name, "uid": pod.metadata.uid},
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         });
-        match api
-            .create_subresource::<_, serde_json::Value>(
+        let bound = async {
+            self.select_claims_node(&pod, &node).await?;
+            api.create_subresource::<_, serde_json::Value>(
                 "binding",
                 name,
                 &PostParams::default(),
                 &binding,
             )
             .await
-        {
+        };
+        match bound.await {
             Ok(_) => {
                 tracing::debug!(pod = %key, %node, "bound");
                 crate::metrics::attempt(
@@ -330,6 +335,21 @@ impl Shared {
                 self.queue.backoff(key);
             }
         }
+    }
+
+    /// Names `node` on the claims of `pod` that wait for their first
+    /// consumer (the VolumeBinding plugin's pre-bind), so their volumes are
+    /// provisioned where the pod runs.
+    async fn select_claims_node(&self, pod: &Pod, node: &str) -> Result<(), kube::Error> {
+        let delayed = crate::volumes::VolumeNeeds::of(pod, &self.cache().storage).delayed;
+        for (ns, name) in delayed {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);
+            let patch = json!({"metadata": {"annotations": {
+                wasmkube_api::storage::SELECTED_NODE: node}}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn mark_unschedulable(&self, pod: &Pod, message: &str) {
@@ -446,6 +466,45 @@ impl Shared {
     }
 }
 
+/// Follows one kind into the cache: `set` for each object applied, `remove`
+/// for each deleted; either may make a waiting pod schedulable.
+async fn follow<K>(
+    shared: Arc<Shared>,
+    what: &'static str,
+    set: impl Fn(&mut Cache, K),
+    remove: impl Fn(&mut Cache, &K),
+) -> Error
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let stream = watcher(
+        Api::<K>::all(shared.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let mut s = std::pin::pin!(stream);
+    while let Some(event) = s.next().await {
+        match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                set(&mut shared.cache(), o);
+                shared.queue.cluster_changed();
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                remove(&mut shared.cache(), &o);
+                shared.queue.cluster_changed();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, what, "watch error; retrying"),
+        }
+    }
+    Error::WatchEnded { what }
+}
+
 /// Runs the scheduler until a watch ends for good.
 pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
     let (pods, pod_writer) = reflector::store();
@@ -549,6 +608,24 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
             }
         }
     };
+    let claims_task = follow(
+        shared.clone(),
+        "claim",
+        |c: &mut Cache, o: PersistentVolumeClaim| c.storage.set_claim(o),
+        |c: &mut Cache, o: &PersistentVolumeClaim| c.storage.remove_claim(o),
+    );
+    let volumes_task = follow(
+        shared.clone(),
+        "volume",
+        |c: &mut Cache, o: PersistentVolume| c.storage.set_volume(o),
+        |c: &mut Cache, o: &PersistentVolume| c.storage.remove_volume(o),
+    );
+    let classes_task = follow(
+        shared.clone(),
+        "storage class",
+        |c: &mut Cache, o: StorageClass| c.storage.set_class(o),
+        |c: &mut Cache, o: &StorageClass| c.storage.remove_class(o),
+    );
     let schedule_loop = {
         let shared = shared.clone();
         async move {
@@ -570,6 +647,9 @@ pub async fn run(client: kube::Client, config: Config) -> Result<(), Error> {
         e = nodes_task => Err(e),
         e = namespaces_task => Err(e),
         e = runtime_classes_task => Err(e),
+        e = claims_task => Err(e),
+        e = volumes_task => Err(e),
+        e = classes_task => Err(e),
         () = schedule_loop => Ok(()),
     }
 }

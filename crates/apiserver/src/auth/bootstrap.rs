@@ -94,6 +94,7 @@ fn workload_resources() -> Vec<(&'static str, Vec<&'static str>)> {
                 "events",
                 "serviceaccounts",
                 "persistentvolumeclaims",
+                "persistentvolumeclaims/status",
                 "replicationcontrollers",
                 "limitranges",
                 "resourcequotas",
@@ -292,6 +293,9 @@ pub(crate) fn policy() -> Vec<Value> {
             ],
             READ,
         ),
+        // The scheduler names the node of a claim that waits for its first
+        // pod (`volume.kubernetes.io/selected-node`).
+        rule(&[""], &["persistentvolumeclaims"], &["update", "patch"]),
         rule(&["apps"], &["replicasets", "statefulsets"], READ),
         rule(&["policy"], &["poddisruptionbudgets"], READ),
         rule(&["node.k8s.io"], &["runtimeclasses"], READ),

@@ -203,6 +203,12 @@ impl ResourceAttributes {
         selector.exact(field).map(str::to_owned)
     }
 
+    /// The value the label selector requires of label `key`, if one.
+    pub fn label(&self, key: &str) -> Option<String> {
+        let selector = LabelSelector::parse(self.label_selector.as_deref()?).ok()?;
+        selector.exact(key).map(str::to_owned)
+    }
+
     /// Whether the label selector selects only objects with label `key`.
     pub fn has_label(&self, key: &str) -> bool {
         self.label_selector

@@ -235,8 +235,6 @@ impl NodeAuthorizer {
     pub(crate) async fn start(store: SharedStore) -> Self {
         let graph = Arc::new(RwLock::new(Graph::default()));
         let pods_prefix = rt("pods").key_prefix();
-        // Claims are not served yet; their place in the store is followed so
-        // the graph knows them from the moment they are.
         let claims_prefix = CLAIMS_PREFIX.to_owned();
         let (mut pods, objects, _) =
             Follow::start(store.clone(), pods_prefix.clone(), "the pods").await;
@@ -316,6 +314,18 @@ impl NodeAuthorizer {
         let (Some(node), Some(r)) = (node_of(&attrs.user), &attrs.resource) else {
             return Verdict::Deny;
         };
+        if (r.group.as_str(), r.resource.as_str()) == ("", "persistentvolumes")
+            && let Some(name) = r.name.as_deref()
+        {
+            return match self
+                .store
+                .get(&rt("persistentvolumes").key(None, name))
+                .await
+            {
+                Ok(Some(kv)) if pinned_to(&kv, node) => Verdict::Allow,
+                _ => Verdict::Deny,
+            };
+        }
         let (Some(ns), Some(name)) = (r.namespace.as_deref(), r.name.as_deref()) else {
             return Verdict::Deny;
         };
@@ -359,6 +369,14 @@ impl NodeAuthorizer {
     }
 }
 
+/// Whether a stored PersistentVolume is a local volume on `node`.
+fn pinned_to(kv: &wasmkube_store::KeyValue, node: &str) -> bool {
+    crate::storage::decode_stored(kv)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .is_some_and(|pv| wasmkube_api::storage::pinned_node(&pv) == Some(node))
+}
+
 fn set_claim(g: &mut Graph, key: Named, claim: Option<&Value>) {
     match claim.and_then(|c| c["spec"]["volumeName"].as_str().filter(|v| !v.is_empty())) {
         Some(volume) => {
@@ -397,8 +415,19 @@ fn decide(graph: &Graph, node: &str, verb: &str, r: &ResourceAttributes) -> Verd
         ("", "configmaps", None) if is_read(verb) => related(Used::ConfigMap),
         ("", "persistentvolumeclaims", None) if is_read(verb) => related(Used::Claim),
         ("", "secrets" | "configmaps" | "persistentvolumeclaims", _) => NoOpinion,
-        ("", "persistentvolumes", None) if is_read(verb) => match name {
-            Some(pv) if graph.uses_volume(node, pv) => Allow,
+        ("", "persistentvolumes", None) => match (verb, name) {
+            ("get" | "list" | "watch", Some(pv)) if graph.uses_volume(node, pv) => Allow,
+            // The local-path volumes provisioned on the node, which it keeps.
+            ("list" | "watch", None)
+                if r.label(wasmkube_api::storage::LOCAL_PATH_NODE_LABEL)
+                    .as_deref()
+                    == Some(node) =>
+            {
+                Allow
+            }
+            // A local volume on this node, which the node keeps and finally
+            // removes: the store decides.
+            ("get" | "update" | "patch", Some(_)) => Unrelated,
             _ => Deny,
         },
         ("", "serviceaccounts", Some("token")) if verb == "create" => related(Used::ServiceAccount),
@@ -731,10 +760,17 @@ mod tests {
             d("n1", attrs("get", "persistentvolumes", None, Some("pv-1"))),
             Verdict::Allow
         );
+        // Another node's: only a local volume on n2 would be (the store
+        // decides); a list is refused unless narrowed to n2's local volumes.
         assert_eq!(
             d("n2", attrs("get", "persistentvolumes", None, Some("pv-1"))),
-            Verdict::Deny
+            Verdict::Unrelated
         );
+        let (_, mut local) = attrs("list", "persistentvolumes", None, None);
+        assert_eq!(decide(&g, "n2", "list", &local), Verdict::Deny);
+        local.label_selector = Some("wasmkube.io/local-path-node=n2".into());
+        assert_eq!(decide(&g, "n2", "list", &local), Verdict::Allow);
+        assert_eq!(decide(&g, "n1", "list", &local), Verdict::Deny);
         let (_, mut token) = attrs("create", "serviceaccounts", Some("a"), Some("runner"));
         token.subresource = Some("token".into());
         assert_eq!(decide(&g, "n1", "create", &token), Verdict::Allow);

@@ -1,0 +1,519 @@
+//! The persistent-volume controller, as Kubernetes' binder and the
+//! local-path provisioner k3s ships, together:
+//!
+//! - a claim is bound to the smallest available volume that fits it (class,
+//!   access modes, volume mode, size, selector), volume first
+//!   (`spec.claimRef`), then claim (`spec.volumeName`), then both statuses;
+//! - a claim of the built-in `wasmkube.io/local-path` provisioner with no
+//!   fitting volume gets one made for it: a directory under the local-path
+//!   root of the node its first pod was scheduled to (the scheduler names
+//!   it in `volume.kubernetes.io/selected-node`), pinned to that node by
+//!   node affinity and pre-bound to the claim;
+//! - a volume whose claim is gone is `Released`, then kept (`Retain`) or
+//!   deleted (`Delete`). A provisioned volume holds a finalizer until the
+//!   node that keeps its directory has removed it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimStatus,
+    PersistentVolumeStatus,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use serde_json::json;
+use wasmkube_api::storage::{self as st, LOCAL_PATH_PROVISIONER};
+
+use crate::Error;
+
+const COMPONENT: &str = "persistentvolume-controller";
+
+struct Ctx {
+    client: kube::Client,
+    volumes: Store<PersistentVolume>,
+    classes: Store<StorageClass>,
+    nodes: Store<Node>,
+}
+
+impl Ctx {
+    fn class(&self, name: &str) -> Option<Arc<StorageClass>> {
+        (!name.is_empty())
+            .then(|| self.classes.get(&ObjectRef::new(name)))
+            .flatten()
+    }
+}
+
+/// A write that lost a race is retried soon from fresh caches.
+fn conflict_soon(r: Result<(), kube::Error>) -> Result<Action, Error> {
+    match r {
+        Ok(()) => Ok(Action::await_change()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+            Ok(Action::requeue(Duration::from_millis(200)))
+        }
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+fn claim_ref(claim: &PersistentVolumeClaim) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("PersistentVolumeClaim".into()),
+        name: claim.metadata.name.clone(),
+        namespace: claim.metadata.namespace.clone(),
+        uid: claim.metadata.uid.clone(),
+        resource_version: claim.metadata.resource_version.clone(),
+        field_path: None,
+    }
+}
+
+/// The volume made for a local-path claim on `node`, under `root`.
+fn provisioned_volume(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    node: &str,
+    root: &str,
+) -> Result<PersistentVolume, Error> {
+    let uid = claim.metadata.uid.as_deref().ok_or(Error::MissingUid)?;
+    let name = format!("pvc-{uid}");
+    let spec = claim.spec.clone().unwrap_or_default();
+    let size = spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .map(|q| q.0.clone())
+        .unwrap_or_else(|| "0".into());
+    let path = format!(
+        "{}/{name}_{}_{}",
+        root.trim_end_matches('/'),
+        claim.namespace().unwrap_or_default(),
+        claim.name_any()
+    );
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": {st::LOCAL_PATH_NODE_LABEL: node},
+            "annotations": {st::PROVISIONED_BY: LOCAL_PATH_PROVISIONER},
+            "finalizers": [st::LOCAL_PATH_FINALIZER],
+        },
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": spec.access_modes,
+            "volumeMode": spec.volume_mode.unwrap_or_else(|| "Filesystem".into()),
+            "storageClassName": class.metadata.name,
+            "persistentVolumeReclaimPolicy": class.reclaim_policy.clone().unwrap_or_else(|| "Delete".into()),
+            "local": {"path": path},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": st::HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}},
+            "claimRef": claim_ref(claim),
+        },
+    }))
+    .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Where the local-path volumes of `node` live: the class's `nodePath`
+/// parameter, else the root its agent publishes on its Node.
+fn local_root(ctx: &Ctx, class: &StorageClass, node: &str) -> Option<String> {
+    if let Some(p) = class.parameters.as_ref().and_then(|p| p.get("nodePath")) {
+        return Some(p.clone());
+    }
+    ctx.nodes
+        .get(&ObjectRef::new(node))?
+        .annotations()
+        .get(st::LOCAL_PATH_ROOT)
+        .cloned()
+}
+
+async fn reconcile_claim(
+    claim: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, Error> {
+    if claim.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = claim.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let bound_to = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .filter(|v| !v.is_empty());
+    if let Some(volume) = bound_to {
+        let Some(pv) = ctx.volumes.get(&ObjectRef::new(&volume)) else {
+            return set_claim_status(&claims, &claim, "Lost", None).await;
+        };
+        let mine = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some_and(|r| r.uid == claim.metadata.uid);
+        if !mine {
+            // Named by the claim (a user's static binding): the volume
+            // follows, unless another claim holds it.
+            let free = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .is_none_or(|r| {
+                    r.name == claim.metadata.name && r.namespace == claim.metadata.namespace
+                });
+            if !free {
+                return set_claim_status(&claims, &claim, "Lost", None).await;
+            }
+            return conflict_soon(claim_volume(&ctx, &pv, &claim).await);
+        }
+        return set_claim_status(&claims, &claim, "Bound", Some(&pv)).await;
+    }
+    let class_name = st::claim_class(&claim).to_owned();
+    let class = ctx.class(&class_name);
+    let delayed = st::waits_for_first_consumer(class.as_deref());
+    let selected = claim.annotations().get(st::SELECTED_NODE).cloned();
+    if delayed && selected.is_none() {
+        // The scheduler names the node once a pod uses the claim.
+        return Ok(Action::await_change());
+    }
+    let volumes = ctx.volumes.state();
+    let fitting = volumes.iter().map(|v| &**v).filter(|pv| {
+        // A delayed claim binds only a volume on its pod's node.
+        match (&selected, st::pinned_node(pv)) {
+            (Some(node), Some(pinned)) => !delayed || pinned == node,
+            _ => true,
+        }
+    });
+    if let Some(pv) = st::best_volume(fitting, &claim) {
+        let pv_name = pv.name_any();
+        let pre_bound = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some();
+        if !pre_bound {
+            return conflict_soon(claim_volume(&ctx, pv, &claim).await);
+        }
+        // The volume holds the claim: the claim names the volume.
+        let mut updated = (*claim).clone();
+        updated.metadata.managed_fields = None;
+        updated
+            .annotations_mut()
+            .insert(st::BIND_COMPLETED.into(), "yes".into());
+        updated
+            .spec
+            .get_or_insert_with(Default::default)
+            .volume_name = Some(pv_name);
+        let r = claims
+            .replace(&claim.name_any(), &PostParams::default(), &updated)
+            .await
+            .map(drop);
+        return conflict_soon(r);
+    }
+    let Some(class) = class.filter(|c| c.provisioner == LOCAL_PATH_PROVISIONER) else {
+        let message = if class_name.is_empty() {
+            "no persistent volumes available for this claim and no storage class is set".to_owned()
+        } else if ctx.class(&class_name).is_none() {
+            format!("storageclass.storage.k8s.io \"{class_name}\" not found")
+        } else {
+            format!(
+                "waiting for a volume to be created, either by the external provisioner of class {class_name:?} or manually by the system administrator"
+            )
+        };
+        if claim.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Pending") {
+            set_claim_status(&claims, &claim, "Pending", None).await?;
+        }
+        crate::record_event(
+            &ctx.client,
+            &*claim,
+            COMPONENT,
+            "Normal",
+            "FailedBinding",
+            message,
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let Some(node) = selected else {
+        crate::record_event(
+            &ctx.client,
+            &*claim,
+            COMPONENT,
+            "Warning",
+            "ProvisioningFailed",
+            "the local-path provisioner needs volumeBindingMode WaitForFirstConsumer: it makes the volume on the node of the claim's first pod".into(),
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    let Some(root) = local_root(&ctx, &class, &node) else {
+        crate::record_event(
+            &ctx.client,
+            &*claim,
+            COMPONENT,
+            "Warning",
+            "ProvisioningFailed",
+            format!(
+                "node {node:?} publishes no local-path root ({})",
+                st::LOCAL_PATH_ROOT
+            ),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
+    let pv = provisioned_volume(&claim, &class, &node, &root)?;
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match api.create(&PostParams::default(), &pv).await {
+        Ok(_) => {
+            crate::record_event(
+                &ctx.client,
+                &*claim,
+                COMPONENT,
+                "Normal",
+                "ProvisioningSucceeded",
+                format!(
+                    "Successfully provisioned volume {} on node {node}",
+                    pv.name_any()
+                ),
+            )
+            .await;
+            // The volume's event binds the claim.
+            Ok(Action::await_change())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            Ok(Action::requeue(Duration::from_millis(200)))
+        }
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Reserves `pv` for `claim` (`spec.claimRef`); the volume's event then
+/// binds the claim to it.
+async fn claim_volume(
+    ctx: &Ctx,
+    pv: &PersistentVolume,
+    claim: &PersistentVolumeClaim,
+) -> Result<(), kube::Error> {
+    let mut updated = pv.clone();
+    updated.metadata.managed_fields = None;
+    updated.spec.get_or_insert_with(Default::default).claim_ref = Some(claim_ref(claim));
+    updated
+        .annotations_mut()
+        .insert(st::BIND_COMPLETED.into(), "yes".into());
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    api.replace(&pv.name_any(), &PostParams::default(), &updated)
+        .await
+        .map(drop)
+}
+
+async fn set_claim_status(
+    api: &Api<PersistentVolumeClaim>,
+    claim: &PersistentVolumeClaim,
+    phase: &str,
+    pv: Option<&PersistentVolume>,
+) -> Result<Action, Error> {
+    let spec = pv.and_then(|p| p.spec.as_ref());
+    let status = PersistentVolumeClaimStatus {
+        phase: Some(phase.into()),
+        access_modes: spec.and_then(|s| s.access_modes.clone()),
+        capacity: spec.and_then(|s| s.capacity.clone()),
+        ..claim.status.clone().unwrap_or_default()
+    };
+    let mut status = status;
+    if pv.is_none() {
+        status.access_modes = None;
+        status.capacity = None;
+    }
+    if claim.status.as_ref() == Some(&status) {
+        return Ok(Action::await_change());
+    }
+    let mut updated = claim.clone();
+    updated.metadata.managed_fields = None;
+    updated.status = Some(status);
+    conflict_soon(
+        api.replace_status(&claim.name_any(), &PostParams::default(), &updated)
+            .await
+            .map(drop),
+    )
+}
+
+async fn reconcile_volume(
+    pv: Arc<PersistentVolume>,
+    ctx: Arc<Ctx>,
+    claims: &Store<PersistentVolumeClaim>,
+) -> Result<Action, Error> {
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let reference = pv.spec.as_ref().and_then(|s| s.claim_ref.clone());
+    let phase = match &reference {
+        None => "Available",
+        Some(r) => {
+            let claim = claims.get(
+                &ObjectRef::new(r.name.as_deref().unwrap_or_default())
+                    .within(r.namespace.as_deref().unwrap_or_default()),
+            );
+            let same = claim
+                .as_ref()
+                .is_some_and(|c| r.uid.is_none() || c.metadata.uid == r.uid);
+            let current = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+            if !same && r.uid.is_some() {
+                "Released"
+            } else if claim
+                .as_ref()
+                .and_then(|c| c.spec.as_ref()?.volume_name.as_deref())
+                == Some(&pv.name_any())
+            {
+                "Bound"
+            } else if current == Some("Bound") && claim.is_none() {
+                "Released"
+            } else {
+                "Available"
+            }
+        }
+    };
+    if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some(phase) {
+        let mut updated = (*pv).clone();
+        updated.metadata.managed_fields = None;
+        updated.status = Some(PersistentVolumeStatus {
+            phase: Some(phase.into()),
+            last_phase_transition_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            )),
+            ..pv.status.clone().unwrap_or_default()
+        });
+        return conflict_soon(
+            api.replace_status(&pv.name_any(), &PostParams::default(), &updated)
+                .await
+                .map(drop),
+        );
+    }
+    let policy = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        .unwrap_or("Retain");
+    if phase == "Released" && policy == "Delete" && pv.metadata.deletion_timestamp.is_none() {
+        tracing::info!(volume = %pv.name_any(), "claim gone; deleting the volume (reclaim policy Delete)");
+        return conflict_soon(
+            api.delete(&pv.name_any(), &DeleteParams::default())
+                .await
+                .map(drop),
+        );
+    }
+    Ok(Action::await_change())
+}
+
+/// Runs the persistent-volume controller until its watches end.
+pub(crate) fn run(
+    client: kube::Client,
+    informers: &mut crate::Informers,
+) -> impl std::future::Future<Output = Result<(), Error>> + use<> {
+    let crate::Cache {
+        store: volumes,
+        changes: volume_changes,
+    } = informers.cache::<PersistentVolume>();
+    let classes = informers.store::<StorageClass>();
+    let nodes = informers.store::<Node>();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        volumes: volumes.clone(),
+        classes: classes.clone(),
+        nodes: nodes.clone(),
+    });
+    async move {
+        let _ = volumes.wait_until_ready().await;
+        let _ = classes.wait_until_ready().await;
+        let _ = nodes.wait_until_ready().await;
+        let claims = Controller::new(
+            Api::<PersistentVolumeClaim>::all(client.clone()),
+            watcher::Config::default(),
+        );
+        let claim_store = claims.store();
+        // A volume's change concerns the claim it names.
+        let claim_of = |pv: Arc<PersistentVolume>| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| {
+                    Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
+                })
+        };
+        let claim_side = crate::drain(
+            "persistentvolume-binder",
+            claims.watches_shared_stream(volume_changes, claim_of).run(
+                reconcile_claim,
+                crate::retry_soon,
+                ctx.clone(),
+            ),
+        );
+        // The volume side: a volume's phase follows its claim.
+        let volume_store = claim_store.clone();
+        let volume_side = crate::drain(
+            "persistentvolume",
+            Controller::new(
+                Api::<PersistentVolume>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .watches(
+                Api::<PersistentVolumeClaim>::all(client),
+                watcher::Config::default(),
+                |claim: PersistentVolumeClaim| {
+                    claim
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.volume_name.clone())
+                        .filter(|v| !v.is_empty())
+                        .map(|v| ObjectRef::new(&v))
+                },
+            )
+            .run(
+                move |pv, ctx| {
+                    let claims = volume_store.clone();
+                    async move { reconcile_volume(pv, ctx, &claims).await }
+                },
+                crate::retry_soon,
+                ctx,
+            ),
+        );
+        tokio::join!(claim_side, volume_side);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provisioned_volume_is_pinned_to_its_node_and_reserved_for_its_claim() {
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": "data", "namespace": "ns", "uid": "u-1"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local-path",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        }))
+        .unwrap();
+        let class: StorageClass =
+            serde_json::from_value(wasmkube_api::storage::local_path_class()).unwrap();
+        let pv = provisioned_volume(&claim, &class, "n1", "/data/storage/").unwrap();
+        assert_eq!(pv.name_any(), "pvc-u-1");
+        assert_eq!(st::pinned_node(&pv), Some("n1"));
+        let spec = pv.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.local.as_ref().unwrap().path,
+            "/data/storage/pvc-u-1_ns_data"
+        );
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+        assert_eq!(spec.claim_ref.as_ref().unwrap().uid.as_deref(), Some("u-1"));
+        assert!(
+            st::volume_fits(&pv, &claim),
+            "the claim binds its own volume"
+        );
+        assert_eq!(
+            pv.metadata.finalizers.as_deref(),
+            Some(&[st::LOCAL_PATH_FINALIZER.to_owned()][..])
+        );
+    }
+}
