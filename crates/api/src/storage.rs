@@ -43,6 +43,10 @@ pub const LOCAL_PATH_NODE_LABEL: &str = "wasmkube.io/local-path-node";
 /// directory has removed it.
 pub const LOCAL_PATH_FINALIZER: &str = "wasmkube.io/local-path-cleanup";
 
+/// Held by every claim until no pod uses it (Kubernetes' claim
+/// protection), so a claim deleted under a running pod waits for the pod.
+pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
+
 /// The label naming a node, which local volumes' node affinity selects.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 

@@ -62,10 +62,25 @@ pub(crate) async fn ingress(server: &ApiServer, ingress: &mut Value) -> ApiResul
     Ok(())
 }
 
-/// Admits a new PersistentVolumeClaim (Kubernetes' DefaultStorageClass):
-/// one without `spec.storageClassName` gets the default StorageClass's name.
-/// An empty name asks for no class and is kept.
+/// Admits a new PersistentVolumeClaim: it is protected while in use, and
+/// (Kubernetes' DefaultStorageClass) one without `spec.storageClassName`
+/// gets the default StorageClass's name; an empty name asks for no class
+/// and is kept.
 pub(crate) async fn claim(server: &ApiServer, claim: &mut Value) -> ApiResult<()> {
+    // Kubernetes' StorageObjectInUseProtection: the volume controller lets a
+    // claim go once no pod uses it.
+    if let Some(meta) = claim.get_mut("metadata").and_then(Value::as_object_mut) {
+        let finalizers = meta
+            .entry("finalizers")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Some(list) = finalizers.as_array_mut()
+            && !list
+                .iter()
+                .any(|f| f == wasmkube_api::storage::CLAIM_PROTECTION)
+        {
+            list.push(wasmkube_api::storage::CLAIM_PROTECTION.into());
+        }
+    }
     if !claim["spec"]["storageClassName"].is_null() {
         return Ok(());
     }

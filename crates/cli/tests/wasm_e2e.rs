@@ -188,6 +188,8 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         "{whoami}"
     );
 
+    persistent_volumes(&s, &volumes);
+
     // A Deployment runs, scales, and streams its log with -f.
     ok(
         &s,
@@ -911,4 +913,150 @@ fn a_node_keeps_serving_while_no_api_server_answers_and_restarts_nothing_when_on
         "{}",
         gone.stderr
     );
+}
+
+/// Claims and local-path volumes on the local node: each pod of a
+/// StatefulSet gets its own claim, bound to a directory provisioned on the
+/// node and preopened for the Wasm guest; what a pod's volume holds is
+/// there for its replacement and not for its sibling; a claim scaled away
+/// or deleted takes its volume and its directory with it, while a retained
+/// one outlives its set.
+fn persistent_volumes(s: &Server, image: &str) {
+    let classes = ok(s, &["get", "storageclass"], None);
+    assert!(
+        classes.contains("local-path (default)") && classes.contains("WaitForFirstConsumer"),
+        "{classes}"
+    );
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: vault}}\nspec: {{clusterIP: None, selector: {{app: vault}}}}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: vault}}\nspec:\n  serviceName: vault\n  replicas: 2\n  podManagementPolicy: Parallel\n  persistentVolumeClaimRetentionPolicy: {{whenScaled: Delete, whenDeleted: Retain}}\n  selector: {{matchLabels: {{app: vault}}}}\n  template:\n    metadata: {{labels: {{app: vault}}}}\n    spec:\n      containers:\n      - name: app\n        image: {image}\n        args: [/data]\n        volumeMounts: [{{name: data, mountPath: /data}}]\n  volumeClaimTemplates:\n  - metadata: {{name: data}}\n    spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 16Mi}}}}}}\n"
+    );
+    ok(s, &["apply", "-f", "-"], Some(&manifest));
+    let mut dirs = Vec::new();
+    let mut volumes = Vec::new();
+    for i in 0..2 {
+        let claim = format!("pvc/data-vault-{i}");
+        wait_for(s, &claim, "jsonpath={.status.phase}=Bound", "60s");
+        let volume = ok(
+            s,
+            &["get", &claim, "-o", "jsonpath={.spec.volumeName}"],
+            None,
+        );
+        let path = ok(
+            s,
+            &[
+                "get",
+                "pv",
+                &volume,
+                "-o",
+                "jsonpath={.spec.local.path} {.status.phase} {.spec.claimRef.name}",
+            ],
+            None,
+        );
+        let (path, rest) = path.split_once(' ').unwrap();
+        assert_eq!(rest, format!("Bound data-vault-{i}"));
+        volumes.push(volume);
+        dirs.push(std::path::PathBuf::from(path));
+    }
+    let listed = ok(s, &["get", "pvc"], None);
+    assert!(
+        listed.contains("data-vault-0") && listed.contains("RWO"),
+        "{listed}"
+    );
+
+    // The guest sees its volume writable; a file put there is seen by the
+    // pod that replaces it, and not by its sibling.
+    let logs_with = |pod: &str, needle: &str| {
+        poll(
+            &format!("{pod} logs {needle:?}"),
+            std::time::Duration::from_secs(60),
+            || {
+                let out = kubectl(s, &["logs", pod], None);
+                if out.ok && out.stdout.contains(needle) {
+                    Ok(())
+                } else {
+                    Err(out.stdout + &out.stderr)
+                }
+            },
+        )
+    };
+    logs_with("vault-0", "/data: writable");
+    logs_with("vault-1", "/data: writable");
+    std::fs::write(dirs[0].join("note.txt"), "kept by vault-0").unwrap();
+    let uid = ok(
+        s,
+        &["get", "pod", "vault-0", "-o", "jsonpath={.metadata.uid}"],
+        None,
+    );
+    ok(s, &["delete", "pod", "vault-0", "--wait=true"], None);
+    poll(
+        "vault-0 replaced",
+        std::time::Duration::from_secs(60),
+        || {
+            let now = kubectl(
+                s,
+                &["get", "pod", "vault-0", "-o", "jsonpath={.metadata.uid}"],
+                None,
+            );
+            if now.ok && !now.stdout.is_empty() && now.stdout != uid {
+                Ok(())
+            } else {
+                Err(now.stdout)
+            }
+        },
+    );
+    logs_with("vault-0", "/data/note.txt: kept by vault-0");
+    let sibling = ok(s, &["logs", "vault-1"], None);
+    assert!(!sibling.contains("note.txt"), "{sibling}");
+
+    // Scaled to one (whenScaled: Delete): the second claim goes with its
+    // pod, its volume with the claim, its directory with the volume.
+    ok(s, &["scale", "statefulset", "vault", "--replicas=1"], None);
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=delete",
+            &format!("pv/{}", volumes[1]),
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(!dirs[1].exists(), "{} left behind", dirs[1].display());
+    assert!(dirs[0].join("note.txt").exists());
+
+    // The set deleted (whenDeleted: Retain): its claim stays bound; deleted
+    // once no pod uses it, it takes its directory.
+    ok(s, &["delete", "statefulset", "vault", "--wait=true"], None);
+    ok(
+        s,
+        &["wait", "--for=delete", "pod/vault-0", "--timeout=60s"],
+        None,
+    );
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "pvc",
+                "data-vault-0",
+                "-o",
+                "jsonpath={.status.phase}"
+            ],
+            None
+        ),
+        "Bound"
+    );
+    ok(s, &["delete", "pvc", "data-vault-0", "--wait=true"], None);
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=delete",
+            &format!("pv/{}", volumes[0]),
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(!dirs[0].exists(), "{} left behind", dirs[0].display());
+    ok(s, &["delete", "service", "vault"], None);
 }

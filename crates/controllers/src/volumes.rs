@@ -9,6 +9,8 @@
 //!   root of the node its first pod was scheduled to (the scheduler names
 //!   it in `volume.kubernetes.io/selected-node`), pinned to that node by
 //!   node affinity and pre-bound to the claim;
+//! - a claim being deleted keeps its `kubernetes.io/pvc-protection`
+//!   finalizer while a pod that has not finished uses it;
 //! - a volume whose claim is gone is `Released`, then kept (`Retain`) or
 //!   deleted (`Delete`). A provisioned volume holds a finalizer until the
 //!   node that keeps its directory has removed it.
@@ -18,11 +20,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimStatus,
-    PersistentVolumeStatus,
+    PersistentVolumeStatus, Pod,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -38,6 +40,7 @@ struct Ctx {
     volumes: Store<PersistentVolume>,
     classes: Store<StorageClass>,
     nodes: Store<Node>,
+    pods: Store<Pod>,
 }
 
 impl Ctx {
@@ -129,15 +132,55 @@ fn local_root(ctx: &Ctx, class: &StorageClass, node: &str) -> Option<String> {
         .cloned()
 }
 
+/// Whether a pod that has not finished uses claim `name` of its namespace.
+fn in_use(pods: &Store<Pod>, ns: &str, name: &str) -> bool {
+    pods.state().iter().any(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && !crate::pods::is_terminal(p)
+            && claims_of(p).any(|c| c == name)
+    })
+}
+
+/// The claims a pod's volumes name.
+fn claims_of(pod: &Pod) -> impl Iterator<Item = &str> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.as_str())
+}
+
 async fn reconcile_claim(
     claim: Arc<PersistentVolumeClaim>,
     ctx: Arc<Ctx>,
 ) -> Result<Action, Error> {
-    if claim.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
     let ns = claim.namespace().unwrap_or_default();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    if claim.metadata.deletion_timestamp.is_some() {
+        // Kubernetes' claim protection: a claim goes only once no pod uses
+        // it (the pods' changes wake this).
+        let finalizers = claim.finalizers();
+        if !finalizers.iter().any(|f| f == st::CLAIM_PROTECTION)
+            || in_use(&ctx.pods, &ns, &claim.name_any())
+        {
+            return Ok(Action::await_change());
+        }
+        let left: Vec<&String> = finalizers
+            .iter()
+            .filter(|f| *f != st::CLAIM_PROTECTION)
+            .collect();
+        let patch = json!({"metadata": {"finalizers": left,
+            "resourceVersion": claim.metadata.resource_version}});
+        let r = claims
+            .patch(
+                &claim.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+            .map(drop);
+        return conflict_soon(r);
+    }
     let bound_to = claim
         .spec
         .as_ref()
@@ -414,14 +457,20 @@ pub(crate) fn run(
     } = informers.cache::<PersistentVolume>();
     let classes = informers.store::<StorageClass>();
     let nodes = informers.store::<Node>();
+    let crate::Cache {
+        store: pods,
+        changes: pod_changes,
+    } = informers.cache::<Pod>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         volumes: volumes.clone(),
         classes: classes.clone(),
         nodes: nodes.clone(),
+        pods: pods.clone(),
     });
     async move {
         let _ = volumes.wait_until_ready().await;
+        let _ = pods.wait_until_ready().await;
         let _ = classes.wait_until_ready().await;
         let _ = nodes.wait_until_ready().await;
         let claims = Controller::new(
@@ -440,11 +489,16 @@ pub(crate) fn run(
         };
         let claim_side = crate::drain(
             "persistentvolume-binder",
-            claims.watches_shared_stream(volume_changes, claim_of).run(
-                reconcile_claim,
-                crate::retry_soon,
-                ctx.clone(),
-            ),
+            claims
+                .watches_shared_stream(volume_changes, claim_of)
+                // A pod's change may free a claim being deleted.
+                .watches_shared_stream(pod_changes, |pod: Arc<Pod>| {
+                    let ns = pod.namespace().unwrap_or_default();
+                    claims_of(&pod)
+                        .map(|c| ObjectRef::new(c).within(&ns))
+                        .collect::<Vec<_>>()
+                })
+                .run(reconcile_claim, crate::retry_soon, ctx.clone()),
         );
         // The volume side: a volume's phase follows its claim.
         let volume_store = claim_store.clone();
