@@ -96,9 +96,12 @@ fn pod_startup_bench_smoke() {
 
 #[test]
 fn density_bench_smoke() {
-    let out = bench(&["density", "--pods", "5", "--probes", "2"]);
+    let out = bench(&[
+        "density", "--pods", "5", "--probes", "2", "--outage", "1", "--settle", "1",
+    ]);
     assert!(out.contains("agent RSS per pod"), "{out}");
     assert!(out.contains("node Ready at the end      yes"), "{out}");
+    assert!(out.contains("pods changed               0 of"), "{out}");
 }
 
 #[test]
