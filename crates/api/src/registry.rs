@@ -15,6 +15,9 @@ pub enum Subresource {
     Log,
     /// `pods/exec`: an upgraded stream proxied to the pod's node agent.
     Exec,
+    /// `pods/portforward`: an upgraded stream proxied to the pod's node
+    /// agent.
+    PortForward,
     /// `pods/eviction`: a deletion that honours PodDisruptionBudgets.
     Eviction,
     /// `serviceaccounts/token`: the TokenRequest API.
@@ -30,6 +33,7 @@ impl Subresource {
             Subresource::Finalize => "finalize",
             Subresource::Log => "log",
             Subresource::Exec => "exec",
+            Subresource::PortForward => "portforward",
             Subresource::Eviction => "eviction",
             Subresource::Token => "token",
         }
@@ -43,6 +47,7 @@ impl Subresource {
             Self::Finalize,
             Self::Log,
             Self::Exec,
+            Self::PortForward,
             Self::Eviction,
             Self::Token,
         ]
@@ -184,7 +189,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["po"],
         ALL,
-        [Status, Binding, Log, Exec, Eviction]
+        [Status, Binding, Log, Exec, PortForward, Eviction]
     ),
     resource!(
         "",

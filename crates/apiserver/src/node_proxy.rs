@@ -1,5 +1,6 @@
 //! Requests the API server forwards to node agents: `pods/log`,
-//! `pods/exec` (an upgraded connection, proxied as bytes) and the
+//! `pods/exec` and `pods/portforward` (upgraded connections, proxied as
+//! bytes) and the
 //! `metrics.k8s.io` figures.
 //!
 //! The agent listens on the node's InternalIP at
@@ -134,6 +135,16 @@ async fn locate(
             "container \"{container}\" in pod \"{name}\" is waiting to start: the pod is not scheduled yet"
         )));
     };
+    Ok(Located {
+        container,
+        node: node_name.to_owned(),
+        host: agent_host(server, node_name).await?,
+        query: serde_urlencoded::to_string(&params).unwrap_or_default(),
+    })
+}
+
+/// The `host:port` of a node's agent endpoint.
+async fn agent_host(server: &ApiServer, node_name: &str) -> ApiResult<String> {
     let nodes = registry::lookup("", "v1", "nodes").expect("nodes are served");
     let node = get(server, nodes, None, node_name).await?;
     let address = node["status"]["addresses"]
@@ -148,16 +159,10 @@ async fn locate(
             "node {node_name} has no agent endpoint to reach its containers"
         )));
     };
-    let host = if address.contains(':') {
+    Ok(if address.contains(':') {
         format!("[{address}]:{port}")
     } else {
         format!("{address}:{port}")
-    };
-    Ok(Located {
-        container,
-        node: node_name.to_owned(),
-        host,
-        query: serde_urlencoded::to_string(&params).unwrap_or_default(),
     })
 }
 
@@ -240,7 +245,7 @@ pub(crate) async fn pod_exec(
     server: &std::sync::Arc<ApiServer>,
     namespace: Option<&str>,
     name: &str,
-    mut request: Request<Body>,
+    request: Request<Body>,
 ) -> ApiResult<Response> {
     let ns = namespace.unwrap_or("default");
     let Located {
@@ -249,10 +254,52 @@ pub(crate) async fn pod_exec(
         host,
         query,
     } = locate(server, namespace, name, request.uri().query()).await?;
+    let path = format!("/exec/{ns}/{name}/{container}?{query}");
+    upgrade_to_agent(server, &node, &host, &path, request).await
+}
+
+/// `GET|POST pods/{name}/portforward`: the same proxy to the agent's
+/// port-forward endpoint (WebSocket, `SPDY/3.1+portforward.k8s.io`); the
+/// ports travel inside the stream.
+pub(crate) async fn pod_port_forward(
+    server: &std::sync::Arc<ApiServer>,
+    namespace: Option<&str>,
+    name: &str,
+    request: Request<Body>,
+) -> ApiResult<Response> {
+    let ns = namespace.unwrap_or("default");
+    let pods = registry::lookup("", "v1", "pods").expect("pods are served");
+    let pod = get(server, pods, namespace, name).await?;
+    let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} is not scheduled yet: unable to forward ports"
+        )));
+    };
+    if pod["status"]["phase"] != "Running" {
+        return Err(ApiError::bad_request(format!(
+            "unable to forward port because pod is not running. Current status={}",
+            pod["status"]["phase"].as_str().unwrap_or("Pending")
+        )));
+    }
+    let host = agent_host(server, node).await?;
+    let path = format!("/portForward/{ns}/{name}");
+    upgrade_to_agent(server, node, &host, &path, request).await
+}
+
+/// Sends the client's upgrade request to an agent's `path` with the
+/// node-proxy token; once the agent switches protocols, so does the
+/// client, and bytes are copied both ways until either side closes.
+async fn upgrade_to_agent(
+    server: &std::sync::Arc<ApiServer>,
+    node: &str,
+    host: &str,
+    path: &str,
+    mut request: Request<Body>,
+) -> ApiResult<Response> {
     let mut upstream = Request::builder()
         .method(request.method())
-        .uri(format!("/exec/{ns}/{name}/{container}?{query}"))
-        .header(header::HOST, &host)
+        .uri(path)
+        .header(header::HOST, host)
         .header(
             header::AUTHORIZATION,
             format!("Bearer {}", token(server).await?),
@@ -268,7 +315,7 @@ pub(crate) async fn pod_exec(
     let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
         message: format!("error dialing the node agent of {node}: {e}"),
     };
-    let stream = tokio::net::TcpStream::connect(&host)
+    let stream = tokio::net::TcpStream::connect(host)
         .await
         .map_err(|e| dial_error(&e))?;
     let (mut sender, connection) =
@@ -277,7 +324,7 @@ pub(crate) async fn pod_exec(
             .map_err(|e| dial_error(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!(error = %e, "exec connection to the agent ended");
+            tracing::debug!(error = %e, "upgraded connection to the agent ended");
         }
     });
     let mut response = sender
@@ -297,7 +344,7 @@ pub(crate) async fn pod_exec(
     let client = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let (Ok(agent), Ok(client)) = (agent.await, client.await) else {
-            tracing::debug!("an exec upgrade did not complete");
+            tracing::debug!("an upgrade to the agent did not complete");
             return;
         };
         let mut agent = hyper_util::rt::TokioIo::new(agent);

@@ -425,6 +425,7 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     assert!(body.lines().any(|l| l == "GREETING=e2e"), "{body}");
     assert_eq!(http_get(port, "/trap").0, 500);
     assert_eq!(http_get(port, "/again").0, 200);
+    port_forward(&s, "deployment/http-hello");
 
     // `kubectl autoscale`: an HTTP function under CPU load (requests that
     // compute, against a 50m request) scales up to its maximum, and back
@@ -1059,4 +1060,41 @@ fn persistent_volumes(s: &Server, image: &str) {
     );
     assert!(!dirs[0].exists(), "{} left behind", dirs[0].display());
     ok(s, &["delete", "service", "vault"], None);
+}
+
+/// `kubectl port-forward` to a Wasm HTTP function's container port 8080
+/// (served at a node port of its own here): two connections in turn
+/// through one session, then kubectl stopped.
+fn port_forward(s: &Server, target: &str) {
+    let mut child = Command::new("kubectl")
+        .args(["port-forward", target, ":8080"])
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    // "Forwarding from 127.0.0.1:PORT -> 8080"
+    let local: u16 = line
+        .split_once("127.0.0.1:")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("kubectl port-forward printed {line:?}: {err}")
+        });
+    for path in ["/forwarded/1", "/forwarded/2"] {
+        let (status, body) = http_get(local, path);
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.starts_with(&format!("hello from wasmkube: GET {path}\n")),
+            "{body}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

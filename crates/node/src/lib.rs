@@ -15,6 +15,7 @@ mod exec;
 mod logs;
 mod node;
 mod pod;
+mod portforward;
 mod ports;
 mod probe;
 mod routes;

@@ -91,6 +91,21 @@ pub(crate) struct PodState {
 }
 
 impl PodState {
+    /// Where the pod's `port` is reached from the node: its own IP, the node
+    /// port one of its Wasm containers serves that port at, or the node's
+    /// `address` when it shares the node's network.
+    pub(crate) fn reach(&self, address: std::net::IpAddr, port: u16) -> std::net::SocketAddr {
+        if let Some(sb) = &self.sandbox {
+            return std::net::SocketAddr::new(sb.ip, port);
+        }
+        let port = self
+            .node_ports
+            .iter()
+            .find(|m| m.container_port == port)
+            .map_or(port, |m| m.node_port);
+        std::net::SocketAddr::new(address, port)
+    }
+
     fn container(&mut self, name: &str) -> &mut ContainerStatus {
         self.containers
             .iter_mut()

@@ -29,6 +29,10 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
             "/exec/{namespace}/{pod}/{container}",
             get(crate::exec::handle).post(crate::exec::handle),
         )
+        .route(
+            "/portForward/{namespace}/{pod}",
+            get(crate::portforward::handle),
+        )
         .route("/metrics", get(metrics))
         .route("/stats/pods", get(stats))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
