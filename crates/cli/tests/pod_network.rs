@@ -492,6 +492,21 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     assert_ne!(web_ip, fn_ip);
     assert_ne!(web_ip, lan.addr(1));
 
+    // `kubectl port-forward` reaches a Linux container at its own IP.
+    {
+        use std::io::{Read, Write};
+        let forward = common::PortForward::start(&s, "deployment/web", 8080);
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", forward.local)).unwrap();
+        write!(conn, "GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut got = String::new();
+        let read = conn.read_to_string(&mut got);
+        assert!(
+            read.is_ok() && got.ends_with("\r\n\r\nhello from busybox httpd\n"),
+            "{read:?} {got:?}; kubectl: {}",
+            forward.stop()
+        );
+    }
+
     // The host reaches both at their own IPs, on the same port.
     let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&web_ip, "/")]);
     let got = String::from_utf8_lossy(&got.stdout).into_owned();

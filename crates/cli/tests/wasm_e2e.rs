@@ -1064,37 +1064,15 @@ fn persistent_volumes(s: &Server, image: &str) {
 
 /// `kubectl port-forward` to a Wasm HTTP function's container port 8080
 /// (served at a node port of its own here): two connections in turn
-/// through one session, then kubectl stopped.
+/// through one session.
 fn port_forward(s: &Server, target: &str) {
-    let mut child = Command::new("kubectl")
-        .args(["port-forward", target, ":8080"])
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    // "Forwarding from 127.0.0.1:PORT -> 8080"
-    let local: u16 = line
-        .split_once("127.0.0.1:")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| {
-            let _ = child.kill();
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-            panic!("kubectl port-forward printed {line:?}: {err}")
-        });
+    let forward = common::PortForward::start(s, target, 8080);
     for path in ["/forwarded/1", "/forwarded/2"] {
-        let (status, body) = http_get(local, path);
+        let (status, body) = http_get(forward.local, path);
         assert_eq!(status, 200, "{body}");
         assert!(
             body.starts_with(&format!("hello from wasmkube: GET {path}\n")),
             "{body}"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

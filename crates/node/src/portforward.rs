@@ -322,15 +322,15 @@ pub(crate) async fn handle(
             .into_response();
     }
     upgrade.on_upgrade(move |ws| async move {
-            let target = Target {
-                ctx,
-                namespace,
-                pod,
-            };
-            if let Err(e) = session(ws, target).await {
-                tracing::debug!(error = %e, "port-forward session ended");
-            }
-        })
+        let target = Target {
+            ctx,
+            namespace,
+            pod,
+        };
+        if let Err(e) = session(ws, target).await {
+            tracing::debug!(error = %e, "port-forward session ended");
+        }
+    })
 }
 
 /// The pod a session forwards to.
@@ -568,7 +568,8 @@ mod tests {
         let mut client = Headers::new();
         let mut server = Headers::new();
         for id in ["0", "1", "2"] {
-            let block = client.encode(&[("streamtype", "data"), ("port", "8080"), ("requestid", id)]);
+            let block =
+                client.encode(&[("streamtype", "data"), ("port", "8080"), ("requestid", id)]);
             let pairs = server.decode(&block).unwrap();
             assert_eq!(
                 pairs,

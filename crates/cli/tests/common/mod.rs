@@ -433,3 +433,61 @@ pub fn push_as(
     );
     reference
 }
+
+/// A `kubectl port-forward TARGET :PORT`, stopped on drop.
+pub struct PortForward {
+    child: Child,
+    /// The local port kubectl listens on.
+    pub local: u16,
+}
+
+impl PortForward {
+    /// Starts kubectl and waits for it to say where it listens.
+    pub fn start(s: &Server, target: &str, port: u16) -> Self {
+        let mut child = Command::new("kubectl")
+            .args(["port-forward", target, &format!(":{port}")])
+            .env("KUBECONFIG", &s.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        // kubectl prints a line per connection: keep reading, or it dies of
+        // a broken pipe.
+        std::thread::spawn(move || for _ in stdout.lines().map_while(Result::ok) {});
+        // "Forwarding from 127.0.0.1:LOCAL -> PORT"
+        let local = line
+            .split_once("127.0.0.1:")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok());
+        let Some(local) = local else {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("kubectl port-forward printed {line:?}: {err}");
+        };
+        Self { child, local }
+    }
+}
+
+impl PortForward {
+    /// Stops kubectl and returns what it printed on stderr (for a failure's
+    /// message).
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        err
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
