@@ -321,9 +321,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         let before = server.rss_mib();
         let agent_before = agent.rss_mib();
-        let idle: Vec<String> = (0..args.idle)
-            .map(|i| format!("idle-{tag}-{i}"))
-            .collect();
+        let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{tag}-{i}")).collect();
         let annotations = json!({"autoscaling.knative.dev/window": WINDOW,
             "autoscaling.knative.dev/initial-scale": initial});
         futures::stream::iter(idle.iter())
