@@ -507,6 +507,62 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         );
     }
 
+    // `kubectl cp` both ways (tar through exec, stdin half-closed).
+    {
+        let web = ok(
+            &s,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ],
+            None,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("note.txt");
+        std::fs::write(&local, "copied in\n").unwrap();
+        checked(
+            &s,
+            &[
+                "cp",
+                local.to_str().unwrap(),
+                &format!("{web}:/tmp/note.txt"),
+            ],
+        );
+        assert_eq!(
+            checked(&s, &["exec", &web, "--", "cat", "/tmp/note.txt"]),
+            "copied in\n"
+        );
+        let back = dir.path().join("index.html");
+        checked(
+            &s,
+            &[
+                "cp",
+                &format!("{web}:/www/index.html"),
+                back.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            std::fs::read_to_string(&back).unwrap(),
+            "hello from busybox httpd\n"
+        );
+        // A command the image lacks fails with runc's exit code and words.
+        let missing = common::kubectl(&s, &["exec", &web, "--", "nosuch"], None);
+        assert!(
+            !missing.ok && missing.stderr.contains("executable file not found"),
+            "{}",
+            missing.stderr
+        );
+        assert!(
+            missing.stderr.contains("command terminated with exit code"),
+            "{}",
+            missing.stderr
+        );
+    }
+
     // The host reaches both at their own IPs, on the same port.
     let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&web_ip, "/")]);
     let got = String::from_utf8_lossy(&got.stdout).into_owned();

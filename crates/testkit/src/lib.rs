@@ -245,7 +245,7 @@ pub fn busybox_image(user: Option<&str>) -> (Vec<u8>, Vec<u8>) {
     for applet in [
         "sh", "echo", "cat", "ls", "sleep", "id", "hostname", "env", "true", "false", "kill",
         "head", "tail", "wget", "httpd", "nc", "ps", "mkdir", "touch", "dd", "pwd", "test", "grep",
-        "ip", "ifconfig", "rm", "tty", "stty",
+        "ip", "ifconfig", "rm", "tty", "stty", "tar",
     ] {
         add(
             &format!("bin/{applet}"),
