@@ -18,6 +18,8 @@ pub enum Subresource {
     /// `pods/portforward`: an upgraded stream proxied to the pod's node
     /// agent.
     PortForward,
+    /// `pods/attach`: an upgraded stream proxied to the pod's node agent.
+    Attach,
     /// `pods/eviction`: a deletion that honours PodDisruptionBudgets.
     Eviction,
     /// `serviceaccounts/token`: the TokenRequest API.
@@ -34,6 +36,7 @@ impl Subresource {
             Subresource::Log => "log",
             Subresource::Exec => "exec",
             Subresource::PortForward => "portforward",
+            Subresource::Attach => "attach",
             Subresource::Eviction => "eviction",
             Subresource::Token => "token",
         }
@@ -48,6 +51,7 @@ impl Subresource {
             Self::Log,
             Self::Exec,
             Self::PortForward,
+            Self::Attach,
             Self::Eviction,
             Self::Token,
         ]
@@ -189,7 +193,7 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         ["po"],
         ALL,
-        [Status, Binding, Log, Exec, PortForward, Eviction]
+        [Status, Binding, Log, Exec, Attach, PortForward, Eviction]
     ),
     resource!(
         "",

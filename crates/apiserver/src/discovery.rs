@@ -126,6 +126,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Exec => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "PodExecOptions", "verbs": ["create", "get"]})
         }
+        Subresource::Attach => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "PodAttachOptions", "verbs": ["create", "get"]})
+        }
         Subresource::PortForward => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "PodPortForwardOptions", "verbs": ["create", "get"]})
         }

@@ -363,7 +363,7 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
     let Some((rt, namespace, name, subresource)) = target else {
         return rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await;
     };
-    use wasmkube_api::Subresource::{Exec, PortForward, Token};
+    use wasmkube_api::Subresource::{Attach, Exec, PortForward, Token};
     let post = parts.method == Method::POST;
     let answer = match (subresource, name.as_deref()) {
         _ if registry::is_review(rt) => {
@@ -400,6 +400,11 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
             let name = name.to_owned();
             let request = Request::from_parts(parts, body);
             node_proxy::pod_exec(&server, namespace.as_deref(), &name, request).await
+        }
+        (Some(Attach), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
+            let name = name.to_owned();
+            let request = Request::from_parts(parts, body);
+            node_proxy::pod_attach(&server, namespace.as_deref(), &name, request).await
         }
         (Some(PortForward), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
             let name = name.to_owned();

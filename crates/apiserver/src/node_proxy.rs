@@ -1,6 +1,6 @@
 //! Requests the API server forwards to node agents: `pods/log`,
-//! `pods/exec` and `pods/portforward` (upgraded connections, proxied as
-//! bytes) and the
+//! `pods/exec`, `pods/attach` and `pods/portforward` (upgraded
+//! connections, proxied as bytes) and the
 //! `metrics.k8s.io` figures.
 //!
 //! The agent listens on the node's InternalIP at
@@ -255,6 +255,25 @@ pub(crate) async fn pod_exec(
         query,
     } = locate(server, namespace, name, request.uri().query()).await?;
     let path = format!("/exec/{ns}/{name}/{container}?{query}");
+    upgrade_to_agent(server, &node, &host, &path, request).await
+}
+
+/// `GET|POST pods/{name}/attach`: the same proxy to the agent's attach
+/// endpoint, which streams the container's output from now on.
+pub(crate) async fn pod_attach(
+    server: &std::sync::Arc<ApiServer>,
+    namespace: Option<&str>,
+    name: &str,
+    request: Request<Body>,
+) -> ApiResult<Response> {
+    let ns = namespace.unwrap_or("default");
+    let Located {
+        container,
+        node,
+        host,
+        query,
+    } = locate(server, namespace, name, request.uri().query()).await?;
+    let path = format!("/attach/{ns}/{name}/{container}?{query}");
     upgrade_to_agent(server, &node, &host, &path, request).await
 }
 

@@ -563,6 +563,53 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         );
     }
 
+    // `kubectl attach` streams a running container's output from now on.
+    {
+        let talker = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "talker"},
+            "spec": {"nodeName": host1, "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "talk", "image": busybox,
+                "command": ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done"]}]},
+        })
+        .to_string();
+        ok(&s, &["apply", "-f", "-"], Some(&talker));
+        wait_ready(&s, "pod/talker");
+        let mut attach = std::process::Command::new("kubectl")
+            .args(["attach", "talker"])
+            .env("KUBECONFIG", &s.kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = attach.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut ticks = Vec::new();
+        while ticks.len() < 2 {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("kubectl attach printed the container's output");
+            if line.starts_with("tick ") {
+                ticks.push(line);
+            }
+        }
+        let _ = attach.kill();
+        let _ = attach.wait();
+        let n = |l: &str| l["tick ".len()..].parse::<u64>().unwrap();
+        assert_eq!(n(&ticks[1]), n(&ticks[0]) + 1, "{ticks:?}");
+        ok(&s, &["delete", "pod", "talker", "--wait=false"], None);
+    }
+
     // The host reaches both at their own IPs, on the same port.
     let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&web_ip, "/")]);
     let got = String::from_utf8_lossy(&got.stdout).into_owned();

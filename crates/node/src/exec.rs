@@ -24,7 +24,7 @@ use crate::Ctx;
 const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
-const ERROR: u8 = 3;
+pub(crate) const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
@@ -137,7 +137,7 @@ pub(crate) async fn handle(
         .on_upgrade(move |socket| session(socket, exec, options))
 }
 
-fn frame(channel: u8, data: &[u8]) -> Message {
+pub(crate) fn frame(channel: u8, data: &[u8]) -> Message {
     let mut v = Vec::with_capacity(data.len() + 1);
     v.push(channel);
     v.extend_from_slice(data);
@@ -145,7 +145,7 @@ fn frame(channel: u8, data: &[u8]) -> Message {
 }
 
 /// The final `Status` on the error channel, as the kubelet writes it.
-fn status(command: &[String], result: &Result<i32, String>) -> serde_json::Value {
+pub(crate) fn status(command: &[String], result: &Result<i32, String>) -> serde_json::Value {
     match result {
         Ok(0) => json!({"metadata": {}, "status": "Success"}),
         Ok(code) => json!({
@@ -190,7 +190,7 @@ fn size(payload: &[u8]) -> Option<(u16, u16)> {
 
 /// Ends the session with a normal closure (1000): clients read any other
 /// ending, even a close without a code, as an error.
-async fn close(sink: &mut futures::stream::SplitSink<WebSocket, Message>) {
+pub(crate) async fn close(sink: &mut futures::stream::SplitSink<WebSocket, Message>) {
     let frame = axum::extract::ws::CloseFrame {
         code: axum::extract::ws::close_code::NORMAL,
         reason: "".into(),

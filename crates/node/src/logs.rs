@@ -246,6 +246,7 @@ fn number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Erro
 /// One CRI record.
 struct Record<'a> {
     time: &'a str,
+    stream: &'a [u8],
     partial: bool,
     text: &'a [u8],
 }
@@ -253,14 +254,70 @@ struct Record<'a> {
 fn parse(line: &[u8]) -> Option<Record<'_>> {
     let mut parts = line.splitn(4, |b| *b == b' ');
     let time = std::str::from_utf8(parts.next()?).ok()?;
-    let _stream = parts.next()?;
+    let stream = parts.next()?;
     let tag = parts.next()?;
     let text = parts.next().unwrap_or_default();
     Some(Record {
         time,
+        stream,
         partial: tag == b"P",
         text,
     })
+}
+
+/// What was appended to the log at `path` since `offset`, which moves on
+/// (to the start again when the log was rotated under the reader).
+fn read_from(path: &Path, offset: &mut u64) -> Vec<u8> {
+    let mut chunk = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < *offset {
+            *offset = 0;
+        }
+        if f.seek(SeekFrom::Start(*offset)).is_ok() {
+            let _ = f.read_to_end(&mut chunk);
+            *offset += chunk.len() as u64;
+        }
+    }
+    chunk
+}
+
+/// Follows a live log from its end as it is now (`kubectl attach`): each
+/// record's text goes to `tx` on its stream's channel (1 stdout, 2 stderr),
+/// a full line with its newline, until the run's output ends or the reader
+/// goes away.
+pub(crate) async fn follow_streams(
+    path: PathBuf,
+    mut live: watch::Receiver<u64>,
+    tx: tokio::sync::mpsc::Sender<(u8, Vec<u8>)>,
+) {
+    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let mut pending = Vec::new();
+    loop {
+        let ended = *live.borrow_and_update() == u64::MAX;
+        pending.extend(read_from(&path, &mut offset));
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let Some(r) = parse(&line[..line.len() - 1]) else {
+                continue;
+            };
+            let channel = if r.stream == b"stderr" { 2 } else { 1 };
+            let mut text = r.text.to_vec();
+            if !r.partial {
+                text.push(b'\n');
+            }
+            if tx.send((channel, text)).await.is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+        tokio::select! {
+            changed = live.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
 }
 
 struct Renderer {
@@ -368,19 +425,7 @@ pub(crate) async fn stream(
     let mut pending = Vec::new();
     loop {
         let ended = *live.borrow_and_update() == u64::MAX;
-        // Read what was appended since `offset`.
-        let mut chunk = Vec::new();
-        if let Ok(mut f) = File::open(&path) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < offset {
-                offset = 0; // rotated under us
-            }
-            if f.seek(SeekFrom::Start(offset)).is_ok() {
-                let _ = f.read_to_end(&mut chunk);
-                offset += chunk.len() as u64;
-            }
-        }
-        pending.extend_from_slice(&chunk);
+        pending.extend(read_from(&path, &mut offset));
         let mut out = Vec::new();
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();

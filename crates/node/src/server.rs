@@ -30,6 +30,10 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
             get(crate::exec::handle).post(crate::exec::handle),
         )
         .route(
+            "/attach/{namespace}/{pod}/{container}",
+            get(crate::attach::handle).post(crate::attach::handle),
+        )
+        .route(
             "/portForward/{namespace}/{pod}",
             get(crate::portforward::handle),
         )
