@@ -414,7 +414,17 @@ fn the_api_is_linearizable_while_an_api_server_and_the_etcd_leader_die() {
         etcd.leader().ok_or_else(|| "none".to_owned())
     });
     etcd.kill(leader);
-    reach(450, "operations after the etcd leader was killed");
+    // On a failure, say what the etcd members were doing.
+    let progressed = std::time::Instant::now() + Duration::from_secs(120);
+    while history.completed.load(Ordering::Relaxed) < 450 {
+        assert!(
+            std::time::Instant::now() < progressed,
+            "operations after the etcd leader was killed: {} done within 120 s; etcd:\n{}",
+            history.completed.load(Ordering::Relaxed),
+            etcd.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     etcd.restart(leader);
     reach(600, "operations with every member back");
     history.stop.store(true, Ordering::Relaxed);

@@ -1,7 +1,9 @@
 //! Real etcd clusters for tests: Debian's `etcd` (package `etcd-server`,
 //! which `scripts/test.sh` installs), one or more members on free loopback
 //! ports with their data in a temporary directory, killed and removed on
-//! drop. Members can be killed and restarted to inject faults.
+//! drop. Members can be killed and restarted to inject faults, and can
+//! serve clients over TLS with client-certificate authentication. Health
+//! and leadership are read from each member's plain-HTTP metrics listener.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,14 +17,26 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// `/health` and `/metrics`, plain HTTP whatever the client URLs speak.
+    metrics: SocketAddr,
     data_dir: PathBuf,
     child: Option<Child>,
+}
+
+/// The PEM files of a TLS member: its serving certificate and key, and the
+/// CA its clients' certificates must be signed by.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
 }
 
 /// An etcd cluster on loopback.
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<Member>,
+    tls: Option<ServerTls>,
     initial_cluster: String,
     token: String,
     _dir: tempfile::TempDir,
@@ -47,12 +61,24 @@ impl EtcdCluster {
     /// Starts `members` members and waits until every one is healthy (has
     /// a leader).
     pub fn start(members: usize) -> Self {
+        Self::start_with(members, None)
+    }
+
+    /// As [`EtcdCluster::start`], the members serving clients over TLS
+    /// (`https://` endpoints) and accepting only clients with a
+    /// certificate from `tls.client_ca_file`.
+    pub fn start_tls(members: usize, tls: ServerTls) -> Self {
+        Self::start_with(members, Some(tls))
+    }
+
+    fn start_with(members: usize, tls: Option<ServerTls>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let members: Vec<Member> = (0..members.max(1))
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: free_port(),
                 peer: free_port(),
+                metrics: free_port(),
                 data_dir: dir.path().join(format!("m{i}")),
                 child: None,
             })
@@ -64,6 +90,7 @@ impl EtcdCluster {
             .join(",");
         let mut cluster = Self {
             members,
+            tls,
             initial_cluster,
             token: format!("wasmkube-test-{}", std::process::id()),
             _dir: dir,
@@ -79,13 +106,26 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
-        let child = Command::new(etcd_binary())
+        let scheme = self.scheme();
+        let mut command = Command::new(etcd_binary());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert_file)
+                .arg("--key-file")
+                .arg(&tls.key_file)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca_file)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&m.data_dir)
-            .arg(format!("--listen-client-urls=http://{}", m.client))
-            .arg(format!("--advertise-client-urls=http://{}", m.client))
+            .arg(format!("--listen-client-urls={scheme}://{}", m.client))
+            .arg(format!("--advertise-client-urls={scheme}://{}", m.client))
+            .arg(format!("--listen-metrics-urls=http://{}", m.metrics))
             .arg(format!("--listen-peer-urls=http://{}", m.peer))
             .arg(format!("--initial-advertise-peer-urls=http://{}", m.peer))
             .arg(format!("--initial-cluster={}", self.initial_cluster))
@@ -109,11 +149,15 @@ impl EtcdCluster {
         self.members[i].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// The members' client URLs.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{}://{}", self.scheme(), m.client))
             .collect()
     }
 
@@ -137,9 +181,30 @@ impl EtcdCluster {
     pub fn leader(&self) -> Option<usize> {
         (0..self.members.len()).find(|&i| {
             self.members[i].child.is_some()
-                && http_get(self.members[i].client, "/metrics")
+                && http_get(self.members[i].metrics, "/metrics")
                     .is_some_and(|body| body.contains("\netcd_server_is_leader 1"))
         })
+    }
+
+    /// Each member's state, for a failure's message: running or not,
+    /// healthy, leading, and the last lines of its log.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let health = http_get(m.metrics, "/health").unwrap_or_else(|| "no answer".into());
+            let leads = http_get(m.metrics, "/metrics")
+                .is_some_and(|b| b.contains("\netcd_server_is_leader 1"));
+            let log = std::fs::read_to_string(self.log_of(i)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            out.push_str(&format!(
+                "{}: running {}, health {}, leader {leads}; log ends:\n  {}\n",
+                m.name,
+                m.child.is_some(),
+                health.trim(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+            ));
+        }
+        out
     }
 
     fn log_of(&self, i: usize) -> PathBuf {
@@ -154,7 +219,7 @@ impl EtcdCluster {
     /// elections.
     fn wait_healthy(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = self.members[i].client;
+        let addr = self.members[i].metrics;
         loop {
             if http_get(addr, "/health").is_some_and(|body| body.contains("\"health\":\"true\"")) {
                 return;
