@@ -399,12 +399,12 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         (Some(Exec), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
             let name = name.to_owned();
             let request = Request::from_parts(parts, body);
-            node_proxy::pod_exec(&server, namespace.as_deref(), &name, request).await
+            node_proxy::pod_stream(&server, "exec", namespace.as_deref(), &name, request).await
         }
         (Some(Attach), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
             let name = name.to_owned();
             let request = Request::from_parts(parts, body);
-            node_proxy::pod_attach(&server, namespace.as_deref(), &name, request).await
+            node_proxy::pod_stream(&server, "attach", namespace.as_deref(), &name, request).await
         }
         (Some(PortForward), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
             let name = name.to_owned();

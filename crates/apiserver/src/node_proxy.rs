@@ -235,14 +235,17 @@ const UPGRADE_HEADERS: [header::HeaderName; 6] = [
     header::SEC_WEBSOCKET_ACCEPT,
 ];
 
-/// `GET|POST pods/{name}/exec`: kube-apiserver's upgrade-aware proxy. The
-/// client's upgrade request (WebSocket, `v5.channel.k8s.io`) goes to the
-/// pod's agent with the node-proxy token; once the agent switches
-/// protocols, so does the client, and bytes are copied both ways until
-/// either side closes. A refusal from the agent (a Wasm container, one not
-/// running) reaches the client as a `Status`.
-pub(crate) async fn pod_exec(
+/// `GET|POST pods/{name}/exec` and `pods/{name}/attach` (`endpoint` is
+/// `exec` or `attach`): kube-apiserver's upgrade-aware proxy. The client's
+/// upgrade request (WebSocket, `v5.channel.k8s.io`) goes to the agent's
+/// endpoint for the pod's container with the node-proxy token; once the
+/// agent switches protocols, so does the client, and bytes are copied both
+/// ways until either side closes. A refusal from the agent (a Wasm
+/// container asked to exec, one not running) reaches the client as a
+/// `Status`.
+pub(crate) async fn pod_stream(
     server: &std::sync::Arc<ApiServer>,
+    endpoint: &str,
     namespace: Option<&str>,
     name: &str,
     request: Request<Body>,
@@ -254,26 +257,7 @@ pub(crate) async fn pod_exec(
         host,
         query,
     } = locate(server, namespace, name, request.uri().query()).await?;
-    let path = format!("/exec/{ns}/{name}/{container}?{query}");
-    upgrade_to_agent(server, &node, &host, &path, request).await
-}
-
-/// `GET|POST pods/{name}/attach`: the same proxy to the agent's attach
-/// endpoint, which streams the container's output from now on.
-pub(crate) async fn pod_attach(
-    server: &std::sync::Arc<ApiServer>,
-    namespace: Option<&str>,
-    name: &str,
-    request: Request<Body>,
-) -> ApiResult<Response> {
-    let ns = namespace.unwrap_or("default");
-    let Located {
-        container,
-        node,
-        host,
-        query,
-    } = locate(server, namespace, name, request.uri().query()).await?;
-    let path = format!("/attach/{ns}/{name}/{container}?{query}");
+    let path = format!("/{endpoint}/{ns}/{name}/{container}?{query}");
     upgrade_to_agent(server, &node, &host, &path, request).await
 }
 

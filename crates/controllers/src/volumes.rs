@@ -278,30 +278,25 @@ async fn reconcile_claim(
         .await;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
-    let Some(node) = selected else {
+    let failed = |message: String| {
         crate::record_event(
             &ctx.client,
             &*claim,
             COMPONENT,
             "Warning",
             "ProvisioningFailed",
-            "the local-path provisioner needs volumeBindingMode WaitForFirstConsumer: it makes the volume on the node of the claim's first pod".into(),
+            message,
         )
-        .await;
+    };
+    let Some(node) = selected else {
+        failed("the local-path provisioner needs volumeBindingMode WaitForFirstConsumer: it makes the volume on the node of the claim's first pod".into()).await;
         return Ok(Action::await_change());
     };
     let Some(root) = local_root(&ctx, &class, &node) else {
-        crate::record_event(
-            &ctx.client,
-            &*claim,
-            COMPONENT,
-            "Warning",
-            "ProvisioningFailed",
-            format!(
-                "node {node:?} publishes no local-path root ({})",
-                st::LOCAL_PATH_ROOT
-            ),
-        )
+        failed(format!(
+            "node {node:?} publishes no local-path root ({})",
+            st::LOCAL_PATH_ROOT
+        ))
         .await;
         return Ok(Action::requeue(Duration::from_secs(5)));
     };

@@ -334,29 +334,22 @@ pub(super) fn validate_storage_class(
         ));
     }
     if let Some(old) = old {
-        if old.parameters != sc.parameters {
-            errs.push(FieldError::forbidden(
-                "parameters",
-                "updates to parameters are forbidden.",
-            ));
-        }
-        if old.provisioner != sc.provisioner {
-            errs.push(FieldError::forbidden(
-                "provisioner",
-                "updates to provisioner are forbidden.",
-            ));
-        }
-        if old.reclaim_policy != sc.reclaim_policy {
-            errs.push(FieldError::forbidden(
-                "reclaimPolicy",
-                "updates to reclaimPolicy are forbidden.",
-            ));
-        }
-        if old.volume_binding_mode != sc.volume_binding_mode {
-            errs.push(FieldError::forbidden(
+        // As Kubernetes: what a class provisions by is frozen.
+        for (field, changed) in [
+            ("parameters", old.parameters != sc.parameters),
+            ("provisioner", old.provisioner != sc.provisioner),
+            ("reclaimPolicy", old.reclaim_policy != sc.reclaim_policy),
+            (
                 "volumeBindingMode",
-                "updates to volumeBindingMode are forbidden.",
-            ));
+                old.volume_binding_mode != sc.volume_binding_mode,
+            ),
+        ] {
+            if changed {
+                errs.push(FieldError::forbidden(
+                    field,
+                    format!("updates to {field} are forbidden."),
+                ));
+            }
         }
     }
 }
