@@ -561,6 +561,36 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "{}",
             missing.stderr
         );
+        // The same while kubectl still streams stdin to it: the status
+        // still reaches kubectl.
+        let input = "x".repeat(4 << 20);
+        let streaming = common::kubectl(&s, &["exec", "-i", &web, "--", "nosuch"], Some(&input));
+        assert!(
+            !streaming.ok
+                && streaming
+                    .stderr
+                    .contains("command terminated with exit code"),
+            "{}",
+            streaming.stderr
+        );
+        // A copy whose tar fails part way: kubectl gets tar's error, not a
+        // connection reset under it.
+        let big = dir.path().join("big.bin");
+        std::fs::write(&big, vec![7u8; 8 << 20]).unwrap();
+        let refused = common::kubectl(
+            &s,
+            &[
+                "cp",
+                big.to_str().unwrap(),
+                &format!("{web}:/nonexistent/dir/big.bin"),
+            ],
+            None,
+        );
+        assert!(
+            !refused.ok && !refused.stderr.contains("1006"),
+            "{}",
+            refused.stderr
+        );
     }
 
     // `kubectl attach` streams a running container's output from now on.

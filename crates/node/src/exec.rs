@@ -291,9 +291,19 @@ async fn session(socket: WebSocket, exec: Arc<dyn Exec>, options: Options) {
             abort.abort();
         }
     }
-    input.abort();
-    let Ok(mut sink) = writer.await else { return };
+    let Ok(mut sink) = writer.await else {
+        input.abort();
+        return;
+    };
     let body = status(&options.command, &result).to_string();
     let _ = sink.send(frame(ERROR, body.as_bytes())).await;
     close(&mut sink).await;
+    // Read (and drop) what the client still sends until it closes too: a
+    // connection closed with input unread is reset, and a client still
+    // streaming stdin (`kubectl cp` into a failed command) would lose the
+    // status.
+    let abort = input.abort_handle();
+    if tokio::time::timeout(DRAIN, input).await.is_err() {
+        abort.abort();
+    }
 }
