@@ -356,7 +356,8 @@ impl Target {
 #[derive(Default)]
 struct Pair {
     error: Option<u32>,
-    data: Option<u32>,
+    /// The data stream, and what the client sends on it meanwhile.
+    data: Option<(u32, mpsc::Receiver<Option<Bytes>>)>,
     port: u16,
 }
 
@@ -421,16 +422,23 @@ async fn session(ws: WebSocket, target: Target) -> Result<(), String> {
                     pair.port = port;
                     match kind {
                         "error" => pair.error = Some(stream),
-                        "data" => pair.data = Some(stream),
+                        "data" => {
+                            // Its bytes queue until the pair is complete,
+                            // whichever stream of the two came first.
+                            let (tx, rx) = mpsc::channel(64);
+                            if flags & FLAG_FIN != 0 {
+                                let _ = tx.try_send(None);
+                            }
+                            inbound.insert(stream, tx);
+                            pair.data = Some((stream, rx));
+                        }
                         _ => {}
                     }
-                    if let (Some(error), Some(data_stream)) = (pair.error, pair.data) {
+                    if pair.error.is_some() && pair.data.is_some() {
                         let pair = pairs.remove(id).unwrap_or_default();
-                        let (tx, rx) = mpsc::channel(64);
-                        if flags & FLAG_FIN != 0 {
-                            let _ = tx.try_send(None);
-                        }
-                        inbound.insert(data_stream, tx);
+                        let (Some(error), Some((data_stream, rx))) = (pair.error, pair.data) else {
+                            continue;
+                        };
                         let address = target.address(pair.port);
                         let what = format!(
                             "error forwarding port {} to pod {}/{}",
