@@ -1060,6 +1060,58 @@ fn persistent_volumes(s: &Server, image: &str) {
     );
     assert!(!dirs[0].exists(), "{} left behind", dirs[0].display());
     ok(s, &["delete", "service", "vault"], None);
+
+    // A static local volume of a class nobody provisions for (Kubernetes'
+    // `kubernetes.io/no-provisioner` pattern): the pod goes to its node, the
+    // claim binds it, and the guest reads what the directory already holds;
+    // the volume is kept (Retain) when the claim goes.
+    let disk = tempfile::tempdir().unwrap();
+    std::fs::write(disk.path().join("seed.txt"), "was here before").unwrap();
+    let manifest = format!(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: local-storage}}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: WaitForFirstConsumer\n---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: local-disk}}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: local-storage\n  local: {{path: {}}}\n  nodeAffinity: {{required: {{nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [local]}}]}}]}}}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: disk}}\nspec: {{storageClassName: local-storage, accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 100Mi}}}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: disk-reader}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: app\n    image: {image}\n    args: [/disk]\n    volumeMounts: [{{name: d, mountPath: /disk}}]\n  volumes: [{{name: d, persistentVolumeClaim: {{claimName: disk}}}}]\n",
+        disk.path().display()
+    );
+    ok(s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/disk-reader",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "pvc",
+                "disk",
+                "-o",
+                "jsonpath={.spec.volumeName} {.status.phase}"
+            ],
+            None
+        ),
+        "local-disk Bound"
+    );
+    let log = ok(s, &["logs", "disk-reader"], None);
+    assert!(log.contains("/disk/seed.txt: was here before"), "{log}");
+    ok(s, &["delete", "pod", "disk-reader"], None);
+    ok(s, &["delete", "pvc", "disk", "--wait=true"], None);
+    wait_for(
+        s,
+        "pv/local-disk",
+        "jsonpath={.status.phase}=Released",
+        "60s",
+    );
+    assert!(
+        disk.path().join("seed.txt").exists(),
+        "a retained volume keeps its data"
+    );
+    ok(s, &["delete", "pv", "local-disk"], None);
+    ok(s, &["delete", "storageclass", "local-storage"], None);
 }
 
 /// `kubectl port-forward` to a Wasm HTTP function's container port 8080

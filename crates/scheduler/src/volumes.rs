@@ -4,7 +4,9 @@
 //! node; a claim whose class waits for its first consumer goes where the pod
 //! goes, and the scheduler names that node on the claim
 //! (`volume.kubernetes.io/selected-node`) before it binds the pod, so the
-//! volume is provisioned there.
+//! volume is provisioned there; when no provisioner serves the claim's
+//! class, the pod goes only to a node with an available volume that fits
+//! it (a static `local` volume pinned there, or one pinned nowhere).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,6 +73,10 @@ pub struct VolumeNeeds {
     node: Option<String>,
     /// Claims that wait for this pod's node: `(namespace, name)`.
     pub delayed: Vec<(String, String)>,
+    /// For each delayed claim no provisioner will serve, the nodes with an
+    /// available volume that fits it (a fitting volume not pinned to any
+    /// node allows them all, and adds no set here).
+    static_nodes: Vec<std::collections::BTreeSet<String>>,
 }
 
 impl VolumeNeeds {
@@ -122,6 +128,31 @@ impl VolumeNeeds {
                         Some(node) => Some(node.clone()),
                         None => {
                             needs.delayed.push((ns.clone(), name.clone()));
+                            // Only the built-in provisioner makes volumes: a
+                            // claim of another class binds an existing
+                            // volume, so the pod goes where one fits.
+                            let dynamic =
+                                class.is_some_and(|c| c.provisioner == st::LOCAL_PATH_PROVISIONER);
+                            if !dynamic {
+                                let fitting: Vec<_> = storage
+                                    .volumes
+                                    .values()
+                                    .filter(|pv| st::volume_fits(pv, claim))
+                                    .collect();
+                                if fitting.is_empty() {
+                                    needs.unschedulable = Some(NO_VOLUME.into());
+                                    return needs;
+                                }
+                                if fitting.iter().all(|pv| st::pinned_node(pv).is_some()) {
+                                    needs.static_nodes.push(
+                                        fitting
+                                            .iter()
+                                            .filter_map(|pv| st::pinned_node(pv))
+                                            .map(str::to_owned)
+                                            .collect(),
+                                    );
+                                }
+                            }
                             None
                         }
                     }
@@ -146,12 +177,20 @@ impl VolumeNeeds {
         }
         match &self.node {
             Some(n) if *n != node.name => vec![CONFLICT.into()],
+            _ if self
+                .static_nodes
+                .iter()
+                .any(|nodes| !nodes.contains(&node.name)) =>
+            {
+                vec![NO_VOLUME.into()]
+            }
             _ => Vec::new(),
         }
     }
 }
 
 const CONFLICT: &str = "node(s) had volume node affinity conflict";
+const NO_VOLUME: &str = "node(s) didn't find available persistent volumes to bind";
 
 #[cfg(test)]
 mod tests {
@@ -233,6 +272,38 @@ mod tests {
             missing.filter(&node("n1")),
             vec!["persistentvolumeclaim \"nope\" not found".to_owned()]
         );
+        // A claim of a class nobody provisions for goes where a fitting
+        // static volume is, or nowhere.
+        let mut s2 = storage();
+        s2.set_class(
+            serde_json::from_value(json!({"metadata": {"name": "local-storage"},
+                "provisioner": "kubernetes.io/no-provisioner",
+                "volumeBindingMode": "WaitForFirstConsumer"}))
+            .unwrap(),
+        );
+        s2.set_claim(
+            serde_json::from_value(json!({
+                "metadata": {"name": "disk", "namespace": "ns"},
+                "spec": {"storageClassName": "local-storage", "accessModes": ["ReadWriteOnce"],
+                         "resources": {"requests": {"storage": "1Gi"}}},
+            }))
+            .unwrap(),
+        );
+        let none = VolumeNeeds::of(&pod(&["disk"]), &s2);
+        assert_eq!(none.filter(&node("n1")), vec![NO_VOLUME.to_owned()]);
+        s2.set_volume(
+            serde_json::from_value(json!({"metadata": {"name": "n3-disk"},
+                "spec": {"storageClassName": "local-storage", "accessModes": ["ReadWriteOnce"],
+                         "capacity": {"storage": "2Gi"}, "local": {"path": "/mnt/d"},
+                         "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                             {"key": st::HOSTNAME_LABEL, "operator": "In", "values": ["n3"]}]}]}}},
+                "status": {"phase": "Available"}}))
+            .unwrap(),
+        );
+        let on_n3 = VolumeNeeds::of(&pod(&["disk"]), &s2);
+        assert!(on_n3.filter(&node("n3")).is_empty());
+        assert_eq!(on_n3.filter(&node("n1")), vec![NO_VOLUME.to_owned()]);
+
         let immediate = VolumeNeeds::of(&pod(&["immediate"]), &s);
         assert_eq!(
             immediate.filter(&node("n1")),
