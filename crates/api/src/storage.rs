@@ -47,6 +47,10 @@ pub const LOCAL_PATH_FINALIZER: &str = "wasmkube.io/local-path-cleanup";
 /// protection), so a claim deleted under a running pod waits for the pod.
 pub const CLAIM_PROTECTION: &str = "kubernetes.io/pvc-protection";
 
+/// Held by every volume until it is no longer bound (Kubernetes' volume
+/// protection), so a volume deleted under its claim waits for the claim.
+pub const VOLUME_PROTECTION: &str = "kubernetes.io/pv-protection";
+
 /// The label naming a node, which local volumes' node affinity selects.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 

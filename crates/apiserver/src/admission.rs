@@ -69,18 +69,7 @@ pub(crate) async fn ingress(server: &ApiServer, ingress: &mut Value) -> ApiResul
 pub(crate) async fn claim(server: &ApiServer, claim: &mut Value) -> ApiResult<()> {
     // Kubernetes' StorageObjectInUseProtection: the volume controller lets a
     // claim go once no pod uses it.
-    if let Some(meta) = claim.get_mut("metadata").and_then(Value::as_object_mut) {
-        let finalizers = meta
-            .entry("finalizers")
-            .or_insert_with(|| Value::Array(Vec::new()));
-        if let Some(list) = finalizers.as_array_mut()
-            && !list
-                .iter()
-                .any(|f| f == wasmkube_api::storage::CLAIM_PROTECTION)
-        {
-            list.push(wasmkube_api::storage::CLAIM_PROTECTION.into());
-        }
-    }
+    protect(claim, wasmkube_api::storage::CLAIM_PROTECTION);
     if !claim["spec"]["storageClassName"].is_null() {
         return Ok(());
     }
@@ -97,6 +86,26 @@ pub(crate) async fn claim(server: &ApiServer, claim: &mut Value) -> ApiResult<()
         spec.insert("storageClassName".into(), class);
     }
     Ok(())
+}
+
+/// Admits a new PersistentVolume: it is protected while bound (the volume
+/// controller lets it go once its claim is gone).
+pub(crate) fn volume(volume: &mut Value) {
+    protect(volume, wasmkube_api::storage::VOLUME_PROTECTION);
+}
+
+/// Adds `finalizer` to an object that lacks it.
+fn protect(obj: &mut Value, finalizer: &str) {
+    if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        let finalizers = meta
+            .entry("finalizers")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Some(list) = finalizers.as_array_mut()
+            && !list.iter().any(|f| f == finalizer)
+        {
+            list.push(finalizer.into());
+        }
+    }
 }
 
 /// The name of the class marked default by `annotation` (the newest, if

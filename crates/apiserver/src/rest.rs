@@ -831,6 +831,7 @@ impl<'a> Ctx<'a> {
             "Pod" => crate::admission::pod(self.server, &mut obj).await?,
             "Ingress" => crate::admission::ingress(self.server, &mut obj).await?,
             "PersistentVolumeClaim" => crate::admission::claim(self.server, &mut obj).await?,
+            "PersistentVolume" => crate::admission::volume(&mut obj),
             "Secret" => {
                 crate::auth::token::legacy_secret(self.server, &mut obj, &mut warnings).await?
             }

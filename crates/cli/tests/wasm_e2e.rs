@@ -1025,9 +1025,42 @@ fn persistent_volumes(s: &Server, image: &str) {
     assert!(!dirs[1].exists(), "{} left behind", dirs[1].display());
     assert!(dirs[0].join("note.txt").exists());
 
+    // A bound volume deleted by mistake waits for its claim (volume
+    // protection): it and its directory stay.
+    ok(s, &["delete", "pv", &volumes[0], "--wait=false"], None);
+    let deleting = ok(
+        s,
+        &[
+            "get",
+            "pv",
+            &volumes[0],
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp} {.status.phase}",
+        ],
+        None,
+    );
+    assert!(
+        deleting.ends_with(" Bound") && deleting.len() > " Bound".len(),
+        "{deleting}"
+    );
+    assert!(
+        dirs[0].join("note.txt").exists(),
+        "a bound volume's data is kept"
+    );
+
     // The set deleted (whenDeleted: Retain): its claim stays bound; deleted
-    // once no pod uses it, it takes its directory.
-    ok(s, &["delete", "statefulset", "vault", "--wait=true"], None);
+    // once no pod uses it, it takes its volume and its directory.
+    ok(
+        s,
+        &[
+            "delete",
+            "statefulset",
+            "vault",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
     ok(
         s,
         &["wait", "--for=delete", "pod/vault-0", "--timeout=60s"],
@@ -1047,7 +1080,17 @@ fn persistent_volumes(s: &Server, image: &str) {
         ),
         "Bound"
     );
-    ok(s, &["delete", "pvc", "data-vault-0", "--wait=true"], None);
+    ok(
+        s,
+        &[
+            "delete",
+            "pvc",
+            "data-vault-0",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
     ok(
         s,
         &[
@@ -1099,7 +1142,11 @@ fn persistent_volumes(s: &Server, image: &str) {
     let log = ok(s, &["logs", "disk-reader"], None);
     assert!(log.contains("/disk/seed.txt: was here before"), "{log}");
     ok(s, &["delete", "pod", "disk-reader"], None);
-    ok(s, &["delete", "pvc", "disk", "--wait=true"], None);
+    ok(
+        s,
+        &["delete", "pvc", "disk", "--wait=true", "--timeout=60s"],
+        None,
+    );
     wait_for(
         s,
         "pv/local-disk",
@@ -1110,7 +1157,7 @@ fn persistent_volumes(s: &Server, image: &str) {
         disk.path().join("seed.txt").exists(),
         "a retained volume keeps its data"
     );
-    ok(s, &["delete", "pv", "local-disk"], None);
+    ok(s, &["delete", "pv", "local-disk", "--timeout=60s"], None);
     ok(s, &["delete", "storageclass", "local-storage"], None);
 }
 

@@ -12,7 +12,8 @@
 //! - a claim being deleted keeps its `kubernetes.io/pvc-protection`
 //!   finalizer while a pod that has not finished uses it;
 //! - a volume whose claim is gone is `Released`, then kept (`Retain`) or
-//!   deleted (`Delete`). A provisioned volume holds a finalizer until the
+//!   deleted (`Delete`); a volume being deleted keeps its
+//!   `kubernetes.io/pv-protection` finalizer while it is bound. A provisioned volume holds a finalizer until the
 //!   node that keeps its directory has removed it.
 
 use std::sync::Arc;
@@ -425,6 +426,29 @@ async fn reconcile_volume(
                 .map(drop),
         );
     }
+    // Kubernetes' volume protection: a volume being deleted goes once it is
+    // not bound.
+    if pv.metadata.deletion_timestamp.is_some()
+        && phase != "Bound"
+        && pv.finalizers().iter().any(|f| f == st::VOLUME_PROTECTION)
+    {
+        let left: Vec<&String> = pv
+            .finalizers()
+            .iter()
+            .filter(|f| *f != st::VOLUME_PROTECTION)
+            .collect();
+        let patch = json!({"metadata": {"finalizers": left,
+            "resourceVersion": pv.metadata.resource_version}});
+        return conflict_soon(
+            api.patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+            .map(drop),
+        );
+    }
     let policy = pv
         .spec
         .as_ref()
@@ -438,7 +462,9 @@ async fn reconcile_volume(
                 .map(drop),
         );
     }
-    Ok(Action::await_change())
+    // Looked at again now and then, as Kubernetes' volume controller
+    // resyncs: what it reads of claims comes from another watch than its own.
+    Ok(Action::requeue(Duration::from_secs(30)))
 }
 
 /// Runs the persistent-volume controller until its watches end.
@@ -456,6 +482,12 @@ pub(crate) fn run(
         store: pods,
         changes: pod_changes,
     } = informers.cache::<Pod>();
+    // The volume side reads claims from the cache whose changes wake it, so
+    // a claim's deletion is never seen before the cache has lost it.
+    let crate::Cache {
+        store: claim_cache,
+        changes: claim_changes,
+    } = informers.cache::<PersistentVolumeClaim>();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         volumes: volumes.clone(),
@@ -472,7 +504,6 @@ pub(crate) fn run(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             watcher::Config::default(),
         );
-        let claim_store = claims.store();
         // A volume's change concerns the claim it names.
         let claim_of = |pv: Arc<PersistentVolume>| {
             pv.spec
@@ -496,28 +527,24 @@ pub(crate) fn run(
                 .run(reconcile_claim, crate::retry_soon, ctx.clone()),
         );
         // The volume side: a volume's phase follows its claim.
-        let volume_store = claim_store.clone();
+        let _ = claim_cache.wait_until_ready().await;
         let volume_side = crate::drain(
             "persistentvolume",
             Controller::new(
                 Api::<PersistentVolume>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .watches(
-                Api::<PersistentVolumeClaim>::all(client),
-                watcher::Config::default(),
-                |claim: PersistentVolumeClaim| {
-                    claim
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.volume_name.clone())
-                        .filter(|v| !v.is_empty())
-                        .map(|v| ObjectRef::new(&v))
-                },
-            )
+            .watches_shared_stream(claim_changes, |claim: Arc<PersistentVolumeClaim>| {
+                claim
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.volume_name.clone())
+                    .filter(|v| !v.is_empty())
+                    .map(|v| ObjectRef::new(&v))
+            })
             .run(
                 move |pv, ctx| {
-                    let claims = volume_store.clone();
+                    let claims = claim_cache.clone();
                     async move { reconcile_volume(pv, ctx, &claims).await }
                 },
                 crate::retry_soon,

@@ -2,8 +2,8 @@
 //! of the volume bound to it (a `local` or `hostPath` volume); a local-path
 //! volume's directory is made on first use under the node's local-path
 //! root. The node watches the local-path volumes provisioned on it and,
-//! when one is being deleted, removes its directory and then the
-//! finalizer that held the volume.
+//! when one is being deleted and no longer protected (not bound), removes
+//! its directory and then the finalizer that held the volume.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -118,8 +118,11 @@ pub(crate) async fn keep_local_volumes(ctx: Arc<Ctx>) {
 
 async fn release(api: &Api<PersistentVolume>, pv: &PersistentVolume, root: &Path) {
     let finalizers = pv.metadata.finalizers.clone().unwrap_or_default();
+    // Only once the volume is let go (no longer bound: its protection is
+    // gone), never under a claim a pod may still use.
     if pv.metadata.deletion_timestamp.is_none()
         || !finalizers.iter().any(|f| f == st::LOCAL_PATH_FINALIZER)
+        || finalizers.iter().any(|f| f == st::VOLUME_PROTECTION)
     {
         return;
     }
