@@ -3,8 +3,11 @@
 //! built-in local-path StorageClass, and which PersistentVolume may bind a
 //! claim.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::quantity;
 
@@ -21,9 +24,6 @@ pub const LOCAL_PATH_PROVISIONER: &str = "wasmkube.io/local-path";
 /// Set by the scheduler on a claim of a `WaitForFirstConsumer` class: the
 /// node the claim's first pod goes to, where its volume is provisioned.
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
-
-/// Names the provisioner a claim waits for (Kubernetes' name).
-pub const STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
 
 /// On a volume: the provisioner that made it.
 pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
@@ -66,16 +66,36 @@ pub fn local_path_class() -> serde_json::Value {
     })
 }
 
+/// A claim spec's requested size in bytes, when it names a valid one.
+pub fn spec_request_bytes(spec: &PersistentVolumeClaimSpec) -> Option<i128> {
+    spec.resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|r| r.get("storage"))
+        .and_then(|q| quantity::parse(&q.0).ok())
+        .map(|q| q.millis() / 1000)
+}
+
 /// A claim's requested size in bytes.
 pub fn requested_bytes(claim: &PersistentVolumeClaim) -> i128 {
     claim
         .spec
         .as_ref()
-        .and_then(|s| s.resources.as_ref())
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .and_then(|q| quantity::parse(&q.0).ok())
-        .map_or(0, |q| q.millis() / 1000)
+        .and_then(spec_request_bytes)
+        .unwrap_or(0)
+}
+
+/// The merge patch that takes `finalizer` off an object, guarded by the
+/// version it was read at, so a finalizer added meanwhile is not lost.
+pub fn without_finalizer(meta: &ObjectMeta, finalizer: &str) -> serde_json::Value {
+    let left: Vec<&String> = meta
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != finalizer)
+        .collect();
+    serde_json::json!({"metadata": {"finalizers": left,
+        "resourceVersion": meta.resource_version}})
 }
 
 /// A volume's capacity in bytes.

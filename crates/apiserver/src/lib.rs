@@ -396,20 +396,12 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         (None, None) if post && rt.kind == "CertificateSigningRequest" => {
             auth::csr::create(&server, rt, user, &parts.headers, body).await
         }
-        (Some(Exec), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
+        (Some(sub @ (Exec | Attach | PortForward)), Some(name))
+            if matches!(parts.method, Method::GET | Method::POST) =>
+        {
             let name = name.to_owned();
             let request = Request::from_parts(parts, body);
-            node_proxy::pod_stream(&server, "exec", namespace.as_deref(), &name, request).await
-        }
-        (Some(Attach), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
-            let name = name.to_owned();
-            let request = Request::from_parts(parts, body);
-            node_proxy::pod_stream(&server, "attach", namespace.as_deref(), &name, request).await
-        }
-        (Some(PortForward), Some(name)) if matches!(parts.method, Method::GET | Method::POST) => {
-            let name = name.to_owned();
-            let request = Request::from_parts(parts, body);
-            node_proxy::pod_port_forward(&server, namespace.as_deref(), &name, request).await
+            node_proxy::pod_upgrade(&server, sub, namespace.as_deref(), &name, request).await
         }
         // Everything else is the REST verbs'.
         _ => return rest::handle(server, parts.method, parts.uri, parts.headers, user, body).await,

@@ -235,21 +235,25 @@ const UPGRADE_HEADERS: [header::HeaderName; 6] = [
     header::SEC_WEBSOCKET_ACCEPT,
 ];
 
-/// `GET|POST pods/{name}/exec` and `pods/{name}/attach` (`endpoint` is
-/// `exec` or `attach`): kube-apiserver's upgrade-aware proxy. The client's
-/// upgrade request (WebSocket, `v5.channel.k8s.io`) goes to the agent's
-/// endpoint for the pod's container with the node-proxy token; once the
-/// agent switches protocols, so does the client, and bytes are copied both
-/// ways until either side closes. A refusal from the agent (a Wasm
-/// container asked to exec, one not running) reaches the client as a
-/// `Status`.
-pub(crate) async fn pod_stream(
+/// `GET|POST pods/{name}/exec`, `attach` and `portforward`:
+/// kube-apiserver's upgrade-aware proxy. The client's upgrade request
+/// (WebSocket: `v5.channel.k8s.io` for exec and attach,
+/// `SPDY/3.1+portforward.k8s.io` for port-forward) goes to the agent's
+/// endpoint for the pod (and, but for port-forward, its container) with the
+/// node-proxy token; once the agent switches protocols, so does the client,
+/// and bytes are copied both ways until either side closes. A refusal from
+/// the agent (a Wasm container asked to exec, one not running) reaches the
+/// client as a `Status`.
+pub(crate) async fn pod_upgrade(
     server: &std::sync::Arc<ApiServer>,
-    endpoint: &str,
+    subresource: wasmkube_api::Subresource,
     namespace: Option<&str>,
     name: &str,
     request: Request<Body>,
 ) -> ApiResult<Response> {
+    if subresource == wasmkube_api::Subresource::PortForward {
+        return pod_port_forward(server, namespace, name, request).await;
+    }
     let ns = namespace.unwrap_or("default");
     let Located {
         container,
@@ -257,14 +261,13 @@ pub(crate) async fn pod_stream(
         host,
         query,
     } = locate(server, namespace, name, request.uri().query()).await?;
-    let path = format!("/{endpoint}/{ns}/{name}/{container}?{query}");
+    let path = format!("/{}/{ns}/{name}/{container}?{query}", subresource.name());
     upgrade_to_agent(server, &node, &host, &path, request).await
 }
 
-/// `GET|POST pods/{name}/portforward`: the same proxy to the agent's
-/// port-forward endpoint (WebSocket, `SPDY/3.1+portforward.k8s.io`); the
-/// ports travel inside the stream.
-pub(crate) async fn pod_port_forward(
+/// Port-forward: the pod must be running; the ports travel inside the
+/// stream.
+async fn pod_port_forward(
     server: &std::sync::Arc<ApiServer>,
     namespace: Option<&str>,
     name: &str,

@@ -80,7 +80,8 @@ pub struct ChildServer {
     binary: PathBuf,
     port: u16,
     flags: Vec<String>,
-    _dir: tempfile::TempDir,
+    /// Its data dir, kept across a restart and removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl ChildServer {
@@ -107,7 +108,7 @@ impl ChildServer {
             binary: binary.to_owned(),
             port,
             flags,
-            _dir: dir,
+            dir,
         };
         server.wait_ready(started).await?;
         Ok((server, started.elapsed()))
@@ -124,7 +125,7 @@ impl ChildServer {
     /// (after [`ChildServer::kill`]); returns the time from exec to ready.
     pub async fn start_again(&mut self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        self.child = spawn_server(&self.binary, self.port, self._dir.path(), &self.flags)?;
+        self.child = spawn_server(&self.binary, self.port, self.dir.path(), &self.flags)?;
         self.wait_ready(started).await?;
         Ok(started.elapsed())
     }

@@ -160,18 +160,12 @@ async fn reconcile_claim(
     if claim.metadata.deletion_timestamp.is_some() {
         // Kubernetes' claim protection: a claim goes only once no pod uses
         // it (the pods' changes wake this).
-        let finalizers = claim.finalizers();
-        if !finalizers.iter().any(|f| f == st::CLAIM_PROTECTION)
+        if !claim.finalizers().iter().any(|f| f == st::CLAIM_PROTECTION)
             || in_use(&ctx.pods, &ns, &claim.name_any())
         {
             return Ok(Action::await_change());
         }
-        let left: Vec<&String> = finalizers
-            .iter()
-            .filter(|f| *f != st::CLAIM_PROTECTION)
-            .collect();
-        let patch = json!({"metadata": {"finalizers": left,
-            "resourceVersion": claim.metadata.resource_version}});
+        let patch = st::without_finalizer(&claim.metadata, st::CLAIM_PROTECTION);
         let r = claims
             .patch(
                 &claim.name_any(),
@@ -353,17 +347,13 @@ async fn set_claim_status(
     pv: Option<&PersistentVolume>,
 ) -> Result<Action, Error> {
     let spec = pv.and_then(|p| p.spec.as_ref());
+    // Without a volume, no access modes or capacity.
     let status = PersistentVolumeClaimStatus {
         phase: Some(phase.into()),
         access_modes: spec.and_then(|s| s.access_modes.clone()),
         capacity: spec.and_then(|s| s.capacity.clone()),
         ..claim.status.clone().unwrap_or_default()
     };
-    let mut status = status;
-    if pv.is_none() {
-        status.access_modes = None;
-        status.capacity = None;
-    }
     if claim.status.as_ref() == Some(&status) {
         return Ok(Action::await_change());
     }
@@ -432,13 +422,7 @@ async fn reconcile_volume(
         && phase != "Bound"
         && pv.finalizers().iter().any(|f| f == st::VOLUME_PROTECTION)
     {
-        let left: Vec<&String> = pv
-            .finalizers()
-            .iter()
-            .filter(|f| *f != st::VOLUME_PROTECTION)
-            .collect();
-        let patch = json!({"metadata": {"finalizers": left,
-            "resourceVersion": pv.metadata.resource_version}});
+        let patch = st::without_finalizer(&pv.metadata, st::VOLUME_PROTECTION);
         return conflict_soon(
             api.patch(
                 &pv.name_any(),

@@ -13,7 +13,6 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::json;
 use wasmkube_api::storage as st;
 
 use crate::Ctx;
@@ -139,13 +138,7 @@ async fn release(api: &Api<PersistentVolume>, pv: &PersistentVolume, root: &Path
             }
         }
     }
-    let left: Vec<String> = finalizers
-        .into_iter()
-        .filter(|f| f != st::LOCAL_PATH_FINALIZER)
-        .collect();
-    // Guarded by the version read, so a finalizer added meanwhile stays.
-    let patch = json!({"metadata": {"finalizers": left,
-        "resourceVersion": pv.metadata.resource_version}});
+    let patch = st::without_finalizer(&pv.metadata, st::LOCAL_PATH_FINALIZER);
     if let Err(e) = api
         .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
         .await
@@ -157,6 +150,7 @@ async fn release(api: &Api<PersistentVolume>, pv: &PersistentVolume, root: &Path
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn pv(path: &str, provisioned: bool) -> PersistentVolume {
         let mut annotations = serde_json::Map::new();

@@ -279,24 +279,13 @@ pub(super) fn validate_persistent_volume_claim(
     if old.storage_class_name.is_none() {
         frozen.storage_class_name = None;
     }
-    let mut was = old.clone();
-    if old.storage_class_name.is_none() {
-        was.storage_class_name = None;
-    }
-    if frozen != was {
+    if frozen != *old {
         errs.push(FieldError::forbidden(
             "spec",
             "spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims",
         ));
     }
-    let size = |s: &core::PersistentVolumeClaimSpec| {
-        s.resources
-            .as_ref()
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .and_then(|q| quantity::parse(&q.0).ok())
-            .map(|q| q.millis())
-    };
+    let size = crate::storage::spec_request_bytes;
     if let (Some(before), Some(now)) = (size(old), size(spec))
         && now < before
     {

@@ -223,9 +223,6 @@ impl Drop for NodeAuthorizer {
     }
 }
 
-/// Where PersistentVolumeClaims are stored.
-const CLAIMS_PREFIX: &str = "/registry/core/persistentvolumeclaims/";
-
 fn rt(plural: &str) -> &'static registry::ResourceType {
     registry::lookup("", "v1", plural).expect("a core kind")
 }
@@ -235,7 +232,7 @@ impl NodeAuthorizer {
     pub(crate) async fn start(store: SharedStore) -> Self {
         let graph = Arc::new(RwLock::new(Graph::default()));
         let pods_prefix = rt("pods").key_prefix();
-        let claims_prefix = CLAIMS_PREFIX.to_owned();
+        let claims_prefix = rt("persistentvolumeclaims").key_prefix();
         let (mut pods, objects, _) =
             Follow::start(store.clone(), pods_prefix.clone(), "the pods").await;
         {
