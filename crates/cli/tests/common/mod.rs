@@ -201,6 +201,7 @@ pub struct Out {
     pub stderr: String,
 }
 
+#[track_caller]
 pub fn kubectl(s: &Server, args: &[&str], stdin: Option<&str>) -> Out {
     let mut child = Command::new("kubectl")
         .args(args)
@@ -220,7 +221,26 @@ pub fn kubectl(s: &Server, args: &[&str], stdin: Option<&str>) -> Out {
     } else {
         drop(child.stdin.take());
     }
+    // No kubectl call may hang a test: one still running after the
+    // watchdog's bound is killed, and the failure names it.
+    let pid = child.id();
+    let (done, watchdog) = mpsc::channel::<()>();
+    let bound = Duration::from_secs(150);
+    let killer = std::thread::spawn(move || {
+        let expired = watchdog.recv_timeout(bound).is_err();
+        if expired {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        expired
+    });
     let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    assert!(
+        !killer.join().unwrap_or(false),
+        "kubectl {args:?} did not finish within {bound:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Out {
         ok: out.status.success(),
         code: out.status.code(),
