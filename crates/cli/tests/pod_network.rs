@@ -497,6 +497,8 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         use std::io::{Read, Write};
         let forward = common::PortForward::start(&s, "deployment/web", 8080);
         let mut conn = std::net::TcpStream::connect(("127.0.0.1", forward.local)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         write!(conn, "GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut got = String::new();
         let read = conn.read_to_string(&mut got);

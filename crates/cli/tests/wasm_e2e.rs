@@ -19,6 +19,9 @@ fn push(registry: &Registry, name: &str) -> String {
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // An answer that never comes fails the test rather than hanging it.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: e2e\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();

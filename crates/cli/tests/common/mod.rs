@@ -471,12 +471,17 @@ impl PortForward {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut line = String::new();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        // kubectl prints a line per connection: keep reading, or it dies of
-        // a broken pipe.
-        std::thread::spawn(move || for _ in stdout.lines().map_while(Result::ok) {});
+        // The first line within a bound; then kubectl prints a line per
+        // connection: keep reading, or it dies of a broken pipe.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = String::new();
+            let _ = stdout.read_line(&mut first);
+            let _ = tx.send(first);
+            for _ in stdout.lines().map_while(Result::ok) {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         // "Forwarding from 127.0.0.1:LOCAL -> PORT"
         let local = line
             .split_once("127.0.0.1:")
