@@ -44,6 +44,7 @@ ROOTS = [
     "k8s.io.api.autoscaling.v2.HorizontalPodAutoscaler",
     "k8s.io.api.networking.v1.Ingress",
     "k8s.io.api.networking.v1.IngressClass",
+    "k8s.io.api.networking.v1.NetworkPolicy",
     "k8s.io.api.policy.v1.PodDisruptionBudget",
     "k8s.io.api.policy.v1.Eviction",
     "k8s.io.api.rbac.v1.Role",

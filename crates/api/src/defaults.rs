@@ -411,6 +411,28 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 crate::quota::default_limit_range_item(item);
             }
         }
+        "NetworkPolicy" => {
+            // As Kubernetes: ports are TCP unless named otherwise; without
+            // policy types, a policy is an Ingress one, and an Egress one
+            // too when it has egress rules.
+            default_at(obj, &["spec", "podSelector"], json!({}));
+            let spec = &mut obj["spec"];
+            for dir in ["ingress", "egress"] {
+                for rule in each_mut(spec, dir) {
+                    for port in each_mut(rule, "ports") {
+                        default_at(port, &["protocol"], json!("TCP"));
+                    }
+                }
+            }
+            if spec["policyTypes"].as_array().is_none_or(Vec::is_empty) {
+                let egress = spec["egress"].as_array().is_some_and(|e| !e.is_empty());
+                spec["policyTypes"] = if egress {
+                    json!(["Ingress", "Egress"])
+                } else {
+                    json!(["Ingress"])
+                };
+            }
+        }
         "PriorityClass" => default_at(obj, &["preemptionPolicy"], json!("PreemptLowerPriority")),
         "PersistentVolume" => {
             default_at(

@@ -399,6 +399,17 @@ pub static RESOURCES: &[ResourceType] = &[
     resource!(
         "networking.k8s.io",
         "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        "networkpolicy",
+        true,
+        ["netpol"],
+        &[],
+        []
+    ),
+    resource!(
+        "networking.k8s.io",
+        "v1",
         "IngressClass",
         "ingressclasses",
         "ingressclass",

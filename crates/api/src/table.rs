@@ -354,6 +354,15 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             ),
             AGE,
         ],
+        "NetworkPolicy" => vec![
+            NAME,
+            col(
+                "Pod-Selector",
+                "string",
+                "Selects the pods to which this NetworkPolicy object applies.",
+            ),
+            AGE,
+        ],
         "IngressClass" => vec![
             NAME,
             col(
@@ -1280,6 +1289,7 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 age,
             ]
         }
+        "NetworkPolicy" => vec![name, json!(selector_string(&spec["podSelector"])), age],
         "IngressClass" => {
             let params = &spec["parameters"];
             let params = if params.is_object() {

@@ -94,6 +94,7 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "PriorityClass" => scheduling::PriorityClass,
         "Ingress" => networking::Ingress,
         "IngressClass" => networking::IngressClass,
+        "NetworkPolicy" => networking::NetworkPolicy,
         "GatewayClass" => gateway::GatewayClass,
         "Gateway" => gateway::Gateway,
         "HTTPRoute" => gateway::HTTPRoute,

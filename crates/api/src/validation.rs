@@ -20,6 +20,7 @@ use crate::registry::ResourceType;
 use crate::selectors;
 use crate::typed::decode_as;
 
+mod network_policy;
 mod quota;
 mod rbac;
 mod routing;
@@ -81,6 +82,7 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         ),
         "Ingress" => typed!(networking::Ingress, routing::validate_ingress),
         "IngressClass" => typed!(networking::IngressClass, routing::validate_ingress_class),
+        "NetworkPolicy" => typed!(networking::NetworkPolicy, network_policy::validate),
         "GatewayClass" => typed!(gw::GatewayClass, routing::validate_gateway_class),
         "Gateway" => typed!(gw::Gateway, routing::validate_gateway),
         "HTTPRoute" => typed!(gw::HTTPRoute, routing::validate_http_route),

@@ -95,6 +95,7 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "PriorityClass" => add::<scheduling::PriorityClass>(g),
         "Ingress" => add::<networking::Ingress>(g),
         "IngressClass" => add::<networking::IngressClass>(g),
+        "NetworkPolicy" => add::<networking::NetworkPolicy>(g),
         "GatewayClass" => add::<gateway::GatewayClass>(g),
         "Gateway" => add::<gateway::Gateway>(g),
         "HTTPRoute" => add::<gateway::HTTPRoute>(g),

@@ -9,6 +9,7 @@ mod deploy;
 mod dns;
 mod failover;
 mod http;
+mod netpol;
 mod pods;
 mod proxy;
 mod push;
@@ -56,6 +57,10 @@ enum Bench {
     /// Service proxy programming with thousands of Services: endpoint
     /// change to rules in place, against rewriting the whole table.
     Proxy(proxy::Args),
+    /// NetworkPolicy (root, nft): a thousand policies, policy change to
+    /// rules in place, and new connections per second through the node
+    /// with the policies against without.
+    Netpol(netpol::Args),
     /// Cluster DNS queries per second and latency with `dnsperf`, against
     /// dnsmasq serving the same records.
     Dns(dns::Args),
@@ -96,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Http(a) => rt.block_on(http::run(a)),
         Bench::Density(a) => rt.block_on(density::run(a)),
         Bench::Proxy(a) => rt.block_on(proxy::run(a)),
+        Bench::Netpol(a) => rt.block_on(netpol::run(a)),
         Bench::Dns(a) => rt.block_on(dns::run(a)),
         Bench::Serving(a) => rt.block_on(serving::run(a)),
         Bench::Registry(a) => rt.block_on(registry::run(a)),

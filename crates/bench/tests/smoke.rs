@@ -127,6 +127,27 @@ fn proxy_bench_smoke() {
 }
 
 #[test]
+fn netpol_bench_smoke() {
+    let out = bench(&[
+        "netpol",
+        "--policies",
+        "20",
+        "--namespaces",
+        "4",
+        "--pods",
+        "10",
+        "--changes",
+        "5",
+        "--connections",
+        "20",
+        "--rounds",
+        "1",
+    ]);
+    assert!(out.contains("policy change to rules in place"), "{out}");
+    assert!(out.contains("new connections per second"), "{out}");
+}
+
+#[test]
 fn custom_resources_bench_smoke() {
     let out = bench(&[
         "custom-resources",

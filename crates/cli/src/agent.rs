@@ -74,9 +74,10 @@ pub struct NodeArgs {
     #[arg(long, default_value = "10.96.0.0/12", value_name = "CIDR")]
     pub service_cluster_ip_range: ipnet::Ipv4Net,
 
-    /// Run no service proxy on this node: Services then route nowhere from
-    /// it. (The proxy needs root and `nft`, from Debian's nftables; without
-    /// them it says so and stays off.)
+    /// Run no service proxy and no NetworkPolicy enforcer on this node:
+    /// Services then route nowhere from it and its pods are not isolated.
+    /// (Both need root and `nft`, from Debian's nftables; without them the
+    /// agent says so and they stay off.)
     #[arg(long)]
     pub no_service_proxy: bool,
 
@@ -160,6 +161,12 @@ pub struct NodeServices {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
+    netpol: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    /// The NetworkPolicy enforcer new pods wait for.
+    enforcer: Option<wasmkube_netpol::Enforcer>,
     gateway: Option<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -174,11 +181,21 @@ impl NodeServices {
         config.cluster_dns = Some(self.cluster_dns.clone());
         config.routed_load = self.routed_load.clone();
         config.service_backends = Some(std::sync::Arc::new(WatchedBackends(self.watch.clone())));
+        config.pod_network_gate = self
+            .enforcer
+            .clone()
+            .map(|e| std::sync::Arc::new(PolicyGate(e)) as _);
     }
 
-    /// Stops them; the proxy removes its rules and routes.
+    /// Stops them; the proxy removes its rules and routes, the network
+    /// policy enforcer its table.
     pub async fn stop(self) {
-        for (stop, task) in self.proxy.into_iter().chain(self.gateway) {
+        for (stop, task) in self
+            .proxy
+            .into_iter()
+            .chain(self.netpol)
+            .chain(self.gateway)
+        {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
@@ -197,10 +214,11 @@ impl NodeArgs {
         })
     }
 
-    /// Starts the node's service proxy and cluster DNS. The proxy needs root
-    /// and `nft`; without them (or with --no-service-proxy) Services are not
-    /// routed from this node and DNS is answered in-process to Wasm guests
-    /// only.
+    /// Starts the node's service proxy, NetworkPolicy enforcer and cluster
+    /// DNS. The proxy and the enforcer need root and `nft`; without them (or
+    /// with --no-service-proxy) Services are not routed from this node,
+    /// NetworkPolicies are not enforced on it, and DNS is answered
+    /// in-process to Wasm guests only.
     pub fn start_services(
         &self,
         client: &kube::Client,
@@ -251,6 +269,22 @@ impl NodeArgs {
             });
             (stop, task)
         });
+        // NetworkPolicy needs what the proxy needs: root and nft.
+        let enforcer = routed.then(wasmkube_netpol::Enforcer::new);
+        let netpol = enforcer.clone().map(|enforcer| {
+            let config = wasmkube_netpol::Config::new(node);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let client = client.clone();
+            let task = tokio::spawn(async move {
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = enforcer.run(client, config, shutdown).await {
+                    tracing::error!(error = %e, "the network policy enforcer stopped");
+                }
+            });
+            (stop, task)
+        });
         let load = std::sync::Arc::new(wasmkube_gateway::Load::default());
         let routed_load = (!self.no_gateway).then(|| {
             let load = load.clone();
@@ -291,6 +325,8 @@ impl NodeArgs {
             watch,
             tasks,
             proxy,
+            netpol,
+            enforcer,
             gateway,
         }
     }
@@ -401,6 +437,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     services.stop().await;
     result
+}
+
+/// New pods wait for the node's NetworkPolicy enforcer to program them.
+#[derive(Debug)]
+struct PolicyGate(wasmkube_netpol::Enforcer);
+
+impl wasmkube_node::PodNetworkGate for PolicyGate {
+    fn admit<'a>(
+        &'a self,
+        pod: &'a k8s_openapi::api::core::v1::Pod,
+        ip: IpAddr,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(self.0.admit(pod, ip))
+    }
 }
 
 /// Service endpoints from the node's watch, chosen as the service proxy

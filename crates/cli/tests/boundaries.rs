@@ -175,12 +175,13 @@ fn crate_boundaries_hold() {
             "the node agent must not depend on {forbidden}"
         );
     }
-    // The controllers, Knative Serving and the gateway are API clients too,
-    // and never run workloads.
+    // The controllers, Knative Serving, the gateway and the NetworkPolicy
+    // enforcer are API clients too, and never run workloads.
     for client in [
         "wasmkube-controllers",
         "wasmkube-serving",
         "wasmkube-gateway",
+        "wasmkube-netpol",
     ] {
         for forbidden in [
             "wasmkube-apiserver",

@@ -125,6 +125,20 @@ pub struct Config {
     /// Service endpoints, for Wasm guests' connections to Service addresses
     /// when pods share the node's network (no service proxy routes them).
     pub service_backends: Option<Arc<dyn ServiceBackends>>,
+    /// Told each new pod's address before its containers start, and
+    /// awaited (the node's NetworkPolicy enforcer).
+    pub pod_network_gate: Option<Arc<dyn PodNetworkGate>>,
+}
+
+/// What must see a pod's address before the pod's containers start: the
+/// node's NetworkPolicy enforcer, so no pod runs before its policies are
+/// in place. It bounds its own wait.
+pub trait PodNetworkGate: Send + Sync + std::fmt::Debug {
+    fn admit<'a>(
+        &'a self,
+        pod: &'a k8s_openapi::api::core::v1::Pod,
+        ip: IpAddr,
+    ) -> futures::future::BoxFuture<'a, ()>;
 }
 
 /// Reads the gateway's per-revision request counters (`namespace`, `name`,
@@ -167,6 +181,7 @@ impl Config {
             cluster_dns: None,
             routed_load: None,
             service_backends: None,
+            pod_network_gate: None,
         }
     }
 }

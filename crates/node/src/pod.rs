@@ -717,6 +717,9 @@ impl PodRun {
         loop {
             match network.setup(&uid).await {
                 Ok(sb) => {
+                    if let Some(gate) = &self.ctx.config.pod_network_gate {
+                        gate.admit(pod, sb.ip).await;
+                    }
                     self.set(|s| s.sandbox = Some(sb));
                     return true;
                 }

@@ -11,9 +11,12 @@
 //!   pods use; PersistentVolumes bound to such claims; tokens
 //!   (`serviceaccounts/token`) of service accounts its pods run as. Nothing
 //!   else of these kinds, whatever RBAC says.
-//! - Pods: `list`/`watch` only with `fieldSelector=spec.nodeName=NAME`;
-//!   `get`, status writes, deletion and eviction only of its own pods; no
-//!   pod creation.
+//! - Pods: `get`, status writes, deletion and eviction only of its own
+//!   pods; no pod creation. `list` and `watch` of every pod: the
+//!   NetworkPolicy enforcer beside every agent needs each pod's labels and
+//!   address, as the node agents of Calico and Cilium read them (a
+//!   controller computing address groups for each node, as Antrea's does,
+//!   would keep this narrower).
 //! - Nodes and Leases in `kube-node-lease`: writes only of its own.
 //!
 //! Everything else goes on to RBAC (the `system:node` ClusterRole).
@@ -21,10 +24,8 @@
 //! Two exceptions serve the components every agent runs beside its pods,
 //! and are kept narrow: the gateway, which terminates TLS for every
 //! Ingress and Gateway of the cluster, may list and watch Secrets of type
-//! `kubernetes.io/tls` (and no other type); the gateway's activator, which
-//! wakes Knative revisions scaled to zero, may list and watch the pods
-//! labelled with a revision. And every node may read the node-proxy token
-//! with which the API server calls agents.
+//! `kubernetes.io/tls` (and no other type). And every node may read the
+//! node-proxy token with which the API server calls agents.
 //!
 //! The graph lags the store by a moment: a refusal that the graph gives
 //! (a pod just bound, a Secret it names) is checked again against the
@@ -47,8 +48,6 @@ pub const NODES: &str = "system:nodes";
 const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// The Secret holding the token the API server presents to agents.
 const PROXY_TOKEN: (&str, &str) = ("kube-system", "wasmkube-node-proxy");
-/// The label of a Knative revision's pods.
-const REVISION_LABEL: &str = "serving.knative.dev/revision";
 
 /// The node a user is, when it is one.
 pub(crate) fn node_of(user: &UserInfo) -> Option<&str> {
@@ -429,14 +428,9 @@ fn decide(graph: &Graph, node: &str, verb: &str, r: &ResourceAttributes) -> Verd
         },
         ("", "serviceaccounts", Some("token")) if verb == "create" => related(Used::ServiceAccount),
         ("", "pods", _) => match (verb, sub) {
-            ("list" | "watch", None) => {
-                if r.field("spec.nodeName").as_deref() == Some(node) || r.has_label(REVISION_LABEL)
-                {
-                    NoOpinion
-                } else {
-                    Deny
-                }
-            }
+            // Every pod's labels and address, for NetworkPolicy (and the
+            // activator's revisions); RBAC's `system:node` grants the rest.
+            ("list" | "watch", None) => NoOpinion,
             ("create" | "deletecollection", None) => Deny,
             ("get" | "update" | "patch" | "delete", None)
             | ("get" | "update" | "patch", Some("status"))
@@ -785,14 +779,14 @@ mod tests {
     fn a_node_sees_and_writes_only_its_own_pods_node_and_lease() {
         let g = graph();
         let d = |node: &str, verb: &str, r: ResourceAttributes| decide(&g, node, verb, &r);
-        let (_, mut pods) = attrs("list", "pods", None, None);
-        assert_eq!(d("n1", "list", pods.clone()), Verdict::Deny);
-        pods.field_selector = Some("spec.nodeName=n1".into());
-        assert_eq!(d("n1", "watch", pods.clone()), Verdict::NoOpinion);
-        assert_eq!(d("n2", "watch", pods.clone()), Verdict::Deny);
-        pods.field_selector = None;
-        pods.label_selector = Some("serving.knative.dev/revision".into());
+        // Every pod is listed and watched, for NetworkPolicy peers.
+        let (_, pods) = attrs("list", "pods", None, None);
+        assert_eq!(d("n1", "list", pods.clone()), Verdict::NoOpinion);
         assert_eq!(d("n2", "watch", pods), Verdict::NoOpinion);
+        assert_eq!(
+            d("n2", "get", attrs("get", "pods", Some("a"), Some("p1")).1),
+            Verdict::Unrelated
+        );
         let (_, mut status) = attrs("patch", "pods", Some("a"), Some("p1"));
         status.subresource = Some("status".into());
         assert_eq!(d("n1", "patch", status.clone()), Verdict::NoOpinion);

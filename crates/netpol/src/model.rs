@@ -1,0 +1,747 @@
+//! What the node's NetworkPolicies mean for its pods, with no IO: from the
+//! cluster's pods, namespaces and policies, each local pod that a policy
+//! isolates gets the list of what it may receive (ingress) and send
+//! (egress), as address sets and ports.
+//!
+//! The semantics are Kubernetes' (`networking.k8s.io/v1`):
+//! - a pod is isolated for ingress (egress) once a policy of its namespace
+//!   selects it and has `Ingress` (`Egress`) among its policy types; an
+//!   isolated pod admits only what some such policy's rules allow, the
+//!   union of them all;
+//! - a rule allows traffic that matches one of its peers (all sources or
+//!   destinations when it has none) on one of its ports (all ports when it
+//!   has none);
+//! - a peer is a `podSelector` (pods of the policy's namespace), a
+//!   `namespaceSelector` (every pod of the namespaces selected), both
+//!   (pods selected in the namespaces selected), or an `ipBlock` (a CIDR
+//!   less its exceptions);
+//! - a port is a protocol (TCP by default), optionally a number, a range up
+//!   to `endPort`, or a container port's name: for ingress the selected
+//!   pod's own port of that name, for egress the port of that name on each
+//!   destination pod;
+//! - without `policyTypes`, a policy is of type `Ingress`, and of `Egress`
+//!   too when it has egress rules.
+//!
+//! Pods on the node's own network (`hostNetwork`) and pods without an
+//! address yet are neither isolated nor peers; finished pods are ignored.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::Digest;
+use wasmkube_api::selectors::LabelSelector;
+
+/// The label every namespace carries with its own name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A transport protocol a policy port names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    fn parse(s: Option<&str>) -> Option<Self> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    /// Its name in nftables.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
+/// A container port with a name, for named policy ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// What policies need of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub ports: Vec<NamedPort>,
+}
+
+impl PodView {
+    /// The pod as policies see it; `None` for a pod that is neither
+    /// isolated nor a peer (on the node's network, no address yet, or
+    /// finished).
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let spec = pod.spec.as_ref()?;
+        if spec.host_network == Some(true) {
+            return None;
+        }
+        let status = pod.status.as_ref()?;
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let ip = status.pod_ip.as_deref()?.parse().ok()?;
+        let ports = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| {
+                Some(NamedPort {
+                    name: p.name.clone()?,
+                    protocol: Protocol::parse(p.protocol.as_deref())?,
+                    port: u16::try_from(p.container_port).ok()?,
+                })
+            })
+            .collect();
+        Some(Self {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            namespace: pod.metadata.namespace.clone()?,
+            name: pod.metadata.name.clone()?,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ip,
+            node: spec.node_name.clone()?,
+            ports,
+        })
+    }
+}
+
+/// A namespace's labels, with its name label (which the API server sets;
+/// added here too, so selectors on it always work).
+pub fn namespace_labels(ns: &Namespace) -> (String, BTreeMap<String, String>) {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels
+        .entry(NAMESPACE_NAME_LABEL.to_owned())
+        .or_insert_with(|| name.clone());
+    (name, labels)
+}
+
+/// Inclusive ranges of IPv4 addresses, sorted, disjoint and not adjacent.
+pub type Ranges = Vec<(u32, u32)>;
+
+/// Ports of one protocol: all of them, or an inclusive range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortMatch {
+    pub protocol: Protocol,
+    pub range: Option<(u16, u16)>,
+}
+
+/// Whom a rule admits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Peers {
+    /// Every address.
+    Any,
+    /// The addresses of a named set of the plan.
+    Set(String),
+    /// One pod (a named port's destination).
+    Addr(Ipv4Addr),
+}
+
+/// One allowed kind of traffic: from (to) these peers on these ports.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Allow {
+    pub peers: Peers,
+    /// Empty: every port and protocol.
+    pub ports: Vec<PortMatch>,
+}
+
+/// An isolated local pod and what it may receive and send; `None`: not
+/// isolated in that direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPlan {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ingress: Option<Vec<Allow>>,
+    pub egress: Option<Vec<Allow>>,
+}
+
+/// What the node programs: its isolated pods and the address sets their
+/// rules name (non-empty ones only: a rule whose peers are no address
+/// admits nothing and is left out).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub pods: Vec<PodPlan>,
+    pub sets: BTreeMap<String, Ranges>,
+}
+
+/// A rule's peers and ports (either direction).
+type Rule<'a> = (
+    Option<&'a Vec<NetworkPolicyPeer>>,
+    Option<&'a Vec<NetworkPolicyPort>>,
+);
+
+/// A policy ready to evaluate.
+struct Parsed<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    selector: LabelSelector,
+    spec: &'a NetworkPolicySpec,
+    ingress: bool,
+    egress: bool,
+}
+
+fn parse(policy: &NetworkPolicy) -> Option<Parsed<'_>> {
+    let spec = policy.spec.as_ref()?;
+    let selector = match LabelSelector::from_api(&spec.pod_selector.clone().unwrap_or_default()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(policy = ?policy.metadata.name, error = %e, "NetworkPolicy with a bad pod selector ignored");
+            return None;
+        }
+    };
+    let (ingress, egress) = match spec.policy_types.as_deref() {
+        Some(types) if !types.is_empty() => (
+            types.iter().any(|t| t == "Ingress"),
+            types.iter().any(|t| t == "Egress"),
+        ),
+        _ => (
+            true,
+            spec.egress.as_ref().is_some_and(|rules| !rules.is_empty()),
+        ),
+    };
+    Some(Parsed {
+        namespace: policy.metadata.namespace.as_deref()?,
+        name: policy.metadata.name.as_deref()?,
+        selector,
+        spec,
+        ingress,
+        egress,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// The cluster's pods and namespaces, indexed for peer selection.
+struct Index<'a> {
+    pods_by_namespace: HashMap<&'a str, Vec<&'a PodView>>,
+    namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Index<'_> {
+    /// The addresses of a rule's peers (`None`: no peers, every address).
+    fn peers(&self, namespace: &str, peers: Option<&Vec<NetworkPolicyPeer>>) -> Option<Ranges> {
+        let peers = peers.filter(|p| !p.is_empty())?;
+        let mut ranges = Vec::new();
+        for peer in peers {
+            if let Some(block) = &peer.ip_block {
+                ranges.extend(cidr_less(
+                    &block.cidr,
+                    block.except.as_deref().unwrap_or_default(),
+                ));
+                continue;
+            }
+            let pod_selector = match peer.pod_selector.as_ref().map(LabelSelector::from_api) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(_)) => continue,
+            };
+            let namespaces: Vec<&str> = match &peer.namespace_selector {
+                None if pod_selector.is_none() => continue,
+                None => vec![namespace],
+                Some(sel) => {
+                    let Ok(sel) = LabelSelector::from_api(sel) else {
+                        continue;
+                    };
+                    self.namespaces
+                        .iter()
+                        .filter(|(_, labels)| sel.matches(labels))
+                        .map(|(name, _)| name.as_str())
+                        .collect()
+                }
+            };
+            for ns in namespaces {
+                for pod in self.pods_by_namespace.get(ns).into_iter().flatten() {
+                    if pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels)) {
+                        let ip = u32::from(pod.ip);
+                        ranges.push((ip, ip));
+                    }
+                }
+            }
+        }
+        Some(merge(ranges))
+    }
+}
+
+/// Computes what the node `node` programs.
+pub fn plan(
+    policies: &[&NetworkPolicy],
+    pods: &[PodView],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    node: &str,
+) -> Plan {
+    let mut pods_by_namespace: HashMap<&str, Vec<&PodView>> = HashMap::new();
+    for pod in pods {
+        pods_by_namespace
+            .entry(pod.namespace.as_str())
+            .or_default()
+            .push(pod);
+    }
+    let index = Index {
+        pods_by_namespace,
+        namespaces,
+    };
+    let mut by_namespace: HashMap<&str, Vec<Parsed<'_>>> = HashMap::new();
+    for policy in policies.iter().filter_map(|p| parse(p)) {
+        by_namespace
+            .entry(policy.namespace)
+            .or_default()
+            .push(policy);
+    }
+    for list in by_namespace.values_mut() {
+        list.sort_by_key(|p| p.name);
+    }
+    // Peer sets by (policy, direction, rule), computed once for all the
+    // local pods a policy selects.
+    let mut peer_sets: HashMap<(&str, &str, Direction, usize), Option<String>> = HashMap::new();
+    let mut plan = Plan::default();
+    for pod in pods.iter().filter(|p| p.node == node) {
+        let mut ingress: Option<BTreeSet<Allow>> = None;
+        let mut egress: Option<BTreeSet<Allow>> = None;
+        for policy in by_namespace
+            .get(pod.namespace.as_str())
+            .into_iter()
+            .flatten()
+        {
+            if !policy.selector.matches(&pod.labels) {
+                continue;
+            }
+            for (direction, isolates, out) in [
+                (Direction::Ingress, policy.ingress, &mut ingress),
+                (Direction::Egress, policy.egress, &mut egress),
+            ] {
+                if !isolates {
+                    continue;
+                }
+                let out = out.get_or_insert_with(BTreeSet::new);
+                let rules: Vec<Rule<'_>> = match direction {
+                    Direction::Ingress => policy
+                        .spec
+                        .ingress
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                        .collect(),
+                    Direction::Egress => policy
+                        .spec
+                        .egress
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                        .collect(),
+                };
+                for (i, (peers, ports)) in rules.into_iter().enumerate() {
+                    let key = (policy.namespace, policy.name, direction, i);
+                    let set = peer_sets
+                        .entry(key)
+                        .or_insert_with(|| {
+                            let ranges = index.peers(policy.namespace, peers)?;
+                            let name = set_name(&key);
+                            plan.sets.insert(name.clone(), ranges);
+                            Some(name)
+                        })
+                        .clone();
+                    let peers = match set {
+                        None => Peers::Any,
+                        Some(name) if plan.sets[&name].is_empty() => continue,
+                        Some(name) => Peers::Set(name),
+                    };
+                    rule_allows(&index, pod, direction, peers, ports, &plan.sets, out);
+                }
+            }
+        }
+        if ingress.is_some() || egress.is_some() {
+            plan.pods.push(PodPlan {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ip: pod.ip,
+                ingress: ingress.map(|s| s.into_iter().collect()),
+                egress: egress.map(|s| s.into_iter().collect()),
+            });
+        }
+    }
+    plan.sets.retain(|_, ranges| !ranges.is_empty());
+    plan
+}
+
+/// What one rule admits for `pod`, added to `out`.
+fn rule_allows(
+    index: &Index<'_>,
+    pod: &PodView,
+    direction: Direction,
+    peers: Peers,
+    ports: Option<&Vec<NetworkPolicyPort>>,
+    sets: &BTreeMap<String, Ranges>,
+    out: &mut BTreeSet<Allow>,
+) {
+    let ports = ports.filter(|p| !p.is_empty());
+    let Some(ports) = ports else {
+        out.insert(Allow {
+            peers,
+            ports: Vec::new(),
+        });
+        return;
+    };
+    let mut matches = Vec::new();
+    for port in ports {
+        let Some(protocol) = Protocol::parse(port.protocol.as_deref()) else {
+            continue;
+        };
+        match &port.port {
+            None => matches.push(PortMatch {
+                protocol,
+                range: None,
+            }),
+            Some(IntOrString::Int(p)) => {
+                let Ok(from) = u16::try_from(*p) else {
+                    continue;
+                };
+                let to = port
+                    .end_port
+                    .and_then(|e| u16::try_from(e).ok())
+                    .filter(|e| *e >= from)
+                    .unwrap_or(from);
+                matches.push(PortMatch {
+                    protocol,
+                    range: Some((from, to)),
+                });
+            }
+            Some(IntOrString::String(name)) => match direction {
+                // The selected pod's own port of that name.
+                Direction::Ingress => {
+                    if let Some(p) = pod
+                        .ports
+                        .iter()
+                        .find(|p| &p.name == name && p.protocol == protocol)
+                    {
+                        matches.push(PortMatch {
+                            protocol,
+                            range: Some((p.port, p.port)),
+                        });
+                    }
+                }
+                // Each destination pod's port of that name: an allow of
+                // its own per pod.
+                Direction::Egress => {
+                    let within = |ip: Ipv4Addr| match &peers {
+                        Peers::Any => true,
+                        Peers::Set(name) => contains(&sets[name], ip),
+                        Peers::Addr(a) => *a == ip,
+                    };
+                    for dest in index.pods_by_namespace.values().flatten() {
+                        if !within(dest.ip) {
+                            continue;
+                        }
+                        for p in dest
+                            .ports
+                            .iter()
+                            .filter(|p| &p.name == name && p.protocol == protocol)
+                        {
+                            out.insert(Allow {
+                                peers: Peers::Addr(dest.ip),
+                                ports: vec![PortMatch {
+                                    protocol,
+                                    range: Some((p.port, p.port)),
+                                }],
+                            });
+                        }
+                    }
+                }
+            },
+        }
+    }
+    if !matches.is_empty() {
+        matches.sort();
+        matches.dedup();
+        out.insert(Allow {
+            peers,
+            ports: matches,
+        });
+    }
+}
+
+/// A set's name: short, stable, and unique to its policy rule.
+fn set_name(key: &(&str, &str, Direction, usize)) -> String {
+    let (ns, name, direction, i) = key;
+    let d = match direction {
+        Direction::Ingress => "in",
+        Direction::Egress => "out",
+    };
+    let digest = sha2::Sha256::digest(format!("{ns}/{name}/{d}/{i}").as_bytes());
+    format!("p-{}", &data_encoding::BASE32_NOPAD.encode(&digest)[..10])
+}
+
+/// `cidr` less the `except` blocks, as ranges (nothing for a malformed
+/// CIDR: validation refuses those before they are stored).
+fn cidr_less(cidr: &str, except: &[String]) -> Ranges {
+    let Some(block) = parse_cidr(cidr) else {
+        return Vec::new();
+    };
+    let mut out = vec![block];
+    for ex in except.iter().filter_map(|e| parse_cidr(e)) {
+        out = out
+            .into_iter()
+            .flat_map(|(a, b)| {
+                let mut left = Vec::new();
+                if ex.1 < a || ex.0 > b {
+                    left.push((a, b));
+                } else {
+                    if ex.0 > a {
+                        left.push((a, ex.0 - 1));
+                    }
+                    if ex.1 < b {
+                        left.push((ex.1 + 1, b));
+                    }
+                }
+                left
+            })
+            .collect();
+    }
+    out
+}
+
+/// An IPv4 CIDR as its first and last address.
+fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (addr, len) = cidr.split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let first = u32::from(addr) & mask;
+    Some((first, first | !mask))
+}
+
+/// Sorts ranges and joins the overlapping and adjacent ones.
+fn merge(mut ranges: Ranges) -> Ranges {
+    ranges.sort_unstable();
+    let mut out: Ranges = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Whether merged `ranges` hold `ip`.
+pub fn contains(ranges: &Ranges, ip: Ipv4Addr) -> bool {
+    let ip = u32::from(ip);
+    let i = ranges.partition_point(|(a, _)| *a <= ip);
+    i > 0 && ranges[i - 1].1 >= ip
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(ns: &str, name: &str, ip: &str, node: &str, labels: &[(&str, &str)]) -> PodView {
+        PodView {
+            uid: format!("{ns}/{name}"),
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ip: ip.parse().unwrap(),
+            node: node.into(),
+            ports: vec![NamedPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+        }
+    }
+
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn namespaces() -> BTreeMap<String, BTreeMap<String, String>> {
+        ["a", "b"]
+            .iter()
+            .map(|n| {
+                let mut labels =
+                    BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), (*n).to_owned())]);
+                if *n == "b" {
+                    labels.insert("team".into(), "blue".into());
+                }
+                ((*n).to_owned(), labels)
+            })
+            .collect()
+    }
+
+    fn pods() -> Vec<PodView> {
+        vec![
+            pod("a", "web", "10.244.0.2", "n1", &[("app", "web")]),
+            pod("a", "client", "10.244.0.3", "n1", &[("app", "client")]),
+            pod("a", "other", "10.244.1.2", "n2", &[("app", "client")]),
+            pod("b", "blue", "10.244.1.3", "n2", &[("app", "client")]),
+        ]
+    }
+
+    fn ip(s: &str) -> u32 {
+        u32::from(s.parse::<Ipv4Addr>().unwrap())
+    }
+
+    #[test]
+    fn unselected_pods_are_not_isolated() {
+        let p = policy(
+            "a",
+            "web",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        );
+        let plan = plan(&[&p], &pods(), &namespaces(), "n1");
+        assert_eq!(plan.pods.len(), 1);
+        assert_eq!(plan.pods[0].name, "web");
+        // Default deny for ingress only: no rules, egress open.
+        assert_eq!(plan.pods[0].ingress, Some(vec![]));
+        assert_eq!(plan.pods[0].egress, None);
+    }
+
+    #[test]
+    fn pod_and_namespace_selectors_pick_their_peers() {
+        let p = policy(
+            "a",
+            "web",
+            json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                     "ports": [{"port": "http"}, {"port": 9000, "endPort": 9010, "protocol": "UDP"}]},
+                    {"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]},
+                ],
+            }),
+        );
+        let plan = plan(&[&p], &pods(), &namespaces(), "n1");
+        let ingress = plan.pods[0].ingress.as_ref().unwrap();
+        assert_eq!(ingress.len(), 2);
+        let sets: Vec<&Ranges> = ingress
+            .iter()
+            .map(|a| match &a.peers {
+                Peers::Set(s) => &plan.sets[s],
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Same-namespace clients on both nodes (not b's client).
+        assert!(sets.contains(&&vec![
+            (ip("10.244.0.3"), ip("10.244.0.3")),
+            (ip("10.244.1.2"), ip("10.244.1.2"))
+        ]));
+        // Every pod of namespace b.
+        assert!(sets.contains(&&vec![(ip("10.244.1.3"), ip("10.244.1.3"))]));
+        let with_ports = ingress.iter().find(|a| !a.ports.is_empty()).unwrap();
+        assert_eq!(
+            with_ports.ports,
+            vec![
+                PortMatch {
+                    protocol: Protocol::Tcp,
+                    range: Some((8080, 8080))
+                },
+                PortMatch {
+                    protocol: Protocol::Udp,
+                    range: Some((9000, 9010))
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn ip_blocks_leave_out_their_exceptions() {
+        assert_eq!(
+            cidr_less(
+                "10.0.0.0/8",
+                &["10.1.0.0/16".into(), "10.255.255.255/32".into()]
+            ),
+            vec![
+                (ip("10.0.0.0"), ip("10.0.255.255")),
+                (ip("10.2.0.0"), ip("10.255.255.254"))
+            ]
+        );
+        assert_eq!(
+            merge(vec![(5, 6), (1, 2), (3, 4), (10, 12)]),
+            vec![(1, 6), (10, 12)]
+        );
+        assert!(contains(&vec![(1, 6), (10, 12)], Ipv4Addr::from(11)));
+        assert!(!contains(&vec![(1, 6), (10, 12)], Ipv4Addr::from(8)));
+        assert_eq!(parse_cidr("0.0.0.0/0"), Some((0, u32::MAX)));
+    }
+
+    #[test]
+    fn egress_named_ports_resolve_on_each_destination() {
+        let p = policy(
+            "a",
+            "client",
+            json!({
+                "podSelector": {"matchLabels": {"app": "client"}},
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                            "ports": [{"port": "http"}]}],
+            }),
+        );
+        let plan = plan(&[&p], &pods(), &namespaces(), "n1");
+        assert_eq!(plan.pods.len(), 1);
+        let client = &plan.pods[0];
+        // Without policyTypes, egress rules make the policy of both types:
+        // the client is isolated for ingress too.
+        assert_eq!(client.ingress, Some(vec![]));
+        assert_eq!(
+            client.egress.as_ref().unwrap(),
+            &vec![Allow {
+                peers: Peers::Addr("10.244.0.2".parse().unwrap()),
+                ports: vec![PortMatch {
+                    protocol: Protocol::Tcp,
+                    range: Some((8080, 8080))
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn a_rule_whose_peers_match_nothing_admits_nothing() {
+        let p = policy(
+            "a",
+            "web",
+            json!({
+                "podSelector": {},
+                "policyTypes": ["Egress"],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "nobody"}}}]}],
+            }),
+        );
+        let plan = plan(&[&p], &pods(), &namespaces(), "n1");
+        assert_eq!(plan.pods.len(), 2);
+        for pod in &plan.pods {
+            assert_eq!(pod.ingress, None);
+            assert_eq!(pod.egress, Some(vec![]));
+        }
+        assert!(plan.sets.is_empty());
+    }
+}
