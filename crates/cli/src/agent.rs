@@ -74,12 +74,18 @@ pub struct NodeArgs {
     #[arg(long, default_value = "10.96.0.0/12", value_name = "CIDR")]
     pub service_cluster_ip_range: ipnet::Ipv4Net,
 
-    /// Run no service proxy and no NetworkPolicy enforcer on this node:
-    /// Services then route nowhere from it and its pods are not isolated.
-    /// (Both need root and `nft`, from Debian's nftables; without them the
-    /// agent says so and they stay off.)
+    /// Run no service proxy on this node: Services then route nowhere from
+    /// it. (The proxy needs root and `nft`, from Debian's nftables; without
+    /// them it says so and stays off.)
     #[arg(long)]
     pub no_service_proxy: bool,
+
+    /// Enforce no NetworkPolicy on this node. (Pods with a network of
+    /// their own are isolated by the node's nftables rules, which need
+    /// root and `nft`; Wasm guests of pods that share the node's network
+    /// are held to their policies in-process.)
+    #[arg(long)]
+    pub no_network_policy: bool,
 
     /// Where pods' DNS queries go (`dnsPolicy: ClusterFirst`); every node
     /// serves the cluster DNS on it [default: the tenth address of
@@ -165,8 +171,10 @@ pub struct NodeServices {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
-    /// The NetworkPolicy enforcer new pods wait for.
+    /// The NetworkPolicy enforcer: new pods wait for its rules when it
+    /// programs the node, guests on the node's network ask it.
     enforcer: Option<wasmkube_netpol::Enforcer>,
+    programs_policy: bool,
     gateway: Option<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -182,6 +190,11 @@ impl NodeServices {
         config.routed_load = self.routed_load.clone();
         config.service_backends = Some(std::sync::Arc::new(WatchedBackends(self.watch.clone())));
         config.pod_network_gate = self
+            .enforcer
+            .clone()
+            .filter(|_| self.programs_policy)
+            .map(|e| std::sync::Arc::new(PolicyGate(e)) as _);
+        config.network_policies = self
             .enforcer
             .clone()
             .map(|e| std::sync::Arc::new(PolicyGate(e)) as _);
@@ -215,10 +228,10 @@ impl NodeArgs {
     }
 
     /// Starts the node's service proxy, NetworkPolicy enforcer and cluster
-    /// DNS. The proxy and the enforcer need root and `nft`; without them (or
-    /// with --no-service-proxy) Services are not routed from this node,
-    /// NetworkPolicies are not enforced on it, and DNS is answered
-    /// in-process to Wasm guests only.
+    /// DNS. The proxy and the enforcer's rules need root and `nft`; without
+    /// them (or with --no-service-proxy) Services are not routed from this
+    /// node and DNS is answered in-process to Wasm guests only, and
+    /// NetworkPolicy is decided in-process for Wasm guests only.
     pub fn start_services(
         &self,
         client: &kube::Client,
@@ -269,10 +282,14 @@ impl NodeArgs {
             });
             (stop, task)
         });
-        // NetworkPolicy needs what the proxy needs: root and nft.
-        let enforcer = routed.then(wasmkube_netpol::Enforcer::new);
+        // NetworkPolicy: the node's rules need what the proxy needs (root
+        // and nft); without them its pods share the node's network and
+        // their Wasm guests are held to their policies in-process.
+        let enforcer = (!self.no_network_policy).then(wasmkube_netpol::Enforcer::new);
+        let program = !self.no_pod_network && wasmkube_netpol::check().is_ok();
         let netpol = enforcer.clone().map(|enforcer| {
-            let config = wasmkube_netpol::Config::new(node);
+            let mut config = wasmkube_netpol::Config::new(node);
+            config.program = program;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let client = client.clone();
             let task = tokio::spawn(async move {
@@ -326,6 +343,7 @@ impl NodeArgs {
             tasks,
             proxy,
             netpol,
+            programs_policy: program && enforcer.is_some(),
             enforcer,
             gateway,
         }
@@ -439,9 +457,31 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     result
 }
 
-/// New pods wait for the node's NetworkPolicy enforcer to program them.
+/// The node's NetworkPolicy enforcer as the agent uses it: new pods wait
+/// for it to program them; Wasm guests on the node's network are held to
+/// their policies by its in-process decisions.
 #[derive(Debug)]
 struct PolicyGate(wasmkube_netpol::Enforcer);
+
+impl wasmkube_node::NetworkPolicies for PolicyGate {
+    fn may_connect(
+        &self,
+        from: &k8s_openapi::api::core::v1::Pod,
+        to: SocketAddr,
+        to_pod: Option<(&k8s_openapi::api::core::v1::Pod, u16)>,
+    ) -> bool {
+        self.0.may_connect(from, to, to_pod)
+    }
+
+    fn may_accept(
+        &self,
+        to: &k8s_openapi::api::core::v1::Pod,
+        from: SocketAddr,
+        port: u16,
+    ) -> bool {
+        self.0.may_accept(to, from, port)
+    }
+}
 
 impl wasmkube_node::PodNetworkGate for PolicyGate {
     fn admit<'a>(

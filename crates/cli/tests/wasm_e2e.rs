@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 use wasmkube_testkit::Registry;
@@ -611,6 +612,70 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
             && got.contains("hello from wasmkube: GET /by/cluster/ip"),
         "{got}"
     );
+
+    // NetworkPolicy for guests on the node's network, decided in-process
+    // where they connect: once the burner's pods admit only clients, a
+    // guest without the label cannot connect to them through the Service
+    // (tried again under a new name until the node has seen the policy),
+    // and one with it can; deleted, the policy lets everyone in again.
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: burner-clients}\nspec:\n  podSelector: {matchLabels: {app: burner}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: 8080}]\n";
+    ok(&s, &["apply", "-f", "-"], Some(policy));
+    let get = |name: &str, labels: &str, restart: &str| -> String {
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{{labels}}}}}\nspec:\n  restartPolicy: {restart}\n  containers:\n  - name: get\n    image: {tcp_get}\n    args: ['{cluster_ip}:80', /policy]\n"
+        );
+        ok(&s, &["apply", "-f", "-"], Some(&manifest));
+        let phase = common::poll(
+            &format!("pod/{name} to finish"),
+            Duration::from_secs(60),
+            || {
+                let phase = ok(
+                    &s,
+                    &["get", "pod", name, "-o", "jsonpath={.status.phase}"],
+                    None,
+                );
+                if phase == "Succeeded" || phase == "Failed" {
+                    Ok(phase)
+                } else {
+                    Err(phase)
+                }
+            },
+        );
+        let log = ok(&s, &["logs", name], None);
+        ok(&s, &["delete", "pod", name, "--wait=false"], None);
+        format!("{phase}: {log}")
+    };
+    let attempt = std::cell::Cell::new(0);
+    common::poll(
+        "a guest refused by the burner's policy",
+        Duration::from_secs(60),
+        || {
+            attempt.set(attempt.get() + 1);
+            let got = get(
+                &format!("np-other-{}", attempt.get()),
+                "role: other",
+                "Never",
+            );
+            if got.starts_with("Failed: ") {
+                Ok(got)
+            } else {
+                Err(got)
+            }
+        },
+    );
+    let refused = get("np-other-last", "role: other", "Never");
+    assert!(
+        refused.starts_with("Failed: ") && refused.contains("cannot connect"),
+        "{refused}"
+    );
+    let allowed = get("np-client", "role: client", "OnFailure");
+    assert!(
+        allowed.starts_with("Succeeded: ") && allowed.contains("GET /policy"),
+        "{allowed}"
+    );
+    ok(&s, &["delete", "networkpolicy", "burner-clients"], None);
+    let open = get("np-other-open", "role: other", "OnFailure");
+    assert!(open.starts_with("Succeeded: "), "{open}");
 
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(

@@ -30,7 +30,7 @@ pub mod model;
 pub mod nft;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,9 @@ pub struct Config {
     /// How often the table is rewritten even when nothing changed
     /// (repairs what someone else changed in it).
     pub resync: Duration,
+    /// Program the node's table (root and `nft`); otherwise only decide
+    /// in-process, for Wasm guests of pods on the node's network.
+    pub program: bool,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
         Self {
             node: node.into(),
             resync: Duration::from_secs(300),
+            program: true,
         }
     }
 }
@@ -131,6 +135,8 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// The last change a written (or unchanged) table includes.
     applied: tokio::sync::watch::Sender<u64>,
+    /// The caches, once running, for in-process decisions.
+    caches: std::sync::OnceLock<Caches>,
 }
 
 impl Enforcer {
@@ -169,6 +175,40 @@ impl Enforcer {
         }
     }
 
+    /// In-process: whether `from`, a pod of this node on the node's
+    /// network, may connect to `to` (`to_pod`: the pod of this node
+    /// listening there, and its container port). Until the caches are
+    /// filled, nothing is isolated.
+    pub fn may_connect(&self, from: &Pod, to: SocketAddr, to_pod: Option<(&Pod, u16)>) -> bool {
+        let Some(caches) = self.inner.caches.get() else {
+            return true;
+        };
+        let Some(from) = model::PodView::local(from) else {
+            return true;
+        };
+        let to_view = to_pod.and_then(|(p, _)| model::PodView::local(p));
+        let port = to_pod.map_or(to.port(), |(_, port)| port);
+        let to = match (&to_view, to.ip()) {
+            (Some(view), _) => model::Party::Pod(view),
+            (None, IpAddr::V4(ip)) => model::Party::Addr(ip),
+            (None, IpAddr::V6(_)) => return true,
+        };
+        caches.decide((model::Party::Pod(&from), to), port)
+    }
+
+    /// In-process: whether `to`, a pod of this node on the node's network,
+    /// may accept a connection from `from` at its container port `port`.
+    pub fn may_accept(&self, to: &Pod, from: SocketAddr, port: u16) -> bool {
+        let (Some(caches), Some(to), IpAddr::V4(from)) = (
+            self.inner.caches.get(),
+            model::PodView::local(to),
+            from.ip().to_canonical(),
+        ) else {
+            return true;
+        };
+        caches.decide((model::Party::Addr(from), model::Party::Pod(&to)), port)
+    }
+
     /// Runs the enforcer until `shutdown` completes, then removes its
     /// table. Returns early only if the node cannot be programmed at all.
     pub async fn run(
@@ -177,7 +217,9 @@ impl Enforcer {
         config: Config,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        check()?;
+        if config.program {
+            check()?;
+        }
         let (policies, policy_events) = cache::<NetworkPolicy>(&client);
         let (pods, pod_events) =
             cache_trimmed::<Pod>(&client, watcher::Config::default(), trim_pod);
@@ -199,11 +241,11 @@ impl Enforcer {
                 inner.changes.send_modify(|n| *n += 1);
             }
         };
-        let caches = Caches {
+        let caches = inner.caches.get_or_init(|| Caches {
             policies,
             pods,
             namespaces,
-        };
+        });
         let sync = async {
             let _ = tokio::join!(
                 caches.policies.wait_until_ready(),
@@ -219,6 +261,13 @@ impl Enforcer {
                     next_resync = tokio::time::Instant::now() + config.resync;
                 }
                 let generation = *changes.borrow_and_update();
+                if !config.program {
+                    inner.applied.send_modify(|a| *a = (*a).max(generation));
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let plan = caches.plan(&config.node, &inner.pending);
                 let script = nft::render(&plan);
                 if written.as_deref() != Some(script.as_str()) {
@@ -247,7 +296,9 @@ impl Enforcer {
             _ = sync => {}
             _ = shutdown => {}
         }
-        if let Err(e) = wasmkube_proxy::nft::apply(&nft::remove()).await {
+        if config.program
+            && let Err(e) = wasmkube_proxy::nft::apply(&nft::remove()).await
+        {
             tracing::warn!(error = %e, "removing the network policy table");
         }
         tracing::info!("network policy enforcer stopped; its table is removed");
@@ -256,6 +307,7 @@ impl Enforcer {
 }
 
 /// The node's caches: every NetworkPolicy, pod and namespace.
+#[derive(Debug)]
 struct Caches {
     policies: Store<NetworkPolicy>,
     pods: Store<Pod>,
@@ -263,6 +315,35 @@ struct Caches {
 }
 
 impl Caches {
+    /// An in-process decision on the caches.
+    fn decide(&self, parties: (model::Party<'_>, model::Party<'_>), port: u16) -> bool {
+        let policies = self.policies.state();
+        if policies.is_empty() {
+            return true;
+        }
+        let policies: Vec<&NetworkPolicy> = policies.iter().map(|p| p.as_ref()).collect();
+        let pods: Vec<model::PodView> = self
+            .pods
+            .state()
+            .iter()
+            .filter_map(|p| model::PodView::of(p))
+            .collect();
+        let namespaces: BTreeMap<String, BTreeMap<String, String>> = self
+            .namespaces
+            .state()
+            .iter()
+            .map(|n| model::namespace_labels(n))
+            .collect();
+        model::allows(
+            &policies,
+            &pods,
+            &namespaces,
+            parties,
+            model::Protocol::Tcp,
+            port,
+        )
+    }
+
     /// What the node programs now: the cached pods, and this node's pods
     /// whose address the cache does not hold yet.
     fn plan(

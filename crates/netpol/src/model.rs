@@ -125,6 +125,26 @@ impl PodView {
     }
 }
 
+impl PodView {
+    /// A pod of this node as the agent holds it, for in-process decisions:
+    /// its address is its own, its node's, or none yet (0.0.0.0).
+    pub fn local(pod: &Pod) -> Option<Self> {
+        let mut seen = pod.clone();
+        let status = seen.status.get_or_insert_with(Default::default);
+        let ip = status
+            .pod_ip
+            .clone()
+            .or_else(|| status.host_ip.clone())
+            .unwrap_or_else(|| "0.0.0.0".into());
+        status.pod_ip = Some(ip);
+        status.phase = Some("Running".into());
+        if let Some(spec) = seen.spec.as_mut() {
+            spec.host_network = None;
+        }
+        Self::of(&seen)
+    }
+}
+
 /// A namespace's labels, with its name label (which the API server sets;
 /// added here too, so selectors on it always work).
 pub fn namespace_labels(ns: &Namespace) -> (String, BTreeMap<String, String>) {
@@ -484,6 +504,158 @@ fn rule_allows(
     }
 }
 
+/// One end of a connection decided in-process.
+#[derive(Clone, Copy, Debug)]
+pub enum Party<'a> {
+    /// A pod (whose address may be its node's, when it shares the node's
+    /// network).
+    Pod(&'a PodView),
+    /// Anything else, by address (another node's pod is found by it).
+    Addr(Ipv4Addr),
+}
+
+/// Whether the policies let `from` open a connection to `to` on `port`:
+/// the egress policies of `from` and the ingress policies of `to`, each
+/// checked when it is a pod (for ingress, the port is `to`'s container
+/// port). The node's own traffic is the caller's to allow.
+pub fn allows<'a>(
+    policies: &[&NetworkPolicy],
+    pods: &'a [PodView],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+    (from, to): (Party<'a>, Party<'a>),
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    // An address that is exactly one pod's is that pod.
+    let resolve = |p: Party<'a>| -> Party<'a> {
+        let Party::Addr(ip) = p else { return p };
+        let mut found = pods.iter().filter(|v| v.ip == ip);
+        match (found.next(), found.next()) {
+            (Some(pod), None) => Party::Pod(pod),
+            _ => p,
+        }
+    };
+    let (from, to) = (resolve(from), resolve(to));
+    let parsed: Vec<Parsed<'_>> = policies.iter().filter_map(|p| parse(p)).collect();
+    let side = |subject: Party<'_>, other: Party<'_>, direction: Direction| -> bool {
+        let Party::Pod(pod) = subject else {
+            return true;
+        };
+        let mut isolated = false;
+        for policy in parsed.iter().filter(|p| {
+            p.namespace == pod.namespace
+                && p.selector.matches(&pod.labels)
+                && match direction {
+                    Direction::Ingress => p.ingress,
+                    Direction::Egress => p.egress,
+                }
+        }) {
+            isolated = true;
+            let rules: Vec<Rule<'_>> = match direction {
+                Direction::Ingress => policy
+                    .spec
+                    .ingress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                    .collect(),
+                Direction::Egress => policy
+                    .spec
+                    .egress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                    .collect(),
+            };
+            // The named ports are the listening side's: the subject's
+            // for ingress, the other's for egress.
+            let listener = match direction {
+                Direction::Ingress => Some(pod),
+                Direction::Egress => match other {
+                    Party::Pod(p) => Some(p),
+                    Party::Addr(_) => None,
+                },
+            };
+            if rules.iter().any(|(peers, ports)| {
+                peer_matches(policy.namespace, *peers, other, namespaces)
+                    && port_matches(*ports, listener, protocol, port)
+            }) {
+                return true;
+            }
+        }
+        !isolated
+    };
+    side(from, to, Direction::Egress) && side(to, from, Direction::Ingress)
+}
+
+/// Whether `other` is among a rule's peers (all, when it names none).
+fn peer_matches(
+    namespace: &str,
+    peers: Option<&Vec<NetworkPolicyPeer>>,
+    other: Party<'_>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> bool {
+    let Some(peers) = peers.filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let ip = match other {
+        Party::Pod(p) => p.ip,
+        Party::Addr(ip) => ip,
+    };
+    peers.iter().any(|peer| {
+        if let Some(block) = &peer.ip_block {
+            let ranges = cidr_less(&block.cidr, block.except.as_deref().unwrap_or_default());
+            return contains(&merge(ranges), ip);
+        }
+        let Party::Pod(pod) = other else {
+            return false;
+        };
+        let in_namespace = match &peer.namespace_selector {
+            None => pod.namespace == namespace,
+            Some(sel) => LabelSelector::from_api(sel).is_ok_and(|sel| {
+                namespaces
+                    .get(&pod.namespace)
+                    .is_some_and(|labels| sel.matches(labels))
+            }),
+        };
+        let selected = match &peer.pod_selector {
+            None => true,
+            Some(sel) => LabelSelector::from_api(sel).is_ok_and(|sel| sel.matches(&pod.labels)),
+        };
+        in_namespace && selected
+    })
+}
+
+/// Whether `port` (of `protocol`) is among a rule's ports (all, when it
+/// names none); a named port is looked up on `listener`.
+fn port_matches(
+    ports: Option<&Vec<NetworkPolicyPort>>,
+    listener: Option<&PodView>,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    ports.iter().any(|p| {
+        if Protocol::parse(p.protocol.as_deref()) != Some(protocol) {
+            return false;
+        }
+        match &p.port {
+            None => true,
+            Some(IntOrString::Int(from)) => {
+                let end = p.end_port.unwrap_or(*from);
+                (*from..=end).contains(&i32::from(port))
+            }
+            Some(IntOrString::String(name)) => listener.is_some_and(|l| {
+                l.ports
+                    .iter()
+                    .any(|n| &n.name == name && n.protocol == protocol && n.port == port)
+            }),
+        }
+    })
+}
+
 /// A set's name: short, stable, and unique to its policy rule.
 fn set_name(key: &(&str, &str, Direction, usize)) -> String {
     let (ns, name, direction, i) = key;
@@ -723,6 +895,44 @@ mod tests {
                 }],
             }]
         );
+    }
+
+    #[test]
+    fn in_process_decisions_follow_the_same_rules() {
+        let p = policy(
+            "a",
+            "web",
+            json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}},
+                                      {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
+                             "ports": [{"port": "http"}]}],
+            }),
+        );
+        let pods = pods();
+        let ns = namespaces();
+        let (web, client, blue) = (&pods[0], &pods[1], &pods[3]);
+        let decide = |from: Party<'_>, to: Party<'_>, port| {
+            allows(&[&p], &pods, &ns, (from, to), Protocol::Tcp, port)
+        };
+        assert!(decide(Party::Pod(client), Party::Pod(web), 8080));
+        assert!(!decide(Party::Pod(client), Party::Pod(web), 9090));
+        // Another namespace's client, by pod or by its address.
+        assert!(!decide(Party::Pod(blue), Party::Pod(web), 8080));
+        assert!(!decide(Party::Addr(blue.ip), Party::Pod(web), 8080));
+        assert!(decide(Party::Addr(client.ip), Party::Addr(web.ip), 8080));
+        assert!(decide(
+            Party::Addr("192.168.2.9".parse().unwrap()),
+            Party::Pod(web),
+            8080
+        ));
+        assert!(!decide(
+            Party::Addr("192.168.1.9".parse().unwrap()),
+            Party::Pod(web),
+            8080
+        ));
+        // Pods no policy selects are open.
+        assert!(decide(Party::Pod(web), Party::Pod(blue), 1234));
     }
 
     #[test]

@@ -39,7 +39,7 @@ use wasmkube_runtime::Runtime;
 
 pub use dns::ClusterDns;
 pub use logs::LogOptions;
-pub use routes::{ServiceBackend, ServiceBackends};
+pub use routes::{NetworkPolicies, ServiceBackend, ServiceBackends};
 
 /// Restart back-off for crashing containers (CrashLoopBackOff).
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +128,9 @@ pub struct Config {
     /// Told each new pod's address before its containers start, and
     /// awaited (the node's NetworkPolicy enforcer).
     pub pod_network_gate: Option<Arc<dyn PodNetworkGate>>,
+    /// NetworkPolicy decisions for Wasm guests of pods that share the
+    /// node's network (no node rules can filter their traffic).
+    pub network_policies: Option<Arc<dyn NetworkPolicies>>,
 }
 
 /// What must see a pod's address before the pod's containers start: the
@@ -182,6 +185,7 @@ impl Config {
             routed_load: None,
             service_backends: None,
             pod_network_gate: None,
+            network_policies: None,
         }
     }
 }
@@ -263,6 +267,29 @@ impl Ctx {
             .values()
             .find(|h| h.namespace == namespace && h.name == name)
             .map(|h| h.state.clone())
+    }
+
+    /// The pod of this node serving at node port `port`, and the container
+    /// port mapped there.
+    pub(crate) fn pod_at_node_port(
+        &self,
+        port: u16,
+    ) -> Option<(k8s_openapi::api::core::v1::Pod, u16)> {
+        let handles: Vec<(
+            Arc<Mutex<pod::PodState>>,
+            Option<k8s_openapi::api::core::v1::Pod>,
+        )> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(|h| (h.state.clone(), h.pod()))
+            .collect();
+        handles.into_iter().find_map(|(state, pod)| {
+            let st = state.lock().expect("pod state");
+            let m = st.node_ports.iter().find(|m| m.node_port == port)?;
+            Some((pod?, m.container_port))
+        })
     }
 
     pub fn pods_dir(&self) -> PathBuf {

@@ -49,6 +49,11 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
+    /// The pod as last seen.
+    pub fn pod(&self) -> Option<Pod> {
+        self.tx.borrow().clone()
+    }
+
     /// The pod's labels as last seen.
     pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
         self.tx
@@ -1381,16 +1386,10 @@ impl PodRun {
                     crate::dns::PodNames::new(c.resolver.clone(), &resolv)
                         as Arc<dyn wasmkube_runtime::NameLookup>
                 }),
-                service_routes: self
-                    .ctx
-                    .config
-                    .service_backends
-                    .clone()
-                    .filter(|_| self.shares_node_network(&pod))
-                    .map(|b| {
-                        crate::routes::NodeRoutes::new(b, &self.ctx)
-                            as Arc<dyn wasmkube_runtime::ServiceRoutes>
-                    }),
+                service_routes: self.shares_node_network(&pod).then(|| {
+                    crate::routes::NodeRoutes::new(pod.clone(), &self.ctx)
+                        as Arc<dyn wasmkube_runtime::ServiceRoutes>
+                }),
             };
             let started = runtime.start(config).await;
             if let Err(wasmkube_runtime::Error::Config(message)) = &started {

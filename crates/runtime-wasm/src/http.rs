@@ -141,7 +141,15 @@ impl WasmRuntime {
         let mut stop = std::pin::pin!(stop);
         loop {
             let socket = tokio::select! {
-                accepted = listener.accept() => accepted?.0,
+                accepted = listener.accept() => {
+                    let (socket, from) = accepted?;
+                    // NetworkPolicy, decided here for a pod on the node's
+                    // network: a refused connection is closed unread.
+                    match socket.local_addr() {
+                        Ok(local) if !spec.network.accepts(from, local) => continue,
+                        _ => socket,
+                    }
+                }
                 // Reaps finished connections so the set stays small.
                 Some(_) = connections.join_next() => continue,
                 () = &mut stop => break,

@@ -70,6 +70,25 @@ impl GuestNetwork {
         matches!(self, Self::Node(Some(routes)) if routes.is_endpoint(to))
     }
 
+    /// Whether NetworkPolicy lets the guest connect to `to` (where the
+    /// connection really goes): decided in-process for a pod on the node's
+    /// network; a pod network's packets meet the node's rules instead.
+    pub fn policy_allows(&self, to: SocketAddr) -> bool {
+        match self {
+            Self::Node(Some(routes)) => routes.may_connect(to),
+            _ => true,
+        }
+    }
+
+    /// Whether NetworkPolicy lets a connection from `from` in at the
+    /// guest's listener `local`.
+    pub fn accepts(&self, from: SocketAddr, local: SocketAddr) -> bool {
+        match self {
+            Self::Node(Some(routes)) => routes.may_accept(from, local),
+            _ => true,
+        }
+    }
+
     /// Runs `make` where the guest's sockets belong.
     fn make<R>(&self, make: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
         match self {
@@ -93,9 +112,10 @@ impl GuestNetwork {
         wasi.socket_addr_check(move |addr, usage| {
             let ok = match usage {
                 SocketAddrUse::TcpConnect => {
-                    this.may_reach(addr.ip()) || this.is_route_endpoint(addr)
+                    (this.may_reach(addr.ip()) || this.is_route_endpoint(addr))
+                        && this.policy_allows(addr)
                 }
-                SocketAddrUse::UdpSend => this.may_reach(addr.ip()),
+                SocketAddrUse::UdpSend => this.may_reach(addr.ip()) && this.policy_allows(addr),
                 // Binding, listening, accepting and receiving are the
                 // guest's own business; what it reaches is not.
                 _ => allowed,
@@ -160,6 +180,7 @@ impl GuestNetwork {
             .into_iter()
             .find(|a| self.may_reach(a.ip()))
             .map(|a| self.route(a))
+            .filter(|a| self.policy_allows(*a))
             .ok_or(HttpError::DestinationIpProhibited)?;
         let socket = self
             .make(|| {

@@ -132,6 +132,22 @@ pub trait ServiceRoutes: Send + Sync + std::fmt::Debug {
     /// on this node), so a routed connection is not refused as one to the
     /// node's own address.
     fn is_endpoint(&self, to: std::net::SocketAddr) -> bool;
+
+    /// Whether the NetworkPolicies of the guest's pod and of whatever
+    /// listens at `to` (where the connection really goes, after routing)
+    /// let the guest open it; with no node rules to enforce them, the
+    /// decision is taken here, in-process. By default: yes.
+    fn may_connect(&self, to: std::net::SocketAddr) -> bool {
+        let _ = to;
+        true
+    }
+
+    /// Whether the NetworkPolicies of the guest's pod let a connection from
+    /// `from` in at the pod's listener `local`. By default: yes.
+    fn may_accept(&self, from: std::net::SocketAddr, local: std::net::SocketAddr) -> bool {
+        let _ = (from, local);
+        true
+    }
 }
 
 /// Everything a runtime needs to start one container.
