@@ -177,11 +177,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut policies: Vec<NetworkPolicy> =
         (0..args.policies).map(|k| policy(k, &args, 0)).collect();
-    let sync = |policies: &[NetworkPolicy]| -> (String, usize, usize) {
+    let sync_with = |policies: &[NetworkPolicy], pods: &[PodView]| -> nft::Rendered {
         let refs: Vec<&NetworkPolicy> = policies.iter().collect();
-        let plan = model::plan(&refs, &pods, &namespaces, NODE);
-        (nft::render(&plan), plan.pods.len(), plan.sets.len())
+        nft::Rendered::of(&model::plan(&refs, pods, &namespaces, NODE))
     };
+    let sync = |policies: &[NetworkPolicy]| sync_with(policies, &pods);
     let apply = |script: String| {
         router.run(|| {
             tokio::runtime::Builder::new_current_thread()
@@ -193,12 +193,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let started = Instant::now();
-    let (script, isolated, sets) = sync(&policies);
+    let mut written = sync(&policies);
+    let script = written.full();
+    let (isolated, sets) = written.size();
     let computed = started.elapsed();
     apply(script.clone())?;
     let first = started.elapsed();
     println!(
-        "{} policies over {} namespaces x {} pods ({} on this node): {isolated} isolated pods, {sets} address sets, a {} KiB script",
+        "{} policies over {} namespaces x {} pods ({} on this node): {isolated} pod chains, {sets} address sets, a {} KiB script",
         args.policies,
         args.namespaces,
         args.pods,
@@ -211,33 +213,85 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         computed.as_secs_f64() * 1e3
     );
 
-    // One policy change at a time, as the sync loop sees it.
+    // One policy change at a time, as the sync loop sees it: the plan, the
+    // difference from what was written, one transaction.
     let mut total = Vec::with_capacity(args.changes);
     let mut nft_only = Vec::with_capacity(args.changes);
+    let mut script_bytes = 0;
     for c in 0..args.changes {
         let k = (c * 7919) % args.policies;
         policies[k] = policy(k, &args, c + 1);
         let started = Instant::now();
-        let (script, _, _) = sync(&policies);
+        let now = sync(&policies);
+        let Some(script) = now.diff(&written) else {
+            continue;
+        };
+        script_bytes += script.len();
         let applying = Instant::now();
         apply(script)?;
         nft_only.push(applying.elapsed());
         total.push(started.elapsed());
+        written = now;
     }
+    anyhow::ensure!(!total.is_empty(), "no change touched the node's rules");
     total.sort();
     nft_only.sort();
+    // Pods of this node going and coming back: their chains, map elements
+    // and places in the address sets.
+    let mut churn = Vec::new();
+    let local: Vec<usize> = (0..pods.len()).filter(|&i| pods[i].node == NODE).collect();
+    for c in 0..args.changes {
+        let gone = local[(c * 31) % local.len()];
+        let fewer: Vec<PodView> = pods
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, p)| p.clone())
+            .collect();
+        for now in [sync_with(&policies, &fewer), sync(&policies)] {
+            let started = Instant::now();
+            if let Some(script) = now.diff(&written) {
+                apply(script)?;
+                churn.push(started.elapsed());
+            }
+            written = now;
+        }
+    }
+    churn.sort();
+    // The peer: the whole table rewritten per change.
+    let mut rewrites = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        apply(sync(&policies).full())?;
+        rewrites.push(started.elapsed());
+    }
+    rewrites.sort();
+    let p50 = percentile(&total, 0.5);
     println!(
-        "  policy change to rules in place ({} changes): p50 {:.1} ms, p99 {:.1} ms (nft alone: p50 {:.1} ms, p99 {:.1} ms)",
-        args.changes,
-        percentile(&total, 0.5),
+        "  policy change to rules in place ({} changes, {} B of script each): p50 {p50:.1} ms, p99 {:.1} ms (nft alone: p50 {:.1} ms, p99 {:.1} ms)",
+        total.len(),
+        script_bytes / total.len(),
         percentile(&total, 0.99),
         percentile(&nft_only, 0.5),
         percentile(&nft_only, 0.99),
     );
+    if !churn.is_empty() {
+        println!(
+            "  a pod of this node gone or back ({} changes): p50 {:.1} ms, p99 {:.1} ms",
+            churn.len(),
+            percentile(&churn, 0.5),
+            percentile(&churn, 0.99)
+        );
+    }
+    let full = percentile(&rewrites, 0.5);
+    println!(
+        "  whole-table rewrite per change (peer): median {full:.1} ms; the difference is {:.1}x faster",
+        full / p50
+    );
 
     // New connections through the router: the server admits the client by
     // the last rule of its policies.
-    let (script, _, _) = sync(&policies);
+    let script = sync(&policies).full();
     anyhow::ensure!(
         script.contains(&format!("{SERVER} : jump in-")),
         "the server is not isolated"

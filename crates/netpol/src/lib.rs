@@ -16,10 +16,10 @@
 //! its policies.
 //!
 //! One sync loop owns the table: after any change of the three caches it
-//! recomputes the plan ([`model::plan`]), renders it ([`nft::render`]) and,
-//! when the script differs from the last one written, replaces the table in
-//! one `nft` transaction, so the rules change atomically and connections
-//! already admitted keep flowing. The table is removed on a clean stop and
+//! recomputes the plan ([`model::plan`]) and writes what differs from the
+//! last one written ([`nft::Rendered::diff`]) in one `nft` transaction, so
+//! the rules change atomically and connections already admitted keep
+//! flowing. The table is removed on a clean stop and
 //! rewritten whole at start, so nothing a crashed agent left survives.
 //!
 //! A node reads every pod's labels and address for this, as the node
@@ -253,7 +253,8 @@ impl Enforcer {
                 caches.namespaces.wait_until_ready()
             );
             let mut changes = inner.changes.subscribe();
-            let mut written: Option<String> = None;
+            // What the table holds (`None`: unknown, rewrite it whole).
+            let mut written: Option<nft::Rendered> = None;
             let mut next_resync = tokio::time::Instant::now() + config.resync;
             loop {
                 if tokio::time::Instant::now() >= next_resync {
@@ -269,8 +270,12 @@ impl Enforcer {
                     continue;
                 }
                 let plan = caches.plan(&config.node, &inner.pending);
-                let script = nft::render(&plan);
-                if written.as_deref() != Some(script.as_str()) {
+                let rendered = nft::Rendered::of(&plan);
+                let script = match &written {
+                    None => Some(rendered.full()),
+                    Some(old) => rendered.diff(old),
+                };
+                if let Some(script) = script {
                     if let Err(e) = wasmkube_proxy::nft::apply(&script).await {
                         tracing::warn!(error = %e, "programming network policy failed; retrying in 1s");
                         written = None;
@@ -282,7 +287,7 @@ impl Enforcer {
                         sets = plan.sets.len(),
                         "network policy programmed"
                     );
-                    written = Some(script);
+                    written = Some(rendered);
                 }
                 inner.applied.send_modify(|a| *a = (*a).max(generation));
                 tokio::select! {

@@ -1,5 +1,7 @@
-//! A [`Plan`] as one nftables table, `ip wasmkube-policy`, written whole in
-//! one transaction.
+//! A [`Plan`] as one nftables table, `ip wasmkube-policy`: written whole in
+//! one transaction at start and after a failure, otherwise changed by
+//! what differs from the last plan written ([`Rendered::diff`]), also in
+//! one transaction, so a change costs what it touches.
 //!
 //! Its one base chain filters forwarded packets, the traffic that passes
 //! through the node between a pod's interface and anything else (another
@@ -14,6 +16,7 @@
 //! says it is; a pod's traffic to itself is allowed by the first rule of
 //! each of its chains.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
@@ -24,59 +27,165 @@ use crate::model::{Allow, Peers, Plan, PodPlan, PortMatch, Ranges};
 /// The table's name.
 pub const TABLE: &str = "wasmkube-policy";
 
-/// A script that replaces the whole table with `plan`'s.
-pub fn render(plan: &Plan) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "add table ip {TABLE}");
-    let _ = writeln!(s, "delete table ip {TABLE}");
-    let _ = writeln!(s, "table ip {TABLE} {{");
-    for (name, ranges) in &plan.sets {
-        let _ = writeln!(
-            s,
-            "  set {name} {{ type ipv4_addr; flags interval; elements = {{ {} }} }}",
-            elements(ranges)
-        );
-    }
-    let mut ingress = Vec::new();
-    let mut egress = Vec::new();
-    for pod in &plan.pods {
-        if pod.ingress.is_some() {
-            ingress.push(format!("{} : jump {}", pod.ip, chain(pod, "in")));
-        }
-        if pod.egress.is_some() {
-            egress.push(format!("{} : jump {}", pod.ip, chain(pod, "out")));
-        }
-    }
-    for (name, entries) in [("ingress", &ingress), ("egress", &egress)] {
-        let _ = write!(s, "  map {name} {{ type ipv4_addr : verdict;");
-        if !entries.is_empty() {
-            let _ = write!(s, " elements = {{ {} }}", entries.join(", "));
-        }
-        let _ = writeln!(s, " }}");
-    }
-    let _ = writeln!(
-        s,
-        "  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n    ct state established,related accept\n    ip daddr vmap @ingress\n    ip saddr vmap @egress\n  }}"
-    );
-    for pod in &plan.pods {
-        for (dir, allows, peer) in [("in", &pod.ingress, "saddr"), ("out", &pod.egress, "daddr")] {
-            let Some(allows) = allows else { continue };
-            let _ = writeln!(s, "  chain {} {{", chain(pod, dir));
-            // A pod may always reach itself (through its own Service).
-            let _ = writeln!(s, "    ip {peer} {} return", pod.ip);
-            for allow in allows {
-                for rule in rules(allow, peer) {
-                    let _ = writeln!(s, "    {rule} return");
+/// A plan as the table's parts: address sets, pod chains (their rules as
+/// text) and the two verdict maps. What the sync loop keeps of what it
+/// wrote, to write only the difference next time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    sets: BTreeMap<String, Ranges>,
+    chains: BTreeMap<String, Vec<String>>,
+    ingress: BTreeMap<Ipv4Addr, String>,
+    egress: BTreeMap<Ipv4Addr, String>,
+}
+
+impl Rendered {
+    pub fn of(plan: &Plan) -> Self {
+        let mut out = Self {
+            sets: plan.sets.clone(),
+            ..Self::default()
+        };
+        for pod in &plan.pods {
+            for (dir, allows, peer, map) in [
+                ("in", &pod.ingress, "saddr", &mut out.ingress),
+                ("out", &pod.egress, "daddr", &mut out.egress),
+            ] {
+                let Some(allows) = allows else { continue };
+                let name = chain(pod, dir);
+                // A pod may always reach itself (through its own Service).
+                let mut lines = vec![format!("ip {peer} {} return", pod.ip)];
+                for allow in allows {
+                    lines.extend(
+                        rules(allow, peer)
+                            .into_iter()
+                            .map(|r| format!("{r} return")),
+                    );
                 }
+                lines.push("counter reject with icmp type admin-prohibited".into());
+                map.insert(pod.ip, name.clone());
+                out.chains.insert(name, lines);
             }
+        }
+        out
+    }
+
+    /// How many pod chains and address sets it has.
+    pub fn size(&self) -> (usize, usize) {
+        (self.chains.len(), self.sets.len())
+    }
+
+    /// A script that replaces the whole table with this one.
+    pub fn full(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "add table ip {TABLE}");
+        let _ = writeln!(s, "delete table ip {TABLE}");
+        let _ = writeln!(s, "table ip {TABLE} {{");
+        for (name, ranges) in &self.sets {
             let _ = writeln!(
                 s,
-                "    counter reject with icmp type admin-prohibited\n  }}"
+                "  set {name} {{ type ipv4_addr; flags interval; elements = {{ {} }} }}",
+                elements(ranges)
             );
         }
+        for (name, entries) in [("ingress", &self.ingress), ("egress", &self.egress)] {
+            let _ = write!(s, "  map {name} {{ type ipv4_addr : verdict;");
+            if !entries.is_empty() {
+                let _ = write!(s, " elements = {{ {} }}", verdicts(entries.iter()));
+            }
+            let _ = writeln!(s, " }}");
+        }
+        let _ = writeln!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;\n    ct state established,related accept\n    ip daddr vmap @ingress\n    ip saddr vmap @egress\n  }}"
+        );
+        for (name, lines) in &self.chains {
+            let _ = writeln!(s, "  chain {name} {{");
+            for line in lines {
+                let _ = writeln!(s, "    {line}");
+            }
+            let _ = writeln!(s, "  }}");
+        }
+        let _ = writeln!(s, "}}");
+        s
     }
-    let _ = writeln!(s, "}}");
-    s
+
+    /// A script that turns the table `old` describes into this one, in
+    /// one transaction: only the sets, chains and map elements that
+    /// changed (a changed set or chain is flushed and filled again);
+    /// `None` when nothing changed.
+    pub fn diff(&self, old: &Rendered) -> Option<String> {
+        if self == old {
+            return None;
+        }
+        let mut s = String::new();
+        let t = format!("ip {TABLE}");
+        for (name, ranges) in &self.sets {
+            match old.sets.get(name) {
+                Some(before) if before == ranges => continue,
+                Some(_) => {
+                    let _ = writeln!(s, "flush set {t} {name}");
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "add set {t} {name} {{ type ipv4_addr; flags interval; }}"
+                    );
+                }
+            }
+            let _ = writeln!(s, "add element {t} {name} {{ {} }}", elements(ranges));
+        }
+        for (name, lines) in &self.chains {
+            match old.chains.get(name) {
+                Some(before) if before == lines => continue,
+                Some(_) => {
+                    let _ = writeln!(s, "flush chain {t} {name}");
+                }
+                None => {
+                    let _ = writeln!(s, "add chain {t} {name}");
+                }
+            }
+            for line in lines {
+                let _ = writeln!(s, "add rule {t} {name} {line}");
+            }
+        }
+        for (map, now, before) in [
+            ("ingress", &self.ingress, &old.ingress),
+            ("egress", &self.egress, &old.egress),
+        ] {
+            let gone = before
+                .iter()
+                .filter(|(ip, chain)| now.get(*ip) != Some(*chain));
+            let gone = verdicts(gone);
+            if !gone.is_empty() {
+                let _ = writeln!(s, "delete element {t} {map} {{ {gone} }}");
+            }
+            let new = now
+                .iter()
+                .filter(|(ip, chain)| before.get(*ip) != Some(*chain));
+            let new = verdicts(new);
+            if !new.is_empty() {
+                let _ = writeln!(s, "add element {t} {map} {{ {new} }}");
+            }
+        }
+        for name in old.chains.keys().filter(|c| !self.chains.contains_key(*c)) {
+            let _ = writeln!(s, "delete chain {t} {name}");
+        }
+        for name in old.sets.keys().filter(|n| !self.sets.contains_key(*n)) {
+            let _ = writeln!(s, "delete set {t} {name}");
+        }
+        Some(s)
+    }
+}
+
+/// A script that replaces the whole table with `plan`'s.
+pub fn render(plan: &Plan) -> String {
+    Rendered::of(plan).full()
+}
+
+fn verdicts<'a>(entries: impl Iterator<Item = (&'a Ipv4Addr, &'a String)>) -> String {
+    entries
+        .map(|(ip, chain)| format!("{ip} : jump {chain}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A script that removes the table.
@@ -183,5 +292,29 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("10.244.0.2 : jump in-"), "{s}");
+
+        // A change writes only what differs.
+        let before = Rendered::of(&plan);
+        assert_eq!(before.diff(&before), None);
+        let mut changed = plan.clone();
+        changed.sets.insert("p-x".into(), vec![(1, 2)]);
+        changed.pods[0].egress = Some(vec![]);
+        let diff = Rendered::of(&changed).diff(&before).unwrap();
+        assert!(diff.contains("flush set ip wasmkube-policy p-x\nadd element ip wasmkube-policy p-x { 0.0.0.1-0.0.0.2 }"), "{diff}");
+        assert!(diff.contains("add chain ip wasmkube-policy out-"), "{diff}");
+        assert!(
+            diff.contains("add element ip wasmkube-policy egress { 10.244.0.2 : jump out-"),
+            "{diff}"
+        );
+        assert!(!diff.contains("chain ip wasmkube-policy in-"), "{diff}");
+        let back = before.diff(&Rendered::of(&changed)).unwrap();
+        assert!(
+            back.contains("delete element ip wasmkube-policy egress { 10.244.0.2 : jump out-"),
+            "{back}"
+        );
+        assert!(
+            back.contains("delete chain ip wasmkube-policy out-"),
+            "{back}"
+        );
     }
 }
