@@ -584,6 +584,22 @@ impl<'a> Ctx<'a> {
     /// Refuses a create in a namespace being deleted; returns the Pod
     /// Security levels its labels set (enforce, warn).
     async fn ensure_namespace_open(&self, ns: &str) -> ApiResult<PodSecurityLevels> {
+        let (terminating, levels) = self.namespace_levels(ns).await?;
+        if terminating {
+            return Err(ApiError::Forbidden {
+                subject: Subject::of(self.rt(), ""),
+                message: format!(
+                    "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    self.rt().plural
+                ),
+            });
+        }
+        Ok(levels)
+    }
+
+    /// Whether namespace `ns` is being deleted, and the Pod Security levels
+    /// its labels set.
+    async fn namespace_levels(&self, ns: &str) -> ApiResult<(bool, PodSecurityLevels)> {
         let ns_rt = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         let kv = self
             .server
@@ -605,15 +621,6 @@ impl<'a> Ctx<'a> {
             labels: std::collections::BTreeMap<String, String>,
         }
         let ns_obj: Namespace = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-        if ns_obj.metadata.deletion_timestamp.is_some() {
-            return Err(ApiError::Forbidden {
-                subject: Subject::of(self.rt(), ""),
-                message: format!(
-                    "{} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                    self.rt().plural
-                ),
-            });
-        }
         let level = |label: &str| {
             ns_obj
                 .metadata
@@ -621,11 +628,48 @@ impl<'a> Ctx<'a> {
                 .get(label)
                 .and_then(|l| pod_security::Level::parse(l))
         };
-        Ok(PodSecurityLevels {
+        let levels = PodSecurityLevels {
             enforce: level(pod_security::ENFORCE_LABEL),
             warn: level(pod_security::WARN_LABEL),
             audit: level(pod_security::AUDIT_LABEL),
-        })
+        };
+        Ok((ns_obj.metadata.deletion_timestamp.is_some(), levels))
+    }
+
+    /// Pod Security on a pod update, as Pod Security admission judges
+    /// which updates matter: one that changes a container's image or the
+    /// number of containers is checked like a new pod (an image swapped
+    /// for one that runs as root is refused under `restricted`, say);
+    /// other updates (labels, annotations, tolerations, the deadline) and
+    /// subresources are not, so a pod admitted before a namespace's level
+    /// was raised can still be labelled and deleted.
+    async fn admit_pod_update_security(
+        &self,
+        sub: Option<Subresource>,
+        old: &Value,
+        new: &Value,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<()> {
+        let Some(ns) = self.target.namespace else {
+            return Ok(());
+        };
+        if self.rt().id() != "Pod" || sub.is_some() {
+            return Ok(());
+        }
+        let images = |pod: &Value, field: &str| -> Vec<Value> {
+            pod["spec"][field]
+                .as_array()
+                .map(|cs| cs.iter().map(|c| c["image"].clone()).collect())
+                .unwrap_or_default()
+        };
+        let significant = ["containers", "initContainers", "ephemeralContainers"]
+            .iter()
+            .any(|f| images(old, f) != images(new, f));
+        if !significant {
+            return Ok(());
+        }
+        let (_, levels) = self.namespace_levels(ns).await?;
+        self.admit_pod_security(levels, new, warnings)
     }
 
     /// Pod Security admission of a new object: a pod violating its
@@ -1103,7 +1147,9 @@ impl<'a> Ctx<'a> {
                     name,
                 ));
             }
-            let (mut new, warnings) = self.admit_update(name, sub, &old, proposed)?;
+            let (mut new, mut warnings) = self.admit_update(name, sub, &old, proposed)?;
+            self.admit_pod_update_security(sub, &old, &new, &mut warnings)
+                .await?;
             if sub.is_none() {
                 crate::admission::knative_traffic(
                     self.server,
@@ -1284,7 +1330,9 @@ impl<'a> Ctx<'a> {
             if let Some(m) = proposed["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
-            let (mut new, _) = self.admit_update(name, sub, &old, proposed)?;
+            let (mut new, mut admitted) = self.admit_update(name, sub, &old, proposed)?;
+            self.admit_pod_update_security(sub, &old, &new, &mut admitted)
+                .await?;
             crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &new)
                 .await?;
             new["metadata"]["managedFields"] = managed;

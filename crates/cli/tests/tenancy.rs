@@ -647,6 +647,58 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         "  runtimeClassName: wasmtime\n  containers:\n  - name: f\n    image: example.invalid/f:v1\n",
     );
     ok(&s, &["apply", "-f", "-"], Some(&wasm));
+    // A pod admitted before its namespace enforced `restricted` may still
+    // be labelled, but not given a new image: that update is checked as a
+    // new pod would be.
+    ok(&s, &["create", "namespace", "raised"], None);
+    ok(
+        &s,
+        &[
+            "-n",
+            "raised",
+            "run",
+            "legacy",
+            "--image=busybox",
+            "--restart=Never",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "label",
+            "namespace",
+            "raised",
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &["-n", "raised", "label", "pod", "legacy", "tier=old"],
+        None,
+    );
+    let out = kubectl(
+        &s,
+        &[
+            "-n",
+            "raised",
+            "set",
+            "image",
+            "pod/legacy",
+            "legacy=busybox:2",
+        ],
+        None,
+    );
+    assert!(
+        !out.ok
+            && out
+                .stderr
+                .contains(r#"violates PodSecurity "restricted:latest""#)
+            && out.stderr.contains("runAsNonRoot != true"),
+        "{}",
+        out.stderr
+    );
     let out = kubectl(
         &s,
         &[
