@@ -1,9 +1,9 @@
 //! Encryption at rest, as kube-apiserver's `--encryption-provider-config`:
 //! Kubernetes' `EncryptionConfiguration` (`apiserver.config.k8s.io/v1`)
-//! names resources and an ordered list of providers (`aesgcm` with named
-//! keys, `identity`); the first writes, all of them read. Values are kept as
-//! Kubernetes keeps them: `k8s:enc:aesgcm:v1:KEYNAME:` then the nonce and
-//! the sealed value.
+//! names resources and an ordered list of providers (`aesgcm` and
+//! `secretbox` with named keys, `identity`); the first writes, all of them
+//! read. Values are kept as Kubernetes keeps them: `k8s:enc:aesgcm:v1:KEYNAME:`
+//! (or `k8s:enc:secretbox:v1:KEYNAME:`) then the nonce and the sealed value.
 //!
 //! It sits between the API server and its store ([`wrap`]): every write of
 //! a covered key is sealed, every value read (get, list, watch) is opened,
@@ -23,7 +23,52 @@ use wasmkube_store::{
     Event, KeyValue, ListOptions, ListResult, Revision, SharedStore, Store, StoreError, WatchStream,
 };
 
-const AESGCM_PREFIX: &[u8] = b"k8s:enc:aesgcm:v1:";
+/// A sealing provider: its name in the configuration and the prefix of
+/// what it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cipher {
+    AesGcm,
+    SecretBox,
+}
+
+impl Cipher {
+    const ALL: [Cipher; 2] = [Cipher::AesGcm, Cipher::SecretBox];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cipher::AesGcm => "aesgcm",
+            Cipher::SecretBox => "secretbox",
+        }
+    }
+
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            Cipher::AesGcm => b"k8s:enc:aesgcm:v1:",
+            Cipher::SecretBox => b"k8s:enc:secretbox:v1:",
+        }
+    }
+
+    fn key_lengths(self) -> &'static [usize] {
+        match self {
+            Cipher::AesGcm => &[16, 32],
+            Cipher::SecretBox => &[32],
+        }
+    }
+
+    fn seal(self, key: &[u8], plain: &[u8]) -> Result<Vec<u8>, wasmkube_pki::PkiError> {
+        match self {
+            Cipher::AesGcm => wasmkube_pki::aes_gcm_encrypt(key, plain),
+            Cipher::SecretBox => wasmkube_pki::secretbox_encrypt(key, plain),
+        }
+    }
+
+    fn open(self, key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, wasmkube_pki::PkiError> {
+        match self {
+            Cipher::AesGcm => wasmkube_pki::aes_gcm_decrypt(key, sealed),
+            Cipher::SecretBox => wasmkube_pki::secretbox_decrypt(key, sealed),
+        }
+    }
+}
 
 /// An `EncryptionConfiguration` that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +94,8 @@ struct FileRule {
 
 #[derive(Clone)]
 enum Provider {
-    AesGcm(Vec<(String, Vec<u8>)>),
+    /// A cipher and its named keys, the first one writing.
+    Sealed(Cipher, Vec<(String, Vec<u8>)>),
     Identity,
 }
 
@@ -112,37 +158,44 @@ impl EncryptionConfig {
             let mut providers = Vec::new();
             for (j, p) in rule.providers.iter().enumerate() {
                 let at = format!("resources[{i}].providers[{j}]");
-                if let Some(aes) = p.get("aesgcm") {
+                if let Some(cipher) = Cipher::ALL.into_iter().find(|c| p.get(c.name()).is_some()) {
+                    let kind = cipher.name();
                     let mut keys = Vec::new();
-                    for k in aes["keys"].as_array().into_iter().flatten() {
+                    for k in p[kind]["keys"].as_array().into_iter().flatten() {
                         let name = k["name"].as_str().unwrap_or_default();
                         let secret = base64::engine::general_purpose::STANDARD
                             .decode(k["secret"].as_str().unwrap_or_default())
                             .map_err(|e| {
-                                invalid(format!("{at}.aesgcm.keys[{name}].secret: {e}"))
+                                invalid(format!("{at}.{kind}.keys[{name}].secret: {e}"))
                             })?;
                         if name.is_empty() || name.contains(':') {
                             return Err(invalid(format!(
-                                "{at}.aesgcm.keys: a key needs a name without ':'"
+                                "{at}.{kind}.keys: a key needs a name without ':'"
                             )));
                         }
-                        if !matches!(secret.len(), 16 | 32) {
+                        if !cipher.key_lengths().contains(&secret.len()) {
+                            let lengths = cipher
+                                .key_lengths()
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(" or ");
                             return Err(invalid(format!(
-                                "{at}.aesgcm.keys[{name}].secret: 16 or 32 bytes, base64 (got {})",
+                                "{at}.{kind}.keys[{name}].secret: {lengths} bytes, base64 (got {})",
                                 secret.len()
                             )));
                         }
                         keys.push((name.to_owned(), secret));
                     }
                     if keys.is_empty() {
-                        return Err(invalid(format!("{at}.aesgcm.keys: at least one key")));
+                        return Err(invalid(format!("{at}.{kind}.keys: at least one key")));
                     }
-                    providers.push(Provider::AesGcm(keys));
+                    providers.push(Provider::Sealed(cipher, keys));
                 } else if p.get("identity").is_some() {
                     providers.push(Provider::Identity);
                 } else {
                     return Err(invalid(format!(
-                        "{at}: only the aesgcm and identity providers are supported"
+                        "{at}: only the aesgcm, secretbox and identity providers are supported"
                     )));
                 }
             }
@@ -178,11 +231,12 @@ impl EncryptionConfig {
         };
         match &rule.providers[0] {
             Provider::Identity => Ok(value),
-            Provider::AesGcm(keys) => {
+            Provider::Sealed(cipher, keys) => {
                 let (name, secret) = &keys[0];
-                let sealed = wasmkube_pki::aes_gcm_encrypt(secret, &value)
+                let sealed = cipher
+                    .seal(secret, &value)
                     .map_err(|e| StoreError::Backend(Box::new(e)))?;
-                let mut out = AESGCM_PREFIX.to_vec();
+                let mut out = cipher.prefix().to_vec();
                 out.extend_from_slice(name.as_bytes());
                 out.push(b':');
                 out.extend_from_slice(&sealed);
@@ -197,7 +251,10 @@ impl EncryptionConfig {
         let Some(rule) = self.rule_for(key) else {
             return Ok((value.clone(), false));
         };
-        let Some(rest) = value.strip_prefix(AESGCM_PREFIX) else {
+        let found = Cipher::ALL
+            .into_iter()
+            .find_map(|c| Some((c, value.strip_prefix(c.prefix())?)));
+        let Some((cipher, rest)) = found else {
             if value.starts_with(b"k8s:enc:") {
                 return Err(StoreError::Corrupt {
                     what: format!("{key}: sealed by a provider this server does not have"),
@@ -214,15 +271,16 @@ impl EncryptionConfig {
             })?;
         let (name, sealed) = (String::from_utf8_lossy(&rest[..colon]), &rest[colon + 1..]);
         for (i, provider) in rule.providers.iter().enumerate() {
-            if let Provider::AesGcm(keys) = provider
+            if let Provider::Sealed(c, keys) = provider
+                && *c == cipher
                 && let Some((j, (_, secret))) =
                     keys.iter().enumerate().find(|(_, (n, _))| *n == name)
             {
-                let plain = wasmkube_pki::aes_gcm_decrypt(secret, sealed).map_err(|_| {
-                    StoreError::Corrupt {
+                let plain = cipher
+                    .open(secret, sealed)
+                    .map_err(|_| StoreError::Corrupt {
                         what: format!("{key}: cannot open it with key {name:?}"),
-                    }
-                })?;
+                    })?;
                 return Ok((Bytes::from(plain), i != 0 || j != 0));
             }
         }
@@ -446,6 +504,30 @@ mod tests {
         // Without the key it was sealed with, it cannot be read.
         let lost = wrap(inner.clone(), Arc::new(config(&[("key1", &k1)])));
         assert!(lost.get(key).await.is_err());
+
+        // From aesgcm to secretbox: the secretbox key first, the aesgcm one
+        // after it to read what it sealed.
+        let secretbox = Arc::new(
+            EncryptionConfig::parse(&format!(
+                "apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources:\n- resources: [secrets]\n  providers:\n  - secretbox:\n      keys:\n      - name: box1\n        secret: {}\n  - aesgcm:\n      keys:\n      - name: key2\n        secret: {}\n",
+                base64::engine::general_purpose::STANDARD.encode([3u8; 32]),
+                base64::engine::general_purpose::STANDARD.encode(k2),
+            ))
+            .unwrap(),
+        );
+        assert_eq!(rewrite_stale(&inner, &secretbox).await.unwrap(), 1);
+        let raw = inner.get(key).await.unwrap().unwrap().value;
+        assert!(raw.starts_with(b"k8s:enc:secretbox:v1:box1:"));
+        assert!(!raw.windows(7).any(|w| w == b"hunter2"));
+        assert_eq!(
+            wrap(inner.clone(), secretbox)
+                .get(key)
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            &b"{\"data\":\"hunter2\"}"[..]
+        );
     }
 
     #[test]
@@ -458,7 +540,11 @@ mod tests {
             ),
             (
                 "kind: EncryptionConfiguration\nresources:\n- resources: [secrets]\n  providers:\n  - kms: {}\n",
-                "only the aesgcm",
+                "only the aesgcm, secretbox",
+            ),
+            (
+                "kind: EncryptionConfiguration\nresources:\n- resources: [secrets]\n  providers:\n  - secretbox:\n      keys:\n      - name: k\n        secret: AAAAAAAAAAAAAAAAAAAAAA==\n",
+                "secretbox.keys[k].secret: 32 bytes",
             ),
         ] {
             let e = EncryptionConfig::parse(text).err().unwrap().to_string();

@@ -556,6 +556,49 @@ pub fn aes_gcm_decrypt(key: &[u8], data: &[u8]) -> Result<Vec<u8>> {
     Ok(plain.to_vec())
 }
 
+/// NaCl's secretbox (XSalsa20-Poly1305) with a 32-byte key, laid out as
+/// Kubernetes' `secretbox` encryption provider keeps values: a random
+/// 24-byte nonce, then the Poly1305 tag, then the ciphertext (what Go's
+/// `secretbox.Seal` appends).
+pub fn secretbox_encrypt(key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+    let mut nonce = [0u8; 24];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| PkiError::Unseal)?;
+    secretbox_seal(key, &nonce, plaintext)
+}
+
+fn secretbox_seal(key: &[u8], nonce: &[u8; 24], plaintext: &[u8]) -> Result<Vec<u8>> {
+    use crypto_secretbox::aead::{AeadInPlace, KeyInit};
+    let cipher = crypto_secretbox::XSalsa20Poly1305::new_from_slice(key)
+        .map_err(|_| PkiError::KeyLength(key.len()))?;
+    let mut body = plaintext.to_vec();
+    let tag = cipher
+        .encrypt_in_place_detached(nonce.into(), b"", &mut body)
+        .map_err(|_| PkiError::Unseal)?;
+    let mut out = Vec::with_capacity(24 + 16 + body.len());
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Opens what [`secretbox_encrypt`] (or Kubernetes' `secretbox`
+/// provider) made with the same key.
+pub fn secretbox_decrypt(key: &[u8], data: &[u8]) -> Result<Vec<u8>> {
+    use crypto_secretbox::aead::{AeadInPlace, KeyInit};
+    if data.len() < 24 + 16 {
+        return Err(PkiError::Unseal);
+    }
+    let cipher = crypto_secretbox::XSalsa20Poly1305::new_from_slice(key)
+        .map_err(|_| PkiError::KeyLength(key.len()))?;
+    let (nonce, rest) = data.split_at(24);
+    let (tag, body) = rest.split_at(16);
+    let mut body = body.to_vec();
+    cipher
+        .decrypt_in_place_detached(nonce.into(), b"", &mut body, tag.into())
+        .map_err(|_| PkiError::Unseal)?;
+    Ok(body)
+}
+
 fn aes_gcm_key(key: &[u8]) -> Result<aws_lc_rs::aead::LessSafeKey> {
     let algorithm = match key.len() {
         16 => &aws_lc_rs::aead::AES_128_GCM,
@@ -607,6 +650,28 @@ mod tests {
         assert_eq!(aes_gcm_decrypt(&k1, &sealed).unwrap(), b"password");
         assert!(aes_gcm_decrypt(&k2, &sealed).is_err());
         assert!(aes_gcm_encrypt(&random_bytes(24), b"x").is_err());
+    }
+
+    #[test]
+    fn secretbox_is_nacl_s_and_refuses_another_key() {
+        // NaCl's layout, checked against PyNaCl's SecretBox with the same
+        // key, nonce and message: nonce, tag, ciphertext.
+        let key: Vec<u8> = (0..32).collect();
+        let nonce: [u8; 24] = std::array::from_fn(|i| 100 + i as u8);
+        let sealed = secretbox_seal(&key, &nonce, b"wasmkube secret").unwrap();
+        let hex: String = sealed.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "6465666768696a6b6c6d6e6f707172737475767778797a7b2e87033505ca2e9058193d80c3cdd91475d8eaa451c3ac8c908e46f745e1d7"
+        );
+        assert_eq!(
+            secretbox_decrypt(&key, &sealed).unwrap(),
+            b"wasmkube secret"
+        );
+        let fresh = secretbox_encrypt(&key, b"password").unwrap();
+        assert_eq!(secretbox_decrypt(&key, &fresh).unwrap(), b"password");
+        assert!(secretbox_decrypt(&random_bytes(32), &fresh).is_err());
+        assert!(secretbox_encrypt(&random_bytes(16), b"x").is_err());
     }
 
     #[test]
