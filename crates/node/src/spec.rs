@@ -354,7 +354,40 @@ fn security(pod: &Pod, c: &Container) -> Security {
             .and_then(|s| s.seccomp_profile.as_ref())
             .or_else(|| p.and_then(|p| p.seccomp_profile.as_ref()))
             .is_some_and(|profile| profile.type_ == "Unconfined"),
+        seccomp_localhost: None,
     }
+}
+
+/// The profile a `seccompProfile: Localhost` names (container over pod),
+/// read from the node's seccomp directory (`DATA_DIR/seccomp`, as the
+/// kubelet's `/var/lib/kubelet/seccomp`); `None` for any other type.
+fn localhost_seccomp(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Option<String>, ConfigError> {
+    let profile = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.security_context.as_ref())
+                .and_then(|s| s.seccomp_profile.as_ref())
+        });
+    let Some(profile) = profile.filter(|p| p.type_ == "Localhost") else {
+        return Ok(None);
+    };
+    let name = profile.localhost_profile.as_deref().unwrap_or_default();
+    if name.is_empty() || name.starts_with('/') || name.split('/').any(|p| p == "..") {
+        return Err(ConfigError(format!(
+            "seccomp profile {name:?}: localhostProfile must be a relative path without '..'"
+        )));
+    }
+    let path = ctx.config.data_dir.join("seccomp").join(name);
+    std::fs::read_to_string(&path).map(Some).map_err(|e| {
+        ConfigError(format!(
+            "cannot load seccomp profile {:?}: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Resolves one container against its pod's volumes.
@@ -401,7 +434,10 @@ pub(crate) async fn container(
         memory_limit: quantity(c, "memory").map(|m| (m / 1000).max(0) as u64),
         cpu_millis: quantity(c, "cpu").map(|m| m.max(1) as u64),
         cpu_request_millis: request(c, "cpu").map(|m| m.max(1) as u64),
-        security: security(pod, c),
+        security: Security {
+            seccomp_localhost: localhost_seccomp(ctx, pod, c)?,
+            ..security(pod, c)
+        },
     })
 }
 

@@ -268,6 +268,14 @@ const BLOCKED_SYSCALLS: &[(Option<Capability>, &[&str])] = &[
     ),
 ];
 
+/// A node's own profile (`seccompProfile: Localhost`), in the OCI runtime
+/// spec's seccomp form (`defaultAction`, `architectures`, `syscalls` with
+/// `names`, `action`, `errnoRet`, `args`), as containerd reads one.
+fn localhost_seccomp(profile: &str) -> Result<LinuxSeccomp, Error> {
+    serde_json::from_str(profile)
+        .map_err(|e| Error::Config(format!("the seccomp profile is not valid: {e}")))
+}
+
 /// The default seccomp profile for a container holding `caps`: every
 /// system call allowed except [`BLOCKED_SYSCALLS`] not released by one of
 /// them, on the native and the 32-bit x86 ABIs. (Names this kernel or
@@ -511,6 +519,8 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
     if c.security.privileged {
         linux.set_masked_paths(None);
         linux.set_readonly_paths(None);
+    } else if let Some(profile) = &c.security.seccomp_localhost {
+        linux.set_seccomp(Some(localhost_seccomp(profile)?));
     } else if !c.security.seccomp_unconfined {
         linux.set_seccomp(Some(default_seccomp(&caps_held)?));
     }

@@ -318,6 +318,40 @@ async fn the_default_seccomp_profile_and_masked_paths_hold_unless_unconfined() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_localhost_seccomp_profile_replaces_the_default() {
+    let f = fixture(None);
+    // The node's own profile refuses mkdir (EACCES) and nothing else, so
+    // what the default profile refuses (`unshare`) works again.
+    let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#;
+    let script = "mkdir /tmp/made 2>&1; echo mkdir=$?; unshare -U true; echo unshare=$?";
+    let (_, out, _) = start(&f, &unique("localhost"), script, |c| {
+        c.security.seccomp_localhost = Some(profile.to_owned());
+    })
+    .await
+    .unwrap()
+    .finish()
+    .await;
+    assert!(
+        out.contains("Permission denied") && out.contains("mkdir=1") && out.contains("unshare=0"),
+        "{out}"
+    );
+    // A profile that is not one is the container's configuration error.
+    let Err(e) = start(&f, &unique("bad-profile"), "true", |c| {
+        c.security.seccomp_localhost = Some("{\"defaultAction\": 7}".to_owned());
+    })
+    .await
+    else {
+        panic!("a malformed profile must not start");
+    };
+    assert!(
+        e.to_string().contains("the seccomp profile is not valid"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn run_as_non_root_refuses_a_root_image_and_privileged_is_refused() {
     let f = fixture(None);
     let Err(e) = start(&f, &unique("nonroot"), "true", |c| {

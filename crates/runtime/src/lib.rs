@@ -68,6 +68,10 @@ pub struct Security {
     /// `seccompProfile: Unconfined` (pod or container): no system call
     /// filter. Otherwise a Linux container gets the runtime's default.
     pub seccomp_unconfined: bool,
+    /// `seccompProfile: Localhost`: the profile the node keeps under that
+    /// name (its JSON, in the OCI runtime spec's seccomp form), used
+    /// instead of the runtime's default.
+    pub seccomp_localhost: Option<String>,
 }
 
 /// Where a container's stdout or stderr goes.
