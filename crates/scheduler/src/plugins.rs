@@ -333,10 +333,14 @@ pub struct Cycle {
 
 impl Cycle {
     pub fn prepare(key: &str, pod: &Pod, cache: &Cache) -> Self {
+        let mut volumes = crate::volumes::VolumeNeeds::of(pod, &cache.storage);
+        volumes.restrict_read_write_once_pod(pod, &cache.storage, || {
+            cache.nodes().flat_map(|n| n.pods.values().map(|p| &**p))
+        });
         Self {
             facts: PodFacts::of(pod),
             handler: runtime_handler(pod, cache),
-            volumes: crate::volumes::VolumeNeeds::of(pod, &cache.storage),
+            volumes,
             affinity: InterPodAffinity::prepare(pod, cache),
             spread: TopologySpread::prepare(pod, cache),
             priority: priority(pod),

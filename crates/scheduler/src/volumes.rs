@@ -170,6 +170,56 @@ impl VolumeNeeds {
         needs
     }
 
+    /// The VolumeRestrictions plugin's ReadWriteOncePod check: a claim with
+    /// that access mode already used by another pod that has a node and has
+    /// not finished keeps this pod from every node.
+    pub fn restrict_read_write_once_pod<'a, I: Iterator<Item = &'a Pod>>(
+        &mut self,
+        pod: &Pod,
+        storage: &Storage,
+        others: impl Fn() -> I,
+    ) {
+        if self.unschedulable.is_some() {
+            return;
+        }
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let claims_of = |p: &'a Pod| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.volumes.iter().flatten())
+                .filter_map(|v| v.persistent_volume_claim.as_ref())
+                .map(|c| c.claim_name.as_str())
+        };
+        let pod_claims = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| v.persistent_volume_claim.as_ref());
+        for c in pod_claims {
+            let once_pod = storage
+                .claims
+                .get(&(ns.to_owned(), c.claim_name.clone()))
+                .and_then(|claim| claim.spec.as_ref()?.access_modes.as_ref())
+                .is_some_and(|modes| modes.iter().any(|m| m == "ReadWriteOncePod"));
+            if !once_pod {
+                continue;
+            }
+            let in_use = others().any(|other| {
+                other.metadata.uid != pod.metadata.uid
+                    && other.metadata.namespace.as_deref() == Some(ns)
+                    && !matches!(
+                        other.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
+                    && claims_of(other).any(|n| n == c.claim_name)
+            });
+            if in_use {
+                self.unschedulable = Some(READ_WRITE_ONCE_POD.into());
+                return;
+            }
+        }
+    }
+
     /// The plugin's filter for one node.
     pub fn filter(&self, node: &NodeInfo) -> Vec<String> {
         if let Some(reason) = &self.unschedulable {
@@ -190,6 +240,8 @@ impl VolumeNeeds {
 }
 
 const CONFLICT: &str = "node(s) had volume node affinity conflict";
+const READ_WRITE_ONCE_POD: &str =
+    "node has pod using PersistentVolumeClaim with the same name and ReadWriteOncePod access mode";
 const NO_VOLUME: &str = "node(s) didn't find available persistent volumes to bind";
 
 #[cfg(test)]
@@ -247,6 +299,44 @@ mod tests {
             name: name.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_read_write_once_pod_claim_in_use_holds_the_pod() {
+        let mut s = storage();
+        s.set_claim(
+            serde_json::from_value(json!({
+                "metadata": {"name": "solo", "namespace": "ns"},
+                "spec": {"storageClassName": "local-path", "accessModes": ["ReadWriteOncePod"]},
+            }))
+            .unwrap(),
+        );
+        let with_uid = |uid: &str, phase: &str| {
+            let mut p = pod(&["solo"]);
+            p.metadata.uid = Some(uid.into());
+            p.status = Some(serde_json::from_value(json!({"phase": phase})).unwrap());
+            p
+        };
+        let (holder, done, new) = (
+            with_uid("a", "Running"),
+            with_uid("b", "Succeeded"),
+            with_uid("c", "Pending"),
+        );
+        let mut needs = VolumeNeeds::of(&new, &s);
+        needs.restrict_read_write_once_pod(&new, &s, || [&holder, &new].into_iter());
+        assert_eq!(
+            needs.filter(&node("n1")),
+            vec![READ_WRITE_ONCE_POD.to_owned()]
+        );
+        // A finished pod, or only itself, does not hold it.
+        let mut needs = VolumeNeeds::of(&new, &s);
+        needs.restrict_read_write_once_pod(&new, &s, || [&done, &new].into_iter());
+        assert!(needs.filter(&node("n1")).is_empty());
+        // Another access mode is shared.
+        let shared = pod(&["fresh"]);
+        let mut needs = VolumeNeeds::of(&shared, &s);
+        needs.restrict_read_write_once_pod(&shared, &s, || [&holder].into_iter());
+        assert!(needs.filter(&node("n1")).is_empty());
     }
 
     #[test]
