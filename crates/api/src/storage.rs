@@ -63,6 +63,8 @@ pub fn local_path_class() -> serde_json::Value {
         "provisioner": LOCAL_PATH_PROVISIONER,
         "reclaimPolicy": "Delete",
         "volumeBindingMode": "WaitForFirstConsumer",
+        // A directory has no size to change: claims grow at once.
+        "allowVolumeExpansion": true,
     })
 }
 

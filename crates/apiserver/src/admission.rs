@@ -88,6 +88,40 @@ pub(crate) async fn claim(server: &ApiServer, claim: &mut Value) -> ApiResult<()
     Ok(())
 }
 
+/// Kubernetes' PersistentVolumeClaimResize admission: a claim's request
+/// grows only when its class allows volume expansion.
+pub(crate) async fn claim_resize(server: &ApiServer, old: &Value, new: &Value) -> ApiResult<()> {
+    let size = |c: &Value| {
+        serde_json::from_value::<k8s_openapi::api::core::v1::PersistentVolumeClaimSpec>(
+            c["spec"].clone(),
+        )
+        .ok()
+        .and_then(|s| wasmkube_api::storage::spec_request_bytes(&s))
+    };
+    if size(new) <= size(old) {
+        return Ok(());
+    }
+    let claims = registry::lookup("", "v1", "persistentvolumeclaims").expect("claims served");
+    let name = new["metadata"]["name"].as_str().unwrap_or_default();
+    let classes =
+        registry::lookup("storage.k8s.io", "v1", "storageclasses").expect("storageclasses served");
+    let class = new["spec"]["storageClassName"].as_str().unwrap_or_default();
+    let allows = match server.store.get(&classes.key(None, class)).await {
+        Ok(Some(kv)) => decode_stored(&kv).is_ok_and(|c| c["allowVolumeExpansion"] == true),
+        Ok(None) => false,
+        Err(e) => return Err(ApiError::from_store(e, classes, class)),
+    };
+    if allows {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden {
+        subject: Subject::of(claims, name),
+        message: format!(
+            "persistentvolumeclaims \"{name}\" is forbidden: only dynamically provisioned pvc can be resized and the storageclass that provisions the pvc must support resize"
+        ),
+    })
+}
+
 /// Admits a new PersistentVolume: it is protected while bound (the volume
 /// controller lets it go once its claim is gone).
 pub(crate) fn volume(volume: &mut Value) {

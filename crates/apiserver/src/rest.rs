@@ -636,6 +636,28 @@ impl<'a> Ctx<'a> {
         Ok((ns_obj.metadata.deletion_timestamp.is_some(), levels))
     }
 
+    /// The admission of an update that reads other objects: Pod Security
+    /// for pods, PersistentVolumeClaimResize for claims.
+    async fn admit_update_reads(
+        &self,
+        sub: Option<Subresource>,
+        old: &Value,
+        new: &Value,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<()> {
+        if sub.is_some() {
+            return Ok(());
+        }
+        match self.rt().id() {
+            "Pod" => {
+                self.admit_pod_update_security(sub, old, new, warnings)
+                    .await
+            }
+            "PersistentVolumeClaim" => crate::admission::claim_resize(self.server, old, new).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Pod Security on a pod update, as Pod Security admission judges
     /// which updates matter: one that changes a container's image or the
     /// number of containers is checked like a new pod (an image swapped
@@ -1148,7 +1170,7 @@ impl<'a> Ctx<'a> {
                 ));
             }
             let (mut new, mut warnings) = self.admit_update(name, sub, &old, proposed)?;
-            self.admit_pod_update_security(sub, &old, &new, &mut warnings)
+            self.admit_update_reads(sub, &old, &new, &mut warnings)
                 .await?;
             if sub.is_none() {
                 crate::admission::knative_traffic(
@@ -1331,7 +1353,7 @@ impl<'a> Ctx<'a> {
                 m.remove("resourceVersion");
             }
             let (mut new, mut admitted) = self.admit_update(name, sub, &old, proposed)?;
-            self.admit_pod_update_security(sub, &old, &new, &mut admitted)
+            self.admit_update_reads(sub, &old, &new, &mut admitted)
                 .await?;
             crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &new)
                 .await?;

@@ -1526,22 +1526,46 @@ async fn storage_kinds_are_served_defaulted_and_validated() {
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     assert_eq!(err["details"]["causes"][0]["field"], "spec");
+    let resize = |size: &str| json!({"spec": {"resources": {"requests": {"storage": size}}}});
+    // Only a bound claim changes size.
     let (code, err) = c
-        .patch(
-            &path,
-            "application/merge-patch+json",
-            json!({"spec": {"resources": {"requests": {"storage": "500Mi"}}}}),
-        )
+        .patch(&path, "application/merge-patch+json", resize("2Gi"))
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    for name in ["data", "static"] {
+        let (code, bound) = c
+            .patch(
+                &format!("{claims}/{name}/status"),
+                "application/merge-patch+json",
+                json!({"status": {"phase": "Bound"}}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::OK, "{bound}");
+    }
+    let (code, err) = c
+        .patch(&path, "application/merge-patch+json", resize("500Mi"))
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
     let (code, grown) = c
-        .patch(
-            &path,
-            "application/merge-patch+json",
-            json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}),
-        )
+        .patch(&path, "application/merge-patch+json", resize("2Gi"))
         .await;
     assert_eq!(code, StatusCode::OK, "{grown}");
+    // Growth needs a class that allows expansion (the default one does).
+    let (code, err) = c
+        .patch(
+            &format!("{claims}/static"),
+            "application/merge-patch+json",
+            resize("2Gi"),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("only dynamically provisioned pvc can be resized"),
+        "{err}"
+    );
 
     // Volumes: one source, a local one with node affinity.
     let volumes = "/api/v1/persistentvolumes";

@@ -1077,6 +1077,59 @@ fn persistent_volumes(s: &Server, image: &str) {
     let sibling = ok(s, &["logs", "vault-1"], None);
     assert!(!sibling.contains("note.txt"), "{sibling}");
 
+    // Expansion: the local-path class allows it, so a bound claim grows at
+    // once (a directory has no size to change); it never shrinks.
+    ok(
+        s,
+        &[
+            "patch",
+            "pvc",
+            "data-vault-0",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"32Mi"}}}}"#,
+        ],
+        None,
+    );
+    wait_for(
+        s,
+        "pvc/data-vault-0",
+        "jsonpath={.status.capacity.storage}=32Mi",
+        "60s",
+    );
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "get",
+                "pv",
+                &volumes[0],
+                "-o",
+                "jsonpath={.spec.capacity.storage}"
+            ],
+            None
+        ),
+        "32Mi"
+    );
+    let shrink = kubectl(
+        s,
+        &[
+            "patch",
+            "pvc",
+            "data-vault-0",
+            "-p",
+            r#"{"spec":{"resources":{"requests":{"storage":"8Mi"}}}}"#,
+        ],
+        None,
+    );
+    assert!(
+        !shrink.ok
+            && shrink
+                .stderr
+                .contains("field can not be less than previous value"),
+        "{}",
+        shrink.stderr
+    );
+
     // Scaled to one (whenScaled: Delete): the second claim goes with its
     // pod, its volume with the claim, its directory with the volume.
     ok(s, &["scale", "statefulset", "vault", "--replicas=1"], None);

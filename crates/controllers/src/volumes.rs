@@ -205,6 +205,9 @@ async fn reconcile_claim(
             }
             return conflict_soon(claim_volume(&ctx, &pv, &claim).await);
         }
+        if let Some(action) = expand(&ctx, &claim, &pv).await? {
+            return Ok(action);
+        }
         return set_claim_status(&claims, &claim, "Bound", Some(&pv)).await;
     }
     let class_name = st::claim_class(&claim).to_owned();
@@ -319,6 +322,71 @@ async fn reconcile_claim(
         }
         Err(e) => Err(Error::Kube(e)),
     }
+}
+
+/// Volume expansion for a local-path volume: a bound claim that asks for
+/// more than its volume holds (its class allowed the growth at admission)
+/// gets a volume of the new size at once, a directory having no size to
+/// change; the volume's event then carries the size into the claim's
+/// status. `None` when there is nothing to grow.
+async fn expand(
+    ctx: &Ctx,
+    claim: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+) -> Result<Option<Action>, Error> {
+    let wanted = claim.spec.as_ref().and_then(st::spec_request_bytes);
+    let has = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| wasmkube_api::quantity::parse(&q.0).ok())
+        .map(|q| q.millis() / 1000);
+    let local_path = pv.annotations().get(st::PROVISIONED_BY).map(String::as_str)
+        == Some(LOCAL_PATH_PROVISIONER);
+    let (Some(wanted), Some(has)) = (wanted, has) else {
+        return Ok(None);
+    };
+    if wanted <= has || !local_path {
+        return Ok(None);
+    }
+    let size = claim.spec.as_ref().and_then(|s| {
+        s.resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("storage")
+            .cloned()
+    });
+    let mut updated = pv.clone();
+    updated.metadata.managed_fields = None;
+    updated
+        .spec
+        .get_or_insert_with(Default::default)
+        .capacity
+        .get_or_insert_with(Default::default)
+        .insert("storage".into(), size.unwrap_or_default());
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let r = api
+        .replace(&pv.name_any(), &PostParams::default(), &updated)
+        .await
+        .map(drop);
+    if r.is_ok() {
+        crate::record_event(
+            &ctx.client,
+            claim,
+            COMPONENT,
+            "Normal",
+            "VolumeResizeSuccessful",
+            format!(
+                "resize volume {} for claim {} finished",
+                pv.name_any(),
+                claim.name_any()
+            ),
+        )
+        .await;
+    }
+    conflict_soon(r).map(Some)
 }
 
 /// Reserves `pv` for `claim` (`spec.claimRef`); the volume's event then

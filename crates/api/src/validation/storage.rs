@@ -259,12 +259,17 @@ pub(crate) fn validate_claim_spec(
     );
 }
 
+fn pvc_phase(claim: Option<&core::PersistentVolumeClaim>) -> Option<&str> {
+    claim?.status.as_ref()?.phase.as_deref()
+}
+
 pub(super) fn validate_persistent_volume_claim(
     pvc: &core::PersistentVolumeClaim,
     old: Option<&core::PersistentVolumeClaim>,
     errs: &mut Errors,
 ) {
     validate_claim_spec(pvc.spec.as_ref(), "spec", errs);
+    let old_claim = old;
     let (Some(old), Some(spec)) = (old.and_then(|o| o.spec.as_ref()), pvc.spec.as_ref()) else {
         return;
     };
@@ -272,7 +277,10 @@ pub(super) fn validate_persistent_volume_claim(
     // may grow), its volume name once (binding) and a class set where there
     // was none.
     let mut frozen = spec.clone();
-    frozen.resources = old.resources.clone();
+    let bound = pvc_phase(old_claim) == Some("Bound");
+    if bound {
+        frozen.resources = old.resources.clone();
+    }
     if old.volume_name.as_deref().unwrap_or_default().is_empty() {
         frozen.volume_name = old.volume_name.clone();
     }
