@@ -649,10 +649,7 @@ impl<'a> Ctx<'a> {
             return Ok(());
         }
         match self.rt().id() {
-            "Pod" => {
-                self.admit_pod_update_security(sub, old, new, warnings)
-                    .await
-            }
+            "Pod" => self.admit_pod_update_security(old, new, warnings).await,
             "PersistentVolumeClaim" => crate::admission::claim_resize(self.server, old, new).await,
             _ => Ok(()),
         }
@@ -667,7 +664,6 @@ impl<'a> Ctx<'a> {
     /// was raised can still be labelled and deleted.
     async fn admit_pod_update_security(
         &self,
-        sub: Option<Subresource>,
         old: &Value,
         new: &Value,
         warnings: &mut Vec<String>,
@@ -675,9 +671,6 @@ impl<'a> Ctx<'a> {
         let Some(ns) = self.target.namespace else {
             return Ok(());
         };
-        if self.rt().id() != "Pod" || sub.is_some() {
-            return Ok(());
-        }
         let images = |pod: &Value, field: &str| -> Vec<Value> {
             pod["spec"][field]
                 .as_array()

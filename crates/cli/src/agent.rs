@@ -228,10 +228,11 @@ impl NodeArgs {
     }
 
     /// Starts the node's service proxy, NetworkPolicy enforcer and cluster
-    /// DNS. The proxy and the enforcer's rules need root and `nft`; without
-    /// them (or with --no-service-proxy) Services are not routed from this
-    /// node and DNS is answered in-process to Wasm guests only, and
-    /// NetworkPolicy is decided in-process for Wasm guests only.
+    /// DNS. The proxy needs root and `nft`; without them (or with
+    /// --no-service-proxy) Services are not routed from this node and DNS
+    /// is answered in-process to Wasm guests only. The enforcer writes node
+    /// rules where pods have networks of their own (root and `nft`), and
+    /// otherwise decides in-process for Wasm guests on the node's network.
     pub fn start_services(
         &self,
         client: &kube::Client,

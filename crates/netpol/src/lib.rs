@@ -327,18 +327,7 @@ impl Caches {
             return true;
         }
         let policies: Vec<&NetworkPolicy> = policies.iter().map(|p| p.as_ref()).collect();
-        let pods: Vec<model::PodView> = self
-            .pods
-            .state()
-            .iter()
-            .filter_map(|p| model::PodView::of(p))
-            .collect();
-        let namespaces: BTreeMap<String, BTreeMap<String, String>> = self
-            .namespaces
-            .state()
-            .iter()
-            .map(|n| model::namespace_labels(n))
-            .collect();
+        let (pods, namespaces) = (self.pods(), self.namespaces());
         model::allows(
             &policies,
             &pods,
@@ -363,12 +352,7 @@ impl Caches {
             return model::Plan::default();
         }
         let policies: Vec<&NetworkPolicy> = policies.iter().map(|p| p.as_ref()).collect();
-        let mut pods: Vec<model::PodView> = self
-            .pods
-            .state()
-            .iter()
-            .filter_map(|p| model::PodView::of(p))
-            .collect();
+        let mut pods = self.pods();
         {
             let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
             let known: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
@@ -377,12 +361,24 @@ impl Caches {
             });
             pods.extend(pending.values().map(|(view, _)| view.clone()));
         }
-        let namespaces: BTreeMap<String, BTreeMap<String, String>> = self
-            .namespaces
+        model::plan(&policies, &pods, &self.namespaces(), node)
+    }
+
+    /// The cached pods that policies see.
+    fn pods(&self) -> Vec<model::PodView> {
+        self.pods
+            .state()
+            .iter()
+            .filter_map(|p| model::PodView::of(p))
+            .collect()
+    }
+
+    /// Each cached namespace's labels.
+    fn namespaces(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.namespaces
             .state()
             .iter()
             .map(|n| model::namespace_labels(n))
-            .collect();
-        model::plan(&policies, &pods, &namespaces, node)
+            .collect()
     }
 }

@@ -39,33 +39,8 @@ use wasmkube_api::selectors::LabelSelector;
 /// The label every namespace carries with its own name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// A transport protocol a policy port names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    fn parse(s: Option<&str>) -> Option<Self> {
-        match s.unwrap_or("TCP") {
-            "TCP" => Some(Self::Tcp),
-            "UDP" => Some(Self::Udp),
-            "SCTP" => Some(Self::Sctp),
-            _ => None,
-        }
-    }
-
-    /// Its name in nftables.
-    pub fn nft(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-            Self::Sctp => "sctp",
-        }
-    }
-}
+/// A transport protocol a policy port names (the service proxy's).
+pub use wasmkube_proxy::model::Protocol;
 
 /// A container port with a name, for named policy ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,6 +196,28 @@ struct Parsed<'a> {
     egress: bool,
 }
 
+impl<'a> Parsed<'a> {
+    /// Its rules of one direction, as peers and ports.
+    fn rules(&self, direction: Direction) -> Vec<Rule<'a>> {
+        match direction {
+            Direction::Ingress => self
+                .spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                .collect(),
+            Direction::Egress => self
+                .spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                .collect(),
+        }
+    }
+}
+
 fn parse(policy: &NetworkPolicy) -> Option<Parsed<'_>> {
     let spec = policy.spec.as_ref()?;
     let selector = match LabelSelector::from_api(&spec.pod_selector.clone().unwrap_or_default()) {
@@ -358,22 +355,7 @@ pub fn plan(
                     continue;
                 }
                 let out = out.get_or_insert_with(BTreeSet::new);
-                let rules: Vec<Rule<'_>> = match direction {
-                    Direction::Ingress => policy
-                        .spec
-                        .ingress
-                        .iter()
-                        .flatten()
-                        .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                        .collect(),
-                    Direction::Egress => policy
-                        .spec
-                        .egress
-                        .iter()
-                        .flatten()
-                        .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                        .collect(),
-                };
+                let rules = policy.rules(direction);
                 for (i, (peers, ports)) in rules.into_iter().enumerate() {
                     let key = (policy.namespace, policy.name, direction, i);
                     let set = peer_sets
@@ -551,22 +533,7 @@ pub fn allows<'a>(
                 }
         }) {
             isolated = true;
-            let rules: Vec<Rule<'_>> = match direction {
-                Direction::Ingress => policy
-                    .spec
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                    .collect(),
-                Direction::Egress => policy
-                    .spec
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                    .collect(),
-            };
+            let rules = policy.rules(direction);
             // The named ports are the listening side's: the subject's
             // for ingress, the other's for egress.
             let listener = match direction {

@@ -23,7 +23,8 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn parse(s: Option<&str>) -> Option<Self> {
+    /// A Kubernetes protocol name (TCP when absent).
+    pub fn parse(s: Option<&str>) -> Option<Self> {
         match s.unwrap_or("TCP") {
             "TCP" => Some(Self::Tcp),
             "UDP" => Some(Self::Udp),
