@@ -19,8 +19,10 @@
 //! recomputes the plan ([`model::plan`]) and writes what differs from the
 //! last one written ([`nft::Rendered::diff`]) in one `nft` transaction, so
 //! the rules change atomically and connections already admitted keep
-//! flowing. The table is removed on a clean stop and
-//! rewritten whole at start, so nothing a crashed agent left survives.
+//! flowing. The table exists only while a pod of the node is isolated (a
+//! node without policies keeps nothing of this in its kernel); it is
+//! removed on a clean stop, and rewritten whole or removed at start, so
+//! nothing a crashed agent left survives.
 //!
 //! A node reads every pod's labels and address for this, as the node
 //! agents of Calico and Cilium do (the Node authorizer allows nodes to list
@@ -253,8 +255,9 @@ impl Enforcer {
                 caches.namespaces.wait_until_ready()
             );
             let mut changes = inner.changes.subscribe();
-            // What the table holds (`None`: unknown, rewrite it whole).
-            let mut written: Option<nft::Rendered> = None;
+            // What the node holds: `None` unknown (rewrite or remove the
+            // table whole), `Some(None)` no table, `Some(Some(r))` r.
+            let mut written: Option<Option<nft::Rendered>> = None;
             let mut next_resync = tokio::time::Instant::now() + config.resync;
             loop {
                 if tokio::time::Instant::now() >= next_resync {
@@ -270,10 +273,14 @@ impl Enforcer {
                     continue;
                 }
                 let plan = caches.plan(&config.node, &inner.pending);
-                let rendered = nft::Rendered::of(&plan);
-                let script = match &written {
-                    None => Some(rendered.full()),
-                    Some(old) => rendered.diff(old),
+                // No pod of this node isolated: no table at all, so a node
+                // without policies keeps nothing of this in its kernel.
+                let rendered = (!plan.pods.is_empty()).then(|| nft::Rendered::of(&plan));
+                let script = match (&written, &rendered) {
+                    (Some(None), None) => None,
+                    (None | Some(Some(_)), None) => Some(nft::remove()),
+                    (None | Some(None), Some(new)) => Some(new.full()),
+                    (Some(Some(old)), Some(new)) => new.diff(old),
                 };
                 if let Some(script) = script {
                     if let Err(e) = wasmkube_proxy::nft::apply(&script).await {
