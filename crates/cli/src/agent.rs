@@ -470,8 +470,13 @@ impl wasmkube_node::NetworkPolicies for PolicyGate {
         from: &k8s_openapi::api::core::v1::Pod,
         to: SocketAddr,
         to_pod: Option<(&k8s_openapi::api::core::v1::Pod, u16)>,
+        transport: wasmkube_node::Transport,
     ) -> bool {
-        self.0.may_connect(from, to, to_pod)
+        let protocol = match transport {
+            wasmkube_node::Transport::Tcp => wasmkube_netpol::model::Protocol::Tcp,
+            wasmkube_node::Transport::Udp => wasmkube_netpol::model::Protocol::Udp,
+        };
+        self.0.may_connect(from, to, to_pod, protocol)
     }
 
     fn may_accept(

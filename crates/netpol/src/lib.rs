@@ -150,11 +150,7 @@ impl Enforcer {
     /// includes it (or after [`ADMIT_TIMEOUT`], with a warning).
     pub async fn admit(&self, pod: &Pod, ip: IpAddr) {
         let IpAddr::V4(ip) = ip else { return };
-        let mut seen = pod.clone();
-        let status = seen.status.get_or_insert_with(Default::default);
-        status.pod_ip = Some(ip.to_string());
-        status.phase = Some("Pending".into());
-        let Some(view) = model::PodView::of(&seen) else {
+        let Some(view) = model::PodView::at(pod, ip) else {
             return;
         };
         let name = format!("{}/{}", view.namespace, view.name);
@@ -178,10 +174,16 @@ impl Enforcer {
     }
 
     /// In-process: whether `from`, a pod of this node on the node's
-    /// network, may connect to `to` (`to_pod`: the pod of this node
-    /// listening there, and its container port). Until the caches are
-    /// filled, nothing is isolated.
-    pub fn may_connect(&self, from: &Pod, to: SocketAddr, to_pod: Option<(&Pod, u16)>) -> bool {
+    /// network, may connect (or send) to `to` over `protocol` (`to_pod`:
+    /// the pod of this node listening there, and its container port).
+    /// Until the caches are filled, nothing is isolated.
+    pub fn may_connect(
+        &self,
+        from: &Pod,
+        to: SocketAddr,
+        to_pod: Option<(&Pod, u16)>,
+        protocol: model::Protocol,
+    ) -> bool {
         let Some(caches) = self.inner.caches.get() else {
             return true;
         };
@@ -195,7 +197,7 @@ impl Enforcer {
             (None, IpAddr::V4(ip)) => model::Party::Addr(ip),
             (None, IpAddr::V6(_)) => return true,
         };
-        caches.decide((model::Party::Pod(&from), to), port)
+        caches.decide((model::Party::Pod(&from), to), protocol, port)
     }
 
     /// In-process: whether `to`, a pod of this node on the node's network,
@@ -208,7 +210,12 @@ impl Enforcer {
         ) else {
             return true;
         };
-        caches.decide((model::Party::Addr(from), model::Party::Pod(&to)), port)
+        // Only HTTP servers accept in-process: TCP.
+        caches.decide(
+            (model::Party::Addr(from), model::Party::Pod(&to)),
+            model::Protocol::Tcp,
+            port,
+        )
     }
 
     /// Runs the enforcer until `shutdown` completes, then removes its
@@ -313,7 +320,10 @@ impl Enforcer {
         {
             tracing::warn!(error = %e, "removing the network policy table");
         }
-        tracing::info!("network policy enforcer stopped; its table is removed");
+        tracing::info!(
+            programmed = config.program,
+            "network policy enforcer stopped (and its table removed, when it wrote one)"
+        );
         Ok(())
     }
 }
@@ -328,21 +338,19 @@ struct Caches {
 
 impl Caches {
     /// An in-process decision on the caches.
-    fn decide(&self, parties: (model::Party<'_>, model::Party<'_>), port: u16) -> bool {
+    fn decide(
+        &self,
+        parties: (model::Party<'_>, model::Party<'_>),
+        protocol: model::Protocol,
+        port: u16,
+    ) -> bool {
         let policies = self.policies.state();
         if policies.is_empty() {
             return true;
         }
         let policies: Vec<&NetworkPolicy> = policies.iter().map(|p| p.as_ref()).collect();
         let (pods, namespaces) = (self.pods(), self.namespaces());
-        model::allows(
-            &policies,
-            &pods,
-            &namespaces,
-            parties,
-            model::Protocol::Tcp,
-            port,
-        )
+        model::allows(&policies, &pods, &namespaces, parties, protocol, port)
     }
 
     /// What the node programs now: the cached pods, and this node's pods

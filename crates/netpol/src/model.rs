@@ -104,14 +104,20 @@ impl PodView {
     /// A pod of this node as the agent holds it, for in-process decisions:
     /// its address is its own, its node's, or none yet (0.0.0.0).
     pub fn local(pod: &Pod) -> Option<Self> {
+        let status = pod.status.as_ref();
+        let ip = status
+            .and_then(|s| s.pod_ip.as_deref().or(s.host_ip.as_deref()))
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        Self::at(pod, ip)
+    }
+
+    /// A pod of this node at `ip`, whatever its status says yet (the
+    /// agent's own knowledge of a pod it runs).
+    pub fn at(pod: &Pod, ip: Ipv4Addr) -> Option<Self> {
         let mut seen = pod.clone();
         let status = seen.status.get_or_insert_with(Default::default);
-        let ip = status
-            .pod_ip
-            .clone()
-            .or_else(|| status.host_ip.clone())
-            .unwrap_or_else(|| "0.0.0.0".into());
-        status.pod_ip = Some(ip);
+        status.pod_ip = Some(ip.to_string());
         status.phase = Some("Running".into());
         if let Some(spec) = seen.spec.as_mut() {
             spec.host_network = None;
@@ -900,6 +906,24 @@ mod tests {
         ));
         // Pods no policy selects are open.
         assert!(decide(Party::Pod(web), Party::Pod(blue), 1234));
+        // The protocol counts: a UDP-only rule admits no TCP.
+        let dns = policy(
+            "b",
+            "dns",
+            json!({"podSelector": {}, "ingress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}),
+        );
+        let to_blue = |protocol| {
+            allows(
+                &[&dns],
+                &pods,
+                &ns,
+                (Party::Pod(client), Party::Pod(blue)),
+                protocol,
+                53,
+            )
+        };
+        assert!(to_blue(Protocol::Udp));
+        assert!(!to_blue(Protocol::Tcp));
     }
 
     #[test]

@@ -40,6 +40,7 @@ use wasmkube_runtime::Runtime;
 pub use dns::ClusterDns;
 pub use logs::LogOptions;
 pub use routes::{NetworkPolicies, ServiceBackend, ServiceBackends};
+pub use wasmkube_runtime::Transport;
 
 /// Restart back-off for crashing containers (CrashLoopBackOff).
 #[derive(Clone, Copy, Debug)]

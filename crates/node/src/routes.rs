@@ -32,9 +32,16 @@ pub trait ServiceBackends: Send + Sync + std::fmt::Debug {
 /// their guests connect and accept.
 pub trait NetworkPolicies: Send + Sync + std::fmt::Debug {
     /// Whether `from` (a pod of this node on its network) may open a
-    /// connection to `to`; `to_pod` is the pod of this node listening
-    /// there and its container port, when one does.
-    fn may_connect(&self, from: &Pod, to: SocketAddr, to_pod: Option<(&Pod, u16)>) -> bool;
+    /// connection to `to` (or send it a datagram) over `transport`;
+    /// `to_pod` is the pod of this node listening there and its container
+    /// port, when one does.
+    fn may_connect(
+        &self,
+        from: &Pod,
+        to: SocketAddr,
+        to_pod: Option<(&Pod, u16)>,
+        transport: wasmkube_runtime::Transport,
+    ) -> bool;
 
     /// Whether `to` (a pod of this node on its network) may accept a
     /// connection from `from` at its container port `port`.
@@ -107,18 +114,24 @@ impl wasmkube_runtime::ServiceRoutes for NodeRoutes {
                 .is_some_and(|ctx| ctx.node_ports.lock().expect("node ports").holds(to.port()))
     }
 
-    fn may_connect(&self, to: SocketAddr) -> bool {
+    fn may_connect(&self, to: SocketAddr, transport: wasmkube_runtime::Transport) -> bool {
         let (Some(policies), Some(ctx)) = (&self.policies, self.ctx.upgrade()) else {
             return true;
         };
-        let to_pod = (to.ip() == self.address)
+        // Node ports serve TCP only.
+        let to_pod = (to.ip() == self.address && transport == wasmkube_runtime::Transport::Tcp)
             .then(|| ctx.pod_at_node_port(to.port()))
             .flatten();
         if to_pod.is_none() && (to.ip() == self.address || to.ip().is_loopback()) {
             // The node itself: always allowed, as Kubernetes says.
             return true;
         }
-        policies.may_connect(&self.pod, to, to_pod.as_ref().map(|(p, port)| (p, *port)))
+        policies.may_connect(
+            &self.pod,
+            to,
+            to_pod.as_ref().map(|(p, port)| (p, *port)),
+            transport,
+        )
     }
 
     fn may_accept(&self, from: SocketAddr, local: SocketAddr) -> bool {

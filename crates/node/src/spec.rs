@@ -350,20 +350,17 @@ fn security(pod: &Pod, c: &Container) -> Security {
         allow_privilege_escalation: s.and_then(|s| s.allow_privilege_escalation),
         capabilities_add: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
         capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
-        seccomp_unconfined: s
-            .and_then(|s| s.seccomp_profile.as_ref())
-            .or_else(|| p.and_then(|p| p.seccomp_profile.as_ref()))
-            .is_some_and(|profile| profile.type_ == "Unconfined"),
+        seccomp_unconfined: seccomp_profile(pod, c).is_some_and(|p| p.type_ == "Unconfined"),
         seccomp_localhost: None,
     }
 }
 
-/// The profile a `seccompProfile: Localhost` names (container over pod),
-/// read from the node's seccomp directory (`DATA_DIR/seccomp`, as the
-/// kubelet's `/var/lib/kubelet/seccomp`); `None` for any other type.
-fn localhost_seccomp(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Option<String>, ConfigError> {
-    let profile = c
-        .security_context
+/// The container's seccomp profile, else its pod's.
+fn seccomp_profile<'a>(
+    pod: &'a Pod,
+    c: &'a Container,
+) -> Option<&'a k8s_openapi::api::core::v1::SeccompProfile> {
+    c.security_context
         .as_ref()
         .and_then(|s| s.seccomp_profile.as_ref())
         .or_else(|| {
@@ -371,8 +368,14 @@ fn localhost_seccomp(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Option<Strin
                 .as_ref()
                 .and_then(|s| s.security_context.as_ref())
                 .and_then(|s| s.seccomp_profile.as_ref())
-        });
-    let Some(profile) = profile.filter(|p| p.type_ == "Localhost") else {
+        })
+}
+
+/// The profile a `seccompProfile: Localhost` names (container over pod),
+/// read from the node's seccomp directory (`DATA_DIR/seccomp`, as the
+/// kubelet's `/var/lib/kubelet/seccomp`); `None` for any other type.
+fn localhost_seccomp(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Option<String>, ConfigError> {
+    let Some(profile) = seccomp_profile(pod, c).filter(|p| p.type_ == "Localhost") else {
         return Ok(None);
     };
     let name = profile.localhost_profile.as_deref().unwrap_or_default();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use wasmkube_runtime::PodNetns;
+use wasmkube_runtime::{PodNetns, Transport};
 use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::ResolveAddressStream;
 use wasmtime_wasi::p2::bindings::sockets::network::{self, ErrorCode, IpAddressFamily};
@@ -73,9 +73,9 @@ impl GuestNetwork {
     /// Whether NetworkPolicy lets the guest connect to `to` (where the
     /// connection really goes): decided in-process for a pod on the node's
     /// network; a pod network's packets meet the node's rules instead.
-    pub fn policy_allows(&self, to: SocketAddr) -> bool {
+    pub fn policy_allows(&self, to: SocketAddr, transport: Transport) -> bool {
         match self {
-            Self::Node(Some(routes)) => routes.may_connect(to),
+            Self::Node(Some(routes)) => routes.may_connect(to, transport),
             _ => true,
         }
     }
@@ -113,9 +113,11 @@ impl GuestNetwork {
             let ok = match usage {
                 SocketAddrUse::TcpConnect => {
                     (this.may_reach(addr.ip()) || this.is_route_endpoint(addr))
-                        && this.policy_allows(addr)
+                        && this.policy_allows(addr, Transport::Tcp)
                 }
-                SocketAddrUse::UdpSend => this.may_reach(addr.ip()) && this.policy_allows(addr),
+                SocketAddrUse::UdpSend => {
+                    this.may_reach(addr.ip()) && this.policy_allows(addr, Transport::Udp)
+                }
                 // Binding, listening, accepting and receiving are the
                 // guest's own business; what it reaches is not.
                 _ => allowed,
@@ -180,7 +182,7 @@ impl GuestNetwork {
             .into_iter()
             .find(|a| self.may_reach(a.ip()))
             .map(|a| self.route(a))
-            .filter(|a| self.policy_allows(*a))
+            .filter(|a| self.policy_allows(*a, Transport::Tcp))
             .ok_or(HttpError::DestinationIpProhibited)?;
         let socket = self
             .make(|| {

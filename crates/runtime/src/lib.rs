@@ -123,6 +123,13 @@ pub trait NameLookup: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The transport a guest's connection or datagram uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
 /// Where a connection to a Service's address goes when the pod shares the
 /// node's network and no service proxy routes it: the runtime's socket
 /// layer asks before it connects, as the proxy's rules would rewrite it.
@@ -138,11 +145,12 @@ pub trait ServiceRoutes: Send + Sync + std::fmt::Debug {
     fn is_endpoint(&self, to: std::net::SocketAddr) -> bool;
 
     /// Whether the NetworkPolicies of the guest's pod and of whatever
-    /// listens at `to` (where the connection really goes, after routing)
-    /// let the guest open it; with no node rules to enforce them, the
-    /// decision is taken here, in-process. By default: yes.
-    fn may_connect(&self, to: std::net::SocketAddr) -> bool {
-        let _ = to;
+    /// listens at `to` (where the connection, or datagram, really goes,
+    /// after routing) let the guest send there over `transport`; with no
+    /// node rules to enforce them, the decision is taken here, in-process.
+    /// By default: yes.
+    fn may_connect(&self, to: std::net::SocketAddr, transport: Transport) -> bool {
+        let _ = (to, transport);
         true
     }
 
