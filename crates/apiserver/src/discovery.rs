@@ -150,6 +150,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         let resources: Vec<Value> = ["pods", crate::node_proxy::REVISIONS]
             .iter()
             .flat_map(|r| crate::node_proxy::CUSTOM_METRICS.iter().map(move |m| (r, m)))
+            .filter(|(r, m)| **r == "pods" || !crate::node_proxy::POD_ONLY_METRICS.contains(m))
             .map(|(r, m)| json!({"name": format!("{r}/{m}"), "singularName": "", "namespaced": true, "kind": "MetricValueList", "verbs": ["get"]}))
             .collect();
         return Some(json!({

@@ -9,6 +9,7 @@ mod admission;
 pub mod audit;
 mod auth;
 mod crds;
+pub mod dashboard;
 mod discovery;
 pub mod encryption;
 mod error;
@@ -33,6 +34,7 @@ mod storage;
 mod tls;
 mod watch;
 mod watch_cache;
+mod watch_socket;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -311,6 +313,9 @@ impl ApiServer {
                 "/apis/",
                 get(|| async { axum::Json(discovery::api_groups()) }),
             )
+            .route(dashboard::PATH, get(dashboard::redirect))
+            .route("/dashboard/", get(dashboard::file))
+            .route("/dashboard/{*file}", get(dashboard::file))
             .route("/openapi/v2", get(openapi::v2))
             .route("/openapi/v3", get(openapi::v3_index))
             .route("/openapi/v3/{*path}", get(openapi::v3_group_version))
@@ -336,6 +341,10 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         return node_proxy::custom_metrics(&server, path, parts.uri.query())
             .await
             .unwrap_or_else(|e| e.into_response());
+    }
+    if watch_socket::wanted(&parts) {
+        let user = parts.extensions.get::<UserInfo>().cloned();
+        return watch_socket::serve(server, parts, user).await;
     }
     if parts.method == Method::GET {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();

@@ -440,6 +440,20 @@ async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>
         .collect())
 }
 
+/// A metric value as a quantity: whole numbers plain, others in
+/// thousandths (`1500m`) as metrics adapters write them, or in millionths
+/// (`42u`) when thousandths would lose it (a module loaded in 42 µs).
+fn quantity(value: f64) -> String {
+    let micro = (value * 1e6).round() as u64;
+    if micro % 1_000_000 == 0 {
+        (micro / 1_000_000).to_string()
+    } else if micro % 1000 == 0 || value >= 1.0 {
+        format!("{}m", (value * 1000.0).round() as u64)
+    } else {
+        format!("{micro}u")
+    }
+}
+
 fn cpu_quantity(nano_cores: &Value) -> String {
     format!("{}n", nano_cores.as_u64().unwrap_or(0))
 }
@@ -547,6 +561,20 @@ pub(crate) const CUSTOM_METRICS: &[&str] = &[
     "http_requests_in_flight",
     "http_requests",
     "http_request_seconds",
+    "wasm_module_bytes",
+    "wasm_native_code_bytes",
+    "wasm_compile_seconds",
+    "wasm_load_seconds",
+    "wasm_instances",
+];
+
+/// The metrics of pods only (Knative revisions have the request ones).
+pub(crate) const POD_ONLY_METRICS: &[&str] = &[
+    "wasm_module_bytes",
+    "wasm_native_code_bytes",
+    "wasm_compile_seconds",
+    "wasm_load_seconds",
+    "wasm_instances",
 ];
 
 /// Knative revisions, as the custom metrics API names the resource.
@@ -558,10 +586,26 @@ fn metric_field(metric: &str, of: &str) -> ApiResult<&'static str> {
         "http_requests_in_flight" => Ok("requestsInFlight"),
         "http_requests" => Ok("requests"),
         "http_request_seconds" => Ok("requestSeconds"),
-        other => Err(ApiError::bad_request(format!(
-            "the server could not find the metric {other} for {of}; served: {}",
-            CUSTOM_METRICS.join(", ")
-        ))),
+        // What a Wasm container runs: its module's size, its native code's,
+        // the time its node spent compiling it (only where the node
+        // compiled it rather than finding it in its compile cache) and
+        // loading it, and its live instances.
+        "wasm_module_bytes" if of == "pods" => Ok("wasmModuleBytes"),
+        "wasm_native_code_bytes" if of == "pods" => Ok("wasmNativeBytes"),
+        "wasm_compile_seconds" if of == "pods" => Ok("wasmCompileSeconds"),
+        "wasm_load_seconds" if of == "pods" => Ok("wasmLoadSeconds"),
+        "wasm_instances" if of == "pods" => Ok("wasmInstances"),
+        other => {
+            let served: Vec<&str> = CUSTOM_METRICS
+                .iter()
+                .copied()
+                .filter(|m| of == "pods" || !POD_ONLY_METRICS.contains(m))
+                .collect();
+            Err(ApiError::bad_request(format!(
+                "the server could not find the metric {other} for {of}; served: {}",
+                served.join(", ")
+            )))
+        }
     }
 }
 
@@ -595,7 +639,7 @@ async fn revision_metrics(
                 "describedObject": {"kind": "Revision", "namespace": ns, "name": rev, "apiVersion": "serving.knative.dev/v1"},
                 "metric": {"name": metric},
                 "timestamp": now,
-                "value": format!("{}m", (total * 1000.0).round() as u64),
+                "value": quantity(total),
             })
         })
         .collect();
@@ -666,7 +710,7 @@ pub(crate) async fn custom_metrics(
                 "describedObject": {"kind": "Pod", "namespace": ns, "name": p["name"], "apiVersion": "/v1"},
                 "metric": {"name": metric},
                 "timestamp": now,
-                "value": format!("{}m", (total * 1000.0).round() as u64),
+                "value": quantity(total),
             })
         })
         .collect();
@@ -682,4 +726,19 @@ pub(crate) async fn custom_metrics(
         "items": items,
     });
     Ok(axum::Json(body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantity;
+
+    #[test]
+    fn metric_values_keep_their_precision_in_the_plainest_scale() {
+        assert_eq!(quantity(0.0), "0");
+        assert_eq!(quantity(57976.0), "57976");
+        assert_eq!(quantity(1.5), "1500m");
+        assert_eq!(quantity(0.056), "56m");
+        assert_eq!(quantity(0.000042), "42u");
+        assert_eq!(quantity(2.0000004), "2000m");
+    }
 }

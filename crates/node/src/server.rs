@@ -293,6 +293,17 @@ async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
                     "cpuNanoCores": (sample.2 * 1e9) as u64,
                     "memoryBytes": run.usage.memory(),
                 });
+                // What a Wasm container runs, as its node got it ready.
+                if let Some(m) = run.usage.module() {
+                    container["wasmKind"] = serde_json::json!(m.kind);
+                    container["wasmModuleBytes"] = serde_json::json!(m.bytes);
+                    container["wasmNativeBytes"] = serde_json::json!(m.native_bytes);
+                    container["wasmLoadSeconds"] = serde_json::json!(m.loaded_in.as_secs_f64());
+                    if let Some(compiled) = m.compiled_in {
+                        container["wasmCompileSeconds"] = serde_json::json!(compiled.as_secs_f64());
+                    }
+                    container["wasmInstances"] = serde_json::json!(run.usage.instances());
+                }
                 // Request figures only where the runtime counts requests
                 // (HTTP functions): counters a reader differences.
                 if run.usage.serves_requests() {

@@ -46,6 +46,16 @@ pub(crate) struct ModuleCache {
     compile_nanos: AtomicU64,
 }
 
+/// How a module was had from the cache: compiled now (and how long that
+/// took) or found there, how long loading its native code took, and that
+/// code's size.
+#[derive(Clone, Copy, Debug)]
+pub struct Provenance {
+    pub compiled_in: Option<std::time::Duration>,
+    pub loaded_in: std::time::Duration,
+    pub native_bytes: u64,
+}
+
 impl std::fmt::Debug for ModuleCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModuleCache")
@@ -95,13 +105,13 @@ impl ModuleCache {
 
     /// The module for `bytes`: loaded from its sealed artifact, or compiled
     /// by `precompile` (once, whoever else asks meanwhile), written and
-    /// loaded. Blocking: call it off the async executor.
+    /// loaded; with how it was had. Blocking: call it off the async executor.
     pub(crate) fn load<T>(
         &self,
         bytes: &[u8],
         precompile: impl FnOnce(&[u8]) -> wasmtime::Result<Vec<u8>>,
         deserialize: impl Fn(&Path) -> wasmtime::Result<T>,
-    ) -> Result<T, Error> {
+    ) -> Result<(T, Provenance), Error> {
         let path = self.artifact_path(bytes);
         // The fast path takes no lock: a sealed artifact is complete.
         if let Some(loaded) = self.try_load(&path, &deserialize) {
@@ -135,7 +145,7 @@ impl ModuleCache {
         &self,
         path: &Path,
         deserialize: &impl Fn(&Path) -> wasmtime::Result<T>,
-    ) -> Option<T> {
+    ) -> Option<(T, Provenance)> {
         let seal = std::fs::read_to_string(seal_path(path)).ok();
         let artifact = std::fs::read(path).ok();
         match (seal, artifact) {
@@ -143,10 +153,16 @@ impl ModuleCache {
             // into place (a crash between the two renames).
             (_, None) => None,
             (Some(seal), Some(artifact)) if seal.trim() == hex(&Sha256::digest(&artifact)) => {
+                let started = std::time::Instant::now();
                 match deserialize(path) {
                     Ok(loaded) => {
                         self.loaded.fetch_add(1, Ordering::Relaxed);
-                        Some(loaded)
+                        let provenance = Provenance {
+                            compiled_in: None,
+                            loaded_in: started.elapsed(),
+                            native_bytes: artifact.len() as u64,
+                        };
+                        Some((loaded, provenance))
                     }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "recompiling a cached module the engine refused");
@@ -167,9 +183,10 @@ impl ModuleCache {
         bytes: &[u8],
         precompile: impl FnOnce(&[u8]) -> wasmtime::Result<Vec<u8>>,
         deserialize: &impl Fn(&Path) -> wasmtime::Result<T>,
-    ) -> Result<T, Error> {
+    ) -> Result<(T, Provenance), Error> {
         let started = std::time::Instant::now();
         let compiled = precompile(bytes).map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        let compiled_in = started.elapsed();
         self.compiled.fetch_add(1, Ordering::Relaxed);
         self.compile_nanos.fetch_add(
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -186,7 +203,14 @@ impl ModuleCache {
         };
         write_renamed(&seal_path(path), seal.as_bytes()).map_err(cache_err)?;
         write_renamed(path, &compiled).map_err(cache_err)?;
-        deserialize(path).map_err(|e| Error::InvalidModule(format!("{e:#}")))
+        let started = std::time::Instant::now();
+        let loaded = deserialize(path).map_err(|e| Error::InvalidModule(format!("{e:#}")))?;
+        let provenance = Provenance {
+            compiled_in: Some(compiled_in),
+            loaded_in: started.elapsed(),
+            native_bytes: compiled.len() as u64,
+        };
+        Ok((loaded, provenance))
     }
 }
 

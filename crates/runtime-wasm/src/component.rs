@@ -79,6 +79,7 @@ impl WasmRuntime {
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let result = async {
             let command = prepared.pre.instantiate_async(&mut store).await?;
+            let _live = spec.live.live_instance();
             store.data_mut().meter.start_slice();
             command.wasi_cli_run().call_run(&mut store).await
         }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use wasmkube_runtime::{
     Container, ContainerConfig, Error as RuntimeError, Exit as ContainerExit, Image, ImageKind,
-    Runtime,
+    ModuleFacts, Runtime,
 };
 
 use crate::{
@@ -62,7 +62,7 @@ pub struct WasmContainers {
     rt: Arc<WasmRuntime>,
     /// Image id -> the module or component linked against WASI, filled once
     /// (pods of an image that arrive together wait for one compile).
-    prepared: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Ready>>>>>,
+    prepared: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<(Ready, ModuleFacts)>>>>>,
     guests: Arc<Guests>,
 }
 
@@ -90,7 +90,7 @@ impl WasmContainers {
         })
     }
 
-    async fn prepared(&self, image: &Image) -> Result<Ready, RuntimeError> {
+    async fn prepared(&self, image: &Image) -> Result<(Ready, ModuleFacts), RuntimeError> {
         let cell = self
             .prepared
             .lock()
@@ -105,7 +105,7 @@ impl WasmContainers {
             .cloned()
     }
 
-    async fn prepare_image(&self, image: &Image) -> Result<Ready, RuntimeError> {
+    async fn prepare_image(&self, image: &Image) -> Result<(Ready, ModuleFacts), RuntimeError> {
         let (path, component) = match &image.kind {
             ImageKind::Wasm { module, component } => (module.clone(), *component),
             ImageKind::Linux { .. } => {
@@ -122,22 +122,30 @@ impl WasmContainers {
                 RuntimeError::InvalidImage(format!("reading module {}: {e}", path.display()))
             })?;
             let invalid = |e: crate::Error| RuntimeError::InvalidImage(e.to_string());
+            let facts = |kind, how: crate::Provenance| ModuleFacts {
+                kind,
+                bytes: bytes.len() as u64,
+                native_bytes: how.native_bytes,
+                compiled_in: how.compiled_in,
+                loaded_in: how.loaded_in,
+            };
             if component {
-                let c = rt.load_component(&bytes).map_err(invalid)?;
+                let (c, how) = rt.load_component_traced(&bytes).map_err(invalid)?;
                 // A command (wasi:cli/run) or an HTTP function
                 // (wasi:http/incoming-handler), by what it exports.
                 match rt.prepare_component(&c) {
-                    Ok(p) => Ok(Ready::Component(p)),
+                    Ok(p) => Ok((Ready::Component(p), facts("component", how))),
                     Err(as_command) => match rt.prepare_proxy(&c) {
-                        Ok(p) => Ok(Ready::Proxy(p)),
+                        Ok(p) => Ok((Ready::Proxy(p), facts("http", how))),
                         Err(as_proxy) => Err(RuntimeError::InvalidImage(format!(
                             "the component is neither a command ({as_command}) nor an HTTP function ({as_proxy})"
                         ))),
                     },
                 }
             } else {
-                let m = rt.load(&bytes).map_err(invalid)?;
-                rt.prepare(&m).map(Ready::Module).map_err(invalid)
+                let (m, how) = rt.load_traced(&bytes).map_err(invalid)?;
+                let ready = rt.prepare(&m).map(Ready::Module).map_err(invalid)?;
+                Ok((ready, facts("module", how)))
             }
         })
         .await
@@ -172,7 +180,8 @@ impl Runtime for WasmContainers {
     }
 
     async fn start(&self, config: ContainerConfig) -> Result<Box<dyn Container>, RuntimeError> {
-        let prepared = self.prepared(&config.image).await?;
+        let (prepared, facts) = self.prepared(&config.image).await?;
+        config.usage.set_module(facts);
         let mut env = config.env;
         if let Some(dir) = &config.working_dir {
             // WASI has no working directory; wasi-libc guests read PWD.

@@ -38,6 +38,7 @@ use wasmtime::{
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
+pub use cache::Provenance;
 pub use component::PreparedComponent;
 pub use container::{HANDLER, WasmContainers};
 pub use http::PreparedProxy;
@@ -453,6 +454,11 @@ impl WasmRuntime {
     /// the same time; off any request path: call this from a blocking task)
     /// and cached.
     pub fn load(&self, bytes: &[u8]) -> Result<Module, Error> {
+        self.load_traced(bytes).map(|(m, _)| m)
+    }
+
+    /// Loads a module as [`WasmRuntime::load`] does, saying how it was had.
+    pub fn load_traced(&self, bytes: &[u8]) -> Result<(Module, Provenance), Error> {
         self.cache.load(
             bytes,
             |b| self.engine.precompile_module(b),
@@ -462,6 +468,11 @@ impl WasmRuntime {
 
     /// Loads a component as [`WasmRuntime::load`] loads a module.
     pub fn load_component(&self, bytes: &[u8]) -> Result<Component, Error> {
+        self.load_component_traced(bytes).map(|(c, _)| c)
+    }
+
+    /// Loads a component as [`WasmRuntime::load_traced`] loads a module.
+    pub fn load_component_traced(&self, bytes: &[u8]) -> Result<(Component, Provenance), Error> {
         self.cache.load(
             bytes,
             |b| self.engine.precompile_component(b),
@@ -511,6 +522,7 @@ impl WasmRuntime {
         let result = async {
             let instance = prepared.pre.instantiate_async(&mut store).await?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            let _live = spec.live.live_instance();
             store.data_mut().meter.start_slice();
             start.call_async(&mut store, ()).await
         }

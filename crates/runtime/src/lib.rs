@@ -227,6 +227,24 @@ pub struct Usage {
     instances: AtomicU64,
     concurrency: std::sync::Mutex<Concurrency>,
     serves_requests: std::sync::atomic::AtomicBool,
+    module: std::sync::OnceLock<ModuleFacts>,
+}
+
+/// What a Wasm container runs, as its node got it ready: for the
+/// dashboard and the custom metrics API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleFacts {
+    /// `module`, `component` or `http` (a `wasi:http` component).
+    pub kind: &'static str,
+    /// The Wasm binary's size.
+    pub bytes: u64,
+    /// The native code's size (the precompiled artifact).
+    pub native_bytes: u64,
+    /// How long compiling took, when this node compiled it for the
+    /// container's image; `None` when it came from the compile cache.
+    pub compiled_in: Option<Duration>,
+    /// How long loading the native code took.
+    pub loaded_in: Duration,
 }
 
 /// Requests in flight, and their integral over time (request-seconds), so
@@ -258,6 +276,16 @@ impl Drop for InFlight {
         let mut c = self.0.concurrency.lock().expect("concurrency lock");
         c.advance(std::time::Instant::now());
         c.in_flight = c.in_flight.saturating_sub(1);
+    }
+}
+
+/// One live Wasm instance, counted until this is dropped.
+#[derive(Debug)]
+pub struct LiveInstance(Arc<Usage>);
+
+impl Drop for LiveInstance {
+    fn drop(&mut self) {
+        self.0.instance_ended();
     }
 }
 
@@ -307,6 +335,12 @@ impl Usage {
         c.advance(std::time::Instant::now());
         (c.in_flight, c.integral)
     }
+    /// A command guest's instance is live until the returned guard is
+    /// dropped.
+    pub fn live_instance(self: &Arc<Self>) -> LiveInstance {
+        self.instance_started();
+        LiveInstance(self.clone())
+    }
     pub fn instance_started(&self) {
         self.instances.fetch_add(1, Ordering::Relaxed);
     }
@@ -320,6 +354,14 @@ impl Usage {
     /// Instances live now (one per request in flight for HTTP functions).
     pub fn instances(&self) -> u64 {
         self.instances.load(Ordering::Relaxed)
+    }
+    /// Records what the container runs (once; later calls are ignored).
+    pub fn set_module(&self, facts: ModuleFacts) {
+        let _ = self.module.set(facts);
+    }
+    /// What the container runs, when it is a Wasm module or component.
+    pub fn module(&self) -> Option<&ModuleFacts> {
+        self.module.get()
     }
 }
 

@@ -170,10 +170,11 @@ impl PodSample {
 /// Parses a quantity as the custom metrics API writes it (`1234m`, `5`).
 fn quantity(v: &Value) -> f64 {
     let s = v.as_str().unwrap_or_default();
-    match s.strip_suffix('m') {
-        Some(milli) => milli.parse::<f64>().map(|m| m / 1000.0).unwrap_or(0.0),
-        None => s.parse().unwrap_or(0.0),
-    }
+    let (number, scale) = [('n', 1e-9), ('u', 1e-6), ('m', 1e-3)]
+        .iter()
+        .find_map(|(suffix, scale)| s.strip_suffix(*suffix).map(|n| (n, *scale)))
+        .unwrap_or((s, 1.0));
+    number.parse::<f64>().map(|n| n * scale).unwrap_or(0.0)
 }
 
 /// One metric of every revision pod in a namespace, by pod name.
@@ -417,6 +418,14 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_values_read_in_every_scale_the_server_writes() {
+        for (text, value) in [("3", 3.0), ("1500m", 1.5), ("42u", 42e-6), ("7n", 7e-9)] {
+            let got = quantity(&serde_json::json!(text));
+            assert!((got - value).abs() < 1e-12, "{text}: {got}");
+        }
+    }
 
     fn scaling(target: f64, window: u64) -> Scaling {
         let mut s = Scaling::from_annotations(&Default::default(), 0);

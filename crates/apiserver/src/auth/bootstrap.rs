@@ -390,6 +390,14 @@ pub(crate) fn policy() -> Vec<Value> {
                 &["get"],
             )],
         ),
+        // The dashboard's page and script: they hold no data (what it
+        // shows is the reader's own API requests), so any authenticated
+        // user may load them.
+        cluster_role(
+            "system:dashboard-viewer",
+            defaults.clone(),
+            vec![urls(&["/dashboard", "/dashboard/*"], &["get"])],
+        ),
         cluster_role(
             "system:basic-user",
             defaults.clone(),
@@ -451,6 +459,11 @@ pub(crate) fn policy() -> Vec<Value> {
                 ("Group", crate::auth::AUTHENTICATED),
                 ("Group", crate::auth::UNAUTHENTICATED),
             ],
+        ),
+        binding(
+            "system:dashboard-viewer",
+            "system:dashboard-viewer",
+            &[("Group", crate::auth::AUTHENTICATED)],
         ),
         binding(
             "system:basic-user",
