@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need
 # (kubectl if missing, Helm 4, a Python venv with the official Kubernetes client and
-# the oras client, skopeo,
+# the oras client, skopeo, Chromium with Playwright for the dashboard,
 # Debian's docker-registry, runc, busybox-static, containernetworking-plugins
 # and nftables,
 # cargo-nextest, the wasm32-wasip1 and wasm32-wasip2
@@ -107,6 +107,25 @@ if ! command -v promtool >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
     || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+fi
+
+# Debian's Chromium and Playwright (npm playwright-core, pinned by
+# tests/dashboard/package-lock.json; it drives that Chromium and downloads
+# no browser) for the dashboard's browser test and benchmark.
+browser_missing=()
+command -v chromium >/dev/null 2>&1 || browser_missing+=(chromium)
+# Node comes with the machine (with its npm); Debian's if it did not.
+command -v node >/dev/null 2>&1 || browser_missing+=(nodejs npm)
+if [ ${#browser_missing[@]} -gt 0 ]; then
+  step "installing ${browser_missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${browser_missing[@]}" >/dev/null \
+    || { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${browser_missing[@]}" >/dev/null; }
+fi
+if [ ! -d tests/dashboard/node_modules/playwright-core ]; then
+  step "installing Playwright (playwright-core) for the dashboard tests"
+  (cd tests/dashboard && npm ci --silent --no-audit --no-fund)
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -4,6 +4,7 @@
 mod auth;
 mod create;
 mod custom;
+mod dashboard;
 mod density;
 mod deploy;
 mod dns;
@@ -77,6 +78,10 @@ enum Bench {
     /// The built-in registry's push and pull throughput with oci-client,
     /// against Debian's docker-registry.
     Registry(registry::Args),
+    /// The dashboard in Chromium (Playwright): first paint and first data,
+    /// and a new pod's time to show on the page against `kubectl get pods
+    /// --watch` printing it.
+    Dashboard(dashboard::Args),
     /// Two API servers on etcd: from SIGKILL of the serving, leading one to
     /// a client's next acknowledged write and to the next pod bound.
     Failover(failover::Args),
@@ -109,5 +114,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Auth(a) => rt.block_on(auth::run(a)),
         Bench::CustomResources(a) => rt.block_on(custom::run(a)),
         Bench::PushToRunning(a) => rt.block_on(push::run(a)),
+        Bench::Dashboard(a) => rt.block_on(dashboard::run(a)),
     }
 }

@@ -155,6 +155,11 @@ impl ChildServer {
             self.url.parse()?,
         ))?)
     }
+
+    /// The kubeconfig the server wrote for kubectl.
+    pub fn kubeconfig(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
 }
 
 impl Drop for ChildServer {

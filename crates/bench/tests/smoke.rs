@@ -204,3 +204,9 @@ fn failover_bench_smoke() {
     let out = bench(&["failover", "--runs", "1", "--etcd-members", "1"]);
     assert!(out.contains("next pod bound"), "{out}");
 }
+
+#[test]
+fn dashboard_bench_smoke() {
+    let out = bench(&["dashboard", "--pods", "2", "--loads", "2"]);
+    assert!(out.contains("dashboard / kubectl watch (p50)"), "{out}");
+}

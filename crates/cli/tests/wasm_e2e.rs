@@ -677,6 +677,8 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let open = get("np-other-open", "role: other", "OnFailure");
     assert!(open.starts_with("Succeeded: "), "{open}");
 
+    dashboard(&s);
+
     // A second node joins with `wasmkube agent` and runs pods sent to it.
     let agent = AgentProcess(
         Command::new(wasmkube())
@@ -1295,4 +1297,74 @@ fn port_forward(s: &Server, target: &str) {
             "{body}"
         );
     }
+}
+
+/// The dashboard, in Debian's Chromium driven by Playwright through
+/// `kubectl proxy` (`tests/dashboard/dashboard.mjs check`): the page loads
+/// with no script error or refused resource, shows a pod created through
+/// kubectl while it is open, streams that pod's log, draws its CPU chart
+/// from samples and shows its Wasm module's facts; every other view draws.
+/// Without credentials the page is refused, as the API is.
+fn dashboard(s: &Server) {
+    let anonymous = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/dashboard/", s.url))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "401");
+    let page = ok(s, &["get", "--raw", "/dashboard/"], None);
+    assert!(page.contains("<title>wasmkube</title>"), "{page}");
+
+    let image = push_builtin(s, "cpu-burner");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("pod.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: dash-burner\nspec:\n  \
+             terminationGracePeriodSeconds: 1\n  containers:\n  - name: burner\n    \
+             image: {image}\n    resources:\n      limits: {{cpu: 50m, memory: 16Mi}}\n"
+        ),
+    )
+    .unwrap();
+    let shot = dir.path().join("dashboard.png");
+    let out = Command::new("node")
+        .arg(wasmkube_testkit::repo_root().join("tests/dashboard/dashboard.mjs"))
+        .arg("check")
+        .arg("--kubeconfig")
+        .arg(&s.kubeconfig)
+        .arg("--manifest")
+        .arg(&manifest)
+        .args(["--pod", "dash-burner", "--screenshot"])
+        .arg(&shot)
+        .output()
+        .expect("node is installed (scripts/test.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the dashboard check failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("dashboard: {seen}");
+    // Shown after its create (not a row left from before).
+    assert!(seen["shownAfterMs"].as_f64().unwrap() >= 0.0, "{seen}");
+    assert!(seen["chartPoints"].as_u64().unwrap() >= 2, "{seen}");
+    assert!(
+        seen["moduleSize"].as_str().unwrap().ends_with("KiB"),
+        "{seen}"
+    );
+    assert!(
+        seen["logText"].as_str().unwrap().contains("rounds/s"),
+        "{seen}"
+    );
+    assert!(
+        seen["nodesText"]
+            .as_str()
+            .unwrap()
+            .contains("wasmtime://48.0.8"),
+        "{seen}"
+    );
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    ok(s, &["delete", "pod", "dash-burner"], None);
 }
