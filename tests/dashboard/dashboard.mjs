@@ -7,6 +7,9 @@
 //     created through kubectl after the page opened, streams its log,
 //     draws its CPU chart and shows its Wasm module's facts. Prints one
 //     JSON line of what it saw.
+//   node dashboard.mjs tenant --kubeconfig K --namespace NS --pod NAME
+//     A reader with rights in one namespace: that namespace's pod shows and
+//     no other's; all namespaces, refused, show the refusal and no pod.
 //   node dashboard.mjs bench --kubeconfig K --image REF [--pods N] [--loads N]
 //     The benchmark: the page's first paint and first data (cold, then
 //     reloaded), and how long after a create a new pod shows on the page,
@@ -23,8 +26,8 @@ import { chromium } from "playwright-core";
 const [mode, ...rest] = process.argv.slice(2);
 const opts = {};
 for (let i = 0; i < rest.length; i += 2) opts[rest[i].replace(/^--/, "")] = rest[i + 1];
-if (!["check", "bench"].includes(mode) || !opts.kubeconfig) {
-  console.error("usage: dashboard.mjs check|bench --kubeconfig FILE ...");
+if (!["check", "bench", "tenant"].includes(mode) || !opts.kubeconfig) {
+  console.error("usage: dashboard.mjs check|bench|tenant --kubeconfig FILE ...");
   process.exit(2);
 }
 const env = { ...process.env, KUBECONFIG: opts.kubeconfig };
@@ -145,6 +148,32 @@ async function check() {
   }
 }
 
+// A tenant's view: with a namespace of theirs chosen, their pod shows and
+// no other namespace's; with none chosen, the page says the cluster-wide
+// list is refused and shows no pod.
+async function tenant() {
+  const { child, base } = await proxy();
+  const browser = await openBrowser();
+  try {
+    const { page, problems } = await watchedPage(browser);
+    await page.goto(`${base}/dashboard/?namespace=${encodeURIComponent(opts.namespace)}#/pods`);
+    await page.waitForSelector(`tr[data-key="${opts.namespace}/${opts.pod}"]`, { timeout: WAIT });
+    const rows = await page.$$eval("tr[data-key]", (trs) => trs.map((tr) => tr.dataset.key));
+    if (rows.some((k) => !k.startsWith(`${opts.namespace}/`))) fail(`another namespace's pods shown: ${rows}`);
+    await page.fill("#namespace", "");
+    await page.dispatchEvent("#namespace", "change");
+    await page.waitForSelector('p[data-problem="403"]', { timeout: WAIT });
+    const refusal = await page.$eval('p[data-problem="403"]', (el) => el.textContent);
+    const after = await page.$$eval("tr[data-key]", (trs) => trs.length);
+    if (after) fail(`pods shown for all namespaces to a tenant: ${after}`);
+    if (problems.length) fail(problems.join("\n"));
+    console.log(JSON.stringify({ rows, refusal }));
+  } finally {
+    await browser.close();
+    child.kill();
+  }
+}
+
 function percentile(xs, p) {
   const sorted = [...xs].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
@@ -232,7 +261,7 @@ async function bench() {
 }
 
 try {
-  await (mode === "check" ? check() : bench());
+  await ({ check, bench, tenant })[mode]();
 } catch (e) {
   if (!process.exitCode) console.error(`dashboard ${mode}: ${e.stack || e}`);
   process.exitCode = 1;

@@ -1638,3 +1638,72 @@ async fn storage_kinds_are_served_defaulted_and_validated() {
     );
     c.stop().await;
 }
+
+/// A watch over WebSocket, as kube-apiserver serves one: each event is one
+/// JSON text message (base64 of it under `base64.binary.k8s.io`); a
+/// watch the server refuses is answered as a plain response, not upgraded.
+#[tokio::test]
+async fn a_watch_upgraded_to_websocket_sends_one_message_per_event() {
+    use base64::Engine as _;
+    use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+
+    let c = start().await;
+    let (_, list) = c.get("/api/v1/namespaces/default/configmaps").await;
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!(
+        "{}/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={rv}",
+        c.base.replace("http://", "ws://")
+    );
+    let (mut plain, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "base64.binary.k8s.io".parse().unwrap(),
+    );
+    let (mut encoded, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "base64.binary.k8s.io"
+    );
+    for name in ["one", "two"] {
+        let (status, _) = c
+            .post(
+                "/api/v1/namespaces/default/configmaps",
+                json!({"metadata": {"name": name}, "data": {"k": name}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let next = |m: Option<Result<Message, tungstenite::Error>>| match m {
+        Some(Ok(Message::Text(t))) => t.to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    };
+    for name in ["one", "two"] {
+        let event: Value = serde_json::from_str(&next(plain.next().await)).unwrap();
+        assert_eq!(event["type"], "ADDED");
+        assert_eq!(event["object"]["metadata"]["name"], name);
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(next(encoded.next().await))
+            .unwrap();
+        let event: Value = serde_json::from_slice(&decoded).unwrap();
+        assert_eq!(event["object"]["data"]["k"], name);
+    }
+    plain.close(None).await.unwrap();
+
+    // A refused watch (a bad selector) is not upgraded: the handshake
+    // fails with the server's answer.
+    let bad = format!(
+        "{}/api/v1/namespaces/default/configmaps?watch=1&labelSelector=%3D%3D%3D",
+        c.base.replace("http://", "ws://")
+    );
+    match tokio_tungstenite::connect_async(&bad).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST)
+        }
+        other => panic!("a refused watch was upgraded: {other:?}"),
+    }
+    c.stop().await;
+}

@@ -345,6 +345,7 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
 
     // Kubernetes' words for a refusal.
     let alice = user_kubeconfig(&s, dir.path(), "alice", Some("alice-token"));
+    dashboard_for_a_tenant(&alice);
     let out = kubectl_as(&alice, &["-n", "b", "get", "secrets"]);
     assert!(
         out.stderr.contains(
@@ -1287,5 +1288,31 @@ fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Pa
         s,
         &["-n", "a", "delete", "pod", "on-n2", "--wait=false"],
         None,
+    );
+}
+
+/// The dashboard in Chromium through `kubectl proxy` with a tenant's
+/// credentials (`tests/dashboard/dashboard.mjs tenant`): its namespace's pod
+/// shows and no other's; asked for every namespace, the page shows the
+/// refusal and no pod. What the page shows is what RBAC lets the reader
+/// read.
+fn dashboard_for_a_tenant(kubeconfig: &std::path::Path) {
+    let out = std::process::Command::new("node")
+        .arg(wasmkube_testkit::repo_root().join("tests/dashboard/dashboard.mjs"))
+        .arg("tenant")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--namespace", "a", "--pod", "p"])
+        .output()
+        .expect("node is installed (scripts/test.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the tenant's dashboard: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"User \"alice\" cannot list resource \"pods\""#),
+        "{stdout}"
     );
 }

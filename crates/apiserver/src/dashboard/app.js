@@ -380,7 +380,8 @@ function nodeReady(n) {
 
 function problem(l, what) {
   if (!l.error) return null;
-  return h("p", { class: "status-Error" }, `${what}: ${l.error.message}`);
+  const hint = l.error.status === 403 && !state.namespace ? " Choose one of your namespaces above." : "";
+  return h("p", { class: "status-Error", "data-problem": l.error.status }, `${what}: ${l.error.message}.${hint}`);
 }
 
 const podLink = (ns, name) => `#/pods/${encodeURIComponent(ns)}/${encodeURIComponent(name)}`;
@@ -412,8 +413,11 @@ function chart(title, samples, value, format, attrs = {}) {
 
 // ---------------------------------------------------------------- views
 
+// The namespace shown: `?namespace=NS` in the address, or the last one
+// chosen; empty for all (a reader who may not list every namespace types
+// or picks one of theirs).
 const state = {
-  namespace: localStorage.getItem("wasmkube.namespace") || "",
+  namespace: query.get("namespace") ?? localStorage.getItem("wasmkube.namespace") ?? "",
   view: null,
 };
 
@@ -870,22 +874,26 @@ function renderLive() {
 }
 
 const picker = document.getElementById("namespace");
+const known = document.getElementById("namespaces");
+picker.value = state.namespace;
 
+// The namespaces the reader may list, offered as choices; typing one is
+// always possible.
 function renderNamespaces() {
   const names = [...live("namespaces").items.keys()].sort();
-  if (state.namespace && !names.includes(state.namespace)) names.push(state.namespace);
-  const have = [...picker.options].map((o) => o.value).slice(1);
+  const have = [...known.options].map((o) => o.value);
   if (have.join() === names.join()) return;
-  replace(picker, h("option", { value: "" }, "all namespaces"), names.map((n) => h("option", { value: n }, n)));
-  picker.value = state.namespace;
+  replace(known, names.map((n) => h("option", { value: n })));
 }
 
 picker.addEventListener("change", () => {
-  state.namespace = picker.value;
+  const chosen = picker.value.trim();
+  if (chosen === state.namespace) return;
+  state.namespace = chosen;
   localStorage.setItem("wasmkube.namespace", state.namespace);
   // Lists of the namespace left are no longer needed.
   for (const [path, l] of lives) {
-    if (path.includes("/namespaces/") && !path.endsWith("/namespaces")) {
+    if (path.includes("/namespaces/")) {
       l.stop();
       lives.delete(path);
     }
