@@ -88,6 +88,21 @@ async function watchedPage(browser) {
   return { page, problems };
 }
 
+// Waits for `what`; a wait that fails says which one, with what the page
+// showed then, so a failure can be read from the test's output alone.
+async function step(page, what, wait) {
+  try {
+    return await wait;
+  } catch (e) {
+    const shown = await page.evaluate(() => ({
+      url: location.href,
+      live: document.getElementById("live")?.textContent,
+      view: document.getElementById("view")?.innerText.slice(0, 2000),
+    })).catch(() => ({}));
+    fail(`${what}: ${e.message.split("\n")[0]}\nthe page then: ${JSON.stringify(shown, null, 1)}`);
+  }
+}
+
 async function paintTimes(page) {
   return page.evaluate(() => ({
     firstContentfulPaint: performance.getEntriesByName("first-contentful-paint")[0]?.startTime ?? null,
@@ -102,31 +117,31 @@ async function check() {
     const { page, problems } = await watchedPage(browser);
     const key = `default/${opts.pod}`;
     await page.goto(`${base}/dashboard/?interval=1000#/pods`);
-    await page.waitForSelector("#live.ok", { timeout: WAIT });
-    await page.waitForFunction(() => window.wasmkube.firstData != null, null, { timeout: WAIT });
+    await step(page, "the watches connected", page.waitForSelector("#live.ok", { timeout: WAIT }));
+    await step(page, "the pods list drawn", page.waitForFunction(() => window.wasmkube.firstData != null, null, { timeout: WAIT }));
     const paint = await paintTimes(page);
 
     // A pod created through kubectl while the page is open shows up.
     const created = Date.now();
     await kubectl(["apply", "-f", "-"], readFileSync(opts.manifest, "utf8"));
-    await page.waitForSelector(`tr[data-key="${key}"]`, { timeout: WAIT });
+    await step(page, "the new pod shown", page.waitForSelector(`tr[data-key="${key}"]`, { timeout: WAIT }));
     const shownAfterMs = (await page.evaluate((k) => window.wasmkube.shown[k], key)) - created;
 
     // Its page: the log streams (lines keep coming), the CPU chart draws,
     // the Wasm facts show.
     await page.click(`tr[data-key="${key}"] a`);
     const logs = `pre[data-logs="${key}"]`;
-    await page.waitForFunction((sel) => (document.querySelector(sel)?.textContent || "").trim().length > 0, logs, { timeout: WAIT });
+    await step(page, "the log's first lines", page.waitForFunction((sel) => (document.querySelector(sel)?.textContent || "").trim().length > 0, logs, { timeout: WAIT }));
     const lines = await page.$eval(logs, (el) => el.textContent.split("\n").filter(Boolean).length);
-    await page.waitForFunction(([sel, n]) => document.querySelector(sel).textContent.split("\n").filter(Boolean).length > n,
-      [logs, lines], { timeout: WAIT });
-    await page.waitForFunction(() => {
+    await step(page, "more log lines streamed", page.waitForFunction(([sel, n]) => document.querySelector(sel).textContent.split("\n").filter(Boolean).length > n,
+      [logs, lines], { timeout: WAIT }));
+    await step(page, "the CPU chart drawn", page.waitForFunction(() => {
       const c = document.querySelector('[data-chart="cpu"]');
       return c && Number(c.dataset.points) >= 2 && c.querySelector("polyline")?.getAttribute("points");
-    }, null, { timeout: WAIT });
+    }, null, { timeout: WAIT }));
     const chartPoints = await page.$eval('[data-chart="cpu"] polyline', (el) => el.getAttribute("points").split(" ").length);
-    await page.waitForFunction(() => (document.querySelector('[data-metric="wasm_module_bytes"]')?.textContent || "").length > 0,
-      null, { timeout: WAIT });
+    await step(page, "the Wasm module's facts shown", page.waitForFunction(() => (document.querySelector('[data-metric="wasm_module_bytes"]')?.textContent || "").length > 0,
+      null, { timeout: WAIT }));
     const moduleSize = await page.$eval('[data-metric="wasm_module_bytes"]', (el) => el.textContent);
     const logText = await page.$eval(logs, (el) => el.textContent);
     if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });

@@ -128,6 +128,10 @@ pub struct ApiServer {
     auth: Option<auth::Auth>,
     /// The audit log, when on.
     audit: Option<Arc<audit::Audit>>,
+    /// With a cluster CA: how this server reaches node agents (mutual TLS,
+    /// see `node_proxy::dial`); without one, plain HTTP with the node-proxy
+    /// token.
+    agent_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -202,12 +206,17 @@ impl ApiServer {
             None => None,
         };
         let audit = config.audit.clone();
+        let agent_tls = match &config.ca {
+            Some(ca) => Some(node_proxy::agent_tls(ca).map_err(ApiError::internal)?),
+            None => None,
+        };
         let server = Arc::new(Self {
             store,
             stored,
             cache,
             config,
             node_stats: Default::default(),
+            agent_tls,
             _crds: crds,
             auth,
             audit,
@@ -233,7 +242,12 @@ impl ApiServer {
             }
         }
         auth::bootstrap::ensure(&server).await?;
-        node_proxy::ensure_token(&server).await?;
+        // Agents of a cluster with a CA are reached over mutual TLS: they
+        // need no shared token (one every node could read and use against
+        // every other node's agent).
+        if server.agent_tls.is_none() {
+            node_proxy::ensure_token(&server).await?;
+        }
         services::ensure_system_services(&server).await?;
         ensure_builtin_classes(&server).await?;
         Ok(server)

@@ -14,8 +14,6 @@ use axum::http::Response as HttpResponse;
 use axum::http::{Request, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use wasmkube_api::registry::{self, ResourceType};
 
@@ -72,6 +70,83 @@ async fn token(server: &ApiServer) -> ApiResult<String> {
         .decode(raw)
         .map_err(ApiError::internal)?;
     String::from_utf8(bytes).map_err(ApiError::internal)
+}
+
+/// How long the API server's agent client certificate is valid; a new one
+/// is issued at every start.
+const AGENT_CLIENT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// The TLS client configuration with which this server reaches agents: it
+/// trusts only the cluster CA for their serving certificates and presents
+/// a client certificate naming [`wasmkube_pki::AGENT_CLIENT`], the one
+/// identity agents serve.
+pub(crate) fn agent_tls(
+    ca: &wasmkube_pki::Ca,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, wasmkube_pki::PkiError> {
+    let client = ca.issue_client(
+        &wasmkube_pki::Identity::new(wasmkube_pki::AGENT_CLIENT, &[]),
+        AGENT_CLIENT_LIFETIME,
+    )?;
+    wasmkube_pki::agent_client_tls(ca.cert_pem(), &client)
+}
+
+/// An HTTP/1.1 connection to a node's agent endpoint at `host`, with the
+/// `Authorization` its requests need. With a cluster CA it is mutual TLS:
+/// the agent's serving certificate must be the cluster CA's for the
+/// address dialed (an agent's certificate names its node's addresses), and
+/// this server presents its agent client certificate, so no header is
+/// needed. Without one (servers only tests reach, plain HTTP clusters),
+/// plain HTTP with the node-proxy token.
+async fn dial(
+    server: &ApiServer,
+    node: &str,
+    host: &str,
+) -> ApiResult<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    Option<String>,
+)> {
+    let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
+        message: format!("error dialing the node agent of {node}: {e}"),
+    };
+    let stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| dial_error(&e))?;
+    let _ = stream.set_nodelay(true);
+    async fn handshake<S>(
+        io: S,
+    ) -> hyper::Result<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "a connection to an agent ended");
+            }
+        });
+        Ok(sender)
+    }
+    match &server.agent_tls {
+        Some(tls) => {
+            let ip = host
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_start_matches('[').trim_end_matches(']'))
+                .unwrap_or(host);
+            let name = rustls::pki_types::ServerName::try_from(ip.to_owned())
+                .map_err(|e| dial_error(&e))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, stream)
+                .await
+                .map_err(|e| dial_error(&format!("TLS: {e}")))?;
+            Ok((handshake(stream).await.map_err(|e| dial_error(&e))?, None))
+        }
+        None => {
+            let token = token(server).await?;
+            let sender = handshake(stream).await.map_err(|e| dial_error(&e))?;
+            Ok((sender, Some(format!("Bearer {token}"))))
+        }
+    }
 }
 
 /// Where a pod's container runs: its name (from the `container` parameter,
@@ -199,17 +274,17 @@ pub(crate) async fn pod_log(
         host,
         query,
     } = locate(server, namespace, name, query).await?;
-    let url = format!("http://{host}/containerLogs/{ns}/{name}/{container}?{query}");
-    let request = Request::get(&url)
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", token(server).await?),
-        )
+    let (mut agent, authorization) = dial(server, &node, &host).await?;
+    let mut request = Request::get(format!("/containerLogs/{ns}/{name}/{container}?{query}"))
+        .header(header::HOST, &host);
+    if let Some(a) = authorization {
+        request = request.header(header::AUTHORIZATION, a);
+    }
+    let request = request
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = client
-        .request(request)
+    let response = agent
+        .send_request(request)
         .await
         .map_err(|e| ApiError::Internal {
             message: format!("error dialing the node agent of {node}: {e}"),
@@ -302,14 +377,14 @@ async fn upgrade_to_agent(
     path: &str,
     mut request: Request<Body>,
 ) -> ApiResult<Response> {
+    let (mut sender, authorization) = dial(server, node, host).await?;
     let mut upstream = Request::builder()
         .method(request.method())
         .uri(path)
-        .header(header::HOST, host)
-        .header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", token(server).await?),
-        );
+        .header(header::HOST, host);
+    if let Some(a) = authorization {
+        upstream = upstream.header(header::AUTHORIZATION, a);
+    }
     for h in &UPGRADE_HEADERS {
         if let Some(v) = request.headers().get(h) {
             upstream = upstream.header(h, v);
@@ -321,18 +396,6 @@ async fn upgrade_to_agent(
     let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
         message: format!("error dialing the node agent of {node}: {e}"),
     };
-    let stream = tokio::net::TcpStream::connect(host)
-        .await
-        .map_err(|e| dial_error(&e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| dial_error(&e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded connection to the agent ended");
-        }
-    });
     let mut response = sender
         .send_request(upstream)
         .await
@@ -393,9 +456,6 @@ async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>
         .list(&nodes.key_prefix(), Default::default())
         .await
         .map_err(ApiError::internal)?;
-    let token = token(server).await?;
-    let client =
-        Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<bytes::Bytes>>();
     let fetches = listed.items.iter().filter_map(|kv| {
         let node = decode_stored(kv).ok()?;
         let name = node["metadata"]["name"].as_str()?.to_owned();
@@ -413,14 +473,17 @@ async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>
         } else {
             format!("{address}:{port}")
         };
-        let request = Request::get(format!("http://{host}/stats/pods"))
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .ok()?;
-        let client = client.clone();
         Some(async move {
             let fetch = async {
-                let response = client.request(request).await.ok()?;
+                let (mut agent, authorization) = dial(server, &name, &host).await.ok()?;
+                let mut request = Request::get("/stats/pods").header(header::HOST, &host);
+                if let Some(a) = authorization {
+                    request = request.header(header::AUTHORIZATION, a);
+                }
+                let request = request
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .ok()?;
+                let response = agent.send_request(request).await.ok()?;
                 if !response.status().is_success() {
                     return None;
                 }
@@ -739,6 +802,7 @@ mod tests {
         assert_eq!(quantity(1.5), "1500m");
         assert_eq!(quantity(0.056), "56m");
         assert_eq!(quantity(0.000042), "42u");
-        assert_eq!(quantity(2.0000004), "2000m");
+        assert_eq!(quantity(2.0000004), "2");
+        assert_eq!(quantity(1.2345), "1235m");
     }
 }

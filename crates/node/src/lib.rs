@@ -23,6 +23,7 @@ mod routes;
 mod server;
 mod spec;
 mod status;
+mod tls;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -221,6 +222,8 @@ pub enum Error {
     },
     #[error("the pod watch ended")]
     WatchEnded,
+    #[error("the agent endpoint's TLS: {0}")]
+    Tls(String),
 }
 
 /// What every part of the agent shares.
@@ -239,8 +242,10 @@ pub(crate) struct Ctx {
     /// late watch event (one sent before the deletion, delivered after it)
     /// cannot start the pod again.
     pub(crate) gone: Mutex<pod::Tombstones>,
-    /// The token the API server presents to the agent endpoint.
-    pub token: String,
+    /// The token the API server presents to the agent endpoint in a
+    /// cluster without a CA; `None` in one with a CA, whose API server is
+    /// known by its client certificate instead (see `tls.rs`).
+    pub token: Option<String>,
     /// The agent endpoint's port, reported in `daemonEndpoints`.
     pub port: u16,
     /// Pokes the node status loop (a new image arrived, say).
@@ -302,6 +307,8 @@ impl Ctx {
 pub struct Agent {
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
+    /// The endpoint's TLS, in a cluster with a CA.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -338,7 +345,13 @@ impl Agent {
             .local_addr()
             .map_err(io("reading the endpoint address".into()))?
             .port();
-        let token = node::read_proxy_token(&client).await?;
+        // A cluster with a CA: the endpoint is served over mutual TLS once
+        // the node is registered; otherwise to the node-proxy token.
+        let cluster_ca = tls::cluster_ca(&client).await?;
+        let token = match cluster_ca {
+            Some(_) => None,
+            None => Some(node::read_proxy_token(&client).await?),
+        };
         let mut runtimes: Vec<Arc<dyn Runtime>> =
             vec![Arc::new(wasmkube_runtime_wasm::WasmContainers::new(
                 wasm,
@@ -375,6 +388,16 @@ impl Agent {
         node::ensure_runtime_classes(&ctx).await?;
         node::register(&ctx).await?;
         tracing::info!(node = %ctx.config.name, port, "node agent registered");
+        let tls = match &cluster_ca {
+            Some(ca) => {
+                let names = wasmkube_pki::ServingNames {
+                    dns: vec![ctx.config.name.clone()],
+                    ips: vec![ctx.config.address],
+                };
+                Some(tls::serving(&ctx.client, &ctx.config.name, ca, &names).await?)
+            }
+            None => None,
+        };
         if ctx.config.pod_network {
             node::set_up_pod_network(&ctx).await;
         }
@@ -387,7 +410,7 @@ impl Agent {
                 ports::CONDITION
             );
         }
-        Ok(Self { ctx, listener })
+        Ok(Self { ctx, listener, tls })
     }
 
     /// The agent endpoint's address.
@@ -401,7 +424,7 @@ impl Agent {
     /// until the pod watch ends for good or the future is dropped.
     pub async fn run(self) -> Result<(), Error> {
         let ctx = self.ctx;
-        let server = tokio::spawn(server::serve(ctx.clone(), self.listener));
+        let server = tokio::spawn(server::serve(ctx.clone(), self.listener, self.tls));
         let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
         let status = tokio::spawn(node::status_loop(ctx.clone()));
         let routes = tokio::spawn(node::route_to_other_nodes(ctx.clone()));

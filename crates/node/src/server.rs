@@ -1,6 +1,8 @@
 //! The agent endpoint: container logs and exec sessions (which the API
 //! server proxies `pods/log` and `pods/exec` to), usage and Prometheus
-//! metrics. Every route but `/healthz` needs the cluster's node-proxy token.
+//! metrics. Every route but `/healthz` is for the API server only: over
+//! mutual TLS in a cluster with a CA (`tls.rs`), otherwise to the
+//! cluster's node-proxy token.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +21,11 @@ use axum::routing::get;
 use crate::Ctx;
 use crate::logs::{self, LogOptions};
 
-pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
+pub(crate) async fn serve(
+    ctx: Arc<Ctx>,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let protected = Router::new()
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
@@ -44,12 +50,22 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: tokio::net::TcpListener) {
         .route("/healthz", get(|| async { "ok" }))
         .merge(protected)
         .with_state(ctx);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the agent endpoint stopped");
+    match tls {
+        Some(tls) => crate::tls::serve(listener, tls, app).await,
+        None => {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the agent endpoint stopped");
+            }
+        }
     }
 }
 
+/// The node-proxy token, where the endpoint is served without TLS (over
+/// TLS, `tls::serve` admitted only the API server's connections).
 async fn authenticate(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> Response {
+    let Some(token) = &ctx.token else {
+        return next.run(req).await;
+    };
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -57,13 +73,13 @@ async fn authenticate(State(ctx): State<Arc<Ctx>>, req: Request, next: Next) -> 
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compared in constant time: the token is the endpoint's only key.
     let ok = presented.is_some_and(|p| {
-        p.len() == ctx.token.len()
+        p.len() == token.len()
             && p.bytes()
-                .zip(ctx.token.bytes())
+                .zip(token.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
     });
-    if !ok || ctx.token.is_empty() {
+    if !ok || token.is_empty() {
         return (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response();
     }
     next.run(req).await

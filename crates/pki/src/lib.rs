@@ -278,6 +278,30 @@ impl Ca {
         Ok(request.signed_by(&self.issuer)?.pem())
     }
 
+    /// Signs a PKCS#10 request (PEM) as a serving certificate for the
+    /// names it asks for (see [`csr_serving_names`]; the caller decides
+    /// whether they are the requester's to have), valid for `lifetime`,
+    /// its subject the identity the request names.
+    pub fn sign_serving_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let who = csr_identity(csr_pem)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = who.distinguished_name()?;
+        params.subject_alt_names = csr.params.subject_alt_names.clone();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, lifetime);
+        let request = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        Ok(request.signed_by(&self.issuer)?.pem())
+    }
+
     /// The rustls configuration serving `serving` and verifying client
     /// certificates against this CA; clients without one are let through
     /// (to bearer tokens or anonymous access). Offers HTTP/2 and HTTP/1.1.
@@ -361,6 +385,82 @@ pub fn csr_identity(csr_pem: &str) -> Result<Identity> {
     csr.verify_signature()
         .map_err(|_| PkiError::Cert(rcgen::Error::InvalidCertificationRequestSignature))?;
     Ok(names_of(&csr.certification_request_info.subject))
+}
+
+/// The names a PKCS#10 request (PEM) asks a serving certificate for.
+pub fn csr_serving_names(csr_pem: &str) -> Result<ServingNames> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let mut names = ServingNames::default();
+    for san in &csr.params.subject_alt_names {
+        match san {
+            SanType::DnsName(n) => names.dns.push(n.as_str().to_owned()),
+            SanType::IpAddress(ip) => names.ips.push(*ip),
+            // Anything else (mail, URI) is not asked for by a node.
+            _ => names.dns.push(format!("{san:?}")),
+        }
+    }
+    Ok(names)
+}
+
+/// A new key and a PKCS#10 request (PEM) for a serving certificate of
+/// `who` valid for `names`: (request, key).
+pub fn new_serving_csr(who: &Identity, names: &ServingNames) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = who.distinguished_name()?;
+    params.subject_alt_names = names
+        .dns
+        .iter()
+        .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
+        .chain(names.ips.iter().map(|ip| SanType::IpAddress(*ip)))
+        .collect();
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// The identity the API server presents to node agents (kubeadm's
+/// `kube-apiserver-kubelet-client`): agents serve their endpoint to a
+/// client certificate of the cluster CA naming it, and to nothing else.
+pub const AGENT_CLIENT: &str = "kube-apiserver-kubelet-client";
+
+fn roots(ca_pem: &str) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| PkiError::Pem(e.to_string()))?)?;
+    }
+    Ok(roots)
+}
+
+/// A node agent's endpoint: serves `serving` and demands a client
+/// certificate of the CA in `ca_pem` (checking whom it names is the
+/// caller's). HTTP/1.1 (the exec and port-forward upgrades).
+pub fn agent_server_tls(ca_pem: &str, serving: &Issued) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider.clone(),
+    )
+    .build()?;
+    let (chain, key) = parse_pair(serving)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client of node agents: trusts only the CA in `ca_pem` for their
+/// serving certificates and presents `client`. HTTP/1.1.
+pub fn agent_client_tls(ca_pem: &str, client: &Issued) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let (chain, key) = parse_pair(client)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// A new key and a PKCS#10 request (PEM) for `who`: (request, key).
@@ -619,6 +719,84 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A TLS handshake in memory; the identity the server verified.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> std::result::Result<Option<Identity>, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+        }
+        Ok(s.peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| identity_of(leaf)))
+    }
+
+    #[test]
+    fn agents_serve_the_api_server_over_mutual_tls_for_their_own_names() {
+        let ca = Ca::create("test").unwrap();
+        let node = Identity::new("system:node:n1", &["system:nodes"]);
+        let names = ServingNames {
+            dns: vec!["n1".into()],
+            ips: vec!["10.0.0.7".parse().unwrap()],
+        };
+        let (csr, key_pem) = new_serving_csr(&node, &names).unwrap();
+        let asked = csr_serving_names(&csr).unwrap();
+        assert_eq!(
+            (asked.dns, asked.ips),
+            (names.dns.clone(), names.ips.clone())
+        );
+        let serving = Issued {
+            cert_pem: ca
+                .sign_serving_csr(&csr, Duration::from_secs(3600))
+                .unwrap(),
+            key_pem,
+        };
+        let server = agent_server_tls(ca.cert_pem(), &serving).unwrap();
+        let api = ca
+            .issue_client(&Identity::new(AGENT_CLIENT, &[]), Duration::from_secs(3600))
+            .unwrap();
+        let client = agent_client_tls(ca.cert_pem(), &api).unwrap();
+        // The API server dials the node's address and knows who it reached;
+        // the agent knows the API server.
+        let who = handshake(client.clone(), server.clone(), "10.0.0.7").unwrap();
+        assert_eq!(who.unwrap().user, AGENT_CLIENT);
+        // Not for an address the certificate does not name.
+        assert!(handshake(client, server.clone(), "10.0.0.8").is_err());
+        // A client of another CA is refused by the agent; a server of
+        // another CA by the API server.
+        let other = Ca::create("other").unwrap();
+        let stranger = other
+            .issue_client(&Identity::new(AGENT_CLIENT, &[]), Duration::from_secs(3600))
+            .unwrap();
+        let foreign = agent_client_tls(ca.cert_pem(), &stranger).unwrap();
+        assert!(handshake(foreign, server, "10.0.0.7").is_err());
+        let impostor = other.issue_serving("n1", &names).unwrap();
+        let fake = agent_server_tls(ca.cert_pem(), &impostor).unwrap();
+        let client = agent_client_tls(ca.cert_pem(), &api).unwrap();
+        assert!(handshake(client, fake, "10.0.0.7").is_err());
+    }
+
     #[test]
     fn tokens_verify_only_as_signed() {
         let signer = TokenSigner::generate().unwrap();
@@ -682,8 +860,6 @@ mod tests {
         assert!(unseal("guess", &sealed).is_err());
         assert!(unseal("s3cret", b"{}").is_err());
     }
-
-    use super::*;
 
     #[test]
     fn a_client_certificate_names_its_user_and_groups() {

@@ -1,10 +1,14 @@
 //! CertificateSigningRequests (`certificates.k8s.io/v1`): the server
 //! records who asked (`spec.username`, `groups`, `uid`), and signs with the
-//! cluster CA, at once, the one kind of request it approves by itself: a
+//! cluster CA, at once, the two kinds of request it approves by itself: a
 //! node's client certificate (`kubernetes.io/kube-apiserver-client-kubelet`,
 //! `CN=system:node:NAME`, `O=system:nodes`) asked by a holder of the join
 //! token (group `system:bootstrappers`) or by that same node renewing its
-//! own. Anything else waits for an approver.
+//! own; and a node agent's serving certificate
+//! (`kubernetes.io/kubelet-serving`) asked by the node itself (or by an
+//! agent run with an administrator's credentials) for names that are the
+//! node's own (its name and the addresses its Node reports).
+//! Anything else waits for an approver.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,18 +31,27 @@ pub const BOOTSTRAPPERS: &str = "system:bootstrappers";
 /// How long a node's certificate is valid unless the request asks for less.
 const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The signer of node agents' serving certificates.
+pub const NODE_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+
 /// A node certificate request `user` may have signed without an approver.
 struct NodeRequest {
     pem: String,
     node: String,
     /// Asked with the join token (not by the node renewing its own).
     bootstrapping: bool,
+    /// A serving certificate (`kubernetes.io/kubelet-serving`), not a
+    /// client one.
+    serving: bool,
 }
 
 /// Whether `user` may have the node certificate `csr` signed without an
-/// approver.
+/// approver: a node's client certificate asked with the join token or by
+/// the node itself, or a node's serving certificate asked by the node
+/// itself (its names are checked against the Node in [`create`]).
 fn auto_approvable(csr: &Value, user: &UserInfo) -> Option<NodeRequest> {
-    if csr["spec"]["signerName"] != NODE_CLIENT_SIGNER {
+    let signer = csr["spec"]["signerName"].as_str()?;
+    if signer != NODE_CLIENT_SIGNER && signer != NODE_SERVING_SIGNER {
         return None;
     }
     let pem = base64::engine::general_purpose::STANDARD
@@ -50,11 +63,55 @@ fn auto_approvable(csr: &Value, user: &UserInfo) -> Option<NodeRequest> {
     let for_a_node = !node.is_empty() && who.groups == ["system:nodes"];
     let bootstrapping = user.groups.iter().any(|g| g == BOOTSTRAPPERS);
     let renewing = user.name == who.user;
-    (for_a_node && (bootstrapping || renewing)).then(|| NodeRequest {
+    let serving = signer == NODE_SERVING_SIGNER;
+    // A serving certificate only for the node itself, or for an agent run
+    // with an administrator's credentials (who could approve it anyway);
+    // never on a join token alone.
+    let administrator = user.groups.iter().any(|g| g == crate::auth::MASTERS);
+    let allowed = if serving {
+        renewing || administrator
+    } else {
+        bootstrapping || renewing
+    };
+    (for_a_node && allowed).then(|| NodeRequest {
         node: node.to_owned(),
         pem: pem.clone(),
         bootstrapping: bootstrapping && !renewing,
+        serving,
     })
+}
+
+/// Whether every name a node's serving certificate request asks for is the
+/// node's own: its name, and the addresses its Node reports (as
+/// kubelet-csr-approver checks), so a node cannot have a certificate for
+/// another node's address.
+async fn names_are_the_nodes(server: &ApiServer, r: &NodeRequest) -> Result<(), String> {
+    let names = wasmkube_pki::csr_serving_names(&r.pem).map_err(|e| e.to_string())?;
+    let nodes = wasmkube_api::registry::lookup("", "v1", "nodes").expect("nodes are served");
+    let node = match server.store.get(&nodes.key(None, &r.node)).await {
+        Ok(Some(kv)) => crate::storage::decode_stored(&kv).map_err(|e| e.to_string())?,
+        _ => return Err(format!("node \"{}\" is not registered", r.node)),
+    };
+    let addresses: Vec<&str> = node["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["address"].as_str())
+        .collect();
+    if names.ips.is_empty() && names.dns.is_empty() {
+        return Err("a serving certificate must name the node's addresses".into());
+    }
+    for ip in &names.ips {
+        if !addresses.iter().any(|a| a.parse() == Ok(*ip)) {
+            return Err(format!("{ip} is not an address of node \"{}\"", r.node));
+        }
+    }
+    for dns in &names.dns {
+        if *dns != r.node && !addresses.contains(&dns.as_str()) {
+            return Err(format!("{dns} is not a name of node \"{}\"", r.node));
+        }
+    }
+    Ok(())
 }
 
 /// Answers `POST` of a CertificateSigningRequest.
@@ -103,18 +160,32 @@ pub(crate) async fn create(
             });
         }
     }
+    // A serving certificate naming what is not the node's waits for an
+    // approver (none comes by itself), as any other request.
+    let request = match request {
+        Some(r) if r.serving => match names_are_the_nodes(server, &r).await {
+            Ok(()) => Some(r),
+            Err(why) => {
+                tracing::warn!(node = %r.node, "not approving a serving certificate: {why}");
+                None
+            }
+        },
+        other => other,
+    };
     let created = crate::rest::create_internal(server, rt, None, csr).await?;
     let signed = match (&server.config.ca, request) {
-        (Some(ca), Some(NodeRequest { pem, .. })) => {
+        (Some(ca), Some(NodeRequest { pem, serving, .. })) => {
             let lifetime = created["spec"]["expirationSeconds"]
                 .as_u64()
                 .map(|s| Duration::from_secs(s.max(600)))
                 .unwrap_or(NODE_CERT_LIFETIME)
                 .min(NODE_CERT_LIFETIME);
-            Some(
+            let signed = if serving {
+                ca.sign_serving_csr(&pem, lifetime)
+            } else {
                 ca.sign_client_csr(&pem, lifetime)
-                    .map_err(|e| ApiError::bad_request(format!("spec.request: {e}")))?,
-            )
+            };
+            Some(signed.map_err(|e| ApiError::bad_request(format!("spec.request: {e}")))?)
         }
         _ => None,
     };
@@ -133,7 +204,7 @@ pub(crate) async fn create(
     let status = json!({
         "conditions": [{
             "type": "Approved", "status": "True", "reason": "AutoApproved",
-            "message": "Auto approving a node client certificate for a join token holder or the node itself",
+            "message": "Auto approving a node's certificate: a client one for a join token holder or the node itself, a serving one for the node's own names",
             "lastUpdateTime": now, "lastTransitionTime": now,
         }],
         "certificate": base64::engine::general_purpose::STANDARD.encode(cert),

@@ -1,0 +1,136 @@
+//! The agent endpoint over mutual TLS, in a cluster with a CA (every
+//! cluster `wasmkube server` makes unless `--insecure-http`).
+//!
+//! The agent has a serving certificate of the cluster CA for its own names
+//! (asked for with a `kubernetes.io/kubelet-serving` CertificateSigningRequest
+//! once its Node is registered; the API server approves it when the names
+//! are the Node's), so the API server can verify whom it streams logs and
+//! exec sessions to. It serves only a client certificate of the same CA
+//! naming the API server's agent client ([`wasmkube_pki::AGENT_CLIENT`]):
+//! other nodes, whose certificates the same CA signed, are refused. No
+//! shared secret is involved.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use tokio::net::TcpListener;
+
+use crate::Error;
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The cluster CA (PEM) the API server publishes at `/cacerts`, read over
+/// the client's connection (which verified the server); `None` when the
+/// server has no CA (plain HTTP clusters: the agent then serves plain HTTP
+/// to the node-proxy token).
+pub(crate) async fn cluster_ca(client: &kube::Client) -> Result<Option<String>, Error> {
+    let request = axum::http::Request::get("/cacerts")
+        .body(Vec::new())
+        .expect("a static request");
+    match client.request_text(request).await {
+        Ok(pem) => Ok(Some(pem)),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+        Err(source) => Err(Error::Api {
+            context: "reading the cluster CA (/cacerts)".into(),
+            source,
+        }),
+    }
+}
+
+/// A serving certificate for this node's `names`, signed by the cluster CA
+/// through a CertificateSigningRequest, and the TLS configuration serving
+/// it to the API server.
+pub(crate) async fn serving(
+    client: &kube::Client,
+    node: &str,
+    ca_pem: &str,
+    names: &wasmkube_pki::ServingNames,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    use base64::Engine;
+    let who = wasmkube_pki::Identity::new(&format!("system:node:{node}"), &["system:nodes"]);
+    let invalid = |e: wasmkube_pki::PkiError| Error::Tls(e.to_string());
+    let (request, key_pem) = wasmkube_pki::new_serving_csr(&who, names).map_err(invalid)?;
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": format!("node-serving-{node}-")},
+        "spec": {
+            "request": base64::engine::general_purpose::STANDARD.encode(&request),
+            "signerName": "kubernetes.io/kubelet-serving",
+            "usages": ["digital signature", "key encipherment", "server auth"],
+        },
+    }))
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    let csrs: kube::Api<CertificateSigningRequest> = kube::Api::all(client.clone());
+    let created = csrs
+        .create(&Default::default(), &csr)
+        .await
+        .map_err(|source| Error::Api {
+            context: "asking for the agent's serving certificate".into(),
+            source,
+        })?;
+    let Some(cert) = created.status.and_then(|s| s.certificate) else {
+        return Err(Error::Tls(format!(
+            "the API server did not sign the agent's serving certificate request {} (its names must be the Node's: {names:?})",
+            created.metadata.name.unwrap_or_default()
+        )));
+    };
+    let cert_pem = String::from_utf8(cert.0).map_err(|e| Error::Tls(e.to_string()))?;
+    let serving = wasmkube_pki::Issued { cert_pem, key_pem };
+    wasmkube_pki::agent_server_tls(ca_pem, &serving).map_err(invalid)
+}
+
+/// Serves `router` over `tls` on `listener` to the API server only: a
+/// connection whose client certificate (which rustls verified against the
+/// cluster CA) names anyone else is closed before any request is read.
+pub(crate) async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (socket, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let who = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| wasmkube_pki::identity_of(leaf));
+            if who.as_ref().map(|w| w.user.as_str()) != Some(wasmkube_pki::AGENT_CLIENT) {
+                tracing::warn!(%remote, client = ?who.map(|w| w.user), "refused a client that is not the API server");
+                return;
+            }
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
