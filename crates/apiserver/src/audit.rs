@@ -1,12 +1,22 @@
-//! The audit log, as kube-apiserver's: an `audit.k8s.io/v1` Policy decides
-//! per request a level (`None`, `Metadata`, `Request`, `RequestResponse`,
-//! the first matching rule's), and every audited request becomes one JSON
-//! line (`audit.k8s.io/v1` Event, stage `ResponseComplete`) in the log file,
-//! which is rotated by size. Refused requests are audited too, with the
-//! authorization decision.
+//! Auditing, as kube-apiserver's: an `audit.k8s.io/v1` Policy decides per
+//! request a level (`None`, `Metadata`, `Request`, `RequestResponse`, the
+//! first matching rule's) and the stages left out (`omitStages`, the
+//! policy's and the rule's). Every audited request becomes an
+//! `audit.k8s.io/v1` Event per stage, all with one `auditID`:
+//! `RequestReceived` as soon as it is authenticated, `ResponseStarted` when
+//! a long-running request (a watch, logs, exec, attach, port-forward) has
+//! sent its response head, and `ResponseComplete` when the response is done
+//! (for a long-running one, when its stream ends). Refused requests are
+//! audited too, with the authorization decision.
+//!
+//! Events go to the log file, one JSON line each, rotated by size, and to
+//! a webhook when one is configured (`--audit-webhook-config-file`, a
+//! kubeconfig naming the receiver, as kube-apiserver's): batched as
+//! `EventList`s, sent in the background, retried, dropped (and counted in
+//! a warning) when the receiver falls too far behind.
 //!
 //! Request bodies are kept for `Request` and above; response bodies for
-//! `RequestResponse` (not for watches, whose responses do not complete).
+//! `RequestResponse` (not for long-running requests).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,10 +58,32 @@ struct GroupResources {
     resource_names: Vec<String>,
 }
 
+/// The stages of a request's audit events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Stage {
+    RequestReceived,
+    ResponseStarted,
+    ResponseComplete,
+    Panic,
+}
+
+impl Stage {
+    fn name(self) -> &'static str {
+        match self {
+            Stage::RequestReceived => "RequestReceived",
+            Stage::ResponseStarted => "ResponseStarted",
+            Stage::ResponseComplete => "ResponseComplete",
+            Stage::Panic => "Panic",
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Rule {
     level: Level,
+    #[serde(default)]
+    omit_stages: Vec<Stage>,
     #[serde(default)]
     users: Vec<String>,
     #[serde(default)]
@@ -67,10 +99,13 @@ struct Rule {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct PolicyFile {
     kind: String,
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    omit_stages: Vec<Stage>,
 }
 
 /// A policy or log that cannot be used.
@@ -81,6 +116,7 @@ pub struct AuditError(String);
 /// An audit policy.
 pub struct Policy {
     rules: Vec<Rule>,
+    omit_stages: Vec<Stage>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -104,11 +140,31 @@ impl Policy {
                 file.kind
             )));
         }
-        Ok(Self { rules: file.rules })
+        Ok(Self {
+            rules: file.rules,
+            omit_stages: file.omit_stages,
+        })
     }
 
     /// The level of the first rule `attrs` matches (`None` when none does).
     pub fn level(&self, attrs: &Attributes) -> Level {
+        self.decide(attrs).0
+    }
+
+    /// The level of the first rule `attrs` matches and the stages left
+    /// out (the policy's and that rule's).
+    pub fn decide(&self, attrs: &Attributes) -> (Level, Vec<Stage>) {
+        match self.rule(attrs) {
+            Some(rule) => {
+                let mut omit = self.omit_stages.clone();
+                omit.extend(rule.omit_stages.iter().copied());
+                (rule.level, omit)
+            }
+            None => (Level::None, Vec::new()),
+        }
+    }
+
+    fn rule(&self, attrs: &Attributes) -> Option<&Rule> {
         let any = |list: &[String], want: &str| {
             list.is_empty() || list.iter().any(|x| x == "*" || x == want)
         };
@@ -177,9 +233,9 @@ impl Policy {
                     }
                 }
             }
-            return rule.level;
+            return Some(rule);
         }
-        Level::None
+        None
     }
 }
 
@@ -275,53 +331,97 @@ pub(crate) fn annotate(key: &str, value: String) {
     });
 }
 
-/// Auditing as a server runs it.
+/// Auditing as a server runs it: the policy and where events go.
 #[derive(Debug)]
 pub struct Audit {
     pub policy: Policy,
-    pub log: Log,
+    pub log: Option<Log>,
+    pub webhook: Option<Webhook>,
 }
 
 /// One request's record, filled as it is served.
-pub(crate) struct Record<'a> {
-    pub attrs: &'a Attributes,
+pub(crate) struct Record {
+    pub attrs: Attributes,
     pub level: Level,
+    pub omit: Vec<Stage>,
+    pub id: String,
     pub uri: String,
     pub user_agent: String,
     pub source: Option<std::net::IpAddr>,
     pub received: chrono::DateTime<chrono::Utc>,
 }
 
+/// What a stage's event says of the response.
+pub(crate) struct Outcome<'a> {
+    pub code: u16,
+    pub allowed: bool,
+    pub request: Option<Value>,
+    pub response: Option<&'a [u8]>,
+    pub annotations: &'a [(String, String)],
+}
+
 impl Audit {
-    /// Writes the event of a completed request.
-    pub(crate) fn complete(
+    /// The record of a request, when the policy audits it.
+    pub(crate) fn record(
         &self,
-        record: &Record<'_>,
-        code: u16,
-        allowed: bool,
-        request: Option<Value>,
-        response: Option<&[u8]>,
-        annotations: &[(String, String)],
-    ) {
-        let a = record.attrs;
+        attrs: &Attributes,
+        uri: String,
+        user_agent: String,
+        source: Option<std::net::IpAddr>,
+    ) -> Option<Record> {
+        let (level, omit) = self.policy.decide(attrs);
+        (level != Level::None).then(|| Record {
+            attrs: attrs.clone(),
+            level,
+            omit,
+            id: uuid::Uuid::new_v4().to_string(),
+            uri,
+            user_agent,
+            source,
+            received: chrono::Utc::now(),
+        })
+    }
+
+    /// The request was authenticated: `RequestReceived`.
+    pub(crate) fn received(&self, record: &Record) {
+        self.emit(record, Stage::RequestReceived, None);
+    }
+
+    /// A long-running request sent its response head: `ResponseStarted`.
+    pub(crate) fn started(&self, record: &Record, code: u16) {
+        let outcome = Outcome {
+            code,
+            allowed: true,
+            request: None,
+            response: None,
+            annotations: &[],
+        };
+        self.emit(record, Stage::ResponseStarted, Some(outcome));
+    }
+
+    /// The response is done: `ResponseComplete`.
+    pub(crate) fn complete(&self, record: &Record, outcome: Outcome<'_>) {
+        self.emit(record, Stage::ResponseComplete, Some(outcome));
+    }
+
+    fn emit(&self, record: &Record, stage: Stage, outcome: Option<Outcome<'_>>) {
+        if record.omit.contains(&stage) {
+            return;
+        }
+        let a = &record.attrs;
         let mut event = json!({
             "kind": "Event", "apiVersion": "audit.k8s.io/v1",
             "level": record.level.name(),
-            "auditID": uuid::Uuid::new_v4().to_string(),
-            "stage": "ResponseComplete",
+            "auditID": record.id,
+            "stage": stage.name(),
             "requestURI": record.uri,
             "verb": a.verb,
             "user": {"username": a.user.name, "groups": a.user.groups},
             "sourceIPs": record.source.map(|ip| vec![ip.to_string()]).unwrap_or_default(),
             "userAgent": record.user_agent,
-            "responseStatus": {"metadata": {}, "code": code},
             "requestReceivedTimestamp": record.received.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "stageTimestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "annotations": {"authorization.k8s.io/decision": if allowed { "allow" } else { "forbid" }},
         });
-        for (k, v) in annotations {
-            event["annotations"][k] = json!(v);
-        }
         if !a.user.uid.is_empty() {
             event["user"]["uid"] = json!(a.user.uid);
         }
@@ -338,18 +438,262 @@ impl Audit {
             }
             event["objectRef"] = object;
         }
-        let parse = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes).ok();
-        if record.level >= Level::Request
-            && let Some(body) = request
-        {
-            event["requestObject"] = body;
+        if let Some(o) = outcome {
+            event["responseStatus"] = json!({"metadata": {}, "code": o.code});
+            event["annotations"] = json!({
+                "authorization.k8s.io/decision": if o.allowed { "allow" } else { "forbid" },
+            });
+            for (k, v) in o.annotations {
+                event["annotations"][k] = json!(v);
+            }
+            let parse = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes).ok();
+            if record.level >= Level::Request
+                && let Some(body) = o.request
+            {
+                event["requestObject"] = body;
+            }
+            if record.level >= Level::RequestResponse
+                && let Some(body) = o.response.and_then(parse)
+            {
+                event["responseObject"] = body;
+            }
         }
-        if record.level >= Level::RequestResponse
-            && let Some(body) = response.and_then(parse)
-        {
-            event["responseObject"] = body;
+        if let Some(log) = &self.log {
+            log.write(&event);
         }
-        self.log.write(&event);
+        if let Some(webhook) = &self.webhook {
+            webhook.send(event);
+        }
+    }
+}
+
+/// The audit webhook: events batched to a receiver named by a kubeconfig.
+pub struct Webhook {
+    events: tokio::sync::mpsc::Sender<Value>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Webhook")
+    }
+}
+
+/// Events waiting for the webhook beyond which new ones are dropped
+/// (kube-apiserver's `--audit-webhook-batch-buffer-size`).
+const WEBHOOK_BUFFER: usize = 10_000;
+/// Sends of a batch before it is given up.
+const WEBHOOK_ATTEMPTS: u32 = 3;
+
+/// Where the webhook sends, from its kubeconfig.
+struct Receiver {
+    uri: axum::http::Uri,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    token: Option<String>,
+}
+
+impl Webhook {
+    /// Starts sending to the receiver the kubeconfig at `config` names
+    /// (its first cluster's `server`, `certificate-authority-data` or
+    /// `certificate-authority`, and its first user's client certificate or
+    /// `token`), in batches of at most `max_batch` events, each sent at
+    /// most `max_wait` after its first event. Must be called inside a
+    /// Tokio runtime.
+    pub fn start(
+        config: &Path,
+        max_batch: usize,
+        max_wait: std::time::Duration,
+    ) -> Result<Self, AuditError> {
+        let receiver = Receiver::read(config)?;
+        let (events, mut rx) = tokio::sync::mpsc::channel::<Value>(WEBHOOK_BUFFER);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let deadline = tokio::time::Instant::now() + max_wait;
+                while batch.len() < max_batch.max(1) {
+                    tokio::select! {
+                        next = rx.recv() => match next {
+                            Some(e) => batch.push(e),
+                            None => break,
+                        },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                receiver.deliver(batch).await;
+            }
+        });
+        Ok(Self {
+            events,
+            dropped: Default::default(),
+        })
+    }
+
+    fn send(&self, event: Value) {
+        if self.events.try_send(event).is_err() {
+            let dropped = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = dropped + 1,
+                    "the audit webhook is behind: events dropped"
+                );
+            }
+        }
+    }
+}
+
+impl Receiver {
+    fn read(path: &Path) -> Result<Self, AuditError> {
+        use base64::Engine;
+        let fail = |why: String| AuditError(format!("{}: {why}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let config: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let cluster = &config["clusters"][0]["cluster"];
+        let user = &config["users"][0]["user"];
+        let server = cluster["server"]
+            .as_str()
+            .ok_or_else(|| fail("clusters[0].cluster.server: Required value".into()))?;
+        let uri: axum::http::Uri = server
+            .parse()
+            .map_err(|e| fail(format!("server {server:?}: {e}")))?;
+        let decode = |field: &serde_yaml::Value,
+                      file: &serde_yaml::Value|
+         -> Result<Option<String>, AuditError> {
+            if let Some(data) = field.as_str() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data.trim())
+                    .map_err(|e| fail(e.to_string()))?;
+                return Ok(Some(String::from_utf8_lossy(&bytes).into_owned()));
+            }
+            match file.as_str() {
+                Some(f) => std::fs::read_to_string(f)
+                    .map(Some)
+                    .map_err(|e| fail(format!("{f}: {e}"))),
+                None => Ok(None),
+            }
+        };
+        let tls = match uri.scheme_str() {
+            Some("https") => {
+                let ca = decode(
+                    &cluster["certificate-authority-data"],
+                    &cluster["certificate-authority"],
+                )?
+                .ok_or_else(|| fail("an https receiver needs its certificate-authority".into()))?;
+                let client = match (
+                    decode(
+                        &user["client-certificate-data"],
+                        &user["client-certificate"],
+                    )?,
+                    decode(&user["client-key-data"], &user["client-key"])?,
+                ) {
+                    (Some(cert_pem), Some(key_pem)) => {
+                        Some(wasmkube_pki::Issued { cert_pem, key_pem })
+                    }
+                    _ => None,
+                };
+                Some(
+                    wasmkube_pki::client_tls(&ca, client.as_ref())
+                        .map_err(|e| fail(e.to_string()))?,
+                )
+            }
+            Some("http") => None,
+            other => return Err(fail(format!("server scheme {other:?}: want http or https"))),
+        };
+        Ok(Self {
+            uri,
+            tls,
+            token: user["token"].as_str().map(str::to_owned),
+        })
+    }
+
+    /// Sends `batch` as one EventList, trying again after a pause when the
+    /// receiver fails or cannot be reached.
+    async fn deliver(&self, batch: Vec<Value>) {
+        let body = json!({
+            "kind": "EventList", "apiVersion": "audit.k8s.io/v1",
+            "metadata": {}, "items": batch,
+        })
+        .to_string();
+        for attempt in 1..=WEBHOOK_ATTEMPTS {
+            match self.post(body.clone()).await {
+                Ok(()) => return,
+                Err(e) if attempt == WEBHOOK_ATTEMPTS => {
+                    tracing::error!(error = %e, events = batch.len(), "audit events lost: the webhook failed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "the audit webhook failed; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(500 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn post(&self, body: String) -> Result<(), String> {
+        let host = self.uri.host().ok_or("no host")?.to_owned();
+        let port = self
+            .uri
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let stream =
+            tokio::net::TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
+                .await
+                .map_err(|e| e.to_string())?;
+        let path = self
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let mut request = axum::http::Request::post(path)
+            .header(
+                axum::http::header::HOST,
+                self.uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+            )
+            .header(axum::http::header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        async fn send<S>(
+            io: S,
+            request: axum::http::Request<http_body_util::Full<bytes::Bytes>>,
+        ) -> Result<axum::http::StatusCode, String>
+        where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(response.status())
+        }
+        let status = match &self.tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(
+                    host.trim_matches(|c| c == '[' || c == ']').to_owned(),
+                )
+                .map_err(|e| e.to_string())?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                send(stream, request).await?
+            }
+            None => send(stream, request).await?,
+        };
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the receiver answered {status}"))
+        }
     }
 }
 

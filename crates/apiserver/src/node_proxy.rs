@@ -508,9 +508,9 @@ async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>
 /// (`42u`) when thousandths would lose it (a module loaded in 42 µs).
 fn quantity(value: f64) -> String {
     let micro = (value * 1e6).round() as u64;
-    if micro % 1_000_000 == 0 {
+    if micro.is_multiple_of(1_000_000) {
         (micro / 1_000_000).to_string()
-    } else if micro % 1000 == 0 || value >= 1.0 {
+    } else if micro.is_multiple_of(1000) || value >= 1.0 {
         format!("{}m", (value * 1000.0).round() as u64)
     } else {
         format!("{micro}u")

@@ -106,7 +106,9 @@ pub struct ServerArgs {
     encryption_provider_config: Option<PathBuf>,
 
     /// Audit requests as this `audit.k8s.io/v1` Policy says (levels None,
-    /// Metadata, Request, RequestResponse; the first matching rule's).
+    /// Metadata, Request, RequestResponse, the first matching rule's; the
+    /// stages RequestReceived, ResponseStarted for long-running requests
+    /// and ResponseComplete, less the policy's and rule's `omitStages`).
     #[arg(long, value_name = "FILE", conflicts_with = "insecure_http")]
     audit_policy_file: Option<PathBuf>,
 
@@ -122,6 +124,22 @@ pub struct ServerArgs {
     /// Rotated audit logs kept (AUDIT_LOG.1 the newest).
     #[arg(long, default_value = "10")]
     audit_log_maxbackup: usize,
+
+    /// Also send audit events to a webhook: a kubeconfig whose first
+    /// cluster's `server` (http or https with its `certificate-authority`)
+    /// receives `audit.k8s.io/v1` EventLists by POST, authenticated with
+    /// its first user's client certificate or token (as kube-apiserver's
+    /// batch webhook backend).
+    #[arg(long, value_name = "FILE", requires = "audit_policy_file")]
+    audit_webhook_config_file: Option<PathBuf>,
+
+    /// Most events in one webhook batch.
+    #[arg(long, default_value = "400", value_name = "N")]
+    audit_webhook_batch_max_size: usize,
+
+    /// Longest an event waits for its webhook batch to fill.
+    #[arg(long, default_value = "30s", value_parser = crate::agent::duration, value_name = "DURATION")]
+    audit_webhook_batch_max_wait: Duration,
 
     /// Accept the bearer tokens of this file (Kubernetes'
     /// --token-auth-file: `token,user,uid,"group1,group2"` per line).
@@ -325,13 +343,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .audit_log_path
                 .clone()
                 .unwrap_or_else(|| args.data_dir.join("audit.log"));
+            let webhook = match &args.audit_webhook_config_file {
+                Some(config) => Some(wasmkube_apiserver::audit::Webhook::start(
+                    config,
+                    args.audit_webhook_batch_max_size,
+                    args.audit_webhook_batch_max_wait,
+                )?),
+                None => None,
+            };
             Some(Arc::new(wasmkube_apiserver::audit::Audit {
                 policy: wasmkube_apiserver::audit::Policy::read(policy)?,
-                log: wasmkube_apiserver::audit::Log::open(
+                log: Some(wasmkube_apiserver::audit::Log::open(
                     &path,
                     args.audit_log_maxsize * 1024 * 1024,
                     args.audit_log_maxbackup,
-                )?,
+                )?),
+                webhook,
             }))
         }
         None => None,

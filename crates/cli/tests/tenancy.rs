@@ -10,6 +10,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -179,7 +180,17 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
     let audit_policy = dir.path().join("audit.yaml");
     std::fs::write(
         &audit_policy,
-        "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: None\n  resources: [{group: coordination.k8s.io, resources: [leases]}]\n- level: Metadata\n  resources: [{group: \"\", resources: [secrets]}]\n- level: RequestResponse\n  users: [alice]\n  resources: [{group: \"\", resources: [configmaps]}]\n- level: Metadata\n",
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: None\n  resources: [{group: coordination.k8s.io, resources: [leases]}]\n- level: Metadata\n  omitStages: [RequestReceived]\n  resources: [{group: \"\", resources: [secrets]}]\n- level: RequestResponse\n  users: [alice]\n  resources: [{group: \"\", resources: [configmaps]}]\n- level: Metadata\n",
+    )
+    .unwrap();
+    // An audit webhook receiver: every POSTed body, kept.
+    let (webhook_port, received) = audit_receiver();
+    let webhook = dir.path().join("audit-webhook.kubeconfig");
+    std::fs::write(
+        &webhook,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: audit\n  cluster:\n    server: http://127.0.0.1:{webhook_port}/events\nusers:\n- name: api\n  user:\n    token: audit-secret\ncontexts:\n- name: c\n  context: {{cluster: audit, user: api}}\ncurrent-context: c\n"
+        ),
     )
     .unwrap();
     let s = start_server_with(
@@ -189,6 +200,10 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
             tokens.to_str().unwrap(),
             "--audit-policy-file",
             audit_policy.to_str().unwrap(),
+            "--audit-webhook-config-file",
+            webhook.to_str().unwrap(),
+            "--audit-webhook-batch-max-wait",
+            "200ms",
         ],
     );
     assert!(s.url.starts_with("https://"), "{}", s.url);
@@ -764,10 +779,59 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         made["responseObject"]["metadata"]["uid"].is_string(),
         "{made}"
     );
+    // Every request's events share its auditID: received first (but where
+    // the rule omits that stage), complete last; a watch is also started.
+    let stages = |id: &serde_json::Value| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["auditID"] == *id)
+            .map(|e| e["stage"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(made["stage"], "ResponseComplete");
+    assert_eq!(
+        stages(&made["auditID"]),
+        ["RequestReceived", "ResponseComplete"]
+    );
+    let watch = events
+        .iter()
+        .find(|e| e["verb"] == "watch" && e["stage"] == "ResponseComplete")
+        .expect("a watch (kubectl wait) is audited");
+    assert_eq!(
+        stages(&watch["auditID"]),
+        ["RequestReceived", "ResponseStarted", "ResponseComplete"]
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["objectRef"]["resource"] == "secrets" && e["stage"] == "RequestReceived"),
+        "omitStages leaves out RequestReceived for Secrets"
+    );
+    // The webhook received the same events, as EventLists with the token.
+    common::poll(
+        "alice's create at the audit webhook",
+        Duration::from_secs(30),
+        || {
+            let bodies = received.lock().unwrap();
+            let found = bodies.iter().any(|(authorization, body)| {
+                authorization == "Bearer audit-secret"
+                    && body["kind"] == "EventList"
+                    && body["items"].as_array().into_iter().flatten().any(|e| {
+                        e["auditID"] == made["auditID"] && e["stage"] == "ResponseComplete"
+                    })
+            });
+            if found {
+                Ok(())
+            } else {
+                Err(format!("{} batches", bodies.len()))
+            }
+        },
+    );
     let refused = events
         .iter()
         .find(|e| {
-            e["user"]["username"] == "alice"
+            e["stage"] == "ResponseComplete"
+                && e["user"]["username"] == "alice"
                 && e["verb"] == "list"
                 && e["objectRef"]["resource"] == "secrets"
                 && e["objectRef"]["namespace"] == "b"
@@ -1315,4 +1379,59 @@ fn dashboard_for_a_tenant(kubeconfig: &std::path::Path) {
         stdout.contains(r#"User \"alice\" cannot list resource \"pods\""#),
         "{stdout}"
     );
+}
+
+/// An HTTP receiver on a loopback port for the audit webhook: each POST's
+/// `Authorization` and JSON body, kept; every POST answered 200.
+#[allow(clippy::type_complexity)]
+fn audit_receiver() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = received.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let (mut length, mut authorization) = (0usize, String::new());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = header.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        let (name, value) = header.split_once(':').unwrap_or((header, ""));
+                        match name.to_ascii_lowercase().as_str() {
+                            "content-length" => length = value.trim().parse().unwrap_or(0),
+                            "authorization" => authorization = value.trim().to_owned(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(body) = serde_json::from_slice(&body) {
+                        keep.lock().unwrap().push((authorization, body));
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, received)
 }

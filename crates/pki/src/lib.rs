@@ -453,12 +453,23 @@ pub fn agent_server_tls(ca_pem: &str, serving: &Issued) -> Result<Arc<rustls::Se
 /// A client of node agents: trusts only the CA in `ca_pem` for their
 /// serving certificates and presents `client`. HTTP/1.1.
 pub fn agent_client_tls(ca_pem: &str, client: &Issued) -> Result<Arc<rustls::ClientConfig>> {
+    client_tls(ca_pem, Some(client))
+}
+
+/// A client trusting only the CA(s) in `ca_pem`, presenting `client` when
+/// given. HTTP/1.1.
+pub fn client_tls(ca_pem: &str, client: Option<&Issued>) -> Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let (chain, key) = parse_pair(client)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_pem)?)
-        .with_client_auth_cert(chain, key)?;
+        .with_root_certificates(roots(ca_pem)?);
+    let mut config = match client {
+        Some(client) => {
+            let (chain, key) = parse_pair(client)?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -56,13 +56,16 @@ impl Drop for Guests {
     }
 }
 
+/// An image's module or component, linked once, with what it is.
+type PreparedCell = tokio::sync::OnceCell<(Ready, ModuleFacts)>;
+
 /// The Wasm runtime as a node agent drives it.
 #[derive(Clone)]
 pub struct WasmContainers {
     rt: Arc<WasmRuntime>,
     /// Image id -> the module or component linked against WASI, filled once
     /// (pods of an image that arrive together wait for one compile).
-    prepared: Arc<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<(Ready, ModuleFacts)>>>>>,
+    prepared: Arc<Mutex<HashMap<String, Arc<PreparedCell>>>>,
     guests: Arc<Guests>,
 }
 

@@ -547,22 +547,21 @@ pub(crate) async fn middleware(
         Err(e) => return e.into_response(),
     };
     let attrs = Attributes::of(user, req.method(), req.uri().path(), req.uri().query());
-    // The audit record of this request, when the policy keeps one.
+    // The audit record of this request, when the policy keeps one; its
+    // first event now, before authorization.
     let record = server.audit.as_ref().and_then(|audit| {
-        let level = audit.policy.level(&attrs);
-        (level != crate::audit::Level::None).then(|| crate::audit::Record {
-            attrs: &attrs,
-            level,
-            uri: req.uri().to_string(),
-            user_agent: req
-                .headers()
+        let record = audit.record(
+            &attrs,
+            req.uri().to_string(),
+            req.headers()
                 .get(axum::http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned(),
-            source: req.extensions().get::<RemoteAddr>().map(|r| r.0.ip()),
-            received: chrono::Utc::now(),
-        })
+            req.extensions().get::<RemoteAddr>().map(|r| r.0.ip()),
+        )?;
+        audit.received(&record);
+        Some(record)
     });
     if !auth.allows(&attrs) && !auth.recheck(&attrs).await {
         // A component of the cluster refused is a gap in its role.
@@ -577,7 +576,14 @@ pub(crate) async fn middleware(
             attrs.forbidden()
         };
         if let (Some(audit), Some(record)) = (&server.audit, &record) {
-            audit.complete(record, refusal.code().as_u16(), false, None, None, &[]);
+            let outcome = crate::audit::Outcome {
+                code: refusal.code().as_u16(),
+                allowed: false,
+                request: None,
+                response: None,
+                annotations: &[],
+            };
+            audit.complete(record, outcome);
         }
         return refusal.into_response();
     }
@@ -631,26 +637,71 @@ pub(crate) async fn middleware(
         // Acknowledge a change of the policy once it is in force here.
         auth.rbac.wait_for(server.store.current_revision()).await;
     }
-    if let (Some(audit), Some(record)) = (&server.audit, &record) {
-        let mut response_body = None;
-        if record.level >= crate::audit::Level::RequestResponse && !streaming {
-            let (parts, body) = response.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .unwrap_or_default();
-            response_body = Some(bytes.clone());
-            response = Response::from_parts(parts, Body::from(bytes));
-        }
-        audit.complete(
-            record,
-            response.status().as_u16(),
-            true,
-            request_body,
-            response_body.as_deref(),
-            &annotations,
+    let (Some(audit), Some(record)) = (&server.audit, record) else {
+        return response;
+    };
+    let code = response.status().as_u16();
+    if streaming {
+        // A long-running response: started now, complete when its stream
+        // ends (or is dropped with the connection).
+        audit.started(&record, code);
+        let done = AuditOnEnd(Some((audit.clone(), record, code, annotations)));
+        let (parts, body) = response.into_parts();
+        let stream = futures::StreamExt::chain(
+            body.into_data_stream(),
+            futures::stream::poll_fn(move |_| {
+                let _ = &done;
+                std::task::Poll::Ready(None)
+            }),
         );
+        return Response::from_parts(parts, Body::from_stream(stream));
     }
+    let mut response_body = None;
+    if record.level >= crate::audit::Level::RequestResponse {
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        response_body = Some(bytes.clone());
+        response = Response::from_parts(parts, Body::from(bytes));
+    }
+    let outcome = crate::audit::Outcome {
+        code,
+        allowed: true,
+        request: request_body,
+        response: response_body.as_deref(),
+        annotations: &annotations,
+    };
+    audit.complete(&record, outcome);
     response
+}
+
+/// Writes a long-running request's `ResponseComplete` when its response
+/// stream is dropped: at its end, or when the client went away.
+struct AuditOnEnd(Option<Ending>);
+
+/// What a long-running request's last event needs: where it goes, the
+/// record, the status sent and the annotations gathered.
+type Ending = (
+    Arc<crate::audit::Audit>,
+    crate::audit::Record,
+    u16,
+    Vec<(String, String)>,
+);
+
+impl Drop for AuditOnEnd {
+    fn drop(&mut self) {
+        if let Some((audit, record, code, annotations)) = self.0.take() {
+            let outcome = crate::audit::Outcome {
+                code,
+                allowed: true,
+                request: None,
+                response: None,
+                annotations: &annotations,
+            };
+            audit.complete(&record, outcome);
+        }
+    }
 }
 
 /// The address a request came from, set by the TLS server.
