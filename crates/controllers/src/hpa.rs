@@ -6,8 +6,14 @@
 //!   `Resource` (cpu, memory; `Utilization` against the pods' requests, or
 //!   `AverageValue`) from `metrics.k8s.io`, `Pods` (`AverageValue`) from
 //!   `custom.metrics.k8s.io`;
-//! - per metric `desired = ceil(current replicas × current / target)`, left
-//!   alone within a 10 % tolerance; the largest proposal wins;
+//! - per metric, Kubernetes' replica calculator: the ready pods' usage
+//!   ratio against the target, `desired = ceil(ratio × ready pods)`, left
+//!   alone within a 10 % tolerance; pods without a metric count at 100 % of
+//!   their request (or the target) on a scale-down and at 0 on a scale-up,
+//!   as do pods not ready yet (pending, or for CPU within the 5-minute
+//!   initialization and their first metric window after turning ready) on
+//!   a scale-up, with no move when that correction turns the direction;
+//!   the largest proposal wins;
 //! - `behavior`: the scale-down (default 300 s) and scale-up (0 s)
 //!   stabilization windows over the recommendations, and the rate policies
 //!   (`Pods`/`Percent` per period, `selectPolicy` Max, Min or Disabled;
@@ -18,9 +24,7 @@
 //!   `SuccessfulRescale` / `FailedGetResourceMetric` events, as kubectl
 //!   shows them.
 //!
-//! Not done: `Object` and `External` metrics (reported `ScalingActive=False`),
-//! the missing-metrics and not-yet-ready-pods corrections of Kubernetes'
-//! replica calculator.
+//! Not done: `Object` and `External` metrics (reported `ScalingActive=False`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -83,13 +87,188 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// `ceil(current × ratio)`, or `current` when the ratio is within tolerance.
-fn proposal(current: i32, ratio: f64) -> i32 {
-    if (ratio - 1.0).abs() <= TOLERANCE {
-        current
-    } else {
-        (current as f64 * ratio).ceil() as i32
+/// How the replica calculator counts a pod of the target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Counted {
+    /// Ready, with this value of the metric.
+    Ready(f64),
+    /// Not ready yet (pending, or for CPU still starting up): its value,
+    /// if any, is set aside.
+    Unready,
+    /// Running, but the metrics API has no value for it.
+    Missing,
+}
+
+/// One pod for the replica calculator: how it counts and its request of
+/// the resource (for utilization targets; 0 otherwise).
+#[derive(Clone, Copy, Debug)]
+struct PodValue {
+    counted: Counted,
+    request: f64,
+}
+
+/// What the calculator proposes: replicas, and the current value to report
+/// (the ready pods' utilization in percent or average value).
+#[derive(Debug, PartialEq)]
+struct Calculated {
+    replicas: i32,
+    current: f64,
+}
+
+/// Kubernetes' replica calculator (`GetResourceReplicas`,
+/// `GetMetricReplicas`) for one metric: the usage ratio of the ready pods
+/// against `target` (a utilization percentage of the pods' requests when
+/// `utilization`, otherwise an average value). When pods are missing
+/// metrics or not ready, the ratio is taken again assuming the worst for
+/// the move: on a scale-down, missing pods at 100 % of their request (or
+/// the target value); on a scale-up, missing and unready pods at 0. No
+/// change when that lands within the tolerance or turns the direction.
+fn calculate(
+    current: i32,
+    pods: &[PodValue],
+    target: f64,
+    utilization: bool,
+) -> Result<Calculated, String> {
+    let target = target.max(f64::MIN_POSITIVE);
+    // (value, request) of every pod counted.
+    let ratio = |metrics: &[(f64, f64)]| -> f64 {
+        if utilization {
+            let used: f64 = metrics.iter().map(|m| m.0).sum();
+            let requested: f64 = metrics.iter().map(|m| m.1).sum();
+            let percent = if requested > 0.0 {
+                used / requested * 100.0
+            } else {
+                0.0
+            };
+            percent / target
+        } else {
+            let n = metrics.len().max(1) as f64;
+            metrics.iter().map(|m| m.0).sum::<f64>() / n / target
+        }
+    };
+    let mut metrics: Vec<(f64, f64)> = pods
+        .iter()
+        .filter_map(|p| match p.counted {
+            Counted::Ready(v) => Some((v, p.request)),
+            _ => None,
+        })
+        .collect();
+    if metrics.is_empty() {
+        return Err("did not receive metrics for targeted pods (pods might be unready)".into());
     }
+    let usage_ratio = ratio(&metrics);
+    let reported = usage_ratio * target;
+    let unchanged = Calculated {
+        replicas: current,
+        current: reported,
+    };
+    let unready: Vec<&PodValue> = pods
+        .iter()
+        .filter(|p| p.counted == Counted::Unready)
+        .collect();
+    let missing: Vec<&PodValue> = pods
+        .iter()
+        .filter(|p| p.counted == Counted::Missing)
+        .collect();
+    let scale_up_with_unready = !unready.is_empty() && usage_ratio > 1.0;
+    if !scale_up_with_unready && missing.is_empty() {
+        if (usage_ratio - 1.0).abs() <= TOLERANCE {
+            return Ok(unchanged);
+        }
+        return Ok(Calculated {
+            replicas: (usage_ratio * metrics.len() as f64).ceil() as i32,
+            current: reported,
+        });
+    }
+    if usage_ratio < 1.0 {
+        for p in &missing {
+            let full = if utilization {
+                p.request * target.max(100.0) / 100.0
+            } else {
+                target
+            };
+            metrics.push((full, p.request));
+        }
+    } else if usage_ratio > 1.0 {
+        metrics.extend(missing.iter().map(|p| (0.0, p.request)));
+    }
+    if scale_up_with_unready {
+        metrics.extend(unready.iter().map(|p| (0.0, p.request)));
+    }
+    let new_ratio = ratio(&metrics);
+    let turned = (usage_ratio < 1.0 && new_ratio > 1.0) || (usage_ratio > 1.0 && new_ratio < 1.0);
+    if (new_ratio - 1.0).abs() <= TOLERANCE || turned {
+        return Ok(unchanged);
+    }
+    let replicas = (new_ratio * metrics.len() as f64).ceil() as i32;
+    if (new_ratio < 1.0 && replicas > current) || (new_ratio > 1.0 && replicas < current) {
+        return Ok(unchanged);
+    }
+    Ok(Calculated {
+        replicas,
+        current: reported,
+    })
+}
+
+/// How long after a pod starts its CPU may not count (Kubernetes'
+/// `--horizontal-pod-autoscaler-cpu-initialization-period`).
+const CPU_INITIALIZATION: chrono::Duration = chrono::Duration::minutes(5);
+/// How long after start a pod's first readiness change is taken as its
+/// first (`--horizontal-pod-autoscaler-initial-readiness-delay`).
+const INITIAL_READINESS_DELAY: chrono::Duration = chrono::Duration::seconds(30);
+
+/// How the calculator counts `pod` given its metric `value` (taken at
+/// `sampled` over `window`), as Kubernetes' `groupPods`: `None` for a pod
+/// left out (being deleted, or failed).
+fn count(
+    pod: &Pod,
+    value: Option<f64>,
+    cpu: bool,
+    sampled: chrono::DateTime<chrono::Utc>,
+    window: chrono::Duration,
+) -> Option<Counted> {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    if pod.metadata.deletion_timestamp.is_some() || phase == "Failed" {
+        return None;
+    }
+    if phase == "Pending" {
+        return Some(Counted::Unready);
+    }
+    let Some(value) = value else {
+        return Some(Counted::Missing);
+    };
+    if cpu {
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+        let instant = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
+            chrono::DateTime::from_timestamp_millis(t.0.as_millisecond())
+        };
+        let started = status.and_then(|s| s.start_time.as_ref()).and_then(instant);
+        let unready = match (ready, started) {
+            (Some(ready), Some(started)) => {
+                let changed = ready
+                    .last_transition_time
+                    .as_ref()
+                    .and_then(instant)
+                    .unwrap_or(started);
+                if started + CPU_INITIALIZATION > chrono::Utc::now() {
+                    // Starting up: its CPU counts once it has been ready
+                    // for a whole metric window.
+                    ready.status == "False" || sampled < changed + window
+                } else {
+                    // Unready and never ready yet.
+                    ready.status == "False" && started + INITIAL_READINESS_DELAY > changed
+                }
+            }
+            _ => true,
+        };
+        if unready {
+            return Some(Counted::Unready);
+        }
+    }
+    Some(Counted::Ready(value))
 }
 
 /// A resource's total request over the pods (in cores or bytes), or why
@@ -160,19 +339,33 @@ async fn measure(
                     format!("failed to get {} utilization: {e}", r.name),
                 )
             })?;
-            let usage: HashMap<String, f64> = list["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|m| {
-                    let total = m["containers"]
-                        .as_array()?
-                        .iter()
-                        .filter_map(|c| units(c["usage"][&r.name].as_str()?))
-                        .sum();
-                    Some((m["metadata"]["name"].as_str()?.to_owned(), total))
-                })
-                .collect();
+            let usage: HashMap<String, (f64, chrono::DateTime<chrono::Utc>, chrono::Duration)> =
+                list["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| {
+                        let total = m["containers"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|c| units(c["usage"][&r.name].as_str()?))
+                            .sum();
+                        let sampled = m["timestamp"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| t.with_timezone(&chrono::Utc))
+                            .unwrap_or_else(chrono::Utc::now);
+                        let window = m["window"]
+                            .as_str()
+                            .and_then(|w| w.strip_suffix('s')?.parse::<i64>().ok())
+                            .map(chrono::Duration::seconds)
+                            .unwrap_or_default();
+                        Some((
+                            m["metadata"]["name"].as_str()?.to_owned(),
+                            (total, sampled, window),
+                        ))
+                    })
+                    .collect();
             if usage.is_empty() {
                 return Err(fail(
                     "FailedGetResourceMetric",
@@ -187,15 +380,30 @@ async fn measure(
                 .list(&ListParams::default().labels(selector))
                 .await
                 .map_err(|e| fail("FailedGetResourceMetric", e.to_string()))?;
-            let measured: Vec<Pod> = listed
-                .items
-                .into_iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| usage.contains_key(&p.name_any()))
-                .collect();
-            let used: f64 = measured.iter().map(|p| usage[&p.name_any()]).sum();
-            let n = measured.len().max(1) as f64;
-            let average = used / n;
+            let utilization = r.target.average_utilization;
+            let mut counted = Vec::new();
+            for pod in &listed.items {
+                let sample = usage.get(&pod.name_any());
+                let Some(how) = count(
+                    pod,
+                    sample.map(|s| s.0),
+                    r.name == "cpu",
+                    sample.map(|s| s.1).unwrap_or_else(chrono::Utc::now),
+                    sample.map(|s| s.2).unwrap_or_default(),
+                ) else {
+                    continue;
+                };
+                let request = if utilization.is_some() {
+                    requests(std::slice::from_ref(pod), &r.name)
+                        .map_err(|m| fail("FailedGetResourceMetric", m))?
+                } else {
+                    0.0
+                };
+                counted.push(PodValue {
+                    counted: how,
+                    request,
+                });
+            }
             let format_value = |v: f64| {
                 if r.name == "cpu" {
                     format!("{}m", (v * 1000.0).round() as i64)
@@ -203,27 +411,36 @@ async fn measure(
                     format!("{}", v.round() as i64)
                 }
             };
-            if let Some(target) = r.target.average_utilization {
-                let requested =
-                    requests(&measured, &r.name).map_err(|m| fail("FailedGetResourceMetric", m))?;
-                let utilization = if requested > 0.0 {
-                    used / requested * 100.0
-                } else {
-                    0.0
-                };
+            let ready: Vec<f64> = counted
+                .iter()
+                .filter_map(|p| match p.counted {
+                    Counted::Ready(v) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            let average = ready.iter().sum::<f64>() / ready.len().max(1) as f64;
+            let failed = |m: String| {
+                fail(
+                    "FailedGetResourceMetric",
+                    format!("failed to get {} utilization: {m}", r.name),
+                )
+            };
+            if let Some(target) = utilization {
+                let c = calculate(current, &counted, target as f64, true).map_err(failed)?;
                 Ok(Measured {
-                    replicas: proposal(current, utilization / target as f64),
+                    replicas: c.replicas,
                     status: json!({"type": "Resource", "resource": {"name": r.name, "current": {
-                        "averageUtilization": utilization.round() as i64,
+                        "averageUtilization": c.current.round() as i64,
                         "averageValue": format_value(average)}}}),
                     describe: format!("{} resource utilization (percentage of request)", r.name),
                 })
             } else {
                 let target = average_value(&r.target)?;
+                let c = calculate(current, &counted, target, false).map_err(failed)?;
                 Ok(Measured {
-                    replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
+                    replicas: c.replicas,
                     status: json!({"type": "Resource", "resource": {"name": r.name, "current": {
-                        "averageValue": format_value(average)}}}),
+                        "averageValue": format_value(c.current)}}}),
                     describe: format!("{} resource", r.name),
                 })
             }
@@ -246,11 +463,16 @@ async fn measure(
                     format!("unable to get metric {name}: {e}"),
                 )
             })?;
-            let values: Vec<f64> = list["items"]
+            let values: HashMap<String, f64> = list["items"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|i| units(i["value"].as_str()?))
+                .filter_map(|i| {
+                    Some((
+                        i["describedObject"]["name"].as_str()?.to_owned(),
+                        units(i["value"].as_str()?)?,
+                    ))
+                })
                 .collect();
             if values.is_empty() {
                 return Err(fail(
@@ -258,12 +480,34 @@ async fn measure(
                     format!("unable to get metric {name}: no metrics returned"),
                 ));
             }
-            let average = values.iter().sum::<f64>() / values.len() as f64;
+            let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let listed = pods
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(|e| fail("FailedGetPodsMetric", e.to_string()))?;
+            let now = chrono::Utc::now();
+            let counted: Vec<PodValue> = listed
+                .items
+                .iter()
+                .filter_map(|pod| {
+                    let value = values.get(&pod.name_any()).copied();
+                    Some(PodValue {
+                        counted: count(pod, value, false, now, chrono::Duration::zero())?,
+                        request: 0.0,
+                    })
+                })
+                .collect();
             let target = average_value(&p.target)?;
+            let c = calculate(current, &counted, target, false).map_err(|m| {
+                fail(
+                    "FailedGetPodsMetric",
+                    format!("unable to get metric {name}: {m}"),
+                )
+            })?;
             Ok(Measured {
-                replicas: proposal(current, average / target.max(f64::MIN_POSITIVE)),
+                replicas: c.replicas,
                 status: json!({"type": "Pods", "pods": {"metric": {"name": name}, "current": {
-                    "averageValue": format!("{}m", (average * 1000.0).round() as i64)}}}),
+                    "averageValue": format!("{}m", (c.current * 1000.0).round() as i64)}}}),
                 describe: format!("pods metric {name}"),
             })
         }
@@ -722,13 +966,142 @@ mod tests {
         .unwrap()
     }
 
+    fn ready(v: f64, request: f64) -> PodValue {
+        PodValue {
+            counted: Counted::Ready(v),
+            request,
+        }
+    }
+
+    fn other(counted: Counted, request: f64) -> PodValue {
+        PodValue { counted, request }
+    }
+
     #[test]
-    fn proposals_respect_the_tolerance() {
-        assert_eq!(proposal(4, 1.05), 4);
-        assert_eq!(proposal(4, 0.95), 4);
-        assert_eq!(proposal(4, 2.0), 8);
-        assert_eq!(proposal(3, 1.5), 5);
-        assert_eq!(proposal(4, 0.2), 1);
+    fn the_calculator_proposes_from_the_ready_pods_within_the_tolerance() {
+        // 200 % of a 50 % target over two pods: four times as many.
+        let two = [ready(0.1, 0.05), ready(0.1, 0.05)];
+        let c = calculate(2, &two, 50.0, true).unwrap();
+        assert_eq!(
+            c,
+            Calculated {
+                replicas: 8,
+                current: 200.0
+            }
+        );
+        // Within 10 %: no change.
+        let near = [ready(0.105, 0.2), ready(0.105, 0.2)];
+        assert_eq!(calculate(2, &near, 50.0, true).unwrap().replicas, 2);
+        // Average value: 30 against 10 over two pods.
+        let avg = [ready(30.0, 0.0), ready(30.0, 0.0)];
+        assert_eq!(calculate(2, &avg, 10.0, false).unwrap().replicas, 6);
+        // No ready pod with a metric: nothing to go on.
+        let none = [other(Counted::Unready, 1.0), other(Counted::Missing, 1.0)];
+        assert!(calculate(2, &none, 50.0, true).is_err());
+    }
+
+    #[test]
+    fn the_calculator_assumes_the_worst_for_pods_it_cannot_count() {
+        // Scale-down with a pod missing its metric: it counts at its full
+        // request, so the cluster shrinks to 3, not to 1.
+        let down = [
+            ready(0.1, 1.0),
+            ready(0.1, 1.0),
+            ready(0.1, 1.0),
+            other(Counted::Missing, 1.0),
+        ];
+        assert_eq!(calculate(4, &down, 50.0, true).unwrap().replicas, 3);
+        // Scale-up while three pods are still starting: at 0 they turn the
+        // move into a scale-down, so nothing moves.
+        let up = [
+            ready(2.0, 1.0),
+            other(Counted::Unready, 1.0),
+            other(Counted::Unready, 1.0),
+            other(Counted::Unready, 1.0),
+        ];
+        assert_eq!(calculate(4, &up, 100.0, true).unwrap().replicas, 4);
+        // One unready pod beside much load: still up, counting it at 0.
+        let busy = [
+            ready(4.0, 1.0),
+            ready(4.0, 1.0),
+            other(Counted::Unready, 1.0),
+        ];
+        assert_eq!(calculate(3, &busy, 100.0, true).unwrap().replicas, 8);
+        // Scale-up with a missing pod that brings the ratio within the
+        // tolerance: no change.
+        let flat = [
+            ready(1.5, 0.0),
+            ready(1.5, 0.0),
+            other(Counted::Missing, 0.0),
+        ];
+        assert_eq!(calculate(3, &flat, 1.0, false).unwrap().replicas, 3);
+    }
+
+    #[test]
+    fn pods_count_as_kubernetes_groups_them() {
+        let now = chrono::Utc::now();
+        let pod = |phase: &str, started_ago: i64, ready: &str, changed_ago: i64| -> Pod {
+            let at = |ago: i64| (now - chrono::Duration::seconds(ago)).to_rfc3339();
+            serde_json::from_value(json!({
+                "metadata": {"name": "p"},
+                "status": {"phase": phase, "startTime": at(started_ago), "conditions": [
+                    {"type": "Ready", "status": ready, "lastTransitionTime": at(changed_ago)}]},
+            }))
+            .unwrap()
+        };
+        let window = chrono::Duration::seconds(10);
+        let running = pod("Running", 60, "True", 50);
+        assert_eq!(
+            count(&running, Some(1.0), true, now, window),
+            Some(Counted::Ready(1.0))
+        );
+        assert_eq!(
+            count(&running, None, true, now, window),
+            Some(Counted::Missing)
+        );
+        assert_eq!(
+            count(
+                &pod("Pending", 1, "False", 1),
+                Some(1.0),
+                false,
+                now,
+                window
+            ),
+            Some(Counted::Unready)
+        );
+        assert_eq!(
+            count(
+                &pod("Failed", 60, "False", 1),
+                Some(1.0),
+                false,
+                now,
+                window
+            ),
+            None
+        );
+        // Ready for less than a metric window while starting up: its CPU
+        // is the start's, set aside (other metrics count).
+        let fresh = pod("Running", 20, "True", 5);
+        assert_eq!(
+            count(&fresh, Some(1.0), true, now, window),
+            Some(Counted::Unready)
+        );
+        assert_eq!(
+            count(&fresh, Some(1.0), false, now, window),
+            Some(Counted::Ready(1.0))
+        );
+        // Long started, unready now after having been ready: it counts.
+        let flapped = pod("Running", 3600, "False", 600);
+        assert_eq!(
+            count(&flapped, Some(1.0), true, now, window),
+            Some(Counted::Ready(1.0))
+        );
+        // Long started and never ready yet: set aside.
+        let never = pod("Running", 3600, "False", 3590);
+        assert_eq!(
+            count(&never, Some(1.0), true, now, window),
+            Some(Counted::Unready)
+        );
     }
 
     #[test]
