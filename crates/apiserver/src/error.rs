@@ -56,6 +56,10 @@ pub enum ApiError {
     },
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
+    /// A method the resource has, refused for now (a create of a custom
+    /// resource while its definition is being deleted).
+    #[error("{message}")]
+    NotAllowedNow { message: String },
     #[error("the server could not find the requested resource")]
     NoRoute,
     #[error("the body of the request was too large; limit is {limit} bytes")]
@@ -177,7 +181,7 @@ impl ApiError {
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Gone { .. } => StatusCode::GONE,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed | Self::NotAllowedNow { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable { .. } => StatusCode::NOT_ACCEPTABLE,
@@ -197,7 +201,7 @@ impl ApiError {
             Self::Forbidden { .. } => "Forbidden",
             Self::Unauthorized => "Unauthorized",
             Self::Gone { reason, .. } => reason,
-            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::MethodNotAllowed | Self::NotAllowedNow { .. } => "MethodNotAllowed",
             Self::TooLarge { .. } => "RequestEntityTooLarge",
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             Self::NotAcceptable { .. } => "NotAcceptable",

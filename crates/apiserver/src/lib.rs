@@ -221,6 +221,7 @@ impl ApiServer {
             auth,
             audit,
         });
+        server._crds.attach(&server);
         let ns = registry::lookup("", "v1", "namespaces").expect("namespaces are served");
         for name in SYSTEM_NAMESPACES {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});

@@ -839,6 +839,15 @@ impl<'a> Ctx<'a> {
     fn admit_kind_create(&self, obj: &mut Value) {
         if self.rt().kind == "CustomResourceDefinition" {
             obj["status"] = wasmkube_api::custom::crd_status(obj, &now());
+            // Its objects go before it does (see `crds.rs`).
+            let finalizers = &mut obj["metadata"]["finalizers"];
+            if !finalizers.is_array() {
+                *finalizers = json!([]);
+            }
+            let list = finalizers.as_array_mut().expect("just made an array");
+            if !list.iter().any(|f| f == crate::crds::CLEANUP) {
+                list.push(json!(crate::crds::CLEANUP));
+            }
         }
         if self.rt().kind == "Job"
             && obj["spec"]["selector"].is_null()
@@ -874,6 +883,14 @@ impl<'a> Ctx<'a> {
     }
 
     async fn create_object(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
+        if let Some(custom) = self.rt().custom
+            && crate::crds::terminating(&custom.crd)
+        {
+            return Err(ApiError::NotAllowedNow {
+                message: "create not allowed while custom resource definition is terminating"
+                    .into(),
+            });
+        }
         let (mut obj, mut warnings) = self.admit_create(input).await?;
         let name = obj["metadata"]["name"]
             .as_str()
@@ -1888,6 +1905,28 @@ pub(crate) async fn create_internal(
         .create_object(body)
         .await
         .map(|(obj, _)| obj)
+}
+
+/// Deletes an object on the server's own behalf, as a client's delete with
+/// default options would (an object with finalizers is only marked);
+/// returns whether it is gone.
+pub(crate) async fn delete_internal(
+    server: &Arc<ApiServer>,
+    rt: &'static ResourceType,
+    namespace: Option<&str>,
+    name: &str,
+) -> ApiResult<bool> {
+    let headers = HeaderMap::new();
+    let target = Target {
+        rt,
+        namespace,
+        name: Some(name),
+        subresource: None,
+    };
+    Ctx::internal(server, target, &headers)
+        .delete_one(name, &DeleteOptions::default())
+        .await
+        .map(|(_, gone)| gone)
 }
 
 /// Changes a cluster-scoped object on the server's own behalf (bootstrap

@@ -1797,8 +1797,90 @@ fn custom_resources_with_kubectl() {
     read_until(r#""type":"ADDED""#);
     ok(&s, &["label", "fn", "hello", "watched=yes"], None);
     read_until(r#""type":"MODIFIED""#);
-    ok(&s, &["delete", "crd", "functions.demo.wasmkube.dev"], None);
+    // As on Kubernetes, the CRD goes after its objects: it carries the
+    // cleanup finalizer, and an object held by a finalizer of its own
+    // keeps it (Terminating, refusing new objects) until released.
+    let finalizers = ok(
+        &s,
+        &[
+            "get",
+            "crd",
+            "functions.demo.wasmkube.dev",
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ],
+        None,
+    );
+    assert!(
+        finalizers.contains("customresourcecleanup.apiextensions.k8s.io"),
+        "{finalizers}"
+    );
+    let function = |name: &str| {
+        format!(
+            "apiVersion: demo.wasmkube.dev/v1\nkind: Function\nmetadata:\n  name: {name}\n  finalizers: [demo.wasmkube.dev/hold]\nspec:\n  image: reg/{name}:v1\n"
+        )
+    };
+    ok(&s, &["apply", "-f", "-"], Some(&function("held")));
+    ok(
+        &s,
+        &[
+            "delete",
+            "crd",
+            "functions.demo.wasmkube.dev",
+            "--wait=false",
+        ],
+        None,
+    );
     read_until(r#""type":"DELETED""#);
+    common::wait_for(
+        &s,
+        "crd/functions.demo.wasmkube.dev",
+        "condition=Terminating",
+        "60s",
+    );
+    let refused = kubectl(&s, &["apply", "-f", "-"], Some(&function("late")));
+    assert!(
+        !refused.ok
+            && refused
+                .stderr
+                .contains("create not allowed while custom resource definition is terminating"),
+        "{}",
+        refused.stderr
+    );
+    let held = ok(
+        &s,
+        &[
+            "get",
+            "fn",
+            "held",
+            "-o",
+            "jsonpath={.metadata.deletionTimestamp}",
+        ],
+        None,
+    );
+    assert!(!held.is_empty(), "the held object is being deleted");
+    ok(
+        &s,
+        &[
+            "patch",
+            "fn",
+            "held",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    );
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=delete",
+            "crd/functions.demo.wasmkube.dev",
+            "--timeout=60s",
+        ],
+        None,
+    );
     let _ = watch.kill();
     let _ = watch.wait();
     let gone = kubectl(
