@@ -546,6 +546,54 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         described.contains("SuccessfulRescale") && described.contains("New size: 3"),
         "{described}"
     );
+    // Object and External metrics: the requests one burner pod has served
+    // (custom.metrics.k8s.io, the object's resource found by discovery)
+    // decide; the External one has no adapter in this cluster, which the
+    // autoscaler says in an event while the Object metric still scales.
+    ok(&s, &["delete", "hpa", "burner"], None);
+    let pod = pod_names(&s, "app=burner").remove(0);
+    let object_hpa = format!(
+        "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: burner-object}}\nspec:\n  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: burner}}\n  minReplicas: 1\n  maxReplicas: 2\n  metrics:\n  - type: Object\n    object:\n      describedObject: {{apiVersion: v1, kind: Pod, name: {pod}}}\n      metric: {{name: http_requests}}\n      target: {{type: Value, value: 1M}}\n  - type: External\n    external:\n      metric: {{name: queue_depth, selector: {{matchLabels: {{queue: jobs}}}}}}\n      target: {{type: AverageValue, averageValue: '10'}}\n"
+    );
+    ok(&s, &["apply", "-f", "-"], Some(&object_hpa));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.currentMetrics[0].type}=Object",
+            "hpa/burner-object",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let object = ok(
+        &s,
+        &[
+            "get",
+            "hpa",
+            "burner-object",
+            "-o",
+            r#"jsonpath={.status.currentMetrics[0].object.current.value} {.status.conditions[?(@.type=="ScalingActive")].status}"#,
+        ],
+        None,
+    );
+    assert!(
+        object.ends_with(" True") && object.contains('m'),
+        "{object}"
+    );
+    common::poll(
+        "the External metric's event",
+        Duration::from_secs(60),
+        || {
+            let described = ok(&s, &["describe", "hpa", "burner-object"], None);
+            if described.contains("FailedGetExternalMetric") {
+                Ok(())
+            } else {
+                Err(described)
+            }
+        },
+    );
+    ok(&s, &["delete", "hpa", "burner-object"], None);
 
     // A Service where pods share the node's network (no pod network, no
     // service proxy): a Wasm guest's request to its name (and so to its

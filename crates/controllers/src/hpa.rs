@@ -24,7 +24,12 @@
 //!   `SuccessfulRescale` / `FailedGetResourceMetric` events, as kubectl
 //!   shows them.
 //!
-//! Not done: `Object` and `External` metrics (reported `ScalingActive=False`).
+//! `Object` metrics read the described object's value from
+//! `custom.metrics.k8s.io` (its resource found by discovery), `External`
+//! ones the sum of `external.metrics.k8s.io`'s values (this cluster serves
+//! no external metrics itself: an adapter registered for them answers);
+//! against a `Value` target they propose `ceil(value / target × ready
+//! pods)`, against an `AverageValue` `ceil(value / average)`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -208,6 +213,103 @@ fn calculate(
         replicas,
         current: reported,
     })
+}
+
+/// Kubernetes' proposal for one value measured for the whole target (an
+/// `Object` or `External` metric): against a `Value` target, `ceil(value /
+/// target × ready pods)`; against an `AverageValue`, `ceil(value /
+/// average)`; the current count within the tolerance.
+fn whole_target(current: i32, ready_pods: i32, value: f64, target: f64, average: bool) -> i32 {
+    let target = target.max(f64::MIN_POSITIVE);
+    if average {
+        let ratio = value / (target * current.max(1) as f64);
+        if (ratio - 1.0).abs() <= TOLERANCE {
+            current
+        } else {
+            (value / target).ceil() as i32
+        }
+    } else {
+        let ratio = value / target;
+        if (ratio - 1.0).abs() <= TOLERANCE {
+            current
+        } else {
+            (ratio * ready_pods as f64).ceil() as i32
+        }
+    }
+}
+
+/// The target's pods that are ready (what an `Object` metric's `Value`
+/// proposal scales from).
+async fn ready_pods(client: &kube::Client, ns: &str, selector: &str) -> Result<i32, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let listed = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count() as i32)
+}
+
+/// A target's value and whether it is an `AverageValue`, in base units.
+fn whole_target_value(
+    target: &k8s_openapi::api::autoscaling::v2::MetricTarget,
+) -> Result<(f64, bool), (String, String)> {
+    let invalid = |m: &str| ("InvalidMetricSourceType".to_owned(), m.to_owned());
+    match target.type_.as_str() {
+        "Value" => target
+            .value
+            .as_ref()
+            .and_then(|q| units(&q.0))
+            .map(|v| (v, false))
+            .ok_or_else(|| invalid("a Value target needs a value")),
+        "AverageValue" => target
+            .average_value
+            .as_ref()
+            .and_then(|q| units(&q.0))
+            .map(|v| (v, true))
+            .ok_or_else(|| invalid("an AverageValue target needs an averageValue")),
+        other => Err(invalid(&format!(
+            "the target type {other} does not apply to this metric (Value or AverageValue)"
+        ))),
+    }
+}
+
+/// A label selector of a metric, as a query parameter.
+fn selector_query(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> String {
+    let Some(selector) = selector else {
+        return String::new();
+    };
+    let mut terms: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        terms.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    if terms.is_empty() {
+        String::new()
+    } else {
+        format!("?labelSelector={}", encode(&terms.join(",")))
+    }
 }
 
 /// How long after a pod starts its CPU may not count (Kubernetes'
@@ -511,6 +613,129 @@ async fn measure(
                 describe: format!("pods metric {name}"),
             })
         }
+        "Object" => {
+            let o = metric.object.as_ref().ok_or_else(|| {
+                fail(
+                    "InvalidMetricSourceType",
+                    "an Object metric without object".into(),
+                )
+            })?;
+            let name = &o.metric.name;
+            let failed = |m: String| {
+                fail(
+                    "FailedGetObjectMetric",
+                    format!("unable to get metric {name}: {m}"),
+                )
+            };
+            let described = &o.described_object;
+            let (group, version) = match described
+                .api_version
+                .as_deref()
+                .unwrap_or("v1")
+                .split_once('/')
+            {
+                Some((g, v)) => (g.to_owned(), v.to_owned()),
+                None => (
+                    String::new(),
+                    described.api_version.clone().unwrap_or_else(|| "v1".into()),
+                ),
+            };
+            // The object's resource name, as discovery has it.
+            let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &described.kind);
+            let (resource, _) = kube::discovery::pinned_kind(client, &gvk)
+                .await
+                .map_err(|e| failed(format!("{} {}: {e}", described.kind, described.name)))?;
+            let resource = if group.is_empty() {
+                resource.plural
+            } else {
+                format!("{}.{group}", resource.plural)
+            };
+            let path = format!(
+                "/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/{resource}/{}/{name}{}",
+                described.name,
+                selector_query(o.metric.selector.as_ref())
+            );
+            let list = get_json(client, &path)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let value = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| units(i["value"].as_str()?))
+                .next()
+                .ok_or_else(|| failed("no metrics returned".into()))?;
+            let (target, average) = whole_target_value(&o.target)?;
+            let ready = if average {
+                current
+            } else {
+                ready_pods(client, ns, selector).await.map_err(failed)?
+            };
+            let current_value = if average {
+                json!({"averageValue": format!("{}m", (value / current.max(1) as f64 * 1000.0).round() as i64)})
+            } else {
+                json!({"value": format!("{}m", (value * 1000.0).round() as i64)})
+            };
+            Ok(Measured {
+                replicas: whole_target(current, ready, value, target, average),
+                status: json!({"type": "Object", "object": {
+                    "describedObject": {"apiVersion": described.api_version, "kind": described.kind, "name": described.name},
+                    "metric": {"name": name}, "current": current_value}}),
+                describe: format!("{} metric {name}", described.kind),
+            })
+        }
+        "External" => {
+            let e = metric.external.as_ref().ok_or_else(|| {
+                fail(
+                    "InvalidMetricSourceType",
+                    "an External metric without external".into(),
+                )
+            })?;
+            let name = &e.metric.name;
+            let failed = |m: String| {
+                fail(
+                    "FailedGetExternalMetric",
+                    format!(
+                        "unable to get external metric {ns}/{name}/{:?}: {m}",
+                        e.metric.selector
+                    ),
+                )
+            };
+            let path = format!(
+                "/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{name}{}",
+                selector_query(e.metric.selector.as_ref())
+            );
+            let list = get_json(client, &path)
+                .await
+                .map_err(|err| failed(err.to_string()))?;
+            let values: Vec<f64> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| units(i["value"].as_str()?))
+                .collect();
+            if values.is_empty() {
+                return Err(failed("no metrics returned".into()));
+            }
+            let value: f64 = values.iter().sum();
+            let (target, average) = whole_target_value(&e.target)?;
+            let ready = if average {
+                current
+            } else {
+                ready_pods(client, ns, selector).await.map_err(failed)?
+            };
+            let current_value = if average {
+                json!({"averageValue": format!("{}m", (value / current.max(1) as f64 * 1000.0).round() as i64)})
+            } else {
+                json!({"value": format!("{}m", (value * 1000.0).round() as i64)})
+            };
+            Ok(Measured {
+                replicas: whole_target(current, ready, value, target, average),
+                status: json!({"type": "External", "external": {
+                    "metric": {"name": name}, "current": current_value}}),
+                describe: format!("external metric {name}"),
+            })
+        }
         other => Err(fail(
             "InvalidMetricSourceType",
             format!("metrics of type {other} are not supported"),
@@ -758,6 +983,9 @@ async fn sync(
                 }
             }
             Err((reason, message)) => {
+                // Each metric that cannot be read is an event, as on
+                // Kubernetes, even when another one decides.
+                event(client, hpa, "Warning", &reason, message.clone()).await;
                 statuses.push(json!({"type": m.type_}));
                 failure.get_or_insert((reason, message));
             }
@@ -766,7 +994,6 @@ async fn sync(
     let Some((raw, describe)) = proposed else {
         let (reason, message) =
             failure.unwrap_or(("FailedGetResourceMetric".into(), "no metrics".into()));
-        event(client, hpa, "Warning", &reason, message.clone()).await;
         conditions.push(condition(
             "AbleToScale",
             "True",
@@ -1035,6 +1262,31 @@ mod tests {
             other(Counted::Missing, 0.0),
         ];
         assert_eq!(calculate(3, &flat, 1.0, false).unwrap().replicas, 3);
+    }
+
+    #[test]
+    fn whole_target_metrics_propose_as_kubernetes() {
+        // Value: 300 against 100 with 2 ready pods: 6.
+        assert_eq!(whole_target(2, 2, 300.0, 100.0, false), 6);
+        // Within the tolerance: no change.
+        assert_eq!(whole_target(4, 4, 105.0, 100.0, false), 4);
+        // AverageValue: 900 over pods averaging 100 each: 9.
+        assert_eq!(whole_target(3, 3, 900.0, 100.0, true), 9);
+        assert_eq!(whole_target(3, 3, 310.0, 100.0, true), 3);
+    }
+
+    #[test]
+    fn metric_selectors_become_label_selectors() {
+        let selector = serde_json::from_value(json!({
+            "matchLabels": {"queue": "jobs"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}],
+        }))
+        .unwrap();
+        assert_eq!(
+            selector_query(Some(&selector)),
+            "?labelSelector=queue%3Djobs%2Ctier%20in%20%28a%2Cb%29"
+        );
+        assert_eq!(selector_query(None), "");
     }
 
     #[test]
