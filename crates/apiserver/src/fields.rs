@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value, json};
 use wasmkube_api::ResourceType;
 
-use crate::merge_keys::{ListKind, list_kind};
+use crate::merge_keys::{ListKind, Lists, list_kind_of};
 use crate::patch;
 
 type Path = Vec<String>;
@@ -43,7 +43,7 @@ fn in_scope(field: &str, subresource: Option<&str>) -> bool {
 }
 
 /// The leaves of `obj` a write to `subresource` can own.
-pub fn leaves(kind: &str, obj: &Value, subresource: Option<&str>) -> FieldSet {
+pub fn leaves(kind: Lists, obj: &Value, subresource: Option<&str>) -> FieldSet {
     let mut out = FieldSet::new();
     let Value::Object(top) = obj else { return out };
     let mut names = Vec::new();
@@ -71,7 +71,7 @@ pub fn leaves(kind: &str, obj: &Value, subresource: Option<&str>) -> FieldSet {
 }
 
 fn walk_field(
-    kind: &str,
+    kind: Lists,
     key: &str,
     v: &Value,
     names: &mut Vec<String>,
@@ -88,16 +88,25 @@ fn walk_field(
         }
         Value::Array(items) => {
             let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            match list_kind(kind, &name_refs) {
-                ListKind::Keyed(mk) if items.iter().all(|i| i.get(mk).is_some()) => {
+            let list = list_kind_of(kind, &name_refs);
+            match list.keys() {
+                Some(keys)
+                    if items
+                        .iter()
+                        .all(|i| keys.iter().all(|k| i.get(k).is_some())) =>
+                {
                     for item in items {
-                        path.push(format!("k:{}", json!({ mk: item[mk] })));
+                        let id: serde_json::Map<String, Value> = keys
+                            .iter()
+                            .map(|k| ((*k).to_owned(), item[*k].clone()))
+                            .collect();
+                        path.push(format!("k:{}", Value::Object(id)));
                         let mut me = path.clone();
                         me.push(".".into());
                         out.insert(me);
                         if let Value::Object(fields) = item {
                             for (k, child) in fields {
-                                if k != mk {
+                                if !keys.contains(&k.as_str()) {
                                     walk_field(kind, k, child, names, path, out);
                                 }
                             }
@@ -105,16 +114,18 @@ fn walk_field(
                         path.pop();
                     }
                 }
-                ListKind::Set => {
-                    for item in items {
-                        let mut me = path.clone();
-                        me.push(format!("v:{item}"));
-                        out.insert(me);
+                _ => match list {
+                    ListKind::Set => {
+                        for item in items {
+                            let mut me = path.clone();
+                            me.push(format!("v:{item}"));
+                            out.insert(me);
+                        }
                     }
-                }
-                _ => {
-                    out.insert(path.clone());
-                }
+                    _ => {
+                        out.insert(path.clone());
+                    }
+                },
             }
         }
         _ => {
@@ -327,8 +338,10 @@ pub fn record_update(
     now: &str,
 ) {
     let mut list = entries(old);
-    let new_leaves = leaves(rt.id(), new, sub);
-    let old_leaves = old.map(|o| leaves(rt.id(), o, sub)).unwrap_or_default();
+    let new_leaves = leaves(Lists::of(rt), new, sub);
+    let old_leaves = old
+        .map(|o| leaves(Lists::of(rt), o, sub))
+        .unwrap_or_default();
     let changed: FieldSet = new_leaves
         .iter()
         .filter(|p| old.is_none_or(|o| value_at(o, p) != value_at(new, p)))
@@ -397,7 +410,7 @@ pub fn apply(
     now: &str,
 ) -> Result<Value, Vec<Conflict>> {
     let mut list = entries(live);
-    let applied_leaves = leaves(rt.id(), applied, None);
+    let applied_leaves = leaves(Lists::of(rt), applied, None);
     let empty = json!({});
     let live_obj = live.unwrap_or(&empty);
     let mut conflicts = Vec::new();
@@ -425,13 +438,14 @@ pub fn apply(
     if !conflicts.is_empty() && !force {
         return Err(conflicts);
     }
-    let mut merged = patch::strategic_merge_patch(rt.id(), live_obj, applied).map_err(|e| {
-        vec![Conflict {
-            manager: manager.to_owned(),
-            api_version: rt.api_version(),
-            field: e.to_string(),
-        }]
-    })?;
+    let mut merged =
+        patch::strategic_merge_patch(Lists::of(rt), live_obj, applied).map_err(|e| {
+            vec![Conflict {
+                manager: manager.to_owned(),
+                api_version: rt.api_version(),
+                field: e.to_string(),
+            }]
+        })?;
     // Fields this manager applied before, no longer applies, and nobody else owns go away.
     let previously: FieldSet = list
         .iter()
@@ -477,7 +491,7 @@ mod tests {
             "metadata": {"name": "web", "labels": {"app": "web"}, "finalizers": ["x"]},
             "spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "web", "image": "nginx"}]}}},
             "status": {"replicas": 1}});
-        let set = leaves("Deployment", &obj, None);
+        let set = leaves(Lists::Builtin("Deployment"), &obj, None);
         let v1 = to_fields_v1(&set);
         assert_eq!(
             v1,

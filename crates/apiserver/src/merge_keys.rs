@@ -9,8 +9,77 @@ pub enum ListKind {
     Atomic,
     /// Items identified by this key are merged one by one.
     Keyed(&'static str),
+    /// Items identified by these keys together (a custom resource's
+    /// `x-kubernetes-list-map-keys`) are merged one by one.
+    Map(&'static [serde_json::Value]),
     /// A set of scalars (`finalizers`).
     Set,
+}
+
+impl ListKind {
+    /// The keys that identify an item, for the keyed kinds.
+    pub fn keys(self) -> Option<Vec<&'static str>> {
+        match self {
+            ListKind::Keyed(k) => Some(vec![k]),
+            ListKind::Map(keys) => Some(keys.iter().filter_map(|k| k.as_str()).collect()),
+            ListKind::Atomic | ListKind::Set => None,
+        }
+    }
+}
+
+/// Whose list markers apply: a built-in kind's (by its registry id), or a
+/// custom kind's structural schema.
+#[derive(Clone, Copy, Debug)]
+pub enum Lists {
+    Builtin(&'static str),
+    Schema(&'static serde_json::Value),
+}
+
+impl Lists {
+    pub fn of(rt: &wasmkube_api::registry::ResourceType) -> Self {
+        match rt.custom {
+            Some(custom) => Lists::Schema(&custom.schema),
+            None => Lists::Builtin(rt.id()),
+        }
+    }
+}
+
+/// The list kind of the field at `path` (field names only, no indices) in
+/// an object whose lists `lists` describes. A custom resource's lists are
+/// as its schema marks them (`x-kubernetes-list-type`: `map` with its
+/// `x-kubernetes-list-map-keys`, `set`, or `atomic`, the default); its
+/// metadata's as any object's.
+pub fn list_kind_of(lists: Lists, path: &[&str]) -> ListKind {
+    match lists {
+        Lists::Builtin(kind) => list_kind(kind, path),
+        Lists::Schema(_) if path.first() == Some(&"metadata") => list_kind("custom", path),
+        Lists::Schema(schema) => {
+            let mut at = schema;
+            for name in path {
+                if at["type"] == "array" {
+                    at = &at["items"];
+                }
+                at = match at["properties"].get(*name) {
+                    Some(field) => field,
+                    None => &at["additionalProperties"],
+                };
+                if at.is_null() {
+                    return ListKind::Atomic;
+                }
+            }
+            match at["x-kubernetes-list-type"].as_str() {
+                Some("set") => ListKind::Set,
+                Some("map") => match at["x-kubernetes-list-map-keys"].as_array() {
+                    Some(keys) if keys.len() == 1 && keys[0].is_string() => {
+                        ListKind::Keyed(keys[0].as_str().expect("a string"))
+                    }
+                    Some(keys) if !keys.is_empty() => ListKind::Map(keys.as_slice()),
+                    _ => ListKind::Atomic,
+                },
+                _ => ListKind::Atomic,
+            }
+        }
+    }
 }
 
 /// The list kind of the field at `path` (field names only, no indices) in an

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::merge_keys::{ListKind, list_kind};
+use crate::merge_keys::{ListKind, Lists, list_kind_of};
 
 /// Which patch a `Content-Type` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub fn merge_patch(target: &Value, patch: &Value) -> Result<Value, PatchError> {
 
 /// Applies a strategic merge patch to an object of `kind`.
 pub fn strategic_merge_patch(
-    kind: &str,
+    kind: Lists,
     target: &Value,
     patch: &Value,
 ) -> Result<Value, PatchError> {
@@ -73,7 +73,7 @@ pub fn strategic_merge_patch(
 }
 
 fn merge_map(
-    kind: &str,
+    kind: Lists,
     mut target: Map<String, Value>,
     patch: &Map<String, Value>,
     path: &mut Vec<String>,
@@ -140,14 +140,14 @@ fn strip_directives(mut m: Map<String, Value>) -> Map<String, Value> {
 }
 
 fn merge_list(
-    kind: &str,
+    kind: Lists,
     target: Vec<Value>,
     patch: &[Value],
     path: &mut Vec<String>,
 ) -> Result<Vec<Value>, PatchError> {
     let (strategy, field_path) = {
         let names: Vec<&str> = path.iter().map(String::as_str).collect();
-        (list_kind(kind, &names), names.join("."))
+        (list_kind_of(kind, &names), names.join("."))
     };
     // `{"$patch": "replace"}` as an item replaces the whole list with the rest.
     if patch
@@ -171,7 +171,8 @@ fn merge_list(
             }
             Ok(out)
         }
-        ListKind::Keyed(key) => {
+        ListKind::Keyed(_) | ListKind::Map(_) => {
+            let keys = strategy.keys().unwrap_or_default();
             let mut out = target;
             for item in patch {
                 let Value::Object(pm) = item else {
@@ -179,12 +180,14 @@ fn merge_list(
                         "items of {field_path} must be objects"
                     )));
                 };
-                let id = pm.get(key).ok_or_else(|| {
-                    PatchError::Malformed(format!(
+                if let Some(key) = keys.iter().find(|k| !pm.contains_key(**k)) {
+                    return Err(PatchError::Malformed(format!(
                         "map: {item} does not contain declared merge key: {key}"
-                    ))
-                })?;
-                let pos = out.iter().position(|t| t.get(key) == Some(id));
+                    )));
+                }
+                let pos = out
+                    .iter()
+                    .position(|t| keys.iter().all(|k| t.get(*k) == pm.get(*k)));
                 if pm.get("$patch").and_then(Value::as_str) == Some("delete") {
                     if let Some(pos) = pos {
                         out.remove(pos);
@@ -225,7 +228,8 @@ mod tests {
             "spec": {"template": {"spec": {
                 "$setElementOrder/containers": [{"name": "web"}, {"name": "sidecar"}],
                 "containers": [{"name": "web", "image": "nginx:2", "env": [{"name": "B", "value": "2"}], "args": ["z"]}]}}}});
-        let out = strategic_merge_patch("Deployment", &deployment(), &patch).unwrap();
+        let out =
+            strategic_merge_patch(Lists::Builtin("Deployment"), &deployment(), &patch).unwrap();
         assert_eq!(out["metadata"]["labels"], json!({"app": "web"}));
         assert_eq!(out["metadata"]["finalizers"], json!(["a", "b"]));
         let containers = &out["spec"]["template"]["spec"]["containers"];
@@ -247,7 +251,8 @@ mod tests {
     fn strategic_merge_directives() {
         let patch = json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]},
             "spec": {"template": {"spec": {"containers": [{"name": "sidecar", "$patch": "delete"}]}}}});
-        let out = strategic_merge_patch("Deployment", &deployment(), &patch).unwrap();
+        let out =
+            strategic_merge_patch(Lists::Builtin("Deployment"), &deployment(), &patch).unwrap();
         assert_eq!(out["metadata"]["finalizers"], json!([]));
         assert_eq!(
             out["spec"]["template"]["spec"]["containers"]
@@ -257,11 +262,12 @@ mod tests {
             1
         );
         let replace = json!({"spec": {"$patch": "replace", "replicas": 5}});
-        let out = strategic_merge_patch("Deployment", &deployment(), &replace).unwrap();
+        let out =
+            strategic_merge_patch(Lists::Builtin("Deployment"), &deployment(), &replace).unwrap();
         assert_eq!(out["spec"], json!({"replicas": 5}));
         let missing_key = json!({"spec": {"template": {"spec": {"containers": [{"image": "x"}]}}}});
         assert!(matches!(
-            strategic_merge_patch("Deployment", &deployment(), &missing_key),
+            strategic_merge_patch(Lists::Builtin("Deployment"), &deployment(), &missing_key),
             Err(PatchError::Malformed(_))
         ));
     }

@@ -1256,7 +1256,9 @@ impl<'a> Ctx<'a> {
             let result = match patch_type {
                 PatchType::Json => patch::json_patch(old, &patch_doc),
                 PatchType::Merge => patch::merge_patch(old, &patch_doc),
-                PatchType::Strategic => patch::strategic_merge_patch(rt.id(), old, &patch_doc),
+                PatchType::Strategic => {
+                    patch::strategic_merge_patch(crate::merge_keys::Lists::of(rt), old, &patch_doc)
+                }
                 PatchType::Apply => unreachable!("handled above"),
             };
             let mut patched = result.map_err(|e| match e {

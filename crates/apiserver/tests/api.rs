@@ -1707,3 +1707,92 @@ async fn a_watch_upgraded_to_websocket_sends_one_message_per_event() {
     }
     c.stop().await;
 }
+
+/// Server-side apply merges a custom resource's lists as its schema marks
+/// them: `map` lists by their keys together (two managers' items side by
+/// side), `set` lists by value, and unmarked lists atomically (a second
+/// manager's different list conflicts).
+#[tokio::test]
+async fn server_side_apply_merges_custom_lists_as_their_schema_marks_them() {
+    let c = start().await;
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "routes.demo.io"},
+        "spec": {"group": "demo.io", "scope": "Namespaced",
+            "names": {"plural": "routes", "singular": "route", "kind": "Route", "listKind": "RouteList"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object", "properties": {
+                    "ports": {"type": "array", "x-kubernetes-list-type": "map",
+                        "x-kubernetes-list-map-keys": ["port", "protocol"],
+                        "items": {"type": "object", "required": ["port", "protocol"], "properties": {
+                            "port": {"type": "integer"}, "protocol": {"type": "string"},
+                            "name": {"type": "string"}}}},
+                    "hosts": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+                    "rules": {"type": "array", "items": {"type": "string"}},
+                }}}}}}],
+        },
+    });
+    let (code, body) = c
+        .post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            crd,
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let path = "/apis/demo.io/v1/namespaces/default/routes/r";
+    let apply = |manager: &'static str, spec: Value| {
+        let c = &c;
+        async move {
+            c.patch(
+                &format!("{path}?fieldManager={manager}"),
+                "application/apply-patch+yaml",
+                json!({"apiVersion": "demo.io/v1", "kind": "Route",
+                       "metadata": {"name": "r"}, "spec": spec}),
+            )
+            .await
+        }
+    };
+    let (code, body) = apply(
+        "a",
+        json!({"ports": [{"port": 80, "protocol": "TCP", "name": "http"}],
+               "hosts": ["a.example"], "rules": ["x"]}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = apply(
+        "b",
+        json!({"ports": [{"port": 80, "protocol": "UDP", "name": "dns"}], "hosts": ["b.example"]}),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["spec"]["ports"],
+        json!([{"port": 80, "protocol": "TCP", "name": "http"},
+               {"port": 80, "protocol": "UDP", "name": "dns"}]),
+        "{body}"
+    );
+    assert_eq!(body["spec"]["hosts"], json!(["a.example", "b.example"]));
+    let b_fields = body["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["manager"] == "b")
+        .unwrap()["fieldsV1"]
+        .to_string();
+    assert!(
+        b_fields.contains(r#"k:{\"port\":80,\"protocol\":\"UDP\"}"#),
+        "{b_fields}"
+    );
+    // An atomic list is one field: another manager's value conflicts.
+    let (code, body) = apply("b", json!({"rules": ["y"]})).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    // Manager a stops applying its port: it goes, b's stays.
+    let (code, body) = apply("a", json!({"hosts": ["a.example"], "rules": ["x"]})).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["spec"]["ports"],
+        json!([{"port": 80, "protocol": "UDP", "name": "dns"}]),
+        "{body}"
+    );
+    c.stop().await;
+}
