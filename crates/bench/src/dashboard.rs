@@ -6,11 +6,9 @@
 //! page, against the same pods printed by `kubectl get pods --watch`
 //! running beside it (the peer, in the same run).
 
+use crate::support::{ChildServer, free_port, wasmkube_binary};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
-
-use crate::support::{ChildServer, free_port, wasmkube_binary};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -30,30 +28,7 @@ const NODE: &str = "bench-dashboard";
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let binary = wasmkube_binary(args.binary.clone())?;
     let registry = format!("127.0.0.1:{}", free_port()?);
-    let (server, _) = ChildServer::start_with(
-        &binary,
-        &[
-            "--node-name",
-            NODE,
-            "--no-pod-network",
-            "--no-service-proxy",
-            "--no-gateway",
-            "--registry-listen",
-            &registry,
-        ],
-    )
-    .await?;
-    let client = server.client()?;
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
-    let ready = kube::runtime::wait::await_condition(
-        nodes,
-        NODE,
-        |n: Option<&k8s_openapi::api::core::v1::Node>| {
-            n.and_then(|n| n.status.as_ref()?.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(60), ready).await??;
+    let server = ChildServer::start_with_local_node(&binary, NODE, &registry).await?;
     let module = wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1");
     let pushed = Command::new(&binary)
         .arg("push")

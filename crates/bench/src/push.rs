@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
@@ -69,31 +69,8 @@ fn pod(name: &str, image: &str) -> anyhow::Result<Pod> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let binary = wasmkube_binary(args.binary.clone())?;
     let registry = format!("127.0.0.1:{}", free_port()?);
-    let (server, _) = ChildServer::start_with(
-        &binary,
-        &[
-            "--node-name",
-            NODE,
-            "--no-pod-network",
-            "--no-service-proxy",
-            "--no-gateway",
-            "--registry-listen",
-            &registry,
-        ],
-    )
-    .await?;
+    let server = ChildServer::start_with_local_node(&binary, NODE, &registry).await?;
     let client = server.client()?;
-    // The node registers and turns Ready before the first round.
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let ready = kube::runtime::wait::await_condition(
-        nodes,
-        NODE,
-        |n: Option<&k8s_openapi::api::core::v1::Node>| {
-            n.and_then(|n| n.status.as_ref()?.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(60), ready).await??;
     let pods: Api<Pod> = Api::namespaced(client, "default");
     let running = RunningPods::watch(pods.clone());
     let module = std::fs::read(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))?;

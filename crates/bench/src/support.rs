@@ -156,6 +156,40 @@ impl ChildServer {
         ))?)
     }
 
+    /// A server with its local node `node` (no pod network, service proxy
+    /// or gateway) and its built-in registry at `registry`, once the node
+    /// is Ready.
+    pub async fn start_with_local_node(
+        binary: &std::path::Path,
+        node: &str,
+        registry: &str,
+    ) -> anyhow::Result<Self> {
+        let (server, _) = Self::start_with(
+            binary,
+            &[
+                "--node-name",
+                node,
+                "--no-pod-network",
+                "--no-service-proxy",
+                "--no-gateway",
+                "--registry-listen",
+                registry,
+            ],
+        )
+        .await?;
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(server.client()?);
+        let ready = kube::runtime::wait::await_condition(
+            nodes,
+            node,
+            |n: Option<&k8s_openapi::api::core::v1::Node>| {
+                n.and_then(|n| n.status.as_ref()?.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(60), ready).await??;
+        Ok(server)
+    }
+
     /// The kubeconfig the server wrote for kubectl.
     pub fn kubeconfig(&self) -> std::path::PathBuf {
         self.dir.path().join("kubeconfig")

@@ -238,6 +238,29 @@ fn whole_target(current: i32, ready_pods: i32, value: f64, target: f64, average:
     }
 }
 
+/// The proposal for a whole-target value (see [`whole_target`]) and the
+/// current value as the status reports it.
+async fn propose_whole(
+    client: &kube::Client,
+    ns: &str,
+    selector: &str,
+    current: i32,
+    value: f64,
+    target: f64,
+    average: bool,
+) -> Result<(i32, Value), String> {
+    let milli = |v: f64| format!("{}m", (v * 1000.0).round() as i64);
+    if average {
+        let per_pod = value / current.max(1) as f64;
+        let replicas = whole_target(current, current, value, target, true);
+        Ok((replicas, json!({"averageValue": milli(per_pod)})))
+    } else {
+        let ready = ready_pods(client, ns, selector).await?;
+        let replicas = whole_target(current, ready, value, target, false);
+        Ok((replicas, json!({"value": milli(value)})))
+    }
+}
+
 /// The target's pods that are ready (what an `Object` metric's `Value`
 /// proposal scales from).
 async fn ready_pods(client: &kube::Client, ns: &str, selector: &str) -> Result<i32, String> {
@@ -666,18 +689,12 @@ async fn measure(
                 .next()
                 .ok_or_else(|| failed("no metrics returned".into()))?;
             let (target, average) = whole_target_value(&o.target)?;
-            let ready = if average {
-                current
-            } else {
-                ready_pods(client, ns, selector).await.map_err(failed)?
-            };
-            let current_value = if average {
-                json!({"averageValue": format!("{}m", (value / current.max(1) as f64 * 1000.0).round() as i64)})
-            } else {
-                json!({"value": format!("{}m", (value * 1000.0).round() as i64)})
-            };
+            let (replicas, current_value) =
+                propose_whole(client, ns, selector, current, value, target, average)
+                    .await
+                    .map_err(failed)?;
             Ok(Measured {
-                replicas: whole_target(current, ready, value, target, average),
+                replicas,
                 status: json!({"type": "Object", "object": {
                     "describedObject": {"apiVersion": described.api_version, "kind": described.kind, "name": described.name},
                     "metric": {"name": name}, "current": current_value}}),
@@ -719,18 +736,12 @@ async fn measure(
             }
             let value: f64 = values.iter().sum();
             let (target, average) = whole_target_value(&e.target)?;
-            let ready = if average {
-                current
-            } else {
-                ready_pods(client, ns, selector).await.map_err(failed)?
-            };
-            let current_value = if average {
-                json!({"averageValue": format!("{}m", (value / current.max(1) as f64 * 1000.0).round() as i64)})
-            } else {
-                json!({"value": format!("{}m", (value * 1000.0).round() as i64)})
-            };
+            let (replicas, current_value) =
+                propose_whole(client, ns, selector, current, value, target, average)
+                    .await
+                    .map_err(failed)?;
             Ok(Measured {
-                replicas: whole_target(current, ready, value, target, average),
+                replicas,
                 status: json!({"type": "External", "external": {
                     "metric": {"name": name}, "current": current_value}}),
                 describe: format!("external metric {name}"),

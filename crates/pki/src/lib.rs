@@ -141,6 +141,25 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// A leaf certificate's parameters for `who`, for one use, valid for
+/// `lifetime`.
+fn leaf_params(
+    who: &Identity,
+    usage: ExtendedKeyUsagePurpose,
+    lifetime: Duration,
+) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = who.distinguished_name()?;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, lifetime);
+    Ok(params)
+}
+
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
     // A little slack for clocks a few minutes apart.
@@ -252,16 +271,7 @@ impl Ca {
     }
 
     fn client_params(&self, who: &Identity, lifetime: Duration) -> Result<CertificateParams> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = who.distinguished_name()?;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params, lifetime);
-        Ok(params)
+        leaf_params(who, ExtendedKeyUsagePurpose::ClientAuth, lifetime)
     }
 
     /// Signs a PKCS#10 request (PEM) as a client certificate for the
@@ -285,16 +295,8 @@ impl Ca {
     pub fn sign_serving_csr(&self, csr_pem: &str, lifetime: Duration) -> Result<String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let who = csr_identity(csr_pem)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = who.distinguished_name()?;
+        let mut params = leaf_params(&who, ExtendedKeyUsagePurpose::ServerAuth, lifetime)?;
         params.subject_alt_names = csr.params.subject_alt_names.clone();
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params, lifetime);
         let request = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
