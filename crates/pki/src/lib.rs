@@ -97,6 +97,17 @@ pub struct ServingNames {
     pub ips: Vec<std::net::IpAddr>,
 }
 
+impl ServingNames {
+    /// The subject alternative names a certificate for these names carries.
+    fn sans(&self) -> Vec<SanType> {
+        self.dns
+            .iter()
+            .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
+            .chain(self.ips.iter().map(|ip| SanType::IpAddress(*ip)))
+            .collect()
+    }
+}
+
 /// The cluster's certificate authority.
 pub struct Ca {
     cert_pem: String,
@@ -237,12 +248,7 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
-        params.subject_alt_names = names
-            .dns
-            .iter()
-            .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
-            .chain(names.ips.iter().map(|ip| SanType::IpAddress(*ip)))
-            .collect();
+        params.subject_alt_names = names.sans();
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -410,12 +416,7 @@ pub fn new_serving_csr(who: &Identity, names: &ServingNames) -> Result<(String, 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = who.distinguished_name()?;
-    params.subject_alt_names = names
-        .dns
-        .iter()
-        .filter_map(|n| n.clone().try_into().ok().map(SanType::DnsName))
-        .chain(names.ips.iter().map(|ip| SanType::IpAddress(*ip)))
-        .collect();
+    params.subject_alt_names = names.sans();
     let csr = params.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem()))
 }
