@@ -248,6 +248,20 @@ impl ApiServer {
         // every other node's agent).
         if server.agent_tls.is_none() {
             node_proxy::ensure_token(&server).await?;
+        } else {
+            // One an earlier version made is of no use to anyone now.
+            let secrets = registry::lookup("", "v1", "secrets").expect("secrets are served");
+            match rest::delete_internal(
+                &server,
+                secrets,
+                Some(NODE_PROXY_TOKEN_NAMESPACE),
+                NODE_PROXY_TOKEN_SECRET,
+            )
+            .await
+            {
+                Ok(_) | Err(ApiError::NotFound(..)) => {}
+                Err(e) => return Err(e),
+            }
         }
         services::ensure_system_services(&server).await?;
         ensure_builtin_classes(&server).await?;
