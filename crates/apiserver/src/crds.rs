@@ -74,13 +74,16 @@ fn observe(server: &Arc<OnceLock<Weak<ApiServer>>>, crd: &Value) {
 async fn cleanup(server: &OnceLock<Weak<ApiServer>>, name: &str) {
     let crds = crd_type();
     let mut announced = false;
+    let mut unattached = 0;
     loop {
         let Some(server) = server.get().and_then(Weak::upgrade) else {
-            // Not started yet, or stopped.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if server.get().is_some_and(|w| w.strong_count() == 0) {
+            // Not started yet (a server that never starts is given a
+            // minute: the next one to start resumes), or stopped.
+            unattached += 1;
+            if server.get().is_some() || unattached > 300 {
                 return;
             }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             continue;
         };
         if !announced {
