@@ -130,6 +130,7 @@ async function check() {
     // Its page: the log streams (lines keep coming), the CPU chart draws,
     // the Wasm facts show.
     await page.click(`tr[data-key="${key}"] a`);
+    await step(page, "the pod's page opened", page.waitForFunction((k) => decodeURIComponent(location.hash) === `#/pods/${k}`, key, { timeout: WAIT }));
     const logs = `pre[data-logs="${key}"]`;
     await step(page, "the log's first lines", page.waitForFunction((sel) => (document.querySelector(sel)?.textContent || "").trim().length > 0, logs, { timeout: WAIT }));
     const lines = await page.$eval(logs, (el) => el.textContent.split("\n").filter(Boolean).length);

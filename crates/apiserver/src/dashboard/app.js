@@ -573,7 +573,15 @@ const views = {
       const pods = live("pods");
       const rows = pods.list().sort(byName).map((p) => {
         const u = latest(usage.pods.get(keyOf(p)));
-        return h("tr", { class: "link", "data-key": keyOf(p), onclick: () => { location.hash = podLink(p.metadata.namespace, p.metadata.name); } },
+        // Opened on the press, not the click: the table is drawn again as
+        // pods change, and a row replaced between press and release would
+        // lose the click.
+        const open = (e) => {
+          if (e.button === 0 && !e.ctrlKey && !e.metaKey && !e.shiftKey && !e.altKey) {
+            location.hash = podLink(p.metadata.namespace, p.metadata.name);
+          }
+        };
+        return h("tr", { class: "link", "data-key": keyOf(p), onpointerdown: open },
           state.namespace ? null : h("td", {}, p.metadata.namespace),
           h("td", {}, h("a", { href: podLink(p.metadata.namespace, p.metadata.name) }, p.metadata.name)),
           h("td", {}, ready(p)),
