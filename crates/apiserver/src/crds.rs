@@ -16,7 +16,7 @@
 //! the API server's start (so another API server on the same store follows
 //! as well).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::{Value, json};
@@ -30,21 +30,17 @@ use crate::follow::{Change, Follow};
 pub(crate) const CLEANUP: &str = "customresourcecleanup.apiextensions.k8s.io";
 
 /// CRDs being deleted (by name), and those this process is cleaning up.
-static TERMINATING: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-static CLEANING: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+static TERMINATING: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+static CLEANING: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
 /// Whether the CRD `name` is being deleted: no new object of it is made.
 pub(crate) fn terminating(name: &str) -> bool {
-    TERMINATING
-        .lock()
-        .expect("not poisoned")
-        .as_ref()
-        .is_some_and(|t| t.contains(name))
+    TERMINATING.lock().expect("not poisoned").contains(name)
 }
 
-fn mark(set: &Mutex<Option<HashSet<String>>>, name: &str, on: bool) -> bool {
+/// Adds or removes `name`; whether the set changed.
+fn mark(set: &Mutex<BTreeSet<String>>, name: &str, on: bool) -> bool {
     let mut set = set.lock().expect("not poisoned");
-    let set = set.get_or_insert_with(HashSet::new);
     if on {
         set.insert(name.to_owned())
     } else {

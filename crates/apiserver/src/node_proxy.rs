@@ -90,21 +90,36 @@ pub(crate) fn agent_tls(
     wasmkube_pki::agent_client_tls(ca.cert_pem(), &client)
 }
 
-/// An HTTP/1.1 connection to a node's agent endpoint at `host`, with the
-/// `Authorization` its requests need. With a cluster CA it is mutual TLS:
+/// An HTTP/1.1 connection to a node's agent endpoint.
+struct AgentConnection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    host: String,
+    /// The node-proxy token's header, on a connection without TLS.
+    authorization: Option<String>,
+}
+
+impl AgentConnection {
+    /// A request for `path` on this agent, with the headers it needs.
+    fn request(&self, method: &axum::http::Method, path: &str) -> axum::http::request::Builder {
+        let builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.host);
+        match &self.authorization {
+            Some(a) => builder.header(header::AUTHORIZATION, a),
+            None => builder,
+        }
+    }
+}
+
+/// A connection to a node's agent endpoint at `host`. With a cluster CA
+/// it is mutual TLS:
 /// the agent's serving certificate must be the cluster CA's for the
 /// address dialed (an agent's certificate names its node's addresses), and
 /// this server presents its agent client certificate, so no header is
 /// needed. Without one (servers only tests reach, plain HTTP clusters),
 /// plain HTTP with the node-proxy token.
-async fn dial(
-    server: &ApiServer,
-    node: &str,
-    host: &str,
-) -> ApiResult<(
-    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    Option<String>,
-)> {
+async fn dial(server: &ApiServer, node: &str, host: &str) -> ApiResult<AgentConnection> {
     let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
         message: format!("error dialing the node agent of {node}: {e}"),
     };
@@ -139,12 +154,19 @@ async fn dial(
                 .connect(name, stream)
                 .await
                 .map_err(|e| dial_error(&format!("TLS: {e}")))?;
-            Ok((handshake(stream).await.map_err(|e| dial_error(&e))?, None))
+            Ok(AgentConnection {
+                sender: handshake(stream).await.map_err(|e| dial_error(&e))?,
+                host: host.to_owned(),
+                authorization: None,
+            })
         }
         None => {
             let token = token(server).await?;
-            let sender = handshake(stream).await.map_err(|e| dial_error(&e))?;
-            Ok((sender, Some(format!("Bearer {token}"))))
+            Ok(AgentConnection {
+                sender: handshake(stream).await.map_err(|e| dial_error(&e))?,
+                host: host.to_owned(),
+                authorization: Some(format!("Bearer {token}")),
+            })
         }
     }
 }
@@ -274,16 +296,16 @@ pub(crate) async fn pod_log(
         host,
         query,
     } = locate(server, namespace, name, query).await?;
-    let (mut agent, authorization) = dial(server, &node, &host).await?;
-    let mut request = Request::get(format!("/containerLogs/{ns}/{name}/{container}?{query}"))
-        .header(header::HOST, &host);
-    if let Some(a) = authorization {
-        request = request.header(header::AUTHORIZATION, a);
-    }
-    let request = request
+    let mut agent = dial(server, &node, &host).await?;
+    let request = agent
+        .request(
+            &axum::http::Method::GET,
+            &format!("/containerLogs/{ns}/{name}/{container}?{query}"),
+        )
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
     let response = agent
+        .sender
         .send_request(request)
         .await
         .map_err(|e| ApiError::Internal {
@@ -377,14 +399,8 @@ async fn upgrade_to_agent(
     path: &str,
     mut request: Request<Body>,
 ) -> ApiResult<Response> {
-    let (mut sender, authorization) = dial(server, node, host).await?;
-    let mut upstream = Request::builder()
-        .method(request.method())
-        .uri(path)
-        .header(header::HOST, host);
-    if let Some(a) = authorization {
-        upstream = upstream.header(header::AUTHORIZATION, a);
-    }
+    let mut agent = dial(server, node, host).await?;
+    let mut upstream = agent.request(request.method(), path);
     for h in &UPGRADE_HEADERS {
         if let Some(v) = request.headers().get(h) {
             upstream = upstream.header(h, v);
@@ -396,7 +412,8 @@ async fn upgrade_to_agent(
     let dial_error = |e: &dyn std::fmt::Display| ApiError::Internal {
         message: format!("error dialing the node agent of {node}: {e}"),
     };
-    let mut response = sender
+    let mut response = agent
+        .sender
         .send_request(upstream)
         .await
         .map_err(|e| dial_error(&e))?;
@@ -475,15 +492,12 @@ async fn gather_node_stats(server: &ApiServer) -> ApiResult<Vec<(String, Value)>
         };
         Some(async move {
             let fetch = async {
-                let (mut agent, authorization) = dial(server, &name, &host).await.ok()?;
-                let mut request = Request::get("/stats/pods").header(header::HOST, &host);
-                if let Some(a) = authorization {
-                    request = request.header(header::AUTHORIZATION, a);
-                }
-                let request = request
+                let mut agent = dial(server, &name, &host).await.ok()?;
+                let request = agent
+                    .request(&axum::http::Method::GET, "/stats/pods")
                     .body(http_body_util::Empty::<bytes::Bytes>::new())
                     .ok()?;
-                let response = agent.send_request(request).await.ok()?;
+                let response = agent.sender.send_request(request).await.ok()?;
                 if !response.status().is_success() {
                     return None;
                 }

@@ -31,10 +31,7 @@ pub(crate) fn wanted(parts: &Parts) -> bool {
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let watch = parts.uri.query().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| matches!(kv, "watch=1" | "watch=true" | "watch"))
-    });
+    let watch = crate::params::Params::parse(parts.uri.query()).is_ok_and(|p| p.watch);
     parts.method == Method::GET && upgrade && watch
 }
 

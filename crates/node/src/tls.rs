@@ -73,9 +73,12 @@ pub(crate) async fn serving(
             source,
         })?;
     let Some(cert) = created.status.and_then(|s| s.certificate) else {
+        let ips: Vec<String> = names.ips.iter().map(|ip| ip.to_string()).collect();
         return Err(Error::Tls(format!(
-            "the API server did not sign the agent's serving certificate request {} (its names must be the Node's: {names:?})",
-            created.metadata.name.unwrap_or_default()
+            "the API server did not sign the agent's serving certificate request {} for {} and {}: it signs one at once only when the node asks with its own credentials (a join token or the node's kubeconfig) or an administrator's, for the Node's own name and addresses (check the agent's --name, --address and credentials)",
+            created.metadata.name.unwrap_or_default(),
+            names.dns.join(", "),
+            ips.join(", "),
         )));
     };
     let cert_pem = String::from_utf8(cert.0).map_err(|e| Error::Tls(e.to_string()))?;
