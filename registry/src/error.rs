@@ -37,6 +37,12 @@ pub enum Error {
     TagInvalid(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    /// No credential, or one that names no one.
+    #[error("authentication required")]
+    Unauthorized,
+    /// The client's user may not do this.
+    #[error("requested access to the resource is denied: {0}")]
+    Denied(String),
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -57,6 +63,8 @@ impl Error {
             Self::NameUnknown(_) => "NAME_UNKNOWN",
             Self::TagInvalid(_) => "TAG_INVALID",
             Self::Unsupported(_) => "UNSUPPORTED",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::Denied(_) => "DENIED",
             Self::Io(_) => "UNKNOWN",
         }
     }
@@ -72,6 +80,8 @@ impl Error {
             }
             Self::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Denied(_) => StatusCode::FORBIDDEN,
             Self::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -102,6 +112,14 @@ impl IntoResponse for Error {
                 if let Ok(v) = HeaderValue::try_from(format!("bytes */{size}")) {
                     headers.insert(header::CONTENT_RANGE, v);
                 }
+            }
+            Self::Unauthorized => {
+                // Clients log in with HTTP Basic: any user name, a cluster
+                // token as the password.
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"wasmkube registry\""),
+                );
             }
             _ => {}
         }

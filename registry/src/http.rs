@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
+use crate::auth::{Action, Gate, Refusal};
 use crate::digest::{Algorithm, Digest, Hasher};
 use crate::error::Error;
 use crate::storage::{MANIFEST_LIMIT, OCI_INDEX, Reference, Storage};
@@ -21,6 +22,7 @@ use crate::storage::{MANIFEST_LIMIT, OCI_INDEX, Reference, Storage};
 /// The state behind the routes.
 pub(crate) struct Shared {
     pub storage: Arc<Storage>,
+    gate: Option<Arc<dyn Gate>>,
     /// Per upload: how much of its data is hashed, and the hash so far. The
     /// lock also keeps two requests from writing one upload at once.
     uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Cursor>>>>,
@@ -32,9 +34,10 @@ struct Cursor {
 }
 
 impl Shared {
-    pub fn new(storage: Arc<Storage>) -> Self {
+    pub fn new(storage: Arc<Storage>, gate: Option<Arc<dyn Gate>>) -> Self {
         Self {
             storage,
+            gate,
             uploads: Mutex::new(HashMap::new()),
         }
     }
@@ -50,6 +53,17 @@ impl Shared {
                 }))
             })
             .clone()
+    }
+
+    /// Whether the request's token may do `access` (`None`: who it is).
+    async fn allowed(&self, token: Option<&str>, access: Option<(&str, Action)>) -> Result<()> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        gate.check(token, access).await.map_err(|r| match r {
+            Refusal::Unauthenticated => Error::Unauthorized,
+            Refusal::Denied(why) => Error::Denied(why),
+        })
     }
 
     fn forget(&self, id: &str) {
@@ -102,9 +116,28 @@ fn route(path: &str) -> Option<Route<'_>> {
     }
 }
 
-/// `GET /v2/`: the API version check.
-pub(crate) async fn version() -> Response {
-    Json(serde_json::json!({})).into_response()
+/// `GET /v2/`: the API version check, which with a gate also checks the
+/// client's credential (`docker login` asks here).
+pub(crate) async fn version(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let token = crate::auth::token(&headers);
+    match shared.allowed(token.as_deref(), None).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// What a request does, and to which repository.
+fn access<'a>(method: &Method, route: &Route<'a>) -> (&'a str, Action) {
+    match (method, route) {
+        (_, Route::Catalog) => ("", Action::List),
+        (&Method::PUT, Route::Manifest(n, _)) => (n, Action::Push),
+        (&Method::DELETE, Route::Manifest(n, _) | Route::Blob(n, _)) => (n, Action::Delete),
+        (_, Route::Uploads(n) | Route::Upload(n, _)) => (n, Action::Push),
+        (
+            _,
+            Route::Tags(n) | Route::Manifest(n, _) | Route::Blob(n, _) | Route::Referrers(n, _),
+        ) => (n, Action::Pull),
+    }
 }
 
 /// Every `/v2/...` request other than the version check.
@@ -116,9 +149,27 @@ pub(crate) async fn dispatch(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let token = crate::auth::token(&headers);
     let result = match route(uri.path()) {
         None => Err(Error::Unsupported(format!("{method} {}", uri.path()))),
-        Some(r) => handle(&shared, &method, r, &query, &headers, body).await,
+        Some(r) => match shared
+            .allowed(token.as_deref(), Some(access(&method, &r)))
+            .await
+        {
+            Ok(()) => {
+                handle(
+                    &shared,
+                    &method,
+                    r,
+                    &query,
+                    &headers,
+                    token.as_deref(),
+                    body,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
@@ -129,6 +180,7 @@ async fn handle(
     route: Route<'_>,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
+    token: Option<&str>,
     body: Body,
 ) -> Result<Response> {
     let name = match &route {
@@ -226,7 +278,7 @@ async fn handle(
             blocking(move || storage.delete_blob(&name_owned, &digest)).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
-        (Method::POST, Route::Uploads(_)) => start_upload(shared, name, query, body).await,
+        (Method::POST, Route::Uploads(_)) => start_upload(shared, name, query, token, body).await,
         (Method::GET, Route::Upload(_, id)) => {
             let path = storage.upload(name, id)?;
             let size = tokio::fs::metadata(&path).await?.len();
@@ -338,14 +390,21 @@ async fn start_upload(
     shared: &Arc<Shared>,
     name: &str,
     query: &HashMap<String, String>,
+    token: Option<&str>,
     body: Body,
 ) -> Result<Response> {
     let storage = shared.storage.clone();
     if let Some(mount) = query.get("mount") {
         let digest = parse_digest(mount)?;
         let from = query.get("from").cloned().unwrap_or_default();
+        // Mounting reads the source: a client that may not pull it gets an
+        // upload instead, as the specification allows, and learns nothing.
+        let readable = shared
+            .allowed(token, Some((&from, Action::Pull)))
+            .await
+            .is_ok();
         let (n, d) = (name.to_owned(), digest.clone());
-        if blocking(move || Ok(storage.mount(&n, &from, &d)?)).await? {
+        if readable && blocking(move || Ok(storage.mount(&n, &from, &d)?)).await? {
             return Ok(blob_created(name, &digest));
         }
     }

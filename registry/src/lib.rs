@@ -6,9 +6,10 @@
 //!
 //! `wasmkube server` serves it on `--registry-listen` (loopback port 5000 by
 //! default), so a laptop has a registry to push to with nothing else
-//! started. It has no authentication yet: anyone who reaches its address
-//! may push and pull.
+//! started. Who may pull, push and delete is a [`Gate`]'s to say: the
+//! server passes the cluster's authentication and RBAC.
 
+mod auth;
 mod digest;
 mod error;
 mod http;
@@ -22,14 +23,25 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use axum::routing::{any, get};
 
+pub use auth::{Action, Gate, Refusal};
 pub use digest::{Algorithm, Digest, DigestError};
 pub use error::Error;
 pub use storage::{GcPolicy, GcReport, Storage};
 
 /// The registry: its storage and the HTTP API over it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Registry {
     storage: Arc<Storage>,
+    gate: Option<Arc<dyn Gate>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("storage", &self.storage)
+            .field("gated", &self.gate.is_some())
+            .finish()
+    }
 }
 
 impl Registry {
@@ -38,7 +50,15 @@ impl Registry {
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         Ok(Self {
             storage: Arc::new(Storage::open(dir)?),
+            gate: None,
         })
+    }
+
+    /// Decides every request with `gate` (without one, anyone who reaches
+    /// the registry may push and pull).
+    pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn storage(&self) -> &Storage {
@@ -47,7 +67,7 @@ impl Registry {
 
     /// The distribution API's routes.
     pub fn router(&self) -> axum::Router {
-        let shared = Arc::new(http::Shared::new(self.storage.clone()));
+        let shared = Arc::new(http::Shared::new(self.storage.clone(), self.gate.clone()));
         axum::Router::new()
             .route("/v2/", get(http::version))
             .route("/v2", get(http::version))

@@ -789,3 +789,153 @@ async fn uploads_survive_a_restart_and_garbage_is_collected() {
         .unwrap();
     assert_eq!(report.blobs_removed, 0);
 }
+
+/// A gate for the test: `admin` does anything; `reader` pulls anything;
+/// `writer` does anything under `team/` and nothing else; other tokens
+/// name no one.
+struct TestGate;
+
+impl wasmkube_registry::Gate for TestGate {
+    fn check<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        access: Option<(&'a str, wasmkube_registry::Action)>,
+    ) -> futures::future::BoxFuture<'a, Result<(), wasmkube_registry::Refusal>> {
+        use wasmkube_registry::{Action, Refusal};
+        Box::pin(async move {
+            let allowed = match (token, access) {
+                (Some("admin"), _) => true,
+                (Some("reader" | "writer"), None) => true,
+                (Some("reader"), Some((_, Action::Pull))) => true,
+                (Some("writer"), Some((repo, _))) => repo.starts_with("team/"),
+                (Some("reader" | "writer"), Some(_)) => false,
+                _ => return Err(Refusal::Unauthenticated),
+            };
+            if allowed {
+                Ok(())
+            } else {
+                Err(Refusal::Denied(format!("{token:?} may not {access:?}")))
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_gate_decides_who_pulls_pushes_and_mounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path())
+        .unwrap()
+        .with_gate(std::sync::Arc::new(TestGate));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = registry
+            .serve(listener, Duration::from_secs(3600), GcPolicy::default())
+            .await;
+    });
+    let http = reqwest::Client::new();
+
+    // Anonymous: the version check asks for a login, in the spec's format.
+    let r = http.get(format!("{base}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Basic realm=\"wasmkube registry\""
+    );
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+    let r = http
+        .get(format!("{base}/v2/team/app/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A token that names no one is the same.
+    let r = http
+        .get(format!("{base}/v2/"))
+        .basic_auth("x", Some("nobody"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Basic (any user name) and bearer both carry the token.
+    let r = http
+        .get(format!("{base}/v2/"))
+        .basic_auth("anyone", Some("writer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let blob = b"a layer of the team";
+    let d = digest(blob);
+    let r = http
+        .post(format!("{base}/v2/team/app/blobs/uploads/?digest={d}"))
+        .bearer_auth("writer")
+        .body(blob.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // The reader may pull it but not push or delete.
+    let r = http
+        .get(format!("{base}/v2/team/app/blobs/{d}"))
+        .basic_auth("r", Some("reader"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), blob);
+    for request in [
+        http.post(format!("{base}/v2/team/app/blobs/uploads/")),
+        http.delete(format!("{base}/v2/team/app/blobs/{d}")),
+        http.get(format!("{base}/v2/_catalog")),
+    ] {
+        let r = request
+            .basic_auth("r", Some("reader"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(error_code(r).await, "DENIED");
+    }
+
+    // The writer pushes only under team/, and a mount from a repository it
+    // may not pull becomes a plain upload (202), never a copy (201).
+    let r = http
+        .post(format!("{base}/v2/other/app/blobs/uploads/"))
+        .bearer_auth("writer")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = http
+        .post(format!(
+            "{base}/v2/team/copy/blobs/uploads/?mount={d}&from=team/app"
+        ))
+        .bearer_auth("writer")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "a mount it may read");
+    let secret = b"a layer the writer may not read";
+    let s = digest(secret);
+    let r = http
+        .post(format!("{base}/v2/secret/app/blobs/uploads/?digest={s}"))
+        .bearer_auth("admin")
+        .body(secret.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = http
+        .post(format!(
+            "{base}/v2/team/stolen/blobs/uploads/?mount={s}&from=secret/app"
+        ))
+        .bearer_auth("writer")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED, "a mount it may not read");
+    task.abort();
+}
