@@ -71,6 +71,7 @@ pub mod custom;
 pub mod defaults;
 pub mod field;
 pub mod gateway_api;
+pub mod images;
 pub mod knative;
 pub mod names;
 pub mod nodes;

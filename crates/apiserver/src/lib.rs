@@ -90,6 +90,9 @@ pub struct Config {
     pub service_accounts: Option<Arc<wasmkube_pki::TokenSigner>>,
     /// The audit policy and log (with authentication on).
     pub audit: Option<Arc<audit::Audit>>,
+    /// The built-in registry's address (`HOST:PORT`), named in the tokens
+    /// `GET /registry/token` gives out; `None` serves no such tokens.
+    pub registry: Option<String>,
 }
 
 impl Default for Config {
@@ -107,6 +110,7 @@ impl Default for Config {
             encryption: None,
             service_accounts: None,
             audit: None,
+            registry: None,
         }
     }
 }
@@ -326,6 +330,10 @@ impl ApiServer {
             .route("/metrics", get(metrics::serve))
             .route(SNAPSHOT_PATH, get(snapshot))
             .route("/cacerts", get(cacerts))
+            .route(
+                wasmkube_api::images::TOKEN_PATH,
+                get(auth::image_registry::issue),
+            )
             .route(
                 "/api",
                 get(|| async { axum::Json(discovery::api_versions()) }),

@@ -21,6 +21,9 @@ pub struct PushArgs {
     #[arg(long)]
     insecure: bool,
     /// Registry user name (with --password, or WASMKUBE_REGISTRY_PASSWORD).
+    /// Without one, pushing to the cluster's built-in registry logs in with
+    /// a token the API server gives for the kubeconfig's user (KUBECONFIG,
+    /// else ~/.kube/config).
     #[arg(long, env = "WASMKUBE_REGISTRY_USER")]
     username: Option<String>,
     #[arg(long, env = "WASMKUBE_REGISTRY_PASSWORD", hide_env_values = true)]
@@ -34,14 +37,17 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
     let registry = reference.split('/').next().unwrap_or_default().to_owned();
     let options = wasmkube_oci::PushOptions {
         insecure: if args.insecure {
-            vec![registry]
+            vec![registry.clone()]
         } else {
             Vec::new()
         },
-        credentials: args.username.map(|username| wasmkube_oci::Credentials {
-            username,
-            password: args.password.unwrap_or_default(),
-        }),
+        credentials: match args.username {
+            Some(username) => Some(wasmkube_oci::Credentials {
+                username,
+                password: args.password.unwrap_or_default(),
+            }),
+            None => cluster_credentials(&registry).await,
+        },
     };
     let kind = if wasmkube_oci::is_component(&bytes) {
         "component"
@@ -60,6 +66,30 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
 }
 
 /// `reference` with `registry` in front when it names no registry host.
+/// A token for the cluster's built-in registry, when the kubeconfig names a
+/// cluster whose registry is `registry` (the token goes to no other).
+async fn cluster_credentials(registry: &str) -> Option<wasmkube_oci::Credentials> {
+    let config = kube::Config::infer().await.ok()?;
+    let client = kube::Client::try_from(config).ok()?;
+    let request = http::Request::get(wasmkube_api::images::TOKEN_PATH)
+        .body(Vec::new())
+        .ok()?;
+    let answer: serde_json::Value = match client.request(request).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::debug!(error = %e, "no registry token from the cluster");
+            return None;
+        }
+    };
+    if answer["registry"].as_str() != Some(registry) {
+        return None;
+    }
+    Some(wasmkube_oci::Credentials {
+        username: "wasmkube".into(),
+        password: answer["token"].as_str()?.to_owned(),
+    })
+}
+
 fn qualify(reference: &str, registry: &str) -> String {
     let names_host = reference.split_once('/').is_some_and(|(first, _)| {
         first.contains('.') || first.contains(':') || first == "localhost"

@@ -363,7 +363,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The registry's address is named in the tokens the API server issues
+    // for it, so it is bound first; it serves once the API server runs.
+    let registry = if args.no_registry {
+        None
+    } else {
+        bind_registry(&args.data_dir, args.registry_listen).await?
+    };
+    let registry_addr = registry.as_ref().map(|r| r.addr.to_string());
     let api_config = wasmkube_apiserver::Config {
+        registry: registry_addr.clone(),
         audit,
         encryption,
         default_toleration_seconds: args.default_toleration_seconds,
@@ -382,16 +391,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(_) => format!("https://{}", crate::pki::url_host(addr, args.node_address)),
         None => format!("http://{addr}"),
     };
-    let registry = if args.no_registry {
-        None
-    } else {
-        start_registry(
-            &args.data_dir,
-            args.registry_listen,
-            args.registry_gc_interval,
-        )
-        .await?
-    };
+    let registry = registry.map(|r| {
+        // With authentication on, the registry asks the API server who
+        // each client is and what RBAC lets them do.
+        let gate = pki
+            .as_ref()
+            .map(|_| Arc::new(RegistryGate(api.clone())) as Arc<dyn wasmkube_registry::Gate>);
+        r.serve(gate, args.registry_gc_interval)
+    });
     let kubeconfig_path = args
         .write_kubeconfig
         .unwrap_or_else(|| args.data_dir.join("kubeconfig"));
@@ -555,6 +562,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         let mut config = wasmkube_node::Config::new(&name, args.data_dir.join("node"));
         config.address = args.node_address;
         config.listen = std::net::SocketAddr::new(args.node_address, 0);
+        config.cluster_registry = registry_addr.clone();
         args.node.apply(&mut config);
         let node_client = client_as(Identity::new(
             &format!("system:node:{name}"),
@@ -608,14 +616,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves the built-in registry from `DATA_DIR/registry`. An address in use
-/// (another registry on the port) is reported and the cluster runs without
-/// it; pushes then go to whatever serves that address.
-async fn start_registry(
+/// The built-in registry, bound and not yet serving.
+struct BoundRegistry {
+    registry: wasmkube_registry::Registry,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+/// Opens the built-in registry's storage in `DATA_DIR/registry` and binds
+/// its address. An address in use (another registry on the port) is
+/// reported and the cluster runs without it; pushes then go to whatever
+/// serves that address.
+async fn bind_registry(
     data_dir: &std::path::Path,
     listen: SocketAddr,
-    gc_interval: Duration,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<BoundRegistry>> {
     let dir = data_dir.join("registry");
     let registry = wasmkube_registry::Registry::open(&dir)
         .with_context(|| format!("cannot open the registry's storage in {}", dir.display()))?;
@@ -630,17 +645,73 @@ async fn start_registry(
         }
     };
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "the built-in registry has no authentication yet: anyone who reaches it may push");
-    }
-    tracing::info!(%addr, dir = %dir.display(), "built-in registry serving");
-    eprintln!("wasmkube registry at {addr} (wasmkube push FILE NAME:TAG; images {addr}/NAME:TAG)");
-    Ok(Some(tokio::spawn(async move {
-        let policy = wasmkube_registry::GcPolicy::default();
-        if let Err(e) = registry.serve(listener, gc_interval, policy).await {
-            tracing::error!(error = %e, "the built-in registry stopped");
+    Ok(Some(BoundRegistry {
+        registry,
+        listener,
+        addr,
+    }))
+}
+
+impl BoundRegistry {
+    /// Serves the registry, deciding requests with `gate` when given.
+    fn serve(
+        self,
+        gate: Option<Arc<dyn wasmkube_registry::Gate>>,
+        gc_interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let addr = self.addr;
+        let mut registry = self.registry;
+        match gate {
+            Some(gate) => registry = registry.with_gate(gate),
+            None if !addr.ip().is_loopback() => {
+                tracing::warn!(%addr, "the built-in registry has no authentication (the cluster has none): anyone who reaches it may push");
+            }
+            None => {}
         }
-    })))
+        tracing::info!(%addr, "built-in registry serving");
+        eprintln!(
+            "wasmkube registry at {addr} (wasmkube push FILE NAME:TAG; images {addr}/NAME:TAG)"
+        );
+        let listener = self.listener;
+        tokio::spawn(async move {
+            let policy = wasmkube_registry::GcPolicy::default();
+            if let Err(e) = registry.serve(listener, gc_interval, policy).await {
+                tracing::error!(error = %e, "the built-in registry stopped");
+            }
+        })
+    }
+}
+
+/// The built-in registry's gate: the API server's authentication and RBAC
+/// (see `wasmkube_api::images`).
+struct RegistryGate(Arc<wasmkube_apiserver::ApiServer>);
+
+impl wasmkube_registry::Gate for RegistryGate {
+    fn check<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        access: Option<(&'a str, wasmkube_registry::Action)>,
+    ) -> futures::future::BoxFuture<'a, Result<(), wasmkube_registry::Refusal>> {
+        use wasmkube_registry::Refusal;
+        Box::pin(async move {
+            let token = token.ok_or(Refusal::Unauthenticated)?;
+            let user = self
+                .0
+                .registry_user(token)
+                .await
+                .map_err(|_| Refusal::Unauthenticated)?;
+            match access {
+                None => Ok(()),
+                Some((repository, action)) => self
+                    .0
+                    .registry_allows(&user, repository, action.verb())
+                    .map_err(|why| {
+                        tracing::debug!(user = %user.name, repository, "{why}");
+                        Refusal::Denied(why)
+                    }),
+            }
+        })
+    }
 }
 
 /// This process's name in leader Leases: host name plus a random suffix, as

@@ -47,6 +47,30 @@ fn kubectl_as(kubeconfig: &std::path::Path, args: &[&str]) -> Out {
         .stdin(Stdio::null())
         .output()
         .expect("kubectl is installed");
+    to_out(out)
+}
+
+/// As [`kubectl_as`], with `stdin` fed to kubectl.
+fn kubectl_as_with(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> Out {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    to_out(child.wait_with_output().unwrap())
+}
+
+fn to_out(out: std::process::Output) -> Out {
     Out {
         ok: out.status.success(),
         code: out.status.code(),
@@ -925,10 +949,226 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
         "{stderr}"
     );
 
+    the_registry_answers_to_rbac(&s, dir.path(), &alice);
     quotas_and_limit_ranges_bound_a_tenant(&s, &alice);
     // Last: the node it joins stays registered (and schedulable) after its
     // agent stops.
     node_authorizer_keeps_nodes_to_their_own_pods(&s, dir.path());
+}
+
+/// `wasmkube push FILE NAME:v1` with `env` (a login, a kubeconfig), its
+/// output.
+fn push_with(s: &Server, name: &str, env: &[(&str, &str)]) -> Out {
+    let registry = s
+        .registry
+        .as_deref()
+        .expect("the server serves its registry");
+    let out = Command::new(wasmkube())
+        .arg("push")
+        .arg(wasmkube_testkit::workload_path("sleeper", "wasm32-wasip1"))
+        .arg(format!("{name}:v1"))
+        .env("WASMKUBE_REGISTRY", registry)
+        .env_remove("KUBECONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Out {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The built-in registry under the cluster's authentication and RBAC: no
+/// anonymous access; a tenant pushes to and pulls from its namespace's
+/// repositories only (with a token, or through its kubeconfig); the
+/// administrator, with a client certificate, pushes through the token the
+/// API server gives; a node pulls a pod's images with the pod's service
+/// account, so a pod runs its namespace's images and shared ones, and not
+/// another namespace's.
+fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::path::Path) {
+    let registry = s.registry.clone().expect("the server serves its registry");
+    let status = |path: &str, login: Option<&str>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]);
+        if let Some(login) = login {
+            curl.args(["-u", login]);
+        }
+        let out = curl
+            .arg(format!("http://{registry}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(status("/v2/", None), "401");
+    assert_eq!(status("/v2/", Some("x:guessed")), "401");
+    assert_eq!(status("/v2/", Some("alice:alice-token")), "200");
+
+    // The administrator's kubeconfig holds a client certificate: the push
+    // logs in with a registry token from the API server.
+    let kubeconfig = s.kubeconfig.to_str().unwrap();
+    for name in ["shared", "b/secret"] {
+        let out = push_with(s, name, &[("KUBECONFIG", kubeconfig)]);
+        assert!(out.ok, "admin pushes {name}: {}", out.stderr);
+    }
+    // alice (edit in a) pushes to a, with her token or her kubeconfig, and
+    // to nothing else; she pulls a's and shared repositories, not b's.
+    let as_alice = [
+        ("WASMKUBE_REGISTRY_USER", "alice"),
+        ("WASMKUBE_REGISTRY_PASSWORD", "alice-token"),
+    ];
+    let out = push_with(s, "a/app", &as_alice);
+    assert!(out.ok, "alice pushes a/app: {}", out.stderr);
+    let out = push_with(s, "a/viakube", &[("KUBECONFIG", alice.to_str().unwrap())]);
+    assert!(out.ok, "alice pushes with her kubeconfig: {}", out.stderr);
+    for name in ["b/app", "mine"] {
+        let out = push_with(s, name, &as_alice);
+        assert!(
+            !out.ok && out.stderr.to_lowercase().contains("denied"),
+            "alice may not push {name}: {}",
+            out.stderr
+        );
+    }
+    let alice_login = Some("alice:alice-token");
+    assert_eq!(status("/v2/a/app/manifests/v1", alice_login), "200");
+    assert_eq!(status("/v2/shared/manifests/v1", alice_login), "200");
+    assert_eq!(status("/v2/b/secret/manifests/v1", alice_login), "403");
+    assert_eq!(status("/v2/_catalog", alice_login), "403");
+    // The access reviews agree (kubectl's `auth can-i` cannot name the
+    // group of a resource no discovery lists, so the review is sent whole).
+    for (ns, allowed) in [("a", "true"), ("b", "false")] {
+        let review = format!(
+            "apiVersion: authorization.k8s.io/v1\nkind: SelfSubjectAccessReview\nspec:\n  resourceAttributes: {{group: registry.wasmkube.dev, resource: repositories, verb: create, namespace: {ns}}}\n"
+        );
+        let out = kubectl_as_with(
+            alice,
+            &["create", "-f", "-", "-o", "jsonpath={.status.allowed}"],
+            &review,
+        );
+        assert_eq!(out.stdout.trim(), allowed, "push to {ns}: {}", out.stderr);
+    }
+
+    // Every namespace lets its service accounts pull its repositories.
+    assert_eq!(
+        ok(
+            s,
+            &[
+                "-n",
+                "a",
+                "get",
+                "rolebinding",
+                "system:image-pullers",
+                "-o",
+                "jsonpath={.roleRef.name} {.subjects[0].name}"
+            ],
+            None,
+        ),
+        "system:image-puller system:serviceaccounts:a"
+    );
+
+    // A node pulls with the pod's service account: a pod in a runs a's
+    // image and the shared one; b's is refused with the registry's reason.
+    let agent = Joined(
+        Command::new(wasmkube())
+            .args([
+                "agent",
+                "--server",
+                &s.url,
+                "--token",
+                &s.join_token(),
+                "--name",
+                "n-reg",
+            ])
+            .args([
+                "--port",
+                "0",
+                "--no-pod-network",
+                "--no-service-proxy",
+                "--no-gateway",
+                "--no-linux",
+                "--data-dir",
+            ])
+            .arg(dir.join("n-reg"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(s, "node/n-reg", "condition=Ready", "60s");
+    let pod = |name: &str, image: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: n-reg\n  containers:\n  - name: c\n    image: {registry}/{image}:v1\n"
+        )
+    };
+    let manifests = [
+        pod("runs-own", "a/app"),
+        pod("runs-shared", "shared"),
+        pod("runs-other", "b/secret"),
+    ]
+    .join("---\n");
+    ok(s, &["-n", "a", "apply", "-f", "-"], Some(&manifests));
+    for name in ["runs-own", "runs-shared"] {
+        ok(
+            s,
+            &[
+                "-n",
+                "a",
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{name}"),
+                "--timeout=120s",
+            ],
+            None,
+        );
+    }
+    // The pull fails at once, with the registry's reason in the status
+    // (ErrImagePull, then ImagePullBackOff while it waits to try again).
+    let refusal = r#"User "system:serviceaccount:a:default" cannot get resource "repositories""#;
+    poll(
+        "the refused pull's reason",
+        Duration::from_secs(120),
+        || {
+            let message = kubectl(
+                s,
+                &[
+                    "-n",
+                    "a",
+                    "get",
+                    "pod",
+                    "runs-other",
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].state.waiting.message}",
+                ],
+                None,
+            )
+            .stdout;
+            if message.contains(refusal) {
+                Ok(())
+            } else {
+                Err(message)
+            }
+        },
+    );
+    ok(
+        s,
+        &[
+            "-n",
+            "a",
+            "delete",
+            "pod",
+            "runs-own",
+            "runs-shared",
+            "runs-other",
+            "--grace-period=1",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    // The node goes with its agent, so later pods are not bound to it.
+    drop(agent);
+    ok(s, &["delete", "node", "n-reg"], None);
 }
 
 /// A tenant under a ResourceQuota and a LimitRange set by the

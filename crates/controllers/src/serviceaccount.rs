@@ -2,7 +2,11 @@
 //! service account (recreated if deleted), as pods name it by default, and,
 //! when the API server has a CA (it serves `/cacerts`), the
 //! `kube-root-ca.crt` ConfigMap with it (Kubernetes' root CA publisher), which
-//! pods' service-account volumes project as `ca.crt`.
+//! pods' service-account volumes project as `ca.crt`. Every namespace also
+//! gets the `system:image-pullers` RoleBinding, which lets its service
+//! accounts pull its repositories from the built-in registry (nodes pull a
+//! pod's images with its service account's token). It is made when missing;
+//! to stop a namespace's accounts pulling, empty its subjects.
 
 use std::sync::Arc;
 
@@ -40,6 +44,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             Err(e) => return Err(Error::Kube(e)),
         }
     }
+    image_pullers(&ctx.client, &ns.name_any()).await?;
     if let Some(ca) = &ctx.ca {
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns.name_any());
         let current = api.get_opt(ROOT_CA_CONFIG_MAP).await.map_err(Error::Kube)?;
@@ -70,6 +75,34 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     }
     Ok(Action::await_change())
+}
+
+/// The namespace's `system:image-pullers` RoleBinding, made when missing.
+async fn image_pullers(client: &kube::Client, namespace: &str) -> Result<(), Error> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    use wasmkube_api::images::{PULLER_ROLE, PULLERS_BINDING};
+    let api: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    if api
+        .get_opt(PULLERS_BINDING)
+        .await
+        .map_err(Error::Kube)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": PULLERS_BINDING, "annotations": {
+            "kubernetes.io/description": "Allows the namespace's service accounts to pull its repositories from the built-in registry"}},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": PULLER_ROLE},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                      "name": format!("system:serviceaccounts:{namespace}")}],
+    }))
+    .map_err(|e| Error::Encode(e.to_string()))?;
+    match api.create(&PostParams::default(), &binding).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 403 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
 }
 
 /// The cluster CA the API server serves at `/cacerts`, if any.

@@ -85,6 +85,11 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Registries (host:port) reached over plain HTTP besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// The cluster's built-in registry (`HOST:PORT`), from which a pod's
+    /// images are pulled with a token of the pod's service account unless
+    /// its `imagePullSecrets` hold credentials for it. `None`: the address
+    /// the API server names (`GET /registry/token`).
+    pub cluster_registry: Option<String>,
     pub backoff: Backoff,
     /// How often the Lease is renewed.
     pub heartbeat_interval: Duration,
@@ -188,6 +193,7 @@ impl Config {
             service_backends: None,
             pod_network_gate: None,
             network_policies: None,
+            cluster_registry: None,
         }
     }
 }
@@ -258,9 +264,45 @@ pub(crate) struct Ctx {
     /// The node's own resolv.conf, read at start (pods' `dnsPolicy:
     /// Default`, and the search domains `ClusterFirst` adds).
     pub node_resolv: dns::ResolvConf,
+    /// The cluster's built-in registry, once known (see
+    /// [`Config::cluster_registry`]).
+    pub cluster_registry: tokio::sync::OnceCell<Option<String>>,
 }
 
 impl Ctx {
+    /// The cluster's built-in registry (`HOST:PORT`), if it has one: the
+    /// configured one, else the one the API server names. (A token sent to
+    /// another registry at that address, a loopback one on another machine,
+    /// is for the built-in registry's audience only, bound to its pod, and
+    /// short-lived.) Asked once; a failed request is asked again at the
+    /// next pull.
+    pub(crate) async fn cluster_registry(&self) -> Option<&str> {
+        let known = self
+            .cluster_registry
+            .get_or_try_init(|| async {
+                if let Some(r) = &self.config.cluster_registry {
+                    return Ok(Some(r.clone()));
+                }
+                let request = axum::http::Request::get(wasmkube_api::images::TOKEN_PATH)
+                    .body(Vec::new())
+                    .expect("a valid request");
+                match self.client.request::<serde_json::Value>(request).await {
+                    Ok(answer) => Ok(answer["registry"].as_str().map(str::to_owned)),
+                    // A cluster without a registry or authentication.
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        match known {
+            Ok(registry) => registry.as_deref(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot learn the cluster's registry");
+                None
+            }
+        }
+    }
+
     /// The state of the pod `namespace/name` this agent runs, if it runs it.
     pub(crate) fn pod_state(
         &self,
@@ -381,6 +423,7 @@ impl Agent {
             port,
             node_changed: tokio::sync::Notify::new(),
             samples: Mutex::default(),
+            cluster_registry: tokio::sync::OnceCell::new(),
             node_resolv: dns::ResolvConf::parse(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             ),

@@ -1043,7 +1043,8 @@ impl PodRun {
         let pod = self.pod();
         let reference = c.image.clone().unwrap_or_default();
         let policy = PullPolicy::for_container(c.image_pull_policy.as_deref(), &reference);
-        let credentials = self.pull_credentials(&pod, &reference).await;
+        // Credentials are looked for only when the registry is asked.
+        let credentials = self.pull_credentials(&pod, &reference);
         let started = Instant::now();
         let name = c.name.clone();
         let announced = std::sync::atomic::AtomicBool::new(false);
@@ -1078,7 +1079,7 @@ impl PodRun {
         let (image, pulled) = self
             .ctx
             .images
-            .ensure(&reference, policy, credentials, &progress)
+            .ensure_with(&reference, policy, credentials, &progress)
             .await?;
         if pulled {
             self.ctx.node_changed.notify_one();
@@ -1117,7 +1118,9 @@ impl PodRun {
             })
     }
 
-    /// Credentials from the pod's `imagePullSecrets` for the image's registry.
+    /// Credentials from the pod's `imagePullSecrets` for the image's
+    /// registry, else, for the cluster's built-in registry, a token of the
+    /// pod's service account.
     async fn pull_credentials(&self, pod: &Pod, reference: &str) -> Option<Credentials> {
         let registry = reference
             .split('/')
@@ -1144,7 +1147,19 @@ impl PodRun {
                 return Some(c);
             }
         }
-        None
+        if self.ctx.cluster_registry().await != Some(registry) {
+            return None;
+        }
+        match crate::spec::registry_token(&self.ctx, pod).await {
+            Ok(token) => Some(Credentials {
+                username: "serviceaccount".into(),
+                password: token,
+            }),
+            Err(e) => {
+                tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "pulling without the service account's token");
+                None
+            }
+        }
     }
 
     /// Runs one container through its restarts until it is done for good or

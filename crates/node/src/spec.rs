@@ -599,6 +599,31 @@ async fn service_account_token(
     pod: &Pod,
     source: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
 ) -> Result<IssuedToken, ConfigError> {
+    request_token(
+        ctx,
+        pod,
+        source.audience.iter().cloned().collect(),
+        source.expiration_seconds.unwrap_or(3607),
+    )
+    .await
+}
+
+/// A token of the pod's service account for the built-in registry (its
+/// audience only, bound to the pod, ten minutes: Kubernetes' shortest),
+/// with which the node pulls the pod's images from there.
+pub(crate) async fn registry_token(ctx: &Ctx, pod: &Pod) -> Result<String, ConfigError> {
+    let audiences = vec![wasmkube_api::images::AUDIENCE.to_owned()];
+    Ok(request_token(ctx, pod, audiences, 600).await?.token)
+}
+
+/// A token of the pod's service account, bound to the pod (the
+/// TokenRequest API).
+async fn request_token(
+    ctx: &Ctx,
+    pod: &Pod,
+    audiences: Vec<String>,
+    seconds: i64,
+) -> Result<IssuedToken, ConfigError> {
     let asked = std::time::SystemTime::now();
     use k8s_openapi::api::authentication::v1::{
         BoundObjectReference, TokenRequest, TokenRequestSpec,
@@ -612,8 +637,8 @@ async fn service_account_token(
         .unwrap_or_else(|| "default".into());
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: source.audience.iter().cloned().collect(),
-            expiration_seconds: Some(source.expiration_seconds.unwrap_or(3607)),
+            audiences,
+            expiration_seconds: Some(seconds),
             bound_object_ref: Some(BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),

@@ -149,6 +149,19 @@ impl ImageStore {
         credentials: Option<Credentials>,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<(Image, bool), Error> {
+        self.ensure_with(reference, policy, async { credentials }, progress)
+            .await
+    }
+
+    /// As [`ImageStore::ensure`], with the credentials found only when the
+    /// registry is asked (an image already here needs none).
+    pub async fn ensure_with(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        credentials: impl std::future::Future<Output = Option<Credentials>>,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<(Image, bool), Error> {
         let parsed = parse_reference(reference)?;
         let key = parsed.whole();
         let lock = self
@@ -168,7 +181,7 @@ impl ImageStore {
             _ => {}
         }
         let client = client_for(parsed.resolve_registry(), &self.insecure);
-        let auth = match credentials {
+        let auth = match credentials.await {
             Some(c) => RegistryAuth::Basic(c.username, c.password),
             None => RegistryAuth::Anonymous,
         };

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use wasmkube_api::registry;
+use wasmkube_api::{images, registry};
 
 use crate::ApiServer;
 use crate::error::ApiError;
@@ -171,6 +171,8 @@ pub(crate) fn policy() -> Vec<Value> {
         .chain([
             rule(&[""], &["namespaces"], READ),
             rule(&["metrics.k8s.io"], &["pods", "nodes"], READ),
+            // Pulling the namespace's repositories of the built-in registry.
+            rule(&[images::GROUP], &[images::RESOURCE], &["get"]),
         ])
         .collect();
     let edit_rules: Vec<Value> = workload_resources()
@@ -200,6 +202,12 @@ pub(crate) fn policy() -> Vec<Value> {
                 &["create", "get"],
             ),
             rule(&[""], &["serviceaccounts"], &["impersonate"]),
+            // Pushing to and deleting from the namespace's repositories.
+            rule(
+                &[images::GROUP],
+                &[images::RESOURCE],
+                &["get", "create", "delete"],
+            ),
         ])
         .collect();
     let admin_rules = vec![
@@ -398,6 +406,20 @@ pub(crate) fn policy() -> Vec<Value> {
             defaults.clone(),
             vec![urls(&["/dashboard", "/dashboard/*"], &["get"])],
         ),
+        // Pulling a namespace's repositories: bound in every namespace to
+        // its service accounts (`system:image-pullers`).
+        cluster_role(
+            images::PULLER_ROLE,
+            defaults.clone(),
+            vec![rule(&[images::GROUP], &[images::RESOURCE], &["get"])],
+        ),
+        // A token for the built-in registry naming oneself; what it may do
+        // there is RBAC's to say.
+        cluster_role(
+            "system:registry-user",
+            defaults.clone(),
+            vec![urls(&[images::TOKEN_PATH], &["get"])],
+        ),
         cluster_role(
             "system:basic-user",
             defaults.clone(),
@@ -463,6 +485,11 @@ pub(crate) fn policy() -> Vec<Value> {
         binding(
             "system:dashboard-viewer",
             "system:dashboard-viewer",
+            &[("Group", crate::auth::AUTHENTICATED)],
+        ),
+        binding(
+            "system:registry-user",
+            "system:registry-user",
             &[("Group", crate::auth::AUTHENTICATED)],
         ),
         binding(

@@ -20,6 +20,7 @@
 pub(crate) mod bootstrap;
 pub(crate) mod csr;
 pub(crate) mod escalation;
+pub(crate) mod image_registry;
 pub(crate) mod node;
 pub(crate) mod rbac;
 pub(crate) mod review;
@@ -48,7 +49,8 @@ pub const MASTERS: &str = "system:masters";
 pub const ANONYMOUS: &str = "system:anonymous";
 
 /// An authenticated user, as Kubernetes' `UserInfo`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct UserInfo {
     pub name: String,
     pub uid: String,

@@ -257,12 +257,24 @@ pub(crate) async fn legacy_secret(
 /// Who a service-account token names, if it is one of ours, for this API
 /// server, unexpired, and what it is bound to still exists.
 pub(crate) async fn authenticate(server: &ApiServer, token: &str) -> Result<UserInfo, ApiError> {
+    authenticate_for(server, token, &[ISSUER]).await
+}
+
+/// As [`authenticate`], for a token meant for one of `audiences`.
+pub(crate) async fn authenticate_for(
+    server: &ApiServer,
+    token: &str,
+    audiences: &[&str],
+) -> Result<UserInfo, ApiError> {
     let Some(signer) = &server.config.service_accounts else {
         return Err(ApiError::Unauthorized);
     };
     let claims = signer
-        .verify(token, ISSUER, &[ISSUER])
+        .verify(token, ISSUER, audiences)
         .map_err(|_| ApiError::Unauthorized)?;
+    if claims.get("kubernetes.io").is_none() {
+        return Err(ApiError::Unauthorized);
+    }
     let k = &claims["kubernetes.io"];
     let namespace = k["namespace"].as_str().unwrap_or_default();
     let name = k["serviceaccount"]["name"].as_str().unwrap_or_default();

@@ -407,6 +407,7 @@ pub fn push_builtin_as(s: &Server, file: &str, target: &str, name: &str) -> Stri
         .arg(wasmkube_testkit::workload_path(file, target))
         .arg(format!("{name}:v1"))
         .env("WASMKUBE_REGISTRY", registry)
+        .env("KUBECONFIG", &s.kubeconfig)
         .output()
         .unwrap();
     assert!(
