@@ -808,7 +808,7 @@ impl wasmkube_registry::Gate for TestGate {
                 (Some("reader" | "writer"), None) => true,
                 (Some("reader"), Some((_, Action::Pull))) => true,
                 (Some("writer"), Some((repo, _))) => repo.starts_with("team/"),
-                (Some("reader" | "writer"), Some(_)) => false,
+                (Some("reader"), Some(_)) => false,
                 _ => return Err(Refusal::Unauthenticated),
             };
             if allowed {
