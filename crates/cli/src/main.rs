@@ -51,6 +51,11 @@ enum Command {
     /// artifact and print its digest (`NAME:TAG` goes to the built-in
     /// registry of `wasmkube server`).
     Push(push::PushArgs),
+    /// Print a token for the cluster's built-in registry naming the
+    /// kubeconfig's user (what RBAC lets them pull and push is theirs): the
+    /// password for other OCI clients, with any user name, e.g.
+    /// `skopeo copy --dest-creds "me:$(wasmkube registry-token)" ...`.
+    RegistryToken(push::TokenArgs),
     /// Save a snapshot of a running server's embedded store, or restore one
     /// into a new data directory.
     Snapshot(snapshot::SnapshotArgs),
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => runtime.block_on(agent::run(args)),
         Command::Scheduler(args) => runtime.block_on(scheduler::run(args)),
         Command::Push(args) => runtime.block_on(push::run(args)),
+        Command::RegistryToken(args) => runtime.block_on(push::token(args)),
         Command::Snapshot(args) => runtime.block_on(snapshot::run(args)),
         Command::Migrate(args) => runtime.block_on(snapshot::migrate(args)),
     }

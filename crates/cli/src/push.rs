@@ -69,25 +69,48 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
 /// A token for the cluster's built-in registry, when the kubeconfig names a
 /// cluster whose registry is `registry` (the token goes to no other).
 async fn cluster_credentials(registry: &str) -> Option<wasmkube_oci::Credentials> {
-    let config = kube::Config::infer().await.ok()?;
-    let client = kube::Client::try_from(config).ok()?;
-    let request = http::Request::get(wasmkube_api::images::TOKEN_PATH)
-        .body(Vec::new())
-        .ok()?;
-    let answer: serde_json::Value = match client.request(request).await {
-        Ok(answer) => answer,
+    match cluster_token().await {
+        Ok((token, theirs)) if theirs == registry => Some(wasmkube_oci::Credentials {
+            username: "wasmkube".into(),
+            password: token,
+        }),
+        Ok(_) => None,
         Err(e) => {
             tracing::debug!(error = %e, "no registry token from the cluster");
-            return None;
+            None
         }
-    };
-    if answer["registry"].as_str() != Some(registry) {
-        return None;
     }
-    Some(wasmkube_oci::Credentials {
-        username: "wasmkube".into(),
-        password: answer["token"].as_str()?.to_owned(),
-    })
+}
+
+/// A token for the built-in registry of the kubeconfig's cluster, naming
+/// the kubeconfig's user, and the registry's address.
+async fn cluster_token() -> anyhow::Result<(String, String)> {
+    let config = kube::Config::infer()
+        .await
+        .context("no kubeconfig (set KUBECONFIG)")?;
+    let client = kube::Client::try_from(config)?;
+    let request = http::Request::get(wasmkube_api::images::TOKEN_PATH).body(Vec::new())?;
+    let answer: serde_json::Value = client.request(request).await.map_err(|e| match e {
+        kube::Error::Api(e) if e.code == 404 => anyhow::anyhow!(
+            "the cluster gives no registry tokens (its registry is off, or it has no authentication)"
+        ),
+        e => anyhow::anyhow!("asking the API server for a registry token: {e}"),
+    })?;
+    let token = answer["token"].as_str().context("no token in the answer")?;
+    let registry = answer["registry"].as_str().unwrap_or_default();
+    Ok((token.to_owned(), registry.to_owned()))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {}
+
+/// `wasmkube registry-token`: prints the token, and says on stderr where
+/// it is for.
+pub async fn token(_args: TokenArgs) -> anyhow::Result<()> {
+    let (token, registry) = cluster_token().await?;
+    eprintln!("a token for the registry at {registry} (valid for an hour; any user name)");
+    println!("{token}");
+    Ok(())
 }
 
 fn qualify(reference: &str, registry: &str) -> String {

@@ -1012,6 +1012,39 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
         let out = push_with(s, name, &[("KUBECONFIG", kubeconfig)]);
         assert!(out.ok, "admin pushes {name}: {}", out.stderr);
     }
+    // Other OCI clients log in with a token from `wasmkube registry-token`
+    // (any user name); the administrator may list the catalog.
+    let out = Command::new(wasmkube())
+        .arg("registry-token")
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin_token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let admin_login = format!("admin:{admin_token}");
+    assert_eq!(status("/v2/_catalog", Some(&admin_login)), "200");
+    let skopeo = |creds: Option<&str>| {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["list-tags", "--tls-verify=false"]);
+        if let Some(creds) = creds {
+            cmd.args(["--creds", creds]);
+        }
+        cmd.arg(format!("docker://{registry}/b/secret"))
+            .output()
+            .unwrap()
+    };
+    let listed = skopeo(Some(&admin_login));
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("\"v1\""),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(!skopeo(None).status.success(), "skopeo without a login");
+
     // alice (edit in a) pushes to a, with her token or her kubeconfig, and
     // to nothing else; she pulls a's and shared repositories, not b's.
     let as_alice = [
