@@ -181,9 +181,10 @@ pub struct ServerArgs {
     node_cidr_mask_size: u8,
 
     /// Where the built-in OCI registry listens. `wasmkube push FILE
-    /// NAME:TAG` publishes to it and pods run `ADDRESS/NAME:TAG`. It has no
-    /// authentication yet: anyone who reaches the address may push and pull,
-    /// so keep it on loopback.
+    /// NAME:TAG` publishes to it and pods run `ADDRESS/NAME:TAG`. It
+    /// answers to the cluster's authentication and RBAC (clients log in with
+    /// a cluster token as the password: `wasmkube registry-token`), over
+    /// plain HTTP: off loopback, tokens would cross the network in clear.
     #[arg(
         long,
         env = "WASMKUBE_REGISTRY_LISTEN",
