@@ -642,6 +642,32 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         ok(&s, &["delete", "pod", "talker", "--wait=false"], None);
     }
 
+    // `kubectl run -i --rm`: kubectl's input reaches the process's stdin
+    // (a pipe the agent keeps for `stdin: true`), which reads end-of-file
+    // when it ends (stdinOnce).
+    let out = common::kubectl(
+        &s,
+        &[
+            "run",
+            "reader",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            &format!("--image={busybox}"),
+            "--",
+            "sh",
+            "-c",
+            "while read l; do echo \"got: $l\"; done; echo done",
+        ],
+        Some("one\ntwo\n"),
+    );
+    assert!(
+        out.ok && out.stdout.contains("got: one\ngot: two\ndone\n"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+
     // The host reaches both at their own IPs, on the same port.
     let got = lan.busybox_in("host1", &["sh", "-c", &http_get(&web_ip, "/")]);
     let got = String::from_utf8_lossy(&got.stdout).into_owned();

@@ -138,6 +138,34 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     let log = ok(&s, &["logs", "job/hello"], None);
     assert_eq!(log, "hello from wasmkube\n");
 
+    // `kubectl run -i --rm`: kubectl's input reaches the guest's WASI stdin
+    // through `kubectl attach -i`, and the guest reads end-of-file when it
+    // ends (stdinOnce); then kubectl deletes the pod.
+    let echo = push_builtin(&s, "echo-lines");
+    let out = kubectl(
+        &s,
+        &[
+            "run",
+            "echo",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            &format!("--image={echo}"),
+        ],
+        Some("one\ntwo\n"),
+    );
+    assert!(
+        out.ok && out.stdout.contains("got: one\ngot: two\n2 lines\n"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    ok(
+        &s,
+        &["wait", "--for=delete", "pod/echo", "--timeout=60s"],
+        None,
+    );
+
     // Every pod gets its service account's token, the cluster CA and its
     // namespace at the standard path (a preopened directory for a Wasm
     // guest), and the token authenticates as the account.

@@ -3,12 +3,17 @@
 //! (`v5.channel.k8s.io`): channel 1 stdout, 2 stderr, and a `Success`
 //! status on channel 3 when the container's run ends. It reads the run's
 //! log as it is written, so it works alike for a Wasm guest and a Linux
-//! process. A container's stdin is not kept open by this node, so an
-//! attach asking for stdin (or a terminal) is refused before the upgrade.
+//! process. With `-i`, channel 0 goes to the container's stdin: a pipe the
+//! agent keeps open for a container with `stdin: true` (a Linux process
+//! reads it as its stdin, a Wasm guest as WASI stdin). With `stdinOnce`, as
+//! on the kubelet, the first attach that streams stdin is the only one, and
+//! the container reads end-of-file once it ends (`kubectl run -i --rm`).
+//! Containers get no terminal on this node, so `-t` is refused.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +21,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::Ctx;
-use crate::exec::{ERROR, Options, PROTOCOLS, close, frame, status};
+use crate::exec::{CLOSE, ERROR, Options, PROTOCOLS, STDIN, close, frame, status};
 use crate::logs;
 
 /// `GET|POST /attach/{namespace}/{pod}/{container}?stdout=1&stderr=1`
@@ -28,9 +33,9 @@ pub(crate) async fn handle(
 ) -> Response {
     let options = Options::parse(query.as_deref());
     let refused = |message: String| (StatusCode::BAD_REQUEST, message).into_response();
-    if options.stdin || options.tty {
+    if options.tty {
         return refused(format!(
-            "cannot attach to the stdin of container \"{container}\": this node does not keep containers' stdin open (attach without -i and -t streams its output)"
+            "cannot attach a terminal to container \"{container}\": containers get no terminal on this node (attach with -i and without -t)"
         ));
     }
     let Some(state) = ctx.pod_state(&namespace, &pod) else {
@@ -47,13 +52,33 @@ pub(crate) async fn handle(
         }
         st.runs.get(&container).filter(|r| r.running).and_then(|r| {
             let live = r.live_log.clone()?;
-            Some((logs::path(&st.dir, &container, r.restart_count), live))
+            Some((
+                logs::path(&st.dir, &container, r.restart_count),
+                live,
+                r.stdin.clone(),
+            ))
         })
     };
-    let Some((path, live)) = follow else {
+    let Some((path, live, stdin)) = follow else {
         return refused(format!(
             "container \"{container}\" in pod \"{pod}\" is not running"
         ));
+    };
+    let stdin = match (options.stdin, stdin) {
+        (false, _) => None,
+        (true, None) => {
+            return refused(format!(
+                "cannot attach to the stdin of container \"{container}\": it does not set stdin: true"
+            ));
+        }
+        (true, Some(stdin)) => match stdin.claim() {
+            true => Some(stdin),
+            false => {
+                return refused(format!(
+                    "cannot attach to the stdin of container \"{container}\": it was closed after its first attach (stdinOnce)"
+                ));
+            }
+        },
     };
     let Ok(upgrade) = upgrade else {
         return refused(
@@ -63,7 +88,7 @@ pub(crate) async fn handle(
     tracing::info!(%namespace, %pod, %container, "attach");
     upgrade
         .protocols(PROTOCOLS)
-        .on_upgrade(move |socket| session(socket, path, live, options))
+        .on_upgrade(move |socket| session(socket, path, live, options, stdin))
 }
 
 async fn session(
@@ -71,7 +96,10 @@ async fn session(
     path: std::path::PathBuf,
     live: watch::Receiver<u64>,
     options: Options,
+    stdin: Option<Arc<Stdin>>,
 ) {
+    // Ends the stdin of a `stdinOnce` container however the session ends.
+    let _once = stdin.clone().map(CloseOnce);
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel(16);
     let follower = tokio::spawn(logs::follow_streams(path, live, tx));
@@ -88,16 +116,92 @@ async fn session(
                 // The run's output ended: the container stopped.
                 None => break,
             },
-            message = incoming.next() => {
-                // The client went away (or closed): stop following.
-                if !matches!(message, Some(Ok(_))) {
+            message = incoming.next() => match message {
+                Some(Ok(Message::Binary(b))) => match (b.first(), &stdin) {
+                    (Some(&STDIN), Some(stdin)) => stdin.write(&b[1..]).await,
+                    (Some(&CLOSE), Some(stdin)) if b.last() == Some(&STDIN) => stdin.end().await,
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    // The client went away (or closed): stop following.
                     follower.abort();
                     return;
                 }
+                Some(Ok(_)) => {}
             }
         }
     }
     let body = status(&[], &Ok(0)).to_string();
     let _ = sink.send(frame(ERROR, body.as_bytes())).await;
     close(&mut sink).await;
+}
+
+/// The write end of a container run's stdin.
+#[derive(Debug)]
+pub(crate) struct Stdin {
+    writer: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    /// `stdinOnce`: closed when the first attach with stdin ends.
+    once: bool,
+    /// An attach has streamed stdin.
+    claimed: AtomicBool,
+}
+
+impl Stdin {
+    /// A pipe for a run's stdin: the shared write end, and the read end to
+    /// give the container.
+    pub(crate) fn open(once: bool) -> std::io::Result<(Arc<Self>, std::fs::File)> {
+        let (reader, writer) = std::io::pipe()?;
+        let writer =
+            tokio::net::unix::pipe::Sender::from_owned_fd(std::os::fd::OwnedFd::from(writer))?;
+        let stdin = Arc::new(Self {
+            writer: tokio::sync::Mutex::new(Some(writer)),
+            once,
+            claimed: AtomicBool::new(false),
+        });
+        Ok((
+            stdin,
+            std::fs::File::from(std::os::fd::OwnedFd::from(reader)),
+        ))
+    }
+
+    /// Whether an attach may stream stdin: always, unless `stdinOnce` and
+    /// an attach already has.
+    fn claim(&self) -> bool {
+        let first = !self.claimed.swap(true, Ordering::SeqCst);
+        first || !self.once
+    }
+
+    /// Writes `bytes` to the container's stdin (waiting while the pipe is
+    /// full; dropped once the container no longer reads it).
+    async fn write(&self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut writer = self.writer.lock().await;
+        if let Some(w) = writer.as_mut()
+            && w.write_all(bytes).await.is_err()
+        {
+            *writer = None;
+        }
+    }
+
+    /// The client ended its stdin: a `stdinOnce` container reads
+    /// end-of-file; another keeps its stdin open for the next attach.
+    async fn end(&self) {
+        if self.once {
+            self.writer.lock().await.take();
+        }
+    }
+}
+
+/// Ends a `stdinOnce` container's stdin when dropped (the session ended).
+struct CloseOnce(Arc<Stdin>);
+
+impl Drop for CloseOnce {
+    fn drop(&mut self) {
+        if self.0.once {
+            let stdin = self.0.clone();
+            tokio::spawn(async move {
+                stdin.writer.lock().await.take();
+            });
+        }
+    }
 }

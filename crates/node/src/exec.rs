@@ -21,12 +21,12 @@ use wasmkube_runtime::{Exec, ExecOutput};
 
 use crate::Ctx;
 
-const STDIN: u8 = 0;
+pub(crate) const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 pub(crate) const ERROR: u8 = 3;
 const RESIZE: u8 = 4;
-const CLOSE: u8 = 255;
+pub(crate) const CLOSE: u8 = 255;
 
 /// The protocols served, preferred first.
 pub(crate) const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];

@@ -77,6 +77,9 @@ pub(crate) struct Run {
     /// Runs commands in the container (`kubectl exec`, exec probes); `None`
     /// for Wasm guests.
     pub exec: Option<Arc<dyn wasmkube_runtime::Exec>>,
+    /// The write end of the run's stdin (`stdin: true`), for `kubectl
+    /// attach -i`.
+    pub stdin: Option<Arc<crate::attach::Stdin>>,
 }
 
 /// Everything the worker knows about its pod.
@@ -1315,6 +1318,25 @@ impl PodRun {
                     continue;
                 }
             };
+            // A container with `stdin: true` reads a pipe that attaches
+            // write to; each run gets its own.
+            let (stdin, stdin_end) = if c.stdin == Some(true) {
+                match crate::attach::Stdin::open(c.stdin_once == Some(true)) {
+                    Ok((stdin, end)) => (Some(stdin), Some(end)),
+                    Err(e) => {
+                        let message = format!("cannot make the container's stdin: {e}");
+                        if self
+                            .hold(&name, "CreateContainerError", message, config_delay)
+                            .await
+                        {
+                            return Outcome::Stopped;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                (None, None)
+            };
             let usage = Arc::new(Usage::default());
             let run_id = format!(
                 "{}-{name}-{restart}",
@@ -1386,6 +1408,7 @@ impl PodRun {
                 mounts: resolved.mounts,
                 stdout,
                 stderr,
+                stdin: stdin_end,
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
                 cpu_request_millis: resolved.cpu_request_millis,
@@ -1460,6 +1483,7 @@ impl PodRun {
                                 running: true,
                                 started: ran_from,
                                 exec: running.exec(),
+                                stdin: stdin.clone(),
                             },
                         );
                     });

@@ -325,7 +325,9 @@ impl LinuxRuntime {
             .arg("--bundle")
             .arg(bundle)
             .arg(&config.id)
-            .stdin(Stdio::null())
+            // runc run in the foreground without a terminal passes its
+            // stdio to the container's process.
+            .stdin(config.stdin.map_or_else(Stdio::null, Stdio::from))
             .stdout(stdout)
             .stderr(stderr);
         let child = cmd

@@ -97,6 +97,7 @@ async fn start(
         mounts: vec![],
         stdout: Output::File(stdout),
         stderr: Output::File(stderr),
+        stdin: None,
         memory_limit: None,
         cpu_millis: None,
         cpu_request_millis: None,

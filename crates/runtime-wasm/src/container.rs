@@ -211,6 +211,7 @@ impl Runtime for WasmContainers {
                 .collect(),
             stdout: output(config.stdout),
             stderr: output(config.stderr),
+            stdin: config.stdin.map(Arc::new),
             memory_limit: config.memory_limit,
             cpu_millis: config.cpu_millis,
             live: config.usage,

@@ -182,6 +182,8 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     pub stdout: Output,
     pub stderr: Output,
+    /// The read end of a pipe the guest's stdin reads (`None`: empty).
+    pub stdin: Option<Arc<std::fs::File>>,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
@@ -284,6 +286,13 @@ pub(crate) fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, Error
     spec.network.configure(&mut wasi);
     spec.stdout.attach(&mut wasi, false)?;
     spec.stderr.attach(&mut wasi, true)?;
+    if let Some(stdin) = &spec.stdin {
+        let pipe = stdin
+            .try_clone()
+            .and_then(tokio::net::unix::pipe::Receiver::from_file)
+            .map_err(|e| Error::Setup(format!("stdin: {e}")))?;
+        wasi.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(pipe));
+    }
     for (k, v) in &spec.env {
         wasi.env(k, v);
     }

@@ -58,6 +58,34 @@ async fn hello_sees_only_its_args_and_env() {
 }
 
 #[tokio::test]
+async fn a_guest_reads_its_stdin_pipe_until_it_ends() {
+    use std::io::Write;
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("echo-lines")).unwrap();
+    let mut s = spec(&dir, &["echo-lines"]);
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    s.stdin = Some(std::sync::Arc::new(std::fs::File::from(
+        std::os::fd::OwnedFd::from(reader),
+    )));
+    let run = tokio::spawn(async move {
+        let exit = rt.run(&m, &s).await.unwrap().0;
+        (exit, read(s.stdout.path().unwrap()))
+    });
+    // Written while the guest waits for it; end of input when closed.
+    writer.write_all(b"one\ntwo\n").unwrap();
+    drop(writer);
+    let (exit, out) = run.await.unwrap();
+    assert_eq!(exit, Exit::Code(0));
+    assert_eq!(out, "ready for input\ngot: one\ngot: two\n2 lines\n");
+    // Without a pipe, stdin is empty.
+    let (dir, rt) = setup();
+    let m = rt.load(&guest("echo-lines")).unwrap();
+    let s = spec(&dir, &["echo-lines"]);
+    assert_eq!(rt.run(&m, &s).await.unwrap().0, Exit::Code(0));
+    assert_eq!(read(s.stdout.path().unwrap()), "ready for input\n0 lines\n");
+}
+
+#[tokio::test]
 async fn crashers_exit_with_their_code_or_trap() {
     let (dir, rt) = setup();
     let m = rt.load(&guest("crasher")).unwrap();

@@ -184,6 +184,10 @@ pub struct ContainerConfig {
     /// log files from them).
     pub stdout: Output,
     pub stderr: Output,
+    /// The read end of a pipe the agent writes what `kubectl attach -i`
+    /// sends to (a container with `stdin: true`); `None`: the container's
+    /// stdin is empty.
+    pub stdin: Option<File>,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
