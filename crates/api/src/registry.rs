@@ -24,6 +24,8 @@ pub enum Subresource {
     Eviction,
     /// `serviceaccounts/token`: the TokenRequest API.
     Token,
+    /// `certificatesigningrequests/approval`: approving or denying.
+    Approval,
 }
 
 impl Subresource {
@@ -39,6 +41,7 @@ impl Subresource {
             Subresource::Attach => "attach",
             Subresource::Eviction => "eviction",
             Subresource::Token => "token",
+            Subresource::Approval => "approval",
         }
     }
 
@@ -54,6 +57,7 @@ impl Subresource {
             Self::Attach,
             Self::Eviction,
             Self::Token,
+            Self::Approval,
         ]
         .into_iter()
         .find(|sub| sub.name() == s)
@@ -614,7 +618,7 @@ pub static RESOURCES: &[ResourceType] = &[
         false,
         ["csr"],
         &[],
-        [Status]
+        [Status, Approval]
     ),
     // Reviews: asked by creating them, answered in the response, never
     // stored (see `is_review`).

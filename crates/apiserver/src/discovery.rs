@@ -111,6 +111,9 @@ fn subresource_json(rt: &ResourceType, sub: Subresource) -> Value {
         Subresource::Binding => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": "Binding", "verbs": ["create"]})
         }
+        Subresource::Approval => {
+            json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["get", "patch", "update"]})
+        }
         Subresource::Finalize => {
             json!({"name": name, "singularName": "", "namespaced": rt.namespaced, "kind": rt.kind, "verbs": ["update"]})
         }

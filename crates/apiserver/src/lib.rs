@@ -442,6 +442,13 @@ async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> 
         (None, None) if post && rt.kind == "CertificateSigningRequest" => {
             auth::csr::create(&server, rt, user, &parts.headers, body).await
         }
+        (Some(wasmkube_api::Subresource::Approval), Some(name)) if parts.method != Method::GET => {
+            if parts.method == Method::PUT {
+                auth::csr::approve(&server, rt, name, user, &parts.headers, body).await
+            } else {
+                Err(ApiError::MethodNotAllowed)
+            }
+        }
         (Some(sub @ (Exec | Attach | PortForward)), Some(name))
             if matches!(parts.method, Method::GET | Method::POST) =>
         {

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 pub mod apiserver_endpoints;
 pub mod cronjob;
+pub mod csrcleaner;
 pub mod daemonset;
 pub mod deployment;
 mod disruption;
@@ -109,6 +110,7 @@ pub async fn run_all(client: kube::Client, config: Config) -> Result<(), Error> 
         r = nodelifecycle => r,
         r = gc::run(client.clone()) => r,
         r = serviceaccount::run(client.clone()) => r,
+        r = csrcleaner::run(client.clone()) => r,
         r = endpoints => r,
         r = servicelb => r,
         r = hpa => r,

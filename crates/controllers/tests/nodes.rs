@@ -265,3 +265,66 @@ async fn only_one_candidate_leads_and_a_successor_takes_over() {
     d.release().await;
     assert!(e.try_acquire_or_renew().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csr_cleaner_deletes_decided_requests_after_an_hour_and_pending_ones_after_a_day() {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let c = cluster().await;
+    let api: Api<CertificateSigningRequest> = Api::all(c.client.clone());
+    let request = |name: &str| -> CertificateSigningRequest {
+        let who = wasmkube_pki::Identity::new(name, &[]);
+        let (pem, _key) = wasmkube_pki::new_csr(&who).unwrap();
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "request": k8s_openapi::ByteString(pem.into_bytes()),
+                "signerName": "kubernetes.io/kube-apiserver-client",
+                "usages": ["client auth"],
+            },
+        }))
+        .unwrap()
+    };
+    for name in ["waiting", "refused"] {
+        api.create(&PostParams::default(), &request(name))
+            .await
+            .unwrap();
+    }
+    // Denied two hours ago (as the approval subresource records it).
+    let two_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut refused = api.get("refused").await.unwrap();
+    refused.status = Some(
+        serde_json::from_value(json!({"conditions": [{
+            "type": "Denied", "status": "True", "reason": "Test",
+            "lastUpdateTime": two_hours_ago, "lastTransitionTime": two_hours_ago,
+        }]}))
+        .unwrap(),
+    );
+    api.replace_subresource("approval", "refused", &PostParams::default(), &refused)
+        .await
+        .unwrap();
+    let names = |api: Api<CertificateSigningRequest>| async move {
+        let mut names: Vec<String> = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .filter(|n| n == "waiting" || n == "refused")
+            .collect();
+        names.sort();
+        names
+    };
+    let now = chrono::Utc::now();
+    let swept = wasmkube_controllers::csrcleaner::sweep(&c.client, now)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    assert_eq!(names(api.clone()).await, ["waiting"]);
+    // A day later the pending one goes too.
+    wasmkube_controllers::csrcleaner::sweep(&c.client, now + chrono::Duration::hours(25))
+        .await
+        .unwrap();
+    assert!(names(api.clone()).await.is_empty());
+}

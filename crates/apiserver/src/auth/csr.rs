@@ -8,7 +8,13 @@
 //! (`kubernetes.io/kubelet-serving`) asked by the node itself (or by an
 //! agent run with an administrator's credentials) for names that are the
 //! node's own (its name and the addresses its Node reports).
-//! Anything else waits for an approver.
+//! Anything else waits for an approver: `kubectl certificate approve|deny`
+//! writes the `approval` subresource ([`approve`]), which takes `approve`
+//! on the request's signer (`certificates.k8s.io/signers`), and the server
+//! then signs an approved request of the signers it runs (Kubernetes'
+//! `csrsigning`): `kubernetes.io/kube-apiserver-client` (a user's client
+//! certificate: how an administrator adds a user), the node client and the
+//! node serving signers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +39,11 @@ const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The signer of node agents' serving certificates.
 pub const NODE_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+/// The signer of users' client certificates.
+pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
+
+/// Condition types the approval subresource sets.
+const DECISIONS: &[&str] = &["Approved", "Denied", "Failed"];
 
 /// A node certificate request `user` may have signed without an approver.
 struct NodeRequest {
@@ -222,4 +233,231 @@ pub(crate) async fn create(
         &stored,
         &[],
     ))
+}
+
+/// `PUT .../certificatesigningrequests/NAME/approval`: sets the request's
+/// `Approved`/`Denied` conditions (nothing else of the body is kept), as
+/// `kubectl certificate approve|deny` does. The caller needs `approve` on
+/// the signer besides `update` on the subresource (which the middleware
+/// checked). An approved request of a signer this server runs is signed at
+/// once; a request its signer refuses gets a `Failed` condition.
+pub(crate) async fn approve(
+    server: &Arc<ApiServer>,
+    rt: &'static ResourceType,
+    name: &str,
+    user: Option<UserInfo>,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use wasmkube_api::field::FieldError;
+    let raw = crate::rest::read_bytes(server, body).await?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let sent = crate::rest::parse_value(content_type, &raw)?;
+    let key = rt.key(None, name);
+    let current = match server.store.get(&key).await.map_err(ApiError::internal)? {
+        Some(kv) => crate::storage::decode_stored(&kv).map_err(ApiError::internal)?,
+        None => return Err(ApiError::not_found(rt, name)),
+    };
+    let signer = current["spec"]["signerName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if let (Some(auth), Some(user)) = (&server.auth, &user) {
+        let may = |resource_name: &str| {
+            auth.allows(&super::Attributes {
+                user: user.clone(),
+                verb: "approve".into(),
+                path: String::new(),
+                resource: Some(super::ResourceAttributes {
+                    group: "certificates.k8s.io".into(),
+                    resource: "signers".into(),
+                    name: Some(resource_name.to_owned()),
+                    ..Default::default()
+                }),
+            })
+        };
+        let domain = signer.split_once('/').map(|(d, _)| format!("{d}/*"));
+        if !may(&signer) && !domain.as_deref().is_some_and(may) {
+            return Err(ApiError::Forbidden {
+                subject: crate::error::Subject::of(rt, name),
+                message: format!(
+                    "certificatesigningrequests.certificates.k8s.io \"{name}\" is forbidden: user not permitted to approve requests with signerName \"{signer}\""
+                ),
+            });
+        }
+    }
+    // The conditions sent, checked as Kubernetes' validation does.
+    let now = crate::rest::now();
+    let mut conditions: Vec<Value> = sent["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut causes = Vec::new();
+    for (i, c) in conditions.iter_mut().enumerate() {
+        let kind = c["type"].as_str().unwrap_or_default().to_owned();
+        if !DECISIONS.contains(&kind.as_str()) {
+            causes.push(FieldError::not_supported(
+                format!("status.conditions[{i}].type"),
+                &kind,
+                DECISIONS,
+            ));
+        }
+        if c["status"].as_str().unwrap_or_default().is_empty() {
+            c["status"] = json!("True");
+        }
+        for field in ["lastUpdateTime", "lastTransitionTime"] {
+            if c[field].is_null() {
+                c[field] = json!(now);
+            }
+        }
+    }
+    let holds = |conditions: &[Value], kind: &str| {
+        conditions
+            .iter()
+            .any(|c| c["type"] == kind && c["status"] == "True")
+    };
+    if holds(&conditions, "Approved") && holds(&conditions, "Denied") {
+        causes.push(FieldError::invalid(
+            "status.conditions",
+            "Approved, Denied",
+            "Approved and Denied conditions are mutually exclusive",
+        ));
+    }
+    let previous = current["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for kind in ["Approved", "Denied"] {
+        if holds(&previous, kind) && !holds(&conditions, kind) {
+            causes.push(FieldError::forbidden(
+                "status.conditions",
+                format!("updates may not remove a condition of type \"{kind}\""),
+            ));
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(rt, name, causes));
+    }
+    let approved = holds(&conditions, "Approved");
+    let written = conditions.clone();
+    let mut stored =
+        crate::rest::reconcile_internal(server, rt, name, Some(Subresource::Status), |current| {
+            let mut v = current.clone();
+            v["status"]["conditions"] = json!(written);
+            Some(v)
+        })
+        .await?;
+    let unsigned = stored["status"]["certificate"]
+        .as_str()
+        .is_none_or(str::is_empty);
+    if approved
+        && unsigned
+        && let Some(ca) = &server.config.ca
+    {
+        let outcome = sign_approved(ca, &stored, &signer);
+        if let Some(outcome) = outcome {
+            stored = crate::rest::reconcile_internal(
+                server,
+                rt,
+                name,
+                Some(Subresource::Status),
+                |current| {
+                    let mut v = current.clone();
+                    match &outcome {
+                        Ok(cert) => {
+                            v["status"]["certificate"] =
+                                json!(base64::engine::general_purpose::STANDARD.encode(cert));
+                        }
+                        Err(why) => {
+                            let failed = json!({
+                                "type": "Failed", "status": "True",
+                                "reason": "SignerValidationFailure", "message": why,
+                                "lastUpdateTime": now, "lastTransitionTime": now,
+                            });
+                            match v["status"]["conditions"].as_array_mut() {
+                                Some(c) => c.push(failed),
+                                None => v["status"]["conditions"] = json!([failed]),
+                            }
+                        }
+                    }
+                    Some(v)
+                },
+            )
+            .await?;
+            match &outcome {
+                Ok(_) => tracing::info!(csr = name, signer, "approved request signed"),
+                Err(why) => {
+                    tracing::info!(csr = name, signer, "approved request not signed: {why}")
+                }
+            }
+        }
+    }
+    Ok(crate::rest::json_response(StatusCode::OK, &stored, &[]))
+}
+
+/// The certificate for an approved request of a signer this server runs
+/// (`None`: another signer's, left for it), or why its signer refuses it.
+fn sign_approved(
+    ca: &wasmkube_pki::Ca,
+    csr: &Value,
+    signer: &str,
+) -> Option<Result<String, String>> {
+    if ![CLIENT_SIGNER, NODE_CLIENT_SIGNER, NODE_SERVING_SIGNER].contains(&signer) {
+        return None;
+    }
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(csr["spec"]["request"].as_str().unwrap_or_default())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    let Some(pem) = pem else {
+        return Some(Err("spec.request is not a PEM certificate request".into()));
+    };
+    let usages: Vec<&str> = csr["spec"]["usages"]
+        .as_array()
+        .map(|u| u.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let (wanted, allowed): (&str, &[&str]) = if signer == NODE_SERVING_SIGNER {
+        (
+            "server auth",
+            &["server auth", "digital signature", "key encipherment"],
+        )
+    } else {
+        (
+            "client auth",
+            &["client auth", "digital signature", "key encipherment"],
+        )
+    };
+    if !usages.contains(&wanted) || usages.iter().any(|u| !allowed.contains(u)) {
+        return Some(Err(format!(
+            "usages {usages:?} do not fit signer {signer}: it needs \"{wanted}\" and allows only {allowed:?}"
+        )));
+    }
+    if signer == NODE_CLIENT_SIGNER {
+        match wasmkube_pki::csr_identity(&pem) {
+            Ok(who)
+                if who.user.starts_with("system:node:")
+                    && who.groups == ["system:nodes".to_owned()] => {}
+            Ok(who) => {
+                return Some(Err(format!(
+                    "{signer} signs only system:node:NAME in group system:nodes, not {:?} in {:?}",
+                    who.user, who.groups
+                )));
+            }
+            Err(e) => return Some(Err(e.to_string())),
+        }
+    }
+    let lifetime = csr["spec"]["expirationSeconds"]
+        .as_u64()
+        .map(|s| Duration::from_secs(s.max(600)))
+        .unwrap_or(NODE_CERT_LIFETIME)
+        .min(NODE_CERT_LIFETIME);
+    let signed = if signer == NODE_SERVING_SIGNER {
+        ca.sign_serving_csr(&pem, lifetime)
+    } else {
+        ca.sign_client_csr(&pem, lifetime)
+    };
+    Some(signed.map_err(|e| e.to_string()))
 }
