@@ -47,6 +47,7 @@ ROOTS = [
     "k8s.io.api.networking.v1.NetworkPolicy",
     "k8s.io.api.policy.v1.PodDisruptionBudget",
     "k8s.io.api.policy.v1.Eviction",
+    "k8s.io.api.certificates.v1.CertificateSigningRequest",
     "k8s.io.api.rbac.v1.Role",
     "k8s.io.api.rbac.v1.ClusterRole",
     "k8s.io.api.rbac.v1.RoleBinding",

@@ -354,6 +354,30 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             ),
             AGE,
         ],
+        "CertificateSigningRequest" => vec![
+            NAME,
+            AGE,
+            col(
+                "SignerName",
+                "string",
+                "Indicates the requested signer, and is a qualified name.",
+            ),
+            col(
+                "Requestor",
+                "string",
+                "Contains the name of the user that created the CertificateSigningRequest.",
+            ),
+            col(
+                "RequestedDuration",
+                "string",
+                "The requested duration of validity of the issued certificate.",
+            ),
+            col(
+                "Condition",
+                "string",
+                "The current condition of the request: Pending, Approved, Denied or Failed, and Issued once signed.",
+            ),
+        ],
         "NetworkPolicy" => vec![
             NAME,
             col(
@@ -1290,6 +1314,35 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "NetworkPolicy" => vec![name, json!(selector_string(&spec["podSelector"])), age],
+        "CertificateSigningRequest" => {
+            let mut condition: Vec<String> = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["status"] != "False")
+                .filter_map(|c| c["type"].as_str().map(str::to_owned))
+                .collect();
+            if status["certificate"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                condition.push("Issued".into());
+            }
+            if condition.is_empty() {
+                condition.push("Pending".into());
+            }
+            let duration = spec["expirationSeconds"]
+                .as_i64()
+                .map_or_else(|| "<none>".to_owned(), human_duration);
+            vec![
+                name,
+                age,
+                json!(s(&spec["signerName"])),
+                json!(s(&spec["username"])),
+                json!(duration),
+                json!(condition.join(",")),
+            ]
+        }
         "IngressClass" => {
             let params = &spec["parameters"];
             let params = if params.is_object() {

@@ -950,6 +950,7 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
     );
 
     the_registry_answers_to_rbac(&s, dir.path(), &alice);
+    an_approved_request_adds_a_user(&s, dir.path(), &alice);
     quotas_and_limit_ranges_bound_a_tenant(&s, &alice);
     // Last: the node it joins stays registered (and schedulable) after its
     // agent stops.
@@ -1202,6 +1203,88 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
     // The node goes with its agent, so later pods are not bound to it.
     drop(agent);
     ok(s, &["delete", "node", "n-reg"], None);
+}
+
+/// Adding a user as Kubernetes' documentation does: the user's key and
+/// certificate request, a CertificateSigningRequest for the
+/// `kube-apiserver-client` signer, `kubectl certificate approve` by the
+/// administrator (a tenant may not), and the signed certificate in the
+/// user's kubeconfig authenticates them with the groups they asked for. A
+/// denied request gets no certificate; one whose usages its signer refuses
+/// fails with the reason.
+fn an_approved_request_adds_a_user(s: &Server, dir: &std::path::Path, alice: &std::path::Path) {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let request = |name: &str, usages: &str| {
+        let who = wasmkube_pki::Identity::new(name, &["team-d"]);
+        let (pem, key) = wasmkube_pki::new_csr(&who).unwrap();
+        let manifest = format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {name}}}\nspec:\n  request: {}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 86400\n  usages: [{usages}]\n",
+            b64(pem.as_bytes())
+        );
+        ok(s, &["apply", "-f", "-"], Some(&manifest));
+        key
+    };
+    let key = request("dave", "client auth");
+    request("eve", "client auth");
+    request("mallory", "server auth");
+
+    // A tenant may not approve.
+    let out = kubectl_as(alice, &["certificate", "approve", "dave"]);
+    assert!(
+        refused(&out) && out.stderr.contains(r#"User "alice" cannot"#),
+        "{}",
+        out.stderr
+    );
+    ok(s, &["certificate", "approve", "dave", "mallory"], None);
+    ok(s, &["certificate", "deny", "eve"], None);
+    let csrs = ok(s, &["get", "csr", "dave", "eve", "mallory"], None);
+    assert!(csrs.contains("Approved,Issued"), "{csrs}");
+    assert!(csrs.contains("Denied"), "{csrs}");
+    assert!(csrs.contains("Approved,Failed"), "{csrs}");
+    let get = |name: &str, path: &str| {
+        ok(
+            s,
+            &["get", "csr", name, "-o", &format!("jsonpath={path}")],
+            None,
+        )
+    };
+    assert_eq!(get("eve", "{.status.certificate}"), "");
+    assert!(
+        get(
+            "mallory",
+            "{.status.conditions[?(@.type==\"Failed\")].message}"
+        )
+        .contains("client auth"),
+    );
+
+    // The certificate authenticates dave, with the group he asked for.
+    let cert = get("dave", "{.status.certificate}");
+    assert!(!cert.is_empty(), "dave's request was signed");
+    let kubeconfig = user_kubeconfig(s, dir, "dave", None);
+    let text = std::fs::read_to_string(&kubeconfig).unwrap().replace(
+        "  user: {}",
+        &format!(
+            "  user:\n    client-certificate-data: {cert}\n    client-key-data: {}",
+            b64(key.as_bytes())
+        ),
+    );
+    std::fs::write(&kubeconfig, text).unwrap();
+    let out = kubectl_as(
+        &kubeconfig,
+        &[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username} {.status.userInfo.groups}",
+        ],
+    );
+    assert!(
+        out.ok && out.stdout.starts_with("dave ") && out.stdout.contains("team-d"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
 }
 
 /// A tenant under a ResourceQuota and a LimitRange set by the
