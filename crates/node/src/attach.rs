@@ -8,7 +8,10 @@
 //! reads it as its stdin, a Wasm guest as WASI stdin). With `stdinOnce`, as
 //! on the kubelet, the first attach that streams stdin is the only one, and
 //! the container reads end-of-file once it ends (`kubectl run -i --rm`).
-//! Containers get no terminal on this node, so `-t` is refused.
+//! With `-t`, a Linux container with `tty: true` is attached to its
+//! terminal (its output is the log's one stream; channel 4 resizes it), as
+//! `kubectl run -it` wants; a Wasm guest has no terminal, so `-t` is
+//! refused for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +24,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::Ctx;
-use crate::exec::{CLOSE, ERROR, Options, PROTOCOLS, STDIN, close, frame, status};
+use crate::exec::{CLOSE, ERROR, Options, PROTOCOLS, RESIZE, STDIN, close, frame, size, status};
 use crate::logs;
 
 /// `GET|POST /attach/{namespace}/{pod}/{container}?stdout=1&stderr=1`
@@ -33,11 +36,6 @@ pub(crate) async fn handle(
 ) -> Response {
     let options = Options::parse(query.as_deref());
     let refused = |message: String| (StatusCode::BAD_REQUEST, message).into_response();
-    if options.tty {
-        return refused(format!(
-            "cannot attach a terminal to container \"{container}\": containers get no terminal on this node (attach with -i and without -t)"
-        ));
-    }
     let Some(state) = ctx.pod_state(&namespace, &pod) else {
         return (
             StatusCode::NOT_FOUND,
@@ -56,13 +54,23 @@ pub(crate) async fn handle(
                 logs::path(&st.dir, &container, r.restart_count),
                 live,
                 r.stdin.clone(),
+                r.terminal.clone(),
             ))
         })
     };
-    let Some((path, live, stdin)) = follow else {
+    let Some((path, live, stdin, terminal)) = follow else {
         return refused(format!(
             "container \"{container}\" in pod \"{pod}\" is not running"
         ));
+    };
+    let terminal = match (options.tty, terminal) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t),
+        (true, None) => {
+            return refused(format!(
+                "cannot attach a terminal to container \"{container}\": it has none (a Linux container gets one with tty: true; a Wasm guest never has one: attach with -i and without -t)"
+            ));
+        }
     };
     let stdin = match (options.stdin, stdin) {
         (false, _) => None,
@@ -88,7 +96,7 @@ pub(crate) async fn handle(
     tracing::info!(%namespace, %pod, %container, "attach");
     upgrade
         .protocols(PROTOCOLS)
-        .on_upgrade(move |socket| session(socket, path, live, options, stdin))
+        .on_upgrade(move |socket| session(socket, path, live, options, stdin, terminal))
 }
 
 async fn session(
@@ -97,6 +105,7 @@ async fn session(
     live: watch::Receiver<u64>,
     options: Options,
     stdin: Option<Arc<Stdin>>,
+    terminal: Option<wasmkube_runtime::Resize>,
 ) {
     // Ends the stdin of a `stdinOnce` container however the session ends.
     let _once = stdin.clone().map(CloseOnce);
@@ -120,6 +129,11 @@ async fn session(
                 Some(Ok(Message::Binary(b))) => match (b.first(), &stdin) {
                     (Some(&STDIN), Some(stdin)) => stdin.write(&b[1..]).await,
                     (Some(&CLOSE), Some(stdin)) if b.last() == Some(&STDIN) => stdin.end().await,
+                    (Some(&RESIZE), _) => {
+                        if let (Some(t), Some((cols, rows))) = (&terminal, size(&b[1..])) {
+                            t.set(cols, rows);
+                        }
+                    }
                     _ => {}
                 },
                 Some(Ok(Message::Close(_)) | Err(_)) | None => {

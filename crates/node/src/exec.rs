@@ -25,7 +25,7 @@ pub(crate) const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 pub(crate) const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
+pub(crate) const RESIZE: u8 = 4;
 pub(crate) const CLOSE: u8 = 255;
 
 /// The protocols served, preferred first.
@@ -180,7 +180,7 @@ async fn pump(channel: u8, mut from: ExecOutput, to: Option<mpsc::Sender<Message
 }
 
 /// A resize message's size: (columns, rows).
-fn size(payload: &[u8]) -> Option<(u16, u16)> {
+pub(crate) fn size(payload: &[u8]) -> Option<(u16, u16)> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     Some((
         u16::try_from(v["Width"].as_u64()?).ok()?,

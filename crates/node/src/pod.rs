@@ -80,6 +80,8 @@ pub(crate) struct Run {
     /// The write end of the run's stdin (`stdin: true`), for `kubectl
     /// attach -i`.
     pub stdin: Option<Arc<crate::attach::Stdin>>,
+    /// Resizes the run's terminal (`tty: true`, a runtime with terminals).
+    pub terminal: Option<wasmkube_runtime::Resize>,
 }
 
 /// Everything the worker knows about its pod.
@@ -1409,6 +1411,7 @@ impl PodRun {
                 stdout,
                 stderr,
                 stdin: stdin_end,
+                tty: c.tty == Some(true),
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
                 cpu_request_millis: resolved.cpu_request_millis,
@@ -1484,6 +1487,7 @@ impl PodRun {
                                 started: ran_from,
                                 exec: running.exec(),
                                 stdin: stdin.clone(),
+                                terminal: running.terminal(),
                             },
                         );
                     });

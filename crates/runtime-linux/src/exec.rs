@@ -28,7 +28,7 @@ fn setup(what: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
 }
 
 /// A new pseudo-terminal: (master, slave).
-fn pty() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+pub(crate) fn pty() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
         .map_err(|e| setup("openpt")(e.into()))?;
@@ -48,7 +48,7 @@ fn pty() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     Ok((master, slave.into()))
 }
 
-fn winsize(cols: u16, rows: u16) -> Winsize {
+pub(crate) fn winsize(cols: u16, rows: u16) -> Winsize {
     Winsize {
         ws_row: rows,
         ws_col: cols,
@@ -141,7 +141,7 @@ impl Exec for RuncExec {
 
 /// The master side of a pty reads `EIO` once the last slave is closed:
 /// that is its end of file.
-struct PtyReader(tokio::fs::File);
+pub(crate) struct PtyReader(pub(crate) tokio::fs::File);
 
 impl tokio::io::AsyncRead for PtyReader {
     fn poll_read(

@@ -324,15 +324,37 @@ impl LinuxRuntime {
             .arg("--keep")
             .arg("--bundle")
             .arg(bundle)
-            .arg(&config.id)
-            // runc run in the foreground without a terminal passes its
-            // stdio to the container's process.
-            .stdin(config.stdin.map_or_else(Stdio::null, Stdio::from))
-            .stdout(stdout)
-            .stderr(stderr);
+            .arg(&config.id);
+        // runc run in the foreground copies between its stdio and the
+        // container's: pipes, or, for a container with a terminal (which
+        // runc makes inside it), the slave end of one whose master the
+        // agent keeps.
+        let terminal = if config.tty {
+            let setup = |what: &str| {
+                let what = what.to_owned();
+                move |e: std::io::Error| {
+                    Error::Setup(format!("the container's terminal: {what}: {e}"))
+                }
+            };
+            let (master, slave) = exec::pty().map_err(|e| Error::Setup(e.to_string()))?;
+            cmd.stdin(Stdio::from(slave.try_clone().map_err(setup("dup"))?))
+                .stdout(Stdio::from(slave.try_clone().map_err(setup("dup"))?))
+                .stderr(Stdio::from(slave));
+            let _ = stderr;
+            Some(Terminal::start(master, stdout, config.stdin).map_err(setup("start"))?)
+        } else {
+            cmd.stdin(config.stdin.map_or_else(Stdio::null, Stdio::from))
+                .stdout(stdout)
+                .stderr(stderr);
+            None
+        };
         let child = cmd
             .spawn()
             .map_err(|e| Error::Setup(format!("starting runc: {e}")))?;
+        // The slave's copies went to runc; only the container holds the
+        // terminal now, so its output ends when the container does.
+        drop(cmd);
+        let terminal = terminal.map(|t| t.resize(child.id()));
         let cgroup = Cgroup::new(format!("/wasmkube/{}", config.id));
         let usage = tokio::spawn(track_usage(cgroup.clone(), config.usage.clone()));
         Ok(LinuxContainer {
@@ -344,7 +366,56 @@ impl LinuxRuntime {
             cgroup,
             usage,
             exit: None,
+            terminal,
         })
+    }
+}
+
+/// A container's terminal: the master end, its output copied into the
+/// container's stdout (the log), the stdin pipe's bytes written to it.
+struct Terminal {
+    master: std::os::fd::OwnedFd,
+}
+
+impl Terminal {
+    fn start(
+        master: std::os::fd::OwnedFd,
+        stdout: std::fs::File,
+        stdin: Option<std::fs::File>,
+    ) -> std::io::Result<Self> {
+        use tokio::io::AsyncWriteExt;
+        let reader = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
+        let mut log = tokio::fs::File::from_std(stdout);
+        tokio::spawn(async move {
+            let mut reader = exec::PtyReader(reader);
+            let _ = tokio::io::copy(&mut reader, &mut log).await;
+        });
+        if let Some(stdin) = stdin {
+            let mut input = tokio::net::unix::pipe::Receiver::from_file(stdin)?;
+            let mut writer = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut input, &mut writer).await;
+                // The attach's input ended (stdinOnce): end-of-file, as a
+                // terminal's user types it.
+                let _ = writer.write_all(&[0x04]).await;
+                let _ = writer.flush().await;
+            });
+        }
+        Ok(Self { master })
+    }
+
+    /// How the terminal is resized: its size set, and runc (which passes
+    /// signals on to the container) told with SIGWINCH.
+    fn resize(self, runc: Option<u32>) -> wasmkube_runtime::Resize {
+        let pid = runc.and_then(|p| rustix::process::Pid::from_raw(p as i32));
+        let master = self.master;
+        wasmkube_runtime::Resize(Arc::new(move |cols, rows| {
+            if rustix::termios::tcsetwinsize(&master, exec::winsize(cols, rows)).is_ok()
+                && let Some(pid) = pid
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
+            }
+        }))
     }
 }
 
@@ -392,6 +463,8 @@ struct LinuxContainer {
     cgroup: Cgroup,
     usage: tokio::task::JoinHandle<()>,
     exit: Option<Exit>,
+    /// Resizes the container's terminal (`tty: true`).
+    terminal: Option<wasmkube_runtime::Resize>,
 }
 
 impl LinuxContainer {
@@ -525,5 +598,9 @@ impl Container for LinuxContainer {
             state: self.state.clone(),
             id: self.id.clone(),
         }))
+    }
+
+    fn terminal(&self) -> Option<wasmkube_runtime::Resize> {
+        self.terminal.clone()
     }
 }

@@ -450,6 +450,9 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
             env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
         ));
         p.set_cwd(PathBuf::from(cwd));
+        // runc in the foreground makes the container's own terminal and
+        // copies between it and runc's stdio (the agent's terminal).
+        p.set_terminal(Some(c.tty));
         let user = p.user_mut();
         user.set_uid(uid);
         user.set_gid(gid);

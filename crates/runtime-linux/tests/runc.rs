@@ -98,6 +98,7 @@ async fn start(
         stdout: Output::File(stdout),
         stderr: Output::File(stderr),
         stdin: None,
+        tty: false,
         memory_limit: None,
         cpu_millis: None,
         cpu_request_millis: None,

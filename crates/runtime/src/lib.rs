@@ -188,6 +188,10 @@ pub struct ContainerConfig {
     /// sends to (a container with `stdin: true`); `None`: the container's
     /// stdin is empty.
     pub stdin: Option<File>,
+    /// `tty: true`: the container's stdio is a terminal (a process's; a Wasm
+    /// guest has none), whose output goes to `stdout` and whose input is
+    /// read from `stdin`.
+    pub tty: bool,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
@@ -445,6 +449,28 @@ pub trait Container: Send {
     /// probes), when the runtime has processes; `None` for a Wasm guest.
     fn exec(&self) -> Option<Arc<dyn Exec>> {
         None
+    }
+
+    /// Sets the size of the container's terminal (columns, rows), when it
+    /// has one (`tty: true` on a runtime with terminals).
+    fn terminal(&self) -> Option<Resize> {
+        None
+    }
+}
+
+/// Sets a terminal's size (columns, rows).
+#[derive(Clone)]
+pub struct Resize(pub Arc<dyn Fn(u16, u16) + Send + Sync>);
+
+impl Resize {
+    pub fn set(&self, cols: u16, rows: u16) {
+        (self.0)(cols, rows);
+    }
+}
+
+impl std::fmt::Debug for Resize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resize")
     }
 }
 
