@@ -84,6 +84,28 @@ impl Registry {
             ))
     }
 
+    /// Collects garbage every `interval`, forever (for a server that serves
+    /// [`Registry::router`] itself).
+    pub async fn collect_garbage_every(self, interval: Duration, policy: GcPolicy) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let storage = self.storage.clone();
+            match tokio::task::spawn_blocking(move || storage.collect_garbage(policy)).await {
+                Ok(Ok(report)) if report.blobs_removed + report.uploads_removed > 0 => {
+                    tracing::info!(
+                        blobs = report.blobs_removed,
+                        bytes = report.bytes_freed,
+                        uploads = report.uploads_removed,
+                        "registry garbage collected"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "registry garbage collection failed"),
+                Err(e) => tracing::warn!(error = %e, "registry garbage collection panicked"),
+            }
+        }
+    }
+
     /// Serves the API on `listener` until the task is dropped, collecting
     /// garbage every `gc_interval`.
     pub async fn serve(
@@ -92,26 +114,7 @@ impl Registry {
         gc_interval: Duration,
         policy: GcPolicy,
     ) -> std::io::Result<()> {
-        let storage = self.storage.clone();
-        let gc = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(gc_interval).await;
-                let storage = storage.clone();
-                match tokio::task::spawn_blocking(move || storage.collect_garbage(policy)).await {
-                    Ok(Ok(report)) if report.blobs_removed + report.uploads_removed > 0 => {
-                        tracing::info!(
-                            blobs = report.blobs_removed,
-                            bytes = report.bytes_freed,
-                            uploads = report.uploads_removed,
-                            "registry garbage collected"
-                        );
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "registry garbage collection failed"),
-                    Err(e) => tracing::warn!(error = %e, "registry garbage collection panicked"),
-                }
-            }
-        });
+        let gc = tokio::spawn(self.clone().collect_garbage_every(gc_interval, policy));
         // Small responses (configs, manifests, the end of a streamed blob)
         // must not wait for the peer's delayed ACK behind Nagle's algorithm.
         use axum::serve::ListenerExt;

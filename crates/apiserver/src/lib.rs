@@ -179,6 +179,17 @@ async fn cacerts(State(server): State<Arc<ApiServer>>) -> Response {
 /// Namespaces every cluster has.
 const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
 
+/// Serves `router` over TLS on `listener` as the API server serves itself
+/// (a task per handshake, HTTP/1.1 with upgrades or HTTP/2 by ALPN), until
+/// the future is dropped: for the built-in registry off loopback.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+) -> std::io::Result<()> {
+    tls::serve(listener, tls, router).await
+}
+
 impl ApiServer {
     /// Starts the watch cache and creates the system namespaces if missing.
     /// Must be called inside a Tokio runtime.

@@ -151,6 +151,29 @@ impl ServerPki {
         })
     }
 
+    /// The TLS configuration of the built-in registry listening at `ip` off
+    /// loopback: a certificate from the CA for that address, this host's
+    /// name and `sans` (clients trust the cluster CA: nodes have it, and
+    /// `wasmkube push` takes it from the kubeconfig).
+    pub fn registry_tls(
+        &self,
+        ip: IpAddr,
+        sans: &[String],
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let mut names = ServingNames {
+            dns: vec![crate::agent::host_name()],
+            ips: vec![ip],
+        };
+        for san in sans {
+            match san.parse::<IpAddr>() {
+                Ok(ip) => names.ips.push(ip),
+                Err(_) => names.dns.push(san.clone()),
+            }
+        }
+        let serving = self.ca.issue_serving("wasmkube-registry", &names)?;
+        Ok(self.ca.server_tls(&serving)?)
+    }
+
     /// The TLS configuration the API server serves with.
     pub fn server_tls(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         Ok(self.ca.server_tls(&self.serving)?)

@@ -35,20 +35,29 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let reference = qualify(&args.reference, &args.registry);
     let registry = reference.split('/').next().unwrap_or_default().to_owned();
-    let options = wasmkube_oci::PushOptions {
+    let mut options = wasmkube_oci::PushOptions {
         insecure: if args.insecure {
             vec![registry.clone()]
         } else {
             Vec::new()
         },
-        credentials: match args.username {
-            Some(username) => Some(wasmkube_oci::Credentials {
-                username,
-                password: args.password.unwrap_or_default(),
-            }),
-            None => cluster_credentials(&registry).await,
-        },
+        credentials: None,
+        roots: Vec::new(),
     };
+    // The cluster's own registry: its token (unless a login is given) and
+    // its CA, which signs the registry's certificate off loopback.
+    let cluster = cluster_registry(&registry).await;
+    options.credentials = match args.username {
+        Some(username) => Some(wasmkube_oci::Credentials {
+            username,
+            password: args.password.unwrap_or_default(),
+        }),
+        None => cluster.as_ref().map(|c| wasmkube_oci::Credentials {
+            username: "wasmkube".into(),
+            password: c.token.clone(),
+        }),
+    };
+    options.roots = cluster.map(|c| c.roots).unwrap_or_default();
     let kind = if wasmkube_oci::is_component(&bytes) {
         "component"
     } else {
@@ -66,14 +75,21 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
 }
 
 /// `reference` with `registry` in front when it names no registry host.
-/// A token for the cluster's built-in registry, when the kubeconfig names a
-/// cluster whose registry is `registry` (the token goes to no other).
-async fn cluster_credentials(registry: &str) -> Option<wasmkube_oci::Credentials> {
+/// What the kubeconfig's cluster says of its built-in registry.
+struct ClusterRegistry {
+    /// A token naming the kubeconfig's user.
+    token: String,
+    /// `HOST:PORT`.
+    address: String,
+    /// The cluster CA (PEM), from the kubeconfig.
+    roots: Vec<String>,
+}
+
+/// The kubeconfig's cluster's registry, when it is `registry` (its token
+/// goes to no other).
+async fn cluster_registry(registry: &str) -> Option<ClusterRegistry> {
     match cluster_token().await {
-        Ok((token, theirs)) if theirs == registry => Some(wasmkube_oci::Credentials {
-            username: "wasmkube".into(),
-            password: token,
-        }),
+        Ok(c) if c.address == registry => Some(c),
         Ok(_) => None,
         Err(e) => {
             tracing::debug!(error = %e, "no registry token from the cluster");
@@ -83,11 +99,17 @@ async fn cluster_credentials(registry: &str) -> Option<wasmkube_oci::Credentials
 }
 
 /// A token for the built-in registry of the kubeconfig's cluster, naming
-/// the kubeconfig's user, and the registry's address.
-async fn cluster_token() -> anyhow::Result<(String, String)> {
+/// the kubeconfig's user, with the registry's address and the cluster CA.
+async fn cluster_token() -> anyhow::Result<ClusterRegistry> {
     let config = kube::Config::infer()
         .await
         .context("no kubeconfig (set KUBECONFIG)")?;
+    let roots = config
+        .root_cert
+        .iter()
+        .flatten()
+        .map(|der| pem_certificate(der))
+        .collect();
     let client = kube::Client::try_from(config)?;
     let request = http::Request::get(wasmkube_api::images::TOKEN_PATH).body(Vec::new())?;
     let answer: serde_json::Value = client.request(request).await.map_err(|e| match e {
@@ -97,8 +119,26 @@ async fn cluster_token() -> anyhow::Result<(String, String)> {
         e => anyhow::anyhow!("asking the API server for a registry token: {e}"),
     })?;
     let token = answer["token"].as_str().context("no token in the answer")?;
-    let registry = answer["registry"].as_str().unwrap_or_default();
-    Ok((token.to_owned(), registry.to_owned()))
+    Ok(ClusterRegistry {
+        token: token.to_owned(),
+        address: answer["registry"].as_str().unwrap_or_default().to_owned(),
+        roots,
+    })
+}
+
+/// A DER certificate as PEM.
+fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,9 +147,12 @@ pub struct TokenArgs {}
 /// `wasmkube registry-token`: prints the token, and says on stderr where
 /// it is for.
 pub async fn token(_args: TokenArgs) -> anyhow::Result<()> {
-    let (token, registry) = cluster_token().await?;
-    eprintln!("a token for the registry at {registry} (valid for an hour; any user name)");
-    println!("{token}");
+    let cluster = cluster_token().await?;
+    eprintln!(
+        "a token for the registry at {} (valid for an hour; any user name)",
+        cluster.address
+    );
+    println!("{}", cluster.token);
     Ok(())
 }
 

@@ -183,8 +183,10 @@ pub struct ServerArgs {
     /// Where the built-in OCI registry listens. `wasmkube push FILE
     /// NAME:TAG` publishes to it and pods run `ADDRESS/NAME:TAG`. It
     /// answers to the cluster's authentication and RBAC (clients log in with
-    /// a cluster token as the password: `wasmkube registry-token`), over
-    /// plain HTTP: off loopback, tokens would cross the network in clear.
+    /// a cluster token as the password: `wasmkube registry-token`). On a
+    /// loopback address it speaks plain HTTP; on another one, TLS with a
+    /// certificate from the cluster CA; on every address (0.0.0.0), plain
+    /// HTTP, where tokens cross the network in clear.
     #[arg(
         long,
         env = "WASMKUBE_REGISTRY_LISTEN",
@@ -392,14 +394,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         Some(_) => format!("https://{}", crate::pki::url_host(addr, args.node_address)),
         None => format!("http://{addr}"),
     };
-    let registry = registry.map(|r| {
-        // With authentication on, the registry asks the API server who
-        // each client is and what RBAC lets them do.
-        let gate = pki
-            .as_ref()
-            .map(|_| Arc::new(RegistryGate(api.clone())) as Arc<dyn wasmkube_registry::Gate>);
-        r.serve(gate, args.registry_gc_interval)
-    });
+    let registry = match registry {
+        Some(r) => {
+            // With authentication on, the registry asks the API server who
+            // each client is and what RBAC lets them do; off loopback its
+            // clients' tokens travel over TLS from the cluster CA.
+            let gate = pki
+                .as_ref()
+                .map(|_| Arc::new(RegistryGate(api.clone())) as Arc<dyn wasmkube_registry::Gate>);
+            let ip = r.addr.ip();
+            let tls = match &pki {
+                Some(pki) if !ip.is_loopback() && !ip.is_unspecified() => {
+                    Some(pki.registry_tls(ip, &args.tls_sans)?)
+                }
+                _ => None,
+            };
+            Some(r.serve(gate, tls, args.registry_gc_interval))
+        }
+        None => None,
+    };
     let kubeconfig_path = args
         .write_kubeconfig
         .unwrap_or_else(|| args.data_dir.join("kubeconfig"));
@@ -655,9 +668,12 @@ async fn bind_registry(
 
 impl BoundRegistry {
     /// Serves the registry, deciding requests with `gate` when given.
+    /// Serves the registry, deciding requests with `gate` and speaking TLS
+    /// with `tls` when given.
     fn serve(
         self,
         gate: Option<Arc<dyn wasmkube_registry::Gate>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         gc_interval: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let addr = self.addr;
@@ -669,14 +685,26 @@ impl BoundRegistry {
             }
             None => {}
         }
-        tracing::info!(%addr, "built-in registry serving");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "built-in registry serving");
         eprintln!(
-            "wasmkube registry at {addr} (wasmkube push FILE NAME:TAG; images {addr}/NAME:TAG)"
+            "wasmkube registry at {addr} ({scheme}; wasmkube push FILE NAME:TAG; images {addr}/NAME:TAG)"
         );
         let listener = self.listener;
+        let policy = wasmkube_registry::GcPolicy::default();
         tokio::spawn(async move {
-            let policy = wasmkube_registry::GcPolicy::default();
-            if let Err(e) = registry.serve(listener, gc_interval, policy).await {
+            let served = match tls {
+                Some(tls) => {
+                    let gc =
+                        tokio::spawn(registry.clone().collect_garbage_every(gc_interval, policy));
+                    let served =
+                        wasmkube_apiserver::serve_tls(listener, tls, registry.router()).await;
+                    gc.abort();
+                    served
+                }
+                None => registry.serve(listener, gc_interval, policy).await,
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "the built-in registry stopped");
             }
         })

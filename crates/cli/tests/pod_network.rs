@@ -203,7 +203,7 @@ fn push(registry: &Registry) -> Images {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let options = wasmkube_oci::PushOptions {
         insecure: vec![registry.host()],
-        credentials: None,
+        ..Default::default()
     };
     rt.block_on(wasmkube_oci::push_image(
         vec![layer],
@@ -420,6 +420,9 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             &lan.addr(1),
             "--insecure-registry",
             &registry.host(),
+            // The built-in registry off loopback: TLS from the cluster CA.
+            "--registry-listen",
+            &format!("{}:0", lan.addr(1)),
             // A node lost is noticed in seconds (the node-loss phase).
             "--node-monitor-grace-period",
             "5",
@@ -453,6 +456,44 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         None,
     );
     assert_eq!(cidrs.split_whitespace().count(), 2, "{cidrs}");
+
+    // The built-in registry listens off loopback, so it speaks TLS from the
+    // cluster CA: `wasmkube push` trusts it through the kubeconfig, and the
+    // other host's node, which learns the registry from the API server,
+    // pulls from it over TLS with the pod's service-account token.
+    let builtin = common::push_builtin_as(&s, "hello", "wasm32-wasip1", "builtin-hello");
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "from-builtin"},
+        "spec": {"nodeName": host2, "restartPolicy": "Never",
+                 "containers": [{"name": "hello", "image": builtin}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&pod));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/from-builtin",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(&s, &["logs", "from-builtin"], None),
+        "hello from wasmkube\n"
+    );
+    ok(&s, &["delete", "pod", "from-builtin"], None);
+    let plain = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/v2/", s.registry.as_deref().unwrap()))
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&plain.stdout),
+        "401",
+        "the registry off loopback does not speak plain HTTP"
+    );
 
     // A busybox httpd Deployment on runc and a Wasm HTTP function, both on host1.
     let deployment = json!({

@@ -390,6 +390,9 @@ impl Agent {
         // A cluster with a CA: the endpoint is served over mutual TLS once
         // the node is registered; otherwise to the node-proxy token.
         let cluster_ca = tls::cluster_ca(&client).await?;
+        // The cluster CA signs the built-in registry's certificate when it
+        // listens off loopback.
+        let images = images.with_roots(cluster_ca.iter().cloned().collect());
         let token = match cluster_ca {
             Some(_) => None,
             None => Some(node::read_proxy_token(&client).await?),

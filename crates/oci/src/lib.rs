@@ -63,8 +63,10 @@ pub fn is_loopback_registry(registry: &str) -> bool {
 }
 
 /// A client for one registry: plain HTTP when it is on loopback or listed
-/// in `insecure`, HTTPS otherwise.
-fn client_for(registry: &str, insecure: &[String]) -> oci_client::Client {
+/// in `insecure`, HTTPS otherwise, trusting the system's roots and `roots`
+/// (PEM certificates: the cluster CA, which signs the built-in registry's
+/// certificate when it listens off loopback).
+fn client_for(registry: &str, insecure: &[String], roots: &[String]) -> oci_client::Client {
     let protocol = if is_loopback_registry(registry) || insecure.iter().any(|r| r == registry) {
         ClientProtocol::HttpsExcept(vec![registry.to_owned()])
     } else {
@@ -72,6 +74,13 @@ fn client_for(registry: &str, insecure: &[String]) -> oci_client::Client {
     };
     oci_client::Client::new(ClientConfig {
         protocol,
+        extra_root_certificates: roots
+            .iter()
+            .map(|pem| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem.clone().into_bytes(),
+            })
+            .collect(),
         ..Default::default()
     })
 }

@@ -11,6 +11,8 @@ pub struct PushOptions {
     /// Registries (host:port) to speak plain HTTP to besides loopback ones.
     pub insecure: Vec<String>,
     pub credentials: Option<Credentials>,
+    /// CA certificates (PEM) trusted besides the system's.
+    pub roots: Vec<String>,
 }
 
 impl PushOptions {
@@ -48,8 +50,11 @@ pub async fn push_wasm(
         oci_wasm::WasmConfig::from_raw_module(bytes, None)
     }
     .map_err(|e| err(format!("{e:#}")))?;
-    let client =
-        oci_wasm::WasmClient::new(client_for(parsed.resolve_registry(), &options.insecure));
+    let client = oci_wasm::WasmClient::new(client_for(
+        parsed.resolve_registry(),
+        &options.insecure,
+        &options.roots,
+    ));
     let auth = options.auth();
     client
         .push(&parsed, &auth, layer, config, None)
@@ -71,7 +76,7 @@ pub async fn push_image(
 ) -> Result<String, Error> {
     let parsed = parse_reference(reference)?;
     let err = push_error(reference);
-    let client = client_for(parsed.resolve_registry(), &options.insecure);
+    let client = client_for(parsed.resolve_registry(), &options.insecure, &options.roots);
     let auth = options.auth();
     let layers: Vec<oci_client::client::ImageLayer> = layers
         .into_iter()

@@ -91,6 +91,8 @@ struct Index {
 pub struct ImageStore {
     root: PathBuf,
     insecure: Arc<Vec<String>>,
+    /// CA certificates (PEM) trusted besides the system's.
+    roots: Arc<Vec<String>>,
     index: Arc<Mutex<Index>>,
     /// One pull per reference at a time; others wait for its result.
     pulling: Arc<tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
@@ -116,9 +118,17 @@ impl ImageStore {
         Ok(Self {
             root: root.to_owned(),
             insecure: Arc::new(insecure),
+            roots: Arc::default(),
             index: Arc::new(Mutex::new(index)),
             pulling: Arc::default(),
         })
+    }
+
+    /// Trusts `roots` (PEM CA certificates) besides the system's roots for
+    /// registries spoken to over HTTPS.
+    pub fn with_roots(mut self, roots: Vec<String>) -> Self {
+        self.roots = Arc::new(roots);
+        self
     }
 
     /// Every image on the node (for `node.status.images`), largest first.
@@ -180,7 +190,7 @@ impl ImageStore {
             }
             _ => {}
         }
-        let client = client_for(parsed.resolve_registry(), &self.insecure);
+        let client = client_for(parsed.resolve_registry(), &self.insecure, &self.roots);
         let auth = match credentials.await {
             Some(c) => RegistryAuth::Basic(c.username, c.password),
             None => RegistryAuth::Anonymous,
