@@ -41,6 +41,7 @@ ROOTS = [
     "k8s.io.api.scheduling.v1.PriorityClass",
     "k8s.io.api.storage.v1.StorageClass",
     "k8s.io.api.autoscaling.v1.Scale",
+    "k8s.io.api.autoscaling.v1.HorizontalPodAutoscaler",
     "k8s.io.api.autoscaling.v2.HorizontalPodAutoscaler",
     "k8s.io.api.networking.v1.Ingress",
     "k8s.io.api.networking.v1.IngressClass",

@@ -619,6 +619,58 @@ mod tests {
     }
 
     #[test]
+    fn certificate_requests_and_v1_autoscalers_decode() {
+        // kubectl certificate approve sends the request as protobuf: its
+        // bytes come out base64, as JSON carries them.
+        let meta = W::default().bytes(1, b"dave").done();
+        let spec = W::default()
+            .bytes(1, b"-----BEGIN CERTIFICATE REQUEST-----")
+            .bytes(7, b"kubernetes.io/kube-apiserver-client")
+            .int(8, 86400)
+            .bytes(5, b"client auth")
+            .done();
+        let raw = W::default().bytes(1, &meta).bytes(2, &spec).done();
+        let obj = decode(&envelope(
+            "certificates.k8s.io/v1",
+            "CertificateSigningRequest",
+            &raw,
+        ))
+        .unwrap();
+        let csr: k8s_openapi::api::certificates::v1::CertificateSigningRequest =
+            serde_json::from_value(obj).unwrap();
+        assert_eq!(csr.spec.request.0, b"-----BEGIN CERTIFICATE REQUEST-----");
+        assert_eq!(csr.spec.signer_name, "kubernetes.io/kube-apiserver-client");
+        assert_eq!(csr.spec.expiration_seconds, Some(86400));
+        assert_eq!(csr.spec.usages, Some(vec!["client auth".to_owned()]));
+
+        let target = W::default()
+            .bytes(1, b"Deployment")
+            .bytes(2, b"web")
+            .bytes(3, b"apps/v1")
+            .done();
+        let spec = W::default()
+            .bytes(1, &target)
+            .int(2, 1)
+            .int(3, 10)
+            .int(4, 50)
+            .done();
+        let raw = W::default().bytes(1, &meta).bytes(2, &spec).done();
+        let obj = decode(&envelope("autoscaling/v1", "HorizontalPodAutoscaler", &raw)).unwrap();
+        let hpa: k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler =
+            serde_json::from_value(obj).unwrap();
+        let spec = hpa.spec.unwrap();
+        assert_eq!(
+            (
+                spec.min_replicas,
+                spec.max_replicas,
+                spec.target_cpu_utilization_percentage
+            ),
+            (Some(1), 10, Some(50))
+        );
+        assert_eq!(spec.scale_target_ref.name, "web");
+    }
+
+    #[test]
     fn ingresses_decode() {
         let meta = W::default().bytes(1, b"web").done();
         let backend = W::default()
