@@ -1159,31 +1159,79 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
     }
     // The pull fails at once, with the registry's reason in the status
     // (ErrImagePull, then ImagePullBackOff while it waits to try again).
-    let refusal = r#"User "system:serviceaccount:a:default" cannot get resource "repositories""#;
-    poll(
-        "the refused pull's reason",
-        Duration::from_secs(120),
-        || {
-            let message = kubectl(
-                s,
-                &[
-                    "-n",
-                    "a",
-                    "get",
-                    "pod",
-                    "runs-other",
-                    "-o",
-                    "jsonpath={.status.containerStatuses[0].state.waiting.message}",
-                ],
-                None,
-            )
-            .stdout;
-            if message.contains(refusal) {
-                Ok(())
-            } else {
-                Err(message)
-            }
-        },
+    let refused_with = |ns: &str, pod: &str, refusal: &str| {
+        poll(
+            "the refused pull's reason",
+            Duration::from_secs(120),
+            || {
+                let message = kubectl(
+                    s,
+                    &[
+                        "-n",
+                        ns,
+                        "get",
+                        "pod",
+                        pod,
+                        "-o",
+                        "jsonpath={.status.containerStatuses[0].state.waiting.message}",
+                    ],
+                    None,
+                )
+                .stdout;
+                if message.contains(refusal) {
+                    Ok(())
+                } else {
+                    Err(message)
+                }
+            },
+        )
+    };
+    refused_with(
+        "a",
+        "runs-other",
+        r#"User "system:serviceaccount:a:default" cannot get resource "repositories""#,
+    );
+    // a's image is now on the node: another pod of a starts from it, and a
+    // pod of b may not (the registry is asked for b's service account).
+    ok(
+        s,
+        &["-n", "a", "apply", "-f", "-"],
+        Some(&pod("runs-own-again", "a/app")),
+    );
+    ok(
+        s,
+        &["-n", "b", "apply", "-f", "-"],
+        Some(&pod("borrows", "a/app")),
+    );
+    ok(
+        s,
+        &[
+            "-n",
+            "a",
+            "wait",
+            "--for=condition=Ready",
+            "pod/runs-own-again",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    refused_with(
+        "b",
+        "borrows",
+        r#"User "system:serviceaccount:b:default" cannot get resource "repositories""#,
+    );
+    ok(
+        s,
+        &[
+            "-n",
+            "b",
+            "delete",
+            "pod",
+            "borrows",
+            "--grace-period=1",
+            "--timeout=60s",
+        ],
+        None,
     );
     ok(
         s,
@@ -1195,6 +1243,7 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
             "runs-own",
             "runs-shared",
             "runs-other",
+            "runs-own-again",
             "--grace-period=1",
             "--timeout=60s",
         ],

@@ -84,6 +84,10 @@ pub(crate) struct Run {
     pub terminal: Option<wasmkube_runtime::Resize>,
 }
 
+/// How long a registry's yes to a namespace's service account for an image
+/// on the node holds (the registry token it was asked with lasts as long).
+const VERIFIED_FOR: Duration = Duration::from_secs(600);
+
 /// Everything the worker knows about its pod.
 #[derive(Debug)]
 pub(crate) struct PodState {
@@ -1088,8 +1092,78 @@ impl PodRun {
             .await?;
         if pulled {
             self.ctx.node_changed.notify_one();
+        } else {
+            self.check_cached_access(&pod, &reference, &image).await?;
         }
         Ok((image, started.elapsed(), pulled))
+    }
+
+    /// An image already on the node from a namespace's repository of the
+    /// cluster's registry starts only for a pod whose service account may
+    /// pull it (as Kubernetes' "ensure secret pulled images"): otherwise a
+    /// tenant could run another's image once it is here. The registry is
+    /// asked once per namespace, service account and image every
+    /// [`VERIFIED_FOR`]. A refusal fails the pull; a registry or API server
+    /// that cannot be asked lets the image start (it was pulled with a
+    /// right once, and the node keeps running pods while they are away).
+    async fn check_cached_access(
+        &self,
+        pod: &Pod,
+        reference: &str,
+        image: &Image,
+    ) -> Result<(), wasmkube_oci::Error> {
+        let Some((registry, rest)) = reference.split_once('/') else {
+            return Ok(());
+        };
+        let repository = rest.split(['@', ':']).next().unwrap_or_default();
+        if wasmkube_api::images::split(repository).0.is_none()
+            || self.ctx.cluster_registry().await != Some(registry)
+        {
+            return Ok(());
+        }
+        let account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let key = (
+            pod.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            account,
+            image.id.clone(),
+        );
+        {
+            let verified = self.ctx.verified_images.lock().expect("verified images");
+            if verified
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+            {
+                return Ok(());
+            }
+        }
+        let Some(credentials) = self.pull_credentials(pod, reference).await else {
+            return Ok(());
+        };
+        match self
+            .ctx
+            .images
+            .check_access(reference, Some(credentials))
+            .await
+        {
+            Ok(()) => {
+                let mut verified = self.ctx.verified_images.lock().expect("verified images");
+                verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+                verified.insert(key, Instant::now());
+                Ok(())
+            }
+            Err(e @ wasmkube_oci::Error::Denied { .. }) => Err(e),
+            Err(e) => {
+                tracing::warn!(image = reference, error = %e, "cannot ask the registry whether the pod may use the image here; starting it");
+                Ok(())
+            }
+        }
     }
 
     /// The runtime for a container: its pod's RuntimeClass handler, else

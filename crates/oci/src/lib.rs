@@ -30,6 +30,9 @@ pub enum Error {
     Pull { reference: String, reason: String },
     #[error("failed to push {reference:?}: {reason}")]
     Push { reference: String, reason: String },
+    /// The registry refused these credentials the image (401 or 403).
+    #[error("failed to pull image {reference:?}: {reason}")]
+    Denied { reference: String, reason: String },
     /// `imagePullPolicy: Never` and the image is not on the node.
     #[error("container image {0:?} is not present with pull policy of Never")]
     NeverPull(String),

@@ -260,6 +260,48 @@ impl ImageStore {
         Ok((self.to_image(reference, &stored), true))
     }
 
+    /// Whether `credentials` may read the image `reference` names, asked
+    /// of its registry (its manifest fetched): for an image already on the
+    /// node, which must not start for whoever may not pull it. A refusal
+    /// (401 or 403) is [`Error::Denied`]; a registry that cannot be asked
+    /// is [`Error::Pull`].
+    pub async fn check_access(
+        &self,
+        reference: &str,
+        credentials: Option<Credentials>,
+    ) -> Result<(), Error> {
+        use oci_client::errors::OciDistributionError as E;
+        let parsed = parse_reference(reference)?;
+        let client = client_for(parsed.resolve_registry(), &self.insecure, &self.roots);
+        let auth = match credentials {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        match client.pull_manifest(&parsed, &auth).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let denied = match &e {
+                    E::UnauthorizedError { .. } => true,
+                    E::ServerError { code, .. } => matches!(code, 401 | 403),
+                    E::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+                        matches!(
+                            e.code,
+                            oci_client::errors::OciErrorCode::Denied
+                                | oci_client::errors::OciErrorCode::Unauthorized
+                        )
+                    }),
+                    _ => false,
+                };
+                let (reference, reason) = (reference.to_owned(), e.to_string());
+                Err(if denied {
+                    Error::Denied { reference, reason }
+                } else {
+                    Error::Pull { reference, reason }
+                })
+            }
+        }
+    }
+
     fn lookup(&self, key: &str) -> Option<StoredImage> {
         let index = self.index.lock().expect("index lock");
         let img = index.images.get(key)?.clone();
