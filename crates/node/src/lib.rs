@@ -269,7 +269,7 @@ pub(crate) struct Ctx {
     pub cluster_registry: tokio::sync::OnceCell<Option<String>>,
     /// When the cluster's registry last let a namespace's service account
     /// read an image on the node, by (namespace, account, image id).
-    pub verified_images: Mutex<HashMap<(String, String, String), std::time::Instant>>,
+    pub verified_images: tokio::sync::Mutex<HashMap<(String, String, String), std::time::Instant>>,
 }
 
 impl Ctx {
@@ -430,7 +430,7 @@ impl Agent {
             node_changed: tokio::sync::Notify::new(),
             samples: Mutex::default(),
             cluster_registry: tokio::sync::OnceCell::new(),
-            verified_images: Mutex::default(),
+            verified_images: tokio::sync::Mutex::default(),
             node_resolv: dns::ResolvConf::parse(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             ),

@@ -84,6 +84,26 @@ pub(crate) struct Run {
     pub terminal: Option<wasmkube_runtime::Resize>,
 }
 
+/// What a registry's yes is remembered by: the pod's namespace, its
+/// service account and the image.
+fn verified_key(pod: &Pod, image: &Image) -> (String, String, String) {
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    (namespace, account, image.id.clone())
+}
+
+/// How long the registry may take to say whether a pod may use an image on
+/// the node.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a registry's yes to a namespace's service account for an image
 /// on the node holds (the registry token it was asked with lasts as long).
 const VERIFIED_FOR: Duration = Duration::from_secs(600);
@@ -1092,6 +1112,11 @@ impl PodRun {
             .await?;
         if pulled {
             self.ctx.node_changed.notify_one();
+            // The registry let this pod's credentials read it just now.
+            let key = verified_key(&pod, &image);
+            let mut verified = self.ctx.verified_images.lock().await;
+            verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+            verified.insert(key, Instant::now());
         } else {
             self.check_cached_access(&pod, &reference, &image).await?;
         }
@@ -1121,39 +1146,32 @@ impl PodRun {
         {
             return Ok(());
         }
-        let account = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
-        let key = (
-            pod.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            account,
-            image.id.clone(),
-        );
+        let key = verified_key(pod, image);
+        // Held while the registry is asked: the pods of a new rollout ask
+        // once, not each.
+        let mut verified = self.ctx.verified_images.lock().await;
+        if verified
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
         {
-            let verified = self.ctx.verified_images.lock().expect("verified images");
-            if verified
-                .get(&key)
-                .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
-            {
-                return Ok(());
-            }
+            return Ok(());
         }
         let Some(credentials) = self.pull_credentials(pod, reference).await else {
             return Ok(());
         };
-        match self
-            .ctx
-            .images
-            .check_access(reference, Some(credentials))
-            .await
-        {
+        let asked = tokio::time::timeout(
+            CHECK_TIMEOUT,
+            self.ctx.images.check_access(reference, Some(credentials)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(wasmkube_oci::Error::Pull {
+                reference: reference.to_owned(),
+                reason: format!("no answer within {CHECK_TIMEOUT:?}"),
+            })
+        });
+        match asked {
             Ok(()) => {
-                let mut verified = self.ctx.verified_images.lock().expect("verified images");
                 verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
                 verified.insert(key, Instant::now());
                 Ok(())
