@@ -142,7 +142,13 @@ pub(crate) fn parse_value(content_type: &str, raw: &[u8]) -> ApiResult<Value> {
     Ok(value)
 }
 
-async fn read_body(server: &ApiServer, headers: &HeaderMap, body: Body) -> ApiResult<Value> {
+/// Reads and parses a body that must be one object (JSON, YAML or
+/// protobuf, as its Content-Type says).
+pub(crate) async fn read_body(
+    server: &ApiServer,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Value> {
     let raw = read_bytes(server, body).await?;
     let value = parse_value(content_type(headers), &raw)?;
     if !value.is_object() {

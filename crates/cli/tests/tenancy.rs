@@ -957,6 +957,24 @@ fn tenants_are_kept_apart_by_tls_authentication_and_rbac() {
     node_authorizer_keeps_nodes_to_their_own_pods(&s, dir.path());
 }
 
+/// A node `name` joined with the join token: a Wasm-only agent without
+/// pod networking, its data in `data_dir`; stopped on drop.
+fn join_wasm_node(s: &Server, name: &str, data_dir: &std::path::Path) -> Joined {
+    Joined(
+        Command::new(wasmkube())
+            .args(["agent", "--server", &s.url, "--token", &s.join_token()])
+            .args(["--name", name, "--port", "0", "--no-pod-network"])
+            .args(["--no-service-proxy", "--no-gateway", "--no-linux"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// `wasmkube push FILE NAME:v1` with `env` (a login, a kubeconfig), its
 /// output.
 fn push_with(s: &Server, name: &str, env: &[(&str, &str)]) -> Out {
@@ -1103,33 +1121,7 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
 
     // A node pulls with the pod's service account: a pod in a runs a's
     // image and the shared one; b's is refused with the registry's reason.
-    let agent = Joined(
-        Command::new(wasmkube())
-            .args([
-                "agent",
-                "--server",
-                &s.url,
-                "--token",
-                &s.join_token(),
-                "--name",
-                "n-reg",
-            ])
-            .args([
-                "--port",
-                "0",
-                "--no-pod-network",
-                "--no-service-proxy",
-                "--no-gateway",
-                "--no-linux",
-                "--data-dir",
-            ])
-            .arg(dir.join("n-reg"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = join_wasm_node(s, "n-reg", &dir.join("n-reg"));
     wait_for(s, "node/n-reg", "condition=Ready", "60s");
     let pod = |name: &str, image: &str| {
         format!(
@@ -1559,33 +1551,7 @@ fn quotas_and_limit_ranges_bound_a_tenant(s: &Server, alice: &std::path::Path) {
 /// (the node authorizer and NodeRestriction).
 fn node_authorizer_keeps_nodes_to_their_own_pods(s: &Server, dir: &std::path::Path) {
     let data_dir = dir.join("n2");
-    let agent = Joined(
-        Command::new(wasmkube())
-            .args([
-                "agent",
-                "--server",
-                &s.url,
-                "--token",
-                &s.join_token(),
-                "--name",
-                "n2",
-            ])
-            .args([
-                "--port",
-                "0",
-                "--no-pod-network",
-                "--no-service-proxy",
-                "--no-gateway",
-                "--no-linux",
-                "--data-dir",
-            ])
-            .arg(&data_dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = join_wasm_node(s, "n2", &data_dir);
     ok(
         s,
         &["wait", "--for=create", "node/n2", "--timeout=60s"],

@@ -133,12 +133,7 @@ pub(crate) async fn create(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let raw = crate::rest::read_bytes(server, body).await?;
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let mut csr = crate::rest::parse_value(content_type, &raw)?;
+    let mut csr = crate::rest::read_body(server, headers, body).await?;
     if !csr["spec"].is_object() {
         return Err(ApiError::bad_request("spec: Required value"));
     }
@@ -250,12 +245,7 @@ pub(crate) async fn approve(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use wasmkube_api::field::FieldError;
-    let raw = crate::rest::read_bytes(server, body).await?;
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let sent = crate::rest::parse_value(content_type, &raw)?;
+    let sent = crate::rest::read_body(server, headers, body).await?;
     let key = rt.key(None, name);
     let current = match server.store.get(&key).await.map_err(ApiError::internal)? {
         Some(kv) => crate::storage::decode_stored(&kv).map_err(ApiError::internal)?,
