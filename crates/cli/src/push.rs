@@ -68,10 +68,26 @@ pub async fn run(args: PushArgs) -> anyhow::Result<()> {
         args.file.display(),
         bytes.len(),
     );
-    let digest = wasmkube_oci::push_wasm(bytes, &reference, &options).await?;
+    let logged_in = options.credentials.is_some();
+    let digest = match wasmkube_oci::push_wasm(bytes, &reference, &options).await {
+        Ok(digest) => digest,
+        Err(e) if !logged_in && asks_for_login(&e.to_string()) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the registry {registry} asks for a login: for a cluster's built-in registry set KUBECONFIG to the cluster's kubeconfig (wasmkube push then logs in with a token from the API server); for another, pass --username and --password"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
     eprintln!("pushed {reference}; run it with e.g. kubectl create job NAME --image={reference}");
     println!("{digest}");
     Ok(())
+}
+
+/// Whether a registry's refusal asks the client to log in.
+fn asks_for_login(error: &str) -> bool {
+    error.contains("Not authorized")
+        || error.contains("code: 401")
+        || error.contains("UNAUTHORIZED")
 }
 
 /// `reference` with `registry` in front when it names no registry host.

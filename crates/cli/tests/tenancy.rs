@@ -1024,6 +1024,13 @@ fn the_registry_answers_to_rbac(s: &Server, dir: &std::path::Path, alice: &std::
     assert_eq!(status("/v2/", Some("x:guessed")), "401");
     assert_eq!(status("/v2/", Some("alice:alice-token")), "200");
 
+    // Without a login, a push is told how to get one.
+    let out = push_with(s, "anon", &[]);
+    assert!(
+        !out.ok && out.stderr.contains("asks for a login") && out.stderr.contains("KUBECONFIG"),
+        "{}",
+        out.stderr
+    );
     // The administrator's kubeconfig holds a client certificate: the push
     // logs in with a registry token from the API server.
     let kubeconfig = s.kubeconfig.to_str().unwrap();
