@@ -352,8 +352,14 @@ impl Ctx {
 pub struct Agent {
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
-    /// The endpoint's TLS, in a cluster with a CA.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The endpoint's TLS, in a cluster with a CA, and its renewal.
+    tls: Option<EndpointTls>,
+}
+
+/// The endpoint's current TLS configuration and what renews it.
+struct EndpointTls {
+    current: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    rotation: futures::future::BoxFuture<'static, ()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -444,7 +450,20 @@ impl Agent {
                     dns: vec![ctx.config.name.clone()],
                     ips: vec![ctx.config.address],
                 };
-                Some(tls::serving(&ctx.client, &ctx.config.name, ca, &names).await?)
+                let serving = tls::serving(&ctx.client, &ctx.config.name, ca, &names).await?;
+                let (tx, current) = tokio::sync::watch::channel(serving.config);
+                let rotation = tls::rotate(
+                    ctx.client.clone(),
+                    ctx.config.name.clone(),
+                    ca.clone(),
+                    names,
+                    serving.renew_at,
+                    tx,
+                );
+                Some(EndpointTls {
+                    current,
+                    rotation: Box::pin(rotation),
+                })
             }
             None => None,
         };
@@ -474,7 +493,11 @@ impl Agent {
     /// until the pod watch ends for good or the future is dropped.
     pub async fn run(self) -> Result<(), Error> {
         let ctx = self.ctx;
-        let server = tokio::spawn(server::serve(ctx.clone(), self.listener, self.tls));
+        let (tls, rotation) = match self.tls {
+            Some(t) => (Some(t.current), Some(tokio::spawn(t.rotation))),
+            None => (None, None),
+        };
+        let server = tokio::spawn(server::serve(ctx.clone(), self.listener, tls));
         let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
         let status = tokio::spawn(node::status_loop(ctx.clone()));
         let routes = tokio::spawn(node::route_to_other_nodes(ctx.clone()));
@@ -485,6 +508,9 @@ impl Agent {
         status.abort();
         routes.abort();
         volumes.abort();
+        if let Some(rotation) = rotation {
+            rotation.abort();
+        }
         result
     }
 }

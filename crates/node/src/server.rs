@@ -24,7 +24,7 @@ use crate::logs::{self, LogOptions};
 pub(crate) async fn serve(
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>>,
 ) {
     let protected = Router::new()
         .route(

@@ -8,10 +8,12 @@
 //! exec sessions to. It serves only a client certificate of the same CA
 //! naming the API server's agent client ([`wasmkube_pki::AGENT_CLIENT`]):
 //! other nodes, whose certificates the same CA signed, are refused. No
-//! shared secret is involved.
+//! shared secret is involved. The certificate is renewed while the agent
+//! runs, at 80 % of its lifetime (as the kubelet rotates its serving
+//! certificate); new connections get the new one.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -41,6 +43,19 @@ pub(crate) async fn cluster_ca(client: &kube::Client) -> Result<Option<String>, 
     }
 }
 
+/// The endpoint's TLS configuration, and when to renew its certificate.
+pub(crate) struct Serving {
+    pub config: Arc<rustls::ServerConfig>,
+    pub renew_at: SystemTime,
+}
+
+/// When a certificate valid from `issued` to `expires` is renewed: at 80 %
+/// of its lifetime.
+pub(crate) fn renew_at(issued: SystemTime, expires: SystemTime) -> SystemTime {
+    let lifetime = expires.duration_since(issued).unwrap_or_default();
+    issued + lifetime.mul_f64(0.8)
+}
+
 /// A serving certificate for this node's `names`, signed by the cluster CA
 /// through a CertificateSigningRequest, and the TLS configuration serving
 /// it to the API server.
@@ -49,7 +64,8 @@ pub(crate) async fn serving(
     node: &str,
     ca_pem: &str,
     names: &wasmkube_pki::ServingNames,
-) -> Result<Arc<rustls::ServerConfig>, Error> {
+) -> Result<Serving, Error> {
+    let issued = SystemTime::now();
     use base64::Engine;
     let who = wasmkube_pki::Identity::new(&format!("system:node:{node}"), &["system:nodes"]);
     let invalid = |e: wasmkube_pki::PkiError| Error::Tls(e.to_string());
@@ -82,15 +98,57 @@ pub(crate) async fn serving(
         )));
     };
     let cert_pem = String::from_utf8(cert.0).map_err(|e| Error::Tls(e.to_string()))?;
+    let expires = wasmkube_pki::not_after(&cert_pem).map_err(invalid)?;
+    let expires = UNIX_EPOCH + Duration::from_secs(u64::try_from(expires).unwrap_or_default());
     let serving = wasmkube_pki::Issued { cert_pem, key_pem };
-    wasmkube_pki::agent_server_tls(ca_pem, &serving).map_err(invalid)
+    Ok(Serving {
+        config: wasmkube_pki::agent_server_tls(ca_pem, &serving).map_err(invalid)?,
+        renew_at: renew_at(issued, expires),
+    })
+}
+
+/// Renews the serving certificate when `first` says, and each new one at
+/// 80 % of its life, publishing every new configuration on `tx`; a failed
+/// request is asked again a minute later (the current certificate serves
+/// meanwhile).
+pub(crate) async fn rotate(
+    client: kube::Client,
+    node: String,
+    ca_pem: String,
+    names: wasmkube_pki::ServingNames,
+    first: SystemTime,
+    tx: tokio::sync::watch::Sender<Arc<rustls::ServerConfig>>,
+) {
+    let mut renew_at = first;
+    loop {
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        match serving(&client, &node, &ca_pem, &names).await {
+            Ok(next) => {
+                tracing::info!(node, "renewed the agent's serving certificate");
+                renew_at = next.renew_at;
+                if tx.send(next.config).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node, error = %e, "cannot renew the agent's serving certificate; asking again in a minute");
+                renew_at = SystemTime::now() + Duration::from_secs(60);
+            }
+        }
+    }
 }
 
 /// Serves `router` over `tls` on `listener` to the API server only: a
 /// connection whose client certificate (which rustls verified against the
 /// cluster CA) names anyone else is closed before any request is read.
-pub(crate) async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    router: Router,
+) {
     loop {
         let (socket, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -102,7 +160,9 @@ pub(crate) async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>,
             }
         };
         let _ = socket.set_nodelay(true);
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        // The certificate current now: a renewed one serves new connections.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let router = router.clone();
         tokio::spawn(async move {
             let stream =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
@@ -135,5 +195,63 @@ pub(crate) async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>,
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_are_renewed_at_four_fifths_of_their_life() {
+        let issued = UNIX_EPOCH + Duration::from_secs(1_000);
+        let expires = issued + Duration::from_secs(1_000);
+        assert_eq!(renew_at(issued, expires), issued + Duration::from_secs(800));
+        // An expiry already past renews at once.
+        assert_eq!(renew_at(expires, issued), expires);
+    }
+
+    /// The certificate an agent endpoint presents to the API server's client.
+    async fn presented(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("node-a").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_serves_the_next_connections() {
+        let ca = wasmkube_pki::Ca::create("test").unwrap();
+        let names = wasmkube_pki::ServingNames {
+            dns: vec!["node-a".into()],
+            ips: vec![],
+        };
+        let first = ca.issue_serving("system:node:node-a", &names).unwrap();
+        let second = ca.issue_serving("system:node:node-a", &names).unwrap();
+        let config = |issued: &wasmkube_pki::Issued| {
+            wasmkube_pki::agent_server_tls(ca.cert_pem(), issued).unwrap()
+        };
+        let (tx, rx) = tokio::sync::watch::channel(config(&first));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, rx, Router::new()));
+        let who = wasmkube_pki::Identity::new(wasmkube_pki::AGENT_CLIENT, &[]);
+        let client_cert = ca.issue_client(&who, Duration::from_secs(3600)).unwrap();
+        let client = wasmkube_pki::agent_client_tls(ca.cert_pem(), &client_cert).unwrap();
+        let der = |issued: &wasmkube_pki::Issued| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(presented(addr, client.clone()).await, der(&first));
+        tx.send(config(&second)).unwrap();
+        assert_eq!(presented(addr, client).await, der(&second));
+        server.abort();
     }
 }
