@@ -26,6 +26,8 @@ pub struct PushArgs {
     /// else ~/.kube/config).
     #[arg(long, env = "WASMKUBE_REGISTRY_USER")]
     username: Option<String>,
+    /// Registry password (for a cluster's built-in registry: a cluster
+    /// token, e.g. from `wasmkube registry-token` or `kubectl create token`).
     #[arg(long, env = "WASMKUBE_REGISTRY_PASSWORD", hide_env_values = true)]
     password: Option<String>,
 }
