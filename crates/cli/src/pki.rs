@@ -28,6 +28,16 @@ pub struct ServerPki {
     serving: Issued,
 }
 
+/// Adds `--tls-san` values: addresses as IP SANs, anything else as a name.
+fn add_sans(names: &mut ServingNames, sans: &[String]) {
+    for san in sans {
+        match san.parse::<IpAddr>() {
+            Ok(ip) => names.ips.push(ip),
+            Err(_) => names.dns.push(san.clone()),
+        }
+    }
+}
+
 /// The host:port clients are told to use: the listen address, or the node
 /// address when listening on every address.
 pub fn url_host(addr: SocketAddr, node_address: IpAddr) -> SocketAddr {
@@ -120,12 +130,7 @@ impl ServerPki {
             names.ips.push(listen.ip());
         }
         names.ips.extend(service_ip);
-        for san in sans {
-            match san.parse::<IpAddr>() {
-                Ok(ip) => names.ips.push(ip),
-                Err(_) => names.dns.push(san.clone()),
-            }
-        }
+        add_sans(&mut names, sans);
         names.ips.sort();
         names.ips.dedup();
         names.dns.sort();
@@ -164,12 +169,7 @@ impl ServerPki {
             dns: vec![crate::agent::host_name()],
             ips: vec![ip],
         };
-        for san in sans {
-            match san.parse::<IpAddr>() {
-                Ok(ip) => names.ips.push(ip),
-                Err(_) => names.dns.push(san.clone()),
-            }
-        }
+        add_sans(&mut names, sans);
         let serving = self.ca.issue_serving("wasmkube-registry", &names)?;
         Ok(self.ca.server_tls(&serving)?)
     }

@@ -72,6 +72,13 @@ pub(crate) async fn handle(
             ));
         }
     };
+    let Ok(upgrade) = upgrade else {
+        return refused(
+            "attach is served over the WebSocket streaming protocol (v5.channel.k8s.io, kubectl 1.30 or newer); SPDY is not supported".into(),
+        );
+    };
+    // Claimed only for a session that starts: a `stdinOnce` container
+    // keeps its one attach.
     let stdin = match (options.stdin, stdin) {
         (false, _) => None,
         (true, None) => {
@@ -87,11 +94,6 @@ pub(crate) async fn handle(
                 ));
             }
         },
-    };
-    let Ok(upgrade) = upgrade else {
-        return refused(
-            "attach is served over the WebSocket streaming protocol (v5.channel.k8s.io, kubectl 1.30 or newer); SPDY is not supported".into(),
-        );
     };
     tracing::info!(%namespace, %pod, %container, "attach");
     upgrade

@@ -87,17 +87,11 @@ pub(crate) struct Run {
 /// What a registry's yes is remembered by: the pod's namespace, its
 /// service account and the image.
 fn verified_key(pod: &Pod, image: &Image) -> (String, String, String) {
-    let account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    (namespace, account, image.id.clone())
+    (
+        crate::spec::pod_ns(pod).to_owned(),
+        crate::spec::service_account(pod),
+        image.id.clone(),
+    )
 }
 
 /// How long the registry may take to say whether a pod may use an image on
@@ -1112,15 +1106,29 @@ impl PodRun {
             .await?;
         if pulled {
             self.ctx.node_changed.notify_one();
-            // The registry let this pod's credentials read it just now.
-            let key = verified_key(&pod, &image);
-            let mut verified = self.ctx.verified_images.lock().await;
-            verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
-            verified.insert(key, Instant::now());
-        } else {
-            self.check_cached_access(&pod, &reference, &image).await?;
+        }
+        if self.access_is_checked(&reference).await {
+            if pulled {
+                // The registry let this pod's credentials read it just now.
+                let mut verified = self.ctx.verified_images.lock().await;
+                verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
+                verified.insert(verified_key(&pod, &image), Instant::now());
+            } else {
+                self.check_cached_access(&pod, &reference, &image).await?;
+            }
         }
         Ok((image, started.elapsed(), pulled))
+    }
+
+    /// Whether `reference` is in a namespace's repository of the cluster's
+    /// registry: the images whose use on the node is checked.
+    async fn access_is_checked(&self, reference: &str) -> bool {
+        let Some((registry, rest)) = reference.split_once('/') else {
+            return false;
+        };
+        let repository = rest.split(['@', ':']).next().unwrap_or_default();
+        wasmkube_api::images::split(repository).0.is_some()
+            && self.ctx.cluster_registry().await == Some(registry)
     }
 
     /// An image already on the node from a namespace's repository of the
@@ -1137,15 +1145,6 @@ impl PodRun {
         reference: &str,
         image: &Image,
     ) -> Result<(), wasmkube_oci::Error> {
-        let Some((registry, rest)) = reference.split_once('/') else {
-            return Ok(());
-        };
-        let repository = rest.split(['@', ':']).next().unwrap_or_default();
-        if wasmkube_api::images::split(repository).0.is_none()
-            || self.ctx.cluster_registry().await != Some(registry)
-        {
-            return Ok(());
-        }
         let key = verified_key(pod, image);
         // Held while the registry is asked: the pods of a new rollout ask
         // once, not each.

@@ -42,8 +42,16 @@ pub(crate) struct Resolved {
     pub security: Security,
 }
 
-fn pod_ns(pod: &Pod) -> &str {
+pub(crate) fn pod_ns(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// The pod's service account (`default` when it names none).
+pub(crate) fn service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into())
 }
 
 async fn config_map(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<ConfigMap>, ConfigError> {
@@ -630,11 +638,7 @@ async fn request_token(
     };
     use k8s_openapi::api::core::v1::ServiceAccount;
     let ns = pod_ns(pod);
-    let account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".into());
+    let account = service_account(pod);
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences,

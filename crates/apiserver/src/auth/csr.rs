@@ -181,16 +181,7 @@ pub(crate) async fn create(
     let created = crate::rest::create_internal(server, rt, None, csr).await?;
     let signed = match (&server.config.ca, request) {
         (Some(ca), Some(NodeRequest { pem, serving, .. })) => {
-            let lifetime = created["spec"]["expirationSeconds"]
-                .as_u64()
-                .map(|s| Duration::from_secs(s.max(600)))
-                .unwrap_or(NODE_CERT_LIFETIME)
-                .min(NODE_CERT_LIFETIME);
-            let signed = if serving {
-                ca.sign_serving_csr(&pem, lifetime)
-            } else {
-                ca.sign_client_csr(&pem, lifetime)
-            };
+            let signed = sign(ca, &pem, &created, serving);
             Some(signed.map_err(|e| ApiError::bad_request(format!("spec.request: {e}")))?)
         }
         _ => None,
@@ -439,15 +430,26 @@ fn sign_approved(
             Err(e) => return Some(Err(e.to_string())),
         }
     }
+    let signed = sign(ca, &pem, csr, signer == NODE_SERVING_SIGNER);
+    Some(signed.map_err(|e| e.to_string()))
+}
+
+/// Signs the request `pem` of `csr` (a serving or a client certificate) for
+/// its `expirationSeconds`, at least ten minutes and at most a year.
+fn sign(
+    ca: &wasmkube_pki::Ca,
+    pem: &str,
+    csr: &Value,
+    serving: bool,
+) -> Result<String, wasmkube_pki::PkiError> {
     let lifetime = csr["spec"]["expirationSeconds"]
         .as_u64()
         .map(|s| Duration::from_secs(s.max(600)))
         .unwrap_or(NODE_CERT_LIFETIME)
         .min(NODE_CERT_LIFETIME);
-    let signed = if signer == NODE_SERVING_SIGNER {
-        ca.sign_serving_csr(&pem, lifetime)
+    if serving {
+        ca.sign_serving_csr(pem, lifetime)
     } else {
-        ca.sign_client_csr(&pem, lifetime)
-    };
-    Some(signed.map_err(|e| e.to_string()))
+        ca.sign_client_csr(pem, lifetime)
+    }
 }
