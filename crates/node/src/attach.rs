@@ -96,14 +96,18 @@ pub(crate) async fn handle(
         },
     };
     tracing::info!(%namespace, %pod, %container, "attach");
+    // The output from now on: fixed before any input can reach the
+    // container, so what it answers to the session's first input (which
+    // may arrive with the upgrade, typed ahead) is not skipped.
+    let from = logs::end(&path);
     upgrade
         .protocols(PROTOCOLS)
-        .on_upgrade(move |socket| session(socket, path, live, options, stdin, terminal))
+        .on_upgrade(move |socket| session(socket, (path, from), live, options, stdin, terminal))
 }
 
 async fn session(
     socket: WebSocket,
-    path: std::path::PathBuf,
+    (path, from): (std::path::PathBuf, u64),
     live: watch::Receiver<u64>,
     options: Options,
     stdin: Option<Arc<Stdin>>,
@@ -113,7 +117,7 @@ async fn session(
     let _once = stdin.clone().map(CloseOnce);
     let (mut sink, mut incoming) = socket.split();
     let (tx, mut rx) = mpsc::channel(16);
-    let follower = tokio::spawn(logs::follow_streams(path, live, tx));
+    let follower = tokio::spawn(logs::follow_streams(path, from, live, tx));
     loop {
         tokio::select! {
             next = rx.recv() => match next {

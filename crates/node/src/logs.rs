@@ -282,16 +282,21 @@ fn read_from(path: &Path, offset: &mut u64) -> Vec<u8> {
     chunk
 }
 
-/// Follows a live log from its end as it is now (`kubectl attach`): each
-/// record's text goes to `tx` on its stream's channel (1 stdout, 2 stderr),
-/// a full line with its newline, until the run's output ends or the reader
-/// goes away.
+/// Where a live log ends now: what a follower starting now skips.
+pub(crate) fn end(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Follows a live log from `offset` (`kubectl attach`, from [`end`] when
+/// it was accepted): each record's text goes to `tx` on its stream's
+/// channel (1 stdout, 2 stderr), a full line with its newline, until the
+/// run's output ends or the reader goes away.
 pub(crate) async fn follow_streams(
     path: PathBuf,
+    mut offset: u64,
     mut live: watch::Receiver<u64>,
     tx: tokio::sync::mpsc::Sender<(u8, Vec<u8>)>,
 ) {
-    let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let mut pending = Vec::new();
     loop {
         let ended = *live.borrow_and_update() == u64::MAX;
