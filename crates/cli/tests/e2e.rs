@@ -921,6 +921,24 @@ fn a_scheduler_process_binds_what_a_server_without_one_leaves_pending() {
             .any(|l| l.starts_with("scheduler_schedule_attempts_total{") && l.contains("scheduled")),
         "{page}"
     );
+    let value = |prefix: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+    };
+    let adds = value("workqueue_adds_total{name=\"deployment\"} ");
+    assert!(adds.is_some_and(|n| n >= 1.0), "{page}");
+    for gauge in [
+        "workqueue_depth{name=\"deployment\"} ",
+        "workqueue_longest_running_processor_seconds{name=\"deployment\"} ",
+        "workqueue_unfinished_work_seconds{name=\"deployment\"} ",
+    ] {
+        assert!(value(gauge).is_some(), "{gauge}: {page}");
+    }
+    assert!(
+        page.contains("workqueue_queue_duration_seconds_bucket{name=\"deployment\",le=\"1e-8\"}"),
+        "{page}"
+    );
     wasmkube_testkit::promtool_check(&page);
 }
 
@@ -1929,6 +1947,8 @@ fn api_server_metrics_pass_promtool() {
         "controller_runtime_reconcile_total{controller=\"deployment\",result=\"success\"}";
     let unschedulable =
         "scheduler_schedule_attempts_total{profile=\"default-scheduler\",result=\"unschedulable\"}";
+    // The Deployment controller's work queue, under client-go's names.
+    let worked = "workqueue_work_duration_seconds_count{name=\"deployment\"}";
     let mut watch = Command::new("kubectl")
         .args(["get", "configmaps", "--watch", "-o", "name"])
         .env("KUBECONFIG", &s.kubeconfig)
@@ -1945,6 +1965,7 @@ fn api_server_metrics_pass_promtool() {
             if page.contains(open_watch)
                 && page.contains(unschedulable)
                 && page.contains(reconciled)
+                && page.contains(worked)
             {
                 Ok(page)
             } else {

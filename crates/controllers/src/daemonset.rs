@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Controller;
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -348,14 +349,11 @@ pub(crate) fn run(
                 .map(|d| ObjectRef::from_obj(&*d))
                 .collect::<Vec<_>>()
         };
-        crate::drain(
-            "daemonset",
-            controller
-                .owns_shared_stream(pod_changes)
-                .watches_shared_stream(node_changes, all)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
+        controller
+            .owns_shared_stream(pod_changes)
+            .watches_shared_stream(node_changes, all)
+            .run("daemonset", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Controller;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetStatus};
@@ -17,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use wasmkube_api::selectors::LabelSelector;
@@ -234,15 +235,10 @@ pub(crate) fn run(
                 .map(|b| ObjectRef::from_obj(&*b))
                 .collect::<Vec<_>>()
         };
-        crate::drain(
-            "disruption",
-            controller.watches_shared_stream(changes, covering).run(
-                reconcile,
-                crate::retry_soon,
-                ctx,
-            ),
-        )
-        .await;
+        controller
+            .watches_shared_stream(changes, covering)
+            .run("disruption", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

@@ -11,10 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Controller;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -241,15 +242,10 @@ pub(crate) fn run(
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(
-            "endpoints",
-            controller.watches_shared_stream(changes, selecting).run(
-                reconcile,
-                crate::retry_soon,
-                ctx,
-            ),
-        )
-        .await;
+        controller
+            .watches_shared_stream(changes, selecting)
+            .run("endpoints", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

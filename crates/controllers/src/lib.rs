@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -33,6 +33,7 @@ mod metrics;
 pub mod nodeipam;
 pub mod nodelifecycle;
 mod pods;
+pub mod queue;
 pub mod replicaset;
 mod resourcequota;
 pub mod serviceaccount;
@@ -324,13 +325,10 @@ where
 {
     let _ = children.store.wait_until_ready().await;
     let name = K::kind(&()).to_lowercase();
-    drain(
-        &name,
-        kube::runtime::Controller::new(Api::<K>::all(client), watcher::Config::default())
-            .owns_shared_stream(children.changes)
-            .run(reconcile, retry_soon, ctx),
-    )
-    .await;
+    queue::Controller::new(Api::<K>::all(client), watcher::Config::default())
+        .owns_shared_stream(children.changes)
+        .run(&name, reconcile, retry_soon, ctx)
+        .await;
     Ok(())
 }
 
@@ -346,23 +344,6 @@ where
     use kube::ResourceExt;
     tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), error = %ErrorChain(error), "reconcile failed; retrying");
     kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
-}
-
-/// Drives the controller `name`'s results, counting them. Failures are
-/// retried by its error policy; here they are only logged, so no object's
-/// failure stops the controller.
-pub(crate) async fn drain<T, E: std::error::Error>(
-    name: &str,
-    results: impl Stream<Item = Result<T, E>>,
-) {
-    results
-        .for_each(|result| async move {
-            metrics::reconciled(name, result.is_ok());
-            if let Err(e) = result {
-                tracing::debug!(controller = name, error = %ErrorChain(&e), "reconcile did not complete");
-            }
-        })
-        .await;
 }
 
 /// A delete's outcome, with "already gone" counted as done.

@@ -7,10 +7,11 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
+use crate::queue::Controller;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use serde_json::json;
@@ -135,11 +136,9 @@ pub async fn run(client: kube::Client, cluster: Cidr, node_prefix: u8) -> Result
         nodes,
         assigned: Mutex::default(),
     });
-    crate::drain(
-        "nodeipam",
-        controller.run(reconcile, crate::retry_soon, ctx),
-    )
-    .await;
+    controller
+        .run("nodeipam", reconcile, crate::retry_soon, ctx)
+        .await;
     Ok(())
 }
 

@@ -14,13 +14,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::queue::Controller;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::discovery::{ApiCapabilities, Scope};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
@@ -268,14 +269,11 @@ pub(crate) fn run(
             move |pod: Arc<Pod>| quotas_of(&by_pod, &pod.namespace().unwrap_or_default());
         let woken = UnboundedReceiverStream::new(woken)
             .flat_map(move |ns| futures::stream::iter(quotas_of(&quotas, &ns)));
-        crate::drain(
-            "resourcequota",
-            controller
-                .watches_shared_stream(changes, covering)
-                .reconcile_on(woken)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
+        controller
+            .watches_shared_stream(changes, covering)
+            .reconcile_on(woken)
+            .run("resourcequota", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

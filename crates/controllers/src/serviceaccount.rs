@@ -10,10 +10,11 @@
 
 use std::sync::Arc;
 
+use crate::queue::Controller;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use serde_json::json;
@@ -120,7 +121,7 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
     let accounts = Api::<ServiceAccount>::all(client.clone());
     let ca = cluster_ca(&client).await;
     let config_maps = Api::<ConfigMap>::all(client.clone());
-    let results = Controller::new(
+    Controller::new(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -136,7 +137,12 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         watcher::Config::default().fields(&format!("metadata.name={ROOT_CA_CONFIG_MAP}")),
         |cm| cm.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
-    .run(reconcile, crate::retry_soon, Arc::new(Ctx { client, ca }));
-    crate::drain("serviceaccount", results).await;
+    .run(
+        "serviceaccount",
+        reconcile,
+        crate::retry_soon,
+        Arc::new(Ctx { client, ca }),
+    )
+    .await;
     Ok(())
 }

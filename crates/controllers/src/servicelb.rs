@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
+use crate::queue::Controller;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -103,15 +104,10 @@ pub(crate) fn run(
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         };
-        crate::drain(
-            "servicelb",
-            controller.watches_shared_stream(changes, balanced).run(
-                reconcile,
-                crate::retry_soon,
-                ctx,
-            ),
-        )
-        .await;
+        controller
+            .watches_shared_stream(changes, balanced)
+            .run("servicelb", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

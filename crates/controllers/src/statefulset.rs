@@ -22,11 +22,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Controller;
 use chrono::Utc;
 use k8s_openapi::api::apps::v1::{ControllerRevision, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -560,13 +561,10 @@ pub(crate) fn run(
         let _ = pods.wait_until_ready().await;
         let controller =
             Controller::new(Api::<StatefulSet>::all(client), watcher::Config::default());
-        crate::drain(
-            "statefulset",
-            controller
-                .owns_shared_stream(changes)
-                .run(reconcile, crate::retry_soon, ctx),
-        )
-        .await;
+        controller
+            .owns_shared_stream(changes)
+            .run("statefulset", reconcile, crate::retry_soon, ctx)
+            .await;
         Ok(())
     }
 }

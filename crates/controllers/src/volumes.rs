@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::queue::Controller;
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimStatus,
     PersistentVolumeStatus, Pod,
@@ -26,7 +27,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -565,43 +566,43 @@ pub(crate) fn run(
                     Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
                 })
         };
-        let claim_side = crate::drain(
-            "persistentvolume-binder",
-            claims
-                .watches_shared_stream(volume_changes, claim_of)
-                // A pod's change may free a claim being deleted.
-                .watches_shared_stream(pod_changes, |pod: Arc<Pod>| {
-                    let ns = pod.namespace().unwrap_or_default();
-                    claims_of(&pod)
-                        .map(|c| ObjectRef::new(c).within(&ns))
-                        .collect::<Vec<_>>()
-                })
-                .run(reconcile_claim, crate::retry_soon, ctx.clone()),
-        );
-        // The volume side: a volume's phase follows its claim.
-        let _ = claim_cache.wait_until_ready().await;
-        let volume_side = crate::drain(
-            "persistentvolume",
-            Controller::new(
-                Api::<PersistentVolume>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .watches_shared_stream(claim_changes, |claim: Arc<PersistentVolumeClaim>| {
-                claim
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.volume_name.clone())
-                    .filter(|v| !v.is_empty())
-                    .map(|v| ObjectRef::new(&v))
+        let claim_side = claims
+            .watches_shared_stream(volume_changes, claim_of)
+            // A pod's change may free a claim being deleted.
+            .watches_shared_stream(pod_changes, |pod: Arc<Pod>| {
+                let ns = pod.namespace().unwrap_or_default();
+                claims_of(&pod)
+                    .map(|c| ObjectRef::new(c).within(&ns))
+                    .collect::<Vec<_>>()
             })
             .run(
-                move |pv, ctx| {
-                    let claims = claim_cache.clone();
-                    async move { reconcile_volume(pv, ctx, &claims).await }
-                },
+                "persistentvolume-binder",
+                reconcile_claim,
                 crate::retry_soon,
-                ctx,
-            ),
+                ctx.clone(),
+            );
+        // The volume side: a volume's phase follows its claim.
+        let _ = claim_cache.wait_until_ready().await;
+        let volume_side = Controller::new(
+            Api::<PersistentVolume>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .watches_shared_stream(claim_changes, |claim: Arc<PersistentVolumeClaim>| {
+            claim
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.clone())
+                .filter(|v| !v.is_empty())
+                .map(|v| ObjectRef::new(&v))
+        })
+        .run(
+            "persistentvolume",
+            move |pv, ctx| {
+                let claims = claim_cache.clone();
+                async move { reconcile_volume(pv, ctx, &claims).await }
+            },
+            crate::retry_soon,
+            ctx,
         );
         tokio::join!(claim_side, volume_side);
         Ok(())

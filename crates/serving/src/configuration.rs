@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use wasmkube_api::knative::{Configuration, Revision, labels};
+use wasmkube_controllers::queue::Controller;
 
 use crate::Error;
 
@@ -157,7 +158,9 @@ pub fn run(
             watcher::Config::default(),
         )
         .owns_shared_stream(changes);
-        crate::drain(controller.run(reconcile, crate::retry_soon, ctx)).await;
+        controller
+            .run("knative-configuration", reconcile, crate::retry_soon, ctx)
+            .await;
         Err(Error::WatchEnded {
             what: "Configuration",
         })

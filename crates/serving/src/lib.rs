@@ -29,7 +29,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use wasmkube_api::knative::Condition;
 
@@ -208,15 +207,4 @@ where
     use kube::ResourceExt;
     tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), error = %wasmkube_api::ErrorChain(error), "reconcile failed; retrying");
     kube::runtime::controller::Action::requeue(Duration::from_secs(1))
-}
-
-/// Drives a controller's results; failures are retried by its error policy.
-async fn drain<T, E: std::error::Error>(results: impl Stream<Item = Result<T, E>>) {
-    results
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %wasmkube_api::ErrorChain(&e), "reconcile did not complete");
-            }
-        })
-        .await;
 }

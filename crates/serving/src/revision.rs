@@ -15,11 +15,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde_json::json;
 use wasmkube_api::knative::{ContainerStatus, Revision, Scaling, labels, revision_port};
+use wasmkube_controllers::queue::Controller;
 
 use crate::Error;
 
@@ -298,7 +299,9 @@ pub fn run(
         let controller = Controller::new(Api::<Revision>::all(client), watcher::Config::default())
             .owns_shared_stream(deployments.changes)
             .watches_shared_stream(pods.changes, of_pod);
-        crate::drain(controller.run(reconcile, crate::retry_soon, ctx)).await;
+        controller
+            .run("knative-revision", reconcile, crate::retry_soon, ctx)
+            .await;
         Err(Error::WatchEnded { what: "Revision" })
     }
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use wasmkube_api::knative::{Addressable, Configuration, Revision, Route, TrafficTarget};
+use wasmkube_controllers::queue::Controller;
 
 use crate::{Config, Error};
 
@@ -164,7 +165,9 @@ pub fn run(
         let controller = controller
             .watches_shared_stream(configurations.changes, by_config)
             .watches_shared_stream(revisions.changes, by_revision);
-        crate::drain(controller.run(reconcile, crate::retry_soon, ctx)).await;
+        controller
+            .run("knative-route", reconcile, crate::retry_soon, ctx)
+            .await;
         Err(Error::WatchEnded { what: "Route" })
     }
 }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::watcher;
 use serde_json::json;
 use wasmkube_api::knative::{Configuration, Route, Service, ServiceStatus, TrafficTarget, labels};
+use wasmkube_controllers::queue::Controller;
 
 use crate::{Error, MANAGER};
 
@@ -141,7 +142,9 @@ pub async fn run(client: kube::Client) -> Result<(), Error> {
         watcher::Config::default(),
     )
     .owns(Api::<Route>::all(client), watcher::Config::default());
-    crate::drain(controller.run(reconcile, crate::retry_soon, ctx)).await;
+    controller
+        .run("knative-service", reconcile, crate::retry_soon, ctx)
+        .await;
     Err(Error::WatchEnded {
         what: "Knative Service",
     })
