@@ -83,6 +83,10 @@ pub struct Config {
     /// it and checks it against its join token) and signing the node
     /// certificates of approved CertificateSigningRequests.
     pub ca: Option<Arc<wasmkube_pki::Ca>>,
+    /// The longest life of a certificate the CA signs for a
+    /// CertificateSigningRequest (kube-controller-manager's
+    /// `--cluster-signing-duration`).
+    pub signing_duration: Duration,
     /// Encryption at rest of the resources it names (Secrets); stale
     /// values are rewritten at start.
     pub encryption: Option<Arc<encryption::EncryptionConfig>>,
@@ -107,6 +111,7 @@ impl Default for Config {
             default_toleration_seconds: 300,
             authentication: None,
             ca: None,
+            signing_duration: auth::csr::SIGNING_DURATION,
             encryption: None,
             service_accounts: None,
             audit: None,

@@ -424,15 +424,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| crate::server::default_data_dir().join("agents").join(&name));
-    let kubeconfig = match &args.token {
+    // A node that joined with a token renews its own certificate while it
+    // runs; other credentials are the kubeconfig's to keep.
+    let (client, renewal) = match &args.token {
         Some(token) => {
             let token = crate::join::JoinToken::parse(token)?;
             let server = args.servers.first().context("--token needs --server")?;
-            Some(crate::join::join(server, &token, &name, &data_dir).await?)
+            let kubeconfig = crate::join::join(server, &token, &name, &data_dir).await?;
+            let node = crate::node_cert::client(&kubeconfig, &args.servers)?;
+            let renewal = tokio::spawn(node.renewal.run(node.client.clone(), name.clone()));
+            (node.client, Some(renewal))
         }
-        None => args.kubeconfig.clone(),
+        None => (
+            crate::kubeconfig::client(args.kubeconfig.as_deref(), &args.servers).await?,
+            None,
+        ),
     };
-    let client = crate::kubeconfig::client(kubeconfig.as_deref(), &args.servers).await?;
     let mut config = wasmkube_node::Config::new(&name, data_dir);
     config.address = args.address;
     config.listen = SocketAddr::new(args.address, args.port);
@@ -455,6 +462,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     services.stop().await;
+    if let Some(renewal) = renewal {
+        renewal.abort();
+    }
     result
 }
 

@@ -32,7 +32,7 @@ pub struct FailoverConnector<C = HttpConnector> {
 
 /// The TCP connector under the failover (and under TLS, when the servers
 /// speak it).
-fn tcp() -> HttpConnector {
+pub(crate) fn tcp() -> HttpConnector {
     let mut inner = HttpConnector::new();
     inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
     inner.set_nodelay(true);
@@ -138,7 +138,10 @@ pub fn client(config: kube::Config, servers: &[Uri]) -> anyhow::Result<kube::Cli
     }
 }
 
-fn build<C>(config: kube::Config, connector: FailoverConnector<C>) -> anyhow::Result<kube::Client>
+pub(crate) fn build<C>(
+    config: kube::Config,
+    connector: FailoverConnector<C>,
+) -> anyhow::Result<kube::Client>
 where
     FailoverConnector<C>: tower::Service<Uri> + Clone + Send + Sync + 'static,
     <FailoverConnector<C> as tower::Service<Uri>>::Response:

@@ -5,7 +5,8 @@
 //! (`CN=system:node:NAME`, `O=system:nodes`) with a CertificateSigningRequest
 //! authenticated by the secret, which the server signs at once. The agent
 //! keeps the result as a kubeconfig in its data directory and uses it on
-//! later starts until a third of its lifetime is left.
+//! later starts; a running agent renews it at 80 % of its lifetime
+//! ([`crate::node_cert`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -181,8 +182,8 @@ async fn fetch_ca(server: &http::Uri, hash: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
-/// Credentials in a kubeconfig written by [`join`], if still good for a
-/// third of their lifetime.
+/// Credentials in a kubeconfig written by [`join`], if not yet due for
+/// renewal (80 % of their lifetime, when a running agent renews them).
 fn still_good(path: &Path, server: &str) -> Option<()> {
     let kc = kube::config::Kubeconfig::read_from(path).ok()?;
     let cluster = kc.clusters.first()?.cluster.as_ref()?;
@@ -194,13 +195,11 @@ fn still_good(path: &Path, server: &str) -> Option<()> {
         .decode(user.client_certificate_data.as_ref()?)
         .ok()?;
     let cert = String::from_utf8(cert).ok()?;
-    let expires = wasmkube_pki::not_after(&cert).ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
-    // Issued for a year: renew with four months left.
-    (expires - now > 120 * 24 * 3600).then_some(())
+    let (from, until) = wasmkube_pki::valid_between(&cert).ok()?;
+    let at = |secs: i64| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+    };
+    (std::time::SystemTime::now() < wasmkube_pki::renew_at(at(from), at(until))).then_some(())
 }
 
 /// The kubeconfig of node `name` in `data_dir`, joining with `token` at

@@ -4,6 +4,7 @@ mod agent;
 mod failover;
 mod join;
 mod kubeconfig;
+mod node_cert;
 mod pki;
 mod push;
 mod scheduler;

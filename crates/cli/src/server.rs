@@ -198,6 +198,13 @@ pub struct ServerArgs {
     #[arg(long)]
     no_registry: bool,
 
+    /// The longest life of a certificate signed for a
+    /// CertificateSigningRequest: nodes' client and serving certificates
+    /// and users' (a request may ask for less with expirationSeconds).
+    /// Agents renew theirs at 80 % of its life while they run.
+    #[arg(long, default_value = "8760h", value_parser = crate::agent::duration, value_name = "DURATION")]
+    cluster_signing_duration: Duration,
+
     /// How often the built-in registry frees blobs that no manifest
     /// references (left by deleted manifests and abandoned pushes; a blob
     /// is kept for an hour after its upload).
@@ -376,6 +383,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let registry_addr = registry.as_ref().map(|r| r.addr.to_string());
     let api_config = wasmkube_apiserver::Config {
         registry: registry_addr.clone(),
+        signing_duration: args.cluster_signing_duration,
         audit,
         encryption,
         default_toleration_seconds: args.default_toleration_seconds,

@@ -1813,3 +1813,128 @@ fn audit_receiver() -> (
     });
     (port, received)
 }
+
+/// The client certificate in a joined node's kubeconfig (PEM).
+fn node_client_cert(data_dir: &std::path::Path) -> String {
+    use base64::Engine;
+    let kubeconfig = std::fs::read_to_string(data_dir.join("kubeconfig")).unwrap();
+    let b64 = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("client-certificate-data: "))
+        .expect("the node's kubeconfig has its certificate");
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// A joined node renews its client certificate while it runs (at 80 % of
+/// its life; the server signs certificates for 20 s here) and uses only
+/// the new one: after the old one has expired, the API server restarts,
+/// which ends every connection, and the node comes back on new ones: it
+/// renews its Lease and takes a new pod.
+#[test]
+fn a_joined_node_renews_its_client_certificate_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    let signing = ["--cluster-signing-duration", "20s"];
+    let mut s = start_server_with(&server_dir, &signing);
+    let node_dir = dir.path().join("n-rot");
+    let _agent = join_wasm_node(&s, "n-rot", &node_dir);
+    wait_for(&s, "node/n-rot", "condition=Ready", "60s");
+    let first = node_client_cert(&node_dir);
+    let (_, first_expires) = wasmkube_pki::valid_between(&first).unwrap();
+
+    let renewed = poll(
+        "the node's client certificate renewed",
+        Duration::from_secs(60),
+        || {
+            let now = node_client_cert(&node_dir);
+            if now != first {
+                Ok(now)
+            } else {
+                Err("the first certificate".into())
+            }
+        },
+    );
+    let (_, renewed_expires) = wasmkube_pki::valid_between(&renewed).unwrap();
+    assert!(renewed_expires > first_expires);
+    // Past the first certificate's end, every connection is made anew.
+    poll(
+        "the first certificate expired",
+        Duration::from_secs(30),
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            if now > first_expires {
+                Ok(())
+            } else {
+                Err(format!("{now}"))
+            }
+        },
+    );
+    let url = s.url.clone();
+    s.kill();
+    let listen = url.split("://").nth(1).expect("a URL");
+    let s = start_server_at(&server_dir, listen, &signing);
+    let renew_time = |s: &Server| {
+        ok(
+            s,
+            &[
+                "-n",
+                "kube-node-lease",
+                "get",
+                "lease",
+                "n-rot",
+                "-o",
+                "jsonpath={.spec.renewTime}",
+            ],
+            None,
+        )
+    };
+    let before = renew_time(&s);
+    poll(
+        "the node renews its Lease after the restart",
+        Duration::from_secs(30),
+        || {
+            let now = renew_time(&s);
+            if now != before { Ok(()) } else { Err(now) }
+        },
+    );
+    // Its pod watch works: a pod for it gets the node's status (its image
+    // is not in the built-in registry).
+    let registry = s.registry.clone().expect("the server serves its registry");
+    ok(
+        &s,
+        &[
+            "run",
+            "after-renewal",
+            &format!("--image={registry}/absent:v1"),
+            "--overrides",
+            r#"{"spec":{"nodeName":"n-rot"}}"#,
+        ],
+        None,
+    );
+    poll("the node reports the pod", Duration::from_secs(60), || {
+        let reason = ok(
+            &s,
+            &[
+                "get",
+                "pod",
+                "after-renewal",
+                "-o",
+                "jsonpath={.status.containerStatuses[0].state.waiting.reason}",
+            ],
+            None,
+        );
+        if reason.contains("ImagePull") {
+            Ok(())
+        } else {
+            Err(reason)
+        }
+    });
+}

@@ -49,12 +49,7 @@ pub(crate) struct Serving {
     pub renew_at: SystemTime,
 }
 
-/// When a certificate valid from `issued` to `expires` is renewed: at 80 %
-/// of its lifetime.
-pub(crate) fn renew_at(issued: SystemTime, expires: SystemTime) -> SystemTime {
-    let lifetime = expires.duration_since(issued).unwrap_or_default();
-    issued + lifetime.mul_f64(0.8)
-}
+use wasmkube_pki::renew_at;
 
 /// A serving certificate for this node's `names`, signed by the cluster CA
 /// through a CertificateSigningRequest, and the TLS configuration serving

@@ -173,8 +173,11 @@ fn leaf_params(
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // A little slack for clocks a few minutes apart.
-    params.not_before = now - time::Duration::minutes(5);
+    // A little slack for clocks a few minutes apart, at most half the
+    // lifetime: a short-lived certificate stays mostly in the future, so
+    // renewing at 80 % of its span is still ahead of its end.
+    let slack = Duration::from_secs(300).min(lifetime / 2);
+    params.not_before = now - slack;
     params.not_after = now + lifetime;
 }
 
@@ -376,11 +379,28 @@ pub fn identity_of(cert_der: &[u8]) -> Option<Identity> {
 
 /// When a certificate (PEM) stops being valid, as seconds since the epoch.
 pub fn not_after(cert_pem: &str) -> Result<i64> {
+    valid_between(cert_pem).map(|(_, until)| until)
+}
+
+/// When a certificate valid from `issued` to `expires` is renewed: at 80 %
+/// of its lifetime (as the kubelet renews its certificates).
+pub fn renew_at(
+    issued: std::time::SystemTime,
+    expires: std::time::SystemTime,
+) -> std::time::SystemTime {
+    let lifetime = expires.duration_since(issued).unwrap_or_default();
+    issued + lifetime.mul_f64(0.8)
+}
+
+/// When a certificate (PEM) starts and stops being valid, as seconds since
+/// the epoch.
+pub fn valid_between(cert_pem: &str) -> Result<(i64, i64)> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| PkiError::Pem(e.to_string()))?;
     let (_, cert) =
         x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Pem(e.to_string()))?;
-    Ok(cert.validity().not_after.timestamp())
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// Who a PKCS#10 request (PEM) asks to be; its signature is checked.
@@ -473,6 +493,65 @@ pub fn client_tls(ca_pem: &str, client: Option<&Issued>) -> Result<Arc<rustls::C
         }
         None => builder.with_no_client_auth(),
     };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client certificate that can be replaced while clients hold it: every
+/// TLS handshake presents the one current then (as the kubelet's
+/// certificate manager does for its rotating client certificate).
+#[derive(Debug)]
+pub struct ClientCertSlot {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ClientCertSlot {
+    pub fn new(client: &Issued) -> Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(certified(client)?),
+        }))
+    }
+
+    /// Presents `client` from the next handshake on.
+    pub fn replace(&self, client: &Issued) -> Result<()> {
+        let next = certified(client)?;
+        *self.current.write().expect("certificate slot") = next;
+        Ok(())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientCertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("certificate slot").clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn certified(pair: &Issued) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    let (chain, key) = parse_pair(pair)?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let key = provider.key_provider.load_private_key(key)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, key)))
+}
+
+/// A client trusting only the CA(s) in `ca_pem`, presenting whatever
+/// certificate `slot` holds at each handshake. HTTP/1.1.
+pub fn client_tls_rotating(
+    ca_pem: &str,
+    slot: Arc<ClientCertSlot>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_cert_resolver(slot);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

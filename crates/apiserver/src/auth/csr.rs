@@ -34,8 +34,9 @@ use crate::error::ApiError;
 pub const NODE_CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 /// The group of join-token holders.
 pub const BOOTSTRAPPERS: &str = "system:bootstrappers";
-/// How long a node's certificate is valid unless the request asks for less.
-const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a signed certificate is valid at most, unless the server is
+/// told otherwise (`--cluster-signing-duration`; Kubernetes: a year).
+pub const SIGNING_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The signer of node agents' serving certificates.
 pub const NODE_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
@@ -181,7 +182,7 @@ pub(crate) async fn create(
     let created = crate::rest::create_internal(server, rt, None, csr).await?;
     let signed = match (&server.config.ca, request) {
         (Some(ca), Some(NodeRequest { pem, serving, .. })) => {
-            let signed = sign(ca, &pem, &created, serving);
+            let signed = sign(ca, &pem, &created, serving, server.config.signing_duration);
             Some(signed.map_err(|e| ApiError::bad_request(format!("spec.request: {e}")))?)
         }
         _ => None,
@@ -338,7 +339,7 @@ pub(crate) async fn approve(
         && unsigned
         && let Some(ca) = &server.config.ca
     {
-        let outcome = sign_approved(ca, &stored, &signer);
+        let outcome = sign_approved(ca, &stored, &signer, server.config.signing_duration);
         if let Some(outcome) = outcome {
             stored = crate::rest::reconcile_internal(
                 server,
@@ -385,6 +386,7 @@ fn sign_approved(
     ca: &wasmkube_pki::Ca,
     csr: &Value,
     signer: &str,
+    longest: Duration,
 ) -> Option<Result<String, String>> {
     if ![CLIENT_SIGNER, NODE_CLIENT_SIGNER, NODE_SERVING_SIGNER].contains(&signer) {
         return None;
@@ -430,23 +432,24 @@ fn sign_approved(
             Err(e) => return Some(Err(e.to_string())),
         }
     }
-    let signed = sign(ca, &pem, csr, signer == NODE_SERVING_SIGNER);
+    let signed = sign(ca, &pem, csr, signer == NODE_SERVING_SIGNER, longest);
     Some(signed.map_err(|e| e.to_string()))
 }
 
 /// Signs the request `pem` of `csr` (a serving or a client certificate) for
-/// its `expirationSeconds`, at least ten minutes and at most a year.
+/// its `expirationSeconds` (at least ten minutes), at most `longest`.
 fn sign(
     ca: &wasmkube_pki::Ca,
     pem: &str,
     csr: &Value,
     serving: bool,
+    longest: Duration,
 ) -> Result<String, wasmkube_pki::PkiError> {
     let lifetime = csr["spec"]["expirationSeconds"]
         .as_u64()
         .map(|s| Duration::from_secs(s.max(600)))
-        .unwrap_or(NODE_CERT_LIFETIME)
-        .min(NODE_CERT_LIFETIME);
+        .unwrap_or(longest)
+        .min(longest);
     if serving {
         ca.sign_serving_csr(pem, lifetime)
     } else {
