@@ -106,6 +106,37 @@ impl Lan {
             .unwrap()
     }
 
+    /// The namespace of the pod whose address is `pod_ip`.
+    fn pod_netns_with(&self, pod_ip: &str) -> String {
+        self.pod_namespaces()
+            .into_iter()
+            .find(|n| {
+                ip_out(&["-n", n, "-4", "-o", "addr", "show", "dev", "eth0"])
+                    .contains(&format!(" {pod_ip}/32 "))
+            })
+            .unwrap_or_else(|| panic!("no pod namespace has {pod_ip}"))
+    }
+
+    /// How many packets a host's kernel dropped for failing the reverse-path
+    /// check (`IPReversePathFilter` of its `/proc/net/netstat`).
+    fn reverse_path_drops(&self, host: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(host), "cat", "/proc/net/netstat"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tcp_ext: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+        let [names, values] = tcp_ext[..] else {
+            panic!("no TcpExt counters: {text}");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "IPReversePathFilter")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("the IPReversePathFilter counter")
+    }
+
     /// Pod namespaces the agents made that still exist.
     fn pod_namespaces(&self) -> Vec<String> {
         ip_out(&["netns", "list"])
@@ -771,6 +802,38 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         remote_ip.starts_with(pod_net) && remote_ip != web_ip,
         "{remote_ip}"
     );
+
+    // No pod passes as another: host1 drops what a pod sends from an
+    // address that is not its own (strict reverse-path filtering on its
+    // veth). The web pod's namespace is given the remote pod's address too
+    // (as a pod with NET_ADMIN could), then pings host2 from each address.
+    let web_ns = lan.pod_netns_with(&web_ip);
+    let forged = format!("{remote_ip}/32");
+    ip(&["-n", &web_ns, "addr", "add", &forged, "dev", "eth0"]);
+    let ping_from = |source: &str, wait: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &web_ns, "busybox", "ping", "-c", "1"])
+            .args(["-W", wait, "-I", source, &lan.addr(2)])
+            .output()
+            .unwrap()
+    };
+    let own = ping_from(&web_ip, "5");
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stdout)
+    );
+    let before = lan.reverse_path_drops("host1");
+    let _ = ping_from(&remote_ip, "1");
+    common::poll("the forged packet dropped", Duration::from_secs(10), || {
+        let now = lan.reverse_path_drops("host1");
+        if now > before {
+            Ok(())
+        } else {
+            Err(format!("{now} drops"))
+        }
+    });
+    ip(&["-n", &web_ns, "addr", "del", &forged, "dev", "eth0"]);
 
     // And the other way: Wasm guests reach the Linux pod, and their
     // connections leave from their own pod IPs (the httpd's CGI script

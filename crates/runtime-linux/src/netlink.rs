@@ -227,6 +227,13 @@ pub(crate) async fn plug(
         .await
         .map_err(setup_err("creating the pod's veth"))?;
     drop(ns_file);
+    // Strict reverse-path filtering on the node end (as Calico sets it on
+    // workload interfaces): the node drops what a pod sends from an address
+    // that is not routed back through its own veth, so no pod can pass as
+    // another (and past NetworkPolicy that trusts source addresses) by
+    // forging its source.
+    let rp_filter = format!("/proc/sys/net/ipv4/conf/{host}/rp_filter");
+    std::fs::write(&rp_filter, "1").map_err(Error::io(Path::new(&rp_filter)))?;
     let host_index = index_of(&node, &host)
         .await?
         .ok_or_else(|| Error::Setup(format!("the veth end {host} vanished")))?;
