@@ -99,7 +99,8 @@ impl Renewal {
     /// tenth of what is left, at most a minute.
     pub async fn run(mut self, client: kube::Client, node: String) {
         loop {
-            let (from, until) = match wasmkube_pki::valid_between(&self.stored.credentials.cert_pem) {
+            let (from, until) = match wasmkube_pki::valid_between(&self.stored.credentials.cert_pem)
+            {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(error = %e, "the node's client certificate cannot be read; not renewing it");

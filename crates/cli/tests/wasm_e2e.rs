@@ -165,6 +165,33 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
         &["wait", "--for=delete", "pod/echo", "--timeout=60s"],
         None,
     );
+    // `kubectl run -it`: the guest's stdio is a terminal the agent keeps
+    // (kubectl asks for one only from one, so `script` gives it one); the
+    // input's end is end-of-file to the guest.
+    let mut script = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "kubectl run echo-tty -it --rm --restart=Never --image={echo}"
+        ))
+        .arg("/dev/null")
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = script.stdin.take().unwrap();
+        input.write_all(b"typed\n").unwrap();
+    }
+    let out = script.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("got: typed (on a terminal)") && printed.contains("1 lines"),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Every pod gets its service account's token, the cluster CA and its
     // namespace at the standard path (a preopened directory for a Wasm

@@ -8,10 +8,10 @@
 //! reads it as its stdin, a Wasm guest as WASI stdin). With `stdinOnce`, as
 //! on the kubelet, the first attach that streams stdin is the only one, and
 //! the container reads end-of-file once it ends (`kubectl run -i --rm`).
-//! With `-t`, a Linux container with `tty: true` is attached to its
-//! terminal (its output is the log's one stream; channel 4 resizes it), as
-//! `kubectl run -it` wants; a Wasm guest has no terminal, so `-t` is
-//! refused for it.
+//! With `-t`, a container with `tty: true` (a Linux process or a Wasm
+//! guest) is attached to its terminal (the agent's, `terminal.rs`: its
+//! output is the log's one stream; channel 4 resizes it), as `kubectl run
+//! -it` wants.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,7 +68,7 @@ pub(crate) async fn handle(
         (true, Some(t)) => Some(t),
         (true, None) => {
             return refused(format!(
-                "cannot attach a terminal to container \"{container}\": it has none (a Linux container gets one with tty: true; a Wasm guest never has one: attach with -i and without -t)"
+                "cannot attach a terminal to container \"{container}\": it has none (a container gets one with tty: true; attach without -t)"
             ));
         }
     };

@@ -23,6 +23,7 @@ mod routes;
 mod server;
 mod spec;
 mod status;
+mod terminal;
 mod tls;
 mod volumes;
 

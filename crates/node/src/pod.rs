@@ -80,8 +80,24 @@ pub(crate) struct Run {
     /// The write end of the run's stdin (`stdin: true`), for `kubectl
     /// attach -i`.
     pub stdin: Option<Arc<crate::attach::Stdin>>,
-    /// Resizes the run's terminal (`tty: true`, a runtime with terminals).
+    /// Resizes the run's terminal (`tty: true`).
     pub terminal: Option<wasmkube_runtime::Resize>,
+}
+
+/// How `kubectl attach -t` resizes a run's terminal: the agent sets the
+/// size, then the runtime tells the container (runc passes `SIGWINCH` on; a
+/// Wasm guest has no signal to hear it by).
+fn resize(
+    terminal: &Arc<crate::terminal::Terminal>,
+    tell: Option<wasmkube_runtime::Resize>,
+) -> wasmkube_runtime::Resize {
+    let terminal = terminal.clone();
+    wasmkube_runtime::Resize(Arc::new(move |cols, rows| {
+        terminal.set_size(cols, rows);
+        if let Some(tell) = &tell {
+            (tell.0)(cols, rows);
+        }
+    }))
 }
 
 /// What a registry's yes is remembered by: the pod's namespace, its
@@ -1393,7 +1409,10 @@ impl PodRun {
             // An in-process Wasm guest writes its log straight into the
             // writer; a process gets pipes.
             let max = self.ctx.config.log_max_bytes;
-            let opened = if image.is_wasm() {
+            let tty = c.tty == Some(true);
+            // A terminal's output is logged by the agent (see below), as a
+            // Wasm guest's is.
+            let opened = if image.is_wasm() || tty {
                 logs::open_sinks(&log_path, max)
             } else {
                 logs::open(&log_path, max)
@@ -1429,6 +1448,31 @@ impl PodRun {
                 }
             } else {
                 (None, None)
+            };
+            // With a terminal, the container's stdio is its slave end; the
+            // agent logs its output and types the stdin pipe into it.
+            let (terminal, stdin_end, stdout, stderr) = match (tty, stdout) {
+                (true, wasmkube_runtime::Output::Sink(log)) => {
+                    match crate::terminal::Terminal::open(log, stdin_end) {
+                        Ok((terminal, ends)) => (
+                            Some(Arc::new(terminal)),
+                            Some(ends.stdin),
+                            wasmkube_runtime::Output::File(ends.stdout),
+                            wasmkube_runtime::Output::File(ends.stderr),
+                        ),
+                        Err(e) => {
+                            let message = format!("cannot make the container's terminal: {e}");
+                            if self
+                                .hold(&name, "CreateContainerError", message, config_delay)
+                                .await
+                            {
+                                return Outcome::Stopped;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                (_, stdout) => (None, stdin_end, stdout, stderr),
             };
             let usage = Arc::new(Usage::default());
             let run_id = format!(
@@ -1502,7 +1546,7 @@ impl PodRun {
                 stdout,
                 stderr,
                 stdin: stdin_end,
-                tty: c.tty == Some(true),
+                tty,
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
                 cpu_request_millis: resolved.cpu_request_millis,
@@ -1578,7 +1622,7 @@ impl PodRun {
                                 started: ran_from,
                                 exec: running.exec(),
                                 stdin: stdin.clone(),
-                                terminal: running.terminal(),
+                                terminal: terminal.as_ref().map(|t| resize(t, running.terminal())),
                             },
                         );
                     });
@@ -1607,7 +1651,11 @@ impl PodRun {
                 }
             };
             // 4. It ended. Its output is in the log file before the exit is
-            // reported, so a reader who saw the exit sees all of it.
+            // reported, so a reader who saw the exit sees all of it (what is
+            // left in its terminal is read, then the terminal closes).
+            if let Some(terminal) = &terminal {
+                terminal.end();
+            }
             let mut written = live.written.clone();
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), written.wait_for(|w| *w == u64::MAX))

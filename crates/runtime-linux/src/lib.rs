@@ -327,34 +327,17 @@ impl LinuxRuntime {
             .arg(&config.id);
         // runc run in the foreground copies between its stdio and the
         // container's: pipes, or, for a container with a terminal (which
-        // runc makes inside it), the slave end of one whose master the
-        // agent keeps.
-        let terminal = if config.tty {
-            let setup = |what: &str| {
-                let what = what.to_owned();
-                move |e: std::io::Error| {
-                    Error::Setup(format!("the container's terminal: {what}: {e}"))
-                }
-            };
-            let (master, slave) = exec::pty().map_err(|e| Error::Setup(e.to_string()))?;
-            cmd.stdin(Stdio::from(slave.try_clone().map_err(setup("dup"))?))
-                .stdout(Stdio::from(slave.try_clone().map_err(setup("dup"))?))
-                .stderr(Stdio::from(slave));
-            let _ = stderr;
-            Some(Terminal::start(master, stdout, config.stdin).map_err(setup("start"))?)
-        } else {
-            cmd.stdin(config.stdin.map_or_else(Stdio::null, Stdio::from))
-                .stdout(stdout)
-                .stderr(stderr);
-            None
-        };
+        // runc makes inside it), the slave end of the agent's terminal.
+        cmd.stdin(config.stdin.map_or_else(Stdio::null, Stdio::from))
+            .stdout(stdout)
+            .stderr(stderr);
         let child = cmd
             .spawn()
             .map_err(|e| Error::Setup(format!("starting runc: {e}")))?;
-        // The slave's copies went to runc; only the container holds the
-        // terminal now, so its output ends when the container does.
+        // Only runc holds the container's stdio now, so its output ends when
+        // the container does.
         drop(cmd);
-        let terminal = terminal.map(|t| t.resize(child.id()));
+        let terminal = config.tty.then(|| resized(child.id()));
         let cgroup = Cgroup::new(format!("/wasmkube/{}", config.id));
         let usage = tokio::spawn(track_usage(cgroup.clone(), config.usage.clone()));
         Ok(LinuxContainer {
@@ -371,52 +354,15 @@ impl LinuxRuntime {
     }
 }
 
-/// A container's terminal: the master end, its output copied into the
-/// container's stdout (the log), the stdin pipe's bytes written to it.
-struct Terminal {
-    master: std::os::fd::OwnedFd,
-}
-
-impl Terminal {
-    fn start(
-        master: std::os::fd::OwnedFd,
-        stdout: std::fs::File,
-        stdin: Option<std::fs::File>,
-    ) -> std::io::Result<Self> {
-        use tokio::io::AsyncWriteExt;
-        let reader = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
-        let mut log = tokio::fs::File::from_std(stdout);
-        tokio::spawn(async move {
-            let mut reader = exec::PtyReader(reader);
-            let _ = tokio::io::copy(&mut reader, &mut log).await;
-        });
-        if let Some(stdin) = stdin {
-            let mut input = tokio::net::unix::pipe::Receiver::from_file(stdin)?;
-            let mut writer = tokio::fs::File::from_std(std::fs::File::from(master.try_clone()?));
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut input, &mut writer).await;
-                // The attach's input ended (stdinOnce): end-of-file, as a
-                // terminal's user types it.
-                let _ = writer.write_all(&[0x04]).await;
-                let _ = writer.flush().await;
-            });
+/// How runc learns its terminal was resized (the agent set the new size
+/// on it): `SIGWINCH`, which it passes on to the container's own terminal.
+fn resized(runc: Option<u32>) -> wasmkube_runtime::Resize {
+    let pid = runc.and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    wasmkube_runtime::Resize(Arc::new(move |_, _| {
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
         }
-        Ok(Self { master })
-    }
-
-    /// How the terminal is resized: its size set, and runc (which passes
-    /// signals on to the container) told with SIGWINCH.
-    fn resize(self, runc: Option<u32>) -> wasmkube_runtime::Resize {
-        let pid = runc.and_then(|p| rustix::process::Pid::from_raw(p as i32));
-        let master = self.master;
-        wasmkube_runtime::Resize(Arc::new(move |cols, rows| {
-            if rustix::termios::tcsetwinsize(&master, exec::winsize(cols, rows)).is_ok()
-                && let Some(pid) = pid
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
-            }
-        }))
-    }
+    }))
 }
 
 async fn track_usage(cgroup: Cgroup, usage: Arc<Usage>) {
@@ -463,7 +409,7 @@ struct LinuxContainer {
     cgroup: Cgroup,
     usage: tokio::task::JoinHandle<()>,
     exit: Option<Exit>,
-    /// Resizes the container's terminal (`tty: true`).
+    /// Tells runc its terminal was resized (`tty: true`).
     terminal: Option<wasmkube_runtime::Resize>,
 }
 

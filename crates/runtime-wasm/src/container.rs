@@ -212,6 +212,7 @@ impl Runtime for WasmContainers {
             stdout: output(config.stdout),
             stderr: output(config.stderr),
             stdin: config.stdin.map(Arc::new),
+            tty: config.tty,
             memory_limit: config.memory_limit,
             cpu_millis: config.cpu_millis,
             live: config.usage,

@@ -23,6 +23,7 @@ mod http;
 mod limits;
 mod net;
 mod sink;
+mod tty;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use wasmtime::{
     Config as EngineConfig, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
     PoolingAllocationConfig, Store, UpdateDeadline,
 };
+use wasmtime_wasi::cli::StdoutStream;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
@@ -133,23 +135,24 @@ impl Output {
         }
     }
 
-    /// Sets this as the WASI context's stdout (`stderr` false) or stderr.
-    fn attach(&self, wasi: &mut WasiCtxBuilder, stderr: bool) -> Result<(), Error> {
-        match self {
-            Self::Sink(sink) => {
-                let out = sink::SinkStream(sink.clone());
-                if stderr {
-                    wasi.stderr(out);
-                } else {
-                    wasi.stdout(out);
-                }
+    /// Sets this as the WASI context's stdout (`stderr` false) or stderr,
+    /// reporting a terminal when `tty`.
+    fn attach(&self, wasi: &mut WasiCtxBuilder, stderr: bool, tty: bool) -> Result<(), Error> {
+        fn set(wasi: &mut WasiCtxBuilder, stderr: bool, out: impl StdoutStream + 'static) {
+            if stderr {
+                wasi.stderr(out);
+            } else {
+                wasi.stdout(out);
             }
+        }
+        match self {
+            Self::Sink(sink) => set(wasi, stderr, sink::SinkStream(sink.clone())),
             _ => {
                 let out = wasmtime_wasi::cli::OutputFile::new(self.open()?);
-                if stderr {
-                    wasi.stderr(out);
+                if tty {
+                    set(wasi, stderr, tty::OnTerminal(out));
                 } else {
-                    wasi.stdout(out);
+                    set(wasi, stderr, out);
                 }
             }
         }
@@ -182,8 +185,12 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
     pub stdout: Output,
     pub stderr: Output,
-    /// The read end of a pipe the guest's stdin reads (`None`: empty).
+    /// The read end of a pipe the guest's stdin reads, or the terminal's
+    /// slave end (`tty`); `None`: empty.
     pub stdin: Option<Arc<std::fs::File>>,
+    /// The guest's stdin, stdout and stderr are a terminal's slave end
+    /// (`stdout` and `stderr` then are files).
+    pub tty: bool,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
@@ -284,9 +291,16 @@ pub(crate) fn wasi_builder(spec: &ContainerSpec) -> Result<WasiCtxBuilder, Error
     let mut wasi = WasiCtxBuilder::new();
     wasi.args(&spec.args);
     spec.network.configure(&mut wasi);
-    spec.stdout.attach(&mut wasi, false)?;
-    spec.stderr.attach(&mut wasi, true)?;
-    if let Some(stdin) = &spec.stdin {
+    spec.stdout.attach(&mut wasi, false, spec.tty)?;
+    spec.stderr.attach(&mut wasi, true, spec.tty)?;
+    if let Some(stdin) = spec.stdin.as_ref().filter(|_| spec.tty) {
+        // Read on a thread of its own, as a terminal is not a pipe; the
+        // agent closes the terminal when the run ends, which ends the read.
+        let input = stdin
+            .try_clone()
+            .map_err(|e| Error::Setup(format!("stdin: {e}")))?;
+        wasi.stdin(tty::OnTerminal(wasmtime_wasi::cli::InputFile::new(input)));
+    } else if let Some(stdin) = &spec.stdin {
         let pipe = stdin
             .try_clone()
             .and_then(tokio::net::unix::pipe::Receiver::from_file)

@@ -185,12 +185,13 @@ pub struct ContainerConfig {
     pub stdout: Output,
     pub stderr: Output,
     /// The read end of a pipe the agent writes what `kubectl attach -i`
-    /// sends to (a container with `stdin: true`); `None`: the container's
-    /// stdin is empty.
+    /// sends to (a container with `stdin: true`), or the terminal's slave
+    /// end (`tty`); `None`: the container's stdin is empty.
     pub stdin: Option<File>,
-    /// `tty: true`: the container's stdio is a terminal (a process's; a Wasm
-    /// guest has none), whose output goes to `stdout` and whose input is
-    /// read from `stdin`.
+    /// `tty: true`: `stdin`, `stdout` and `stderr` are the slave end of a
+    /// terminal the agent keeps (it logs the output and types the input):
+    /// the container runs on it as on a terminal (runc's terminal mode; a
+    /// Wasm guest's stdio reports one).
     pub tty: bool,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
@@ -451,8 +452,9 @@ pub trait Container: Send {
         None
     }
 
-    /// Sets the size of the container's terminal (columns, rows), when it
-    /// has one (`tty: true` on a runtime with terminals).
+    /// Tells the container its terminal was resized (the agent has set the
+    /// new size, columns and rows, on it), when the runtime has a way to
+    /// (`tty: true`; runc passes `SIGWINCH` on, a Wasm guest hears nothing).
     fn terminal(&self) -> Option<Resize> {
         None
     }
