@@ -403,6 +403,7 @@ pub fn render_path(path: &[String]) -> String {
 /// Returns the merged object with updated managedFields, or the conflicts.
 pub fn apply(
     rt: &ResourceType,
+    sub: Option<&str>,
     manager: &str,
     force: bool,
     live: Option<&Value>,
@@ -410,13 +411,17 @@ pub fn apply(
     now: &str,
 ) -> Result<Value, Vec<Conflict>> {
     let mut list = entries(live);
-    let applied_leaves = leaves(Lists::of(rt), applied, None);
+    // An apply to the object owns its fields but status; one to `status`
+    // owns status fields. Ownership is compared within the same part.
+    let same_part = |e: &Entry| e.subresource.as_deref() == sub;
+    let applying = |e: &Entry| e.manager == manager && e.operation == "Apply" && same_part(e);
+    let applied_leaves = leaves(Lists::of(rt), applied, sub);
     let empty = json!({});
     let live_obj = live.unwrap_or(&empty);
     let mut conflicts = Vec::new();
     let mut conflicting = FieldSet::new();
     for e in &list {
-        if e.manager == manager && e.operation == "Apply" || e.subresource.is_some() {
+        if applying(e) || !same_part(e) {
             continue;
         }
         for p in e.fields.intersection(&applied_leaves) {
@@ -449,12 +454,12 @@ pub fn apply(
     // Fields this manager applied before, no longer applies, and nobody else owns go away.
     let previously: FieldSet = list
         .iter()
-        .find(|e| e.manager == manager && e.operation == "Apply" && e.subresource.is_none())
+        .find(|e| applying(e))
         .map(|e| e.fields.clone())
         .unwrap_or_default();
     let others: FieldSet = list
         .iter()
-        .filter(|e| !(e.manager == manager && e.operation == "Apply") && e.subresource.is_none())
+        .filter(|e| !applying(e) && same_part(e))
         .flat_map(|e| e.fields.iter().cloned())
         .collect();
     let mut stale: Vec<&Path> = previously
@@ -466,11 +471,11 @@ pub fn apply(
         remove_at(&mut merged, p);
     }
     for e in &mut list {
-        if !(e.manager == manager && e.operation == "Apply") {
+        if !applying(e) && same_part(e) {
             e.fields.retain(|p| !conflicting.contains(p));
         }
     }
-    let me = entry_mut(&mut list, rt.api_version(), manager, "Apply", None, now);
+    let me = entry_mut(&mut list, rt.api_version(), manager, "Apply", sub, now);
     me.fields = applied_leaves;
     store_entries(&mut merged, list);
     Ok(merged)
@@ -507,7 +512,7 @@ mod tests {
         let mut live = json!({"metadata": {"name": "web"}, "spec": {"replicas": 2}});
         record_update(rt, "kubectl-client-side-apply", None, None, &mut live, "t0");
         let applied = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {"replicas": 3}});
-        let conflicts = apply(rt, "kubectl", false, Some(&live), &applied, "t1").unwrap_err();
+        let conflicts = apply(rt, None, "kubectl", false, Some(&live), &applied, "t1").unwrap_err();
         assert_eq!(
             conflicts,
             vec![Conflict {
@@ -518,8 +523,8 @@ mod tests {
         );
         // The same value is shared ownership, not a conflict.
         let same = json!({"metadata": {"name": "web"}, "spec": {"replicas": 2}});
-        assert!(apply(rt, "kubectl", false, Some(&live), &same, "t1").is_ok());
-        let forced = apply(rt, "kubectl", true, Some(&live), &applied, "t1").unwrap();
+        assert!(apply(rt, None, "kubectl", false, Some(&live), &same, "t1").is_ok());
+        let forced = apply(rt, None, "kubectl", true, Some(&live), &applied, "t1").unwrap();
         assert_eq!(forced["spec"]["replicas"], 3);
         let owners = entries(Some(&forced));
         assert_eq!(owners.len(), 1, "{owners:?}");
@@ -530,11 +535,58 @@ mod tests {
     fn apply_removes_fields_it_stopped_applying() {
         let rt = deploy();
         let first = json!({"metadata": {"name": "web", "labels": {"a": "1", "b": "2"}}, "spec": {"replicas": 1}});
-        let live = apply(rt, "mgr", false, None, &first, "t0").unwrap();
+        let live = apply(rt, None, "mgr", false, None, &first, "t0").unwrap();
         let second =
             json!({"metadata": {"name": "web", "labels": {"a": "1"}}, "spec": {"replicas": 1}});
-        let out = apply(rt, "mgr", false, Some(&live), &second, "t1").unwrap();
+        let out = apply(rt, None, "mgr", false, Some(&live), &second, "t1").unwrap();
         assert_eq!(out["metadata"]["labels"], json!({"a": "1"}));
+    }
+
+    /// An apply to `status` owns status fields in an entry of its own,
+    /// conflicts only with status writers, and drops status fields it
+    /// stopped applying; the object's own apply entry is untouched.
+    #[test]
+    fn status_applies_own_status_fields_apart() {
+        let rt = deploy();
+        let spec = json!({"metadata": {"name": "web"}, "spec": {"replicas": 1}});
+        let live = apply(rt, None, "mgr", false, None, &spec, "t0").unwrap();
+        let status =
+            json!({"metadata": {"name": "web"}, "status": {"replicas": 1, "readyReplicas": 1}});
+        let live = apply(rt, Some("status"), "mgr", false, Some(&live), &status, "t1").unwrap();
+        let owners = entries(Some(&live));
+        let status_entry = owners
+            .iter()
+            .find(|e| e.subresource.as_deref() == Some("status"))
+            .expect("a status entry");
+        assert_eq!(status_entry.operation, "Apply");
+        assert!(
+            status_entry
+                .fields
+                .contains(&vec!["f:status".to_owned(), "f:readyReplicas".to_owned()])
+        );
+        let main = owners.iter().find(|e| e.subresource.is_none()).unwrap();
+        assert!(
+            main.fields
+                .contains(&vec!["f:spec".to_owned(), "f:replicas".to_owned()])
+        );
+        // Another status writer's different value is a conflict.
+        let other = json!({"metadata": {"name": "web"}, "status": {"readyReplicas": 0}});
+        let conflicts = apply(
+            rt,
+            Some("status"),
+            "other",
+            false,
+            Some(&live),
+            &other,
+            "t2",
+        )
+        .unwrap_err();
+        assert_eq!(conflicts[0].manager, "mgr");
+        // What the manager no longer applies goes.
+        let less = json!({"metadata": {"name": "web"}, "status": {"replicas": 1}});
+        let out = apply(rt, Some("status"), "mgr", false, Some(&live), &less, "t3").unwrap();
+        assert_eq!(out["status"], json!({"replicas": 1}));
+        assert_eq!(out["spec"], json!({"replicas": 1}));
     }
 
     #[test]

@@ -301,12 +301,19 @@ fn has_spec_generation(rt: &ResourceType) -> bool {
     rt.custom.is_some() || (rt.has(Subresource::Status) && !matches!(rt.kind, "Namespace" | "Node"))
 }
 
+/// Whether a write changes nothing, as Kubernetes skips it: the same
+/// object and the same field owners (when they last wrote does not count;
+/// a manager that comes to share fields is a change).
 fn same_ignoring_version(a: &Value, b: &Value) -> bool {
     let strip = |v: &Value| {
         let mut v = v.clone();
         if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
             m.remove("resourceVersion");
-            m.remove("managedFields");
+            if let Some(entries) = m.get_mut("managedFields").and_then(Value::as_array_mut) {
+                for e in entries.iter_mut().filter_map(Value::as_object_mut) {
+                    e.remove("time");
+                }
+            }
         }
         v
     };
@@ -1333,6 +1340,7 @@ impl<'a> Ctx<'a> {
             });
             let merged = fields::apply(
                 rt,
+                sub.map(Subresource::name).filter(|s| *s == "status"),
                 &manager,
                 self.params.force,
                 served.as_ref(),

@@ -1663,6 +1663,51 @@ fn custom_resources_with_kubectl() {
     let row = ok(&s, &["get", "fn", "hello", "--no-headers"], None);
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cells[..4], ["hello", "reg/hello:v1", "3", "True"], "{row}");
+    // Server-side apply of status: the applier owns the status fields it
+    // sent, in a managedFields entry for the status subresource.
+    ok(
+        &s,
+        &[
+            "apply",
+            "--server-side",
+            "--subresource=status",
+            "--field-manager=status-writer",
+            "-f",
+            "-",
+        ],
+        Some(
+            r#"{"apiVersion":"demo.wasmkube.dev/v1","kind":"Function","metadata":{"name":"hello"},"status":{"replicas":3}}"#,
+        ),
+    );
+    let managed = ok(
+        &s,
+        &[
+            "get",
+            "fn",
+            "hello",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields}",
+        ],
+        None,
+    );
+    let managed: Value = serde_json::from_str(&managed).unwrap();
+    let entry = managed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["manager"] == "status-writer")
+        .cloned()
+        .unwrap_or_else(|| panic!("no entry of status-writer: {managed}"));
+    assert_eq!(
+        (&entry["operation"], &entry["subresource"]),
+        (&serde_json::json!("Apply"), &serde_json::json!("status")),
+        "{entry}"
+    );
+    assert!(
+        entry["fieldsV1"]["f:status"]["f:replicas"].is_object(),
+        "{entry}"
+    );
     assert_eq!(
         ok(
             &s,
