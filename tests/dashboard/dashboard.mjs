@@ -144,6 +144,18 @@ async function check() {
     await step(page, "the Wasm module's facts shown", page.waitForFunction(() => (document.querySelector('[data-metric="wasm_module_bytes"]')?.textContent || "").length > 0,
       null, { timeout: WAIT }));
     const moduleSize = await page.$eval('[data-metric="wasm_module_bytes"]', (el) => el.textContent);
+    // Opened afresh, the pod's page starts with the usage its node kept
+    // from before: the CPU chart spans more time than the page has been
+    // open.
+    const fresh = await browser.newPage();
+    const opened = Date.now();
+    await fresh.goto(`${base}/dashboard/#/pods/${key}`);
+    await step(fresh, "the CPU chart drawn from the node's history", fresh.waitForFunction((since) => {
+      const c = document.querySelector('[data-chart="cpu"]');
+      return c && Number(c.dataset.spanMs) > Date.now() - since + 1000;
+    }, opened, { timeout: WAIT }));
+    const historySpanMs = await fresh.$eval('[data-chart="cpu"]', (el) => Number(el.dataset.spanMs));
+    await fresh.close();
     const logText = await page.$eval(logs, (el) => el.textContent);
     if (opts.screenshot) await page.screenshot({ path: opts.screenshot, fullPage: true });
     // Every other view draws without an error.
@@ -157,7 +169,7 @@ async function check() {
       return page.$eval("#view", (el) => el.textContent);
     })();
     if (problems.length) fail(problems.join("\n"));
-    console.log(JSON.stringify({ ...paint, shownAfterMs, chartPoints, moduleSize, logText: logText.slice(-400), nodesText: nodesText.slice(0, 400) }));
+    console.log(JSON.stringify({ ...paint, shownAfterMs, chartPoints, historySpanMs, moduleSize, logText: logText.slice(-400), nodesText: nodesText.slice(0, 400) }));
   } finally {
     await browser.close();
     child.kill();

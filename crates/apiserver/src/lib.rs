@@ -368,6 +368,10 @@ impl ApiServer {
             )
             .route(dashboard::PATH, get(dashboard::redirect))
             .route("/dashboard/", get(dashboard::file))
+            .route(
+                "/dashboard/api/namespaces/{namespace}/pods/{name}/usage",
+                get(usage_history),
+            )
             .route("/dashboard/{*file}", get(dashboard::file))
             .route("/openapi/v2", get(openapi::v2))
             .route("/openapi/v3", get(openapi::v3_index))
@@ -380,6 +384,18 @@ impl ApiServer {
             .layer(axum::middleware::from_fn(metrics::track))
             .with_state(self.clone())
     }
+}
+
+/// The dashboard's one data path: a pod's recent usage, from its node.
+async fn usage_history(
+    State(server): State<Arc<ApiServer>>,
+    axum::extract::Path((namespace, name)): axum::extract::Path<(String, String)>,
+    req: Request<Body>,
+) -> Response {
+    let user = req.extensions().get::<UserInfo>().cloned();
+    node_proxy::pod_usage_history(&server, user, &namespace, &name)
+        .await
+        .unwrap_or_else(|e| e.into_response())
 }
 
 async fn resources(State(server): State<Arc<ApiServer>>, req: Request<Body>) -> Response {

@@ -281,6 +281,32 @@ async fn agent_error(response: HttpResponse<hyper::body::Incoming>) -> ApiError 
     }
 }
 
+/// `GET path` on the agent of `node` at `host`: its answer when it is a
+/// success, else its refusal relayed.
+async fn agent_get(
+    server: &ApiServer,
+    node: &str,
+    host: &str,
+    path: &str,
+) -> ApiResult<HttpResponse<hyper::body::Incoming>> {
+    let mut agent = dial(server, node, host).await?;
+    let request = agent
+        .request(&axum::http::Method::GET, path)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(ApiError::internal)?;
+    let response = agent
+        .sender
+        .send_request(request)
+        .await
+        .map_err(|e| ApiError::Internal {
+            message: format!("error dialing the node agent of {node}: {e}"),
+        })?;
+    if !response.status().is_success() {
+        return Err(agent_error(response).await);
+    }
+    Ok(response)
+}
+
 /// `GET pods/{name}/log`: finds the pod's node and container and streams
 /// the agent's answer back.
 pub(crate) async fn pod_log(
@@ -296,24 +322,8 @@ pub(crate) async fn pod_log(
         host,
         query,
     } = locate(server, namespace, name, query).await?;
-    let mut agent = dial(server, &node, &host).await?;
-    let request = agent
-        .request(
-            &axum::http::Method::GET,
-            &format!("/containerLogs/{ns}/{name}/{container}?{query}"),
-        )
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(ApiError::internal)?;
-    let response = agent
-        .sender
-        .send_request(request)
-        .await
-        .map_err(|e| ApiError::Internal {
-            message: format!("error dialing the node agent of {node}: {e}"),
-        })?;
-    if !response.status().is_success() {
-        return Err(agent_error(response).await);
-    }
+    let path = format!("/containerLogs/{ns}/{name}/{container}?{query}");
+    let response = agent_get(server, &node, &host, &path).await?;
     let mut out = Response::new(Body::new(response.into_body()));
     out.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -819,4 +829,50 @@ mod tests {
         assert_eq!(quantity(2.0000004), "2");
         assert_eq!(quantity(1.2345), "1235m");
     }
+}
+
+/// `GET /dashboard/api/namespaces/{ns}/pods/{name}/usage`: the pod's
+/// recent usage (each running container's CPU and memory samples, which
+/// its node keeps for the last quarter of an hour), so the dashboard's
+/// charts start with history. Answered to whoever may get the pod's
+/// PodMetrics (`get` on `pods` in `metrics.k8s.io`), as RBAC says.
+pub(crate) async fn pod_usage_history(
+    server: &std::sync::Arc<ApiServer>,
+    user: Option<crate::UserInfo>,
+    namespace: &str,
+    name: &str,
+) -> ApiResult<Response> {
+    if let (Some(auth), Some(user)) = (&server.auth, user) {
+        let attrs = crate::auth::Attributes {
+            user,
+            verb: "get".into(),
+            path: String::new(),
+            resource: Some(crate::auth::ResourceAttributes {
+                group: "metrics.k8s.io".into(),
+                resource: "pods".into(),
+                namespace: Some(namespace.to_owned()),
+                name: Some(name.to_owned()),
+                ..Default::default()
+            }),
+        };
+        auth.check(&attrs)?;
+    }
+    let pods = registry::lookup("", "v1", "pods").expect("pods are served");
+    let pod = get(server, pods, Some(namespace), name).await?;
+    let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(ApiError::bad_request(format!(
+            "pod \"{name}\" is not scheduled yet"
+        )));
+    };
+    let host = agent_host(server, node).await?;
+    let path = format!("/stats/history/{namespace}/{name}");
+    let response = agent_get(server, node, &host, &path).await?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(ApiError::internal)?
+        .to_bytes();
+    let history: Value = serde_json::from_slice(&body).map_err(ApiError::internal)?;
+    Ok(axum::Json(history).into_response())
 }

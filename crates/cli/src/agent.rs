@@ -29,6 +29,11 @@ pub struct NodeArgs {
     /// marked Ready=Unknown, so keep a quarter of this well under it.
     #[arg(long, default_value = "40", value_name = "SECONDS", value_parser = clap::value_parser!(i32).range(1..))]
     pub node_lease_duration_seconds: i32,
+    /// How often each running container's CPU and memory are sampled for
+    /// its recent history (the last 60 samples, which the dashboard's
+    /// charts start from).
+    #[arg(long, default_value = "15s", value_parser = duration, value_name = "DURATION")]
+    pub usage_history_interval: Duration,
     /// Wasm instances live at once (the engine's pre-reserved slots; each
     /// reserves 4 GiB of address space, not memory) [default: --max-pods
     /// plus 1024 for HTTP functions' per-request instances].
@@ -365,6 +370,7 @@ impl NodeArgs {
         config.lease_duration_seconds = self.node_lease_duration_seconds;
         config.heartbeat_interval =
             Duration::from_secs_f64(f64::from(self.node_lease_duration_seconds) / 4.0);
+        config.usage_history_interval = self.usage_history_interval;
     }
 }
 

@@ -221,8 +221,6 @@ pub async fn join(
         bail!("joining with a token needs an https:// --server (got {server})");
     }
     let ca_pem = fetch_ca(&uri, &token.ca_hash).await?;
-    let who = wasmkube_pki::Identity::new(&format!("system:node:{name}"), &["system:nodes"]);
-    let (request, key_pem) = wasmkube_pki::new_csr(&who)?;
     // A client that trusts the CA and proves the join token's secret.
     let kc = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: {}\n",
@@ -235,33 +233,15 @@ pub async fn join(
     )
     .await?;
     let client = kube::Client::try_from(config)?;
-    let csrs: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
-        kube::Api::all(client);
-    let csr = serde_json::from_value(serde_json::json!({
-        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
-        "metadata": {"generateName": format!("node-csr-{name}-")},
-        "spec": {
-            "request": base64::engine::general_purpose::STANDARD.encode(&request),
-            "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
-            "usages": ["digital signature", "client auth"],
-        },
-    }))?;
-    let created = csrs
-        .create(&Default::default(), &csr)
+    let (who, issued) = crate::node_cert::ask(&client, name)
         .await
         .context("the server refused the join (is the token this cluster's?)")?;
-    let Some(cert) = created.status.and_then(|s| s.certificate) else {
-        bail!(
-            "the server did not sign this node's certificate request; it waits for an approver (kubectl certificate approve)"
-        );
-    };
-    let cert_pem = String::from_utf8(cert.0).context("the signed certificate is not PEM")?;
     let credentials = Credentials {
         ca_pem,
-        cert_pem,
-        key_pem,
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
     };
-    kubeconfig::write(&path, server, &who.user, Some(&credentials))?;
+    kubeconfig::write(&path, server, &who, Some(&credentials))?;
     tracing::info!(
         node = name,
         server,

@@ -126,44 +126,17 @@ impl Renewal {
     }
 
     async fn renew(&mut self, client: &kube::Client, node: &str) -> anyhow::Result<()> {
-        let who = wasmkube_pki::Identity::new(&format!("system:node:{node}"), &["system:nodes"]);
-        let (request, key_pem) = wasmkube_pki::new_csr(&who)?;
-        let csr = serde_json::from_value(serde_json::json!({
-            "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
-            "metadata": {"generateName": format!("node-csr-{node}-")},
-            "spec": {
-                "request": base64::engine::general_purpose::STANDARD.encode(&request),
-                "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
-                "usages": ["digital signature", "client auth"],
-            },
-        }))?;
-        let csrs: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
-            kube::Api::all(client.clone());
-        let created = csrs
-            .create(&Default::default(), &csr)
+        let (who, issued) = ask(client, node)
             .await
             .context("asking for a new node client certificate")?;
-        let cert = created
-            .status
-            .and_then(|s| s.certificate)
-            .context("the server did not sign the renewal at once")?;
-        let cert_pem = String::from_utf8(cert.0).context("the signed certificate is not PEM")?;
         let credentials = Credentials {
             ca_pem: self.stored.credentials.ca_pem.clone(),
-            cert_pem,
-            key_pem,
+            cert_pem: issued.cert_pem.clone(),
+            key_pem: issued.key_pem.clone(),
         };
         // Kept first: a restart from here on starts with the new one.
-        crate::kubeconfig::write(
-            &self.path,
-            &self.stored.server,
-            &who.user,
-            Some(&credentials),
-        )?;
-        self.slot.replace(&wasmkube_pki::Issued {
-            cert_pem: credentials.cert_pem.clone(),
-            key_pem: credentials.key_pem.clone(),
-        })?;
+        crate::kubeconfig::write(&self.path, &self.stored.server, &who, Some(&credentials))?;
+        self.slot.replace(&issued)?;
         self.stored.credentials = credentials;
         let closed = self.rotation.rotate();
         tracing::info!(
@@ -173,6 +146,37 @@ impl Renewal {
         );
         Ok(())
     }
+}
+
+/// Asks through `client` for a client certificate of node `node` (a new
+/// key, a `kubernetes.io/kube-apiserver-client-kubelet` request, which the
+/// server signs at once for a join-token holder or the node itself): the
+/// node's user name, and the certificate with its key.
+pub async fn ask(
+    client: &kube::Client,
+    node: &str,
+) -> anyhow::Result<(String, wasmkube_pki::Issued)> {
+    let who = wasmkube_pki::Identity::new(&format!("system:node:{node}"), &["system:nodes"]);
+    let (request, key_pem) = wasmkube_pki::new_csr(&who)?;
+    let csr = serde_json::from_value(serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": format!("node-csr-{node}-")},
+        "spec": {
+            "request": base64::engine::general_purpose::STANDARD.encode(&request),
+            "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+            "usages": ["digital signature", "client auth"],
+        },
+    }))?;
+    let csrs: kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest> =
+        kube::Api::all(client.clone());
+    let created = csrs.create(&Default::default(), &csr).await?;
+    let Some(cert) = created.status.and_then(|s| s.certificate) else {
+        anyhow::bail!(
+            "the server did not sign this node's certificate request; it waits for an approver (kubectl certificate approve)"
+        );
+    };
+    let cert_pem = String::from_utf8(cert.0).context("the signed certificate is not PEM")?;
+    Ok((who.user, wasmkube_pki::Issued { cert_pem, key_pem }))
 }
 
 /// What a joined node's kubeconfig holds.

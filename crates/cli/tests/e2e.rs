@@ -2027,7 +2027,9 @@ fn api_server_metrics_pass_promtool() {
         assert!(value(gauge).is_some(), "{gauge}: {page}");
     }
     assert!(
-        page.contains("workqueue_queue_duration_seconds_bucket{name=\"deployment\",le=\"1e-8\"}"),
+        page.contains(
+            "workqueue_queue_duration_seconds_bucket{name=\"deployment\",le=\"0.00000001\"}"
+        ),
         "{page}"
     );
     wasmkube_testkit::promtool_check(&page);

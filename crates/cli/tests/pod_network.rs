@@ -743,29 +743,16 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     // only from one, so `script` gives it one), the container runs on a
     // terminal the agent keeps, which the attach reaches; the input's end
     // is end-of-file to the shell.
-    let mut script = std::process::Command::new("script")
-        .args(["-q", "-e", "-c"])
-        .arg(format!(
+    let printed = common::on_a_terminal(
+        &s,
+        &format!(
             "kubectl run term -it --rm --restart=Never --image={busybox} -- sh -c 'read l; [ -t 0 ] && [ -t 1 ] && echo on a terminal; echo \"got: $l\"'"
-        ))
-        .arg("/dev/null")
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut input = script.stdin.take().unwrap();
-        input.write_all(b"typed\n").unwrap();
-    }
-    let out = script.wait_with_output().unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
+        ),
+        b"typed\n",
+    );
     assert!(
         printed.contains("on a terminal") && printed.contains("got: typed"),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{printed}"
     );
 
     // The host reaches both at their own IPs, on the same port.

@@ -104,6 +104,9 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
             "4",
             "--horizontal-pod-autoscaler-sync-period",
             "1s",
+            // The dashboard check reads a pod's recent usage history.
+            "--usage-history-interval",
+            "1s",
         ],
     );
 
@@ -168,29 +171,14 @@ fn wasm_pods_with_kubectl_push_and_a_real_registry() {
     // `kubectl run -it`: the guest's stdio is a terminal the agent keeps
     // (kubectl asks for one only from one, so `script` gives it one); the
     // input's end is end-of-file to the guest.
-    let mut script = Command::new("script")
-        .args(["-q", "-e", "-c"])
-        .arg(format!(
-            "kubectl run echo-tty -it --rm --restart=Never --image={echo}"
-        ))
-        .arg("/dev/null")
-        .env("KUBECONFIG", &s.kubeconfig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut input = script.stdin.take().unwrap();
-        input.write_all(b"typed\n").unwrap();
-    }
-    let out = script.wait_with_output().unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
+    let printed = on_a_terminal(
+        &s,
+        &format!("kubectl run echo-tty -it --rm --restart=Never --image={echo}"),
+        b"typed\n",
+    );
     assert!(
         printed.contains("got: typed (on a terminal)") && printed.contains("1 lines"),
-        "{printed}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{printed}"
     );
 
     // Every pod gets its service account's token, the cluster CA and its
@@ -1406,7 +1394,8 @@ fn port_forward(s: &Server, target: &str) {
 /// `kubectl proxy` (`tests/dashboard/dashboard.mjs check`): the page loads
 /// with no script error or refused resource, shows a pod created through
 /// kubectl while it is open, streams that pod's log, draws its CPU chart
-/// from samples and shows its Wasm module's facts; every other view draws.
+/// from samples (and, opened afresh, from the usage its node kept from
+/// before) and shows its Wasm module's facts; every other view draws.
 /// Without credentials the page is refused, as the API is.
 fn dashboard(s: &Server) {
     let anonymous = Command::new("curl")
@@ -1453,6 +1442,7 @@ fn dashboard(s: &Server) {
     // Shown after its create (not a row left from before).
     assert!(seen["shownAfterMs"].as_f64().unwrap() >= 0.0, "{seen}");
     assert!(seen["chartPoints"].as_u64().unwrap() >= 2, "{seen}");
+    assert!(seen["historySpanMs"].as_f64().unwrap() > 1000.0, "{seen}");
     assert!(
         seen["moduleSize"].as_str().unwrap().ends_with("KiB"),
         "{seen}"

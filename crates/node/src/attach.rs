@@ -37,11 +37,7 @@ pub(crate) async fn handle(
     let options = Options::parse(query.as_deref());
     let refused = |message: String| (StatusCode::BAD_REQUEST, message).into_response();
     let Some(state) = ctx.pod_state(&namespace, &pod) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod} is not running on this node"),
-        )
-            .into_response();
+        return crate::server::not_here(&namespace, &pod).into_response();
     };
     let follow = {
         let st = state.lock().expect("pod state");

@@ -76,12 +76,9 @@ fn exec_for(
     pod: &str,
     container: &str,
 ) -> Result<Arc<dyn Exec>, (StatusCode, String)> {
-    let state = ctx.pod_state(namespace, pod).ok_or_else(|| {
-        (
-            StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod} is not running on this node"),
-        )
-    })?;
+    let state = ctx
+        .pod_state(namespace, pod)
+        .ok_or_else(|| crate::server::not_here(&namespace, &pod))?;
     let st = state.lock().expect("pod state");
     let refused = |message: String| (StatusCode::BAD_REQUEST, message);
     if !st.containers.iter().any(|c| c.name == container) {

@@ -13,6 +13,7 @@ mod attach;
 mod dns;
 mod events;
 mod exec;
+mod history;
 mod logs;
 mod node;
 mod pod;
@@ -101,6 +102,9 @@ pub struct Config {
     pub lease_duration_seconds: i32,
     /// Log files are rotated beyond this size.
     pub log_max_bytes: u64,
+    /// How often running containers' usage is sampled for their recent
+    /// history (`history.rs`).
+    pub usage_history_interval: Duration,
     /// Wasm instances that can be live at once (the engine's pool slots);
     /// `None` sizes it from `max_pods`: one per pod and 1,024 more for HTTP
     /// functions' per-request instances.
@@ -181,6 +185,7 @@ impl Config {
             token_refresh: None,
             lease_duration_seconds: 40,
             log_max_bytes: 10 << 20,
+            usage_history_interval: Duration::from_secs(15),
             max_instances: None,
             linux: true,
             allow_privileged: false,
@@ -503,7 +508,14 @@ impl Agent {
         let status = tokio::spawn(node::status_loop(ctx.clone()));
         let routes = tokio::spawn(node::route_to_other_nodes(ctx.clone()));
         let volumes = tokio::spawn(volumes::keep_local_volumes(ctx.clone()));
+        let history = tokio::spawn(history::keep(
+            ctx.clone(),
+            ctx.config
+                .usage_history_interval
+                .max(Duration::from_millis(100)),
+        ));
         let result = watch_pods(ctx.clone()).await;
+        history.abort();
         server.abort();
         heartbeat.abort();
         status.abort();

@@ -82,6 +82,8 @@ pub(crate) struct Run {
     pub stdin: Option<Arc<crate::attach::Stdin>>,
     /// Resizes the run's terminal (`tty: true`).
     pub terminal: Option<wasmkube_runtime::Resize>,
+    /// Its recent usage, sampled while it runs.
+    pub history: crate::history::Shared,
 }
 
 /// How `kubectl attach -t` resizes a run's terminal: the agent sets the
@@ -1623,6 +1625,7 @@ impl PodRun {
                                 exec: running.exec(),
                                 stdin: stdin.clone(),
                                 terminal: terminal.as_ref().map(|t| resize(t, running.terminal())),
+                                history: Default::default(),
                             },
                         );
                     });

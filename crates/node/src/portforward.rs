@@ -307,11 +307,7 @@ pub(crate) async fn handle(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     if ctx.pod_state(&namespace, &pod).is_none() {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod} is not running on this node"),
-        )
-            .into_response();
+        return crate::server::not_here(&namespace, &pod).into_response();
     }
     let upgrade = upgrade.protocols([PROTOCOL]);
     if upgrade.selected_protocol().is_none() {

@@ -45,6 +45,10 @@ pub(crate) async fn serve(
         )
         .route("/metrics", get(metrics))
         .route("/stats/pods", get(stats))
+        .route(
+            "/stats/history/{namespace}/{pod}",
+            get(crate::history::serve),
+        )
         .route_layer(middleware::from_fn_with_state(ctx.clone(), authenticate));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -89,17 +93,21 @@ fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, message).into_response()
 }
 
+/// The 404 for a pod this node does not run.
+pub(crate) fn not_here(namespace: &str, pod: &str) -> (StatusCode, String) {
+    (
+        StatusCode::NOT_FOUND,
+        format!("pod {namespace}/{pod} is not running on this node"),
+    )
+}
+
 async fn container_logs(
     State(ctx): State<Arc<Ctx>>,
     Path((namespace, pod, container)): Path<(String, String, String)>,
     Query(options): Query<LogOptions>,
 ) -> Response {
     let Some(state) = ctx.pod_state(&namespace, &pod) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod} is not running on this node"),
-        )
-            .into_response();
+        return crate::server::not_here(&namespace, &pod).into_response();
     };
     let (dir, run, waiting) = {
         let st = state.lock().expect("pod state");

@@ -411,6 +411,15 @@ impl Auth {
         Err(ApiError::Unauthorized)
     }
 
+    /// [`Self::allows`], or the 403 kube-apiserver gives.
+    pub(crate) fn check(&self, attrs: &Attributes) -> Result<(), ApiError> {
+        if self.allows(attrs) {
+            Ok(())
+        } else {
+            Err(attrs.forbidden())
+        }
+    }
+
     /// Whether `attrs` is allowed: members of `system:masters` may do
     /// anything (as kube-apiserver's privileged-group authorizer); nodes as
     /// the node authorizer says, where it has a say; everyone else by RBAC.

@@ -1,7 +1,8 @@
 // The wasmkube dashboard: reads the cluster through the Kubernetes API of
 // this origin with the reader's own credentials. Lists are kept live with
 // watches (list, then watch from its resourceVersion, again after 410 Gone);
-// CPU and memory come from metrics.k8s.io, sampled while the page is open;
+// CPU and memory come from metrics.k8s.io, sampled while the page is open,
+// after the recent history a pod's node keeps (a pod's page starts with it);
 // Wasm module facts from custom.metrics.k8s.io; logs stream from pods/log.
 // Cluster text is only ever written as text (textContent), never as markup.
 
@@ -319,6 +320,33 @@ async function sampleUsage() {
   changed();
 }
 
+// A pod's recent usage, as its node sampled it before the page opened:
+// the sum over its containers at each sample time, in front of what the
+// page has sampled itself.
+async function loadHistory(ns, name) {
+  const key = `${ns}/${name}`;
+  let history;
+  try {
+    history = await get(`/dashboard/api/namespaces/${encodeURIComponent(ns)}/pods/${encodeURIComponent(name)}/usage`);
+  } catch {
+    return; // Not running, or not ours to read: the page's own samples only.
+  }
+  const byTime = new Map();
+  for (const c of history.containers || []) {
+    for (const x of c.samples || []) {
+      const at = byTime.get(x.time) || { t: x.time * 1000, cpu: 0, memory: 0 };
+      at.cpu += (x.cpuNanoCores || 0) / 1e9;
+      at.memory += x.memoryBytes || 0;
+      byTime.set(x.time, at);
+    }
+  }
+  const own = usage.pods.get(key) || [];
+  const first = own.length ? own[0].t : Infinity;
+  const before = [...byTime.values()].filter((x) => x.t < first).sort((a, b) => a.t - b.t);
+  usage.pods.set(key, [...before, ...own].slice(-HISTORY));
+  changed();
+}
+
 const latest = (samples) => (samples && samples.length ? samples[samples.length - 1] : null);
 
 // ---------------------------------------------------------------- formatting
@@ -405,7 +433,8 @@ function chart(title, samples, value, format, attrs = {}) {
     graph.append(s("polygon", { class: "area", points: `0,${height} ${line} ${width},${height}` }));
     graph.append(s("polyline", { class: "line", points: line }));
   }
-  return h("div", { class: "chart", "data-chart": attrs.name || title, "data-points": points.length },
+  const spanMs = points.length >= 2 ? now.t - points[0].t : 0;
+  return h("div", { class: "chart", "data-chart": attrs.name || title, "data-points": points.length, "data-span-ms": spanMs },
     h("div", { class: "title" }, h("strong", {}, title),
       h("span", { class: "muted" }, now ? format(value(now)) : "waiting for samples")),
     graph);
@@ -690,6 +719,7 @@ class PodView {
       h("h2", {}, "Logs"), h("div", { class: "toolbar" }, this.logPicker, this.logState), this.logBox,
       h("h2", {}, "Events"), this.eventsBox);
     this.loadFacts();
+    loadHistory(this.ns, this.name);
     this.timer = setInterval(() => this.loadFacts(), SAMPLE_MS);
   }
 

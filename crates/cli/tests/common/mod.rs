@@ -517,3 +517,25 @@ impl Drop for PortForward {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `command` (a kubectl command line) with a terminal of its own, as
+/// a user types it (kubectl asks the container for a terminal only from
+/// one, so `script` gives it one), with `input` typed ahead and then the
+/// input's end; what the terminal showed.
+pub fn on_a_terminal(s: &Server, command: &str, input: &[u8]) -> String {
+    let mut script = Command::new("script")
+        .args(["-q", "-e", "-c", command, "/dev/null"])
+        .env("KUBECONFIG", &s.kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    script.stdin.take().unwrap().write_all(input).unwrap();
+    let out = script.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
