@@ -815,22 +815,6 @@ pub(crate) async fn custom_metrics(
     Ok(axum::Json(body).into_response())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::quantity;
-
-    #[test]
-    fn metric_values_keep_their_precision_in_the_plainest_scale() {
-        assert_eq!(quantity(0.0), "0");
-        assert_eq!(quantity(57976.0), "57976");
-        assert_eq!(quantity(1.5), "1500m");
-        assert_eq!(quantity(0.056), "56m");
-        assert_eq!(quantity(0.000042), "42u");
-        assert_eq!(quantity(2.0000004), "2");
-        assert_eq!(quantity(1.2345), "1235m");
-    }
-}
-
 /// `GET /dashboard/api/namespaces/{ns}/pods/{name}/usage`: the pod's
 /// recent usage (each running container's CPU and memory samples, which
 /// its node keeps for the last quarter of an hour), so the dashboard's
@@ -875,4 +859,20 @@ pub(crate) async fn pod_usage_history(
         .to_bytes();
     let history: Value = serde_json::from_slice(&body).map_err(ApiError::internal)?;
     Ok(axum::Json(history).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantity;
+
+    #[test]
+    fn metric_values_keep_their_precision_in_the_plainest_scale() {
+        assert_eq!(quantity(0.0), "0");
+        assert_eq!(quantity(57976.0), "57976");
+        assert_eq!(quantity(1.5), "1500m");
+        assert_eq!(quantity(0.056), "56m");
+        assert_eq!(quantity(0.000042), "42u");
+        assert_eq!(quantity(2.0000004), "2");
+        assert_eq!(quantity(1.2345), "1235m");
+    }
 }

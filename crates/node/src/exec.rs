@@ -78,7 +78,7 @@ fn exec_for(
 ) -> Result<Arc<dyn Exec>, (StatusCode, String)> {
     let state = ctx
         .pod_state(namespace, pod)
-        .ok_or_else(|| crate::server::not_here(&namespace, &pod))?;
+        .ok_or_else(|| crate::server::not_here(namespace, pod))?;
     let st = state.lock().expect("pod state");
     let refused = |message: String| (StatusCode::BAD_REQUEST, message);
     if !st.containers.iter().any(|c| c.name == container) {
