@@ -263,6 +263,26 @@ impl Entry {
     }
 }
 
+#[cfg(test)]
+impl Entry {
+    /// An entry for any host and path, to `backends` (for tests).
+    pub(crate) fn any(backends: Vec<Backend>) -> Self {
+        Self {
+            host: HostMatch::Any,
+            matched: Match {
+                path: PathMatch::Prefix(String::new()),
+                method: None,
+                headers: Vec::new(),
+                query: Vec::new(),
+            },
+            filters: Filters::default(),
+            backends,
+            source: "test/route".into(),
+            order: Default::default(),
+        }
+    }
+}
+
 /// A certificate for TLS termination: the PEM chain and key of a Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertSource {

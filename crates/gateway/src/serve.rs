@@ -24,6 +24,14 @@ use crate::routes::{self, Entry, RequestView, Table, Target};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A request's body on its way to a backend: the client's, or none (a
+/// bodiless request sent again).
+type Upstream = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+
+/// A backend that could not be connected to: nothing of the request was
+/// sent.
+struct Unreachable;
+
 fn full(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
         Full::new(text.into())
@@ -46,7 +54,7 @@ pub(crate) struct Shared {
     activator: Option<Arc<crate::activator::Activator>>,
     /// Requests to Knative revisions, counted for the autoscaler.
     load: Arc<crate::load::Load>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Upstream>,
     /// Round-robin position per endpoint list.
     next: AtomicUsize,
     certs: Mutex<HashMap<Vec<u8>, Arc<CertifiedKey>>>,
@@ -297,7 +305,7 @@ fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// The request's host without a port, lower-cased.
-fn request_host(req: &Request<Incoming>) -> String {
+fn request_host<B>(req: &Request<B>) -> String {
     let raw = req
         .uri()
         .host()
@@ -323,6 +331,7 @@ async fn handle(
     scheme: &'static str,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let req = req.map(http_body_util::Either::Left);
     let table = shared.table();
     let Some(port_table) = table.get(&port) else {
         return full(StatusCode::NOT_FOUND, "no route\n");
@@ -397,7 +406,22 @@ async fn handle(
     };
     let endpoint = endpoints[shared.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
     let in_flight = backend.revision.as_ref().map(|r| shared.load.start(r));
-    let response = forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await;
+    // A revision's endpoint may be one its routing has not dropped yet (its
+    // pod just went, the revision scaling to zero): a bodiless request
+    // that cannot connect to it is held for the next pod instead.
+    let again = match (&backend.revision, &shared.activator) {
+        (Some(rev), Some(activator)) => resend(&req).map(|r| (rev.clone(), activator, r)),
+        _ => None,
+    };
+    let response = match forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await {
+        Ok(response) => response,
+        Err(Unreachable) => match again {
+            Some((rev, activator, req)) => {
+                hold(shared, activator, port, peer, scheme, rev, req).await
+            }
+            None => bad_gateway(),
+        },
+    };
     match in_flight {
         Some(in_flight) => counted(response, in_flight),
         None => response,
@@ -452,7 +476,7 @@ async fn hold(
     peer: SocketAddr,
     scheme: &'static str,
     rev: crate::routes::Revision,
-    req: Request<Incoming>,
+    mut req: Request<Upstream>,
 ) -> Response<Body> {
     /// How soon a pod that refused the probe (its guest not listening yet)
     /// is probed again.
@@ -466,6 +490,9 @@ async fn hold(
     let host = request_host(&req);
     let query = query_pairs(req.uri().query());
     let path = req.uri().path().to_owned();
+    // Endpoints that could not be connected to (gone since the routing
+    // table listed them): not tried again.
+    let mut unreachable = std::collections::HashSet::new();
     loop {
         versions.borrow_and_update();
         pod_changes.borrow_and_update();
@@ -487,7 +514,9 @@ async fn hold(
                         .iter()
                         .position(|b| b.revision.as_ref() == Some(&rev))?;
                     let ready = match &entry.backends[i].target {
-                        Target::Endpoints(e) if !e.is_empty() => Some(e[0]),
+                        Target::Endpoints(e) => {
+                            e.iter().find(|e| !unreachable.contains(*e)).copied()
+                        }
                         _ => None,
                     };
                     Some((entry, i, ready))
@@ -507,7 +536,11 @@ async fn hold(
             Some(e) => Some(e),
             None => {
                 let mut accepting = None;
-                for addr in activator.pod_addresses(&rev) {
+                for addr in activator
+                    .pod_addresses(&rev)
+                    .into_iter()
+                    .filter(|a| !unreachable.contains(a))
+                {
                     // Bounded: a lost SYN is not waited out (its retry is
                     // a second away); the next probe sends a new one.
                     let probe =
@@ -525,7 +558,18 @@ async fn hold(
         };
         if let Some(endpoint) = endpoint {
             let backend = &entry.backends[i];
-            return forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await;
+            let again = resend(&req);
+            match forward(shared, entry, backend, endpoint, peer, scheme, &host, req).await {
+                Ok(response) => return response,
+                Err(Unreachable) => match again {
+                    Some(next) => {
+                        unreachable.insert(endpoint);
+                        req = next;
+                        continue;
+                    }
+                    None => return bad_gateway(),
+                },
+            }
         }
         drop(table);
         if let Some(why) = activator.failure(&rev) {
@@ -572,8 +616,8 @@ async fn forward(
     peer: SocketAddr,
     scheme: &'static str,
     host: &str,
-    req: Request<Incoming>,
-) -> Response<Body> {
+    req: Request<Upstream>,
+) -> Result<Response<Body>, Unreachable> {
     let (mut parts, body) = req.into_parts();
     let original_path = parts
         .uri
@@ -632,7 +676,12 @@ async fn forward(
         .build()
     {
         Ok(u) => u,
-        Err(e) => return full(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n")),
+        Err(e) => {
+            return Ok(full(
+                StatusCode::BAD_REQUEST,
+                format!("bad request path: {e}\n"),
+            ));
+        }
     };
     match shared
         .client
@@ -647,13 +696,37 @@ async fn forward(
                     modify_headers(&mut parts.headers, m);
                 }
             }
-            Response::from_parts(parts, body.boxed())
+            Ok(Response::from_parts(parts, body.boxed()))
         }
         Err(e) => {
             tracing::debug!(%endpoint, route = %entry.source, error = %e, "upstream request failed");
-            full(StatusCode::BAD_GATEWAY, "upstream connect error\n")
+            if e.is_connect() {
+                Err(Unreachable)
+            } else {
+                Ok(bad_gateway())
+            }
         }
     }
+}
+
+/// The answer when a backend could not be reached.
+fn bad_gateway() -> Response<Body> {
+    full(StatusCode::BAD_GATEWAY, "upstream connect error\n")
+}
+
+/// The request again, if it has no body (so nothing is lost by sending it
+/// anew after a failed connect).
+fn resend(req: &Request<Upstream>) -> Option<Request<Upstream>> {
+    use hyper::body::Body as _;
+    if !req.body().is_end_stream() {
+        return None;
+    }
+    let mut again = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
 }
 
 /// Connection-level headers a proxy does not pass on (RFC 9110 7.6.1).
@@ -758,4 +831,111 @@ fn redirect_response(
         resp.headers_mut().insert(http::header::LOCATION, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revision's endpoint that went away while the routing table still
+    /// lists it (its pod gone, the revision scaling to zero): a bodiless
+    /// request that cannot connect to it is held by the activator and goes
+    /// to the revision's pod that accepts, instead of failing with 502.
+    #[tokio::test]
+    async fn a_request_for_a_gone_endpoint_goes_to_a_live_pod_of_the_revision() {
+        // The revision's live pod: an HTTP server answering "live".
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = live.accept().await {
+                let answer = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"live",
+                    ))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), answer),
+                );
+            }
+        });
+        // An endpoint nobody listens on any more.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let rev = routes::Revision {
+            namespace: "default".into(),
+            name: "fn-00001".into(),
+        };
+        // The activator: the API answers 404 (the wake finds no Deployment,
+        // which does not matter here); its pod cache has the live pod.
+        let api = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+            let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                "status": "Failure", "reason": "NotFound", "code": 404});
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .status(404)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(status.to_string().into_bytes()))
+                    .unwrap(),
+            )
+        });
+        let client = kube::Client::new(api, "default");
+        let (pods, mut writer) =
+            kube::runtime::reflector::store::<k8s_openapi::api::core::v1::Pod>();
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "fn-00001-pod", "namespace": "default",
+                "labels": {wasmkube_api::knative::labels::REVISION: "fn-00001"}},
+            "spec": {"containers": [{"name": "f", "ports": [{"containerPort": live_addr.port()}]}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1", "hostIP": "192.0.2.1"},
+        }))
+        .unwrap();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pod));
+        let (revisions, _revisions_writer) = kube::runtime::reflector::store();
+        let activator = Arc::new(crate::activator::Activator::new(
+            client,
+            revisions,
+            (pods, tokio::sync::watch::channel(0).1),
+            std::time::Duration::from_secs(10),
+        ));
+        let shared = Shared::new(Some(activator), Arc::default());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut table = Table::new();
+        table.insert(
+            port,
+            routes::PortTable {
+                entries: vec![Entry::any(vec![routes::Backend {
+                    weight: 1,
+                    target: Target::Endpoints(Arc::new(vec![gone])),
+                    filters: Default::default(),
+                    revision: Some(rev),
+                }])],
+                ..Default::default()
+            },
+        );
+        shared.set_table(table.clone());
+        let mut listeners = Listeners::new(IpAddr::from([127, 0, 0, 1]));
+        listeners.reconcile(&table, &shared);
+
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get("/")
+            .header(HOST, "fn.default.example.com")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"live");
+    }
 }
