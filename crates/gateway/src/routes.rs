@@ -263,10 +263,10 @@ impl Entry {
     }
 }
 
-#[cfg(test)]
 impl Entry {
-    /// An entry for any host and path, to `backends` (for tests).
-    pub(crate) fn any(backends: Vec<Backend>) -> Self {
+    /// An entry for any host and path, to `backends` (an Ingress's default
+    /// backend).
+    pub(crate) fn any(backends: Vec<Backend>, source: String, order: (String, String)) -> Self {
         Self {
             host: HostMatch::Any,
             matched: Match {
@@ -277,8 +277,8 @@ impl Entry {
             },
             filters: Filters::default(),
             backends,
-            source: "test/route".into(),
-            order: Default::default(),
+            source,
+            order,
         }
     }
 }
@@ -772,19 +772,7 @@ fn add_ingresses(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table
             }
         }
         if let Some(b) = &spec.default_backend {
-            entries.push(Entry {
-                host: HostMatch::Any,
-                matched: Match {
-                    path: PathMatch::Prefix(String::new()),
-                    method: None,
-                    headers: Vec::new(),
-                    query: Vec::new(),
-                },
-                filters: Filters::default(),
-                backends: vec![backend(b)],
-                source: source.clone(),
-                order: order.clone(),
-            });
+            entries.push(Entry::any(vec![backend(b)], source.clone(), order.clone()));
         }
         table
             .entry(http_port)

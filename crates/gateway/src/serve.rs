@@ -909,12 +909,16 @@ mod tests {
         table.insert(
             port,
             routes::PortTable {
-                entries: vec![Entry::any(vec![routes::Backend {
-                    weight: 1,
-                    target: Target::Endpoints(Arc::new(vec![gone])),
-                    filters: Default::default(),
-                    revision: Some(rev),
-                }])],
+                entries: vec![Entry::any(
+                    vec![routes::Backend {
+                        weight: 1,
+                        target: Target::Endpoints(Arc::new(vec![gone])),
+                        filters: Default::default(),
+                        revision: Some(rev),
+                    }],
+                    "default/fn".into(),
+                    Default::default(),
+                )],
                 ..Default::default()
             },
         );
