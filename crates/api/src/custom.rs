@@ -443,28 +443,43 @@ fn check_rules(
     }
 }
 
-/// Every CEL rule in a schema, with its place, for the CRD's validation.
-fn rules_of(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
+/// A CEL rule of a schema: its place, its text, the schema it checks and
+/// how many times one object can make it run (once per element of every
+/// list or map above it).
+struct RuleAt<'a> {
+    path: String,
+    rule: String,
+    schema: &'a Value,
+    runs: u64,
+}
+
+/// Every CEL rule in a schema, for the CRD's validation.
+fn rules_of<'a>(schema: &'a Value, path: &str, runs: u64, out: &mut Vec<RuleAt<'a>>) {
     if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
         for (i, r) in rules.iter().enumerate() {
-            let at = format!("{path}.x-kubernetes-validations[{i}].rule");
-            match r["rule"].as_str() {
-                Some(rule) => out.push((at, rule.to_owned())),
-                None => out.push((at, String::new())),
-            }
+            out.push(RuleAt {
+                path: format!("{path}.x-kubernetes-validations[{i}].rule"),
+                rule: r["rule"].as_str().unwrap_or_default().to_owned(),
+                schema,
+                runs,
+            });
         }
     }
     if let Some(props) = schema["properties"].as_object() {
         for (k, s) in props {
-            rules_of(s, &format!("{path}.properties[{k}]"), out);
+            rules_of(s, &format!("{path}.properties[{k}]"), runs, out);
         }
     }
     for k in ["items", "additionalProperties"] {
         if schema[k].is_object() {
-            rules_of(&schema[k], &format!("{path}.{k}"), out);
+            let each = runs.saturating_mul(crate::cel_cost::bound(Some(schema)));
+            rules_of(&schema[k], &format!("{path}.{k}"), each, out);
         }
     }
 }
+
+/// Kubernetes' advice when a rule is estimated too costly.
+const COST_ADVICE: &str = "try simplifying the rule, or adding maxItems, maxProperties, and maxLength where arrays, maps, and strings are declared";
 
 fn check(schema: &Value, v: &Value, old: Option<&Value>, path: &str, errors: &mut Vec<FieldError>) {
     if v.is_null() {
@@ -750,13 +765,47 @@ pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
             ));
         }
         let mut rules = Vec::new();
-        rules_of(schema, &format!("{at}.schema.openAPIV3Schema"), &mut rules);
-        for (path, rule) in rules {
+        let root = format!("{at}.schema.openAPIV3Schema");
+        rules_of(schema, &root, 1, &mut rules);
+        let mut total = 0u64;
+        for RuleAt {
+            path,
+            rule,
+            schema,
+            runs,
+        } in rules
+        {
             if rule.is_empty() {
                 errs.push(FieldError::required(path, ""));
             } else if let Err(e) = program(&rule) {
                 errs.push(bad(&path, rule, format!("compilation failed: {e}")));
+            } else if let Some(cost) = crate::cel_cost::estimate(&rule, schema) {
+                let limit = crate::cel_cost::PER_CALL_LIMIT;
+                if cost > limit {
+                    errs.push(FieldError::new(
+                        FieldErrorType::Forbidden,
+                        &path,
+                        None,
+                        format!(
+                            "estimated rule cost exceeds budget by factor of {:.1}x ({COST_ADVICE})",
+                            cost as f64 / limit as f64
+                        ),
+                    ));
+                }
+                total = total.saturating_add(cost.saturating_mul(runs));
             }
+        }
+        let limit = crate::cel_cost::PER_CRD_LIMIT;
+        if total > limit {
+            errs.push(FieldError::new(
+                FieldErrorType::Forbidden,
+                &root,
+                None,
+                format!(
+                    "x-kubernetes-validations estimated rule cost total for entire OpenAPIv3 schema exceeds budget by factor of {:.1}x ({COST_ADVICE})",
+                    total as f64 / limit as f64
+                ),
+            ));
         }
         if let Some(scale) = v["subresources"]["scale"].as_object() {
             for key in ["specReplicasPath", "statusReplicasPath"] {
@@ -1040,6 +1089,49 @@ mod tests {
         let errs: Vec<String> = validate_crd(&crd).iter().map(|e| e.to_string()).collect();
         assert!(
             errs.iter().any(|e| e.starts_with("spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule: Invalid value: \"self.min <=\": compilation failed")),
+            "{errs:?}"
+        );
+    }
+
+    /// A rule whose worst case costs too much refuses the CRD, as
+    /// Kubernetes' cost estimate does; a bound in the schema makes it fit.
+    #[test]
+    fn costly_rules_refuse_the_crd_until_the_schema_bounds_them() {
+        let crd = |tags: Value, rule: &str| {
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "things.demo.dev"},
+                "spec": {"group": "demo.dev", "scope": "Namespaced",
+                    "names": {"kind": "Thing", "plural": "things"},
+                    "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema":
+                        {"type": "object", "properties": {"spec": {"type": "object",
+                            "x-kubernetes-validations": [{"rule": rule}],
+                            "properties": {"tags": tags}}}}}}]}})
+        };
+        let open = json!({"type": "array", "items": {"type": "string"}});
+        let nested = "self.tags.all(a, self.tags.all(b, a == b || a != b))";
+        let errs: Vec<String> = validate_crd(&crd(open.clone(), nested))
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errs.iter().any(|e| e.starts_with("spec.versions[0].schema.openAPIV3Schema.properties[spec].x-kubernetes-validations[0].rule: Forbidden: estimated rule cost exceeds budget by factor of")),
+            "{errs:?}"
+        );
+        // Cheap over the same list: a size check.
+        assert!(validate_crd(&crd(open, "size(self.tags) < 10")).is_empty());
+        let bounded = json!({"type": "array", "maxItems": 50, "items": {"type": "string"}});
+        assert!(validate_crd(&crd(bounded, nested)).is_empty());
+        // A rule on every element of a list in a list of unknown sizes runs
+        // too many times in all.
+        let deep = json!({"type": "array", "items": {"type": "array", "items": {"type": "string",
+            "x-kubernetes-validations": [{"rule": "self != ''"}]}}});
+        let errs: Vec<String> = validate_crd(&crd(deep, "true"))
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errs.iter().any(|e| e
+                .contains("estimated rule cost total for entire OpenAPIv3 schema exceeds budget")),
             "{errs:?}"
         );
     }
