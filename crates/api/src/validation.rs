@@ -483,6 +483,21 @@ fn validate_pod_spec(
             restart_policies,
         ));
     }
+    // A pod in a user namespace of its own shares none of the node's.
+    if spec.host_users == Some(false) {
+        for (field, shared) in [
+            ("hostNetwork", spec.host_network),
+            ("hostPID", spec.host_pid),
+            ("hostIPC", spec.host_ipc),
+        ] {
+            if shared == Some(true) {
+                errs.push(FieldError::forbidden(
+                    format!("{path}.{field}"),
+                    "when `hostUsers` is false",
+                ));
+            }
+        }
+    }
     let mut volumes = BTreeSet::new();
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
         if let Err(d) = names::dns1123_label(&v.name) {
@@ -1088,6 +1103,24 @@ mod tests {
                 "spec.containers[1].name",
                 "spec.containers[1].image",
                 "spec.restartPolicy"
+            ],
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_pod_in_its_own_user_namespace_shares_no_host_namespace() {
+        let errs = errors(
+            "pods",
+            "",
+            json!({"metadata": {"name": "p"}, "spec": {"hostUsers": false, "hostNetwork": true,
+                "hostPID": true, "containers": [{"name": "c", "image": "i"}]}}),
+        );
+        assert_eq!(
+            errs,
+            [
+                "spec.hostNetwork: Forbidden: when `hostUsers` is false",
+                "spec.hostPID: Forbidden: when `hostUsers` is false"
             ],
             "{errs:?}"
         );

@@ -780,6 +780,39 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
     );
     let body = fetch_from_pod(&s, "remote-fn", &host2, busybox, &fn_ip, "/across");
     assert!(body.contains("/across"), "{body}");
+    // A pod in a user namespace of its own (`hostUsers: false`) has its
+    // pod IP and reaches others the same: root in it is an id range of the
+    // node.
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "userns-client"},
+        "spec": {"nodeName": host1, "restartPolicy": "Never", "hostUsers": false,
+                 "containers": [{"name": "c", "image": busybox,
+                                 "command": ["sh", "-c", format!("cat /proc/self/uid_map; {}", http_get(&web_ip, "/"))]}]},
+    })
+    .to_string();
+    ok(&s, &["apply", "-f", "-"], Some(&manifest));
+    ok(
+        &s,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/userns-client",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    let got = ok(&s, &["logs", "userns-client"], None);
+    let map: Vec<&str> = got
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert!(
+        map.len() == 3 && map[0] == "0" && map[1] != "0" && map[2] == "65536",
+        "{got}"
+    );
+    assert!(got.ends_with("hello from busybox httpd\n"), "{got}");
     let remote_ip = ok(
         &s,
         &["get", "pod", "remote-fn", "-o", "jsonpath={.status.podIP}"],
@@ -1811,6 +1844,7 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
             "pod/fn2",
             "pod/dns-client",
             "pod/by-name",
+            "pod/userns-client",
             "svc/web-headless",
             "svc/web-alias",
             "svc/web",

@@ -254,6 +254,8 @@ pub(crate) struct Ctx {
     /// late watch event (one sent before the deletion, delivered after it)
     /// cannot start the pod again.
     pub(crate) gone: Mutex<pod::Tombstones>,
+    /// The id ranges of pods with `hostUsers: false`, by uid.
+    pub(crate) user_ranges: Mutex<pod::UserRanges>,
     /// The token the API server presents to the agent endpoint in a
     /// cluster without a CA; `None` in one with a CA, whose API server is
     /// known by its client certificate instead (see `tls.rs`).
@@ -437,6 +439,7 @@ impl Agent {
             network: std::sync::OnceLock::new(),
             pods: Mutex::default(),
             gone: Mutex::default(),
+            user_ranges: Mutex::default(),
             token,
             port,
             node_changed: tokio::sync::Notify::new(),

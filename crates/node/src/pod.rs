@@ -242,6 +242,49 @@ impl Tombstones {
     }
 }
 
+/// The node's id ranges for pods in user namespaces (`hostUsers: false`):
+/// 65,536 ids each, as the kubelet gives, from 2^29 up to 2^31 (above the
+/// ranges `/etc/subuid` usually hands out), one per pod, never shared by
+/// two pods at once.
+#[derive(Debug, Default)]
+pub(crate) struct UserRanges {
+    by_pod: HashMap<String, u32>,
+}
+
+impl UserRanges {
+    const SIZE: u32 = 65_536;
+    const FIRST: u32 = 8_192;
+    const END: u32 = 32_768;
+
+    /// The pod's range, given on its first ask (`None` when all are taken).
+    pub(crate) fn of(&mut self, uid: &str) -> Option<wasmkube_runtime::IdRange> {
+        let index = match self.by_pod.get(uid) {
+            Some(i) => *i,
+            None => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                uid.hash(&mut h);
+                let slots = Self::END - Self::FIRST;
+                let start = (h.finish() % u64::from(slots)) as u32;
+                let taken: std::collections::HashSet<u32> = self.by_pod.values().copied().collect();
+                let i = (0..slots)
+                    .map(|k| Self::FIRST + (start + k) % slots)
+                    .find(|i| !taken.contains(i))?;
+                self.by_pod.insert(uid.to_owned(), i);
+                i
+            }
+        };
+        Some(wasmkube_runtime::IdRange {
+            host_id: index * Self::SIZE,
+            size: Self::SIZE,
+        })
+    }
+
+    pub(crate) fn release(&mut self, uid: &str) {
+        self.by_pod.remove(uid);
+    }
+}
+
 /// The pod is gone from the API (force-deleted, or deleted while the watch
 /// was down): stop at once.
 pub(crate) fn gone(ctx: &Ctx, pod: &Pod) {
@@ -526,6 +569,11 @@ impl Worker {
     /// The worker is done and its pod gone: a later event for the pod
     /// (sent before its deletion) is ignored.
     fn forget(&self) {
+        self.ctx
+            .user_ranges
+            .lock()
+            .expect("user ranges lock")
+            .release(&self.uid);
         let mut pods = self.ctx.pods.lock().expect("pods lock");
         self.ctx
             .gone
@@ -1476,6 +1524,32 @@ impl PodRun {
                 }
                 (_, stdout) => (None, stdin_end, stdout, stderr),
             };
+            // `hostUsers: false`: the pod's own id range (Wasm guests have no
+            // ids to map).
+            let user_namespace = if !image.is_wasm()
+                && pod.spec.as_ref().and_then(|s| s.host_users) == Some(false)
+            {
+                let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+                let range = self
+                    .ctx
+                    .user_ranges
+                    .lock()
+                    .expect("user ranges lock")
+                    .of(uid);
+                if range.is_none() {
+                    let message = "no user namespace id range is free on this node".to_owned();
+                    if self
+                        .hold(&name, "CreateContainerError", message, config_delay)
+                        .await
+                    {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+                range
+            } else {
+                None
+            };
             let usage = Arc::new(Usage::default());
             let run_id = format!(
                 "{}-{name}-{restart}",
@@ -1549,6 +1623,7 @@ impl PodRun {
                 stderr,
                 stdin: stdin_end,
                 tty,
+                user_namespace,
                 memory_limit: resolved.memory_limit,
                 cpu_millis: resolved.cpu_millis,
                 cpu_request_millis: resolved.cpu_request_millis,

@@ -559,6 +559,54 @@ async fn a_linux_image_runs_on_runc_beside_wasm_with_logs_and_its_exit_code() {
     assert_eq!(handlers, ["wasmtime", "runc"]);
 }
 
+/// `hostUsers: false`: the container's root is an unprivileged id range of
+/// the node (its uid map says so), and it still reads the image's files as
+/// their owners and writes its own root filesystem (through an idmapped
+/// image root).
+#[tokio::test]
+async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
+    let h = harness().await;
+    let image = format!("{}/busybox:v1", h.registry.host());
+    push_busybox(&image).await;
+    h.create(
+        "userns",
+        json!({
+            "restartPolicy": "Never",
+            "hostUsers": false,
+            "containers": [
+                {"name": "shell", "image": image, "command": ["sh", "-c"],
+                 "args": ["cat /proc/self/uid_map; id -u; stat -c '%u' /bin/busybox; echo mine > /made-here && cat /made-here"]},
+            ],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("userns", "Succeeded", |p| {
+            matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .await;
+    let pods: Api<Pod> = Api::namespaced(h.client.clone(), "default");
+    let log = pods
+        .logs("userns", &kube::api::LogParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        pod.status.and_then(|s| s.phase).as_deref(),
+        Some("Succeeded"),
+        "{log}"
+    );
+    let lines: Vec<&str> = log.lines().collect();
+    let map: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(map[0], "0", "{log}");
+    let host: u64 = map[1].parse().unwrap();
+    assert!(host >= 65_536 && map[2] == "65536", "{log}");
+    // Root inside; the image's files are root's; its writes land.
+    assert_eq!(lines[1..], ["0", "0", "mine"], "{log}");
+}
+
 #[tokio::test]
 async fn env_volumes_and_init_containers_are_wired_as_the_spec_says() {
     let h = harness().await;

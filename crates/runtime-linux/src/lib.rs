@@ -17,6 +17,7 @@ pub mod net;
 mod netlink;
 pub mod rootfs;
 pub mod spec;
+mod userns;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -241,7 +242,7 @@ impl LinuxRuntime {
             .map_err(|e| Error::Image(format!("the image config: {e}")))?;
         let bundle = self.config.root.join("containers").join(&config.id);
         if bundle.exists() {
-            rootfs::unmount(&bundle.join("rootfs"))?;
+            unmount_bundle(&bundle)?;
             std::fs::remove_dir_all(&bundle).map_err(Error::io(&bundle))?;
         }
         std::fs::create_dir_all(&bundle).map_err(Error::io(&bundle))?;
@@ -250,7 +251,7 @@ impl LinuxRuntime {
             .configure(&config, &image, &image_root, &bundle, &rootfs_dir)
             .and_then(|()| self.spawn(config, &bundle));
         if result.is_err() {
-            let _ = rootfs::unmount(&rootfs_dir);
+            let _ = unmount_bundle(&bundle);
             let _ = std::fs::remove_dir_all(&bundle);
         }
         result
@@ -284,8 +285,25 @@ impl LinuxRuntime {
                 None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             },
         )?;
+        // In a user namespace of its own, the container sees the image
+        // through an idmapped mount, and owns what it writes.
+        let lower = match config.user_namespace {
+            Some(range) => {
+                let lower = bundle.join("lower");
+                for dir in [&lower, &bundle.join("upper"), &bundle.join("work")] {
+                    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+                }
+                for dir in [bundle.join("upper"), bundle.join("work")] {
+                    std::os::unix::fs::chown(&dir, Some(range.host_id), Some(range.host_id))
+                        .map_err(Error::io(&dir))?;
+                }
+                userns::idmapped(image_root, &lower, &userns::namespace(range)?)?;
+                lower
+            }
+            None => image_root.to_path_buf(),
+        };
         rootfs::mount_overlay(
-            image_root,
+            &lower,
             &bundle.join("upper"),
             &bundle.join("work"),
             rootfs_dir,
@@ -363,6 +381,17 @@ fn resized(runc: Option<u32>) -> wasmkube_runtime::Resize {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
         }
     }))
+}
+
+/// Unmounts a container's root filesystem, then the idmapped image root
+/// under it, if it has one.
+fn unmount_bundle(bundle: &Path) -> Result<(), Error> {
+    rootfs::unmount(&bundle.join("rootfs"))?;
+    let lower = bundle.join("lower");
+    if lower.exists() {
+        rootfs::unmount(&lower)?;
+    }
+    Ok(())
 }
 
 async fn track_usage(cgroup: Cgroup, usage: Arc<Usage>) {
@@ -468,7 +497,7 @@ impl LinuxContainer {
         if !deleted.is_ok_and(|s| s.success()) {
             tracing::warn!(container = %self.id, "runc delete failed");
         }
-        if let Err(e) = rootfs::unmount(&self.bundle.join("rootfs")) {
+        if let Err(e) = unmount_bundle(&self.bundle) {
             tracing::warn!(container = %self.id, error = %e, "cannot unmount the root filesystem");
         }
         let _ = tokio::fs::remove_dir_all(&self.bundle).await;
@@ -492,7 +521,7 @@ impl Drop for LinuxContainer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let _ = rootfs::unmount(&self.bundle.join("rootfs"));
+        let _ = unmount_bundle(&self.bundle);
         let _ = std::fs::remove_dir_all(&self.bundle);
         tracing::warn!(container = %self.id, "removed a container whose handle was dropped while it ran");
     }

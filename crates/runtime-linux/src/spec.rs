@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
     Arch, Capability, LinuxCapabilities, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
-    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType, LinuxPidsBuilder, LinuxResources,
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, MountBuilder, Spec,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResources, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
+    LinuxSyscallBuilder, MountBuilder, Spec,
 };
 use wasmkube_runtime::ContainerConfig;
 
@@ -469,6 +470,23 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
         p.set_rlimits(None);
     }
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    if c.user_namespace.is_some() {
+        // sysfs cannot be mounted from a user namespace that does not own
+        // the pod's network namespace (the node made it): the node's /sys
+        // is bound read-only instead, as runc's rootless containers do.
+        for m in mounts
+            .iter_mut()
+            .filter(|m| m.typ().as_deref() == Some("sysfs"))
+        {
+            m.set_typ(Some("bind".into()));
+            m.set_source(Some(PathBuf::from("/sys")));
+            m.set_options(Some(
+                ["rbind", "nosuid", "noexec", "nodev", "ro"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ));
+        }
+    }
     for m in &c.mounts {
         let mut options = vec!["rbind".to_owned(), "rprivate".to_owned()];
         options.push(if m.read_only { "ro" } else { "rw" }.to_owned());
@@ -516,6 +534,19 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
         ns.set_typ(LinuxNamespaceType::Network);
         ns.set_path(Some(path.to_path_buf()));
         namespaces.push(ns);
+    }
+    if let Some(range) = c.user_namespace {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::User);
+        namespaces.push(ns);
+        let mapping = LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(range.host_id)
+            .size(range.size)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        linux.set_uid_mappings(Some(vec![mapping]));
+        linux.set_gid_mappings(Some(vec![mapping]));
     }
     linux.set_namespaces(Some(namespaces));
     linux.set_cgroups_path(Some(PathBuf::from(i.cgroups_path)));

@@ -99,6 +99,7 @@ async fn start(
         stderr: Output::File(stderr),
         stdin: None,
         tty: false,
+        user_namespace: None,
         memory_limit: None,
         cpu_millis: None,
         cpu_request_millis: None,

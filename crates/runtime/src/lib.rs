@@ -162,6 +162,13 @@ pub trait ServiceRoutes: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The node's ids a pod's user namespace maps its ids 0.. onto.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    pub host_id: u32,
+    pub size: u32,
+}
+
 /// Everything a runtime needs to start one container.
 #[derive(Debug)]
 pub struct ContainerConfig {
@@ -193,6 +200,10 @@ pub struct ContainerConfig {
     /// the container runs on it as on a terminal (runc's terminal mode; a
     /// Wasm guest's stdio reports one).
     pub tty: bool,
+    /// `hostUsers: false`: the container runs in a user namespace of its
+    /// own, its ids 0 and up being the node's from `host_id` (a range the
+    /// agent gives each such pod); `None`: the node's own ids.
+    pub user_namespace: Option<IdRange>,
     /// `limits.memory` in bytes.
     pub memory_limit: Option<u64>,
     /// `limits.cpu` in millicores.
