@@ -264,11 +264,16 @@ impl Entry {
 }
 
 impl Entry {
-    /// An entry for any host and path, to `backends` (an Ingress's default
-    /// backend).
-    pub(crate) fn any(backends: Vec<Backend>, source: String, order: (String, String)) -> Self {
+    /// An entry for every path of `host`, to `backends` (an Ingress's
+    /// default backend, a Knative route).
+    pub(crate) fn whole_host(
+        host: HostMatch,
+        backends: Vec<Backend>,
+        source: String,
+        order: (String, String),
+    ) -> Self {
         Self {
-            host: HostMatch::Any,
+            host,
             matched: Match {
                 path: PathMatch::Prefix(String::new()),
                 method: None,
@@ -655,18 +660,13 @@ fn add_knative_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut 
                 name: revision.to_owned(),
             }),
         };
-        let entry = |host: String, backends: Vec<Backend>| Entry {
-            host: HostMatch::Exact(host),
-            matched: Match {
-                path: PathMatch::Prefix(String::new()),
-                method: None,
-                headers: Vec::new(),
-                query: Vec::new(),
-            },
-            filters: Filters::default(),
-            backends,
-            source: source.clone(),
-            order: order.clone(),
+        let entry = |host: String, backends: Vec<Backend>| {
+            Entry::whole_host(
+                HostMatch::Exact(host),
+                backends,
+                source.clone(),
+                order.clone(),
+            )
         };
         let mut entries = Vec::new();
         if status.traffic.is_empty() {
@@ -772,7 +772,12 @@ fn add_ingresses(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table
             }
         }
         if let Some(b) = &spec.default_backend {
-            entries.push(Entry::any(vec![backend(b)], source.clone(), order.clone()));
+            entries.push(Entry::whole_host(
+                HostMatch::Any,
+                vec![backend(b)],
+                source.clone(),
+                order.clone(),
+            ));
         }
         table
             .entry(http_port)

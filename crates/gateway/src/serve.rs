@@ -909,7 +909,8 @@ mod tests {
         table.insert(
             port,
             routes::PortTable {
-                entries: vec![Entry::any(
+                entries: vec![Entry::whole_host(
+                    routes::HostMatch::Any,
                     vec![routes::Backend {
                         weight: 1,
                         target: Target::Endpoints(Arc::new(vec![gone])),
