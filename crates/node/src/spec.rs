@@ -691,6 +691,13 @@ pub(crate) async fn volumes(
         };
         let volume = if v.empty_dir.is_some() {
             make(&dir)?;
+            // Writable by whatever user the containers run as (their own
+            // uid, or root of a user namespace), as the kubelet makes it.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                    .map_err(|e| ConfigError(format!("volume {:?}: {e}", v.name)))?;
+            }
             Volume {
                 path: dir,
                 read_only: false,

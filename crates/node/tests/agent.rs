@@ -573,9 +573,11 @@ async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
         json!({
             "restartPolicy": "Never",
             "hostUsers": false,
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
             "containers": [
                 {"name": "shell", "image": image, "command": ["sh", "-c"],
-                 "args": ["cat /proc/self/uid_map; id -u; stat -c '%u' /bin/busybox; echo mine > /made-here && cat /made-here"]},
+                 "args": ["cat /proc/self/uid_map; id -u; stat -c '%u' /bin/busybox; echo mine > /made-here && cat /made-here && echo kept > /scratch/f && cat /scratch/f"],
+                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
             ],
         }),
     )
@@ -603,8 +605,9 @@ async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
     assert_eq!(map[0], "0", "{log}");
     let host: u64 = map[1].parse().unwrap();
     assert!(host >= 65_536 && map[2] == "65536", "{log}");
-    // Root inside; the image's files are root's; its writes land.
-    assert_eq!(lines[1..], ["0", "0", "mine"], "{log}");
+    // Root inside; the image's files are root's; its writes land, in its
+    // root filesystem and in its emptyDir.
+    assert_eq!(lines[1..], ["0", "0", "mine", "kept"], "{log}");
 }
 
 #[tokio::test]
