@@ -768,6 +768,16 @@ pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
         let root = format!("{at}.schema.openAPIV3Schema");
         rules_of(schema, &root, 1, &mut rules);
         let mut total = 0u64;
+        // Kubernetes' refusal of a cost over its budget.
+        let over = |path: &str, what: &str, cost: u64, limit: u64| {
+            FieldError::forbidden(
+                path,
+                format!(
+                    "{what} exceeds budget by factor of {:.1}x ({COST_ADVICE})",
+                    cost as f64 / limit as f64
+                ),
+            )
+        };
         for RuleAt {
             path,
             rule,
@@ -782,29 +792,18 @@ pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
             } else if let Some(cost) = crate::cel_cost::estimate(&rule, schema) {
                 let limit = crate::cel_cost::PER_CALL_LIMIT;
                 if cost > limit {
-                    errs.push(FieldError::new(
-                        FieldErrorType::Forbidden,
-                        &path,
-                        None,
-                        format!(
-                            "estimated rule cost exceeds budget by factor of {:.1}x ({COST_ADVICE})",
-                            cost as f64 / limit as f64
-                        ),
-                    ));
+                    errs.push(over(&path, "estimated rule cost", cost, limit));
                 }
                 total = total.saturating_add(cost.saturating_mul(runs));
             }
         }
         let limit = crate::cel_cost::PER_CRD_LIMIT;
         if total > limit {
-            errs.push(FieldError::new(
-                FieldErrorType::Forbidden,
+            errs.push(over(
                 &root,
-                None,
-                format!(
-                    "x-kubernetes-validations estimated rule cost total for entire OpenAPIv3 schema exceeds budget by factor of {:.1}x ({COST_ADVICE})",
-                    total as f64 / limit as f64
-                ),
+                "x-kubernetes-validations estimated rule cost total for entire OpenAPIv3 schema",
+                total,
+                limit,
             ));
         }
         if let Some(scale) = v["subresources"]["scale"].as_object() {

@@ -98,9 +98,9 @@ pub(crate) fn idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result
         )
     };
     if set != 0 {
-        return Err(setup("idmapping the image's root")(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(setup(
+            "idmapping the image's root (hostUsers: false needs Linux 5.12 or newer and a data directory on a filesystem with idmapped mounts, such as ext4, xfs or btrfs)",
+        )(std::io::Error::last_os_error()));
     }
     move_mount(
         tree.as_fd(),
