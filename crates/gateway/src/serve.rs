@@ -490,8 +490,9 @@ async fn hold(
     let host = request_host(&req);
     let query = query_pairs(req.uri().query());
     let path = req.uri().path().to_owned();
-    // Endpoints that could not be connected to (gone since the routing
-    // table listed them): not tried again.
+    // Endpoints of the routing table that could not be connected to (gone
+    // since it listed them): not taken from it again until it changes. (A
+    // pod's address is probed anyway: a new pod may have the old one's.)
     let mut unreachable = std::collections::HashSet::new();
     loop {
         versions.borrow_and_update();
@@ -536,11 +537,7 @@ async fn hold(
             Some(e) => Some(e),
             None => {
                 let mut accepting = None;
-                for addr in activator
-                    .pod_addresses(&rev)
-                    .into_iter()
-                    .filter(|a| !unreachable.contains(a))
-                {
+                for addr in activator.pod_addresses(&rev) {
                     // Bounded: a lost SYN is not waited out (its retry is
                     // a second away); the next probe sends a new one.
                     let probe =
@@ -589,8 +586,11 @@ async fn hold(
             }
         };
         tokio::select! {
-            changed = versions.changed() => if changed.is_err() {
-                return full(StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n");
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return full(StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n");
+                }
+                unreachable.clear();
             },
             _ = pod_changes.changed() => {}
             () = probe_again => {}
