@@ -232,17 +232,23 @@ mod tests {
             .unwrap();
         assert_eq!(line, "typed\n");
         drop(stdout);
-        terminal.end();
         // The echo of the input and the output, with the terminal's CRLF.
+        // The kernel moves both to the master end on its own time (the
+        // echo may come after the reader has its line), so the log is
+        // waited on for both.
         let logged = || String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        let both = || logged().contains("typed\r\n") && logged().contains("hello\r\n");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !logged().contains("hello\r\n") && std::time::Instant::now() < deadline {
+        while !both() && std::time::Instant::now() < deadline {
             tokio::task::yield_now().await;
         }
-        assert!(
-            logged().contains("typed\r\n") && logged().contains("hello\r\n"),
-            "{}",
-            logged()
-        );
+        assert!(both(), "{}", logged());
+        // After the run ends, the terminal's task closes the master end.
+        terminal.end();
+        let closed = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while terminal.master.upgrade().is_some() && std::time::Instant::now() < closed {
+            tokio::task::yield_now().await;
+        }
+        assert!(terminal.master.upgrade().is_none(), "the master end closed");
     }
 }

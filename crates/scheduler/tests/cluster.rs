@@ -27,9 +27,14 @@ async fn cluster(sim: wasmkube_sim::SimConfig) -> Cluster {
     })];
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let (c1, c2) = (client.clone(), client.clone());
+    let count = sim.count;
     tasks.push(tokio::spawn(async move {
         wasmkube_sim::run(c1, sim).await.unwrap();
     }));
+    // The scheduler starts once every node is registered, so its first
+    // list holds them all and it places no pod on a partial view (as a
+    // test of spreading needs; a live scheduler would catch up on its own).
+    wait_nodes(&client, count).await;
     tasks.push(tokio::spawn(async move {
         wasmkube_scheduler::run(c2, Default::default())
             .await
@@ -55,6 +60,25 @@ async fn wait_nodes(client: &kube::Client, count: usize) {
             .unwrap();
         seen.insert(node.metadata.name.unwrap_or_default());
     }
+}
+
+/// Waits, through a watch, until `count` events in `default` match the
+/// field selector; events are written after what they record, so a test
+/// waits for them rather than listing once.
+async fn wait_events(client: &kube::Client, fields: &str, count: usize) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let stream = watcher(events, watcher::Config::default().fields(fields)).applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    let mut seen = BTreeMap::new();
+    while seen.len() < count {
+        let event: Event = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .unwrap_or_else(|_| panic!("{count} events with {fields} in time; seen {}", seen.len()))
+            .unwrap()
+            .unwrap();
+        seen.insert(event.metadata.name.clone().unwrap_or_default(), event);
+    }
+    seen.into_values().collect()
 }
 
 fn pod(name: &str, extra: serde_json::Value) -> Pod {
@@ -112,7 +136,6 @@ async fn pods_are_bound_spread_and_run_on_simulated_nodes() {
         ..Default::default()
     })
     .await;
-    wait_nodes(&c.client, 3).await;
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
     let names: Vec<String> = (0..6).map(|i| format!("web-{i}")).collect();
     for n in &names {
@@ -132,12 +155,13 @@ async fn pods_are_bound_spread_and_run_on_simulated_nodes() {
         "least-allocated spreads: {per_node:?}"
     );
     // Each binding is recorded as a Scheduled event.
-    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
-    let scheduled = events
-        .list(&ListParams::default().fields("reason=Scheduled"))
-        .await
-        .unwrap();
-    assert_eq!(scheduled.items.len(), 6);
+    let scheduled = wait_events(&c.client, "reason=Scheduled", names.len()).await;
+    let mut for_pods: Vec<String> = scheduled
+        .into_iter()
+        .filter_map(|e| e.involved_object.name)
+        .collect();
+    for_pods.sort();
+    assert_eq!(for_pods, names);
     // A pod that asks to finish does.
     let mut done = pod("once", json!({}));
     done.metadata.annotations = Some(
@@ -196,12 +220,13 @@ async fn a_pod_that_fits_nowhere_stays_pending_with_the_reasons() {
         cond.message.as_deref(),
         Some("0/2 nodes are available: 2 node(s) had untolerated taint {dedicated: gpu}.")
     );
-    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
-    let failed = events
-        .list(&ListParams::default().fields("involvedObject.name=big,reason=FailedScheduling"))
-        .await
-        .unwrap();
-    assert_eq!(failed.items[0].type_.as_deref(), Some("Warning"));
+    let failed = wait_events(
+        &c.client,
+        "involvedObject.name=big,reason=FailedScheduling",
+        1,
+    )
+    .await;
+    assert_eq!(failed[0].type_.as_deref(), Some("Warning"));
 
     // A tolerating pod schedules; once it exists the untolerated one still waits.
     let tolerant = pod(
@@ -225,7 +250,6 @@ async fn a_high_priority_pod_preempts_lower_ones_and_admission_sets_priorities()
         ..Default::default()
     })
     .await;
-    wait_nodes(&c.client, 1).await;
     let classes: Api<k8s_openapi::api::scheduling::v1::PriorityClass> = Api::all(c.client.clone());
     for (name, value, default) in [("low", 100, true), ("high", 10_000, false)] {
         let pc = serde_json::from_value(
@@ -293,14 +317,13 @@ async fn a_high_priority_pod_preempts_lower_ones_and_admission_sets_priorities()
         .filter(|p| p.metadata.name.as_deref().unwrap().starts_with("low-"))
         .collect();
     assert_eq!(low_left.len(), 1, "one victim is gone");
-    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
-    let preempted = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("Preempted"))
-        .count();
-    assert_eq!(preempted, 1);
+    let preempted = wait_events(&c.client, "reason=Preempted", 1).await;
+    let victim = preempted[0].involved_object.name.as_deref().unwrap();
+    assert!(
+        victim.starts_with("low-")
+            && !low_left
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(victim)),
+        "the Preempted event names the victim: {victim}"
+    );
 }
