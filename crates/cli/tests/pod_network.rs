@@ -15,7 +15,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, ok, start_cluster_in, wasmkube};
+use common::{Server, ok, start_cluster_in, wasmkube, watch_rows_until};
 use serde_json::json;
 use wasmkube_testkit::{Registry, busybox_image};
 
@@ -1725,14 +1725,17 @@ fn pods_get_their_own_ips_and_reach_each_other_on_one_host_and_across_two() {
         "{}",
         String::from_utf8_lossy(&refused.stdout)
     );
-    let events = ok(
+    // The agent records the event in the background: watched for.
+    watch_rows_until(
         &s,
-        &["get", "events", "--field-selector", "reason=Unhealthy"],
-        None,
-    );
-    assert!(
-        events.contains("Readiness probe failed") && events.contains("index.html"),
-        "{events}"
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=Unhealthy",
+            "-w",
+        ],
+        |row| row.contains("Readiness probe failed") && row.contains("index.html"),
     );
 
     // Through the whole cluster: a Linux container over its memory limit

@@ -81,6 +81,7 @@ impl Harness {
         self.pods().logs(pod, params).await.unwrap()
     }
 
+    /// The pod's events (reason, message) as recorded so far.
     async fn events(&self, pod: &str) -> Vec<(String, String)> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
         api.list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
@@ -90,6 +91,41 @@ impl Harness {
             .into_iter()
             .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
             .collect()
+    }
+
+    /// The pod's events once `done` holds for them. The agent records
+    /// events in the background, after what they tell of, so a test waits
+    /// for them through a watch.
+    async fn events_until(
+        &self,
+        pod: &str,
+        done: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
+        use kube::runtime::WatchStreamExt;
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        let config =
+            kube::runtime::watcher::Config::default().fields(&format!("involvedObject.name={pod}"));
+        let mut stream = std::pin::pin!(kube::runtime::watcher(api, config).applied_objects());
+        let mut seen = std::collections::BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let events: Vec<(String, String)> = seen.values().cloned().collect();
+            if done(&events) {
+                return events;
+            }
+            let event: Event = tokio::time::timeout_at(deadline, stream.try_next())
+                .await
+                .unwrap_or_else(|_| panic!("{pod}'s events in time; seen {events:?}"))
+                .unwrap()
+                .unwrap();
+            seen.insert(
+                event.metadata.name.unwrap_or_default(),
+                (
+                    event.reason.unwrap_or_default(),
+                    event.message.unwrap_or_default(),
+                ),
+            );
+        }
     }
 }
 
@@ -268,13 +304,11 @@ async fn a_command_module_runs_to_completion_and_reports_like_kubectl_expects() 
         "{stamped:?}"
     );
 
-    let reasons: Vec<String> = h.events("hello").await.into_iter().map(|e| e.0).collect();
-    for r in ["Pulling", "Pulled", "Created", "Started"] {
-        assert!(
-            reasons.iter().any(|x| x == r),
-            "{r} missing from {reasons:?}"
-        );
-    }
+    let all = ["Pulling", "Pulled", "Created", "Started"];
+    h.events_until("hello", |events| {
+        all.iter().all(|r| events.iter().any(|(x, _)| x == r))
+    })
+    .await;
     // The node lists the pulled image in its status (posted shortly after).
     let wanted = h.image("hello");
     tokio::time::timeout(
@@ -342,8 +376,10 @@ async fn a_crashing_container_backs_off_and_keeps_its_previous_log() {
         )
         .await;
     assert_eq!(previous, "crasher: exiting with 7\n");
-    let events = h.events("crasher").await;
-    assert!(events.iter().any(|(r, _)| r == "BackOff"), "{events:?}");
+    h.events_until("crasher", |events| {
+        events.iter().any(|(r, _)| r == "BackOff")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -362,10 +398,10 @@ async fn limits_are_enforced_and_deletion_honours_the_grace_period() {
     let c = container(&pod);
     assert_eq!(c["state"]["terminated"]["reason"], "OOMKilled", "{c}");
     assert_eq!(c["state"]["terminated"]["exitCode"], 137);
-    assert!(
-        h.events("hog").await.iter().any(|(r, _)| r == "OOMKilling"),
-        "no OOMKilling event"
-    );
+    h.events_until("hog", |events| {
+        events.iter().any(|(r, _)| r == "OOMKilling")
+    })
+    .await;
 
     // activeDeadlineSeconds ends a pod that runs too long.
     h.create(
@@ -927,13 +963,12 @@ async fn a_deleted_http_function_runs_its_pre_stop_hook_and_drains() {
         .unwrap_or_else(|_| panic!("{name} still waits for its grace period"))
         .unwrap();
     }
-    let events = h.events("busy").await;
-    assert!(
+    h.events_until("busy", |events| {
         events
             .iter()
-            .any(|(r, m)| r == "FailedPreStopHook" && m.contains("statuscode: 500")),
-        "{events:?}"
-    );
+            .any(|(r, m)| r == "FailedPreStopHook" && m.contains("statuscode: 500"))
+    })
+    .await;
     assert!(
         !h.events("idle")
             .await
@@ -1015,12 +1050,13 @@ async fn probes_decide_readiness_and_restarts() {
             .contains("failed liveness probe"),
         "{last}"
     );
-    let events = h.events("probed").await;
-    assert!(
-        events.iter().any(|(r, m)| r == "Unhealthy"
-            && m.contains("Liveness probe failed: HTTP probe failed with statuscode: 404")),
-        "{events:?}"
-    );
+    h.events_until("probed", |events| {
+        events.iter().any(|(r, m)| {
+            r == "Unhealthy"
+                && m.contains("Liveness probe failed: HTTP probe failed with statuscode: 404")
+        })
+    })
+    .await;
 
     // A readiness probe that cannot connect keeps the pod unready but running;
     // an exec probe cannot run in a Wasm guest and says so.
