@@ -512,6 +512,7 @@ fn validate_pod_spec(
                 &v.name,
             ));
         }
+        file_modes(v, &format!("{path}.volumes[{i}]"), errs);
     }
     for (ci, c) in spec.containers.iter().enumerate() {
         for (mi, m) in c.volume_mounts.iter().flatten().enumerate() {
@@ -1026,6 +1027,69 @@ fn cron_schedule_plausible(s: &str) -> bool {
         })
 }
 
+/// The file modes of a configMap, secret, downwardAPI or projected volume
+/// (`defaultMode`, each item's `mode`): permission bits only.
+fn file_modes(v: &core::Volume, path: &str, errs: &mut Errors) {
+    let mut check = |field: String, mode: Option<i32>| {
+        if let Some(m) = mode
+            && !(0..=0o777).contains(&m)
+        {
+            errs.push(FieldError::invalid(
+                field,
+                m,
+                "must be a number between 0 and 0777 (octal), both inclusive",
+            ));
+        }
+    };
+    let keyed = |items: Option<&Vec<core::KeyToPath>>| {
+        items
+            .into_iter()
+            .flatten()
+            .map(|i| i.mode)
+            .enumerate()
+            .collect::<Vec<_>>()
+    };
+    if let Some(c) = &v.config_map {
+        check(format!("{path}.configMap.defaultMode"), c.default_mode);
+        for (j, m) in keyed(c.items.as_ref()) {
+            check(format!("{path}.configMap.items[{j}].mode"), m);
+        }
+    }
+    if let Some(sec) = &v.secret {
+        check(format!("{path}.secret.defaultMode"), sec.default_mode);
+        for (j, m) in keyed(sec.items.as_ref()) {
+            check(format!("{path}.secret.items[{j}].mode"), m);
+        }
+    }
+    if let Some(d) = &v.downward_api {
+        check(format!("{path}.downwardAPI.defaultMode"), d.default_mode);
+        for (j, item) in d.items.iter().flatten().enumerate() {
+            check(format!("{path}.downwardAPI.items[{j}].mode"), item.mode);
+        }
+    }
+    if let Some(p) = &v.projected {
+        check(format!("{path}.projected.defaultMode"), p.default_mode);
+        for (k, src) in p.sources.iter().flatten().enumerate() {
+            let at = format!("{path}.projected.sources[{k}]");
+            if let Some(c) = &src.config_map {
+                for (j, m) in keyed(c.items.as_ref()) {
+                    check(format!("{at}.configMap.items[{j}].mode"), m);
+                }
+            }
+            if let Some(sec) = &src.secret {
+                for (j, m) in keyed(sec.items.as_ref()) {
+                    check(format!("{at}.secret.items[{j}].mode"), m);
+                }
+            }
+            if let Some(d) = &src.downward_api {
+                for (j, item) in d.items.iter().flatten().enumerate() {
+                    check(format!("{at}.downwardAPI.items[{j}].mode"), item.mode);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1121,6 +1185,29 @@ mod tests {
             [
                 "spec.hostNetwork: Forbidden: when `hostUsers` is false",
                 "spec.hostPID: Forbidden: when `hostUsers` is false"
+            ],
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn volume_file_modes_are_permission_bits() {
+        let errs = errors(
+            "pods",
+            "",
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}],
+            "volumes": [
+                {"name": "s", "secret": {"secretName": "x", "defaultMode": 0o400,
+                    "items": [{"key": "k", "path": "k", "mode": 0o1000}]}},
+                {"name": "p", "projected": {"defaultMode": -1, "sources": [
+                    {"configMap": {"name": "c", "items": [{"key": "k", "path": "k", "mode": 0o777}]}}]}},
+            ]}}),
+        );
+        assert_eq!(
+            errs,
+            [
+                "spec.volumes[0].secret.items[0].mode: Invalid value: 512: must be a number between 0 and 0777 (octal), both inclusive",
+                "spec.volumes[1].projected.defaultMode: Invalid value: -1: must be a number between 0 and 0777 (octal), both inclusive"
             ],
             "{errs:?}"
         );

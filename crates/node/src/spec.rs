@@ -452,8 +452,24 @@ pub(crate) async fn container(
     })
 }
 
-fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigError> {
-    for (rel, data) in files {
+/// A file of a configMap, secret, downwardAPI or projected volume: its
+/// path in the volume, its bytes and its permission bits.
+type VolumeFile = (String, Vec<u8>, u32);
+
+/// The permission bits of a volume's files when neither the volume nor the
+/// item says (Kubernetes' `defaultMode`).
+const DEFAULT_MODE: u32 = 0o644;
+
+/// An item's mode, else the volume's `defaultMode`, else 0644; only the
+/// permission bits count.
+fn file_mode(item: Option<i32>, default: Option<i32>) -> u32 {
+    item.or(default)
+        .map_or(DEFAULT_MODE, |m| (m as u32) & 0o7777)
+}
+
+fn write_files(dir: &Path, files: &[VolumeFile]) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (rel, data, mode) in files {
         if rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
             return Err(ConfigError(format!(
                 "file path {rel:?} must be relative without '..'"
@@ -464,7 +480,9 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigErro
             std::fs::create_dir_all(parent)
                 .map_err(|e| ConfigError(format!("{}: {e}", parent.display())))?;
         }
-        std::fs::write(&path, data).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, data)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)))
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
     }
     Ok(())
 }
@@ -472,15 +490,20 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ConfigErro
 fn keyed_files(
     data: &BTreeMap<String, Vec<u8>>,
     items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+    default_mode: Option<i32>,
     what: &str,
-) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
+) -> Result<Vec<VolumeFile>, ConfigError> {
+    let mode = file_mode(None, default_mode);
     match items {
-        None => Ok(data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        None => Ok(data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone(), mode))
+            .collect()),
         Some(items) => items
             .iter()
             .map(|i| {
                 data.get(&i.key)
-                    .map(|v| (i.path.clone(), v.clone()))
+                    .map(|v| (i.path.clone(), v.clone(), file_mode(i.mode, default_mode)))
                     .ok_or_else(|| {
                         ConfigError(format!("{what} references non-existent key: {}", i.key))
                     })
@@ -493,7 +516,8 @@ fn downward_files(
     ctx: &Ctx,
     pod: &Pod,
     items: &[DownwardAPIVolumeFile],
-) -> Result<Vec<(String, Vec<u8>)>, ConfigError> {
+    default_mode: Option<i32>,
+) -> Result<Vec<VolumeFile>, ConfigError> {
     items
         .iter()
         .map(|i| {
@@ -509,7 +533,11 @@ fn downward_files(
             } else {
                 String::new()
             };
-            Ok((i.path.clone(), value.into_bytes()))
+            Ok((
+                i.path.clone(),
+                value.into_bytes(),
+                file_mode(i.mode, default_mode),
+            ))
         })
         .collect()
 }
@@ -518,6 +546,7 @@ fn downward_files(
 pub(crate) struct TokenFile {
     dir: PathBuf,
     path: String,
+    mode: u32,
     source: k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
     /// When the file's token should be replaced.
     refresh_at: std::time::SystemTime,
@@ -537,7 +566,8 @@ fn refresh_at(
 
 /// Writes `data` as `dir/path` in one step (a file beside it renamed over
 /// it), so a reader sees the old token or the new one, never a part.
-fn replace_file(dir: &Path, path: &str, data: &[u8]) -> Result<(), ConfigError> {
+fn replace_file(dir: &Path, path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
     let target = dir.join(path);
     let staged = target.with_file_name(format!(
         ".{}.new",
@@ -547,6 +577,7 @@ fn replace_file(dir: &Path, path: &str, data: &[u8]) -> Result<(), ConfigError> 
             .unwrap_or_default()
     ));
     std::fs::write(&staged, data)
+        .and_then(|()| std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)))
         .and_then(|()| std::fs::rename(&staged, &target))
         .map_err(|e| ConfigError(format!("{}: {e}", target.display())))
 }
@@ -571,7 +602,9 @@ pub(crate) async fn keep_tokens_fresh(
         tokio::time::sleep(wait).await;
         match service_account_token(&ctx, &pod, &next.source).await {
             Ok(issued) => {
-                if let Err(e) = replace_file(&next.dir, &next.path, issued.token.as_bytes()) {
+                if let Err(e) =
+                    replace_file(&next.dir, &next.path, issued.token.as_bytes(), next.mode)
+                {
                     tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "cannot replace a service-account token");
                 }
                 next.refresh_at = issued.refresh_at(ctx.config.token_refresh);
@@ -725,6 +758,7 @@ pub(crate) async fn volumes(
                     let files = keyed_files(
                         &config_map_data(&cm),
                         src.items.as_ref(),
+                        src.default_mode,
                         &format!("configmap {:?}", src.name),
                     )?;
                     write_files(&dir, &files)?;
@@ -744,6 +778,7 @@ pub(crate) async fn volumes(
                     let files = keyed_files(
                         &secret_data(&s),
                         src.items.as_ref(),
+                        src.default_mode,
                         &format!("secret {name:?}"),
                     )?;
                     write_files(&dir, &files)?;
@@ -757,7 +792,12 @@ pub(crate) async fn volumes(
             }
         } else if let Some(src) = &v.downward_api {
             make(&dir)?;
-            let files = downward_files(ctx, pod, src.items.as_deref().unwrap_or_default())?;
+            let files = downward_files(
+                ctx,
+                pod,
+                src.items.as_deref().unwrap_or_default(),
+                src.default_mode,
+            )?;
             write_files(&dir, &files)?;
             Volume {
                 path: dir,
@@ -773,6 +813,7 @@ pub(crate) async fn volumes(
                             &keyed_files(
                                 &config_map_data(&obj),
                                 cm.items.as_ref(),
+                                src.default_mode,
                                 &format!("configmap {:?}", cm.name),
                             )?,
                         )?,
@@ -789,6 +830,7 @@ pub(crate) async fn volumes(
                             &keyed_files(
                                 &secret_data(&obj),
                                 sec.items.as_ref(),
+                                src.default_mode,
                                 &format!("secret {:?}", sec.name),
                             )?,
                         )?,
@@ -801,15 +843,25 @@ pub(crate) async fn volumes(
                 if let Some(d) = &s.downward_api {
                     write_files(
                         &dir,
-                        &downward_files(ctx, pod, d.items.as_deref().unwrap_or_default())?,
+                        &downward_files(
+                            ctx,
+                            pod,
+                            d.items.as_deref().unwrap_or_default(),
+                            src.default_mode,
+                        )?,
                     )?;
                 }
                 if let Some(t) = &s.service_account_token {
                     let issued = service_account_token(ctx, pod, t).await?;
-                    write_files(&dir, &[(t.path.clone(), issued.token.clone().into_bytes())])?;
+                    let mode = file_mode(None, src.default_mode);
+                    write_files(
+                        &dir,
+                        &[(t.path.clone(), issued.token.clone().into_bytes(), mode)],
+                    )?;
                     tokens.push(TokenFile {
                         dir: dir.clone(),
                         path: t.path.clone(),
+                        mode,
                         source: t.clone(),
                         refresh_at: issued.refresh_at(ctx.config.token_refresh),
                     });
@@ -848,8 +900,8 @@ mod tests {
         // A token extended to a year is still replaced every day.
         assert_eq!(refresh_at(t0, t0 + hour * 24 * 365), t0 + hour * 24);
         let dir = tempfile::tempdir().unwrap();
-        replace_file(dir.path(), "token", b"one").unwrap();
-        replace_file(dir.path(), "token", b"two").unwrap();
+        replace_file(dir.path(), "token", b"one", 0o600).unwrap();
+        replace_file(dir.path(), "token", b"two", 0o600).unwrap();
         assert_eq!(std::fs::read(dir.path().join("token")).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -604,16 +604,54 @@ async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
     let h = harness().await;
     let image = format!("{}/busybox:v1", h.registry.host());
     push_busybox(&image).await;
+    let secrets: Api<Secret> = Api::namespaced(h.client.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "only-root"}, "stringData": {"key": "s3cret"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // A directory of the node that only its root may write.
+    let host_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        host_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = [
+        "cat /proc/self/uid_map",
+        "id -u",
+        "stat -c '%u' /bin/busybox",
+        "echo mine > /made-here && cat /made-here",
+        "echo kept > /scratch/f && cat /scratch/f",
+        // Volumes are idmapped: the node's root is root here.
+        "stat -c '%u %a' /secret/key && cat /secret/key && echo",
+        "stat -c '%u' /host && echo written > /host/by-the-pod && cat /host/by-the-pod",
+        "stat -c '%u' /etc/hosts && echo '# mine' >> /etc/hosts && tail -n 1 /etc/hosts",
+    ]
+    .join("; ");
     h.create(
         "userns",
         json!({
             "restartPolicy": "Never",
             "hostUsers": false,
-            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "volumes": [
+                {"name": "scratch", "emptyDir": {}},
+                {"name": "secret", "secret": {"secretName": "only-root", "defaultMode": 0o400}},
+                {"name": "host", "hostPath": {"path": host_dir.path()}},
+            ],
             "containers": [
                 {"name": "shell", "image": image, "command": ["sh", "-c"],
-                 "args": ["cat /proc/self/uid_map; id -u; stat -c '%u' /bin/busybox; echo mine > /made-here && cat /made-here && echo kept > /scratch/f && cat /scratch/f"],
-                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+                 "args": [script],
+                 "volumeMounts": [
+                    {"name": "scratch", "mountPath": "/scratch"},
+                    {"name": "secret", "mountPath": "/secret"},
+                    {"name": "host", "mountPath": "/host"},
+                 ]},
             ],
         }),
     )
@@ -642,8 +680,23 @@ async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
     let host: u64 = map[1].parse().unwrap();
     assert!(host >= 65_536 && map[2] == "65536", "{log}");
     // Root inside; the image's files are root's; its writes land, in its
-    // root filesystem and in its emptyDir.
-    assert_eq!(lines[1..], ["0", "0", "mine", "kept"], "{log}");
+    // root filesystem and in its emptyDir; a Secret only root may read is
+    // read; the node's directory is root's and written; /etc/hosts is the
+    // container's own.
+    assert_eq!(
+        lines[1..],
+        [
+            "0", "0", "mine", "kept", "0 400", "s3cret", "0", "written", "0", "# mine"
+        ],
+        "{log}"
+    );
+    // What it wrote to the node's directory is the node's root's.
+    let written = host_dir.path().join("by-the-pod");
+    assert_eq!(std::fs::read_to_string(&written).unwrap(), "written\n");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&written.metadata().unwrap()),
+        0
+    );
 }
 
 #[tokio::test]

@@ -187,7 +187,9 @@ impl LinuxRuntime {
         }
         if let Ok(dirs) = std::fs::read_dir(&containers) {
             for d in dirs.flatten() {
-                let _ = std::fs::remove_dir_all(d.path());
+                if let Err(e) = remove_bundle(&d.path()) {
+                    tracing::warn!(error = %e, "cannot remove a leftover container bundle");
+                }
             }
         }
     }
@@ -242,17 +244,18 @@ impl LinuxRuntime {
             .map_err(|e| Error::Image(format!("the image config: {e}")))?;
         let bundle = self.config.root.join("containers").join(&config.id);
         if bundle.exists() {
-            unmount_bundle(&bundle)?;
-            std::fs::remove_dir_all(&bundle).map_err(Error::io(&bundle))?;
+            remove_bundle(&bundle)?;
         }
         std::fs::create_dir_all(&bundle).map_err(Error::io(&bundle))?;
         let rootfs_dir = bundle.join("rootfs");
+        let config_id = config.id.clone();
         let result = self
             .configure(&config, &image, &image_root, &bundle, &rootfs_dir)
             .and_then(|()| self.spawn(config, &bundle));
-        if result.is_err() {
-            let _ = unmount_bundle(&bundle);
-            let _ = std::fs::remove_dir_all(&bundle);
+        if result.is_err()
+            && let Err(e) = remove_bundle(&bundle)
+        {
+            tracing::warn!(container = %config_id, error = %e, "cannot remove a failed container's bundle");
         }
         result
     }
@@ -285,22 +288,36 @@ impl LinuxRuntime {
                 None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             },
         )?;
-        // In a user namespace of its own, the container sees the image
-        // through an idmapped mount, and owns what it writes.
-        let lower = match config.user_namespace {
+        // In a user namespace of its own, the container sees the image and
+        // its volumes through idmapped mounts, and owns what it writes.
+        let (lower, volumes) = match config.user_namespace {
             Some(range) => {
+                let userns = userns::namespace(range)?;
                 let lower = bundle.join("lower");
                 for dir in [&lower, &bundle.join("upper"), &bundle.join("work")] {
                     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
                 }
-                for dir in [bundle.join("upper"), bundle.join("work")] {
-                    std::os::unix::fs::chown(&dir, Some(range.host_id), Some(range.host_id))
-                        .map_err(Error::io(&dir))?;
+                let own = |p: &Path| {
+                    std::os::unix::fs::chown(p, Some(range.host_id), Some(range.host_id))
+                        .map_err(Error::io(p))
+                };
+                for p in [
+                    &bundle.join("upper"),
+                    &bundle.join("work"),
+                    &hosts,
+                    &hostname,
+                    &resolv,
+                ] {
+                    own(p)?;
                 }
-                userns::idmapped(image_root, &lower, &userns::namespace(range)?)?;
-                lower
+                userns::idmapped("the image's root", image_root, &lower, &userns)?;
+                let volumes = idmapped_volumes(config, bundle, &userns)?;
+                (lower, volumes)
             }
-            None => image_root.to_path_buf(),
+            None => (
+                image_root.to_path_buf(),
+                config.mounts.iter().map(|m| m.host_path.clone()).collect(),
+            ),
         };
         rootfs::mount_overlay(
             &lower,
@@ -319,6 +336,7 @@ impl LinuxRuntime {
                 ("/etc/hostname", hostname),
                 ("/etc/resolv.conf", resolv),
             ],
+            volumes: &volumes,
             cgroups_path: &cgroups_path,
             netns: config.netns.as_deref(),
             allow_privileged: self.config.allow_privileged,
@@ -383,15 +401,55 @@ fn resized(runc: Option<u32>) -> wasmkube_runtime::Resize {
     }))
 }
 
-/// Unmounts a container's root filesystem, then the idmapped image root
-/// under it, if it has one.
+/// Mounts each of the container's volumes idmapped in its bundle
+/// (`volumes/N`, for the container's N-th mount), and gives where, to be
+/// bound into the container from there.
+fn idmapped_volumes(
+    config: &ContainerConfig,
+    bundle: &Path,
+    userns: &std::os::fd::OwnedFd,
+) -> Result<Vec<PathBuf>, Error> {
+    let dir = bundle.join("volumes");
+    std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+    let mut staged = Vec::with_capacity(config.mounts.len());
+    for (n, m) in config.mounts.iter().enumerate() {
+        let at = dir.join(n.to_string());
+        let made = if m.host_path.is_dir() {
+            std::fs::create_dir(&at)
+        } else {
+            std::fs::File::create(&at).map(drop)
+        };
+        made.map_err(Error::io(&at))?;
+        let what = format!("the volume mounted at {}", m.container_path);
+        userns::idmapped(&what, &m.host_path, &at, userns)?;
+        staged.push(at);
+    }
+    Ok(staged)
+}
+
+/// Unmounts everything mounted in a container's bundle (its root
+/// filesystem, the idmapped image root and volumes), deepest first.
 fn unmount_bundle(bundle: &Path) -> Result<(), Error> {
-    rootfs::unmount(&bundle.join("rootfs"))?;
-    let lower = bundle.join("lower");
-    if lower.exists() {
-        rootfs::unmount(&lower)?;
+    for m in rootfs::mounts_under(bundle) {
+        rootfs::unmount(&m)?;
     }
     Ok(())
+}
+
+/// Removes a container's bundle, once nothing is mounted in it: a volume
+/// still mounted there is the pod's data, never to be deleted with it.
+fn remove_bundle(bundle: &Path) -> Result<(), Error> {
+    unmount_bundle(bundle)?;
+    if let Some(m) = rootfs::mounts_under(bundle).first() {
+        return Err(Error::Setup(format!(
+            "{} is still mounted; the bundle is kept",
+            m.display()
+        )));
+    }
+    match std::fs::remove_dir_all(bundle) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(bundle)(e)),
+        _ => Ok(()),
+    }
 }
 
 async fn track_usage(cgroup: Cgroup, usage: Arc<Usage>) {
@@ -497,10 +555,9 @@ impl LinuxContainer {
         if !deleted.is_ok_and(|s| s.success()) {
             tracing::warn!(container = %self.id, "runc delete failed");
         }
-        if let Err(e) = unmount_bundle(&self.bundle) {
-            tracing::warn!(container = %self.id, error = %e, "cannot unmount the root filesystem");
+        if let Err(e) = remove_bundle(&self.bundle) {
+            tracing::warn!(container = %self.id, error = %e, "cannot remove the container's bundle");
         }
-        let _ = tokio::fs::remove_dir_all(&self.bundle).await;
     }
 }
 
@@ -521,8 +578,9 @@ impl Drop for LinuxContainer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let _ = unmount_bundle(&self.bundle);
-        let _ = std::fs::remove_dir_all(&self.bundle);
+        if let Err(e) = remove_bundle(&self.bundle) {
+            tracing::warn!(container = %self.id, error = %e, "cannot remove the container's bundle");
+        }
         tracing::warn!(container = %self.id, "removed a container whose handle was dropped while it ran");
     }
 }

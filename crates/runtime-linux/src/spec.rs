@@ -51,6 +51,9 @@ pub struct Inputs<'a> {
     pub rootfs: &'a Path,
     /// Files bind-mounted at /etc/hosts, /etc/hostname, /etc/resolv.conf.
     pub etc: [(&'a str, PathBuf); 3],
+    /// Where each of the config's mounts is bound from: its own host path,
+    /// or the idmapped mount of it for a container in a user namespace.
+    pub volumes: &'a [PathBuf],
     pub cgroups_path: &'a str,
     /// The pod's network namespace; `None` shares the node's.
     pub netns: Option<&'a Path>,
@@ -487,14 +490,14 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
             ));
         }
     }
-    for m in &c.mounts {
+    for (m, source) in c.mounts.iter().zip(i.volumes) {
         let mut options = vec!["rbind".to_owned(), "rprivate".to_owned()];
         options.push(if m.read_only { "ro" } else { "rw" }.to_owned());
         mounts.push(
             MountBuilder::default()
                 .destination(PathBuf::from(&m.container_path))
                 .typ("bind")
-                .source(m.host_path.clone())
+                .source(source.clone())
                 .options(options)
                 .build()
                 .map_err(|e| Error::Config(e.to_string()))?,

@@ -11,6 +11,14 @@
 //! container writes is its own. The mapping for the mount comes from a
 //! user namespace made for the purpose, by a short-lived child process
 //! (only a single-threaded process may make one).
+//!
+//! The pod's volumes are seen the same way, as the kubelet has its runtime
+//! idmap them: each is mounted idmapped in the container's bundle and bound
+//! into the container from there, so a file the node's root owns is root's
+//! in the container, and what the container's root writes into a volume is
+//! the node's root's, as it would be without a user namespace. The files
+//! the bundle holds for the container alone (/etc/hosts and the others) are
+//! given to the range's first id.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
@@ -31,7 +39,7 @@ struct MountAttr {
 }
 
 fn setup(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::Setup(format!("the user namespace: {what}: {e}"))
+    move |e| failed(what.to_owned(), e)
 }
 
 /// A user namespace mapping ids `0..size` to the node's `host_id..`.
@@ -66,8 +74,15 @@ pub(crate) fn namespace(range: wasmkube_runtime::IdRange) -> Result<OwnedFd, Err
     made
 }
 
-/// Mounts `source` at `target` with its owners seen through `userns`.
-pub(crate) fn idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result<(), Error> {
+/// Mounts `source` (a directory or a file; `target` is one of the same)
+/// at `target` with its owners seen through `userns`. `what` names it in
+/// errors.
+pub(crate) fn idmapped(
+    what: &str,
+    source: &Path,
+    target: &Path,
+    userns: &OwnedFd,
+) -> Result<(), Error> {
     use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
     let tree = open_tree(
         rustix::fs::CWD,
@@ -76,7 +91,7 @@ pub(crate) fn idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result
             | OpenTreeFlags::OPEN_TREE_CLOEXEC
             | OpenTreeFlags::AT_RECURSIVE,
     )
-    .map_err(|e| setup("cloning the image's root")(e.into()))?;
+    .map_err(|e| failed(format!("cloning {what}"), e.into()))?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_IDMAP,
         attr_clr: 0,
@@ -98,9 +113,12 @@ pub(crate) fn idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result
         )
     };
     if set != 0 {
-        return Err(setup(
-            "idmapping the image's root (hostUsers: false needs Linux 5.12 or newer and a data directory on a filesystem with idmapped mounts, such as ext4, xfs or btrfs)",
-        )(std::io::Error::last_os_error()));
+        return Err(failed(
+            format!(
+                "idmapping {what} (hostUsers: false needs Linux 5.12 or newer, and the node's data directory and the pod's volumes on filesystems with idmapped mounts, such as ext4, xfs, btrfs or tmpfs)"
+            ),
+            std::io::Error::last_os_error(),
+        ));
     }
     move_mount(
         tree.as_fd(),
@@ -109,5 +127,9 @@ pub(crate) fn idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result
         target,
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .map_err(|e| setup("mounting the idmapped root")(e.into()))
+    .map_err(|e| failed(format!("mounting {what} idmapped"), e.into()))
+}
+
+fn failed(what: String, e: std::io::Error) -> Error {
+    Error::Setup(format!("the user namespace: {what}: {e}"))
 }
