@@ -94,6 +94,67 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
+/// The baseline's AppArmor check: no profile of type other than
+/// `RuntimeDefault` or `Localhost` in the pod's or a container's field, and
+/// no annotation naming one but `runtime/default` or `localhost/*`.
+fn app_armor(metadata: &Value, spec: &Value, containers: &[&Value]) -> Option<String> {
+    let forbidden = |t: &Value| !t.is_null() && t != "RuntimeDefault" && t != "Localhost";
+    let mut setters = Vec::new();
+    let mut values = std::collections::BTreeSet::new();
+    let pod_type = &spec["securityContext"]["appArmorProfile"]["type"];
+    if forbidden(pod_type) {
+        setters.push("pod".to_owned());
+        values.insert(pod_type.as_str().unwrap_or_default().to_owned());
+    }
+    let mut named = Vec::new();
+    for c in containers {
+        let t = &c["securityContext"]["appArmorProfile"]["type"];
+        if forbidden(t) {
+            named.push(c["name"].as_str().unwrap_or_default().to_owned());
+            values.insert(t.as_str().unwrap_or_default().to_owned());
+        }
+    }
+    if !named.is_empty() {
+        setters.push(containers_phrase(&named));
+    }
+    let mut annotations: Vec<String> = metadata["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(crate::apparmor::ANNOTATION_PREFIX))
+        .filter_map(|(k, v)| {
+            let v = v.as_str().unwrap_or_default();
+            let ok = v.is_empty() || v == "runtime/default" || v.starts_with("localhost/");
+            (!ok).then(|| format!("{k}={v:?}"))
+        })
+        .collect();
+    annotations.sort();
+    if !annotations.is_empty() {
+        setters.push(
+            if annotations.len() == 1 {
+                "annotation"
+            } else {
+                "annotations"
+            }
+            .to_owned(),
+        );
+    }
+    if setters.is_empty() {
+        return None;
+    }
+    let bad: Vec<String> = values.into_iter().chain(annotations).collect();
+    let reason = if bad.len() == 1 {
+        "forbidden AppArmor profile"
+    } else {
+        "forbidden AppArmor profiles"
+    };
+    Some(format!(
+        "{reason} ({} must not set AppArmor profile type to {})",
+        setters.join(" and "),
+        quoted(&bad)
+    ))
+}
+
 /// "container "a"" or "containers "a", "b""
 fn containers_phrase(names: &[String]) -> String {
     if names.len() == 1 {
@@ -103,8 +164,9 @@ fn containers_phrase(names: &[String]) -> String {
     }
 }
 
-/// Why `spec` (a pod's spec) violates `level`; empty when it does not.
-pub fn violations(level: Level, spec: &Value) -> Vec<String> {
+/// Why a pod (its `metadata` and `spec`, or a template's) violates
+/// `level`; empty when it does not.
+pub fn violations(level: Level, metadata: &Value, spec: &Value) -> Vec<String> {
     if level == Level::Privileged {
         return Vec::new();
     }
@@ -233,6 +295,9 @@ pub fn violations(level: Level, spec: &Value) -> Vec<String> {
             "seccompProfile ({who} must not set securityContext.seccompProfile.type to \"Unconfined\")"
         ));
     }
+    if !wasm && let Some(v) = app_armor(metadata, spec, &containers) {
+        out.push(v);
+    }
     if level == Level::Baseline {
         return out;
     }
@@ -341,9 +406,9 @@ mod tests {
     #[test]
     fn a_plain_linux_pod_is_baseline_but_not_restricted() {
         let spec = json!({"containers": [{"name": "c", "image": "busybox"}]});
-        assert!(violations(Level::Baseline, &spec).is_empty());
+        assert!(violations(Level::Baseline, &Value::Null, &spec).is_empty());
         assert_eq!(
-            violations(Level::Restricted, &spec),
+            violations(Level::Restricted, &Value::Null, &spec),
             [
                 "allowPrivilegeEscalation != false (container \"c\" must set securityContext.allowPrivilegeEscalation=false)",
                 "unrestricted capabilities (container \"c\" must set securityContext.capabilities.drop=[\"ALL\"])",
@@ -356,7 +421,7 @@ mod tests {
             "containers": [{"name": "c", "securityContext": {
                 "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}],
         });
-        assert!(violations(Level::Restricted, &hardened).is_empty());
+        assert!(violations(Level::Restricted, &Value::Null, &hardened).is_empty());
     }
 
     #[test]
@@ -369,7 +434,7 @@ mod tests {
                 "ports": [{"containerPort": 80, "hostPort": 80}]}],
         });
         assert_eq!(
-            violations(Level::Baseline, &spec),
+            violations(Level::Baseline, &Value::Null, &spec),
             [
                 "host namespaces (hostNetwork=true)",
                 "privileged (container \"c\" must not set securityContext.privileged=true)",
@@ -378,18 +443,46 @@ mod tests {
                 "hostPort (container \"c\" uses hostPort 80)",
             ]
         );
-        assert!(violations(Level::Privileged, &spec).is_empty());
+        assert!(violations(Level::Privileged, &Value::Null, &spec).is_empty());
+    }
+
+    #[test]
+    fn baseline_refuses_unconfined_app_armor_in_fields_and_annotations() {
+        let spec = json!({
+            "securityContext": {"appArmorProfile": {"type": "Unconfined"}},
+            "containers": [
+                {"name": "a", "securityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+                {"name": "b", "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}}},
+            ],
+        });
+        let meta = json!({"annotations": {
+            "container.apparmor.security.beta.kubernetes.io/b": "unconfined",
+            "container.apparmor.security.beta.kubernetes.io/a": "localhost/k8s-a"}});
+        assert_eq!(
+            violations(Level::Baseline, &meta, &spec),
+            [
+                "forbidden AppArmor profiles (pod and container \"a\" and annotation must not set AppArmor profile type to \"Unconfined\", \"container.apparmor.security.beta.kubernetes.io/b=\\\"unconfined\\\"\")"
+            ]
+        );
+        let allowed = json!({"containers": [{"name": "a", "securityContext":
+            {"appArmorProfile": {"type": "Localhost", "localhostProfile": "k8s-a"}}}]});
+        assert!(violations(Level::Restricted, &Value::Null, &json!({
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "a", "securityContext": {
+                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                "appArmorProfile": allowed["containers"][0]["securityContext"]["appArmorProfile"]}}],
+        })).is_empty());
     }
 
     #[test]
     fn wasm_pods_are_checked_on_what_applies() {
         let spec = json!({"runtimeClassName": "wasmtime", "containers": [{"name": "f", "image": "r/f:v1"}]});
-        assert!(violations(Level::Restricted, &spec).is_empty());
+        assert!(violations(Level::Restricted, &Value::Null, &spec).is_empty());
         let host = json!({"runtimeClassName": "wasmtime",
             "volumes": [{"name": "etc", "hostPath": {"path": "/etc"}}],
             "containers": [{"name": "f"}]});
         assert_eq!(
-            violations(Level::Restricted, &host),
+            violations(Level::Restricted, &Value::Null, &host),
             ["hostPath volumes (volume \"etc\")"]
         );
     }

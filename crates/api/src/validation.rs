@@ -454,9 +454,13 @@ fn validate_container(
     validate_resources(c.resources.as_ref(), path, errs);
 }
 
+/// A pod's spec at `path`, with the annotations of its metadata (the
+/// pod's, or its template's) at `meta_path`.
 fn validate_pod_spec(
     spec: Option<&core::PodSpec>,
+    meta: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
     path: &str,
+    meta_path: &str,
     restart_policies: &[&str],
     errs: &mut Errors,
 ) {
@@ -464,6 +468,13 @@ fn validate_pod_spec(
         errs.push(FieldError::required(path, ""));
         return;
     };
+    crate::apparmor::validate(
+        meta.and_then(|m| m.annotations.as_ref()),
+        spec,
+        path,
+        meta_path,
+        errs,
+    );
     if spec.containers.is_empty() {
         errs.push(FieldError::required(format!("{path}.containers"), ""));
     }
@@ -549,7 +560,9 @@ fn validate_pod_spec(
 fn validate_pod(pod: &core::Pod, old: Option<&core::Pod>, errs: &mut Errors) {
     validate_pod_spec(
         pod.spec.as_ref(),
+        Some(&pod.metadata),
         "spec",
+        "metadata",
         &["Always", "OnFailure", "Never"],
         errs,
     );
@@ -726,7 +739,9 @@ fn validate_workload_template(
     );
     validate_pod_spec(
         template.and_then(|t| t.spec.as_ref()),
+        template.and_then(|t| t.metadata.as_ref()),
         "spec.template.spec",
+        "spec.template.metadata",
         &["Always"],
         errs,
     );
@@ -899,7 +914,9 @@ fn validate_job_spec(spec: &batch::JobSpec, path: &str, errs: &mut Errors) {
     non_negative(spec.backoff_limit, &format!("{path}.backoffLimit"), errs);
     validate_pod_spec(
         spec.template.spec.as_ref(),
+        spec.template.metadata.as_ref(),
         &format!("{path}.template.spec"),
+        &format!("{path}.template.metadata"),
         &["OnFailure", "Never"],
         errs,
     );

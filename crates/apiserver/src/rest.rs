@@ -709,17 +709,18 @@ impl<'a> Ctx<'a> {
         obj: &Value,
         warnings: &mut Vec<String>,
     ) -> ApiResult<()> {
-        let spec = match self.rt().id() {
-            "Pod" => &obj["spec"],
+        let template = match self.rt().id() {
+            "Pod" => obj,
             "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" | "Job" => {
-                &obj["spec"]["template"]["spec"]
+                &obj["spec"]["template"]
             }
-            "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+            "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"],
             _ => return Ok(()),
         };
+        let (meta, spec) = (&template["metadata"], &template["spec"]);
         let is_pod = self.rt().id() == "Pod";
         if is_pod && let Some(level) = levels.enforce {
-            let violations = pod_security::violations(level, spec);
+            let violations = pod_security::violations(level, meta, spec);
             if !violations.is_empty() {
                 let name = obj["metadata"]["name"].as_str().unwrap_or_default();
                 return Err(ApiError::Forbidden {
@@ -741,7 +742,7 @@ impl<'a> Ctx<'a> {
             levels.enforce.max(levels.warn)
         };
         if let Some(level) = warn {
-            let violations = pod_security::violations(level, spec);
+            let violations = pod_security::violations(level, meta, spec);
             if !violations.is_empty() {
                 warnings.push(format!(
                     "would violate PodSecurity \"{}:latest\": {}",
@@ -753,7 +754,7 @@ impl<'a> Ctx<'a> {
         // Audit mode: the violation is recorded on the request's audit
         // event, for pods and workloads alike.
         if let Some(level) = levels.audit {
-            let violations = pod_security::violations(level, spec);
+            let violations = pod_security::violations(level, meta, spec);
             if !violations.is_empty() {
                 crate::audit::annotate(
                     "pod-security.kubernetes.io/audit-violations",

@@ -9,6 +9,7 @@
 //! `wasmkube agent` runs it against a remote API server; `wasmkube server`
 //! embeds one as the cluster's local node.
 
+mod apparmor;
 mod attach;
 mod dns;
 mod events;

@@ -385,6 +385,32 @@ impl Worker {
             .and_then(|s| s.start_time.as_ref())
             .map(status::from_k8s)
             .unwrap_or_else(Utc::now);
+        // The kubelet's admission: a pod this node cannot run as asked is
+        // failed before anything of it runs.
+        let rejected = !terminal && !deleted_before_start && {
+            match crate::apparmor::admit(&pod, crate::apparmor::Host::now) {
+                Ok(()) => false,
+                Err(message) => {
+                    let reason = crate::apparmor::REASON;
+                    tracing::warn!(uid = %self.uid, reason, message, "pod rejected");
+                    events::record(
+                        &self.ctx.client,
+                        &self.ctx.config.name,
+                        &pod,
+                        None,
+                        Kind::Warning,
+                        reason,
+                        message.clone(),
+                    );
+                    self.state.lock().expect("pod state").forced = Some(Forced {
+                        phase: "Failed",
+                        reason: reason.into(),
+                        message: format!("Pod was rejected: {message}"),
+                    });
+                    true
+                }
+            }
+        };
         let (stop_tx, stop_rx) = watch::channel::<Stop>(None);
         let writer = tokio::spawn(status_writer(
             self.ctx.clone(),
@@ -405,9 +431,9 @@ impl Worker {
         let mut lifecycle = tokio::spawn({
             let run = run.clone();
             async move {
-                if terminal || deleted_before_start {
-                    // Finished before an agent restart, or being deleted
-                    // already: nothing runs (again).
+                if terminal || deleted_before_start || rejected {
+                    // Finished before an agent restart, being deleted
+                    // already, or refused here: nothing runs (again).
                     return;
                 }
                 run.lifecycle().await;
@@ -1524,6 +1550,23 @@ impl PodRun {
                 }
                 (_, stdout) => (None, stdin_end, stdout, stderr),
             };
+            // A Wasm guest shares the agent's process: no AppArmor profile
+            // can confine it alone (its default is the Wasm sandbox).
+            if image.is_wasm()
+                && let Some(wasmkube_runtime::AppArmor::Localhost(profile)) =
+                    &resolved.security.app_armor
+            {
+                let message = format!(
+                    "AppArmor profile {profile:?} cannot confine a Wasm guest: it runs in the agent's process, sandboxed by the Wasm runtime"
+                );
+                if self
+                    .hold(&name, "CreateContainerError", message, config_delay)
+                    .await
+                {
+                    return Outcome::Stopped;
+                }
+                continue;
+            }
             // `hostUsers: false`: the pod's own id range (Wasm guests have no
             // ids to map).
             let user_namespace = if !image.is_wasm()

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
     Secret,
 };
 use kube::api::Api;
-use wasmkube_runtime::{Mount, Security};
+use wasmkube_runtime::{AppArmor, Mount, Security};
 
 use crate::Ctx;
 
@@ -360,6 +360,20 @@ fn security(pod: &Pod, c: &Container) -> Security {
         capabilities_drop: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
         seccomp_unconfined: seccomp_profile(pod, c).is_some_and(|p| p.type_ == "Unconfined"),
         seccomp_localhost: None,
+        app_armor: pod.spec.as_ref().and_then(|spec| {
+            use wasmkube_api::apparmor::Profile;
+            Some(
+                match wasmkube_api::apparmor::of_container(
+                    pod.metadata.annotations.as_ref(),
+                    spec,
+                    c,
+                )? {
+                    Profile::RuntimeDefault => AppArmor::RuntimeDefault,
+                    Profile::Unconfined => AppArmor::Unconfined,
+                    Profile::Localhost(name) => AppArmor::Localhost(name),
+                },
+            )
+        }),
     }
 }
 

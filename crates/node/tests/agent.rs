@@ -1295,6 +1295,43 @@ async fn files_of_pods_gone_while_the_agent_was_down_are_removed_at_start() {
     assert!(!stale.exists(), "{} is still there", stale.display());
 }
 
+/// The kubelet's AppArmor admission: a pod naming a profile this node
+/// cannot enforce (no AppArmor in the kernel, or the profile not loaded)
+/// fails before anything of it runs; its Wasm container is never pulled.
+#[tokio::test]
+async fn a_pod_asking_for_an_app_armor_profile_the_node_cannot_enforce_is_rejected() {
+    let h = harness().await;
+    h.create(
+        "confined",
+        json!({
+            "containers": [{"name": "c", "image": h.image("hello"), "securityContext":
+                {"appArmorProfile": {"type": "Localhost", "localhostProfile": "wasmkube-test-not-loaded"}}}],
+        }),
+    )
+    .await;
+    let pod = h.wait("confined", "Failed", |p| phase(p) == "Failed").await;
+    let status = pod.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("AppArmor"));
+    let why = if wasmkube_runtime_linux::apparmor::enabled() {
+        "profile \"wasmkube-test-not-loaded\" is not loaded"
+    } else {
+        "AppArmor is not enabled on the host"
+    };
+    assert_eq!(
+        status.message.as_deref(),
+        Some(format!("Pod was rejected: Cannot enforce AppArmor: {why}").as_str())
+    );
+    let events = h
+        .events_until("confined", |events| {
+            events.iter().any(|(r, _)| r == "AppArmor")
+        })
+        .await;
+    assert!(
+        !events.iter().any(|(r, _)| r == "Pulling" || r == "Started"),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_pod_first_seen_while_being_deleted_is_never_started() {
     let mut h = cluster().await;

@@ -11,6 +11,7 @@
 //!
 //! This is the only crate that touches runc, cgroups and namespaces.
 
+pub mod apparmor;
 pub mod cgroup;
 mod exec;
 pub mod net;
@@ -109,6 +110,7 @@ impl Config {
 pub struct LinuxRuntime {
     config: Config,
     version: String,
+    app_armor: apparmor::Host,
     /// One unpacking at a time per image.
     unpacking: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -145,9 +147,11 @@ impl LinuxRuntime {
             let dir = config.root.join(d);
             std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         }
+        let app_armor = apparmor::Host::detect(&config.root.join("apparmor"));
         let rt = Self {
             config,
             version,
+            app_armor,
             unpacking: Mutex::default(),
         };
         rt.remove_leftovers();
@@ -326,6 +330,7 @@ impl LinuxRuntime {
             rootfs_dir,
         )?;
         let cgroups_path = format!("/wasmkube/{}", config.id);
+        let app_armor = self.app_armor.profile_for(&config.security)?;
         let spec = spec::build(&spec::Inputs {
             config,
             image,
@@ -337,6 +342,7 @@ impl LinuxRuntime {
                 ("/etc/resolv.conf", resolv),
             ],
             volumes: &volumes,
+            app_armor: app_armor.as_deref(),
             cgroups_path: &cgroups_path,
             netns: config.netns.as_deref(),
             allow_privileged: self.config.allow_privileged,

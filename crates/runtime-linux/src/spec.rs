@@ -54,6 +54,8 @@ pub struct Inputs<'a> {
     /// Where each of the config's mounts is bound from: its own host path,
     /// or the idmapped mount of it for a container in a user namespace.
     pub volumes: &'a [PathBuf],
+    /// The AppArmor profile runc applies to the container's process.
+    pub app_armor: Option<&'a str>,
     pub cgroups_path: &'a str,
     /// The pod's network namespace; `None` shares the node's.
     pub netns: Option<&'a Path>,
@@ -449,6 +451,7 @@ pub fn build(i: &Inputs<'_>) -> Result<Spec, Error> {
     let caps = capabilities(c)?;
     let caps_held = caps.clone();
     if let Some(p) = spec.process_mut() {
+        p.set_apparmor_profile(i.app_armor.map(str::to_owned));
         p.set_args(Some(argv));
         p.set_env(Some(
             env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),

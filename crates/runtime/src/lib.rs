@@ -72,6 +72,21 @@ pub struct Security {
     /// name (its JSON, in the OCI runtime spec's seccomp form), used
     /// instead of the runtime's default.
     pub seccomp_localhost: Option<String>,
+    /// The AppArmor profile the pod names for the container; `None`
+    /// leaves it to the runtime (its default profile where the node has
+    /// AppArmor, except for a privileged container).
+    pub app_armor: Option<AppArmor>,
+}
+
+/// An AppArmor profile for a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppArmor {
+    /// The runtime's default profile.
+    RuntimeDefault,
+    /// No AppArmor confinement.
+    Unconfined,
+    /// A profile loaded on the node, by name.
+    Localhost(String),
 }
 
 /// Where a container's stdout or stderr goes.
