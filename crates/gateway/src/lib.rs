@@ -83,6 +83,42 @@ where
     }
 }
 
+/// A Knative Route as the routing table reads it: named, ordered by its
+/// creation, with its status's URL, traffic and the condition that says
+/// why no traffic is assigned.
+fn trim_knative_route(r: &mut knative::Route) {
+    wasmkube_proxy::watch::trim_meta(&mut r.metadata, &[]);
+    r.spec = Default::default();
+    if let Some(status) = r.status.as_mut() {
+        status.address = None;
+        status
+            .conditions
+            .retain(|c| c.type_ == "AllTrafficAssigned");
+    }
+}
+
+/// A Knative Revision as the activator reads it: named, with the
+/// conditions that say why it cannot serve.
+fn trim_revision(r: &mut knative::Revision) {
+    wasmkube_proxy::watch::trim_meta(&mut r.metadata, &[]);
+    r.spec = Default::default();
+    if let Some(status) = r.status.as_mut() {
+        let conditions = std::mem::take(&mut status.conditions);
+        *status = knative::RevisionStatus {
+            conditions: conditions
+                .into_iter()
+                .filter(|c| c.type_ == "ContainerHealthy" || c.type_ == "Ready")
+                .map(|c| knative::Condition {
+                    last_transition_time: None,
+                    severity: None,
+                    ..c
+                })
+                .collect(),
+            ..Default::default()
+        };
+    }
+}
+
 macro_rules! caches {
     ($client:expr, $tx:expr, $tasks:expr, $($ty:ty => $what:literal),*) => {
         ($({
@@ -97,29 +133,31 @@ impl Caches {
     fn start(client: &kube::Client, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Self {
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
-        let (
-            ingresses,
-            ingress_classes,
-            gateway_classes,
-            gateways,
-            routes,
-            namespaces,
-            knative_routes,
-        ) = caches!(
+        let (ingresses, ingress_classes, gateway_classes, gateways, routes, namespaces) = caches!(
             client, tx, tasks,
             Ingress => "Ingress",
             IngressClass => "IngressClass",
             GatewayClass => "GatewayClass",
             Gateway => "Gateway",
             HTTPRoute => "HTTPRoute",
-            Namespace => "Namespace",
-            knative::Route => "Knative Route"
+            Namespace => "Namespace"
         );
-        // The activator reads a revision's status only.
+        // Knative objects, one per function however long it stays at zero,
+        // are kept with only what is read of them.
+        let (knative_routes, stream) = wasmkube_proxy::watch::cache_trimmed::<knative::Route>(
+            client,
+            Default::default(),
+            trim_knative_route,
+        );
+        tasks.push(tokio::spawn(merge(
+            stream.map(|r| r.map(|_| ())),
+            tx.clone(),
+            "Knative Route",
+        )));
         let (revisions, stream) = wasmkube_proxy::watch::cache_trimmed::<knative::Revision>(
             client,
             Default::default(),
-            |r| r.spec = Default::default(),
+            trim_revision,
         );
         tasks.push(tokio::spawn(merge(
             stream.map(|r| r.map(|_| ())),

@@ -204,18 +204,43 @@ pub struct Revision {
     pub name: String,
 }
 
-/// The filters of a rule or a backend, compiled.
+/// The filters of a rule or a backend, compiled; most have none, which
+/// takes no memory beyond a pointer (every route entry and backend holds
+/// one, a function at zero included).
 #[derive(Clone, Debug, Default)]
-pub struct Filters {
+pub struct Filters(Option<Box<FilterSet>>);
+
+/// The filters themselves.
+#[derive(Clone, Debug, Default)]
+pub struct FilterSet {
     pub request_headers: Option<HTTPHeaderFilter>,
     pub response_headers: Option<HTTPHeaderFilter>,
     pub redirect: Option<wasmkube_api::gateway_api::HTTPRequestRedirectFilter>,
     pub rewrite: Option<wasmkube_api::gateway_api::HTTPURLRewriteFilter>,
 }
 
+/// No filter at all.
+static NO_FILTERS: FilterSet = FilterSet {
+    request_headers: None,
+    response_headers: None,
+    redirect: None,
+    rewrite: None,
+};
+
+impl std::ops::Deref for Filters {
+    type Target = FilterSet;
+
+    fn deref(&self) -> &FilterSet {
+        self.0.as_deref().unwrap_or(&NO_FILTERS)
+    }
+}
+
 impl Filters {
     fn compile(filters: &[HTTPRouteFilter]) -> Self {
-        let mut out = Filters::default();
+        if filters.is_empty() {
+            return Self(None);
+        }
+        let mut out = FilterSet::default();
         for f in filters {
             match f.type_.as_str() {
                 "RequestHeaderModifier" => out.request_headers = f.request_header_modifier.clone(),
@@ -228,7 +253,7 @@ impl Filters {
                 _ => {}
             }
         }
-        out
+        Self(Some(Box::new(out)))
     }
 }
 

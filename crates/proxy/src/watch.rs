@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -137,12 +138,56 @@ where
     (reader, stream)
 }
 
+/// Keeps of an object's metadata only its name, namespace, creation and
+/// deletion times, and the labels in `labels`: what the caches' readers
+/// look at. A label map with any entry costs a B-tree node of about half
+/// a KiB, so labels and annotations no reader needs are most of what an
+/// idle object costs a node.
+pub fn trim_meta(meta: &mut ObjectMeta, labels: &[&str]) {
+    let kept = meta.labels.take().map(|mut all| {
+        all.retain(|k, _| labels.contains(&k.as_str()));
+        all
+    });
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        creation_timestamp: meta.creation_timestamp.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        labels: kept.filter(|l| !l.is_empty()),
+        ..Default::default()
+    };
+}
+
+/// A Service as the proxy, the DNS and the gateway read it: its spec and
+/// status, named.
+fn trim_service(s: &mut Service) {
+    trim_meta(&mut s.metadata, &[]);
+}
+
+/// An EndpointSlice as its readers read it: which Service it serves (its
+/// label), its endpoints with their pods named (kind, namespace, name).
+fn trim_slice(s: &mut EndpointSlice) {
+    trim_meta(&mut s.metadata, &[crate::model::SERVICE_NAME_LABEL]);
+    for e in &mut s.endpoints {
+        if let Some(r) = e.target_ref.as_mut() {
+            *r = k8s_openapi::api::core::v1::ObjectReference {
+                kind: r.kind.take(),
+                namespace: r.namespace.take(),
+                name: r.name.take(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
 impl ServiceWatch {
     /// The caches and the future that fills them (run it for as long as
     /// they are read).
     pub fn new(client: &kube::Client) -> (Self, impl Future<Output = ()> + Send + use<>) {
-        let (services, service_events) = cache::<Service>(client);
-        let (slices, slice_events) = cache::<EndpointSlice>(client);
+        let (services, service_events) =
+            cache_trimmed::<Service>(client, watcher::Config::default(), trim_service);
+        let (slices, slice_events) =
+            cache_trimmed::<EndpointSlice>(client, watcher::Config::default(), trim_slice);
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
         let trackers: Arc<Mutex<Vec<Changed>>> = Arc::default();
