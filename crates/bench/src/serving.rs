@@ -307,20 +307,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     )
     .await?;
-    // Three groups: functions that never had a pod (initial scale 0: what
-    // the node keeps of a function is its caches), then functions that
-    // each ran a pod first (initial scale 1) and went back to zero, then as
-    // many again: what the second such group adds is what a function at
-    // zero costs once the allocator's pages from running pods exist (the
-    // first group pays for them).
+    // Groups: functions that never had a pod (initial scale 0: what the
+    // node keeps of a function is its caches), then functions that each
+    // ran a pod first (initial scale 1) and went back to zero, then as many
+    // again, twice: the first started group pays once for what a burst of
+    // that many pods at a time leaves (the allocator's pages, the Wasm
+    // memory slots the pods used), the later ones show what a function at
+    // zero costs a node that has run such a burst. Anonymous
+    // memory is read beside RSS: the binary's own pages, which running a
+    // pod first touches, are shared with the page cache.
     let mut all_idle = Vec::new();
+    let mut steady = Vec::new();
     for (group, initial, tag) in [
         ("never-started", "0", "n"),
         ("started-once", "1", "a"),
         ("started-once, a second group", "1", "b"),
+        ("started-once, a third group", "1", "c"),
     ] {
         let before = server.rss_mib();
         let agent_before = agent.rss_mib();
+        let anon_before = agent.rss_anon_mib();
         let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{tag}-{i}")).collect();
         let annotations = json!({"autoscaling.knative.dev/window": WINDOW,
             "autoscaling.knative.dev/initial-scale": initial});
@@ -339,20 +345,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         wait_zero(&pods, &idle).await?;
         let after = server.rss_mib();
         let agent_after = agent.rss_mib();
+        let anon_after = agent.rss_anon_mib();
+        let per = |before: f64, after: f64| (after - before) * 1024.0 / args.idle as f64;
         println!(
             "functions scaled to zero ({} of them, one module, {group})",
             args.idle
         );
         println!(
             "  agent RSS per function        {:.0} KiB  ({agent_before:.0} MiB before, {agent_after:.0} MiB after)",
-            (agent_after - agent_before).max(0.0) * 1024.0 / args.idle as f64
+            per(agent_before, agent_after)
         );
+        println!(
+            "  agent anonymous memory        {:.0} KiB per function  ({anon_before:.1} MiB before, {anon_after:.1} MiB after)",
+            per(anon_before, anon_after)
+        );
+        if tag == "b" || tag == "c" {
+            steady.push(per(anon_before, anon_after));
+        }
         println!(
             "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after; API server, controllers)",
             (after - before).max(0.0) * 1024.0 / args.idle as f64
         );
         all_idle.extend(idle);
     }
+    println!(
+        "  a started function at zero, once the node has run pods: {:.0} KiB of anonymous memory (mean of the later groups)",
+        steady.iter().sum::<f64>() / steady.len() as f64
+    );
     let idle = all_idle;
     services
         .delete_collection(&Default::default(), &Default::default())

@@ -45,11 +45,22 @@ pub fn ms(d: Duration) -> String {
 
 /// Resident set size of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The process's anonymous resident memory (heap, stacks, Wasm memory
+/// slots): its RSS less the binary's and libraries' pages, which the page
+/// cache shares and can drop.
+pub fn rss_anon_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))?;
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow::anyhow!("no {field}"))?;
     Ok(line.split_whitespace().nth(1).unwrap_or("0").parse()?)
 }
 
@@ -255,6 +266,10 @@ pub struct KillOnDrop(pub Child);
 impl KillOnDrop {
     pub fn rss_mib(&self) -> f64 {
         rss_kib(self.0.id()).unwrap_or(0) as f64 / 1024.0
+    }
+
+    pub fn rss_anon_mib(&self) -> f64 {
+        rss_anon_kib(self.0.id()).unwrap_or(0) as f64 / 1024.0
     }
 }
 
