@@ -83,6 +83,24 @@ where
     }
 }
 
+/// A cache of `K`, each object cut down by `trim`, whose changes poke `tx`.
+fn trimmed<K: wasmkube_proxy::watch::Cached>(
+    client: &kube::Client,
+    tx: &Arc<tokio::sync::watch::Sender<u64>>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    what: &'static str,
+    trim: fn(&mut K),
+) -> Store<K> {
+    let (store, stream) =
+        wasmkube_proxy::watch::cache_trimmed::<K>(client, Default::default(), trim);
+    tasks.push(tokio::spawn(merge(
+        stream.map(|r| r.map(|_| ())),
+        tx.clone(),
+        what,
+    )));
+    store
+}
+
 /// A Knative Route as the routing table reads it: named, ordered by its
 /// creation, with its status's URL, traffic and the condition that says
 /// why no traffic is assigned.
@@ -144,26 +162,8 @@ impl Caches {
         );
         // Knative objects, one per function however long it stays at zero,
         // are kept with only what is read of them.
-        let (knative_routes, stream) = wasmkube_proxy::watch::cache_trimmed::<knative::Route>(
-            client,
-            Default::default(),
-            trim_knative_route,
-        );
-        tasks.push(tokio::spawn(merge(
-            stream.map(|r| r.map(|_| ())),
-            tx.clone(),
-            "Knative Route",
-        )));
-        let (revisions, stream) = wasmkube_proxy::watch::cache_trimmed::<knative::Revision>(
-            client,
-            Default::default(),
-            trim_revision,
-        );
-        tasks.push(tokio::spawn(merge(
-            stream.map(|r| r.map(|_| ())),
-            tx.clone(),
-            "Knative Revision",
-        )));
+        let knative_routes = trimmed(client, &tx, tasks, "Knative Route", trim_knative_route);
+        let revisions = trimmed(client, &tx, tasks, "Knative Revision", trim_revision);
         Self {
             ingresses,
             ingress_classes,
