@@ -202,8 +202,14 @@ pub fn unmount(target: &Path) -> Result<(), Error> {
     }
 }
 
-/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo).
+/// Mount points at or below `dir`, deepest first (from /proc/self/mountinfo,
+/// which names them by absolute paths with symbolic links resolved, so
+/// `dir` is resolved the same way first).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let dir = fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf());
+    let dir = dir.as_path();
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut found: Vec<PathBuf> = info
         .lines()
