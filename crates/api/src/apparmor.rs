@@ -102,6 +102,70 @@ pub fn required(annotations: Option<&BTreeMap<String, String>>, spec: &core::Pod
             .any(|(k, v)| k.starts_with(ANNOTATION_PREFIX) && v != "unconfined")
 }
 
+/// Kubernetes' rule for a new pod's AppArmor settings (its version-skew
+/// strategy, on create only): a container with a profile in a field but
+/// no annotation gets the annotation, and one with an annotation but no
+/// field of its own gets the field, unless the pod's field already says
+/// the same. Readers of either form then see the profile.
+pub fn sync_on_create(pod: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    let field_of = |p: &Value| -> Option<String> {
+        match p["type"].as_str()? {
+            "RuntimeDefault" => Some("runtime/default".into()),
+            "Unconfined" => Some("unconfined".into()),
+            "Localhost" => Some(format!("localhost/{}", p["localhostProfile"].as_str()?)),
+            _ => None,
+        }
+    };
+    let pod_profile = pod["spec"]["securityContext"]["appArmorProfile"].clone();
+    let annotations = pod["metadata"]["annotations"].clone();
+    let mut added = Vec::new();
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        let Some(containers) = pod["spec"][list].as_array_mut() else {
+            continue;
+        };
+        for c in containers {
+            let key = format!(
+                "{ANNOTATION_PREFIX}{}",
+                c["name"].as_str().unwrap_or_default()
+            );
+            let own = &c["securityContext"]["appArmorProfile"];
+            match annotations[&key].as_str() {
+                None => {
+                    let from = if own.is_null() { &pod_profile } else { own };
+                    if let Some(value) = field_of(from) {
+                        added.push((key, value));
+                    }
+                }
+                Some(value) if own.is_null() => {
+                    let field = match Profile::from_annotation(value) {
+                        Ok(Profile::Localhost(name)) if name.trim() == name => {
+                            json!({"type": "Localhost", "localhostProfile": name})
+                        }
+                        Ok(Profile::Localhost(_)) | Err(_) => continue,
+                        Ok(p) => json!({"type": p.type_name()}),
+                    };
+                    if field != pod_profile {
+                        if !c["securityContext"].is_object() {
+                            c["securityContext"] = json!({});
+                        }
+                        c["securityContext"]["appArmorProfile"] = field;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if !added.is_empty() {
+        if !pod["metadata"]["annotations"].is_object() {
+            pod["metadata"]["annotations"] = json!({});
+        }
+        for (key, value) in added {
+            pod["metadata"]["annotations"][key] = Value::String(value);
+        }
+    }
+}
+
 /// Every container of the pod with its list's field name and index.
 fn containers(
     spec: &core::PodSpec,
@@ -274,6 +338,36 @@ mod tests {
             unconfined.metadata.annotations.as_ref(),
             unconfined.spec.as_ref().unwrap()
         ));
+    }
+
+    #[test]
+    fn a_new_pod_gets_each_profile_as_field_and_annotation() {
+        let mut p = json!({
+        "metadata": {"name": "p", "annotations": {
+            "container.apparmor.security.beta.kubernetes.io/b": "localhost/k8s-b",
+            "container.apparmor.security.beta.kubernetes.io/c": "runtime/default"}},
+        "spec": {
+            "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {"name": "a", "image": "i", "securityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+                {"name": "b", "image": "i"},
+                {"name": "c", "image": "i"},
+                {"name": "d", "image": "i"},
+            ]}});
+        sync_on_create(&mut p);
+        let annotation =
+            |c: &str| p["metadata"]["annotations"][format!("{ANNOTATION_PREFIX}{c}")].clone();
+        assert_eq!(annotation("a"), "unconfined");
+        assert_eq!(annotation("d"), "runtime/default");
+        let field =
+            |i: usize| p["spec"]["containers"][i]["securityContext"]["appArmorProfile"].clone();
+        assert_eq!(
+            field(1),
+            json!({"type": "Localhost", "localhostProfile": "k8s-b"})
+        );
+        // The same as the pod's: not copied.
+        assert!(field(2).is_null());
+        assert!(field(3).is_null());
     }
 
     #[test]

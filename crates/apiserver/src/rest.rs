@@ -851,6 +851,9 @@ impl<'a> Ctx<'a> {
 
     /// Kind-specific create-time behaviour that needs the whole object.
     fn admit_kind_create(&self, obj: &mut Value) {
+        if self.rt().kind == "Pod" && self.rt().group.is_empty() {
+            wasmkube_api::apparmor::sync_on_create(obj);
+        }
         if self.rt().kind == "CustomResourceDefinition" {
             obj["status"] = wasmkube_api::custom::crd_status(obj, &now());
             // Its objects go before it does (see `crds.rs`).
