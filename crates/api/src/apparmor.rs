@@ -166,6 +166,34 @@ pub fn sync_on_create(pod: &mut serde_json::Value) {
     }
 }
 
+/// Kubernetes' warnings for the deprecated annotations of a new pod or of
+/// a workload's pod template (`kind` is the object's kind).
+pub fn deprecation_warnings(kind: &str, obj: &serde_json::Value) -> Vec<String> {
+    let (meta, path) = match kind {
+        "Pod" => (&obj["metadata"], "metadata"),
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" | "Job" => (
+            &obj["spec"]["template"]["metadata"],
+            "spec.template.metadata",
+        ),
+        "CronJob" => (
+            &obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"],
+            "spec.jobTemplate.spec.template.metadata",
+        ),
+        _ => return Vec::new(),
+    };
+    meta["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .map(|(k, _)| {
+            format!(
+                "{path}.annotations[{k}]: deprecated since v1.30; use the \"appArmorProfile\" field instead"
+            )
+        })
+        .collect()
+}
+
 /// Every container of the pod with its list's field name and index.
 fn containers(
     spec: &core::PodSpec,
@@ -368,6 +396,20 @@ mod tests {
         // The same as the pod's: not copied.
         assert!(field(2).is_null());
         assert!(field(3).is_null());
+    }
+
+    #[test]
+    fn the_annotations_are_deprecated_with_kubernetes_words() {
+        let deployment = json!({"spec": {"template": {"metadata": {"annotations": {
+            "container.apparmor.security.beta.kubernetes.io/web": "runtime/default",
+            "other": "x"}}}}});
+        assert_eq!(
+            deprecation_warnings("Deployment", &deployment),
+            [
+                "spec.template.metadata.annotations[container.apparmor.security.beta.kubernetes.io/web]: deprecated since v1.30; use the \"appArmorProfile\" field instead"
+            ]
+        );
+        assert!(deprecation_warnings("Service", &deployment).is_empty());
     }
 
     #[test]

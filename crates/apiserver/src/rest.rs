@@ -772,9 +772,12 @@ impl<'a> Ctx<'a> {
     /// Prepares a new object: identity, defaults, validation.
     async fn admit_create(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
         let rt = self.rt();
-        let (mut obj, warnings) = self.decode(input)?;
+        let (mut obj, mut warnings) = self.decode(input)?;
         if !obj["metadata"].is_object() {
             obj["metadata"] = json!({});
+        }
+        if rt.custom.is_none() {
+            warnings.extend(wasmkube_api::apparmor::deprecation_warnings(rt.id(), &obj));
         }
         if rt.namespaced {
             let ns = self.target.namespace.ok_or(ApiError::NoRoute)?;
