@@ -51,6 +51,27 @@ impl Profile {
         }
     }
 
+    /// The annotation's value for this profile (`runtime/default`,
+    /// `unconfined`, `localhost/NAME`).
+    pub fn annotation(&self) -> String {
+        match self {
+            Self::RuntimeDefault => "runtime/default".into(),
+            Self::Unconfined => "unconfined".into(),
+            Self::Localhost(name) => format!("localhost/{name}"),
+        }
+    }
+
+    /// The `appArmorProfile` field for this profile.
+    pub fn field(&self) -> core::AppArmorProfile {
+        core::AppArmorProfile {
+            type_: self.type_name().into(),
+            localhost_profile: match self {
+                Self::Localhost(name) => Some(name.clone()),
+                _ => None,
+            },
+        }
+    }
+
     /// The field's `type` for this profile.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -109,13 +130,10 @@ pub fn required(annotations: Option<&BTreeMap<String, String>>, spec: &core::Pod
 /// the same. Readers of either form then see the profile.
 pub fn sync_on_create(pod: &mut serde_json::Value) {
     use serde_json::{Value, json};
-    let field_of = |p: &Value| -> Option<String> {
-        match p["type"].as_str()? {
-            "RuntimeDefault" => Some("runtime/default".into()),
-            "Unconfined" => Some("unconfined".into()),
-            "Localhost" => Some(format!("localhost/{}", p["localhostProfile"].as_str()?)),
-            _ => None,
-        }
+    let profile_of = |p: &Value| {
+        serde_json::from_value::<core::AppArmorProfile>(p.clone())
+            .ok()
+            .and_then(|p| Profile::from_field(&p))
     };
     let pod_profile = pod["spec"]["securityContext"]["appArmorProfile"].clone();
     let annotations = pod["metadata"]["annotations"].clone();
@@ -133,17 +151,16 @@ pub fn sync_on_create(pod: &mut serde_json::Value) {
             match annotations[&key].as_str() {
                 None => {
                     let from = if own.is_null() { &pod_profile } else { own };
-                    if let Some(value) = field_of(from) {
-                        added.push((key, value));
+                    if let Some(p) = profile_of(from) {
+                        added.push((key, p.annotation()));
                     }
                 }
                 Some(value) if own.is_null() => {
+                    // An invalid value is not copied (validation names it).
                     let field = match Profile::from_annotation(value) {
-                        Ok(Profile::Localhost(name)) if name.trim() == name => {
-                            json!({"type": "Localhost", "localhostProfile": name})
-                        }
-                        Ok(Profile::Localhost(_)) | Err(_) => continue,
-                        Ok(p) => json!({"type": p.type_name()}),
+                        Ok(Profile::Localhost(name)) if name.trim() != name => continue,
+                        Ok(p) => json!(p.field()),
+                        Err(_) => continue,
                     };
                     if field != pod_profile {
                         if !c["securityContext"].is_object() {
