@@ -55,7 +55,7 @@ pub(crate) fn admit(pod: &Pod, host: impl FnOnce() -> Host) -> Result<(), String
         for c in containers {
             if let Some(Profile::Localhost(name)) = of_container(annotations, spec, c) {
                 return refuse(format!(
-                    "profile {name:?} cannot confine the Wasm guest of container {:?}: it runs in the agent's process, sandboxed by the Wasm runtime",
+                    "profile {name:?} cannot confine the Wasm guest of container {:?}: it runs in the agent's process, sandboxed by the Wasm runtime; name no profile, or RuntimeDefault (the Wasm sandbox)",
                     c.name
                 ));
             }

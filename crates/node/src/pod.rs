@@ -1557,7 +1557,7 @@ impl PodRun {
                     &resolved.security.app_armor
             {
                 let message = format!(
-                    "AppArmor profile {profile:?} cannot confine a Wasm guest: it runs in the agent's process, sandboxed by the Wasm runtime"
+                    "AppArmor profile {profile:?} cannot confine a Wasm guest: it runs in the agent's process, sandboxed by the Wasm runtime; name no profile, or RuntimeDefault (the Wasm sandbox)"
                 );
                 if self
                     .hold(&name, "CreateContainerError", message, config_delay)

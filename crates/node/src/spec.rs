@@ -481,8 +481,23 @@ fn file_mode(item: Option<i32>, default: Option<i32>) -> u32 {
         .map_or(DEFAULT_MODE, |m| (m as u32) & 0o7777)
 }
 
+/// Writes `data` to `path` with the permission bits `mode` from its
+/// creation on (a Secret's 0400 file is never readable by others, not even
+/// while it is written), and exactly them (whatever the umask).
+fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    file.write_all(data)
+}
+
 fn write_files(dir: &Path, files: &[VolumeFile]) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
     for (rel, data, mode) in files {
         if rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
             return Err(ConfigError(format!(
@@ -494,8 +509,7 @@ fn write_files(dir: &Path, files: &[VolumeFile]) -> Result<(), ConfigError> {
             std::fs::create_dir_all(parent)
                 .map_err(|e| ConfigError(format!("{}: {e}", parent.display())))?;
         }
-        std::fs::write(&path, data)
-            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)))
+        write_with_mode(&path, data, *mode)
             .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
     }
     Ok(())
@@ -581,7 +595,6 @@ fn refresh_at(
 /// Writes `data` as `dir/path` in one step (a file beside it renamed over
 /// it), so a reader sees the old token or the new one, never a part.
 fn replace_file(dir: &Path, path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
     let target = dir.join(path);
     let staged = target.with_file_name(format!(
         ".{}.new",
@@ -590,8 +603,7 @@ fn replace_file(dir: &Path, path: &str, data: &[u8], mode: u32) -> Result<(), Co
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    std::fs::write(&staged, data)
-        .and_then(|()| std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)))
+    write_with_mode(&staged, data, mode)
         .and_then(|()| std::fs::rename(&staged, &target))
         .map_err(|e| ConfigError(format!("{}: {e}", target.display())))
 }
