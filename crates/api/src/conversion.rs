@@ -3,7 +3,8 @@
 //! version a client asks for.
 //!
 //! - Custom resources convert with the `None` strategy (only `apiVersion`
-//!   changes), as Kubernetes does without a conversion webhook.
+//!   changes), as Kubernetes does without a conversion webhook (the API
+//!   server calls a CRD's webhook itself).
 //! - `autoscaling/v1` HorizontalPodAutoscalers are stored as
 //!   `autoscaling/v2`, as Kubernetes stores them. v1 holds a CPU target
 //!   only; what it has no field for (other metrics, current metrics,
@@ -59,7 +60,9 @@ pub fn to_served(rt: &ResourceType, obj: &mut Value) {
     }
     if converts(rt) {
         *obj = hpa_v2_to_v1(obj);
-    } else if rt.custom.is_some() {
+    } else if rt.custom.is_some_and(|c| c.conversion.is_none()) {
+        // A CRD's conversion webhook is called by the API server, which
+        // hands out only objects it converted.
         obj["apiVersion"] = Value::String(served);
     }
 }

@@ -181,6 +181,22 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                 default_at(&mut obj["spec"]["names"], &["singular"], json!(kind));
                 default_at(&mut obj["spec"]["names"], &["listKind"], json!(list));
             }
+            if obj["spec"].is_object() {
+                default_at(
+                    &mut obj["spec"],
+                    &["conversion"],
+                    json!({"strategy": "None"}),
+                );
+                if obj["spec"]["conversion"]["strategy"] == "Webhook" {
+                    // Kubernetes' v1 default service port.
+                    if let Some(service) = obj
+                        .pointer_mut("/spec/conversion/webhook/clientConfig/service")
+                        .filter(|s| s.is_object())
+                    {
+                        default_at(service, &["port"], json!(443));
+                    }
+                }
+            }
         }
         "HorizontalPodAutoscaler" => {
             if let Some(spec) = obj.get_mut("spec") {

@@ -487,10 +487,11 @@ const WEBHOOK_ATTEMPTS: u32 = 3;
 
 /// Where the webhook sends, from its kubeconfig.
 struct Receiver {
-    uri: axum::http::Uri,
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-    token: Option<String>,
+    endpoint: crate::webhook::Endpoint,
 }
+
+/// How long a batch may take to send.
+const WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Webhook {
     /// Starts sending to the receiver the kubeconfig at `config` names
@@ -601,11 +602,10 @@ impl Receiver {
             Some("http") => None,
             other => return Err(fail(format!("server scheme {other:?}: want http or https"))),
         };
-        Ok(Self {
-            uri,
-            tls,
-            token: user["token"].as_str().map(str::to_owned),
-        })
+        let mut endpoint = crate::webhook::Endpoint::from_uri(&uri, tls)
+            .map_err(|e| fail(format!("server {server:?}: {e}")))?;
+        endpoint.token = user["token"].as_str().map(str::to_owned);
+        Ok(Self { endpoint })
     }
 
     /// Sends `batch` as one EventList, trying again after a pause when the
@@ -631,64 +631,10 @@ impl Receiver {
     }
 
     async fn post(&self, body: String) -> Result<(), String> {
-        let host = self.uri.host().ok_or("no host")?.to_owned();
-        let port = self
-            .uri
-            .port_u16()
-            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let stream =
-            tokio::net::TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
-                .await
-                .map_err(|e| e.to_string())?;
-        let path = self
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        let mut request = axum::http::Request::post(path)
-            .header(
-                axum::http::header::HOST,
-                self.uri.authority().map(|a| a.as_str()).unwrap_or(&host),
-            )
-            .header(axum::http::header::CONTENT_TYPE, "application/json");
-        if let Some(token) = &self.token {
-            request = request.header(axum::http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = request
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        async fn send<S>(
-            io: S,
-            request: axum::http::Request<http_body_util::Full<bytes::Bytes>>,
-        ) -> Result<axum::http::StatusCode, String>
-        where
-            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-        {
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(connection);
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(response.status())
-        }
-        let status = match &self.tls {
-            Some(tls) => {
-                let name = rustls::pki_types::ServerName::try_from(
-                    host.trim_matches(|c| c == '[' || c == ']').to_owned(),
-                )
-                .map_err(|e| e.to_string())?;
-                let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| format!("TLS: {e}"))?;
-                send(stream, request).await?
-            }
-            None => send(stream, request).await?,
-        };
+        let (status, _) = self
+            .endpoint
+            .post_json(bytes::Bytes::from(body), WEBHOOK_TIMEOUT)
+            .await?;
         if status.is_success() {
             Ok(())
         } else {

@@ -86,7 +86,7 @@ pub enum ApiError {
     /// anonymous access may not do this).
     #[error("Unauthorized")]
     Unauthorized,
-    #[error("internal error: {message}")]
+    #[error("Internal error occurred: {message}")]
     Internal { message: String },
 }
 

@@ -8,6 +8,7 @@
 mod admission;
 pub mod audit;
 mod auth;
+mod crd_conversion;
 mod crds;
 pub mod dashboard;
 mod discovery;
@@ -35,6 +36,7 @@ mod tls;
 mod watch;
 mod watch_cache;
 mod watch_socket;
+mod webhook;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

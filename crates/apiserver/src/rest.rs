@@ -369,11 +369,38 @@ impl<'a> Ctx<'a> {
         Ok((obj, kv.mod_revision))
     }
 
+    /// The object as this request's writes handle it, and its revision: as
+    /// stored, but converted to the request's version when a CRD's webhook
+    /// converts the kind (writes to such kinds are handled in the
+    /// client's version and converted when stored).
+    async fn read_hub(&self, name: &str) -> ApiResult<(Value, u64)> {
+        let (mut obj, rev) = self.read_stored(name).await?;
+        if crate::crd_conversion::webhook(self.rt()).is_some() {
+            self.served(std::slice::from_mut(&mut obj)).await?;
+        }
+        Ok((obj, rev))
+    }
+
     /// The object as this request's version shows it, and its revision.
     async fn read(&self, name: &str) -> ApiResult<(Value, u64)> {
         let (mut obj, rev) = self.read_stored(name).await?;
-        crate::storage::served_as(self.rt(), &mut obj);
+        self.served(std::slice::from_mut(&mut obj)).await?;
         Ok((obj, rev))
+    }
+
+    /// Stored objects as this request's version shows them.
+    async fn served(&self, objects: &mut [Value]) -> ApiResult<()> {
+        crate::crd_conversion::to_version(self.server, self.rt(), objects).await
+    }
+
+    /// `obj` encoded for the store (see [`encode_for_store`]), in the
+    /// version its kind is stored in when a CRD's webhook converts it.
+    async fn encode(&self, obj: &mut Value) -> ApiResult<bytes::Bytes> {
+        let encoded = encode_for_store(obj);
+        match crate::crd_conversion::to_storage(self.server, self.rt(), obj).await? {
+            Some(mut stored) => Ok(encode_for_store(&mut stored)),
+            None => Ok(encoded),
+        }
     }
 
     async fn get(&self, name: &str) -> ApiResult<Response> {
@@ -431,10 +458,15 @@ impl<'a> Ctx<'a> {
                 })?;
             revision = Some(page.revision);
             let mut last_key = None;
-            for kv in &page.items {
+            let mut objects = page
+                .items
+                .iter()
+                .map(decode_stored)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ApiError::internal)?;
+            self.served(&mut objects).await?;
+            for (kv, obj) in page.items.iter().zip(objects) {
                 last_key = Some(kv.key.clone());
-                let mut obj = decode_stored(kv).map_err(ApiError::internal)?;
-                crate::storage::served_as(rt, &mut obj);
                 if labels.matches_object(&obj) && fields.matches(rt, &obj) {
                     items.push((kv.key.clone(), obj));
                     if limit != 0 && items.len() == limit {
@@ -961,9 +993,11 @@ impl<'a> Ctx<'a> {
     async fn persist_create(&self, name: &str, mut obj: Value) -> ApiResult<Value> {
         crate::auth::escalation::check(self.server, self.user, self.rt(), name, &obj)?;
         if self.params.dry_run {
+            // A dry run converts too: it fails where the write would.
+            self.encode(&mut obj.clone()).await?;
             return Ok(obj);
         }
-        let value = encode_for_store(&mut obj);
+        let value = self.encode(&mut obj).await?;
         let kv = self
             .server
             .store
@@ -1089,6 +1123,7 @@ impl<'a> Ctx<'a> {
             return Ok(old.clone());
         }
         if self.params.dry_run {
+            self.encode(&mut new.clone()).await?;
             return Ok(new);
         }
         let store = &self.server.store;
@@ -1111,13 +1146,14 @@ impl<'a> Ctx<'a> {
                 .delete(&key, Some(rev))
                 .await
                 .map_err(|e| self.store_err(e, name))?;
-            let gone = decode_stored(&kv).map_err(ApiError::internal)?;
+            let mut gone = decode_stored(&kv).map_err(ApiError::internal)?;
             if self.rt().id() == "Service" {
                 crate::services::release(self.server, &gone).await;
             }
+            self.served(std::slice::from_mut(&mut gone)).await?;
             return Ok(gone);
         }
-        let value = encode_for_store(&mut new);
+        let value = self.encode(&mut new).await?;
         let kv = store
             .update(&key, value, Some(rev))
             .await
@@ -1172,7 +1208,7 @@ impl<'a> Ctx<'a> {
         for _ in 0..UNCONDITIONAL_RETRIES {
             // The change is made to the object as the client's version
             // shows it; the rest compares stored objects.
-            let (old, rev) = self.read_stored(name).await?;
+            let (old, rev) = self.read_hub(name).await?;
             let mut served = old.clone();
             crate::storage::served_as(self.rt(), &mut served);
             let Some(proposed) = change(&served)? else {
@@ -1334,7 +1370,7 @@ impl<'a> Ctx<'a> {
             )));
         }
         for _ in 0..UNCONDITIONAL_RETRIES {
-            let live = match self.read_stored(name).await {
+            let live = match self.read_hub(name).await {
                 Ok(found) => Some(found),
                 // Applying to a subresource never creates the object.
                 Err(ApiError::NotFound(..)) if sub.is_none() => None,
@@ -1425,7 +1461,7 @@ impl<'a> Ctx<'a> {
     }
 
     async fn delete(&self, name: &str, opts: &DeleteOptions) -> ApiResult<Response> {
-        let (resp_obj, deleted) = self.delete_one(name, opts).await?;
+        let (mut resp_obj, deleted) = self.delete_one(name, opts).await?;
         if deleted && self.rt().kind != "Pod" {
             return Ok(json_response(
                 StatusCode::OK,
@@ -1433,6 +1469,7 @@ impl<'a> Ctx<'a> {
                 &[],
             ));
         }
+        self.served(std::slice::from_mut(&mut resp_obj)).await?;
         Ok(json_response(
             StatusCode::OK,
             &render_one(self.rt(), self.output, resp_obj),
@@ -1602,14 +1639,12 @@ impl<'a> Ctx<'a> {
                 user: None,
             };
             match ctx.delete_one(&name, opts).await {
-                Ok((mut o, _)) => {
-                    crate::storage::served_as(rt, &mut o);
-                    out.push(o)
-                }
+                Ok((o, _)) => out.push(o),
                 Err(ApiError::NotFound(..)) => {}
                 Err(e) => return Err(e),
             }
         }
+        self.served(&mut out).await?;
         let body = json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": {"resourceVersion": rev.to_string()}, "items": out});
         Ok(json_response(StatusCode::OK, &body, &[]))
     }

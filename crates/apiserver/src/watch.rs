@@ -86,6 +86,9 @@ struct WatchState {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     columns_sent: bool,
     done: bool,
+    /// The server, for a kind a CRD's webhook converts (its events are
+    /// converted one by one).
+    converter: Option<Arc<crate::ApiServer>>,
 }
 
 impl WatchState {
@@ -116,14 +119,23 @@ impl WatchState {
         watch_line(ty, &object)
     }
 
-    fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
+    async fn event_line(&mut self, ty: WatchEventType, e: &CachedEvent) -> Bytes {
         let rt = self.filter.rt;
-        let line = match self.output {
-            // Stored in another version (a CRD's, autoscaling/v2): converted.
-            Output::Object if e.object["apiVersion"].as_str() != Some(&rt.api_version()) => {
-                self.line(ty.as_str(), &e.object)
+        let stored_as_served = e.object["apiVersion"].as_str() == Some(&rt.api_version());
+        let line = match (self.output, &self.converter) {
+            (Output::Object, _) if stored_as_served => e.line(ty),
+            (Output::Object | Output::Table, Some(server)) if !stored_as_served => {
+                let mut one = [Value::clone(&e.object)];
+                match crate::crd_conversion::to_version(server, rt, &mut one).await {
+                    Ok(()) => self.line(ty.as_str(), &one[0]),
+                    Err(err) => {
+                        // As Kubernetes ends a watch it cannot convert for.
+                        self.done = true;
+                        Self::error_line(&err)
+                    }
+                }
             }
-            Output::Object => e.line(ty),
+            // Stored in another version (a CRD's, autoscaling/v2): converted.
             _ => self.line(ty.as_str(), &e.object),
         };
         crate::metrics::watch_event(rt.group, rt.version, rt.kind, line.len());
@@ -146,13 +158,13 @@ impl WatchState {
         watch_line("ERROR", &err.status())
     }
 
-    fn consider(&mut self, e: &CachedEvent) -> Option<Bytes> {
+    async fn consider(&mut self, e: &CachedEvent) -> Option<Bytes> {
         if e.revision <= self.last {
             return None;
         }
         self.last = e.revision;
         let ty = self.filter.view(e)?;
-        Some(self.event_line(ty, e))
+        Some(self.event_line(ty, e).await)
     }
 
     async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Self)> {
@@ -170,7 +182,7 @@ impl WatchState {
                 return Some((Ok(line), self));
             }
             if let Some(e) = self.backlog.pop_front() {
-                if let Some(line) = self.consider(&e) {
+                if let Some(line) = self.consider(&e).await {
                     return Some((Ok(line), self));
                 }
                 continue;
@@ -185,7 +197,7 @@ impl WatchState {
             tokio::select! {
                 received = self.live.recv() => match received {
                     Ok(e) => {
-                        if let Some(line) = self.consider(&e) {
+                        if let Some(line) = self.consider(&e).await {
                             return Some((Ok(line), self));
                         }
                     }
@@ -283,6 +295,7 @@ pub(crate) async fn serve(ctx: &Ctx<'_>) -> ApiResult<Response> {
         timer: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
         columns_sent: false,
         done: false,
+        converter: crate::crd_conversion::webhook(rt).map(|_| ctx.server.clone()),
     };
     // Events already waiting go out in one write: a burst costs one syscall
     // per watcher, not one per event.

@@ -1796,3 +1796,389 @@ async fn server_side_apply_merges_custom_lists_as_their_schema_marks_them() {
     );
     c.stop().await;
 }
+
+/// A conversion webhook of the test's own over HTTPS: `Widget` v1 has
+/// `spec.count`, v2 `spec.replicas`. It labels what it converts, tries to
+/// change the uid (which the server must restore), refuses objects named
+/// `refused-*`, and counts its reviews and the objects in them.
+struct ConversionWebhook {
+    port: u16,
+    ca_pem: String,
+    reviews: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConversionWebhook {
+    async fn start() -> Self {
+        use std::sync::{Arc, Mutex};
+        let ca = wasmkube_pki::Ca::create("conversion-webhook-ca").unwrap();
+        let names = wasmkube_pki::ServingNames {
+            dns: vec!["conv.default.svc".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+        };
+        let serving = ca.issue_serving("conv", &names).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_tls(&serving).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reviews: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+        let seen = reviews.clone();
+        let app = axum::Router::new().route(
+            "/convert",
+            axum::routing::post(move |axum::Json(review): axum::Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    let request = &review["request"];
+                    let desired = request["desiredAPIVersion"].as_str().unwrap().to_owned();
+                    let objects = request["objects"].as_array().unwrap().clone();
+                    seen.lock().unwrap().push((desired.clone(), objects.len()));
+                    let mut converted = Vec::new();
+                    for mut o in objects {
+                        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+                        if name.starts_with("refused-") {
+                            return axum::Json(json!({
+                                "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+                                "response": {"uid": request["uid"], "convertedObjects": [],
+                                    "result": {"status": "Failure", "message": format!("cannot convert {name}")}},
+                            }));
+                        }
+                        let spec = o["spec"].as_object_mut().unwrap();
+                        if desired == "demo.io/v2" {
+                            let count = spec.remove("count").unwrap_or(json!(0));
+                            spec.insert("replicas".into(), count);
+                        } else {
+                            let replicas = spec.remove("replicas").unwrap_or(json!(0));
+                            spec.insert("count".into(), replicas);
+                        }
+                        o["apiVersion"] = json!(desired);
+                        o["metadata"]["labels"]["converted-to"] =
+                            json!(desired.trim_start_matches("demo.io/"));
+                        o["metadata"]["uid"] = json!("changed-by-the-webhook");
+                        converted.push(o);
+                    }
+                    axum::Json(json!({
+                        "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+                        "response": {"uid": request["uid"], "convertedObjects": converted,
+                            "result": {"status": "Success"}},
+                    }))
+                }
+            }),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        Self {
+            port,
+            ca_pem: ca.cert_pem().to_owned(),
+            reviews,
+            task,
+        }
+    }
+
+    fn reviews(&self) -> Vec<(String, usize)> {
+        std::mem::take(&mut *self.reviews.lock().unwrap())
+    }
+}
+
+fn widget_crd(conversion: Value) -> Value {
+    let version = |name: &str, field: &str, storage: bool| {
+        json!({"name": name, "served": true, "storage": storage, "schema": {"openAPIV3Schema": {
+            "type": "object", "properties": {"spec": {"type": "object", "properties": {
+                field: {"type": "integer", "minimum": 0}}}}}}})
+    };
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.demo.io"},
+        "spec": {"group": "demo.io", "scope": "Namespaced",
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+            "versions": [version("v1", "count", true), version("v2", "replicas", false)],
+            "conversion": conversion},
+    })
+}
+
+/// A CRD with a conversion webhook: objects are stored in the storage
+/// version and converted by the webhook for every other version, on
+/// writes, reads, lists (one review for the page) and watches; only labels
+/// and annotations may change in metadata. The webhook is reached by URL
+/// and by Service (a ready endpoint, its certificate checked for
+/// `NAME.NAMESPACE.svc`). A refusal or an unreachable webhook fails the
+/// request with a 500 naming the kind and stores nothing; bad conversion
+/// settings are refused with their field.
+#[tokio::test]
+async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
+    use base64::Engine;
+    let hook = ConversionWebhook::start().await;
+    let c = start().await;
+    let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(&hook.ca_pem);
+
+    // Bad settings, each with its field.
+    for (conversion, field, reason) in [
+        (
+            json!({"strategy": "Webhook"}),
+            "spec.conversion.webhook",
+            "required when strategy is set to Webhook",
+        ),
+        (
+            json!({"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"],
+            "clientConfig": {"url": format!("http://127.0.0.1:{}/convert", hook.port)}}}),
+            "spec.conversion.webhook.clientConfig.url",
+            "'https' is the only allowed URL scheme",
+        ),
+        (
+            json!({"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v2"],
+            "clientConfig": {"url": "https://127.0.0.1/convert"}}}),
+            "spec.conversion.webhook.conversionReviewVersions",
+            "must include at least one of v1, v1beta1",
+        ),
+        (
+            json!({"strategy": "None", "webhook": {"conversionReviewVersions": ["v1"],
+            "clientConfig": {"url": "https://127.0.0.1/convert"}}}),
+            "spec.conversion.webhook",
+            "should not be set when strategy is not set to Webhook",
+        ),
+        (
+            json!({"strategy": "Sometimes"}),
+            "spec.conversion.strategy",
+            "Unsupported value",
+        ),
+    ] {
+        let (code, body) = c.post(crds, widget_crd(conversion)).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let causes = body["details"]["causes"].as_array().unwrap();
+        assert!(
+            causes
+                .iter()
+                .any(|c| c["field"] == field && (c["message"].as_str().unwrap().contains(reason))),
+            "{field}: {body}"
+        );
+    }
+
+    let by_url = json!({"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"],
+        "clientConfig": {"url": format!("https://127.0.0.1:{}/convert", hook.port), "caBundle": ca_bundle}}});
+    let (code, body) = c.post(crds, widget_crd(by_url)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let v1 = "/apis/demo.io/v1/namespaces/default/widgets";
+    let v2 = "/apis/demo.io/v2/namespaces/default/widgets";
+
+    // Written in v2: converted to v1 to be stored, answered in v2.
+    let (code, body) = c
+        .post(
+            v2,
+            json!({"apiVersion": "demo.io/v2", "kind": "Widget",
+                         "metadata": {"name": "a"}, "spec": {"replicas": 3}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert_eq!(body["apiVersion"], "demo.io/v2");
+    assert_eq!(body["spec"], json!({"replicas": 3}));
+    assert_eq!(hook.reviews(), [("demo.io/v1".to_owned(), 1)]);
+    let uid = body["metadata"]["uid"].clone();
+    // Read in the storage version: no review; it holds the webhook's label
+    // and the server's uid.
+    let (_, stored) = c.get(&format!("{v1}/a")).await;
+    assert_eq!(stored["spec"], json!({"count": 3}));
+    assert_eq!(stored["metadata"]["labels"]["converted-to"], "v1");
+    assert_eq!(stored["metadata"]["uid"], uid);
+    assert_eq!(hook.reviews(), []);
+    let (_, read) = c.get(&format!("{v2}/a")).await;
+    assert_eq!(
+        (read["apiVersion"].as_str(), &read["spec"]),
+        (Some("demo.io/v2"), &json!({"replicas": 3}))
+    );
+    assert_eq!(read["metadata"]["uid"], uid);
+    assert_eq!(hook.reviews(), [("demo.io/v2".to_owned(), 1)]);
+
+    // A v2 patch is made to the v2 object and stored as v1.
+    let (code, body) = c
+        .patch(
+            &format!("{v2}/a"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 5}}),
+        )
+        .await;
+    assert_eq!(
+        (code, &body["spec"]),
+        (StatusCode::OK, &json!({"replicas": 5})),
+        "{body}"
+    );
+    assert_eq!(
+        c.get(&format!("{v1}/a")).await.1["spec"],
+        json!({"count": 5})
+    );
+    // The v2 schema validates v2 writes.
+    let (code, body) = c
+        .patch(
+            &format!("{v2}/a"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": -1}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["details"]["causes"][0]["field"], "spec.replicas");
+    hook.reviews();
+
+    // A list in v2: one review for the objects.
+    for name in ["b", "c"] {
+        let (code, body) = c
+            .post(
+                v1,
+                json!({"apiVersion": "demo.io/v1", "kind": "Widget",
+                             "metadata": {"name": name}, "spec": {"count": 1}}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(hook.reviews(), []);
+    let (code, list) = c.get(v2).await;
+    assert_eq!(code, StatusCode::OK, "{list}");
+    let replicas: Vec<&Value> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| &o["spec"]["replicas"])
+        .collect();
+    assert_eq!(replicas, [&json!(5), &json!(1), &json!(1)]);
+    assert_eq!(hook.reviews(), [("demo.io/v2".to_owned(), 3)]);
+
+    // A v2 watch sees a v1 write converted.
+    let (code, list) = c.get(v2).await;
+    assert_eq!(code, StatusCode::OK);
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let watch = {
+        let http = c.http.clone();
+        let url = format!("{}{v2}?watch=true&resourceVersion={rv}", c.base);
+        tokio::spawn(async move {
+            let resp = http.get(url).send().await.unwrap();
+            let mut body = resp.bytes_stream();
+            let mut buf = Vec::new();
+            while let Some(chunk) = body.next().await {
+                buf.extend_from_slice(&chunk.unwrap());
+                if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                    return serde_json::from_slice::<Value>(&buf[..end]).unwrap();
+                }
+            }
+            panic!("the watch ended without an event");
+        })
+    };
+    let (code, _) = c
+        .patch(
+            &format!("{v1}/b"),
+            "application/merge-patch+json",
+            json!({"spec": {"count": 7}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let event = tokio::time::timeout(Duration::from_secs(10), watch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event["type"], "MODIFIED");
+    assert_eq!(event["object"]["apiVersion"], "demo.io/v2");
+    assert_eq!(event["object"]["spec"], json!({"replicas": 7}));
+
+    // A refusal fails the request with the webhook's message; nothing is stored.
+    let (code, body) = c
+        .post(
+            v2,
+            json!({"apiVersion": "demo.io/v2", "kind": "Widget",
+                         "metadata": {"name": "refused-1"}, "spec": {"replicas": 1}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(
+        body["message"],
+        "Internal error occurred: conversion webhook for demo.io/v1, Kind=Widget failed: cannot convert refused-1"
+    );
+    assert_eq!(
+        c.get(&format!("{v1}/refused-1")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // A dry run fails where the write would.
+    let (code, body) = c
+        .post(
+            &format!("{v2}?dryRun=All"),
+            json!({"apiVersion": "demo.io/v2", "kind": "Widget",
+                         "metadata": {"name": "refused-2"}, "spec": {"replicas": 1}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+
+    // By Service: the server dials a ready endpoint of `conv` and checks
+    // the certificate for conv.default.svc.
+    let (_, mut crd) = c.get(&format!("{crds}/widgets.demo.io")).await;
+    crd["spec"]["conversion"]["webhook"]["clientConfig"] = json!({
+        "service": {"namespace": "default", "name": "conv", "path": "/convert"}, "caBundle": ca_bundle});
+    let (code, body) = c.put(&format!("{crds}/widgets.demo.io"), crd).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["spec"]["conversion"]["webhook"]["clientConfig"]["service"]["port"],
+        443
+    );
+    let (code, body) = c.get(&format!("{v2}/a")).await;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("service \"default/conv\" not found"),
+        "{body}"
+    );
+    let (code, body) = c
+        .post(
+            "/api/v1/namespaces/default/services",
+            json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "conv"},
+            "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 9443}]}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = c
+        .post(
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "conv-1", "labels": {"kubernetes.io/service-name": "conv"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": hook.port, "protocol": "TCP"}]}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = c.get(&format!("{v2}/a")).await;
+    assert_eq!(
+        (code, &body["spec"]),
+        (StatusCode::OK, &json!({"replicas": 5})),
+        "{body}"
+    );
+
+    // Unreachable: a 500 naming the kind; the storage version still reads.
+    hook.task.abort();
+    let _ = hook.task.await;
+    let (code, body) = c.get(&format!("{v2}/a")).await;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with(
+            "Internal error occurred: conversion webhook for demo.io/v2, Kind=Widget failed: "
+        ),
+        "{body}"
+    );
+    assert_eq!(c.get(&format!("{v1}/a")).await.0, StatusCode::OK);
+    c.stop().await;
+}
