@@ -33,62 +33,23 @@ pub struct CustomType {
 /// Where a CRD's conversion webhook is and how to speak to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversionWebhook {
-    pub endpoint: WebhookEndpoint,
-    /// PEM certificates to trust for the webhook (`caBundle`); empty for
-    /// the system's roots.
-    pub ca_bundle: Vec<u8>,
-    /// The `ConversionReview` versions the webhook accepts, in preference
-    /// order (`v1`, `v1beta1`).
+    pub client: crate::webhooks::WebhookClient,
+    /// The `ConversionReview` versions the webhook accepts (`v1`,
+    /// `v1beta1`).
     pub review_versions: Vec<String>,
-}
-
-/// A webhook's `clientConfig`: a URL, or a Service in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WebhookEndpoint {
-    Url(String),
-    Service {
-        namespace: String,
-        name: String,
-        /// The Service port (443 unless set).
-        port: u16,
-        /// The request path, `/` unless set.
-        path: String,
-    },
 }
 
 impl ConversionWebhook {
     /// The conversion webhook of a (validated, defaulted) CRD, if its
     /// strategy is `Webhook`.
     pub fn of(crd: &Value) -> Option<Self> {
-        use base64::Engine;
         let conversion = &crd["spec"]["conversion"];
         if conversion["strategy"] != "Webhook" {
             return None;
         }
         let webhook = &conversion["webhook"];
-        let config = &webhook["clientConfig"];
-        let endpoint = match config["url"].as_str() {
-            Some(url) => WebhookEndpoint::Url(url.to_owned()),
-            None => {
-                let s = &config["service"];
-                WebhookEndpoint::Service {
-                    namespace: s["namespace"].as_str().unwrap_or_default().to_owned(),
-                    name: s["name"].as_str().unwrap_or_default().to_owned(),
-                    port: s["port"]
-                        .as_u64()
-                        .and_then(|p| u16::try_from(p).ok())
-                        .unwrap_or(443),
-                    path: s["path"].as_str().unwrap_or("/").to_owned(),
-                }
-            }
-        };
-        let ca_bundle = config["caBundle"]
-            .as_str()
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .unwrap_or_default();
         Some(Self {
-            endpoint,
-            ca_bundle,
+            client: crate::webhooks::WebhookClient::of(&webhook["clientConfig"]),
             review_versions: strings(&webhook["conversionReviewVersions"]),
         })
     }
@@ -440,7 +401,7 @@ static PROGRAMS: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 
 /// A CEL rule compiled, or why it does not compile.
-fn program(rule: &str) -> Result<std::sync::Arc<cel_interpreter::Program>, String> {
+pub(crate) fn program(rule: &str) -> Result<std::sync::Arc<cel_interpreter::Program>, String> {
     let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = cache.get(rule) {
         return Ok(p.clone());
@@ -955,75 +916,7 @@ fn validate_conversion(conversion: &Value, errs: &mut Vec<FieldError>) {
         ));
         return;
     }
-    if let Some(b) = config.get("caBundle").and_then(Value::as_str) {
-        use base64::Engine;
-        if base64::engine::general_purpose::STANDARD.decode(b).is_err() {
-            errs.push(bad(&format!("{at}.caBundle"), "", "must be base64-encoded"));
-        }
-    }
-    match (config.get("url"), config.get("service")) {
-        (Some(url), None) => {
-            let path = format!("{at}.url");
-            let text = url.as_str().unwrap_or_default();
-            let (scheme, rest) = text.split_once("://").unwrap_or(("", text));
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-            if scheme != "https" {
-                errs.push(bad(&path, text, "'https' is the only allowed URL scheme"));
-            }
-            if authority.contains('@') {
-                errs.push(bad(
-                    &path,
-                    text,
-                    "user information is not permitted in the URL",
-                ));
-            } else if authority.is_empty() {
-                errs.push(bad(&path, text, "host must be specified"));
-            }
-            if rest.contains('#') {
-                errs.push(bad(&path, text, "fragments are not permitted in the URL"));
-            }
-            if rest.contains('?') {
-                errs.push(bad(
-                    &path,
-                    text,
-                    "query parameters are not permitted in the URL",
-                ));
-            }
-        }
-        (None, Some(service)) => {
-            let at = format!("{at}.service");
-            for key in ["name", "namespace"] {
-                if service[key].as_str().is_none_or(str::is_empty) {
-                    errs.push(FieldError::required(
-                        format!("{at}.{key}"),
-                        format!("service {key} is required"),
-                    ));
-                }
-            }
-            if let Some(path) = service.get("path")
-                && !path.as_str().is_some_and(|p| p.starts_with('/'))
-            {
-                errs.push(bad(
-                    &format!("{at}.path"),
-                    path.clone(),
-                    "must start with a '/'",
-                ));
-            }
-            if let Some(port) = service.get("port")
-                && !port.as_u64().is_some_and(|p| (1..=65535).contains(&p))
-            {
-                errs.push(bad(
-                    &format!("{at}.port"),
-                    port.clone(),
-                    "port is not valid: must be between 1 and 65535, inclusive",
-                ));
-            }
-        }
-        _ => errs.push(FieldError::required(
-            at,
-            "exactly one of url or service is required",
-        )),
-    }
+    crate::webhooks::validate_client_config(config, &at, errs);
 }
 
 /// The status the server gives a CRD it accepted: its names accepted, the

@@ -187,17 +187,15 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
                     &["conversion"],
                     json!({"strategy": "None"}),
                 );
-                if obj["spec"]["conversion"]["strategy"] == "Webhook" {
-                    // Kubernetes' v1 default service port.
-                    if let Some(service) = obj
-                        .pointer_mut("/spec/conversion/webhook/clientConfig/service")
-                        .filter(|s| s.is_object())
-                    {
-                        default_at(service, &["port"], json!(443));
-                    }
+                if obj["spec"]["conversion"]["strategy"] == "Webhook"
+                    && let Some(config) = obj.pointer_mut("/spec/conversion/webhook/clientConfig")
+                {
+                    crate::webhooks::default_client_config(config);
                 }
             }
         }
+        "MutatingWebhookConfiguration" => crate::webhooks::default_configuration(obj, true),
+        "ValidatingWebhookConfiguration" => crate::webhooks::default_configuration(obj, false),
         "HorizontalPodAutoscaler" => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_at(spec, &["minReplicas"], json!(1));

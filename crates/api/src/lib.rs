@@ -87,6 +87,7 @@ pub mod storage;
 pub mod table;
 pub mod typed;
 pub mod validation;
+pub mod webhooks;
 
 pub use k8s_openapi;
 pub use registry::{ResourceType, Subresource};

@@ -555,6 +555,28 @@ pub static RESOURCES: &[ResourceType] = &[
         []
     ),
     resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+        "mutatingwebhookconfiguration",
+        false,
+        [],
+        &["api-extensions"],
+        []
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+        "validatingwebhookconfiguration",
+        false,
+        [],
+        &["api-extensions"],
+        []
+    ),
+    resource!(
         "scheduling.k8s.io",
         "v1",
         "PriorityClass",

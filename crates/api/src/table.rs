@@ -521,6 +521,15 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             AGE,
         ],
         "RuntimeClass" => vec![NAME, col("Handler", "string", "The runtime handler."), AGE],
+        "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => vec![
+            NAME,
+            col(
+                "Webhooks",
+                "integer",
+                "The number of webhooks in the configuration.",
+            ),
+            AGE,
+        ],
         "CustomResourceDefinition" => vec![
             NAME,
             col("Created At", "date", "When the definition was created."),
@@ -1491,6 +1500,11 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "RuntimeClass" => vec![name, json!(s(&obj["handler"])), age],
+        "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => vec![
+            name,
+            json!(obj["webhooks"].as_array().map_or(0, Vec::len)),
+            age,
+        ],
         "CustomResourceDefinition" => vec![name, obj["metadata"]["creationTimestamp"].clone()],
         "PriorityClass" => vec![
             name,

@@ -92,6 +92,8 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "EndpointSlice" => discovery::EndpointSlice,
         "RuntimeClass" => node::RuntimeClass,
         "PriorityClass" => scheduling::PriorityClass,
+        "MutatingWebhookConfiguration" => k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+        "ValidatingWebhookConfiguration" => k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
         "Ingress" => networking::Ingress,
         "IngressClass" => networking::IngressClass,
         "NetworkPolicy" => networking::NetworkPolicy,

@@ -69,6 +69,12 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
+        "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => {
+            let mutating = rt.kind == "MutatingWebhookConfiguration";
+            for e in crate::webhooks::validate_configuration(obj, mutating) {
+                errs.push(e);
+            }
+        }
         "ResourceQuota" => quota::validate_resource_quota(obj, &mut errs),
         "LimitRange" => quota::validate_limit_range(obj, &mut errs),
         "PersistentVolume" => typed!(core::PersistentVolume, storage::validate_persistent_volume),

@@ -93,6 +93,12 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "EndpointSlice" => add::<discovery::EndpointSlice>(g),
         "RuntimeClass" => add::<node::RuntimeClass>(g),
         "PriorityClass" => add::<scheduling::PriorityClass>(g),
+        "MutatingWebhookConfiguration" => {
+            add::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>(g)
+        }
+        "ValidatingWebhookConfiguration" => {
+            add::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>(g)
+        }
         "Ingress" => add::<networking::Ingress>(g),
         "IngressClass" => add::<networking::IngressClass>(g),
         "NetworkPolicy" => add::<networking::NetworkPolicy>(g),

@@ -1,13 +1,19 @@
 //! Requests from the API server to the webhooks it calls (the audit
-//! backend, CustomResourceDefinition conversion): one JSON POST over
-//! HTTP/1.1, in clear or over TLS, answered with its status and body.
+//! backend, CustomResourceDefinition conversion, admission): one JSON POST
+//! over HTTP/1.1, in clear or over TLS, answered with its status and body;
+//! and where a webhook's `clientConfig` (a URL or a Service) is reached.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use wasmkube_api::webhooks::{WebhookClient, WebhookEndpoint};
+
+use crate::ApiServer;
+use crate::storage::decode_stored;
 
 /// Where a webhook is reached.
 #[derive(Clone)]
@@ -136,4 +142,137 @@ where
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, body))
+}
+
+/// Where a webhook's `clientConfig` points: the URL, or a ready endpoint
+/// of the Service (dialled directly, its certificate checked for
+/// `NAME.NAMESPACE.svc`, as kube-apiserver does with endpoint routing).
+pub(crate) async fn resolve(
+    server: &ApiServer,
+    client: &WebhookClient,
+) -> Result<Endpoint, String> {
+    let tls = tls(&client.ca_bundle)?;
+    match &client.endpoint {
+        WebhookEndpoint::Url(url) => {
+            let uri: axum::http::Uri = url.parse().map_err(|e| format!("URL {url:?}: {e}"))?;
+            Endpoint::from_uri(&uri, Some(tls))
+        }
+        WebhookEndpoint::Service {
+            namespace,
+            name,
+            port,
+            path,
+        } => {
+            let (host, target) = service_endpoint(server, namespace, name, *port).await?;
+            Ok(Endpoint {
+                host,
+                port: target,
+                server_name: format!("{name}.{namespace}.svc"),
+                path: path.clone(),
+                tls: Some(tls),
+                token: None,
+            })
+        }
+    }
+}
+
+/// A ready address of Service `namespace/name` and the port its `port`
+/// reaches there.
+async fn service_endpoint(
+    server: &ApiServer,
+    namespace: &str,
+    name: &str,
+    port: u16,
+) -> Result<(String, u16), String> {
+    let services = wasmkube_api::registry::lookup("", "v1", "services").expect("services served");
+    let slices = wasmkube_api::registry::lookup("discovery.k8s.io", "v1", "endpointslices")
+        .expect("endpointslices served");
+    let what = format!("service \"{namespace}/{name}\"");
+    let service = server
+        .store
+        .get(&services.key(Some(namespace), name))
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{what} not found"))?;
+    let service = decode_stored(&service).map_err(|e| e.to_string())?;
+    let service_port = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["port"].as_u64() == Some(u64::from(port)))
+        .ok_or_else(|| format!("{what} has no port {port}"))?;
+    let port_name = service_port["name"].as_str().unwrap_or_default();
+    let page = server
+        .store
+        .list(
+            &slices.list_prefix(Some(namespace)),
+            wasmkube_store::ListOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for kv in &page.items {
+        let Ok(slice) = decode_stored(kv) else {
+            continue;
+        };
+        if slice["metadata"]["labels"]["kubernetes.io/service-name"] != name {
+            continue;
+        }
+        let Some(target) = slice["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"].as_str().unwrap_or_default() == port_name)
+            .and_then(|p| p["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        let ready = slice["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["conditions"]["ready"] != false)
+            .find_map(|e| e["addresses"][0].as_str());
+        if let Some(address) = ready {
+            return Ok((address.to_owned(), target));
+        }
+    }
+    Err(format!("{what} has no ready endpoint"))
+}
+
+/// TLS settings trusting `ca_bundle` (PEM), or the system's roots when it
+/// is empty; made once per bundle.
+fn tls(ca_bundle: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+    static MADE: LazyLock<Mutex<HashMap<Vec<u8>, Arc<rustls::ClientConfig>>>> =
+        LazyLock::new(Default::default);
+    if let Some(made) = MADE.lock().expect("tls cache").get(ca_bundle) {
+        return Ok(made.clone());
+    }
+    let config = if ca_bundle.is_empty() {
+        system_tls()?
+    } else {
+        let pem = std::str::from_utf8(ca_bundle).map_err(|_| "caBundle is not PEM text")?;
+        wasmkube_pki::client_tls(pem, None).map_err(|e| format!("caBundle: {e}"))?
+    };
+    MADE.lock()
+        .expect("tls cache")
+        .insert(ca_bundle.to_vec(), config.clone());
+    Ok(config)
+}
+
+fn system_tls() -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err("no caBundle, and the system has no trusted certificates".into());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
