@@ -401,6 +401,24 @@ static PROGRAMS: std::sync::LazyLock<
 > = std::sync::LazyLock::new(Default::default);
 
 /// A CEL rule compiled, or why it does not compile.
+/// Runs the CEL expression `expr` with `vars` bound. The interpreter's
+/// integer arithmetic panics on overflow where overflow checks are on: the
+/// evaluation fails, the server does not.
+pub(crate) fn run_cel(
+    expr: &str,
+    vars: &[(&str, &Value)],
+) -> Result<cel_interpreter::Value, String> {
+    let p = program(expr)?;
+    let mut ctx = cel_interpreter::Context::default();
+    for (name, value) in vars {
+        let value = cel_interpreter::to_value(value).map_err(|e| e.to_string())?;
+        ctx.add_variable_from_value(*name, value);
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.execute(&ctx)))
+        .map_err(|_| "the evaluation failed (integer overflow?)".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
 pub(crate) fn program(rule: &str) -> Result<std::sync::Arc<cel_interpreter::Program>, String> {
     let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = cache.get(rule) {
@@ -456,20 +474,9 @@ fn check_rules(
                 detail,
             )
         };
-        let outcome = program(rule).and_then(|p| {
-            let mut ctx = cel_interpreter::Context::default();
-            let value = cel_interpreter::to_value(v).map_err(|e| e.to_string())?;
-            ctx.add_variable_from_value("self", value);
-            if let Some(old) = old {
-                let old = cel_interpreter::to_value(old).map_err(|e| e.to_string())?;
-                ctx.add_variable_from_value("oldSelf", old);
-            }
-            // The interpreter's integer arithmetic panics on overflow where
-            // overflow checks are on: the rule fails, the server does not.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.execute(&ctx)))
-                .map_err(|_| "the rule's evaluation failed (integer overflow?)".to_owned())?
-                .map_err(|e| e.to_string())
-        });
+        let mut vars = vec![("self", v)];
+        vars.extend(old.map(|old| ("oldSelf", old)));
+        let outcome = run_cel(rule, &vars);
         match outcome {
             Ok(cel_interpreter::Value::Bool(true)) => {}
             Ok(cel_interpreter::Value::Bool(false)) => errors.push(failed(

@@ -301,6 +301,36 @@ impl AdmissionWebhook {
             .collect()
     }
 
+    /// Whether every `matchConditions` expression holds, with `object`,
+    /// `oldObject` and `request` (the AdmissionReview's request) bound as
+    /// in Kubernetes; the first that does not, by name, or an evaluation
+    /// error.
+    pub fn conditions_hold(
+        &self,
+        object: &Value,
+        old_object: &Value,
+        request: &Value,
+    ) -> Result<Result<(), String>, String> {
+        for (name, expression) in &self.match_conditions {
+            let vars = [
+                ("object", object),
+                ("oldObject", old_object),
+                ("request", request),
+            ];
+            match crate::custom::run_cel(expression, &vars) {
+                Ok(cel_interpreter::Value::Bool(true)) => {}
+                Ok(cel_interpreter::Value::Bool(false)) => return Ok(Err(name.clone())),
+                Ok(other) => {
+                    return Err(format!(
+                        "match condition {name:?} gave {other:?}, not a boolean"
+                    ));
+                }
+                Err(e) => return Err(format!("match condition {name:?}: {e}")),
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Whether a rule of this webhook covers `req`.
     pub fn matches(&self, req: &Request<'_>) -> bool {
         self.rules.iter().any(|r| r.matches(req))

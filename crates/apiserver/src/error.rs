@@ -88,6 +88,14 @@ pub enum ApiError {
     Unauthorized,
     #[error("Internal error occurred: {message}")]
     Internal { message: String },
+    /// A refusal with a code and reason of its own (an admission
+    /// webhook's).
+    #[error("{message}")]
+    Refused {
+        code: u16,
+        reason: String,
+        message: String,
+    },
 }
 
 impl Subject {
@@ -188,6 +196,9 @@ impl ApiError {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Refused { code, .. } => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
@@ -208,6 +219,8 @@ impl ApiError {
             Self::Timeout { .. } => "Timeout",
             Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Internal { .. } => "InternalError",
+            // Its own (see `status`).
+            Self::Refused { .. } => "",
         }
     }
 
@@ -249,6 +262,9 @@ impl ApiError {
         };
         if let Some(d) = details {
             status["details"] = d;
+        }
+        if let Self::Refused { reason, .. } = self {
+            status["reason"] = json!(reason);
         }
         status
     }

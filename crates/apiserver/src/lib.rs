@@ -6,6 +6,7 @@
 //! through the HTTP API it serves.
 
 mod admission;
+mod admission_webhooks;
 pub mod audit;
 mod auth;
 mod crd_conversion;
@@ -135,6 +136,8 @@ pub struct ApiServer {
     node_stats: node_proxy::StatsCache,
     /// Keeps the custom types served in step with the stored CRDs.
     _crds: crds::Follower,
+    /// The admission webhooks, kept in step with their configurations.
+    webhooks: admission_webhooks::Webhooks,
     /// Authentication and authorization, when on.
     auth: Option<auth::Auth>,
     /// The audit log, when on.
@@ -219,6 +222,7 @@ impl ApiServer {
         };
         let cache = WatchCache::start(store.clone(), config.watch_cache_size);
         let crds = crds::Follower::start(store.clone()).await;
+        let webhooks = admission_webhooks::Webhooks::start(store.clone()).await;
         let auth = match config.authentication.clone() {
             Some(authentication) => Some(auth::Auth::new(
                 authentication,
@@ -240,6 +244,7 @@ impl ApiServer {
             node_stats: Default::default(),
             agent_tls,
             _crds: crds,
+            webhooks,
             auth,
             audit,
         });

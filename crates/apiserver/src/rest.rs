@@ -393,6 +393,78 @@ impl<'a> Ctx<'a> {
         crate::crd_conversion::to_version(self.server, self.rt(), objects).await
     }
 
+    /// The admission webhooks' turn at a create or update: the mutating
+    /// ones may change `object` (which is then decoded, defaulted and
+    /// validated again), then the validating ones decide.
+    async fn admit_by_webhooks(
+        &self,
+        operation: &'static str,
+        sub: Option<Subresource>,
+        name: &str,
+        object: Value,
+        old: Option<&Value>,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<Value> {
+        let webhooks = &self.server.webhooks;
+        if !webhooks.any(self.rt()) {
+            return Ok(object);
+        }
+        let attrs = self.webhook_attributes(operation, sub, name);
+        let (mut object, changed) = webhooks
+            .mutate(self.server, &attrs, object, old, warnings)
+            .await?;
+        if changed {
+            object = self.readmit(object, old)?;
+        }
+        webhooks
+            .validate(self.server, &attrs, Some(&object), old, warnings)
+            .await?;
+        Ok(object)
+    }
+
+    fn webhook_attributes<'b>(
+        &'b self,
+        operation: &'static str,
+        sub: Option<Subresource>,
+        name: &'b str,
+    ) -> crate::admission_webhooks::Attributes<'b> {
+        crate::admission_webhooks::Attributes {
+            rt: self.rt(),
+            operation,
+            subresource: sub.map(Subresource::name),
+            name,
+            namespace: self.target.namespace,
+            user: self.user,
+            dry_run: self.params.dry_run,
+            field_manager: self.params.field_manager.as_deref(),
+        }
+    }
+
+    /// An object a mutating webhook changed, decoded, defaulted and
+    /// validated again as the request's own would be.
+    fn readmit(&self, object: Value, old: Option<&Value>) -> ApiResult<Value> {
+        let rt = self.rt();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut object = if wasmkube_api::conversion::converts(rt) {
+            // Held in its storage version's shape, which the request's
+            // version does not decode.
+            object
+        } else {
+            wasmkube_api::typed::decode(rt, &object)
+                .map_err(|e| self.undecodable(e))?
+                .object
+        };
+        apply_defaults(rt, &mut object);
+        let errors = validation::validate(rt, &object, old);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(rt, &name, errors));
+        }
+        Ok(object)
+    }
+
     /// `obj` encoded for the store (see [`encode_for_store`]), in the
     /// version its kind is stored in when a CRD's webhook converts it.
     async fn encode(&self, obj: &mut Value) -> ApiResult<bytes::Bytes> {
@@ -935,6 +1007,17 @@ impl<'a> Ctx<'a> {
     }
 
     async fn create_object(&self, input: Value) -> ApiResult<(Value, Vec<String>)> {
+        self.create_object_managed(input, None).await
+    }
+
+    /// Admits and stores a new object. `applied` is the `managedFields` of
+    /// a server-side apply that creates it; otherwise the request's field
+    /// manager is recorded for an update.
+    async fn create_object_managed(
+        &self,
+        input: Value,
+        applied: Option<Value>,
+    ) -> ApiResult<(Value, Vec<String>)> {
         if let Some(custom) = self.rt().custom
             && crate::crds::terminating(&custom.crd)
         {
@@ -965,22 +1048,31 @@ impl<'a> Ctx<'a> {
             }
             _ => {}
         }
-        crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &obj)
-            .await?;
-        if let Some(ns) = self.target.namespace {
-            crate::quota::admit_create(self.server, self.rt(), ns, &obj, self.params.dry_run)
-                .await?;
-        }
-        fields::record_update(
-            self.rt(),
-            &self.params.manager(self.headers)?,
-            None,
-            None,
-            &mut obj,
-            &now(),
-        );
         let service = (self.rt().id() == "Service").then(|| obj.clone());
-        let created = self.persist_create(&name, obj).await;
+        let created = async {
+            crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &obj)
+                .await?;
+            let mut obj = self
+                .admit_by_webhooks("CREATE", None, &name, obj, None, &mut warnings)
+                .await?;
+            if let Some(ns) = self.target.namespace {
+                crate::quota::admit_create(self.server, self.rt(), ns, &obj, self.params.dry_run)
+                    .await?;
+            }
+            match applied {
+                Some(managed) => obj["metadata"]["managedFields"] = managed,
+                None => fields::record_update(
+                    self.rt(),
+                    &self.params.manager(self.headers)?,
+                    None,
+                    None,
+                    &mut obj,
+                    &now(),
+                ),
+            }
+            self.persist_create(&name, obj).await
+        }
+        .await;
         if let Some(service) = service
             && (created.is_err() || self.params.dry_run)
         {
@@ -1009,6 +1101,11 @@ impl<'a> Ctx<'a> {
             // registers it again from the store).
             crate::crds::register(&obj);
         }
+        // A webhook configuration is acknowledged once it is called.
+        self.server
+            .webhooks
+            .wait_for(self.rt(), kv.mod_revision)
+            .await;
         Ok(stored_at(obj, kv.mod_revision))
     }
 
@@ -1161,6 +1258,10 @@ impl<'a> Ctx<'a> {
         if self.rt().kind == "CustomResourceDefinition" {
             crate::crds::register(&new);
         }
+        self.server
+            .webhooks
+            .wait_for(self.rt(), kv.mod_revision)
+            .await;
         Ok(stored_at(new, kv.mod_revision))
     }
 
@@ -1235,7 +1336,7 @@ impl<'a> Ctx<'a> {
                     name,
                 ));
             }
-            let (mut new, mut warnings) = self.admit_update(name, sub, &old, proposed)?;
+            let (new, mut warnings) = self.admit_update(name, sub, &old, proposed)?;
             self.admit_update_reads(sub, &old, &new, &mut warnings)
                 .await?;
             if sub.is_none() {
@@ -1247,6 +1348,9 @@ impl<'a> Ctx<'a> {
                 )
                 .await?;
             }
+            let mut new = self
+                .admit_by_webhooks("UPDATE", sub, name, new, Some(&old), &mut warnings)
+                .await?;
             fields::record_update(self.rt(), &manager, sub_name, Some(&old), &mut new, &now());
             match self
                 .persist_update_claiming(name, sub, &old, rev, new)
@@ -1395,19 +1499,12 @@ impl<'a> Ctx<'a> {
                 let mut input = merged;
                 input["metadata"]["name"] = json!(name);
                 let managed = input["metadata"]["managedFields"].clone();
-                let (mut obj, mut more) = self.admit_create(input).await?;
-                obj["metadata"]["managedFields"] = managed;
-                if let Some(ns) = self.target.namespace {
-                    self.ensure_namespace_open(ns).await?;
-                }
-                if rt.id() == "Service" {
-                    crate::services::allocate(self.server, &mut obj).await?;
-                }
-                more.extend(warnings.iter().cloned());
-                match self.persist_create(name, obj).await {
+                // The whole admission of a create, as a POST gets.
+                match self.create_object_managed(input, Some(managed)).await {
                     Err(ApiError::AlreadyExists(_)) => continue,
                     Err(e) => return Err(e),
-                    Ok(created) => {
+                    Ok((created, mut more)) => {
+                        more.extend(warnings.iter().cloned());
                         return Ok(json_response(
                             StatusCode::CREATED,
                             &render_one(rt, self.output, created),
@@ -1421,10 +1518,13 @@ impl<'a> Ctx<'a> {
             if let Some(m) = proposed["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
-            let (mut new, mut admitted) = self.admit_update(name, sub, &old, proposed)?;
+            let (new, mut admitted) = self.admit_update(name, sub, &old, proposed)?;
             self.admit_update_reads(sub, &old, &new, &mut admitted)
                 .await?;
             crate::admission::knative_traffic(self.server, self.rt(), self.target.namespace, &new)
+                .await?;
+            let mut new = self
+                .admit_by_webhooks("UPDATE", sub, name, new, Some(&old), &mut admitted)
                 .await?;
             new["metadata"]["managedFields"] = managed;
             match self
@@ -1528,6 +1628,15 @@ impl<'a> Ctx<'a> {
                     ),
                 ));
             }
+            if self.server.webhooks.any(rt) {
+                let mut served = old.clone();
+                self.served(std::slice::from_mut(&mut served)).await?;
+                let attrs = self.webhook_attributes("DELETE", None, name);
+                self.server
+                    .webhooks
+                    .validate(self.server, &attrs, None, Some(&served), &mut Vec::new())
+                    .await?;
+            }
             let mut new = old.clone();
             let meta = new["metadata"]
                 .as_object_mut()
@@ -1567,6 +1676,8 @@ impl<'a> Ctx<'a> {
                         if rt.id() == "Service" {
                             crate::services::release(self.server, &gone).await;
                         }
+                        // The delete's revision.
+                        self.server.webhooks.wait_for(rt, kv.mod_revision).await;
                         return Ok((gone, true));
                     }
                     Err(StoreError::Conflict { .. }) if opts.precondition_rv.is_none() => continue,

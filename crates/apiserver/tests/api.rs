@@ -1797,71 +1797,39 @@ async fn server_side_apply_merges_custom_lists_as_their_schema_marks_them() {
     c.stop().await;
 }
 
-/// A conversion webhook of the test's own over HTTPS: `Widget` v1 has
-/// `spec.count`, v2 `spec.replicas`. It labels what it converts, tries to
-/// change the uid (which the server must restore), refuses objects named
-/// `refused-*`, and counts its reviews and the objects in them.
-struct ConversionWebhook {
+/// An HTTPS webhook of the test's own on loopback (a certificate for
+/// 127.0.0.1 and `conv.default.svc` from a CA of its own): `answer` turns
+/// each request's path and body into the response body; the bodies it got
+/// are kept.
+struct TestWebhook {
     port: u16,
     ca_pem: String,
-    reviews: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl ConversionWebhook {
-    async fn start() -> Self {
+impl TestWebhook {
+    async fn start(answer: fn(&str, &Value) -> Value) -> Self {
         use std::sync::{Arc, Mutex};
-        let ca = wasmkube_pki::Ca::create("conversion-webhook-ca").unwrap();
+        let ca = wasmkube_pki::Ca::create("test-webhook-ca").unwrap();
         let names = wasmkube_pki::ServingNames {
             dns: vec!["conv.default.svc".into()],
             ips: vec!["127.0.0.1".parse().unwrap()],
         };
-        let serving = ca.issue_serving("conv", &names).unwrap();
+        let serving = ca.issue_serving("webhook", &names).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_tls(&serving).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let reviews: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
-        let seen = reviews.clone();
-        let app = axum::Router::new().route(
-            "/convert",
-            axum::routing::post(move |axum::Json(review): axum::Json<Value>| {
+        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let seen = received.clone();
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, axum::Json(body): axum::Json<Value>| {
                 let seen = seen.clone();
                 async move {
-                    let request = &review["request"];
-                    let desired = request["desiredAPIVersion"].as_str().unwrap().to_owned();
-                    let objects = request["objects"].as_array().unwrap().clone();
-                    seen.lock().unwrap().push((desired.clone(), objects.len()));
-                    let mut converted = Vec::new();
-                    for mut o in objects {
-                        let name = o["metadata"]["name"].as_str().unwrap_or_default();
-                        if name.starts_with("refused-") {
-                            return axum::Json(json!({
-                                "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
-                                "response": {"uid": request["uid"], "convertedObjects": [],
-                                    "result": {"status": "Failure", "message": format!("cannot convert {name}")}},
-                            }));
-                        }
-                        let spec = o["spec"].as_object_mut().unwrap();
-                        if desired == "demo.io/v2" {
-                            let count = spec.remove("count").unwrap_or(json!(0));
-                            spec.insert("replicas".into(), count);
-                        } else {
-                            let replicas = spec.remove("replicas").unwrap_or(json!(0));
-                            spec.insert("count".into(), replicas);
-                        }
-                        o["apiVersion"] = json!(desired);
-                        o["metadata"]["labels"]["converted-to"] =
-                            json!(desired.trim_start_matches("demo.io/"));
-                        o["metadata"]["uid"] = json!("changed-by-the-webhook");
-                        converted.push(o);
-                    }
-                    axum::Json(json!({
-                        "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
-                        "response": {"uid": request["uid"], "convertedObjects": converted,
-                            "result": {"status": "Success"}},
-                    }))
+                    seen.lock().unwrap().push(body.clone());
+                    axum::Json(answer(uri.path(), &body))
                 }
-            }),
+            },
         );
         let task = tokio::spawn(async move {
             loop {
@@ -1883,14 +1851,79 @@ impl ConversionWebhook {
         Self {
             port,
             ca_pem: ca.cert_pem().to_owned(),
-            reviews,
+            received,
             task,
         }
     }
 
-    fn reviews(&self) -> Vec<(String, usize)> {
-        std::mem::take(&mut *self.reviews.lock().unwrap())
+    /// The request bodies received since the last call.
+    fn take(&self) -> Vec<Value> {
+        std::mem::take(&mut *self.received.lock().unwrap())
     }
+
+    fn ca_bundle(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&self.ca_pem)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// The test's conversion webhook: `Widget` v1 has `spec.count`, v2
+/// `spec.replicas`. It labels what it converts, tries to change the uid
+/// (which the server must restore) and refuses objects named `refused-*`.
+fn convert_widgets(_: &str, review: &Value) -> Value {
+    let request = &review["request"];
+    let desired = request["desiredAPIVersion"].as_str().unwrap().to_owned();
+    let mut converted = Vec::new();
+    for mut o in request["objects"].as_array().unwrap().clone() {
+        let name = o["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if name.starts_with("refused-") {
+            return json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+                "response": {"uid": request["uid"], "convertedObjects": [],
+                    "result": {"status": "Failure", "message": format!("cannot convert {name}")}},
+            });
+        }
+        let spec = o["spec"].as_object_mut().unwrap();
+        if desired == "demo.io/v2" {
+            let count = spec.remove("count").unwrap_or(json!(0));
+            spec.insert("replicas".into(), count);
+        } else {
+            let replicas = spec.remove("replicas").unwrap_or(json!(0));
+            spec.insert("count".into(), replicas);
+        }
+        o["apiVersion"] = json!(desired);
+        o["metadata"]["labels"]["converted-to"] = json!(desired.trim_start_matches("demo.io/"));
+        o["metadata"]["uid"] = json!("changed-by-the-webhook");
+        converted.push(o);
+    }
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+        "response": {"uid": request["uid"], "convertedObjects": converted,
+            "result": {"status": "Success"}},
+    })
+}
+
+/// The reviews a conversion webhook got: desired version and object count.
+fn conversion_reviews(hook: &TestWebhook) -> Vec<(String, usize)> {
+    hook.take()
+        .iter()
+        .map(|r| {
+            (
+                r["request"]["desiredAPIVersion"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                r["request"]["objects"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
 }
 
 fn widget_crd(conversion: Value) -> Value {
@@ -1919,11 +1952,10 @@ fn widget_crd(conversion: Value) -> Value {
 /// settings are refused with their field.
 #[tokio::test]
 async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
-    use base64::Engine;
-    let hook = ConversionWebhook::start().await;
+    let hook = TestWebhook::start(convert_widgets).await;
     let c = start().await;
     let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
-    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(&hook.ca_pem);
+    let ca_bundle = hook.ca_bundle();
 
     // Bad settings, each with its field.
     for (conversion, field, reason) in [
@@ -1985,7 +2017,7 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
     assert_eq!(code, StatusCode::CREATED, "{body}");
     assert_eq!(body["apiVersion"], "demo.io/v2");
     assert_eq!(body["spec"], json!({"replicas": 3}));
-    assert_eq!(hook.reviews(), [("demo.io/v1".to_owned(), 1)]);
+    assert_eq!(conversion_reviews(&hook), [("demo.io/v1".to_owned(), 1)]);
     let uid = body["metadata"]["uid"].clone();
     // Read in the storage version: no review; it holds the webhook's label
     // and the server's uid.
@@ -1993,14 +2025,14 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
     assert_eq!(stored["spec"], json!({"count": 3}));
     assert_eq!(stored["metadata"]["labels"]["converted-to"], "v1");
     assert_eq!(stored["metadata"]["uid"], uid);
-    assert_eq!(hook.reviews(), []);
+    assert_eq!(conversion_reviews(&hook), []);
     let (_, read) = c.get(&format!("{v2}/a")).await;
     assert_eq!(
         (read["apiVersion"].as_str(), &read["spec"]),
         (Some("demo.io/v2"), &json!({"replicas": 3}))
     );
     assert_eq!(read["metadata"]["uid"], uid);
-    assert_eq!(hook.reviews(), [("demo.io/v2".to_owned(), 1)]);
+    assert_eq!(conversion_reviews(&hook), [("demo.io/v2".to_owned(), 1)]);
 
     // A v2 patch is made to the v2 object and stored as v1.
     let (code, body) = c
@@ -2029,7 +2061,7 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["details"]["causes"][0]["field"], "spec.replicas");
-    hook.reviews();
+    conversion_reviews(&hook);
 
     // A list in v2: one review for the objects.
     for name in ["b", "c"] {
@@ -2042,7 +2074,7 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
             .await;
         assert_eq!(code, StatusCode::CREATED, "{body}");
     }
-    assert_eq!(hook.reviews(), []);
+    assert_eq!(conversion_reviews(&hook), []);
     let (code, list) = c.get(v2).await;
     assert_eq!(code, StatusCode::OK, "{list}");
     let replicas: Vec<&Value> = list["items"]
@@ -2052,7 +2084,7 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
         .map(|o| &o["spec"]["replicas"])
         .collect();
     assert_eq!(replicas, [&json!(5), &json!(1), &json!(1)]);
-    assert_eq!(hook.reviews(), [("demo.io/v2".to_owned(), 3)]);
+    assert_eq!(conversion_reviews(&hook), [("demo.io/v2".to_owned(), 3)]);
 
     // A v2 watch sees a v1 write converted.
     let (code, list) = c.get(v2).await;
@@ -2180,5 +2212,315 @@ async fn a_conversion_webhook_converts_between_stored_and_served_versions() {
         "{body}"
     );
     assert_eq!(c.get(&format!("{v1}/a")).await.0, StatusCode::OK);
+    c.stop().await;
+}
+
+/// The test's admission webhook for ConfigMaps: `/mutate` labels them
+/// `mutated: "yes"` (a JSON patch) with a warning, and gives one named
+/// `invalid-after` a label no object may carry; `/validate` refuses one
+/// with a `forbidden` key (403, Forbidden) and the deletion of `keep`.
+fn admit_config_maps(path: &str, review: &Value) -> Value {
+    use base64::Engine;
+    let request = &review["request"];
+    let object = &request["object"];
+    let mut response = json!({"uid": request["uid"], "allowed": true});
+    match path {
+        "/mutate" => {
+            let mut ops = Vec::new();
+            if object["metadata"]["labels"].is_null() {
+                ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
+            }
+            ops.push(json!({"op": "add", "path": "/metadata/labels/mutated", "value": "yes"}));
+            if request["name"] == "invalid-after" {
+                ops.push(json!({"op": "add", "path": "/metadata/labels/bad label!", "value": "x"}));
+            }
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(
+                base64::engine::general_purpose::STANDARD.encode(Value::Array(ops).to_string())
+            );
+            response["warnings"] = json!(["mutated by the test's webhook"]);
+            response["auditAnnotations"] = json!({"mutated": "yes"});
+        }
+        "/validate" => {
+            let refuse = if request["operation"] == "DELETE" {
+                (request["name"] == "keep").then_some("keep stays")
+            } else {
+                (!object["data"]["forbidden"].is_null()).then_some("forbidden key")
+            };
+            if let Some(message) = refuse {
+                response["allowed"] = json!(false);
+                response["status"] =
+                    json!({"code": 403, "reason": "Forbidden", "message": message});
+            }
+        }
+        other => panic!("unexpected path {other}"),
+    }
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// Admission webhooks as kube-apiserver calls them: a mutating webhook's
+/// JSON patch is applied (and the result validated again) before the
+/// validating webhooks decide; rules, namespace and object selectors and
+/// match conditions choose which requests each sees; a refusal carries the
+/// webhook's code and Kubernetes' message; creates, updates, server-side
+/// apply (which creates through the same admission) and deletes are
+/// reviewed, dry runs say so; a webhook that cannot be called fails the
+/// request unless its failure policy ignores it; configurations are never
+/// sent to webhooks, so a broken one can be removed.
+#[tokio::test]
+async fn admission_webhooks_mutate_and_validate_writes() {
+    let hook = TestWebhook::start(admit_config_maps).await;
+    let c = start().await;
+    let (code, body) = c
+        .post(
+            "/api/v1/namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "hooked", "labels": {"webhooks": "on"}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let webhook = |name: &str, path: &str, ops: Value| {
+        json!({"name": name, "sideEffects": "None", "admissionReviewVersions": ["v1"],
+               "clientConfig": {"url": hook.url(path), "caBundle": hook.ca_bundle()},
+               "rules": [{"operations": ops, "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}]})
+    };
+    let mut mutate = webhook("cm.mutate.demo.io", "/mutate", json!(["CREATE", "UPDATE"]));
+    mutate["namespaceSelector"] = json!({"matchLabels": {"webhooks": "on"}});
+    let (code, body) = c
+        .post(
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+            json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "mutate-cms"}, "webhooks": [mutate]}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert_eq!(body["webhooks"][0]["failurePolicy"], "Fail");
+    let mut validate = webhook("cm.validate.demo.io", "/validate", json!(["*"]));
+    validate["objectSelector"] =
+        json!({"matchExpressions": [{"key": "skip-validation", "operator": "DoesNotExist"}]});
+    validate["matchConditions"] =
+        json!([{"name": "not-unchecked", "expression": "request.name != 'unchecked'"}]);
+    let validating = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations";
+    let (code, body) = c
+        .post(validating, json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "validate-cms"}, "webhooks": [validate]}))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let cms = |ns: &str| format!("/api/v1/namespaces/{ns}/configmaps");
+    let cm = |name: &str, data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data});
+
+    // Mutated, then validated with the mutation; the warning reaches the client.
+    let resp = c
+        .http
+        .post(format!("{}{}", c.base, cms("hooked")))
+        .header("content-type", "application/json")
+        .body(cm("a", json!({"k": "v"})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let warning = resp
+        .headers()
+        .get("warning")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        warning.contains("mutated by the test's webhook"),
+        "{warning}"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["metadata"]["labels"]["mutated"], "yes");
+    let reviews = hook.take();
+    assert_eq!(reviews.len(), 2, "{reviews:?}");
+    let (first, second) = (&reviews[0]["request"], &reviews[1]["request"]);
+    assert_eq!(
+        (
+            &first["operation"],
+            &first["namespace"],
+            &first["kind"]["kind"],
+            &first["resource"]["resource"]
+        ),
+        (
+            &json!("CREATE"),
+            &json!("hooked"),
+            &json!("ConfigMap"),
+            &json!("configmaps")
+        )
+    );
+    assert!(first["object"]["metadata"]["labels"].is_null());
+    assert_eq!(second["object"]["metadata"]["labels"]["mutated"], "yes");
+    assert_eq!(second["dryRun"], false);
+
+    // Outside the namespace selector: validated only.
+    let (code, body) = c.post(&cms("default"), cm("b", json!({}))).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert!(body["metadata"]["labels"]["mutated"].is_null());
+    assert_eq!(hook.take().len(), 1);
+
+    // Refused, with the webhook's code and reason; nothing stored.
+    let (code, body) = c
+        .post(&cms("default"), cm("bad", json!({"forbidden": "1"})))
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason"], "Forbidden");
+    assert_eq!(
+        body["message"],
+        "admission webhook \"cm.validate.demo.io\" denied the request: forbidden key"
+    );
+    assert_eq!(
+        c.get(&format!("{}/bad", cms("default"))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // The object selector and the match condition leave some unchecked.
+    let mut skipped = cm("skipped", json!({"forbidden": "1"}));
+    skipped["metadata"]["labels"] = json!({"skip-validation": "yes"});
+    assert_eq!(
+        c.post(&cms("default"), skipped).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        c.post(&cms("default"), cm("unchecked", json!({"forbidden": "1"})))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    // Updates, patches and server-side apply are reviewed too.
+    let (code, body) = c
+        .patch(
+            &format!("{}/a", cms("hooked")),
+            "application/merge-patch+json",
+            json!({"data": {"forbidden": "1"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    let (code, body) = c
+        .patch(
+            &format!("{}/applied?fieldManager=test", cms("default")),
+            "application/apply-patch+yaml",
+            cm("applied", json!({"forbidden": "1"})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        c.get(&format!("{}/applied", cms("default"))).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // A mutation that breaks the object is refused as the object's own error.
+    let (code, body) = c.post(&cms("hooked"), cm("invalid-after", json!({}))).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("metadata.labels"),
+        "{body}"
+    );
+    // A dry run is marked as one.
+    hook.take();
+    let (code, _) = c
+        .post(
+            &format!("{}?dryRun=All", cms("default")),
+            cm("dry", json!({})),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED);
+    assert_eq!(hook.take()[0]["request"]["dryRun"], true);
+    // Deletes: oldObject is the stored object.
+    assert_eq!(
+        c.post(&cms("default"), cm("keep", json!({}))).await.0,
+        StatusCode::CREATED
+    );
+    let (code, body) = c.delete(&format!("{}/keep", cms("default"))).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        c.delete(&format!("{}/b", cms("default"))).await.0,
+        StatusCode::OK
+    );
+    let reviews = hook.take();
+    let delete = &reviews.last().unwrap()["request"];
+    assert_eq!(
+        (
+            &delete["operation"],
+            &delete["oldObject"]["metadata"]["name"]
+        ),
+        (&json!("DELETE"), &json!("b"))
+    );
+    assert!(delete["object"].is_null());
+
+    // A webhook that cannot be called fails what it covers, unless ignored.
+    let mut broken = webhook("broken.validate.demo.io", "/validate", json!(["CREATE"]));
+    broken["clientConfig"]["url"] = json!("https://127.0.0.1:1/validate");
+    broken["rules"][0]["resources"] = json!(["secrets"]);
+    let (code, body) = c
+        .post(validating, json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "broken"}, "webhooks": [broken]}))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let secret =
+        |name: &str| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}});
+    let (code, body) = c
+        .post("/api/v1/namespaces/default/secrets", secret("s1"))
+        .await;
+    assert_eq!(code, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with(
+            "Internal error occurred: failed calling webhook \"broken.validate.demo.io\": failed to call webhook: Post"
+        ),
+        "{body}"
+    );
+    let (code, body) = c
+        .patch(
+            &format!("{validating}/broken"),
+            "application/json-patch+json",
+            json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore"}]),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        c.post("/api/v1/namespaces/default/secrets", secret("s2"))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    // The configurations themselves are never reviewed: a broken one goes.
+    let (code, body) = c.delete(&format!("{validating}/broken")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    c.stop().await;
+    hook.task.abort();
+}
+
+/// A server-side apply that creates an object goes through the whole
+/// admission of a create: Pod Security refuses a privileged pod in a
+/// restricted namespace as it refuses a POST of it.
+#[tokio::test]
+async fn server_side_apply_creates_are_admitted_as_creates() {
+    let c = start().await;
+    let (code, body) = c
+        .post("/api/v1/namespaces", json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "strict", "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "securityContext": {"privileged": true}}]}});
+    let (code, body) = c
+        .patch(
+            "/api/v1/namespaces/strict/pods/p?fieldManager=test",
+            "application/apply-patch+yaml",
+            pod,
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("violates PodSecurity \"restricted:latest\""),
+        "{body}"
+    );
     c.stop().await;
 }

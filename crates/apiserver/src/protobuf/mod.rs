@@ -711,6 +711,41 @@ mod tests {
     }
 
     #[test]
+    fn webhook_configurations_decode() {
+        let meta = W::default().bytes(1, b"policy").done();
+        let client = W::default()
+            .bytes(3, b"https://hook.example/validate")
+            .done();
+        let webhook = W::default()
+            .bytes(1, b"pods.policy.example.com")
+            .bytes(2, &client)
+            .bytes(6, b"None")
+            .int(7, 5)
+            .bytes(8, b"v1")
+            .done();
+        let raw = W::default().bytes(1, &meta).bytes(2, &webhook).done();
+        let obj = decode(&envelope(
+            "admissionregistration.k8s.io/v1",
+            "ValidatingWebhookConfiguration",
+            &raw,
+        ))
+        .unwrap();
+        let typed: k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration =
+            serde_json::from_value(obj).unwrap();
+        let webhook = &typed.webhooks.unwrap()[0];
+        assert_eq!(webhook.name, "pods.policy.example.com");
+        assert_eq!(
+            webhook.client_config.url.as_deref(),
+            Some("https://hook.example/validate")
+        );
+        assert_eq!(
+            (webhook.side_effects.as_str(), webhook.timeout_seconds),
+            ("None", Some(5))
+        );
+        assert_eq!(webhook.admission_review_versions, ["v1"]);
+    }
+
+    #[test]
     fn hostile_bodies_are_errors_not_panics() {
         let cases: Vec<Vec<u8>> = vec![
             b"not protobuf".to_vec(),

@@ -1,0 +1,576 @@
+//! Admission webhooks, as kube-apiserver calls them: the stored
+//! `MutatingWebhookConfiguration`s and `ValidatingWebhookConfiguration`s,
+//! followed into memory, and the `AdmissionReview`s a write sends them.
+//!
+//! A create, update (patch and apply included) or delete goes through the
+//! server's own admission first. Then the mutating webhooks it matches are
+//! called one at a time, in the order of their configurations' names and
+//! their order within each; each may answer a JSON patch, and a webhook
+//! with `reinvocationPolicy: IfNeeded` is called once more when a later
+//! one changed the object. A changed object is decoded, defaulted and
+//! validated again. Then the matching validating webhooks are called all
+//! at once. A webhook matches by its rules (operation, group, version,
+//! resource and subresource, scope), its namespace and object selectors and
+//! its `matchConditions` (CEL). A refusal is the request's error in
+//! Kubernetes' words (`admission webhook "NAME" denied the request: ...`,
+//! with the webhook's code, at least 400); a webhook that cannot be called
+//! or answers out of protocol fails the request (500) unless its
+//! `failurePolicy` is `Ignore`. Webhooks are not called for the webhook
+//! configurations themselves, so a broken webhook can always be removed.
+//!
+//! A write of a configuration is acknowledged once this server calls the
+//! webhooks it names.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wasmkube_api::ResourceType;
+use wasmkube_api::registry;
+use wasmkube_api::selectors::LabelSelector;
+use wasmkube_api::webhooks::{AdmissionWebhook, Request};
+use wasmkube_store::SharedStore;
+
+use crate::ApiServer;
+use crate::auth::UserInfo;
+use crate::error::{ApiError, ApiResult};
+use crate::follow::{Change, Follow};
+
+/// The API group of the configurations, which no webhook sees.
+const GROUP: &str = "admissionregistration.k8s.io";
+
+/// One kind of webhook configuration, followed.
+struct Hooks {
+    webhooks: RwLock<Arc<Vec<AdmissionWebhook>>>,
+    /// The store revision `webhooks` reflects.
+    applied: tokio::sync::watch::Sender<u64>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().expect("not poisoned").take() {
+            task.abort();
+        }
+    }
+}
+
+fn webhooks_of(configurations: &BTreeMap<String, Value>) -> Arc<Vec<AdmissionWebhook>> {
+    // Keys end in the configuration's name: this is Kubernetes' order.
+    Arc::new(
+        configurations
+            .values()
+            .flat_map(AdmissionWebhook::all_of)
+            .collect(),
+    )
+}
+
+impl Hooks {
+    async fn start(store: SharedStore, rt: &'static ResourceType) -> Arc<Self> {
+        let (mut follow, objects, from) = Follow::start(store, rt.key_prefix(), rt.plural).await;
+        let mut configurations: BTreeMap<String, Value> = objects.into_iter().collect();
+        let hooks = Arc::new(Self {
+            webhooks: RwLock::new(webhooks_of(&configurations)),
+            applied: tokio::sync::watch::Sender::new(from),
+            task: Default::default(),
+        });
+        let weak = Arc::downgrade(&hooks);
+        let task = tokio::spawn(async move {
+            loop {
+                let revision = match follow.next().await {
+                    Change::Reset { objects, revision } => {
+                        configurations = objects.into_iter().collect();
+                        revision
+                    }
+                    Change::Put {
+                        key,
+                        object,
+                        revision,
+                    } => {
+                        configurations.insert(key, object);
+                        revision
+                    }
+                    Change::Delete { key, revision } => {
+                        configurations.remove(&key);
+                        revision
+                    }
+                };
+                let Some(hooks) = weak.upgrade() else { return };
+                *hooks.webhooks.write().expect("not poisoned") = webhooks_of(&configurations);
+                hooks.applied.send_replace(revision);
+            }
+        });
+        *hooks.task.lock().expect("not poisoned") = Some(task);
+        hooks
+    }
+
+    fn current(&self) -> Arc<Vec<AdmissionWebhook>> {
+        self.webhooks.read().expect("not poisoned").clone()
+    }
+}
+
+/// The admission webhooks this server calls.
+pub(crate) struct Webhooks {
+    mutating: Arc<Hooks>,
+    validating: Arc<Hooks>,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("mutating", &self.mutating.current().len())
+            .field("validating", &self.validating.current().len())
+            .finish()
+    }
+}
+
+/// What a write is, for the webhooks' rules and reviews.
+pub(crate) struct Attributes<'a> {
+    pub rt: &'static ResourceType,
+    /// `CREATE`, `UPDATE` or `DELETE`.
+    pub operation: &'static str,
+    pub subresource: Option<&'a str>,
+    pub name: &'a str,
+    pub namespace: Option<&'a str>,
+    pub user: Option<&'a UserInfo>,
+    pub dry_run: bool,
+    /// The field manager of a create or update.
+    pub field_manager: Option<&'a str>,
+}
+
+impl Webhooks {
+    pub(crate) async fn start(store: SharedStore) -> Self {
+        let kind =
+            |plural| registry::lookup(GROUP, "v1", plural).expect("webhook configurations served");
+        Self {
+            mutating: Hooks::start(store.clone(), kind("mutatingwebhookconfigurations")).await,
+            validating: Hooks::start(store, kind("validatingwebhookconfigurations")).await,
+        }
+    }
+
+    /// Waits until the webhooks of `rt` (a configuration kind) reflect the
+    /// store at `revision`, for a write of one this server just made.
+    pub(crate) async fn wait_for(&self, rt: &ResourceType, revision: u64) {
+        let hooks = match rt.kind {
+            "MutatingWebhookConfiguration" => &self.mutating,
+            "ValidatingWebhookConfiguration" => &self.validating,
+            _ => return,
+        };
+        let mut applied = hooks.applied.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|r| *r >= revision))
+            .await;
+    }
+
+    /// Whether any webhook could see writes of `rt`.
+    pub(crate) fn any(&self, rt: &ResourceType) -> bool {
+        rt.group != GROUP
+            && (!self.mutating.current().is_empty() || !self.validating.current().is_empty())
+    }
+
+    /// Calls the mutating webhooks `attrs` matches, in order, on `object`;
+    /// returns the object as they left it and whether it changed.
+    pub(crate) async fn mutate(
+        &self,
+        server: &ApiServer,
+        attrs: &Attributes<'_>,
+        mut object: Value,
+        old: Option<&Value>,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<(Value, bool)> {
+        if attrs.rt.group == GROUP {
+            return Ok((object, false));
+        }
+        let hooks = self.mutating.current();
+        let mut namespace = NamespaceLabels::default();
+        let mut changed_by: Vec<usize> = Vec::new();
+        let mut called: Vec<usize> = Vec::new();
+        for (i, hook) in hooks.iter().enumerate() {
+            if !matches(server, hook, attrs, Some(&object), old, &mut namespace).await? {
+                continue;
+            }
+            called.push(i);
+            if let Some(patched) = call(server, hook, attrs, Some(&object), old, warnings).await?
+                && patched != object
+            {
+                object = patched;
+                changed_by.push(i);
+            }
+        }
+        // Once more for a webhook asking for it whose object a later one
+        // changed (Kubernetes' reinvocation, at most once).
+        let last_change = changed_by.last().copied();
+        for &i in &called {
+            let hook = &hooks[i];
+            if !hook.reinvoke || last_change.is_none_or(|last| last <= i) {
+                continue;
+            }
+            if let Some(patched) = call(server, hook, attrs, Some(&object), old, warnings).await?
+                && patched != object
+            {
+                object = patched;
+                changed_by.push(i);
+            }
+        }
+        Ok((object, !changed_by.is_empty()))
+    }
+
+    /// Calls the validating webhooks `attrs` matches, all at once; the
+    /// first refusal or failure (in their order) is the answer.
+    pub(crate) async fn validate(
+        &self,
+        server: &ApiServer,
+        attrs: &Attributes<'_>,
+        object: Option<&Value>,
+        old: Option<&Value>,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<()> {
+        if attrs.rt.group == GROUP {
+            return Ok(());
+        }
+        let hooks = self.validating.current();
+        let mut namespace = NamespaceLabels::default();
+        let mut selected = Vec::new();
+        for hook in hooks.iter() {
+            if matches(server, hook, attrs, object, old, &mut namespace).await? {
+                selected.push(hook);
+            }
+        }
+        let answers = futures::future::join_all(selected.into_iter().map(|hook| async move {
+            let mut warnings = Vec::new();
+            let answer = call(server, hook, attrs, object, old, &mut warnings).await;
+            (answer, warnings)
+        }))
+        .await;
+        let mut outcome = Ok(());
+        for (answer, mut more) in answers {
+            warnings.append(&mut more);
+            if let (Err(e), Ok(())) = (answer, &outcome) {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
+}
+
+/// The labels of the request's namespace, read once when a selector needs
+/// them.
+#[derive(Default)]
+struct NamespaceLabels(Option<Value>);
+
+impl NamespaceLabels {
+    async fn get(&mut self, server: &ApiServer, namespace: &str) -> ApiResult<&Value> {
+        if self.0.is_none() {
+            let namespaces = registry::lookup("", "v1", "namespaces").expect("namespaces served");
+            let found = server
+                .store
+                .get(&namespaces.key(None, namespace))
+                .await
+                .map_err(|e| ApiError::from_store(e, namespaces, namespace))?;
+            let labels =
+                match found {
+                    Some(kv) => {
+                        crate::storage::decode_stored(&kv).map_err(ApiError::internal)?["metadata"]
+                            ["labels"]
+                            .clone()
+                    }
+                    None => Value::Null,
+                };
+            self.0 = Some(json!({"metadata": {"labels": labels}}));
+        }
+        Ok(self.0.as_ref().expect("just read"))
+    }
+}
+
+fn selector(v: &Value) -> Result<LabelSelector, String> {
+    if v.is_null() {
+        return Ok(LabelSelector::default());
+    }
+    let typed: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+        serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    LabelSelector::from_api(&typed)
+}
+
+/// Whether `hook` is to be called for this request: its rules, then its
+/// namespace and object selectors, then its match conditions.
+async fn matches(
+    server: &ApiServer,
+    hook: &AdmissionWebhook,
+    attrs: &Attributes<'_>,
+    object: Option<&Value>,
+    old: Option<&Value>,
+    namespace: &mut NamespaceLabels,
+) -> ApiResult<bool> {
+    let rt = attrs.rt;
+    let req = Request {
+        operation: attrs.operation,
+        group: rt.group,
+        version: rt.version,
+        resource: rt.plural,
+        subresource: attrs.subresource.unwrap_or_default(),
+        namespaced: rt.namespaced,
+    };
+    if !hook.matches(&req) {
+        return Ok(false);
+    }
+    let broken = |what: &str, e: String| {
+        ApiError::internal(format!("webhook {:?}: invalid {what}: {e}", hook.name))
+    };
+    let ns_selector =
+        selector(&hook.namespace_selector).map_err(|e| broken("namespaceSelector", e))?;
+    if !ns_selector.is_empty() {
+        let labelled = if rt.id() == "Namespace" {
+            object.or(old)
+        } else if let Some(ns) = attrs.namespace.filter(|_| rt.namespaced) {
+            Some(namespace.get(server, ns).await?)
+        } else {
+            None
+        };
+        if let Some(labelled) = labelled
+            && !ns_selector.matches_object(labelled)
+        {
+            return Ok(false);
+        }
+    }
+    let obj_selector = selector(&hook.object_selector).map_err(|e| broken("objectSelector", e))?;
+    if !obj_selector.is_empty()
+        && ![object, old]
+            .into_iter()
+            .flatten()
+            .any(|o| obj_selector.matches_object(o))
+    {
+        return Ok(false);
+    }
+    if hook.match_conditions.is_empty() {
+        return Ok(true);
+    }
+    let request = review_request(attrs, "", object, old);
+    match hook.conditions_hold(
+        object.unwrap_or(&Value::Null),
+        old.unwrap_or(&Value::Null),
+        &request,
+    ) {
+        Ok(held) => Ok(held.is_ok()),
+        Err(e) if hook.ignore_failure => {
+            tracing::warn!(webhook = hook.name, error = %e, "match condition failed; webhook skipped (failurePolicy Ignore)");
+            Ok(false)
+        }
+        Err(e) => Err(ApiError::internal(format!(
+            "failed calling webhook {:?}: {e}",
+            hook.name
+        ))),
+    }
+}
+
+/// The `request` of an AdmissionReview.
+fn review_request(
+    attrs: &Attributes<'_>,
+    uid: &str,
+    object: Option<&Value>,
+    old: Option<&Value>,
+) -> Value {
+    let rt = attrs.rt;
+    let kind = json!({"group": rt.group, "version": rt.version, "kind": rt.kind});
+    let resource = json!({"group": rt.group, "version": rt.version, "resource": rt.plural});
+    let options_kind = match attrs.operation {
+        "CREATE" => "CreateOptions",
+        "UPDATE" => "UpdateOptions",
+        _ => "DeleteOptions",
+    };
+    let mut options = json!({"apiVersion": "meta.k8s.io/v1", "kind": options_kind});
+    if let Some(manager) = attrs.field_manager {
+        options["fieldManager"] = json!(manager);
+    }
+    if attrs.dry_run {
+        options["dryRun"] = json!(["All"]);
+    }
+    let mut request = json!({
+        "uid": uid,
+        "kind": kind, "resource": resource,
+        "requestKind": kind, "requestResource": resource,
+        "name": attrs.name,
+        "operation": attrs.operation,
+        "userInfo": match attrs.user {
+            Some(u) => json!({"username": u.name, "uid": u.uid, "groups": u.groups, "extra": u.extra}),
+            None => json!({"username": "system:apiserver", "groups": ["system:masters"]}),
+        },
+        "object": object,
+        "oldObject": old,
+        "dryRun": attrs.dry_run,
+        "options": options,
+    });
+    if let Some(ns) = attrs.namespace.filter(|_| rt.namespaced) {
+        request["namespace"] = json!(ns);
+    }
+    if let Some(sub) = attrs.subresource {
+        request["subResource"] = json!(sub);
+        request["requestSubResource"] = json!(sub);
+    }
+    request
+}
+
+/// Sends one review; the object as the webhook patched it (if it did),
+/// or the refusal. A failed call is an error unless the webhook ignores
+/// failures.
+async fn call(
+    server: &ApiServer,
+    hook: &AdmissionWebhook,
+    attrs: &Attributes<'_>,
+    object: Option<&Value>,
+    old: Option<&Value>,
+    warnings: &mut Vec<String>,
+) -> ApiResult<Option<Value>> {
+    match exchange(server, hook, attrs, object, old).await {
+        Ok(answer) => answer.apply(hook, object, warnings),
+        Err(e) if hook.ignore_failure => {
+            tracing::warn!(webhook = hook.name, error = %e, "admission webhook failed; ignored (failurePolicy Ignore)");
+            Ok(None)
+        }
+        Err(e) => Err(ApiError::internal(format!(
+            "failed calling webhook {:?}: {e}",
+            hook.name
+        ))),
+    }
+}
+
+/// A webhook's answer to one review.
+struct Answer {
+    allowed: bool,
+    status: Value,
+    patch: Option<Vec<u8>>,
+    warnings: Vec<String>,
+}
+
+impl Answer {
+    fn apply(
+        self,
+        hook: &AdmissionWebhook,
+        object: Option<&Value>,
+        warnings: &mut Vec<String>,
+    ) -> ApiResult<Option<Value>> {
+        warnings.extend(self.warnings);
+        if !self.allowed {
+            return Err(denied(&hook.name, &self.status));
+        }
+        let (Some(patch), Some(object)) = (self.patch, object) else {
+            return Ok(None);
+        };
+        let fail = |e: String| {
+            ApiError::internal(format!(
+                "failed calling webhook {:?}: its patch: {e}",
+                hook.name
+            ))
+        };
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&patch).map_err(|e| fail(e.to_string()))?;
+        let mut patched = object.clone();
+        json_patch::patch(&mut patched, &patch).map_err(|e| fail(e.to_string()))?;
+        Ok(Some(patched))
+    }
+}
+
+/// Kubernetes' refusal: `admission webhook "NAME" denied the request:
+/// MESSAGE`, with the webhook's code (at least 400) and reason.
+fn denied(name: &str, status: &Value) -> ApiError {
+    let by = format!("admission webhook \"{name}\" denied the request");
+    let message = match (status["message"].as_str(), status["reason"].as_str()) {
+        (Some(m), _) if !m.is_empty() => format!("{by}: {m}"),
+        (_, Some(r)) if !r.is_empty() => format!("{by}: {r}"),
+        _ => format!("{by} without explanation"),
+    };
+    let code = status["code"]
+        .as_u64()
+        .and_then(|c| u16::try_from(c).ok())
+        .filter(|c| (400..600).contains(c))
+        .unwrap_or(400);
+    ApiError::Refused {
+        code,
+        reason: status["reason"].as_str().unwrap_or_default().to_owned(),
+        message,
+    }
+}
+
+async fn exchange(
+    server: &ApiServer,
+    hook: &AdmissionWebhook,
+    attrs: &Attributes<'_>,
+    object: Option<&Value>,
+    old: Option<&Value>,
+) -> Result<Answer, String> {
+    let review_version = if hook.review_versions.iter().any(|v| v == "v1") {
+        "admission.k8s.io/v1"
+    } else {
+        "admission.k8s.io/v1beta1"
+    };
+    let uid = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "apiVersion": review_version,
+        "kind": "AdmissionReview",
+        "request": review_request(attrs, &uid, object, old),
+    });
+    let endpoint = crate::webhook::resolve(server, &hook.client).await?;
+    let timeout = Duration::from_secs(hook.timeout_seconds.clamp(1, 30));
+    let (status, answer) = endpoint
+        .post_json(bytes::Bytes::from(body.to_string()), timeout)
+        .await
+        .map_err(|e| format!("failed to call webhook: Post \"{endpoint:?}\": {e}"))?;
+    if !status.is_success() {
+        return Err(format!(
+            "the webhook answered {status}: {}",
+            String::from_utf8_lossy(&answer).trim()
+        ));
+    }
+    let answer: Value =
+        serde_json::from_slice(&answer).map_err(|e| format!("invalid AdmissionReview: {e}"))?;
+    if answer["apiVersion"] != review_version || answer["kind"] != "AdmissionReview" {
+        return Err(format!(
+            "expected webhook response of {review_version}, Kind=AdmissionReview, got {}, Kind={}",
+            answer["apiVersion"].as_str().unwrap_or_default(),
+            answer["kind"].as_str().unwrap_or_default()
+        ));
+    }
+    let response = &answer["response"];
+    if response["uid"].as_str() != Some(&uid) {
+        return Err(format!(
+            "expected response.uid={uid:?}, got {:?}",
+            response["uid"].as_str().unwrap_or_default()
+        ));
+    }
+    let patch = match (response["patch"].as_str(), response["patchType"].as_str()) {
+        (None, _) => None,
+        (Some(p), Some("JSONPatch")) => {
+            use base64::Engine;
+            Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(p)
+                    .map_err(|e| format!("response.patch: {e}"))?,
+            )
+        }
+        (Some(_), other) => {
+            return Err(format!(
+                "response.patchType {:?}: only JSONPatch is supported",
+                other.unwrap_or_default()
+            ));
+        }
+    };
+    for (key, value) in response["auditAnnotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(value) = value.as_str() {
+            crate::audit::annotate(&format!("{}/{key}", hook.name), value.to_owned());
+        }
+    }
+    Ok(Answer {
+        allowed: response["allowed"] == true,
+        status: response["status"].clone(),
+        patch,
+        warnings: response["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str().map(str::to_owned))
+            .collect(),
+    })
+}
