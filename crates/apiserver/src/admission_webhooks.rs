@@ -190,7 +190,8 @@ impl Webhooks {
                 continue;
             }
             called.push(i);
-            if let Some(patched) = call(server, hook, attrs, Some(&object), old, warnings).await?
+            if let Some(patched) =
+                call(server, "admit", hook, attrs, Some(&object), old, warnings).await?
                 && patched != object
             {
                 object = patched;
@@ -205,7 +206,8 @@ impl Webhooks {
             if !hook.reinvoke || last_change.is_none_or(|last| last <= i) {
                 continue;
             }
-            if let Some(patched) = call(server, hook, attrs, Some(&object), old, warnings).await?
+            if let Some(patched) =
+                call(server, "admit", hook, attrs, Some(&object), old, warnings).await?
                 && patched != object
             {
                 object = patched;
@@ -238,7 +240,16 @@ impl Webhooks {
         }
         let answers = futures::future::join_all(selected.into_iter().map(|hook| async move {
             let mut warnings = Vec::new();
-            let answer = call(server, hook, attrs, object, old, &mut warnings).await;
+            let answer = call(
+                server,
+                "validating",
+                hook,
+                attrs,
+                object,
+                old,
+                &mut warnings,
+            )
+            .await;
             (answer, warnings)
         }))
         .await;
@@ -409,18 +420,56 @@ fn review_request(
     request
 }
 
+/// Kubernetes' metrics of webhook calls: their latency by webhook,
+/// operation, type (`admit` or `validating`) and whether they refused, and
+/// the refusals and failures.
+struct Metrics {
+    durations: prometheus::HistogramVec,
+    rejections: prometheus::IntCounterVec,
+}
+
+static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| {
+    let durations = prometheus::HistogramVec::new(
+        prometheus::HistogramOpts::new(
+            "apiserver_admission_webhook_admission_duration_seconds",
+            "Admission webhook latency histogram in seconds, identified by name and broken out for each operation and API resource and type (validate or admit).",
+        )
+        .buckets(vec![0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 25.0]),
+        &["name", "operation", "rejected", "type"],
+    )
+    .expect("a valid metric");
+    let rejections = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "apiserver_admission_webhook_rejection_count",
+            "Admission webhook rejection count, identified by name and broken out for each admission type (validating or admit) and operation. Additional labels specify an error type (calling_webhook_error or apiserver_internal_error if an error occurred; no_internal_error otherwise) and optionally a non-zero rejection code if the webhook rejects the request with an HTTP status code (honored by the apiserver when the code is greater or equal to 400). Codes greater than 600 are truncated to 600, to keep the metrics cardinality bounded.",
+        ),
+        &["error_type", "name", "operation", "rejection_code", "type"],
+    )
+    .expect("a valid metric");
+    let registry = prometheus::default_registry();
+    // Another API server in the same process (tests) shares them.
+    let _ = registry.register(Box::new(durations.clone()));
+    let _ = registry.register(Box::new(rejections.clone()));
+    Metrics {
+        durations,
+        rejections,
+    }
+});
+
 /// Sends one review; the object as the webhook patched it (if it did),
 /// or the refusal. A failed call is an error unless the webhook ignores
-/// failures.
+/// failures. `kind` is `admit` or `validating`.
 async fn call(
     server: &ApiServer,
+    kind: &str,
     hook: &AdmissionWebhook,
     attrs: &Attributes<'_>,
     object: Option<&Value>,
     old: Option<&Value>,
     warnings: &mut Vec<String>,
 ) -> ApiResult<Option<Value>> {
-    match exchange(server, hook, attrs, object, old).await {
+    let started = std::time::Instant::now();
+    let outcome = match exchange(server, hook, attrs, object, old).await {
         Ok(answer) => answer.apply(hook, object, warnings),
         Err(e) if hook.ignore_failure => {
             tracing::warn!(webhook = hook.name, error = %e, "admission webhook failed; ignored (failurePolicy Ignore)");
@@ -430,7 +479,23 @@ async fn call(
             "failed calling webhook {:?}: {e}",
             hook.name
         ))),
+    };
+    let rejected = outcome.is_err();
+    METRICS
+        .durations
+        .with_label_values(&[&hook.name, attrs.operation, &rejected.to_string(), kind])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        let (error_type, code) = match e {
+            ApiError::Refused { code, .. } => ("no_internal_error", code.to_string()),
+            _ => ("calling_webhook_error", "0".to_owned()),
+        };
+        METRICS
+            .rejections
+            .with_label_values(&[error_type, &hook.name, attrs.operation, &code, kind])
+            .inc();
     }
+    outcome
 }
 
 /// A webhook's answer to one review.

@@ -33,6 +33,7 @@ mod request;
 mod rest;
 mod services;
 mod storage;
+mod storage_metrics;
 mod tls;
 mod watch;
 mod watch_cache;
@@ -138,6 +139,9 @@ pub struct ApiServer {
     _crds: crds::Follower,
     /// The admission webhooks, kept in step with their configurations.
     webhooks: admission_webhooks::Webhooks,
+    /// Counts the stored objects for `apiserver_storage_objects`, from
+    /// when the system objects exist.
+    objects: std::sync::OnceLock<storage_metrics::ObjectCounter>,
     /// Authentication and authorization, when on.
     auth: Option<auth::Auth>,
     /// The audit log, when on.
@@ -204,6 +208,7 @@ impl ApiServer {
     /// Starts the watch cache and creates the system namespaces if missing.
     /// Must be called inside a Tokio runtime.
     pub async fn start(store: SharedStore, config: Config) -> Result<Arc<Self>, ApiError> {
+        let store = storage_metrics::wrap(store);
         let stored = store.clone();
         let store = match &config.encryption {
             Some(encryption) => {
@@ -245,6 +250,7 @@ impl ApiServer {
             agent_tls,
             _crds: crds,
             webhooks,
+            objects: Default::default(),
             auth,
             audit,
         });
@@ -292,6 +298,12 @@ impl ApiServer {
         }
         services::ensure_system_services(&server).await?;
         ensure_builtin_classes(&server).await?;
+        // It reads what is stored, sealed or not: only keys count.
+        let _ = server
+            .objects
+            .set(storage_metrics::count_objects(Arc::downgrade(
+                &server.stored,
+            )));
         Ok(server)
     }
 

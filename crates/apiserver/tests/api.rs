@@ -2490,6 +2490,23 @@ async fn admission_webhooks_mutate_and_validate_writes() {
     // The configurations themselves are never reviewed: a broken one goes.
     let (code, body) = c.delete(&format!("{validating}/broken")).await;
     assert_eq!(code, StatusCode::OK, "{body}");
+    // Kubernetes' webhook metrics count the calls and the refusals.
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "apiserver_admission_webhook_rejection_count{error_type=\"no_internal_error\",name=\"cm.validate.demo.io\",operation=\"CREATE\",rejection_code=\"403\",type=\"validating\"}",
+        "apiserver_admission_webhook_rejection_count{error_type=\"calling_webhook_error\",name=\"broken.validate.demo.io\",operation=\"CREATE\",rejection_code=\"0\",type=\"validating\"}",
+        "apiserver_admission_webhook_admission_duration_seconds_count{name=\"cm.mutate.demo.io\",operation=\"CREATE\",rejected=\"false\",type=\"admit\"}",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
     c.stop().await;
     hook.task.abort();
 }

@@ -1990,6 +1990,7 @@ fn api_server_metrics_pass_promtool() {
         || {
             let page = ok(&s, &["get", "--raw", "/metrics"], None);
             if page.contains(open_watch)
+                && page.contains("apiserver_storage_objects{resource=\"namespaces\"}")
                 && page.contains(unschedulable)
                 && page.contains(reconciled)
                 && page.contains(worked)
@@ -2017,6 +2018,16 @@ fn api_server_metrics_pass_promtool() {
             .find_map(|l| l.strip_prefix(prefix))
             .and_then(|n| n.trim().parse::<f64>().ok())
     };
+    // The store's metrics: calls by operation and type, objects stored.
+    let stored_creates = value("etcd_requests_total{operation=\"create\",type=\"configmaps\"} ");
+    assert!(stored_creates.is_some_and(|n| n >= 1.0), "{page}");
+    assert!(
+        page.contains("etcd_request_duration_seconds_bucket{operation=\"get\",type=\"namespaces\",le=\"0.005\"}"),
+        "{page}"
+    );
+    // default, kube-system, kube-public and kube-node-lease at least.
+    let namespaces = value("apiserver_storage_objects{resource=\"namespaces\"} ");
+    assert!(namespaces.is_some_and(|n| n >= 4.0), "{page}");
     let adds = value("workqueue_adds_total{name=\"deployment\"} ");
     assert!(adds.is_some_and(|n| n >= 1.0), "{page}");
     for gauge in [
