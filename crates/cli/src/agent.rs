@@ -34,6 +34,12 @@ pub struct NodeArgs {
     /// charts start from).
     #[arg(long, default_value = "15s", value_parser = duration, value_name = "DURATION")]
     pub usage_history_interval: Duration,
+    /// How often the files of running pods' configMap, secret, downwardAPI
+    /// and projected volumes are brought up to date with their sources, as
+    /// the kubelet's --sync-frequency: an edited ConfigMap shows in its
+    /// pods' files within this period.
+    #[arg(long, default_value = "1m", value_parser = duration, value_name = "DURATION")]
+    pub sync_frequency: Duration,
     /// Wasm instances live at once (the engine's pre-reserved slots; each
     /// reserves 4 GiB of address space, not memory) [default: --max-pods
     /// plus 1024 for HTTP functions' per-request instances].
@@ -371,6 +377,7 @@ impl NodeArgs {
         config.heartbeat_interval =
             Duration::from_secs_f64(f64::from(self.node_lease_duration_seconds) / 4.0);
         config.usage_history_interval = self.usage_history_interval;
+        config.sync_frequency = self.sync_frequency;
     }
 }
 

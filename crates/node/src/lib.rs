@@ -21,6 +21,7 @@ mod pod;
 mod portforward;
 mod ports;
 mod probe;
+mod projected;
 mod routes;
 mod server;
 mod spec;
@@ -100,6 +101,10 @@ pub struct Config {
     /// (`None`: the kubelet's rule, at 80 % of its lifetime and at most a
     /// day).
     pub token_refresh: Option<Duration>,
+    /// How often the files of a running pod's configMap, secret,
+    /// downwardAPI and projected volumes are brought up to date (the
+    /// kubelet's `--sync-frequency`).
+    pub sync_frequency: Duration,
     pub lease_duration_seconds: i32,
     /// Log files are rotated beyond this size.
     pub log_max_bytes: u64,
@@ -184,6 +189,7 @@ impl Config {
             backoff: Backoff::default(),
             heartbeat_interval: Duration::from_secs(10),
             token_refresh: None,
+            sync_frequency: Duration::from_secs(60),
             lease_duration_seconds: 40,
             log_max_bytes: 10 << 20,
             usage_history_interval: Duration::from_secs(15),

@@ -912,13 +912,13 @@ impl PodRun {
         let mut delay = MOUNT_RETRY_INITIAL.min(self.ctx.config.backoff.initial);
         let (volumes, _fresh_tokens) = loop {
             match spec::volumes(&self.ctx, &pod, &dir).await {
-                Ok((v, tokens)) => {
-                    // Replaced before they expire, for as long as this
-                    // lifecycle (the pod) runs.
-                    let refresher = tokio::spawn(spec::keep_tokens_fresh(
+                Ok((v, projected)) => {
+                    // Kept up to date (tokens replaced before they
+                    // expire) for as long as this lifecycle (the pod) runs.
+                    let refresher = tokio::spawn(crate::projected::keep_fresh(
                         self.ctx.clone(),
                         pod.clone(),
-                        tokens,
+                        projected,
                     ));
                     break (Arc::new(v), AbortOnDrop(refresher));
                 }

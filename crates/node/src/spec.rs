@@ -54,21 +54,25 @@ pub(crate) fn service_account(pod: &Pod) -> String {
         .unwrap_or_else(|| "default".into())
 }
 
-async fn config_map(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<ConfigMap>, ConfigError> {
+pub(crate) async fn config_map(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+) -> Result<Option<ConfigMap>, ConfigError> {
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     api.get_opt(name)
         .await
         .map_err(|e| ConfigError(format!("reading configmap {name:?}: {e}")))
 }
 
-async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<Secret>, ConfigError> {
+pub(crate) async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Option<Secret>, ConfigError> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     api.get_opt(name)
         .await
         .map_err(|e| ConfigError(format!("reading secret {name:?}: {e}")))
 }
 
-fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
     let mut out: BTreeMap<String, Vec<u8>> = cm
         .data
         .iter()
@@ -81,7 +85,7 @@ fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
     let mut out: BTreeMap<String, Vec<u8>> = s
         .data
         .iter()
@@ -415,6 +419,35 @@ fn localhost_seccomp(ctx: &Ctx, pod: &Pod, c: &Container) -> Result<Option<Strin
     })
 }
 
+/// Where `sub` (a mount's `subPath`) leads in the volume at `root`, its
+/// missing directories made: each element that exists is resolved (a
+/// ConfigMap key is a link into the volume's `..data`) and must stay in
+/// the volume, so a link a container left in its emptyDir cannot make a
+/// later mount reach the node's own files (Kubernetes' subPath rule);
+/// nothing is made outside it.
+fn resolve_sub_path(root: &Path, sub: &str) -> Result<PathBuf, ConfigError> {
+    let fail = |why: String| ConfigError(format!("subPath {sub:?}: {why}"));
+    if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
+        return Err(fail("must be a relative path without '..'".into()));
+    }
+    let root = root.canonicalize().map_err(|e| fail(e.to_string()))?;
+    let mut at = root.clone();
+    for element in sub.split('/').filter(|e| !e.is_empty() && *e != ".") {
+        let next = at.join(element);
+        if next.symlink_metadata().is_ok() {
+            let resolved = next.canonicalize().map_err(|e| fail(e.to_string()))?;
+            if !resolved.starts_with(&root) {
+                return Err(fail("leads outside its volume".into()));
+            }
+            at = resolved;
+        } else {
+            std::fs::create_dir(&next).map_err(|e| fail(e.to_string()))?;
+            at = next;
+        }
+    }
+    Ok(at)
+}
+
 /// Resolves one container against its pod's volumes.
 pub(crate) async fn container(
     ctx: &Ctx,
@@ -435,14 +468,7 @@ pub(crate) async fn container(
         })?;
         let mut host_path = v.path.clone();
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            if sub.starts_with('/') || sub.split('/').any(|p| p == "..") {
-                return Err(ConfigError(format!(
-                    "subPath {sub:?} must be a relative path without '..'"
-                )));
-            }
-            host_path = host_path.join(sub);
-            std::fs::create_dir_all(&host_path)
-                .map_err(|e| ConfigError(format!("subPath {sub:?}: {e}")))?;
+            host_path = resolve_sub_path(&v.path, sub)?;
         }
         mounts.push(Mount {
             host_path,
@@ -468,7 +494,7 @@ pub(crate) async fn container(
 
 /// A file of a configMap, secret, downwardAPI or projected volume: its
 /// path in the volume, its bytes and its permission bits.
-type VolumeFile = (String, Vec<u8>, u32);
+pub(crate) type VolumeFile = (String, Vec<u8>, u32);
 
 /// The permission bits of a volume's files when neither the volume nor the
 /// item says (Kubernetes' `defaultMode`).
@@ -476,7 +502,7 @@ const DEFAULT_MODE: u32 = 0o644;
 
 /// An item's mode, else the volume's `defaultMode`, else 0644; only the
 /// permission bits count.
-fn file_mode(item: Option<i32>, default: Option<i32>) -> u32 {
+pub(crate) fn file_mode(item: Option<i32>, default: Option<i32>) -> u32 {
     item.or(default)
         .map_or(DEFAULT_MODE, |m| (m as u32) & 0o7777)
 }
@@ -484,7 +510,7 @@ fn file_mode(item: Option<i32>, default: Option<i32>) -> u32 {
 /// Writes `data` to `path` with the permission bits `mode` from its
 /// creation on (a Secret's 0400 file is never readable by others, not even
 /// while it is written), and exactly them (whatever the umask).
-fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
@@ -497,25 +523,7 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     file.write_all(data)
 }
 
-fn write_files(dir: &Path, files: &[VolumeFile]) -> Result<(), ConfigError> {
-    for (rel, data, mode) in files {
-        if rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
-            return Err(ConfigError(format!(
-                "file path {rel:?} must be relative without '..'"
-            )));
-        }
-        let path = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| ConfigError(format!("{}: {e}", parent.display())))?;
-        }
-        write_with_mode(&path, data, *mode)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-    }
-    Ok(())
-}
-
-fn keyed_files(
+pub(crate) fn keyed_files(
     data: &BTreeMap<String, Vec<u8>>,
     items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>,
     default_mode: Option<i32>,
@@ -540,7 +548,7 @@ fn keyed_files(
     }
 }
 
-fn downward_files(
+pub(crate) fn downward_files(
     ctx: &Ctx,
     pod: &Pod,
     items: &[DownwardAPIVolumeFile],
@@ -570,16 +578,6 @@ fn downward_files(
         .collect()
 }
 
-/// A projected service-account token file, kept fresh while its pod runs.
-pub(crate) struct TokenFile {
-    dir: PathBuf,
-    path: String,
-    mode: u32,
-    source: k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
-    /// When the file's token should be replaced.
-    refresh_at: std::time::SystemTime,
-}
-
 /// When a token issued at `issued` and expiring at `expires` is replaced:
 /// the kubelet's rule, at 80 % of its lifetime and at most a day after
 /// issue (tokens extended to a year are replaced daily).
@@ -592,66 +590,15 @@ fn refresh_at(
     issued + life.mul_f64(0.8).min(DAY)
 }
 
-/// Writes `data` as `dir/path` in one step (a file beside it renamed over
-/// it), so a reader sees the old token or the new one, never a part.
-fn replace_file(dir: &Path, path: &str, data: &[u8], mode: u32) -> Result<(), ConfigError> {
-    let target = dir.join(path);
-    let staged = target.with_file_name(format!(
-        ".{}.new",
-        target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    write_with_mode(&staged, data, mode)
-        .and_then(|()| std::fs::rename(&staged, &target))
-        .map_err(|e| ConfigError(format!("{}: {e}", target.display())))
-}
-
-/// Replaces each of a running pod's projected tokens before it expires,
-/// as the kubelet's token manager does; runs until aborted with the pod.
-/// A failed request is tried again in ten seconds.
-pub(crate) async fn keep_tokens_fresh(
-    ctx: std::sync::Arc<Ctx>,
-    pod: Pod,
-    mut tokens: Vec<TokenFile>,
-) {
-    const RETRY: std::time::Duration = std::time::Duration::from_secs(10);
-    loop {
-        let Some(next) = tokens.iter_mut().min_by_key(|t| t.refresh_at) else {
-            return;
-        };
-        let wait = next
-            .refresh_at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        tokio::time::sleep(wait).await;
-        match service_account_token(&ctx, &pod, &next.source).await {
-            Ok(issued) => {
-                if let Err(e) =
-                    replace_file(&next.dir, &next.path, issued.token.as_bytes(), next.mode)
-                {
-                    tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "cannot replace a service-account token");
-                }
-                next.refresh_at = issued.refresh_at(ctx.config.token_refresh);
-            }
-            Err(e) => {
-                tracing::warn!(pod = ?pod.metadata.name, error = %e.0, "cannot refresh a service-account token");
-                next.refresh_at = std::time::SystemTime::now() + RETRY;
-            }
-        }
-    }
-}
-
 /// A token issued by the TokenRequest API, with its lifetime.
-struct IssuedToken {
-    token: String,
+pub(crate) struct IssuedToken {
+    pub token: String,
     issued: std::time::SystemTime,
     expires: std::time::SystemTime,
 }
 
 impl IssuedToken {
-    fn refresh_at(&self, every: Option<std::time::Duration>) -> std::time::SystemTime {
+    pub fn refresh_at(&self, every: Option<std::time::Duration>) -> std::time::SystemTime {
         match every {
             Some(d) => self.issued + d,
             None => refresh_at(self.issued, self.expires),
@@ -661,7 +608,7 @@ impl IssuedToken {
 
 /// A token for the pod's service account, bound to the pod (the
 /// TokenRequest API), for a projected `serviceAccountToken` source.
-async fn service_account_token(
+pub(crate) async fn service_account_token(
     ctx: &Ctx,
     pod: &Pod,
     source: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
@@ -739,10 +686,10 @@ pub(crate) async fn volumes(
     ctx: &Ctx,
     pod: &Pod,
     pod_dir: &Path,
-) -> Result<(HashMap<String, Volume>, Vec<TokenFile>), ConfigError> {
+) -> Result<(HashMap<String, Volume>, Vec<crate::projected::Projected>), ConfigError> {
     let ns = pod_ns(pod);
     let mut out = HashMap::new();
-    let mut tokens = Vec::new();
+    let mut projected = Vec::new();
     for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         let dir = pod_dir.join("volumes").join(&v.name);
         let make = |d: &Path| {
@@ -777,122 +724,13 @@ pub(crate) async fn volumes(
                 path,
                 read_only: false,
             }
-        } else if let Some(src) = &v.config_map {
+        } else if crate::projected::is_projected(v) {
+            // Written from API objects, and kept up to date while the pod
+            // runs (`projected.rs`).
             make(&dir)?;
-            match config_map(ctx, ns, &src.name).await? {
-                Some(cm) => {
-                    let files = keyed_files(
-                        &config_map_data(&cm),
-                        src.items.as_ref(),
-                        src.default_mode,
-                        &format!("configmap {:?}", src.name),
-                    )?;
-                    write_files(&dir, &files)?;
-                }
-                None if src.optional == Some(true) => {}
-                None => return Err(ConfigError(format!("configmap {:?} not found", src.name))),
-            }
-            Volume {
-                path: dir,
-                read_only: true,
-            }
-        } else if let Some(src) = &v.secret {
-            make(&dir)?;
-            let name = src.secret_name.clone().unwrap_or_default();
-            match secret(ctx, ns, &name).await? {
-                Some(s) => {
-                    let files = keyed_files(
-                        &secret_data(&s),
-                        src.items.as_ref(),
-                        src.default_mode,
-                        &format!("secret {name:?}"),
-                    )?;
-                    write_files(&dir, &files)?;
-                }
-                None if src.optional == Some(true) => {}
-                None => return Err(ConfigError(format!("secret {name:?} not found"))),
-            }
-            Volume {
-                path: dir,
-                read_only: true,
-            }
-        } else if let Some(src) = &v.downward_api {
-            make(&dir)?;
-            let files = downward_files(
-                ctx,
-                pod,
-                src.items.as_deref().unwrap_or_default(),
-                src.default_mode,
-            )?;
-            write_files(&dir, &files)?;
-            Volume {
-                path: dir,
-                read_only: true,
-            }
-        } else if let Some(src) = &v.projected {
-            make(&dir)?;
-            for s in src.sources.iter().flatten() {
-                if let Some(cm) = &s.config_map {
-                    match config_map(ctx, ns, &cm.name).await? {
-                        Some(obj) => write_files(
-                            &dir,
-                            &keyed_files(
-                                &config_map_data(&obj),
-                                cm.items.as_ref(),
-                                src.default_mode,
-                                &format!("configmap {:?}", cm.name),
-                            )?,
-                        )?,
-                        None if cm.optional == Some(true) => {}
-                        None => {
-                            return Err(ConfigError(format!("configmap {:?} not found", cm.name)));
-                        }
-                    }
-                }
-                if let Some(sec) = &s.secret {
-                    match secret(ctx, ns, &sec.name).await? {
-                        Some(obj) => write_files(
-                            &dir,
-                            &keyed_files(
-                                &secret_data(&obj),
-                                sec.items.as_ref(),
-                                src.default_mode,
-                                &format!("secret {:?}", sec.name),
-                            )?,
-                        )?,
-                        None if sec.optional == Some(true) => {}
-                        None => {
-                            return Err(ConfigError(format!("secret {:?} not found", sec.name)));
-                        }
-                    }
-                }
-                if let Some(d) = &s.downward_api {
-                    write_files(
-                        &dir,
-                        &downward_files(
-                            ctx,
-                            pod,
-                            d.items.as_deref().unwrap_or_default(),
-                            src.default_mode,
-                        )?,
-                    )?;
-                }
-                if let Some(t) = &s.service_account_token {
-                    let issued = service_account_token(ctx, pod, t).await?;
-                    let mode = file_mode(None, src.default_mode);
-                    write_files(
-                        &dir,
-                        &[(t.path.clone(), issued.token.clone().into_bytes(), mode)],
-                    )?;
-                    tokens.push(TokenFile {
-                        dir: dir.clone(),
-                        path: t.path.clone(),
-                        mode,
-                        source: t.clone(),
-                        refresh_at: issued.refresh_at(ctx.config.token_refresh),
-                    });
-                }
-            }
+            let mut files = crate::projected::Projected::new(dir.clone(), v.clone());
+            files.refresh(ctx, pod).await?;
+            projected.push(files);
             Volume {
                 path: dir,
                 read_only: true,
@@ -911,7 +749,7 @@ pub(crate) async fn volumes(
         };
         out.insert(v.name.clone(), volume);
     }
-    Ok((out, tokens))
+    Ok((out, projected))
 }
 
 #[cfg(test)]
@@ -925,11 +763,31 @@ mod tests {
         assert_eq!(refresh_at(t0, t0 + hour), t0 + hour.mul_f64(0.8));
         // A token extended to a year is still replaced every day.
         assert_eq!(refresh_at(t0, t0 + hour * 24 * 365), t0 + hour * 24);
+    }
+
+    #[test]
+    fn sub_paths_stay_in_their_volume() {
         let dir = tempfile::tempdir().unwrap();
-        replace_file(dir.path(), "token", b"one", 0o600).unwrap();
-        replace_file(dir.path(), "token", b"two", 0o600).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("token")).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let volume = dir.path().join("volume");
+        std::fs::create_dir_all(volume.join("..data")).unwrap();
+        std::fs::write(volume.join("..data/nginx.conf"), "conf").unwrap();
+        std::os::unix::fs::symlink("..data/nginx.conf", volume.join("nginx.conf")).unwrap();
+        // A key of a ConfigMap volume, through its link.
+        let key = resolve_sub_path(&volume, "nginx.conf").unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "conf");
+        // Missing directories are made.
+        let made = resolve_sub_path(&volume, "a/b").unwrap();
+        assert!(made.is_dir() && made.starts_with(volume.canonicalize().unwrap()));
+        // A link a container left pointing out of the volume is refused,
+        // and nothing is made through it.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, volume.join("evil")).unwrap();
+        std::os::unix::fs::symlink("/", volume.join("root")).unwrap();
+        for sub in ["evil", "evil/new", "root", "a/../../x", "/etc"] {
+            assert!(resolve_sub_path(&volume, sub).is_err(), "{sub}");
+        }
+        assert!(!outside.join("new").exists());
     }
 
     #[test]

@@ -595,6 +595,76 @@ async fn a_linux_image_runs_on_runc_beside_wasm_with_logs_and_its_exit_code() {
     assert_eq!(handlers, ["wasmtime", "runc"]);
 }
 
+/// A `subPath` mount of a ConfigMap key is that one file in a Linux
+/// container; a link a container left in its emptyDir pointing out of it
+/// is refused as another container's `subPath` (the node's `/` is never
+/// mounted), with the reason in the container's waiting state.
+#[tokio::test]
+async fn sub_paths_mount_one_key_and_never_leave_their_volume() {
+    let h = harness().await;
+    let image = format!("{}/busybox:v1", h.registry.host());
+    push_busybox(&image).await;
+    let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "app"}, "data": {"app.conf": "listen 8080", "other": "x"}}),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    h.create(
+        "one-key",
+        json!({
+            "restartPolicy": "Never",
+            "volumes": [{"name": "config", "configMap": {"name": "app"}}],
+            "containers": [{"name": "shell", "image": image, "command": ["sh", "-c"],
+                "args": ["cat /etc/app.conf; echo; ls /etc/other 2>&1 | head -1"],
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/app.conf", "subPath": "app.conf"}]}],
+        }),
+    )
+    .await;
+    h.wait("one-key", "Succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let log = h.log("one-key", &LogParams::default()).await;
+    assert!(log.starts_with("listen 8080\n"), "{log}");
+    assert!(
+        log.contains("No such file"),
+        "only the key is mounted: {log}"
+    );
+
+    h.create(
+        "escape",
+        json!({
+            "restartPolicy": "Never",
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "initContainers": [{"name": "plant", "image": image, "command": ["busybox", "ln", "-s", "/", "/scratch/root"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "containers": [{"name": "shell", "image": image, "command": ["ls", "/host"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/host", "subPath": "root"}]}],
+        }),
+    )
+    .await;
+    let pod = h
+        .wait("escape", "refused", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some()
+                && container(p)["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+        })
+        .await;
+    let message = container(&pod)["state"]["waiting"]["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("leads outside its volume"),
+        "{message}"
+    );
+}
+
 /// `hostUsers: false`: the container's root is an unprivileged id range of
 /// the node (its uid map says so), and it still reads the image's files as
 /// their owners and writes its own root filesystem (through an idmapped
@@ -629,7 +699,7 @@ async fn a_pod_without_host_users_runs_as_root_of_its_own_user_namespace() {
         "echo mine > /made-here && cat /made-here",
         "echo kept > /scratch/f && cat /scratch/f",
         // Volumes are idmapped: the node's root is root here.
-        "stat -c '%u %a' /secret/key && cat /secret/key && echo",
+        "stat -L -c '%u %a' /secret/key && cat /secret/key && echo",
         "stat -c '%u' /host && echo written > /host/by-the-pod && cat /host/by-the-pod",
         "stat -c '%u' /etc/hosts && echo '# mine' >> /etc/hosts && tail -n 1 /etc/hosts",
     ]
@@ -907,9 +977,14 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// An HTTP function reads its mounted ConfigMap on every request; the
+/// ConfigMap edited, its files follow while the pods run (a key changed
+/// and one added, then one removed), as the kubelet keeps them.
 #[tokio::test]
 async fn an_http_function_pod_serves_its_mounted_config() {
-    let h = harness().await;
+    let mut h = cluster().await;
+    h.start_agent_with(|_| {}, |c| c.sync_frequency = Duration::from_millis(200))
+        .await;
     let cms: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
     cms.create(
         &PostParams::default(),
@@ -923,11 +998,20 @@ async fn an_http_function_pod_serves_its_mounted_config() {
     // Two pods on the same container port: the node gives pods no network
     // of their own here, so each is served at a node port of its own,
     // which its status reports.
+    // `web2` sees the ConfigMap and its own labels in one projected volume.
     for name in ["web", "web2"] {
+        let volume = if name == "web" {
+            json!({"name": "config", "configMap": {"name": "web"}})
+        } else {
+            json!({"name": "config", "projected": {"sources": [
+                {"configMap": {"name": "web"}},
+                {"downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+            ]}})
+        };
         h.create(
             name,
             json!({
-                "volumes": [{"name": "config", "configMap": {"name": "web"}}],
+                "volumes": [volume],
                 "containers": [{
                     "name": "web", "image": h.image("config-http"),
                     "ports": [{"containerPort": 8080}],
@@ -949,6 +1033,66 @@ async fn an_http_function_pod_serves_its_mounted_config() {
         ports.push(port);
     }
     assert_ne!(ports[0], ports[1]);
+
+    // Polled: what each pod answers is all there is to watch.
+    let until = |path: &'static str, want: (u16, &'static str)| {
+        let ports = ports.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            for port in ports {
+                loop {
+                    let (status, body) = agent_get(u64::from(port), path, None).await;
+                    if (status, body.as_str()) == want || (want.0 == 404 && status == 404) {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{path} on port {port}: {status} {body:?}, want {want:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    let edit = |data: Value| {
+        let cms = cms.clone();
+        async move {
+            cms.patch(
+                "web",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "data": data })),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    edit(json!({"greeting": "hello again", "extra": "more"})).await;
+    until("/greeting", (200, "hello again")).await;
+    until("/extra", (200, "more")).await;
+    edit(json!({"extra": null})).await;
+    until("/extra", (404, "")).await;
+    until("/greeting", (200, "hello again")).await;
+    // A label given to the pod shows in its downwardAPI file.
+    h.pods()
+        .patch(
+            "web2",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"tier": "gold"}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = agent_get(u64::from(ports[1]), "/labels", None).await;
+        if status == 200 && body.contains("tier=\"gold\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "labels: {status} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A deleted HTTP function runs its `preStop` hook, then drains: an idle
