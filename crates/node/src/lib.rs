@@ -285,6 +285,8 @@ pub(crate) struct Ctx {
     /// When the cluster's registry last let a namespace's service account
     /// read an image on the node, by (namespace, account, image id).
     pub verified_images: tokio::sync::Mutex<HashMap<(String, String, String), std::time::Instant>>,
+    /// ConfigMaps and Secrets read lately for pods' volume updates.
+    pub sources: projected::SourceCache,
 }
 
 impl Ctx {
@@ -453,6 +455,7 @@ impl Agent {
             samples: Mutex::default(),
             cluster_registry: tokio::sync::OnceCell::new(),
             verified_images: tokio::sync::Mutex::default(),
+            sources: Default::default(),
             node_resolv: dns::ResolvConf::parse(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             ),

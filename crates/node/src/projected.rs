@@ -15,14 +15,18 @@
 //! when anything changed: a ConfigMap or Secret edited, a key added or
 //! removed, a label or annotation a downwardAPI file shows, a new token.
 //! A source that cannot be read keeps the files it had, and a warning is
-//! logged; the next period tries again.
+//! logged; the next period tries again. The ConfigMaps and Secrets read
+//! for these updates are shared by the node's pods for one period (the
+//! kubelet's cache-based strategy), so a thousand pods mounting
+//! `kube-root-ca.crt` cost one read a period, not a thousand; a starting
+//! pod always reads its sources afresh.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::core::v1::{Pod, Volume as VolumeSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Volume as VolumeSpec};
 
 use crate::Ctx;
 use crate::spec::ConfigError;
@@ -138,6 +142,69 @@ pub(crate) fn write_atomic(dir: &Path, payload: &Payload) -> Result<(), ConfigEr
     Ok(())
 }
 
+/// Objects as read lately (`None`: not found), by namespace and name,
+/// with when they were read.
+type Reads<T> = Mutex<HashMap<(String, String), (Instant, Option<T>)>>;
+
+/// ConfigMaps and Secrets as read lately.
+#[derive(Default)]
+pub(crate) struct SourceCache {
+    config_maps: Reads<ConfigMap>,
+    secrets: Reads<Secret>,
+}
+
+/// A read of `ns/name` younger than `fresh_for` from `cache`, else `read`'s
+/// (then kept); entries older than twice that are dropped.
+async fn cached<T: Clone, F>(
+    cache: &Reads<T>,
+    ns: &str,
+    name: &str,
+    fresh_for: Option<Duration>,
+    read: F,
+) -> Result<Option<T>, ConfigError>
+where
+    F: std::future::Future<Output = Result<Option<T>, ConfigError>>,
+{
+    let key = (ns.to_owned(), name.to_owned());
+    if let Some(fresh_for) = fresh_for
+        && let Some((at, value)) = cache.lock().expect("not poisoned").get(&key)
+        && at.elapsed() < fresh_for
+    {
+        return Ok(value.clone());
+    }
+    let value = read.await?;
+    let mut map = cache.lock().expect("not poisoned");
+    if let Some(keep) = fresh_for {
+        map.retain(|_, (at, _)| at.elapsed() < keep * 2);
+    }
+    map.insert(key, (Instant::now(), value.clone()));
+    Ok(value)
+}
+
+impl SourceCache {
+    async fn config_map(
+        &self,
+        ctx: &Ctx,
+        ns: &str,
+        name: &str,
+        fresh_for: Option<Duration>,
+    ) -> Result<Option<ConfigMap>, ConfigError> {
+        let read = crate::spec::config_map(ctx, ns, name);
+        cached(&self.config_maps, ns, name, fresh_for, read).await
+    }
+
+    async fn secret(
+        &self,
+        ctx: &Ctx,
+        ns: &str,
+        name: &str,
+        fresh_for: Option<Duration>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let read = crate::spec::secret(ctx, ns, name);
+        cached(&self.secrets, ns, name, fresh_for, read).await
+    }
+}
+
 /// How soon a source that could not be read is tried again.
 const RETRY: Duration = Duration::from_secs(10);
 
@@ -162,10 +229,17 @@ impl Projected {
         }
     }
 
-    /// Computes the volume's files from the cluster as it is now and
-    /// writes them if they changed; whether they did.
-    pub(crate) async fn refresh(&mut self, ctx: &Ctx, pod: &Pod) -> Result<bool, ConfigError> {
-        let payload = self.payload(ctx, pod).await?;
+    /// Computes the volume's files from the cluster as it is now (`fresh`:
+    /// every source read now, else reads of this period shared with the
+    /// node's other pods) and writes them if they changed; whether they did.
+    pub(crate) async fn refresh(
+        &mut self,
+        ctx: &Ctx,
+        pod: &Pod,
+        fresh: bool,
+    ) -> Result<bool, ConfigError> {
+        let fresh_for = (!fresh).then_some(ctx.config.sync_frequency);
+        let payload = self.payload(ctx, pod, fresh_for).await?;
         if self.written.as_ref() == Some(&payload) {
             return Ok(false);
         }
@@ -179,7 +253,8 @@ impl Projected {
         self.tokens.values().map(|(_, at)| *at).min()
     }
 
-    /// Whether a file shows the pod's own metadata (which can change).
+    /// Whether a file shows the pod's labels or annotations (its metadata
+    /// that can change).
     fn shows_pod_metadata(&self) -> bool {
         let items = self
             .volume
@@ -194,10 +269,20 @@ impl Projected {
                     .flat_map(|s| s.downward_api.iter())
                     .flat_map(|d| d.items.iter().flatten()),
             );
-        items.into_iter().any(|i| i.field_ref.is_some())
+        items.into_iter().any(|i| {
+            i.field_ref.as_ref().is_some_and(|f| {
+                f.field_path.starts_with("metadata.labels")
+                    || f.field_path.starts_with("metadata.annotations")
+            })
+        })
     }
 
-    async fn payload(&mut self, ctx: &Ctx, pod: &Pod) -> Result<Payload, ConfigError> {
+    async fn payload(
+        &mut self,
+        ctx: &Ctx,
+        pod: &Pod,
+        fresh_for: Option<Duration>,
+    ) -> Result<Payload, ConfigError> {
         use crate::spec::{file_mode, keyed_files};
         let ns = crate::spec::pod_ns(pod);
         let mut out = Payload::new();
@@ -208,7 +293,11 @@ impl Projected {
         };
         let v = &self.volume;
         if let Some(src) = &v.config_map {
-            match crate::spec::config_map(ctx, ns, &src.name).await? {
+            match ctx
+                .sources
+                .config_map(ctx, ns, &src.name, fresh_for)
+                .await?
+            {
                 Some(cm) => add(keyed_files(
                     &crate::spec::config_map_data(&cm),
                     src.items.as_ref(),
@@ -220,7 +309,7 @@ impl Projected {
             }
         } else if let Some(src) = &v.secret {
             let name = src.secret_name.clone().unwrap_or_default();
-            match crate::spec::secret(ctx, ns, &name).await? {
+            match ctx.sources.secret(ctx, ns, &name, fresh_for).await? {
                 Some(s) => add(keyed_files(
                     &crate::spec::secret_data(&s),
                     src.items.as_ref(),
@@ -240,7 +329,7 @@ impl Projected {
         } else if let Some(src) = &v.projected {
             for s in src.sources.iter().flatten() {
                 if let Some(cm) = &s.config_map {
-                    match crate::spec::config_map(ctx, ns, &cm.name).await? {
+                    match ctx.sources.config_map(ctx, ns, &cm.name, fresh_for).await? {
                         Some(obj) => add(keyed_files(
                             &crate::spec::config_map_data(&obj),
                             cm.items.as_ref(),
@@ -254,7 +343,7 @@ impl Projected {
                     }
                 }
                 if let Some(sec) = &s.secret {
-                    match crate::spec::secret(ctx, ns, &sec.name).await? {
+                    match ctx.sources.secret(ctx, ns, &sec.name, fresh_for).await? {
                         Some(obj) => add(keyed_files(
                             &crate::spec::secret_data(&obj),
                             sec.items.as_ref(),
@@ -329,7 +418,7 @@ pub(crate) async fn keep_fresh(ctx: Arc<Ctx>, mut pod: Pod, mut volumes: Vec<Pro
             }
         }
         for v in &mut volumes {
-            match v.refresh(&ctx, &pod).await {
+            match v.refresh(&ctx, &pod, false).await {
                 Ok(true) => {
                     tracing::debug!(pod = ?pod.metadata.name, volume = v.volume.name, "volume files updated")
                 }
@@ -352,6 +441,42 @@ mod tests {
             .iter()
             .map(|(p, d, m)| ((*p).to_owned(), (d.as_bytes().to_vec(), *m)))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn reads_are_shared_for_a_period_and_a_starting_pod_reads_afresh() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cache = Mutex::default();
+        let reads = AtomicUsize::new(0);
+        let read = || async { Ok::<_, ConfigError>(Some(reads.fetch_add(1, Ordering::SeqCst))) };
+        let minute = Some(Duration::from_secs(60));
+        assert_eq!(
+            cached(&cache, "ns", "a", minute, read()).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            cached(&cache, "ns", "a", minute, read()).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(
+            cached(&cache, "ns", "b", minute, read()).await.unwrap(),
+            Some(1)
+        );
+        // Fresh: read now, and kept for the others.
+        assert_eq!(
+            cached(&cache, "ns", "a", None, read()).await.unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            cached(&cache, "ns", "a", minute, read()).await.unwrap(),
+            Some(2)
+        );
+        // Older than the period: read again.
+        let zero = Some(Duration::ZERO);
+        assert_eq!(
+            cached(&cache, "ns", "a", zero, read()).await.unwrap(),
+            Some(3)
+        );
     }
 
     #[test]

@@ -729,7 +729,7 @@ pub(crate) async fn volumes(
             // runs (`projected.rs`).
             make(&dir)?;
             let mut files = crate::projected::Projected::new(dir.clone(), v.clone());
-            files.refresh(ctx, pod).await?;
+            files.refresh(ctx, pod, true).await?;
             projected.push(files);
             Volume {
                 path: dir,
