@@ -213,10 +213,12 @@ const RETRY: Duration = Duration::from_secs(10);
 pub(crate) struct Projected {
     dir: PathBuf,
     volume: VolumeSpec,
-    /// A projected volume's service-account tokens by path: the token and
-    /// when it is replaced.
-    tokens: BTreeMap<String, (String, SystemTime)>,
-    written: Option<Payload>,
+    /// When each of a projected volume's service-account tokens (by path)
+    /// is replaced; until then it is read back from the volume.
+    tokens: BTreeMap<String, SystemTime>,
+    /// A digest of the files last written (a pod keeps no copy of them:
+    /// thousands of pods each hold one).
+    written: Option<u64>,
 }
 
 impl Projected {
@@ -240,17 +242,23 @@ impl Projected {
     ) -> Result<bool, ConfigError> {
         let fresh_for = (!fresh).then_some(ctx.config.sync_frequency);
         let payload = self.payload(ctx, pod, fresh_for).await?;
-        if self.written.as_ref() == Some(&payload) {
+        let digest = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            payload.hash(&mut h);
+            h.finish()
+        };
+        if self.written == Some(digest) {
             return Ok(false);
         }
         write_atomic(&self.dir, &payload)?;
-        self.written = Some(payload);
+        self.written = Some(digest);
         Ok(true)
     }
 
     /// When the next of its tokens is due.
     fn next_token(&self) -> Option<SystemTime> {
-        self.tokens.values().map(|(_, at)| *at).min()
+        self.tokens.values().min().copied()
     }
 
     /// Whether a file shows the pod's labels or annotations (its metadata
@@ -368,13 +376,22 @@ impl Projected {
                     let due = self
                         .tokens
                         .get(&t.path)
-                        .is_none_or(|(_, at)| *at <= SystemTime::now());
-                    if due {
-                        let issued = crate::spec::service_account_token(ctx, pod, t).await?;
-                        let at = issued.refresh_at(ctx.config.token_refresh);
-                        self.tokens.insert(t.path.clone(), (issued.token, at));
-                    }
-                    let token = self.tokens[&t.path].0.clone().into_bytes();
+                        .is_none_or(|at| *at <= SystemTime::now());
+                    let written = self.dir.join(DATA).join(&t.path);
+                    let kept = if due {
+                        None
+                    } else {
+                        std::fs::read(&written).ok()
+                    };
+                    let token = match kept {
+                        Some(token) => token,
+                        None => {
+                            let issued = crate::spec::service_account_token(ctx, pod, t).await?;
+                            let at = issued.refresh_at(ctx.config.token_refresh);
+                            self.tokens.insert(t.path.clone(), at);
+                            issued.token.into_bytes()
+                        }
+                    };
                     add(vec![(
                         t.path.clone(),
                         token,
