@@ -399,7 +399,12 @@ impl Agent {
             &config.data_dir.join("images"),
             config.insecure_registries.clone(),
         )?;
+        // A cluster with a CA: the endpoint is served over mutual TLS once
+        // the node is registered; otherwise to the node-proxy token. Guests'
+        // HTTPS trusts it too, so they reach the cluster's own services.
+        let cluster_ca = tls::cluster_ca(&client).await?;
         let wasm = wasmkube_runtime_wasm::WasmRuntime::new(wasmkube_runtime_wasm::Config {
+            guest_ca_pem: cluster_ca.clone(),
             cache_dir: config.data_dir.join("modules"),
             max_instances: config
                 .max_instances
@@ -413,9 +418,6 @@ impl Agent {
             .local_addr()
             .map_err(io("reading the endpoint address".into()))?
             .port();
-        // A cluster with a CA: the endpoint is served over mutual TLS once
-        // the node is registered; otherwise to the node-proxy token.
-        let cluster_ca = tls::cluster_ca(&client).await?;
         // The cluster CA signs the built-in registry's certificate when it
         // listens off loopback.
         let images = images.with_roots(cluster_ca.iter().cloned().collect());

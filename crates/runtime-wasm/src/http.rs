@@ -20,7 +20,11 @@ use crate::net::{GuestNetwork, GuestSockets, GuestSocketsView};
 use crate::{ContainerSpec, Error, Meter, WasmRuntime, metered_store, wasi_builder};
 
 /// Outgoing requests go out over connections made in the guest's network.
-struct Outbound(GuestNetwork, Option<Arc<dyn wasmkube_runtime::NameLookup>>);
+struct Outbound(
+    GuestNetwork,
+    Option<Arc<dyn wasmkube_runtime::NameLookup>>,
+    Arc<crate::net::GuestTls>,
+);
 
 impl WasiHttpHooks for Outbound {
     fn send_request(
@@ -42,7 +46,7 @@ impl WasiHttpHooks for Outbound {
         Box::new(
             self.0
                 .clone()
-                .send_request(request, options, self.1.clone()),
+                .send_request(request, options, self.1.clone(), self.2.clone()),
         )
     }
 
@@ -223,7 +227,11 @@ impl WasmRuntime {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             meter: self.meter(spec),
-            hooks: Outbound(spec.network.clone(), spec.names.clone()),
+            hooks: Outbound(
+                spec.network.clone(),
+                spec.names.clone(),
+                self.guest_tls.clone(),
+            ),
         };
         let mut store = metered_store(&self.engine, host, |h| &mut h.meter);
         let (sender, receiver) = tokio::sync::oneshot::channel();

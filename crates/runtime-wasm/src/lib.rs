@@ -67,6 +67,9 @@ pub struct Config {
     /// The largest linear memory any instance may have; container limits
     /// are capped here.
     pub max_memory_bytes: usize,
+    /// PEM certificates guests' outgoing HTTPS trusts besides the system's
+    /// roots (the node passes its cluster's CA).
+    pub guest_ca_pem: Option<String>,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             cache_dir: std::env::temp_dir().join("wasmkube-module-cache"),
             max_instances: 1000,
             max_memory_bytes: 1 << 30,
+            guest_ca_pem: None,
         }
     }
 }
@@ -382,6 +386,8 @@ pub struct WasmRuntime {
     config: Config,
     cache: cache::ModuleCache,
     stop_ticker: Arc<AtomicBool>,
+    /// Guests' outgoing HTTPS trust.
+    guest_tls: Arc<net::GuestTls>,
 }
 
 impl std::fmt::Debug for WasmRuntime {
@@ -466,6 +472,7 @@ impl WasmRuntime {
             linker,
             component_linker,
             http_linker,
+            guest_tls: Arc::new(net::GuestTls::new(config.guest_ca_pem.clone())),
             config,
             cache,
             stop_ticker,

@@ -3,7 +3,9 @@
 //! the pod's network namespace (the guest runs on the agent's threads, but a
 //! socket belongs to the namespace it was made in, so a Wasm pod's traffic
 //! leaves from its own pod IP), or in the node's network with the node's
-//! loopback out of reach, or nowhere.
+//! loopback out of reach, or nowhere. An `https` request is TLS over
+//! such a connection, the server checked against the system's roots and
+//! the cluster CA ([`GuestTls`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +24,88 @@ use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsCtxView};
 use wasmtime_wasi::{WasiCtxBuilder, WasiView};
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};
+
+/// The TLS settings of guests' outgoing HTTPS: the system's root
+/// certificates and any the node adds (its cluster CA), loaded on first use.
+#[derive(Debug, Default)]
+pub struct GuestTls {
+    extra_pem: Option<String>,
+    made: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+}
+
+impl GuestTls {
+    pub fn new(extra_pem: Option<String>) -> Self {
+        Self {
+            extra_pem,
+            made: Default::default(),
+        }
+    }
+
+    fn config(&self) -> Result<Arc<rustls::ClientConfig>, HttpError> {
+        self.made
+            .get_or_init(|| {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if let Some(pem) = &self.extra_pem {
+                    use rustls::pki_types::pem::PemObject;
+                    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                        let cert = cert.map_err(|e| format!("the cluster CA: {e}"))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| format!("the cluster CA: {e}"))?;
+                    }
+                }
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Ok(Arc::new(config))
+            })
+            .clone()
+            .map_err(|e| HttpError::InternalError(Some(e)))
+    }
+}
+
+/// A TLS failure as `wasi:http` names it: a certificate the guest's trust
+/// refused, else a protocol error.
+fn tls_error(e: std::io::Error) -> HttpError {
+    let refused_certificate = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+    if refused_certificate {
+        HttpError::TlsCertificateError
+    } else {
+        HttpError::Tls(e)
+    }
+}
+
+/// An HTTP/1.1 client connection over `io`: its sender, and the task
+/// driving it.
+async fn handshake<T>(
+    io: T,
+    timeout: Duration,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<WasiBody>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ),
+    HttpError,
+>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = tokio::time::timeout(
+        timeout,
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)??;
+    Ok((sender, tokio::spawn(connection)))
+}
 
 /// What `wasi:http` waits for when the guest sets no timeouts.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -127,24 +211,24 @@ impl GuestNetwork {
     }
 
     /// Sends an outgoing `wasi:http` request over a connection made in
-    /// this network. Plain HTTP/1.1, one connection per request.
+    /// this network: HTTP/1.1, over TLS for `https` (checked with `tls`),
+    /// one connection per request.
     pub(crate) async fn send_request(
         self,
         mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         names: Option<Arc<dyn wasmkube_runtime::NameLookup>>,
+        tls: Arc<GuestTls>,
     ) -> Result<(http::Response<WasiBody>, OutgoingIo), HttpError> {
         if matches!(self, Self::Denied) {
             return Err(HttpError::HttpRequestDenied);
         }
         let uri = request.uri();
-        if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-            return Err(HttpError::InternalError(Some(
-                "HTTPS from Wasm guests is not supported; use http://".into(),
-            )));
-        }
+        let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let authority = uri.authority().ok_or(HttpError::HttpRequestUriInvalid)?;
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         let host = authority
             .host()
             .trim_start_matches('[')
@@ -201,15 +285,24 @@ impl GuestNetwork {
                 _ => HttpError::Connect(e),
             })?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = tokio::time::timeout(
-            connect_timeout,
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-        )
-        .await
-        .map_err(|_| HttpError::ConnectionTimeout)??;
         // The connection runs beside the guest until the response body is
         // read or dropped; its end is what the guest's request learns.
-        let connection = tokio::spawn(connection);
+        let (mut sender, connection) = if secure {
+            // The name the guest asked for (or the address it gave), not
+            // where a Service's address was routed.
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+            let stream = tokio::time::timeout(
+                connect_timeout,
+                tokio_rustls::TlsConnector::from(tls.config()?).connect(name, stream),
+            )
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)?
+            .map_err(tls_error)?;
+            handshake(stream, connect_timeout).await?
+        } else {
+            handshake(stream, connect_timeout).await?
+        };
         // On the wire the request names its path only (no proxy).
         let path = request
             .uri()

@@ -25,6 +25,7 @@ fn setup() -> (tempfile::TempDir, WasmRuntime) {
         cache_dir: dir.path().join("cache"),
         max_instances: 8,
         max_memory_bytes: 256 << 20,
+        guest_ca_pem: None,
     })
     .unwrap();
     (dir, rt)
@@ -349,34 +350,120 @@ impl wasmkube_runtime::NameLookup for ClusterNames {
 
 /// An HTTP/1.0 upstream on loopback that answers every request with what
 /// it was asked.
-async fn upstream() -> std::net::SocketAddr {
+/// Answers one HTTP/1.1 request with the request line it saw.
+async fn answer<S>(mut s: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default().to_owned();
+    let body = format!("upstream saw {line}");
+    let reply = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(reply.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// An upstream on loopback, over TLS with `tls`.
+async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = listener.accept().await.unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                match tls {
+                    Some(tls) => {
+                        if let Ok(s) = tls.accept(s).await {
+                            answer(s).await
+                        }
                     }
+                    None => answer(s).await,
                 }
-                let line = String::from_utf8_lossy(&head);
-                let line = line.lines().next().unwrap_or_default().to_owned();
-                let body = format!("upstream saw {line}");
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(reply.as_bytes()).await;
             });
         }
     });
     addr
+}
+
+async fn upstream() -> std::net::SocketAddr {
+    upstream_with(None).await
+}
+
+/// `https` from a guest: TLS over a connection made in its network, the
+/// server checked for the name the guest asked for against the system's
+/// roots and the certificates the node adds (its cluster CA); a server the
+/// guest cannot trust fails the call with `TlsCertificateError`.
+#[tokio::test]
+async fn an_http_function_calls_out_over_https_trusting_the_cluster_ca() {
+    use wasmkube_runtime_wasm::GuestNetwork;
+    let ca = wasmkube_pki::Ca::create("cluster-ca").unwrap();
+    let names = wasmkube_pki::ServingNames {
+        dns: vec!["localhost".into()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let serving = ca.issue_serving("upstream", &names).unwrap();
+    let up = upstream_with(Some(tokio_rustls::TlsAcceptor::from(
+        ca.server_tls(&serving).unwrap(),
+    )))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let trusting = std::sync::Arc::new(
+        WasmRuntime::new(Config {
+            cache_dir: dir.path().join("cache"),
+            max_instances: 8,
+            max_memory_bytes: 256 << 20,
+            guest_ca_pem: Some(ca.cert_pem().to_owned()),
+        })
+        .unwrap(),
+    );
+    let (_other, untrusting) = setup();
+    let untrusting = std::sync::Arc::new(untrusting);
+    let call = |rt: std::sync::Arc<WasmRuntime>, upstream: String| {
+        let mut s = spec(&dir, &["http-fetch"]);
+        s.env.push(("UPSTREAM".into(), upstream));
+        s.network = GuestNetwork::Pod(std::sync::Arc::new(CountingNetns::default()));
+        async move {
+            let proxy = rt
+                .prepare_proxy(&rt.load_component(&component("http_fetch")).unwrap())
+                .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(rt.serve_http(
+                proxy,
+                std::sync::Arc::new(s),
+                listener,
+                4,
+                std::future::pending(),
+            ));
+            let answer = get(addr, "/secure?x=1").await;
+            server.abort();
+            answer
+        }
+    };
+    for upstream in [
+        format!("https://{up}"),
+        format!("https://localhost:{}", up.port()),
+    ] {
+        let (status, body) = call(trusting.clone(), upstream).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "upstream 200\nupstream saw GET /secure?x=1 HTTP/1.1");
+    }
+    let (status, body) = call(untrusting, format!("https://{up}")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("TlsCertificateError"), "{body}");
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ fn runtime(dir: &tempfile::TempDir) -> WasmRuntime {
         cache_dir: dir.path().join("cache"),
         max_instances: 16,
         max_memory_bytes: 64 << 20,
+        guest_ca_pem: None,
     })
     .unwrap()
 }
