@@ -41,6 +41,8 @@ ROOTS = [
     "k8s.io.api.scheduling.v1.PriorityClass",
     "k8s.io.api.admissionregistration.v1.MutatingWebhookConfiguration",
     "k8s.io.api.admissionregistration.v1.ValidatingWebhookConfiguration",
+    "k8s.io.api.admissionregistration.v1.ValidatingAdmissionPolicy",
+    "k8s.io.api.admissionregistration.v1.ValidatingAdmissionPolicyBinding",
     "k8s.io.api.storage.v1.StorageClass",
     "k8s.io.api.autoscaling.v1.Scale",
     "k8s.io.api.autoscaling.v1.HorizontalPodAutoscaler",

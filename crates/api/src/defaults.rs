@@ -196,6 +196,8 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value) {
         }
         "MutatingWebhookConfiguration" => crate::webhooks::default_configuration(obj, true),
         "ValidatingWebhookConfiguration" => crate::webhooks::default_configuration(obj, false),
+        "ValidatingAdmissionPolicy" => crate::admission_policy::default_policy(obj),
+        "ValidatingAdmissionPolicyBinding" => crate::admission_policy::default_binding(obj),
         "HorizontalPodAutoscaler" => {
             if let Some(spec) = obj.get_mut("spec") {
                 default_at(spec, &["minReplicas"], json!(1));

@@ -66,6 +66,7 @@ macro_rules! api_kind {
 }
 pub(crate) use api_kind;
 
+pub mod admission_policy;
 pub mod apparmor;
 pub mod cel_cost;
 pub mod conversion;

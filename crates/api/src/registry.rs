@@ -577,6 +577,28 @@ pub static RESOURCES: &[ResourceType] = &[
         []
     ),
     resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicy",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicy",
+        false,
+        [],
+        &["api-extensions"],
+        [Status]
+    ),
+    resource!(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicybinding",
+        false,
+        [],
+        &["api-extensions"],
+        []
+    ),
+    resource!(
         "scheduling.k8s.io",
         "v1",
         "PriorityClass",

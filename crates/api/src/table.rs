@@ -530,6 +530,30 @@ pub fn columns(rt: &ResourceType) -> Vec<Column> {
             ),
             AGE,
         ],
+        "ValidatingAdmissionPolicy" => vec![
+            NAME,
+            col(
+                "Validations",
+                "integer",
+                "The number of validations of the policy.",
+            ),
+            col(
+                "ParamKind",
+                "string",
+                "The kind of the policy's parameters.",
+            ),
+            AGE,
+        ],
+        "ValidatingAdmissionPolicyBinding" => vec![
+            NAME,
+            col(
+                "PolicyName",
+                "string",
+                "The policy the binding puts in force.",
+            ),
+            col("ParamRef", "string", "Where the binding's parameters are."),
+            AGE,
+        ],
         "CustomResourceDefinition" => vec![
             NAME,
             col("Created At", "date", "When the definition was created."),
@@ -1503,6 +1527,34 @@ pub fn cells(rt: &ResourceType, obj: &Value, now: DateTime<Utc>) -> Vec<Value> {
         "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => vec![
             name,
             json!(obj["webhooks"].as_array().map_or(0, Vec::len)),
+            age,
+        ],
+        "ValidatingAdmissionPolicy" => vec![
+            name,
+            json!(obj["spec"]["validations"].as_array().map_or(0, Vec::len)),
+            json!(match obj["spec"]["paramKind"].as_object() {
+                Some(k) => format!(
+                    "{}/{}",
+                    k.get("apiVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default(),
+                    k.get("kind").and_then(Value::as_str).unwrap_or_default()
+                ),
+                None => "<unset>".into(),
+            }),
+            age,
+        ],
+        "ValidatingAdmissionPolicyBinding" => vec![
+            name,
+            json!(s(&obj["spec"]["policyName"])),
+            json!(match obj["spec"]["paramRef"]["name"].as_str() {
+                Some(n) => format!(
+                    "{}/{n}",
+                    obj["spec"]["paramRef"]["namespace"].as_str().unwrap_or("*")
+                ),
+                None if obj["spec"]["paramRef"].is_object() => "*/*".into(),
+                None => "<unset>".into(),
+            }),
             age,
         ],
         "CustomResourceDefinition" => vec![name, obj["metadata"]["creationTimestamp"].clone()],

@@ -94,6 +94,8 @@ pub fn decode(rt: &ResourceType, value: &Value) -> Result<Decoded, DecodeError> 
         "PriorityClass" => scheduling::PriorityClass,
         "MutatingWebhookConfiguration" => k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
         "ValidatingWebhookConfiguration" => k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+        "ValidatingAdmissionPolicy" => k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy,
+        "ValidatingAdmissionPolicyBinding" => k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding,
         "Ingress" => networking::Ingress,
         "IngressClass" => networking::IngressClass,
         "NetworkPolicy" => networking::NetworkPolicy,

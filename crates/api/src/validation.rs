@@ -69,6 +69,16 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Fiel
         "Job" => typed!(batch::Job, validate_job),
         "CronJob" => typed!(batch::CronJob, validate_cron_job),
         "PriorityClass" => validate_priority_class(obj, old, &mut errs),
+        "ValidatingAdmissionPolicy" => {
+            for e in crate::admission_policy::validate_policy(obj) {
+                errs.push(e);
+            }
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            for e in crate::admission_policy::validate_binding(obj) {
+                errs.push(e);
+            }
+        }
         "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => {
             let mutating = rt.kind == "MutatingWebhookConfiguration";
             for e in crate::webhooks::validate_configuration(obj, mutating) {

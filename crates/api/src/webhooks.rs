@@ -202,7 +202,7 @@ pub struct Request<'a> {
 }
 
 impl Rule {
-    fn of(v: &Value) -> Self {
+    pub fn of(v: &Value) -> Self {
         Self {
             operations: strings(&v["operations"]),
             api_groups: strings(&v["apiGroups"]),

@@ -22,11 +22,12 @@
 //! webhooks it names.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use wasmkube_api::ResourceType;
+use wasmkube_api::admission_policy::{Binding, Policy};
 use wasmkube_api::registry;
 use wasmkube_api::selectors::LabelSelector;
 use wasmkube_api::webhooks::{AdmissionWebhook, Request};
@@ -35,85 +36,28 @@ use wasmkube_store::SharedStore;
 use crate::ApiServer;
 use crate::auth::UserInfo;
 use crate::error::{ApiError, ApiResult};
-use crate::follow::{Change, Follow};
+use crate::follow::Followed;
 
 /// The API group of the configurations, which no webhook sees.
 const GROUP: &str = "admissionregistration.k8s.io";
 
-/// One kind of webhook configuration, followed.
-struct Hooks {
-    webhooks: RwLock<Arc<Vec<AdmissionWebhook>>>,
-    /// The store revision `webhooks` reflects.
-    applied: tokio::sync::watch::Sender<u64>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Drop for Hooks {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.lock().expect("not poisoned").take() {
-            task.abort();
-        }
-    }
-}
-
-fn webhooks_of(configurations: &BTreeMap<String, Value>) -> Arc<Vec<AdmissionWebhook>> {
-    // Keys end in the configuration's name: this is Kubernetes' order.
-    Arc::new(
-        configurations
-            .values()
-            .flat_map(AdmissionWebhook::all_of)
-            .collect(),
-    )
-}
-
-impl Hooks {
-    async fn start(store: SharedStore, rt: &'static ResourceType) -> Arc<Self> {
-        let (mut follow, objects, from) = Follow::start(store, rt.key_prefix(), rt.plural).await;
-        let mut configurations: BTreeMap<String, Value> = objects.into_iter().collect();
-        let hooks = Arc::new(Self {
-            webhooks: RwLock::new(webhooks_of(&configurations)),
-            applied: tokio::sync::watch::Sender::new(from),
-            task: Default::default(),
-        });
-        let weak = Arc::downgrade(&hooks);
-        let task = tokio::spawn(async move {
-            loop {
-                let revision = match follow.next().await {
-                    Change::Reset { objects, revision } => {
-                        configurations = objects.into_iter().collect();
-                        revision
-                    }
-                    Change::Put {
-                        key,
-                        object,
-                        revision,
-                    } => {
-                        configurations.insert(key, object);
-                        revision
-                    }
-                    Change::Delete { key, revision } => {
-                        configurations.remove(&key);
-                        revision
-                    }
-                };
-                let Some(hooks) = weak.upgrade() else { return };
-                *hooks.webhooks.write().expect("not poisoned") = webhooks_of(&configurations);
-                hooks.applied.send_replace(revision);
-            }
-        });
-        *hooks.task.lock().expect("not poisoned") = Some(task);
-        hooks
-    }
-
-    fn current(&self) -> Arc<Vec<AdmissionWebhook>> {
-        self.webhooks.read().expect("not poisoned").clone()
-    }
+/// The webhooks of the stored configurations, in Kubernetes' order (keys
+/// end in the configuration's name).
+fn webhooks_of(configurations: &BTreeMap<String, Value>) -> Vec<AdmissionWebhook> {
+    configurations
+        .values()
+        .flat_map(AdmissionWebhook::all_of)
+        .collect()
 }
 
 /// The admission webhooks this server calls.
 pub(crate) struct Webhooks {
-    mutating: Arc<Hooks>,
-    validating: Arc<Hooks>,
+    mutating: Arc<Followed<Vec<AdmissionWebhook>>>,
+    validating: Arc<Followed<Vec<AdmissionWebhook>>>,
+    /// ValidatingAdmissionPolicies and their bindings
+    /// (`admission_policies.rs`).
+    pub(crate) policies: Arc<Followed<Vec<Policy>>>,
+    pub(crate) bindings: Arc<Followed<Vec<Binding>>>,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -141,31 +85,47 @@ pub(crate) struct Attributes<'a> {
 
 impl Webhooks {
     pub(crate) async fn start(store: SharedStore) -> Self {
-        let kind =
-            |plural| registry::lookup(GROUP, "v1", plural).expect("webhook configurations served");
+        let kind = |plural| registry::lookup(GROUP, "v1", plural).expect("admission kinds served");
+        let policies = |all: &BTreeMap<String, Value>| all.values().map(Policy::of).collect();
+        let bindings = |all: &BTreeMap<String, Value>| all.values().map(Binding::of).collect();
         Self {
-            mutating: Hooks::start(store.clone(), kind("mutatingwebhookconfigurations")).await,
-            validating: Hooks::start(store, kind("validatingwebhookconfigurations")).await,
+            mutating: Followed::start(
+                store.clone(),
+                kind("mutatingwebhookconfigurations"),
+                webhooks_of,
+            )
+            .await,
+            validating: Followed::start(
+                store.clone(),
+                kind("validatingwebhookconfigurations"),
+                webhooks_of,
+            )
+            .await,
+            policies: Followed::start(store.clone(), kind("validatingadmissionpolicies"), policies)
+                .await,
+            bindings: Followed::start(store, kind("validatingadmissionpolicybindings"), bindings)
+                .await,
         }
     }
 
     /// Waits until the webhooks of `rt` (a configuration kind) reflect the
     /// store at `revision`, for a write of one this server just made.
     pub(crate) async fn wait_for(&self, rt: &ResourceType, revision: u64) {
-        let hooks = match rt.kind {
-            "MutatingWebhookConfiguration" => &self.mutating,
-            "ValidatingWebhookConfiguration" => &self.validating,
-            _ => return,
-        };
-        let mut applied = hooks.applied.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|r| *r >= revision))
-            .await;
+        match rt.kind {
+            "MutatingWebhookConfiguration" => self.mutating.wait_for(revision).await,
+            "ValidatingWebhookConfiguration" => self.validating.wait_for(revision).await,
+            "ValidatingAdmissionPolicy" => self.policies.wait_for(revision).await,
+            "ValidatingAdmissionPolicyBinding" => self.bindings.wait_for(revision).await,
+            _ => {}
+        }
     }
 
-    /// Whether any webhook could see writes of `rt`.
+    /// Whether any webhook or policy binding could see writes of `rt`.
     pub(crate) fn any(&self, rt: &ResourceType) -> bool {
         rt.group != GROUP
-            && (!self.mutating.current().is_empty() || !self.validating.current().is_empty())
+            && (!self.mutating.current().is_empty()
+                || !self.validating.current().is_empty()
+                || !self.bindings.current().is_empty())
     }
 
     /// Calls the mutating webhooks `attrs` matches, in order, on `object`;
@@ -182,7 +142,7 @@ impl Webhooks {
             return Ok((object, false));
         }
         let hooks = self.mutating.current();
-        let mut namespace = NamespaceLabels::default();
+        let mut namespace = NamespaceObject::default();
         let mut changed_by: Vec<usize> = Vec::new();
         let mut called: Vec<usize> = Vec::new();
         for (i, hook) in hooks.iter().enumerate() {
@@ -231,7 +191,7 @@ impl Webhooks {
             return Ok(());
         }
         let hooks = self.validating.current();
-        let mut namespace = NamespaceLabels::default();
+        let mut namespace = NamespaceObject::default();
         let mut selected = Vec::new();
         for hook in hooks.iter() {
             if matches(server, hook, attrs, object, old, &mut namespace).await? {
@@ -264,13 +224,13 @@ impl Webhooks {
     }
 }
 
-/// The labels of the request's namespace, read once when a selector needs
-/// them.
+/// The request's namespace, read once when a selector or a policy needs
+/// it (`null` when there is none).
 #[derive(Default)]
-struct NamespaceLabels(Option<Value>);
+pub(crate) struct NamespaceObject(Option<Value>);
 
-impl NamespaceLabels {
-    async fn get(&mut self, server: &ApiServer, namespace: &str) -> ApiResult<&Value> {
+impl NamespaceObject {
+    pub(crate) async fn get(&mut self, server: &ApiServer, namespace: &str) -> ApiResult<&Value> {
         if self.0.is_none() {
             let namespaces = registry::lookup("", "v1", "namespaces").expect("namespaces served");
             let found = server
@@ -278,22 +238,16 @@ impl NamespaceLabels {
                 .get(&namespaces.key(None, namespace))
                 .await
                 .map_err(|e| ApiError::from_store(e, namespaces, namespace))?;
-            let labels =
-                match found {
-                    Some(kv) => {
-                        crate::storage::decode_stored(&kv).map_err(ApiError::internal)?["metadata"]
-                            ["labels"]
-                            .clone()
-                    }
-                    None => Value::Null,
-                };
-            self.0 = Some(json!({"metadata": {"labels": labels}}));
+            self.0 = Some(match found {
+                Some(kv) => crate::storage::decode_stored(&kv).map_err(ApiError::internal)?,
+                None => Value::Null,
+            });
         }
         Ok(self.0.as_ref().expect("just read"))
     }
 }
 
-fn selector(v: &Value) -> Result<LabelSelector, String> {
+pub(crate) fn selector(v: &Value) -> Result<LabelSelector, String> {
     if v.is_null() {
         return Ok(LabelSelector::default());
     }
@@ -310,7 +264,7 @@ async fn matches(
     attrs: &Attributes<'_>,
     object: Option<&Value>,
     old: Option<&Value>,
-    namespace: &mut NamespaceLabels,
+    namespace: &mut NamespaceObject,
 ) -> ApiResult<bool> {
     let rt = attrs.rt;
     let req = Request {
@@ -373,8 +327,8 @@ async fn matches(
     }
 }
 
-/// The `request` of an AdmissionReview.
-fn review_request(
+/// The `request` of an AdmissionReview (and of a policy's expressions).
+pub(crate) fn review_request(
     attrs: &Attributes<'_>,
     uid: &str,
     object: Option<&Value>,

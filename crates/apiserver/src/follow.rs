@@ -140,3 +140,83 @@ async fn list(store: &SharedStore, prefix: &str, what: &str) -> (Vec<(String, Va
         }
     }
 }
+
+/// What the server keeps built from one followed prefix (the admission
+/// webhooks, the admission policies): rebuilt on every change, with the
+/// revision it reflects so a write of it can be acknowledged once in force.
+pub(crate) struct Followed<T> {
+    current: std::sync::RwLock<std::sync::Arc<T>>,
+    applied: tokio::sync::watch::Sender<u64>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl<T> Drop for Followed<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().expect("not poisoned").take() {
+            task.abort();
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Followed<T> {
+    /// Follows `rt`'s objects, building `T` from all of them (by key) at
+    /// each change.
+    pub(crate) async fn start(
+        store: SharedStore,
+        rt: &'static wasmkube_api::ResourceType,
+        build: fn(&std::collections::BTreeMap<String, Value>) -> T,
+    ) -> std::sync::Arc<Self> {
+        let (mut follow, objects, from) = Follow::start(store, rt.key_prefix(), rt.plural).await;
+        let mut all: std::collections::BTreeMap<String, Value> = objects.into_iter().collect();
+        let followed = std::sync::Arc::new(Self {
+            current: std::sync::RwLock::new(std::sync::Arc::new(build(&all))),
+            applied: tokio::sync::watch::Sender::new(from),
+            task: Default::default(),
+        });
+        let weak = std::sync::Arc::downgrade(&followed);
+        let task = tokio::spawn(async move {
+            loop {
+                let revision = match follow.next().await {
+                    Change::Reset { objects, revision } => {
+                        all = objects.into_iter().collect();
+                        revision
+                    }
+                    Change::Put {
+                        key,
+                        object,
+                        revision,
+                    } => {
+                        all.insert(key, object);
+                        revision
+                    }
+                    Change::Delete { key, revision } => {
+                        all.remove(&key);
+                        revision
+                    }
+                };
+                let Some(followed) = weak.upgrade() else {
+                    return;
+                };
+                *followed.current.write().expect("not poisoned") = std::sync::Arc::new(build(&all));
+                followed.applied.send_replace(revision);
+            }
+        });
+        *followed.task.lock().expect("not poisoned") = Some(task);
+        followed
+    }
+
+    pub(crate) fn current(&self) -> std::sync::Arc<T> {
+        self.current.read().expect("not poisoned").clone()
+    }
+
+    /// Waits (at most five seconds) until what is built reflects the store
+    /// at `revision`.
+    pub(crate) async fn wait_for(&self, revision: u64) {
+        let mut applied = self.applied.subscribe();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await;
+    }
+}

@@ -6,6 +6,7 @@
 //! through the HTTP API it serves.
 
 mod admission;
+mod admission_policies;
 mod admission_webhooks;
 pub mod audit;
 mod auth;

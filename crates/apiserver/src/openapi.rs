@@ -99,6 +99,12 @@ fn add_schema(rt: &ResourceType, g: &mut schemars::SchemaGenerator) -> String {
         "ValidatingWebhookConfiguration" => {
             add::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>(g)
         }
+        "ValidatingAdmissionPolicy" => {
+            add::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>(g)
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            add::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>(g)
+        }
         "Ingress" => add::<networking::Ingress>(g),
         "IngressClass" => add::<networking::IngressClass>(g),
         "NetworkPolicy" => add::<networking::NetworkPolicy>(g),

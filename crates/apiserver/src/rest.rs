@@ -416,6 +416,8 @@ impl<'a> Ctx<'a> {
         if changed {
             object = self.readmit(object, old)?;
         }
+        crate::admission_policies::validate(self.server, &attrs, Some(&object), old, warnings)
+            .await?;
         webhooks
             .validate(self.server, &attrs, Some(&object), old, warnings)
             .await?;
@@ -1632,6 +1634,14 @@ impl<'a> Ctx<'a> {
                 let mut served = old.clone();
                 self.served(std::slice::from_mut(&mut served)).await?;
                 let attrs = self.webhook_attributes("DELETE", None, name);
+                crate::admission_policies::validate(
+                    self.server,
+                    &attrs,
+                    None,
+                    Some(&served),
+                    &mut Vec::new(),
+                )
+                .await?;
                 self.server
                     .webhooks
                     .validate(self.server, &attrs, None, Some(&served), &mut Vec::new())

@@ -2541,3 +2541,170 @@ async fn server_side_apply_creates_are_admitted_as_creates() {
     );
     c.stop().await;
 }
+
+/// ValidatingAdmissionPolicies as Kubernetes evaluates them: a binding puts
+/// a policy in force with parameters read from a ConfigMap; a failed
+/// validation denies (its message expression and reason's code), warns or
+/// audits as the binding says; the binding's namespace selector narrows
+/// where; missing parameters deny; a policy that does not compile is
+/// refused with its field.
+#[tokio::test]
+async fn validating_admission_policies_deny_and_warn_as_their_bindings_say() {
+    let c = start().await;
+    let vap = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies";
+    let vapb = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings";
+    let deployments = |ns: &str| format!("/apis/apps/v1/namespaces/{ns}/deployments");
+    let (code, body) = c
+        .post(
+            "/api/v1/namespaces/default/configmaps",
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "limits"}, "data": {"most": "3"}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = c
+        .post(
+            "/api/v1/namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "free", "labels": {"policy": "off"}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let policy = |name: &str, spec: Value| {
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    let binding = |name: &str, spec: Value| {
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    let rules = json!({"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"],
+        "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]});
+
+    // A policy that does not compile is refused with its field.
+    let (code, body) = c
+        .post(
+            vap,
+            policy(
+                "broken.example.com",
+                json!({"matchConstraints": rules,
+            "validations": [{"expression": "object.spec.("}]}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        body["details"]["causes"][0]["field"],
+        "spec.validations[0].expression"
+    );
+
+    let (code, body) = c
+        .post(
+            vap,
+            policy(
+                "replicas.example.com",
+                json!({
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": rules,
+            "variables": [{"name": "most", "expression": "int(params.data.most)"}],
+            "validations": [{"expression": "object.spec.replicas <= variables.most",
+                "messageExpression": "'replicas must be at most ' + string(variables.most)",
+                "reason": "Forbidden"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    assert_eq!(body["spec"]["failurePolicy"], "Fail");
+    let (code, body) = c
+        .post(vapb, binding("replicas-binding", json!({"policyName": "replicas.example.com",
+            "validationActions": ["Deny"],
+            "paramRef": {"name": "limits", "namespace": "default", "parameterNotFoundAction": "Deny"},
+            "matchResources": {"namespaceSelector": {"matchExpressions": [
+                {"key": "policy", "operator": "NotIn", "values": ["off"]}]}}})))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+
+    let deployment = |name: &str, replicas: i64| {
+        let mut d = self::deployment(name, replicas);
+        d["metadata"]["labels"] = json!({"team": "a"});
+        d
+    };
+    let (code, body) = c.post(&deployments("default"), deployment("big", 5)).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["reason"], "Forbidden");
+    assert_eq!(
+        body["message"],
+        "ValidatingAdmissionPolicy 'replicas.example.com' with binding 'replicas-binding' denied request: replicas must be at most 3"
+    );
+    let (code, body) = c
+        .post(&deployments("default"), deployment("small", 2))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = c
+        .patch(
+            &format!("{}/small", deployments("default")),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 9}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    // Outside the binding's namespaces the policy does not apply.
+    let (code, body) = c.post(&deployments("free"), deployment("big", 5)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+
+    // Warn: the write goes through with Kubernetes' warning.
+    let (code, body) = c
+        .post(vap, policy("team.example.com", json!({"matchConstraints": rules,
+            "validations": [{"expression": "has(object.metadata.labels) && 'team' in object.metadata.labels"}]})))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = c
+        .post(
+            vapb,
+            binding(
+                "team-binding",
+                json!({"policyName": "team.example.com",
+            "validationActions": ["Warn", "Audit"]}),
+            ),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let resp = c
+        .http
+        .post(format!("{}{}", c.base, deployments("default")))
+        .header("content-type", "application/json")
+        .body(self::deployment("unlabelled", 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let warning = resp
+        .headers()
+        .get("warning")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        warning.contains("Validation failed for ValidatingAdmissionPolicy 'team.example.com' with binding 'team-binding': failed expression: has(object.metadata.labels)"),
+        "{warning}"
+    );
+
+    // Parameters gone: the Deny binding denies.
+    assert_eq!(
+        c.delete("/api/v1/namespaces/default/configmaps/limits")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (code, body) = c.post(&deployments("default"), deployment("any", 1)).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("no params found for policy binding with `Deny` parameterNotFoundAction"),
+        "{body}"
+    );
+    c.stop().await;
+}
