@@ -7,23 +7,9 @@
 
 use serde_json::{Value, json};
 
-use crate::field::{FieldError, FieldErrorType};
+use crate::custom::{bad, strings};
+use crate::field::FieldError;
 use crate::webhooks::{Request, Rule};
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError {
-    let v: Value = v.into();
-    FieldError::new(FieldErrorType::Invalid, path, Some(v.to_string()), detail)
-}
 
 /// A rule with the resource names it is limited to.
 #[derive(Debug, Clone, PartialEq)]

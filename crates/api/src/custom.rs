@@ -79,7 +79,8 @@ fn leak(s: &str) -> &'static str {
     Box::leak(s.to_owned().into_boxed_str())
 }
 
-fn strings(v: &Value) -> Vec<String> {
+/// The strings of a JSON array (others skipped; nothing for a non-array).
+pub(crate) fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
             a.iter()
@@ -389,7 +390,8 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// `Invalid value: VALUE: detail`, the value rendered as JSON.
-fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError {
+/// An `Invalid` field error showing the value as JSON.
+pub(crate) fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError {
     let v: Value = v.into();
     FieldError::new(FieldErrorType::Invalid, path, Some(v.to_string()), detail)
 }

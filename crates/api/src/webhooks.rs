@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use crate::custom::{bad, strings};
 use crate::field::{FieldError, FieldErrorType};
 
 /// Where a webhook is: a URL, or a Service in the cluster.
@@ -60,21 +61,6 @@ impl WebhookClient {
             ca_bundle,
         }
     }
-}
-
-fn bad(path: &str, v: impl Into<Value>, detail: impl Into<String>) -> FieldError {
-    let v: Value = v.into();
-    FieldError::new(FieldErrorType::Invalid, path, Some(v.to_string()), detail)
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A `clientConfig` at `at`, as Kubernetes validates it: exactly one of an

@@ -14,10 +14,9 @@
 use serde_json::{Value, json};
 use wasmkube_api::admission_policy::{Binding, Input, ParamRef, Policy, reason_code};
 use wasmkube_api::registry;
-use wasmkube_api::webhooks::Request;
 
 use crate::ApiServer;
-use crate::admission_webhooks::{Attributes, NamespaceObject, review_request, selector};
+use crate::admission_webhooks::{Attributes, NamespaceObject, review_request, selector, selects};
 use crate::error::{ApiError, ApiResult};
 
 /// Runs the policies bound to `attrs`'s kind of write.
@@ -34,14 +33,7 @@ pub(crate) async fn validate(
     }
     let policies = server.webhooks.policies.current();
     let rt = attrs.rt;
-    let req = Request {
-        operation: attrs.operation,
-        group: rt.group,
-        version: rt.version,
-        resource: rt.plural,
-        subresource: attrs.subresource.unwrap_or_default(),
-        namespaced: rt.namespaced,
-    };
+    let req = attrs.request();
     let mut namespace = NamespaceObject::default();
     let request = review_request(attrs, "", object, old);
     let mut denial = None;
@@ -138,25 +130,21 @@ fn selected(
     object: Option<&Value>,
     old: Option<&Value>,
 ) -> ApiResult<bool> {
-    let matchers = std::iter::once(&policy.matcher).chain(binding.matcher.as_ref());
-    for m in matchers {
-        let broken = |e: String| ApiError::internal(format!("policy {:?}: {e}", policy.name));
-        let ns = selector(&m.namespace_selector).map_err(broken)?;
-        let labelled = if is_namespace {
-            object.or(old)
-        } else {
-            Some(namespace_object).filter(|n| !n.is_null())
-        };
-        if !ns.is_empty() && labelled.is_some_and(|o| !ns.matches_object(o)) {
-            return Ok(false);
-        }
-        let objects = selector(&m.object_selector).map_err(broken)?;
-        if !objects.is_empty()
-            && ![object, old]
-                .into_iter()
-                .flatten()
-                .any(|o| objects.matches_object(o))
-        {
+    let labelled = if is_namespace {
+        object.or(old)
+    } else {
+        Some(namespace_object).filter(|n| !n.is_null())
+    };
+    for m in std::iter::once(&policy.matcher).chain(binding.matcher.as_ref()) {
+        let selected = selects(
+            &m.namespace_selector,
+            &m.object_selector,
+            labelled,
+            object,
+            old,
+        )
+        .map_err(|e| ApiError::internal(format!("policy {:?}: invalid {e}", policy.name)))?;
+        if !selected {
             return Ok(false);
         }
     }

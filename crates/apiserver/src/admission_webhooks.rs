@@ -83,28 +83,58 @@ pub(crate) struct Attributes<'a> {
     pub field_manager: Option<&'a str>,
 }
 
+impl Attributes<'_> {
+    /// The write as rules match it.
+    pub(crate) fn request(&self) -> Request<'_> {
+        Request {
+            operation: self.operation,
+            group: self.rt.group,
+            version: self.rt.version,
+            resource: self.rt.plural,
+            subresource: self.subresource.unwrap_or_default(),
+            namespaced: self.rt.namespaced,
+        }
+    }
+}
+
 impl Webhooks {
     pub(crate) async fn start(store: SharedStore) -> Self {
-        let kind = |plural| registry::lookup(GROUP, "v1", plural).expect("admission kinds served");
+        let kind = |plural| {
+            registry::lookup(GROUP, "v1", plural)
+                .expect("admission kinds served")
+                .key_prefix()
+        };
         let policies = |all: &BTreeMap<String, Value>| all.values().map(Policy::of).collect();
         let bindings = |all: &BTreeMap<String, Value>| all.values().map(Binding::of).collect();
         Self {
             mutating: Followed::start(
                 store.clone(),
                 kind("mutatingwebhookconfigurations"),
+                "mutating webhooks",
                 webhooks_of,
             )
             .await,
             validating: Followed::start(
                 store.clone(),
                 kind("validatingwebhookconfigurations"),
+                "validating webhooks",
                 webhooks_of,
             )
             .await,
-            policies: Followed::start(store.clone(), kind("validatingadmissionpolicies"), policies)
-                .await,
-            bindings: Followed::start(store, kind("validatingadmissionpolicybindings"), bindings)
-                .await,
+            policies: Followed::start(
+                store.clone(),
+                kind("validatingadmissionpolicies"),
+                "admission policies",
+                policies,
+            )
+            .await,
+            bindings: Followed::start(
+                store,
+                kind("validatingadmissionpolicybindings"),
+                "admission policy bindings",
+                bindings,
+            )
+            .await,
         }
     }
 
@@ -247,6 +277,29 @@ impl NamespaceObject {
     }
 }
 
+/// Whether a webhook's or policy's selectors select a write: the namespace
+/// selector matches `namespace` (the request's namespace, or the
+/// Namespace written; `None` for other cluster-scoped objects, which it
+/// never excludes) and the object selector the new or old object.
+pub(crate) fn selects(
+    namespace_selector: &Value,
+    object_selector: &Value,
+    namespace: Option<&Value>,
+    object: Option<&Value>,
+    old: Option<&Value>,
+) -> Result<bool, String> {
+    let ns = selector(namespace_selector).map_err(|e| format!("namespaceSelector: {e}"))?;
+    if !ns.is_empty() && namespace.is_some_and(|n| !ns.matches_object(n)) {
+        return Ok(false);
+    }
+    let objects = selector(object_selector).map_err(|e| format!("objectSelector: {e}"))?;
+    Ok(objects.is_empty()
+        || [object, old]
+            .into_iter()
+            .flatten()
+            .any(|o| objects.matches_object(o)))
+}
+
 pub(crate) fn selector(v: &Value) -> Result<LabelSelector, String> {
     if v.is_null() {
         return Ok(LabelSelector::default());
@@ -267,43 +320,29 @@ async fn matches(
     namespace: &mut NamespaceObject,
 ) -> ApiResult<bool> {
     let rt = attrs.rt;
-    let req = Request {
-        operation: attrs.operation,
-        group: rt.group,
-        version: rt.version,
-        resource: rt.plural,
-        subresource: attrs.subresource.unwrap_or_default(),
-        namespaced: rt.namespaced,
-    };
-    if !hook.matches(&req) {
+    if !hook.matches(&attrs.request()) {
         return Ok(false);
     }
-    let broken = |what: &str, e: String| {
-        ApiError::internal(format!("webhook {:?}: invalid {what}: {e}", hook.name))
+    let wants_namespace = hook
+        .namespace_selector
+        .as_object()
+        .is_some_and(|m| !m.is_empty());
+    let labelled = if rt.id() == "Namespace" {
+        object.or(old)
+    } else if let Some(ns) = attrs.namespace.filter(|_| rt.namespaced && wants_namespace) {
+        Some(namespace.get(server, ns).await?)
+    } else {
+        None
     };
-    let ns_selector =
-        selector(&hook.namespace_selector).map_err(|e| broken("namespaceSelector", e))?;
-    if !ns_selector.is_empty() {
-        let labelled = if rt.id() == "Namespace" {
-            object.or(old)
-        } else if let Some(ns) = attrs.namespace.filter(|_| rt.namespaced) {
-            Some(namespace.get(server, ns).await?)
-        } else {
-            None
-        };
-        if let Some(labelled) = labelled
-            && !ns_selector.matches_object(labelled)
-        {
-            return Ok(false);
-        }
-    }
-    let obj_selector = selector(&hook.object_selector).map_err(|e| broken("objectSelector", e))?;
-    if !obj_selector.is_empty()
-        && ![object, old]
-            .into_iter()
-            .flatten()
-            .any(|o| obj_selector.matches_object(o))
-    {
+    let selected = selects(
+        &hook.namespace_selector,
+        &hook.object_selector,
+        labelled,
+        object,
+        old,
+    )
+    .map_err(|e| ApiError::internal(format!("webhook {:?}: invalid {e}", hook.name)))?;
+    if !selected {
         return Ok(false);
     }
     if hook.match_conditions.is_empty() {

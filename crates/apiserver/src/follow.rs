@@ -159,14 +159,15 @@ impl<T> Drop for Followed<T> {
 }
 
 impl<T: Send + Sync + 'static> Followed<T> {
-    /// Follows `rt`'s objects, building `T` from all of them (by key) at
-    /// each change.
+    /// Follows the objects under `prefix` (`what` they are, for logs),
+    /// building `T` from all of them (by key) at each change.
     pub(crate) async fn start(
         store: SharedStore,
-        rt: &'static wasmkube_api::ResourceType,
+        prefix: String,
+        what: &'static str,
         build: fn(&std::collections::BTreeMap<String, Value>) -> T,
     ) -> std::sync::Arc<Self> {
-        let (mut follow, objects, from) = Follow::start(store, rt.key_prefix(), rt.plural).await;
+        let (mut follow, objects, from) = Follow::start(store, prefix, what).await;
         let mut all: std::collections::BTreeMap<String, Value> = objects.into_iter().collect();
         let followed = std::sync::Arc::new(Self {
             current: std::sync::RwLock::new(std::sync::Arc::new(build(&all))),

@@ -69,6 +69,12 @@ struct Metrics {
     watch_sizes: HistogramVec,
 }
 
+/// Kubernetes' buckets for request (and storage request) latency.
+pub(crate) const LATENCY_BUCKETS: [f64; 23] = [
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+];
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut code_labels = REQUEST_LABELS.to_vec();
     code_labels.push("code");
@@ -80,16 +86,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &code_labels,
     )
     .expect("a valid metric");
-    // Kubernetes' buckets for request latency.
     let durations = HistogramVec::new(
         HistogramOpts::new(
             "apiserver_request_duration_seconds",
             "Response latency distribution in seconds for each verb, group, version, resource, subresource, scope and component.",
         )
-        .buckets(vec![
-            0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0,
-            8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
-        ]),
+        .buckets(LATENCY_BUCKETS.to_vec()),
         &REQUEST_LABELS,
     )
     .expect("a valid metric");

@@ -28,10 +28,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "etcd_request_duration_seconds",
             "Etcd request latency in seconds for each operation and object type.",
         )
-        .buckets(vec![
-            0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0,
-            8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
-        ]),
+        .buckets(crate::metrics::LATENCY_BUCKETS.to_vec()),
         &labels,
     )
     .expect("a valid metric");

@@ -249,7 +249,7 @@ fn tls(ca_bundle: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
         return Ok(made.clone());
     }
     let config = if ca_bundle.is_empty() {
-        system_tls()?
+        wasmkube_pki::client_tls_system_roots(None).map_err(|e| e.to_string())?
     } else {
         let pem = std::str::from_utf8(ca_bundle).map_err(|_| "caBundle is not PEM text")?;
         wasmkube_pki::client_tls(pem, None).map_err(|e| format!("caBundle: {e}"))?
@@ -258,21 +258,4 @@ fn tls(ca_bundle: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
         .expect("tls cache")
         .insert(ca_bundle.to_vec(), config.clone());
     Ok(config)
-}
-
-fn system_tls() -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let found = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(found.certs);
-    if roots.is_empty() {
-        return Err("no caBundle, and the system has no trusted certificates".into());
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }

@@ -73,6 +73,25 @@ impl Cluster {
             .await
     }
 
+    /// POSTs `body`; the status, the answer and its `Warning` header.
+    async fn post_warned(&self, path: &str, body: Value) -> (StatusCode, Value, String) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let warning = resp
+            .headers()
+            .get("warning")
+            .map(|w| w.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (status, resp.json().await.unwrap_or(Value::Null), warning)
+    }
+
     async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(Method::PUT, path, Some(body), "application/json")
             .await
@@ -2312,27 +2331,14 @@ async fn admission_webhooks_mutate_and_validate_writes() {
     let cm = |name: &str, data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data});
 
     // Mutated, then validated with the mutation; the warning reaches the client.
-    let resp = c
-        .http
-        .post(format!("{}{}", c.base, cms("hooked")))
-        .header("content-type", "application/json")
-        .body(cm("a", json!({"k": "v"})).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let warning = resp
-        .headers()
-        .get("warning")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (code, body, warning) = c
+        .post_warned(&cms("hooked"), cm("a", json!({"k": "v"})))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
     assert!(
         warning.contains("mutated by the test's webhook"),
         "{warning}"
     );
-    let body: Value = resp.json().await.unwrap();
     assert_eq!(body["metadata"]["labels"]["mutated"], "yes");
     let reviews = hook.take();
     assert_eq!(reviews.len(), 2, "{reviews:?}");
@@ -2669,22 +2675,10 @@ async fn validating_admission_policies_deny_and_warn_as_their_bindings_say() {
         )
         .await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
-    let resp = c
-        .http
-        .post(format!("{}{}", c.base, deployments("default")))
-        .header("content-type", "application/json")
-        .body(self::deployment("unlabelled", 1).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let warning = resp
-        .headers()
-        .get("warning")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let (code, body, warning) = c
+        .post_warned(&deployments("default"), self::deployment("unlabelled", 1))
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
     assert!(
         warning.contains("Validation failed for ValidatingAdmissionPolicy 'team.example.com' with binding 'team-binding': failed expression: has(object.metadata.labels)"),
         "{warning}"

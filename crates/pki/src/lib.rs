@@ -446,6 +446,30 @@ pub fn new_serving_csr(who: &Identity, names: &ServingNames) -> Result<(String, 
 /// client certificate of the cluster CA naming it, and to nothing else.
 pub const AGENT_CLIENT: &str = "kube-apiserver-kubelet-client";
 
+/// A client trusting the system's root certificates and those in
+/// `extra_pem` (a cluster CA), presenting none. HTTP/1.1.
+pub fn client_tls_system_roots(extra_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(pem) = extra_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.map_err(|e| PkiError::Pem(e.to_string()))?)?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(PkiError::Pem(
+            "no trusted certificate: the system has none and none was given".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn roots(ca_pem: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {

@@ -44,25 +44,8 @@ impl GuestTls {
     fn config(&self) -> Result<Arc<rustls::ClientConfig>, HttpError> {
         self.made
             .get_or_init(|| {
-                let mut roots = rustls::RootCertStore::empty();
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-                if let Some(pem) = &self.extra_pem {
-                    use rustls::pki_types::pem::PemObject;
-                    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                        let cert = cert.map_err(|e| format!("the cluster CA: {e}"))?;
-                        roots
-                            .add(cert)
-                            .map_err(|e| format!("the cluster CA: {e}"))?;
-                    }
-                }
-                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-                let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Ok(Arc::new(config))
+                wasmkube_pki::client_tls_system_roots(self.extra_pem.as_deref())
+                    .map_err(|e| format!("guests' TLS trust: {e}"))
             })
             .clone()
             .map_err(|e| HttpError::InternalError(Some(e)))

@@ -9,7 +9,7 @@
 //! their selectors match, evaluated as the policy is built.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -17,7 +17,7 @@ use k8s_openapi::api::rbac::v1::{
 use wasmkube_store::SharedStore;
 
 use super::{Attributes, UserInfo};
-use crate::follow::{Change, Follow};
+use crate::follow::Followed;
 
 /// Where every RBAC object is stored.
 const PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
@@ -36,13 +36,12 @@ struct Policy {
 }
 
 /// Objects by store key, from which the policy is rebuilt.
-#[derive(Default)]
-struct Objects(HashMap<String, serde_json::Value>);
+struct Objects<'a>(&'a std::collections::BTreeMap<String, serde_json::Value>);
 
-impl Objects {
+impl Objects<'_> {
     fn policy(&self) -> Policy {
         let mut policy = Policy::default();
-        for (key, obj) in &self.0 {
+        for (key, obj) in self.0 {
             let rest = key.trim_start_matches(PREFIX);
             let decoded = match rest.split('/').next() {
                 Some("clusterroles") => {
@@ -308,76 +307,27 @@ impl std::fmt::Display for Grant<'_> {
 
 /// The RBAC authorizer: the policy kept in step with the store.
 pub(crate) struct Rbac {
-    policy: RwLock<Arc<Policy>>,
-    /// The store revision the policy reflects.
-    applied: tokio::sync::watch::Sender<u64>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Drop for Rbac {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.lock().expect("not poisoned").take() {
-            task.abort();
-        }
-    }
+    policy: Arc<Followed<Policy>>,
 }
 
 impl Rbac {
     /// Loads the stored policy and follows its changes.
     pub(crate) async fn start(store: SharedStore) -> Arc<Self> {
-        let (mut follow, objects, from) = Follow::start(store, PREFIX, "the RBAC policy").await;
-        let mut objects = Objects(objects.into_iter().collect());
-        let rbac = Arc::new(Self {
-            policy: RwLock::new(Arc::new(objects.policy())),
-            applied: tokio::sync::watch::Sender::new(from),
-            task: Default::default(),
-        });
-        let weak = Arc::downgrade(&rbac);
-        let task = tokio::spawn(async move {
-            loop {
-                let revision = match follow.next().await {
-                    Change::Reset {
-                        objects: all,
-                        revision,
-                    } => {
-                        objects.0 = all.into_iter().collect();
-                        revision
-                    }
-                    Change::Put {
-                        key,
-                        object,
-                        revision,
-                    } => {
-                        objects.0.insert(key, object);
-                        revision
-                    }
-                    Change::Delete { key, revision } => {
-                        objects.0.remove(&key);
-                        revision
-                    }
-                };
-                let Some(rbac) = weak.upgrade() else { return };
-                *rbac.policy.write().expect("not poisoned") = Arc::new(objects.policy());
-                rbac.applied.send_replace(revision);
-            }
-        });
-        *rbac.task.lock().expect("not poisoned") = Some(task);
-        rbac
+        let policy = Followed::start(store, PREFIX.to_owned(), "the RBAC policy", |all| {
+            Objects(all).policy()
+        })
+        .await;
+        Arc::new(Self { policy })
     }
 
     fn policy(&self) -> Arc<Policy> {
-        self.policy.read().expect("not poisoned").clone()
+        self.policy.current()
     }
 
     /// Waits until the policy reflects the store at `revision` (a write of
     /// an RBAC object this server just made).
     pub(crate) async fn wait_for(&self, revision: u64) {
-        let mut applied = self.applied.subscribe();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            applied.wait_for(|r| *r >= revision),
-        )
-        .await;
+        self.policy.wait_for(revision).await
     }
 
     /// Whether a request is allowed (the per-request path: nothing is
