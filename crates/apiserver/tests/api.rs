@@ -2702,3 +2702,69 @@ async fn validating_admission_policies_deny_and_warn_as_their_bindings_say() {
     );
     c.stop().await;
 }
+
+/// A Service refused after its cluster IP was taken (here by its
+/// namespace's quota) gives the address back: a /29 range (six addresses)
+/// still holds six Services after ten refusals.
+#[tokio::test]
+async fn a_refused_service_gives_its_address_back() {
+    let c = start_with(
+        wasmkube_store::memory(),
+        Config {
+            service_cidr: (std::net::Ipv4Addr::new(10, 96, 0, 0), 29),
+            ..Config::default()
+        },
+    )
+    .await;
+    // Whatever the server made itself (the `kubernetes` Service).
+    let taken = c.get("/api/v1/services").await.1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["spec"]["clusterIP"]
+                .as_str()
+                .is_some_and(|ip| ip != "None")
+        })
+        .count();
+    for ns in ["capped", "open"] {
+        let (code, body) = c
+            .post(
+                "/api/v1/namespaces",
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+    }
+    let (code, body) = c
+        .post(
+            "/api/v1/namespaces/capped/resourcequotas",
+            json!({"apiVersion": "v1", "kind": "ResourceQuota",
+            "metadata": {"name": "none"}, "spec": {"hard": {"services": "0"}}}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let service = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"ports": [{"port": 80}]}})
+    };
+    for i in 0..10 {
+        let (code, body) = c
+            .post(
+                "/api/v1/namespaces/capped/services",
+                service(&format!("s{i}")),
+            )
+            .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    }
+    for i in 0..6 - taken {
+        let (code, body) = c
+            .post(
+                "/api/v1/namespaces/open/services",
+                service(&format!("s{i}")),
+            )
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "service {i}: {body}");
+    }
+    c.stop().await;
+}
