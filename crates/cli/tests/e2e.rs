@@ -1944,6 +1944,86 @@ fn custom_resources_with_kubectl() {
     );
 }
 
+/// A ValidatingAdmissionPolicy written with kubectl: `kubectl get` shows
+/// it and its binding in Kubernetes' columns, a Deployment over the bound
+/// limit is refused with the policy's message as kubectl prints it, and
+/// one within it is created.
+#[test]
+fn validating_admission_policies_with_kubectl() {
+    const POLICY: &str = r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: replicas.example.com
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: ["apps"]
+      apiVersions: ["v1"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["deployments"]
+  validations:
+  - expression: "object.spec.replicas <= 3"
+    message: "at most 3 replicas here"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: replicas-binding
+spec:
+  policyName: replicas.example.com
+  validationActions: [Deny]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let applied = ok(&s, &["apply", "-f", "-"], Some(POLICY));
+    assert!(
+        applied.contains(
+            "validatingadmissionpolicy.admissionregistration.k8s.io/replicas.example.com created"
+        ),
+        "{applied}"
+    );
+    let policies = ok(&s, &["get", "validatingadmissionpolicies"], None);
+    assert_eq!(
+        header(&policies),
+        ["NAME", "VALIDATIONS", "PARAMKIND", "AGE"]
+    );
+    assert!(policies.contains("replicas.example.com"), "{policies}");
+    let bindings = ok(&s, &["get", "validatingadmissionpolicybindings"], None);
+    assert_eq!(header(&bindings), ["NAME", "POLICYNAME", "PARAMREF", "AGE"]);
+    let refused = kubectl(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "big",
+            "--image=registry.local/x:1",
+            "--replicas=5",
+        ],
+        None,
+    );
+    assert!(!refused.ok, "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains(
+            "ValidatingAdmissionPolicy 'replicas.example.com' with binding 'replicas-binding' denied request: at most 3 replicas here"
+        ),
+        "{}",
+        refused.stderr
+    );
+    ok(
+        &s,
+        &[
+            "create",
+            "deployment",
+            "small",
+            "--image=registry.local/x:1",
+            "--replicas=2",
+        ],
+        None,
+    );
+}
+
 /// The server's Prometheus metrics: the API server's, the scheduler's and
 /// the controllers' under the names Kubernetes and its tools use, a watch counted while it is open,
 /// and the whole page accepted by `promtool check metrics` (Prometheus'
