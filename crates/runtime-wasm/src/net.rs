@@ -245,28 +245,45 @@ impl GuestNetwork {
                     .collect()
             }
         };
-        let addr = addrs
+        // Each address the name has that the guest may reach, in order,
+        // until one answers (as curl does: `localhost` may be ::1 first).
+        let candidates: Vec<SocketAddr> = addrs
             .into_iter()
-            .find(|a| self.may_reach(a.ip()))
+            .filter(|a| self.may_reach(a.ip()))
             .map(|a| self.route(a))
             .filter(|a| self.policy_allows(*a, Transport::Tcp))
-            .ok_or(HttpError::DestinationIpProhibited)?;
-        let socket = self
-            .make(|| {
-                if addr.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()
-                } else {
-                    tokio::net::TcpSocket::new_v6()
+            .collect();
+        if candidates.is_empty() {
+            return Err(HttpError::DestinationIpProhibited);
+        }
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut failed = HttpError::ConnectionRefused;
+        let mut connected = None;
+        for addr in candidates {
+            let socket = self
+                .make(|| {
+                    if addr.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()
+                    } else {
+                        tokio::net::TcpSocket::new_v6()
+                    }
+                })
+                .map_err(HttpError::Connect)?;
+            match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
+                Err(_) => return Err(HttpError::ConnectionTimeout),
+                Ok(Ok(stream)) => {
+                    connected = Some(stream);
+                    break;
                 }
-            })
-            .map_err(HttpError::Connect)?;
-        let stream = tokio::time::timeout(connect_timeout, socket.connect(addr))
-            .await
-            .map_err(|_| HttpError::ConnectionTimeout)?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => HttpError::ConnectionRefused,
-                _ => HttpError::Connect(e),
-            })?;
+                Ok(Err(e)) => {
+                    failed = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => HttpError::ConnectionRefused,
+                        _ => HttpError::Connect(e),
+                    }
+                }
+            }
+        }
+        let stream = connected.ok_or(failed)?;
         let _ = stream.set_nodelay(true);
         // The connection runs beside the guest until the response body is
         // read or dropped; its end is what the guest's request learns.
