@@ -355,15 +355,22 @@ async fn matches(
         &request,
     ) {
         Ok(held) => Ok(held.is_ok()),
-        Err(e) if hook.ignore_failure => {
-            tracing::warn!(webhook = hook.name, error = %e, "match condition failed; webhook skipped (failurePolicy Ignore)");
-            Ok(false)
-        }
-        Err(e) => Err(ApiError::internal(format!(
-            "failed calling webhook {:?}: {e}",
-            hook.name
-        ))),
+        Err(e) => failed(hook, e, false),
     }
+}
+
+/// A webhook that could not be called (or whose match condition could not
+/// be evaluated): `ignored` under `failurePolicy: Ignore`, else the
+/// request's error.
+fn failed<T>(hook: &AdmissionWebhook, e: String, ignored: T) -> ApiResult<T> {
+    if hook.ignore_failure {
+        tracing::warn!(webhook = hook.name, error = %e, "admission webhook failed; ignored (failurePolicy Ignore)");
+        return Ok(ignored);
+    }
+    Err(ApiError::internal(format!(
+        "failed calling webhook {:?}: {e}",
+        hook.name
+    )))
 }
 
 /// The `request` of an AdmissionReview (and of a policy's expressions).
@@ -464,14 +471,7 @@ async fn call(
     let started = std::time::Instant::now();
     let outcome = match exchange(server, hook, attrs, object, old).await {
         Ok(answer) => answer.apply(hook, object, warnings),
-        Err(e) if hook.ignore_failure => {
-            tracing::warn!(webhook = hook.name, error = %e, "admission webhook failed; ignored (failurePolicy Ignore)");
-            Ok(None)
-        }
-        Err(e) => Err(ApiError::internal(format!(
-            "failed calling webhook {:?}: {e}",
-            hook.name
-        ))),
+        Err(e) => failed(hook, e, None),
     };
     let rejected = outcome.is_err();
     METRICS

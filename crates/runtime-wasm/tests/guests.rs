@@ -375,6 +375,27 @@ where
     let _ = s.shutdown().await;
 }
 
+/// Serves an HTTP function on a loopback port: its address and the task.
+async fn serve_http(
+    rt: std::sync::Arc<WasmRuntime>,
+    proxy: wasmkube_runtime_wasm::PreparedProxy,
+    spec: ContainerSpec,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(rt.serve_http(
+        proxy,
+        std::sync::Arc::new(spec),
+        listener,
+        4,
+        std::future::pending(),
+    ));
+    (addr, server)
+}
+
 /// An upstream on loopback, over TLS with `tls`.
 async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -439,15 +460,7 @@ async fn an_http_function_calls_out_over_https_trusting_the_cluster_ca() {
             let proxy = rt
                 .prepare_proxy(&rt.load_component(&component("http_fetch")).unwrap())
                 .unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(rt.serve_http(
-                proxy,
-                std::sync::Arc::new(s),
-                listener,
-                4,
-                std::future::pending(),
-            ));
+            let (addr, server) = serve_http(rt, proxy, s).await;
             let answer = get(addr, "/secure?x=1").await;
             server.abort();
             answer
@@ -481,18 +494,7 @@ async fn an_http_function_calls_out_from_its_pod_network_and_only_there() {
         s.network = network;
         let rt = rt.clone();
         let proxy = proxy.clone();
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(rt.serve_http(
-                proxy,
-                std::sync::Arc::new(s),
-                listener,
-                4,
-                std::future::pending(),
-            ));
-            (addr, server)
-        }
+        async move { serve_http(rt, proxy, s).await }
     };
 
     // In its pod's network: the connection is made there and goes through.
