@@ -318,6 +318,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // pod first touches, are shared with the page cache.
     let mut all_idle = Vec::new();
     let mut steady = Vec::new();
+    let mut anon_before = agent.settled_anon_mib().await;
     for (group, initial, tag) in [
         ("never-started", "0", "n"),
         ("started-once", "1", "a"),
@@ -326,7 +327,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         let before = server.rss_mib();
         let agent_before = agent.rss_mib();
-        let anon_before = agent.rss_anon_mib();
         let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{tag}-{i}")).collect();
         let annotations = json!({"autoscaling.knative.dev/window": WINDOW,
             "autoscaling.knative.dev/initial-scale": initial});
@@ -343,9 +343,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await;
         wait_ready(&services, &idle).await?;
         wait_zero(&pods, &idle).await?;
+        let anon_after = agent.settled_anon_mib().await;
         let after = server.rss_mib();
         let agent_after = agent.rss_mib();
-        let anon_after = agent.rss_anon_mib();
         let per = |before: f64, after: f64| (after - before) * 1024.0 / args.idle as f64;
         println!(
             "functions scaled to zero ({} of them, one module, {group})",
@@ -367,6 +367,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             (after - before).max(0.0) * 1024.0 / args.idle as f64
         );
         all_idle.extend(idle);
+        anon_before = anon_after;
     }
     println!(
         "  a started function at zero, once the node has run pods: {:.0} KiB of anonymous memory (mean of the later groups)",

@@ -271,6 +271,28 @@ impl KillOnDrop {
     pub fn rss_anon_mib(&self) -> f64 {
         rss_anon_kib(self.0.id()).unwrap_or(0) as f64 / 1024.0
     }
+
+    /// The process's anonymous memory once it has stopped moving: read
+    /// every half second until five seconds of readings lie within a
+    /// quarter of a MiB (the allocator hands freed pages back a while
+    /// after the work that freed them ends), or for a minute at most.
+    pub async fn settled_anon_mib(&self) -> f64 {
+        let mut readings = std::collections::VecDeque::new();
+        for _ in 0..120 {
+            readings.push_back(self.rss_anon_mib());
+            if readings.len() > 10 {
+                readings.pop_front();
+                let (lo, hi) = readings
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+                if hi - lo < 0.25 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        readings.back().copied().unwrap_or_default()
+    }
 }
 
 impl Drop for KillOnDrop {

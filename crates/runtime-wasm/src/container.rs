@@ -83,6 +83,7 @@ impl WasmContainers {
         let guests = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("wasm-guest")
+            .on_thread_park(wasmkube_runtime::thread_idle)
             .enable_all()
             .build()
             .map_err(|e| crate::Error::Engine(format!("guest executor: {e}")))?;

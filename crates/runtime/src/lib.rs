@@ -9,8 +9,8 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// What an image turned out to be, from its manifest's media types.
@@ -534,5 +534,23 @@ impl std::fmt::Debug for ExecProcess {
         f.debug_struct("ExecProcess")
             .field("tty", &self.stderr.is_none())
             .finish_non_exhaustive()
+    }
+}
+
+/// What the process does when one of its executor threads runs out of
+/// work: set once by the binary (which owns the allocator), called by every
+/// executor a runtime builds, so memory a burst of pods freed is handed
+/// back whichever threads freed it.
+static THREAD_IDLE: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what [`thread_idle`] does, once for the process.
+pub fn set_thread_idle_hook(hook: fn()) {
+    let _ = THREAD_IDLE.set(hook);
+}
+
+/// For an executor's `on_thread_park`: runs the process's idle hook, if any.
+pub fn thread_idle() {
+    if let Some(hook) = THREAD_IDLE.get() {
+        hook();
     }
 }
