@@ -342,11 +342,8 @@ impl Ctx {
     pub(crate) fn pod_at_node_port(
         &self,
         port: u16,
-    ) -> Option<(k8s_openapi::api::core::v1::Pod, u16)> {
-        let handles: Vec<(
-            Arc<Mutex<pod::PodState>>,
-            Option<k8s_openapi::api::core::v1::Pod>,
-        )> = self
+    ) -> Option<(Arc<k8s_openapi::api::core::v1::Pod>, u16)> {
+        let handles: Vec<(Arc<Mutex<pod::PodState>>, _)> = self
             .pods
             .lock()
             .expect("pods lock")
@@ -548,7 +545,10 @@ impl Agent {
 async fn watch_pods(ctx: Arc<Ctx>) -> Result<(), Error> {
     let api: Api<Pod> = Api::all(ctx.client.clone());
     let selector = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.name));
-    let mut stream = std::pin::pin!(watcher(api, selector).default_backoff());
+    // Who wrote which field is for the API server: kept, it would be most
+    // of every copy of a pod the agent holds.
+    let pods = watcher(api, selector).modify(|p: &mut Pod| p.metadata.managed_fields = None);
+    let mut stream = std::pin::pin!(pods.default_backoff());
     // Uids seen in a relist: pods missing from it were deleted meanwhile.
     let mut relisted = std::collections::HashSet::new();
     let mut reaped = false;

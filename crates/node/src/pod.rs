@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Secret};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
@@ -44,13 +44,13 @@ const ERR_IMAGE_PULL_HOLD: Duration = Duration::from_secs(2);
 pub(crate) struct Handle {
     pub namespace: String,
     pub name: String,
-    tx: watch::Sender<Option<Pod>>,
+    tx: watch::Sender<Option<Arc<Pod>>>,
     pub state: Arc<Mutex<PodState>>,
 }
 
 impl Handle {
     /// The pod as last seen.
-    pub fn pod(&self) -> Option<Pod> {
+    pub fn pod(&self) -> Option<Arc<Pod>> {
         self.tx.borrow().clone()
     }
 
@@ -165,7 +165,7 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let mut pods = ctx.pods.lock().expect("pods lock");
     if let Some(h) = pods.get(&uid) {
-        h.tx.send_replace(Some(pod));
+        h.tx.send_replace(Some(Arc::new(pod)));
         return;
     }
     if ctx.gone.lock().expect("gone lock").contains(&uid) {
@@ -197,6 +197,7 @@ pub(crate) fn update(ctx: &Arc<Ctx>, pod: Pod) {
         sandbox_failed: false,
         node_ports: Vec::new(),
     }));
+    let pod = Arc::new(pod);
     let (tx, rx) = watch::channel(Some(pod.clone()));
     pods.insert(
         uid.clone(),
@@ -352,7 +353,7 @@ type Stop = Option<Instant>;
 struct Worker {
     ctx: Arc<Ctx>,
     uid: String,
-    pod: watch::Receiver<Option<Pod>>,
+    pod: watch::Receiver<Option<Arc<Pod>>>,
     state: Arc<Mutex<PodState>>,
     changed: Arc<Notify>,
 }
@@ -366,7 +367,7 @@ enum Outcome {
 }
 
 impl Worker {
-    fn latest(&self) -> Option<Pod> {
+    fn latest(&self) -> Option<Arc<Pod>> {
         self.pod.borrow().clone()
     }
 
@@ -423,7 +424,10 @@ impl Worker {
         let run = Arc::new(PodRun {
             ctx: self.ctx.clone(),
             pod: self.pod.clone(),
-            last: Mutex::new(pod.clone()),
+            last: Mutex::new(Seen {
+                pod: pod.clone(),
+                with_ip: pod.clone(),
+            }),
             state: self.state.clone(),
             changed: self.changed.clone(),
             stop: stop_rx,
@@ -637,7 +641,7 @@ fn keep_written_conditions(pod: &mut Pod, written: Option<&Value>) {
 /// skipping writes that would change nothing.
 async fn status_writer(
     ctx: Arc<Ctx>,
-    pod_rx: watch::Receiver<Option<Pod>>,
+    pod_rx: watch::Receiver<Option<Arc<Pod>>>,
     state: Arc<Mutex<PodState>>,
     changed: Arc<Notify>,
     start_time: DateTime<Utc>,
@@ -645,7 +649,9 @@ async fn status_writer(
 ) {
     let mut last: Option<Value> = None;
     loop {
-        let Some(mut pod) = pod_rx.borrow().clone() else {
+        // A copy for this write only (none is held while waiting), boxed:
+        // the writer's task keeps a pointer's room for it, not a pod's.
+        let Some(mut pod) = pod_rx.borrow().as_deref().cloned().map(Box::new) else {
             return;
         };
         keep_written_conditions(&mut pod, last.as_ref());
@@ -657,6 +663,7 @@ async fn status_writer(
             st.sandbox.is_none() && !st.sandbox_failed && st.forced.is_none()
         };
         if first_awaits_network {
+            drop(pod);
             changed.notified().await;
             continue;
         }
@@ -686,14 +693,12 @@ async fn status_writer(
                 pod.metadata.namespace.as_deref().unwrap_or_default(),
             );
             let name = pod.metadata.name.clone().unwrap_or_default();
-            match api
-                .patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"status": status})),
-                )
-                .await
-            {
+            // Boxed: the writer waits far longer than it writes.
+            let (params, patch) = (
+                PatchParams::default(),
+                Patch::Merge(json!({"status": status})),
+            );
+            match Box::pin(api.patch_status(&name, &params, &patch)).await {
                 Ok(_) => last = Some(status),
                 Err(kube::Error::Api(e)) if e.code == 404 => return,
                 Err(e) => {
@@ -703,6 +708,7 @@ async fn status_writer(
                 }
             }
         }
+        drop(pod);
         changed.notified().await;
     }
 }
@@ -710,30 +716,43 @@ async fn status_writer(
 /// A pod while its containers run.
 struct PodRun {
     ctx: Arc<Ctx>,
-    pod: watch::Receiver<Option<Pod>>,
+    pod: watch::Receiver<Option<Arc<Pod>>>,
     /// The pod as last seen: what the containers go on with while they are
     /// stopped after it is gone from the API.
-    last: Mutex<Pod>,
+    last: Mutex<Seen>,
     state: Arc<Mutex<PodState>>,
     changed: Arc<Notify>,
     stop: watch::Receiver<Stop>,
 }
 
+/// The pod as last seen, and the same with its IP: the copy every task of a
+/// running pod shares, made again only when either changes.
+struct Seen {
+    pod: Arc<Pod>,
+    with_ip: Arc<Pod>,
+}
+
 impl PodRun {
     /// The pod as last seen, with its IP once it has one (for the
     /// downward API).
-    fn pod(&self) -> Pod {
+    fn pod(&self) -> Arc<Pod> {
         let current = self.pod.borrow().clone();
+        let ip =
+            (self.state.lock().expect("pod state").sandbox.as_ref()).map(|sb| sb.ip.to_string());
         let mut last = self.last.lock().expect("last pod");
-        if let Some(p) = current {
-            *last = p;
+        if let Some(p) = current
+            && !Arc::ptr_eq(&p, &last.pod)
+        {
+            last.with_ip = p.clone();
+            last.pod = p;
         }
-        let mut pod = last.clone();
-        drop(last);
-        if let Some(sb) = &self.state.lock().expect("pod state").sandbox {
-            pod.status.get_or_insert_with(Default::default).pod_ip = Some(sb.ip.to_string());
+        let pod_ip = last.with_ip.status.as_ref().and_then(|s| s.pod_ip.as_ref());
+        if ip.is_some() && pod_ip != ip.as_ref() {
+            let mut pod = (*last.pod).clone();
+            pod.status.get_or_insert_with(Default::default).pod_ip = ip;
+            last.with_ip = Arc::new(pod);
         }
-        pod
+        last.with_ip.clone()
     }
 
     /// The container waits with `reason` (its state says so) for `delay`;
@@ -896,7 +915,7 @@ impl PodRun {
     }
 
     async fn lifecycle(self: Arc<Self>) {
-        if !self.sandbox(&self.pod()).await {
+        if !Box::pin(self.sandbox(&self.pod())).await {
             return;
         }
         // Gone from the API while its network was being made: the worker
@@ -911,7 +930,8 @@ impl PodRun {
         // at first, as the kubelet's volume manager does, then back off.
         let mut delay = MOUNT_RETRY_INITIAL.min(self.ctx.config.backoff.initial);
         let (volumes, _fresh_tokens) = loop {
-            match spec::volumes(&self.ctx, &pod, &dir).await {
+            // Boxed: the pod's task holds none of it once it is done.
+            match Box::pin(spec::volumes(&self.ctx, &pod, &dir)).await {
                 Ok((v, projected)) => {
                     // Kept up to date (tokens replaced before they
                     // expire) for as long as this lifecycle (the pod) runs.
@@ -937,21 +957,24 @@ impl PodRun {
             }
         };
         self.set(|s| s.sandbox_ready = true);
-        let spec = pod.spec.clone().unwrap_or_default();
+        let no_spec = PodSpec::default();
+        let spec = pod.spec.as_ref().unwrap_or(&no_spec);
         for c in spec.init_containers.iter().flatten() {
-            match self
-                .clone()
-                .container(c.clone(), true, volumes.clone())
-                .await
+            // Boxed: an init container's run is over before the pod's.
+            match Box::pin(
+                self.clone()
+                    .container(Box::new(c.clone()), true, volumes.clone()),
+            )
+            .await
             {
                 Outcome::Succeeded => {}
                 Outcome::Failed | Outcome::Stopped => return,
             }
         }
-        let runs = spec
-            .containers
-            .iter()
-            .map(|c| tokio::spawn(self.clone().container(c.clone(), false, volumes.clone())));
+        let runs = spec.containers.iter().map(|c| {
+            let c = Box::new(c.clone());
+            tokio::spawn(self.clone().container(c, false, volumes.clone()))
+        });
         for r in futures::future::join_all(runs).await {
             if let Err(e) = r {
                 tracing::error!(error = %e, "a container task failed");
@@ -1354,7 +1377,8 @@ impl PodRun {
     /// the pod stops.
     async fn container(
         self: Arc<Self>,
-        c: Container,
+        // Boxed: the container's task holds it for its whole run.
+        c: Box<Container>,
         init: bool,
         volumes: Arc<HashMap<String, Volume>>,
     ) -> Outcome {
@@ -1375,7 +1399,10 @@ impl PodRun {
                 return Outcome::Stopped;
             }
             // 1. The image.
-            let image = match self.pull(&c).await {
+            // Boxed, as every large step before the run: a running pod's
+            // task holds only what its run needs, not the largest step's
+            // state.
+            let image = match Box::pin(self.pull(&c)).await {
                 Ok((image, took, pulled)) => {
                     pull_delay = backoff.initial;
                     let message = if pulled {
@@ -1439,9 +1466,9 @@ impl PodRun {
                 }
             };
             // 2. Its configuration, and the image made ready to start.
-            let prepared = match spec::container(&self.ctx, &pod, &c, &volumes).await {
+            let prepared = match Box::pin(spec::container(&self.ctx, &pod, &c, &volumes)).await {
                 Err(e) => Err(("CreateContainerConfigError", e.0)),
-                Ok(resolved) => match self.runtime_for(&pod, &image).await {
+                Ok(resolved) => match Box::pin(self.runtime_for(&pod, &image)).await {
                     Err(m) => Err(("CreateContainerError", m)),
                     Ok(runtime) => match runtime.prepare(&image).await {
                         Ok(()) => Ok((resolved, runtime)),
@@ -1766,7 +1793,7 @@ impl PodRun {
                         () = stop_requested(self.stop.clone()) => {
                             let deadline = self.stop_at();
                             self.event(Some(&name), Kind::Normal, "Killing", format!("Stopping container {name}"));
-                            self.stop_container(&c, &mut running, deadline).await
+                            Box::pin(self.stop_container(&c, &mut running, deadline)).await
                         }
                     }
                 }

@@ -406,7 +406,7 @@ impl Projected {
 
 /// Keeps a running pod's such volumes up to date (see the module's
 /// documentation); runs until aborted with the pod.
-pub(crate) async fn keep_fresh(ctx: Arc<Ctx>, mut pod: Pod, mut volumes: Vec<Projected>) {
+pub(crate) async fn keep_fresh(ctx: Arc<Ctx>, mut pod: Arc<Pod>, mut volumes: Vec<Projected>) {
     if volumes.is_empty() {
         return;
     }
@@ -427,7 +427,7 @@ pub(crate) async fn keep_fresh(ctx: Arc<Ctx>, mut pod: Pod, mut volumes: Vec<Pro
                 .get_opt(pod.metadata.name.as_deref().unwrap_or_default())
                 .await
             {
-                Ok(Some(now)) if now.metadata.uid == pod.metadata.uid => pod = now,
+                Ok(Some(now)) if now.metadata.uid == pod.metadata.uid => pod = Arc::new(now),
                 Ok(_) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read the pod for its downward API files")

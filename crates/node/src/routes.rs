@@ -54,7 +54,7 @@ pub(crate) struct NodeRoutes {
     backends: Option<Arc<dyn ServiceBackends>>,
     policies: Option<Arc<dyn NetworkPolicies>>,
     /// The guest's pod.
-    pod: Pod,
+    pod: Arc<Pod>,
     ctx: Weak<Ctx>,
     /// Where the node's pods listen: its address.
     address: IpAddr,
@@ -63,7 +63,7 @@ pub(crate) struct NodeRoutes {
 }
 
 impl NodeRoutes {
-    pub(crate) fn new(pod: Pod, ctx: &Arc<Ctx>) -> Arc<Self> {
+    pub(crate) fn new(pod: Arc<Pod>, ctx: &Arc<Ctx>) -> Arc<Self> {
         Arc::new(Self {
             backends: ctx.config.service_backends.clone(),
             policies: ctx.config.network_policies.clone(),
@@ -129,7 +129,7 @@ impl wasmkube_runtime::ServiceRoutes for NodeRoutes {
         policies.may_connect(
             &self.pod,
             to,
-            to_pod.as_ref().map(|(p, port)| (p, *port)),
+            to_pod.as_ref().map(|(p, port)| (&**p, *port)),
             transport,
         )
     }
