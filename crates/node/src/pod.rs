@@ -732,6 +732,26 @@ struct Seen {
     with_ip: Arc<Pod>,
 }
 
+impl Seen {
+    /// The pod with its IP, after `current` (the API's latest, unless it is
+    /// gone) and the sandbox's `ip` (once it has one).
+    fn update(&mut self, current: Option<Arc<Pod>>, ip: Option<String>) -> Arc<Pod> {
+        if let Some(p) = current
+            && !Arc::ptr_eq(&p, &self.pod)
+        {
+            self.with_ip = p.clone();
+            self.pod = p;
+        }
+        let pod_ip = self.with_ip.status.as_ref().and_then(|s| s.pod_ip.as_ref());
+        if ip.is_some() && pod_ip != ip.as_ref() {
+            let mut pod = (*self.pod).clone();
+            pod.status.get_or_insert_with(Default::default).pod_ip = ip;
+            self.with_ip = Arc::new(pod);
+        }
+        self.with_ip.clone()
+    }
+}
+
 impl PodRun {
     /// The pod as last seen, with its IP once it has one (for the
     /// downward API).
@@ -739,20 +759,7 @@ impl PodRun {
         let current = self.pod.borrow().clone();
         let ip =
             (self.state.lock().expect("pod state").sandbox.as_ref()).map(|sb| sb.ip.to_string());
-        let mut last = self.last.lock().expect("last pod");
-        if let Some(p) = current
-            && !Arc::ptr_eq(&p, &last.pod)
-        {
-            last.with_ip = p.clone();
-            last.pod = p;
-        }
-        let pod_ip = last.with_ip.status.as_ref().and_then(|s| s.pod_ip.as_ref());
-        if ip.is_some() && pod_ip != ip.as_ref() {
-            let mut pod = (*last.pod).clone();
-            pod.status.get_or_insert_with(Default::default).pod_ip = ip;
-            last.with_ip = Arc::new(pod);
-        }
-        last.with_ip.clone()
+        self.last.lock().expect("last pod").update(current, ip)
     }
 
     /// The container waits with `reason` (its state says so) for `delay`;
@@ -1929,6 +1936,50 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_pods_tasks_share_one_copy_of_it_with_its_ip() {
+        let pod = |rv: &str| {
+            let mut p = Pod::default();
+            p.metadata.resource_version = Some(rv.into());
+            Arc::new(p)
+        };
+        let first = pod("1");
+        let mut seen = Seen {
+            pod: first.clone(),
+            with_ip: first.clone(),
+        };
+        // No IP yet: the watched copy itself.
+        assert!(Arc::ptr_eq(&seen.update(Some(first.clone()), None), &first));
+        // With its IP: one copy, made once and then shared.
+        let ip = Some("10.88.0.7".to_owned());
+        let a = seen.update(Some(first.clone()), ip.clone());
+        assert_eq!(a.status.as_ref().unwrap().pod_ip, ip);
+        assert!(!Arc::ptr_eq(&a, &first));
+        assert!(Arc::ptr_eq(
+            &seen.update(Some(first.clone()), ip.clone()),
+            &a
+        ));
+        // A newer pod from the API: its fields, still with the IP.
+        let second = pod("2");
+        let b = seen.update(Some(second.clone()), ip.clone());
+        assert_eq!(b.metadata.resource_version.as_deref(), Some("2"));
+        assert_eq!(b.status.as_ref().unwrap().pod_ip, ip);
+        // Gone from the API: the containers go on with the last one seen.
+        assert!(Arc::ptr_eq(&seen.update(None, ip.clone()), &b));
+        // A pod that already reports the IP is shared as it is.
+        let reported = Arc::new(Pod {
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: ip.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(Arc::ptr_eq(
+            &seen.update(Some(reported.clone()), ip),
+            &reported
+        ));
+    }
 
     #[test]
     fn transition_times_come_from_the_last_write_not_an_older_watched_one() {
