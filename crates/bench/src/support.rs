@@ -273,9 +273,9 @@ impl KillOnDrop {
     }
 
     /// The process's anonymous memory once it has stopped moving: read
-    /// every half second until five seconds of readings lie within a
-    /// quarter of a MiB (the allocator hands freed pages back a while
-    /// after the work that freed them ends), or for a minute at most.
+    /// every half second until the last ten readings lie within a quarter
+    /// of a MiB (the allocator hands freed pages back a while after the
+    /// work that freed them ends), or for a minute at most.
     pub async fn settled_anon_mib(&self) -> f64 {
         let mut readings = std::collections::VecDeque::new();
         for _ in 0..120 {
