@@ -22,6 +22,7 @@ pub use node_proxy::{
 mod fields;
 mod follow;
 pub mod identity;
+mod listen;
 mod merge_keys;
 mod metrics;
 mod node_proxy;
@@ -35,7 +36,6 @@ mod rest;
 mod services;
 mod storage;
 mod storage_metrics;
-mod tls;
 mod watch;
 mod watch_cache;
 mod watch_socket;
@@ -202,7 +202,7 @@ pub async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     router: Router,
 ) -> std::io::Result<()> {
-    tls::serve(listener, tls, router).await
+    listen::serve(listener, Some(tls), router).await
 }
 
 impl ApiServer {
@@ -324,20 +324,13 @@ impl ApiServer {
         self.store.current_revision()
     }
 
-    /// Serves the API on `listener` until the future is dropped or fails.
-    /// Sockets get `TCP_NODELAY`: watch streams write small frames, which
-    /// Nagle's algorithm would hold back for delayed ACKs (tens of ms).
+    /// Serves the API on `listener` (plain TCP; see `listen.rs`) until the
+    /// future is dropped or fails.
     pub async fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|socket| {
-            if let Err(e) = socket.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, self.router()).await
+        listen::serve(listener, None, self.router()).await
     }
 
-    /// Serves the API over TLS on `listener` (see `tls.rs`): client
+    /// Serves the API over TLS on `listener` (see `listen.rs`): client
     /// certificates the configuration verifies authenticate their
     /// connections' requests.
     pub async fn serve_tls(
@@ -345,7 +338,7 @@ impl ApiServer {
         listener: tokio::net::TcpListener,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<()> {
-        tls::serve(listener, tls, self.router()).await
+        listen::serve(listener, Some(tls), self.router()).await
     }
 
     /// The HTTP routes.

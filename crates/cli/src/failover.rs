@@ -1,5 +1,6 @@
-//! A Kubernetes client that knows several API servers and moves to another
-//! when the one it uses stops answering: each new connection goes to the
+//! Connecting to one of several API servers, moving to another when the
+//! one in use stops answering (the connector under
+//! [`crate::api_client`]): each new connection goes to the
 //! server that last accepted one, and on a refused or timed-out connect to
 //! the next in turn. A dead server's connections fail, the client's watches
 //! (kube-runtime watchers) reconnect through this connector to a live server
@@ -15,8 +16,6 @@ use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use kube::client::ConfigExt;
 
 /// How long one connect attempt may take before the next server is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -113,56 +112,6 @@ where
             }
         })
     }
-}
-
-/// A client for `config` that fails over between `servers` (URLs of the
-/// same cluster's API servers; `config.cluster_url` is the first).
-pub fn client(config: kube::Config, servers: &[Uri]) -> anyhow::Result<kube::Client> {
-    let mut authorities = Vec::new();
-    let scheme = servers.first().and_then(|s| s.scheme().cloned());
-    for s in servers {
-        if s.scheme() != scheme.as_ref() {
-            anyhow::bail!("every --server URL must use the same scheme (got {s})");
-        }
-        let authority = s
-            .authority()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("--server {s} names no host"))?;
-        authorities.push(authority);
-    }
-    if scheme == Some(http::uri::Scheme::HTTPS) {
-        let tls = config.rustls_https_connector_with_connector(tcp())?;
-        build(config, FailoverConnector::over(tls, authorities))
-    } else {
-        build(config, FailoverConnector::new(authorities))
-    }
-}
-
-pub(crate) fn build<C>(
-    config: kube::Config,
-    connector: FailoverConnector<C>,
-) -> anyhow::Result<kube::Client>
-where
-    FailoverConnector<C>: tower::Service<Uri> + Clone + Send + Sync + 'static,
-    <FailoverConnector<C> as tower::Service<Uri>>::Response:
-        hyper::rt::Read
-            + hyper::rt::Write
-            + hyper_util::client::legacy::connect::Connection
-            + Unpin
-            + Send,
-    <FailoverConnector<C> as tower::Service<Uri>>::Future: Send + Unpin,
-    <FailoverConnector<C> as tower::Service<Uri>>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
-    let service = tower::ServiceBuilder::new()
-        .layer(config.base_uri_layer())
-        .option_layer(config.auth_layer()?)
-        .layer(config.extra_headers_layer()?)
-        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        .service(http);
-    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 #[cfg(test)]

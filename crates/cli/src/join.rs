@@ -232,7 +232,7 @@ pub async fn join(
         &Default::default(),
     )
     .await?;
-    let client = kube::Client::try_from(config)?;
+    let client = crate::api_client::client(config, &[])?;
     let (who, issued) = crate::node_cert::ask(&client, name)
         .await
         .context("the server refused the join (is the token this cluster's?)")?;

@@ -67,7 +67,7 @@ pub async fn client_with(
 ) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::from_yaml(&text(server_url, user, credentials))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
+    crate::api_client::client(config, &[])
 }
 
 /// The servers of one cluster a kubeconfig names: the current context's
@@ -142,10 +142,7 @@ pub async fn client(path: Option<&Path>, servers: &[String]) -> anyhow::Result<k
     if let Some(url) = urls.first() {
         config.cluster_url = url.clone();
     }
-    if urls.len() > 1 {
-        return crate::failover::client(config, &urls);
-    }
-    Ok(kube::Client::try_from(config)?)
+    crate::api_client::client(config, &urls)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The `wasmkube` command: parse the command line, set up logging, run.
 
 mod agent;
+mod api_client;
 mod failover;
 mod join;
 mod kubeconfig;

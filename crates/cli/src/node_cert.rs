@@ -70,7 +70,7 @@ pub fn client(path: &Path, servers: &[String]) -> anyhow::Result<NodeClient> {
         rotation: rotation.clone(),
     };
     let config = kube::Config::new(urls[0].clone());
-    let client = crate::failover::build(
+    let client = crate::api_client::build(
         config,
         crate::failover::FailoverConnector::over(connector, authorities),
     )?;

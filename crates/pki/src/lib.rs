@@ -566,7 +566,8 @@ fn certified(pair: &Issued) -> Result<Arc<rustls::sign::CertifiedKey>> {
 }
 
 /// A client trusting only the CA(s) in `ca_pem`, presenting whatever
-/// certificate `slot` holds at each handshake. HTTP/1.1.
+/// certificate `slot` holds at each handshake. HTTP/2 (a node agent's API
+/// connection).
 pub fn client_tls_rotating(
     ca_pem: &str,
     slot: Arc<ClientCertSlot>,
@@ -576,7 +577,7 @@ pub fn client_tls_rotating(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca_pem)?)
         .with_client_cert_resolver(slot);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
