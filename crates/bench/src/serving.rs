@@ -13,7 +13,8 @@
 //!   is the time until 10 pods are ready.
 //! - **cost at zero**: the node agent's RSS (a `wasmkube agent` process of
 //!   its own: its caches, the gateway's table; no pod) and the control
-//!   plane's grow by this much per function scaled to zero.
+//!   plane's grow by this much per function scaled to zero; beside it, the
+//!   agent's established connections to the API server.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -38,9 +39,14 @@ pub struct Args {
     /// Clients after the load step (from one).
     #[arg(long, default_value = "10")]
     step: usize,
-    /// Functions scaled to zero for the cost figure.
+    /// Functions scaled to zero for the cost figure, per group.
     #[arg(long, default_value = "50")]
     idle: usize,
+    /// Groups of functions that ran a pod once, after the first such group
+    /// (which pays for the node's first burst of pods): the per-function
+    /// figure is their mean, so more groups read it finer.
+    #[arg(long, default_value = "4")]
+    later_groups: usize,
     /// The wasmkube binary to measure (default: next to this one).
     #[arg(long)]
     binary: Option<PathBuf>,
@@ -310,21 +316,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Groups: functions that never had a pod (initial scale 0: what the
     // node keeps of a function is its caches), then functions that each
     // ran a pod first (initial scale 1) and went back to zero, then as many
-    // again, twice: the first started group pays once for what a burst of
-    // that many pods at a time leaves (the allocator's pages, the Wasm
-    // memory slots the pods used), the later ones show what a function at
-    // zero costs a node that has run such a burst. Anonymous
+    // again, `--later-groups` times: the first started group pays once for
+    // what a burst of that many pods at a time leaves (the allocator's
+    // pages, the Wasm memory slots the pods used), the later ones show what
+    // a function at zero costs a node that has run such a burst. Anonymous
     // memory is read beside RSS: the binary's own pages, which running a
     // pod first touches, are shared with the page cache.
     let mut all_idle = Vec::new();
     let mut steady = Vec::new();
     let mut anon_before = agent.settled_anon_mib().await;
-    for (group, initial, tag) in [
-        ("never-started", "0", "n"),
-        ("started-once", "1", "a"),
-        ("started-once, a second group", "1", "b"),
-        ("started-once, a third group", "1", "c"),
-    ] {
+    let groups = [
+        ("never-started".to_owned(), "0", "n".to_owned()),
+        ("started-once".to_owned(), "1", "a".to_owned()),
+    ]
+    .into_iter()
+    .chain((1..=args.later_groups).map(|k| {
+        (
+            format!("started-once, later group {k} of {}", args.later_groups),
+            "1",
+            format!("l{k}"),
+        )
+    }));
+    for (group, initial, tag) in groups {
         let before = server.rss_mib();
         let agent_before = agent.rss_mib();
         let idle: Vec<String> = (0..args.idle).map(|i| format!("idle-{tag}-{i}")).collect();
@@ -359,9 +372,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "  agent anonymous memory        {:.0} KiB per function  ({anon_before:.1} MiB before, {anon_after:.1} MiB after)",
             per(anon_before, anon_after)
         );
-        if tag == "b" || tag == "c" {
+        if tag.starts_with('l') {
             steady.push(per(anon_before, anon_after));
         }
+        println!(
+            "  agent connections to the API server  {}",
+            crate::support::connections_to(agent.0.id(), server.port())
+                .map_or_else(|e| format!("unknown ({e})"), |n| n.to_string())
+        );
         println!(
             "  server RSS per function       {:.0} KiB  ({before:.0} MiB before, {after:.0} MiB after; API server, controllers)",
             (after - before).max(0.0) * 1024.0 / args.idle as f64
@@ -369,10 +387,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         all_idle.extend(idle);
         anon_before = anon_after;
     }
-    println!(
-        "  a started function at zero, once the node has run pods: {:.0} KiB of anonymous memory (mean of the later groups)",
-        steady.iter().sum::<f64>() / steady.len() as f64
-    );
+    if !steady.is_empty() {
+        let n = steady.len() as f64;
+        let mean = steady.iter().sum::<f64>() / n;
+        let (lo, hi) = steady
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        // The standard error of the mean: how finely these groups read it.
+        let error = if steady.len() > 1 {
+            (steady.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+        } else {
+            f64::NAN
+        };
+        println!(
+            "  a started function at zero, once the node has run pods: {mean:.0} ± {error:.0} KiB of anonymous memory (mean of {} later groups, standard error; from {lo:.0} to {hi:.0})",
+            steady.len()
+        );
+    }
     let idle = all_idle;
     services
         .delete_collection(&Default::default(), &Default::default())

@@ -96,6 +96,11 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
+    /// The loopback port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Starts the server and waits for `/readyz`; returns it with the time
     /// from exec to ready.
     pub async fn start(binary: &std::path::Path) -> anyhow::Result<(Self, Duration)> {
@@ -293,6 +298,50 @@ impl KillOnDrop {
         }
         readings.back().copied().unwrap_or_default()
     }
+}
+
+/// How many established TCP connections process `pid` holds to `port`
+/// (its sockets, found through its file descriptors, in its network
+/// namespace's TCP tables).
+pub fn connections_to(pid: u32, port: u16) -> std::io::Result<usize> {
+    let mut sockets = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            sockets.insert(inode);
+        }
+    }
+    let mut established = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st ... inode (the tenth field)
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "01"
+                && remote_port == Some(port)
+                && inode.parse().is_ok_and(|i: u64| sockets.contains(&i))
+            {
+                established += 1;
+            }
+        }
+    }
+    Ok(established)
 }
 
 impl Drop for KillOnDrop {

@@ -180,10 +180,13 @@ fn serving_bench_smoke() {
         "2",
         "--idle",
         "2",
+        "--later-groups",
+        "1",
     ]);
     // The test script runs as root: pods get their own IPs.
     assert!(out.contains("peer: warm pod"), "{out}");
     assert!(out.contains("agent RSS per function"), "{out}");
+    assert!(out.contains("agent connections to the API server"), "{out}");
 }
 
 #[test]
