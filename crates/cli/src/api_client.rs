@@ -7,8 +7,9 @@
 //! connection per server carries all of a component's requests and
 //! watches: a burst of a node's pods leaves one connection behind, not one
 //! per request that was in flight, and concurrent first requests wait for
-//! the one connection being made instead of each opening its own (which
-//! HTTP/1.1 with an HTTP/2 upgrade by ALPN would do). Connections go
+//! the one connection being made instead of each opening its own (as a
+//! client that learns the protocol from each new connection's ALPN does:
+//! the TLS test below caught that). Connections go
 //! through [`FailoverConnector`], so a client given several servers moves
 //! to another when one stops answering.
 
@@ -51,7 +52,7 @@ pub fn client(config: kube::Config, servers: &[Uri]) -> anyhow::Result<kube::Cli
     if scheme == Some(http::uri::Scheme::HTTPS) {
         let mut tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config.rustls_client_config()?)
-            .https_or_http();
+            .https_only();
         if let Some(name) = &config.tls_server_name {
             tls = tls.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
                 name.clone().try_into()?,
