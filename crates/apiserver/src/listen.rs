@@ -22,9 +22,6 @@ use crate::auth::{Peer, RemoteAddr};
 /// agent's watches and a burst of its pods' requests share one connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 1000;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves `router` on `listener` until the future is dropped: over TLS
 /// when `tls` is given, plain TCP otherwise. Dropping it also ends its
 /// connections once their requests in flight are answered (a restarted
@@ -55,26 +52,10 @@ pub(crate) async fn serve(
             let Some(acceptor) = acceptor else {
                 return connection(socket, None, remote, router, stop).await;
             };
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let peer = Peer(
-                stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(|leaf| wasmkube_pki::identity_of(leaf)),
-            );
+            let Some((stream, who)) = wasmkube_pki::accept(&acceptor, socket, remote).await else {
+                return;
+            };
+            let peer = Peer(who);
             connection(stream, Some(peer), remote, router, stop).await
         });
     }

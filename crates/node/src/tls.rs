@@ -22,9 +22,6 @@ use tokio::net::TcpListener;
 
 use crate::Error;
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The cluster CA (PEM) the API server publishes at `/cacerts`, read over
 /// the client's connection (which verified the server); `None` when the
 /// server has no CA (plain HTTP clusters: the agent then serves plain HTTP
@@ -159,24 +156,9 @@ pub(crate) async fn serve(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let router = router.clone();
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let who = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| wasmkube_pki::identity_of(leaf));
+            let Some((stream, who)) = wasmkube_pki::accept(&acceptor, socket, remote).await else {
+                return;
+            };
             if who.as_ref().map(|w| w.user.as_str()) != Some(wasmkube_pki::AGENT_CLIENT) {
                 tracing::warn!(%remote, client = ?who.map(|w| w.user), "refused a client that is not the API server");
                 return;

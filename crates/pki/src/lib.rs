@@ -1,11 +1,14 @@
 //! The cluster's certificate authority: its key and certificate, the
 //! certificates it issues (API server serving, client identities, signed
-//! CSRs), who a client certificate names, and the rustls configurations
-//! that serve and verify them.
+//! CSRs), who a client certificate names, the rustls configurations that
+//! serve and verify them, and accepting a TLS connection (`accept.rs`).
 //!
 //! Identities follow Kubernetes' x509 convention: the subject's common name
 //! is the user, each organization a group (`O=system:masters` is the
 //! cluster administrators' group).
+
+mod accept;
+pub use accept::{HANDSHAKE_TIMEOUT, accept};
 
 use std::path::Path;
 use std::sync::Arc;
