@@ -8,7 +8,6 @@
 //! each keeps one connection however many requests it has in flight.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -35,18 +34,7 @@ pub(crate) async fn serve(
     // Closed when this future is dropped: the connections' signal to stop.
     let (stop, _serving) = tokio::sync::watch::channel(());
     loop {
-        let (socket, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: keep serving.
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Watch streams write small frames, which Nagle's algorithm would
-        // hold back for delayed ACKs (tens of ms).
-        let _ = socket.set_nodelay(true);
+        let (socket, remote) = wasmkube_pki::next_connection(&listener).await;
         let (acceptor, router, stop) = (acceptor.clone(), router.clone(), stop.clone());
         tokio::spawn(async move {
             let Some(acceptor) = acceptor else {

@@ -142,16 +142,7 @@ pub(crate) async fn serve(
     router: Router,
 ) {
     loop {
-        let (socket, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: keep serving.
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
+        let (socket, remote) = wasmkube_pki::next_connection(&listener).await;
         // The certificate current now: a renewed one serves new connections.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let router = router.clone();

@@ -8,7 +8,7 @@
 //! cluster administrators' group).
 
 mod accept;
-pub use accept::{HANDSHAKE_TIMEOUT, accept};
+pub use accept::{accept, next_connection};
 
 use std::path::Path;
 use std::sync::Arc;
