@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use serde_json::json;
 use wasmkube_api::knative;
+use wasmkube_proxy::views::Views;
 
 use crate::routes::Revision;
 
@@ -31,7 +32,8 @@ const WAKE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 pub(crate) struct Activator {
     client: kube::Client,
-    revisions: Store<knative::Revision>,
+    /// Why each revision that cannot serve cannot.
+    revisions: Views<String>,
     /// The revisions' pods (labelled `serving.knative.dev/revision`).
     pods: Store<Pod>,
     /// Bumped after every change of `pods`.
@@ -44,7 +46,7 @@ pub(crate) struct Activator {
 impl Activator {
     pub fn new(
         client: kube::Client,
-        revisions: Store<knative::Revision>,
+        revisions: Views<String>,
         (pods, pod_changes): (Store<Pod>, tokio::sync::watch::Receiver<u64>),
         timeout: Duration,
     ) -> Self {
@@ -149,19 +151,6 @@ impl Activator {
 
     /// Why the revision cannot serve, when its status says it cannot.
     pub fn failure(&self, rev: &Revision) -> Option<String> {
-        let r = self
-            .revisions
-            .get(&ObjectRef::new(&rev.name).within(&rev.namespace))?;
-        let status = r.status.as_ref()?;
-        ["ContainerHealthy", "Ready"].iter().find_map(|t| {
-            let c = knative::condition(&status.conditions, t)?;
-            (c.status == "False").then(|| {
-                format!(
-                    "{}: {}",
-                    c.reason.clone().unwrap_or_default(),
-                    c.message.clone().unwrap_or_default()
-                )
-            })
-        })
+        Some(self.revisions.get(&rev.namespace, &rev.name)?.to_string())
     }
 }

@@ -25,6 +25,9 @@ use kube::runtime::reflector::Store;
 use wasmkube_api::gateway_api::{Gateway, GatewayClass, HTTPRoute};
 use wasmkube_api::knative;
 use wasmkube_proxy::ServiceWatch;
+use wasmkube_proxy::views::Views;
+
+use crate::routes::KnativeRoute;
 
 mod activator;
 mod load;
@@ -62,8 +65,9 @@ pub(crate) struct Caches {
     pub gateways: Store<Gateway>,
     pub routes: Store<HTTPRoute>,
     pub namespaces: Store<Namespace>,
-    pub knative_routes: Store<knative::Route>,
-    pub revisions: Store<knative::Revision>,
+    pub knative_routes: Views<KnativeRoute>,
+    /// Why each Revision that cannot serve cannot.
+    pub revisions: Views<String>,
     pub changes: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -83,58 +87,39 @@ where
     }
 }
 
-/// A cache of `K`, each object cut down by `trim`, whose changes poke `tx`.
-fn trimmed<K: wasmkube_proxy::watch::Cached>(
+/// A cache of the views `view` makes of the objects of `K`, whose changes
+/// poke `tx`.
+fn viewed<K: wasmkube_proxy::watch::Cached, V: Send + Sync + 'static>(
     client: &kube::Client,
     tx: &Arc<tokio::sync::watch::Sender<u64>>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     what: &'static str,
-    trim: fn(&mut K),
-) -> Store<K> {
-    let (store, stream) =
-        wasmkube_proxy::watch::cache_trimmed::<K>(client, Default::default(), trim);
+    view: fn(&K) -> Option<V>,
+) -> Views<V> {
+    let (views, stream) = wasmkube_proxy::views::views::<K, V>(client, Default::default(), view);
     tasks.push(tokio::spawn(merge(
         stream.map(|r| r.map(|_| ())),
         tx.clone(),
         what,
     )));
-    store
+    views
 }
 
-/// A Knative Route as the routing table reads it: named, ordered by its
-/// creation, with its status's URL, traffic and the condition that says
-/// why no traffic is assigned.
-fn trim_knative_route(r: &mut knative::Route) {
-    wasmkube_proxy::watch::trim_meta(&mut r.metadata, &[]);
-    r.spec = Default::default();
-    if let Some(status) = r.status.as_mut() {
-        status.address = None;
-        status
-            .conditions
-            .retain(|c| c.type_ == "AllTrafficAssigned");
-    }
-}
-
-/// A Knative Revision as the activator reads it: named, with the
-/// conditions that say why it cannot serve.
-fn trim_revision(r: &mut knative::Revision) {
-    wasmkube_proxy::watch::trim_meta(&mut r.metadata, &[]);
-    r.spec = Default::default();
-    if let Some(status) = r.status.as_mut() {
-        let conditions = std::mem::take(&mut status.conditions);
-        *status = knative::RevisionStatus {
-            conditions: conditions
-                .into_iter()
-                .filter(|c| c.type_ == "ContainerHealthy" || c.type_ == "Ready")
-                .map(|c| knative::Condition {
-                    last_transition_time: None,
-                    severity: None,
-                    ..c
-                })
-                .collect(),
-            ..Default::default()
-        };
-    }
+/// Why a Knative Revision cannot serve, when its status says it cannot
+/// (its `ContainerHealthy` or `Ready` condition is False): all the
+/// activator reads of Revisions, so one that can serve is not kept.
+fn revision_failure(r: &knative::Revision) -> Option<String> {
+    let status = r.status.as_ref()?;
+    ["ContainerHealthy", "Ready"].iter().find_map(|t| {
+        let c = knative::condition(&status.conditions, t)?;
+        (c.status == "False").then(|| {
+            format!(
+                "{}: {}",
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            )
+        })
+    })
 }
 
 macro_rules! caches {
@@ -161,9 +146,9 @@ impl Caches {
             Namespace => "Namespace"
         );
         // Knative objects, one per function however long it stays at zero,
-        // are kept with only what is read of them.
-        let knative_routes = trimmed(client, &tx, tasks, "Knative Route", trim_knative_route);
-        let revisions = trimmed(client, &tx, tasks, "Knative Revision", trim_revision);
+        // are kept as views of what is read of them.
+        let knative_routes = viewed(client, &tx, tasks, "Knative Route", KnativeRoute::of);
+        let revisions = viewed(client, &tx, tasks, "Knative Revision", revision_failure);
         Self {
             ingresses,
             ingress_classes,
@@ -222,7 +207,7 @@ pub(crate) struct Held {
     gateways: Vec<Arc<Gateway>>,
     routes: Vec<Arc<HTTPRoute>>,
     namespaces: Vec<Arc<Namespace>>,
-    knative_routes: Vec<Arc<knative::Route>>,
+    knative_routes: Vec<Arc<KnativeRoute>>,
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     secrets: Vec<Arc<Secret>>,

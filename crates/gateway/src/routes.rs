@@ -33,7 +33,7 @@ pub struct Inputs<'a> {
     pub namespaces: Vec<&'a Namespace>,
     pub secrets: Vec<&'a Secret>,
     /// Knative Routes: served from their status on the Ingress HTTP port.
-    pub knative_routes: Vec<&'a wasmkube_api::knative::Route>,
+    pub knative_routes: Vec<&'a KnativeRoute>,
     /// The ports Ingresses are served on: plain HTTP and (for Ingresses
     /// with `tls`) HTTPS.
     pub ingress_http_port: Option<u16>,
@@ -652,29 +652,83 @@ pub fn build(inputs: &Inputs<'_>) -> Table {
     table
 }
 
-/// Knative Routes, as their status says (the Route controller resolved
-/// the traffic): `NAME.NAMESPACE.DOMAIN` splits between revisions by
-/// percent, each tag's host goes to its revision, on the Ingress HTTP port.
-/// Each revision is reached through its ClusterIP Service (port 80).
+/// A Knative Route as the routing table reads it: its status, where the
+/// Route controller resolved the traffic. Routes without a URL yet are not
+/// kept ([`KnativeRoute::of`] declines them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnativeRoute {
+    pub namespace: String,
+    pub name: String,
+    pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// `NAME.NAMESPACE.DOMAIN`, lowercased.
+    pub host: String,
+    /// Revisions with a share of the traffic, and their percent.
+    pub split: Vec<(String, u32)>,
+    /// Each tag's host and its revision.
+    pub tags: Vec<(String, String)>,
+    /// Why no traffic is assigned, when none is.
+    pub unassigned: Option<String>,
+}
+
+impl KnativeRoute {
+    /// The route's view, if its status has a URL.
+    pub fn of(route: &wasmkube_api::knative::Route) -> Option<Self> {
+        fn host_of(url: &str) -> String {
+            url.split_once("://")
+                .map_or(url, |(_, rest)| rest)
+                .split(['/', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        }
+        let status = route.status.as_ref()?;
+        let host = host_of(status.url.as_deref()?);
+        let unassigned = status.traffic.is_empty().then(|| {
+            wasmkube_api::knative::condition(&status.conditions, "AllTrafficAssigned")
+                .and_then(|c| c.message.clone())
+                .unwrap_or_else(|| "its traffic is not assigned yet".into())
+        });
+        Some(Self {
+            namespace: route.metadata.namespace.clone().unwrap_or_default(),
+            name: route.metadata.name.clone().unwrap_or_default(),
+            created: route.metadata.creation_timestamp.clone(),
+            host,
+            split: status
+                .traffic
+                .iter()
+                .filter_map(|t| {
+                    let percent = u32::try_from(t.percent?).ok().filter(|p| *p > 0)?;
+                    Some((t.revision_name.clone()?, percent))
+                })
+                .collect(),
+            tags: status
+                .traffic
+                .iter()
+                .filter_map(|t| Some((host_of(t.url.as_deref()?), t.revision_name.clone()?)))
+                .collect(),
+            unassigned,
+        })
+    }
+}
+
+/// Knative Routes, as their status says: `NAME.NAMESPACE.DOMAIN` splits
+/// between revisions by percent, each tag's host goes to its revision, on
+/// the Ingress HTTP port. Each revision is reached through its ClusterIP
+/// Service (port 80).
 fn add_knative_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut Table) {
     let Some(http_port) = inputs.ingress_http_port else {
         return;
     };
-    let host_of = |url: &str| {
-        url.split_once("://")
-            .map_or(url, |(_, rest)| rest)
-            .split(['/', ':'])
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
     for route in &inputs.knative_routes {
-        let Some(status) = &route.status else {
-            continue;
-        };
-        let Some(url) = &status.url else { continue };
-        let ns = route.metadata.namespace.as_deref().unwrap_or_default();
-        let order = creation(&route.metadata);
+        let ns = route.namespace.as_str();
+        let order = (
+            route
+                .created
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            format!("{ns}/{}", route.name),
+        );
         let source = format!("knative route {}", order.1);
         let backend = |revision: &str, weight: u32| Backend {
             weight,
@@ -685,49 +739,37 @@ fn add_knative_routes(inputs: &Inputs<'_>, resolver: &Resolver<'_>, table: &mut 
                 name: revision.to_owned(),
             }),
         };
-        let entry = |host: String, backends: Vec<Backend>| {
+        let entry = |host: &str, backends: Vec<Backend>| {
             Entry::whole_host(
-                HostMatch::Exact(host),
+                HostMatch::Exact(host.to_owned()),
                 backends,
                 source.clone(),
                 order.clone(),
             )
         };
         let mut entries = Vec::new();
-        if status.traffic.is_empty() {
+        if let Some(why) = &route.unassigned {
             // Nothing resolved yet (no ready revision, a missing one): the
             // host answers with the Route's own reason instead of a 404.
-            let why = wasmkube_api::knative::condition(&status.conditions, "AllTrafficAssigned")
-                .and_then(|c| c.message.clone())
-                .unwrap_or_else(|| "its traffic is not assigned yet".into());
             entries.push(entry(
-                host_of(url),
+                &route.host,
                 vec![Backend {
                     weight: 1,
                     target: Target::Unavailable(format!(
                         "Knative route {ns}/{} cannot serve: {why}",
-                        route.metadata.name.as_deref().unwrap_or_default()
+                        route.name
                     )),
                     filters: Filters::default(),
                     revision: None,
                 }],
             ));
         }
-        let split: Vec<Backend> = status
-            .traffic
-            .iter()
-            .filter_map(|t| {
-                let percent = u32::try_from(t.percent?).ok().filter(|p| *p > 0)?;
-                Some(backend(t.revision_name.as_deref()?, percent))
-            })
-            .collect();
-        if !split.is_empty() {
-            entries.push(entry(host_of(url), split));
+        if !route.split.is_empty() {
+            let split = route.split.iter().map(|(r, p)| backend(r, *p)).collect();
+            entries.push(entry(&route.host, split));
         }
-        for t in &status.traffic {
-            if let (Some(tag_url), Some(revision)) = (&t.url, &t.revision_name) {
-                entries.push(entry(host_of(tag_url), vec![backend(revision, 1)]));
-            }
+        for (host, revision) in &route.tags {
+            entries.push(entry(host, vec![backend(revision, 1)]));
         }
         table.entry(http_port).or_default().entries.extend(entries);
     }

@@ -892,10 +892,9 @@ mod tests {
         }))
         .unwrap();
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pod));
-        let (revisions, _revisions_writer) = kube::runtime::reflector::store();
         let activator = Arc::new(crate::activator::Activator::new(
             client,
-            revisions,
+            wasmkube_proxy::views::Views::empty(),
             (pods, tokio::sync::watch::channel(0).1),
             std::time::Duration::from_secs(10),
         ));

@@ -24,6 +24,7 @@
 pub mod model;
 pub mod nft;
 mod routes;
+pub mod views;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -260,6 +260,7 @@ fn knative_routes_split_by_percent_and_tag() {
         },
     }))
     .unwrap();
+    let route = KnativeRoute::of(&route).unwrap();
     let inputs = Inputs {
         knative_routes: vec![&route],
         services: vec![&v1, &v2],

@@ -1,0 +1,305 @@
+//! Caches that keep of each object only a view of it: what its readers
+//! read, in a type of their own, instead of the API object. A node keeps
+//! one Service, EndpointSlice, Knative Route and Revision per function
+//! however long the function stays at zero, and an API object costs its
+//! struct before it holds anything (a `Service` is 824 bytes, its
+//! `ObjectMeta` alone 360), plus a B-tree node of about half a KiB for any
+//! label or selector map with an entry. A view is a few small fields.
+//!
+//! A view may also decline an object (`None`): a cache of the Revisions
+//! that cannot run keeps nothing for the ones that can.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::watch::Cached;
+
+/// Namespace → name → view.
+type Map<V> = HashMap<Box<str>, HashMap<Box<str>, Arc<V>>>;
+
+/// The views of the watched objects, by namespace and name.
+pub struct Views<V> {
+    map: Arc<RwLock<Map<V>>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<V> Clone for Views<V> {
+    fn clone(&self) -> Self {
+        Self {
+            map: self.map.clone(),
+            ready: self.ready.clone(),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Views<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Views").finish_non_exhaustive()
+    }
+}
+
+impl<V> Views<V> {
+    /// A cache that holds nothing and is complete (for readers that have
+    /// nothing to watch, and tests).
+    pub fn empty() -> Self {
+        Self {
+            map: Arc::default(),
+            ready: tokio::sync::watch::channel(true).1,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Map<V>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The view of one object, if it is kept.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<V>> {
+        self.read().get(namespace)?.get(name).cloned()
+    }
+
+    /// Every kept view.
+    pub fn state(&self) -> Vec<Arc<V>> {
+        self.read()
+            .values()
+            .flat_map(|names| names.values().cloned())
+            .collect()
+    }
+
+    /// The kept views that `keep` accepts.
+    pub fn state_filter(&self, keep: impl Fn(&V) -> bool) -> Vec<Arc<V>> {
+        self.read()
+            .values()
+            .flat_map(|names| names.values())
+            .filter(|v| keep(v))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the cache has held a complete list once.
+    pub async fn wait_until_ready(&self) {
+        let _ = self.ready.clone().wait_for(|r| *r).await;
+    }
+}
+
+/// What the watch did to one object.
+#[derive(Debug)]
+pub struct Touched<V> {
+    pub namespace: String,
+    pub name: String,
+    /// The object's view as the event carried it (a deleted object's last
+    /// one), whether or not it is kept.
+    pub view: Option<Arc<V>>,
+    /// The object is gone (deleted, or missing from a new list).
+    pub gone: bool,
+}
+
+/// The state a cache's stream updates.
+struct Writer<V, K> {
+    map: Arc<RwLock<Map<V>>>,
+    /// A new list being received, swapped in when it is complete.
+    buffer: Map<V>,
+    ready: tokio::sync::watch::Sender<bool>,
+    view: fn(&K) -> Option<V>,
+}
+
+fn name_of<K: kube::Resource>(o: &K) -> (String, String) {
+    let meta = o.meta();
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn put<V>(map: &mut Map<V>, namespace: &str, name: &str, view: Option<&Arc<V>>) {
+    match view {
+        Some(v) => {
+            map.entry(namespace.into())
+                .or_default()
+                .insert(name.into(), v.clone());
+        }
+        None => {
+            if let Some(names) = map.get_mut(namespace) {
+                names.remove(name);
+                if names.is_empty() {
+                    map.remove(namespace);
+                }
+            }
+        }
+    }
+}
+
+impl<V, K: kube::Resource> Writer<V, K> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Map<V>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touched(&self, o: &K, gone: bool) -> Touched<V> {
+        let (namespace, name) = name_of(o);
+        Touched {
+            namespace,
+            name,
+            view: (self.view)(o).map(Arc::new),
+            gone,
+        }
+    }
+
+    fn apply(&mut self, event: watcher::Event<K>) -> Vec<Touched<V>> {
+        match event {
+            watcher::Event::Apply(o) => {
+                let t = self.touched(&o, false);
+                put(&mut self.write(), &t.namespace, &t.name, t.view.as_ref());
+                vec![t]
+            }
+            watcher::Event::Delete(o) => {
+                let t = self.touched(&o, true);
+                put(&mut self.write(), &t.namespace, &t.name, None);
+                vec![t]
+            }
+            watcher::Event::Init => {
+                self.buffer = Map::default();
+                Vec::new()
+            }
+            watcher::Event::InitApply(o) => {
+                let t = self.touched(&o, false);
+                put(&mut self.buffer, &t.namespace, &t.name, t.view.as_ref());
+                vec![t]
+            }
+            watcher::Event::InitDone => {
+                let new = std::mem::take(&mut self.buffer);
+                let old = std::mem::replace(&mut *self.write(), new);
+                let _ = self.ready.send(true);
+                // What the new list lacks went while the watch was away.
+                let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+                let mut gone = Vec::new();
+                for (namespace, names) in old {
+                    for (name, view) in names {
+                        if map.get(&namespace).is_none_or(|n| !n.contains_key(&name)) {
+                            gone.push(Touched {
+                                namespace: namespace.to_string(),
+                                name: name.to_string(),
+                                view: Some(view),
+                                gone: true,
+                            });
+                        }
+                    }
+                }
+                gone
+            }
+        }
+    }
+}
+
+/// A cache of the views `view` makes of the objects `config` selects, and
+/// the stream that feeds it (every object the watch touched; run it for as
+/// long as the cache is read).
+pub fn views<K, V>(
+    client: &kube::Client,
+    config: watcher::Config,
+    view: fn(&K) -> Option<V>,
+) -> (
+    Views<V>,
+    impl Stream<Item = Result<Touched<V>, watcher::Error>> + Send + use<K, V>,
+)
+where
+    K: Cached,
+    V: Send + Sync + 'static,
+{
+    let map: Arc<RwLock<Map<V>>> = Arc::default();
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    let mut writer = Writer {
+        map: map.clone(),
+        buffer: Map::default(),
+        ready: ready_tx,
+        view,
+    };
+    let api: Api<K> = Api::all(client.clone());
+    let stream = watcher(api, config)
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(event) => writer.apply(event).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        })
+        .flat_map(futures::stream::iter);
+    (Views { map, ready }, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn cm(ns: &str, name: &str, value: Option<&str>) -> ConfigMap {
+        ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: value.map(|v| [("v".to_owned(), v.to_owned())].into()),
+            ..Default::default()
+        }
+    }
+
+    fn value(c: &ConfigMap) -> Option<String> {
+        c.data.as_ref()?.get("v").cloned()
+    }
+
+    fn writer() -> (Writer<String, ConfigMap>, Views<String>) {
+        let map: Arc<RwLock<Map<String>>> = Arc::default();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let w = Writer {
+            map: map.clone(),
+            buffer: Map::default(),
+            ready: ready_tx,
+            view: value,
+        };
+        (w, Views { map, ready })
+    }
+
+    /// Applied views are kept, declined ones and deleted ones are not; a
+    /// new list replaces the old one whole and reports what it lacks.
+    #[test]
+    fn keeps_views_and_reports_what_a_relist_lost() {
+        let (mut w, views) = writer();
+        w.apply(watcher::Event::Init);
+        w.apply(watcher::Event::InitApply(cm("a", "x", Some("1"))));
+        w.apply(watcher::Event::InitApply(cm("a", "y", None)));
+        assert!(views.state().is_empty(), "a list is kept once complete");
+        w.apply(watcher::Event::InitDone);
+        assert!(*views.ready.borrow());
+        assert_eq!(
+            views.get("a", "x").as_deref().map(String::as_str),
+            Some("1")
+        );
+        assert!(views.get("a", "y").is_none(), "declined");
+        let t = w.apply(watcher::Event::Apply(cm("b", "z", Some("2"))));
+        assert_eq!((t[0].namespace.as_str(), t[0].gone), ("b", false));
+        assert_eq!(views.state().len(), 2);
+        // Declining an object that was kept drops it.
+        w.apply(watcher::Event::Apply(cm("b", "z", None)));
+        assert!(views.get("b", "z").is_none());
+        w.apply(watcher::Event::Apply(cm("b", "z", Some("3"))));
+        let t = w.apply(watcher::Event::Delete(cm("b", "z", Some("3"))));
+        assert!(
+            t[0].gone && t[0].view.is_some(),
+            "a deletion carries the last view"
+        );
+        assert!(
+            views.read().get("b").is_none(),
+            "an empty namespace is dropped"
+        );
+        // A relist that lacks `a/x` reports it gone.
+        w.apply(watcher::Event::Init);
+        w.apply(watcher::Event::InitApply(cm("c", "w", Some("4"))));
+        let t = w.apply(watcher::Event::InitDone);
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].name.as_str(), t[0].gone), ("x", true));
+        let all: Vec<String> = views.state().iter().map(|v| v.to_string()).collect();
+        assert_eq!(all, ["4"]);
+        assert_eq!(views.state_filter(|v| v == "5").len(), 0);
+    }
+}
