@@ -102,7 +102,9 @@ fn latency(
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let services: Vec<Service> = (0..args.services).map(service).collect();
+    let services: Vec<wasmkube_proxy::ServiceView> = (0..args.services)
+        .filter_map(|i| wasmkube_proxy::ServiceView::of(&service(i)))
+        .collect();
     let zone = wasmkube_dns::Zone::build("cluster.local", &services, []);
     // The same names for both: a query file and a hosts file.
     let queries = dir.path().join("queries");
@@ -111,15 +113,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut q = std::fs::File::create(&queries)?;
         let mut h = std::fs::File::create(&hosts)?;
         for s in &services {
-            let name = format!(
-                "{}.default.svc.cluster.local",
-                s.metadata.name.as_deref().unwrap_or_default()
-            );
-            let ip = s
-                .spec
-                .as_ref()
-                .and_then(|s| s.cluster_ip.clone())
-                .unwrap_or_default();
+            let name = format!("{}.default.svc.cluster.local", s.name);
+            let wasmkube_proxy::view::ClusterIp::Ip(ip) = s.cluster_ip else {
+                bail!("bench Service {} has no cluster IP", s.name);
+            };
             writeln!(q, "{name} A")?;
             writeln!(h, "{ip} {name}")?;
         }

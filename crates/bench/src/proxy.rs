@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use wasmkube_proxy::{NodeNetwork, nft};
+use wasmkube_proxy::{NodeNetwork, ServiceView, SliceView, nft};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -84,9 +84,12 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         node_local: Vec::new(),
     };
     let before = rss_kib();
-    let services: Vec<Service> = (0..args.services).map(service).collect();
-    let mut slices: Vec<EndpointSlice> = (0..args.services)
-        .map(|i| slice(i, args.endpoints, 0))
+    // Held as the node's watch holds them: views of the objects.
+    let services: Vec<ServiceView> = (0..args.services)
+        .filter_map(|i| ServiceView::of(&service(i)))
+        .collect();
+    let mut slices: Vec<SliceView> = (0..args.services)
+        .filter_map(|i| SliceView::of(&slice(i, args.endpoints, 0)))
         .collect();
     let objects = rss_kib();
     let config = wasmkube_proxy::Config::new("n1", net.clone());
@@ -111,7 +114,7 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
         computed.as_secs_f64() * 1e3
     );
     println!(
-        "  memory: {} KiB for the Service and slice objects, {} KiB more for the model and rules",
+        "  memory: {} KiB for the Service and slice views, {} KiB more for the model and rules",
         objects.saturating_sub(before),
         model_rss.saturating_sub(objects)
     );
@@ -123,8 +126,9 @@ async fn measure(args: &Args) -> anyhow::Result<()> {
     let mut nft_only = Vec::with_capacity(args.changes);
     for c in 0..args.changes {
         let i = (c * 7919) % args.services;
-        slices[i] = slice(i, args.endpoints, c as u32 + 1);
+        let changed = slice(i, args.endpoints, c as u32 + 1);
         let started = Instant::now();
+        slices[i] = SliceView::of(&changed).context("a bench slice is IPv4")?;
         let dirty = std::collections::BTreeSet::from([("bench".to_owned(), format!("svc-{i}"))]);
         let ports = wasmkube_proxy::changed_ports(&config, &dirty, [&services[i]], &slices);
         let script = table.update(&net, ports);

@@ -531,26 +531,18 @@ impl wasmkube_node::ServiceBackends for WatchedBackends {
     fn backends(&self, to: std::net::SocketAddrV4) -> Option<Vec<wasmkube_node::ServiceBackend>> {
         // Per connection: only the Service with that address and its own
         // slices are taken from the caches, not a copy of every object.
-        let ip = to.ip().to_string();
         let service = self
             .0
             .services
-            .find(|s| s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(ip.as_str()))?;
-        let (ns, name) = (
-            service.metadata.namespace.clone(),
-            service.metadata.name.clone(),
-        );
-        let slices = self.0.slices.state_filter(|s| {
-            s.metadata.namespace == ns
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(wasmkube_proxy::model::SERVICE_NAME_LABEL))
-                    == name.as_ref()
-        });
+            .state_filter(|s| s.cluster_ip == wasmkube_proxy::view::ClusterIp::Ip(*to.ip()));
+        let service = service.first()?;
+        let slices = self
+            .0
+            .slices
+            .state_filter(|s| s.namespace == service.namespace && s.service == service.name);
         let found = wasmkube_proxy::model::backends(
             [service.as_ref()],
-            slices.iter().map(|s| s.as_ref()),
+            slices.iter().map(AsRef::as_ref),
             to,
         )?;
         Some(

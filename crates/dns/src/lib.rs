@@ -261,7 +261,11 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 80}]},
         }))
         .unwrap();
-        *resolver.state.zone.write().unwrap() = Arc::new(Zone::build("cluster.local", [&svc], []));
+        *resolver.state.zone.write().unwrap() = Arc::new(Zone::build(
+            "cluster.local",
+            wasmkube_proxy::ServiceView::of(&svc).as_ref(),
+            [],
+        ));
         let search: Vec<String> = [
             "shop.svc.cluster.local",
             "svc.cluster.local",

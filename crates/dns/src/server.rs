@@ -312,7 +312,11 @@ mod tests {
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
         }))
         .unwrap();
-        Zone::build("cluster.local", [&svc], [])
+        Zone::build(
+            "cluster.local",
+            wasmkube_proxy::ServiceView::of(&svc).as_ref(),
+            [],
+        )
     }
 
     #[test]

@@ -14,8 +14,8 @@
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use wasmkube_proxy::view::{ClusterIp, ServiceType};
+use wasmkube_proxy::{ServiceView, SliceView};
 
 /// The TTL of the cluster's records (CoreDNS's kubernetes plugin default).
 pub const TTL: u32 = 5;
@@ -97,14 +97,12 @@ impl Zone {
     /// The records of all these Services.
     pub fn build<'a>(
         domain: &str,
-        services: impl IntoIterator<Item = &'a Service>,
-        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        services: impl IntoIterator<Item = &'a ServiceView>,
+        slices: impl IntoIterator<Item = &'a SliceView>,
     ) -> Self {
         let mut zone = Self::new(domain);
         for (svc, slices) in wasmkube_proxy::model::with_slices(services, slices) {
-            let ns = svc.metadata.namespace.clone().unwrap_or_default();
-            let name = svc.metadata.name.clone().unwrap_or_default();
-            zone.add_service(svc, &ns, &name, &slices);
+            zone.add_service(svc, &slices);
         }
         zone
     }
@@ -120,31 +118,26 @@ impl Zone {
         }
     }
 
-    fn add_service(&mut self, svc: &Service, ns: &str, name: &str, slices: &[&EndpointSlice]) {
-        let Some(spec) = &svc.spec else { return };
-        let base = normalize(&format!("{name}.{ns}.svc.{}", self.domain));
+    fn add_service(&mut self, svc: &ServiceView, slices: &[&SliceView]) {
+        let base = normalize(&format!(
+            "{}.{}.svc.{}",
+            svc.name, svc.namespace, self.domain
+        ));
         self.exists(&base);
-        if spec.type_.as_deref() == Some("ExternalName") {
-            if let Some(target) = &spec.external_name {
+        if let ServiceType::ExternalName(target) = &svc.type_ {
+            if !target.is_empty() {
                 self.cname.insert(base, normalize(target));
             }
             return;
         }
-        let ports = spec.ports.iter().flatten();
-        match spec.cluster_ip.as_deref() {
-            Some("None") => {
-                let publish_all = spec.publish_not_ready_addresses == Some(true);
+        match svc.cluster_ip {
+            ClusterIp::Headless => {
                 for slice in slices {
                     for e in &slice.endpoints {
-                        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                        if !ready && !publish_all {
+                        if !e.ready && !svc.publish_not_ready {
                             continue;
                         }
-                        for ip in e
-                            .addresses
-                            .iter()
-                            .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-                        {
+                        for &ip in &e.addresses {
                             let host = e.hostname.clone().unwrap_or_else(|| dashed(ip));
                             let host_name = normalize(&format!("{host}.{base}"));
                             self.a.entry(base.clone()).or_default().push(ip);
@@ -153,19 +146,12 @@ impl Zone {
                             if e.hostname.is_some() {
                                 self.ptr.insert(ip, host_name.clone());
                             }
-                            for p in slice.ports.iter().flatten() {
-                                let (Some(pname), Some(port)) = (&p.name, p.port) else {
-                                    continue;
-                                };
-                                if pname.is_empty() {
-                                    continue;
-                                }
-                                let proto =
-                                    p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-                                let srv = normalize(&format!("_{pname}._{proto}.{base}"));
+                            for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
+                                let srv =
+                                    normalize(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
                                 self.exists(&srv);
                                 self.srv.entry(srv).or_default().push((
-                                    u16::try_from(port).unwrap_or_default(),
+                                    p.port,
                                     0,
                                     host_name.clone(),
                                 ));
@@ -181,26 +167,16 @@ impl Zone {
                     }
                 }
             }
-            Some(ip) => {
-                let Ok(ip) = ip.parse::<Ipv4Addr>() else {
-                    return;
-                };
+            ClusterIp::Ip(ip) => {
                 self.a.insert(base.clone(), vec![ip]);
                 self.ptr.insert(ip, base.clone());
-                for p in ports {
-                    let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
-                        continue;
-                    };
-                    let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
-                    let srv = normalize(&format!("_{pname}._{proto}.{base}"));
+                for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+                    let srv = normalize(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
                     self.exists(&srv);
-                    self.srv.insert(
-                        srv,
-                        vec![(u16::try_from(p.port).unwrap_or_default(), 100, base.clone())],
-                    );
+                    self.srv.insert(srv, vec![(p.port, 100, base.clone())]);
                 }
             }
-            None => {}
+            ClusterIp::Unset => {}
         }
     }
 
@@ -320,6 +296,8 @@ impl Zone {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::json;
 
     fn zone() -> Zone {
@@ -347,6 +325,8 @@ mod tests {
         .into_iter()
         .map(|v| serde_json::from_value(v).unwrap())
         .collect();
+        let services: Vec<ServiceView> = services.iter().filter_map(ServiceView::of).collect();
+        let slices: Vec<SliceView> = slices.iter().filter_map(SliceView::of).collect();
         Zone::build("cluster.local", &services, &slices)
     }
 

@@ -18,14 +18,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::runtime::reflector::Store;
 use wasmkube_api::gateway_api::{Gateway, GatewayClass, HTTPRoute};
 use wasmkube_api::knative;
-use wasmkube_proxy::ServiceWatch;
 use wasmkube_proxy::views::Views;
+use wasmkube_proxy::{ServiceView, ServiceWatch, SliceView};
 
 use crate::routes::KnativeRoute;
 
@@ -208,8 +207,8 @@ pub(crate) struct Held {
     routes: Vec<Arc<HTTPRoute>>,
     namespaces: Vec<Arc<Namespace>>,
     knative_routes: Vec<Arc<KnativeRoute>>,
-    services: Vec<Arc<Service>>,
-    slices: Vec<Arc<EndpointSlice>>,
+    services: Vec<Arc<ServiceView>>,
+    slices: Vec<Arc<SliceView>>,
     secrets: Vec<Arc<Secret>>,
     ingress_classes: BTreeSet<String>,
     gateway_classes: BTreeSet<String>,
@@ -218,8 +217,8 @@ pub(crate) struct Held {
 impl Held {
     pub fn new(
         caches: &Caches,
-        services: Vec<Arc<Service>>,
-        slices: Vec<Arc<EndpointSlice>>,
+        services: Vec<Arc<ServiceView>>,
+        slices: Vec<Arc<SliceView>>,
         secrets: Vec<Arc<Secret>>,
     ) -> Self {
         let (ingress_classes, gateway_classes) = caches.our_classes();

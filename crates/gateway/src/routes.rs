@@ -7,14 +7,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 use regex::Regex;
 use wasmkube_api::gateway_api::{
     Gateway, HTTPBackendRef, HTTPHeaderFilter, HTTPRoute, HTTPRouteFilter, HTTPRouteMatch,
     Listener, ParentReference,
 };
+
+use wasmkube_proxy::{ServiceView, SliceView};
 
 pub use wasmkube_api::gateway_api::CONTROLLER;
 
@@ -28,8 +29,8 @@ pub struct Inputs<'a> {
     pub gateway_classes: BTreeSet<String>,
     pub gateways: Vec<&'a Gateway>,
     pub routes: Vec<&'a HTTPRoute>,
-    pub services: Vec<&'a Service>,
-    pub slices: Vec<&'a EndpointSlice>,
+    pub services: Vec<&'a ServiceView>,
+    pub slices: Vec<&'a SliceView>,
     pub namespaces: Vec<&'a Namespace>,
     pub secrets: Vec<&'a Secret>,
     /// Knative Routes: served from their status on the Ingress HTTP port.
@@ -361,38 +362,23 @@ pub type Table = BTreeMap<u16, PortTable>;
 
 /// Resolves Service backends to ready endpoint addresses.
 struct Resolver<'a> {
-    services: HashMap<(&'a str, &'a str), &'a Service>,
-    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    services: HashMap<(&'a str, &'a str), &'a ServiceView>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a SliceView>>,
 }
 
 impl<'a> Resolver<'a> {
     fn new(inputs: &Inputs<'a>) -> Self {
-        let mut services = HashMap::new();
-        for s in &inputs.services {
-            services.insert(
-                (
-                    s.metadata.namespace.as_deref().unwrap_or_default(),
-                    s.metadata.name.as_deref().unwrap_or_default(),
-                ),
-                *s,
-            );
-        }
+        let services = inputs
+            .services
+            .iter()
+            .map(|s| ((s.namespace.as_str(), s.name.as_str()), *s))
+            .collect();
         let mut slices: HashMap<_, Vec<_>> = HashMap::new();
         for s in &inputs.slices {
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-            {
-                slices
-                    .entry((
-                        s.metadata.namespace.as_deref().unwrap_or_default(),
-                        svc.as_str(),
-                    ))
-                    .or_default()
-                    .push(*s);
-            }
+            slices
+                .entry((s.namespace.as_str(), s.service.as_str()))
+                .or_default()
+                .push(*s);
         }
         Self { services, slices }
     }
@@ -402,43 +388,24 @@ impl<'a> Resolver<'a> {
         let Some(svc) = self.services.get(&(ns, name)) else {
             return Target::Invalid(format!("service {ns}/{name} not found"));
         };
-        let ports = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.as_deref())
-            .unwrap_or_default();
-        let found = ports.iter().find(|p| match port {
-            PortRef::Number(n) => p.port == n,
-            PortRef::Name(n) => p.name.as_deref() == Some(n),
+        let found = svc.ports.iter().find(|p| match port {
+            PortRef::Number(n) => i32::from(p.port) == n,
+            PortRef::Name(n) => p.name == n,
         });
         let Some(sp) = found else {
             return Target::Invalid(format!("service {ns}/{name} has no port {port}"));
         };
-        let port_name = sp.name.clone().unwrap_or_default();
         let mut addrs = Vec::new();
         for slice in self.slices.get(&(ns, name)).into_iter().flatten() {
-            if slice.address_type != "IPv4" {
-                continue;
-            }
-            let Some(target) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                .and_then(|p| p.port)
-            else {
+            let Some(target) = slice.ports.iter().find(|p| p.name == sp.name) else {
                 continue;
             };
-            for ep in &slice.endpoints {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
-                }
-                for a in &ep.addresses {
-                    if let Ok(ip) = a.parse::<std::net::IpAddr>() {
-                        addrs.push(SocketAddr::new(ip, target as u16));
-                    }
-                }
+            for ep in slice.endpoints.iter().filter(|e| e.ready) {
+                addrs.extend(
+                    ep.addresses
+                        .iter()
+                        .map(|ip| SocketAddr::from((*ip, target.port))),
+                );
             }
         }
         addrs.sort();
@@ -467,7 +434,7 @@ impl std::fmt::Display for PortRef<'_> {
 pub fn backend_ref_problem(
     route_ns: &str,
     b: &HTTPBackendRef,
-    services: &[&Service],
+    services: &[&ServiceView],
 ) -> Option<(&'static str, String)> {
     let group = b.group.as_deref().unwrap_or_default();
     let kind = b.kind.as_deref().unwrap_or("Service");
@@ -490,9 +457,9 @@ pub fn backend_ref_problem(
             ),
         ));
     }
-    let exists = services.iter().any(|s| {
-        s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(&b.name)
-    });
+    let exists = services
+        .iter()
+        .any(|s| s.namespace == ns && s.name == b.name);
     if !exists {
         return Some((
             "BackendNotFound",

@@ -421,7 +421,11 @@ pub fn desired(s: &Snapshot<'_>) -> Desired {
 pub async fn run(client: kube::Client) -> Result<(), kube::Error> {
     let mut tasks = Vec::new();
     let caches = Caches::start(&client, &mut tasks);
-    let (services, service_events) = wasmkube_proxy::watch::cache::<Service>(&client);
+    let (services, service_events) = wasmkube_proxy::views::views::<Service, _>(
+        &client,
+        Default::default(),
+        wasmkube_proxy::ServiceView::of,
+    );
     let (secrets, secret_events) = wasmkube_proxy::watch::cache::<Secret>(&client);
     let (nodes, node_events) = wasmkube_proxy::watch::cache::<Node>(&client);
     let (tx, mut more) = tokio::sync::watch::channel(0u64);

@@ -24,6 +24,7 @@
 pub mod model;
 pub mod nft;
 mod routes;
+pub mod view;
 pub mod views;
 pub mod watch;
 
@@ -31,9 +32,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::Store;
+pub use view::{ServiceView, SliceView};
+use views::Views;
 
 pub use model::NodeNetwork;
 pub use watch::{ServiceKey, ServiceWatch};
@@ -159,21 +159,16 @@ struct SyncState {
 /// itself (the cluster DNS) are left out.
 pub fn ports_by_service<'a>(
     config: &Config,
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a ServiceView>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
 ) -> Vec<(ServiceKey, Vec<model::ServicePort>)> {
     let node_local = &config.network.node_local;
     model::with_slices(services, slices)
         .into_iter()
         .map(|(svc, slices)| {
-            let key = (
-                svc.metadata.namespace.clone().unwrap_or_default(),
-                svc.metadata.name.clone().unwrap_or_default(),
-            );
-            let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
-            let served_here = ip
-                .and_then(|ip| ip.parse().ok())
-                .is_some_and(|ip| node_local.contains(&ip));
+            let key = (svc.namespace.clone(), svc.name.clone());
+            let served_here =
+                matches!(svc.cluster_ip, view::ClusterIp::Ip(ip) if node_local.contains(&ip));
             let ports = if served_here {
                 Vec::new()
             } else {
@@ -191,22 +186,12 @@ pub fn ports_by_service<'a>(
 pub fn changed_ports<'a>(
     config: &Config,
     dirty: &BTreeSet<ServiceKey>,
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a ServiceView>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
 ) -> Vec<(ServiceKey, Vec<model::ServicePort>)> {
-    let slices = slices.into_iter().filter(|s| {
-        let service = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(model::SERVICE_NAME_LABEL));
-        service.is_some_and(|name| {
-            dirty.contains(&(
-                s.metadata.namespace.clone().unwrap_or_default(),
-                name.clone(),
-            ))
-        })
-    });
+    let slices = slices
+        .into_iter()
+        .filter(|s| dirty.contains(&(s.namespace.clone(), s.service.clone())));
     let mut ports = ports_by_service(config, services, slices);
     let present: BTreeSet<ServiceKey> = ports.iter().map(|(k, _)| k.clone()).collect();
     ports.extend(
@@ -222,8 +207,8 @@ impl SyncState {
     async fn sync(
         &mut self,
         config: &Config,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        services: &Views<ServiceView>,
+        slices: &Views<SliceView>,
         changed: &watch::Changed,
         routes: &routes::Routes,
     ) -> Result<(), Error> {
@@ -251,9 +236,7 @@ impl SyncState {
                 }
                 let services: Vec<_> = dirty
                     .iter()
-                    .filter_map(|(ns, name)| {
-                        services.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))
-                    })
+                    .filter_map(|(ns, name)| services.get(ns, name))
                     .collect();
                 let slices = slices.state();
                 let ports = changed_ports(

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::view::{ClusterIp, ServiceType, ServiceView, SliceEndpoint, SliceView};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -137,44 +137,31 @@ fn usable(candidates: &[Candidate], only_local: bool) -> Vec<Endpoint> {
     chosen
 }
 
-/// Each Service with its IPv4 EndpointSlices (found by their
-/// `kubernetes.io/service-name` label), in the order of `services`.
+/// Each Service with its EndpointSlices, in the order of `services`.
 pub fn with_slices<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> Vec<(&'a Service, Vec<&'a EndpointSlice>)> {
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    services: impl IntoIterator<Item = &'a ServiceView>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
+) -> Vec<(&'a ServiceView, Vec<&'a SliceView>)> {
+    let mut by_service: HashMap<(&str, &str), Vec<&SliceView>> = HashMap::new();
     for s in slices {
-        if s.address_type != "IPv4" {
-            continue;
-        }
-        if let Some(service) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
-            by_service
-                .entry((ns, service.as_str()))
-                .or_default()
-                .push(s);
-        }
+        by_service
+            .entry((s.namespace.as_str(), s.service.as_str()))
+            .or_default()
+            .push(s);
     }
     services
         .into_iter()
         .map(|svc| {
-            let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
-            let name = svc.metadata.name.as_deref().unwrap_or_default();
-            (svc, by_service.remove(&(ns, name)).unwrap_or_default())
+            let key = (svc.namespace.as_str(), svc.name.as_str());
+            (svc, by_service.remove(&key).unwrap_or_default())
         })
         .collect()
 }
 
 /// The Service ports of all Services, keyed by name.
 pub fn service_ports<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a ServiceView>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
     node: &str,
 ) -> BTreeMap<PortName, ServicePort> {
     let mut out = BTreeMap::new();
@@ -186,119 +173,66 @@ pub fn service_ports<'a>(
     out
 }
 
-fn service(svc: &Service, slices: &[&EndpointSlice], node: &str) -> Vec<ServicePort> {
-    let Some(spec) = &svc.spec else {
+/// Where each endpoint of `slices` listens for the Service port `name`
+/// over `protocol`: a slice's port of the same name and protocol says.
+fn targets<'a>(
+    slices: &'a [&'a SliceView],
+    name: &'a str,
+    protocol: Protocol,
+) -> impl Iterator<Item = (&'a SliceEndpoint, Endpoint)> + 'a {
+    slices.iter().copied().flat_map(move |slice| {
+        let target = slice
+            .ports
+            .iter()
+            .find(|sp| sp.name == name && sp.protocol == protocol)
+            .map(|sp| sp.port);
+        target.into_iter().flat_map(move |port| {
+            slice.endpoints.iter().flat_map(move |e| {
+                e.addresses
+                    .iter()
+                    .map(move |&ip| (e, Endpoint { ip, port }))
+            })
+        })
+    })
+}
+
+fn service(svc: &ServiceView, slices: &[&SliceView], node: &str) -> Vec<ServicePort> {
+    if matches!(svc.type_, ServiceType::ExternalName(_)) {
         return Vec::new();
+    }
+    let cluster_ip = match svc.cluster_ip {
+        ClusterIp::Headless => return Vec::new(),
+        ClusterIp::Ip(ip) => Some(ip),
+        ClusterIp::Unset => None,
     };
-    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if ty == "ExternalName" {
-        return Vec::new();
-    }
-    let cluster_ip = spec
-        .cluster_ip
-        .as_deref()
-        .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-    let headless = spec.cluster_ip.as_deref() == Some("None");
-    if headless {
-        return Vec::new();
-    }
-    let mut external_ips: Vec<Ipv4Addr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    if ty == "LoadBalancer" {
-        external_ips.extend(
-            svc.status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref()?.parse::<Ipv4Addr>().ok()),
-        );
-    }
-    external_ips.sort();
-    external_ips.dedup();
-    let affinity_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(10_800)
-    });
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local")
-        && matches!(ty, "NodePort" | "LoadBalancer");
     let mut out = Vec::new();
-    for p in spec.ports.iter().flatten() {
-        let Some(protocol) = Protocol::parse(p.protocol.as_deref()) else {
-            continue;
-        };
-        let Ok(port) = u16::try_from(p.port) else {
-            continue;
-        };
-        let port_name = p.name.clone().unwrap_or_default();
-        // A slice's port of the same name and protocol says where each of
-        // its endpoints listens for this service port.
-        let mut candidates = Vec::new();
-        for slice in slices {
-            let Some(target) = slice.ports.iter().flatten().find(|sp| {
-                sp.name.clone().unwrap_or_default() == port_name
-                    && Protocol::parse(sp.protocol.as_deref()) == Some(protocol)
-            }) else {
-                continue;
-            };
-            let Some(target) = target.port.and_then(|p| u16::try_from(p).ok()) else {
-                continue;
-            };
-            for e in &slice.endpoints {
-                let c = e.conditions.as_ref();
-                // Kubernetes: a missing `ready` means ready, `serving`
-                // defaults to `ready`, `terminating` to false.
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let local = e.node_name.as_deref() == Some(node);
-                for ip in e.addresses.iter().filter_map(|a| a.parse().ok()) {
-                    candidates.push(Candidate {
-                        endpoint: Endpoint { ip, port: target },
-                        ready: ready && !terminating,
-                        serving,
-                        terminating,
-                        local,
-                    });
-                }
-            }
-        }
-        let cluster_endpoints = usable(&candidates, internal_local);
-        let external_endpoints = if external_local {
-            usable(&candidates, true)
-        } else {
-            usable(&candidates, false)
-        };
-        let node_port = p
-            .node_port
-            .filter(|_| matches!(ty, "NodePort" | "LoadBalancer"))
-            .and_then(|n| u16::try_from(n).ok());
+    for p in &svc.ports {
+        let candidates: Vec<Candidate> = targets(slices, &p.name, p.protocol)
+            .map(|(e, endpoint)| Candidate {
+                endpoint,
+                ready: e.ready && !e.terminating,
+                serving: e.serving,
+                terminating: e.terminating,
+                local: e.node.as_deref() == Some(node),
+            })
+            .collect();
+        let cluster_endpoints = usable(&candidates, svc.internal_local);
+        let external_endpoints = usable(&candidates, svc.external_local);
         out.push(ServicePort {
             name: PortName {
-                namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-                name: svc.metadata.name.clone().unwrap_or_default(),
-                port: port_name,
-                protocol,
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                port: p.name.clone(),
+                protocol: p.protocol,
             },
             cluster_ip,
-            port,
-            node_port,
-            external_ips: external_ips.clone(),
-            affinity_seconds,
+            port: p.port,
+            node_port: p.node_port,
+            external_ips: svc.external_ips.clone(),
+            affinity_seconds: svc.affinity_seconds,
             cluster_endpoints,
             external_endpoints,
-            external_local,
+            external_local: svc.external_local,
         });
     }
     out
@@ -319,74 +253,35 @@ pub struct Backend {
 /// serving ones that terminate); `None` when `to` is no Service's. For
 /// connections resolved in-process where no rules are programmed.
 pub fn backends<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    services: impl IntoIterator<Item = &'a ServiceView>,
+    slices: impl IntoIterator<Item = &'a SliceView>,
     to: std::net::SocketAddrV4,
 ) -> Option<Vec<Backend>> {
-    let ip = to.ip().to_string();
     let (svc, port) = services.into_iter().find_map(|svc| {
-        let spec = svc.spec.as_ref()?;
-        if spec.cluster_ip.as_deref() != Some(ip.as_str()) {
+        if svc.cluster_ip != ClusterIp::Ip(*to.ip()) {
             return None;
         }
-        let port = spec.ports.iter().flatten().find(|p| {
-            p.port == i32::from(to.port())
-                && Protocol::parse(p.protocol.as_deref()) == Some(Protocol::Tcp)
-        })?;
-        Some((svc, port))
-    })?;
-    let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
-    let name = svc.metadata.name.as_deref().unwrap_or_default();
-    let port_name = port.name.clone().unwrap_or_default();
-    let mut ready = Vec::new();
-    let mut draining = Vec::new();
-    for slice in slices.into_iter().filter(|s| {
-        s.address_type == "IPv4"
-            && s.metadata.namespace.as_deref() == Some(ns)
-            && s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .is_some_and(|n| n == name)
-    }) {
-        let Some(target) = slice
+        let port = svc
             .ports
             .iter()
-            .flatten()
-            .find(|sp| {
-                sp.name.clone().unwrap_or_default() == port_name
-                    && Protocol::parse(sp.protocol.as_deref()) == Some(Protocol::Tcp)
-            })
-            .and_then(|sp| u16::try_from(sp.port?).ok())
-        else {
-            continue;
+            .find(|p| p.port == to.port() && p.protocol == Protocol::Tcp)?;
+        Some((svc, port))
+    })?;
+    let slices: Vec<&SliceView> = slices
+        .into_iter()
+        .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
+        .collect();
+    let mut ready = Vec::new();
+    let mut draining = Vec::new();
+    for (e, endpoint) in targets(&slices, &port.name, Protocol::Tcp) {
+        let b = Backend {
+            endpoint,
+            pod: e.pod.clone(),
         };
-        for e in &slice.endpoints {
-            let c = e.conditions.as_ref();
-            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let pod = e
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
-                    Some((
-                        r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
-                        r.name.clone()?,
-                    ))
-                });
-            for ip in e.addresses.iter().filter_map(|a| a.parse().ok()) {
-                let b = Backend {
-                    endpoint: Endpoint { ip, port: target },
-                    pod: pod.clone(),
-                };
-                if is_ready && !terminating {
-                    ready.push(b);
-                } else if serving && terminating {
-                    draining.push(b);
-                }
-            }
+        if e.ready && !e.terminating {
+            ready.push(b);
+        } else if e.serving && e.terminating {
+            draining.push(b);
         }
     }
     Some(if ready.is_empty() { draining } else { ready })
@@ -410,10 +305,11 @@ pub struct NodeNetwork {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        LoadBalancerIngress, LoadBalancerStatus, ServicePort as K8sPort, ServiceSpec, ServiceStatus,
+        LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort as K8sPort, ServiceSpec,
+        ServiceStatus,
     };
     use k8s_openapi::api::discovery::v1::{
-        Endpoint as K8sEndpoint, EndpointConditions, EndpointPort,
+        Endpoint as K8sEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -475,8 +371,16 @@ mod tests {
         }
     }
 
+    fn sv(services: &[Service]) -> Vec<ServiceView> {
+        services.iter().filter_map(ServiceView::of).collect()
+    }
+
+    fn lv(slices: &[EndpointSlice]) -> Vec<SliceView> {
+        slices.iter().filter_map(SliceView::of).collect()
+    }
+
     fn one(services: &[Service], slices: &[EndpointSlice]) -> ServicePort {
-        let mut ports = service_ports(services, slices, "n1");
+        let mut ports = service_ports(&sv(services), &lv(slices), "n1");
         assert_eq!(ports.len(), 1, "{ports:?}");
         ports.pop_first().unwrap().1
     }
@@ -518,7 +422,7 @@ mod tests {
 
     #[test]
     fn backends_of_a_service_address_name_their_pods() {
-        let s = svc("web", http_spec("ClusterIP"));
+        let s = sv(&[svc("web", http_spec("ClusterIP"))]);
         let mut a = ep("192.168.1.2", "n1", true, true, false);
         a.target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
             kind: Some("Pod".into()),
@@ -529,7 +433,7 @@ mod tests {
         let draining = ep("192.168.1.2", "n1", false, true, true);
         let slices = [slice("web", vec![a, draining.clone()])];
         let to = |a: &str| a.parse::<std::net::SocketAddrV4>().unwrap();
-        let found = backends([&s], &slices, to("10.96.0.10:80")).unwrap();
+        let found = backends(&s, &lv(&slices), to("10.96.0.10:80")).unwrap();
         assert_eq!(
             found,
             [Backend {
@@ -541,12 +445,15 @@ mod tests {
             }]
         );
         // Another port, another address: no Service's.
-        assert!(backends([&s], &slices, to("10.96.0.10:81")).is_none());
-        assert!(backends([&s], &slices, to("10.96.0.11:80")).is_none());
+        assert!(backends(&s, &lv(&slices), to("10.96.0.10:81")).is_none());
+        assert!(backends(&s, &lv(&slices), to("10.96.0.11:80")).is_none());
         // Only a terminating endpoint still serving: it is used.
         let only = [slice("web", vec![draining])];
-        assert_eq!(backends([&s], &only, to("10.96.0.10:80")).unwrap().len(), 1);
-        assert!(backends([&s], &[], to("10.96.0.10:80")).unwrap().is_empty());
+        assert_eq!(
+            backends(&s, &lv(&only), to("10.96.0.10:80")).unwrap().len(),
+            1
+        );
+        assert!(backends(&s, &[], to("10.96.0.10:80")).unwrap().is_empty());
     }
 
     #[test]
@@ -599,11 +506,11 @@ mod tests {
             ..Default::default()
         };
         let ports = service_ports(
-            &[svc("headless", headless), svc("ext", external)],
-            &[slice(
+            &sv(&[svc("headless", headless), svc("ext", external)]),
+            &lv(&[slice(
                 "headless",
                 vec![ep("10.244.0.5", "n1", true, true, false)],
-            )],
+            )]),
             "n1",
         );
         assert!(ports.is_empty(), "{ports:?}");

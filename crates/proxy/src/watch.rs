@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::view::{ServiceView, SliceView};
+use crate::views::{Views, views};
 
 /// A Service by namespace and name.
 pub type ServiceKey = (String, String);
@@ -35,8 +37,8 @@ impl Changed {
 /// The caches, and a counter bumped after every change they applied.
 #[derive(Clone)]
 pub struct ServiceWatch {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub services: Views<ServiceView>,
+    pub slices: Views<SliceView>,
     /// Every [`Changed`] handed out by [`ServiceWatch::changed`].
     trackers: Arc<Mutex<Vec<Changed>>>,
     changes: tokio::sync::watch::Receiver<u64>,
@@ -110,9 +112,9 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// As [`cache_with`], each object cut down by `trim` (to what its readers
 /// use) before it is kept. Every cache drops what no reader here needs and
 /// every object carries: its managed fields (often as large as the rest
-/// of the object) and kubectl's last-applied copy. A node keeps every
-/// Service and EndpointSlice of the cluster, so this is most of its memory
-/// for functions at zero.
+/// of the object) and kubectl's last-applied copy. (Kinds a node keeps one
+/// of per function, however long it stays at zero, are kept as views
+/// instead: [`crate::views`].)
 pub fn cache_trimmed<K>(
     client: &kube::Client,
     config: watcher::Config,
@@ -138,56 +140,14 @@ where
     (reader, stream)
 }
 
-/// Keeps of an object's metadata only its name, namespace, creation and
-/// deletion times, and the labels in `labels`: what the caches' readers
-/// look at. A label map with any entry costs a B-tree node of about half
-/// a KiB, so labels and annotations no reader needs are most of what an
-/// idle object costs a node.
-pub fn trim_meta(meta: &mut ObjectMeta, labels: &[&str]) {
-    let kept = meta.labels.take().map(|mut all| {
-        all.retain(|k, _| labels.contains(&k.as_str()));
-        all
-    });
-    *meta = ObjectMeta {
-        name: meta.name.take(),
-        namespace: meta.namespace.take(),
-        creation_timestamp: meta.creation_timestamp.take(),
-        deletion_timestamp: meta.deletion_timestamp.take(),
-        labels: kept.filter(|l| !l.is_empty()),
-        ..Default::default()
-    };
-}
-
-/// A Service as the proxy, the DNS and the gateway read it: its spec and
-/// status, named.
-fn trim_service(s: &mut Service) {
-    trim_meta(&mut s.metadata, &[]);
-}
-
-/// An EndpointSlice as its readers read it: which Service it serves (its
-/// label), its endpoints with their pods named (kind, namespace, name).
-fn trim_slice(s: &mut EndpointSlice) {
-    trim_meta(&mut s.metadata, &[crate::model::SERVICE_NAME_LABEL]);
-    for e in &mut s.endpoints {
-        if let Some(r) = e.target_ref.as_mut() {
-            *r = k8s_openapi::api::core::v1::ObjectReference {
-                kind: r.kind.take(),
-                namespace: r.namespace.take(),
-                name: r.name.take(),
-                ..Default::default()
-            };
-        }
-    }
-}
-
 impl ServiceWatch {
     /// The caches and the future that fills them (run it for as long as
     /// they are read).
     pub fn new(client: &kube::Client) -> (Self, impl Future<Output = ()> + Send + use<>) {
         let (services, service_events) =
-            cache_trimmed::<Service>(client, watcher::Config::default(), trim_service);
+            views::<Service, _>(client, watcher::Config::default(), ServiceView::of);
         let (slices, slice_events) =
-            cache_trimmed::<EndpointSlice>(client, watcher::Config::default(), trim_slice);
+            views::<EndpointSlice, _>(client, watcher::Config::default(), SliceView::of);
         let (tx, changes) = tokio::sync::watch::channel(0u64);
         let tx = Arc::new(tx);
         let trackers: Arc<Mutex<Vec<Changed>>> = Arc::default();
@@ -202,21 +162,11 @@ impl ServiceWatch {
         };
         let events = async move {
             let events = futures::stream::select(
-                service_events.map(|r| {
-                    r.map(|s| {
-                        let name = s.metadata.name.clone()?;
-                        Some((s.metadata.namespace.clone().unwrap_or_default(), name))
-                    })
-                }),
+                service_events.map(|r| r.map(|t| Some((t.namespace, t.name)))),
                 slice_events.map(|r| {
-                    r.map(|s| {
-                        let service = s
-                            .metadata
-                            .labels
-                            .as_ref()?
-                            .get(crate::model::SERVICE_NAME_LABEL)?
-                            .clone();
-                        Some((s.metadata.namespace.clone().unwrap_or_default(), service))
+                    r.map(|t| {
+                        let slice = t.view?;
+                        Some((slice.namespace.clone(), slice.service.clone()))
                     })
                 }),
             );

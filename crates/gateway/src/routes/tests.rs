@@ -4,16 +4,17 @@
 use super::*;
 use serde_json::json;
 
-fn svc(name: &str) -> Service {
-    serde_json::from_value(json!({
+fn svc(name: &str) -> ServiceView {
+    let svc = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
     }))
-    .unwrap()
+    .unwrap();
+    ServiceView::of(&svc).unwrap()
 }
 
-fn slice(service: &str, ip: &str) -> EndpointSlice {
-    serde_json::from_value(json!({
+fn slice(service: &str, ip: &str) -> SliceView {
+    let slice = serde_json::from_value(json!({
         "metadata": {"name": format!("{service}-x"), "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
@@ -21,7 +22,8 @@ fn slice(service: &str, ip: &str) -> EndpointSlice {
                       {"addresses": ["10.9.9.9"], "conditions": {"ready": false}}],
         "ports": [{"name": "http", "port": 8080}],
     }))
-    .unwrap()
+    .unwrap();
+    SliceView::of(&slice).unwrap()
 }
 
 fn gateway(listeners: serde_json::Value) -> Gateway {
