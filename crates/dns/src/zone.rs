@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use wasmkube_proxy::view::{ClusterIp, ServiceType};
 use wasmkube_proxy::{ServiceView, SliceView};
@@ -55,23 +56,34 @@ pub enum Answer {
     NotOurs,
 }
 
+/// A name in the zone, shared by the records that hold it (a Service's
+/// name is an A record's, a PTR's target, its SRV records' target and a
+/// name that exists: one allocation, kept for as long as the Service is,
+/// at zero pods or not).
+type Name = Arc<str>;
+
 #[derive(Debug, Default)]
 pub struct Zone {
     domain: String,
     /// `.DOMAIN` and `.pod.DOMAIN`, made once (every query asks).
     dot_domain: String,
     pod_suffix: String,
-    a: HashMap<String, Vec<Ipv4Addr>>,
-    cname: HashMap<String, String>,
-    srv: HashMap<String, Vec<(u16, u16, String)>>,
-    ptr: HashMap<Ipv4Addr, String>,
+    a: HashMap<Name, Vec<Ipv4Addr>>,
+    cname: HashMap<Name, Name>,
+    srv: HashMap<Name, Vec<(u16, u16, Name)>>,
+    ptr: HashMap<Ipv4Addr, Name>,
     /// Every name that exists, records or not (for NODATA vs NXDOMAIN).
-    names: HashSet<String>,
+    names: HashSet<Name>,
 }
 
 /// A name as the zone keys it: lower case, no trailing dot.
 pub fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A name as the zone keys and shares it.
+fn shared(name: &str) -> Name {
+    normalize(name).into()
 }
 
 fn dashed(ip: Ipv4Addr) -> String {
@@ -107,26 +119,30 @@ impl Zone {
         zone
     }
 
-    fn exists(&mut self, name: &str) {
+    fn exists(&mut self, name: &Name) {
         // The name and every name between it and the domain exist.
-        let mut n = name;
-        while n.len() > self.domain.len() && self.names.insert(n.to_owned()) {
-            match n.split_once('.') {
-                Some((_, rest)) => n = rest,
-                None => break,
+        if name.len() <= self.domain.len() || !self.names.insert(name.clone()) {
+            return;
+        }
+        let mut n: &str = name;
+        while let Some((_, rest)) = n.split_once('.') {
+            n = rest;
+            if n.len() <= self.domain.len() || self.names.contains(n) {
+                break;
             }
+            self.names.insert(n.into());
         }
     }
 
     fn add_service(&mut self, svc: &ServiceView, slices: &[&SliceView]) {
-        let base = normalize(&format!(
+        let base = shared(&format!(
             "{}.{}.svc.{}",
             svc.name, svc.namespace, self.domain
         ));
         self.exists(&base);
         if let ServiceType::ExternalName(target) = &svc.type_ {
             if !target.is_empty() {
-                self.cname.insert(base, normalize(target));
+                self.cname.insert(base, shared(target));
             }
             return;
         }
@@ -139,7 +155,7 @@ impl Zone {
                         }
                         for &ip in &e.addresses {
                             let host = e.hostname.clone().unwrap_or_else(|| dashed(ip));
-                            let host_name = normalize(&format!("{host}.{base}"));
+                            let host_name = shared(&format!("{host}.{base}"));
                             self.a.entry(base.clone()).or_default().push(ip);
                             self.a.entry(host_name.clone()).or_default().push(ip);
                             self.exists(&host_name);
@@ -148,7 +164,7 @@ impl Zone {
                             }
                             for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
                                 let srv =
-                                    normalize(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
+                                    shared(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
                                 self.exists(&srv);
                                 self.srv.entry(srv).or_default().push((
                                     p.port,
@@ -171,7 +187,7 @@ impl Zone {
                 self.a.insert(base.clone(), vec![ip]);
                 self.ptr.insert(ip, base.clone());
                 for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
-                    let srv = normalize(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
+                    let srv = shared(&format!("_{}._{}.{base}", p.name, p.protocol.nft()));
                     self.exists(&srv);
                     self.srv.insert(srv, vec![(p.port, 100, base.clone())]);
                 }
@@ -225,7 +241,7 @@ impl Zone {
             };
             return match (self.ptr.get(&ip), kind) {
                 (Some(target), Kind::Ptr | Kind::Any) => {
-                    Answer::Records(vec![Record::Ptr(name, target.clone())], Vec::new())
+                    Answer::Records(vec![Record::Ptr(name, target.to_string())], Vec::new())
                 }
                 (Some(_), _) => Answer::NoData,
                 (None, _) => Answer::NotOurs,
@@ -234,12 +250,12 @@ impl Zone {
         if !self.is_ours(&name) {
             return Answer::NotOurs;
         }
-        if let Some(target) = self.cname.get(&name) {
-            let mut records = vec![Record::Cname(name.clone(), target.clone())];
+        if let Some(target) = self.cname.get(name.as_str()) {
+            let mut records = vec![Record::Cname(name.clone(), target.to_string())];
             if matches!(kind, Kind::A | Kind::Any)
                 && let Some(ips) = self.a.get(target)
             {
-                records.extend(ips.iter().map(|ip| Record::A(target.clone(), *ip)));
+                records.extend(ips.iter().map(|ip| Record::A(target.to_string(), *ip)));
             }
             return Answer::Records(records, Vec::new());
         }
@@ -250,19 +266,19 @@ impl Zone {
             };
         }
         match kind {
-            Kind::A | Kind::Any if self.a.contains_key(&name) => Answer::Records(
-                self.a[&name]
+            Kind::A | Kind::Any if self.a.contains_key(name.as_str()) => Answer::Records(
+                self.a[name.as_str()]
                     .iter()
                     .map(|ip| Record::A(name.clone(), *ip))
                     .collect(),
                 Vec::new(),
             ),
-            Kind::Srv | Kind::Any if self.srv.contains_key(&name) => {
-                let targets = &self.srv[&name];
+            Kind::Srv | Kind::Any if self.srv.contains_key(name.as_str()) => {
+                let targets = &self.srv[name.as_str()];
                 let records = targets
                     .iter()
                     .map(|(port, weight, target)| {
-                        Record::Srv(name.clone(), *port, *weight, target.clone())
+                        Record::Srv(name.clone(), *port, *weight, target.to_string())
                     })
                     .collect();
                 let extra = targets
@@ -272,12 +288,12 @@ impl Zone {
                             .get(t)
                             .into_iter()
                             .flatten()
-                            .map(|ip| Record::A(t.clone(), *ip))
+                            .map(|ip| Record::A(t.to_string(), *ip))
                     })
                     .collect();
                 Answer::Records(records, extra)
             }
-            _ if self.names.contains(&name) => Answer::NoData,
+            _ if self.names.contains(name.as_str()) => Answer::NoData,
             _ => Answer::NxDomain,
         }
     }
