@@ -50,6 +50,12 @@ pub struct Args {
     /// The wasmkube binary to measure (default: next to this one).
     #[arg(long)]
     binary: Option<PathBuf>,
+    /// After the last group, with every function at zero, print "waiting
+    /// for the agent to exit" and wait until it does: a heap profiler's
+    /// run kills the agent there and reads what it held at zero
+    /// (`scripts/bench-heap-at-zero.sh`).
+    #[arg(long)]
+    await_agent_exit: bool,
 }
 
 const WINDOW: &str = "6s";
@@ -145,7 +151,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // function at zero can be read from its process.
     let (server, _) = ChildServer::start_with(&binary, &["--no-local-node"]).await?;
     let agent_dir = tempfile::tempdir()?;
-    let agent = crate::support::KillOnDrop(
+    let mut agent = crate::support::KillOnDrop(
         std::process::Command::new(&binary)
             .args([
                 "agent",
@@ -405,6 +411,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let idle = all_idle;
+    if args.await_agent_exit {
+        println!("waiting for the agent to exit");
+        while agent.0.try_wait()?.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     services
         .delete_collection(&Default::default(), &Default::default())
         .await?;

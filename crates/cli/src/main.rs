@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 /// mimalloc instead of glibc's allocator: the API server allocates and frees
 /// many small JSON values on every request and watch event, and glibc's
 /// arenas spent a fifth of the CPU (and fragmented memory) under load.
+/// (The `system-allocator` feature builds without it, for heap profilers
+/// that watch the C allocator: `scripts/bench-heap-at-zero.sh`.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
