@@ -88,7 +88,7 @@ where
 
 /// A cache of the views `view` makes of the objects of `K`, whose changes
 /// poke `tx`.
-fn viewed<K: wasmkube_proxy::watch::Cached, V: Send + Sync + 'static>(
+fn viewed<K: wasmkube_proxy::watch::Cached, V: PartialEq + Send + Sync + 'static>(
     client: &kube::Client,
     tx: &Arc<tokio::sync::watch::Sender<u64>>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,

@@ -85,15 +85,15 @@ impl<V> Views<V> {
     }
 }
 
-/// What the watch did to one object.
+/// What the watch changed of one object's view.
 #[derive(Debug)]
 pub struct Touched<V> {
     pub namespace: String,
     pub name: String,
-    /// The object's view as the event carried it (a deleted object's last
-    /// one), whether or not it is kept.
+    /// The view kept now or, when `gone`, the last one kept.
     pub view: Option<Arc<V>>,
-    /// The object is gone (deleted, or missing from a new list).
+    /// The object's view is no longer kept: the object was deleted, its
+    /// view declines it now, or a new list lacks it.
     pub gone: bool,
 }
 
@@ -114,59 +114,82 @@ fn name_of<K: kube::Resource>(o: &K) -> (String, String) {
     )
 }
 
-fn put<V>(map: &mut Map<V>, namespace: &str, name: &str, view: Option<&Arc<V>>) {
+/// Keeps `view` for the object (none: drops it); the view it replaces.
+fn put<V>(map: &mut Map<V>, namespace: &str, name: &str, view: Option<&Arc<V>>) -> Option<Arc<V>> {
     match view {
-        Some(v) => {
-            map.entry(namespace.into())
-                .or_default()
-                .insert(name.into(), v.clone());
-        }
+        Some(v) => map
+            .entry(namespace.into())
+            .or_default()
+            .insert(name.into(), v.clone()),
         None => {
-            if let Some(names) = map.get_mut(namespace) {
-                names.remove(name);
-                if names.is_empty() {
-                    map.remove(namespace);
-                }
+            let names = map.get_mut(namespace)?;
+            let old = names.remove(name);
+            if names.is_empty() {
+                map.remove(namespace);
             }
+            old
         }
     }
 }
 
-impl<V, K: kube::Resource> Writer<V, K> {
+impl<V: PartialEq, K: kube::Resource> Writer<V, K> {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Map<V>> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn touched(&self, o: &K, gone: bool) -> Touched<V> {
+    /// Keeps the object's view now (none when `deleted`), and reports it
+    /// if that changed what is kept: a status update that changes nothing
+    /// a reader reads (a Revision's replica counts, say) wakes no reader.
+    fn change(&self, o: &K, deleted: bool) -> Vec<Touched<V>> {
         let (namespace, name) = name_of(o);
-        Touched {
+        let view = if deleted {
+            None
+        } else {
+            (self.view)(o).map(Arc::new)
+        };
+        let old = put(&mut self.write(), &namespace, &name, view.as_ref());
+        if old == view {
+            return Vec::new();
+        }
+        let gone = view.is_none();
+        vec![Touched {
             namespace,
             name,
-            view: (self.view)(o).map(Arc::new),
+            view: view.or(old),
             gone,
-        }
+        }]
     }
 
     fn apply(&mut self, event: watcher::Event<K>) -> Vec<Touched<V>> {
         match event {
-            watcher::Event::Apply(o) => {
-                let t = self.touched(&o, false);
-                put(&mut self.write(), &t.namespace, &t.name, t.view.as_ref());
-                vec![t]
-            }
-            watcher::Event::Delete(o) => {
-                let t = self.touched(&o, true);
-                put(&mut self.write(), &t.namespace, &t.name, None);
-                vec![t]
-            }
+            watcher::Event::Apply(o) => self.change(&o, false),
+            watcher::Event::Delete(o) => self.change(&o, true),
             watcher::Event::Init => {
                 self.buffer = Map::default();
                 Vec::new()
             }
             watcher::Event::InitApply(o) => {
-                let t = self.touched(&o, false);
-                put(&mut self.buffer, &t.namespace, &t.name, t.view.as_ref());
-                vec![t]
+                let (namespace, name) = name_of(&o);
+                let Some(view) = (self.view)(&o).map(Arc::new) else {
+                    // Kept before? The end of the list reports it gone.
+                    return Vec::new();
+                };
+                put(&mut self.buffer, &namespace, &name, Some(&view));
+                let now = self
+                    .map
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(namespace.as_str())
+                    .and_then(|names| names.get(name.as_str()).cloned());
+                if now.as_ref() == Some(&view) {
+                    return Vec::new();
+                }
+                vec![Touched {
+                    namespace,
+                    name,
+                    view: Some(view),
+                    gone: false,
+                }]
             }
             watcher::Event::InitDone => {
                 let new = std::mem::take(&mut self.buffer);
@@ -194,8 +217,8 @@ impl<V, K: kube::Resource> Writer<V, K> {
 }
 
 /// A cache of the views `view` makes of the objects `config` selects, and
-/// the stream that feeds it (every object the watch touched; run it for as
-/// long as the cache is read).
+/// the stream that feeds it (every object whose view changed, kept or
+/// dropped; run it for as long as the cache is read).
 pub fn views<K, V>(
     client: &kube::Client,
     config: watcher::Config,
@@ -206,7 +229,7 @@ pub fn views<K, V>(
 )
 where
     K: Cached,
-    V: Send + Sync + 'static,
+    V: PartialEq + Send + Sync + 'static,
 {
     let map: Arc<RwLock<Map<V>>> = Arc::default();
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -260,16 +283,21 @@ mod tests {
         (w, Views { map, ready })
     }
 
-    /// Applied views are kept, declined ones and deleted ones are not; a
-    /// new list replaces the old one whole and reports what it lacks.
+    /// Applied views are kept, declined ones and deleted ones are not; only
+    /// a change of what is kept is reported; a new list replaces the old
+    /// one whole and reports what it lacks.
     #[test]
-    fn keeps_views_and_reports_what_a_relist_lost() {
+    fn keeps_views_and_reports_what_changed_them() {
         let (mut w, views) = writer();
         w.apply(watcher::Event::Init);
-        w.apply(watcher::Event::InitApply(cm("a", "x", Some("1"))));
-        w.apply(watcher::Event::InitApply(cm("a", "y", None)));
+        let t = w.apply(watcher::Event::InitApply(cm("a", "x", Some("1"))));
+        assert_eq!(t.len(), 1, "new in the first list");
+        assert!(
+            w.apply(watcher::Event::InitApply(cm("a", "y", None)))
+                .is_empty()
+        );
         assert!(views.state().is_empty(), "a list is kept once complete");
-        w.apply(watcher::Event::InitDone);
+        assert!(w.apply(watcher::Event::InitDone).is_empty());
         assert!(*views.ready.borrow());
         assert_eq!(
             views.get("a", "x").as_deref().map(String::as_str),
@@ -279,8 +307,23 @@ mod tests {
         let t = w.apply(watcher::Event::Apply(cm("b", "z", Some("2"))));
         assert_eq!((t[0].namespace.as_str(), t[0].gone), ("b", false));
         assert_eq!(views.state().len(), 2);
-        // Declining an object that was kept drops it.
-        w.apply(watcher::Event::Apply(cm("b", "z", None)));
+        // The same view again, or a declined object again: nothing to say.
+        assert!(
+            w.apply(watcher::Event::Apply(cm("b", "z", Some("2"))))
+                .is_empty()
+        );
+        assert!(
+            w.apply(watcher::Event::Apply(cm("a", "y", None)))
+                .is_empty()
+        );
+        assert!(
+            w.apply(watcher::Event::Delete(cm("a", "y", None)))
+                .is_empty()
+        );
+        // Declining an object that was kept drops it, reported with the
+        // view it had.
+        let t = w.apply(watcher::Event::Apply(cm("b", "z", None)));
+        assert!(t[0].gone && t[0].view.as_deref().map(String::as_str) == Some("2"));
         assert!(views.get("b", "z").is_none());
         w.apply(watcher::Event::Apply(cm("b", "z", Some("3"))));
         let t = w.apply(watcher::Event::Delete(cm("b", "z", Some("3"))));
@@ -292,9 +335,20 @@ mod tests {
             views.read().get("b").is_none(),
             "an empty namespace is dropped"
         );
-        // A relist that lacks `a/x` reports it gone.
+        // A relist: `a/x` unchanged is not reported, `c/w` new is, and
+        // `a/x` missing from the next one is reported gone.
         w.apply(watcher::Event::Init);
-        w.apply(watcher::Event::InitApply(cm("c", "w", Some("4"))));
+        assert!(
+            w.apply(watcher::Event::InitApply(cm("a", "x", Some("1"))))
+                .is_empty()
+        );
+        assert!(w.apply(watcher::Event::InitDone).is_empty());
+        w.apply(watcher::Event::Init);
+        assert_eq!(
+            w.apply(watcher::Event::InitApply(cm("c", "w", Some("4"))))
+                .len(),
+            1
+        );
         let t = w.apply(watcher::Event::InitDone);
         assert_eq!(t.len(), 1);
         assert_eq!((t[0].name.as_str(), t[0].gone), ("x", true));
