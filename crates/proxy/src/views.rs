@@ -21,6 +21,14 @@ use crate::watch::Cached;
 /// Namespace → name → view.
 type Map<V> = HashMap<Box<str>, HashMap<Box<str>, Arc<V>>>;
 
+fn read<V>(map: &RwLock<Map<V>>) -> std::sync::RwLockReadGuard<'_, Map<V>> {
+    map.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<V>(map: &RwLock<Map<V>>) -> std::sync::RwLockWriteGuard<'_, Map<V>> {
+    map.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The views of the watched objects, by namespace and name.
 pub struct Views<V> {
     map: Arc<RwLock<Map<V>>>,
@@ -53,7 +61,7 @@ impl<V> Views<V> {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Map<V>> {
-        self.map.read().unwrap_or_else(|e| e.into_inner())
+        read(&self.map)
     }
 
     /// The view of one object, if it is kept.
@@ -133,10 +141,6 @@ fn put<V>(map: &mut Map<V>, namespace: &str, name: &str, view: Option<&Arc<V>>) 
 }
 
 impl<V: PartialEq, K: kube::Resource> Writer<V, K> {
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Map<V>> {
-        self.map.write().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Keeps the object's view now (none when `deleted`), and reports it
     /// if that changed what is kept: a status update that changes nothing
     /// a reader reads (a Revision's replica counts, say) wakes no reader.
@@ -147,7 +151,7 @@ impl<V: PartialEq, K: kube::Resource> Writer<V, K> {
         } else {
             (self.view)(o).map(Arc::new)
         };
-        let old = put(&mut self.write(), &namespace, &name, view.as_ref());
+        let old = put(&mut write(&self.map), &namespace, &name, view.as_ref());
         if old == view {
             return Vec::new();
         }
@@ -175,10 +179,7 @@ impl<V: PartialEq, K: kube::Resource> Writer<V, K> {
                     return Vec::new();
                 };
                 put(&mut self.buffer, &namespace, &name, Some(&view));
-                let now = self
-                    .map
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
+                let now = read(&self.map)
                     .get(namespace.as_str())
                     .and_then(|names| names.get(name.as_str()).cloned());
                 if now.as_ref() == Some(&view) {
@@ -193,10 +194,10 @@ impl<V: PartialEq, K: kube::Resource> Writer<V, K> {
             }
             watcher::Event::InitDone => {
                 let new = std::mem::take(&mut self.buffer);
-                let old = std::mem::replace(&mut *self.write(), new);
+                let old = std::mem::replace(&mut *write(&self.map), new);
                 let _ = self.ready.send(true);
                 // What the new list lacks went while the watch was away.
-                let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+                let map = read(&self.map);
                 let mut gone = Vec::new();
                 for (namespace, names) in old {
                     for (name, view) in names {
